@@ -1,0 +1,46 @@
+"""Swap a model's ``nn.Linear`` layers for packed :class:`QuickLinear` ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quick.nn.linear import QuickLinear
+
+DEFAULT_SKIP = ("lm_head",)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
+    """All ``nn.Linear`` modules whose name contains none of ``skip``."""
+    skip = tuple(skip)
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(s in name for s in skip)
+    ]
+
+
+def quantize_model_rtn(
+    model: nn.Module,
+    group_size: int = 128,
+    layout: str = "quick",
+    zero_point: bool = True,
+    dtype: torch.dtype | None = None,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    progress: bool = True,
+) -> nn.Module:
+    """Round-to-nearest quantize every eligible linear in place and pack it into ``layout``."""
+    linears = quantizable_linears(model, skip)
+    for name, lin in tqdm(linears, desc="quantize (RTN)", disable=not progress):
+        q = QuickLinear.from_linear(lin, group_size, layout, zero_point, dtype)
+        parent, child = _parent(model, name)
+        setattr(parent, child, q)
+    return model
