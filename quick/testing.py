@@ -1,0 +1,60 @@
+"""Shared helpers for kernel correctness checks: random quantized weights and a float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+from quick.packing.layouts import get_layout
+from quick.quant.primitives import QuantizedWeight, resolve_group_size
+
+
+def random_quantized(
+    k: int,
+    n: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    scale: float = 0.02,
+) -> QuantizedWeight:
+    """Random codes, positive scales around ``scale / 8`` and random zero points (not a fixed 8)."""
+    g = resolve_group_size(group_size, k)
+    gen = generator
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.75 + 0.25) * (scale / 8)
+    zeros = torch.randint(0, 16, (k // g, n), generator=gen, dtype=torch.uint8)
+    return QuantizedWeight(q.to(device), scales.to(dtype).to(device), zeros.to(device), group_size)
+
+
+def pack(qw: QuantizedWeight, layout: str) -> dict[str, torch.Tensor]:
+    return get_layout(layout).pack(qw)
+
+
+def reference_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``x @ dequant(W) (+ bias)`` on the tensors' device (the ground truth of every kernel test)."""
+    w = qw.dequantize(torch.float64)
+    out = x.to(torch.float64) @ w.to(x.device)
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error ``||out - ref|| / ||ref||``; inf if ``out`` has any NaN/inf."""
+    o = out.to(torch.float64)
+    if not torch.isfinite(o).all():
+        return float("inf")
+    denom = ref.to(torch.float64).norm().item()
+    return (o - ref.to(torch.float64)).norm().item() / max(denom, 1e-30)
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An output buffer filled with NaN, so that any element a kernel fails to write is caught."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# Error bounds: fp32 accumulation of fp16/bf16 products; the dominant error is rounding x and the
+# dequantized weight to the 16-bit type (about 2^-11 relative for fp16, 2^-8 for bf16, per element, and
+# the errors average out over K). These bounds are a few times the expected value and fail on any
+# indexing or layout mistake (which gives errors of order 1).
+REL_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
