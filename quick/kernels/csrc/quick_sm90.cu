@@ -1,0 +1,603 @@
+// QUICK on Hopper: W4A16 GEMM with wgmma, the interleaved 4-bit weight as the REGISTER A operand.
+//
+// Transposed product: out^T[N, M] = W^T[N, K] x X^T[K, M]. Output channels sit on wgmma's M = 64 side
+// (one consumer warpgroup = 64 channels), tokens on wgmma's N side (QS_NT = 8..256 per tile).
+//
+//  * Weights (layout 'quick_sm90', quick/packing/layouts.py): for each k64 row-block and n16 block, the 32
+//    lanes of one warp read 16 contiguous bytes each (LDG.128, 512 B per warp, 2 KB per warpgroup); word w of
+//    a lane is the wgmma A fragment of k16 step w. They go global -> registers, are dequantized in registers
+//    ((q + magic) - (magic + zero)) * scale, and feed wgmma directly: no shared-memory round trip. Raw words
+//    are prefetched QS_PREF k64 steps ahead in a register ring; dequantized fragments are double-buffered
+//    (a wgmma reads its A registers asynchronously, so they stay untouched until wait_group says it is done).
+//  * Activations X[M, K] (row-major, = wgmma B in K-major) arrive by TMA (cp.async.bulk.tensor, 128-byte
+//    swizzle, out-of-bounds token rows zero-filled) into QS_STAGES shared-memory stages, one producer thread
+//    (warpgroup 0) and mbarriers full/empty.
+//  * Persistent grid: CTA b processes work units b, b + gridDim.x, ...; a unit = (channel tile, token tile,
+//    k split). Split-k partials go to an fp32 workspace in the accumulator's own fragment order (coalesced
+//    16-byte stores); the last CTA to arrive on a tile (atomic counter) sums the partials in split order
+//    0..S-1, so the result does not depend on arrival order (deterministic), and resets the counter.
+//  * Epilogue: accumulators (+ bias) -> 16-bit, staged transposed in shared memory, then 16-byte coalesced
+//    stores of out[M, N] rows, masking tokens >= M.
+//
+// Compile-time variant (one cubin each, -D): QS_NT, QS_NWG (consumer warpgroups: 1, 2 or 4), QS_STAGES,
+// QS_PREF, QS_G32 (group size 32: two groups per k64 step), QS_BF16.
+
+#include <cstdint>
+
+#pragma nv_diag_suppress 177  // the wgmma_rs specializations a variant does not use
+
+#ifndef QS_NT
+#define QS_NT 64
+#endif
+#ifndef QS_NWG
+#define QS_NWG 2
+#endif
+#ifndef QS_STAGES
+#define QS_STAGES 6
+#endif
+#ifndef QS_PREF
+#define QS_PREF 4
+#endif
+#ifndef QS_G32
+#define QS_G32 0
+#endif
+#ifndef QS_BF16
+#define QS_BF16 0
+#endif
+
+#if QS_BF16
+#define QS_WG_T "bf16"
+#define QS_X2 "bf16x2"
+#else
+#define QS_WG_T "f16"
+#define QS_X2 "f16x2"
+#endif
+
+namespace {
+
+constexpr int NT = QS_NT;
+constexpr int NWG = QS_NWG;
+constexpr int STAGES = QS_STAGES;
+constexpr int PREF = QS_PREF;
+constexpr bool G32 = QS_G32 != 0;
+constexpr bool BF16 = QS_BF16 != 0;
+constexpr int THREADS = 128 * (NWG + 1);
+constexpr int UNR = (PREF % 2 == 0) ? PREF : 2 * PREF;  // unroll so ring slot and A buffer are constants
+constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 64 k x 2 bytes
+constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
+constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
+constexpr int ACC = NT / 2;                             // f32 accumulators per thread (64 x NT / 128)
+constexpr int SW = G32 ? 2 : 1;                         // scale groups per k64 step
+constexpr uint32_t MAGIC = BF16 ? 0x43004300u : 0x64006400u;  // bf16 128.0 / fp16 1024.0, both halves
+constexpr int PRODUCER_REGS = 40;
+constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
+constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+
+static_assert(NT % 8 == 0 && NT >= 8 && NT <= 256, "wgmma N must be 8..256 in steps of 8");
+static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
+static_assert(NWG == 1 || NWG == 2 || NWG == 4, "1, 2 or 4 consumer warpgroups");
+static_assert(STAGES >= 2 && PREF >= 1, "pipeline depths");
+static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
+
+struct alignas(64) TmaDesc {
+  unsigned long long v[16];
+};
+
+// ------------------------------------------------------------------------------------------------ PTX helpers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "QS_WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra QS_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void named_bar(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
+// compiler must neither reuse A's registers nor read D before the wait_group that precedes this fence.
+__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle (what TMA SWIZZLE_128B writes), 8-row groups
+// 1024 bytes apart (SBO), leading offset unused for swizzled K-major layouts.
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// 16-byte weight load (streamed once: do not allocate in L1), predicated off past the end of the k range.
+__device__ __forceinline__ void ldg_w(uint32_t (&r)[4], const void* p, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
+      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+__device__ __forceinline__ uint32_t ldg_u32(const void* p, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p ld.global.nc.u32 %0, [%1];\n}\n"
+      : "=r"(r)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {  // (a & b) | c
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t h2_sub(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.rn." QS_X2 " %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t h2_add(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("add.rn." QS_X2 " %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t h2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn." QS_X2 " %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+__device__ __forceinline__ float h_to_f(uint16_t h) {
+  float f;
+  if constexpr (BF16) {
+    f = __uint_as_float(static_cast<uint32_t>(h) << 16);
+  } else {
+    asm("{\n.reg .f16 t;\nmov.b16 t, %1;\ncvt.f32.f16 %0, t;\n}\n" : "=f"(f) : "h"(h));
+  }
+  return f;
+}
+
+__device__ __forceinline__ uint16_t f_to_h(float f) {
+  uint16_t h;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+  } else {
+    asm("{\n.reg .f16 t;\ncvt.rn.f16.f32 t, %1;\nmov.b16 %0, t;\n}\n" : "=h"(h) : "f"(f));
+  }
+  return h;
+}
+
+// Per-group constants, each broadcast to both halves of a 16-bit pair: a-register r holds fragment row
+// lane/4 + 8*(r%2), so r even uses the low half of the loaded (row, row+8) pair and r odd the high half.
+struct GroupConst {
+  uint32_t s_lo, s_hi, zm_lo, zm_hi;
+};
+
+__device__ __forceinline__ GroupConst group_const(uint32_t s2, uint32_t z2) {
+  const uint32_t zm = h2_add(z2, MAGIC);  // magic + zero: exact (small integers)
+  return {__byte_perm(s2, 0, 0x1010), __byte_perm(s2, 0, 0x3232), __byte_perm(zm, 0, 0x1010),
+          __byte_perm(zm, 0, 0x3232)};
+}
+
+// One int32 = one k16 step of the A fragment: pair i = nibbles (i, i+4) -> register a_i.
+__device__ __forceinline__ void dequant_word(uint32_t w, const GroupConst& g, uint32_t (&a)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t v = lop3_and_or(w >> (4 * i), 0x000F000Fu, MAGIC);  // (magic + q_lo, magic + q_hi), exact
+    a[i] = h2_mul(h2_sub(v, (i & 1) ? g.zm_hi : g.zm_lo), (i & 1) ? g.s_hi : g.s_lo);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t desc);
+
+template <> __device__ __forceinline__ void wgmma_rs<8>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3"
+      "}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <> __device__ __forceinline__ void wgmma_rs<16>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <> __device__ __forceinline__ void wgmma_rs<32>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <> __device__ __forceinline__ void wgmma_rs<64>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <> __device__ __forceinline__ void wgmma_rs<128>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <> __device__ __forceinline__ void wgmma_rs<256>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." QS_WG_T "." QS_WG_T " "
+      "{" 
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ kernel
+
+// qweight: int32 [K/64, 8N] (layout quick_sm90); scales, zeros: 16-bit [K/G, N], columns permuted in blocks
+// of 16; bias: [N] or null; out: [M, N]; ws: fp32 split-k workspace; counters: int32, zero between launches.
+// gs64 = G / 64 (unused when QS_G32). Work units = n_tiles * m_tiles * splits; a split covers
+// steps_per_split k64 steps (the host makes every split non-empty).
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    quick_sm90_gemm(const __grid_constant__ TmaDesc tmap_x, const uint4* __restrict__ qweight,
+                    const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
+                    const uint16_t* __restrict__ bias, uint16_t* __restrict__ out, float* __restrict__ ws,
+                    int* __restrict__ counters, int M, int N, int K, int gs64, int splits, int steps_per_split,
+                    int n_tiles, int m_tiles) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_base = smem_u32(smem_raw);
+  const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
+  uint8_t* const gbase = smem_raw + (base - raw_base);
+  const uint32_t s_x = base;
+  const uint32_t epi_off = STAGES * STAGE_BYTES;
+  const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
+  const uint32_t s_empty = s_full + STAGES * 8;
+  volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
+
+  const int wg = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(s_full + 8 * s, 1);
+      mbar_init(s_empty + 8 * s, 4 * NWG);  // lane 0 of every consumer warp releases a stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int nk = K / 64;
+  const int units = n_tiles * m_tiles * splits;
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer: TMA for X
+    if constexpr (NWG > 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (tid == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_x)) : "memory");
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const int split = u % splits;
+        const int tile = u / splits;
+        const int tm = tile / n_tiles;
+        const int s0 = split * steps_per_split;
+        const int nsteps = min(nk - s0, steps_per_split);
+        for (int s = 0; s < nsteps; ++s) {
+          mbar_wait(s_empty + 8 * stage, phase ^ 1);
+          mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES);
+          tma_load_2d(s_x + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 64, tm * NT, s_full + 8 * stage);
+          if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers: weights + wgmma
+  if constexpr (NWG > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  const int cw = wg - 1;
+  const int n64 = N / 64;
+  uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
+
+  float acc[ACC];
+  uint32_t a_frag[2][4][4];
+  uint32_t ring[PREF][4];
+  uint32_t ring_s[PREF][SW], ring_z[PREF][SW];
+
+  int stage = 0;
+  uint32_t phase = 0;
+
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    const int split = u % splits;
+    const int tile = u / splits;
+    const int tn = tile % n_tiles;
+    const int tm = tile / n_tiles;
+    const int s0 = split * steps_per_split;
+    const int nsteps = min(nk - s0, steps_per_split);
+    const int blk = tn * NWG + cw;
+
+    if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
+      for (int s = 0; s < nsteps; ++s) {
+        mbar_wait(s_full + 8 * stage, phase);
+        if (lane == 0) mbar_arrive(s_empty + 8 * stage);
+        if (++stage == STAGES) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      continue;
+    }
+    const int nb = blk * 64;
+
+    // Weight stream of this warp: n16 block (nb/16 + warp), lane's 16 bytes; one k64 row = 2N uint4.
+    const uint4* qp = qweight + static_cast<size_t>(s0) * (2 * N) + (nb / 16 + warp) * 32 + lane;
+    const size_t col = static_cast<size_t>(nb + 16 * warp + 2 * (lane / 4));
+    const uint16_t* sp;
+    const uint16_t* zp;
+    int gcount = 0;
+    if constexpr (G32) {
+      sp = scales + static_cast<size_t>(2 * s0) * N + col;
+      zp = zeros + static_cast<size_t>(2 * s0) * N + col;
+    } else {
+      sp = scales + static_cast<size_t>(s0 / gs64) * N + col;
+      zp = zeros + static_cast<size_t>(s0 / gs64) * N + col;
+      gcount = s0 % gs64;
+    }
+    int ld_step = 0;  // next k64 step (within the unit) to load
+    auto load_step = [&](uint32_t(&r)[4], uint32_t(&rs)[SW], uint32_t(&rz)[SW]) {
+      const bool p = ld_step < nsteps;
+      ldg_w(r, qp, p);
+      rs[0] = ldg_u32(sp, p);
+      rz[0] = ldg_u32(zp, p);
+      if constexpr (G32) {
+        rs[1] = ldg_u32(sp + N, p);
+        rz[1] = ldg_u32(zp + N, p);
+        sp += 2 * N;
+        zp += 2 * N;
+      } else {
+        if (++gcount == gs64) {
+          gcount = 0;
+          sp += N;
+          zp += N;
+        }
+      }
+      qp += 2 * N;
+      ++ld_step;
+    };
+    auto dequant_step = [&](const uint32_t(&r)[4], const uint32_t(&rs)[SW], const uint32_t(&rz)[SW],
+                            uint32_t(&a)[4][4]) {
+      const GroupConst g0 = group_const(rs[0], rz[0]);
+      if constexpr (G32) {
+        const GroupConst g1 = group_const(rs[1], rz[1]);
+        dequant_word(r[0], g0, a[0]);
+        dequant_word(r[1], g0, a[1]);
+        dequant_word(r[2], g1, a[2]);
+        dequant_word(r[3], g1, a[3]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) dequant_word(r[w], g0, a[w]);
+      }
+    };
+
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) load_step(ring[p], ring_s[p], ring_z[p]);
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+    dequant_step(ring[0], ring_s[0], ring_z[0], a_frag[0]);
+    load_step(ring[0], ring_s[0], ring_z[0]);
+
+    int prev_stage = 0;
+    for (int sb = 0; sb < nsteps; sb += UNR) {
+#pragma unroll
+      for (int uu = 0; uu < UNR; ++uu) {
+        const int s = sb + uu;
+        if (s < nsteps) {
+          mbar_wait(s_full + 8 * stage, phase);
+          const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
+          wgmma_fence();
+#pragma unroll
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+          wgmma_commit();
+          wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
+          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          if (s + 1 < nsteps) {
+            const int slot = (uu + 1) % PREF;
+            dequant_step(ring[slot], ring_s[slot], ring_z[slot], a_frag[(uu + 1) & 1]);
+            load_step(ring[slot], ring_s[slot], ring_z[slot]);
+          }
+          prev_stage = stage;
+          if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        fence_reg(a_frag[0][w][i]);
+        fence_reg(a_frag[1][w][i]);
+      }
+    if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+
+    // ------------------------------------------------------------------ split-k: deterministic reduction
+    if (splits > 1) {
+      const size_t slab = static_cast<size_t>(64) * NT;  // floats per (tile, warpgroup, split)
+      float4* const mine = reinterpret_cast<float4*>(ws + (static_cast<size_t>(tile * NWG + cw) * splits + split) * slab);
+#pragma unroll
+      for (int c = 0; c < ACC / 4; ++c) {
+        __stcg(mine + c * 128 + tid, make_float4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]));
+      }
+      __threadfence();
+      named_bar(1 + cw, 128);
+      if (tid == 0) {
+        const int old = atomicAdd(counters + tile * NWG + cw, 1);
+        s_flag[cw] = (old == splits - 1);
+      }
+      named_bar(1 + cw, 128);
+      if (!s_flag[cw]) continue;
+      __threadfence();
+#pragma unroll
+      for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+      const float4* const all = reinterpret_cast<const float4*>(ws + static_cast<size_t>(tile * NWG + cw) * splits * slab);
+      for (int sp2 = 0; sp2 < splits; ++sp2) {  // fixed order: bitwise identical whoever arrives last
+#pragma unroll
+        for (int c = 0; c < ACC / 4; ++c) {
+          const float4 v = __ldcg(all + static_cast<size_t>(sp2) * (slab / 4) + c * 128 + tid);
+          acc[4 * c] += v.x;
+          acc[4 * c + 1] += v.y;
+          acc[4 * c + 2] += v.z;
+          acc[4 * c + 3] += v.w;
+        }
+      }
+      if (tid == 0) counters[tile * NWG + cw] = 0;  // ready for the next launch
+    }
+
+    // ------------------------------------------------------------------ epilogue
+    // D fragment: acc[4j + 2v1 + v0] = out^T[channel 16*warp + lane/4 + 8*v1][token 8j + 2*(lane%4) + v0].
+    const int ch0 = 16 * warp + lane / 4;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = h_to_f(bias[nb + ch0]);
+      b1 = h_to_f(bias[nb + ch0 + 8]);
+    }
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) {
+      const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
+      const int t = 8 * j + 2 * (lane % 4) + v0;
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h(acc[i] + (v1 ? b1 : b0));
+    }
+    named_bar(1 + cw, 128);
+    const int row0 = tm * NT;
+    for (int idx = tid; idx < NT * 8; idx += 128) {
+      const int t = idx / 8, q = idx % 8;
+      if (row0 + t < M) {
+        const uint4 v = *reinterpret_cast<const uint4*>(epi + t * EPI_STRIDE + 8 * q);
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * N + nb + 8 * q) = v;
+      }
+    }
+    named_bar(1 + cw, 128);  // staging buffer is rewritten by the next unit
+  }
+}
