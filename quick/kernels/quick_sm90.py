@@ -1,0 +1,420 @@
+"""Hopper (sm_90a) QUICK kernel: W4A16 GEMM on ``wgmma`` with the interleaved weights as the register operand.
+
+``out[M, N] = x[M, K] @ dequant(W)[K, N] (+ bias)`` for weights packed in the ``quick_sm90`` layout. The kernel
+(``csrc/quick_sm90.cu``) computes the transposed product so that the 4-bit weight is wgmma's A operand taken
+from registers (loaded from global memory with 16-byte loads in fragment order, dequantized in registers), and
+the activations are wgmma's B operand, brought into shared memory by TMA. See ``docs/sm90_notes.md``.
+
+This module holds the launcher (validation, the TMA descriptor, the tile/split-k choice), the compile variants
+(``VARIANTS``), the ``torch.library`` op ``quick::gemm_w4a16_sm90`` and the registration with the dispatcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from quick.kernels import jit
+from quick.quant.primitives import SUPPORTED_DTYPES, resolve_group_size
+
+SOURCE = "quick_sm90.cu"
+KERNEL = "quick_sm90_gemm"
+LAYOUT = "quick_sm90"
+TOKEN_TILES = (8, 16, 32, 64, 128, 256)  # wgmma N values instantiated in the kernel
+SMEM_LIMIT = 227 * 1024
+
+
+class Sm90Error(ValueError):
+    """Inputs the sm_90 kernel cannot take (shape, dtype, device, layout); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Sm90Config:
+    """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
+    ``stages`` TMA stages for x, ``pref`` k64 steps of weights prefetched into registers."""
+
+    nt: int
+    nwg: int = 2
+    stages: int = 6
+    pref: int = 4
+
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
+        return 1024 + self.stages * self.nt * 128 + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
+
+    def threads(self) -> int:
+        return 128 * (self.nwg + 1)
+
+    def defines(self, group_size: int, dtype: torch.dtype) -> dict[str, int]:
+        return {
+            "QS_NT": self.nt,
+            "QS_NWG": self.nwg,
+            "QS_STAGES": self.stages,
+            "QS_PREF": self.pref,
+            "QS_G32": int(group_size == 32),
+            "QS_BF16": int(dtype == torch.bfloat16),
+        }
+
+
+def default_config(m: int) -> Sm90Config:
+    """Heuristic tile per batch size: the smallest token tile that holds M (up to 256), deep weight prefetch
+    where accumulators are few (decode is bound by the weight stream), fewer stages where x tiles are large."""
+    nt = next((t for t in TOKEN_TILES if t >= m), TOKEN_TILES[-1])
+    if nt <= 32:
+        return Sm90Config(nt, 2, 8, 8)
+    if nt == 64:
+        return Sm90Config(nt, 2, 8, 6)
+    if nt == 128:
+        return Sm90Config(nt, 2, 6, 4)
+    return Sm90Config(nt, 2, 4, 2)
+
+
+# Measured overrides, filled from scripts/sm90_check.py runs: (max M of the bucket) -> config. Empty entries fall
+# back to default_config. Keyed only by M: the shapes measured so far are the 8192 x 8192 benchmark ones.
+TUNED: dict[str, dict[int, Sm90Config]] = {}
+
+# Every variant default_config can return, for both dtypes and both scale-group code paths (compile check).
+VARIANTS: list[tuple[str, str, dict[str, int]]] = [
+    (SOURCE, KERNEL, default_config(t).defines(g, dt))
+    for t in TOKEN_TILES
+    for g in (128, 32)
+    for dt in (torch.float16, torch.bfloat16)
+]
+
+
+def choose_splits(tiles: int, nk64: int, num_sms: int, unit_overhead: float = 4.0, max_splits: int = 32) -> int:
+    """Split-k factor that minimises (rounds of the persistent grid) x (k64 steps per unit + fixed cost).
+
+    A unit is one (channel tile, token tile, k split); the grid has one CTA per SM, so a launch takes
+    ``ceil(units / num_sms)`` rounds. ``unit_overhead`` (in k64 steps) charges each unit for pipeline fill,
+    epilogue and the split-k reduction, so that splitting stops paying once the SMs are full.
+    """
+    best, best_cost = 1, math.inf
+    for s in range(1, min(max_splits, nk64) + 1):
+        steps = -(-nk64 // s)
+        s_eff = -(-nk64 // steps)
+        cost = -(-tiles * s_eff // num_sms) * (steps + unit_overhead)
+        if cost < best_cost - 1e-9:
+            best, best_cost = s_eff, cost
+    return best
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    config: Sm90Config
+    n_tiles: int
+    m_tiles: int
+    splits: int
+    steps_per_split: int
+    grid: int
+
+    @property
+    def units(self) -> int:
+        return self.n_tiles * self.m_tiles * self.splits
+
+    def workspace_floats(self) -> int:
+        """fp32 partials: one 64 x nt slab per (tile, warpgroup, split); none without split-k."""
+        if self.splits == 1:
+            return 0
+        return self.n_tiles * self.m_tiles * self.config.nwg * self.splits * 64 * self.config.nt
+
+    def counters(self) -> int:
+        return self.n_tiles * self.m_tiles * self.config.nwg
+
+
+def plan(
+    m: int, n: int, k: int, num_sms: int, config: Sm90Config | None = None, splits: int | None = None
+) -> LaunchPlan:
+    """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
+    cfg = config or default_config(m)
+    n_tiles = -(-(n // 64) // cfg.nwg)
+    m_tiles = -(-m // cfg.nt)
+    nk64 = k // 64
+    s = splits if splits is not None else choose_splits(n_tiles * m_tiles, nk64, num_sms)
+    s = max(1, min(s, nk64))
+    steps = -(-nk64 // s)
+    s = -(-nk64 // steps)  # every split non-empty
+    units = n_tiles * m_tiles * s
+    return LaunchPlan(cfg, n_tiles, m_tiles, s, steps, min(units, num_sms))
+
+
+def validate(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[int, int, int, int]:
+    """Check everything the kernel assumes; returns ``(M, N, K, G)``. Raises :class:`Sm90Error`."""
+    if x.dim() != 2:
+        raise Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise Sm90Error(f"x must be float16 or bfloat16, got {x.dtype}")
+    m, k = x.shape
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise Sm90Error(
+            f"qweight must be int32 [K/64, 8N] (layout quick_sm90), got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if scales.dim() != 2:
+        raise Sm90Error(f"scales must be 2-D [K/G, N], got {tuple(scales.shape)}")
+    n = scales.shape[1]
+    if k % 64 or n % 64:
+        raise Sm90Error(f"the sm_90 kernel needs K and N multiples of 64, got K={k}, N={n}")
+    try:
+        g = resolve_group_size(group_size, k)
+    except ValueError as e:
+        raise Sm90Error(str(e)) from None
+    if g % 32:
+        raise Sm90Error(f"group size must be a multiple of 32, got {g}")
+    if g != 32 and g % 64:
+        raise Sm90Error(f"group size must be 32 or a multiple of 64, got {g}")
+    if tuple(qweight.shape) != (k // 64, 8 * n):
+        raise Sm90Error(f"qweight has shape {tuple(qweight.shape)}, expected {(k // 64, 8 * n)} for K={k}, N={n}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (k // g, n):
+            raise Sm90Error(f"{name} has shape {tuple(t.shape)}, expected {(k // g, n)} for K={k}, N={n}, G={g}")
+        if t.dtype != x.dtype:
+            raise Sm90Error(f"{name} dtype {t.dtype} differs from x dtype {x.dtype} (dequantized in x's type)")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise Sm90Error(f"bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    tensors = [x, qweight, scales, zeros] + ([bias] if bias is not None else [])
+    devs = {t.device for t in tensors}
+    if len(devs) != 1:
+        raise Sm90Error(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return m, n, k, g
+
+
+# ------------------------------------------------------------------------------ TMA descriptor (driver, ctypes)
+
+_CU_TENSOR_MAP_DATA_TYPE_UINT16 = 1
+_CU_TENSOR_MAP_INTERLEAVE_NONE = 0
+_CU_TENSOR_MAP_SWIZZLE_128B = 3
+_CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3
+_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0
+
+
+class TmaDesc(ctypes.Structure):
+    """CUtensorMap: 128 opaque bytes, passed to the kernel by value (``__grid_constant__``)."""
+
+    _fields_ = [("opaque", ctypes.c_uint64 * 16)]
+
+
+def _aligned_desc() -> tuple[ctypes.Array, TmaDesc]:
+    """cuTensorMapEncodeTiled wants a 64-byte aligned map; ctypes only guarantees 16, so carve one out."""
+    buf = (ctypes.c_uint8 * (128 + 64))()
+    off = (-ctypes.addressof(buf)) % 64
+    return buf, TmaDesc.from_buffer(buf, off)
+
+
+def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
+    """Tensor map of ``x`` [M, K] (16-bit, row-major): boxes of 64 k x ``nt`` tokens, 128-byte swizzle (the
+    K-major SW128 operand layout that the wgmma descriptor names), rows past M read as zeros."""
+    m, k = x.shape
+    if x.data_ptr() % 16 or (x.stride(0) * 2) % 16 or x.stride(1) != 1:
+        raise Sm90Error("x must be 16-byte aligned with unit column stride and a row stride of a multiple of 8")
+    buf, desc = _aligned_desc()
+    dims = (ctypes.c_uint64 * 2)(k, m)
+    strides = (ctypes.c_uint64 * 1)(x.stride(0) * 2)
+    box = (ctypes.c_uint32 * 2)(64, nt)
+    elem = (ctypes.c_uint32 * 2)(1, 1)
+    jit.check(
+        jit._driver().cuTensorMapEncodeTiled(
+            ctypes.byref(desc),
+            _CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            2,
+            ctypes.c_void_p(x.data_ptr()),
+            dims,
+            strides,
+            box,
+            elem,
+            _CU_TENSOR_MAP_INTERLEAVE_NONE,
+            _CU_TENSOR_MAP_SWIZZLE_128B,
+            _CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            _CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        "cuTensorMapEncodeTiled",
+    )
+    return buf, desc
+
+
+# ------------------------------------------------------------------------------ launch
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS_LOCK = threading.Lock()
+_SMS: dict[int, int] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Split-k arrival counters, zero between launches (the last CTA of a tile resets its own); one buffer per
+    (device, stream) so that launches on different streams never share one."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device.index, stream)
+    with _COUNTERS_LOCK:
+        buf = _COUNTERS.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+            _COUNTERS[key] = buf
+    return buf
+
+
+def num_sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def is_available(device: torch.device | int | None = None) -> bool:
+    """True on sm_90 devices (the kernel uses sm_90a-only wgmma and setmaxnreg) with nvcc present."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        jit.find_nvcc()
+    except jit.KernelUnavailable:
+        return False
+    return True
+
+
+def tuned_config(m: int, dtype: torch.dtype) -> Sm90Config:
+    table = TUNED.get("fp16" if dtype == torch.float16 else "bf16", {})
+    for bound in sorted(table):
+        if m <= bound:
+            return table[bound]
+    return default_config(m)
+
+
+def gemm_w4a16_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: Sm90Config | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W) (+ bias)`` with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in x's dtype.
+
+    ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` (contiguous [M, N]) lets tests
+    hand in a poisoned buffer.
+    """
+    m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
+    if x.device.type != "cuda":
+        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    if m == 0:
+        return x.new_empty((0, n))
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    dev = x.device
+    cfg = config or tuned_config(m, x.dtype)
+    if cfg.smem_bytes() > SMEM_LIMIT:
+        raise Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
+    p = plan(m, n, k, num_sms(dev), cfg, splits)
+    with torch.cuda.device(dev):
+        kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(g, x.dtype), dev.index, "sm_90a")
+        if out is None:
+            out = torch.empty((m, n), dtype=x.dtype, device=dev)
+        elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous() or out.device != dev:
+            raise Sm90Error(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {dev}")
+        ws = torch.empty(max(p.workspace_floats(), 1), dtype=torch.float32, device=dev)
+        cnt = _counters(dev, p.counters())
+        _buf, desc = encode_x_map(x, cfg.nt)
+        gs64 = 0 if g == 32 else g // 64
+        b = bias.contiguous() if bias is not None else ctypes.c_void_p(0)
+        kern(
+            (p.grid,),
+            (cfg.threads(),),
+            [
+                desc,
+                qweight,
+                scales,
+                zeros,
+                b,
+                out,
+                ws,
+                cnt,
+                m,
+                n,
+                k,
+                gs64,
+                p.splits,
+                p.steps_per_split,
+                p.n_tiles,
+                p.m_tiles,
+            ],
+            smem=cfg.smem_bytes(),
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ torch.library op + dispatcher
+
+
+def _define_op() -> None:
+    """``quick::gemm_w4a16_sm90`` so that torch.compile and graph capture see one opaque op with a fake impl."""
+    if hasattr(torch.ops.quick, "gemm_w4a16_sm90"):
+        return
+
+    @torch.library.custom_op("quick::gemm_w4a16_sm90", mutates_args=())
+    def _op(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        return gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias)
+
+    @_op.register_fake
+    def _(x, qweight, scales, zeros, bias, group_size):
+        validate(x, qweight, scales, zeros, group_size, bias)
+        return x.new_empty((x.shape[0], scales.shape[1]))
+
+
+def _has_op() -> bool:
+    try:
+        return hasattr(torch.ops.quick, "gemm_w4a16_sm90")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+try:
+    _define_op()
+except (RuntimeError, AttributeError):  # already defined by an earlier import of this module under another name
+    pass
+
+
+def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller)."""
+    return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)
+
+
+# Set to True once the kernel has passed the device correctness matrix (docs/sm90_notes.md records the run);
+# an unverified kernel is never offered to the dispatcher.
+VERIFIED_ON_DEVICE = False
+
+
+def _register_with_dispatcher() -> None:
+    """Offer this kernel for layout 'quick_sm90' through the dispatcher's registry, if it has one yet."""
+    if not VERIFIED_ON_DEVICE:
+        return
+    from quick.kernels import dispatch
+
+    register = getattr(dispatch, "register_kernel", None)
+    if register is None:
+        return
+    register(LAYOUT, kernel_fn, available=lambda x: x.is_cuda and is_available(x.device), priority=100)
+
+
+_register_with_dispatcher()
