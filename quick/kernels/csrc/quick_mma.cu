@@ -1,0 +1,285 @@
+// quick_mma.cu: the QUICK W4A16 GEMM, out[M, N] = x[M, K] @ dequant(W)[K, N] (+ bias), mma.sync.m16n8k16.
+//
+// The weights never touch shared memory: each warp streams its k16 x n64 blocks of the interleaved
+// `quick` layout from global memory straight into registers (one 16-byte load per lane and block),
+// a ring of PF stages ahead, dequantizes them in registers (lop3 + magic number, subtract the zero,
+// multiply the scale) and feeds them to mma.sync as the B operand. Activations and the per-group
+// scales/zeros go through a STAGES-deep cp.async pipeline in shared memory; A fragments come from
+// ldmatrix.x4 (rows padded by 16 bytes: no bank conflicts). The shared memory the weights do not use
+// pays for taller M tiles and deeper activation pipelines.
+//
+// CTA = WARPS_M x WARPS_N x WARPS_K warps. A warp owns WM = BM / WARPS_M rows, NB n64 blocks, and SW of
+// the k16 steps of every stage (stage = BKS = 16 * SW * WARPS_K columns of K). Warps of different k
+// slices add their accumulators through shared memory in a fixed order at the end; CTAs of different
+// splits (gridDim.z > 1) write fp32 partials that quick_splitk_reduce sums in a fixed order. Both are
+// deterministic. Rows >= M are zero-filled by cp.async and never stored; n64 blocks >= N are skipped.
+//
+// Compile-time configuration (-D): QK_DTYPE (0 fp16, 1 bf16), QK_BM, QK_WM, QK_WN, QK_WK, QK_NB, QK_SW,
+// QK_STAGES, QK_PF, QK_MINB. Shared memory size: quick/kernels/quick_mma.py:GemmConfig.smem_bytes.
+#include "quick_common.cuh"
+#include "quick_splitk.cuh"
+
+#ifndef QK_BM
+#define QK_BM 16
+#endif
+#ifndef QK_WM
+#define QK_WM 1
+#endif
+#ifndef QK_WN
+#define QK_WN 1
+#endif
+#ifndef QK_WK
+#define QK_WK 4
+#endif
+#ifndef QK_NB
+#define QK_NB 1
+#endif
+#ifndef QK_SW
+#define QK_SW 4
+#endif
+#ifndef QK_STAGES
+#define QK_STAGES 3
+#endif
+#ifndef QK_PF
+#define QK_PF 1
+#endif
+#ifndef QK_MINB
+#define QK_MINB 1
+#endif
+
+namespace {
+
+constexpr int DT = QK_DTYPE;
+constexpr int BM = QK_BM, WARPS_M = QK_WM, WARPS_N = QK_WN, WARPS_K = QK_WK;
+constexpr int NB = QK_NB, SW = QK_SW, STAGES = QK_STAGES, PF = QK_PF;
+constexpr int NWARPS = WARPS_M * WARPS_N * WARPS_K;
+constexpr int THREADS = 32 * NWARPS;
+constexpr int WM = BM / WARPS_M;
+constexpr int MT = WM / 16;
+constexpr int BN = 64 * NB * WARPS_N;
+constexpr int BKS = 16 * SW * WARPS_K;
+constexpr int A_STRIDE = BKS + 8;  // elements; +16 bytes per row: ldmatrix rows fall in distinct banks
+constexpr int A_STAGE_BYTES = BM * A_STRIDE * 2;
+constexpr int S_ROWS = BKS >= 32 ? BKS / 32 : 1;  // group rows one stage can span (G >= 32)
+constexpr int S_BYTES = S_ROWS * BN * 2;          // scales; zeros follow
+constexpr int STAGE_BYTES = A_STAGE_BYTES + 2 * S_BYTES;
+constexpr int A_CHUNKS = BM * BKS / 8;  // 16-byte pieces of one A stage
+
+static_assert(MT >= 1 && WM % 16 == 0, "BM / WARPS_M must be a multiple of 16");
+static_assert(STAGES >= 2, "need at least two pipeline stages");
+static_assert(BKS % 64 == 0, "a stage must cover a multiple of 64 columns of K");
+static_assert(STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
+    const void* __restrict__ xp, const uint4* __restrict__ qweight, const void* __restrict__ scalesp,
+    const void* __restrict__ zerosp, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
+    int M, int N, int K, int group_size, int gshift, int tiles_per_split) {
+  using namespace quick;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const char* x = static_cast<const char*>(xp);
+  const char* scales = static_cast<const char*>(scalesp);
+  const char* zeros = static_cast<const char*>(zerosp);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % WARPS_M;
+  const int wn = (warp / WARPS_M) % WARPS_N;
+  const int wk = warp / (WARPS_M * WARPS_N);
+
+  const int n0 = blockIdx.x * BN;
+  const int m0 = blockIdx.y * BM;
+  const int total_tiles = K / BKS;
+  const int tile_begin = blockIdx.z * tiles_per_split;
+  const int ntiles = min(tiles_per_split, total_tiles - tile_begin);
+  const int srows = group_size < BKS ? BKS / group_size : 1;
+  const int half_n = N / 2;  // uint4 per k16 row of qweight (2N int32)
+
+  const uint32_t smem_base = smem_u32(smem);
+
+  // ---- cp.async producer: A tile [BM x BKS] and the scale/zero rows of one stage
+  auto load_stage = [&](int slot, int tile) {
+    const int k0 = (tile_begin + tile) * BKS;
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+#pragma unroll
+    for (int i = tid; i < A_CHUNKS; i += THREADS) {
+      const int row = i / (BKS / 8);
+      const int c = i % (BKS / 8);
+      const int m = m0 + row;
+      const bool ok = m < M;
+      const char* src = x + ((static_cast<size_t>(ok ? m : 0) * K + k0 + c * 8) * 2);
+      cp_async16(sa + (row * A_STRIDE + c * 8) * 2, src, ok);
+    }
+    const int g0 = k0 / group_size;
+    const int per = srows * (BN / 8);
+    for (int i = tid; i < 2 * per; i += THREADS) {
+      const int which = i / per;
+      const int r = (i % per) / (BN / 8);
+      const int c = i % (BN / 8);
+      const int col = n0 + c * 8;
+      const bool ok = col < N;
+      const char* base = which ? zeros : scales;
+      const char* src = base + (static_cast<size_t>(g0 + r) * N + (ok ? col : 0)) * 2;
+      cp_async16(sa + A_STAGE_BYTES + which * S_BYTES + (r * BN + c * 8) * 2, src, ok);
+    }
+  };
+
+  // ---- per-warp weight stream
+  int nblk[NB];
+  bool nvalid[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    nblk[nb] = n0 / 64 + wn * NB + nb;
+    nvalid[nb] = nblk[nb] < N / 64;
+  }
+  // qweight uint4 index of (k16 step, n64 block, lane): step * N/2 + block * 32 + lane
+  auto wptr = [&](int tile, int j, int nb) {
+    const int step = (tile_begin + tile) * (BKS / 16) + wk * SW + j;
+    return qweight + (static_cast<size_t>(step) * half_n + nblk[nb] * 32 + lane);
+  };
+
+  uint4 wring[PF][SW][NB];
+  float acc[MT][NB][8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] = 0.f;
+
+  // ---- prologue: weights for the first PF stages, activations for the first STAGES - 1
+#pragma unroll
+  for (int p = 0; p < PF; ++p)
+#pragma unroll
+    for (int j = 0; j < SW; ++j)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        wring[p][j][nb] = make_uint4(0, 0, 0, 0);
+        if (p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(p, j, nb));
+      }
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  // ---- main loop, unrolled by PF so that every ring slot has a compile-time index
+  const int a_row = wm * WM + (lane & 15);
+  const int a_col = (lane >> 4) * 8;
+  const int s_col = (wn * NB) * 64 + 8 * (lane >> 2);
+  for (int t0 = 0; t0 < ntiles; t0 += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p) {
+      const int tile = t0 + p;
+      if (tile < ntiles) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+          const int tn = tile + STAGES - 1;
+          if (tn < ntiles) load_stage(tn % STAGES, tn);
+          cp_async_commit();
+        }
+        const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
+        const uint32_t ss = sa + A_STAGE_BYTES;
+#pragma unroll
+        for (int j = 0; j < SW; ++j) {
+          const int kl = (wk * SW + j) * 16;
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sa + ((a_row + mt * 16) * A_STRIDE + kl + a_col) * 2);
+          const int grow = kl >> gshift;
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            const uint32_t soff = ss + (grow * BN + s_col + nb * 64) * 2;
+            const uint4 sv = lds128(soff);
+            const uint4 zv = lds128(soff + S_BYTES);
+            const uint4 wv = wring[p][j][nb];
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              uint32_t b[4];
+              dequant_word<DT>(u4_get(wv, w), u4_get(sv, w), neg_magic_zero<DT>(u4_get(zv, w)), b);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<DT>(acc[mt][nb][2 * w], a[mt], b[0], b[1]);
+                mma_16816<DT>(acc[mt][nb][2 * w + 1], a[mt], b[2], b[3]);
+              }
+            }
+            if (tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(tile + PF, j, nb));
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- reduce the WARPS_K k-slices in a fixed order: acc(wk=0) += acc(1); += acc(2); ...
+  if constexpr (WARPS_K > 1) {
+    float4* red = reinterpret_cast<float4*>(smem);
+    const int widx = wm + WARPS_M * wn;
+#pragma unroll 1
+    for (int r = 1; r < WARPS_K; ++r) {
+      __syncthreads();
+      if (wk == r) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              const int idx = (((widx * MT + mt) * NB + nb) * 8 + t) * 32 + lane;
+              red[idx] = make_float4(acc[mt][nb][t][0], acc[mt][nb][t][1], acc[mt][nb][t][2], acc[mt][nb][t][3]);
+            }
+      }
+      __syncthreads();
+      if (wk == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              const int idx = (((widx * MT + mt) * NB + nb) * 8 + t) * 32 + lane;
+              const float4 v = red[idx];
+              acc[mt][nb][t][0] += v.x;
+              acc[mt][nb][t][1] += v.y;
+              acc[mt][nb][t][2] += v.z;
+              acc[mt][nb][t][3] += v.w;
+            }
+      }
+    }
+  }
+  if (wk != 0) return;
+
+  // ---- epilogue: bf16/fp16 (+ bias) straight from the accumulators, or fp32 partials for split-k
+  const bool split = gridDim.z > 1;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    if (!nvalid[nb]) continue;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const int col = nblk[nb] * 64 + t * 8 + 2 * (lane & 3);
+      float2 bv = make_float2(0.f, 0.f);
+      if (!split && bias != nullptr) bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
+          if (row >= M) continue;
+          const float v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
+          if (split) {
+            const size_t o = (static_cast<size_t>(blockIdx.z) * M + row) * N + col;
+            *reinterpret_cast<float2*>(ws + o) = make_float2(v0, v1);
+          } else {
+            const size_t o = static_cast<size_t>(row) * N + col;
+            *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v0 + bv.x, v1 + bv.y);
+          }
+        }
+      }
+    }
+  }
+}
