@@ -83,6 +83,63 @@ def parse_ptxas(log: str) -> list[KernelReport]:
     return reports
 
 
+SASS_KEYS = ("LDG128", "LDG", "LDGSTS", "LDSM", "LDS", "HMMA", "LDL", "STL", "BAR")
+
+
+def sass_counts(sass: str) -> dict[str, dict[str, int]]:
+    """Per function: 16-byte global loads (LDG*.128), other global loads, cp.async (LDGSTS), ldmatrix (LDSM),
+    shared loads, HMMA, local memory traffic (LDL/STL: spills or stack arrays) and barriers."""
+    out: dict[str, dict[str, int]] = {}
+    cur = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = out.setdefault(m.group(1), dict.fromkeys(SASS_KEYS, 0))
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if not m or cur is None:
+            continue
+        op = m.group(1)
+        base = op.split(".")[0]
+        if base == "LDG":
+            cur["LDG128" if ".128" in op else "LDG"] += 1
+        elif base in cur:
+            cur[base] += 1
+    return out
+
+
+def sass_report(jobs: list[Job]) -> int:
+    """Disassemble each variant for this machine's GPU (or sm_90a) and count the instructions that matter."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        print("compile_check --sass: cuobjdump not found")
+        return 1
+    try:
+        import torch
+
+        arch = jit.arch_for_device() if torch.cuda.is_available() else "sm_90a"
+    except Exception:  # noqa: BLE001
+        arch = "sm_90a"
+    bad = 0
+    print(f"SASS ({arch}): " + " ".join(f"{k:>6}" for k in SASS_KEYS) + "  kernel / defines")
+    seen = set()
+    for job in jobs:
+        key = (job.source, tuple(sorted(job.defines.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        res = jit.compile_cubin(job.source, arch, job.defines)
+        sass = subprocess.run([tool, "--dump-sass", str(res.cubin)], capture_output=True, text=True).stdout
+        for fn, c in sass_counts(sass).items():
+            flag = "  <-- local memory" if c["LDL"] or c["STL"] else ""
+            bad += bool(flag)
+            print("      " + " ".join(f"{c[k]:>6}" for k in SASS_KEYS) + f"  {fn} {_short(job.defines)}{flag}")
+    return 1 if bad else 0
+
+
 def _short(defines: dict) -> str:
     return " ".join(f"{k.split('_', 1)[-1]}={v}" for k, v in sorted(defines.items()))
 
@@ -92,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--force", action="store_true", help="recompile even when a cached cubin exists")
     ap.add_argument("--modules", nargs="*", default=list(MODULES))
+    ap.add_argument("--sass", action="store_true", help="instead: disassemble (cuobjdump) and count instructions")
     args = ap.parse_args(argv)
 
     try:
@@ -106,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # an optional module that does not import is an error here: we must build it
             print(f"compile_check: cannot collect variants of {name}: {e}", file=sys.stderr)
             return 1
+    if args.sass:
+        return sass_report(jobs)
     t0 = time.time()
     from concurrent.futures import ThreadPoolExecutor
 

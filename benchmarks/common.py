@@ -1,0 +1,220 @@
+"""Shared benchmark plumbing: environment stamp, measured ceilings, timing, the implementation registry, and the
+JSON / markdown / PNG writers (every result is stamped with GPU, torch and CUDA versions and the date).
+
+Timing is the median of ``triton.testing.do_bench`` (which clears the L2 cache before every repetition); where
+Triton is missing, CUDA events around single calls after a 256 MB L2 flush, median of the repetitions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------------------------- environment
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def gpu_slug(name: str | None = None) -> str:
+    """Short file-name form: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    name = name or gpu_name()
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower())).lower()
+
+
+def env_info() -> dict:
+    return {
+        "gpu": gpu_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+def bench_us(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> float:
+    """Median time of ``fn()`` in microseconds, L2 flushed before each repetition."""
+    try:
+        from triton.testing import do_bench
+
+        return 1000.0 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    except ImportError:
+        pass
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(max(5, int(rep_ms))):
+        flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written) and an fp16 8192^3 GEMM rate, measured here."""
+    n = 1 << 30  # 1 GiB each way
+    bufs = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    t = bench_us(lambda: bufs[1].copy_(bufs[0]), rep_ms=100)
+    copy_tbps = 2 * n / (t * 1e-6) / 1e12
+    bufs.clear()
+    s = 8192
+    x = torch.randn(s, s, device="cuda", dtype=torch.float16)
+    y = torch.randn(s, s, device="cuda", dtype=torch.float16)
+    t = bench_us(lambda: x @ y, rep_ms=200)
+    return {"copy_TBps": round(copy_tbps, 3), "fp16_TFLOPS": round(2 * s**3 / (t * 1e-6) / 1e12, 1)}
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Impl:
+    """A benchmarked implementation: ``make(problem)`` returns a zero-argument callable to time (or raises
+    to mark it unavailable for that problem); ``applies(M, K, N)`` filters the grid."""
+
+    name: str
+    dtype: str
+    make: Callable[[dict], Callable[[], object]]
+    applies: Callable[[int, int, int], bool] = field(default=lambda m, k, n: True)
+
+
+IMPLS: dict[str, Impl] = {}
+
+
+def register_impl(impl: Impl) -> Impl:
+    IMPLS[impl.name] = impl
+    return impl
+
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+def flops(m: int, k: int, n: int) -> float:
+    return 2.0 * m * k * n
+
+
+def w4_bytes(m: int, k: int, n: int, group: int = 128) -> float:
+    """Fewest bytes a W4A16 product must move: int4 weights, fp16 scales and zeros, x in, out."""
+    g = k if group == -1 else group
+    return k * n / 2 + 2 * (k // g) * n * 2 + 2 * m * k + 2 * m * n
+
+
+def roofline_us(m: int, k: int, n: int, ceilings: dict, group: int = 128) -> float:
+    t_mem = w4_bytes(m, k, n, group) / (ceilings["copy_TBps"] * 1e12)
+    t_flop = flops(m, k, n) / (ceilings["fp16_TFLOPS"] * 1e12)
+    return 1e6 * max(t_mem, t_flop)
+
+
+def write_json(path: Path, env: dict, ceilings: dict, rows: list[dict], extra: dict | None = None) -> None:
+    doc = {
+        "gpu": env["gpu"],
+        "torch": env["torch"],
+        "cuda": env.get("cuda"),
+        "date": env["date"],
+        "ceilings": ceilings,
+        "rows": rows,
+    }
+    doc.update(extra or {})
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def write_markdown(
+    path: Path,
+    env: dict,
+    ceilings: dict,
+    rows: list[dict],
+    shapes: list[tuple[int, int]],
+    impls: list[str],
+    group: int = 128,
+    title: str = "W4A16 kernels",
+) -> str:
+    """One table per (K, N): microseconds (TFLOP/s) per implementation and M, with the roofline time."""
+    lines = [
+        f"# {title}",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, CUDA {env.get('cuda')}, {env['date']}. Median of do_bench with the "
+        f"L2 flushed, random data. Ceilings measured in the same run: copy {ceilings['copy_TBps']} TB/s "
+        f"(read + write), fp16 GEMM {ceilings['fp16_TFLOPS']} TFLOP/s. Roofline = max(bytes / copy BW, "
+        f"flops / fp16 rate), bytes = int4 weights + fp16 scales and zeros (g{group}) + x + out.",
+        "",
+    ]
+    for k, n in shapes:
+        lines += [
+            f"## K={k}, N={n}",
+            "",
+            "| M | roofline | " + " | ".join(impls) + " |",
+            "|---|---|" + "---|" * len(impls),
+        ]
+        ms = sorted({r["M"] for r in rows if r["K"] == k and r["N"] == n})
+        for m in ms:
+            cells = []
+            for name in impls:
+                r = next((r for r in rows if (r["impl"], r["M"], r["K"], r["N"]) == (name, m, k, n)), None)
+                cells.append(f"{r['us']:.1f} ({r['tflops']:.0f})" if r else "")
+            lines.append(f"| {m} | {roofline_us(m, k, n, ceilings, group):.1f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Cells: microseconds (TFLOP/s).")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot_png(
+    path: Path,
+    env: dict,
+    ceilings: dict,
+    rows: list[dict],
+    shapes: list[tuple[int, int]],
+    impls: list[str],
+    group: int = 128,
+) -> None:
+    """TFLOP/s against M per implementation, one panel per shape, with the roofline drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(shapes))
+    nrows = math.ceil(len(shapes) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (k, n) in zip(axes.flat, shapes, strict=False):
+        ms = sorted({r["M"] for r in rows if r["K"] == k and r["N"] == n})
+        if not ms:
+            continue
+        mm = [2 ** (i / 4) for i in range(0, int(4 * math.log2(max(ms))) + 1)]
+        roof = [flops(m, k, n) / (roofline_us(m, k, n, ceilings, group) * 1e-6) / 1e12 for m in mm]
+        ax.plot(mm, roof, "k--", lw=1, label="roofline")
+        for name in impls:
+            pts = sorted((r["M"], r["tflops"]) for r in rows if r["impl"] == name and (r["K"], r["N"]) == (k, n))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", ms=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"K={k} N={n}", fontsize=9)
+        ax.set_xlabel("M")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(shapes) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, CUDA {env.get('cuda')}, {env['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""W4A16 kernel benchmark: cuBLAS fp16/bf16 (F.linear), torch._weight_int4pack_mm (bf16), the QUICK mma.sync
+kernel and the decode GEMV (M <= 8), plus any registered extra implementation (``quick_sm90`` when its module
+exists and runs here), in one process and one run.
+
+    python benchmarks/kernel.py [--outdir DIR] [--m 1 16 ...] [--shapes 8192x8192 ...] [--sweep] [--quick]
+
+Writes ``kernel-<gpu>-<date>.json`` ({"gpu", "torch", "date", "ceilings": {"copy_TBps", "fp16_TFLOPS"},
+"rows": [{"impl", "M", "K", "N", "dtype", "us", "tflops"}]}), the same table as markdown and a PNG plot of
+TFLOP/s against M with the roofline, under ``--outdir`` (default benchmarks/results). ``--sweep`` also times
+every GEMM/GEMV config and split-k on a few shapes (the data behind quick_mma.TUNED_GEMM) into
+``sweep-<gpu>-<date>.json``. Random data everywhere (never zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from quick.kernels import quick_mma  # noqa: E402
+from quick.packing.layouts import get_layout  # noqa: E402
+from quick.quant.primitives import QuantizedWeight  # noqa: E402
+
+M_LIST = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
+SHAPES = {  # (K, N) = (in_features, out_features)
+    "square": (8192, 8192),
+    "llama2-7b q/k/v/o": (4096, 4096),
+    "llama2-7b gate/up": (4096, 11008),
+    "llama2-7b down": (11008, 4096),
+    "llama3-8b k/v": (4096, 1024),
+    "llama3-8b gate/up": (4096, 14336),
+    "llama3-8b down": (14336, 4096),
+}
+GROUP = 128
+ANCHORS_QUICK_ORIG = {
+    1: 44.1,
+    16: 46.8,
+    32: 50.7,
+    64: 61.2,
+    128: 96.8,
+    256: 165.5,
+    512: 288.5,
+    1024: 572.9,
+    4096: 2206.0,
+}  # shared/ANCHORS.md, H100, K = N = 8192
+
+
+# ----------------------------------------------------------------------------------------------- problems
+
+
+def make_problem(k: int, n: int, seed: int = 0) -> dict:
+    """Random weights for every implementation of one (K, N): fp16/bf16 dense, QUICK-packed int4 (g128),
+    tinygemm-packed int4."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    p: dict = {"k": k, "n": n, "group": GROUP}
+    p["w16"] = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).half()
+    p["wbf"] = p["w16"].to(torch.bfloat16)
+    q = torch.randint(0, 16, (k, n), generator=gen, device="cuda", dtype=torch.uint8)
+    for dt, key in ((torch.float16, "quick16"), (torch.bfloat16, "quickbf")):
+        scales = ((torch.rand(k // GROUP, n, generator=gen, device="cuda") * 0.75 + 0.25) * 0.0025).to(dt)
+        zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen, device="cuda", dtype=torch.uint8)
+        qw = QuantizedWeight(q, scales, zeros, GROUP)
+        p[key] = get_layout("quick").pack(qw)
+        p[key + "_qw"] = qw
+    try:
+        wu8 = torch.randint(0, 256, (n, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+        p["int4"] = torch._convert_weight_to_int4pack(wu8, 8)
+        p["int4_sz"] = (torch.rand(k // GROUP, n, 2, generator=gen, device="cuda") * 0.01).to(torch.bfloat16)
+    except Exception as e:  # noqa: BLE001 - record and go on: the other rows still matter
+        p["int4_error"] = f"{type(e).__name__}: {e}"
+    return p
+
+
+def _x(p: dict, m: int, dtype: torch.dtype) -> torch.Tensor:
+    key = ("x", m, dtype)
+    if key not in p:
+        p[key] = torch.randn(m, p["k"], device="cuda", dtype=dtype)
+    return p[key]
+
+
+def _quick(p: dict, m: int, fn):
+    x = _x(p, m, torch.float16)
+    w = p["quick16"]
+    return lambda: fn(x, w["qweight"], w["scales"], w["zeros"], p["group"])
+
+
+def _int4(p: dict, m: int):
+    if "int4" not in p:
+        raise RuntimeError(p.get("int4_error", "int4 packing unavailable"))
+    x = _x(p, m, torch.bfloat16)
+    return lambda: torch._weight_int4pack_mm(x, p["int4"], p["group"], p["int4_sz"])
+
+
+def _dense(p: dict, dtype: torch.dtype):
+    x, w = _x(p, p["m"], dtype), p["w16" if dtype == torch.float16 else "wbf"]
+    return lambda: F.linear(x, w)
+
+
+def _timed(fn, *args, **kw) -> float:
+    """Median us of ``fn(*args, **kw)`` (short repetitions: the sweep times hundreds of variants)."""
+    return common.bench_us(lambda: fn(*args, **kw), rep_ms=15)
+
+
+def register_builtin_impls() -> None:
+    common.register_impl(common.Impl("cublas_fp16", "fp16", lambda p: _dense(p, torch.float16)))
+    common.register_impl(common.Impl("cublas_bf16", "bf16", lambda p: _dense(p, torch.bfloat16)))
+    common.register_impl(common.Impl("torch_int4", "bf16", lambda p: _int4(p, p["m"])))
+    common.register_impl(common.Impl("quick", "fp16", lambda p: _quick(p, p["m"], quick_mma.gemm)))
+    common.register_impl(
+        common.Impl(
+            "quick_gemv",
+            "fp16",
+            lambda p: _quick(p, p["m"], quick_mma.gemv),
+            applies=lambda m, k, n: m <= quick_mma.GEMV_MAX_M,
+        )
+    )
+
+
+def register_optional_impls() -> list[str]:
+    """Extra rows from kernel modules that exist and can run here (the Hopper wgmma kernel)."""
+    added = []
+    try:
+        from quick.kernels import quick_sm90 as sm
+
+        if sm.is_available():
+
+            def make(p):
+                if "sm90" not in p:
+                    p["sm90"] = get_layout("quick_sm90").pack(p["quick16_qw"])
+                w, x = p["sm90"], _x(p, p["m"], torch.float16)
+                return lambda: sm.gemm_w4a16_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
+
+            common.register_impl(common.Impl("quick_sm90", "fp16", make))
+            added.append("quick_sm90")
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] quick_sm90 not benchmarked: {type(e).__name__}: {e}")
+    return added
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+def run_grid(shapes: list[tuple[int, int]], ms: list[int], impls: list[str], ceilings: dict, log) -> list[dict]:
+    rows = []
+    for k, n in shapes:
+        p = make_problem(k, n, seed=k * 7 + n)
+        for m in ms:
+            p["m"] = m
+            for name in impls:
+                impl = common.IMPLS[name]
+                if not impl.applies(m, k, n):
+                    continue
+                try:
+                    fn = impl.make(p)
+                    fn()
+                    torch.cuda.synchronize()
+                    us = common.bench_us(fn)
+                except Exception as e:  # noqa: BLE001
+                    log(f"[bench] {name} M={m} K={k} N={n}: FAILED {type(e).__name__}: {e}")
+                    continue
+                rows.append(
+                    {
+                        "impl": name,
+                        "M": m,
+                        "K": k,
+                        "N": n,
+                        "dtype": impl.dtype,
+                        "us": round(us, 2),
+                        "tflops": round(common.flops(m, k, n) / (us * 1e-6) / 1e12, 2),
+                    }
+                )
+        for key in [kk for kk in p if isinstance(kk, tuple)]:
+            del p[key]
+        del p
+        torch.cuda.empty_cache()
+        log(f"[bench] K={k} N={n} done")
+    return rows
+
+
+# Candidates timed by --sweep besides the shipped configs (compiled on the spot, not part of VARIANTS).
+EXTRA_GEMM = [
+    quick_mma.GemmConfig("x_m16k16", 16, 1, 1, 16, 1, 2, 3, 2),
+    quick_mma.GemmConfig("x_m16n2k4", 16, 1, 2, 4, 1, 4, 3, 2),
+    quick_mma.GemmConfig("x_m32k4", 32, 1, 1, 4, 1, 4, 4, 2),
+    quick_mma.GemmConfig("x_m64n2k2", 64, 1, 2, 2, 1, 2, 4, 1),
+    quick_mma.GemmConfig("x_m128n2", 128, 2, 2, 1, 1, 4, 4, 1),
+    quick_mma.GemmConfig("x_m128n4s3", 128, 2, 4, 1, 1, 4, 3, 1),
+]
+EXTRA_GEMV = [quick_mma.GemvConfig("x_v8nb2", 8, 2, 8)]
+
+
+def sweep(log) -> list[dict]:
+    """Every GEMM config x split-k (and GEMV config x split) on the shapes that set the tuning table."""
+    out = []
+    gemm_cfgs = [*quick_mma.GEMM_CONFIGS.values(), *EXTRA_GEMM]
+    gemv_cfgs = [*quick_mma.GEMV_CONFIGS.values(), *EXTRA_GEMV]
+    from quick.kernels import jit
+
+    arch = jit.arch_for_device()
+    jit.compile_many(
+        [(quick_mma.GEMM_SOURCE, arch, c.defines(torch.float16)) for c in EXTRA_GEMM]
+        + [(quick_mma.GEMV_SOURCE, arch, c.defines(torch.float16, GROUP)) for c in EXTRA_GEMV]
+    )
+    plan = [((8192, 8192), [*M_LIST, 8]), ((4096, 4096), [1, 16, 64, 256]), ((11008, 4096), [1, 16, 64, 256])]
+    for (k, n), ms in plan:
+        p = make_problem(k, n, seed=1)
+        w = p["quick16"]
+        args = (w["qweight"], w["scales"], w["zeros"], GROUP)
+        for m in ms:
+            x = _x(p, m, torch.float16)
+            cands = [
+                ("gemm", c, s)
+                for c in gemm_cfgs
+                for s in (1, 2, 4, 8)
+                if k % c.bks == 0 and s <= k // c.bks and not (c.bm >= 64 and m <= 8)
+            ]
+            if m <= quick_mma.GEMV_MAX_M:
+                cands += [("gemv", c, s) for c in gemv_cfgs for s in (1, 2, 4)]
+            best = (float("inf"), "", 0)
+            for kind, cfg, s in cands:
+                fn = quick_mma.gemm if kind == "gemm" else quick_mma.gemv
+                try:
+                    us = _timed(fn, x, *args, config=cfg, splits=s)
+                except Exception as e:  # noqa: BLE001
+                    log(f"[sweep] {kind} {cfg.name} s={s} M={m}: {type(e).__name__}: {e}")
+                    continue
+                out.append(
+                    {"kernel": kind, "config": cfg.name, "splits": s, "M": m, "K": k, "N": n, "us": round(us, 2)}
+                )
+                best = min(best, (us, f"{kind}:{cfg.name}", s))
+            auto = _timed(quick_mma.quick_matmul, x, *args)
+            out.append({"kernel": "auto", "config": "auto", "splits": 0, "M": m, "K": k, "N": n, "us": round(auto, 2)})
+            log(f"[sweep] K={k} N={n} M={m}: best {best[1]} s={best[2]} {best[0]:.1f} us; auto {auto:.1f} us")
+        del p
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--outdir", type=Path, default=HERE / "results")
+    ap.add_argument("--m", type=int, nargs="*", default=M_LIST)
+    ap.add_argument("--shapes", nargs="*", default=None, help="KxN, e.g. 8192x8192 (default: all)")
+    ap.add_argument("--impls", nargs="*", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time every config x split-k (tuning data)")
+    ap.add_argument("--no-grid", action="store_true", help="only the sweep")
+    args = ap.parse_args(argv)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    logf = open(args.outdir / "bench-log.txt", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    env = common.env_info()
+    tag = f"{common.gpu_slug(env['gpu'])}-{env['date']}"
+    t0 = time.time()
+    register_builtin_impls()
+    extra = register_optional_impls()
+    impls = args.impls or ["cublas_fp16", "cublas_bf16", "torch_int4", "quick", "quick_gemv", *extra]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else list(SHAPES.values())
+    ceilings = common.measure_ceilings()
+    log(f"[bench] {env} ceilings {ceilings}")
+
+    if args.sweep:
+        try:
+            sw = sweep(log)
+            (args.outdir / f"sweep-{tag}.json").write_text(
+                json.dumps({**env, "ceilings": ceilings, "rows": sw}, indent=1)
+            )
+        except Exception:  # noqa: BLE001
+            log(traceback.format_exc())
+    if args.no_grid:
+        return 0
+
+    rows = run_grid(shapes, args.m, impls, ceilings, log)
+    common.write_json(
+        args.outdir / f"kernel-{tag}.json",
+        env,
+        ceilings,
+        rows,
+        {"group_size": GROUP, "shapes": {name: list(s) for name, s in SHAPES.items()}},
+    )
+    common.write_markdown(args.outdir / f"kernel-{tag}.md", env, ceilings, rows, shapes, impls, GROUP)
+    try:
+        common.plot_png(args.outdir / f"kernel-{tag}.png", env, ceilings, rows, shapes, impls, GROUP)
+    except Exception as e:  # noqa: BLE001
+        log(f"[bench] plot failed: {e}")
+
+    # short summary last (the device reply carries the end of the output)
+    k = n = 8192
+    if (k, n) in shapes:
+        log("\nK=N=8192 g128 fp16, us (TFLOP/s); roofline from measured ceilings; anchor = original QUICK")
+        log(f"{'M':>5} {'roof':>7} {'anchor':>7} " + " ".join(f"{i:>16}" for i in impls))
+        for m in args.m:
+            cells = []
+            for name in impls:
+                r = next((r for r in rows if (r["impl"], r["M"], r["K"], r["N"]) == (name, m, k, n)), None)
+                cells.append(f"{r['us']:8.1f} ({r['tflops']:5.0f})" if r else " " * 16)
+            log(
+                f"{m:>5} {common.roofline_us(m, k, n, ceilings):7.1f} {ANCHORS_QUICK_ORIG.get(m, 0):7.1f} "
+                + " ".join(cells)
+            )
+    log(f"[bench] total {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
