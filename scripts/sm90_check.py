@@ -39,18 +39,18 @@ def log(msg: str, fh) -> None:
 
 
 def candidates(m: int) -> list[sm.Sm90Config]:
-    """Configs timed per M (the first is the default); alternatives vary prefetch depth, warpgroups, tile."""
+    """Configs timed per M (the first is the default); alternatives vary the weight group depth and the tile."""
     d = sm.default_config(m)
-    alts = {d}
-    if d.nt <= 32:
-        alts |= {sm.Sm90Config(d.nt, 2, 8, 4), sm.Sm90Config(d.nt, 1, 8, 8)}
-    elif d.nt == 64:
-        alts |= {sm.Sm90Config(64, 2, 8, 4), sm.Sm90Config(64, 1, 8, 6)}
-    elif d.nt == 128:
-        alts |= {sm.Sm90Config(128, 2, 6, 2), sm.Sm90Config(64, 2, 8, 6)}
-    else:
-        alts |= {sm.Sm90Config(256, 2, 4, 4), sm.Sm90Config(128, 2, 6, 4)}
-    return [d] + sorted(alts - {d}, key=lambda c: (c.nt, c.nwg, c.pref))
+    C = sm.Sm90Config
+    alts = {
+        8: [C(8, 2, 8, 6, 4), C(8, 2, 8, 4, 4)],
+        16: [C(16, 2, 8, 6, 4), C(16, 2, 8, 4, 4)],
+        32: [C(32, 2, 8, 4, 4)],
+        64: [C(64, 2, 8, 4, 4), C(64, 2, 8, 3, 3)],
+        128: [C(128, 2, 6, 2, 2), C(64, 2, 8, 6, 4)],
+        256: [C(128, 2, 6, 4, 3)],
+    }[d.nt]
+    return [d] + [a for a in alts if a != d]
 
 
 def make_case(k: int, n: int, g: int, dtype: torch.dtype, dev: str, gen: torch.Generator):
@@ -70,6 +70,21 @@ def check_one(x, qw, packed, g, bias=None, config=None, splits=None) -> tuple[fl
     return err, bool(torch.isfinite(out).all()), out
 
 
+def smoke(fh) -> int:
+    """A few tiny cases first, under a short timeout: a hang or a gross error stops the call early."""
+    gen = torch.Generator().manual_seed(int(time.time()))
+    fails = 0
+    for dt in (torch.float16, torch.bfloat16):
+        for m, k, n, g, splits in ((1, 256, 128, 128, None), (33, 512, 192, 64, 3), (130, 256, 256, 32, None)):
+            qw, packed = make_case(k, n, g, dt, "cuda", gen)
+            x = torch.randn(m, k, generator=gen).to(dt).to("cuda")
+            err, finite, _ = check_one(x, qw, packed, g, None, None, splits)
+            ok = finite and err < REL_BOUND[dt]
+            fails += not ok
+            log(f"{'ok  ' if ok else 'FAIL'} smoke M={m} K={k} N={n} g={g} {dt} splits={splits} rel={err:.2e}", fh)
+    return fails
+
+
 def correctness(fh, results: dict, quick: bool) -> int:
     dev = "cuda"
     gen = torch.Generator().manual_seed(int(time.time()))
@@ -79,7 +94,7 @@ def correctness(fh, results: dict, quick: bool) -> int:
         for m in M_ALL:
             cases.append((m, 4096, 4096, 128, dt, None, None))
         for k, n in ((4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824)):
-            for m in (1, 17, 128, 1000) if not quick else (1, 128):
+            for m in (1, 17, 128, 1000) if not quick else (1, 100):
                 cases.append((m, k, n, 128, dt, None, None))
         for k, n in ((192, 320), (320, 192), (64, 64), (448, 576), (576, 64)):
             for g in (32, 64):
@@ -200,7 +215,7 @@ def timing(fh, results: dict) -> list[str]:
         rows.append(
             f"{m:5d} | {roof:7.1f} | {t_cublas * 1e3:8.1f} | {default_t:8.1f} | {best[0]:8.1f} "
             f"| {t_cublas * 1e3 / best[0]:5.2f}x | {roof / best[0] * 100:5.1f}% | nt={best[1].nt} wg={best[1].nwg} "
-            f"st={best[1].stages} pf={best[1].pref} s={best[2]}"
+            f"st={best[1].stages} grp={best[1].grp} s={best[2]}"
         )
     return rows
 
@@ -208,20 +223,26 @@ def timing(fh, results: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller correctness matrix")
+    ap.add_argument("--smoke", action="store_true", help="only a few tiny cases (run first, short timeout)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT") or "sm90_out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / "sm90_check.log", "w")
+    fh = open(out_dir / ("sm90_smoke.log" if args.smoke else "sm90_check.log"), "w")
     results: dict = {"out_dir": str(out_dir), "correctness": [], "sass": [], "timing": []}
     props = torch.cuda.get_device_properties(0)
     log(f"device {props.name} torch {torch.__version__} sms {props.multi_processor_count}", fh)
+    if args.smoke:
+        fails = smoke(fh)
+        log(f"SMOKE FAILURES: {fails}", fh)
+        return 1 if fails else 0
     t0 = time.time()
     jobs = {
-        (sm.SOURCE, "sm_90a", tuple(sorted(c.defines(128, torch.float16).items())))
+        (sm.SOURCE, "sm_90a", tuple(sorted(c.defines(128, dt).items())))
         for m in TIME_M
         for c in candidates(m)
+        for dt in (torch.float16, torch.bfloat16)
     }
     jobs |= {(s, "sm_90a", tuple(sorted(d.items()))) for s, _, d in sm.VARIANTS}
     built = jit.compile_many([(s, a, dict(d)) for s, a, d in sorted(jobs)], workers=16)

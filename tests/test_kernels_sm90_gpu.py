@@ -99,7 +99,7 @@ def test_forced_split_k(splits):
 
 @pytest.mark.parametrize(
     "cfg",
-    [sm.Sm90Config(8, 1, 8, 8), sm.Sm90Config(32, 2, 8, 4), sm.Sm90Config(128, 2, 6, 2), sm.Sm90Config(256, 2, 4, 4)],
+    [sm.Sm90Config(8, 1, 8, 8, 6), sm.Sm90Config(32, 2, 8, 4, 4), sm.Sm90Config(128, 2, 6, 2, 2)],
 )
 def test_alternative_configs(cfg):
     out, ref = _run(200, 2048, 1536, 128, torch.bfloat16, config=cfg)

@@ -35,12 +35,14 @@ class Sm90Error(ValueError):
 @dataclass(frozen=True)
 class Sm90Config:
     """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
-    ``stages`` TMA stages for x, ``pref`` k64 steps of weights prefetched into registers."""
+    ``stages`` TMA stages for x, ``grp`` k64 steps per weight load group (register prefetch depth; ``grp32`` for
+    group size 32, whose two scale rows per step cost registers)."""
 
     nt: int
     nwg: int = 2
     stages: int = 6
-    pref: int = 4
+    grp: int = 4
+    grp32: int = 4
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -54,23 +56,32 @@ class Sm90Config:
             "QS_NT": self.nt,
             "QS_NWG": self.nwg,
             "QS_STAGES": self.stages,
-            "QS_PREF": self.pref,
+            "QS_PREF": self.grp32 if group_size == 32 else self.grp,
             "QS_G32": int(group_size == 32),
             "QS_BF16": int(dtype == torch.bfloat16),
         }
 
 
-def default_config(m: int) -> Sm90Config:
-    """Heuristic tile per batch size: the smallest token tile that holds M (up to 256), deep weight prefetch
-    where accumulators are few (decode is bound by the weight stream), fewer stages where x tiles are large."""
+# Per token tile: the deepest weight groups that ptxas fits in the 232 consumer registers without spills
+# (checked with -Xptxas -v; tests/test_sm90_cpu.py keeps it so), fewer x stages where x tiles are large.
+_DEFAULTS = {
+    8: Sm90Config(8, 2, 8, 8, 6),
+    16: Sm90Config(16, 2, 8, 8, 6),
+    32: Sm90Config(32, 2, 8, 6, 4),
+    64: Sm90Config(64, 2, 8, 6, 4),
+    128: Sm90Config(128, 2, 6, 4, 3),
+    256: Sm90Config(256, 2, 4, 1, 1),
+}
+
+
+def default_config(m: int, group_size: int = 128) -> Sm90Config:
+    """Heuristic tile per batch size: the smallest token tile that holds M (up to 256). Group size 32 stops at
+    128 tokens: at 256, its two scale rows per step push the 128 accumulators past what ptxas can keep without
+    serializing the wgmma pipeline (C7515)."""
     nt = next((t for t in TOKEN_TILES if t >= m), TOKEN_TILES[-1])
-    if nt <= 32:
-        return Sm90Config(nt, 2, 8, 8)
-    if nt == 64:
-        return Sm90Config(nt, 2, 8, 6)
-    if nt == 128:
-        return Sm90Config(nt, 2, 6, 4)
-    return Sm90Config(nt, 2, 4, 2)
+    if group_size == 32:
+        nt = min(nt, 128)
+    return _DEFAULTS[nt]
 
 
 # Measured overrides, filled from scripts/sm90_check.py runs: (max M of the bucket) -> config. Empty entries fall
@@ -79,11 +90,25 @@ TUNED: dict[str, dict[int, Sm90Config]] = {}
 
 # Every variant default_config can return, for both dtypes and both scale-group code paths (compile check).
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
-    (SOURCE, KERNEL, default_config(t).defines(g, dt))
+    (SOURCE, KERNEL, default_config(t, g).defines(g, dt))
     for t in TOKEN_TILES
     for g in (128, 32)
     for dt in (torch.float16, torch.bfloat16)
+    if not (g == 32 and t == 256)  # same variant as t = 128
 ]
+
+
+def group_shift(g: int, k: int) -> int:
+    """Kernel argument for the scale row of a k64 step: ``step >> gshift``. G = 64 * 2^s gives s; one group over
+    all of K (per-channel) gives 31 (row 0 for every step); G = 32 has its own code path (argument unused)."""
+    if g == 32:
+        return 0
+    if g == k:
+        return 31
+    s = (g // 64).bit_length() - 1
+    if 64 << s != g:
+        raise Sm90Error(f"group size {g} must be 32, 64 * 2^s, or K")
+    return s
 
 
 def choose_splits(tiles: int, nk64: int, num_sms: int, unit_overhead: float = 4.0, max_splits: int = 32) -> int:
@@ -127,10 +152,16 @@ class LaunchPlan:
 
 
 def plan(
-    m: int, n: int, k: int, num_sms: int, config: Sm90Config | None = None, splits: int | None = None
+    m: int,
+    n: int,
+    k: int,
+    num_sms: int,
+    config: Sm90Config | None = None,
+    splits: int | None = None,
+    group_size: int = 128,
 ) -> LaunchPlan:
     """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
-    cfg = config or default_config(m)
+    cfg = config or default_config(m, group_size)
     n_tiles = -(-(n // 64) // cfg.nwg)
     m_tiles = -(-m // cfg.nt)
     nk64 = k // 64
@@ -173,6 +204,7 @@ def validate(
         raise Sm90Error(f"group size must be a multiple of 32, got {g}")
     if g != 32 and g % 64:
         raise Sm90Error(f"group size must be 32 or a multiple of 64, got {g}")
+    group_shift(g, k)
     if tuple(qweight.shape) != (k // 64, 8 * n):
         raise Sm90Error(f"qweight has shape {tuple(qweight.shape)}, expected {(k // 64, 8 * n)} for K={k}, N={n}")
     for name, t in (("scales", scales), ("zeros", zeros)):
@@ -282,12 +314,13 @@ def is_available(device: torch.device | int | None = None) -> bool:
     return True
 
 
-def tuned_config(m: int, dtype: torch.dtype) -> Sm90Config:
-    table = TUNED.get("fp16" if dtype == torch.float16 else "bf16", {})
-    for bound in sorted(table):
-        if m <= bound:
-            return table[bound]
-    return default_config(m)
+def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> Sm90Config:
+    if group_size != 32:
+        table = TUNED.get("fp16" if dtype == torch.float16 else "bf16", {})
+        for bound in sorted(table):
+            if m <= bound:
+                return table[bound]
+    return default_config(m, group_size)
 
 
 def gemm_w4a16_sm90(
@@ -316,10 +349,10 @@ def gemm_w4a16_sm90(
         x = x.clone()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     dev = x.device
-    cfg = config or tuned_config(m, x.dtype)
+    cfg = config or tuned_config(m, x.dtype, g)
     if cfg.smem_bytes() > SMEM_LIMIT:
         raise Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
-    p = plan(m, n, k, num_sms(dev), cfg, splits)
+    p = plan(m, n, k, num_sms(dev), cfg, splits, g)
     with torch.cuda.device(dev):
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(g, x.dtype), dev.index, "sm_90a")
         if out is None:
@@ -329,7 +362,7 @@ def gemm_w4a16_sm90(
         ws = torch.empty(max(p.workspace_floats(), 1), dtype=torch.float32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_x_map(x, cfg.nt)
-        gs64 = 0 if g == 32 else g // 64
+        gshift = group_shift(g, k)
         b = bias.contiguous() if bias is not None else ctypes.c_void_p(0)
         kern(
             (p.grid,),
@@ -346,7 +379,7 @@ def gemm_w4a16_sm90(
                 m,
                 n,
                 k,
-                gs64,
+                gshift,
                 p.splits,
                 p.steps_per_split,
                 p.n_tiles,

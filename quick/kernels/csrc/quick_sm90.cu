@@ -7,7 +7,9 @@
 //    lanes of one warp read 16 contiguous bytes each (LDG.128, 512 B per warp, 2 KB per warpgroup); word w of
 //    a lane is the wgmma A fragment of k16 step w. They go global -> registers, are dequantized in registers
 //    ((q + magic) - (magic + zero)) * scale, and feed wgmma directly: no shared-memory round trip. Raw words
-//    are prefetched QS_PREF k64 steps ahead in a register ring; dequantized fragments are double-buffered
+//    are loaded in groups of QS_PREF k64 steps: while one group is consumed the next is in flight, and the
+//    wait for it happens once per group at the boundary (ptxas tracks loads with only six scoreboards; a
+//    per-step ring made every step wait for all loads in flight). Dequantized fragments are double-buffered
 //    (a wgmma reads its A registers asynchronously, so they stay untouched until wait_group says it is done).
 //  * Activations X[M, K] (row-major, = wgmma B in K-major) arrive by TMA (cp.async.bulk.tensor, 128-byte
 //    swizzle, out-of-bounds token rows zero-filled) into QS_STAGES shared-memory stages, one producer thread
@@ -62,7 +64,7 @@ constexpr int PREF = QS_PREF;
 constexpr bool G32 = QS_G32 != 0;
 constexpr bool BF16 = QS_BF16 != 0;
 constexpr int THREADS = 128 * (NWG + 1);
-constexpr int UNR = (PREF % 2 == 0) ? PREF : 2 * PREF;  // unroll so ring slot and A buffer are constants
+constexpr int GRP = PREF;  // k64 steps per weight load group (one scoreboard wait per group)
 constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 64 k x 2 bytes
 constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
@@ -141,11 +143,13 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
   return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// 16-byte weight load (streamed once: do not allocate in L1), predicated off past the end of the k range.
+// 16-byte weight load, predicated off past the end of the k range. Volatile: ptxas keeps volatile loads in
+// program order with the other volatile operations (mbarrier waits), so a group's loads are issued at its
+// boundary instead of being sunk next to their first use (ptxas' latency model assumes a cache hit).
 __device__ __forceinline__ void ldg_w(uint32_t (&r)[4], const void* p, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
-      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      "@p ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
       : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
       : "l"(p), "r"(static_cast<int>(pred)));
 }
@@ -154,10 +158,16 @@ __device__ __forceinline__ uint32_t ldg_u32(const void* p, bool pred) {
   uint32_t r;
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
-      "@p ld.global.nc.u32 %0, [%1];\n}\n"
+      "@p ld.relaxed.gpu.global.u32 %0, [%1];\n}\n"
       : "=r"(r)
       : "l"(p), "r"(static_cast<int>(pred)));
   return r;
+}
+
+// t ^= v as a volatile asm: stays where it is written (the compiler would otherwise reassociate the fold and
+// spread it over earlier steps, where a read of a loaded register costs a wait for every load in flight).
+__device__ __forceinline__ void xor_acc(uint32_t& t, uint32_t v) {
+  asm volatile("xor.b32 %0, %0, %1;\n" : "+r"(t) : "r"(v));
 }
 
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {  // (a & b) | c
@@ -343,13 +353,13 @@ template <> __device__ __forceinline__ void wgmma_rs<256>(float* d, const uint32
 
 // qweight: int32 [K/64, 8N] (layout quick_sm90); scales, zeros: 16-bit [K/G, N], columns permuted in blocks
 // of 16; bias: [N] or null; out: [M, N]; ws: fp32 split-k workspace; counters: int32, zero between launches.
-// gs64 = G / 64 (unused when QS_G32). Work units = n_tiles * m_tiles * splits; a split covers
+// gshift = log2(G / 64), 31 for per-channel (unused when QS_G32). Work units = n_tiles * m_tiles * splits; a split covers
 // steps_per_split k64 steps (the host makes every split non-empty).
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     quick_sm90_gemm(const __grid_constant__ TmaDesc tmap_x, const uint4* __restrict__ qweight,
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const uint16_t* __restrict__ bias, uint16_t* __restrict__ out, float* __restrict__ ws,
-                    int* __restrict__ counters, int M, int N, int K, int gs64, int splits, int steps_per_split,
+                    int* __restrict__ counters, int M, int N, int K, int gshift, int splits, int steps_per_split,
                     int n_tiles, int m_tiles) {
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_base = smem_u32(smem_raw);
@@ -414,8 +424,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
   float acc[ACC];
   uint32_t a_frag[2][4][4];
-  uint32_t ring[PREF][4];
-  uint32_t ring_s[PREF][SW], ring_z[PREF][SW];
+  // Raw weights (and scale/zero words) of two groups of GRP k64 steps, used in turn: one is consumed while the
+  // other is in flight. Ping-pong (not copy): a copy of freshly loaded registers would wait for the load.
+  uint32_t grp[2][GRP][4], grp_s[2][GRP][SW], grp_z[2][GRP][SW];
 
   int stage = 0;
   uint32_t phase = 0;
@@ -443,39 +454,54 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int nb = blk * 64;
 
     // Weight stream of this warp: n16 block (nb/16 + warp), lane's 16 bytes; one k64 row = 2N uint4.
-    const uint4* qp = qweight + static_cast<size_t>(s0) * (2 * N) + (nb / 16 + warp) * 32 + lane;
+    const uint4* qbase = qweight + static_cast<size_t>(s0) * (2 * N) + (nb / 16 + warp) * 32 + lane;
     const size_t col = static_cast<size_t>(nb + 16 * warp + 2 * (lane / 4));
-    const uint16_t* sp;
-    const uint16_t* zp;
-    int gcount = 0;
-    if constexpr (G32) {
-      sp = scales + static_cast<size_t>(2 * s0) * N + col;
-      zp = zeros + static_cast<size_t>(2 * s0) * N + col;
-    } else {
-      sp = scales + static_cast<size_t>(s0 / gs64) * N + col;
-      zp = zeros + static_cast<size_t>(s0 / gs64) * N + col;
-      gcount = s0 % gs64;
-    }
-    int ld_step = 0;  // next k64 step (within the unit) to load
-    auto load_step = [&](uint32_t(&r)[4], uint32_t(&rs)[SW], uint32_t(&rz)[SW]) {
-      const bool p = ld_step < nsteps;
-      ldg_w(r, qp, p);
-      rs[0] = ldg_u32(sp, p);
-      rz[0] = ldg_u32(zp, p);
-      if constexpr (G32) {
-        rs[1] = ldg_u32(sp + N, p);
-        rz[1] = ldg_u32(zp + N, p);
-        sp += 2 * N;
-        zp += 2 * N;
-      } else {
-        if (++gcount == gs64) {
-          gcount = 0;
-          sp += N;
-          zp += N;
+    // Scale/zero row of k64 step k: 2k and 2k+1 for G = 32, k >> gshift otherwise (gshift = log2(G/64), or 31
+    // for one group over all of K). Computed from the step, so the load path has no branches.
+    const uint16_t* sbase = scales + col;
+    const uint16_t* zbase = zeros + col;
+    const uint32_t rt_zero = static_cast<uint32_t>(M) >> 31;  // 0 for any valid M, unknown to the compilers
+    uint32_t dep = 0;
+
+    // Load group g (k64 steps g*GRP ..) into register set `set`; steps past the unit are predicated off, and so
+    // is the whole group when `enable` is false (keeps the instruction stream, and ptxas' view, uniform).
+    auto load_group = [&](const int set, const int g, const bool enable) {
+#pragma unroll
+      for (int j = 0; j < GRP; ++j) {
+        const int step = g * GRP + j;
+        const bool p = enable && step < nsteps;
+        const int kstep = s0 + step;
+        ldg_w(grp[set][j], qbase + static_cast<size_t>(step) * (2 * N) + dep, p);
+        if constexpr (G32) {
+          const size_t row = static_cast<size_t>(2 * kstep) * N + dep;
+          grp_s[set][j][0] = ldg_u32(sbase + row, p);
+          grp_z[set][j][0] = ldg_u32(zbase + row, p);
+          grp_s[set][j][1] = ldg_u32(sbase + row + N, p);
+          grp_z[set][j][1] = ldg_u32(zbase + row + N, p);
+        } else {
+          const size_t row = static_cast<size_t>(kstep >> gshift) * N + dep;
+          grp_s[set][j][0] = ldg_u32(sbase + row, p);
+          grp_z[set][j][0] = ldg_u32(zbase + row, p);
         }
       }
-      qp += 2 * N;
-      ++ld_step;
+    };
+    // Wait for a group: every register it loaded is folded into one word (volatile asm, so it stays at the group
+    // boundary), and later loads take their addresses from it (times a run-time zero), so they cannot be issued
+    // before it. ptxas tracks all these loads on one scoreboard: waiting here, for loads issued GRP steps
+    // earlier, keeps waits off the per-step path and never drains a group that was just issued.
+    auto wait_group = [&](const int set) {
+      uint32_t t = 0;
+#pragma unroll
+      for (int j = 0; j < GRP; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xor_acc(t, grp[set][j][i]);
+#pragma unroll
+        for (int i = 0; i < SW; ++i) {
+          xor_acc(t, grp_s[set][j][i]);
+          xor_acc(t, grp_z[set][j][i]);
+        }
+      }
+      dep = t & rt_zero;
     };
     auto dequant_step = [&](const uint32_t(&r)[4], const uint32_t(&rs)[SW], const uint32_t(&rz)[SW],
                             uint32_t(&a)[4][4]) {
@@ -492,42 +518,64 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       }
     };
 
-#pragma unroll
-    for (int p = 0; p < PREF; ++p) load_step(ring[p], ring_s[p], ring_z[p]);
+    // Prologue: groups 0 and 1 in flight together, one wait (drains both), first fragments.
+    load_group(0, 0, true);
+    load_group(1, 1, true);
+    wait_group(0);
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
-    dequant_step(ring[0], ring_s[0], ring_z[0], a_frag[0]);
-    load_step(ring[0], ring_s[0], ring_z[0]);
+    dequant_step(grp[0][0], grp_s[0][0], grp_z[0][0], a_frag[0]);
 
     int prev_stage = 0;
-    for (int sb = 0; sb < nsteps; sb += UNR) {
+    int it = 0;  // 2*GRP-step iteration: set 0 holds group 2*it, set 1 group 2*it + 1
+    // One k64 step: wgmma on the stage's x tile with A fragments already in registers; then, while the tensor
+    // cores run, dequantize the next step. At the middle of an iteration: wait for set 1, refill set 0 with the
+    // group after; at its end: wait for set 0 (set 1 is refilled at the top of the next iteration, so no load
+    // is in flight across the loop's back edge, where ptxas would otherwise wait for everything).
+    auto step = [&](const int uu, const int s, const bool has_next) {
+      mbar_wait(s_full + 8 * stage, phase);
+      const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
+      wgmma_fence();
 #pragma unroll
-      for (int uu = 0; uu < UNR; ++uu) {
-        const int s = sb + uu;
-        if (s < nsteps) {
-          mbar_wait(s_full + 8 * stage, phase);
-          const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
-          wgmma_fence();
+      for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
-          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
-          wgmma_commit();
-          wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+      for (int w = 0; w < 4; ++w)
 #pragma unroll
-          for (int w = 0; w < 4; ++w)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
-          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
-          if (s + 1 < nsteps) {
-            const int slot = (uu + 1) % PREF;
-            dequant_step(ring[slot], ring_s[slot], ring_z[slot], a_frag[(uu + 1) & 1]);
-            load_step(ring[slot], ring_s[slot], ring_z[slot]);
-          }
-          prev_stage = stage;
-          if (++stage == STAGES) {
-            stage = 0;
-            phase ^= 1;
-          }
+        for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
+      if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+      if (has_next) {
+        const int nx = uu + 1;
+        const int set = (nx / GRP) % 2;
+        const int j = nx % GRP;
+        if (nx == GRP) {
+          wait_group(1);
+          load_group(0, 2 * it + 2, true);
+        } else if (nx == 2 * GRP) {
+          wait_group(0);
         }
+        dequant_step(grp[set][j], grp_s[set][j], grp_z[set][j], a_frag[nx & 1]);
+      }
+      prev_stage = stage;
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+      phase ^= stage == 0 ? 1u : 0u;
+    };
+    // Steady state: whole iterations whose every step has a successor; no data-dependent branches inside.
+    const int n_main = nsteps - 1;
+    int sb = 0;
+    for (; sb + 2 * GRP <= n_main; sb += 2 * GRP, ++it) {
+      load_group(1, 2 * it + 1, it > 0);  // iteration 0: loaded by the prologue
+#pragma unroll
+      for (int uu = 0; uu < 2 * GRP; ++uu) step(uu, sb + uu, true);
+    }
+    load_group(1, 2 * it + 1, it > 0);
+#pragma unroll
+    for (int uu = 0; uu < 2 * GRP; ++uu) {  // tail (< 2*GRP steps with a successor, then the last step)
+      if (sb + uu < n_main) {
+        step(uu, sb + uu, true);
+      } else if (sb + uu == n_main) {
+        step(uu, sb + uu, false);
       }
     }
     wgmma_wait<0>();
