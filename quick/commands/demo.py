@@ -1,0 +1,303 @@
+"""`quick demo`: the main job. Quantize a real model to 4 bits and show what it costs and saves.
+
+On a fresh machine, with no arguments: install the offline model/corpus packages, convert SmolLM2-135M
+once to a cached checkpoint, measure held-out perplexity and a greedy completion, quantize every decoder
+linear (round-to-nearest, 4 bits, zero points) into the QUICK layout, measure again, and print a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "demo"
+HELP = "quantize the embedded SmolLM2-135M (or --model) to 4 bits; compare perplexity, size and generations"
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+class DemoError(ValueError):
+    """An option combination the demo cannot run (e.g. the kernel backend without a GPU)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH", help="Hugging Face causal-LM directory (default: SmolLM2-135M)")
+    parser.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, -1), help="default: 128")
+    parser.add_argument("--seqlen", type=int, default=512, help="perplexity window length (default: 512)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=10_000, help="evaluation tokens, 0 = the whole text (default: 10000)"
+    )
+    parser.add_argument(
+        "--eval",
+        default="wiki",
+        metavar="TEXT",
+        help="'wiki' (held-out split, default), a .txt file, or wikitext2/c4/ptb",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "kernel"), help="QuickLinear path")
+    parser.add_argument("--layout", default="quick", help="packed layout: quick (default), quick_sm90, awq_gemm")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float16", "bfloat16"),
+        help="scale/activation dtype of the 4-bit layers; auto: bfloat16 for Gemma, float16 otherwise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bos", default="auto", choices=("auto", "yes", "no"),
+        help="prepend BOS to every window; auto: when the tokenizer adds BOS itself (Gemma yes, SmolLM2 no)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"greedy completion prompt (default: {DEFAULT_PROMPT!r})"
+    )
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate (default: 24)")
+    parser.add_argument(
+        "--no-weight-cache",
+        action="store_true",
+        help="CPU: dequantize in every forward (QuickLinear's plain reference path; much slower)",
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="fail instead of pip-installing missing data packages"
+    )
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return dev
+
+
+def cast_io_to_quick_linears(model) -> list:
+    """On CPU: let an fp32 model call fp16/bf16 ``QuickLinear`` layers, casting at each layer's boundary.
+
+    ``QuickLinear`` only accepts inputs of its own dtype (fp16/bf16, the dtypes its GPU kernels take). The
+    alternatives on CPU are worse: running the whole model in bf16 rounds every activation, norm and residual
+    to 8 mantissa bits and moves the perplexity by itself, and CPU fp16 matmuls are slow. With these hooks the
+    rest of the model stays fp32 and each 4-bit layer sees exactly what it sees in fp16 GPU inference: its
+    input rounded to the layer dtype, the product (fp32 on the reference path) rounded to it on the way out.
+    The difference from the original model is then the quantization. Returns the hook handles.
+    """
+    from quick.nn.linear import QuickLinear
+
+    def pre(mod, args):
+        x = args[0]
+        return (x.to(mod.dtype), *args[1:]) if x.dtype != mod.dtype else None
+
+    def post(mod, args, out):
+        return out.to(args[0].dtype) if out.dtype != args[0].dtype else None
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, QuickLinear):
+            # the forward hook sees the original args (pre-hook results are not passed on), hence the fp32 dtype
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
+
+
+def cache_dequantized_weights(model) -> int:
+    """On CPU: dequantize every ``QuickLinear`` once (from its packed buffers) instead of on every call.
+
+    ``QuickLinear``'s reference path unpacks and dequantizes the whole weight in each forward, which on a
+    CPU costs far more than the matmul (a 210-layer model pays it per generated token). The replacement
+    forward does the same arithmetic as :func:`quick.nn.linear.reference_forward` (fp32 weight and math,
+    output in the input dtype), so results are bit-identical; only the dequantization is hoisted. The
+    weights still come from the packed QUICK buffers, so the packing round trip is what gets measured.
+    Returns the number of layers switched.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from quick.nn.linear import QuickLinear
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuickLinear) and m.qweight.device.type == "cpu":
+            w = m.dequantized_weight(torch.float32)  # same [K, N]^T view as the reference path: same GEMM
+            b = None if m.bias is None else m.bias.float()
+
+            def forward(x, _m=m, _w=w, _b=b):
+                _m._check_input(x)
+                return F.linear(x.float(), _w, _b).to(x.dtype)
+
+            m.forward = forward
+            count += 1
+    return count
+
+
+def quantize_with_fallback(model, group_size: int, layout: str, dtype, progress: bool = True) -> dict[int, int]:
+    """RTN-quantize every decoder linear; layers whose K is not a multiple of ``group_size`` use the largest
+    supported group size that divides K (SmolLM2: K=576 is 4.5 x 128, so its q/k/v/o/gate/up get g64).
+
+    The primitives only handle whole groups; once they accept a partial last group the first pass takes
+    every layer and nothing falls back. Returns ``{group_size: number of layers}``.
+    """
+    from quick.quant.apply import DEFAULT_SKIP, quantizable_linears, quantize_model_rtn
+    from quick.quant.primitives import QuantizationError, resolve_group_size
+
+    def fits(lin, g: int) -> bool:
+        try:
+            resolve_group_size(g, lin.in_features)
+            return True
+        except QuantizationError:
+            return False
+
+    linears = quantizable_linears(model)
+    ragged = [name for name, lin in linears if not fits(lin, group_size)]
+    counts = {group_size: len(linears) - len(ragged)}
+    # pass 1: the requested group size; the ragged layers are skipped by their full names
+    quantize_model_rtn(model, group_size, layout, dtype=dtype, skip=(*DEFAULT_SKIP, *ragged), progress=progress)
+    for g in (64, 32):  # pass 2+: what is still nn.Linear, at the largest group size that divides K
+        if g >= group_size and group_size != -1:
+            continue
+        left = [(n, lin) for n, lin in quantizable_linears(model) if n in ragged]
+        todo = [n for n, lin in left if fits(lin, g)]
+        if not todo:
+            continue
+        others = [n for n, _ in left if n not in todo]
+        quantize_model_rtn(model, g, layout, dtype=dtype, skip=(*DEFAULT_SKIP, *others), progress=progress)
+        counts[g] = len(todo)
+    left = [n for n, _ in quantizable_linears(model) if n in ragged]
+    if left:
+        raise DemoError(f"{len(left)} linears (e.g. {left[0]}) have no supported group size dividing K")
+    return {g: c for g, c in counts.items() if c}
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from quick.data.corpus import MODEL_MODULE, WIKI_MODULE, ensure_data_packages, load_eval_text
+    from quick.eval.perplexity import eval_windows, perplexity, tokenize_eval_text
+    from quick.generation import generate_text
+    from quick.kernels import dispatch
+    from quick.models.loading import default_model_dir, load_model
+    from quick.nn.linear import QuickLinear
+    from quick.packing.layouts import get_layout
+    from quick.quant.apply import quantizable_linears
+
+    wall0 = time.perf_counter()
+    console = Console()
+    get_layout(args.layout)  # LayoutError (a ValueError) for unknown names, before any heavy work
+    if args.seqlen < 2 or args.new_tokens < 0:
+        raise DemoError("--seqlen must be >= 2 and --new-tokens >= 0")
+    device = _resolve_device(args.device)
+    if args.backend == "kernel" and device.type != "cuda":
+        raise DemoError("--backend kernel needs a CUDA device; on CPU use --backend auto or reference")
+
+    needed = ([] if args.model else [MODEL_MODULE]) + ([WIKI_MODULE] if args.eval.lower() == "wiki" else [])
+    ensure_data_packages(auto_install=not args.no_install, modules=needed)
+    model_dir = args.model or default_model_dir()
+
+    with console.status(f"loading {model_dir}"):
+        load_dtype = torch.float32 if device.type == "cpu" else torch.float16
+        model, tok = load_model(model_dir, load_dtype, device)
+    model_type = getattr(model.config, "model_type", "")
+    qdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if model_type.startswith("gemma") else torch.float16
+    )
+    if device.type == "cuda" and model.dtype != qdtype:
+        model = model.to(qdtype)  # on GPU the whole model runs in the kernels' dtype (Gemma overflows fp16)
+    ids_probe = tok("a", add_special_tokens=True)["input_ids"]
+    adds_bos = tok.bos_token_id is not None and len(ids_probe) > 0 and ids_probe[0] == tok.bos_token_id
+    use_bos = {"yes": True, "no": False}.get(args.bos, adds_bos)
+    if use_bos and tok.bos_token_id is None:
+        raise DemoError("--bos yes: the tokenizer has no BOS token")
+    bos_id = tok.bos_token_id if use_bos else None
+
+    with console.status(f"tokenizing evaluation text {args.eval!r}"):
+        ids = tokenize_eval_text(tok, load_eval_text(args.eval))
+    max_tokens = args.max_tokens if args.max_tokens > 0 else None
+    n_eval = min(ids.shape[1], max_tokens or ids.shape[1])
+    n_windows = len(eval_windows(n_eval, args.seqlen, bos_id is not None))
+    name = getattr(model.config, "_name_or_path", "") or str(model_dir)
+    qname = str(qdtype).removeprefix("torch.")
+    compute = f"float32, 4-bit layers {qname}" if device.type == "cpu" else str(model.dtype).removeprefix("torch.")
+    console.print(
+        f"[bold]{type(model).__name__}[/] from {model_dir}  |  device {device} ({compute})  |  eval {args.eval!r}: "
+        f"{n_eval:,} tokens, {n_windows} windows of {args.seqlen}, BOS {'yes' if bos_id is not None else 'no'}"
+    )
+
+    linears = quantizable_linears(model)
+    elem = torch.finfo(qdtype).bits // 8
+    dense_bytes = sum(
+        lin.weight.numel() * elem + (lin.bias.numel() * elem if lin.bias is not None else 0) for _, lin in linears
+    )
+
+    def measure(label: str) -> tuple[float, float, str, float]:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, ids, args.seqlen, max_tokens, bos_id, progress=True, desc=f"perplexity ({label})")
+        t_ppl = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with console.status(f"generating {args.new_tokens} tokens ({label})"):
+            text = generate_text(model, tok, args.prompt, args.new_tokens) if args.new_tokens else ""
+        return ppl, t_ppl, text, time.perf_counter() - t0
+
+    ppl0, t_ppl0, text0, t_gen0 = measure("original")
+
+    t0 = time.perf_counter()
+    # scales rounded to qdtype before the codes are chosen, exactly as stored for the GPU kernels
+    groups = quantize_with_fallback(model, args.group_size, args.layout, qdtype, progress=True)
+    t_quant = time.perf_counter() - t0
+    qmods = [m for m in model.modules() if isinstance(m, QuickLinear)]
+    for m in qmods:
+        m.backend = args.backend
+    if args.backend == "kernel":
+        probe = torch.zeros(1, qmods[0].in_features, dtype=qdtype, device=device)
+        if dispatch.kernel_for(args.layout, probe) is None:
+            raise DemoError(f"--backend kernel: no GPU kernel for layout {args.layout!r} on {device}")
+    cached = 0
+    if device.type == "cpu":
+        cast_io_to_quick_linears(model)
+        if not args.no_weight_cache:
+            cached = cache_dequantized_weights(model)
+    packed_bytes = sum(b.numel() * b.element_size() for m in qmods for b in m.buffers())
+    ppl1, t_ppl1, text1, t_gen1 = measure("4-bit")
+
+    gdesc = ", ".join(f"g{g if g != -1 else 'K'} x{c}" for g, c in groups.items())
+    table = Table(title=f"quick demo: {name}, RTN w4 asym, layout {args.layout}", title_justify="left")
+    for col, just in [("model", "left"), ("linears", "right"), ("linear weights", "right"), ("perplexity", "right"),
+                      ("delta", "right"), ("ppl time", "right"), ("generate", "right")]:  # fmt: skip
+        table.add_column(col, justify=just)
+    table.add_row(
+        "original", f"{len(linears)} dense", f"{_fmt_bytes(dense_bytes)} ({qname})", f"{ppl0:.3f}", "",
+        _fmt_time(t_ppl0), f"{args.new_tokens} tok, {_fmt_time(t_gen0)}",
+    )  # fmt: skip
+    table.add_row(
+        f"w4 g{args.group_size if args.group_size != -1 else 'K'}", f"{len(qmods)} packed ({gdesc})",
+        f"{_fmt_bytes(packed_bytes)} ({dense_bytes / packed_bytes:.2f}x smaller)", f"{ppl1:.3f}",
+        f"{ppl1 - ppl0:+.3f} ({(ppl1 / ppl0 - 1) * 100:+.1f}%)", _fmt_time(t_ppl1),
+        f"{args.new_tokens} tok, {_fmt_time(t_gen1)}",
+    )  # fmt: skip
+    console.print(table)
+    if len(groups) > 1 or args.group_size not in groups:
+        console.print(
+            f"[yellow]note[/]: {sum(c for g, c in groups.items() if g != args.group_size)} linears have an input size "
+            f"that is not a multiple of {args.group_size}; they use the largest group size dividing it ({gdesc})."
+        )
+    if args.new_tokens:
+        gen = Table(title=f"greedy completions of {args.prompt!r}", title_justify="left", show_lines=True)
+        gen.add_column("model")
+        gen.add_column("completion")
+        gen.add_row("original", text0.strip() or "(empty)")
+        gen.add_row("w4", text1.strip() or "(empty)")
+        console.print(gen)
+    backend_used = args.backend
+    if device.type == "cpu":
+        backend_used = "reference, dequantized once" if cached else "reference, dequantized per call"
+    console.print(
+        f"quantization {_fmt_time(t_quant)}  |  4-bit backend: {backend_used}  |  "
+        f"total wall time {_fmt_time(time.perf_counter() - wall0)}"
+    )
+    return 0
