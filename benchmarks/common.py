@@ -67,6 +67,29 @@ def bench_us(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40
     return times[len(times) // 2]
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured into a CUDA graph (after a warm-up that compiles and allocates); returns the replay.
+    Timing replays measures the GPU work of ``fn`` without the Python launch cost, for every implementation
+    alike (cuBLAS through F.linear pays a few microseconds of eager overhead too)."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+
+    def replay() -> None:  # the closure keeps the graph (and its memory pool) alive
+        g.replay()
+
+    return replay
+
+
 def measure_ceilings() -> dict[str, float]:
     """Device-to-device copy bandwidth (bytes read + written) and an fp16 8192^3 GEMM rate, measured here."""
     n = 1 << 30  # 1 GiB each way

@@ -48,5 +48,8 @@ def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
 
 
 def linear_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
-    """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``."""
+    """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``.
+    Callers hand in views (``x[:, :1].reshape(...)``); the kernels need dense rows, so copy those."""
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
     return torch.ops.quick.gemm_w4a16(x2d, packed["qweight"], packed["scales"], packed["zeros"], group_size)

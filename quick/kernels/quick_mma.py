@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -150,11 +151,9 @@ GEMV_CONFIGS: dict[str, GemvConfig] = {c.name: c for c in (GemvConfig("v16", 16,
 # Tuned choice per M bucket (largest M of the bucket -> GEMM config name), from the H100 sweep of
 # benchmarks/kernel.py --sweep (docs/kernel_notes.md). Split-k is chosen by choose_splits below.
 TUNED_GEMM: list[tuple[int, str]] = [
-    (16, "m16k8"),
-    (32, "m32k8"),
-    (64, "m64k4"),
-    (128, "m128n2k2"),
-    (1 << 62, "m128n4"),
+    (32, "m16k8"),
+    (128, "m64k4"),
+    (1 << 62, "m64n4"),
 ]
 # Fallback when K is not a multiple of the preferred config's stage (bks): every one of these has bks = 64.
 FALLBACK_GEMM: list[tuple[int, str]] = [(16, "m16k4"), (64, "m64n4"), (1 << 62, "m128n4")]
@@ -290,14 +289,41 @@ class GemvPlan:
     grid: tuple[int, int]
 
 
-def choose_splits(ctas: int, tiles: int, num_sms: int, m: int, k: int, max_splits: int = 16) -> int:
-    """Smallest split-k that fills the SMs about once, while the fp32 partials (written and read back) stay
-    under a quarter of the weight bytes: 8 M N splits <= K N / 8."""
-    if ctas >= num_sms:
+# Rough H100 rates for the split-k cost model (only ratios matter): DRAM bytes/s and mma.sync FLOP/s that
+# the GEMM reaches at large M (measured: ~290 TFLOP/s), plus the fixed cost of the extra reduce launch.
+_BW, _MMA_RATE, _REDUCE_US = 3.0e12, 2.9e14, 3.0
+
+
+def ctas_per_sm(cfg: GemmConfig) -> int:
+    """Resident CTAs per SM: registers (255 per thread unless __launch_bounds__ asks for minb CTAs) and
+    shared memory (227 KB)."""
+    regs = 256 if cfg.minb <= 1 else 65536 // (cfg.threads * cfg.minb)  # allocated in units of 8
+    return max(1, min(65536 // (cfg.threads * regs), (227 * 1024) // max(cfg.smem_bytes, 1)))
+
+
+def choose_splits(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int, max_splits: int = 16) -> int:
+    """Split-k minimising a two-term model: the main kernel's floor (weight bytes or MMA time) divided by the
+    fraction of CTA slots its grid fills (waves rounded up), plus writing and reading the fp32 partials and
+    the reduce launch. Split-k only pays when the (n, m) tiles leave SMs idle."""
+    ctas = math.ceil(n / cfg.bn) * math.ceil(m / cfg.bm)
+    slots = num_sms * ctas_per_sm(cfg)
+    if ctas >= slots:
         return 1
-    cap = max(1, min(max_splits, tiles, k // (64 * max(m, 1))))
-    want = math.ceil(num_sms / ctas)
-    return max(1, min(cap, want))
+    tiles = k // cfg.bks
+    mem_us = 1e6 * k * n / 2 / _BW
+    mma_us = 1e6 * 2.0 * m * n * k / _MMA_RATE
+    best, best_t = 1, math.inf
+    for s in range(1, min(max_splits, tiles) + 1):
+        total = ctas * s
+        waves = math.ceil(total / slots)
+        busy_sms = min(1.0, total / (waves * num_sms))  # streaming weights needs SMs, not full SMs
+        busy_slots = total / (waves * slots)  # MMA throughput needs resident warps
+        t = max(mem_us / busy_sms, mma_us / busy_slots)
+        if s > 1:
+            t += 1e6 * 8.0 * m * n * s / _BW + _REDUCE_US
+        if t < best_t * 0.97:  # prefer fewer splits unless clearly better
+            best, best_t = s, t
+    return best
 
 
 def plan_gemm(
@@ -314,8 +340,7 @@ def plan_gemm(
     if k % config.bks:
         raise ValueError(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
     tiles = k // config.bks
-    ctas = math.ceil(n / config.bn) * math.ceil(m / config.bm)
-    s = choose_splits(ctas, tiles, num_sms, m, k) if splits is None else splits
+    s = choose_splits(config, m, n, k, num_sms) if splits is None else splits
     s = max(1, min(s, tiles))
     per = math.ceil(tiles / s)
     s = math.ceil(tiles / per)  # every split non-empty
@@ -344,35 +369,159 @@ def plan_gemv(
 
 
 # ------------------------------------------------------------------------------------------------ launch
+#
+# Eager launch cost matters at decode sizes (a 4096 x 4096 GEMV moves 8 MB: ~3 us of DRAM time). So
+# everything that depends only on shapes is computed once and cached: shape validation, the plan, the loaded
+# kernels and a prebuilt ctypes parameter block; a call then checks devices, contiguity and alignment,
+# allocates the output (and the split-k workspace) and calls cuLaunchKernel directly.
 
 _SMS: dict[int, int] = {}
+_CAP: dict[int, tuple[int, int]] = {}
+_NVCC: list[bool] = []
+_CACHE_MAX = 4096
+
+
+def _dev_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def num_sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = _dev_index(device)
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SMS[idx]
 
 
-def _ptr(t: torch.Tensor | None) -> object:
-    return t if t is not None else ctypes.c_void_p(0)
+def capability(device: torch.device) -> tuple[int, int]:
+    idx = _dev_index(device)
+    if idx not in _CAP:
+        _CAP[idx] = torch.cuda.get_device_capability(idx)
+    return _CAP[idx]
 
 
-def _reduce(
-    ws: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    source: str,
-    defines: dict,
-    m: int,
-    n: int,
-    splits: int,
-) -> None:
-    kern = jit.load_kernel(source, "quick_splitk_reduce", defines, out.device.index)
-    total4 = m * n // 4
-    grid = min(math.ceil(total4 / 256), 4 * num_sms(out.device))
-    kern((grid,), (256,), [ws, _ptr(bias), out, m, n, splits])
+class _FastLaunch:
+    """One kernel launch with fixed grid, block, shared memory and scalar arguments; pointer arguments are
+    filled in per call. The parameter block is built once (cuLaunchKernel copies it at launch)."""
+
+    def __init__(self, kernel: jit.CudaKernel, grid, block, smem: int, template: list) -> None:
+        self.kernel, self.smem = kernel, smem
+        self.grid = (*grid, 1, 1)[:3]
+        self.block = (*block, 1, 1)[:3]
+        kernel.set_max_dynamic_smem(smem)
+        self.holders = [ctypes.c_void_p(0) if a is None else ctypes.c_int(a) for a in template]
+        self.ptr_slots = [i for i, a in enumerate(template) if a is None]
+        self.params = (ctypes.c_void_p * len(self.holders))(
+            *[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in self.holders]
+        )
+        self.lock = threading.Lock()
+
+    def __call__(self, ptrs: list[int], stream: int) -> None:
+        g, b = self.grid, self.block
+        with self.lock:
+            for slot, p in zip(self.ptr_slots, ptrs, strict=True):
+                self.holders[slot].value = p
+            res = jit._driver().cuLaunchKernel(
+                self.kernel._fn,
+                g[0],
+                g[1],
+                g[2],
+                b[0],
+                b[1],
+                b[2],
+                self.smem,
+                ctypes.c_void_p(stream),
+                self.params,
+                None,
+            )
+        if res != 0:
+            jit.check(res, f"launch {self.kernel.name} grid={g} block={b} smem={self.smem}")
+
+
+@dataclass
+class _Launch:
+    main: _FastLaunch
+    reduce: _FastLaunch | None
+    splits: int
+
+
+_VALID: dict[tuple, tuple[int, int, int, int]] = {}
+_LAUNCH: dict[tuple, _Launch] = {}
+_LOCK = threading.Lock()
+
+
+def _prepare(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
+    """validate() with its shape/dtype part cached per signature; devices, contiguity and alignment are
+    checked on every call (they depend on the tensors, not on the shapes)."""
+    try:
+        key = (
+            x.shape,
+            x.dtype,
+            qweight.shape,
+            qweight.dtype,
+            scales.shape,
+            scales.dtype,
+            zeros.shape,
+            zeros.dtype,
+            None if bias is None else (bias.shape, bias.dtype),
+            group_size,
+        )
+    except AttributeError:
+        key = None
+    shape = _VALID.get(key) if key is not None else None
+    if shape is None:
+        shape = validate(x, qweight, scales, zeros, group_size, bias)
+        if key is not None:
+            if len(_VALID) > _CACHE_MAX:
+                _VALID.clear()
+            _VALID[key] = shape
+        return shape
+    dev = x.device
+    if dev.type != "cuda":
+        raise ValueError(f"x is on {dev}: the QUICK kernels run on CUDA tensors")
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and (t.device != dev or not t.is_contiguous() or t.data_ptr() % 16):
+            _check_tensor(name, t, dev)  # raises with the precise reason
+    return shape
+
+
+def _reduce_launch(source: str, defines: dict, dev: int, m: int, n: int, splits: int) -> _FastLaunch:
+    kern = jit.load_kernel(source, "quick_splitk_reduce", defines, dev)
+    grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(torch.device("cuda", dev)))
+    return _FastLaunch(kern, (grid,), (256,), 0, [None, None, None, m, n, splits])
+
+
+def _get_launch(
+    kind: str, m: int, n: int, k: int, g: int, dtype: torch.dtype, dev: torch.device, config, splits
+) -> _Launch:
+    key = (kind, m, n, k, g, dtype, dev, config, splits)
+    hit = _LAUNCH.get(key)
+    if hit is not None:
+        return hit
+    with _LOCK:
+        idx = _dev_index(dev)
+        if kind == "gemm":
+            p = plan_gemm(m, n, k, num_sms(dev), config, splits)
+            cfg = p.config
+            if cfg.smem_bytes > SMEM_LIMIT.get(capability(dev)[0], SMEM_LIMIT[9]):
+                raise ValueError(f"config {cfg.name} needs {cfg.smem_bytes} bytes of shared memory, over the limit")
+            defines = cfg.defines(dtype)
+            source, name = GEMM_SOURCE, "quick_gemm"
+            gshift = int(math.log2(g)) if g < cfg.bks else 30
+            scalars = [m, n, k, g, gshift, p.tiles_per_split]
+        else:
+            p = plan_gemv(m, n, k, g, num_sms(dev), config, splits)
+            cfg = p.config
+            defines = cfg.defines(dtype, g)
+            source, name = GEMV_SOURCE, "quick_gemv"
+            scalars = [m, n, k, g, p.steps_per_warp]
+        kern = jit.load_kernel(source, name, defines, idx)
+        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 7 + scalars)
+        red = _reduce_launch(source, defines, idx, m, n, p.splits) if p.splits > 1 else None
+        launch = _Launch(main, red, p.splits)
+        if len(_LAUNCH) > _CACHE_MAX:
+            _LAUNCH.clear()
+        _LAUNCH[key] = launch
+    return launch
 
 
 def _out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
@@ -383,74 +532,54 @@ def _out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Ten
     return out
 
 
+def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out) -> torch.Tensor:
+    m, k, n, g = _prepare(x, qweight, scales, zeros, group_size, bias)
+    if kind == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the GEMV handles M <= {GEMV_MAX_M} rows, got M={m}; use gemm()")
+    if m == 0:
+        return _out(out, 0, n, x)
+    dev = x.device
+    launch = _get_launch(kind, m, n, k, g, x.dtype, dev, config, splits)
+    out = _out(out, m, n, x)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    bptr = bias.data_ptr() if bias is not None else 0
+    base = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr()]
+    if launch.reduce is None:
+        launch.main(base + [0], stream)
+    else:
+        ws = torch.empty((launch.splits, m, n), dtype=torch.float32, device=dev)
+        launch.main(base + [ws.data_ptr()], stream)
+        launch.reduce([ws.data_ptr(), bptr, out.data_ptr()], stream)
+    return out
+
+
 def gemm(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:
     """The mma.sync GEMM for any M >= 1 (``config``/``splits`` override the tuned choice; ``out`` may be a
     caller's buffer, e.g. a poisoned one in tests)."""
-    m, k, n, g = validate(x, qweight, scales, zeros, group_size, bias)
-    if m == 0:
-        return _out(out, 0, n, x)
-    p = plan_gemm(m, n, k, num_sms(x.device), config, splits)
-    cfg = p.config
-    major = torch.cuda.get_device_capability(x.device)[0]
-    if cfg.smem_bytes > SMEM_LIMIT.get(major, SMEM_LIMIT[9]):
-        raise ValueError(f"config {cfg.name} needs {cfg.smem_bytes} bytes of shared memory, over this GPU's limit")
-    with torch.cuda.device(x.device):
-        defines = cfg.defines(x.dtype)
-        kern = jit.load_kernel(GEMM_SOURCE, "quick_gemm", defines, x.device.index)
-        out = _out(out, m, n, x)
-        ws = torch.empty((p.splits, m, n), dtype=torch.float32, device=x.device) if p.splits > 1 else None
-        gshift = int(math.log2(g)) if g < cfg.bks else 30
-        kern(
-            p.grid,
-            (cfg.threads,),
-            [x, qweight, scales, zeros, _ptr(bias), out, _ptr(ws), m, n, k, g, gshift, p.tiles_per_split],
-            smem=cfg.smem_bytes,
-        )
-        if ws is not None:
-            _reduce(ws, bias, out, GEMM_SOURCE, defines, m, n, p.splits)
-    return out
+    return _run("gemm", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
 def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:
     """The decode kernel, M <= 8."""
-    m, k, n, g = validate(x, qweight, scales, zeros, group_size, bias)
-    if m > GEMV_MAX_M:
-        raise ValueError(f"the GEMV handles M <= {GEMV_MAX_M} rows, got M={m}; use gemm()")
-    if m == 0:
-        return _out(out, 0, n, x)
-    p = plan_gemv(m, n, k, g, num_sms(x.device), config, splits)
-    cfg = p.config
-    with torch.cuda.device(x.device):
-        defines = cfg.defines(x.dtype, g)
-        kern = jit.load_kernel(GEMV_SOURCE, "quick_gemv", defines, x.device.index)
-        out = _out(out, m, n, x)
-        ws = torch.empty((p.splits, m, n), dtype=torch.float32, device=x.device) if p.splits > 1 else None
-        kern(
-            p.grid,
-            (cfg.threads,),
-            [x, qweight, scales, zeros, _ptr(bias), out, _ptr(ws), m, n, k, g, p.steps_per_warp],
-            smem=cfg.smem_bytes,
-        )
-        if ws is not None:
-            _reduce(ws, bias, out, GEMV_SOURCE, defines, m, n, p.splits)
-    return out
+    return _run("gemv", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
 def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)``: the GEMV for M <= 8, the GEMM otherwise."""
-    if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
-        return gemv(x, qweight, scales, zeros, group_size, bias, out=out)
-    return gemm(x, qweight, scales, zeros, group_size, bias, out=out)
+    kind = "gemv" if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M else "gemm"
+    return _run(kind, x, qweight, scales, zeros, group_size, bias, None, None, out)
 
 
 def is_available(x: torch.Tensor) -> bool:
     """A CUDA tensor on an sm_80+ device, fp16/bf16, K a multiple of 64, and nvcc to build the kernels."""
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES):
         return False
-    if x.shape[-1] % 64 or torch.cuda.get_device_capability(x.device)[0] < 8:
+    if x.shape[-1] % 64 or capability(x.device)[0] < 8:
         return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
+    if not _NVCC:
+        try:
+            jit.find_nvcc()
+            _NVCC.append(True)
+        except jit.KernelUnavailable:
+            _NVCC.append(False)
+    return _NVCC[0]
