@@ -429,8 +429,21 @@ except (RuntimeError, AttributeError):  # already defined by an earlier import o
 
 
 def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller)."""
+    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller).
+
+    The layout admits N multiples of 16, the kernel needs multiples of 64: such layers take the dequantize +
+    matmul path instead of failing."""
+    k, n = x2d.shape[1], packed["scales"].shape[1]
+    if n % 64 or k % 64 or x2d.dtype != packed["scales"].dtype:
+        from quick.packing.layouts import get_layout
+
+        w = get_layout(LAYOUT).unpack(packed, k, n, group_size).dequantize(x2d.dtype)
+        return x2d @ w.to(x2d.device)
     return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)
+
+
+def _available(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)
 
 
 # Set to True once the kernel has passed the device correctness matrix (docs/sm90_notes.md records the run);
@@ -447,7 +460,7 @@ def _register_with_dispatcher() -> None:
     register = getattr(dispatch, "register_kernel", None)
     if register is None:
         return
-    register(LAYOUT, kernel_fn, available=lambda x: x.is_cuda and is_available(x.device), priority=100)
+    register(LAYOUT, kernel_fn, _available, priority=100, name="quick_sm90")
 
 
 _register_with_dispatcher()
