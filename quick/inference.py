@@ -49,7 +49,9 @@ class StaticGenerator:
         self._logits: torch.Tensor | None = None
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True)
+        out = self.model(
+            input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True, logits_to_keep=1
+        )
         return out.logits[:, -1, :]
 
     @torch.inference_mode()
