@@ -13,7 +13,7 @@ import torch
 from quick.kernels import jit
 from quick.kernels import quick_sm90 as sm
 from quick.packing.layouts import get_layout
-from quick.testing import random_quantized
+from quick.testing import random_quantized, rel_error
 
 MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}
 
@@ -164,14 +164,22 @@ def test_fake_impl_gives_output_shape():
     assert out.shape == (5, 64) and out.dtype == torch.float16 and out.device.type == "meta"
 
 
-def test_unverified_kernel_is_not_registered():
-    """An sm_90 kernel that has not passed the device matrix must never be offered to the dispatcher."""
+def test_dispatcher_registration_follows_device_verification():
+    """Offered to the dispatcher for layout quick_sm90 only once it has passed the device matrix."""
     from quick.kernels import dispatch
 
-    if sm.VERIFIED_ON_DEVICE:
-        pytest.skip("kernel verified on device")
-    registry = getattr(dispatch, "_REGISTRY", None) or getattr(dispatch, "REGISTRY", None) or {}
-    assert sm.kernel_fn not in [v for vals in (registry.values() if isinstance(registry, dict) else []) for v in vals]
+    names = [e.name for e in dispatch.registered("quick_sm90")]
+    assert ("quick_sm90" in names) == sm.VERIFIED_ON_DEVICE
+
+
+def test_dispatch_entry_falls_back_for_unsupported_n():
+    """The layout admits N % 16 == 0; the kernel needs N % 64 == 0: the entry must still compute x @ W."""
+    qw = random_quantized(128, 48, 64, torch.float16, "cpu", torch.Generator().manual_seed(3))
+    packed = get_layout("quick_sm90").pack(qw)
+    x = torch.randn(3, 128).half()
+    out = sm.kernel_fn(x, packed, 64)
+    ref = x.double() @ qw.dequantize(torch.float64)
+    assert out.shape == (3, 48) and rel_error(out, ref) < 2e-3
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not jit.os.environ.get("QUICK_NVCC"), reason="no nvcc")
