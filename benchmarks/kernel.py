@@ -213,7 +213,7 @@ EXTRA_GEMM = [
     quick_mma.GemmConfig("x_m128n2", 128, 2, 2, 1, 1, 4, 4, 1),
     quick_mma.GemmConfig("x_m128n4s3", 128, 2, 4, 1, 1, 4, 3, 1),
 ]
-EXTRA_GEMV = [quick_mma.GemvConfig("x_v8nb2", 8, 2, 8)]
+EXTRA_GEMV = [quick_mma.GemvConfig("x_v8nb2", 8, 2, 8), quick_mma.GemvConfig("x_v8r16", 8, 1, 16)]
 
 
 def sweep(log) -> list[dict]:
