@@ -67,6 +67,14 @@ def bench_us(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40
     return times[len(times) // 2]
 
 
+def stream_floor_us(nbytes: int) -> float:
+    """Time to stream ``nbytes`` through a plain reduction, under the same timing as the kernels (graph
+    replay, L2 flushed by a memset first): the practical floor of a kernel that must read that much."""
+    buf = torch.randn(nbytes // 2, device="cuda", dtype=torch.float16)
+    replay = graphed(lambda: buf.sum(dtype=torch.float32))
+    return bench_us(replay)
+
+
 def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` captured into a CUDA graph (after a warm-up that compiles and allocates); returns the replay.
     Timing replays measures the GPU work of ``fn`` without the Python launch cost, for every implementation
@@ -167,8 +175,10 @@ def write_markdown(
     impls: list[str],
     group: int = 128,
     title: str = "W4A16 kernels",
+    floors: dict | None = None,
 ) -> str:
-    """One table per (K, N): microseconds (TFLOP/s) per implementation and M, with the roofline time."""
+    """One table per (K, N): microseconds (TFLOP/s) per implementation and M, with the roofline time and,
+    when given, the measured streaming floor of the shape (``floors[(K, N)]``, us)."""
     lines = [
         f"# {title}",
         "",
@@ -179,8 +189,9 @@ def write_markdown(
         "",
     ]
     for k, n in shapes:
+        floor = (floors or {}).get((k, n))
         lines += [
-            f"## K={k}, N={n}",
+            f"## K={k}, N={n}" + (f" (streaming floor under the same timing: {floor:.1f} us)" if floor else ""),
             "",
             "| M | roofline | " + " | ".join(impls) + " |",
             "|---|---|" + "---|" * len(impls),
@@ -193,7 +204,11 @@ def write_markdown(
                 cells.append(f"{r['us']:.1f} ({r['tflops']:.0f})" if r else "")
             lines.append(f"| {m} | {roofline_us(m, k, n, ceilings, group):.1f} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Cells: microseconds (TFLOP/s).")
+    lines.append(
+        "Cells: microseconds (TFLOP/s). Streaming floor: a plain read (sum) of the same number of bytes as "
+        "the int4 weights + scales + zeros, timed the same way; it includes writing back the dirty L2 "
+        "lines that do_bench's cache flush (a 256 MB memset) leaves behind."
+    )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -85,7 +85,7 @@ def run_case(m, k, n, g, dtype, seed, *, kernel="auto", bias=False, config=None,
     torch.cuda.synchronize()
     ref = reference_matmul(x, qw, b)
     err = rel_error(out, ref)
-    path = kernel if kernel != "auto" else ("gemv" if m <= quick_mma.GEMV_MAX_M else "gemm")
+    path = kernel if kernel != "auto" else ("gemv" if m <= quick_mma.GEMV_AUTO_MAX_M else "gemm")
     _record(f"{str(dtype).split('.')[-1]}/{path}", err)
     assert torch.isfinite(out).all(), f"NaN/inf in output (unwritten elements?) m={m} k={k} n={n} g={g}"
     assert err < REL_BOUND[dtype], f"rel error {err:.3e} >= {REL_BOUND[dtype]} (m={m} k={k} n={n} g={g} {dtype})"
@@ -195,7 +195,7 @@ def test_matches_quicklinear_reference_backend(dtype):
     assert out_k.shape == out_r.shape == (3, 5, 768)
     assert rel_error(out_k, out_r) < REL_BOUND[dtype]
     mod.backend = "auto"
-    assert rel_error(mod(x[:, :1]), out_r[:, :1]) < REL_BOUND[dtype]  # decode shape (GEMV)
+    assert rel_error(mod(x[:, :1]), out_r[:, :1]) < REL_BOUND[dtype]  # decode shape, a strided view
 
 
 def test_opcheck():
@@ -221,7 +221,7 @@ def test_torch_compile():
 
 def test_cuda_graph_capture():
     qw, p = make_weights(4096, 512, 128, torch.float16, 4)
-    for m in (2, 16):  # the GEMV with split-k and the GEMM with split-k (workspace allocated inside the graph)
+    for m in (2, 16):  # the GEMM with split-k (workspace allocated inside the graph)
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         ops.gemm_w4a16(x, p["qweight"], p["scales"], p["zeros"], 128)  # warm-up: compile and load
         torch.cuda.synchronize()
@@ -232,6 +232,15 @@ def test_cuda_graph_capture():
         g.replay()
         torch.cuda.synchronize()
         assert rel_error(y, reference_matmul(x, qw)) < REL_BOUND[torch.float16]
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
+    quick_mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = quick_mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
+    x.copy_(torch.randn(3, 4096, device="cuda", dtype=torch.float16))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_error(y, reference_matmul(x, qw)) < REL_BOUND[torch.float16]
 
 
 def test_m_zero_and_batched_op():

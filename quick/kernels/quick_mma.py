@@ -134,29 +134,32 @@ class GemvConfig:
 GEMM_CONFIGS: dict[str, GemmConfig] = {
     c.name: c
     for c in (
-        # small M: one m16 tile, warps split K inside the CTA, deep weight prefetch
+        # small M: one m16 tile per warp, warps split K inside the CTA, 8 k16 steps of weights in flight
+        GemmConfig("m16n2k4", 16, 1, 2, 4, 1, 4, 3, 2),  # best M <= 16 on the H100 sweep (with split-k)
         GemmConfig("m16k8", 16, 1, 1, 8, 1, 4, 3, 2, minb=2),
         GemmConfig("m16k4", 16, 1, 1, 4, 1, 1, 4, 4, minb=2),  # stage of 64: any K that is a multiple of 64
         GemmConfig("m32k8", 32, 1, 1, 8, 1, 4, 3, 1),
         # medium / large M: 64 rows per warp (4 m16 tiles) so that dequantization hides under the MMAs
-        GemmConfig("m64k4", 64, 1, 1, 4, 1, 4, 3, 1),
-        GemmConfig("m64n4", 64, 1, 4, 1, 1, 4, 4, 1),
-        GemmConfig("m128n2k2", 128, 2, 2, 2, 1, 2, 4, 1),
+        GemmConfig("m64n4", 64, 1, 4, 1, 1, 4, 4, 1),  # stage of 64: any K
         GemmConfig("m128n4", 128, 2, 4, 1, 1, 4, 4, 1),
     )
 }
 
 GEMV_CONFIGS: dict[str, GemvConfig] = {c.name: c for c in (GemvConfig("v16", 16, 1, 8), GemvConfig("v8", 8, 1, 8))}
 
-# Tuned choice per M bucket (largest M of the bucket -> GEMM config name), from the H100 sweep of
-# benchmarks/kernel.py --sweep (docs/kernel_notes.md). Split-k is chosen by choose_splits below.
-TUNED_GEMM: list[tuple[int, str]] = [
-    (32, "m16k8"),
-    (128, "m64k4"),
-    (1 << 62, "m64n4"),
+# Tuned choice per M bucket: (largest M of the bucket, configs in order of preference). The first config whose
+# stage divides K is used; the last of each list has a stage of 64 and takes any K. From the H100 sweep
+# (benchmarks/kernel.py --sweep, CUDA-graph timing; docs/kernel_notes.md). Split-k: choose_splits (its model
+# reproduces the sweep's best split at K = N = 8192 for every bucket).
+TUNED_GEMM: list[tuple[int, tuple[str, ...]]] = [
+    (16, ("m16n2k4", "m16k4")),
+    (32, ("m32k8", "m16n2k4", "m64n4")),
+    (1 << 62, ("m64n4",)),
 ]
-# Fallback when K is not a multiple of the preferred config's stage (bks): every one of these has bks = 64.
-FALLBACK_GEMM: list[tuple[int, str]] = [(16, "m16k4"), (64, "m64n4"), (1 << 62, "m128n4")]
+# The decode GEMV is used for M <= GEMV_AUTO_MAX_M by quick_matmul. On the H100 the GEMM with m16n2k4 and
+# split-k was as fast or faster at every measured shape (docs/kernel_notes.md), so the automatic choice is
+# the GEMM; gemv() stays available (and tested) for direct use and for other GPUs.
+GEMV_AUTO_MAX_M = 0
 
 
 def gemv_config_for(group: int) -> GemvConfig:
@@ -333,10 +336,8 @@ def plan_gemm(
     if isinstance(config, str):
         config = GEMM_CONFIGS[config]
     if config is None:
-        name = next(c for bound, c in TUNED_GEMM if m <= bound)
-        config = GEMM_CONFIGS[name]
-        if k % config.bks:
-            config = GEMM_CONFIGS[next(c for bound, c in FALLBACK_GEMM if m <= bound)]
+        names = next(c for bound, c in TUNED_GEMM if m <= bound)
+        config = next((GEMM_CONFIGS[c] for c in names if k % GEMM_CONFIGS[c].bks == 0), GEMM_CONFIGS["m64n4"])
     if k % config.bks:
         raise ValueError(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
     tiles = k // config.bks
@@ -565,8 +566,8 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 
 
 def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)``: the GEMV for M <= 8, the GEMM otherwise."""
-    kind = "gemv" if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M else "gemm"
+    """``x @ dequant(W) (+ bias)``: the GEMV for M <= GEMV_AUTO_MAX_M, the GEMM otherwise."""
+    kind = "gemv" if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_AUTO_MAX_M else "gemm"
     return _run(kind, x, qweight, scales, zeros, group_size, bias, None, None, out)
 
 
