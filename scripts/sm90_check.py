@@ -39,18 +39,8 @@ def log(msg: str, fh) -> None:
 
 
 def candidates(m: int) -> list[sm.Sm90Config]:
-    """Configs timed per M (the first is the default); alternatives vary the weight group depth and the tile."""
-    d = sm.default_config(m)
-    C = sm.Sm90Config
-    alts = {
-        8: [C(8, 2, 8, 6, 4), C(8, 2, 8, 4, 4)],
-        16: [C(16, 2, 8, 6, 4), C(16, 2, 8, 4, 4)],
-        32: [C(32, 2, 8, 4, 4)],
-        64: [C(64, 2, 8, 4, 4), C(64, 2, 8, 3, 3)],
-        128: [C(128, 2, 6, 2, 2), C(64, 2, 8, 6, 4)],
-        256: [C(128, 2, 6, 4, 3)],
-    }[d.nt]
-    return [d] + [a for a in alts if a != d]
+    """Configs timed per M: the default tile under each weight pipeline (ring, groups, groups-relaxed)."""
+    return list(dict.fromkeys(sm.default_config(m, 128, pipe) for pipe in sorted(sm.PIPES)))
 
 
 def make_case(k: int, n: int, g: int, dtype: torch.dtype, dev: str, gen: torch.Generator):
@@ -74,18 +64,24 @@ def smoke(fh) -> int:
     """A few tiny cases first, under a short timeout: a hang or a gross error stops the call early."""
     gen = torch.Generator().manual_seed(int(time.time()))
     fails = 0
-    for dt in (torch.float16, torch.bfloat16):
-        for m, k, n, g, splits in ((1, 256, 128, 128, None), (33, 512, 192, 64, 3), (130, 256, 256, 32, None)):
-            qw, packed = make_case(k, n, g, dt, "cuda", gen)
-            x = torch.randn(m, k, generator=gen).to(dt).to("cuda")
-            err, finite, _ = check_one(x, qw, packed, g, None, None, splits)
-            ok = finite and err < REL_BOUND[dt]
-            fails += not ok
-            log(f"{'ok  ' if ok else 'FAIL'} smoke M={m} K={k} N={n} g={g} {dt} splits={splits} rel={err:.2e}", fh)
+    cases = ((1, 256, 128, 128, None), (33, 512, 192, 64, 3), (130, 256, 256, 32, None), (5, 2048, 256, 128, 1))
+    for pipe in sorted(sm.PIPES):
+        for dt in (torch.float16, torch.bfloat16):
+            for m, k, n, g, splits in cases:
+                qw, packed = make_case(k, n, g, dt, "cuda", gen)
+                x = torch.randn(m, k, generator=gen).to(dt).to("cuda")
+                cfg = sm.default_config(m, g, pipe)
+                err, finite, _ = check_one(x, qw, packed, g, None, cfg, splits)
+                ok = finite and err < REL_BOUND[dt]
+                fails += not ok
+                tag = "ok  " if ok else "FAIL"
+                log(f"{tag} smoke pipe={pipe} M={m} K={k} N={n} g={g} {dt} splits={splits} rel={err:.2e}", fh)
     return fails
 
 
-def correctness(fh, results: dict, quick: bool) -> int:
+def correctness(fh, results: dict, quick: bool, pipe: int) -> int:
+    """The matrix with default configs of one pipeline (``sm.DEFAULT_PIPE`` set for the duration)."""
+    sm.DEFAULT_PIPE = pipe
     dev = "cuda"
     gen = torch.Generator().manual_seed(int(time.time()))
     fails = 0
@@ -122,7 +118,7 @@ def correctness(fh, results: dict, quick: bool) -> int:
             traceback.print_exc(file=fh)
         fails += not ok
         tag = "ok  " if ok else "FAIL"
-        name = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits}"
+        name = f"pipe={pipe} M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits}"
         log(f"{tag} {name} rel={err:.2e}", fh)
         results["correctness"].append({"case": name, "rel": err, "finite": finite, "ok": ok})
     # bias, determinism of split-k (bitwise, repeated), every timed candidate config at 4096 x 4096
@@ -133,14 +129,14 @@ def correctness(fh, results: dict, quick: bool) -> int:
         err, finite, _ = check_one(x, qw, packed, 128, bias)
         ok = finite and err < REL_BOUND[dt]
         fails += not ok
-        log(f"{'ok  ' if ok else 'FAIL'} bias {dt} rel={err:.2e}", fh)
+        log(f"{'ok  ' if ok else 'FAIL'} pipe={pipe} bias {dt} rel={err:.2e}", fh)
         qw, packed = make_case(4096, 4096, 128, dt, dev, gen)
         x = torch.randn(16, 4096, generator=gen).to(dt).to(dev)
         outs = [check_one(x, qw, packed, 128, None, None, 5)[2] for _ in range(3)]
         same = all(torch.equal(outs[0], o) for o in outs[1:])
         fails += not same
-        log(f"{'ok  ' if same else 'FAIL'} split-k determinism {dt} (3 runs, splits=5, bitwise)", fh)
-        for m in TIME_M:
+        log(f"{'ok  ' if same else 'FAIL'} pipe={pipe} split-k determinism {dt} (3 runs, splits=5, bitwise)", fh)
+        for m in TIME_M if pipe == 0 else ():  # every timed candidate (all pipelines), once
             for cfg in candidates(m):
                 xm = torch.randn(m, 4096, generator=gen).to(dt).to(dev)
                 err, finite, _ = check_one(xm, qw, packed, 128, None, cfg)
@@ -156,18 +152,19 @@ def sass(fh, results: dict) -> None:
         log("cuobjdump not found", fh)
         return
     out_dir = Path(results["out_dir"])
-    for nt in (8, 64, 256):
-        for dt in (torch.float16, torch.bfloat16):
-            cfg = sm.default_config(nt)
-            res = jit.compile_cubin(sm.SOURCE, "sm_90a", cfg.defines(128, dt))
-            text = subprocess.run([tool, "-sass", str(res.cubin)], capture_output=True, text=True).stdout
-            counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HGMMA", "LDL", "STL", "HMMA")}
-            counts["LDG.128"] = len(re.findall(r"LDG\.E\.128", text))
-            counts["regs/spills"] = re.findall(r"Used \d+ registers|\d+ bytes spill stores", res.log)
-            log(f"SASS nt={nt} {str(dt)[6:]}: {counts}", fh)
-            results["sass"].append({"nt": nt, "dtype": str(dt), **counts})
-            if nt == 64 and dt == torch.float16:
-                (out_dir / "sass_nt64_fp16.txt").write_text(text)
+    combos = [(nt, dt, 0) for nt in (8, 64, 256) for dt in (torch.float16, torch.bfloat16)]
+    combos += [(nt, torch.float16, pipe) for nt in (8, 128, 256) for pipe in (1, 2)]
+    for nt, dt, pipe in combos:
+        cfg = sm.default_config(nt, 128, pipe)
+        res = jit.compile_cubin(sm.SOURCE, "sm_90a", cfg.defines(128, dt))
+        text = subprocess.run([tool, "-sass", str(res.cubin)], capture_output=True, text=True).stdout
+        counts = {op: len(re.findall(rf"\b{op}\b", text)) for op in ("HGMMA", "LDL", "STL", "HMMA")}
+        counts["LDG.128"] = len(re.findall(r"LDG\.E\.128", text))
+        counts["regs/spills"] = re.findall(r"Used \d+ registers|\d+ bytes spill stores", res.log)
+        log(f"SASS nt={nt} pipe={pipe} {str(dt)[6:]}: {counts}", fh)
+        results["sass"].append({"nt": nt, "dtype": str(dt), **counts})
+        if nt == 8 and pipe == 2:
+            (out_dir / "sass_nt8_pipe2_fp16.txt").write_text(text)
 
 
 def timing(fh, results: dict) -> list[str]:
@@ -186,11 +183,9 @@ def timing(fh, results: dict) -> list[str]:
         roof = max(nbytes / 3.02e12, 2 * m * k * n / 664e12) * 1e6
         best = None
         default_t = None
-        for i, cfg in enumerate(candidates(m)):
-            splits_opts = [None]
-            if i == 0:
-                p = sm.plan(m, n, k, sm.num_sms(torch.device(dev)), cfg)
-                splits_opts += sorted({1, 2 * p.splits} - {p.splits})
+        for cfg in candidates(m):
+            p0 = sm.plan(m, n, k, sm.num_sms(torch.device(dev)), cfg)
+            splits_opts = [None] + sorted({1, 2, 4} - {p0.splits})
             for s in splits_opts:
                 fn = lambda x=x, cfg=cfg, s=s: sm.gemm_w4a16_sm90(  # noqa: E731
                     x, packed["qweight"], packed["scales"], packed["zeros"], 128, None, cfg, s
@@ -209,13 +204,14 @@ def timing(fh, results: dict) -> list[str]:
                     }
                 )
                 if default_t is None:
-                    default_t = t
+                    default_t = t  # pipeline 0, split heuristic
                 if best is None or t < best[0]:
                     best = (t, cfg, p.splits)
+        results.setdefault("best", []).append({"m": m, "config": best[1].__dict__, "splits": best[2], "us": best[0]})
         rows.append(
             f"{m:5d} | {roof:7.1f} | {t_cublas * 1e3:8.1f} | {default_t:8.1f} | {best[0]:8.1f} "
             f"| {t_cublas * 1e3 / best[0]:5.2f}x | {roof / best[0] * 100:5.1f}% | nt={best[1].nt} wg={best[1].nwg} "
-            f"st={best[1].stages} grp={best[1].grp} s={best[2]}"
+            f"st={best[1].stages} grp={best[1].grp} pipe={best[1].pipe} s={best[2]}"
         )
     return rows
 
@@ -256,14 +252,18 @@ def main() -> int:
     fails = 0
     if not args.skip_correctness:
         t1 = time.time()
-        fails = correctness(fh, results, args.quick)
-        log(f"correctness: {fails} failures of {len(results['correctness'])} + extras, {time.time() - t1:.0f} s", fh)
+        for pipe in sorted(sm.PIPES):
+            f = correctness(fh, results, args.quick, pipe)
+            results.setdefault("failures_by_pipe", {})[pipe] = f
+            fails += f
+        sm.DEFAULT_PIPE = 0
+        log(f"correctness: {results['failures_by_pipe']} failures by pipeline, {time.time() - t1:.0f} s", fh)
     rows = [] if args.skip_timing else timing(fh, results)
     (out_dir / "sm90_check.json").write_text(json.dumps(results, indent=1, default=str))
     log("\n    M | roofline |  cuBLAS  | sm90 dft | sm90 best | vs cuBLAS | of roof | best config", fh)
     for r in rows:
         log(r, fh)
-    log(f"FAILURES: {fails}", fh)
+    log(f"FAILURES: {fails} {results.get('failures_by_pipe', {})}", fh)
     return 1 if fails else 0
 
 

@@ -32,17 +32,22 @@ class Sm90Error(ValueError):
     """Inputs the sm_90 kernel cannot take (shape, dtype, device, layout); the message says which and why."""
 
 
+PIPES = {0: "ring", 1: "groups", 2: "groups-relaxed"}
+
+
 @dataclass(frozen=True)
 class Sm90Config:
     """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
-    ``stages`` TMA stages for x, ``grp`` k64 steps per weight load group (register prefetch depth; ``grp32`` for
-    group size 32, whose two scale rows per step cost registers)."""
+    ``stages`` TMA stages for x, ``grp`` k64 steps of weights per load group or ring (``grp32`` for group size
+    32, whose two scale rows per step cost registers), ``pipe`` the weight pipeline (:data:`PIPES`: 0 per-step
+    ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary)."""
 
     nt: int
     nwg: int = 2
     stages: int = 6
     grp: int = 4
     grp32: int = 4
+    pipe: int = 1
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -59,42 +64,51 @@ class Sm90Config:
             "QS_PREF": self.grp32 if group_size == 32 else self.grp,
             "QS_G32": int(group_size == 32),
             "QS_BF16": int(dtype == torch.bfloat16),
+            "QS_PIPE": int(self.pipe != 0),
+            "QS_LDREL": int(self.pipe == 2),
         }
 
 
-# Per token tile: the deepest weight groups that ptxas fits in the 232 consumer registers without spills
-# (checked with -Xptxas -v; tests/test_sm90_cpu.py keeps it so), fewer x stages where x tiles are large.
+# Per pipeline and token tile: the deepest weight groups that ptxas fits in the 232 consumer registers without
+# spills (checked with -Xptxas -v; tests/test_sm90_cpu.py keeps it so), fewer x stages where x tiles are large.
 _DEFAULTS = {
-    8: Sm90Config(8, 2, 8, 8, 6),
-    16: Sm90Config(16, 2, 8, 8, 6),
-    32: Sm90Config(32, 2, 8, 6, 4),
-    64: Sm90Config(64, 2, 8, 6, 4),
-    128: Sm90Config(128, 2, 6, 4, 3),
-    256: Sm90Config(256, 2, 4, 1, 1),
+    0: {
+        nt: Sm90Config(nt, 2, st, g, g, 0)
+        for nt, st, g in ((8, 8, 8), (16, 8, 8), (32, 8, 8), (64, 8, 6), (128, 6, 4), (256, 4, 4))
+    },
 }
+for _pipe in (1, 2):
+    _DEFAULTS[_pipe] = {
+        nt: Sm90Config(nt, 2, st, g, g32, _pipe)
+        for nt, st, g, g32 in ((8, 8, 8, 6), (16, 8, 8, 6), (32, 8, 6, 4), (64, 8, 6, 4), (128, 6, 4, 3))
+    }
+    # 256 tokens: two register sets next to 128 accumulators spill (ptxas: 108 bytes); the ring does not.
+    _DEFAULTS[_pipe][256] = _DEFAULTS[0][256]
+DEFAULT_PIPE = 0  # the pipeline verified on the device first; TUNED below picks per batch size
 
 
-def default_config(m: int, group_size: int = 128) -> Sm90Config:
+def default_config(m: int, group_size: int = 128, pipe: int | None = None) -> Sm90Config:
     """Heuristic tile per batch size: the smallest token tile that holds M (up to 256). Group size 32 stops at
     128 tokens: at 256, its two scale rows per step push the 128 accumulators past what ptxas can keep without
     serializing the wgmma pipeline (C7515)."""
     nt = next((t for t in TOKEN_TILES if t >= m), TOKEN_TILES[-1])
     if group_size == 32:
         nt = min(nt, 128)
-    return _DEFAULTS[nt]
+    return _DEFAULTS[DEFAULT_PIPE if pipe is None else pipe][nt]
 
 
-# Measured overrides, filled from scripts/sm90_check.py runs: (max M of the bucket) -> config. Empty entries fall
-# back to default_config. Keyed only by M: the shapes measured so far are the 8192 x 8192 benchmark ones.
-TUNED: dict[str, dict[int, Sm90Config]] = {}
+# Measured choices (scripts/sm90_check.py on the H100, K = N = 8192, g128): per dtype, (max M, config, splits)
+# in increasing M; splits None = choose_splits. Group size 32 and M past the last bound use default_config.
+TUNED: dict[str, list[tuple[int, Sm90Config, int | None]]] = {}
 
 # Every variant default_config can return, for both dtypes and both scale-group code paths (compile check).
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
-    (SOURCE, KERNEL, default_config(t, g).defines(g, dt))
+    (SOURCE, KERNEL, default_config(t, g, pipe).defines(g, dt))
+    for pipe in sorted(_DEFAULTS)
     for t in TOKEN_TILES
     for g in (128, 32)
     for dt in (torch.float16, torch.bfloat16)
-    if not (g == 32 and t == 256)  # same variant as t = 128
+    if not (g == 32 and t == 256) and not (pipe and t == 256)  # the same variants as listed elsewhere
 ]
 
 
@@ -314,13 +328,13 @@ def is_available(device: torch.device | int | None = None) -> bool:
     return True
 
 
-def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> Sm90Config:
+def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> tuple[Sm90Config, int | None]:
+    """Measured (config, splits) for this batch size, else the default config and the split heuristic."""
     if group_size != 32:
-        table = TUNED.get("fp16" if dtype == torch.float16 else "bf16", {})
-        for bound in sorted(table):
+        for bound, cfg, splits in TUNED.get("fp16" if dtype == torch.float16 else "bf16", []):
             if m <= bound:
-                return table[bound]
-    return default_config(m, group_size)
+                return cfg, splits
+    return default_config(m, group_size), None
 
 
 def gemm_w4a16_sm90(
@@ -349,7 +363,10 @@ def gemm_w4a16_sm90(
         x = x.clone()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     dev = x.device
-    cfg = config or tuned_config(m, x.dtype, g)
+    if config is None:
+        config, tuned_splits = tuned_config(m, x.dtype, g)
+        splits = tuned_splits if splits is None else splits
+    cfg = config
     if cfg.smem_bytes() > SMEM_LIMIT:
         raise Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
     p = plan(m, n, k, num_sms(dev), cfg, splits, g)

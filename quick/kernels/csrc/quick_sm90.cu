@@ -22,7 +22,8 @@
 //    stores of out[M, N] rows, masking tokens >= M.
 //
 // Compile-time variant (one cubin each, -D): QS_NT, QS_NWG (consumer warpgroups: 1, 2 or 4), QS_STAGES,
-// QS_PREF, QS_G32 (group size 32: two groups per k64 step), QS_BF16.
+// QS_PREF (weight group / ring depth in k64 steps), QS_G32 (group size 32: two groups per k64 step), QS_BF16,
+// QS_PIPE (1: ping-pong load groups, 0: per-step ring), QS_LDREL (weights through ld.relaxed.gpu).
 
 #include <cstdint>
 
@@ -46,6 +47,22 @@
 #ifndef QS_BF16
 #define QS_BF16 0
 #endif
+#ifndef QS_PIPE
+#define QS_PIPE 1
+#endif
+#ifndef QS_LDREL
+#define QS_LDREL 0
+#endif
+#if QS_LDREL
+// ld.relaxed.gpu: ptxas keeps these strong loads in program order with the mbarrier operations, so a group's
+// loads are issued at its boundary (with .nc it sinks them towards their first use, trusting a cache-hit
+// latency); the hardware may order them with the per-step mbarrier arrive, though (measured, not assumed).
+#define QS_LDW "ld.relaxed.gpu.global.v4.u32"
+#define QS_LD32 "ld.relaxed.gpu.global.u32"
+#else
+#define QS_LDW "ld.global.nc.L1::no_allocate.v4.u32"
+#define QS_LD32 "ld.global.nc.u32"
+#endif
 
 #if QS_BF16
 #define QS_WG_T "bf16"
@@ -64,7 +81,8 @@ constexpr int PREF = QS_PREF;
 constexpr bool G32 = QS_G32 != 0;
 constexpr bool BF16 = QS_BF16 != 0;
 constexpr int THREADS = 128 * (NWG + 1);
-constexpr int GRP = PREF;  // k64 steps per weight load group (one scoreboard wait per group)
+constexpr int GRP = PREF;  // QS_PIPE 1: k64 steps per weight load group (one scoreboard wait per group)
+constexpr int UNR = (PREF % 2 == 0) ? PREF : 2 * PREF;  // QS_PIPE 0: ring slot and A buffer are constants
 constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 64 k x 2 bytes
 constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
@@ -143,25 +161,23 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
   return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
 
-// 16-byte weight load, predicated off past the end of the k range. Volatile: ptxas keeps volatile loads in
-// program order with the other volatile operations (mbarrier waits), so a group's loads are issued at its
-// boundary instead of being sunk next to their first use (ptxas' latency model assumes a cache hit).
+// 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
+// "+r": a predicated-off load leaves the register as it was (with "=r" the compiler may hand the asm a
+// different register, and the old value would be lost).
 __device__ __forceinline__ void ldg_w(uint32_t (&r)[4], const void* p, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
-      "@p ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      "@p " QS_LDW " {%0, %1, %2, %3}, [%4];\n}\n"
+      : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])
       : "l"(p), "r"(static_cast<int>(pred)));
 }
 
-__device__ __forceinline__ uint32_t ldg_u32(const void* p, bool pred) {
-  uint32_t r;
+__device__ __forceinline__ void ldg_u32(uint32_t& r, const void* p, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
-      "@p ld.relaxed.gpu.global.u32 %0, [%1];\n}\n"
-      : "=r"(r)
+      "@p " QS_LD32 " %0, [%1];\n}\n"
+      : "+r"(r)
       : "l"(p), "r"(static_cast<int>(pred)));
-  return r;
 }
 
 // t ^= v as a volatile asm: stays where it is written (the compiler would otherwise reassociate the fold and
@@ -426,7 +442,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   uint32_t a_frag[2][4][4];
   // Raw weights (and scale/zero words) of two groups of GRP k64 steps, used in turn: one is consumed while the
   // other is in flight. Ping-pong (not copy): a copy of freshly loaded registers would wait for the load.
-  uint32_t grp[2][GRP][4], grp_s[2][GRP][SW], grp_z[2][GRP][SW];
+#if QS_PIPE == 1
+  uint32_t grp[2][GRP][4] = {}, grp_s[2][GRP][SW] = {}, grp_z[2][GRP][SW] = {};
+#endif
 
   int stage = 0;
   uint32_t phase = 0;
@@ -460,48 +478,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     // for one group over all of K). Computed from the step, so the load path has no branches.
     const uint16_t* sbase = scales + col;
     const uint16_t* zbase = zeros + col;
-    const uint32_t rt_zero = static_cast<uint32_t>(M) >> 31;  // 0 for any valid M, unknown to the compilers
-    uint32_t dep = 0;
+    uint32_t dep = 0;  // QS_PIPE 1: run-time zero that orders a group's loads after the previous group's wait
 
-    // Load group g (k64 steps g*GRP ..) into register set `set`; steps past the unit are predicated off, and so
-    // is the whole group when `enable` is false (keeps the instruction stream, and ptxas' view, uniform).
-    auto load_group = [&](const int set, const int g, const bool enable) {
-#pragma unroll
-      for (int j = 0; j < GRP; ++j) {
-        const int step = g * GRP + j;
-        const bool p = enable && step < nsteps;
-        const int kstep = s0 + step;
-        ldg_w(grp[set][j], qbase + static_cast<size_t>(step) * (2 * N) + dep, p);
-        if constexpr (G32) {
-          const size_t row = static_cast<size_t>(2 * kstep) * N + dep;
-          grp_s[set][j][0] = ldg_u32(sbase + row, p);
-          grp_z[set][j][0] = ldg_u32(zbase + row, p);
-          grp_s[set][j][1] = ldg_u32(sbase + row + N, p);
-          grp_z[set][j][1] = ldg_u32(zbase + row + N, p);
-        } else {
-          const size_t row = static_cast<size_t>(kstep >> gshift) * N + dep;
-          grp_s[set][j][0] = ldg_u32(sbase + row, p);
-          grp_z[set][j][0] = ldg_u32(zbase + row, p);
-        }
+    // Load k64 step `step` of the unit (weights, scale and zero words); predicated off past the unit or when
+    // `enable` is false (the instruction stream stays uniform).
+    auto load_one = [&](uint32_t(&r)[4], uint32_t(&rs)[SW], uint32_t(&rz)[SW], const int step, const bool enable) {
+      const bool p = enable && step < nsteps;
+      const int kstep = s0 + step;
+      ldg_w(r, qbase + static_cast<size_t>(step) * (2 * N) + dep, p);
+      if constexpr (G32) {
+        const size_t row = static_cast<size_t>(2 * kstep) * N + dep;
+        ldg_u32(rs[0], sbase + row, p);
+        ldg_u32(rz[0], zbase + row, p);
+        ldg_u32(rs[1], sbase + row + N, p);
+        ldg_u32(rz[1], zbase + row + N, p);
+      } else {
+        const size_t row = static_cast<size_t>(kstep >> gshift) * N + dep;
+        ldg_u32(rs[0], sbase + row, p);
+        ldg_u32(rz[0], zbase + row, p);
       }
-    };
-    // Wait for a group: every register it loaded is folded into one word (volatile asm, so it stays at the group
-    // boundary), and later loads take their addresses from it (times a run-time zero), so they cannot be issued
-    // before it. ptxas tracks all these loads on one scoreboard: waiting here, for loads issued GRP steps
-    // earlier, keeps waits off the per-step path and never drains a group that was just issued.
-    auto wait_group = [&](const int set) {
-      uint32_t t = 0;
-#pragma unroll
-      for (int j = 0; j < GRP; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) xor_acc(t, grp[set][j][i]);
-#pragma unroll
-        for (int i = 0; i < SW; ++i) {
-          xor_acc(t, grp_s[set][j][i]);
-          xor_acc(t, grp_z[set][j][i]);
-        }
-      }
-      dep = t & rt_zero;
     };
     auto dequant_step = [&](const uint32_t(&r)[4], const uint32_t(&rs)[SW], const uint32_t(&rz)[SW],
                             uint32_t(&a)[4][4]) {
@@ -517,6 +512,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         for (int w = 0; w < 4; ++w) dequant_word(r[w], g0, a[w]);
       }
     };
+    int prev_stage = 0;
+
+#if QS_PIPE == 1
+    const uint32_t rt_zero = static_cast<uint32_t>(M) >> 31;  // 0 for any valid M, unknown to the compilers
+    auto load_group = [&](const int set, const int g, const bool enable) {
+#pragma unroll
+      for (int j = 0; j < GRP; ++j) load_one(grp[set][j], grp_s[set][j], grp_z[set][j], g * GRP + j, enable);
+    };
+    // Wait for a group: every register it loaded is folded into one word (volatile asm, so it stays at the group
+    // boundary), and later loads take their addresses from it (times a run-time zero), so they cannot be issued
+    // before it. ptxas tracks all these loads on one scoreboard: waiting here, once per GRP steps, keeps the
+    // waits off the per-step path.
+    auto wait_group = [&](const int set) {
+      uint32_t t = 0;
+#pragma unroll
+      for (int j = 0; j < GRP; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xor_acc(t, grp[set][j][i]);
+#pragma unroll
+        for (int i = 0; i < SW; ++i) {
+          xor_acc(t, grp_s[set][j][i]);
+          xor_acc(t, grp_z[set][j][i]);
+        }
+      }
+      dep = t & rt_zero;
+    };
 
     // Prologue: groups 0 and 1 in flight together, one wait (drains both), first fragments.
     load_group(0, 0, true);
@@ -526,7 +547,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
     dequant_step(grp[0][0], grp_s[0][0], grp_z[0][0], a_frag[0]);
 
-    int prev_stage = 0;
     int it = 0;  // 2*GRP-step iteration: set 0 holds group 2*it, set 1 group 2*it + 1
     // One k64 step: wgmma on the stage's x tile with A fragments already in registers; then, while the tensor
     // cores run, dequantize the next step. At the middle of an iteration: wait for set 1, refill set 0 with the
@@ -578,6 +598,48 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         step(uu, sb + uu, false);
       }
     }
+#else
+    // Ring of PREF k64 steps: the load for step s + PREF is issued as step s is consumed. ptxas tracks all of
+    // them on one scoreboard and drains it at each step's first use, so this pipeline is latency-bound; kept
+    // as the reference (first version measured on the device).
+    uint32_t ring[PREF][4] = {}, ring_s[PREF][SW] = {}, ring_z[PREF][SW] = {};
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) load_one(ring[p], ring_s[p], ring_z[p], p, true);
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+    dequant_step(ring[0], ring_s[0], ring_z[0], a_frag[0]);
+    load_one(ring[0], ring_s[0], ring_z[0], PREF, true);
+    int ld_next = PREF + 1;
+    for (int sb = 0; sb < nsteps; sb += UNR) {
+#pragma unroll
+      for (int uu = 0; uu < UNR; ++uu) {
+        const int s = sb + uu;
+        if (s < nsteps) {
+          mbar_wait(s_full + 8 * stage, phase);
+          const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
+          wgmma_fence();
+#pragma unroll
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+          wgmma_commit();
+          wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
+          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          if (s + 1 < nsteps) {
+            const int slot = (uu + 1) % PREF;
+            dequant_step(ring[slot], ring_s[slot], ring_z[slot], a_frag[(uu + 1) & 1]);
+            load_one(ring[slot], ring_s[slot], ring_z[slot], ld_next, true);
+            ++ld_next;
+          }
+          prev_stage = stage;
+          stage = stage + 1 == STAGES ? 0 : stage + 1;
+          phase ^= stage == 0 ? 1u : 0u;
+        }
+      }
+    }
+#endif
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
