@@ -91,6 +91,24 @@ def test_choose_splits_fills_the_chip():
     assert sm.choose_splits(32, 172, 132) >= 4
 
 
+def test_tuned_round_policy_reproduces_measured_splits():
+    """Run 3's best splits at K = N = 8192 (132 SMs): 4 for decode tiles, 2 up to 256 tokens, 1 beyond."""
+    want = {1: 4, 16: 4, 64: 2, 128: 2, 256: 2, 1024: 1, 4096: 1}
+    for m, splits in want.items():
+        cfg, rounds = sm.tuned_config(m, torch.float16)
+        assert sm.plan(m, 8192, 8192, 132, cfg, None, 128, rounds).splits == splits, m
+    # the round policy never leaves a unit with fewer than 8 k64 steps (pipeline fill) unless K is shorter
+    assert sm.choose_splits(1, 64, 132, rounds=2) == 8
+
+
+def test_tuned_configs_are_compiled_variants():
+    defines = [d for _, _, d in sm.VARIANTS]
+    for key in ("fp16", "bf16"):
+        dt = torch.float16 if key == "fp16" else torch.bfloat16
+        for _, cfg, _ in sm.TUNED[key]:
+            assert cfg.defines(128, dt) in defines, cfg
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 100, 128, 255, 256, 1000, 4096])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096), (4096, 11008), (192, 320), (64, 64), (5120, 13824)])
 def test_plan_covers_every_k_step(m, k, n):
