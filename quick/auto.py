@@ -1,0 +1,359 @@
+"""``AutoQuickForCausalLM``: load, quantize (AWQ or RTN), save and reload causal LMs in one object.
+
+Mirrors AutoAWQ's API (``from_pretrained`` -> ``quantize`` -> ``save_quantized`` -> ``from_quantized``) so
+existing scripts port over, with QUICK layouts as the default storage format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quick.checkpoint import (
+    cache_dequantized_weights,
+    is_quantized_checkpoint,
+    load_quantized,
+    make_quant_config,
+    pack_linear,
+    padded_in_features,
+    round_dense_,
+    save_quantized,
+    set_compute_dtype,
+)
+from quick.models.families import FamilyError, get_family
+from quick.packing.layouts import LAYOUTS, get_layout
+from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
+
+DEFAULT_QUANT_CONFIG: dict[str, Any] = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
+METHODS = ("awq", "rtn")
+_VERSION_ALIASES = {"gemm": "awq_gemm", "awq": "awq_gemm", "sm90": "quick_sm90"}
+_DEFAULT_MODEL_NAMES = ("default", "smollm2", "smollm2-135m")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def validate_quant_config(quant_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Check an AutoAWQ-style config and fill defaults; ``version`` becomes a layout name.
+
+    Raises :class:`QuantizationError` with the offending key and the accepted values.
+    """
+    qc = dict(DEFAULT_QUANT_CONFIG)
+    unknown = set(quant_config or {}) - set(DEFAULT_QUANT_CONFIG)
+    if unknown:
+        raise QuantizationError(
+            f"unknown quant_config keys {sorted(unknown)}; accepted: {sorted(DEFAULT_QUANT_CONFIG)}"
+        )
+    qc.update(quant_config or {})
+    if qc["w_bit"] != 4:
+        raise QuantizationError(f"w_bit={qc['w_bit']} is not supported; QUICK kernels are 4-bit only (w_bit=4)")
+    if qc["q_group_size"] not in SUPPORTED_GROUP_SIZES:
+        raise QuantizationError(
+            f"q_group_size={qc['q_group_size']} is not supported; "
+            f"choose one of {SUPPORTED_GROUP_SIZES} (-1 = per channel)"
+        )
+    if not isinstance(qc["zero_point"], bool):
+        raise QuantizationError(f"zero_point must be true or false, got {qc['zero_point']!r}")
+    version = str(qc["version"]).lower()
+    version = _VERSION_ALIASES.get(version, version)
+    if version not in LAYOUTS:
+        raise QuantizationError(
+            f"unknown version {qc['version']!r}; choose one of {sorted(LAYOUTS)} ('gemm' = AutoAWQ's format)"
+        )
+    qc["version"] = version
+    return qc
+
+
+def _config_dtype(path: Path) -> torch.dtype | None:
+    """The dtype a dense checkpoint was saved in (``dtype``/``torch_dtype`` in config.json)."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+    return getattr(torch, str(name), None) if name else None
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A directory, or one of the names of the bundled default model (converted once, then cached)."""
+    if str(path).lower() in _DEFAULT_MODEL_NAMES and not Path(path).exists():
+        from quick.models.loading import default_model_dir
+
+        return default_model_dir()
+    return Path(path).expanduser()
+
+
+def _windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if ids.numel() < seqlen:
+        raise QuantizationError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_tokens(
+    tokenizer: Any,
+    calib_data: str | os.PathLike | Sequence[str] | torch.Tensor | None = None,
+    n_samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Calibration ids ``[n_samples, seqlen]``.
+
+    ``calib_data``: ``None`` (the Wikipedia calibration split), a text file path, a list of strings (joined
+    like the corpus), or ready token ids ``[n, seqlen]``. Windows start at seeded random offsets of the
+    concatenated text. With ``bos_token_id`` every window starts with BOS (Gemma needs it).
+    """
+    if isinstance(calib_data, torch.Tensor):
+        ids = calib_data.long()
+        if ids.dim() != 2:
+            raise QuantizationError(f"calibration ids must be [n, seqlen], got shape {tuple(ids.shape)}")
+        return ids
+    if n_samples < 1 or seqlen < 2:
+        raise QuantizationError(f"n_samples must be >= 1 and seqlen >= 2, got {n_samples}, {seqlen}")
+    if calib_data is None:
+        from quick.data.corpus import calibration_samples
+
+        samples = calibration_samples(tokenizer, n_samples, seqlen, seed)
+    else:
+        if isinstance(calib_data, (str, os.PathLike)):
+            p = Path(calib_data).expanduser()
+            if not p.is_file():
+                raise QuantizationError(f"calibration file {p} not found")
+            text = p.read_text(encoding="utf-8", errors="replace")
+        else:
+            texts = [str(t) for t in calib_data]
+            if not texts:
+                raise QuantizationError("calibration data is an empty list")
+            text = "\n\n".join(texts)
+        raw = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        samples = _windows(torch.tensor(raw, dtype=torch.long), n_samples, seqlen, seed)
+    if bos_token_id is not None:
+        samples = torch.cat([torch.full_like(samples[:, :1], bos_token_id), samples[:, :-1]], dim=1)
+    return samples
+
+
+def quantize_model_rtn(
+    model: nn.Module,
+    group_size: int = 128,
+    layout: str = "quick",
+    zero_point: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+    skip: Sequence[str] = ("lm_head",),
+) -> nn.Module:
+    """Round-to-nearest every linear except ``skip`` (ragged last groups allowed), like AWQ's packing."""
+    lay = get_layout(layout)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)]
+    for n, m in targets:
+        try:
+            lay.check(padded_in_features(m.in_features, group_size, layout), m.out_features, group_size)
+        except ValueError as e:
+            raise QuantizationError(f"{n}: {e}") from None
+    model_dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for n, m in targets:
+            parent, _, child = n.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                child,
+                pack_linear(m, group_size, layout, zero_point, scale_dtype),
+            )
+    round_dense_(model, scale_dtype)
+    set_compute_dtype(model, model_dtype)
+    return model
+
+
+class AutoQuickForCausalLM:
+    """A transformers causal LM plus its tokenizer, quantization state and config.
+
+    ``model`` is a plain transformers model (packed layers are ``QuickLinear``), so anything that takes a
+    model -- ``generate``, perplexity, pipelines -- takes it too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        quant_config: dict[str, Any] | None = None,
+        weight_dtype: torch.dtype | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.quant_config = quant_config
+        self.weight_dtype = weight_dtype or torch.float16
+        self.path = path
+        self.quantization_time_s: float | None = None
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> AutoQuickForCausalLM:
+        """Load a dense Hugging Face checkpoint (or a quantized one, via :meth:`from_quantized`).
+
+        ``dtype``: compute dtype (default fp32 on CPU, where half-precision matmuls are very slow, else the
+        checkpoint's dtype). The checkpoint's own fp16/bf16 dtype becomes the dtype of the packed scales.
+        """
+        p = resolve_model_path(path)
+        if is_quantized_checkpoint(p):
+            return cls.from_quantized(p, device=device, dtype=dtype)
+        from quick.models.loading import load_model
+
+        device = torch.device(device) if device is not None else default_device()
+        stored = _config_dtype(p)
+        weight_dtype = stored if stored in SUPPORTED_DTYPES else torch.float16
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" else weight_dtype
+        model, tokenizer = load_model(p, dtype, device)
+        return cls(model, tokenizer, None, weight_dtype, p)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        path: str | os.PathLike,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        layout: str | None = None,
+    ) -> AutoQuickForCausalLM:
+        """Load a QUICK or AutoAWQ-GEMM checkpoint (AutoAWQ tensors are repacked, not requantized).
+
+        ``dtype``: compute dtype of the dense parts (default fp32 on CPU, else the stored dtype).
+        """
+        p = Path(path).expanduser()
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None and device.type == "cpu":
+            dtype = torch.float32
+        model = load_quantized(p, device=device, dtype=dtype, layout=layout)
+        if device.type == "cpu":
+            cache_dequantized_weights(model)
+        tokenizer = _load_tokenizer(p)
+        qc = model.quick_quant_config
+        weight_dtype = next(m.dtype for m in model.modules() if hasattr(m, "qweight"))
+        config = {
+            "w_bit": 4,
+            "q_group_size": qc["group_size"],
+            "zero_point": qc["zero_point"],
+            "version": layout or (qc["version"] if qc["quant_method"] == "quick" else "awq_gemm"),
+        }
+        return cls(model, tokenizer, config, weight_dtype, p)
+
+    # ------------------------------------------------------------------------------------- quantization
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_config is not None
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.model.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def quantize(
+        self,
+        tokenizer: Any = None,
+        quant_config: dict[str, Any] | None = None,
+        calib_data: str | os.PathLike | Sequence[str] | torch.Tensor | None = None,
+        method: str = "awq",
+        n_samples: int = 128,
+        seqlen: int = 512,
+        seed: int = 0,
+        search_samples: int | None = None,
+        duo_scaling: bool = False,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> AutoQuickForCausalLM:
+        """Quantize in place. ``method``: 'awq' (calibrated scales + clipping) or 'rtn' (round to nearest).
+
+        ``calib_data``: ``None`` = Wikipedia calibration split (``n_samples`` x ``seqlen`` tokens), a text
+        file, a list of strings, or token ids ``[n, seqlen]``. Records the wall time in
+        ``quantization_time_s``.
+        """
+        if self.is_quantized:
+            raise QuantizationError("model is already quantized")
+        if method not in METHODS:
+            raise QuantizationError(f"unknown method {method!r}; choose one of {METHODS}")
+        qc = validate_quant_config(quant_config)
+        tokenizer = tokenizer or self.tokenizer
+        try:
+            family = get_family(self.model.config)
+        except FamilyError:
+            if method == "awq":
+                raise
+            family = None
+        skip = family.modules_to_not_convert if family else ("lm_head",)
+        start = time.perf_counter()
+        if method == "awq":
+            from quick.quant.awq import quantize_model_awq
+
+            if tokenizer is None and not isinstance(calib_data, torch.Tensor):
+                raise QuantizationError("AWQ needs a tokenizer (or calibration token ids) for its calibration data")
+            bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
+            samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos)
+            quantize_model_awq(
+                self.model,
+                samples,
+                group_size=qc["q_group_size"],
+                zero_point=qc["zero_point"],
+                layout=qc["version"],
+                scale_dtype=self.weight_dtype,
+                duo_scaling=duo_scaling,
+                search_samples=search_samples,
+                batch_size=batch_size,
+                family=family,
+                progress=progress,
+            )
+        else:
+            quantize_model_rtn(self.model, qc["q_group_size"], qc["version"], qc["zero_point"], self.weight_dtype, skip)
+        self.quantization_time_s = time.perf_counter() - start
+        if self.device.type == "cpu":
+            cache_dequantized_weights(self.model)
+        self.quant_config = qc
+        self._skip = tuple(skip)
+        return self
+
+    def save_quantized(self, out_dir: str | os.PathLike, max_shard_size: int | None = None) -> Path:
+        """Write the quantized model, its config and tokenizer to ``out_dir`` (atomically)."""
+        if not self.is_quantized:
+            raise QuantizationError("quantize the model (or load a quantized one) before save_quantized")
+        qc = self.quant_config
+        skip = getattr(self, "_skip", None) or ("lm_head",)
+        config = make_quant_config(qc["version"], qc["q_group_size"], qc["zero_point"], skip)
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- inference
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` (transformers' generation, all its arguments)."""
+        return self.model.generate(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def to(self, device: torch.device | str) -> AutoQuickForCausalLM:
+        self.model.to(device)
+        return self
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer, or ``None`` when it has none (AutoAWQ exports usually include one)."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

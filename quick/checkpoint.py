@@ -1,0 +1,625 @@
+"""Quantized checkpoints: save (sharded safetensors, atomically) and load (QUICK or unmodified AutoAWQ GEMM).
+
+Format: a Hugging Face style directory -- ``config.json`` with a ``quantization_config``, safetensors
+shards ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, the tokenizer and the
+generation config. Each packed linear ``name`` stores its layout's tensors as ``name.qweight`` etc.
+(``qweight/scales/zeros`` for the QUICK layouts; ``qweight/qzeros/scales`` for AutoAWQ's GEMM format,
+written with ``quant_method: "awq", version: "gemm"`` so AutoAWQ and transformers read it too).
+
+Loading builds the model skeleton from the config without allocating weights, swaps in ``QuickLinear``
+where the files hold ``qweight``, checks every tensor's shape and dtype against the skeleton or the
+layout (errors name the tensor and the file), and repacks AutoAWQ tensors into the device's preferred
+layout exactly (no requantization).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quick.nn.linear import QuickLinear
+from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
+from quick.quant.primitives import QuantizationError, quantize
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+AWQ_VERSIONS = {"gemm": "awq_gemm"}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, corrupt or does not match its config."""
+
+
+def preferred_layout(device: torch.device | str | None = None) -> str:
+    """Layout AutoAWQ checkpoints are repacked into on ``device``.
+
+    'quick' is the layout of the mma.sync kernels, which run on every supported GPU; on CPU the reference
+    path reads any layout equally. A Hopper-specific choice ('quick_sm90') belongs here once its kernel
+    is the faster one.
+    """
+    return "quick"
+
+
+# ------------------------------------------------------------------------------------ quantization config
+
+
+def layout_for_config(qc: dict[str, Any]) -> str:
+    """Packed layout named by a ``quantization_config`` (``awq``/``gemm`` -> ``awq_gemm``)."""
+    method = str(qc.get("quant_method", "")).lower()
+    version = str(qc.get("version", "")).lower()
+    if qc.get("bits", qc.get("w_bit", 4)) != 4:
+        raise CheckpointError(f"only 4-bit checkpoints are supported, got bits={qc.get('bits')}")
+    if method == "awq":
+        if version not in AWQ_VERSIONS:
+            raise CheckpointError(
+                f"AutoAWQ version '{qc.get('version')}' is not supported; only 'gemm' checkpoints can be loaded "
+                "(GEMV/Marlin/ExLlama formats pack weights differently)"
+            )
+        return AWQ_VERSIONS[version]
+    if method == "quick":
+        if version not in LAYOUTS:
+            raise CheckpointError(f"unknown QUICK layout '{qc.get('version')}'; known: {sorted(LAYOUTS)}")
+        return version
+    raise CheckpointError(f"quant_method '{qc.get('quant_method')}' is not 'quick' or 'awq'")
+
+
+def make_quant_config(
+    layout: str, group_size: int, zero_point: bool = True, modules_to_not_convert: Iterable[str] = ("lm_head",)
+) -> dict[str, Any]:
+    """The ``quantization_config`` written to ``config.json`` for ``layout``."""
+    get_layout(layout)
+    if layout == "awq_gemm":
+        method, version = "awq", "gemm"
+    else:
+        method, version = "quick", layout
+    return {
+        "quant_method": method,
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": bool(zero_point),
+        "version": version,
+        "modules_to_not_convert": list(modules_to_not_convert),
+    }
+
+
+# ------------------------------------------------------------------------------- packing, ragged groups
+
+
+def padded_in_features(in_features: int, group_size: int, layout: str = "quick") -> int:
+    """K the packed weight needs: ``in_features``, or rounded up to whole groups when the layout cannot
+    hold a ragged last group (e.g. SmolLM2's K=576 with groups of 128)."""
+    if group_size == -1:
+        return in_features
+    try:
+        get_layout(layout).check(in_features, max(get_layout(layout).n_multiple, 8), group_size)
+        return in_features
+    except (LayoutError, QuantizationError):
+        return -(-in_features // group_size) * group_size
+
+
+class PaddedQuickLinear(QuickLinear):
+    """A ``QuickLinear`` whose K is not a multiple of the group size, stored zero-padded to whole groups.
+
+    The last group holds the ``K % G`` real input channels plus zero columns. Zero weights quantize to
+    exactly zero, so the result equals a ragged last group (except that 0 always lies inside that group's
+    range). The input is zero-padded to the stored K. This stands in for native ragged-group support in
+    the primitives/layouts, which would store ``ceil(K/G)`` scale rows and no padding.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 128,
+        layout: str = "quick",
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        logical_in_features: int | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, group_size, layout, dtype, device)
+        self.logical_in_features = logical_in_features or in_features
+        if not 0 < self.logical_in_features <= in_features:
+            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {in_features}]")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.logical_in_features != self.in_features:
+            x = F.pad(x, (0, self.in_features - self.logical_in_features))
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"logical_in_features={self.logical_in_features}, " + super().extra_repr()
+
+
+def pack_linear(
+    linear: nn.Linear,
+    group_size: int = 128,
+    layout: str = "quick",
+    zero_point: bool = True,
+    dtype: torch.dtype = torch.float16,
+) -> QuickLinear:
+    """Round-to-nearest quantize ``linear``'s current weight into a packed layer (padded if K is ragged)."""
+    k, n = linear.in_features, linear.out_features
+    kp = padded_in_features(k, group_size, layout)
+    if kp == k:
+        return QuickLinear.from_linear(linear, group_size, layout, zero_point, dtype)
+    w = F.pad(linear.weight.data.float(), (0, kp - k))
+    qw = quantize(w, group_size, zero_point=zero_point, dtype=dtype)
+    bias = linear.bias is not None
+    mod = PaddedQuickLinear(kp, n, bias, group_size, layout, dtype, qw.q.device, logical_in_features=k)
+    for name, t in mod.layout.pack(qw).items():
+        getattr(mod, name).copy_(t)
+    if bias:
+        mod.bias.copy_(linear.bias.data.to(dtype))
+    return mod
+
+
+# --------------------------------------------------------------------------------------- dtype handling
+
+
+def _cast_in(module: QuickLinear, args: tuple) -> tuple:
+    return (args[0].to(module.dtype), *args[1:])
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run the dense parts of ``model`` in ``dtype``; packed layers keep their scale dtype.
+
+    Where the two differ, each ``QuickLinear`` casts its input to its own dtype and its output back to
+    ``dtype`` -- the activations a half-precision GPU kernel would see. This is what lets a model with
+    fp16 packed weights run its norms, attention and embeddings in fp32 on CPU, where half-precision
+    matmuls are very slow.
+    """
+    for mod in model.modules():
+        if isinstance(mod, QuickLinear):
+            for h in getattr(mod, "_quick_cast_hooks", ()):
+                h.remove()
+            mod._quick_cast_hooks = ()
+            if dtype != mod.dtype:
+                mod._quick_cast_hooks = (
+                    mod.register_forward_pre_hook(_cast_in),
+                    mod.register_forward_hook(lambda _m, _a, out, dt=dtype: out.to(dt)),
+                )
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def _cached_forward(mod: QuickLinear, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if x.device != weight.device:  # moved since caching: the packed path works anywhere
+        return type(mod).forward(mod, x)
+    if isinstance(mod, PaddedQuickLinear) and x.shape[-1] == mod.logical_in_features != mod.in_features:
+        x = F.pad(x, (0, mod.in_features - mod.logical_in_features))
+    mod._check_input(x)
+    return F.linear(x.float(), weight, bias).to(x.dtype)
+
+
+def cache_dequantized_weights(model: nn.Module) -> int:
+    """CPU only: dequantize each packed layer once instead of in every forward; returns the count.
+
+    ``QuickLinear``'s reference path unpacks and dequantizes the whole weight on every call, which on a CPU
+    costs several times the matmul (perplexity and generation slow down ~5x). The cached forward does the
+    reference path's arithmetic (fp32 weight, fp32 math, output in the input dtype), so results are
+    identical; it costs an fp32 copy of the weights and must be redone if the packed buffers change.
+    """
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, QuickLinear) and mod.qweight.device.type == "cpu":
+            w = mod.dequantized_weight(torch.float32).contiguous()
+            b = None if mod.bias is None else mod.bias.float()
+            mod.forward = functools.partial(_cached_forward, mod, w, b)
+            count += 1
+    return count
+
+
+def round_dense_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Round dense floating parameters to ``dtype``'s grid (keeping their dtype): what a checkpoint stores."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, QuickLinear):
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.is_floating_point() and id(p) not in seen and p.dtype != dtype:
+                seen.add(id(p))
+                p.data = p.data.to(dtype).to(p.dtype)
+    return model
+
+
+def packed_modules(model: nn.Module) -> dict[str, QuickLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuickLinear)}
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors to write: packed layers in ``layout`` (repacked if needed), dense floats in ``dense_dtype``,
+    tied duplicates (``lm_head`` sharing the embedding) written once."""
+    packed = packed_modules(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in packed.items():
+        tensors = mod.packed()
+        if mod.layout_name != layout:
+            tensors = convert(tensors, mod.layout_name, layout, mod.in_features, mod.out_features, mod.group_size)
+        for t_name, t in tensors.items():
+            out[f"{name}.{t_name}"] = t
+        if mod.bias is not None:
+            out[f"{name}.bias"] = mod.bias
+    seen_ptrs: set[tuple[int, int]] = set()
+    for key, t in model.state_dict(keep_vars=False).items():
+        prefix = key.rpartition(".")[0]
+        if prefix in packed:
+            continue
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ptr in seen_ptrs:
+            continue
+        seen_ptrs.add(ptr)
+        out[key] = t.to(dense_dtype) if t.is_floating_point() else t
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    quant_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
+    _before_publish: Any = None,
+) -> Path:
+    """Write ``model`` (with ``QuickLinear`` layers) to ``out_dir``; returns the directory.
+
+    ``quant_config``: a ``quantization_config`` dict (see :func:`make_quant_config`); its layout decides
+    how packed tensors are written (repacked exactly if the modules use another one); default: the
+    modules' own layout. Everything is written into a temporary directory next to ``out_dir`` and renamed
+    into place only when complete, so an interrupted save leaves no checkpoint at ``out_dir`` (an existing
+    one is replaced only after the new one is fully written).
+    """
+    out = Path(out_dir).resolve()
+    packed = packed_modules(model)
+    if not packed:
+        raise CheckpointError("model has no QuickLinear layers; quantize it before save_quantized")
+    first = next(iter(packed.values()))
+    sizes = [m.group_size for m in packed.values()]
+    common = max(set(sizes), key=sizes.count)
+    qc = dict(quant_config) if quant_config else make_quant_config(first.layout_name, common)
+    layout = layout_for_config(qc)
+    # Layers quantized with another group size than the nominal one (e.g. a fallback for K not divisible
+    # by it) are listed by name, so that loading stays strict about every other layer's shapes.
+    overrides = {n: m.group_size for n, m in packed.items() if m.group_size != qc.get("group_size")}
+    if overrides:
+        if layout == "awq_gemm":
+            raise CheckpointError(
+                f"AutoAWQ's format has one group size; {len(overrides)} layers (e.g. {next(iter(overrides))}) "
+                f"use another than {qc.get('group_size')}"
+            )
+        qc["module_group_sizes"] = overrides
+    dtypes = {m.dtype for m in packed.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"packed layers use several dtypes {sorted(map(str, dtypes))}; one is supported")
+    dense_dtype = first.dtype
+    tensors = _state_for_save(model, layout, dense_dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards = _shards(tensors, max_shard_size)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        config = copy.deepcopy(model.config)
+        config.quantization_config = qc
+        config.dtype = dense_dtype
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except Exception as e:  # a generation config is a convenience, not part of the weights
+                log.warning("generation config not saved: %s", e)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        if _before_publish is not None:
+            _before_publish(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temp directory to ``out``, replacing an existing directory only at the end."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and check that the file holds every byte the header promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})"
+                )
+            header = json.loads(f.read(n))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e}); the file is corrupt") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path}: file is {size} bytes but its header describes {8 + n + end}; the file is truncated or corrupt"
+        )
+    return header
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from the index when there is one."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: corrupt index ({e})") from None
+        return {k: path / v for k, v in weight_map.items()}
+    single = path / SINGLE_NAME
+    if single.exists():
+        return {k: single for k in _read_header(single)}
+    raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME}")
+
+
+def read_quant_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a checkpoint directory, or ``None`` for a dense one."""
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(cfg.read_text()).get("quantization_config")
+    except ValueError as e:
+        raise CheckpointError(f"{cfg}: corrupt config.json ({e})") from None
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").exists() and read_quant_config(p) is not None
+
+
+def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    prefix, _, name = key.rpartition(".")
+    mod = model.get_submodule(prefix) if prefix else model
+    if name in mod._parameters:
+        mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[name] = t
+
+
+def _skeleton(config: Any, dense_dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dense_dtype)
+
+
+@torch.no_grad()
+def load_quantized(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    layout: str | None = None,
+) -> nn.Module:
+    """Load a QUICK or AutoAWQ-GEMM checkpoint as a transformers model with ``QuickLinear`` layers.
+
+    ``dtype``: compute dtype of the dense parts (default: the stored scale dtype); packed layers keep the
+    stored scale dtype and cast activations at their boundary when the two differ. ``layout``: repack
+    into this layout (default: the stored one for QUICK checkpoints, :func:`preferred_layout` for AutoAWQ).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    qc = read_quant_config(path)
+    if qc is None:
+        raise CheckpointError(f"{path}: config.json has no quantization_config (a dense model?)")
+    src_layout = layout_for_config(qc)
+    dst_layout = layout or (preferred_layout(device) if src_layout == "awq_gemm" else src_layout)
+    get_layout(dst_layout)
+    group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    overrides = qc.get("module_group_sizes") or {}
+
+    files = _weight_files(path)
+    headers = {f: _read_header(f) for f in sorted(set(files.values()))}
+    where: dict[str, Path] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for f, h in headers.items():
+        for k, v in h.items():
+            where[k] = f
+            meta[k] = v
+    for k, f in files.items():
+        if k not in meta:
+            raise CheckpointError(f"tensor '{k}' is listed in the index for {f.name} but that file does not hold it")
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    scale_dtypes = {_ST_DTYPES.get(meta[k]["dtype"]) for k in meta if k.endswith(".scales")}
+    if not scale_dtypes:
+        raise CheckpointError(f"{path}: no '.scales' tensors; not a quantized checkpoint")
+    if len(scale_dtypes) != 1 or None in scale_dtypes:
+        raise CheckpointError(f"{path}: scales have mixed or unsupported dtypes {scale_dtypes}")
+    scale_dtype = scale_dtypes.pop()
+    dense_dtype = dtype or scale_dtype
+    model = _skeleton(config, dense_dtype)
+
+    quantized: dict[str, QuickLinear] = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and f"{name}.qweight" in meta:
+            k = m.in_features
+            g = int(overrides.get(name, group_size))
+            rows = meta.get(f"{name}.scales", {}).get("shape", [0])[0]
+            bias = f"{name}.bias" in meta
+            try:
+                if g != -1 and k % g and rows == -(-k // g):
+                    # ragged last group, stored zero-padded to whole groups (see PaddedQuickLinear)
+                    q = PaddedQuickLinear(
+                        rows * g, m.out_features, bias, g, dst_layout, scale_dtype, "meta", logical_in_features=k
+                    )
+                else:
+                    q = QuickLinear(k, m.out_features, bias, g, dst_layout, scale_dtype, "meta")
+            except (LayoutError, QuantizationError) as e:
+                raise CheckpointError(f"{path}: cannot hold '{name}' (scales {rows} rows): {e}") from None
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q)
+            quantized[name] = q
+    orphans = [k for k in meta if k.endswith(".qweight") and k.rpartition(".")[0] not in quantized]
+    if orphans:
+        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {config.model_type} model")
+
+    expected = dict(model.state_dict(keep_vars=True))
+    src_names = set(get_layout(src_layout).tensor_specs(128, 128, 128))
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in quantized}
+    unexpected = []
+    for f in headers:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    prefix, _, tname = key.rpartition(".")
+                    if prefix in quantized and tname in src_names:
+                        pending[prefix][tname] = sf.get_tensor(key)
+                        continue
+                    if prefix in quantized and tname == "bias":
+                        b = sf.get_tensor(key)
+                        q = quantized[prefix]
+                        if tuple(b.shape) != (q.out_features,):
+                            raise CheckpointError(
+                                f"tensor '{key}' in {f.name} has shape {tuple(b.shape)}, expected ({q.out_features},)"
+                            )
+                        q.register_buffer("bias", b.to(q.dtype))
+                        continue
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    t = sf.get_tensor(key)
+                    ref = expected[key]
+                    if tuple(t.shape) != tuple(ref.shape):
+                        raise CheckpointError(
+                            f"tensor '{key}' in {f.name} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}"
+                        )
+                    if ref.is_floating_point() != t.is_floating_point():
+                        raise CheckpointError(f"tensor '{key}' in {f.name} has dtype {t.dtype}, expected {ref.dtype}")
+                    _set_tensor(model, key, t.to(dense_dtype) if t.is_floating_point() else t.to(ref.dtype))
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{f}: cannot read tensors ({type(e).__name__}: {e}); the file is corrupt") from None
+    if unexpected:
+        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+
+    src = get_layout(src_layout)
+    for name, q in quantized.items():
+        tensors = pending[name]
+        try:
+            g = q.group_size
+            src.validate(tensors, q.in_features, q.out_features, g, where=name)
+            if src_layout != dst_layout:
+                tensors = convert(tensors, src_layout, dst_layout, q.in_features, q.out_features, g)
+            get_layout(dst_layout).validate(tensors, q.in_features, q.out_features, g, where=name)
+        except LayoutError as e:
+            raise CheckpointError(f"{where.get(name + '.qweight', path)}: {e}") from None
+        for tname, t in tensors.items():
+            q.register_buffer(tname, t.contiguous())
+        if q.bias is not None and q.bias.is_meta:
+            raise CheckpointError(f"missing tensor '{name}.bias'")
+
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    set_compute_dtype(model, dense_dtype)
+    model.to(device)
+    model.eval()
+    saved = dict(qc)
+    model.quick_quant_config = make_quant_config(
+        dst_layout, group_size, qc.get("zero_point", True), qc.get("modules_to_not_convert") or ("lm_head",)
+    )
+    model.quick_source_quant_config = saved
+    return model

@@ -1,0 +1,67 @@
+"""`quick eval MODEL --ppl`: perplexity of a dense or quantized model on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "eval"
+HELP = "perplexity of a dense or quantized model (held-out Wikipedia split or a text file)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="dense or quantized checkpoint directory, or 'smollm2'")
+    parser.add_argument("--ppl", action="store_true", help="measure perplexity (the only metric so far)")
+    parser.add_argument(
+        "--data", default="wiki", help="'wiki' (held-out split, default), a .txt file, wikitext2/c4/ptb"
+    )
+    parser.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    parser.add_argument(
+        "--bos", default="auto", choices=("auto", "yes", "no"),
+        help="prepend BOS to every window; auto: when the tokenizer itself adds BOS (Gemma yes, SmolLM2 no)",
+    )  # fmt: skip
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def bos_for(tokenizer, mode: str = "auto") -> int | None:
+    """BOS id to prepend per window: always/never, or when the tokenizer adds one to plain text itself."""
+    bos = tokenizer.bos_token_id
+    if mode == "no" or bos is None:
+        return None
+    if mode == "yes":
+        return bos
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from quick.auto import AutoQuickForCausalLM
+    from quick.data.corpus import load_eval_text
+    from quick.eval.perplexity import perplexity, tokenize_eval_text
+
+    if not args.ppl:
+        print("quick eval: error: choose a metric (--ppl)")
+        return 2
+    model = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
+    if model.tokenizer is None:
+        print(f"quick eval: error: {args.model} has no tokenizer files")
+        return 2
+    ids = tokenize_eval_text(model.tokenizer, load_eval_text(args.data))
+    bos = bos_for(model.tokenizer, args.bos)
+    start = time.perf_counter()
+    ppl = perplexity(model.model, ids, args.seqlen, args.max_tokens, bos, progress=not args.quiet)
+    n = min(ids.shape[-1], args.max_tokens or ids.shape[-1])
+    kind = (
+        f"quantized ({model.quant_config['version']}, g{model.quant_config['q_group_size']})"
+        if model.is_quantized
+        else "dense"
+    )
+    print(
+        f"perplexity {ppl:.4f} on {n} tokens of {args.data!r} "
+        f"(seqlen {args.seqlen}, BOS {'yes' if bos is not None else 'no'}); "
+        f"{kind} model {model.path}; {time.perf_counter() - start:.1f} s"
+    )
+    return 0

@@ -1,0 +1,165 @@
+"""Model families for AWQ, written as data.
+
+AWQ needs to know, per decoder layer, which linears read the same input and which operation produced
+that input, so that a per-input-channel scale ``s`` can be moved out of the linears (``W * s``) and into
+the preceding op (``prev / s``) without changing the float model. That knowledge is architectural and
+the same for every checkpoint of a family, so it lives here as plain dataclasses rather than as code
+paths in the quantizer. Adding a family means adding one :class:`ModelFamily` entry to ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+class FamilyError(ValueError):
+    """The model's architecture is unknown to AWQ or does not look like its family says it should."""
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that share one input, the op that produced it, and the module whose output AWQ compares.
+
+    ``prev``: the op before the linears, relative to the decoder layer (an RMSNorm or an ``nn.Linear``).
+    ``linears``: the linears reading ``prev``'s output (their input channels get multiplied by ``s``).
+    ``inspect``: the module whose output the scale search compares against the float model; ``None`` means
+    the single linear itself. ``inspect_kwargs``: pass the decoder layer's call kwargs (position
+    embeddings, attention mask) to ``inspect`` -- needed for attention blocks.
+    ``same_shape``: only use the group when these two modules' weights have the same shape (AutoAWQ's
+    rule for folding into ``v_proj``: with grouped-query attention a ``v_proj`` output channel feeds several
+    ``o_proj`` input channels, so one scale per ``o_proj`` channel cannot be folded into it).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+    inspect_kwargs: bool = False
+    same_shape: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything AWQ needs to know about one architecture.
+
+    ``norm_offset``: the RMSNorm multiplies by ``(norm_offset + weight)``; Gemma stores ``weight`` around 0
+    and multiplies by ``1 + weight``, so folding ``1/s`` must act on ``1 + weight``, not on ``weight``.
+    ``no_clip``: substrings of linear names that skip the clipping search (query/key: AutoAWQ found that
+    clipping them hurts, attention scores amplify their errors).
+    ``modules_to_not_convert``: substrings of module names that stay dense.
+    ``requires_bos``: every sequence must start with BOS (Gemma degrades badly without it).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    groups: tuple[ScaleGroup, ...]
+    norm_offset: float = 0.0
+    no_clip: tuple[str, ...] = ("q_proj", "k_proj")
+    modules_to_not_convert: tuple[str, ...] = ("lm_head",)
+    requires_bos: bool = False
+    notes: str = field(default="", compare=False)
+
+
+_ATTN_IN = ScaleGroup(
+    prev="input_layernorm",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    inspect="self_attn",
+    inspect_kwargs=True,
+)
+_ATTN_OUT = ScaleGroup(
+    prev="self_attn.v_proj",
+    linears=("self_attn.o_proj",),
+    same_shape=("self_attn.v_proj", "self_attn.o_proj"),
+)
+_MLP_DOWN = ScaleGroup(prev="mlp.up_proj", linears=("mlp.down_proj",))
+
+
+def _mlp_in(norm: str) -> ScaleGroup:
+    return ScaleGroup(prev=norm, linears=("mlp.gate_proj", "mlp.up_proj"), inspect="mlp")
+
+
+_LLAMA_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("post_attention_layernorm"), _MLP_DOWN)
+# Gemma3 normalises the attention *output* with post_attention_layernorm (before the residual add); the MLP
+# input comes from pre_feedforward_layernorm, so that is the op the gate/up scales fold into.
+_GEMMA3_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("pre_feedforward_layernorm"), _MLP_DOWN)
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily("llama", ("llama",), "model.layers", _LLAMA_GROUPS),
+    ModelFamily("mistral", ("mistral",), "model.layers", _LLAMA_GROUPS),
+    ModelFamily("qwen2", ("qwen2",), "model.layers", _LLAMA_GROUPS, notes="q/k/v carry biases"),
+    ModelFamily("qwen3", ("qwen3",), "model.layers", _LLAMA_GROUPS, notes="q_norm/k_norm act per head after q/k"),
+    ModelFamily(
+        "gemma3_text",
+        ("gemma3_text",),
+        "model.layers",
+        _GEMMA3_GROUPS,
+        norm_offset=1.0,
+        requires_bos=True,
+    ),
+    ModelFamily(
+        "gemma3",
+        ("gemma3",),
+        "model.language_model.layers",
+        _GEMMA3_GROUPS,
+        norm_offset=1.0,
+        modules_to_not_convert=("lm_head", "vision_tower", "multi_modal_projector"),
+        requires_bos=True,
+        notes="multimodal wrapper: only the text decoder is quantized",
+    ),
+)
+
+_BY_TYPE: dict[str, ModelFamily] = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def known_model_types() -> list[str]:
+    return sorted(_BY_TYPE)
+
+
+def get_family(config_or_type: Any) -> ModelFamily:
+    """Family for a ``model_type`` string or a transformers config; a clear error for unknown ones."""
+    model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    family = _BY_TYPE.get(model_type)  # type: ignore[arg-type]
+    if family is None:
+        raise FamilyError(
+            f"no AWQ model family for model_type '{model_type}' (known: {', '.join(known_model_types())}). "
+            "To add it, append a ModelFamily to FAMILIES in quick/models/families.py with its model_type, the "
+            "path of its decoder layer list (e.g. 'model.layers') and its ScaleGroups: which linears share an "
+            "input and which norm/linear precedes them. Round-to-nearest (method='rtn') needs no family."
+        )
+    return family
+
+
+def decoder_layers(model: nn.Module, family: ModelFamily) -> nn.ModuleList:
+    """The model's list of decoder layers, found through ``family.layers_path``."""
+    try:
+        layers = model.get_submodule(family.layers_path)
+    except AttributeError:
+        raise FamilyError(
+            f"family '{family.name}' expects decoder layers at '{family.layers_path}', which "
+            f"{type(model).__name__} does not have"
+        ) from None
+    if not isinstance(layers, nn.ModuleList):
+        raise FamilyError(f"'{family.layers_path}' is a {type(layers).__name__}, expected an nn.ModuleList")
+    return layers
+
+
+def active_groups(layer: nn.Module, family: ModelFamily) -> list[ScaleGroup]:
+    """The family's scale groups that apply to this layer (checks every named module exists)."""
+    out = []
+    for g in family.groups:
+        for name in (g.prev, *g.linears, *([g.inspect] if g.inspect else [])):
+            try:
+                layer.get_submodule(name)
+            except AttributeError:
+                raise FamilyError(
+                    f"family '{family.name}': decoder layer {type(layer).__name__} has no submodule '{name}'"
+                ) from None
+        if g.same_shape is not None:
+            a, b = (layer.get_submodule(n).weight.shape for n in g.same_shape)
+            if a != b:
+                continue
+        out.append(g)
+    return out

@@ -1,0 +1,669 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023), layer by layer on calibration data.
+
+Why it works: a few input channels of each linear carry much larger activations than the rest, and the
+4-bit rounding error of the weights in those channels dominates the output error. Multiplying the weight's
+input channel ``j`` by ``s_j > 1`` (and dividing the activation by ``s_j``, folded into the op that produces
+it) shrinks that channel's *relative* rounding error. AWQ picks ``s = mean|x| ** ratio`` (normalised), with
+``ratio`` chosen on a grid by the output error of the fake-quantized block, then shrinks each group's
+clipping range where that lowers the output error, then rounds to nearest.
+
+How this implementation runs:
+
+* The decoder layers run one at a time (only the current layer on the compute device). The inputs of the
+  first layer, and the keyword arguments every layer receives (rotary position embeddings, attention mask;
+  Gemma3 passes different ones to sliding-window and global layers), are captured by temporarily
+  replacing every layer with a catcher that records its call and passes the hidden states through.
+* Statistics of every linear's input are gathered in one pass over all calibration tokens: ``mean|x|`` and
+  the Gram matrix ``X^T X``. For a scale group whose compared module is a single linear (``o_proj``,
+  ``down_proj``) the output MSE of any candidate weight ``W'`` is exactly ``tr((W'-W) X^T X (W'-W)^T)``, so
+  the grid search needs no further passes over the tokens. The clipping search uses the diagonal
+  ``G x G`` blocks of the same Gram matrix, i.e. every calibration token (AutoAWQ subsamples 512).
+* Attention and MLP groups are searched by running the module, on ``search_samples`` of the calibration
+  samples (all of them by default).
+* The next layer's inputs are the float outputs of the current layer, as in AutoAWQ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quick.checkpoint import pack_linear, padded_in_features, round_dense_, set_compute_dtype
+from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.packing.layouts import get_layout
+from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+# Calibration samples the attention/MLP grid search runs on when computing on CPU (all of them on GPU):
+# 20 forward passes of the block per group over 65k tokens take minutes per layer on a CPU, while the
+# loss ranking of the 20 candidates is already stable on 8k tokens.
+CPU_SEARCH_SAMPLES = 16
+
+
+class _StopForward(Exception):
+    """Raised by the last catcher: the rest of the model (final norm, lm_head) is not needed."""
+
+
+@dataclass
+class LayerInputs:
+    """Calibration inputs of the first decoder layer, in chunks, and the kwargs every layer is called with.
+
+    ``hidden[c]`` is chunk ``c`` ``[B, S, H]``; ``kwargs[i][c]`` the keyword arguments layer ``i`` received
+    for chunk ``c`` (tensors on the compute device).
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]
+
+
+class _Catcher(nn.Module):
+    def __init__(self, index: int, store: LayerInputs, last: bool) -> None:
+        super().__init__()
+        self.index, self.store, self.last = index, store, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden_states = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise QuantizationError("decoder layer called with extra positional arguments; expected keywords")
+        if self.index == 0:
+            self.store.hidden.append(hidden_states.detach())
+        self.store.kwargs[self.index].append(dict(kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def calibration_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (half-precision matmuls there are ~50x slower and less exact); the model's dtype on GPU."""
+    if device.type == "cpu" or model_dtype not in SUPPORTED_DTYPES:
+        return torch.float32
+    return model_dtype
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    """Decoder layers return a tensor in transformers 5 and a tuple before."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    samples: torch.Tensor,
+    family: ModelFamily | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LayerInputs:
+    """Run the model's embedding part on ``samples`` [n, seqlen] and record what each decoder layer gets.
+
+    Only the non-layer modules (embeddings, rotary tables) visit the compute device; the layers are swapped
+    for catchers during the pass, so they are neither moved nor run.
+    """
+    family = family or get_family(model.config)
+    device = torch.device(device) if device is not None else default_device()
+    layers = decoder_layers(model, family)
+    originals = list(layers)
+    store = LayerInputs(hidden=[], kwargs=[[] for _ in originals])
+    for i in range(len(originals)):
+        layers[i] = _Catcher(i, store, last=i == len(originals) - 1)
+    home = next(model.parameters()).device
+    try:
+        model.to(device)
+        for start in range(0, samples.shape[0], batch_size):
+            ids = samples[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        model.to(home)
+    if len(store.hidden) * batch_size < samples.shape[0] or any(len(k) != len(store.hidden) for k in store.kwargs):
+        raise QuantizationError("calibration pass did not reach every decoder layer for every chunk")
+    store.hidden = [h.to(dtype) for h in store.hidden]
+    store.kwargs = [[_cast_floats(kw, dtype) for kw in per_layer] for per_layer in store.kwargs]
+    return store
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensors (rotary cos/sin, additive masks) inside kwargs to the calibration dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------- stats
+
+
+def _padded_k(k: int, group_size: int) -> int:
+    return k if group_size == -1 else -(-k // group_size) * group_size
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear's input.
+
+    ``abs_sum``: ``sum |x|`` per channel over all calibration tokens (AWQ's activation magnitude).
+    ``blocks``: the diagonal ``G x G`` blocks of ``X^T X`` over all tokens ``[K'/G, G, G]`` (K zero-padded to
+    whole groups) -- all the clipping search needs. ``gram``: the full ``X^T X`` over the search tokens only,
+    kept for inputs of single-linear scale groups, whose output error it gives exactly.
+    """
+
+    abs_sum: torch.Tensor
+    blocks: torch.Tensor
+    gram: torch.Tensor | None = None
+    tokens: int = 0
+    gram_tokens: int = 0
+
+    @classmethod
+    def empty(cls, k: int, group_size: int, full_gram: bool, device: torch.device) -> InputStats:
+        kp = _padded_k(k, group_size)
+        g = kp if group_size == -1 else group_size
+        f64 = torch.float64
+        return cls(
+            torch.zeros(k, dtype=f64, device=device),
+            torch.zeros(kp // g, g, g, dtype=f64, device=device),
+            torch.zeros(k, k, dtype=f64, device=device) if full_gram else None,
+        )
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+    def add(self, x: torch.Tensor, search: bool) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        t, k = x.shape
+        self.abs_sum += x.abs().sum(0).double()
+        ng, g, _ = self.blocks.shape
+        xg = F.pad(x, (0, ng * g - k)).reshape(t, ng, g).transpose(0, 1)  # [ng, T, G]
+        self.blocks += torch.bmm(xg.transpose(1, 2), xg).double()
+        self.tokens += t
+        if search and self.gram is not None:
+            self.gram += (x.t() @ x).double()
+            self.gram_tokens += t
+
+    def rescale(self, scales: torch.Tensor) -> None:
+        """The input became ``x / s``: update the statistics instead of recomputing them."""
+        s = scales.double().to(self.abs_sum.device)
+        self.abs_sum /= s
+        ng, g, _ = self.blocks.shape
+        sp = F.pad(s, (0, ng * g - s.numel()), value=1.0).reshape(ng, g)
+        self.blocks /= sp[:, :, None] * sp[:, None, :]
+        if self.gram is not None:
+            self.gram /= s[:, None] * s[None, :]
+
+
+@dataclass
+class _Probe:
+    """Captured input/output/kwargs of a compared module (attention or MLP) on the search chunks."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ------------------------------------------------------------------------------------------ quantization
+
+
+def fake_quant(weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round-to-nearest then dequantize ``[N, K]`` on exactly the grid :func:`quantize` + ``dequantize`` use.
+
+    Same formulas as :mod:`quick.quant.primitives` (fp32 math, scales rounded to ``scale_dtype`` before the
+    codes are chosen), evaluated row-major without the transposes, integer casts and checks of the packing
+    path, because the grid searches call it hundreds of times per layer; ``tests/test_awq.py`` checks
+    that both give bit-identical weights. A ragged last group is zero-padded, as :func:`pack_linear` stores it.
+    """
+    n, k = weight.shape
+    kp = _padded_k(k, group_size)
+    g = kp if group_size == -1 else group_size
+    w = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // g, g)
+    if zero_point:
+        wmax = w.amax(dim=-1, keepdim=True)
+        wmin = w.amin(dim=-1, keepdim=True)
+        s = ((wmax - wmin).clamp(min=1e-5) / 15).to(scale_dtype).float()
+        z = (-torch.round(wmin / s)).clamp(0, 15)
+    else:
+        s = (w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 7).to(scale_dtype).float()
+        z = torch.full_like(s, 8.0)
+    q = (torch.round(w / s) + z).clamp(0, 15)
+    return ((q - z) * s).reshape(n, kp)[:, :k].to(weight.dtype)
+
+
+def reference_fake_quant(
+    weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`fake_quant` through the primitives (quantize -> dequantize), the definition it must match."""
+    n, k = weight.shape
+    kp = _padded_k(k, group_size)
+    qw = quantize(F.pad(weight, (0, kp - k)), group_size, zero_point=zero_point, dtype=scale_dtype)
+    return qw.dequantize(torch.float32).t()[:, :k].to(weight.dtype)
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int = N_GRID
+) -> list[tuple[float, torch.Tensor, bool]]:
+    """AWQ's grid: ``s = x_mean**r`` (or ``x_mean**r / w_mean**(1-r)`` with duo scaling), ``r = i / n_grid``.
+
+    Each candidate is normalised by ``sqrt(max * min)`` so the scales straddle 1 (AutoAWQ's normalisation;
+    it keeps the folded norm weights and the scaled weights in a sane range). ``r = 0`` without duo scaling
+    is the identity, i.e. plain round-to-nearest, so the search can never pick something worse than RTN on
+    its data; with duo scaling the identity is added explicitly for the same reason.
+    Returns ``(ratio, scales, is_identity)`` triples.
+    """
+    x_mean = x_mean.float()
+    out = []
+    for i in range(n_grid):
+        r = i / n_grid
+        if w_mean is None:
+            s = x_mean.pow(r).clamp(min=1e-4)
+        else:
+            s = (x_mean.pow(r) / (w_mean.float().pow(1 - r) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s[~torch.isfinite(s)] = 1.0
+        out.append((r, s, w_mean is None and i == 0))
+    if w_mean is not None:
+        out.append((math.nan, torch.ones_like(x_mean), True))
+    return out
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ's per-input-channel weight magnitude: |w| / group absmax, averaged over output rows."""
+    w = torch.cat([t.float() for t in weights], dim=0)
+    n, k0 = w.shape
+    k = k0 if group_size == -1 else -(-k0 // group_size) * group_size
+    g = resolve_group_size(group_size, k)
+    wg = F.pad(w.abs(), (0, k - k0)).reshape(n, k // g, g)
+    wg = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return wg.reshape(n, k)[:, :k0].mean(0)
+
+
+@torch.no_grad()
+def fold_scale(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Multiply the group's linears' input channels by ``scales`` and divide the preceding op's output by them.
+
+    Exact in real arithmetic: ``(x / s) @ (W * s)^T == x @ W^T``. For a norm ``y = n(x) * (offset + w)`` the
+    new weight is ``(offset + w) / s - offset`` (Gemma stores ``w`` around 0 and multiplies by ``1 + w``).
+    """
+    prev = layer.get_submodule(group.prev)
+    s = scales.to(device=prev.weight.device, dtype=torch.float32)
+    k = s.numel()
+    if isinstance(prev, nn.Linear):
+        w = prev.weight.data
+        w[-k:] = (w[-k:].float() / s[:, None]).to(w.dtype)
+        if prev.bias is not None:
+            prev.bias.data[-k:] = (prev.bias.data[-k:].float() / s).to(prev.bias.dtype)
+    else:
+        weight = getattr(prev, "weight", None)
+        if weight is None or weight.shape != (k,):
+            raise QuantizationError(
+                f"cannot fold scales into '{group.prev}' ({type(prev).__name__}): expected a norm with a weight of "
+                f"shape ({k},)"
+            )
+        weight.data = ((weight.data.float() + norm_offset) / s - norm_offset).to(weight.dtype)
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data = (bias.data.float() / s).to(bias.dtype)
+    for name in group.linears:
+        lin = layer.get_submodule(name)
+        lin.weight.data = (lin.weight.data.float() * s[None, :]).to(lin.weight.dtype)
+
+
+def _gram_loss(delta: torch.Tensor, gram: torch.Tensor, tokens: int) -> float:
+    """Mean squared output error ``||X delta^T||^2 / (T * N)`` from the Gram matrix ``X^T X``."""
+    d = delta.double()
+    return float(((d @ gram) * d).sum() / (max(tokens, 1) * delta.shape[0]))
+
+
+@torch.no_grad()
+def search_scale(
+    layer: nn.Module,
+    group: ScaleGroup,
+    stats: InputStats,
+    probe: _Probe | None,
+    group_size: int,
+    zero_point: bool,
+    scale_dtype: torch.dtype,
+    n_grid: int = N_GRID,
+    duo_scaling: bool = False,
+) -> tuple[torch.Tensor, float, float]:
+    """Best scales for one group; returns ``(scales, best_loss, identity_loss)`` (the latter is RTN's)."""
+    linears = [layer.get_submodule(n) for n in group.linears]
+    originals = [lin.weight.data.clone() for lin in linears]
+    w_mean = weight_mean(originals, group_size) if duo_scaling else None
+    x_mean = stats.mean_abs.to(originals[0].device)
+    best: tuple[float, torch.Tensor] | None = None
+    identity_loss = math.inf
+    try:
+        for _r, s, is_identity in candidate_scales(x_mean, w_mean, n_grid):
+            s = s.to(originals[0].device)
+            new = [
+                fake_quant(w.float() * s[None, :], group_size, zero_point, scale_dtype) / s[None, :] for w in originals
+            ]
+            if group.inspect is None:
+                assert stats.gram is not None
+                loss = _gram_loss(new[0] - originals[0].float(), stats.gram.to(new[0].device), stats.gram_tokens)
+            else:
+                assert probe is not None
+                module = layer.get_submodule(group.inspect)
+                for lin, w in zip(linears, new, strict=True):
+                    lin.weight.data = w.to(lin.weight.dtype)
+                err, count = 0.0, 0
+                for x, ref, kw in zip(probe.inputs, probe.outputs, probe.kwargs, strict=True):
+                    out = _first_tensor(module(x, **kw))
+                    err += float((out.float() - ref.float()).pow(2).sum())
+                    count += ref.numel()
+                loss = err / max(count, 1)
+            if is_identity:
+                identity_loss = loss
+            if best is None or loss < best[0]:
+                best = (loss, s)
+    finally:
+        for lin, w in zip(linears, originals, strict=True):
+            lin.weight.data = w
+    assert best is not None
+    return best[1], best[0], identity_loss
+
+
+@torch.no_grad()
+def search_clip(
+    weight: torch.Tensor,
+    blocks: torch.Tensor,
+    group_size: int,
+    zero_point: bool,
+    scale_dtype: torch.dtype,
+    n_grid: int = N_GRID,
+    max_shrink: float = MAX_SHRINK,
+) -> torch.Tensor:
+    """Per (row, group) clipping bound minimising that group's contribution to the output error.
+
+    AutoAWQ's auto_clip: clamp the weight to ``+-max|w| * (1 - i / n_grid)`` for ``i < max_shrink * n_grid``,
+    fake-quantize, and keep per group the bound with the smallest ``E[(x_g . (w_g' - w_g))^2]``. That error is
+    ``d H_g d^T`` with ``H_g = blocks[g]`` the group's diagonal block of the input Gram matrix.
+    Returns ``[N, K'/G, 1]``.
+    """
+    n, k = weight.shape
+    ng, g, _ = blocks.shape
+    w = F.pad(weight.float(), (0, ng * g - k)).reshape(n, ng, g)
+    h = blocks.to(device=w.device, dtype=torch.float32)
+    org_max = w.abs().amax(dim=-1, keepdim=True)
+    best_max = org_max.clone()
+    best_err = torch.full((n, ng), math.inf, device=w.device)
+    for i in range(int(max_shrink * n_grid)):
+        max_val = org_max * (1 - i / n_grid)
+        cur = torch.maximum(torch.minimum(w, max_val), -max_val)
+        d = fake_quant(cur.reshape(n, ng * g), group_size, zero_point, scale_dtype).reshape(n, ng, g) - w
+        err = (torch.bmm(d.transpose(0, 1), h) * d.transpose(0, 1)).sum(-1).t()  # [N, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], max_val, best_max)
+    return best_max
+
+
+def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+    """Clamp each (row, group) of the weight to ``+-max_val`` ``[N, groups, 1]`` (ragged last group allowed)."""
+    n, k = linear.weight.shape
+    ng = max_val.shape[1]
+    g = -(-k // ng)
+    bound = max_val.expand(n, ng, g).reshape(n, ng * g)[:, :k]
+    w = linear.weight.data.float()
+    linear.weight.data = torch.maximum(torch.minimum(w, bound), -bound).to(linear.weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _skip(name: str, skip: tuple[str, ...]) -> bool:
+    return any(s in name for s in skip)
+
+
+def layer_linears(layer: nn.Module, family: ModelFamily) -> dict[str, nn.Linear]:
+    """The decoder layer's linears that get quantized (relative names)."""
+    return {
+        n: m
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and not _skip(n, family.modules_to_not_convert)
+    }
+
+
+def check_quantizable(model: nn.Module, family: ModelFamily, group_size: int, layout: str) -> None:
+    """Fail before any work if a decoder linear cannot be stored in ``layout`` (error names the module)."""
+    lay = get_layout(layout)
+    for i, layer in enumerate(decoder_layers(model, family)):
+        for name, m in layer_linears(layer, family).items():
+            try:
+                lay.check(padded_in_features(m.in_features, group_size, layout), m.out_features, group_size)
+            except ValueError as e:
+                raise QuantizationError(f"{family.layers_path}.{i}.{name}: {e}") from None
+
+
+@dataclass
+class LayerReport:
+    """Per-group search results of one layer: AWQ's chosen loss and the identity (RTN) loss."""
+
+    index: int
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class AwqSettings:
+    group_size: int = 128
+    zero_point: bool = True
+    scale_dtype: torch.dtype = torch.float16
+    n_grid: int = N_GRID
+    clip: bool = True
+    duo_scaling: bool = False
+    n_search_chunks: int | None = None
+
+
+def _collect(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear],
+    site_of: dict[str, str],
+    n_search: int,
+    group_size: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, _Probe]]:
+    """One pass of the float layer over all chunks: its outputs, input statistics, compared-module probes."""
+    full = {site_of[g.linears[0]] for g in groups if g.inspect is None}
+    stats = {s: InputStats.empty(linears[s].in_features, group_size, s in full, device) for s in set(site_of.values())}
+    probes = {g.inspect: _Probe() for g in groups if g.inspect is not None}
+    state = {"record": False}
+
+    def make_hooks(pr: _Probe) -> tuple[Callable, Callable]:
+        def pre(_m: nn.Module, args: tuple, kw: dict) -> None:
+            if state["record"]:
+                pr.inputs.append((args[0] if args else kw["hidden_states"]).detach())
+                pr.kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+
+        def post(_m: nn.Module, _args: tuple, _kw: dict, out: Any) -> None:
+            if state["record"]:
+                pr.outputs.append(_first_tensor(out).detach())
+
+        return pre, post
+
+    handles = []
+    for s, st in stats.items():
+        handles.append(linears[s].register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0], state["record"])))
+    for name, pr in probes.items():
+        mod = layer.get_submodule(name)
+        pre, post = make_hooks(pr)
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    outputs = []
+    try:
+        for c, x in enumerate(hidden):
+            state["record"] = c < n_search
+            outputs.append(_layer_output(layer(x.to(device), **kwargs[c])).to(x.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, stats, probes
+
+
+@torch.no_grad()
+def awq_layer(
+    layer: nn.Module,
+    family: ModelFamily,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    settings: AwqSettings,
+    device: torch.device,
+    index: int = 0,
+) -> tuple[list[torch.Tensor], LayerReport]:
+    """Search and fold the scales of one float decoder layer, then clip its weights (no packing yet).
+
+    Returns the layer's float outputs (the next layer's inputs) and the per-group search report.
+    """
+    groups = active_groups(layer, family)
+    linears = layer_linears(layer, family)
+    # One statistics site per distinct input: q/k/v share one, gate/up share one.
+    site_of: dict[str, str] = {}
+    for g in groups:
+        for n in g.linears:
+            site_of.setdefault(n, g.linears[0])
+    for n in linears:
+        site_of.setdefault(n, n)
+    n_search = len(hidden) if settings.n_search_chunks is None else settings.n_search_chunks
+    outputs, stats, probes = _collect(
+        layer, hidden, kwargs, groups, linears, site_of, n_search, settings.group_size, device
+    )
+
+    report = LayerReport(index)
+    for g in groups:
+        site = stats[site_of[g.linears[0]]]
+        s, loss, rtn_loss = search_scale(
+            layer,
+            g,
+            site,
+            probes.get(g.inspect) if g.inspect else None,
+            settings.group_size,
+            settings.zero_point,
+            settings.scale_dtype,
+            settings.n_grid,
+            settings.duo_scaling,
+        )
+        fold_scale(layer, g, s, family.norm_offset)
+        site.rescale(s)
+        report.groups[",".join(g.linears)] = {"loss": loss, "rtn_loss": rtn_loss}
+    del probes
+    if settings.clip:
+        for n, lin in linears.items():
+            if _skip(n, family.no_clip):
+                continue
+            blocks = stats[site_of[n]].blocks
+            max_val = search_clip(
+                lin.weight.data, blocks, settings.group_size, settings.zero_point, settings.scale_dtype, settings.n_grid
+            )
+            apply_clip(lin, max_val)
+    return outputs, report
+
+
+@torch.no_grad()
+def quantize_model_awq(
+    model: nn.Module,
+    samples: torch.Tensor,
+    group_size: int = 128,
+    zero_point: bool = True,
+    layout: str = "quick",
+    scale_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    n_grid: int = N_GRID,
+    clip: bool = True,
+    duo_scaling: bool = False,
+    search_samples: int | None = None,
+    batch_size: int = 8,
+    family: ModelFamily | None = None,
+    progress: bool = True,
+    reports: list[LayerReport] | None = None,
+    quantize_weights: bool = True,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """Quantize every decoder-layer linear of ``model`` in place with AWQ and pack it as ``QuickLinear``.
+
+    ``samples``: calibration token ids ``[n, seqlen]``. ``scale_dtype``: dtype of the stored scales and of
+    the packed layers (default: the model's dtype when fp16/bf16, else fp16). ``search_samples``: how many
+    calibration samples the attention/MLP grid search runs on (default: all on GPU, ``CPU_SEARCH_SAMPLES``
+    on CPU). The single-linear groups (o_proj, down_proj) are scored on the same samples through their
+    Gram matrix; activation magnitudes and the clipping search always use every sample.
+    ``quantize_weights=False`` stops after scaling and clipping (a float model, for inspection).
+    Dense parameters outside the packed layers keep the model's dtype, rounded to ``scale_dtype`` (what a
+    checkpoint stores); packed layers cast activations at their boundary (see ``set_compute_dtype``).
+    """
+    family = family or get_family(model.config)
+    device = torch.device(device) if device is not None else default_device()
+    model_dtype = next(model.parameters()).dtype
+    scale_dtype = scale_dtype or (model_dtype if model_dtype in SUPPORTED_DTYPES else torch.float16)
+    if scale_dtype not in SUPPORTED_DTYPES:
+        raise QuantizationError(f"scale dtype must be float16 or bfloat16, got {scale_dtype}")
+    if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
+        raise QuantizationError(f"calibration samples must be integer token ids [n, seqlen], got {samples.shape}")
+    if batch_size < 1:
+        raise QuantizationError(f"batch_size must be positive, got {batch_size}")
+    check_quantizable(model, family, group_size, layout)
+    work = calibration_dtype(model_dtype, device)
+    home = next(model.parameters()).device
+    if search_samples is None and device.type == "cpu":
+        search_samples = CPU_SEARCH_SAMPLES
+    settings = AwqSettings(
+        group_size,
+        zero_point,
+        scale_dtype,
+        n_grid,
+        clip,
+        duo_scaling,
+        None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
+    )
+
+    was_training = model.training
+    model.eval()
+    inputs = capture_layer_inputs(model, samples, family, batch_size, device, work)
+    layers = decoder_layers(model, family)
+    hidden = inputs.hidden
+    for idx in tqdm(range(len(layers)), desc="AWQ", unit="layer", disable=not progress):
+        layer = layers[idx].to(device=device, dtype=work)
+        hidden, report = awq_layer(layer, family, hidden, inputs.kwargs[idx], settings, device, idx)
+        if reports is not None:
+            reports.append(report)
+        if quantize_weights:
+            for n, lin in layer_linears(layer, family).items():
+                parent_name, _, child = n.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                setattr(parent, child, pack_linear(lin, group_size, layout, zero_point, scale_dtype))
+        # Dense leftovers (norms) go back to the model's dtype, rounded to what a checkpoint stores.
+        round_dense_(layer, scale_dtype)
+        for p in layer.parameters():
+            p.data = p.data.to(model_dtype)
+        layers[idx] = layer.to(home)
+        if on_layer is not None:
+            on_layer(idx, layers[idx])
+    if quantize_weights:
+        round_dense_(model, scale_dtype)
+        set_compute_dtype(model, model_dtype)
+    model.train(was_training)
+    return model
