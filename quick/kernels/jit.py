@@ -101,7 +101,14 @@ def compile_cubin(
     nvcc = find_nvcc()
     defs = sorted((defines or {}).items())
     flags = [
-        "-cubin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", _gencode(arch), f"-I{CSRC}",
+        "-cubin",
+        "-O3",
+        "-std=c++17",
+        "-lineinfo",
+        "-Xptxas",
+        "-v",
+        _gencode(arch),
+        f"-I{CSRC}",
         *[f"-D{k}={v}" for k, v in defs],
     ]
     key = hashlib.sha256("\n".join([_sources_digest(), source, " ".join(flags), _nvcc_version(nvcc)]).encode())
