@@ -61,12 +61,18 @@ class CheckpointError(ValueError):
 
 
 def preferred_layout(device: torch.device | str | None = None) -> str:
-    """Layout AutoAWQ checkpoints are repacked into on ``device``.
+    """Fastest layout for ``device``: 'quick_sm90' (wgmma, register-A weights) on Hopper when its kernel can be
+    built there, else 'quick' (mma.sync, every GPU from sm_80). On CPU the reference path reads any layout.
+    Repacking between them is exact (unpack, then pack), so checkpoints stay portable."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        try:
+            from quick.kernels import quick_sm90
 
-    'quick' is the layout of the mma.sync kernels, which run on every supported GPU; on CPU the reference
-    path reads any layout equally. A Hopper-specific choice ('quick_sm90') belongs here once its kernel
-    is the faster one.
-    """
+            if quick_sm90.is_available(device):
+                return "quick_sm90"
+        except Exception:  # noqa: BLE001 - an unusable optional kernel means the portable layout
+            pass
     return "quick"
 
 
@@ -501,7 +507,9 @@ def load_quantized(
     if qc is None:
         raise CheckpointError(f"{path}: config.json has no quantization_config (a dense model?)")
     src_layout = layout_for_config(qc)
-    dst_layout = layout or (preferred_layout(device) if src_layout == "awq_gemm" else src_layout)
+    # Without an explicit layout, repack to the fastest one for the device; a layer whose shape that layout
+    # cannot hold (e.g. N % 64 for quick_sm90) keeps the portable 'quick' layout.
+    dst_layout = layout or preferred_layout(device)
     get_layout(dst_layout)
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     overrides = qc.get("module_group_sizes") or {}
@@ -544,7 +552,13 @@ def load_quantized(
                         rows * g, m.out_features, bias, g, dst_layout, scale_dtype, "meta", logical_in_features=k
                     )
                 else:
-                    q = QuickLinear(k, m.out_features, bias, g, dst_layout, scale_dtype, "meta")
+                    lay = dst_layout
+                    if layout is None and dst_layout != "quick":
+                        try:
+                            get_layout(dst_layout).check(k, m.out_features, g)
+                        except (LayoutError, QuantizationError):
+                            lay = "quick"
+                    q = QuickLinear(k, m.out_features, bias, g, lay, scale_dtype, "meta")
             except (LayoutError, QuantizationError) as e:
                 raise CheckpointError(f"{path}: cannot hold '{name}' (scales {rows} rows): {e}") from None
             parent, _, child = name.rpartition(".")

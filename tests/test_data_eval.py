@@ -169,31 +169,32 @@ def test_tokenize_eval_text_has_no_special_tokens():
 # ---------------------------------------------------------------- demo helpers on a tiny model
 
 
-def test_quantize_with_fallback_and_cpu_weight_cache():
-    from quick.commands.demo import cache_dequantized_weights, cast_io_to_quick_linears, quantize_with_fallback
+def test_ragged_groups_and_cpu_casts_on_tiny_model():
+    from quick.commands.demo import cast_io_to_quick_linears
     from quick.nn.linear import QuickLinear
+    from quick.quant.apply import quantize_model_rtn
 
-    # hidden 192: q/k/v/o/gate/up have K=192 (not a multiple of 128), down_proj has K=256
+    # hidden 192: q/k/v/o/gate/up have K=192 (1.5 groups of 128: stored padded to 256), down_proj has K=256
     model = tiny_llama(hidden=192, inter=256, heads=3, kv_heads=1)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(ids).logits
-    groups = quantize_with_fallback(model, 128, "quick", torch.float16, progress=False)
-    assert groups == {128: 2, 64: 12}
+    quantize_model_rtn(model, 128, "quick", dtype=torch.float16, progress=False)
     q = {n: m for n, m in model.named_modules() if isinstance(m, QuickLinear)}
     assert len(q) == 14 and not any("lm_head" in n for n in q)
-    assert q["model.layers.0.mlp.down_proj"].group_size == 128 and q["model.layers.0.mlp.up_proj"].group_size == 64
+    assert all(m.group_size == 128 for m in q.values())
+    up = q["model.layers.0.mlp.up_proj"]
+    assert up.in_features == 256 and up.logical_in_features == 192
     cast_io_to_quick_linears(model)  # fp32 model, fp16 4-bit layers
     for mod in q.values():  # every 4-bit layer takes and returns the model's fp32 (v_proj too, cf. SDPA dtypes)
-        out = mod(torch.randn(2, mod.in_features))
+        out = mod(torch.randn(2, mod.logical_in_features))
         assert out.dtype == torch.float32 and out.shape == (2, mod.out_features)
     with torch.no_grad():
         plain = model(ids).logits
-        assert plain.dtype == torch.float32
-        assert cache_dequantized_weights(model) == 14
-        cached = model(ids).logits
-    assert torch.equal(plain, cached)  # hoisting the dequantization changes nothing
-    assert not torch.equal(plain, ref)  # but quantization does
+        again = model(ids).logits  # second call uses the cached dense weights
+    assert plain.dtype == torch.float32
+    assert torch.equal(plain, again)
+    assert not torch.equal(plain, ref)  # but quantization does change the output
     assert (plain - ref).abs().max() < 0.5 * ref.abs().max()
 
 

@@ -71,3 +71,29 @@ def test_quantize_model_rtn_skips_lm_head():
     assert names == ["proj"]
     quantize_model_rtn(model, group_size=32, dtype=torch.float16, progress=False)
     assert isinstance(model.proj, QuickLinear) and isinstance(model.lm_head, nn.Linear)
+
+
+@pytest.mark.parametrize("layout", ["quick", "quick_sm90"])
+def test_k_not_multiple_of_group_is_padded(layout):
+    """SmolLM2's K = 576 at g128: stored zero-padded to whole groups, equal to a ragged last group."""
+    torch.manual_seed(3)
+    lin = nn.Linear(576, 128, bias=False)
+    mod = QuickLinear.from_linear(lin, 128, layout=layout)
+    assert mod.in_features == 640 and mod.logical_in_features == 576
+    x = torch.randn(3, 576, dtype=torch.float16)
+    padded_w = torch.nn.functional.pad(lin.weight.data, (0, 64))
+    ref = reference_matmul(torch.nn.functional.pad(x, (0, 64)), quantize(padded_w, 128))
+    assert rel_error(mod(x), ref) < REL_BOUND[torch.float16]
+    # the ragged last group holds 64 real columns: their codes must span the range (not all zero)
+    assert mod.unpack().q[512:576].max() > 0
+    assert mod.dequantized_weight().shape == (128, 576)
+
+
+def test_reference_cache_follows_buffer_updates():
+    torch.manual_seed(4)
+    a = QuickLinear.from_linear(nn.Linear(128, 64), 32)
+    b = QuickLinear.from_linear(nn.Linear(128, 64), 32)
+    x = torch.randn(2, 128, dtype=torch.float16)
+    out_a = a(x)
+    a.load_state_dict(b.state_dict())  # in-place copy: same storage, new version
+    assert torch.equal(a(x), b(x)) and not torch.equal(out_a, b(x))

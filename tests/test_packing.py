@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from quick.packing import interleave as il
 from quick.packing.layouts import AWQ_GEMM, LAYOUTS, QUICK, QUICK_SM90, LayoutError, convert, get_layout
-from quick.quant.primitives import QuantizedWeight, QuantizationError
+from quick.quant.primitives import QuantizationError, QuantizedWeight
 from quick.testing import random_quantized
 
 SHAPES = [(64, 64), (128, 192), (256, 128), (192, 320), (1024, 576)]
@@ -205,7 +205,9 @@ def test_build_permutation_rejects_non_bijection():
         il.build_permutation(16, 64, 4, lambda lane, word, pair, half: (lane % 16, word))
 
 
-@pytest.mark.parametrize("k,n,layout", [(100, 64, "quick"), (64, 60, "quick"), (64, 12, "awq_gemm"), (96, 16, "quick_sm90")])
+@pytest.mark.parametrize(
+    "k,n,layout", [(100, 64, "quick"), (64, 60, "quick"), (64, 12, "awq_gemm"), (96, 16, "quick_sm90")]
+)
 def test_bad_shapes_raise(k, n, layout):
     with pytest.raises((LayoutError, QuantizationError)):
         get_layout(layout).check(k, n, 32)

@@ -52,7 +52,8 @@ def test_fake_quantize_matches_dequantize():
 
 def test_dequantize_fp64():
     q = torch.tensor([[3], [15]], dtype=torch.uint8)
-    out = dequantize(q, torch.tensor([[0.5]], dtype=torch.float16), torch.tensor([[1]], dtype=torch.uint8), -1, torch.float64)
+    scale, zero = torch.tensor([[0.5]], dtype=torch.float16), torch.tensor([[1]], dtype=torch.uint8)
+    out = dequantize(q, scale, zero, -1, torch.float64)
     assert out.dtype == torch.float64 and out.flatten().tolist() == [1.0, 7.0]
 
 

