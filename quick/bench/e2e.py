@@ -56,7 +56,10 @@ def run(models: list[str], batches: list[int], impls: list[str], prompt: int, ge
     rows = []
     for name in models:
         for impl in impls:
-            model = build_random_model(name, torch.float16, "cuda", quantized=(impl != "fp16"), num_layers=layers)
+            quantized = impl != "fp16"  # other impl names are packed layouts: quick (mma.sync), quick_sm90 (wgmma)
+            model = build_random_model(
+                name, torch.float16, "cuda", quantized, layout=impl if quantized else "quick", num_layers=layers
+            )
             vocab = model.config.vocab_size
             for b in batches:
                 try:
@@ -132,7 +135,7 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    p.add_argument("--impls", nargs="+", default=["fp16", "quick"])
+    p.add_argument("--impls", nargs="+", default=["fp16", "quick", "quick_sm90"], help="fp16 or a packed layout")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--layers", type=int, default=None, help="truncate the model (smoke runs only)")
@@ -144,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
         print("the end-to-end benchmark needs a CUDA GPU")
         return 1
     env = env_stamp()
+    if "quick_sm90" in args.impls and torch.cuda.get_device_capability() != (9, 0):
+        args.impls = [i for i in args.impls if i != "quick_sm90"]
     rows = run(args.models, args.batches, args.impls, args.prompt, args.gen, args.layers)
     stem = write_results(rows, env, args.outdir, args.prompt, args.gen)
     print(stem.with_suffix(".md").read_text())
