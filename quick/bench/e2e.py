@@ -40,7 +40,8 @@ def run_one(model, batch: int, prompt: int, gen: int, vocab: int) -> dict:
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     g = StaticGenerator(model, batch, prompt + gen)
     g.generate(ids, 4)  # warm-up: allocations, kernel compilation, graph capture
-    g.cache.reset()
+    with torch.inference_mode():  # the cache tensors were made in inference mode
+        g.cache.reset()
     _, stats = g.generate(ids, gen)
     row = {
         "batch": batch,
