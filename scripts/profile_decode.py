@@ -9,7 +9,8 @@ from quick.inference import StaticGenerator
 from quick.models.synthetic import build_random_model
 
 impl = sys.argv[1] if len(sys.argv) > 1 else "quick"
-model = build_random_model("llama-2-7b", torch.float16, "cuda", impl != "fp16", layout=impl if impl != "fp16" else "quick")
+layout = impl if impl != "fp16" else "quick"
+model = build_random_model("llama-2-7b", torch.float16, "cuda", impl != "fp16", layout=layout)
 g = StaticGenerator(model, 1, 256, use_graph=False)
 ids = torch.randint(0, 32000, (1, 128), device="cuda")
 nxt = g.prefill(ids).argmax(-1)
