@@ -48,11 +48,47 @@ class StaticGenerator:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
 
+    def _mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """Additive 4-D mask ``[B, 1, T, max_len]``: query t sees cache slots ``<= pos[t]``.
+
+        Computed from the position tensor on the device, so a graph replay recomputes it for each step. Without
+        it, transformers drops the mask for one-token queries and attends to every static slot (also the
+        empty ones), and some versions read Python-side state that a captured graph would freeze."""
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        seen = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(seen.shape, dtype=dtype, device=pos.device).masked_fill(~seen, torch.finfo(dtype).min)
+        return mask[None, None].expand(self.batch, 1, *seen.shape)
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=self._mask(pos),
+            past_key_values=self.cache,
+            cache_position=pos,
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1, :]
+
+    def _counters(self) -> list[tuple[object, str, object]]:
+        """Snapshot of the cache's own position counters (transformers 5.x static layers keep one, a device
+        scalar in some versions, a Python int in others); warm-up forwards must not advance them."""
+        snap = []
+        for layer in getattr(self.cache, "layers", []):
+            for name, v in vars(layer).items():
+                if isinstance(v, torch.Tensor) and v.dim() == 0:
+                    snap.append((layer, name, v.clone()))
+                elif isinstance(v, int) and not isinstance(v, bool) and "length" in name and "max" not in name:
+                    snap.append((layer, name, v))
+        return snap
+
+    @staticmethod
+    def _restore(snap: list[tuple[object, str, object]]) -> None:
+        for layer, name, v in snap:
+            if isinstance(v, torch.Tensor):
+                getattr(layer, name).copy_(v)
+            else:
+                setattr(layer, name, v)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -60,15 +96,18 @@ class StaticGenerator:
         return self._forward(input_ids, pos)
 
     def _capture(self) -> None:
+        snap = self._counters()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up outside the graph (allocator, lazy kernel compilation)
             for _ in range(2):
                 self._forward(self._ids, self._pos)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._restore(snap)  # the warm-up steps must not count as decoded tokens
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self._forward(self._ids, self._pos)
+        self._restore(snap)  # capture ran the Python side once more (it executed no kernels)
 
     @torch.inference_mode()
     def decode_step(self, ids: torch.Tensor, position: int) -> torch.Tensor:
