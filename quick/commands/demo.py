@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     ppl1, t_ppl1, text1, t_gen1 = measure("4-bit")
 
     n_padded = sum(m.logical_in_features != m.in_features for m in qmods)
-    gdesc = f"{n_padded} with K zero-padded to whole groups" if n_padded else "whole groups"
+    gdesc = f"{n_padded} K-padded" if n_padded else "whole groups"
     table = Table(title=f"quick demo: {name}, RTN w4 asym, layout {args.layout}", title_justify="left")
     for col, just in [("model", "left"), ("linears", "right"), ("linear weights", "right"), ("perplexity", "right"),
                       ("delta", "right"), ("ppl time", "right"), ("generate", "right")]:  # fmt: skip
