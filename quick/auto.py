@@ -17,18 +17,16 @@ import torch
 from torch import nn
 
 from quick.checkpoint import (
-    cache_dequantized_weights,
     is_quantized_checkpoint,
     load_quantized,
     make_quant_config,
-    pack_linear,
-    padded_in_features,
     round_dense_,
     save_quantized,
     set_compute_dtype,
 )
 from quick.models.families import FamilyError, get_family
-from quick.packing.layouts import LAYOUTS, get_layout
+from quick.packing.layouts import LAYOUTS
+from quick.quant import apply
 from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
 
 DEFAULT_QUANT_CONFIG: dict[str, Any] = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
@@ -150,23 +148,11 @@ def quantize_model_rtn(
     scale_dtype: torch.dtype = torch.float16,
     skip: Sequence[str] = ("lm_head",),
 ) -> nn.Module:
-    """Round-to-nearest every linear except ``skip`` (ragged last groups allowed), like AWQ's packing."""
-    lay = get_layout(layout)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)]
-    for n, m in targets:
-        try:
-            lay.check(padded_in_features(m.in_features, group_size, layout), m.out_features, group_size)
-        except ValueError as e:
-            raise QuantizationError(f"{n}: {e}") from None
+    """Round-to-nearest every linear except ``skip`` (ragged last groups allowed), like AWQ's packing; the
+    dense parameters are rounded to ``scale_dtype`` as a checkpoint stores them."""
     model_dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        for n, m in targets:
-            parent, _, child = n.rpartition(".")
-            setattr(
-                model.get_submodule(parent) if parent else model,
-                child,
-                pack_linear(m, group_size, layout, zero_point, scale_dtype),
-            )
+        apply.quantize_model_rtn(model, group_size, layout, zero_point, scale_dtype, skip, progress=False)
     round_dense_(model, scale_dtype)
     set_compute_dtype(model, model_dtype)
     return model
@@ -238,8 +224,6 @@ class AutoQuickForCausalLM:
         if dtype is None and device.type == "cpu":
             dtype = torch.float32
         model = load_quantized(p, device=device, dtype=dtype, layout=layout)
-        if device.type == "cpu":
-            cache_dequantized_weights(model)
         tokenizer = _load_tokenizer(p)
         qc = model.quick_quant_config
         weight_dtype = next(m.dtype for m in model.modules() if hasattr(m, "qweight"))
@@ -320,8 +304,6 @@ class AutoQuickForCausalLM:
         else:
             quantize_model_rtn(self.model, qc["q_group_size"], qc["version"], qc["zero_point"], self.weight_dtype, skip)
         self.quantization_time_s = time.perf_counter() - start
-        if self.device.type == "cpu":
-            cache_dequantized_weights(self.model)
         self.quant_config = qc
         self._skip = tuple(skip)
         return self

@@ -15,7 +15,6 @@ layout exactly (no requantization).
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
@@ -27,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from quick.nn.linear import QuickLinear
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
-from quick.quant.primitives import QuantizationError, quantize
+from quick.quant.primitives import QuantizationError
 
 log = logging.getLogger(__name__)
 
@@ -121,75 +119,6 @@ def make_quant_config(
 # ------------------------------------------------------------------------------- packing, ragged groups
 
 
-def padded_in_features(in_features: int, group_size: int, layout: str = "quick") -> int:
-    """K the packed weight needs: ``in_features``, or rounded up to whole groups when the layout cannot
-    hold a ragged last group (e.g. SmolLM2's K=576 with groups of 128)."""
-    if group_size == -1:
-        return in_features
-    try:
-        get_layout(layout).check(in_features, max(get_layout(layout).n_multiple, 8), group_size)
-        return in_features
-    except (LayoutError, QuantizationError):
-        return -(-in_features // group_size) * group_size
-
-
-class PaddedQuickLinear(QuickLinear):
-    """A ``QuickLinear`` whose K is not a multiple of the group size, stored zero-padded to whole groups.
-
-    The last group holds the ``K % G`` real input channels plus zero columns. Zero weights quantize to
-    exactly zero, so the result equals a ragged last group (except that 0 always lies inside that group's
-    range). The input is zero-padded to the stored K. This stands in for native ragged-group support in
-    the primitives/layouts, which would store ``ceil(K/G)`` scale rows and no padding.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = False,
-        group_size: int = 128,
-        layout: str = "quick",
-        dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
-        logical_in_features: int | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias, group_size, layout, dtype, device)
-        self.logical_in_features = logical_in_features or in_features
-        if not 0 < self.logical_in_features <= in_features:
-            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {in_features}]")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == self.logical_in_features != self.in_features:
-            x = F.pad(x, (0, self.in_features - self.logical_in_features))
-        return super().forward(x)
-
-    def extra_repr(self) -> str:
-        return f"logical_in_features={self.logical_in_features}, " + super().extra_repr()
-
-
-def pack_linear(
-    linear: nn.Linear,
-    group_size: int = 128,
-    layout: str = "quick",
-    zero_point: bool = True,
-    dtype: torch.dtype = torch.float16,
-) -> QuickLinear:
-    """Round-to-nearest quantize ``linear``'s current weight into a packed layer (padded if K is ragged)."""
-    k, n = linear.in_features, linear.out_features
-    kp = padded_in_features(k, group_size, layout)
-    if kp == k:
-        return QuickLinear.from_linear(linear, group_size, layout, zero_point, dtype)
-    w = F.pad(linear.weight.data.float(), (0, kp - k))
-    qw = quantize(w, group_size, zero_point=zero_point, dtype=dtype)
-    bias = linear.bias is not None
-    mod = PaddedQuickLinear(kp, n, bias, group_size, layout, dtype, qw.q.device, logical_in_features=k)
-    for name, t in mod.layout.pack(qw).items():
-        getattr(mod, name).copy_(t)
-    if bias:
-        mod.bias.copy_(linear.bias.data.to(dtype))
-    return mod
-
-
 # --------------------------------------------------------------------------------------- dtype handling
 
 
@@ -220,33 +149,6 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     return model
-
-
-def _cached_forward(mod: QuickLinear, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    if x.device != weight.device:  # moved since caching: the packed path works anywhere
-        return type(mod).forward(mod, x)
-    if isinstance(mod, PaddedQuickLinear) and x.shape[-1] == mod.logical_in_features != mod.in_features:
-        x = F.pad(x, (0, mod.in_features - mod.logical_in_features))
-    mod._check_input(x)
-    return F.linear(x.float(), weight, bias).to(x.dtype)
-
-
-def cache_dequantized_weights(model: nn.Module) -> int:
-    """CPU only: dequantize each packed layer once instead of in every forward; returns the count.
-
-    ``QuickLinear``'s reference path unpacks and dequantizes the whole weight on every call, which on a CPU
-    costs several times the matmul (perplexity and generation slow down ~5x). The cached forward does the
-    reference path's arithmetic (fp32 weight, fp32 math, output in the input dtype), so results are
-    identical; it costs an fp32 copy of the weights and must be redone if the packed buffers change.
-    """
-    count = 0
-    for mod in model.modules():
-        if isinstance(mod, QuickLinear) and mod.qweight.device.type == "cpu":
-            w = mod.dequantized_weight(torch.float32).contiguous()
-            b = None if mod.bias is None else mod.bias.float()
-            mod.forward = functools.partial(_cached_forward, mod, w, b)
-            count += 1
-    return count
 
 
 def round_dense_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -547,8 +449,8 @@ def load_quantized(
             bias = f"{name}.bias" in meta
             try:
                 if g != -1 and k % g and rows == -(-k // g):
-                    # ragged last group, stored zero-padded to whole groups (see PaddedQuickLinear)
-                    q = PaddedQuickLinear(
+                    # ragged last group, stored zero-padded to whole groups (QuickLinear.logical_in_features)
+                    q = QuickLinear(
                         rows * g, m.out_features, bias, g, dst_layout, scale_dtype, "meta", logical_in_features=k
                     )
                 else:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quick.auto import quantize_model_rtn
-from quick.checkpoint import pack_linear, set_compute_dtype
+from quick.checkpoint import set_compute_dtype
 from quick.models.families import FAMILIES, FamilyError, active_groups, decoder_layers, get_family
 from quick.nn.linear import QuickLinear
 from quick.quant import awq
@@ -187,7 +187,7 @@ def _layer_out(layer: nn.Module, inputs: awq.LayerInputs, index: int) -> torch.T
 def _pack_layer(layer: nn.Module, family) -> nn.Module:
     for n, lin in awq.layer_linears(layer, family).items():
         parent, _, child = n.rpartition(".")
-        setattr(layer.get_submodule(parent), child, pack_linear(lin, GROUP, "quick", True, torch.float16))
+        setattr(layer.get_submodule(parent), child, QuickLinear.from_linear(lin, GROUP, "quick", True, torch.float16))
     return set_compute_dtype(layer, torch.float32)
 
 
@@ -304,7 +304,7 @@ def test_ragged_group_fake_quant_matches_packed_layer():
     """K=96 with groups of 64: the last group is ragged; search and packing must agree exactly."""
     torch.manual_seed(0)
     lin = nn.Linear(96, 64, bias=True)
-    packed = pack_linear(lin, 64, "quick", True, torch.float16)
+    packed = QuickLinear.from_linear(lin, 64, "quick", True, torch.float16)
     x = torch.randn(5, 96)
     ref = x @ awq.fake_quant(lin.weight.data, 64, True, torch.float16).t() + lin.bias.data.half().float()
     out = packed(x.half()).float()

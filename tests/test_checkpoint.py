@@ -13,7 +13,6 @@ from quick.auto import AutoQuickForCausalLM, quantize_model_rtn
 from quick.checkpoint import (
     INDEX_NAME,
     CheckpointError,
-    PaddedQuickLinear,
     load_quantized,
     make_quant_config,
     save_quantized,
@@ -85,7 +84,7 @@ def test_round_trip_bit_identical(tmp_path, group_size, tie, shard):
     assert len(packed) == 14
     if group_size == 128:
         # K=64 (q/k/v/o/gate/up) is a ragged group of 128: stored padded; down_proj (K=128) is not
-        assert sum(isinstance(m, PaddedQuickLinear) for m in packed) == 12
+        assert sum(m.in_features != m.logical_in_features for m in packed) == 12
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     for name, m in model.named_modules():
         if isinstance(m, QuickLinear):
@@ -98,9 +97,9 @@ def test_round_trip_awq_layout_and_mixed_group_sizes(tmp_path):
     model = quantized(32)
     # one layer with another group size: recorded by name, loaded strictly
     lin = torch.nn.Linear(128, 64, bias=False)
-    from quick.checkpoint import pack_linear, set_compute_dtype
+    from quick.checkpoint import set_compute_dtype
 
-    model.model.layers[0].mlp.down_proj = pack_linear(lin, 64, "quick", True, torch.float16)
+    model.model.layers[0].mlp.down_proj = QuickLinear.from_linear(lin, 64, "quick", True, torch.float16)
     set_compute_dtype(model, torch.float32)
     ref = logits(model)
     out = save_quantized(model, tmp_path / "mixed", make_quant_config("quick", 32))

@@ -170,7 +170,7 @@ def test_tokenize_eval_text_has_no_special_tokens():
 
 
 def test_ragged_groups_and_cpu_casts_on_tiny_model():
-    from quick.commands.demo import cast_io_to_quick_linears
+    from quick.checkpoint import set_compute_dtype
     from quick.nn.linear import QuickLinear
     from quick.quant.apply import quantize_model_rtn
 
@@ -185,7 +185,7 @@ def test_ragged_groups_and_cpu_casts_on_tiny_model():
     assert all(m.group_size == 128 for m in q.values())
     up = q["model.layers.0.mlp.up_proj"]
     assert up.in_features == 256 and up.logical_in_features == 192
-    cast_io_to_quick_linears(model)  # fp32 model, fp16 4-bit layers
+    set_compute_dtype(model, torch.float32)  # fp32 model, fp16 4-bit layers
     for mod in q.values():  # every 4-bit layer takes and returns the model's fp32 (v_proj too, cf. SDPA dtypes)
         out = mod(torch.randn(2, mod.logical_in_features))
         assert out.dtype == torch.float32 and out.shape == (2, mod.out_features)

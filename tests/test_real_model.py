@@ -42,7 +42,7 @@ def converted(tmp_path_factory):
 
 
 def test_smollm2_baseline_and_rtn_g128(converted):
-    from quick.commands.demo import cast_io_to_quick_linears
+    from quick.checkpoint import set_compute_dtype
     from quick.eval.perplexity import perplexity, tokenize_eval_text
     from quick.generation import generate_text
     from quick.models.loading import load_model
@@ -63,7 +63,7 @@ def test_smollm2_baseline_and_rtn_g128(converted):
 
     t0 = time.perf_counter()
     quantize_model_rtn(model, 128, "quick", dtype=torch.float16, progress=False)
-    cast_io_to_quick_linears(model)
+    set_compute_dtype(model, torch.float32)
     quant = perplexity(model, ids, seqlen=SEQLEN, progress=False)
     text1 = generate_text(model, tok, "The capital of France is", max_new_tokens=12)
     quant_s = time.perf_counter() - t0

@@ -63,36 +63,6 @@ def _resolve_device(name: str):
     return dev
 
 
-def cast_io_to_quick_linears(model, io_dtype=None) -> list:
-    """On CPU: let an fp32 model call fp16/bf16 ``QuickLinear`` layers, casting at each layer's boundary.
-
-    ``QuickLinear`` only accepts inputs of its own dtype (fp16/bf16, the dtypes its GPU kernels take). The
-    alternatives on CPU are worse: running the whole model in bf16 rounds every activation, norm and residual
-    to 8 mantissa bits and moves the perplexity by itself, and CPU fp16 matmuls are slow. With these hooks the
-    rest of the model stays ``io_dtype`` (default: float32) and each 4-bit layer sees what it sees in fp16 GPU
-    inference: its input rounded to the layer dtype, the product (fp32 on the reference path) rounded to it on
-    the way out. The difference from the original model is then the quantization. Returns the hook handles.
-    """
-    import torch
-
-    from quick.nn.linear import QuickLinear
-
-    io_dtype = io_dtype or torch.float32
-
-    def pre(mod, args):
-        x = args[0]
-        return (x.to(mod.dtype), *args[1:]) if x.dtype != mod.dtype else None
-
-    def post(mod, args, out):  # args are the pre-hook's (already cast): cast back to the model's dtype
-        return out.to(io_dtype) if out.dtype != io_dtype else None
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, QuickLinear):
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    return handles
-
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -109,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from quick.checkpoint import set_compute_dtype
     from quick.data.corpus import MODEL_MODULE, WIKI_MODULE, ensure_data_packages, load_eval_text
     from quick.eval.perplexity import eval_windows, perplexity, tokenize_eval_text
     from quick.generation import generate_text
@@ -191,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
         if dispatch.kernel_for(args.layout, probe) is None:
             raise DemoError(f"--backend kernel: no GPU kernel for layout {args.layout!r} on {device}")
     if device.type == "cpu":
-        cast_io_to_quick_linears(model, model.dtype)
+        # The fp32 model calls its fp16/bf16 4-bit layers through casts at their boundaries: each layer sees
+        # what it sees in half-precision GPU inference, and the rest stays fp32 (CPU half matmuls are slow and
+        # bf16 everywhere would move the perplexity by itself), so the difference is the quantization.
+        set_compute_dtype(model, model.dtype)
     packed_bytes = sum(b.numel() * b.element_size() for m in qmods for b in m.buffers())
     ppl1, t_ppl1, text1, t_gen1 = measure("4-bit")
 

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quick.nn.linear import QuickLinear
+from quick.nn.linear import QuickLinear, padded_in_features
+from quick.packing.layouts import get_layout
+from quick.quant.primitives import QuantizationError
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -37,8 +39,16 @@ def quantize_model_rtn(
     skip: Iterable[str] = DEFAULT_SKIP,
     progress: bool = True,
 ) -> nn.Module:
-    """Round-to-nearest quantize every eligible linear in place and pack it into ``layout``."""
+    """Round-to-nearest quantize every eligible linear in place and pack it into ``layout``.
+
+    Every layer is checked against the layout first, so a model is never left half converted."""
     linears = quantizable_linears(model, skip)
+    lay = get_layout(layout)
+    for name, lin in linears:
+        try:
+            lay.check(padded_in_features(lin.in_features, group_size, layout), lin.out_features, group_size)
+        except ValueError as e:
+            raise QuantizationError(f"{name}: {e}") from None
     for name, lin in tqdm(linears, desc="quantize (RTN)", disable=not progress):
         q = QuickLinear.from_linear(lin, group_size, layout, zero_point, dtype)
         parent, child = _parent(model, name)

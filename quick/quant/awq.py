@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quick.checkpoint import pack_linear, padded_in_features, round_dense_, set_compute_dtype
+from quick.checkpoint import round_dense_, set_compute_dtype
 from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.nn.linear import QuickLinear, padded_in_features
 from quick.packing.layouts import get_layout
 from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
 
@@ -234,7 +235,8 @@ def fake_quant(weight: torch.Tensor, group_size: int, zero_point: bool, scale_dt
     Same formulas as :mod:`quick.quant.primitives` (fp32 math, scales rounded to ``scale_dtype`` before the
     codes are chosen), evaluated row-major without the transposes, integer casts and checks of the packing
     path, because the grid searches call it hundreds of times per layer; ``tests/test_awq.py`` checks
-    that both give bit-identical weights. A ragged last group is zero-padded, as :func:`pack_linear` stores it.
+    that both give bit-identical weights. A ragged last group is zero-padded, as
+    :meth:`QuickLinear.from_linear` stores it.
     """
     n, k = weight.shape
     kp = _padded_k(k, group_size)
@@ -654,7 +656,7 @@ def quantize_model_awq(
             for n, lin in layer_linears(layer, family).items():
                 parent_name, _, child = n.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, child, pack_linear(lin, group_size, layout, zero_point, scale_dtype))
+                setattr(parent, child, QuickLinear.from_linear(lin, group_size, layout, zero_point, scale_dtype))
         # Dense leftovers (norms) go back to the model's dtype, rounded to what a checkpoint stores.
         round_dense_(layer, scale_dtype)
         for p in layer.parameters():
