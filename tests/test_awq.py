@@ -255,19 +255,27 @@ def test_search_samples_subset_and_quantize_false():
         assert rel(out(ids).logits, ref) < 1e-2
 
 
-def test_clip_search_never_worse_than_no_clip():
+@pytest.mark.parametrize(("k", "group_size"), [(128, 32), (96, 64), (576, 128)])  # ragged: 96/64, 576/128
+def test_clip_search_never_worse_than_no_clip(k, group_size):
     torch.manual_seed(0)
-    w = torch.randn(64, 128) * (1 + 3 * (torch.rand(64, 128) > 0.98))
-    x = torch.randn(512, 128)
-    stats = awq.InputStats.empty(128, GROUP, False, torch.device("cpu"))
+    w = torch.randn(64, k) * (1 + 3 * (torch.rand(64, k) > 0.98))
+    x = torch.randn(512, k) * (1 + 5 * (torch.rand(k) > 0.9))
+    stats = awq.InputStats.empty(k, group_size, False, torch.device("cpu"))
     stats.add(x, search=True)
-    max_val = awq.search_clip(w, stats.blocks, GROUP, True, torch.float16)
-    assert max_val.shape == (64, 4, 1)
-    lin = nn.Linear(128, 64, bias=False)
+    max_val = awq.search_clip(w, stats.blocks, group_size, True, torch.float16)
+    assert max_val.shape == (64, -(-k // group_size), 1)
+    lin = nn.Linear(k, 64, bias=False)
     lin.weight.data = w.clone()
-    awq.apply_clip(lin, max_val)
-    err = lambda v: float((x @ (awq.fake_quant(v, GROUP, True, torch.float16) - w).t()).pow(2).sum())  # noqa: E731
+    awq.apply_clip(lin, max_val, group_size)
+    # each group's bound is applied to exactly that group's columns
+    bound = max_val.expand(-1, -1, group_size).reshape(64, -1)[:, :k]
+    assert torch.equal(lin.weight.data, torch.maximum(torch.minimum(w, bound), -bound))
+    amax = torch.stack([w[:, i : i + group_size].abs().amax(1) for i in range(0, k, group_size)], 1)
+    assert (max_val[:, :, 0] <= amax).all() and (max_val[:, :, 0] >= 0.55 * amax * (1 - 1e-6)).all()
+    err = lambda v: float((x @ (awq.fake_quant(v, group_size, True, torch.float16) - w).t()).pow(2).sum())  # noqa: E731
     assert err(lin.weight.data) <= err(w)
+    # clipping alone moves the float weights only a little (a misaligned bound would move them a lot)
+    assert float((x @ (lin.weight.data - w).t()).pow(2).sum()) < err(w)
 
 
 @pytest.mark.parametrize("zero_point", [True, False])

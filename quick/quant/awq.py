@@ -424,11 +424,13 @@ def search_clip(
     return best_max
 
 
-def apply_clip(linear: nn.Linear, max_val: torch.Tensor) -> None:
+def apply_clip(linear: nn.Linear, max_val: torch.Tensor, group_size: int) -> None:
     """Clamp each (row, group) of the weight to ``+-max_val`` ``[N, groups, 1]`` (ragged last group allowed)."""
     n, k = linear.weight.shape
     ng = max_val.shape[1]
-    g = -(-k // ng)
+    g = k if group_size == -1 else group_size
+    if ng != -(-k // g):
+        raise QuantizationError(f"{ng} clipping groups do not match K={k} with group size {group_size}")
     bound = max_val.expand(n, ng, g).reshape(n, ng * g)[:, :k]
     w = linear.weight.data.float()
     linear.weight.data = torch.maximum(torch.minimum(w, bound), -bound).to(linear.weight.dtype)
@@ -582,7 +584,7 @@ def awq_layer(
             max_val = search_clip(
                 lin.weight.data, blocks, settings.group_size, settings.zero_point, settings.scale_dtype, settings.n_grid
             )
-            apply_clip(lin, max_val)
+            apply_clip(lin, max_val, settings.group_size)
     return outputs, report
 
 
