@@ -22,11 +22,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.xfail(
-    reason="issue 5: the full 128 x 512 AWQ run on SmolLM2 measured perplexity 80.7 against RTN 21.5 (10k held-out "
-    "tokens), traced to the clipping of ragged last groups (K=576); fixed, real-model re-run not yet measured",
-    strict=False,
-)
 def test_awq_beats_rtn_on_smollm2():
     from quick.auto import AutoQuickForCausalLM
     from quick.data.corpus import load_eval_text
