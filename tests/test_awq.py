@@ -11,7 +11,7 @@ from torch import nn
 from quick.auto import quantize_model_rtn
 from quick.checkpoint import set_compute_dtype
 from quick.models.families import FAMILIES, FamilyError, active_groups, decoder_layers, get_family
-from quick.nn.linear import QuickLinear
+from quick.nn.linear import QuickLinear, padded_in_features
 from quick.quant import awq
 
 transformers = pytest.importorskip("transformers")
@@ -287,6 +287,21 @@ def test_fast_fake_quant_is_bit_identical_to_primitives(k, group_size, dtype, ze
     fast = awq.fake_quant(w, group_size, zero_point, dtype)
     ref = awq.reference_fake_quant(w, group_size, zero_point, dtype)
     assert torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize(
+    ("layout", "k", "group_size"), [("quick", 576, 128), ("quick_sm90", 96, 32), ("quick_sm90", 80, -1)]
+)
+def test_fake_quant_matches_packed_layer(layout, k, group_size):
+    """The search's fake quantization equals what QuickLinear.from_linear stores, padding included."""
+    torch.manual_seed(k)
+    lin = nn.Linear(k, 64, bias=False)
+    lin.weight.data *= 1 + 5 * (torch.rand(k) > 0.9)
+    packed = QuickLinear.from_linear(lin, group_size, layout, True, torch.float16)
+    kp = padded_in_features(k, group_size, layout)
+    fq = awq.fake_quant(lin.weight.data, group_size, True, torch.float16, kp)
+    assert torch.equal(fq, packed.dequantized_weight(torch.float32))
+    assert torch.equal(fq, awq.reference_fake_quant(lin.weight.data, group_size, True, torch.float16, kp))
 
 
 def test_gram_blocks_and_rescale():

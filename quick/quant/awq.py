@@ -229,17 +229,24 @@ def _first_tensor(out: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ quantization
 
 
-def fake_quant(weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+def fake_quant(
+    weight: torch.Tensor,
+    group_size: int,
+    zero_point: bool,
+    scale_dtype: torch.dtype,
+    k_padded: int | None = None,
+) -> torch.Tensor:
     """Round-to-nearest then dequantize ``[N, K]`` on exactly the grid :func:`quantize` + ``dequantize`` use.
 
     Same formulas as :mod:`quick.quant.primitives` (fp32 math, scales rounded to ``scale_dtype`` before the
     codes are chosen), evaluated row-major without the transposes, integer casts and checks of the packing
     path, because the grid searches call it hundreds of times per layer; ``tests/test_awq.py`` checks
-    that both give bit-identical weights. A ragged last group is zero-padded, as
-    :meth:`QuickLinear.from_linear` stores it.
+    that both give bit-identical weights. K is zero-padded to ``k_padded`` (default: whole groups), as
+    :meth:`QuickLinear.from_linear` stores it (see :func:`padded_in_features`), so a ragged last group and a
+    per-channel group over a padded K quantize exactly as in the packed layer.
     """
     n, k = weight.shape
-    kp = _padded_k(k, group_size)
+    kp = max(_padded_k(k, group_size), k_padded or 0)
     g = kp if group_size == -1 else group_size
     w = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // g, g)
     if zero_point:
@@ -255,11 +262,15 @@ def fake_quant(weight: torch.Tensor, group_size: int, zero_point: bool, scale_dt
 
 
 def reference_fake_quant(
-    weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype
+    weight: torch.Tensor,
+    group_size: int,
+    zero_point: bool,
+    scale_dtype: torch.dtype,
+    k_padded: int | None = None,
 ) -> torch.Tensor:
     """:func:`fake_quant` through the primitives (quantize -> dequantize), the definition it must match."""
     n, k = weight.shape
-    kp = _padded_k(k, group_size)
+    kp = max(_padded_k(k, group_size), k_padded or 0)
     qw = quantize(F.pad(weight, (0, kp - k)), group_size, zero_point=zero_point, dtype=scale_dtype)
     return qw.dequantize(torch.float32).t()[:, :k].to(weight.dtype)
 
@@ -350,19 +361,22 @@ def search_scale(
     scale_dtype: torch.dtype,
     n_grid: int = N_GRID,
     duo_scaling: bool = False,
+    layout: str = "quick",
 ) -> tuple[torch.Tensor, float, float]:
     """Best scales for one group; returns ``(scales, best_loss, identity_loss)`` (the latter is RTN's)."""
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
     w_mean = weight_mean(originals, group_size) if duo_scaling else None
     x_mean = stats.mean_abs.to(originals[0].device)
+    kp = padded_in_features(originals[0].shape[1], group_size, layout)
     best: tuple[float, torch.Tensor] | None = None
     identity_loss = math.inf
     try:
         for _r, s, is_identity in candidate_scales(x_mean, w_mean, n_grid):
             s = s.to(originals[0].device)
             new = [
-                fake_quant(w.float() * s[None, :], group_size, zero_point, scale_dtype) / s[None, :] for w in originals
+                fake_quant(w.float() * s[None, :], group_size, zero_point, scale_dtype, kp) / s[None, :]
+                for w in originals
             ]
             if group.inspect is None:
                 assert stats.gram is not None
@@ -398,6 +412,7 @@ def search_clip(
     scale_dtype: torch.dtype,
     n_grid: int = N_GRID,
     max_shrink: float = MAX_SHRINK,
+    layout: str = "quick",
 ) -> torch.Tensor:
     """Per (row, group) clipping bound minimising that group's contribution to the output error.
 
@@ -409,6 +424,7 @@ def search_clip(
     n, k = weight.shape
     ng, g, _ = blocks.shape
     w = F.pad(weight.float(), (0, ng * g - k)).reshape(n, ng, g)
+    kp = padded_in_features(k, group_size, layout)
     h = blocks.to(device=w.device, dtype=torch.float32)
     org_max = w.abs().amax(dim=-1, keepdim=True)
     best_max = org_max.clone()
@@ -416,7 +432,8 @@ def search_clip(
     for i in range(int(max_shrink * n_grid)):
         max_val = org_max * (1 - i / n_grid)
         cur = torch.maximum(torch.minimum(w, max_val), -max_val)
-        d = fake_quant(cur.reshape(n, ng * g), group_size, zero_point, scale_dtype).reshape(n, ng, g) - w
+        d = fake_quant(cur.reshape(n, ng * g), group_size, zero_point, scale_dtype, kp)[:, : ng * g]
+        d = d.reshape(n, ng, g) - w
         err = (torch.bmm(d.transpose(0, 1), h) * d.transpose(0, 1)).sum(-1).t()  # [N, ng]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -480,6 +497,7 @@ class AwqSettings:
     clip: bool = True
     duo_scaling: bool = False
     n_search_chunks: int | None = None
+    layout: str = "quick"
 
 
 def _collect(
@@ -571,6 +589,7 @@ def awq_layer(
             settings.scale_dtype,
             settings.n_grid,
             settings.duo_scaling,
+            settings.layout,
         )
         fold_scale(layer, g, s, family.norm_offset)
         site.rescale(s)
@@ -582,7 +601,13 @@ def awq_layer(
                 continue
             blocks = stats[site_of[n]].blocks
             max_val = search_clip(
-                lin.weight.data, blocks, settings.group_size, settings.zero_point, settings.scale_dtype, settings.n_grid
+                lin.weight.data,
+                blocks,
+                settings.group_size,
+                settings.zero_point,
+                settings.scale_dtype,
+                settings.n_grid,
+                layout=settings.layout,
             )
             apply_clip(lin, max_val, settings.group_size)
     return outputs, report
@@ -642,6 +667,7 @@ def quantize_model_awq(
         clip,
         duo_scaling,
         None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
+        layout,
     )
 
     was_training = model.training
