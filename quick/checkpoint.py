@@ -249,6 +249,13 @@ def save_quantized(
                 f"use another than {qc.get('group_size')}"
             )
         qc["module_group_sizes"] = overrides
+    if layout == "awq_gemm":
+        ragged = [n for n, m in packed.items() if m.logical_in_features != m.in_features]
+        if ragged:
+            raise CheckpointError(
+                f"AutoAWQ's format cannot hold a ragged last group: {len(ragged)} layers (e.g. {ragged[0]}) have K "
+                f"not divisible by the group size; save them in a QUICK layout instead"
+            )
     dtypes = {m.dtype for m in packed.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"packed layers use several dtypes {sorted(map(str, dtypes))}; one is supported")

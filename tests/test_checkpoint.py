@@ -109,6 +109,10 @@ def test_round_trip_awq_layout_and_mixed_group_sizes(tmp_path):
     with pytest.raises(CheckpointError, match="one group size"):
         save_quantized(model, tmp_path / "awq", make_quant_config("awq_gemm", 32))
 
+    with pytest.raises(CheckpointError, match="ragged"):  # K=64 at g128: AutoAWQ could not read it
+        save_quantized(quantized(128), tmp_path / "awq_ragged", make_quant_config("awq_gemm", 128))
+    assert not (tmp_path / "awq_ragged").exists()
+
     uniform = quantized(32)
     ref = logits(uniform)
     out = save_quantized(uniform, tmp_path / "awq2", make_quant_config("awq_gemm", 32))
