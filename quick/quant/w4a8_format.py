@@ -1,0 +1,100 @@
+"""The W4A8 (QQQ-style) number format: what the quantizer produces, what the kernels consume, and the reference.
+
+One contract shared by the quantization algorithms (``quick.quant.qqq``), the packing layout and the kernels:
+
+* **Activations**, per token (row) symmetric int8, computed in fp32 at run time:
+  ``amax[m] = max_k |x[m, k]|``, ``inv = 127 / amax`` (0 when ``amax == 0``),
+  ``x_q = clamp(rint(x * inv), -127, 127)`` (round half to even), ``s_x[m] = amax / 127``.
+* **Weights**, ``q[N, K]`` signed int4 in ``[-8, 7]`` (stored in an int8 tensor before packing) with
+  - per-channel (``group_size == -1``): ``W[n, k] = s_ch[n] * q[n, k]``;
+  - per-group (``group_size == 128`` etc.): a second-level *integer* group scale ``s_g[K/G, N]`` in
+    ``[1, 127]`` (QQQ's int8 level), ``W[n, k] = s_ch[n] * s_g[k // G, n] * q[n, k]``.
+* **Product**: ``y[m, n] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] * s_g[k // G, n]`` (+ bias[n]). The sum
+  is an exact integer (int32 accumulation cannot overflow for K <= 32768 with these ranges), so kernels that
+  scale per-group int32 partials and kernels that widen ``q * s_g`` to int8 first agree bit for bit before the
+  float epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QMIN, QMAX = -8, 7
+GROUP_SCALE_MAX = 127
+SUPPORTED_W4A8_GROUPS = (-1, 128)
+
+
+@dataclass
+class W4A8Weight:
+    """Unpacked W4A8 weights of one linear layer ``y = x @ W.T`` (``W`` is ``[N, K]``, nn.Linear order)."""
+
+    q: torch.Tensor  # [N, K] int8, values in [-8, 7]
+    channel_scale: torch.Tensor  # [N] float32
+    group_scale: torch.Tensor | None  # [K // G, N] int16 in [1, 127], or None for per-channel
+    group_size: int  # -1 (per-channel) or G
+
+    def __post_init__(self) -> None:
+        validate_w4a8(self)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``W [N, K]`` in ``dtype``: the weights the integer arithmetic represents exactly."""
+        w = self.q.to(torch.float64)
+        if self.group_scale is not None:
+            w = w * self.group_scale.to(torch.float64).t().repeat_interleave(self.group_size, dim=1)
+        return (w * self.channel_scale.to(torch.float64)[:, None]).to(dtype)
+
+
+def validate_w4a8(w: W4A8Weight) -> None:
+    """Raise ``ValueError`` naming the first field that breaks the format contract."""
+    if w.q.dim() != 2 or w.q.dtype != torch.int8:
+        raise ValueError(f"q must be a 2-D int8 tensor [N, K], got {w.q.dtype} {tuple(w.q.shape)}")
+    n, k = w.q.shape
+    if w.q.numel() and (int(w.q.min()) < QMIN or int(w.q.max()) > QMAX):
+        raise ValueError(f"q values must lie in [{QMIN}, {QMAX}]")
+    if w.channel_scale.shape != (n,) or not w.channel_scale.is_floating_point():
+        raise ValueError(f"channel_scale must be a float tensor of shape ({n},), got {tuple(w.channel_scale.shape)}")
+    if w.group_size == -1:
+        if w.group_scale is not None:
+            raise ValueError("per-channel W4A8 (group_size=-1) takes no group_scale")
+        return
+    if w.group_size <= 0 or k % w.group_size:
+        raise ValueError(f"group_size {w.group_size} must be -1 or a positive divisor of K={k}")
+    if w.group_scale is None:
+        raise ValueError(f"group_size {w.group_size} needs a group_scale [K/G, N] = [{k // w.group_size}, {n}]")
+    if w.group_scale.shape != (k // w.group_size, n) or w.group_scale.is_floating_point():
+        raise ValueError(
+            f"group_scale must be an integer tensor of shape ({k // w.group_size}, {n}), "
+            f"got {w.group_scale.dtype} {tuple(w.group_scale.shape)}"
+        )
+    if w.group_scale.numel() and (int(w.group_scale.min()) < 1 or int(w.group_scale.max()) > GROUP_SCALE_MAX):
+        raise ValueError(f"group_scale values must lie in [1, {GROUP_SCALE_MAX}]")
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of ``x [..., K]`` exactly as the kernels do it (fp32): ``(x_q int8, s_x fp32 [...])``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.clamp(torch.round(xf * inv[..., None]), -127, 127).to(torch.int8)
+    return xq, amax / 127.0
+
+
+def w4a8_reference(x: torch.Tensor, w: W4A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 ``y [..., N]`` of the W4A8 arithmetic above (activation quantization included)."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has K={x.shape[-1]}, weights expect K={w.in_features}")
+    xq, sx = quantize_activations(x)
+    y = (xq.to(torch.float64) @ w.dequantize(torch.float64).t().to(xq.device)) * sx.to(torch.float64)[..., None]
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y
