@@ -13,6 +13,10 @@ Conversion between any two layouts goes through the unpacked :class:`QuantizedWe
 ``quick_sm90`` Hopper: the weight is the **A** operand of ``wgmma`` from registers (transposed product).
                Blocks of n16 (one warp's m16 rows) x k64; one 16-byte load = the A registers of 4 k16 steps.
                ``qweight`` int32 [K/64, 8N]; ``scales``/``zeros`` [K/G, N], columns reordered in blocks of 16.
+``w4a8``       W4A8 (:mod:`quick.quant.w4a8_format`), the weight is the **B** operand of the int8
+               ``mma.sync.m16n8k32``: blocks of k32 x n32, one 16-byte load = the B registers of 4 n8k32
+               tiles. Not a :class:`Layout` (other number format): :func:`pack_w4a8` / :func:`unpack_w4a8`,
+               registry :data:`W4A8_LAYOUTS`.
 =============  =========================================================================================
 """
 
@@ -24,6 +28,7 @@ import torch
 
 from quick.packing import interleave as il
 from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, resolve_group_size
+from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -222,3 +227,118 @@ def get_layout(name: str) -> Layout:
 def convert(tensors: dict[str, torch.Tensor], src: str, dst: str, k: int, n: int, group_size: int) -> dict:
     """Repack between any two layouts through the unpacked codes (exact, no requantization)."""
     return get_layout(dst).pack(get_layout(src).unpack(tensors, k, n, group_size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W4A8: int4 weights for the int8 tensor cores (mma.sync.m16n8k32.s32.s8.s8.s32)
+# ---------------------------------------------------------------------------------------------------------
+#
+# A nibble holds q in 4-bit two's complement. The kernel turns one int32 word of 8 nibbles into the two int8
+# B registers of one n8k32 tile with two masks and no sign handling:
+#     b0 = (w << 4) & 0xF0F0F0F0   (byte j = 16 * nibble 2j)
+#     b1 =  w       & 0xF0F0F0F0   (byte j = 16 * nibble 2j+1)
+# i.e. every int8 is 16 * q (exact, in [-128, 112]); the kernel divides the exact int32 sums by 16.
+# PTX ISA, "Matrix Fragments for mma.m16n8k32" (.s8 B): b_r holds B[k = 4*(lane%4) + 16*r + byte][n = lane/4].
+W4A8_BK = 32
+W4A8_BN = 32
+W4A8_WORDS = 4  # one 16-byte load per lane and k32 x n32 block: word t = n8 tile t
+
+
+def _w4a8_b_coords(lane, word, pair, half):
+    """Nibble i = pair + 4*half of word ``word`` -> register r = i % 2, byte j = i // 2 of n8 tile ``word``."""
+    i = pair + 4 * half
+    return 4 * (lane % 4) + 16 * (i % 2) + i // 2, 8 * word + lane // 4
+
+
+def _w4a8_scale_cols(slot):
+    """Accumulator c_{2h+e} of lane sits at column 8t + 2*(lane%4) + e of tile t: lane's 8 columns of a
+    32-column block (t = 0..3, e = 0, 1) go to slots 8*(lane%4) + 2t + e, one 8-byte load."""
+    return 8 * ((slot % 8) // 2) + 2 * (slot // 8) + slot % 2
+
+
+class W4A8Layout:
+    """Packed W4A8 weights for the mma.sync int8 kernel (quick/kernels/quick_w4a8.py).
+
+    ``qweight`` int32 [K/32, 4N] (k32 row-blocks; per block of 32 columns, 32 lanes x 4 words),
+    ``channel_scale`` float32 [N] in natural column order (read once, in the epilogue),
+    ``group_scale`` int8 [K/G, N] (values 1..127), columns reordered in blocks of 32 so a lane reads its 8
+    columns with one 8-byte load; absent for per-channel weights.
+    """
+
+    name = "w4a8"
+    k_multiple = W4A8_BK
+    n_multiple = W4A8_BN
+
+    def __init__(self) -> None:
+        self.perm = il.build_permutation(W4A8_BK, W4A8_BN, W4A8_WORDS, _w4a8_b_coords)
+        self.scale_cols = il.column_permutation(W4A8_BN, _w4a8_scale_cols)
+
+    def check(self, k: int, n: int, group_size: int) -> None:
+        if group_size not in SUPPORTED_W4A8_GROUPS:
+            raise LayoutError(f"layout 'w4a8' supports group_size in {SUPPORTED_W4A8_GROUPS}, got {group_size}")
+        if k % self.k_multiple or n % self.n_multiple or (group_size > 0 and k % group_size):
+            raise LayoutError(
+                f"layout 'w4a8' needs K % {max(self.k_multiple, group_size)} == 0 and N % {self.n_multiple} == 0, "
+                f"got K={k}, N={n}"
+            )
+
+    def tensor_specs(self, k: int, n: int, group_size: int) -> dict[str, TensorSpec]:
+        specs = {
+            "qweight": TensorSpec((k // W4A8_BK, 4 * n), torch.int32),
+            "channel_scale": TensorSpec((n,), torch.float32),
+        }
+        if group_size > 0:
+            specs["group_scale"] = TensorSpec((k // group_size, n), torch.int8)
+        return specs
+
+    def validate(self, tensors: dict[str, torch.Tensor], k: int, n: int, group_size: int, where: str = "") -> None:
+        """Raise a :class:`LayoutError` naming the tensor if shapes or dtypes do not match the layout."""
+        self.check(k, n, group_size)
+        for name, spec in self.tensor_specs(k, n, group_size).items():
+            t = tensors.get(name)
+            label = f"{where}.{name}" if where else name
+            if t is None:
+                raise LayoutError(f"missing tensor '{label}' for layout 'w4a8'")
+            if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                raise LayoutError(
+                    f"tensor '{label}' is {t.dtype} {tuple(t.shape)}, layout 'w4a8' with K={k}, N={n}, "
+                    f"group_size={group_size} needs {spec.dtype} {spec.shape}"
+                )
+        if group_size < 0 and tensors.get("group_scale") is not None:
+            raise LayoutError("per-channel W4A8 (group_size=-1) takes no 'group_scale'")
+
+    def pack(self, w: W4A8Weight) -> dict[str, torch.Tensor]:
+        n, k = w.q.shape
+        self.check(k, n, w.group_size)
+        codes = (w.q.t().to(torch.int16) & 0xF).to(torch.uint8)  # [K, N] two's complement nibbles
+        out = {
+            "qweight": il.apply_permutation(codes, self.perm, W4A8_BK, W4A8_BN),
+            "channel_scale": w.channel_scale.to(torch.float32).contiguous(),
+        }
+        if w.group_scale is not None:
+            out["group_scale"] = il.permute_columns(w.group_scale.to(torch.int8), self.scale_cols)
+        return out
+
+    def unpack(self, tensors: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
+        qweight = tensors["qweight"]
+        k, n = qweight.shape[0] * W4A8_BK, qweight.shape[1] // 4
+        self.validate(tensors, k, n, group_size)
+        codes = il.invert_permutation(qweight, self.perm, k, n, W4A8_BK, W4A8_BN).to(torch.int16)
+        q = ((codes ^ 8) - 8).t().contiguous().to(torch.int8)
+        gs = tensors.get("group_scale")
+        group_scale = None if gs is None else il.unpermute_columns(gs, self.scale_cols).to(torch.int16)
+        return W4A8Weight(q, tensors["channel_scale"].clone(), group_scale, group_size)
+
+
+W4A8_LAYOUTS: dict[str, W4A8Layout] = {}
+W4A8 = W4A8_LAYOUTS.setdefault("w4a8", W4A8Layout())
+
+
+def pack_w4a8(w: W4A8Weight) -> dict[str, torch.Tensor]:
+    """Pack W4A8 weights into layout ``w4a8`` (see :class:`W4A8Layout`)."""
+    return W4A8.pack(w)
+
+
+def unpack_w4a8(packed: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
+    """Exact inverse of :func:`pack_w4a8` (K and N are read off ``qweight``)."""
+    return W4A8.unpack(packed, group_size)
