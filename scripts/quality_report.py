@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--bos", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--save", metavar="DIR", help="keep the AWQ checkpoint here (default: a temporary directory)")
     args = ap.parse_args()
 
     qc = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
@@ -92,9 +93,10 @@ def main() -> None:
     result["ppl_awq_g128"] = ppl(awq, "awq g128")
     result["generation_awq"] = gens(awq)
     with tempfile.TemporaryDirectory() as tmp:
-        awq.save_quantized(Path(tmp) / "ckpt")
+        ckpt = Path(args.save) if args.save else Path(tmp) / "ckpt"
+        awq.save_quantized(ckpt)
         del awq
-        reloaded = AutoQuickForCausalLM.from_quantized(Path(tmp) / "ckpt", device=args.device)
+        reloaded = AutoQuickForCausalLM.from_quantized(ckpt, device=args.device)
         result["ppl_awq_reloaded"] = ppl(reloaded, "awq reloaded")
         result["generation_awq_reloaded"] = gens(reloaded)
     rel = abs(result["ppl_awq_reloaded"] - result["ppl_awq_g128"]) / result["ppl_awq_g128"]
