@@ -1,0 +1,298 @@
+"""Every compiled kernel variant as launchable cases on shapes at and around its tile edges.
+
+Shared by ``scripts/sanitize.py`` (compute-sanitizer over every variant) and ``scripts/fuzz_gpu.py`` (the
+differential fuzzer), and checked on CPU by ``tests/test_bad_input.py``: every entry of a launcher module's
+``VARIANTS`` must map to at least one case here, so a variant added later without a case fails CI instead of
+going unsanitized. Kernels offered through the dispatcher registry by other modules (not listed in
+:data:`EXPLICIT_MODULES`) are covered through their registry entry on the same shapes (their default variant
+only) and listed as such in the scripts' JSON.
+
+Enumeration is pure arithmetic (no CUDA); :func:`run_case` needs a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+EXPLICIT_MODULES = ("quick.kernels.quick_mma", "quick.kernels.quick_sm90")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launch: ``kernel`` is ``mma_gemm``, ``mma_gemv``, ``sm90`` or ``registry:<layout>:<name>``;
+    ``variant`` names the compiled variant (config, dtype, group path) it runs."""
+
+    kernel: str
+    variant: str
+    dtype: torch.dtype
+    m: int
+    k: int
+    n: int
+    group_size: int
+    splits: int | None = None
+    config: object = None
+    bias: bool = False
+    layout: str = "quick"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def label(self) -> str:
+        dt = "fp16" if self.dtype == torch.float16 else "bf16"
+        return (
+            f"{self.kernel}[{self.variant}] {dt} M={self.m} K={self.k} N={self.n} g={self.group_size} "
+            f"splits={self.splits} bias={int(self.bias)}"
+        )
+
+
+def _dt_name(dt: torch.dtype) -> str:
+    return "fp16" if dt == torch.float16 else "bf16"
+
+
+# ---------------------------------------------------------------------------------------- quick_mma
+
+
+def mma_cases() -> list[Case]:
+    """Per GEMM config: a one-row case, a case with partial M and N tiles and an uneven split-k, and a
+    per-channel case with three splits; per GEMV variant: one and eight rows, empty warps, split-k."""
+    from quick.kernels import quick_mma as qm
+
+    out: list[Case] = []
+    for dt in (torch.float16, torch.bfloat16):
+        for cfg in qm.GEMM_CONFIGS.values():
+            var = f"{cfg.name}/{_dt_name(dt)}"
+            k1 = math.lcm(cfg.bks, 128)
+            # smallest shapes: one row, one n64 block, one k tile (K = lcm(stage, 128)), group 32
+            out.append(Case("mma_gemm", var, dt, 1, k1, 64, 32, 1, cfg.name))
+            # partial last M and N tiles, odd number of K tiles split unevenly in two, bias through the reduce
+            out.append(Case("mma_gemm", var, dt, cfg.bm + 1, 3 * k1, cfg.bn + 64, 128, 2, cfg.name, True))
+            # M one short of two tiles, per-channel group (one group over all K), three splits, group 64
+            out.append(Case("mma_gemm", var, dt, 2 * cfg.bm - 1, 3 * k1, 192, -1, 3, cfg.name))
+            out.append(Case("mma_gemm", var, dt, cfg.bm, 2 * k1, 64 if cfg.bn == 64 else cfg.bn, 64, None, cfg.name))
+        for g in (32, 64, 128):
+            cfg = qm.gemv_config_for(g)
+            var = f"gemv-{cfg.name}-gs{cfg.gs(g)}/{_dt_name(dt)}"
+            # K = 3 groups of 128: most warps of the CTA own no steps (empty k runs)
+            out.append(Case("mma_gemv", var, dt, 1, 384, 64, g, 1))
+            # 8 rows (the GEMV maximum), N with a partial CTA, K of 17 x 128 (uneven runs), split-k with bias
+            out.append(Case("mma_gemv", var, dt, 8, 2176, 192, g, 2, None, True))
+            out.append(Case("mma_gemv", var, dt, 5, 1024, 128, g, None))
+        # per-channel GEMV (runtime group path, G = K)
+        cfg = qm.gemv_config_for(-1)
+        out.append(Case("mma_gemv", f"gemv-{cfg.name}-gs{cfg.gs(1024)}/{_dt_name(dt)}", dt, 3, 1024, 64, -1, 3))
+    return out
+
+
+def mma_variant_key(case: Case) -> tuple:
+    """The ``quick_mma.VARIANTS`` entry (source, sorted defines) that ``case`` launches."""
+    from quick.kernels import quick_mma as qm
+
+    if case.kernel == "mma_gemm":
+        cfg = case.config if not isinstance(case.config, str) else qm.GEMM_CONFIGS[case.config]
+        if cfg is None:
+            raise ValueError("GEMM cases name their config")
+        return (qm.GEMM_SOURCE, tuple(sorted(cfg.defines(case.dtype).items())))
+    g = case.k if case.group_size == -1 else case.group_size
+    cfg = qm.gemv_config_for(case.group_size)
+    return (qm.GEMV_SOURCE, tuple(sorted(cfg.defines(case.dtype, g).items())))
+
+
+# ---------------------------------------------------------------------------------------- quick_sm90
+
+
+def sm90_variant_configs() -> list[tuple[dict, object, int, torch.dtype]]:
+    """``(defines, Sm90Config, group class 128|32, dtype)`` for every entry of ``quick_sm90.VARIANTS`` (the
+    config is found among every config the module defines, so the mapping follows the module's tables)."""
+    from quick.kernels import quick_sm90 as qs
+
+    configs = {c for table in qs._DEFAULTS.values() for c in table.values()}
+    out = []
+    for _src, _kern, defines in qs.VARIANTS:
+        hit = None
+        for cfg in sorted(configs, key=repr):
+            for g in (128, 32):
+                for dt in (torch.float16, torch.bfloat16):
+                    if cfg.defines(g, dt) == defines:
+                        hit = (defines, cfg, g, dt)
+                        break
+                if hit:
+                    break
+            if hit:
+                break
+        if hit is None:
+            raise LookupError(f"quick_sm90.VARIANTS entry {defines} matches no config of the module")
+        out.append(hit)
+    return out
+
+
+def sm90_cases() -> list[Case]:
+    """Per variant: M = one more than the token tile (two M tiles, the second with one row), N = 192 (the
+    second 128-channel tile half full), K = 5 k64 steps split unevenly in two, bias; and a one-row case at
+    M = nt - 1 with no split-k and the other group sizes of the variant's code path (64, per-channel)."""
+    out: list[Case] = []
+    for defines, cfg, gcls, dt in sm90_variant_configs():
+        var = (
+            f"pipe{cfg.pipe}-nt{cfg.nt}-st{cfg.stages}-pref{defines['QS_PREF']}-g{'32' if gcls == 32 else 'x'}"
+            f"/{_dt_name(dt)}"
+        )
+        if gcls == 32:
+            out.append(Case("sm90", var, dt, cfg.nt + 1, 320, 192, 32, 2, cfg, True, "quick_sm90"))
+            out.append(Case("sm90", var, dt, max(1, cfg.nt - 1), 256, 64, 32, 1, cfg, False, "quick_sm90"))
+        else:
+            out.append(Case("sm90", var, dt, cfg.nt + 1, 640, 192, 128, 2, cfg, True, "quick_sm90"))
+            out.append(Case("sm90", var, dt, max(1, cfg.nt - 1), 256, 64, 64, 1, cfg, False, "quick_sm90"))
+            out.append(Case("sm90", var, dt, 3, 320, 128, -1, 3, cfg, False, "quick_sm90"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- other kernels
+
+
+def registry_entries() -> list:
+    """Dispatcher entries from modules other than the explicitly enumerated ones (e.g. W4A8 kernels)."""
+    from quick.kernels import dispatch
+
+    known = {"quick_mma", "quick_sm90"}
+    return [e for e in dispatch.registered() if e.name not in known]
+
+
+REGISTRY_SHAPES = [(1, 128, 64), (17, 640, 192), (65, 1024, 320), (129, 256, 128)]  # (M, K, N) around tiles
+
+
+def registry_cases() -> list[Case]:
+    out = []
+    for e in registry_entries():
+        for dt in (torch.float16, torch.bfloat16):
+            for i, (m, k, n) in enumerate(REGISTRY_SHAPES):
+                g = (128, 64, 32, -1)[i % 4]
+                out.append(Case(f"registry:{e.layout}:{e.name}", "default", dt, m, k, n, g, layout=e.layout))
+    return out
+
+
+def kernel_modules_with_variants() -> dict[str, int]:
+    """Every ``quick.kernels`` module that defines ``VARIANTS`` and how many (for coverage reports)."""
+    import quick.kernels as pkg
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        name = f"quick.kernels.{info.name}"
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # an optional module that does not import here (reported by the dispatcher)
+            continue
+        v = getattr(mod, "VARIANTS", None)
+        if isinstance(v, list):
+            found[name] = len(v)
+    return found
+
+
+def all_cases(sm90: bool = True) -> list[Case]:
+    """Every case, ordered so that each variant's first case comes before any variant's second (a time
+    budget that runs out still leaves every variant launched at least once)."""
+    groups: dict[tuple, list[Case]] = {}
+    for c in mma_cases() + (sm90_cases() if sm90 else []) + registry_cases():
+        groups.setdefault((c.kernel, c.variant, c.dtype), []).append(c)
+    ordered = []
+    depth = max((len(v) for v in groups.values()), default=0)
+    for i in range(depth):
+        for v in groups.values():
+            if i < len(v):
+                ordered.append(v[i])
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------- running (GPU)
+
+
+def make_inputs(case: Case, gen: torch.Generator, x_scale: float = 1.0, device: str = "cuda") -> dict:
+    """Random codes, scales and zero points, activations and bias, drawn on the CPU (no CUDA kernels, so that
+    a sanitizer sees only the kernel under test) and copied to ``device`` as exact-size allocations."""
+    from quick.packing.layouts import get_layout
+    from quick.testing import random_quantized
+
+    qw = random_quantized(case.k, case.n, case.group_size, case.dtype, "cpu", gen)
+    packed = {name: t.to(device) for name, t in get_layout(case.layout).pack(qw).items()}
+    x = (torch.randn(case.m, case.k, generator=gen) * x_scale).to(case.dtype)
+    bias = (torch.randn(case.n, generator=gen) * 0.1).to(case.dtype) if case.bias else None
+    return {
+        "qw": qw,
+        "packed": packed,
+        "x_cpu": x,
+        "x": x.to(device),
+        "bias_cpu": bias,
+        "bias": None if bias is None else bias.to(device),
+    }
+
+
+def launcher(case: Case) -> Callable[..., torch.Tensor]:
+    """``fn(x, packed, bias, out=None) -> out`` for the case's kernel and variant."""
+    if case.kernel in ("mma_gemm", "mma_gemv"):
+        from quick.kernels import quick_mma as qm
+
+        run = qm.gemm if case.kernel == "mma_gemm" else qm.gemv
+
+        def fn(x, p, bias, out=None):
+            return run(
+                x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
+                splits=case.splits, out=out,
+            )  # fmt: skip
+
+        return fn
+    if case.kernel == "sm90":
+        from quick.kernels import quick_sm90 as qs
+
+        def fn(x, p, bias, out=None):
+            return qs.gemm_w4a16_sm90(
+                x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
+                splits=case.splits, out=out,
+            )  # fmt: skip
+
+        return fn
+    if case.kernel.startswith("registry:"):
+        _, layout, name = case.kernel.split(":", 2)
+        from quick.kernels import dispatch
+
+        entry = next(e for e in dispatch.registered(layout) if e.name == name)
+
+        def fn(x, p, bias, out=None):
+            y = entry.fn(x, p, case.group_size)
+            y = y + bias if bias is not None else y
+            if out is not None:
+                out.copy_(y)
+                return out
+            return y
+
+        return fn
+    raise ValueError(f"unknown kernel {case.kernel}")
+
+
+def available(case: Case) -> bool:
+    """Whether this GPU can run the case (sm90 cases need compute capability 9.0)."""
+    if not torch.cuda.is_available():
+        return False
+    if case.kernel == "sm90":
+        from quick.kernels import quick_sm90 as qs
+
+        return qs.is_available()
+    if case.kernel.startswith("registry:"):
+        _, layout, name = case.kernel.split(":", 2)
+        from quick.kernels import dispatch
+
+        probe = torch.empty((case.m, case.k), dtype=case.dtype, device="cuda")
+        return any(e.name == name and e.available(probe) for e in dispatch.registered(layout))
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
+    """Every (source, arch, defines) the explicit cases launch on this device (for a parallel precompile)."""
+    from quick.kernels import quick_mma as qm
+    from quick.kernels import quick_sm90 as qs
+
+    jobs = [(src, arch, d) for src, d, _ in qm.VARIANTS]
+    if arch.startswith("sm_90"):
+        jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
+    return jobs

@@ -1,0 +1,238 @@
+"""Run every kernel variant under compute-sanitizer's memcheck, racecheck, initcheck and synccheck.
+
+One Python process per tool loops over the cases of ``quick.kernels.variant_cases`` (every compiled variant of
+the mma.sync GEMM, GEMV and split-k reduce; every quick_sm90 config and pipeline on sm_90; kernels of other
+modules through their dispatcher entry) on shapes at and around the tile edges. Inputs are drawn on the CPU
+and copied as exact-size allocations with PyTorch's caching allocator off, so that memcheck sees every byte
+past an allocation; outputs come from ``torch.empty``, so that initcheck catches any output element read back
+without being written (and any read of an unwritten split-k workspace).
+
+The kernels are compiled first, outside the sanitizer. Time is shared between the tools (what one leaves goes
+to the next); cases are ordered so that every variant runs once before any runs twice, so a budget that runs
+out still covers every variant (the JSON says how many cases and variants each tool ran).
+
+    OUT=/tmp/out python scripts/sanitize.py --budget 240          # writes $OUT/sanitize.json and logs
+    python scripts/sanitize.py --list                             # the cases, no GPU needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+WEIGHT = {"memcheck": 1.0, "racecheck": 1.3, "initcheck": 1.0, "synccheck": 0.7}  # share of the budget
+
+
+def find_sanitizer() -> str | None:
+    cands = [os.environ.get("COMPUTE_SANITIZER"), shutil.which("compute-sanitizer")]
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            cands.append(os.path.join(home, "bin", "compute-sanitizer"))
+            cands.append(os.path.join(home, "compute-sanitizer", "compute-sanitizer"))
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
+# ------------------------------------------------------------------------------------------ inner process
+
+
+def inner(args: argparse.Namespace) -> int:
+    """Under the sanitizer: launch every case until the deadline; one JSON line per case on stdout."""
+    import torch
+
+    from quick.kernels import variant_cases as vc
+
+    torch.manual_seed(0)
+    cases = [c for c in vc.all_cases() if vc.available(c)]
+    print(f"SANITIZE-INNER tool={args.tool} cases={len(cases)}", flush=True)
+    gen = torch.Generator().manual_seed(1234)
+    for i, case in enumerate(cases):
+        if time.time() > args.deadline:
+            print(json.dumps({"event": "deadline", "ran": i, "total": len(cases)}), flush=True)
+            break
+        rec = {"event": "case", "i": i, "label": case.label(), "kernel": case.kernel, "variant": case.variant}
+        print(f"CASE {i} {case.label()}", flush=True)
+        try:
+            inp = vc.make_inputs(case, gen)
+            out = vc.launcher(case)(inp["x"], inp["packed"], inp["bias"])
+            torch.cuda.synchronize()
+            host = out.cpu()
+            rec["shape_ok"] = tuple(host.shape) == (case.m, case.n)
+            rec["finite"] = bool(torch.isfinite(host).all())
+            rec["ok"] = rec["shape_ok"] and rec["finite"]
+        except Exception as e:  # recorded, not raised: the sanitizer's own report matters most
+            rec["ok"] = False
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+        print("JSON " + json.dumps(rec), flush=True)
+    else:
+        print(json.dumps({"event": "done", "ran": len(cases), "total": len(cases)}), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) error")
+_RACE = re.compile(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+_REPORT = re.compile(r"^========= (?!ERROR SUMMARY|RACECHECK SUMMARY|COMPUTE-SANITIZER|Target|  )(\S.*)$")
+
+
+def parse_log(text: str) -> dict:
+    """Error counts from the tool's summary, cases seen, and the first reports with the case that was running."""
+    res: dict = {"summary_found": False, "errors": None, "warnings": 0}
+    m = _SUMMARY.findall(text)
+    r = _RACE.findall(text)
+    if r:
+        res.update(summary_found=True, errors=int(r[-1][1]), warnings=int(r[-1][2]))
+    elif m:
+        res.update(summary_found=True, errors=int(m[-1]))
+    cases, reports, current = [], [], None
+    failed_cases = []
+    for line in text.splitlines():
+        if line.startswith("CASE "):
+            current = line[5:]
+        elif line.startswith("JSON "):
+            try:
+                rec = json.loads(line[5:])
+            except json.JSONDecodeError:
+                continue
+            cases.append(rec)
+            if not rec.get("ok"):
+                failed_cases.append(rec)
+        else:
+            mm = _REPORT.match(line)
+            if mm and len(reports) < 40:
+                reports.append({"case": current, "report": mm.group(1)[:300]})
+    res["cases"] = len(cases)
+    res["variants"] = len({(c["kernel"], c["variant"]) for c in cases})
+    res["kernels"] = sorted({c["kernel"] for c in cases})
+    res["python_failures"] = failed_cases[:20]
+    res["python_failure_count"] = len(failed_cases)
+    res["reports"] = reports
+    res["finished_all"] = '"event": "done"' in text
+    return res
+
+
+def precompile() -> float:
+    import torch
+
+    from quick.kernels import jit
+    from quick.kernels import variant_cases as vc
+
+    t0 = time.time()
+    jobs = vc.compile_jobs(jit.arch_for_device())
+    jit.compile_many(jobs, workers=os.cpu_count())
+    print(f"precompiled {len(jobs)} variants in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}", flush=True)
+    return time.time() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds in all, compile included")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "sanitize_out"))
+    ap.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tool", default="memcheck", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.inner:
+        return inner(args)
+
+    from quick.kernels import variant_cases as vc
+
+    if args.list:
+        cases = vc.all_cases()
+        for c in cases:
+            print(c.label())
+        print(f"{len(cases)} cases, {len({(c.kernel, c.variant) for c in cases})} variants")
+        return 0
+
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {
+        "budget_s": args.budget,
+        "tools": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    san = find_sanitizer()
+    import torch
+
+    if san is None or not torch.cuda.is_available():
+        summary["error"] = "compute-sanitizer or a CUDA device not found"
+        (out / "sanitize.json").write_text(json.dumps(summary, indent=1))
+        print(summary["error"])
+        return 2
+    summary["sanitizer"] = subprocess.run([san, "--version"], capture_output=True, text=True).stdout.strip()[-200:]
+    summary["device"] = torch.cuda.get_device_name()
+    summary["compile_s"] = round(precompile(), 1)
+    summary["modules_with_variants"] = vc.kernel_modules_with_variants()
+    summary["registry_entries_covered"] = [f"{e.layout}:{e.name}" for e in vc.registry_entries()]
+    cases = [c for c in vc.all_cases() if vc.available(c)]
+    summary["cases_available"] = len(cases)
+    summary["variants_available"] = len({(c.kernel, c.variant) for c in cases})
+
+    tools = [t for t in args.tools.split(",") if t]
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1")
+    rc = 0
+    for i, tool in enumerate(tools):
+        left = args.budget - (time.time() - t_start)
+        share = left * WEIGHT.get(tool, 1.0) / sum(WEIGHT.get(t, 1.0) for t in tools[i:])
+        deadline = time.time() + max(share - 25.0, 5.0)  # ~25 s: start-up under the tool and the last case
+        cmd = [san, "--tool", tool, "--print-limit", "200"]
+        if tool == "racecheck":
+            cmd += ["--racecheck-report", "all"]
+        cmd += [sys.executable, str(Path(__file__).resolve()), "--inner", "--tool", tool, "--deadline", str(deadline)]
+        t0 = time.time()
+        print(f"=== {tool}: {share:.0f} s", flush=True)
+        try:
+            proc = subprocess.run(
+                cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=max(share + 60.0, 30.0)
+            )
+            text, code, timed_out = proc.stdout + proc.stderr, proc.returncode, False
+        except subprocess.TimeoutExpired as e:
+            parts = [e.stdout or "", e.stderr or ""]
+            text = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in parts)
+            code, timed_out = None, True
+        (out / f"sanitize-{tool}.log").write_text(text[-2_000_000:])
+        res = parse_log(text)
+        res.update(returncode=code, timed_out=timed_out, wall_s=round(time.time() - t0, 1), share_s=round(share, 1))
+        summary["tools"][tool] = res
+        bad = (
+            timed_out
+            or not res["summary_found"]
+            or res["errors"]
+            or res["python_failure_count"]
+            or code not in (0, None)
+        )
+        rc = rc or (1 if bad else 0)
+        print(
+            f"{tool}: errors={res['errors']} cases={res['cases']}/{len(cases)} variants={res['variants']}/"
+            f"{summary['variants_available']} python_failures={res['python_failure_count']} rc={code} "
+            f"{res['wall_s']} s",
+            flush=True,
+        )
+        for r in res["reports"][:5]:
+            print("   ", r)
+    summary["total_s"] = round(time.time() - t_start, 1)
+    summary["sanitizer_runs"] = len(tools)
+    summary["cases_run_total"] = sum(t["cases"] for t in summary["tools"].values())
+    summary["errors_total"] = sum((t["errors"] or 0) for t in summary["tools"].values())
+    (out / "sanitize.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "tools"}, indent=1))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
