@@ -342,3 +342,113 @@ def pack_w4a8(w: W4A8Weight) -> dict[str, torch.Tensor]:
 def unpack_w4a8(packed: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
     """Exact inverse of :func:`pack_w4a8` (K and N are read off ``qweight``)."""
     return W4A8.unpack(packed, group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W4A8 on Hopper: int4 weights as the register A operand of wgmma.m64nNk32.s32.s8.s8 (transposed product)
+# ---------------------------------------------------------------------------------------------------------
+#
+# Same nibble code and in-register conversion as ``w4a8`` (two's complement nibbles; (w << 4) & 0xF0F0F0F0 and
+# w & 0xF0F0F0F0 give int8 16*q), but the fragment is wgmma's A (PTX ISA, "Register Fragments" for
+# wgmma .m64nNk32 A with .s8/.u8; CUTLASS ALayout_64x32): register r (0..3) of a lane holds
+# A[row = 16*warp + lane/4 + 8*(r%2)][k = 4*(lane%4) + 16*(r/2) + byte]. Rows are output channels n.
+# A lane's two words per k32 step give registers (lo, hi) of word 0 -> r = 0, 1 and of word 1 -> r = 2, 3, so
+# nibble i of a word is row lane/4 + 8*(i%2), byte i//2. Blocks of n16 (one warp's 16 rows) x k128: 8 words
+# per lane (two 16-byte loads, 1 KB contiguous per warp) = the A registers of 4 k32 steps = one TMA stage.
+W4A8_SM90_BK = 128
+W4A8_SM90_BN = 16
+W4A8_SM90_WORDS = 8
+
+
+def _w4a8_sm90_a_coords(lane, word, pair, half):
+    """Nibble i = pair + 4*half of word w: k32 step w//2, register r = 2*(w%2) + i%2, byte i//2."""
+    i = pair + 4 * half
+    k = 32 * (word // 2) + 16 * (word % 2) + 4 * (lane % 4) + i // 2
+    return k, lane // 4 + 8 * (i % 2)
+
+
+class W4A8Sm90Layout(W4A8Layout):
+    """Packed W4A8 weights for the Hopper wgmma kernel (quick/kernels/quick_w4a8_sm90.py).
+
+    ``qweight`` int32 [K/128, 16N] (k128 row-blocks; per block of 16 columns, 32 lanes x 8 words),
+    ``channel_scale`` float32 [N] in natural order, ``group_scale`` int8 [K/G, N] (G = 128), columns reordered
+    in blocks of 16 exactly like ``quick_sm90``'s scales (slots 2*(c%8) + c//8: a lane's rows lane/4 and
+    lane/4 + 8 are adjacent bytes, one 2-byte load per group); absent for per-channel weights.
+    """
+
+    name = "w4a8_sm90"
+    k_multiple = W4A8_SM90_BK
+    n_multiple = W4A8_SM90_BN
+
+    def __init__(self) -> None:
+        self.perm = il.build_permutation(W4A8_SM90_BK, W4A8_SM90_BN, W4A8_SM90_WORDS, _w4a8_sm90_a_coords)
+        self.scale_cols = il.column_permutation(W4A8_SM90_BN, _wgmma_a_scale_cols)
+
+    def check(self, k: int, n: int, group_size: int) -> None:
+        if group_size not in SUPPORTED_W4A8_GROUPS:
+            raise LayoutError(f"layout '{self.name}' supports group_size in {SUPPORTED_W4A8_GROUPS}, got {group_size}")
+        if k % self.k_multiple or n % self.n_multiple or (group_size > 0 and k % group_size):
+            raise LayoutError(
+                f"layout '{self.name}' needs K % {max(self.k_multiple, group_size)} == 0 and "
+                f"N % {self.n_multiple} == 0, got K={k}, N={n}"
+            )
+
+    def tensor_specs(self, k: int, n: int, group_size: int) -> dict[str, TensorSpec]:
+        specs = {
+            "qweight": TensorSpec((k // W4A8_SM90_BK, 16 * n), torch.int32),
+            "channel_scale": TensorSpec((n,), torch.float32),
+        }
+        if group_size > 0:
+            specs["group_scale"] = TensorSpec((k // group_size, n), torch.int8)
+        return specs
+
+    def validate(self, tensors: dict[str, torch.Tensor], k: int, n: int, group_size: int, where: str = "") -> None:
+        """Raise a :class:`LayoutError` naming the tensor if shapes or dtypes do not match the layout."""
+        self.check(k, n, group_size)
+        for name, spec in self.tensor_specs(k, n, group_size).items():
+            t = tensors.get(name)
+            label = f"{where}.{name}" if where else name
+            if t is None:
+                raise LayoutError(f"missing tensor '{label}' for layout '{self.name}'")
+            if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+                raise LayoutError(
+                    f"tensor '{label}' is {t.dtype} {tuple(t.shape)}, layout '{self.name}' with K={k}, N={n}, "
+                    f"group_size={group_size} needs {spec.dtype} {spec.shape}"
+                )
+        if group_size < 0 and tensors.get("group_scale") is not None:
+            raise LayoutError(f"per-channel W4A8 (group_size=-1) takes no 'group_scale' (layout '{self.name}')")
+
+    def pack(self, w: W4A8Weight) -> dict[str, torch.Tensor]:
+        n, k = w.q.shape
+        self.check(k, n, w.group_size)
+        codes = (w.q.t().to(torch.int16) & 0xF).to(torch.uint8)  # [K, N] two's complement nibbles
+        out = {
+            "qweight": il.apply_permutation(codes, self.perm, W4A8_SM90_BK, W4A8_SM90_BN),
+            "channel_scale": w.channel_scale.to(torch.float32).contiguous(),
+        }
+        if w.group_scale is not None:
+            out["group_scale"] = il.permute_columns(w.group_scale.to(torch.int8), self.scale_cols)
+        return out
+
+    def unpack(self, tensors: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
+        qweight = tensors["qweight"]
+        k, n = qweight.shape[0] * W4A8_SM90_BK, qweight.shape[1] // 16
+        self.validate(tensors, k, n, group_size)
+        codes = il.invert_permutation(qweight, self.perm, k, n, W4A8_SM90_BK, W4A8_SM90_BN).to(torch.int16)
+        q = ((codes ^ 8) - 8).t().contiguous().to(torch.int8)
+        gs = tensors.get("group_scale")
+        group_scale = None if gs is None else il.unpermute_columns(gs, self.scale_cols).to(torch.int16)
+        return W4A8Weight(q, tensors["channel_scale"].clone(), group_scale, group_size)
+
+
+W4A8_SM90 = W4A8_LAYOUTS.setdefault("w4a8_sm90", W4A8Sm90Layout())
+
+
+def pack_w4a8_sm90(w: W4A8Weight) -> dict[str, torch.Tensor]:
+    """Pack W4A8 weights into layout ``w4a8_sm90`` (see :class:`W4A8Sm90Layout`)."""
+    return W4A8_SM90.pack(w)
+
+
+def unpack_w4a8_sm90(packed: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
+    """Exact inverse of :func:`pack_w4a8_sm90` (K and N are read off ``qweight``)."""
+    return W4A8_SM90.unpack(packed, group_size)

@@ -1,0 +1,617 @@
+// QUICK on Hopper, W4A8: wgmma s8 with the interleaved signed-int4 weight as the REGISTER A operand.
+//
+// y[M, N] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] (* s_g[k / 128, n]) (+ bias[n]), number format in
+// quick/quant/w4a8_format.py. Transposed product out^T[N, M] = Q[N, K] x X_q^T[K, M]: output channels on wgmma's
+// M = 64 side (one consumer warpgroup = 64 channels), tokens on wgmma's N side (QW_NT = 8..256 per tile).
+//
+//  * Weights (layout 'w4a8_sm90', quick/packing/layouts.py): per k128 row-block and n16 block, lane l of a warp
+//    reads 32 contiguous bytes (two LDG.128; 1 KB per warp); words 2j and 2j+1 are the A fragment of k32 step j
+//    (wgmma m64nNk32 .s8: register r holds row lane/4 + 8(r%2), k 4(lane%4) + 16(r/2) + byte). Nibbles are
+//    two's complement; byte e of a word holds nibbles 2e (low) and 2e+1 (high). In registers:
+//    (w << 4) & 0xF0F0F0F0 and w & 0xF0F0F0F0 are four int8 values 16*q each (a register of rows lane/4 and
+//    lane/4 + 8): two logic ops per register, no lookup. The int32 sums are 16x the exact integer sums
+//    (|16 q| <= 128 fits int8; 16 * 127 * 128 * K < 2^31 for K <= 65536); the factor goes in the epilogue (an
+//    exact power of two) or, per group, as an exact arithmetic shift of each group's partial.
+//  * Activations x_q[M, K] (int8 row-major = wgmma B in K-major, the only major for 8-bit) by TMA, boxes of
+//    128 k x QW_NT tokens with 128-byte swizzle (rows past M zero-filled) into QW_STAGES stages; one producer
+//    thread, mbarriers full/empty. The smem descriptor is the same K-major SW128 one as for 16-bit data (the
+//    layout is defined in bytes): +32 B per k32 step.
+//  * Per group (G = 128 = one k128 stage): each stage's four wgmmas accumulate into a partial P (scale-d = 0 on
+//    the first: no zeroing), which is folded exactly after the stage's wait, T += s_g * (P >> 4).
+//  * Persistent grid over (channel tile, token tile, k split) units; split-k partials are int32 (exact), summed
+//    by the last CTA to arrive on a tile in split order (deterministic either way), counters reset by it.
+//  * Epilogue: float(T) * s_x[token] * s_ch[channel] (/16 per-channel) (+ bias) -> 16-bit, staged transposed in
+//    shared memory, 16-byte coalesced stores of out[M, N], tokens >= M masked.
+//
+// A second kernel, quick_w4a8_sm90_quant, quantizes activations per row (the format's rule, fp32).
+//
+// Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1 or 2), QW_STAGES, QW_PREF (ring depth in
+// k128 steps), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x dtype).
+
+#include <cstdint>
+
+#pragma nv_diag_suppress 177  // the wgmma_s8 specializations a variant does not use
+
+#ifndef QW_NT
+#define QW_NT 64
+#endif
+#ifndef QW_NWG
+#define QW_NWG 2
+#endif
+#ifndef QW_STAGES
+#define QW_STAGES 6
+#endif
+#ifndef QW_PREF
+#define QW_PREF 4
+#endif
+#ifndef QW_GROUP
+#define QW_GROUP 0
+#endif
+#ifndef QW_BF16
+#define QW_BF16 0
+#endif
+
+namespace {
+
+constexpr int NT = QW_NT;
+constexpr int NWG = QW_NWG;
+constexpr int STAGES = QW_STAGES;
+constexpr int PREF = QW_PREF;
+constexpr bool GROUP = QW_GROUP != 0;
+constexpr bool BF16 = QW_BF16 != 0;
+constexpr int THREADS = 128 * (NWG + 1);
+constexpr int UNR = (PREF % 2 == 0) ? PREF : 2 * PREF;  // ring slot and buffer parity are compile-time constants
+constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 128 k x 1 byte
+constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
+constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
+constexpr int ACC = NT / 2;  // int32 accumulators per thread (64 x NT / 128)
+constexpr int PRODUCER_REGS = 40;
+constexpr int CONSUMER_REGS = 232;
+constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+
+static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
+static_assert(NWG == 1 || NWG == 2, "1 or 2 consumer warpgroups");
+static_assert(STAGES >= 2 && PREF >= 1, "pipeline depths");
+static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
+
+struct alignas(64) TmaDesc {
+  unsigned long long v[16];
+};
+
+// ------------------------------------------------------------------------------------------------ PTX helpers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "QW_WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra QW_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void named_bar(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
+// compiler must neither reuse A's registers nor read D before the wait_group that precedes this fence.
+__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle (what TMA SWIZZLE_128B writes), 8-row groups
+// 1024 bytes apart (SBO), leading offset unused for swizzled K-major layouts.
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
+// "+r": a predicated-off load leaves the register as it was.
+__device__ __forceinline__ void ldg_w(uint32_t* r, const void* p, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
+      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])
+      : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+// 2-byte load (the two int8 group scales of a lane's rows), zero-extended; predicated like ldg_w.
+__device__ __forceinline__ void ldg_u16(uint32_t& r, const void* p, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .u16 t;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p ld.global.nc.u16 t, [%1];\n"
+      "@p cvt.u32.u16 %0, t;\n}\n"
+      : "+r"(r)
+      : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+__device__ __forceinline__ float h_to_f(uint16_t h) {
+  float f;
+  if constexpr (BF16) {
+    f = __uint_as_float(static_cast<uint32_t>(h) << 16);
+  } else {
+    asm("{\n.reg .f16 t;\nmov.b16 t, %1;\ncvt.f32.f16 %0, t;\n}\n" : "=f"(f) : "h"(h));
+  }
+  return f;
+}
+
+__device__ __forceinline__ uint16_t f_to_h(float f) {
+  uint16_t h;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+  } else {
+    asm("{\n.reg .f16 t;\ncvt.rn.f16.f32 t, %1;\nmov.b16 %0, t;\n}\n" : "=h"(h) : "f"(f));
+  }
+  return h;
+}
+
+// Two raw words (one k32 step) -> the four A registers of that step: int8 lanes 16*q, rows lane/4 (r even) and
+// lane/4 + 8 (r odd), see the header.
+__device__ __forceinline__ void convert_step(uint32_t w0, uint32_t w1, uint32_t (&a)[4]) {
+  a[0] = (w0 << 4) & 0xF0F0F0F0u;
+  a[1] = w0 & 0xF0F0F0F0u;
+  a[2] = (w1 << 4) & 0xF0F0F0F0u;
+  a[3] = w1 & 0xF0F0F0F0u;
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_s8(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d);
+
+template <> __device__ __forceinline__ void wgmma_s8<8>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3"
+      "}, {%4, %5, %6, %7}, %8, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <> __device__ __forceinline__ void wgmma_s8<16>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, {%8, %9, %10, %11}, %12, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <> __device__ __forceinline__ void wgmma_s8<32>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <> __device__ __forceinline__ void wgmma_s8<64>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <> __device__ __forceinline__ void wgmma_s8<128>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+template <> __device__ __forceinline__ void wgmma_s8<256>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ GEMM kernel
+
+// qweight: int32 [K/128, 16N] (layout w4a8_sm90); s_ch: fp32 [N] (natural order); s_g: int8 [K/128, N], columns
+// permuted in blocks of 16 (one 2-byte load = rows lane/4 and lane/4 + 8), null per-channel; s_x: fp32 [M];
+// bias: [N] 16-bit or null; out: [M, N] 16-bit; ws: int32 split-k workspace; counters: int32, zero between
+// launches. Work units = n_tiles * m_tiles * splits; a split covers steps_per_split k128 steps (all non-empty).
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    quick_w4a8_sm90_gemm(const __grid_constant__ TmaDesc tmap_x, const uint4* __restrict__ qweight,
+                         const float* __restrict__ s_ch, const int8_t* __restrict__ s_g,
+                         const float* __restrict__ s_x, const uint16_t* __restrict__ bias,
+                         uint16_t* __restrict__ out, int32_t* __restrict__ ws, int* __restrict__ counters, int M,
+                         int N, int K, int splits, int steps_per_split, int n_tiles, int m_tiles) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_base = smem_u32(smem_raw);
+  const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
+  uint8_t* const gbase = smem_raw + (base - raw_base);
+  const uint32_t s_xt = base;
+  const uint32_t epi_off = STAGES * STAGE_BYTES;
+  const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
+  const uint32_t s_empty = s_full + STAGES * 8;
+  volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
+
+  const int wg = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(s_full + 8 * s, 1);
+      mbar_init(s_empty + 8 * s, 4 * NWG);  // lane 0 of every consumer warp releases a stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int nk = K / 128;
+  const int units = n_tiles * m_tiles * splits;
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer: TMA for x_q
+    if constexpr (NWG > 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if (tid == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_x)) : "memory");
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const int split = u % splits;
+        const int tile = u / splits;
+        const int tm = tile / n_tiles;
+        const int s0 = split * steps_per_split;
+        const int nsteps = min(nk - s0, steps_per_split);
+        for (int s = 0; s < nsteps; ++s) {
+          mbar_wait(s_empty + 8 * stage, phase ^ 1);
+          mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES);
+          tma_load_2d(s_xt + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 128, tm * NT, s_full + 8 * stage);
+          if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers: weights + wgmma
+  if constexpr (NWG > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  const int cw = wg - 1;
+  const int n64 = N / 64;
+  uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
+
+  int32_t acc[ACC];
+  // Per group: the partial sum of the current stage (= group) and the group scales of the two A buffers.
+  int32_t part[GROUP ? ACC : 1];
+#pragma unroll
+  for (int i = 0; i < (GROUP ? ACC : 1); ++i) part[i] = 0;
+  int32_t sgk[2][2] = {};
+  uint32_t a_frag[2][4][4];
+
+  int stage = 0;
+  uint32_t phase = 0;
+
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    const int split = u % splits;
+    const int tile = u / splits;
+    const int tn = tile % n_tiles;
+    const int tm = tile / n_tiles;
+    const int s0 = split * steps_per_split;
+    const int nsteps = min(nk - s0, steps_per_split);
+    const int blk = tn * NWG + cw;
+
+    if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
+      for (int s = 0; s < nsteps; ++s) {
+        mbar_wait(s_full + 8 * stage, phase);
+        if (lane == 0) mbar_arrive(s_empty + 8 * stage);
+        if (++stage == STAGES) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      continue;
+    }
+    const int nb = blk * 64;
+
+    // Weight stream of this warp: n16 block (nb/16 + warp), lane's 32 bytes; one k128 row = 4N uint4.
+    const uint4* qbase = qweight + static_cast<size_t>(s0) * (4 * N) + (nb / 16 + warp) * 64 + 2 * lane;
+    const int8_t* sgbase = GROUP ? s_g + nb + 16 * warp + 2 * (lane / 4) : nullptr;
+
+    // Ring of PREF k128 steps: the loads for step s + PREF are issued as step s + 1 is converted.
+    uint32_t ring[PREF][8], ring_s[PREF];
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ring[p][i] = 0;
+      ring_s[p] = 0;
+    }
+    auto load_one = [&](uint32_t(&r)[8], uint32_t& rs, const int step) {
+      const bool p = step < nsteps;
+      const uint4* src = qbase + static_cast<size_t>(step) * (4 * N);
+      ldg_w(r, src, p);
+      ldg_w(r + 4, src + 1, p);
+      if constexpr (GROUP) ldg_u16(rs, sgbase + static_cast<size_t>(s0 + step) * N, p);
+    };
+    auto convert = [&](const uint32_t(&r)[8], const uint32_t rs, uint32_t(&a)[4][4], int32_t(&sg)[2]) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) convert_step(r[2 * j], r[2 * j + 1], a[j]);
+      if constexpr (GROUP) {
+        sg[0] = static_cast<int8_t>(rs & 0xFFu);
+        sg[1] = static_cast<int8_t>((rs >> 8) & 0xFFu);
+      }
+    };
+    // Fold one finished partial set: T += s_g * (P >> 4) (P is 16x an exact integer: the shift is exact).
+    auto fold = [&](int32_t(&pp)[GROUP ? ACC : 1], const int32_t(&sg)[2]) {
+      if constexpr (GROUP) {
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) {
+          fence_reg(pp[i]);
+          acc[i] += sg[(i >> 1) & 1] * (pp[i] >> 4);
+        }
+      }
+    };
+
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) load_one(ring[p], ring_s[p], p);
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0;
+    convert(ring[0], ring_s[0], a_frag[0], sgk[0]);
+    load_one(ring[0], ring_s[0], PREF);
+    int ld_next = PREF + 1;
+    int prev_stage = 0;
+    for (int sb = 0; sb < nsteps; sb += UNR) {
+#pragma unroll
+      for (int uu = 0; uu < UNR; ++uu) {
+        const int s = sb + uu;
+        if (s < nsteps) {
+          mbar_wait(s_full + 8 * stage, phase);
+          const uint64_t desc = make_desc(s_xt + stage * STAGE_BYTES);
+          wgmma_fence();
+          if constexpr (GROUP) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) wgmma_s8<NT>(part, a_frag[uu & 1][j], desc + 2 * j, j > 0);
+            wgmma_commit();
+            // ptxas serializes every wgmma (C7514) if any accumulator is read while a wgmma is in flight, even
+            // one of another register set: the group's partial is folded after a full wait (the other consumer
+            // warpgroup keeps the tensor cores busy meanwhile).
+            wgmma_wait<0>();
+            fold(part, sgk[uu & 1]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) wgmma_s8<NT>(acc, a_frag[uu & 1][j], desc + 2 * j, 1);  // +32 B per k32
+            wgmma_commit();
+            wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][j][i]);
+          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          if (s + 1 < nsteps) {
+            const int slot = (uu + 1) % PREF;
+            convert(ring[slot], ring_s[slot], a_frag[(uu + 1) & 1], sgk[(uu + 1) & 1]);
+            load_one(ring[slot], ring_s[slot], ld_next);
+            ++ld_next;
+          }
+          prev_stage = stage;
+          stage = stage + 1 == STAGES ? 0 : stage + 1;
+          phase ^= stage == 0 ? 1u : 0u;
+        }
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        fence_reg(a_frag[0][j][i]);
+        fence_reg(a_frag[1][j][i]);
+      }
+    if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+
+    // ------------------------------------------------------------------ split-k: exact int32 reduction
+    if (splits > 1) {
+      const size_t slab = static_cast<size_t>(64) * NT;  // int32 per (tile, warpgroup, split)
+      int4* const mine = reinterpret_cast<int4*>(ws + (static_cast<size_t>(tile * NWG + cw) * splits + split) * slab);
+#pragma unroll
+      for (int c = 0; c < ACC / 4; ++c) {
+        __stcg(mine + c * 128 + tid, make_int4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]));
+      }
+      __threadfence();
+      named_bar(1 + cw, 128);
+      if (tid == 0) {
+        const int old = atomicAdd(counters + tile * NWG + cw, 1);
+        s_flag[cw] = (old == splits - 1);
+      }
+      named_bar(1 + cw, 128);
+      if (!s_flag[cw]) continue;
+      __threadfence();
+#pragma unroll
+      for (int i = 0; i < ACC; ++i) acc[i] = 0;
+      const int4* const all = reinterpret_cast<const int4*>(ws + static_cast<size_t>(tile * NWG + cw) * splits * slab);
+      for (int sp2 = 0; sp2 < splits; ++sp2) {
+#pragma unroll
+        for (int c = 0; c < ACC / 4; ++c) {
+          const int4 v = __ldcg(all + static_cast<size_t>(sp2) * (slab / 4) + c * 128 + tid);
+          acc[4 * c] += v.x;
+          acc[4 * c + 1] += v.y;
+          acc[4 * c + 2] += v.z;
+          acc[4 * c + 3] += v.w;
+        }
+      }
+      if (tid == 0) counters[tile * NWG + cw] = 0;  // ready for the next launch
+    }
+
+    // ------------------------------------------------------------------ epilogue
+    // D fragment: acc[4j + 2v1 + v0] = out^T[channel 16*warp + lane/4 + 8*v1][token 8j + 2*(lane%4) + v0].
+    const int ch0 = 16 * warp + lane / 4;
+    const float unit = GROUP ? 1.f : 0.0625f;  // per-channel sums carry the 16 of the int8 weights
+    const float c0 = s_ch[nb + ch0] * unit, c1 = s_ch[nb + ch0 + 8] * unit;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = h_to_f(bias[nb + ch0]);
+      b1 = h_to_f(bias[nb + ch0 + 8]);
+    }
+    const int row0 = tm * NT;
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) {
+      const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
+      const int t = 8 * j + 2 * (lane % 4) + v0;
+      const float sx = row0 + t < M ? __ldg(s_x + row0 + t) : 0.f;
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h(static_cast<float>(acc[i]) * (sx * (v1 ? c1 : c0)) + (v1 ? b1 : b0));
+    }
+    named_bar(1 + cw, 128);
+    for (int idx = tid; idx < NT * 8; idx += 128) {
+      const int t = idx / 8, q = idx % 8;
+      if (row0 + t < M) {
+        const uint4 v = *reinterpret_cast<const uint4*>(epi + t * EPI_STRIDE + 8 * q);
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * N + nb + 8 * q) = v;
+      }
+    }
+    named_bar(1 + cw, 128);  // staging buffer is rewritten by the next unit
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ quantization
+
+// x [M, K] 16-bit row-major (K % 8 == 0, 16-byte aligned rows) -> x_q [M, K] int8, s_x [M] fp32, one block per
+// row, exactly quick.quant.w4a8_format.quantize_activations: amax, inv = 127 / amax (0 if amax == 0),
+// rint(x * inv) clamped to +-127 (round half to even), s_x = amax / 127. A NaN anywhere in the row makes amax
+// (and so s_x and the row's outputs) NaN; an inf makes s_x inf.
+extern "C" __global__ void __launch_bounds__(256) quick_w4a8_sm90_quant(const uint16_t* __restrict__ x,
+                                                                         int8_t* __restrict__ xq,
+                                                                         float* __restrict__ sx, int M, int K) {
+  __shared__ float red[8];
+  const int row = blockIdx.x;
+  if (row >= M) return;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<size_t>(row) * K);
+  const int nv = K / 8;
+  float amax = 0.f;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    const uint4 w = __ldg(xr + v);
+    const uint32_t ws4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float f = fabsf(h_to_f(static_cast<uint16_t>(ws4[i / 2] >> (16 * (i % 2)))));
+      amax = (f > amax || f != f) ? f : amax;  // NaN-propagating max
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float f = __shfl_xor_sync(0xFFFFFFFFu, amax, o);
+    amax = (f > amax || f != f) ? f : amax;
+  }
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = amax;
+  __syncthreads();
+  amax = red[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) amax = (red[i] > amax || red[i] != red[i]) ? red[i] : amax;
+  const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+  uint2* dst = reinterpret_cast<uint2*>(xq + static_cast<size_t>(row) * K);
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    const uint4 w = __ldg(xr + v);
+    const uint32_t ws4[4] = {w.x, w.y, w.z, w.w};
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float f = h_to_f(static_cast<uint16_t>(ws4[i / 2] >> (16 * (i % 2))));
+      const float r = fminf(fmaxf(rintf(__fmul_rn(f, inv)), -127.f), 127.f);
+      packed[i / 4] |= (static_cast<uint32_t>(static_cast<int32_t>(r)) & 0xFFu) << (8 * (i % 4));
+    }
+    dst[v] = make_uint2(packed[0], packed[1]);
+  }
+  if (threadIdx.x == 0) sx[row] = __fdiv_rn(amax, 127.f);
+}

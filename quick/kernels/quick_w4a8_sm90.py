@@ -1,0 +1,434 @@
+"""Hopper (sm_90a) W4A8 kernel: ``wgmma`` s8 with the interleaved int4 weights as the register A operand.
+
+``y[M, N] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] (* s_g[k // 128, n]) (+ bias)``, the number format of
+:mod:`quick.quant.w4a8_format`, for weights packed in layout ``w4a8_sm90`` (:class:`quick.packing.layouts.
+W4A8Sm90Layout`). ``csrc/quick_w4a8_sm90.cu`` holds two kernels: the per-row activation quantization
+(``x -> x_q int8, s_x fp32``) and the GEMM (transposed product: weights = wgmma A from registers, converted
+int4 -> int8 in registers; ``x_q`` = wgmma B by TMA; int32 accumulation; scales in the epilogue).
+
+This module: validation, the TMA map, tile/split-k plan, compile variants (``VARIANTS``), the op
+``quick::gemm_w4a8_sm90`` (fake impl for torch.compile) and the dispatcher entry for layout ``w4a8_sm90``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from quick.kernels import jit
+from quick.kernels.quick_sm90 import _aligned_desc, _counters, choose_splits, num_sms
+from quick.quant.primitives import SUPPORTED_DTYPES
+from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS
+
+SOURCE = "quick_w4a8_sm90.cu"
+KERNEL = "quick_w4a8_sm90_gemm"
+QUANT_KERNEL = "quick_w4a8_sm90_quant"
+LAYOUT = "w4a8_sm90"
+ARCHS = ("sm_90a",)
+TOKEN_TILES = (8, 16, 32, 64, 128, 256)  # wgmma N values instantiated in the kernel
+GROUP_TILES = (8, 16, 32, 64, 128)  # per group, 256 tokens spill (a partial set next to the accumulators)
+BK = 128  # k per pipeline step (one TMA stage, one weight row-block, one scale group)
+SMEM_LIMIT = 227 * 1024
+
+
+class W4A8Sm90Error(ValueError):
+    """Inputs the sm_90 W4A8 kernel cannot take (shape, dtype, device, layout); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class W4A8Sm90Config:
+    """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
+    ``stages`` TMA stages for ``x_q`` (k128 x nt bytes each), ``pref`` k128 steps of weights in flight."""
+
+    nt: int
+    nwg: int = 2
+    stages: int = 6
+    pref: int = 4
+
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
+        return 1024 + self.stages * self.nt * 128 + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
+
+    def threads(self) -> int:
+        return 128 * (self.nwg + 1)
+
+    def defines(self, group_size: int, dtype: torch.dtype) -> dict[str, int]:
+        return {
+            "QW_NT": self.nt,
+            "QW_NWG": self.nwg,
+            "QW_STAGES": self.stages,
+            "QW_PREF": self.pref,
+            "QW_GROUP": int(group_size > 0),
+            "QW_BF16": int(dtype == torch.bfloat16),
+        }
+
+
+# Per token tile: x stages that fit shared memory, weight ring depth that fits the registers without spills
+# (checked with -Xptxas -v; compile_check keeps it so). Not yet tuned on the device.
+_DEFAULTS = {
+    nt: W4A8Sm90Config(nt, 2, st, pf)
+    for nt, st, pf in ((8, 8, 4), (16, 8, 4), (32, 8, 4), (64, 8, 4), (128, 6, 4), (256, 4, 2))
+}
+
+
+def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
+    """The smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
+    tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
+    nt = next((t for t in tiles if t >= m), tiles[-1])
+    return _DEFAULTS[nt]
+
+
+# Measured choices per batch size bucket: (max M, config, rounds) as in quick_sm90.TUNED. Empty until the
+# device sweep (scripts/w4a8_sm90_check.py) has been run: default_config + choose_splits until then.
+TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [], "group": []}
+
+VARIANTS: list[tuple[str, str, dict[str, int]]] = [
+    (SOURCE, KERNEL, cfg.defines(g, dt))
+    for g in SUPPORTED_W4A8_GROUPS
+    for nt, cfg in sorted(_DEFAULTS.items())
+    if g < 0 or nt in GROUP_TILES
+    for dt in (torch.float16, torch.bfloat16)
+]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    config: W4A8Sm90Config
+    n_tiles: int
+    m_tiles: int
+    splits: int
+    steps_per_split: int
+    grid: int
+
+    @property
+    def units(self) -> int:
+        return self.n_tiles * self.m_tiles * self.splits
+
+    def workspace_ints(self) -> int:
+        """int32 partials: one 64 x nt slab per (tile, warpgroup, split); none without split-k."""
+        if self.splits == 1:
+            return 0
+        return self.n_tiles * self.m_tiles * self.config.nwg * self.splits * 64 * self.config.nt
+
+    def counters(self) -> int:
+        return self.n_tiles * self.m_tiles * self.config.nwg
+
+
+def plan(
+    m: int,
+    n: int,
+    k: int,
+    sms: int,
+    config: W4A8Sm90Config | None = None,
+    splits: int | None = None,
+    group_size: int = -1,
+    rounds: int | None = None,
+) -> LaunchPlan:
+    """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
+    cfg = config or default_config(m, group_size)
+    n_tiles = -(-(n // 64) // cfg.nwg)
+    m_tiles = -(-m // cfg.nt)
+    nk = k // BK
+    # choose_splits counts k64 steps with a fixed cost of 4 steps per unit; a k128 step is about two of them.
+    s = splits if splits is not None else choose_splits(n_tiles * m_tiles, nk, sms, unit_overhead=2.0, rounds=rounds)
+    s = max(1, min(s, nk))
+    steps = -(-nk // s)
+    s = -(-nk // steps)  # every split non-empty
+    units = n_tiles * m_tiles * s
+    return LaunchPlan(cfg, n_tiles, m_tiles, s, steps, min(units, sms))
+
+
+def validate(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[int, int, int]:
+    """Check everything the kernel assumes; returns ``(M, N, K)``. Raises :class:`W4A8Sm90Error`."""
+    if x.dim() != 2:
+        raise W4A8Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise W4A8Sm90Error(f"x must be float16 or bfloat16, got {x.dtype}")
+    m, k = x.shape
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise W4A8Sm90Error(
+            f"qweight must be int32 [K/128, 16N] (layout w4a8_sm90), got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if channel_scale.dim() != 1 or channel_scale.dtype != torch.float32:
+        raise W4A8Sm90Error(
+            f"channel_scale must be float32 [N], got {channel_scale.dtype} {tuple(channel_scale.shape)}"
+        )
+    n = channel_scale.shape[0]
+    if k % BK or n % 64 or k == 0 or n == 0:
+        raise W4A8Sm90Error(f"the sm_90 W4A8 kernel needs K a multiple of 128 and N of 64, got K={k}, N={n}")
+    if tuple(qweight.shape) != (k // BK, 16 * n):
+        raise W4A8Sm90Error(f"qweight has shape {tuple(qweight.shape)}, expected {(k // BK, 16 * n)} for K={k}, N={n}")
+    if group_size not in SUPPORTED_W4A8_GROUPS:
+        raise W4A8Sm90Error(f"group_size must be one of {SUPPORTED_W4A8_GROUPS}, got {group_size}")
+    if group_size > 0:
+        if group_scale is None:
+            raise W4A8Sm90Error(f"group_size {group_size} needs group_scale int8 [{k // group_size}, {n}]")
+        if group_scale.dtype != torch.int8 or tuple(group_scale.shape) != (k // group_size, n):
+            raise W4A8Sm90Error(
+                f"group_scale must be int8 {(k // group_size, n)}, got {group_scale.dtype} {tuple(group_scale.shape)}"
+            )
+    elif group_scale is not None:
+        raise W4A8Sm90Error("per-channel weights (group_size=-1) take no group_scale")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise W4A8Sm90Error(f"bias must be [{n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    tensors = [x, qweight, channel_scale] + [t for t in (group_scale, bias) if t is not None]
+    devs = {t.device for t in tensors}
+    if len(devs) != 1:
+        raise W4A8Sm90Error(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return m, n, k
+
+
+# ------------------------------------------------------------------------------ TMA descriptor (driver, ctypes)
+
+_CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0
+_CU_TENSOR_MAP_INTERLEAVE_NONE = 0
+_CU_TENSOR_MAP_SWIZZLE_128B = 3
+_CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3
+_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0
+
+
+def encode_xq_map(xq: torch.Tensor, nt: int):
+    """Tensor map of ``x_q`` [M, K] int8 (row-major): boxes of 128 k x ``nt`` tokens, 128-byte swizzle (the
+    K-major SW128 operand layout of the wgmma descriptor), rows past M read as zeros."""
+    m, k = xq.shape
+    if xq.data_ptr() % 16 or xq.stride(0) % 16 or xq.stride(1) != 1:
+        raise W4A8Sm90Error("x_q must be 16-byte aligned with unit column stride and a row stride of a multiple of 16")
+    buf, desc = _aligned_desc()
+    dims = (ctypes.c_uint64 * 2)(k, m)
+    strides = (ctypes.c_uint64 * 1)(xq.stride(0))
+    box = (ctypes.c_uint32 * 2)(BK, nt)
+    elem = (ctypes.c_uint32 * 2)(1, 1)
+    jit.check(
+        jit._driver().cuTensorMapEncodeTiled(
+            ctypes.byref(desc),
+            _CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            ctypes.c_void_p(xq.data_ptr()),
+            dims,
+            strides,
+            box,
+            elem,
+            _CU_TENSOR_MAP_INTERLEAVE_NONE,
+            _CU_TENSOR_MAP_SWIZZLE_128B,
+            _CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            _CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        "cuTensorMapEncodeTiled",
+    )
+    return buf, desc
+
+
+# ------------------------------------------------------------------------------ launch
+
+
+def is_available(device: torch.device | int | None = None) -> bool:
+    """True on sm_90 devices (wgmma, setmaxnreg are sm_90a-only) with nvcc present."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        jit.find_nvcc()
+    except jit.KernelUnavailable:
+        return False
+    return True
+
+
+def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 of ``x`` [M, K] on the GPU, bit-identical to ``w4a8_format.quantize_activations``."""
+    if x.dim() != 2 or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda:
+        raise W4A8Sm90Error(f"x must be a 2-D float16/bfloat16 CUDA tensor, got {x.dtype} {tuple(x.shape)} {x.device}")
+    m, k = x.shape
+    if k % 8:
+        raise W4A8Sm90Error(f"K must be a multiple of 8, got {k}")
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return xq, sx
+    defines = W4A8Sm90Config(64).defines(-1, x.dtype)  # the quant kernel only reads QW_BF16: share one cubin
+    with torch.cuda.device(x.device):
+        kern = jit.load_kernel(SOURCE, QUANT_KERNEL, defines, x.device.index, "sm_90a")
+        kern((m,), (256,), [x, xq, sx, m, k])
+    return xq, sx
+
+
+def tuned_config(m: int, group_size: int) -> tuple[W4A8Sm90Config, int | None]:
+    for bound, cfg, rounds in TUNED["group" if group_size > 0 else "channel"]:
+        if m <= bound:
+            return cfg, rounds
+    return default_config(m, group_size), None
+
+
+def gemm_w4a8_sm90_q(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: W4A8Sm90Config | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+    rounds: int | None = None,
+) -> torch.Tensor:
+    """The GEMM on already quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]); [M, N] in out_dtype."""
+    m, k = xq.shape
+    n = channel_scale.shape[0]
+    dev = xq.device
+    cfg = config
+    if cfg is None:
+        cfg, rounds = tuned_config(m, group_size)
+    if group_size > 0 and cfg.nt not in GROUP_TILES:
+        raise W4A8Sm90Error(f"per-group weights take token tiles {GROUP_TILES}, got {cfg.nt}")
+    if cfg.smem_bytes() > SMEM_LIMIT:
+        raise W4A8Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
+    p = plan(m, n, k, num_sms(dev), cfg, splits, group_size, rounds)
+    with torch.cuda.device(dev):
+        kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(group_size, out_dtype), dev.index, "sm_90a")
+        if out is None:
+            out = torch.empty((m, n), dtype=out_dtype, device=dev)
+        elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != dev:
+            raise W4A8Sm90Error(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor on {dev}")
+        ws = torch.empty(max(p.workspace_ints(), 1), dtype=torch.int32, device=dev)
+        cnt = _counters(dev, p.counters())
+        _buf, desc = encode_xq_map(xq, cfg.nt)
+        null = ctypes.c_void_p(0)
+        kern(
+            (p.grid,),
+            (cfg.threads(),),
+            [
+                desc,
+                qweight,
+                channel_scale,
+                group_scale if group_scale is not None else null,
+                sx,
+                bias if bias is not None else null,
+                out,
+                ws,
+                cnt,
+                m,
+                n,
+                k,
+                p.splits,
+                p.steps_per_split,
+                p.n_tiles,
+                p.m_tiles,
+            ],
+            smem=cfg.smem_bytes(),
+        )
+    return out
+
+
+def gemm_w4a8_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: W4A8Sm90Config | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = W4A8(x)`` (activation quantization + GEMM) with weights in layout ``w4a8_sm90``; [M, N] in x's dtype.
+
+    ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` lets tests hand in a poisoned
+    buffer.
+    """
+    m, n, k = validate(x, qweight, channel_scale, group_scale, group_size, bias)
+    if x.device.type != "cuda":
+        raise W4A8Sm90Error("the sm_90 W4A8 kernel runs on CUDA tensors only")
+    if m == 0:
+        return x.new_empty((0, n))
+    qweight, channel_scale = qweight.contiguous(), channel_scale.contiguous()
+    group_scale = group_scale.contiguous() if group_scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    xq, sx = quantize_activations_sm90(x)
+    return gemm_w4a8_sm90_q(xq, sx, qweight, channel_scale, group_scale, group_size, bias, x.dtype, config, splits, out)
+
+
+# ------------------------------------------------------------------------------ torch.library op + dispatcher
+
+
+def _define_op() -> None:
+    """``quick::gemm_w4a8_sm90``: one opaque op with a fake impl for torch.compile and graph capture."""
+    if hasattr(torch.ops.quick, "gemm_w4a8_sm90"):
+        return
+
+    @torch.library.custom_op("quick::gemm_w4a8_sm90", mutates_args=())
+    def _op(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        channel_scale: torch.Tensor,
+        group_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        group_size: int,
+    ) -> torch.Tensor:
+        return gemm_w4a8_sm90(x, qweight, channel_scale, group_scale, group_size, bias)
+
+    @_op.register_fake
+    def _(x, qweight, channel_scale, group_scale, bias, group_size):
+        validate(x, qweight, channel_scale, group_scale, group_size, bias)
+        return x.new_empty((x.shape[0], channel_scale.shape[0]))
+
+
+try:
+    _define_op()
+except (RuntimeError, AttributeError):  # already defined by an earlier import of this module under another name
+    pass
+
+
+def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller).
+
+    The layout admits N multiples of 16, the kernel needs multiples of 64: such layers take the float64-free
+    dequantize + matmul path (W4A8 arithmetic emulated in float32) instead of failing."""
+    n = packed["channel_scale"].shape[0]
+    if n % 64:
+        from quick.packing.layouts import unpack_w4a8_sm90
+        from quick.quant.w4a8_format import quantize_activations
+
+        w = unpack_w4a8_sm90(packed, group_size)
+        xq, sx = quantize_activations(x2d)
+        y = (xq.float() @ w.dequantize(torch.float32).t().to(x2d.device)) * sx[:, None]
+        return y.to(x2d.dtype)
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    return torch.ops.quick.gemm_w4a8_sm90(
+        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size
+    )
+
+
+def _available(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)
+
+
+# True once the kernel has passed the device correctness matrix (scripts/w4a8_sm90_check.py on the H100); an
+# unverified kernel is never offered to the dispatcher.
+VERIFIED_ON_DEVICE = False
+
+
+def _register_with_dispatcher() -> None:
+    """Offer this kernel for layout 'w4a8_sm90' through the dispatcher's registry."""
+    if not VERIFIED_ON_DEVICE:
+        return
+    from quick.kernels import dispatch
+
+    dispatch.register_kernel(LAYOUT, kernel_fn, _available, priority=100, name="quick_w4a8_sm90")
+
+
+_register_with_dispatcher()
