@@ -45,7 +45,7 @@ from quick.quant.primitives import QuantizedWeight  # noqa: E402
 from quick.testing import REL_BOUND  # noqa: E402
 
 REGIMES = ("normal", "normal", "wide", "tiny", "big", "const", "nonfinite")
-OTHER_KERNEL_BOUND = 5e-2  # dispatcher entries with their own numerics (e.g. int8 activations)
+OTHER_KERNEL_BOUND = 2e-2  # other layer families vs their own reference backend (rounded to x's dtype)
 DEV = "cuda"  # --cpu-selftest runs the checker on the CPU reference path (no GPU needed)
 BUILTIN = ("mma_gemm", "mma_gemv", "mma_auto", "op", "sm90", "linear:quick", "linear:quick_sm90")
 M_CHOICES = [0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300, 513]
@@ -73,6 +73,10 @@ def draw_case(rng: random.Random, paths: list[str], sm90_cfgs: list) -> dict:
     case = {"path": path, "dtype": dt, "m": m, "k": k, "n": n, "g": g, "bias": rng.random() < 0.4}
     case["regime"] = rng.choice(REGIMES)
     case["splits"] = None
+    if path not in BUILTIN:  # other layer families (e.g. W4A8): their group sizes, K % 128, plain values
+        case["g"] = rng.choice([128, -1])
+        case["k"] = 128 * rng.randint(1, 24)
+        case["regime"] = rng.choice(["normal", "big"])
     if path == "mma_gemm":
         cfgs = [c for c in qm.GEMM_CONFIGS.values() if k % c.bks == 0]
         case["config"] = rng.choice(cfgs).name
@@ -266,6 +270,60 @@ def check(c: dict, out: torch.Tensor, ref: torch.Tensor, bound: float) -> tuple[
     return True, "", err
 
 
+def run_other(c: dict, gen, case_seed: int, st: dict, failures: list, skipped: dict, max_err: dict) -> int:
+    """A dispatcher entry of another layer family (or its layer): kernel vs the layer's reference backend.
+    Returns 1 when the case ran, 0 when the layer refused the shape (counted under ``skipped_unsupported``)."""
+    from quick.kernels import dispatch
+    from quick.kernels import variant_cases as vc
+
+    key, dt = c["path"], c["dtype"]
+    layout = key.split(":")[1]
+    cpu_gen = torch.Generator().manual_seed(case_seed)
+    try:
+        mod = vc.build_module(layout, c["k"], c["n"], c["g"], dt, c["bias"], cpu_gen, DEV)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        skipped[key] = skipped.get(key, 0) + 1
+        skipped.setdefault("_examples", {}).setdefault(key, f"{type(e).__name__}: {e}"[:200])
+        return 0
+    x = make_x(c, gen)
+    st["cases"] += 1
+    try:
+        if key.startswith("registry:"):
+            entry = next(e for e in dispatch.registered(layout) if e.name == key.split(":", 2)[2])
+            tensors = vc.module_tensors(mod)
+
+            def run():
+                y = entry.fn(x, tensors, c["g"])
+                return y + mod.bias.to(y.dtype) if mod.bias is not None else y
+
+        else:
+            mod.backend = "auto"
+
+            def run():
+                return mod(x)
+
+        out1, out2 = run(), run()
+        mod.backend = "reference"
+        ref = mod(x).to(torch.float64)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+    except Exception as e:
+        st["failures"] += 1
+        failures.append({"case": case_repr(c), "seed": case_seed, "error": f"{type(e).__name__}: {e}"[:600]})
+        return 1
+    ok, why, err = check(c, out1, ref, OTHER_KERNEL_BOUND)
+    dkey = f"{key}/{dt}".replace("torch.", "")
+    if math.isfinite(err):
+        max_err[dkey] = max(max_err.get(dkey, 0.0), err)
+    det = bitwise_equal(out1, out2)
+    if not det:
+        st["nondeterministic"] += 1
+    if not ok or not det:
+        st["failures"] += 1
+        failures.append({"case": case_repr(c), "seed": case_seed, "error": why or "outputs of two runs differ"})
+    return 1
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
@@ -303,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = ["mma_gemm", "mma_gemm", "mma_gemv", "mma_auto", "op", "linear:quick", "linear:quick_sm90"]
     if DEV == "cpu":
-        paths = ["linear:quick", "linear:quick_sm90"]
+        paths = ["linear:quick", "linear:quick_sm90", "linear:w4a8"]  # w4a8: plumbing only (reference both ways)
     sm90_cfgs = []
     if DEV == "cuda" and qs.is_available():
         paths += ["sm90", "sm90"]
@@ -327,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=DEV).manual_seed(case_seed)
         key = c["path"]
         st = stats.setdefault(key, {"cases": 0, "failures": 0, "nondeterministic": 0})
+        if key not in BUILTIN:
+            n_cases += run_other(c, gen, case_seed, st, failures, skipped, max_err)
+            continue
         try:
             qw = make_weights(c, gen)
             x = make_x(c, gen)
@@ -337,9 +398,6 @@ def main(argv: list[str] | None = None) -> int:
                 out1 = run_path(c, x, qw, bias, cache)
                 out2 = run_path(c, x, qw, bias, cache)
             except (ValueError, TypeError, NotImplementedError):
-                if key not in BUILTIN:
-                    skipped[key] = skipped.get(key, 0) + 1  # a layout/kernel that does not take this shape
-                    continue
                 raise
             if DEV == "cuda":
                 torch.cuda.synchronize()
@@ -357,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
         if c["regime"] == "nonfinite":
             n_nonfinite += 1
         bound = REL_BOUND[c["dtype"]]
-        if key not in BUILTIN:
-            bound = OTHER_KERNEL_BOUND
         ok, why, err = check(c, out1, ref, bound)
         dkey = f"{key}/{c['dtype']}".replace("torch.", "")
         if math.isfinite(err):

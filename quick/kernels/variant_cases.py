@@ -104,27 +104,45 @@ def mma_variant_key(case: Case) -> tuple:
 # ---------------------------------------------------------------------------------------- quick_sm90
 
 
-def sm90_variant_configs() -> list[tuple[dict, object, int, torch.dtype]]:
-    """``(defines, Sm90Config, group class 128|32, dtype)`` for every entry of ``quick_sm90.VARIANTS`` (the
-    config is found among every config the module defines, so the mapping follows the module's tables)."""
+def _instances(obj: object, cls: type, seen: set[int] | None = None) -> list:
+    """Every instance of ``cls`` inside nested dicts, lists and tuples (a module's config tables)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, cls):
+        return [obj]
+    if isinstance(obj, dict):
+        return [i for v in obj.values() for i in _instances(v, cls, seen)]
+    if isinstance(obj, list | tuple):
+        return [i for v in obj for i in _instances(v, cls, seen)]
+    return []
+
+
+def sm90_variant_configs(strict: bool = True) -> list[tuple[dict, object, int, torch.dtype]]:
+    """``(defines, Sm90Config, group class 128|32, dtype)`` for every entry of ``quick_sm90.VARIANTS``. The
+    config is looked up among every ``Sm90Config`` in the module's tables, so the mapping follows them; a
+    variant that matches none raises (``strict``) or is left out (the scripts then report it uncovered)."""
     from quick.kernels import quick_sm90 as qs
 
-    configs = {c for table in qs._DEFAULTS.values() for c in table.values()}
+    configs = {c for v in vars(qs).values() if isinstance(v, dict | list) for c in _instances(v, qs.Sm90Config)}
+    ordered = sorted(configs, key=repr)
     out = []
     for _src, _kern, defines in qs.VARIANTS:
-        hit = None
-        for cfg in sorted(configs, key=repr):
-            for g in (128, 32):
-                for dt in (torch.float16, torch.bfloat16):
-                    if cfg.defines(g, dt) == defines:
-                        hit = (defines, cfg, g, dt)
-                        break
-                if hit:
-                    break
-            if hit:
-                break
+        hit = next(
+            (
+                (defines, cfg, g, dt)
+                for cfg in ordered
+                for g in (128, 32)
+                for dt in (torch.float16, torch.bfloat16)
+                if cfg.defines(g, dt) == defines
+            ),
+            None,
+        )
         if hit is None:
-            raise LookupError(f"quick_sm90.VARIANTS entry {defines} matches no config of the module")
+            if strict:
+                raise LookupError(f"quick_sm90.VARIANTS entry {defines} matches no config of the module")
+            continue
         out.append(hit)
     return out
 
@@ -134,7 +152,7 @@ def sm90_cases() -> list[Case]:
     second 128-channel tile half full), K = 5 k64 steps split unevenly in two, bias; and a one-row case at
     M = nt - 1 with no split-k and the other group sizes of the variant's code path (64, per-channel)."""
     out: list[Case] = []
-    for defines, cfg, gcls, dt in sm90_variant_configs():
+    for defines, cfg, gcls, dt in sm90_variant_configs(strict=False):
         var = (
             f"pipe{cfg.pipe}-nt{cfg.nt}-st{cfg.stages}-pref{defines['QS_PREF']}-g{'32' if gcls == 32 else 'x'}"
             f"/{_dt_name(dt)}"
@@ -156,6 +174,7 @@ def registry_entries() -> list:
     """Dispatcher entries from modules other than the explicitly enumerated ones (e.g. W4A8 kernels)."""
     from quick.kernels import dispatch
 
+    kernel_modules_with_variants()  # imports every kernel module, so that each registers its entries
     known = {"quick_mma", "quick_sm90"}
     return [e for e in dispatch.registered() if e.name not in known]
 
@@ -168,7 +187,7 @@ def registry_cases() -> list[Case]:
     for e in registry_entries():
         for dt in (torch.float16, torch.bfloat16):
             for i, (m, k, n) in enumerate(REGISTRY_SHAPES):
-                g = (128, 64, 32, -1)[i % 4]
+                g = (128, -1)[i % 2]  # the group sizes every layout family takes
                 out.append(Case(f"registry:{e.layout}:{e.name}", "default", dt, m, k, n, g, layout=e.layout))
     return out
 
@@ -208,15 +227,47 @@ def all_cases(sm90: bool = True) -> list[Case]:
 # ---------------------------------------------------------------------------------------- running (GPU)
 
 
-def make_inputs(case: Case, gen: torch.Generator, x_scale: float = 1.0, device: str = "cuda") -> dict:
-    """Random codes, scales and zero points, activations and bias, drawn on the CPU (no CUDA kernels, so that
-    a sanitizer sees only the kernel under test) and copied to ``device`` as exact-size allocations."""
+def build_module(layout: str, k: int, n: int, group_size: int, dtype: torch.dtype, bias: bool, gen, device: str):
+    """A layer of ``layout`` quantized (round-to-nearest) from a random ``nn.Linear``: ``QuickLinear`` for the
+    W4A16 layouts, ``QuickLinearW4A8`` for ``w4a8*``. Raises ``ValueError`` for shapes the layer refuses."""
+    from torch import nn
+
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    if layout.startswith("w4a8"):
+        from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+        mod = QuickLinearW4A8.from_linear(lin, group_size, dtype)
+    else:
+        from quick.nn.linear import QuickLinear
+
+        mod = QuickLinear.from_linear(lin, group_size, layout, dtype=dtype)
+    return mod.to(device)
+
+
+def module_tensors(mod) -> dict[str, torch.Tensor]:
+    """The packed tensors a dispatcher entry takes, for either layer class."""
+    return mod.packed() if hasattr(mod, "packed") else mod.stored()
+
+
+def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
+    """Random codes, scales and zero points (or, for registry cases, a random layer of the case's layout),
+    activations and bias, drawn on the CPU (no CUDA kernels, so that a sanitizer sees only the kernel under
+    test) and copied to ``device`` as exact-size allocations."""
     from quick.packing.layouts import get_layout
     from quick.testing import random_quantized
 
+    x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
+    if case.kernel.startswith("registry:"):
+        mod = build_module(case.layout, case.k, case.n, case.group_size, case.dtype, case.bias, gen, device)
+        packed = {name: t.contiguous() for name, t in module_tensors(mod).items()}
+        b = mod.bias
+        return {"qw": None, "module": mod, "packed": packed, "x_cpu": x, "x": x.to(device), "bias": b}
     qw = random_quantized(case.k, case.n, case.group_size, case.dtype, "cpu", gen)
     packed = {name: t.to(device) for name, t in get_layout(case.layout).pack(qw).items()}
-    x = (torch.randn(case.m, case.k, generator=gen) * x_scale).to(case.dtype)
     bias = (torch.randn(case.n, generator=gen) * 0.1).to(case.dtype) if case.bias else None
     return {
         "qw": qw,
@@ -260,7 +311,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         def fn(x, p, bias, out=None):
             y = entry.fn(x, p, case.group_size)
-            y = y + bias if bias is not None else y
+            y = y + bias.to(y.dtype) if bias is not None else y
             if out is not None:
                 out.copy_(y)
                 return out

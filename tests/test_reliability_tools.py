@@ -1,0 +1,134 @@
+"""CPU checks of the reliability tooling: the sanitizer/fuzzer case tables cover every compiled kernel variant,
+and the fuzzer's correctness check fails on wrong outputs (so a clean device run means something)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quick.kernels import quick_mma, quick_sm90
+from quick.kernels import variant_cases as vc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_quick_mma_variant_has_a_case():
+    keys = {vc.mma_variant_key(c) for c in vc.mma_cases()}
+    want = {(src, tuple(sorted(d.items()))) for src, d, _ in quick_mma.VARIANTS}
+    assert want <= keys, f"variants without a sanitizer case: {want - keys}"
+
+
+def test_every_sm90_variant_has_a_case():
+    mapped = vc.sm90_variant_configs(strict=True)
+    assert len(mapped) == len(quick_sm90.VARIANTS)
+    launched = {tuple(sorted(c.config.defines(c.group_size if c.group_size == 32 else 128, c.dtype).items()))
+                for c in vc.sm90_cases()}  # fmt: skip
+    want = {tuple(sorted(d.items())) for _s, _k, d in quick_sm90.VARIANTS}
+    assert want <= launched
+
+
+def test_cases_hit_tile_edges_and_split_k():
+    cases = vc.mma_cases()
+    for cfg in quick_mma.GEMM_CONFIGS.values():
+        mine = [c for c in cases if c.kernel == "mma_gemm" and c.config == cfg.name]
+        assert any(c.m % cfg.bm for c in mine), cfg.name  # a partial M tile
+        assert any((c.splits or 1) > 1 for c in mine), cfg.name  # split-k (and the reduce) launched
+        assert all(c.k % cfg.bks == 0 and c.n % 64 == 0 for c in mine)
+    order = vc.all_cases()
+    first = {}
+    for i, c in enumerate(order):
+        first.setdefault((c.kernel, c.variant, c.dtype), i)
+    assert max(first.values()) == len(first) - 1  # every variant's first case comes before any second case
+
+
+@pytest.fixture(scope="module")
+def fuzz():
+    return _script("fuzz_gpu")
+
+
+def _ref_case(dtype=torch.float16, regime="normal"):
+    return {"dtype": dtype, "regime": regime}
+
+
+def test_fuzz_check_accepts_rounding_and_rejects_errors(fuzz):
+    torch.manual_seed(0)
+    ref = torch.randn(16, 64, dtype=torch.float64)
+    out = ref.to(torch.float16)
+    ok, why, err = fuzz.check(_ref_case(), out, ref, 2e-3)
+    assert ok and err < 1e-3, why
+    bad = out.clone()
+    bad[3, 5] += 1.0  # one wrong element
+    assert not fuzz.check(_ref_case(), bad, ref, 2e-3)[0]
+    nan = out.clone()
+    nan[0, 0] = float("nan")  # an unwritten (poisoned) element
+    assert not fuzz.check(_ref_case(), nan, ref, 2e-3)[0]
+    assert not fuzz.check(_ref_case(), out[:, :32], ref, 2e-3)[0]  # wrong shape
+
+
+def test_fuzz_check_nonfinite_rules(fuzz):
+    ref = torch.randn(4, 64, dtype=torch.float64)
+    ref[1] = float("nan")
+    ref[2, 3] = 1e6  # beyond fp16: must be +inf
+    out = ref.to(torch.float16)
+    assert torch.isinf(out[2, 3])
+    assert fuzz.check(_ref_case(regime="big"), out, ref, 2e-3)[0]
+    fin = out.clone()
+    fin[2, 3] = 65504.0  # saturated instead of inf
+    assert not fuzz.check(_ref_case(regime="big"), fin, ref, 2e-3)[0]
+    lost = out.clone()
+    lost[1] = 0.0  # NaN input row not propagated
+    assert not fuzz.check(_ref_case(regime="nonfinite"), lost, ref, 2e-3)[0]
+    ref_inf = torch.zeros(2, 64, dtype=torch.float64)
+    ref_inf[0, 0] = -math.inf
+    out_inf = ref_inf.to(torch.float16)
+    assert fuzz.check(_ref_case(), out_inf, ref_inf, 2e-3)[0]
+    out_inf[0, 0] = math.inf  # wrong sign
+    assert not fuzz.check(_ref_case(), out_inf, ref_inf, 2e-3)[0]
+
+
+def test_fuzz_check_const_regime_is_exact(fuzz):
+    ref = torch.full((3, 64), 0.25, dtype=torch.float64)
+    out = ref.to(torch.float16)
+    assert fuzz.check(_ref_case(regime="const"), out, ref, 2e-3)[0]
+    out[0, 0] = 0.2502
+    assert not fuzz.check(_ref_case(regime="const"), out, ref, 2e-3)[0]
+
+
+def test_fuzz_bitwise_equal_sees_nan_payloads_and_signs(fuzz):
+    a = torch.tensor([0.0, float("nan"), 1.0], dtype=torch.float16)
+    assert fuzz.bitwise_equal(a, a.clone())
+    b = a.clone()
+    b[0] = -0.0
+    assert not fuzz.bitwise_equal(a, b)
+
+
+def test_sanitizer_log_parser():
+    san = _script("sanitize")
+    text = "\n".join(
+        [
+            "CASE 0 mma_gemm[m16k4/fp16] fp16 M=1",
+            'JSON {"event": "case", "i": 0, "label": "x", "kernel": "mma_gemm", "variant": "m16k4/fp16", "ok": true}',
+            "========= Invalid __global__ read of size 16 bytes",
+            "=========     at quick_gemm+0x1a0",
+            "========= ERROR SUMMARY: 1 error",
+        ]
+    )
+    res = san.parse_log(text)
+    assert res["errors"] == 1 and res["cases"] == 1 and res["variants"] == 1
+    assert res["reports"][0]["case"].startswith("0 mma_gemm") and "Invalid" in res["reports"][0]["report"]
+    race = san.parse_log("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)")
+    assert race["errors"] == 1 and race["warnings"] == 1
+    assert san.parse_log("killed")["summary_found"] is False
