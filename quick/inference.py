@@ -4,15 +4,171 @@ Eager decoding of a 7B model at batch 1 spends most of its time launching ~10 ke
 capturing one decode step in a CUDA graph and replaying it removes that overhead, so the time per token
 is the kernels' own. The cache is transformers' ``StaticCache`` (fixed shapes, so the graph is valid for
 every step); the step's inputs live in static buffers that are updated in place before each replay.
+
+A graph removes launch latency but not the kernels themselves: HF's norms, rotary embedding and residual
+adds are ~30 small kernels per layer (~2.5 ms per 7B decode step on an H100). ``compile`` fuses them with
+``torch.compile`` (inductor without its own CUDA graphs; our capture then records the fused kernels):
+``"step"`` compiles the whole decode step (one compile per batch size, the biggest fusion), ``"regions"``
+compiles only each decoder layer's norms and MLP (small graphs shared by every layer, fast to compile).
+The quantized linears are first pinned to their ``torch.library`` ops (:func:`bind_kernels`), because the
+dispatcher's Python checks (``data_ptr``, nvcc lookup) would split the compiled graph at every linear.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from quick.nn.linear import QuickLinear
+
+COMPILE_MODES = ("none", "step", "regions")
+# torch.compile backend; tests switch it to "eager" to check tracing (graph breaks) without inductor's build.
+COMPILE_BACKEND = "inductor"
+
+
+class KernelQuickLinear(QuickLinear):
+    """A CUDA ``QuickLinear`` bound once to one kernel op: its forward is that op and nothing else.
+
+    Made by :func:`bind_kernels` (class swap; same buffers, same ``state_dict``). ``_bound`` names the op
+    (an entry of :data:`BOUND_OPS`)."""
+
+    _bound: str = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise TypeError(f"input dtype {x.dtype} != layer dtype {self.dtype} (cast the input or the layer)")
+        if x.shape[-1] != self.in_features:
+            if x.shape[-1] != self.logical_in_features:
+                raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.logical_in_features}")
+            x = F.pad(x, (0, self.in_features - x.shape[-1]))
+        lead = x.shape[:-1]
+        out = BOUND_OPS[self._bound][1](self, x.reshape(-1, self.in_features).contiguous())
+        out = out.reshape(*lead, self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+
+def _quick_ok(mod: QuickLinear, probe: torch.Tensor) -> bool:
+    from quick.kernels import quick_mma
+
+    return mod.layout_name == "quick" and quick_mma.is_available(probe)
+
+
+def _quick_call(mod: QuickLinear, x2: torch.Tensor) -> torch.Tensor:
+    return torch.ops.quick.gemm_w4a16(x2, mod.qweight, mod.scales, mod.zeros, mod.group_size)
+
+
+def _sm90_ok(mod: QuickLinear, probe: torch.Tensor) -> bool:
+    from quick.kernels import dispatch
+
+    if mod.layout_name != "quick_sm90" or mod.in_features % 64 or mod.out_features % 64:
+        return False  # the kernel needs K, N multiples of 64; other layers keep the dispatcher's fallback
+    entries = [e for e in dispatch.registered("quick_sm90") if e.name == "quick_sm90"]
+    return bool(entries) and entries[0].available(probe) and hasattr(torch.ops.quick, "gemm_w4a16_sm90")
+
+
+def _sm90_call(mod: QuickLinear, x2: torch.Tensor) -> torch.Tensor:
+    return torch.ops.quick.gemm_w4a16_sm90(x2, mod.qweight, mod.scales, mod.zeros, None, mod.group_size)
+
+
+# name -> (applies(module, probe input), call(module, x2d) -> out2d). The hook for further kernels (e.g. a
+# W4A8 layout): add an entry; the first entry that applies to a layer is bound.
+BOUND_OPS: dict[str, tuple[Callable[[QuickLinear, torch.Tensor], bool], Callable]] = {
+    "quick_sm90": (_sm90_ok, _sm90_call),
+    "quick": (_quick_ok, _quick_call),
+}
+
+
+def bind_kernels(model: nn.Module) -> int:
+    """Swap every ``QuickLinear`` (backend ``auto``/``kernel``) that a :data:`BOUND_OPS` entry applies to (the
+    built-in ones: CUDA tensors with a kernel) for a :class:`KernelQuickLinear` bound to that op; returns how
+    many were bound. Layers with no op stay as they are (dispatcher, reference path)."""
+    bound = 0
+    for mod in model.modules():
+        if type(mod) is not QuickLinear or mod.backend == "reference":
+            continue
+        probe = torch.empty(1, mod.in_features, dtype=mod.dtype, device=mod.qweight.device)
+        for name, (applies, _call) in BOUND_OPS.items():
+            if applies(mod, probe):
+                mod.__class__ = KernelQuickLinear
+                mod._bound = name
+                bound += 1
+                break
+    return bound
+
+
+def compile_regions(model: nn.Module) -> int:
+    """``torch.compile`` each decoder layer's norms and MLP in place (no cache state inside them, so one
+    compiled graph serves every layer of the same shape). Returns how many modules were compiled."""
+    from quick.models.families import decoder_layers, get_family
+
+    n = 0
+    for layer in decoder_layers(model, get_family(model.config)):
+        for name, child in layer.named_children():
+            if ("norm" in name.lower() or name == "mlp") and getattr(child, "_compiled_call_impl", None) is None:
+                child.compile(dynamic=False, backend=COMPILE_BACKEND)
+                n += 1
+    return n
+
+
+DECODE_ATTENTION = "quick_decode_sdpa"
+
+
+def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA over the static cache for one-token queries, grouped-query heads folded into the query length.
+
+    transformers' own SDPA does this fold only outside ``torch.compile``; traced, it falls back to
+    ``repeat_kv``, which copies the whole cache ``num_key_value_groups`` times per layer and step. Every other
+    case (prefill, biases, soft-capping, sliding windows) goes to transformers' SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = query.shape[2] == 1 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    plain = plain and not getattr(module, "sliding_window", None) and (dropout == 0.0 or not module.training)
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+    if not (plain and mask_ok):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    b, h, _, d = query.shape
+    q = query.reshape(b, h // groups, groups, d)  # [B, KV heads, queries per KV head, D]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Switch a model that uses transformers' ``sdpa`` to :func:`_decode_sdpa` (registered under
+    :data:`DECODE_ATTENTION`); returns whether it did (other implementations, older transformers: left alone)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) == DECODE_ATTENTION:
+        return True
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    try:
+        model.set_attn_implementation(DECODE_ATTENTION)
+    except Exception:  # noqa: BLE001 - versions that validate names strictly: keep transformers' SDPA
+        return False
+    return getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
+
+
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Every batch size (and every generator) is a new specialisation of the decode step; the default limit
+    of 8 would silently fall back to eager after the 8th."""
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, key) and getattr(cfg, key) < limit:
+            setattr(cfg, key, limit)
 
 
 @dataclass
@@ -35,18 +191,40 @@ class GenerationStats:
 class StaticGenerator:
     """Greedy generation with a static cache; the decode step replays a captured CUDA graph on GPU."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, use_graph: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        max_len: int,
+        use_graph: bool | None = None,
+        compile: str = "none",  # noqa: A002 - the natural name for the option
+        decode_attention: bool = True,
+    ) -> None:
         from transformers import StaticCache
 
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         self.model = model
         self.device = next(model.parameters()).device
         self.batch, self.max_len = batch, max_len
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        self.compile = compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
+        self._mask_dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+        self._step = self._forward
+        if decode_attention:
+            use_decode_attention(model)
+        if compile != "none":
+            _raise_recompile_limit()
+            bind_kernels(model)
+            if compile == "regions":
+                compile_regions(model)
+            else:
+                self._step = torch.compile(self._forward, dynamic=False, backend=COMPILE_BACKEND)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
         """Additive 4-D mask ``[B, 1, T, max_len]``: query t sees cache slots ``<= pos[t]``.
@@ -54,7 +232,7 @@ class StaticGenerator:
         Computed from the position tensor on the device, so a graph replay recomputes it for each step. Without
         it, transformers drops the mask for one-token queries and attends to every static slot (also the
         empty ones), and some versions read Python-side state that a captured graph would freeze."""
-        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        dtype = self._mask_dtype
         seen = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]
         mask = torch.zeros(seen.shape, dtype=dtype, device=pos.device).masked_fill(~seen, torch.finfo(dtype).min)
         return mask[None, None].expand(self.batch, 1, *seen.shape)
@@ -101,12 +279,12 @@ class StaticGenerator:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up outside the graph (allocator, lazy kernel compilation)
             for _ in range(2):
-                self._forward(self._ids, self._pos)
+                self._step(self._ids, self._pos)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._restore(snap)  # the warm-up steps must not count as decoded tokens
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = self._forward(self._ids, self._pos)
+            self._logits = self._step(self._ids, self._pos)
         self._restore(snap)  # capture ran the Python side once more (it executed no kernels)
 
     @torch.inference_mode()
@@ -115,7 +293,7 @@ class StaticGenerator:
         self._ids.copy_(ids.view(self.batch, 1))
         self._pos.fill_(position)
         if not self.use_graph:
-            return self._forward(self._ids, self._pos)
+            return self._step(self._ids, self._pos)
         if self._graph is None:
             self._capture()
         self._graph.replay()

@@ -8,13 +8,18 @@ import torch
 from quick.inference import StaticGenerator
 
 
-def _tiny_llama(vocab: int = 128):
+def _tiny_llama(vocab: int = 128, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -33,3 +38,195 @@ def test_static_generator_rejects_overflow():
     gen = StaticGenerator(_tiny_llama(), batch=1, max_len=8)
     with pytest.raises(ValueError, match="do not fit"):
         gen.generate(torch.zeros(1, 6, dtype=torch.long), 4)
+
+
+def _generate(model, ids, compile_mode: str, new: int = 10):
+    gen = StaticGenerator(model, batch=ids.shape[0], max_len=32, compile=compile_mode)
+    return gen.generate(ids, new)[0]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("mode", ["step", "regions"])
+def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
+    """Dynamo traces the decode step (and the fused projections' shared product) in one graph per region;
+    with the eager backend this checks tracing without paying for inductor's build."""
+    import torch._dynamo
+
+    from quick import inference
+    from quick.models.fuse import fuse_model
+
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    model = _tiny_llama()
+    if fused:
+        fuse_model(model)
+    ids = torch.randint(0, 128, (2, 7))
+    want = _generate(model, ids, "none")
+    torch._dynamo.utils.counters.clear()
+    got = _generate(model, ids, mode)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert not breaks, breaks
+    assert graphs >= 1  # something was compiled at all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["step", "regions"])
+def test_compiled_decode_inductor_same_tokens(mode):
+    """Inductor-compiled decode (what the benchmark runs on the GPU) gives the eager tokens (CPU build: slow)."""
+    import torch._dynamo
+
+    from quick.models.fuse import fuse_model
+
+    torch._dynamo.reset()
+    model = _tiny_llama()
+    fuse_model(model)
+    ids = torch.randint(0, 128, (2, 7))
+    want = _generate(model, ids, "none")
+    got = _generate(model, ids, mode)
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ValueError, match="compile must be one of"):
+        StaticGenerator(_tiny_llama(), batch=1, max_len=8, compile="max")
+
+
+def test_bound_quick_linears_trace_as_one_op(monkeypatch):
+    """KernelQuickLinear (what the GPU runs under compile) is one custom op per (fused) linear: the whole
+    decode step traces without a break and gives the unbound model's tokens. A CPU op stands in for the
+    CUDA kernel here through the BOUND_OPS hook."""
+    import torch._dynamo
+
+    from quick import inference
+    from quick.models.fuse import fuse_model
+    from quick.packing.layouts import get_layout
+    from quick.quant.apply import quantize_model_rtn
+
+    @torch.library.custom_op("quick_test::ref_w4", mutates_args=())
+    def ref_w4(
+        x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g: int
+    ) -> torch.Tensor:
+        k, n = x.shape[1], scales.shape[1]
+        qw = get_layout("quick").unpack({"qweight": qweight, "scales": scales, "zeros": zeros}, k, n, g)
+        return (x.float() @ qw.dequantize(torch.float32)).to(x.dtype)
+
+    @ref_w4.register_fake
+    def _(x, qweight, scales, zeros, g):
+        return x.new_empty((x.shape[0], scales.shape[1]))
+
+    def applies(mod, probe):
+        return mod.layout_name == "quick" and not probe.is_cuda
+
+    def call(mod, x2):
+        return torch.ops.quick_test.ref_w4(x2, mod.qweight, mod.scales, mod.zeros, mod.group_size)
+
+    monkeypatch.setitem(inference.BOUND_OPS, "cpu_test", (applies, call))
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    model = _tiny_llama(hidden=128)  # k/v N = 64: the quick layout's block width
+    quantize_model_rtn(model, 64, "quick", dtype=torch.bfloat16, progress=False)
+    model.to(torch.bfloat16)
+    fuse_model(model)
+    ids = torch.randint(0, 128, (2, 7))
+    want = _generate(model, ids, "none")
+    torch._dynamo.utils.counters.clear()
+    got = _generate(model, ids, "step")  # binds the layers
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, inference.QuickLinear)}
+    assert kinds == {"KernelQuickLinear"}
+    assert not breaks, breaks
+    assert torch.equal(got, want)
+
+
+def _gpu_model(layout: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quick.quant.apply import quantize_model_rtn
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+    )  # SmolLM2's layer shapes (K = 576: ragged groups, padded to 640)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    if layout != "fp16":
+        quantize_model_rtn(model, 128, layout, dtype=torch.float16, progress=False)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("mode", ["none", "step", "regions"])
+@pytest.mark.parametrize("layout", ["fp16", "quick", "quick_sm90"])
+def test_gpu_fast_decode_matches_eager(layout, mode, fused):
+    """Graphed (+ compiled, + fused) decode against plain eager decode of the same model, teacher-forced on the
+    eager tokens: per-step logits within fp16 rounding of the fused kernels, nearly all tokens equal."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer")
+    from quick.kernels import dispatch
+    from quick.models.fuse import fuse_model
+
+    if (
+        layout != "fp16"
+        and dispatch.kernel_for(layout, torch.zeros(1, 640, dtype=torch.float16, device="cuda")) is None
+    ):
+        pytest.skip(f"no kernel for {layout} on this GPU")
+    torch._dynamo.reset()
+    ref_model = _gpu_model(layout)
+    ids = torch.randint(0, 512, (4, 16), device="cuda")
+    eager = StaticGenerator(ref_model, 4, 48, use_graph=False)
+    tokens, _ = eager.generate(ids, 24)
+    model = _gpu_model(layout)  # same seed: same weights
+    if fused:
+        fuse_model(model)
+    fast = StaticGenerator(model, 4, 48, use_graph=True, compile=mode)
+    ref = StaticGenerator(ref_model, 4, 48, use_graph=False)
+    with torch.inference_mode():
+        a, b = fast.prefill(ids), ref.prefill(ids)
+        worst = rel(a, b)
+        agree = 0
+        for i in range(tokens.shape[1] - 1):
+            a = fast.decode_step(tokens[:, i], 16 + i).clone()
+            b = ref.decode_step(tokens[:, i], 16 + i)
+            assert torch.isfinite(a).all()
+            worst = max(worst, rel(a, b))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    torch._dynamo.reset()
+    assert worst < 2e-2, worst
+    assert agree >= 0.9 * 4 * (tokens.shape[1] - 1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_decode_attention_matches_transformers_sdpa():
+    """The grouped-query fold at decode gives transformers' SDPA results (fp32: rounding only)."""
+    from quick.inference import DECODE_ATTENTION
+
+    ids = torch.randint(0, 128, (3, 5))
+    outs = []
+    for fold in (False, True):
+        model = _tiny_llama()
+        gen = StaticGenerator(model, batch=3, max_len=16, decode_attention=fold)
+        assert (model.config._attn_implementation == DECODE_ATTENTION) == fold
+        with torch.inference_mode():
+            logits = [gen.prefill(ids)]
+            nxt = logits[0].argmax(-1)
+            for i in range(6):
+                logits.append(gen.decode_step(nxt, 5 + i))
+                nxt = logits[-1].argmax(-1)
+        outs.append(torch.stack(logits))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs[0][1], outs[0][2])  # the steps differ: not a constant output
