@@ -1,0 +1,223 @@
+"""Layout ``w4a8_sm90`` and the Hopper W4A8 launcher, on the CPU: exact round trips, clear errors, a CPU
+emulation of every consumer thread's loads + int4 -> int8 conversion checked against the PTX ISA's wgmma A
+fragment for .s8 (m64nNk32), the kernel's integer arithmetic (16q sums, exact group folds) against the float64
+reference, the launch plan, and (marked ``compile``) ptxas on the variants: no spills, no wgmma serialization."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from quick.kernels import quick_w4a8_sm90 as w8
+from quick.packing.layouts import (
+    W4A8_LAYOUTS,
+    W4A8_SM90,
+    LayoutError,
+    pack_w4a8_sm90,
+    unpack_w4a8_sm90,
+)
+from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
+
+SHAPES = [(128, 16), (128, 64), (256, 48), (384, 640), (1408, 320)]  # (K, N)
+
+
+def random_w4a8(k: int, n: int, group_size: int, seed: int = 0) -> W4A8Weight:
+    """Codes over the whole int4 range (incl. -8) and group scales over 1..127."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    cs = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    gs = torch.randint(1, 128, (k // group_size, n), generator=gen, dtype=torch.int16) if group_size > 0 else None
+    return W4A8Weight(q, cs, gs, group_size)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_round_trip(k, n, group_size):
+    w = random_w4a8(k, n, group_size, seed=k * 7 + n)
+    packed = pack_w4a8_sm90(w)
+    W4A8_SM90.validate(packed, k, n, group_size)
+    assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (k // 128, 16 * n)
+    back = unpack_w4a8_sm90(packed, group_size)
+    assert torch.equal(back.q, w.q)
+    assert torch.equal(back.channel_scale, w.channel_scale)
+    if group_size > 0:
+        assert packed["group_scale"].dtype == torch.int8
+        assert torch.equal(back.group_scale, w.group_scale)
+    else:
+        assert "group_scale" not in packed and back.group_scale is None
+
+
+def test_registry_and_errors():
+    assert W4A8_LAYOUTS["w4a8_sm90"] is W4A8_SM90
+    w = random_w4a8(256, 64, 128)
+    packed = pack_w4a8_sm90(w)
+    with pytest.raises(LayoutError, match="group_size"):
+        unpack_w4a8_sm90(packed, 64)
+    with pytest.raises(LayoutError, match="group_scale"):
+        unpack_w4a8_sm90({"qweight": packed["qweight"], "channel_scale": packed["channel_scale"]}, 128)
+    with pytest.raises(LayoutError, match="takes no"):
+        unpack_w4a8_sm90(packed, -1)
+    with pytest.raises(LayoutError, match="channel_scale"):
+        unpack_w4a8_sm90({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
+    with pytest.raises(LayoutError, match="K % 128"):
+        pack_w4a8_sm90(W4A8Weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), None, -1))
+    with pytest.raises(LayoutError, match="N % 16"):
+        pack_w4a8_sm90(W4A8Weight(torch.zeros(24, 128, dtype=torch.int8), torch.ones(24), None, -1))
+
+
+# ------------------------------------------------------------------------------------------------ fragment
+
+
+def ptx_wgmma_a_s8(lane: int, reg: int, byte: int) -> tuple[int, int]:
+    """PTX ISA, wgmma .m64nNk32 register fragment for A with .s8/.u8 (one warp's 16 rows; CUTLASS
+    ALayout_64x32 = ((4,8,4),(4,2,2)):((256,1,16),(64,8,1024)) decodes to the same): register a_r of a lane
+    holds 4 bytes, byte e = A[row = lane/4 + 8*(r%2)][k = 4*(lane%4) + 16*(r/2) + e] (rows + 16*warp)."""
+    return lane // 4 + 8 * (reg % 2), 4 * (lane % 4) + 16 * (reg // 2) + byte
+
+
+def to_i8_bytes(word: int) -> list[int]:
+    return [((word >> (8 * e)) & 0xFF) - 256 * (((word >> (8 * e)) & 0xFF) >= 128) for e in range(4)]
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_thread_emulation_matches_ptx_fragment(group_size):
+    """Every thread of every consumer warp, as the kernel does it: its 32 bytes of a k128 row at
+    qweight_u4[row][(nb/16 + warp)*64 + 2*lane + {0, 1}], registers a[j] = words (2j, 2j+1) converted with
+    (w << 4) & 0xF0F0F0F0 / w & 0xF0F0F0F0 (int8 = 16 q), each byte placed where the PTX fragment says; the
+    group scales by one 2-byte load at byte offset nb + 16*warp + 2*(lane/4). Must rebuild q and s_g exactly."""
+    k, n = 256, 128
+    w = random_w4a8(k, n, group_size, seed=5)
+    p = pack_w4a8_sm90(w)
+    words = p["qweight"].reshape(k // 128, -1).tolist()
+    rebuilt = torch.full((n, k), 99, dtype=torch.int32)
+    sg_rebuilt = torch.zeros(k // 128, n, dtype=torch.int32) if group_size > 0 else None
+    for step in range(k // 128):
+        for blk in range(n // 16):  # n16 block = one warp's rows (nb/16 + warp)
+            for lane in range(32):
+                base = blk * 256 + lane * 8  # int32 index of the lane's first word (uint4 index 2*lane)
+                lw = [words[step][base + i] & 0xFFFFFFFF for i in range(8)]
+                for j in range(4):  # k32 step
+                    w0, w1 = lw[2 * j], lw[2 * j + 1]
+                    regs = [(w0 << 4) & 0xF0F0F0F0, w0 & 0xF0F0F0F0, (w1 << 4) & 0xF0F0F0F0, w1 & 0xF0F0F0F0]
+                    for r, reg in enumerate(regs):
+                        for e, v in enumerate(to_i8_bytes(reg)):
+                            assert v % 16 == 0
+                            row, kk = ptx_wgmma_a_s8(lane, r, e)
+                            rebuilt[16 * blk + row, 128 * step + 32 * j + kk] = v // 16
+                if group_size > 0:
+                    gsb = p["group_scale"].view(torch.uint8)[step].tolist()
+                    off = blk * 16 + 2 * (lane // 4)
+                    lo, hi = gsb[off], gsb[off + 1]
+                    sg_rebuilt[step, 16 * blk + lane // 4] = lo
+                    sg_rebuilt[step, 16 * blk + lane // 4 + 8] = hi
+    assert torch.equal(rebuilt, w.q.to(torch.int32))
+    if group_size > 0:
+        assert torch.equal(sg_rebuilt, w.group_scale.to(torch.int32))
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_integer_arithmetic_plan(group_size):
+    """The kernel's arithmetic in int64 (checked to stay inside int32): per-channel sums of x_q * 16q scaled by
+    s_x * s_ch / 16; per group, partials of 16q sums shifted right by 4 (exact) times s_g. Equals the float64
+    reference up to the fp32 epilogue."""
+    k, n, m = 512, 64, 5
+    w = random_w4a8(k, n, group_size, seed=11)
+    x = torch.randn(m, k, dtype=torch.float64).to(torch.float16)
+    x[1, 3] = 300.0  # outlier
+    xq, sx = quantize_activations(x)
+    a = xq.to(torch.int64)
+    q16 = 16 * w.q.to(torch.int64)
+    if group_size < 0:
+        acc = a @ q16.t()
+        assert acc.abs().max() < 2**31
+        y = acc.double() * (sx.double()[:, None] * w.channel_scale.double()[None, :] / 16)
+    else:
+        acc = torch.zeros(m, n, dtype=torch.int64)
+        for g in range(k // 128):
+            part = a[:, 128 * g : 128 * (g + 1)] @ q16[:, 128 * g : 128 * (g + 1)].t()
+            assert part.abs().max() < 2**31 and bool(((part % 16) == 0).all())
+            acc += w.group_scale[g].to(torch.int64)[None, :] * (part >> 4)
+            assert acc.abs().max() < 2**31
+        y = acc.double() * (sx.double()[:, None] * w.channel_scale.double()[None, :])
+    ref = w4a8_reference(x, w)
+    assert float((y - ref).norm() / ref.norm()) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+
+def test_plan_and_configs():
+    for m in (1, 7, 64, 300, 4096):
+        for g in (-1, 128):
+            cfg = w8.default_config(m, g)
+            assert cfg.nt in (w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES)
+            for k, n in ((128, 64), (4096, 4096), (11008, 4096), (8192, 8192)):
+                p = w8.plan(m, n, k, 132, cfg, group_size=g)
+                nk = k // 128
+                assert p.splits * p.steps_per_split >= nk > (p.splits - 1) * p.steps_per_split  # all splits non-empty
+                assert 1 <= p.grid <= 132 and p.n_tiles * cfg.nwg * 64 >= n and p.m_tiles * cfg.nt >= m
+    for _src, _name, d in w8.VARIANTS:
+        cfg = w8.W4A8Sm90Config(d["QW_NT"], d["QW_NWG"], d["QW_STAGES"], d["QW_PREF"])
+        assert cfg.smem_bytes() <= w8.SMEM_LIMIT
+    assert {d["QW_GROUP"] for _s, _n, d in w8.VARIANTS} == {0, 1}
+
+
+def test_validate_errors():
+    k, n = 256, 128
+    p = pack_w4a8_sm90(random_w4a8(k, n, 128))
+    x = torch.randn(3, k, dtype=torch.float16)
+    assert w8.validate(x, p["qweight"], p["channel_scale"], p["group_scale"], 128) == (3, n, k)
+    with pytest.raises(w8.W4A8Sm90Error, match="float16 or bfloat16"):
+        w8.validate(x.float(), p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error, match="multiple of 128"):
+        w8.validate(x[:, :192], p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error, match="qweight has shape"):
+        w8.validate(x, p["qweight"][:1], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error, match="needs group_scale"):
+        w8.validate(x, p["qweight"], p["channel_scale"], None, 128)
+    with pytest.raises(w8.W4A8Sm90Error, match="take no group_scale"):
+        w8.validate(x, p["qweight"], p["channel_scale"], p["group_scale"], -1)
+    with pytest.raises(w8.W4A8Sm90Error, match="group_size"):
+        w8.validate(x, p["qweight"], p["channel_scale"], p["group_scale"], 64)
+    with pytest.raises(w8.W4A8Sm90Error, match="bias"):
+        w8.validate(x, p["qweight"], p["channel_scale"], p["group_scale"], 128, torch.zeros(n))
+    with pytest.raises(w8.W4A8Sm90Error, match="CUDA"):
+        w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], 128)
+
+
+def test_fake_impl_shapes():
+    """The op's fake (meta) implementation: output shape and dtype without running anything."""
+    k, n = 256, 128
+    p = pack_w4a8_sm90(random_w4a8(k, n, -1))
+    x = torch.empty(5, k, dtype=torch.bfloat16, device="meta")
+    out = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"].to("meta"), p["channel_scale"].to("meta"), None, None, -1)
+    assert out.shape == (5, n) and out.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def _have_nvcc() -> bool:
+    from quick.kernels import jit
+
+    try:
+        jit.find_nvcc()
+    except jit.KernelUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not _have_nvcc(), reason="nvcc not found")
+@pytest.mark.parametrize("nt,group", [(8, -1), (256, -1), (128, 128)])
+def test_ptxas_no_spills_no_serialization(nt, group):
+    """ptxas: no spills, and no C7514/C7515 (wgmma serialized: an accumulator read while a wgmma is in flight)."""
+    from quick.kernels import compile_check, jit
+
+    cfg = w8.default_config(nt, group)
+    res = jit.compile_cubin(w8.SOURCE, "sm_90a", cfg.defines(group, torch.float16))
+    reps = {r.name: r for r in compile_check.parse_ptxas(res.log)}
+    assert reps[w8.KERNEL].spill_bytes == 0 and reps[w8.QUANT_KERNEL].spill_bytes == 0
+    assert not re.findall(r"C751\d", res.log), res.log
