@@ -1,0 +1,144 @@
+"""Device correctness of the Hopper W4A8 kernel (wgmma s8, register-A int4 weights) against the float64
+``w4a8_reference``.
+
+Skipped without an sm_90 GPU. Fresh random inputs per case, NaN-poisoned outputs, relative Frobenius bounds
+that fail on any indexing error (the integer part is exact: only the fp32 epilogue and the 16-bit output
+rounding remain), NaN/inf propagation, bit-exact activation quantization, split-k determinism, bad inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quick.packing.layouts import pack_w4a8_sm90
+from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+
+from quick.kernels import quick_w4a8_sm90 as w8  # noqa: E402
+
+if not w8.is_available():
+    pytest.skip("sm_90 W4A8 kernel unavailable (no nvcc)", allow_module_level=True)
+
+DTYPES = [torch.float16, torch.bfloat16]
+GROUPS = [-1, 128]
+M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
+BOUND = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+_CACHE: dict = {}
+
+
+def _weights(k: int, n: int, g: int):
+    key = (k, n, g)
+    if key not in _CACHE:
+        _CACHE.clear()
+        gen = torch.Generator().manual_seed(hash(key) % 2**31)
+        q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+        cs = (torch.rand(n, generator=gen) * 0.75 + 0.25) * (2e-3 if g < 0 else 3e-5)
+        gs = torch.randint(1, 128, (k // g, n), generator=gen, dtype=torch.int16) if g > 0 else None
+        w = W4A8Weight(q, cs, gs, g)
+        _CACHE[key] = (w, {name: t.cuda() for name, t in pack_w4a8_sm90(w).items()})
+    return _CACHE[key]
+
+
+def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, x=None):
+    w, p = _weights(k, n, g)
+    if x is None:
+        x = torch.randn(m, k, device="cuda").to(dtype)
+    b = (torch.randn(n, device="cuda") * 0.1).to(dtype) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p.get("group_scale"), g, b, config, splits, out)
+    torch.cuda.synchronize()
+    return out, w4a8_reference(x, w, b)
+
+
+def _check(out, ref, dtype):
+    o = out.double()
+    assert torch.isfinite(o).all(), "non-finite output (poison not overwritten or overflow)"
+    err = float((o - ref).norm() / ref.norm().clamp_min(1e-30))
+    assert err <= BOUND[dtype], f"relative error {err:.3e} > {BOUND[dtype]:.1e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("m", M_ALL)
+def test_small_shape_all_m(m, g, dtype):
+    out, ref = _run(m, 384, 640, g, dtype, bias=(m % 2 == 1))
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("kn", [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (128, 64), (1152, 1088)])
+@pytest.mark.parametrize("g", GROUPS)
+@pytest.mark.parametrize("m", [1, 16, 33, 255, 1000, 4096])
+def test_model_shapes(kn, g, m):
+    k, n = kn
+    dtype = torch.bfloat16 if m == 33 else torch.float16
+    out, ref = _run(m, k, n, g, dtype)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("g", GROUPS)
+def test_every_tile_and_split(g):
+    tiles = w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES
+    for nt in tiles:
+        for splits in (1, 2, 5, 11):
+            out, ref = _run(300, 1408, 640, g, torch.float16, config=w8.default_config(nt, g), splits=splits)
+            _check(out, ref, torch.float16)
+
+
+def test_quantization_bit_exact():
+    for dt in DTYPES:
+        x = (torch.randn(37, 4096, device="cuda") * 4).to(dt)
+        x[3] = 0
+        x[5, :100] *= 1000
+        xq, sx = w8.quantize_activations_sm90(x)
+        rq, rs = quantize_activations(x)
+        assert torch.equal(xq, rq) and torch.equal(sx, rs)
+
+
+def test_split_k_deterministic_and_exact():
+    """Integer split-k partials are exact: any split count gives identical bits, run after run."""
+    x = torch.randn(64, 8192, device="cuda").half()
+    outs = [_run(64, 8192, 1024, 128, torch.float16, splits=s, x=x)[0] for s in (1, 8, 8, 16)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_non_finite_rows_stay_in_their_row():
+    """A NaN or inf in row r makes row r non-finite (s_x is NaN/inf) and leaves the other rows correct."""
+    x = torch.randn(20, 1024, device="cuda").half()
+    x[3, 7] = float("nan")
+    x[11, 100] = float("inf")
+    out, _ = _run(20, 1024, 256, -1, torch.float16, x=x)
+    assert not torch.isfinite(out[3]).any() and not torch.isfinite(out[11]).any()
+    keep = [i for i in range(20) if i not in (3, 11)]
+    _, ref = _run(18, 1024, 256, -1, torch.float16, x=x[keep].contiguous())
+    _check(out[keep], ref, torch.float16)
+
+
+def test_op_and_dispatcher_entry():
+    w, p = _weights(1024, 512, 128)
+    x = torch.randn(9, 1024, device="cuda").half()
+    y = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], None, 128)
+    _check(y, w4a8_reference(x, w), torch.float16)
+    y2 = w8.kernel_fn(x, p, 128)
+    assert torch.equal(y, y2)
+
+
+def test_bad_inputs_raise():
+    w, p = _weights(1024, 512, 128)
+    x = torch.randn(4, 1024, device="cuda").half()
+    with pytest.raises(w8.W4A8Sm90Error):
+        w8.gemm_w4a8_sm90(x.float(), p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error):
+        w8.gemm_w4a8_sm90(x[:, :640], p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error):
+        w8.gemm_w4a8_sm90(x.cpu(), p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    with pytest.raises(w8.W4A8Sm90Error):
+        w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], None, 128)
+    with pytest.raises(w8.W4A8Sm90Error):
+        out = torch.empty(4, 256, device="cuda", dtype=torch.float16)
+        w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], 128, out=out)
+    assert w8.gemm_w4a8_sm90(x[:0], p["qweight"], p["channel_scale"], p["group_scale"], 128).shape == (0, 512)
