@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 
 NAME = "eval"
-HELP = "perplexity of a dense or quantized model (held-out Wikipedia split or a text file)"
+HELP = "perplexity of a dense or quantized model (held-out Wikipedia split or a text file), or lm-eval tasks"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="dense or quantized checkpoint directory, or 'smollm2'")
-    parser.add_argument("--ppl", action="store_true", help="measure perplexity (the only metric so far)")
+    parser.add_argument("--ppl", action="store_true", help="measure perplexity")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated lm-eval-harness tasks (needs `pip install lm-eval` and a hub)"
+    )
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     parser.add_argument(
         "--data", default="wiki", help="'wiki' (held-out split, default), a .txt file, wikitext2/c4/ptb"
     )
@@ -42,13 +47,30 @@ def run(args: argparse.Namespace) -> int:
     from quick.data.corpus import load_eval_text
     from quick.eval.perplexity import perplexity, tokenize_eval_text
 
-    if not args.ppl:
-        print("quick eval: error: choose a metric (--ppl)")
+    if not args.ppl and not args.tasks:
+        print("quick eval: error: choose a metric (--ppl and/or --tasks TASK[,TASK])")
         return 2
+    if args.tasks:
+        from quick.eval.lm_eval_adapter import _harness
+
+        try:
+            _harness()  # fail before loading the model
+        except ImportError as exc:
+            print(f"quick eval: error: {exc}")
+            return 2
     model = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
     if model.tokenizer is None:
         print(f"quick eval: error: {args.model} has no tokenizer files")
         return 2
+    if args.tasks:
+        from quick.eval.lm_eval_adapter import run_tasks
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for task, metrics in run_tasks(model.model, model.tokenizer, tasks, args.num_fewshot, limit).items():
+            print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        if not args.ppl:
+            return 0
     ids = tokenize_eval_text(model.tokenizer, load_eval_text(args.data))
     bos = bos_for(model.tokenizer, args.bos)
     start = time.perf_counter()
