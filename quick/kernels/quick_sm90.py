@@ -216,6 +216,9 @@ def validate(
     bias: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Check everything the kernel assumes; returns ``(M, N, K, G)``. Raises :class:`Sm90Error`."""
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise Sm90Error(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2:
         raise Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -382,6 +385,9 @@ def gemm_w4a16_sm90(
     if x.data_ptr() % 16:
         x = x.clone()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
+            raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
     dev = x.device
     rounds = None
     if config is None:
@@ -394,8 +400,14 @@ def gemm_w4a16_sm90(
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(g, x.dtype), dev.index, "sm_90a")
         if out is None:
             out = torch.empty((m, n), dtype=x.dtype, device=dev)
-        elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous() or out.device != dev:
-            raise Sm90Error(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {dev}")
+        elif (
+            tuple(out.shape) != (m, n)
+            or out.dtype != x.dtype
+            or not out.is_contiguous()
+            or out.device != dev
+            or out.data_ptr() % 16
+        ):
+            raise Sm90Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {dev}")
         ws = torch.empty(max(p.workspace_floats(), 1), dtype=torch.float32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_x_map(x, cfg.nt)
