@@ -334,6 +334,8 @@ def plan_gemm(
 ) -> GemmPlan:
     """Config, split-k and grid for one GEMM (pure arithmetic; testable without a GPU)."""
     if isinstance(config, str):
+        if config not in GEMM_CONFIGS:
+            raise ValueError(f"unknown GEMM config {config!r}; known: {sorted(GEMM_CONFIGS)}")
         config = GEMM_CONFIGS[config]
     if config is None:
         names = next(c for bound, c in TUNED_GEMM if m <= bound)
@@ -354,6 +356,8 @@ def plan_gemv(
     """The k16 steps are cut into runs per warp (a multiple of the ring depth, so that scale groups align);
     enough CTAs x warps to fill the SMs, splitting across CTAs only when N alone does not."""
     if isinstance(config, str):
+        if config not in GEMV_CONFIGS:
+            raise ValueError(f"unknown GEMV config {config!r}; known: {sorted(GEMV_CONFIGS)}")
         config = GEMV_CONFIGS[config]
     config = config or gemv_config_for(g)
     ksteps = k // 16
@@ -528,8 +532,14 @@ def _get_launch(
 def _out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
     if out is None:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}")
+    if (
+        tuple(out.shape) != (m, n)
+        or out.dtype != x.dtype
+        or out.device != x.device
+        or not out.is_contiguous()
+        or (out.numel() and out.data_ptr() % 16)
+    ):
+        raise ValueError(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {x.device}")
     return out
 
 
