@@ -34,25 +34,39 @@ _CACHE: dict = {}
 def _weights(k: int, n: int, g: int):
     key = (k, n, g)
     if key not in _CACHE:
-        _CACHE.clear()
         gen = torch.Generator().manual_seed(hash(key) % 2**31)
         q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
         cs = (torch.rand(n, generator=gen) * 0.75 + 0.25) * (2e-3 if g < 0 else 3e-5)
         gs = torch.randint(1, 128, (k // g, n), generator=gen, dtype=torch.int16) if g > 0 else None
         w = W4A8Weight(q, cs, gs, g)
-        _CACHE[key] = (w, {name: t.cuda() for name, t in pack_w4a8_sm90(w).items()})
+        wd = w.dequantize(torch.float64).cuda()
+        _CACHE[key] = (w, {name: t.cuda() for name, t in pack_w4a8_sm90(w).items()}, wd)
     return _CACHE[key]
 
 
+def _reference(x, wd, bias=None):
+    """``w4a8_reference`` with the float64 weight dequantized once (the big shapes would redo it per case)."""
+    xq, sx = quantize_activations(x)
+    y = (xq.to(torch.float64) @ wd.t()) * sx.to(torch.float64)[:, None]
+    return y + bias.to(torch.float64) if bias is not None else y
+
+
+def test_reference_helper_is_the_contract():
+    w, _p, wd = _weights(384, 640, 128)
+    x = torch.randn(5, 384, device="cuda").half()
+    b = torch.randn(640, device="cuda").half()
+    assert torch.allclose(_reference(x, wd, b), w4a8_reference(x, w, b), rtol=1e-12, atol=0)
+
+
 def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, x=None):
-    w, p = _weights(k, n, g)
+    w, p, wd = _weights(k, n, g)
     if x is None:
         x = torch.randn(m, k, device="cuda").to(dtype)
     b = (torch.randn(n, device="cuda") * 0.1).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p.get("group_scale"), g, b, config, splits, out)
     torch.cuda.synchronize()
-    return out, w4a8_reference(x, w, b)
+    return out, _reference(x, wd, b)
 
 
 def _check(out, ref, dtype):
@@ -119,7 +133,7 @@ def test_non_finite_rows_stay_in_their_row():
 
 
 def test_op_and_dispatcher_entry():
-    w, p = _weights(1024, 512, 128)
+    w, p, _wd = _weights(1024, 512, 128)
     x = torch.randn(9, 1024, device="cuda").half()
     y = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], None, 128)
     _check(y, w4a8_reference(x, w), torch.float16)
@@ -128,7 +142,7 @@ def test_op_and_dispatcher_entry():
 
 
 def test_bad_inputs_raise():
-    w, p = _weights(1024, 512, 128)
+    _w, p, _wd = _weights(1024, 512, 128)
     x = torch.randn(4, 1024, device="cuda").half()
     with pytest.raises(w8.W4A8Sm90Error):
         w8.gemm_w4a8_sm90(x.float(), p["qweight"], p["channel_scale"], p["group_scale"], 128)
