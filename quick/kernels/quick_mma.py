@@ -46,7 +46,9 @@ class GemmConfig:
     """One compiled GEMM variant. A CTA has ``warps_m x warps_n x warps_k`` warps; a warp owns
     ``bm / warps_m`` rows, ``nb`` n64 blocks and ``sw`` k16 steps of every stage (so a stage spans
     ``bks = 16 * sw * warps_k`` columns of K); ``stages`` cp.async stages of activations; ``pf`` stages of
-    weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``."""
+    weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``; ``inred`` = 1:
+    split-k summed in the kernel by the last CTA of each tile (no reduce launch); ``l2pf`` = D > 0: L2 prefetch
+    of the weights D stages ahead."""
 
     name: str
     bm: int
@@ -58,6 +60,8 @@ class GemmConfig:
     stages: int
     pf: int
     minb: int = 1
+    inred: int = 0
+    l2pf: int = 0
 
     @property
     def threads(self) -> int:
@@ -95,6 +99,8 @@ class GemmConfig:
             "QK_STAGES": self.stages,
             "QK_PF": self.pf,
             "QK_MINB": self.minb,
+            "QK_INRED": self.inred,
+            "QK_L2PF": self.l2pf,
         }
 
 
@@ -447,6 +453,7 @@ class _Launch:
     main: _FastLaunch
     reduce: _FastLaunch | None
     splits: int
+    counters: int = 0  # > 0: the kernel reduces split-k itself and needs this many zeroed arrival counters
 
 
 _VALID: dict[tuple, tuple[int, int, int, int]] = {}
@@ -513,16 +520,19 @@ def _get_launch(
             source, name = GEMM_SOURCE, "quick_gemm"
             gshift = int(math.log2(g)) if g < cfg.bks else 30
             scalars = [m, n, k, g, gshift, p.tiles_per_split]
+            nptr = 8  # x, qweight, scales, zeros, bias, out, ws, counters
+            inred = cfg.inred and p.splits > 1
         else:
             p = plan_gemv(m, n, k, g, num_sms(dev), config, splits)
             cfg = p.config
             defines = cfg.defines(dtype, g)
             source, name = GEMV_SOURCE, "quick_gemv"
             scalars = [m, n, k, g, p.steps_per_warp]
+            nptr, inred = 7, False
         kern = jit.load_kernel(source, name, defines, idx)
-        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 7 + scalars)
-        red = _reduce_launch(source, defines, idx, m, n, p.splits) if p.splits > 1 else None
-        launch = _Launch(main, red, p.splits)
+        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * nptr + scalars)
+        red = _reduce_launch(source, defines, idx, m, n, p.splits) if p.splits > 1 and not inred else None
+        launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0)
         if len(_LAUNCH) > _CACHE_MAX:
             _LAUNCH.clear()
         _LAUNCH[key] = launch
@@ -555,13 +565,33 @@ def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
     stream = torch.cuda.current_stream(dev).cuda_stream
     bptr = bias.data_ptr() if bias is not None else 0
     base = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr()]
-    if launch.reduce is None:
-        launch.main(base + [0], stream)
+    gemm_kernel = kind == "gemm"
+    if launch.splits == 1:
+        launch.main(base + [0] + ([0] if gemm_kernel else []), stream)
+        return out
+    ws = torch.empty((launch.splits, m, n), dtype=torch.float32, device=dev)
+    if launch.counters:
+        cnt = _counters(dev, launch.counters, stream)
+        launch.main(base + [ws.data_ptr(), cnt.data_ptr()], stream)
     else:
-        ws = torch.empty((launch.splits, m, n), dtype=torch.float32, device=dev)
-        launch.main(base + [ws.data_ptr()], stream)
+        launch.main(base + [ws.data_ptr()] + ([0] if gemm_kernel else []), stream)
         launch.reduce([ws.data_ptr(), bptr, out.data_ptr()], stream)
     return out
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(dev: torch.device, n: int, stream: int) -> torch.Tensor:
+    """Zeroed split-k arrival counters, one buffer per (device, stream): kernels on one stream run in order and
+    the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
+    key = (_dev_index(dev), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        with _LOCK:
+            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
+            _COUNTERS[key] = buf
+    return buf
 
 
 def gemm(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:

@@ -40,7 +40,8 @@ class Sm90Config:
     """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
     ``stages`` TMA stages for x, ``grp`` k64 steps of weights per load group or ring (``grp32`` for group size
     32, whose two scale rows per step cost registers), ``pipe`` the weight pipeline (:data:`PIPES`: 0 per-step
-    ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary)."""
+    ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary); ``l2pf``
+    = D > 0: the producer prefetches each unit's weights D k64 steps ahead into L2."""
 
     nt: int
     nwg: int = 2
@@ -48,6 +49,7 @@ class Sm90Config:
     grp: int = 4
     grp32: int = 4
     pipe: int = 1
+    l2pf: int = 0
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -66,6 +68,7 @@ class Sm90Config:
             "QS_BF16": int(dtype == torch.bfloat16),
             "QS_PIPE": int(self.pipe != 0),
             "QS_LDREL": int(self.pipe == 2),
+            "QS_L2PF": self.l2pf,
         }
 
 

@@ -16,6 +16,10 @@
 //
 // Compile-time configuration (-D): QK_DTYPE (0 fp16, 1 bf16), QK_BM, QK_WM, QK_WN, QK_WK, QK_NB, QK_SW,
 // QK_STAGES, QK_PF, QK_MINB. Shared memory size: quick/kernels/quick_mma.py:GemmConfig.smem_bytes.
+// Decode options: QK_INRED = 1: split-k partials are summed by the last CTA to finish a tile (an atomic arrival
+// counter per tile, reset by that CTA; the sum runs in split order 0..S-1, bitwise the same as
+// quick_splitk_reduce), so no second launch. QK_L2PF = D > 0: while tile t is consumed, the CTA asks L2 to
+// fetch the weights of tile t + D (bytes in flight beyond the register ring, no registers held).
 #include "quick_common.cuh"
 #include "quick_splitk.cuh"
 
@@ -46,6 +50,12 @@
 #ifndef QK_MINB
 #define QK_MINB 1
 #endif
+#ifndef QK_INRED
+#define QK_INRED 0
+#endif
+#ifndef QK_L2PF
+#define QK_L2PF 0
+#endif
 
 namespace {
 
@@ -75,7 +85,7 @@ static_assert(STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
 extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
     const void* __restrict__ xp, const uint4* __restrict__ qweight, const void* __restrict__ scalesp,
     const void* __restrict__ zerosp, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
-    int M, int N, int K, int group_size, int gshift, int tiles_per_split) {
+    int* __restrict__ counters, int M, int N, int K, int group_size, int gshift, int tiles_per_split) {
   using namespace quick;
   extern __shared__ __align__(16) unsigned char smem[];
   const char* x = static_cast<const char*>(xp);
@@ -140,6 +150,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
     return qweight + (static_cast<size_t>(step) * half_n + nblk[nb] * 32 + lane);
   };
 
+#if QK_L2PF > 0
+  // The CTA's weights of one tile: BKS/16 k16 rows, each BN * 8 contiguous bytes (clipped at N).
+  auto prefetch_w = [&](int tile) {
+    if (tile >= ntiles) return;
+    const int row_bytes = min(BN, N - n0) * 8;
+    const int step0 = (tile_begin + tile) * (BKS / 16);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (int j = tid; j < BKS / 16; j += THREADS) {
+      const uint4* p = qweight + (static_cast<size_t>(step0 + j) * half_n + (n0 / 64) * 32);
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(row_bytes) : "memory");
+    }
+#else
+    constexpr int LPS = BN / 16;  // 128-byte lines per k16 row
+    for (int i = tid; i < (BKS / 16) * LPS; i += THREADS) {
+      const int j = i / LPS, l = i % LPS;
+      if (l * 128 < row_bytes) {
+        const char* p = reinterpret_cast<const char*>(qweight + (static_cast<size_t>(step0 + j) * half_n + (n0 / 64) * 32));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + l * 128));
+      }
+    }
+#endif
+  };
+#endif
+
   uint4 wring[PF][SW][NB];
   float acc[MT][NB][8][4];
 #pragma unroll
@@ -166,6 +200,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
     if (s < ntiles) load_stage(s, s);
     cp_async_commit();
   }
+#if QK_L2PF > 0
+  for (int t = PF; t < QK_L2PF; ++t) prefetch_w(t);  // tiles < PF are already being loaded into registers
+#endif
 
   // ---- main loop, unrolled by PF so that every ring slot has a compile-time index
   const int a_row = wm * WM + (lane & 15);
@@ -182,6 +219,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
           const int tn = tile + STAGES - 1;
           if (tn < ntiles) load_stage(tn % STAGES, tn);
           cp_async_commit();
+#if QK_L2PF > 0
+          prefetch_w(tile + QK_L2PF);
+#endif
         }
         const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
         const uint32_t ss = sa + A_STAGE_BYTES;
@@ -282,4 +322,46 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
       }
     }
   }
+#if QK_INRED
+  // ---- split-k in the kernel: the last CTA of this (n, m) tile sums every split's partial in split order
+  if (!split) return;
+  constexpr int RT = 32 * WARPS_M * WARPS_N;  // the wk == 0 threads (tid < RT), still running here
+  __shared__ int s_last;
+  __threadfence();  // this CTA's partials are visible device-wide before it is counted
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) s_last = atomicAdd(counters + tile_id, 1) == static_cast<int>(gridDim.z) - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  if (!s_last) return;
+  __threadfence();
+  const int nz = gridDim.z;
+  const size_t mn = static_cast<size_t>(M) * N;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    if (!nvalid[nb]) continue;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const int col = nblk[nb] * 64 + t * 8 + 2 * (lane & 3);
+      float2 bv = make_float2(0.f, 0.f);
+      if (bias != nullptr) bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
+          if (row >= M) continue;
+          const size_t o = static_cast<size_t>(row) * N + col;
+          float2 v = __ldcg(reinterpret_cast<const float2*>(ws + o));
+          for (int z = 1; z < nz; ++z) {
+            const float2 u = __ldcg(reinterpret_cast<const float2*>(ws + z * mn + o));
+            v.x += u.x;
+            v.y += u.y;
+          }
+          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v.x + bv.x, v.y + bv.y);
+        }
+      }
+    }
+  }
+  if (tid == 0) counters[tile_id] = 0;  // ready for the next launch on this stream
+#endif
 }

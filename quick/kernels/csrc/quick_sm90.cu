@@ -23,7 +23,9 @@
 //
 // Compile-time variant (one cubin each, -D): QS_NT, QS_NWG (consumer warpgroups: 1, 2 or 4), QS_STAGES,
 // QS_PREF (weight group / ring depth in k64 steps), QS_G32 (group size 32: two groups per k64 step), QS_BF16,
-// QS_PIPE (1: ping-pong load groups, 0: per-step ring), QS_LDREL (weights through ld.relaxed.gpu).
+// QS_PIPE (1: ping-pong load groups, 0: per-step ring), QS_LDREL (weights through ld.relaxed.gpu),
+// QS_L2PF (D > 0: the producer thread asks L2 for the weights of k64 step s + D of the unit as it issues the TMA of
+// step s: cp.async.bulk.prefetch.L2, NWG x 2 KB contiguous per step; bytes in flight that hold no registers).
 
 #include <cstdint>
 
@@ -52,6 +54,9 @@
 #endif
 #ifndef QS_LDREL
 #define QS_LDREL 0
+#endif
+#ifndef QS_L2PF
+#define QS_L2PF 0
 #endif
 #if QS_LDREL
 // ld.relaxed.gpu: ptxas keeps these strong loads in program order with the mbarrier operations, so a group's
@@ -418,7 +423,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const int tm = tile / n_tiles;
         const int s0 = split * steps_per_split;
         const int nsteps = min(nk - s0, steps_per_split);
+#if QS_L2PF > 0
+        // the unit's weights of one k64 step: NWG channel blocks x 2 KB, contiguous (clipped at N)
+        const int tn_p = tile % n_tiles;
+        const uint4* const wrow = qweight + static_cast<size_t>(s0) * (2 * N) + tn_p * NWG * 128;
+        const uint32_t wbytes = static_cast<uint32_t>(min(NWG, N / 64 - tn_p * NWG)) * 2048u;
+        auto l2_prefetch = [&](int s) {
+          if (s < nsteps)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(wrow + static_cast<size_t>(s) * (2 * N)),
+                         "r"(wbytes)
+                         : "memory");
+        };
+        for (int s = 0; s < QS_L2PF; ++s) l2_prefetch(s);
+#endif
         for (int s = 0; s < nsteps; ++s) {
+#if QS_L2PF > 0
+          l2_prefetch(s + QS_L2PF);
+#endif
           mbar_wait(s_empty + 8 * stage, phase ^ 1);
           mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES);
           tma_load_2d(s_x + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 64, tm * NT, s_full + 8 * stage);

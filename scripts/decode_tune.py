@@ -1,0 +1,523 @@
+#!/usr/bin/env python3
+"""Decode tuning, one device call (< 6 minutes on the H100): build every candidate variant of the two W4A16
+kernels (mma.sync ``quick`` and Hopper ``quick_sm90``), check each against the float64 reference, time them at
+M in {1, 8, 16, 32, 64, 128, 256} on K = N = 8192 and the Llama shapes, and measure the streaming floor.
+
+    OUT=$OUT python3 scripts/decode_tune.py [--budget-s 330] [--parts floor,check,mma,sm90,clean]
+
+Timing (the official numbers, as benchmarks/kernel.py): median of ``triton.testing.do_bench`` over CUDA-graph
+replays of one call, L2 flushed before every repetition by do_bench (a 256 MB ``zero_``).
+
+The floor part answers "what does a plain read of these bytes cost under that timing": a hand-written read-only
+streaming kernel (``csrc/quick_stream_probe.cu``: 16-byte ``ld.global.nc``, 4-16 loads in flight per thread, 1-16
+CTAs per SM) and ``torch.sum`` over the same bytes, each timed with four flushes: ``memset`` (do_bench's:
+leaves the L2 full of dirty lines), ``read`` (reading a 256 MB buffer: leaves clean lines), ``memset+read``, and
+``none`` (hot L2, reference only). The ``clean`` part times the tuned kernels and cuBLAS under the ``read`` flush.
+
+Writes ``$OUT/decode_tune.json`` (updated after every part) and ``$OUT/decode_tune.log``; the last lines printed are
+a summary table. Every correctness check draws fresh random data, poisons the output with NaN and compares to the
+float64 reference (``quick.testing``); failures are counted and printed, never hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from quick.kernels import jit, quick_mma  # noqa: E402
+from quick.kernels import quick_sm90 as sm  # noqa: E402
+from quick.packing.layouts import get_layout  # noqa: E402
+from quick.quant.primitives import QuantizedWeight  # noqa: E402
+from quick.testing import REL_BOUND, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
+
+MS = (1, 8, 16, 32, 64, 128, 256)
+SHAPES = ((8192, 8192), (4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096))
+GROUP = 128
+PROBE = "quick_stream_probe.cu"
+
+# ------------------------------------------------------------------------------------------ candidates
+
+_G = quick_mma.GEMM_CONFIGS
+R = dataclasses.replace
+# New mma.sync variants: in-kernel split-k (ir), L2 prefetch of the weights D stages ahead (pfD), deeper register
+# ring (r3/r4 = PF stages), more warps splitting K.
+MMA_NEW = [
+    R(_G["m16n2k4"], name="m16n2k4_ir", inred=1),
+    R(_G["m16n2k4"], name="m16n2k4_ir_l4", inred=1, l2pf=4),
+    R(_G["m16n2k4"], name="m16n2k4_ir_l8", inred=1, l2pf=8),
+    R(_G["m16n2k4"], name="m16n2k4_ir_r3", inred=1, pf=3),
+    R(_G["m16k8"], name="m16k8_ir", inred=1),
+    R(_G["m16k8"], name="m16k8_ir_l4", inred=1, l2pf=4),
+    R(_G["m16k4"], name="m16k4_ir_l8", inred=1, l2pf=8),
+    quick_mma.GemmConfig("m16n1k8_ir", 16, 1, 1, 8, 1, 2, 4, 4, minb=2, inred=1),
+    quick_mma.GemmConfig("m16n4k2_ir", 16, 1, 4, 2, 1, 4, 3, 2, inred=1),
+    R(_G["m32k8"], name="m32k8_ir", inred=1),
+    R(_G["m32k8"], name="m32k8_ir_l4", inred=1, l2pf=4),
+    R(_G["m64n4"], name="m64n4_ir", inred=1),
+    R(_G["m64n4"], name="m64n4_ir_l6", inred=1, l2pf=6),
+]
+MMA_ALL = {c.name: c for c in [*_G.values(), *MMA_NEW]}
+
+
+def mma_candidates(m: int) -> list[tuple[str, int | None]]:
+    """(config name, splits or None = the model's choice) timed at batch size m."""
+    if m <= 16:
+        names = ["m16n2k4", "m16k8", "m16n2k4_ir", "m16n2k4_ir_l4", "m16n2k4_ir_l8", "m16n2k4_ir_r3", "m16k8_ir"]
+        names += ["m16k8_ir_l4", "m16k4_ir_l8", "m16n1k8_ir", "m16n4k2_ir"]
+        splits = (1, 2, 4)
+    elif m <= 32:
+        names, splits = ["m32k8", "m32k8_ir", "m32k8_ir_l4", "m16n2k4_ir", "m16n2k4_ir_l4", "m64n4_ir"], (1, 2, 4)
+    elif m <= 64:
+        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m32k8_ir", "m32k8_ir_l4"], (2, 4, 8)
+    else:
+        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m128n4"], (1, 2, 4)
+    return [(n, s) for n in names for s in splits]
+
+
+_D = sm._DEFAULTS
+
+
+def sm90_candidates(m: int) -> list[tuple[sm.Sm90Config, int | None]]:
+    """(config, rounds policy or None = choose_splits) timed at batch size m: each pipeline's default tile, with
+    and without the producer's L2 prefetch of the weights."""
+    nt = next(t for t in sm.TOKEN_TILES if t >= m)
+    bases = [_D[pipe][nt] for pipe in ((0, 1, 2) if nt <= 128 else (0,))]
+    if nt <= 16:  # 4 consumer warpgroups (112 registers each): groups of 2 steps, or a ring of 3 (0 spills)
+        bases += [sm.Sm90Config(nt, 4, 8, 2, 2, 2), sm.Sm90Config(nt, 4, 8, 3, 3, 0)]
+    out = []
+    for base in bases:
+        for l2 in (0, 8, 16):
+            cfg = R(base, l2pf=l2)
+            for rounds in (None, 1, 2, 3) if m <= 64 else (None, 1, 2):
+                out.append((cfg, rounds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def graphed(fn):
+    """fn captured into a CUDA graph after two warm-up calls (one on a side stream, as capture needs)."""
+    fn()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return lambda: g.replay()
+
+
+def do_bench_us(fn, warmup=5, rep=25) -> float:
+    """The official method: triton do_bench median (L2 flushed by a 256 MB zero_ before each repetition)."""
+    import triton.testing as tt
+
+    return 1e3 * tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+class Flushes:
+    """The four L2 states a timed call can start from (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+        self.sink = torch.zeros(4, dtype=torch.int32, device="cuda")
+        self.reader = probe_launcher(self.buf, 8, 132 * 4, 512, self.sink)
+
+    def get(self, name: str):
+        return {
+            "memset": lambda: self.buf.zero_(),
+            "read": self.reader,
+            "memset+read": lambda: (self.buf.zero_(), self.reader()),
+            "none": lambda: None,
+        }[name]
+
+
+def bench_flush_us(fn, flush, reps: int = 60) -> float:
+    """Median of CUDA-event timings of fn() with flush() before each repetition (do_bench's loop, any flush)."""
+    for _ in range(3):
+        flush()
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def probe_launcher(buf: torch.Tensor, unroll: int, blocks: int, threads: int, sink: torch.Tensor):
+    kern = jit.load_kernel(PROBE, "quick_stream_probe", {"QP_U": unroll})
+    n16 = buf.numel() * buf.element_size() // 16
+    return lambda: kern((blocks,), (threads,), [buf, ctypes.c_longlong(n16), sink])
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+class Ctx:
+    def __init__(self, out: Path, budget: float) -> None:
+        self.out, self.t0, self.budget = out, time.time(), budget
+        self.fh = open(out / "decode_tune.log", "w")
+        self.res: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.fh.write(msg + "\n")
+        self.fh.flush()
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.t0)
+
+    def save(self) -> None:
+        self.res["elapsed_s"] = round(time.time() - self.t0, 1)
+        (self.out / "decode_tune.json").write_text(json.dumps(self.res, indent=1, default=str))
+
+
+def build_all(ctx: Ctx) -> None:
+    arch = jit.arch_for_device()
+    jobs = [(PROBE, arch, {"QP_U": u}) for u in (4, 8, 16)]
+    for c in MMA_ALL.values():
+        jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(torch.float16)))
+        jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(torch.bfloat16)))
+    seen = set()
+    for m in MS:
+        for cfg, _ in sm90_candidates(m):
+            for dt in (torch.float16, torch.bfloat16):
+                d = cfg.defines(GROUP, dt)
+                key = tuple(sorted(d.items()))
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((sm.SOURCE, "sm_90a", d))
+    t = time.time()
+    res = jit.compile_many(jobs, workers=os.cpu_count())
+    spills = [(s, d, r.spills) for (s, _a, d), r in zip(jobs, res, strict=True) if r.spills]
+    ctx.res["build"] = {"variants": len(jobs), "seconds": round(time.time() - t, 1), "spills": spills}
+    ctx.log(f"[build] {len(jobs)} variants in {time.time() - t:.0f} s; spills: {spills or 'none'}")
+
+
+def part_floor(ctx: Ctx, fl: Flushes) -> None:
+    """Streaming probe + torch.sum over the weight bytes of 8192^2 and 4096^2, under each flush."""
+    rows = []
+    sink = torch.zeros(4, dtype=torch.int32, device="cuda")
+    for k, n in ((8192, 8192), (4096, 4096)):
+        nbytes = k * n // 2 + 2 * 2 * (k // GROUP) * n
+        buf = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+        half = buf.view(torch.float16)
+        shapes = ((8, 4, 512), (4, 8, 256), (16, 2, 512), (8, 1, 1024), (4, 16, 256))
+        probes = [(u, b * ctx.sms, t) for u, b, t in shapes]
+        for u, blocks, threads in probes:
+            fn = graphed(probe_launcher(buf, u, blocks, threads, sink))
+            row = {"kernel": "probe", "U": u, "blocks": blocks, "threads": threads, "K": k, "N": n, "bytes": nbytes}
+            row["do_bench_us"] = round(do_bench_us(fn), 2)
+            for f in ("memset", "read", "memset+read", "none"):
+                row[f] = round(bench_flush_us(fn, fl.get(f)), 2)
+            rows.append(row)
+            ctx.log(f"[floor] {row}")
+        fn = graphed(lambda half=half: half.sum(dtype=torch.float32))
+        row = {"kernel": "torch.sum", "K": k, "N": n, "bytes": nbytes, "do_bench_us": round(do_bench_us(fn), 2)}
+        for f in ("memset", "read", "memset+read", "none"):
+            row[f] = round(bench_flush_us(fn, fl.get(f)), 2)
+        rows.append(row)
+        ctx.log(f"[floor] {row}")
+        # one plain copy-sized reference: write-back cost alone (memset of the flush buffer's size, timed)
+        del buf, half
+    ctx.res["floor"] = rows
+    ctx.save()
+
+
+def part_check(ctx: Ctx) -> int:
+    """Every candidate variant against the float64 reference: a few shapes each, forced and uneven splits, bias,
+    bf16, N not a multiple of the CTA width; plus bitwise repeatability (split-k is deterministic). Weights are
+    drawn once per shape per run (fresh seed), activations per case."""
+    gen = torch.Generator().manual_seed(int(time.time()))
+    rows, fails = [], 0
+    weights: dict = {}
+
+    def get_w(k, n, g, dt):
+        key = (k, n, g, dt)
+        if key not in weights:
+            qw = random_quantized(k, n, g, dt, "cpu", gen)
+            qw = type(qw)(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.group_size)
+            weights[key] = (qw, {})
+        return weights[key]
+
+    def run(impl, cfg, m, k, n, g, dt, splits, bias):
+        qw, packs = get_w(k, n, g, dt)
+        layout = "quick" if impl == "quick" else "quick_sm90"
+        if layout not in packs:
+            packs[layout] = get_layout(layout).pack(qw)
+        p = packs[layout]
+        x = torch.randn(m, k, generator=gen).to(dt).cuda()
+        b = torch.randn(n, generator=gen).to(dt).cuda() if bias else None
+        outs = []
+        for _ in range(2):
+            out = poisoned((m, n), dt, "cuda")
+            if impl == "quick":
+                quick_mma.gemm(x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out)
+            else:
+                sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, cfg, splits, out)
+            outs.append(out)
+        torch.cuda.synchronize()
+        err = rel_error(outs[0], reference_matmul(x, qw, b))
+        return err, bool(torch.isfinite(outs[0]).all()), torch.equal(outs[0], outs[1])
+
+    def record(impl, name, case, dt, fn):
+        nonlocal fails
+        try:
+            err, finite, same = fn()
+        except Exception as e:  # noqa: BLE001
+            err, finite, same = float("nan"), False, False
+            ctx.log(f"[check] EXC {impl} {name} {case}: {e!r}")
+        ok = finite and err < REL_BOUND[dt] and same
+        fails += not ok
+        rows.append(
+            {"impl": impl, "variant": name, "case": case, "rel": err, "finite": finite, "repeat": same, "ok": ok}
+        )
+        if not ok:
+            ctx.log(f"[check] FAIL {impl} {name} {case} rel={err:.2e} finite={finite} bitwise-repeat={same}")
+
+    for name, cfg in MMA_ALL.items():
+        bm = cfg.bm
+        cases = [
+            (1, 4096, 4096, 128, torch.float16, 3, False),
+            (bm + 3, 1536, 1088, 64, torch.float16, 2, True),
+            (min(bm, 33), 8192, 8192, 128, torch.float16, None, False),
+            (5, 4096, 1024, 128, torch.bfloat16, 4, True),
+            (2 * bm + 1, 11008, 4096, 128, torch.float16, None, False),
+        ]
+        for m, k, n, g, dt, splits, bias in cases:
+            if k % cfg.bks:
+                continue
+            case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
+            record("quick", name, case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("quick", *a))
+    sm90_cfgs: dict = {}
+    for m in MS:
+        for cfg, _ in sm90_candidates(m):
+            sm90_cfgs[cfg] = None
+    for cfg in sm90_cfgs:
+        nt = cfg.nt
+        cases = [
+            (max(1, nt // 2 + 1), 4096, 4096, 128, torch.float16, 3, False),
+            (nt, 4160, 1088, 64, torch.float16, 7, True),
+            (max(1, nt - 3), 8192, 8192, 128, torch.float16, None, False),
+            (min(nt, 5), 2048, 512, 128, torch.bfloat16, 2, True),
+        ]
+        for m, k, n, g, dt, splits, bias in cases:
+            case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
+            record("quick_sm90", str(cfg), case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("sm90", *a))
+    ctx.res["check"] = {"failures": fails, "cases": len(rows), "rows": rows}
+    ctx.log(f"[check] {len(rows)} cases, {fails} failures")
+    ctx.save()
+    return fails
+
+
+def _problem(k: int, n: int, seed: int) -> dict:
+    """Random weights of one (K, N) in both layouts (drawn on the GPU: timing data only) and a dense fp16 copy."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, device="cuda", dtype=torch.uint8)
+    scales = ((torch.rand(k // GROUP, n, generator=gen, device="cuda") * 0.75 + 0.25) * 0.0025).half()
+    zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen, device="cuda", dtype=torch.uint8)
+    qw = QuantizedWeight(q, scales, zeros, GROUP)
+    return {
+        "quick": get_layout("quick").pack(qw),
+        "sm90": get_layout("quick_sm90").pack(qw),
+        "w16": (torch.randn(n, k, device="cuda", generator=gen) * 0.02).half(),
+    }
+
+
+def part_sweep(ctx: Ctx, kernels: tuple[str, ...]) -> None:
+    """Time every candidate of each kernel (plus its tuned automatic choice, and cuBLAS) per shape and M; shapes
+    outermost (K = N = 8192 first) so that a run cut short by the budget still has whole shapes."""
+    for k, n in SHAPES:
+        p = _problem(k, n, k + n)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            for which in kernels:
+                if ctx.left() < 25:
+                    ctx.log(f"[{which}] budget exhausted before K={k} N={n} M={m}")
+                    ctx.save()
+                    return
+                _sweep_cell(ctx, which, p, x, m, k, n)
+        del p
+        torch.cuda.empty_cache()
+        ctx.save()
+
+
+def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, n: int) -> None:
+    rows = ctx.res.setdefault(which, [])
+    if which == "mma":
+        w = p["quick"]
+        args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
+        cands = [("auto", None, lambda: quick_mma.quick_matmul(*args))]
+        for name, s in mma_candidates(m):
+            cfg = MMA_ALL[name]
+            if k % cfg.bks or (s is not None and s > k // cfg.bks):
+                continue
+            cands.append((name, s, lambda cfg=cfg, s=s: quick_mma.gemm(*args, config=cfg, splits=s)))
+        cands.append(("cublas_fp16", None, lambda: torch.nn.functional.linear(x, p["w16"])))
+    else:
+        w = p["sm90"]
+        args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
+        cands = [("auto", None, lambda: sm.gemm_w4a16_sm90(*args))]
+        for cfg, rounds in sm90_candidates(m):
+            s = sm.plan(m, n, k, ctx.sms, cfg, None, GROUP, rounds).splits
+            cands.append((str(cfg), s, lambda cfg=cfg, s=s: sm.gemm_w4a16_sm90(*args, None, cfg, s)))
+    seen = set()
+    best = (math.inf, "")
+    for name, s, fn in cands:
+        if (name, s) in seen:
+            continue
+        seen.add((name, s))
+        try:
+            us = do_bench_us(graphed(fn))
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"[{which}] {name} s={s} M={m} K={k} N={n}: {type(e).__name__}: {e}")
+            continue
+        rows.append({"M": m, "K": k, "N": n, "variant": name, "splits": s, "us": round(us, 2)})
+        if name not in ("auto", "cublas_fp16"):
+            best = min(best, (us, f"{name} s={s}"))
+    auto = next((r["us"] for r in rows if (r["M"], r["K"], r["N"], r["variant"]) == (m, k, n, "auto")), None)
+    ctx.log(f"[{which}] K={k} N={n} M={m}: auto {auto} us, best {best[0]:.2f} us ({best[1]})")
+
+
+def part_clean(ctx: Ctx, fl: Flushes) -> None:
+    """The tuned kernels, their best measured variants and cuBLAS under the memset flush and the clean (read)
+    flush: how much of each time is the write-back of the flush's dirty lines."""
+    rows = ctx.res.setdefault("clean", [])
+    for k, n in SHAPES[:2]:
+        p = _problem(k, n, 7)
+        for m in (1, 16, 64, 256):
+            if ctx.left() < 10:
+                break
+            _clean_cell(ctx, fl, p, torch.randn(m, k, device="cuda", dtype=torch.float16), rows)
+        del p
+        torch.cuda.empty_cache()
+    ctx.save()
+
+
+def _clean_cell(ctx: Ctx, fl: Flushes, p: dict, x: torch.Tensor, rows: list) -> None:
+    m, k = x.shape
+    wq, ws = p["quick"], p["sm90"]
+    n = wq["scales"].shape[1]
+    fns = {
+        "quick auto": lambda: quick_mma.quick_matmul(x, wq["qweight"], wq["scales"], wq["zeros"], GROUP),
+        "sm90 auto": lambda: sm.gemm_w4a16_sm90(x, ws["qweight"], ws["scales"], ws["zeros"], GROUP),
+        "cublas_fp16": lambda: torch.nn.functional.linear(x, p["w16"]),
+    }
+    for which in ("mma", "sm90"):
+        cand = [
+            r
+            for r in ctx.res.get(which, [])
+            if (r["M"], r["K"], r["N"]) == (m, k, n) and r["variant"] not in ("auto", "cublas_fp16")
+        ]
+        if not cand:
+            continue
+        b = min(cand, key=lambda r: r["us"])
+        label = f"{which} best {b['variant']} s={b['splits']}"
+        if which == "mma":
+            cfg = MMA_ALL[b["variant"]]
+            fns[label] = lambda cfg=cfg, s=b["splits"]: quick_mma.gemm(
+                x, wq["qweight"], wq["scales"], wq["zeros"], GROUP, config=cfg, splits=s
+            )
+        else:
+            cfg = next(c for c, _ in sm90_candidates(m) if str(c) == b["variant"])
+            fns[label] = lambda cfg=cfg, s=b["splits"]: sm.gemm_w4a16_sm90(
+                x, ws["qweight"], ws["scales"], ws["zeros"], GROUP, None, cfg, s
+            )
+    for name, fn in fns.items():
+        try:
+            g = graphed(fn)
+            row = {"impl": name, "M": m, "K": k, "N": n, "do_bench_us": round(do_bench_us(g), 2)}
+            for f in ("memset", "read"):
+                row[f] = round(bench_flush_us(g, fl.get(f)), 2)
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"[clean] {name} M={m}: {e!r}")
+            continue
+        rows.append(row)
+        ctx.log(f"[clean] {row}")
+
+
+def summary(ctx: Ctx) -> None:
+    ctx.log("\nsummary (us, do_bench median, memset flush): auto / best variant per kernel; cuBLAS fp16")
+    for k, n in SHAPES:
+        for m in MS:
+            cells = []
+            for which in ("mma", "sm90"):
+                rs = [r for r in ctx.res.get(which, []) if (r["M"], r["K"], r["N"]) == (m, k, n)]
+                auto = next((r["us"] for r in rs if r["variant"] == "auto"), None)
+                cand = [r for r in rs if r["variant"] not in ("auto", "cublas_fp16")]
+                b = min(cand, key=lambda r: r["us"]) if cand else None
+                desc = f"{b['us']} ({b['variant']} s={b['splits']})" if b else "-"
+                cells.append(f"{which} {auto} / {desc}")
+            key = (m, k, n, "cublas_fp16")
+            cub = next((r["us"] for r in ctx.res.get("mma", []) if (r["M"], r["K"], r["N"], r["variant"]) == key), None)
+            ctx.log(f"{k}x{n} M={m}: " + " | ".join(cells) + f" | cublas {cub}")
+    fl = ctx.res.get("floor", [])
+    for r in fl:
+        ctx.log(
+            f"floor {r['kernel']} {r.get('U', '')}/{r.get('blocks', '')}/{r.get('threads', '')} {r['K']}x{r['N']} "
+            f"{r['bytes'] / 1e6:.1f} MB: do_bench {r['do_bench_us']} memset {r['memset']} read {r['read']} "
+            f"memset+read {r['memset+read']} none {r['none']} us"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop timing new cells after this many seconds")
+    ap.add_argument("--parts", default="floor,check,mma,sm90,clean")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT") or "decode_out")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(out, args.budget_s)
+    props = torch.cuda.get_device_properties(0)
+    ctx.res["device"] = {"name": props.name, "sms": props.multi_processor_count, "torch": torch.__version__}
+    ctx.log(f"[decode_tune] {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+    parts = args.parts.split(",")
+    fails = 0
+    try:
+        build_all(ctx)
+        fl = Flushes()
+        if "floor" in parts:
+            part_floor(ctx, fl)
+        if "check" in parts:
+            fails = part_check(ctx)
+        kernels = tuple(w for w in ("mma", "sm90") if w in parts)
+        if kernels:
+            part_sweep(ctx, kernels)
+        if "clean" in parts and ctx.left() > 15:
+            part_clean(ctx, fl)
+    except Exception:  # noqa: BLE001 - keep what was measured, say what failed
+        ctx.log(traceback.format_exc())
+        fails += 1
+    ctx.save()
+    summary(ctx)
+    ctx.log(f"[decode_tune] done in {time.time() - ctx.t0:.0f} s; correctness failures: {fails}")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
