@@ -152,6 +152,113 @@ def register_optional_impls() -> list[str]:
     return added
 
 
+# --------------------------------------------------------------------------------------------------- W4A8
+
+W4A8_IMPLS = ("quick_w4a8_channel", "quick_w4a8_group")
+
+
+def _w4a8_packed(p: dict, group: int) -> dict:
+    """Random W4A8 weights (full int4 range, group scales 1..127) packed in layout ``w4a8`` on the GPU."""
+    key = ("w4a8", group)
+    if key not in p:
+        from quick.packing.layouts import pack_w4a8
+        from quick.quant.w4a8_format import W4A8Weight
+
+        k, n = p["k"], p["n"]
+        gen = torch.Generator(device="cuda").manual_seed(k + n + group)
+        q = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+        cs = torch.rand(n, generator=gen, device="cuda") * 1e-4 + 1e-5
+        gs = None if group < 0 else torch.randint(1, 128, (k // group, n), generator=gen, device="cuda")
+        p[key] = pack_w4a8(W4A8Weight(q, cs, None if gs is None else gs.to(torch.int16), group))
+    return p[key]
+
+
+def register_w4a8_impls() -> list[str]:
+    """Rows ``quick_w4a8_channel`` / ``quick_w4a8_group``: the whole W4A8 op (activation quantization + int8
+    mma.sync GEMM, + split-k reduce where used) on fp16 activations."""
+    try:
+        from quick.kernels import quick_w4a8 as w8
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] W4A8 not benchmarked: {type(e).__name__}: {e}")
+        return []
+
+    def make(group: int):
+        def f(p):
+            w, x = _w4a8_packed(p, group), _x(p, p["m"], torch.float16)
+            return lambda: w8.gemm_w4a8_cuda(x, w["qweight"], w["channel_scale"], w.get("group_scale"), group)
+
+        return f
+
+    common.register_impl(common.Impl("quick_w4a8_channel", "fp16", make(-1)))
+    common.register_impl(common.Impl("quick_w4a8_group", "fp16", make(128)))
+    return list(W4A8_IMPLS)
+
+
+# Candidate W4A8 configs timed by --sweep-w4a8 besides the shipped ones (compiled on the spot).
+EXTRA_W4A8: list = []
+
+
+def sweep_w4a8(log) -> list[dict]:
+    """Every W4A8 config x split-k x mode on the shapes that set quick_w4a8.TUNED (activation quant included)."""
+    from quick.kernels import jit
+    from quick.kernels import quick_w4a8 as w8
+
+    cfgs = [*w8.CONFIGS.values(), *EXTRA_W4A8]
+    arch = jit.arch_for_device()
+    jit.compile_many(
+        [(w8.GEMM_SOURCE, arch, c.defines(torch.float16, g)) for c in cfgs for g in w8.GROUPS]
+        + [(w8.ACTQ_SOURCE, arch, {})]
+    )
+    out = []
+    plan = [((8192, 8192), M_LIST), ((4096, 4096), [1, 16, 64, 256, 1024]), ((11008, 4096), [1, 16, 256])]
+    for (k, n), ms in plan:
+        p = make_problem(k, n, seed=1)
+        for group in w8.GROUPS:
+            w = _w4a8_packed(p, group)
+            args = (w["qweight"], w["channel_scale"], w.get("group_scale"), group)
+            for m in ms:
+                x = _x(p, m, torch.float16)
+                best = (float("inf"), "", 0)
+                for cfg in cfgs:
+                    if k % cfg.bks or (cfg.bm >= 64 and m <= 16) or (cfg.bm <= 32 and m >= 1024):
+                        continue
+                    for s in (1, 2, 4, 8):
+                        if s > k // cfg.bks:
+                            continue
+                        try:
+                            us = _timed(w8.gemm_w4a8_cuda, x, *args, config=cfg, splits=s)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"[sweep-w4a8] {cfg.name} s={s} M={m}: {type(e).__name__}: {e}")
+                            continue
+                        out.append(
+                            {
+                                "group": group,
+                                "config": cfg.name,
+                                "splits": s,
+                                "M": m,
+                                "K": k,
+                                "N": n,
+                                "us": round(us, 2),
+                            }
+                        )
+                        best = min(best, (us, cfg.name, s))
+                auto = _timed(w8.gemm_w4a8_cuda, x, *args)
+                xq = _timed(w8.quantize_activations_cuda, x)
+                out.append(
+                    {"group": group, "config": "auto", "splits": 0, "M": m, "K": k, "N": n, "us": round(auto, 2)}
+                )
+                out.append(
+                    {"group": group, "config": "actquant", "splits": 0, "M": m, "K": k, "N": n, "us": round(xq, 2)}
+                )
+                log(
+                    f"[sweep-w4a8] g={group} K={k} N={n} M={m}: best {best[1]} s={best[2]} {best[0]:.1f} us; "
+                    f"auto {auto:.1f} us; actquant {xq:.1f} us"
+                )
+        del p
+        torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- run
 
 
@@ -279,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", nargs="*", default=None)
     ap.add_argument("--sweep", action="store_true", help="also time every config x split-k (tuning data)")
     ap.add_argument("--no-grid", action="store_true", help="only the sweep")
+    ap.add_argument("--sweep-w4a8", action="store_true", help="also time every W4A8 config x split-k")
     args = ap.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     logf = open(args.outdir / "bench-log.txt", "a")
@@ -293,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     register_builtin_impls()
     extra = register_optional_impls()
+    extra += register_w4a8_impls()
     impls = args.impls or ["cublas_fp16", "cublas_bf16", "torch_int4", "quick", "quick_gemv", *extra]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else list(SHAPES.values())
     ceilings = common.measure_ceilings()
@@ -302,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sw = sweep(log)
             (args.outdir / f"sweep-{tag}.json").write_text(
+                json.dumps({**env, "ceilings": ceilings, "rows": sw}, indent=1)
+            )
+        except Exception:  # noqa: BLE001
+            log(traceback.format_exc())
+    if args.sweep_w4a8:
+        try:
+            sw = sweep_w4a8(log)
+            (args.outdir / f"sweep-w4a8-{tag}.json").write_text(
                 json.dumps({**env, "ceilings": ceilings, "rows": sw}, indent=1)
             )
         except Exception:  # noqa: BLE001

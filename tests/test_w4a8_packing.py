@@ -122,3 +122,47 @@ def test_conversion_range_is_exact():
     b1 = _as_int8_bytes(np.array([word & np.uint32(0xF0F0F0F0)], dtype=np.uint32))[0]
     assert list(b0) == [16 * int(c) for c in codes[0:8:2]]
     assert list(b1) == [16 * int(c) for c in codes[1:8:2]]
+
+
+# ----------------------------------------------------------------------------- op / launcher, CPU side
+
+
+def test_linear_w4a8_cpu_is_reference_and_opcheck():
+    """On CPU the op is the float64 reference rounded to x's dtype; opcheck validates schema and fake impl."""
+    from quick.kernels import quick_w4a8 as w8
+    from quick.quant.w4a8_format import w4a8_reference
+
+    for group in (-1, 128):
+        w = random_w4a8(256, 128, group, seed=11)
+        packed = pack_w4a8(w)
+        x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+        bias = torch.randn(128, dtype=torch.bfloat16)
+        y = torch.ops.quick.gemm_w4a8(
+            x, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group, bias
+        )
+        ref = w4a8_reference(x.reshape(6, 256), w, bias).to(torch.bfloat16).reshape(2, 3, 128)
+        assert y.shape == (2, 3, 128) and torch.equal(y, ref)
+        assert torch.equal(w8.linear_w4a8(x.reshape(6, 256), packed, group, bias), ref.reshape(6, 128))
+        torch.library.opcheck(
+            torch.ops.quick.gemm_w4a8.default,
+            (x, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group, bias),
+        )
+    with pytest.raises(ValueError, match="multiples of 128"):
+        w8.validate(torch.zeros(2, 96, dtype=torch.float16), packed["qweight"][:3], packed["channel_scale"], None, -1)
+
+
+def test_plan_covers_every_m_and_k():
+    """Pure launch arithmetic: every M of the test list and K % 128 == 0 gets a config whose stage divides K,
+    a non-empty split each, and a grid that covers M and N."""
+    from quick.kernels import quick_w4a8 as w8
+
+    for group in (-1, 128):
+        for m in (1, 7, 16, 17, 33, 255, 256, 1000, 4096):
+            for k, n in ((128, 128), (384, 640), (4096, 11008), (11008, 4096), (8192, 8192)):
+                p = w8.plan(m, n, k, group, 132)
+                cfg = p.config
+                assert k % cfg.bks == 0
+                assert p.grid[0] * cfg.bn >= n and p.grid[1] * cfg.bm >= m
+                assert (p.splits - 1) * p.tiles_per_split < k // cfg.bks <= p.splits * p.tiles_per_split
+                assert cfg.smem_bytes <= 163 * 1024
+                assert any(v[1] == cfg.defines(torch.float16, group) for v in w8.VARIANTS), (cfg.name, group)

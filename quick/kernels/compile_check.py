@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 from quick.kernels import jit
 
-MODULES = ("quick.kernels.quick_mma", "quick.kernels.quick_sm90", "quick.kernels.quick_w4a8_sm90")
+MODULES = (
+    "quick.kernels.quick_mma",
+    "quick.kernels.quick_sm90",
+    "quick.kernels.quick_w4a8",
+    "quick.kernels.quick_w4a8_sm90",
+)
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
 
 

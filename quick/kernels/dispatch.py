@@ -20,7 +20,7 @@ import torch
 KernelFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
 Available = Callable[[torch.Tensor], bool]
 
-OPTIONAL_MODULES = ("quick.kernels.quick_sm90", "quick.kernels.quick_w4a8_sm90")
+OPTIONAL_MODULES = ("quick.kernels.quick_sm90", "quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+// quick_actquant.cu: per-token symmetric int8 quantization of the activations for the W4A8 kernels.
+//
+// x [M, K] fp16/bf16 -> x_q int8 [M, K], s_x fp32 [M], bit for bit what quick.quant.w4a8_format.
+// quantize_activations() computes in fp32 on a CUDA tensor: amax = max|x|; inv = 127 / amax (0 if amax == 0),
+// which torch evaluates as reciprocal(amax) * 127 (two IEEE roundings, on CPU and CUDA alike);
+// x_q = clamp(rint(x * inv), -127, 127) (round half to even); s_x = amax / 127, which torch on CUDA evaluates
+// as amax * fl(1/127) (on CPU it divides: s_x can differ from the CPU's by one ulp, x_q cannot). Explicit
+// rn operations, no contraction, so the result does not depend on the schedule. One CTA per row; a thread keeps up to VPT 16-byte pieces of its row in registers between
+// the max pass and the quantization pass (K <= 8 * THREADS * VPT never re-reads global memory).
+//
+// Entry points: quick_actquant_f16, quick_actquant_bf16 (x, x_q, s_x, M, K); K % 8 == 0, 16-byte aligned rows.
+#include "quick_common.cuh"
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int VPT = 4;
+
+template <int DT>
+__device__ __forceinline__ void to_float8(const uint4& v, float f[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = quick::unpack2<DT>(quick::u4_get(v, i));
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+__device__ __forceinline__ uint32_t quant4(const float* f, float inv) {
+  uint32_t r = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int q = __float2int_rn(__fmul_rn(f[i], inv));  // rint: round half to even
+    q = max(-127, min(127, q));
+    r |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * i);
+  }
+  return r;
+}
+
+template <int DT>
+__device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __restrict__ xq, float* __restrict__ sx,
+                                         int K) {
+  __shared__ float red[THREADS / 32];
+  const int row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int nvec = K / 8;
+  const uint4* xr = reinterpret_cast<const uint4*>(static_cast<const char*>(xp) + static_cast<size_t>(row) * K * 2);
+  uint2* qr = reinterpret_cast<uint2*>(xq + static_cast<size_t>(row) * K);
+
+  uint4 cache[VPT];
+  float amax = 0.f;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int i = tid + v * THREADS;
+    cache[v] = make_uint4(0, 0, 0, 0);
+    if (i < nvec) cache[v] = quick::ldg128(xr + i);
+  }
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    float f[8];
+    to_float8<DT>(cache[v], f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
+  }
+  for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
+    float f[8];
+    to_float8<DT>(quick::ldg128(xr + i), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if ((tid & 31) == 0) red[tid >> 5] = amax;
+  __syncthreads();
+  amax = red[0];
+#pragma unroll
+  for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, red[w]);
+
+  const float inv = amax > 0.f ? __fmul_rn(__frcp_rn(amax), 127.f) : 0.f;
+#pragma unroll
+  for (int v = 0; v < VPT; ++v) {
+    const int i = tid + v * THREADS;
+    if (i < nvec) {
+      float f[8];
+      to_float8<DT>(cache[v], f);
+      qr[i] = make_uint2(quant4(f, inv), quant4(f + 4, inv));
+    }
+  }
+  for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
+    float f[8];
+    to_float8<DT>(quick::ldg128(xr + i), f);
+    qr[i] = make_uint2(quant4(f, inv), quant4(f + 4, inv));
+  }
+  if (tid == 0) sx[row] = __fmul_rn(amax, 1.0f / 127.0f);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS) quick_actquant_f16(const void* __restrict__ x,
+                                                                         int8_t* __restrict__ xq,
+                                                                         float* __restrict__ sx, int M, int K) {
+  if (static_cast<int>(blockIdx.x) < M) actquant<0>(x, xq, sx, K);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) quick_actquant_bf16(const void* __restrict__ x,
+                                                                          int8_t* __restrict__ xq,
+                                                                          float* __restrict__ sx, int M, int K) {
+  if (static_cast<int>(blockIdx.x) < M) actquant<1>(x, xq, sx, K);
+}

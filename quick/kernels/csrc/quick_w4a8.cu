@@ -1,0 +1,411 @@
+// quick_w4a8.cu: the W4A8 GEMM on the int8 tensor cores (sm_80+), mma.sync.m16n8k32.s32.s8.s8.s32.
+//
+//   out[m, n] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] * s_g[k / 128, n]  (+ bias[n])
+//
+// x_q/s_x come from quick_actquant.cu; the weights are packed in layout `w4a8` (quick/packing/layouts.py):
+// blocks of k32 x n32, one 16-byte load per lane = the B registers of 4 n8k32 tiles. Each int32 word of
+// 8 nibbles (4-bit two's complement) becomes the two B registers of one tile with shift + mask:
+// b0 = (w << 4) & 0xF0F0F0F0, b1 = w & 0xF0F0F0F0, every byte = 16 * q (exact). The int32 sums are
+// therefore 16x the true sums and are divided by 16 with an exact arithmetic shift.
+//
+// The weights never touch shared memory: each warp streams its blocks from global memory into a register
+// ring PF stages ahead. Activations (int8) go through a STAGES-deep cp.async pipeline; A fragments come from
+// ldmatrix.x4 (an m16 x k32 int8 tile is an m16 x k16 b16 tile; rows padded by 16 bytes: no bank conflicts).
+//
+// Per-group (QW_GROUP = 128): the mma accumulates into a per-run partial `part`; at the end of every run of
+// steps inside one group the partial is shifted (/16) and multiplied by the integer group scale into the
+// int32 total (exact integer arithmetic: scaling any sub-sum of a group by s_g is the same as scaling the
+// group's sum). Per-channel (QW_GROUP = 0): one accumulator, shifted once at the end.
+//
+// CTA = WARPS_M x WARPS_N x WARPS_K warps. A warp owns WM = BM / WARPS_M rows, NB n32 blocks and SW k32
+// steps of every stage (a stage = BKS = 32 * SW * WARPS_K columns of K). k-slices are added in shared memory
+// (int32: exact, order-free); split-k CTAs (gridDim.z > 1) write int32 partials that quick_w4a8_reduce sums.
+// All of it is integer until the epilogue, whose float formula is the same in both kernels
+// (((float)v * s_x) * s_ch + bias, explicit rn operations): split and unsplit results agree bit for bit.
+//
+// Compile-time configuration (-D): QW_DTYPE (0 fp16, 1 bf16 output), QW_GROUP (0 or 128), QW_BM, QW_WM,
+// QW_WN, QW_WK, QW_NB, QW_SW, QW_STAGES, QW_PF, QW_MINB. Shared memory: quick_w4a8.py:W4A8Config.smem_bytes.
+#include "quick_common.cuh"
+
+#ifndef QW_DTYPE
+#define QW_DTYPE 0
+#endif
+#ifndef QW_GROUP
+#define QW_GROUP 0
+#endif
+#ifndef QW_BM
+#define QW_BM 16
+#endif
+#ifndef QW_WM
+#define QW_WM 1
+#endif
+#ifndef QW_WN
+#define QW_WN 1
+#endif
+#ifndef QW_WK
+#define QW_WK 4
+#endif
+#ifndef QW_NB
+#define QW_NB 2
+#endif
+#ifndef QW_SW
+#define QW_SW 4
+#endif
+#ifndef QW_STAGES
+#define QW_STAGES 3
+#endif
+#ifndef QW_PF
+#define QW_PF 2
+#endif
+#ifndef QW_MINB
+#define QW_MINB 1
+#endif
+
+namespace {
+
+constexpr int DT = QW_DTYPE;
+constexpr int GROUP = QW_GROUP;
+constexpr int BM = QW_BM, WARPS_M = QW_WM, WARPS_N = QW_WN, WARPS_K = QW_WK;
+constexpr int NB = QW_NB, SW = QW_SW, STAGES = QW_STAGES, PF = QW_PF;
+constexpr int NWARPS = WARPS_M * WARPS_N * WARPS_K;
+constexpr int THREADS = 32 * NWARPS;
+constexpr int WM = BM / WARPS_M;
+constexpr int MT = WM / 16;
+constexpr int BN = 32 * NB * WARPS_N;
+constexpr int BKS = 32 * SW * WARPS_K;  // bytes = columns of K per stage
+constexpr int A_STRIDE = BKS + 16;      // bytes; +16 per row: ldmatrix rows fall in distinct banks
+constexpr int A_STAGE_BYTES = BM * A_STRIDE;
+constexpr int A_CHUNKS = BM * BKS / 16;  // 16-byte pieces of one A stage
+// Per-group: a run of RUN k32 steps of one warp lies inside one group; NRUN runs per stage and warp.
+constexpr int RUN = GROUP ? (SW < GROUP / 32 ? SW : GROUP / 32) : SW;
+constexpr int NRUN = SW / RUN;
+
+static_assert(MT >= 1 && WM % 16 == 0, "BM / WARPS_M must be a multiple of 16");
+static_assert(STAGES >= 2, "need at least two pipeline stages");
+static_assert(A_STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
+static_assert(GROUP == 0 || (GROUP % 32 == 0 && (SW % RUN == 0) && ((GROUP / 32) % RUN == 0)),
+              "per-group: a warp's k32 runs must tile the group");
+
+__device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d = a * b (+ 0): the first step of a per-group run starts from zero without zeroing registers.
+__device__ __forceinline__ void mma_s8_zero(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+
+// One int32 word of 8 int4 -> the two int8 B registers of one n8k32 tile (bytes = 16 * q).
+__device__ __forceinline__ void int4_to_int8x16(uint32_t w, uint32_t& b0, uint32_t& b1) {
+  b0 = (w << 4) & 0xF0F0F0F0u;
+  b1 = w & 0xF0F0F0F0u;
+}
+
+// The float epilogue shared by both kernels (explicit rounding steps, no contraction).
+__device__ __forceinline__ float w4a8_scale(int v, float sx, float sch, float b) {
+  return __fadd_rn(__fmul_rn(__fmul_rn(static_cast<float>(v), sx), sch), b);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
+    const int8_t* __restrict__ xq, const float* __restrict__ sx, const uint4* __restrict__ qweight,
+    const float* __restrict__ chscale, const int8_t* __restrict__ gscale, const void* __restrict__ bias,
+    void* __restrict__ out, int* __restrict__ ws, int M, int N, int K, int tiles_per_split) {
+  using namespace quick;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp % WARPS_M;
+  const int wn = (warp / WARPS_M) % WARPS_N;
+  const int wk = warp / (WARPS_M * WARPS_N);
+
+  const int n0 = blockIdx.x * BN;
+  const int m0 = blockIdx.y * BM;
+  const int total_tiles = K / BKS;
+  const int tile_begin = blockIdx.z * tiles_per_split;
+  const int ntiles = min(tiles_per_split, total_tiles - tile_begin);
+
+  const uint32_t smem_base = smem_u32(smem);
+
+  // ---- cp.async producer: A tile [BM x BKS] int8 of one stage
+  auto load_stage = [&](int slot, int tile) {
+    const int k0 = (tile_begin + tile) * BKS;
+    const uint32_t sa = smem_base + slot * A_STAGE_BYTES;
+#pragma unroll
+    for (int i = tid; i < A_CHUNKS; i += THREADS) {
+      const int row = i / (BKS / 16);
+      const int c = i % (BKS / 16);
+      const int m = m0 + row;
+      const bool ok = m < M;
+      const int8_t* src = xq + (static_cast<size_t>(ok ? m : 0) * K + k0 + c * 16);
+      cp_async16(sa + row * A_STRIDE + c * 16, src, ok);
+    }
+  };
+
+  // ---- per-warp weight stream: qweight uint4 index of (k32 step, n32 block, lane) = step * N + block * 32 + lane
+  int nblk[NB];
+  bool nvalid[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    nblk[nb] = n0 / 32 + wn * NB + nb;
+    nvalid[nb] = nblk[nb] < N / 32;
+  }
+  auto wptr = [&](int tile, int j, int nb) {
+    const int step = (tile_begin + tile) * (BKS / 32) + wk * SW + j;
+    return qweight + (static_cast<size_t>(step) * N + nblk[nb] * 32 + lane);
+  };
+  // group-scale bytes of (tile, run r, block nb): 8 columns of this lane, one 8-byte load
+  auto gptr = [&](int tile, int r, int nb) {
+    const int k = (tile_begin + tile) * BKS + (wk * SW + r * RUN) * 32;
+    const int g = GROUP ? k / (GROUP ? GROUP : 1) : 0;
+    return reinterpret_cast<const uint2*>(gscale + static_cast<size_t>(g) * N + nblk[nb] * 32 + 8 * (lane & 3));
+  };
+
+  uint4 wring[PF][SW][NB];
+  uint2 sring[PF][GROUP ? NRUN : 1][NB];
+  int acc[MT][NB][4][4];
+  int part[MT][NB][4][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] = 0;
+
+  auto fetch = [&](int p, int tile) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      if (!nvalid[nb]) continue;
+#pragma unroll
+      for (int j = 0; j < SW; ++j) wring[p][j][nb] = ldg_stream128(wptr(tile, j, nb));
+      if constexpr (GROUP != 0) {
+#pragma unroll
+        for (int r = 0; r < NRUN; ++r) sring[p][r][nb] = *gptr(tile, r, nb);
+      }
+    }
+  };
+
+  // ---- prologue: weights for the first PF stages, activations for the first STAGES - 1
+#pragma unroll
+  for (int p = 0; p < PF; ++p) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+      for (int j = 0; j < SW; ++j) wring[p][j][nb] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int r = 0; r < (GROUP ? NRUN : 1); ++r) sring[p][r][nb] = make_uint2(0, 0);
+    }
+    if (p < ntiles) fetch(p, p);
+  }
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  // ---- main loop, unrolled by PF so that every ring slot has a compile-time index
+  const int a_row = wm * WM + (lane & 15);
+  const int a_col = (lane >> 4) * 16;
+  for (int t0 = 0; t0 < ntiles; t0 += PF) {
+#pragma unroll
+    for (int p = 0; p < PF; ++p) {
+      const int tile = t0 + p;
+      if (tile < ntiles) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+          const int tn = tile + STAGES - 1;
+          if (tn < ntiles) load_stage(tn % STAGES, tn);
+          cp_async_commit();
+        }
+        const uint32_t sa = smem_base + (tile % STAGES) * A_STAGE_BYTES;
+#pragma unroll
+        for (int j = 0; j < SW; ++j) {
+          const int kl = (wk * SW + j) * 32;
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sa + (a_row + mt * 16) * A_STRIDE + kl + a_col);
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb) {
+            const uint4 wv = wring[p][j][nb];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              uint32_t b0, b1;
+              int4_to_int8x16(u4_get(wv, t), b0, b1);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (GROUP != 0) {
+                  if (j % RUN == 0) {
+                    mma_s8_zero(part[mt][nb][t], a[mt], b0, b1);
+                  } else {
+                    mma_s8(part[mt][nb][t], a[mt], b0, b1);
+                  }
+                } else {
+                  mma_s8(acc[mt][nb][t], a[mt], b0, b1);
+                }
+              }
+            }
+          }
+          if constexpr (GROUP != 0) {
+            if ((j + 1) % RUN == 0) {
+              const int r = j / RUN;
+#pragma unroll
+              for (int nb = 0; nb < NB; ++nb) {
+                const uint2 sv = sring[p][r][nb];
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                  const uint32_t word = t < 2 ? sv.x : sv.y;
+                  const int s0 = static_cast<int>((word >> (16 * (t & 1))) & 0xFFu);
+                  const int s1 = static_cast<int>((word >> (16 * (t & 1) + 8)) & 0xFFu);
+#pragma unroll
+                  for (int mt = 0; mt < MT; ++mt) {
+                    acc[mt][nb][t][0] += (part[mt][nb][t][0] >> 4) * s0;
+                    acc[mt][nb][t][1] += (part[mt][nb][t][1] >> 4) * s1;
+                    acc[mt][nb][t][2] += (part[mt][nb][t][2] >> 4) * s0;
+                    acc[mt][nb][t][3] += (part[mt][nb][t][3] >> 4) * s1;
+                  }
+                }
+              }
+            }
+          }
+        }
+        if (tile + PF < ntiles) fetch(p, tile + PF);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if constexpr (GROUP == 0) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] >>= 4;  // exact: every product was 16 * x * q
+  }
+
+  // ---- add the WARPS_K k-slices (int32: exact in any order)
+  if constexpr (WARPS_K > 1) {
+    int4* red = reinterpret_cast<int4*>(smem);
+    const int widx = wm + WARPS_M * wn;
+#pragma unroll 1
+    for (int r = 1; r < WARPS_K; ++r) {
+      __syncthreads();
+      if (wk == r) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              const int idx = (((widx * MT + mt) * NB + nb) * 4 + t) * 32 + lane;
+              red[idx] = make_int4(acc[mt][nb][t][0], acc[mt][nb][t][1], acc[mt][nb][t][2], acc[mt][nb][t][3]);
+            }
+      }
+      __syncthreads();
+      if (wk == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              const int idx = (((widx * MT + mt) * NB + nb) * 4 + t) * 32 + lane;
+              const int4 v = red[idx];
+              acc[mt][nb][t][0] += v.x;
+              acc[mt][nb][t][1] += v.y;
+              acc[mt][nb][t][2] += v.z;
+              acc[mt][nb][t][3] += v.w;
+            }
+      }
+    }
+  }
+  if (wk != 0) return;
+
+  // ---- epilogue: scales (+ bias) straight from the accumulators, or int32 partials for split-k
+  const bool split = gridDim.z > 1;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    if (!nvalid[nb]) continue;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int col = nblk[nb] * 32 + t * 8 + 2 * (lane & 3);
+      float2 bv = make_float2(0.f, 0.f);
+      float2 cs = make_float2(0.f, 0.f);
+      if (!split) {
+        cs = *reinterpret_cast<const float2*>(chscale + col);
+        if (bias != nullptr)
+          bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
+          if (row >= M) continue;
+          const int v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
+          if (split) {
+            const size_t o = (static_cast<size_t>(blockIdx.z) * M + row) * N + col;
+            *reinterpret_cast<int2*>(ws + o) = make_int2(v0, v1);
+          } else {
+            const float s = sx[row];
+            const size_t o = static_cast<size_t>(row) * N + col;
+            *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
+                pack2<DT>(w4a8_scale(v0, s, cs.x, bv.x), w4a8_scale(v1, s, cs.y, bv.y));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Split-k: sum the int32 partials ws[z][M][N] (exact), then the same float epilogue as the GEMM.
+extern "C" __global__ void __launch_bounds__(256) quick_w4a8_reduce(const int* __restrict__ ws,
+                                                                    const float* __restrict__ sx,
+                                                                    const float* __restrict__ chscale,
+                                                                    const void* __restrict__ bias,
+                                                                    void* __restrict__ out, int M, int N, int splits) {
+  using namespace quick;
+  const size_t total4 = static_cast<size_t>(M) * N / 4;  // N % 32 == 0
+  const size_t mn = static_cast<size_t>(M) * N;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total4;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    int4 acc = reinterpret_cast<const int4*>(ws)[i];
+    for (int z = 1; z < splits; ++z) {
+      const int4 v = reinterpret_cast<const int4*>(ws + z * mn)[i];
+      acc.x += v.x;
+      acc.y += v.y;
+      acc.z += v.z;
+      acc.w += v.w;
+    }
+    const int row = static_cast<int>((i * 4) / N);
+    const int col = static_cast<int>((i * 4) % N);
+    const float s = sx[row];
+    const float4 cs = *reinterpret_cast<const float4*>(chscale + col);
+    float2 b01 = make_float2(0.f, 0.f), b23 = make_float2(0.f, 0.f);
+    if (bias != nullptr) {
+      const uint2 b = *reinterpret_cast<const uint2*>(static_cast<const char*>(bias) + col * 2);
+      b01 = unpack2<DT>(b.x);
+      b23 = unpack2<DT>(b.y);
+    }
+    uint2 o;
+    o.x = pack2<DT>(w4a8_scale(acc.x, s, cs.x, b01.x), w4a8_scale(acc.y, s, cs.y, b01.y));
+    o.y = pack2<DT>(w4a8_scale(acc.z, s, cs.z, b23.x), w4a8_scale(acc.w, s, cs.w, b23.y));
+    reinterpret_cast<uint2*>(out)[i] = o;
+  }
+}

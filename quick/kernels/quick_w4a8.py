@@ -1,0 +1,506 @@
+"""W4A8 on the int8 tensor cores (sm_80+): activation quantization + ``mma.sync.m16n8k32`` GEMM, layout ``w4a8``.
+
+``linear_w4a8(x2d, packed, group_size, bias=None)`` computes the W4A8 product of :mod:`quick.quant.w4a8_format`
+(``y = s_x[m] * s_ch[n] * sum_k x_q * q * s_g (+ bias)``, output in x's dtype) for weights packed by
+:func:`quick.packing.layouts.pack_w4a8`. Two launches: ``quick_actquant_*`` (``csrc/quick_actquant.cu``;
+x -> int8 x_q + fp32 s_x, bit-exact with ``quantize_activations``) and ``quick_w4a8_gemm`` (``csrc/quick_w4a8.cu``),
+plus ``quick_w4a8_reduce`` when split-k pays (small M). Everything before the float epilogue is exact integer
+arithmetic, so results are bitwise reproducible and independent of the split.
+
+The activation quantization is public (:func:`quantize_activations_cuda`, op ``quick::quantize_act_w4a8``): the
+Hopper W4A8 kernel (layout ``w4a8_sm90``) reuses it. Ops: ``quick::gemm_w4a8`` (whole product, fake impl for
+torch.compile). CPU tensors take the float64 reference (:func:`quick.quant.w4a8_format.w4a8_reference`).
+
+``VARIANTS`` lists every (source, defines, archs) this module can launch (``python -m quick.kernels.compile_check``).
+"""
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from quick.kernels import jit
+from quick.kernels.quick_mma import _FastLaunch, capability, num_sms
+from quick.quant.primitives import SUPPORTED_DTYPES
+
+GEMM_SOURCE = "quick_w4a8.cu"
+ACTQ_SOURCE = "quick_actquant.cu"
+ARCHS = ("sm_80", "sm_90a")
+LAYOUT = "w4a8"
+GROUPS = (-1, 128)
+SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+
+class W4A8Error(ValueError):
+    """Inputs the W4A8 kernels cannot take; the message says which and why."""
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return 0 if dtype == torch.float16 else 1
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class W4A8Config:
+    """One compiled GEMM variant: ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows,
+    ``nb`` n32 blocks and ``sw`` k32 steps of every stage (a stage spans ``bks = 32 * sw * warps_k`` columns of
+    K); ``stages`` cp.async stages of int8 activations; ``pf`` stages of weights prefetched into registers."""
+
+    name: str
+    bm: int
+    warps_m: int
+    warps_n: int
+    warps_k: int
+    nb: int
+    sw: int
+    stages: int
+    pf: int
+    minb: int = 1
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n * self.warps_k
+
+    @property
+    def bn(self) -> int:
+        return 32 * self.nb * self.warps_n
+
+    @property
+    def bks(self) -> int:
+        return 32 * self.sw * self.warps_k
+
+    @property
+    def smem_bytes(self) -> int:
+        """STAGES x (BM rows of BKS int8 + 16 bytes padding), or the k-slice reduction buffer if larger."""
+        stages = self.stages * self.bm * (self.bks + 16)
+        red = 0
+        if self.warps_k > 1:
+            red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 4 * 32 * 16
+        return max(stages, red)
+
+    def defines(self, dtype: torch.dtype, group: int) -> dict[str, int]:
+        return {
+            "QW_DTYPE": dtype_code(dtype),
+            "QW_GROUP": max(group, 0),
+            "QW_BM": self.bm,
+            "QW_WM": self.warps_m,
+            "QW_WN": self.warps_n,
+            "QW_WK": self.warps_k,
+            "QW_NB": self.nb,
+            "QW_SW": self.sw,
+            "QW_STAGES": self.stages,
+            "QW_PF": self.pf,
+            "QW_MINB": self.minb,
+        }
+
+
+CONFIGS: dict[str, W4A8Config] = {
+    c.name: c
+    for c in (
+        # small M: one m16 tile per warp, 4 warps split K inside the CTA, weights PF stages ahead
+        W4A8Config("m16n2k4", 16, 1, 2, 4, 2, 2, 3, 2),
+        W4A8Config("m16k4", 16, 1, 1, 4, 2, 1, 4, 4),  # stage of 128: any K % 128 == 0
+        W4A8Config("m32n2k4", 32, 1, 2, 4, 2, 2, 3, 2),
+        # medium / large M: 64 rows per warp (4 m16 tiles) so that the int4 -> int8 conversion is amortized
+        W4A8Config("m64n4", 64, 1, 4, 1, 2, 4, 4, 1),
+        W4A8Config("m64n4g", 64, 1, 4, 1, 1, 4, 4, 1),  # per-group: partial + total accumulators
+        W4A8Config("m128n4", 128, 2, 4, 1, 2, 4, 4, 1),
+        W4A8Config("m128n4g", 128, 2, 4, 1, 1, 4, 4, 1),
+    )
+}
+
+# (largest M of the bucket, per-channel configs, per-group configs), in order of preference; the first whose
+# stage divides K is used, the last of each list has a stage of 128 (any valid K). Not yet tuned on a GPU.
+TUNED: list[tuple[int, tuple[str, ...], tuple[str, ...]]] = [
+    (16, ("m16n2k4", "m16k4"), ("m16n2k4", "m16k4")),
+    (32, ("m32n2k4", "m16k4"), ("m32n2k4", "m16k4")),
+    (256, ("m64n4",), ("m64n4g",)),
+    (1 << 62, ("m128n4",), ("m128n4g",)),
+]
+
+
+def _all_variants() -> list[tuple[str, dict[str, int], tuple[str, ...]]]:
+    out: list[tuple[str, dict[str, int], tuple[str, ...]]] = []
+    pc_names = {c for _, pc, _ in TUNED for c in pc}
+    pg_names = {c for _, _, pg in TUNED for c in pg}
+    used = pc_names | pg_names
+    for dt in SUPPORTED_DTYPES:
+        for name in sorted(used):
+            cfg = CONFIGS[name]
+            for g in GROUPS:
+                if name not in (pg_names if g > 0 else pc_names):
+                    continue  # only the (config, mode) pairs the tuned table can pick
+                out.append((GEMM_SOURCE, cfg.defines(dt, g), ARCHS))
+    out.append((ACTQ_SOURCE, {}, ARCHS))
+    return out
+
+
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise W4A8Error(f"{name} is on {t.device} but x is on {device}: all tensors must be on one CUDA device")
+    if not t.is_contiguous():
+        raise W4A8Error(f"{name} must be contiguous (got strides {tuple(t.stride())}); call .contiguous()")
+    if t.numel() and t.data_ptr() % 16:
+        raise W4A8Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
+
+
+def validate(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    need_cuda: bool = True,
+) -> tuple[int, int, int]:
+    """Check every assumption of the kernels; returns ``(M, K, N)``. Works on meta/fake tensors when
+    ``need_cuda`` is False. Raises ``TypeError`` (types, dtypes) or :class:`W4A8Error` (a ValueError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise W4A8Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
+        raise TypeError(f"qweight must be int32 (layout 'w4a8'), got {getattr(qweight, 'dtype', type(qweight))}")
+    if not isinstance(channel_scale, torch.Tensor) or channel_scale.dtype != torch.float32:
+        raise TypeError(f"channel_scale must be float32, got {getattr(channel_scale, 'dtype', type(channel_scale))}")
+    if group_size not in GROUPS:
+        raise W4A8Error(f"group_size must be one of {GROUPS} (-1 = per-channel), got {group_size}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
+        raise TypeError(f"bias must have x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    m, k = x.shape
+    if qweight.dim() != 2 or qweight.shape[1] % 4:
+        raise W4A8Error(f"qweight must be 2-D [K/32, 4N] (layout 'w4a8'), got shape {tuple(qweight.shape)}")
+    n = qweight.shape[1] // 4
+    if k % 128 or n % 128:
+        raise W4A8Error(f"the W4A8 kernels need K and N multiples of 128, got K={k}, N={n}")
+    if qweight.shape[0] * 32 != k:
+        raise W4A8Error(f"qweight has {qweight.shape[0]} k32 rows, x has K={k} (expected {k // 32} rows)")
+    if tuple(channel_scale.shape) != (n,):
+        raise W4A8Error(f"channel_scale must have shape [{n}], got {tuple(channel_scale.shape)}")
+    if group_size > 0:
+        if not isinstance(group_scale, torch.Tensor) or group_scale.dtype != torch.int8:
+            raise TypeError(
+                f"group_size={group_size} needs group_scale int8 [K/G, N] (layout 'w4a8'), "
+                f"got {getattr(group_scale, 'dtype', type(group_scale).__name__)}"
+            )
+        if tuple(group_scale.shape) != (k // group_size, n):
+            raise W4A8Error(f"group_scale has shape {tuple(group_scale.shape)}, expected {(k // group_size, n)}")
+    elif group_scale is not None:
+        raise W4A8Error("per-channel W4A8 (group_size=-1) takes no group_scale")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise W4A8Error(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    if need_cuda:
+        if x.device.type != "cuda":
+            raise W4A8Error(f"x is on {x.device}: the W4A8 kernels run on CUDA tensors (use linear_w4a8 on CPU)")
+        if capability(x.device)[0] < 8:
+            raise W4A8Error("the W4A8 kernels need an sm_80+ GPU (int8 mma.sync.m16n8k32)")
+        for name, t in (
+            ("x", x),
+            ("qweight", qweight),
+            ("channel_scale", channel_scale),
+            ("group_scale", group_scale),
+            ("bias", bias),
+        ):
+            if t is not None:
+                _check_tensor(name, t, x.device)
+    return m, k, n
+
+
+# ------------------------------------------------------------------------------------------- launch plans
+
+
+@dataclass(frozen=True)
+class W4A8Plan:
+    config: W4A8Config
+    splits: int
+    tiles_per_split: int
+    grid: tuple[int, int, int]
+
+
+# Rough H100 rates for the split-k model (ratios matter): DRAM bytes/s, int8 mma.sync ops/s, reduce launch cost.
+_BW, _MMA_RATE, _REDUCE_US = 3.0e12, 5.0e14, 3.0
+
+
+def _ctas_per_sm(cfg: W4A8Config) -> int:
+    regs = 256 if cfg.minb <= 1 else 65536 // (cfg.threads * cfg.minb)
+    return max(1, min(65536 // (cfg.threads * regs), (227 * 1024) // max(cfg.smem_bytes, 1)))
+
+
+def choose_splits(cfg: W4A8Config, m: int, n: int, k: int, sms: int, max_splits: int = 16) -> int:
+    """Split-k minimising the main kernel's floor (weight bytes or MMA time) over the fraction of SMs / CTA slots
+    its grid fills, plus the int32 partials' traffic and the reduce launch (same model as the W4A16 GEMM)."""
+    ctas = math.ceil(n / cfg.bn) * math.ceil(m / cfg.bm)
+    slots = sms * _ctas_per_sm(cfg)
+    if ctas >= slots:
+        return 1
+    tiles = k // cfg.bks
+    mem_us = 1e6 * k * n / 2 / _BW
+    mma_us = 1e6 * 2.0 * m * n * k / _MMA_RATE
+    best, best_t = 1, math.inf
+    for s in range(1, min(max_splits, tiles) + 1):
+        total = ctas * s
+        waves = math.ceil(total / slots)
+        busy_sms = min(1.0, total / (waves * sms))
+        busy_slots = total / (waves * slots)
+        t = max(mem_us / busy_sms, mma_us / busy_slots)
+        if s > 1:
+            t += 1e6 * 8.0 * m * n * s / _BW + _REDUCE_US
+        if t < best_t * 0.97:
+            best, best_t = s, t
+    return best
+
+
+def plan(
+    m: int, n: int, k: int, group_size: int, sms: int, config: W4A8Config | str | None = None, splits: int | None = None
+) -> W4A8Plan:
+    """Config, split-k and grid for one GEMM (pure arithmetic; testable without a GPU)."""
+    if isinstance(config, str):
+        config = CONFIGS[config]
+    if config is None:
+        _, pc, pg = next(t for t in TUNED if m <= t[0])
+        names = pg if group_size > 0 else pc
+        config = next((CONFIGS[c] for c in names if k % CONFIGS[c].bks == 0), CONFIGS[names[-1]])
+    if k % config.bks:
+        raise W4A8Error(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
+    tiles = k // config.bks
+    s = choose_splits(config, m, n, k, sms) if splits is None else splits
+    s = max(1, min(s, tiles))
+    per = math.ceil(tiles / s)
+    s = math.ceil(tiles / per)  # every split non-empty
+    return W4A8Plan(config, s, per, (math.ceil(n / config.bn), math.ceil(m / config.bm), s))
+
+
+# ------------------------------------------------------------------------------------------------ launch
+
+
+@dataclass
+class _Launch:
+    main: _FastLaunch
+    reduce: _FastLaunch | None
+    splits: int
+
+
+_LAUNCH: dict[tuple, _Launch] = {}
+_ACTQ: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def _dev_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _get_launch(m, n, k, g, dtype, dev, config, splits) -> _Launch:
+    key = (m, n, k, g, dtype, dev, config, splits)
+    hit = _LAUNCH.get(key)
+    if hit is not None:
+        return hit
+    with _LOCK:
+        idx = _dev_index(dev)
+        p = plan(m, n, k, g, num_sms(dev), config, splits)
+        cfg = p.config
+        if cfg.smem_bytes > SMEM_LIMIT.get(capability(dev)[0], SMEM_LIMIT[9]):
+            raise W4A8Error(f"config {cfg.name} needs {cfg.smem_bytes} bytes of shared memory, over the limit")
+        defines = cfg.defines(dtype, g)
+        kern = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_gemm", defines, idx)
+        # pointers: xq, sx, qweight, chscale, gscale, bias, out, ws; scalars: M, N, K, tiles_per_split
+        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 8 + [m, n, k, p.tiles_per_split])
+        red = None
+        if p.splits > 1:
+            rk = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_reduce", defines, idx)
+            grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(dev))
+            red = _FastLaunch(rk, (grid,), (256,), 0, [None] * 5 + [m, n, p.splits])
+        launch = _Launch(main, red, p.splits)
+        if len(_LAUNCH) > 4096:
+            _LAUNCH.clear()
+        _LAUNCH[key] = launch
+    return launch
+
+
+def _actq_launch(m: int, k: int, dtype: torch.dtype, dev: torch.device) -> _FastLaunch:
+    key = (m, k, dtype, dev)
+    hit = _ACTQ.get(key)
+    if hit is None:
+        with _LOCK:
+            name = "quick_actquant_f16" if dtype == torch.float16 else "quick_actquant_bf16"
+            kern = jit.load_kernel(ACTQ_SOURCE, name, {}, _dev_index(dev))
+            hit = _FastLaunch(kern, (m,), (256,), 0, [None] * 3 + [m, k])
+            if len(_ACTQ) > 4096:
+                _ACTQ.clear()
+            _ACTQ[key] = hit
+    return hit  # type: ignore[return-value]
+
+
+def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_q int8 [M, K], s_x fp32 [M])`` of a CUDA ``x [M, K]`` fp16/bf16, bit-exact with
+    :func:`quick.quant.w4a8_format.quantize_activations` (K % 8 == 0, contiguous, 16-byte aligned)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] % 8:
+        raise W4A8Error(f"x must be 2-D [M, K] with K % 8 == 0, got shape {tuple(x.shape)}")
+    if x.device.type != "cuda":
+        raise W4A8Error(f"x is on {x.device}: quantize_activations_cuda needs a CUDA tensor")
+    _check_tensor("x", x, x.device)
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        _actq_launch(m, k, x.dtype, x.device)([x.data_ptr(), xq.data_ptr(), sx.data_ptr()], stream)
+    return xq, sx
+
+
+def gemm_w4a8_cuda(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    config: W4A8Config | str | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Activation quantization + the int8 GEMM on CUDA tensors (``config``/``splits`` override the tuned
+    choice; ``out`` may be a caller's buffer, e.g. a poisoned one in tests)."""
+    m, k, n = validate(x, qweight, channel_scale, group_scale, group_size, bias)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise W4A8Error(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}")
+    if m == 0:
+        return out
+    xq, sx = quantize_activations_cuda(x)
+    launch = _get_launch(m, n, k, group_size, x.dtype, x.device, config, splits)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    bptr = bias.data_ptr() if bias is not None else 0
+    gptr = group_scale.data_ptr() if group_scale is not None else 0
+    base = [xq.data_ptr(), sx.data_ptr(), qweight.data_ptr(), channel_scale.data_ptr(), gptr, bptr, out.data_ptr()]
+    if launch.splits == 1:
+        launch.main([*base, 0], stream)
+        return out
+    ws = torch.empty((launch.splits, m, n), dtype=torch.int32, device=x.device)
+    launch.main([*base, ws.data_ptr()], stream)
+    assert launch.reduce is not None
+    launch.reduce([ws.data_ptr(), sx.data_ptr(), channel_scale.data_ptr(), bptr, out.data_ptr()], stream)
+    return out
+
+
+# ------------------------------------------------------------------------------------ ops and dispatch
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() < 1:
+        raise W4A8Error("x must have at least one dimension (the last one is K)")
+    if x.dim() == 2:
+        return x
+    if not x.is_contiguous():
+        raise W4A8Error(f"x must be contiguous (got strides {tuple(x.stride())}); call .contiguous()")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _reference(x2, qweight, channel_scale, group_scale, group_size, bias):
+    """CPU path: the float64 reference of the same arithmetic, rounded to x's dtype."""
+    from quick.packing.layouts import unpack_w4a8
+    from quick.quant.w4a8_format import w4a8_reference
+
+    packed = {"qweight": qweight, "channel_scale": channel_scale}
+    if group_scale is not None:
+        packed["group_scale"] = group_scale
+    return w4a8_reference(x2, unpack_w4a8(packed, group_size), bias).to(x2.dtype)
+
+
+@torch.library.custom_op("quick::gemm_w4a8", mutates_args=())
+def gemm_w4a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,  # noqa: UP045
+) -> torch.Tensor:
+    """W4A8 ``x [..., K] -> [..., N]``: activation quantization + int8 GEMM on CUDA, the reference on CPU."""
+    x2 = _flatten(x)
+    if x2.device.type == "cuda":
+        out = gemm_w4a8_cuda(x2, qweight, channel_scale, group_scale, group_size, bias)
+    else:
+        validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
+        out = _reference(x2, qweight, channel_scale, group_scale, group_size, bias)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@gemm_w4a8.register_fake
+def _gemm_w4a8_fake(x, qweight, channel_scale, group_scale, group_size, bias=None):
+    x2 = _flatten(x)
+    _, _, n = validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("quick::quantize_act_w4a8", mutates_args=())
+def quantize_act_w4a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations ``(x_q [M, K] int8, s_x [M] fp32)``: the CUDA kernel, or the reference on CPU."""
+    if x.device.type == "cuda":
+        return quantize_activations_cuda(x)
+    from quick.quant.w4a8_format import quantize_activations
+
+    return quantize_activations(x)
+
+
+@quantize_act_w4a8.register_fake
+def _quantize_act_fake(x):
+    if x.dim() != 2:
+        raise W4A8Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def linear_w4a8(
+    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y [M, N]`` of x2d [M, K] and layout-``w4a8`` weights through the op ``quick::gemm_w4a8``: the CUDA
+    kernels for CUDA inputs, the float64 reference rounded to x's dtype on CPU. Views are copied to dense rows."""
+    if isinstance(x2d, torch.Tensor) and x2d.is_cuda and (not x2d.is_contiguous() or x2d.data_ptr() % 16):
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    return torch.ops.quick.gemm_w4a8(
+        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group_size, bias
+    )
+
+
+def is_available(x: torch.Tensor) -> bool:
+    """A CUDA fp16/bf16 tensor on an sm_80+ device, K % 128 == 0, and nvcc to build the kernels."""
+    if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES):
+        return False
+    if x.shape[-1] % 128 or capability(x.device)[0] < 8:
+        return False
+    try:
+        jit.find_nvcc()
+    except jit.KernelUnavailable:
+        return False
+    return True
+
+
+def kernel_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
+    """The dispatcher's entry for layout ``w4a8``: ``fn(x2d, packed_tensors, group_size) -> out2d``."""
+    return linear_w4a8(x2d, packed, group_size)
+
+
+def _register() -> None:
+    from quick.kernels import dispatch
+
+    dispatch.register_kernel(LAYOUT, kernel_fn, is_available, priority=10, name="quick_w4a8")
+
+
+_register()
