@@ -194,8 +194,28 @@ def register_w4a8_impls() -> list[str]:
     return list(W4A8_IMPLS)
 
 
-# Candidate W4A8 configs timed by --sweep-w4a8 besides the shipped ones (compiled on the spot).
-EXTRA_W4A8: list = []
+def _extra_w4a8() -> list:
+    """Candidate W4A8 configs timed by --sweep-w4a8 besides the shipped ones (compiled on the spot)."""
+    from quick.kernels.quick_w4a8 import W4A8Config as C
+
+    return [
+        C("x_m16k8", 16, 1, 1, 8, 2, 1, 4, 4),
+        C("x_m16n4k2", 16, 1, 4, 2, 2, 2, 3, 2),
+        C("x_m32k4nb1", 32, 1, 2, 4, 1, 4, 3, 2),
+        C("x_m64n2k2", 64, 1, 2, 2, 2, 4, 4, 1),
+        C("x_m128n2", 128, 2, 2, 1, 2, 4, 4, 1),
+        C("x_m128n4s3", 128, 2, 4, 1, 2, 4, 3, 1),
+        C("x_m256n2", 256, 4, 2, 1, 2, 4, 3, 1),
+        C("x_m64n8g", 64, 1, 8, 1, 1, 4, 4, 1),
+        C("x_m128n4gs2", 128, 2, 4, 1, 1, 2, 4, 2),
+        C("x_m128n2g", 128, 2, 2, 1, 1, 4, 4, 1),
+    ]
+
+
+def _w4a8_fits(cfg, group: int) -> bool:
+    """Per-group tiles need a partial and a total accumulator: skip configs that would spill."""
+    acc = (cfg.bm // cfg.warps_m // 16) * cfg.nb * 16
+    return acc * (2 if group > 0 else 1) <= 144
 
 
 def sweep_w4a8(log) -> list[dict]:
@@ -203,10 +223,10 @@ def sweep_w4a8(log) -> list[dict]:
     from quick.kernels import jit
     from quick.kernels import quick_w4a8 as w8
 
-    cfgs = [*w8.CONFIGS.values(), *EXTRA_W4A8]
+    cfgs = [*w8.CONFIGS.values(), *_extra_w4a8()]
     arch = jit.arch_for_device()
     jit.compile_many(
-        [(w8.GEMM_SOURCE, arch, c.defines(torch.float16, g)) for c in cfgs for g in w8.GROUPS]
+        [(w8.GEMM_SOURCE, arch, c.defines(torch.float16, g)) for c in cfgs for g in w8.GROUPS if _w4a8_fits(c, g)]
         + [(w8.ACTQ_SOURCE, arch, {})]
     )
     out = []
@@ -221,6 +241,8 @@ def sweep_w4a8(log) -> list[dict]:
                 best = (float("inf"), "", 0)
                 for cfg in cfgs:
                     if k % cfg.bks or (cfg.bm >= 64 and m <= 16) or (cfg.bm <= 32 and m >= 1024):
+                        continue
+                    if not _w4a8_fits(cfg, group) or (cfg.bm >= 128 and m <= 64):
                         continue
                     for s in (1, 2, 4, 8):
                         if s > k // cfg.bks:
