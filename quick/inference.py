@@ -9,7 +9,8 @@ A graph removes launch latency but not the kernels themselves: HF's norms, rotar
 adds are ~30 small kernels per layer (~2.5 ms per 7B decode step on an H100). ``compile`` fuses them with
 ``torch.compile`` (inductor without its own CUDA graphs; our capture then records the fused kernels):
 ``"step"`` compiles the whole decode step (one compile per batch size, the biggest fusion), ``"regions"``
-compiles only each decoder layer's norms and MLP (small graphs shared by every layer, fast to compile).
+compiles only each decoder layer's norms, MLP and rotary embedding (small graphs shared by every layer, fast
+to compile; attention, cache writes and residual adds stay eager).
 The quantized linears are first pinned to their ``torch.library`` ops (:func:`bind_kernels`), because the
 dispatcher's Python checks (``data_ptr``, nvcc lookup) would split the compiled graph at every linear.
 """
@@ -102,8 +103,12 @@ def bind_kernels(model: nn.Module) -> int:
 
 
 def compile_regions(model: nn.Module) -> int:
-    """``torch.compile`` each decoder layer's norms and MLP in place (no cache state inside them, so one
-    compiled graph serves every layer of the same shape). Returns how many modules were compiled."""
+    """``torch.compile`` each decoder layer's norms and MLP in place, and the family's rotary-embedding function
+    (no cache state inside any of them, so one compiled graph serves every layer). Returns how many modules
+    were compiled. The rotary function is a module global of the transformers model file: it is replaced for
+    every model of that family in this process until :func:`uncompile_regions`."""
+    import sys
+
     from quick.models.families import decoder_layers, get_family
 
     n = 0
@@ -112,7 +117,27 @@ def compile_regions(model: nn.Module) -> int:
             if ("norm" in name.lower() or name == "mlp") and getattr(child, "_compiled_call_impl", None) is None:
                 child.compile(dynamic=False, backend=COMPILE_BACKEND)
                 n += 1
+        attn = getattr(layer, "self_attn", None)
+        src = sys.modules.get(type(attn).__module__) if attn is not None else None
+        rotary = getattr(src, "apply_rotary_pos_emb", None)
+        if rotary is not None and not hasattr(rotary, "_quick_original"):
+            compiled = torch.compile(rotary, dynamic=False, backend=COMPILE_BACKEND)
+            compiled._quick_original = rotary
+            src.apply_rotary_pos_emb = compiled
     return n
+
+
+def uncompile_regions(model: nn.Module) -> None:
+    """Undo :func:`compile_regions` (benchmarks compare variants on one loaded model)."""
+    import sys
+
+    for mod in model.modules():
+        if getattr(mod, "_compiled_call_impl", None) is not None:
+            mod._compiled_call_impl = None
+        src = sys.modules.get(type(mod).__module__)
+        rotary = getattr(src, "apply_rotary_pos_emb", None)
+        if hasattr(rotary, "_quick_original"):
+            src.apply_rotary_pos_emb = rotary._quick_original
 
 
 DECODE_ATTENTION = "quick_decode_sdpa"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 
 from quick.inference import StaticGenerator
 
@@ -50,8 +51,6 @@ def _generate(model, ids, compile_mode: str, new: int = 10):
 def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
     """Dynamo traces the decode step (and the fused projections' shared product) in one graph per region;
     with the eager backend this checks tracing without paying for inductor's build."""
-    import torch._dynamo
-
     from quick import inference
     from quick.models.fuse import fuse_model
 
@@ -63,10 +62,16 @@ def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
     ids = torch.randint(0, 128, (2, 7))
     want = _generate(model, ids, "none")
     torch._dynamo.utils.counters.clear()
-    got = _generate(model, ids, mode)
-    breaks = dict(torch._dynamo.utils.counters["graph_break"])
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
+    try:
+        got = _generate(model, ids, mode)
+    finally:
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        inference.uncompile_regions(model)
+        torch._dynamo.reset()
+    from transformers.models.llama import modeling_llama
+
+    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "_quick_original")  # the global is restored
     assert torch.equal(got, want)
     assert not breaks, breaks
     assert graphs >= 1  # something was compiled at all
@@ -76,8 +81,7 @@ def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
 @pytest.mark.parametrize("mode", ["step", "regions"])
 def test_compiled_decode_inductor_same_tokens(mode):
     """Inductor-compiled decode (what the benchmark runs on the GPU) gives the eager tokens (CPU build: slow)."""
-    import torch._dynamo
-
+    from quick import inference
     from quick.models.fuse import fuse_model
 
     torch._dynamo.reset()
@@ -85,8 +89,11 @@ def test_compiled_decode_inductor_same_tokens(mode):
     fuse_model(model)
     ids = torch.randint(0, 128, (2, 7))
     want = _generate(model, ids, "none")
-    got = _generate(model, ids, mode)
-    torch._dynamo.reset()
+    try:
+        got = _generate(model, ids, mode)
+    finally:
+        inference.uncompile_regions(model)
+        torch._dynamo.reset()
     assert torch.equal(got, want)
 
 
@@ -99,8 +106,6 @@ def test_bound_quick_linears_trace_as_one_op(monkeypatch):
     """KernelQuickLinear (what the GPU runs under compile) is one custom op per (fused) linear: the whole
     decode step traces without a break and gives the unbound model's tokens. A CPU op stands in for the
     CUDA kernel here through the BOUND_OPS hook."""
-    import torch._dynamo
-
     from quick import inference
     from quick.models.fuse import fuse_model
     from quick.packing.layouts import get_layout
@@ -173,6 +178,7 @@ def test_gpu_fast_decode_matches_eager(layout, mode, fused):
     eager tokens: per-step logits within fp16 rounding of the fused kernels, nearly all tokens equal."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer")
+    from quick.inference import uncompile_regions
     from quick.kernels import dispatch
     from quick.models.fuse import fuse_model
 
@@ -201,6 +207,7 @@ def test_gpu_fast_decode_matches_eager(layout, mode, fused):
             assert torch.isfinite(a).all()
             worst = max(worst, rel(a, b))
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    uncompile_regions(model)
     torch._dynamo.reset()
     assert worst < 2e-2, worst
     assert agree >= 0.9 * 4 * (tokens.shape[1] - 1)
