@@ -1,24 +1,114 @@
-"""Device diagnostic: where does one batch-1 decode step of a 7B model spend its GPU time?"""
+"""Device diagnostic: where does one decode step of a 7B model spend its GPU time?
 
+Runs decode steps without a CUDA graph (so the profiler sees every kernel; kernel times are the same as inside
+a graph) for each requested impl x variant, and reports per step: GPU kernel time, how much of it is the
+linears (QUICK kernels, cuBLAS) and how much is everything else, and the number of kernels; plus the top
+kernels. Writes ``profile-<model>-b<batch>.{txt,json}`` under ``--out`` (default ``$OUT`` or ``.``).
+
+    python scripts/profile_decode.py --impls fp16 quick quick_sm90 --variants graph step+fused --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
-from quick.inference import StaticGenerator
-from quick.models.synthetic import build_random_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-impl = sys.argv[1] if len(sys.argv) > 1 else "quick"
-layout = impl if impl != "fp16" else "quick"
-model = build_random_model("llama-2-7b", torch.float16, "cuda", impl != "fp16", layout=layout)
-g = StaticGenerator(model, 1, 256, use_graph=False)
-ids = torch.randint(0, 32000, (1, 128), device="cuda")
-nxt = g.prefill(ids).argmax(-1)
-for i in range(3):
-    nxt = g.decode_step(nxt, 128 + i).argmax(-1)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for i in range(3, 8):
-        nxt = g.decode_step(nxt, 128 + i).argmax(-1)
+from quick.bench.e2e import parse_variant  # noqa: E402
+from quick.inference import StaticGenerator, uncompile_regions  # noqa: E402
+from quick.models.fuse import fuse_model  # noqa: E402
+from quick.models.synthetic import build_random_model  # noqa: E402
+
+# Kernel-name fragments of the linears: ours, cuBLAS/cuBLASLt (sm80 ampere_*, sm90 nvjet/sm90_xmma), CUTLASS.
+GEMM_KEYS = ("quick", "gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "ampere_", "sm90_", "splitk")
+
+
+def is_gemm(name: str) -> bool:
+    low = name.lower()
+    return any(k in low for k in GEMM_KEYS) and "flash" not in low and "attention" not in low
+
+
+def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128) -> tuple[dict, str]:
+    compile_mode, _, _ = parse_variant(variant)
+    g = StaticGenerator(model, batch, prompt + steps + 8, use_graph=False, compile=compile_mode)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
+    t0 = time.perf_counter()
+    nxt = g.prefill(ids).argmax(-1)
+    for i in range(3):  # warm-up (compiles)
+        nxt = g.decode_step(nxt, prompt + i).argmax(-1)
     torch.cuda.synchronize()
-print(impl, prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    setup = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(3, 3 + steps):
+            nxt = g.decode_step(nxt, prompt + i).argmax(-1)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / steps
+    gemm = sum(e.self_device_time_total for e in events if is_gemm(e.key)) / steps
+    kernels = sum(e.count for e in events) / steps
+    summary = {
+        "variant": variant,
+        "batch": batch,
+        "gpu_us_per_step": round(total, 1),
+        "linear_us_per_step": round(gemm, 1),
+        "other_us_per_step": round(total - gemm, 1),
+        "kernels_per_step": round(kernels, 1),
+        "setup_s": round(setup, 1),
+    }
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70)
+    return summary, table
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-2-7b")
+    p.add_argument("--impls", nargs="+", default=["quick"])
+    p.add_argument("--variants", nargs="+", default=["graph"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = sorted(args.variants, key=lambda v: parse_variant(v)[2])  # unfused first: fusing is one-way
+    results, text = [], []
+    for impl in args.impls:
+        q = impl != "fp16"
+        model = build_random_model(args.model, torch.float16, "cuda", q, layout=impl if q else "quick")
+        for v in variants:
+            if parse_variant(v)[2]:
+                fuse_model(model)
+            try:
+                summary, table = profile_case(model, args.batch, v, args.steps)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other cases
+                print(f"{impl} {v}: {type(e).__name__}: {e}", flush=True)
+                continue
+            finally:
+                uncompile_regions(model)
+                torch._dynamo.reset()
+            summary = {"model": args.model, "impl": impl, **summary}
+            print(json.dumps(summary), flush=True)
+            results.append(summary)
+            text.append(f"=== {args.model} {impl} {v} batch {args.batch}: {json.dumps(summary)}\n{table}\n")
+            print(text[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    stem = args.out / f"profile-{args.model}-b{args.batch}"
+    stem.with_suffix(".txt").write_text("".join(text))
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,13 @@ For each model shape (published config, random weights) and batch size: prefill 
 decode ``gen`` tokens greedily, forced to full length; fp16 (the same inference path, unquantized) against
 QUICK 4-bit weights. Writes ``e2e-<gpu>-<date>.json`` ({"gpu", "date", "rows": [{"model", "impl", "batch",
 "prefill_tok_s", "decode_tok_s", "peak_mem_GB"}]}), a markdown table and a PNG plot.
+
+A *variant* is how the step runs, the same for fp16 and QUICK: ``graph`` (CUDA graph of the eager step),
+``step``/``regions`` (``torch.compile`` of the whole step / of the norms, MLP and rotary, then the graph),
+``eager`` (no graph), each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several variants in
+one run (an ablation) add a ``variant`` key to each row. Prefill is timed once (``prompt`` tokens, eager);
+decode is timed over all ``gen - 1`` graph replays after one untimed warm-up generation that compiles and
+captures (its time is ``setup_s`` in ``cases``).
 """
 
 from __future__ import annotations
@@ -13,16 +20,31 @@ import datetime as dt
 import gc
 import json
 import re
+import time
 import traceback
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
-from quick.inference import StaticGenerator
+from quick.inference import StaticGenerator, uncompile_regions
+from quick.models.fuse import fuse_model
 from quick.models.synthetic import build_random_model
 
 MODELS = ["llama-2-7b", "mistral-7b", "llama-3-8b"]
 BATCHES = [1, 16, 64, 128, 256]
+IMPLS = ["fp16", "quick", "quick_sm90"]  # any other packed layout name (e.g. a W4A8 one) is accepted too
+VARIANTS = ["graph", "graph+fused", "step", "step+fused", "regions", "regions+fused", "eager", "eager+fused"]
+DEFAULT_VARIANT = "graph"
+
+
+def parse_variant(v: str) -> tuple[str, bool, bool]:
+    """``"step+fused"`` -> (compile mode for StaticGenerator, use a CUDA graph, fuse)."""
+    if v not in VARIANTS:
+        raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
+    base, _, fused = v.partition("+")
+    compile_mode = base if base in ("step", "regions") else "none"
+    return compile_mode, base != "eager", bool(fused)
 
 
 def env_stamp() -> dict:
@@ -35,72 +57,152 @@ def gpu_slug(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower())).lower()
 
 
-def run_one(model, batch: int, prompt: int, gen: int, vocab: int) -> dict:
+def run_one(model, batch: int, prompt: int, gen: int, vocab: int, variant: str = DEFAULT_VARIANT) -> dict:
+    compile_mode, graph, _ = parse_variant(variant)
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
-    g = StaticGenerator(model, batch, prompt + gen)
-    g.generate(ids, 4)  # warm-up: allocations, kernel compilation, graph capture
+    t0 = time.perf_counter()
+    g = StaticGenerator(model, batch, prompt + gen, use_graph=graph, compile=compile_mode)
+    g.generate(ids, 4)  # warm-up: allocations, kernel builds, torch.compile, graph capture
     with torch.inference_mode():  # the cache tensors were made in inference mode
         g.cache.reset()
+    torch.cuda.synchronize()
+    setup_s = time.perf_counter() - t0
     _, stats = g.generate(ids, gen)
     row = {
         "batch": batch,
         "prefill_tok_s": round(stats.prefill_tok_s, 1),
         "decode_tok_s": round(stats.decode_tok_s, 1),
         "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "setup_s": round(setup_s, 1),
     }
     del g
     return row
 
 
-def run(models: list[str], batches: list[int], impls: list[str], prompt: int, gen: int, layers: int | None) -> list:
-    rows = []
+def _build_layout(name: str, impl: str, layers: int | None):
+    quantized = impl != "fp16"  # other impl names are packed layouts: quick (mma.sync), quick_sm90 (wgmma), ...
+    return build_random_model(
+        name, torch.float16, "cuda", quantized, layout=impl if quantized else "quick", num_layers=layers
+    )
+
+
+# impl -> builder(model shape name, impl, num_layers) of a random-weight model on the GPU. The hook for other
+# weight formats (e.g. W4A8: register a builder that puts its linears in): anything not listed here is taken
+# as a packed layout name for QuickLinear.
+IMPL_BUILDERS: dict = {}
+
+
+def _build(name: str, impl: str, layers: int | None):
+    return IMPL_BUILDERS.get(impl, _build_layout)(name, impl, layers)
+
+
+def run(
+    models: list[str],
+    batches: list[int],
+    impls: list[str],
+    prompt: int,
+    gen: int,
+    layers: int | None,
+    variants: list[str] | None = None,
+    log=None,
+) -> tuple[list, list]:
+    """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times."""
+    variants = variants or [DEFAULT_VARIANT]
+    for v in variants:
+        parse_variant(v)
+    # fusing cannot be undone on a loaded model: unfused variants first
+    variants = sorted(variants, key=lambda v: parse_variant(v)[2])
+    rows, cases = [], []
     for name in models:
         for impl in impls:
-            quantized = impl != "fp16"  # other impl names are packed layouts: quick (mma.sync), quick_sm90 (wgmma)
-            model = build_random_model(
-                name, torch.float16, "cuda", quantized, layout=impl if quantized else "quick", num_layers=layers
-            )
+            t0 = time.perf_counter()
+            try:
+                model = _build(name, impl, layers)
+            except Exception:  # noqa: BLE001 - e.g. a layout without kernels here: report, go on
+                traceback.print_exc()
+                continue
+            build_s = time.perf_counter() - t0
             vocab = model.config.vocab_size
-            for b in batches:
-                try:
-                    r = run_one(model, b, prompt, gen, vocab)
-                except torch.OutOfMemoryError:
-                    print(f"{name} {impl} batch {b}: out of memory")
-                    torch.cuda.empty_cache()
-                    continue
-                except Exception:  # noqa: BLE001 - one failing cell must not lose the others
-                    traceback.print_exc()
-                    continue
-                r = {"model": name, "impl": impl, **r}
-                print(json.dumps(r), flush=True)
-                rows.append(r)
+            for v in variants:
+                compile_mode, _, fused = parse_variant(v)
+                if fused:
+                    fuse_model(model)
+                for b in batches:
+                    try:
+                        r = run_one(model, b, prompt, gen, vocab, v)
+                    except torch.OutOfMemoryError:
+                        print(f"{name} {impl} {v} batch {b}: out of memory", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    except Exception:  # noqa: BLE001 - one failing cell must not lose the others
+                        traceback.print_exc()
+                        continue
+                    setup_s = r.pop("setup_s")
+                    r = {"model": name, "impl": impl, **r}
+                    if len(variants) > 1:
+                        r["variant"] = v
+                    case = {
+                        "model": name,
+                        "impl": impl,
+                        "variant": v,
+                        "batch": b,
+                        "setup_s": setup_s,
+                        "build_s": round(build_s, 1),
+                    }
+                    print(json.dumps({**r, "variant": v, "setup_s": setup_s}), flush=True)
+                    if log is not None:
+                        log.write(json.dumps({**r, **case}) + "\n")
+                        log.flush()
+                    rows.append(r)
+                    cases.append(case)
+                if compile_mode == "regions":
+                    uncompile_regions(model)
+                torch._dynamo.reset()  # compiled graphs of this variant are not reused by the next
             del model
             gc.collect()
             torch.cuda.empty_cache()
-    return rows
+    return rows, cases
 
 
-def write_results(rows: list[dict], env: dict, outdir: Path, prompt: int, gen: int) -> Path:
+def write_results(
+    rows: list[dict],
+    env: dict,
+    outdir: Path,
+    prompt: int,
+    gen: int,
+    variants: list[str] | None = None,
+    cases: list[dict] | None = None,
+    tag: str = "",
+) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = outdir / f"e2e-{gpu_slug(env['gpu'])}-{env['date']}"
-    doc = {**env, "prompt_tokens": prompt, "new_tokens": gen, "rows": rows}
+    stem = outdir / f"e2e-{gpu_slug(env['gpu'])}-{env['date']}{'-' + tag if tag else ''}"
+    variants = variants or [DEFAULT_VARIANT]
+    doc = {**env, "prompt_tokens": prompt, "new_tokens": gen, "variants": variants, "rows": rows, "cases": cases or []}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         "# End-to-end generation (random weights, published shapes)",
         "",
         f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill {prompt} tokens, "
-        f"decode {gen} tokens (greedy, full length), static KV cache, decode step replayed from a CUDA graph.",
+        f"decode {gen} tokens (greedy, full length), static KV cache. Variant(s): {', '.join(variants)} "
+        "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
+        "MLP and rotary, then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
+        "of the same variant.",
         "",
-        "| model | batch | impl | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = next((b for b in rows if (b["model"], b["batch"], b["impl"]) == (r["model"], r["batch"], "fp16")), None)
+        v = r.get("variant", variants[0])
+        key = (r["model"], r["batch"], v)
+        base = next(
+            (b for b in rows if (b["model"], b["batch"], b.get("variant", variants[0])) == key and b["impl"] == "fp16"),
+            None,
+        )
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['impl']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
-            f"{ratio} | {r['peak_mem_GB']:.1f} |"
+            f"| {r['model']} | {r['batch']} | {r['impl']} | {v} | {r['prefill_tok_s']:.0f} | "
+            f"{r['decode_tok_s']:.0f} | {ratio} | {r['peak_mem_GB']:.1f} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows, env, stem.with_suffix(".png"))
@@ -116,10 +218,14 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.5 * max(1, len(models)), 3.6), squeeze=False)
     for ax, m in zip(axes.flat, models, strict=False):
-        for impl in sorted({r["impl"] for r in rows}):
-            pts = sorted((r["batch"], r["decode_tok_s"]) for r in rows if r["model"] == m and r["impl"] == impl)
+        for impl, v in sorted({(r["impl"], r.get("variant", "")) for r in rows}):
+            pts = sorted(
+                (r["batch"], r["decode_tok_s"])
+                for r in rows
+                if r["model"] == m and r["impl"] == impl and r.get("variant", "") == v
+            )
             if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=impl)
+                ax.plot(*zip(*pts, strict=True), "o-", label=f"{impl} {v}".strip())
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(m, fontsize=9)
@@ -136,11 +242,39 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    p.add_argument("--impls", nargs="+", default=["fp16", "quick", "quick_sm90"], help="fp16 or a packed layout")
+    p.add_argument("--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=[DEFAULT_VARIANT],
+        choices=VARIANTS,
+        help="how the decode step runs (several: an ablation, rows get a 'variant' key)",
+    )
+    p.add_argument("--fused", action="store_true", help="shorthand: add '+fused' to every variant")
+    p.add_argument(
+        "--compile",
+        choices=["none", "step", "regions"],
+        default=None,
+        help="shorthand: replace the variants' compile mode (none = graph only)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--layers", type=int, default=None, help="truncate the model (smoke runs only)")
     p.add_argument("--outdir", type=Path, default=Path("benchmarks/results"))
+
+
+def resolve_variants(variants: list[str], compile_mode: str | None, fused: bool) -> list[str]:
+    out = []
+    for v in variants:
+        base, _, f = v.partition("+")
+        if compile_mode is not None:
+            base = {"none": "graph"}.get(compile_mode, compile_mode) if base != "eager" else base
+        v2 = base + ("+fused" if (f or fused) else "")
+        parse_variant(v2)
+        if v2 not in out:
+            out.append(v2)
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -150,7 +284,11 @@ def main(args: argparse.Namespace) -> int:
     env = env_stamp()
     if "quick_sm90" in args.impls and torch.cuda.get_device_capability() != (9, 0):
         args.impls = [i for i in args.impls if i != "quick_sm90"]
-    rows = run(args.models, args.batches, args.impls, args.prompt, args.gen, args.layers)
-    stem = write_results(rows, env, args.outdir, args.prompt, args.gen)
+    variants = resolve_variants(args.variants, args.compile, args.fused)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
+    with open(args.outdir / f"e2e-cases{tag}.jsonl", "a") as log:  # every case as it finishes (a killed run keeps them)
+        rows, cases = run(args.models, args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log)
+    stem = write_results(rows, env, args.outdir, args.prompt, args.gen, variants, cases, args.tag)
     print(stem.with_suffix(".md").read_text())
     return 0 if rows else 1
