@@ -63,3 +63,31 @@ def test_graphed_generation_matches_eager(layout):
     eager, _ = StaticGenerator(model, 4, 48, use_graph=False).generate(ids, 24)
     assert torch.equal(graphed, eager)  # deterministic kernels: replaying the graph changes nothing
     assert stats.decode_tok_s > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_awq_runs_on_the_gpu(kind):
+    """AWQ's search on the GPU (layer by layer, model kept on the CPU): as good as on the CPU against float."""
+    import copy
+
+    from test_awq import GROUP, MODELS, calib, rel, with_outliers
+
+    from quick.auto import quantize_model_rtn as rtn_model
+    from quick.quant import awq
+
+    torch.manual_seed(0)
+    model = with_outliers(MODELS[kind]())
+    ids = calib(2, 40, seed=7)
+    with torch.no_grad():
+        ref = model(ids).logits
+    rtn = rtn_model(copy.deepcopy(model), GROUP, scale_dtype=torch.float16)
+    q = awq.quantize_model_awq(copy.deepcopy(model), calib(), GROUP, device="cuda", progress=False)
+    # one layer at a time went to the GPU and came back
+    assert all(t.device.type == "cpu" for t in [*q.parameters(), *q.buffers()])
+    with torch.no_grad():
+        err_awq, err_rtn = rel(q(ids).logits, ref), rel(rtn(ids).logits, ref)
+    assert err_awq < err_rtn, (err_awq, err_rtn)
+    q.to("cuda")  # and the packed model runs on the kernels
+    with torch.no_grad():
+        out = q(ids.cuda()).logits.float().cpu()
+    assert torch.isfinite(out).all() and rel(out, ref) < err_rtn
