@@ -47,6 +47,9 @@ class QuickLinear(nn.Module):
         super().__init__()
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"QuickLinear dtype must be float16 or bfloat16, got {dtype}")
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"QuickLinear {name} must be a positive int, got {v!r}")
         self.in_features, self.out_features = in_features, out_features
         self.logical_in_features = logical_in_features or in_features
         if not 0 < self.logical_in_features <= in_features:
@@ -114,6 +117,10 @@ class QuickLinear(nn.Module):
         return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"input must have a last dimension of size {self.logical_in_features}, got a scalar")
         if x.shape[-1] not in (self.in_features, self.logical_in_features):
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.logical_in_features}")
         if x.dtype != self.dtype:
@@ -135,8 +142,8 @@ class QuickLinear(nn.Module):
                 out = fn(x.reshape(-1, self.in_features), self.packed(), self.group_size)
                 out = out.reshape(*x.shape[:-1], self.out_features)
                 return out + self.bias if self.bias is not None else out
-            if self.backend == "kernel":
-                raise RuntimeError(f"no GPU kernel available for layout '{self.layout_name}' on {x.device}")
+        if self.backend == "kernel":  # asked for a kernel explicitly: never fall back silently (CPU included)
+            raise RuntimeError(f"no GPU kernel available for layout '{self.layout_name}' on {x.device}")
         return reference_forward(x, self)
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quick.packing import interleave as il
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, resolve_group_size
+from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, check_quantized, resolve_group_size
 from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -79,6 +79,8 @@ class Layout:
             label = f"{where}.{name}" if where else name
             if t is None:
                 raise LayoutError(f"missing tensor '{label}' for layout '{self.name}'")
+            if not isinstance(t, torch.Tensor):
+                raise LayoutError(f"'{label}' must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != spec.shape:
                 raise LayoutError(
                     f"tensor '{label}' has shape {tuple(t.shape)}, layout '{self.name}' with K={k}, N={n}, "
@@ -112,7 +114,7 @@ class AwqGemmLayout(Layout):
         return il.unpermute_columns(il.unpack_nibbles(words), self.order)
 
     def pack(self, qw):
-        k, n = qw.shape
+        k, n, _ = check_quantized(qw)
         self.check(k, n, qw.group_size)
         return {
             "qweight": self._pack_cols(qw.q),
@@ -149,7 +151,7 @@ class FragmentLayout(Layout):
         }
 
     def pack(self, qw):
-        k, n = qw.shape
+        k, n, _ = check_quantized(qw)
         self.check(k, n, qw.group_size)
         return {
             "qweight": il.apply_permutation(qw.q, self.perm, self.bk, self.bn),

@@ -13,6 +13,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -43,11 +44,46 @@ class QuantizedWeight:
         return dequantize(self.q, self.scales, self.zeros, self.group_size, dtype)
 
 
+def check_quantized(qw: QuantizedWeight) -> tuple[int, int, int]:
+    """Check that ``qw`` is what every layout packs: 2-D integer codes and zero points in [0, 15], float16 or
+    bfloat16 scales, and ``[K/G, N]`` scales/zeros; returns ``(K, N, G)``. Packing out-of-range codes would
+    silently corrupt the neighbouring nibbles, so this is checked before every pack."""
+    q, scales, zeros = qw.q, qw.scales, qw.zeros
+    if not all(isinstance(t, torch.Tensor) for t in (q, scales, zeros)):
+        raise QuantizationError("QuantizedWeight q, scales and zeros must be tensors")
+    if q.dim() != 2:
+        raise QuantizationError(f"codes q must be 2-D [K, N], got shape {tuple(q.shape)}")
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
+        raise QuantizationError(f"codes q must have an integer dtype (uint8), got {q.dtype}")
+    k, n = q.shape
+    g = resolve_group_size(qw.group_size, k)
+    if qw.bits != 4:
+        raise QuantizationError(f"only 4-bit weights are supported, got bits={qw.bits}")
+    if scales.dtype not in SUPPORTED_DTYPES:
+        raise QuantizationError(f"scales must be float16 or bfloat16, got {scales.dtype}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (k // g, n):
+            raise QuantizationError(
+                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} for K={k}, N={n}, "
+                f"group_size={qw.group_size}"
+            )
+    if q.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q))
+        if lo < 0 or hi > 15:
+            raise QuantizationError(f"codes must lie in [0, 15], got [{lo}, {hi}]")
+    if zeros.numel():
+        z = zeros.to(torch.float32)
+        lo, hi = (float(v) for v in torch.aminmax(z))
+        if not (0 <= lo and hi <= 15) or not torch.equal(z, z.round()):
+            raise QuantizationError("zero points must be integers in [0, 15]")
+    return k, n, g
+
+
 def resolve_group_size(group_size: int, k: int) -> int:
     """Map the per-channel marker -1 to K and check the group size divides K."""
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, Integral) or group_size not in SUPPORTED_GROUP_SIZES:
         raise QuantizationError(
-            f"unsupported group size {group_size}; supported: {SUPPORTED_GROUP_SIZES} (-1 = per-channel)"
+            f"unsupported group size {group_size!r}; supported: {SUPPORTED_GROUP_SIZES} (-1 = per-channel)"
         )
     g = k if group_size == -1 else group_size
     if k % g != 0:
@@ -63,8 +99,16 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``(q - zero) * scale`` broadcast over groups; math in fp64 when asked for fp64, else fp32."""
+    if q.dim() != 2:
+        raise QuantizationError(f"codes q must be 2-D [K, N], got shape {tuple(q.shape)}")
     k, n = q.shape
     g = resolve_group_size(group_size, k)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (k // g, n):
+            raise QuantizationError(
+                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} for K={k}, N={n}, "
+                f"group_size={group_size}"
+            )
     work = torch.float64 if dtype == torch.float64 else torch.float32
     s = scales.to(work).repeat_interleave(g, dim=0)
     z = zeros.to(work).repeat_interleave(g, dim=0)
@@ -94,6 +138,10 @@ def quantize(
     dtype = dtype or (weight.dtype if weight.dtype in SUPPORTED_DTYPES else torch.float16)
     if dtype not in SUPPORTED_DTYPES:
         raise QuantizationError(f"scale dtype must be float16 or bfloat16, got {dtype}")
+    if weight.device.type == "meta":
+        raise QuantizationError("weight is on the meta device (not materialized); load its values first")
+    if weight.numel() == 0:
+        raise QuantizationError(f"weight is empty (shape {tuple(weight.shape)}); nothing to quantize")
     if not torch.isfinite(weight).all():
         raise QuantizationError("weight contains NaN or inf; refusing to quantize")
     n, k = weight.shape
@@ -111,6 +159,12 @@ def quantize(
         scales = (w.abs().amax(dim=1).clamp(min=1e-5) / (half - 1)).to(dtype)
         s32 = scales.to(torch.float32)
         zeros = torch.full_like(s32, float(half))
+    if not torch.isfinite(scales).all():
+        top = weight.detach().abs().max().item()
+        raise QuantizationError(
+            f"weight range too large for {dtype} scales (max |w| = {top:.3g}, a scale overflows); "
+            "quantize with dtype=torch.bfloat16"
+        )
     q = (torch.round(w / s32[:, None, :]) + zeros[:, None, :]).clamp(0, max_int)
     return QuantizedWeight(
         q=q.reshape(k, n).to(torch.uint8).contiguous(),
