@@ -73,6 +73,14 @@ _DEFAULTS = {
 }
 
 
+# Four consumer warpgroups (256 channels per CTA, 96 registers per thread): twice the weight bytes in flight per
+# SM for decode sizes, where the kernel waits on load latency. Per group size (the ring depth that fits).
+WIDE: dict[int, list[W4A8Sm90Config]] = {
+    -1: [W4A8Sm90Config(8, 4, 8, 4), W4A8Sm90Config(16, 4, 8, 4)],
+    128: [W4A8Sm90Config(8, 4, 8, 4), W4A8Sm90Config(16, 4, 8, 2)],
+}
+
+
 def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
     """The smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
     tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
@@ -87,8 +95,7 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [],
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (SOURCE, KERNEL, cfg.defines(g, dt))
     for g in SUPPORTED_W4A8_GROUPS
-    for nt, cfg in sorted(_DEFAULTS.items())
-    if g < 0 or nt in GROUP_TILES
+    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g]
     for dt in (torch.float16, torch.bfloat16)
 ]
 

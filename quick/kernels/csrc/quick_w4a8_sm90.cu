@@ -25,7 +25,7 @@
 //
 // A second kernel, quick_w4a8_sm90_quant, quantizes activations per row (the format's rule, fp32).
 //
-// Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1 or 2), QW_STAGES, QW_PREF (ring depth in
+// Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1, 2 or 4), QW_STAGES, QW_PREF (ring depth in
 // k128 steps), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x dtype).
 
 #include <cstdint>
@@ -66,11 +66,11 @@ constexpr int EPI_STRIDE = 72;                          // staged row: 64 channe
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
 constexpr int ACC = NT / 2;  // int32 accumulators per thread (64 x NT / 128)
 constexpr int PRODUCER_REGS = 40;
-constexpr int CONSUMER_REGS = 232;
+constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
 constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
 
 static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
-static_assert(NWG == 1 || NWG == 2, "1 or 2 consumer warpgroups");
+static_assert(NWG == 1 || NWG == 2 || NWG == 4, "1, 2 or 4 consumer warpgroups");
 static_assert(STAGES >= 2 && PREF >= 1, "pipeline depths");
 static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
 
