@@ -54,7 +54,7 @@ class KernelQuickLinear(QuickLinear):
 
 
 def _quick_ok(mod: QuickLinear, probe: torch.Tensor) -> bool:
-    from quick.kernels import quick_mma
+    from quick.kernels import ops, quick_mma  # noqa: F401 - importing ops defines torch.ops.quick.gemm_w4a16
 
     return mod.layout_name == "quick" and quick_mma.is_available(probe)
 
