@@ -185,6 +185,7 @@ def test_split_invariance_and_determinism(group):
     x = _x(16, 4096, torch.float16, 6)
     args = (x, p["qweight"], p["channel_scale"], p.get("group_scale"), group)
     outs = [w8.gemm_w4a8_cuda(*args, config="m16n2k4", splits=s) for s in (1, 2, 4, 16)]
+    outs += [w8.gemm_w4a8_cuda(*args, config="m16n2k4r", splits=s) for s in (2, 5, 16, 16)]  # in-kernel reduce
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     auto = [w8.gemm_w4a8_cuda(*args) for _ in range(3)]

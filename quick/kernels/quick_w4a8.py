@@ -48,7 +48,8 @@ def dtype_code(dtype: torch.dtype) -> int:
 class W4A8Config:
     """One compiled GEMM variant: ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows,
     ``nb`` n32 blocks and ``sw`` k32 steps of every stage (a stage spans ``bks = 32 * sw * warps_k`` columns of
-    K); ``stages`` cp.async stages of int8 activations; ``pf`` stages of weights prefetched into registers."""
+    K); ``stages`` cp.async stages of int8 activations; ``pf`` stages of weights prefetched into registers;
+    ``inred`` = 1: split-k summed by the last CTA of each tile (no reduce launch)."""
 
     name: str
     bm: int
@@ -60,6 +61,7 @@ class W4A8Config:
     stages: int
     pf: int
     minb: int = 1
+    inred: int = 0
 
     @property
     def threads(self) -> int:
@@ -95,6 +97,7 @@ class W4A8Config:
             "QW_STAGES": self.stages,
             "QW_PF": self.pf,
             "QW_MINB": self.minb,
+            "QW_INRED": self.inred,
         }
 
 
@@ -104,6 +107,7 @@ CONFIGS: dict[str, W4A8Config] = {
         # small M: one m16 tile per warp, 4 warps split K inside the CTA, weights PF stages ahead
         W4A8Config("m16n2k4", 16, 1, 2, 4, 2, 2, 3, 2),
         W4A8Config("m16k4", 16, 1, 1, 4, 2, 1, 4, 4),  # stage of 128: any K % 128 == 0
+        W4A8Config("m16n2k4r", 16, 1, 2, 4, 2, 2, 3, 2, inred=1),  # split-k reduced in the kernel
         W4A8Config("m32n2k4", 32, 1, 2, 4, 2, 2, 3, 2),
         # medium / large M: 64 rows per warp (4 m16 tiles) so that the int4 -> int8 conversion is amortized
         W4A8Config("m64n4", 64, 1, 4, 1, 2, 4, 4, 1),
@@ -290,6 +294,7 @@ class _Launch:
     main: _FastLaunch
     reduce: _FastLaunch | None
     splits: int
+    counters: int = 0  # > 0: the kernel reduces split-k itself and needs this many zeroed arrival counters
 
 
 _LAUNCH: dict[tuple, _Launch] = {}
@@ -314,14 +319,15 @@ def _get_launch(m, n, k, g, dtype, dev, config, splits) -> _Launch:
             raise W4A8Error(f"config {cfg.name} needs {cfg.smem_bytes} bytes of shared memory, over the limit")
         defines = cfg.defines(dtype, g)
         kern = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_gemm", defines, idx)
-        # pointers: xq, sx, qweight, chscale, gscale, bias, out, ws; scalars: M, N, K, tiles_per_split
-        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 8 + [m, n, k, p.tiles_per_split])
+        # pointers: xq, sx, qweight, chscale, gscale, bias, out, ws, counters; scalars: M, N, K, tiles_per_split
+        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 9 + [m, n, k, p.tiles_per_split])
         red = None
-        if p.splits > 1:
+        inred = bool(cfg.inred and p.splits > 1)
+        if p.splits > 1 and not inred:
             rk = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_reduce", defines, idx)
             grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(dev))
             red = _FastLaunch(rk, (grid,), (256,), 0, [None] * 5 + [m, n, p.splits])
-        launch = _Launch(main, red, p.splits)
+        launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0)
         if len(_LAUNCH) > 4096:
             _LAUNCH.clear()
         _LAUNCH[key] = launch
@@ -340,6 +346,21 @@ def _actq_launch(m: int, k: int, dtype: torch.dtype, dev: torch.device) -> _Fast
                 _ACTQ.clear()
             _ACTQ[key] = hit
     return hit  # type: ignore[return-value]
+
+
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(dev: torch.device, n: int) -> torch.Tensor:
+    """Zeroed split-k arrival counters, one buffer per (device, stream): kernels on one stream run in order and
+    the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
+    key = (_dev_index(dev), torch.cuda.current_stream(dev).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        with _LOCK:
+            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
+            _COUNTERS[key] = buf
+    return buf
 
 
 def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,10 +412,13 @@ def gemm_w4a8_cuda(
     gptr = group_scale.data_ptr() if group_scale is not None else 0
     base = [xq.data_ptr(), sx.data_ptr(), qweight.data_ptr(), channel_scale.data_ptr(), gptr, bptr, out.data_ptr()]
     if launch.splits == 1:
-        launch.main([*base, 0], stream)
+        launch.main([*base, 0, 0], stream)
         return out
     ws = torch.empty((launch.splits, m, n), dtype=torch.int32, device=x.device)
-    launch.main([*base, ws.data_ptr()], stream)
+    if launch.counters:
+        launch.main([*base, ws.data_ptr(), _counters(x.device, launch.counters).data_ptr()], stream)
+        return out
+    launch.main([*base, ws.data_ptr(), 0], stream)
     assert launch.reduce is not None
     launch.reduce([ws.data_ptr(), sx.data_ptr(), channel_scale.data_ptr(), bptr, out.data_ptr()], stream)
     return out

@@ -25,6 +25,8 @@
 //
 // Compile-time configuration (-D): QW_DTYPE (0 fp16, 1 bf16 output), QW_GROUP (0 or 128), QW_BM, QW_WM,
 // QW_WN, QW_WK, QW_NB, QW_SW, QW_STAGES, QW_PF, QW_MINB. Shared memory: quick_w4a8.py:W4A8Config.smem_bytes.
+// QW_INRED = 1: split-k partials are summed by the last CTA to finish a tile (atomic arrival counter per tile,
+// reset by that CTA), so no reduce launch; same bits as quick_w4a8_reduce (integer sums, same epilogue).
 #include "quick_common.cuh"
 
 #ifndef QW_DTYPE
@@ -59,6 +61,9 @@
 #endif
 #ifndef QW_MINB
 #define QW_MINB 1
+#endif
+#ifndef QW_INRED
+#define QW_INRED 0
 #endif
 
 namespace {
@@ -119,7 +124,8 @@ __device__ __forceinline__ float w4a8_scale(int v, float sx, float sch, float b)
 extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
     const int8_t* __restrict__ xq, const float* __restrict__ sx, const uint4* __restrict__ qweight,
     const float* __restrict__ chscale, const int8_t* __restrict__ gscale, const void* __restrict__ bias,
-    void* __restrict__ out, int* __restrict__ ws, int M, int N, int K, int tiles_per_split) {
+    void* __restrict__ out, int* __restrict__ ws, int* __restrict__ counters, int M, int N, int K,
+    int tiles_per_split) {
   using namespace quick;
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -372,6 +378,52 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
       }
     }
   }
+#if QW_INRED
+  // ---- split-k in the kernel: the last CTA of this (n, m) tile sums every split's int32 partial
+  if (!split) return;
+  constexpr int RT = 32 * WARPS_M * WARPS_N;  // the wk == 0 threads (tid < RT), still running here
+  __shared__ int s_last;
+  __threadfence();  // this CTA's partials are visible device-wide before it is counted
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) s_last = atomicAdd(counters + tile_id, 1) == static_cast<int>(gridDim.z) - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  if (!s_last) return;
+  __threadfence();
+  const int nz = gridDim.z;
+  const size_t mn = static_cast<size_t>(M) * N;
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    if (!nvalid[nb]) continue;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int col = nblk[nb] * 32 + t * 8 + 2 * (lane & 3);
+      float2 bv = make_float2(0.f, 0.f);
+      const float2 cs = *reinterpret_cast<const float2*>(chscale + col);
+      if (bias != nullptr)
+        bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
+          if (row >= M) continue;
+          const size_t o = static_cast<size_t>(row) * N + col;
+          int2 v = __ldcg(reinterpret_cast<const int2*>(ws + o));
+          for (int z = 1; z < nz; ++z) {
+            const int2 u = __ldcg(reinterpret_cast<const int2*>(ws + z * mn + o));
+            v.x += u.x;
+            v.y += u.y;
+          }
+          const float s = sx[row];
+          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
+              pack2<DT>(w4a8_scale(v.x, s, cs.x, bv.x), w4a8_scale(v.y, s, cs.y, bv.y));
+        }
+      }
+    }
+  }
+  if (tid == 0) counters[tile_id] = 0;  // ready for the next launch on this stream
+#endif
 }
 
 // Split-k: sum the int32 partials ws[z][M][N] (exact), then the same float epilogue as the GEMM.
