@@ -249,7 +249,7 @@ def sweep_w4a8(log) -> list[dict]:
                         continue
                     if not _w4a8_fits(cfg, group) or (cfg.bm >= 128 and m <= 64):
                         continue
-                    for s in (1, 2, 4, 8):
+                    for s in (1, 2, 4, 8) if cfg.bm <= 32 else (1, 2) if m < 1024 else (1,):
                         if s > k // cfg.bks:
                             continue
                         try:

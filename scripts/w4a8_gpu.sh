@@ -2,7 +2,10 @@
 # W4A8 (layout w4a8, int8 mma.sync) device checks in one command: GPU tests, then the kernel benchmark rows
 # quick_w4a8_channel / quick_w4a8_group beside cuBLAS fp16 and the W4A16 kernel, plus the W4A8 config sweep.
 # Results under $OUT: w4a8_tests.txt (+ junit xml, max errors json), kernel-*.json/md/png, sweep-w4a8-*.json.
-#   OUT=/some/dir bash scripts/w4a8_gpu.sh [tests|bench|all]
+#   OUT=/some/dir bash scripts/w4a8_gpu.sh tests   (~3-6 min: compile + GPU tests)
+#   OUT=/some/dir bash scripts/w4a8_gpu.sh bench   (~3-6 min: benchmark grid, all 7 shapes x 9 M)
+#   OUT=/some/dir bash scripts/w4a8_gpu.sh sweep   (~3-6 min: W4A8 config x split-k sweep, tuning data)
+# Each part stays under 10 minutes; "all" runs the three in a row.
 set -u
 OUT=${OUT:-/tmp/w4a8_out}
 WHAT=${1:-all}
@@ -16,7 +19,9 @@ if [[ $WHAT == tests || $WHAT == all ]]; then
   grep -E "^(FAILED|ERROR)" "$OUT/w4a8_tests.txt" | head -40
 fi
 if [[ $WHAT == bench || $WHAT == all ]]; then
-  timeout 500 python benchmarks/kernel.py --impls cublas_fp16 quick quick_w4a8_channel quick_w4a8_group \
-    --outdir "$OUT" --sweep-w4a8 2>&1 | grep -v "^\[sweep-w4a8\]" | tail -40
-  grep -h "^\[sweep-w4a8\]" "$OUT/bench-log.txt" | tail -60
+  timeout 560 python benchmarks/kernel.py --impls cublas_fp16 quick quick_w4a8_channel quick_w4a8_group \
+    --outdir "$OUT" 2>&1 | tail -40
+fi
+if [[ $WHAT == sweep || $WHAT == all ]]; then
+  timeout 560 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8 --no-grid 2>&1 | grep "sweep-w4a8\|Error\|error" | tail -70
 fi
