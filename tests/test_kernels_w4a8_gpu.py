@@ -221,6 +221,19 @@ def test_extreme_values_exact():
         check(out, w4a8_reference(x, w), torch.float16, f"extremes g={group}")
 
 
+def test_nan_rows_propagate():
+    """A NaN in a row of x makes that row's s_x and outputs NaN (torch's amax keeps NaN); other rows are exact."""
+    w, p = make_weights(512, 256, 128, 21)
+    x = _x(5, 512, torch.float16, 22)
+    x[3, 100] = float("nan")
+    xq, sx = w8.quantize_activations_cuda(x)
+    assert torch.isnan(sx[3]) and torch.isfinite(sx[[0, 1, 2, 4]]).all()
+    out = w8.gemm_w4a8_cuda(x, p["qweight"], p["channel_scale"], p["group_scale"], 128)
+    assert torch.isnan(out[3]).all()
+    keep = [0, 1, 2, 4]
+    check(out[keep], w4a8_reference(x[keep], w), torch.float16, "rows without NaN")
+
+
 def test_op_dispatch_and_3d():
     w, p = make_weights(512, 256, 128, 7)
     x = _x(6, 512, torch.bfloat16, 8).reshape(2, 3, 512)

@@ -26,6 +26,10 @@ __device__ __forceinline__ void to_float8(const uint4& v, float f[8]) {
   }
 }
 
+// max that keeps a NaN (like torch's amax): a row with a NaN gets s_x = NaN, so its outputs are NaN, not
+// silently finite.
+__device__ __forceinline__ float nanmax(float a, float b) { return (b > a || b != b) ? b : a; }
+
 __device__ __forceinline__ uint32_t quant4(const float* f, float inv) {
   uint32_t r = 0;
 #pragma unroll
@@ -60,21 +64,21 @@ __device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __
     float f[8];
     to_float8<DT>(cache[v], f);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
+    for (int e = 0; e < 8; ++e) amax = nanmax(amax, fabsf(f[e]));
   }
   for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
     float f[8];
     to_float8<DT>(quick::ldg128(xr + i), f);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(f[e]));
+    for (int e = 0; e < 8; ++e) amax = nanmax(amax, fabsf(f[e]));
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  for (int o = 16; o > 0; o >>= 1) amax = nanmax(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if ((tid & 31) == 0) red[tid >> 5] = amax;
   __syncthreads();
   amax = red[0];
 #pragma unroll
-  for (int w = 1; w < THREADS / 32; ++w) amax = fmaxf(amax, red[w]);
+  for (int w = 1; w < THREADS / 32; ++w) amax = nanmax(amax, red[w]);
 
   const float inv = amax > 0.f ? __fmul_rn(__frcp_rn(amax), 127.f) : 0.f;
 #pragma unroll
