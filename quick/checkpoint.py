@@ -350,8 +350,13 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: corrupt index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: corrupt index (weight_map must map tensor names to file names)")
+        bad = [v for v in set(weight_map.values()) if Path(v).name != v or v in (".", "..")]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names {bad[0]!r}, not a file inside the checkpoint directory")
         return {k: path / v for k, v in weight_map.items()}
     single = path / SINGLE_NAME
     if single.exists():
@@ -365,9 +370,15 @@ def read_quant_config(path: str | os.PathLike) -> dict[str, Any] | None:
     if not cfg.exists():
         raise CheckpointError(f"{path}: no config.json")
     try:
-        return json.loads(cfg.read_text()).get("quantization_config")
-    except ValueError as e:
+        raw = json.loads(cfg.read_text())
+    except (ValueError, OSError) as e:
         raise CheckpointError(f"{cfg}: corrupt config.json ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg}: config.json must hold a JSON object, got {type(raw).__name__}")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg}: quantization_config must be a JSON object, got {type(qc).__name__}")
+    return qc
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
@@ -382,6 +393,18 @@ def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._parameters[name] = nn.Parameter(t, requires_grad=False)
     else:
         mod._buffers[name] = t
+
+
+def _check_values(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Values no quantizer writes: non-finite scales, zero points outside [0, 15] or not integers. Every bit
+    pattern of packed codes is valid, so corruption there cannot be seen; in scales and zeros it can."""
+    for tname, t in tensors.items():
+        if tname == "scales" and not torch.isfinite(t).all():
+            raise CheckpointError(f"tensor '{name}.scales' holds NaN or inf; the checkpoint is corrupt")
+        if tname == "zeros" and t.is_floating_point() and t.numel():
+            z = t.float()
+            if not torch.equal(z, z.round()) or float(z.min()) < 0 or float(z.max()) > 15:
+                raise CheckpointError(f"tensor '{name}.zeros' holds values that are not zero points in [0, 15]")
 
 
 def _skeleton(config: Any, dense_dtype: torch.dtype) -> nn.Module:
@@ -417,8 +440,15 @@ def load_quantized(
     # cannot hold (e.g. N % 64 for quick_sm90) keeps the portable 'quick' layout.
     dst_layout = layout or preferred_layout(device)
     get_layout(dst_layout)
-    group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    try:
+        group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    except (TypeError, ValueError):
+        raise CheckpointError(
+            f"{path}: group_size {qc.get('group_size')!r} in quantization_config is not an integer"
+        ) from None
     overrides = qc.get("module_group_sizes") or {}
+    if not isinstance(overrides, dict):
+        raise CheckpointError(f"{path}: module_group_sizes must be a JSON object, got {type(overrides).__name__}")
 
     files = _weight_files(path)
     headers = {f: _read_header(f) for f in sorted(set(files.values()))}
@@ -432,7 +462,10 @@ def load_quantized(
         if k not in meta:
             raise CheckpointError(f"tensor '{k}' is listed in the index for {f.name} but that file does not hold it")
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, missing fields
+        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     scale_dtypes = {_ST_DTYPES.get(meta[k]["dtype"]) for k in meta if k.endswith(".scales")}
@@ -520,6 +553,7 @@ def load_quantized(
         try:
             g = q.group_size
             src.validate(tensors, q.in_features, q.out_features, g, where=name)
+            _check_values(tensors, name)
             if src_layout != dst_layout:
                 tensors = convert(tensors, src_layout, dst_layout, q.in_features, q.out_features, g)
             get_layout(dst_layout).validate(tensors, q.in_features, q.out_features, g, where=name)
