@@ -71,9 +71,48 @@ def build_parser(commands: dict[str, ModuleType] | None = None) -> argparse.Argu
     return parser
 
 
+def _raised_in_quick(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is code of the ``quick`` package (a deliberate check)."""
+    import os
+
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(pkg + os.sep)
+
+
 def is_library_error(exc: BaseException) -> bool:
-    """ValueError/RuntimeError subclasses defined inside the ``quick`` package: expected, user-facing failures."""
-    return isinstance(exc, (ValueError, RuntimeError)) and type(exc).__module__.split(".")[0] == "quick"
+    """Expected, user-facing failures: ValueError/RuntimeError subclasses defined in the ``quick`` package, any
+    ValueError/TypeError that ``quick``'s own checks raise, and OS errors about files the user named. Anything
+    else is a bug and keeps its traceback."""
+    if isinstance(exc, (ValueError, RuntimeError)) and type(exc).__module__.split(".")[0] == "quick":
+        return True
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, (ValueError, TypeError)) and _raised_in_quick(exc)
+
+
+def check_device(name: str | None) -> str | None:
+    """``None`` when ``--device NAME`` can be used here, else the reason (checked before any model is loaded)."""
+    if name is None or name == "auto":
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {name}: not a device (cpu, cuda, cuda:1, ...)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: no CUDA device is available here (use --device cpu)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif dev.type != "cpu":
+        return f"--device {name}: only cpu and cuda devices are supported"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    problem = check_device(getattr(args, "device", None))
+    if problem:
+        print(f"quick {args.command}: error: {problem}", file=sys.stderr)
+        return EXIT_LIBRARY_ERROR
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("quick: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, TypeError, OSError) as e:
         if not is_library_error(e):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
