@@ -187,7 +187,7 @@ def use_decode_attention(model: nn.Module) -> bool:
     return getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
 
 
-def _raise_recompile_limit(limit: int = 256) -> None:
+def _raise_recompile_limit(limit: int = 1024) -> None:
     """Every batch size (and every generator) is a new specialisation of the decode step; the default limit
     of 8 would silently fall back to eager after the 8th."""
     cfg = torch._dynamo.config
@@ -295,7 +295,13 @@ class StaticGenerator:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Eager, also in the compile modes: prefill is compute-bound (launch overhead does not show), and
+        compiling each prompt shape would only add build time."""
         pos = torch.arange(input_ids.shape[1], device=self.device)
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if self.compile == "regions" and set_stance is not None:
+            with set_stance("force_eager"):
+                return self._forward(input_ids, pos)
         return self._forward(input_ids, pos)
 
     def _capture(self) -> None:

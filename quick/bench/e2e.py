@@ -287,8 +287,11 @@ def main(args: argparse.Namespace) -> int:
     variants = resolve_variants(args.variants, args.compile, args.fused)
     args.outdir.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""
+    rows, cases = [], []
     with open(args.outdir / f"e2e-cases{tag}.jsonl", "a") as log:  # every case as it finishes (a killed run keeps them)
-        rows, cases = run(args.models, args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log)
-    stem = write_results(rows, env, args.outdir, args.prompt, args.gen, variants, cases, args.tag)
+        for model in args.models:  # results rewritten after each model: a run cut short keeps the finished ones
+            r, c = run([model], args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log)
+            rows, cases = rows + r, cases + c
+            stem = write_results(rows, env, args.outdir, args.prompt, args.gen, variants, cases, args.tag)
     print(stem.with_suffix(".md").read_text())
     return 0 if rows else 1
