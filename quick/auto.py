@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from quick.checkpoint import (
+    W4A8_VERSION,
     is_quantized_checkpoint,
+    is_w4a8_config,
     load_quantized,
     make_quant_config,
+    make_w4a8_quant_config,
     round_dense_,
     save_quantized,
     set_compute_dtype,
@@ -30,7 +33,8 @@ from quick.quant import apply
 from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
 
 DEFAULT_QUANT_CONFIG: dict[str, Any] = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
-METHODS = ("awq", "rtn")
+METHODS = ("awq", "rtn", "qqq")
+W4A8_GROUP_SIZES = (-1, 128)
 _VERSION_ALIASES = {"gemm": "awq_gemm", "awq": "awq_gemm", "sm90": "quick_sm90"}
 _DEFAULT_MODEL_NAMES = ("default", "smollm2", "smollm2-135m")
 
@@ -42,8 +46,14 @@ def default_device() -> torch.device:
 def validate_quant_config(quant_config: dict[str, Any] | None) -> dict[str, Any]:
     """Check an AutoAWQ-style config and fill defaults; ``version`` becomes a layout name.
 
-    Raises :class:`QuantizationError` with the offending key and the accepted values.
+    Raises :class:`QuantizationError` with the offending key and the accepted values. ``a_bit=8`` or
+    ``version='w4a8'`` selects W4A8 (see :func:`validate_w4a8_config`); ``a_bit=16`` is the default W4A16.
     """
+    raw = dict(quant_config or {})
+    if raw.get("a_bit", 16) != 16 or str(raw.get("version", "")).lower() == W4A8_VERSION:
+        return validate_w4a8_config(raw)
+    raw.pop("a_bit", None)
+    quant_config = raw
     qc = dict(DEFAULT_QUANT_CONFIG)
     unknown = set(quant_config or {}) - set(DEFAULT_QUANT_CONFIG)
     if unknown:
@@ -68,6 +78,37 @@ def validate_quant_config(quant_config: dict[str, Any] | None) -> dict[str, Any]
         )
     qc["version"] = version
     return qc
+
+
+def validate_w4a8_config(quant_config: dict[str, Any]) -> dict[str, Any]:
+    """Check a W4A8 config ``{"w_bit": 4, "a_bit": 8, "q_group_size": -1 | 128, "version": "w4a8"}``.
+
+    W4A8 weights are symmetric int4 (per channel, or per group of 128 with an int8 group scale) and the
+    activations per-token int8, so ``zero_point`` may only be false and no other group size or bit width exists.
+    """
+    allowed = {*DEFAULT_QUANT_CONFIG, "a_bit"}
+    unknown = set(quant_config) - allowed
+    if unknown:
+        raise QuantizationError(f"unknown quant_config keys {sorted(unknown)}; accepted: {sorted(allowed)}")
+    if quant_config.get("w_bit", 4) != 4:
+        raise QuantizationError(f"w_bit={quant_config['w_bit']} is not supported; W4A8 has 4-bit weights (w_bit=4)")
+    a_bit = quant_config.get("a_bit", 8)
+    if a_bit != 8:
+        raise QuantizationError(
+            f"a_bit={a_bit} is not supported with version 'w4a8'; W4A8 quantizes activations to 8 bits (a_bit=8), "
+            "16-bit activations are the default W4A16 versions (quick, quick_sm90, gemm)"
+        )
+    version = str(quant_config.get("version", W4A8_VERSION)).lower()
+    if version != W4A8_VERSION:
+        raise QuantizationError(f"a_bit=8 needs version 'w4a8', got {quant_config['version']!r}")
+    group = quant_config.get("q_group_size", 128)
+    if group not in W4A8_GROUP_SIZES:
+        raise QuantizationError(
+            f"q_group_size={group} is not supported for W4A8; choose one of {W4A8_GROUP_SIZES} (-1 = per channel)"
+        )
+    if quant_config.get("zero_point", False) is not False:
+        raise QuantizationError("W4A8 weights are symmetric: zero_point must be false (or left out)")
+    return {"w_bit": 4, "a_bit": 8, "q_group_size": group, "zero_point": False, "version": W4A8_VERSION}
 
 
 def _config_dtype(path: Path) -> torch.dtype | None:
@@ -226,6 +267,12 @@ class AutoQuickForCausalLM:
         model = load_quantized(p, device=device, dtype=dtype, layout=layout)
         tokenizer = _load_tokenizer(p)
         qc = model.quick_quant_config
+        if is_w4a8_config(qc):
+            config = validate_w4a8_config({"q_group_size": qc["group_size"]})
+            weight_dtype = next(m.dtype for m in model.modules() if hasattr(m, "channel_scale"))
+            auto = cls(model, tokenizer, config, weight_dtype, p)
+            auto._method = qc.get("method", "qqq")
+            return auto
         weight_dtype = next(m.dtype for m in model.modules() if hasattr(m, "qweight"))
         config = {
             "w_bit": 4,
@@ -252,7 +299,7 @@ class AutoQuickForCausalLM:
         tokenizer: Any = None,
         quant_config: dict[str, Any] | None = None,
         calib_data: str | os.PathLike | Sequence[str] | torch.Tensor | None = None,
-        method: str = "awq",
+        method: str | None = None,
         n_samples: int = 128,
         seqlen: int = 512,
         seed: int = 0,
@@ -261,7 +308,8 @@ class AutoQuickForCausalLM:
         batch_size: int = 8,
         progress: bool = True,
     ) -> AutoQuickForCausalLM:
-        """Quantize in place. ``method``: 'awq' (calibrated scales + clipping) or 'rtn' (round to nearest).
+        """Quantize in place. ``method``: 'awq' (calibrated scales + clipping) or 'rtn' (round to nearest);
+        for W4A8 configs (``a_bit=8``) 'qqq' (smoothing + GPTQ, the default there) or 'rtn'.
 
         ``calib_data``: ``None`` = Wikipedia calibration split (``n_samples`` x ``seqlen`` tokens), a text
         file, a list of strings, or token ids ``[n, seqlen]``. Records the wall time in
@@ -269,19 +317,28 @@ class AutoQuickForCausalLM:
         """
         if self.is_quantized:
             raise QuantizationError("model is already quantized")
+        qc = validate_quant_config(quant_config)
+        w4a8 = qc["version"] == W4A8_VERSION
+        method = method or ("qqq" if w4a8 else "awq")
         if method not in METHODS:
             raise QuantizationError(f"unknown method {method!r}; choose one of {METHODS}")
-        qc = validate_quant_config(quant_config)
+        if w4a8 and method == "awq":
+            raise QuantizationError("W4A8 (a_bit=8) is quantized with method 'qqq' (smoothing + GPTQ) or 'rtn'")
+        if not w4a8 and method == "qqq":
+            raise QuantizationError("method 'qqq' makes W4A8 models; pass a_bit=8 and version 'w4a8' in quant_config")
         tokenizer = tokenizer or self.tokenizer
         try:
             family = get_family(self.model.config)
         except FamilyError:
-            if method == "awq":
+            if method in ("awq", "qqq"):
                 raise
             family = None
         skip = family.modules_to_not_convert if family else ("lm_head",)
         start = time.perf_counter()
-        if method == "awq":
+        if w4a8:
+            self._quantize_w4a8(qc, method, tokenizer, family, skip, calib_data, n_samples, seqlen, seed,
+                                search_samples, batch_size, progress)  # fmt: skip
+        elif method == "awq":
             from quick.quant.awq import quantize_model_awq
 
             if tokenizer is None and not isinstance(calib_data, torch.Tensor):
@@ -306,7 +363,46 @@ class AutoQuickForCausalLM:
         self.quantization_time_s = time.perf_counter() - start
         self.quant_config = qc
         self._skip = tuple(skip)
+        self._method = method
         return self
+
+    def _quantize_w4a8(
+        self,
+        qc: dict[str, Any],
+        method: str,
+        tokenizer: Any,
+        family: Any,
+        skip: Sequence[str],
+        calib_data: Any,
+        n_samples: int,
+        seqlen: int,
+        seed: int,
+        search_samples: int | None,
+        batch_size: int,
+        progress: bool,
+    ) -> None:
+        """QQQ (calibrated) or RTN W4A8; dense parameters rounded to the checkpoint dtype either way."""
+        if method == "rtn":
+            with torch.no_grad():
+                apply.quantize_model_rtn_w4a8(self.model, qc["q_group_size"], self.weight_dtype, skip, progress=False)
+            round_dense_(self.model, self.weight_dtype)
+            return
+        from quick.quant.qqq import quantize_model_qqq
+
+        if tokenizer is None and not isinstance(calib_data, torch.Tensor):
+            raise QuantizationError("QQQ needs a tokenizer (or calibration token ids) for its calibration data")
+        bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
+        samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos)
+        quantize_model_qqq(
+            self.model,
+            samples,
+            group_size=qc["q_group_size"],
+            dtype=self.weight_dtype,
+            search_samples=search_samples,
+            batch_size=batch_size,
+            family=family,
+            progress=progress,
+        )
 
     def save_quantized(self, out_dir: str | os.PathLike, max_shard_size: int | None = None) -> Path:
         """Write the quantized model, its config and tokenizer to ``out_dir`` (atomically)."""
@@ -314,6 +410,10 @@ class AutoQuickForCausalLM:
             raise QuantizationError("quantize the model (or load a quantized one) before save_quantized")
         qc = self.quant_config
         skip = getattr(self, "_skip", None) or ("lm_head",)
+        if qc["version"] == W4A8_VERSION:
+            config = make_w4a8_quant_config(qc["q_group_size"], getattr(self, "_method", "qqq"), "packed", skip)
+            kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)
         config = make_quant_config(qc["version"], qc["q_group_size"], qc["zero_point"], skip)
         kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quick.nn.linear import QuickLinear
+from quick.nn.linear_w4a8 import QuickLinearW4A8
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
 from quick.quant.primitives import QuantizationError
 
@@ -181,6 +182,12 @@ def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> 
             out[f"{name}.{t_name}"] = t
         if mod.bias is not None:
             out[f"{name}.bias"] = mod.bias
+    _add_dense_state(model, set(packed), dense_dtype, out)
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _add_dense_state(model: nn.Module, packed: set[str], dense_dtype: torch.dtype, out: dict) -> None:
+    """Add every tensor outside the ``packed`` modules to ``out`` in ``dense_dtype``, tied ones once."""
     seen_ptrs: set[tuple[int, int]] = set()
     for key, t in model.state_dict(keep_vars=False).items():
         prefix = key.rpartition(".")[0]
@@ -191,7 +198,6 @@ def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> 
             continue
         seen_ptrs.add(ptr)
         out[key] = t.to(dense_dtype) if t.is_floating_point() else t
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -231,6 +237,9 @@ def save_quantized(
     one is replaced only after the new one is fully written).
     """
     out = Path(out_dir).resolve()
+    if w4a8_modules(model):
+        qc, tensors, dense_dtype = _w4a8_state_for_save(model, quant_config)
+        return _write_checkpoint(model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish)
     packed = packed_modules(model)
     if not packed:
         raise CheckpointError("model has no QuickLinear layers; quantize it before save_quantized")
@@ -261,7 +270,20 @@ def save_quantized(
         raise CheckpointError(f"packed layers use several dtypes {sorted(map(str, dtypes))}; one is supported")
     dense_dtype = first.dtype
     tensors = _state_for_save(model, layout, dense_dtype)
+    return _write_checkpoint(model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish)
 
+
+def _write_checkpoint(
+    model: nn.Module,
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    qc: dict[str, Any],
+    dense_dtype: torch.dtype,
+    tokenizer: Any,
+    max_shard_size: int,
+    _before_publish: Any,
+) -> Path:
+    """Write shards, index, config (with ``qc``), generation config and tokenizer to a temp dir, then publish."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -395,6 +417,17 @@ def _set_tensor(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._buffers[name] = t
 
 
+def _load_dense(model: nn.Module, key: str, t: torch.Tensor, ref: torch.Tensor, f: Path, dense_dtype) -> None:
+    """Set a dense tensor after checking it against the skeleton's (errors name the tensor and the file)."""
+    if tuple(t.shape) != tuple(ref.shape):
+        raise CheckpointError(
+            f"tensor '{key}' in {f.name} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}"
+        )
+    if ref.is_floating_point() != t.is_floating_point():
+        raise CheckpointError(f"tensor '{key}' in {f.name} has dtype {t.dtype}, expected {ref.dtype}")
+    _set_tensor(model, key, t.to(dense_dtype) if t.is_floating_point() else t.to(ref.dtype))
+
+
 def _check_values(tensors: dict[str, torch.Tensor], name: str) -> None:
     """Values no quantizer writes: non-finite scales, zero points outside [0, 15] or not integers. Every bit
     pattern of packed codes is valid, so corruption there cannot be seen; in scales and zeros it can."""
@@ -435,6 +468,10 @@ def load_quantized(
     qc = read_quant_config(path)
     if qc is None:
         raise CheckpointError(f"{path}: config.json has no quantization_config (a dense model?)")
+    if is_w4a8_config(qc):
+        if layout not in (None, W4A8_VERSION):
+            raise CheckpointError(f"{path}: a W4A8 checkpoint cannot be repacked into the 4-bit layout '{layout}'")
+        return _load_w4a8(path, qc, device, dtype)
     src_layout = layout_for_config(qc)
     # Without an explicit layout, repack to the fastest one for the device; a layer whose shape that layout
     # cannot hold (e.g. N % 64 for quick_sm90) keeps the portable 'quick' layout.
@@ -474,6 +511,8 @@ def load_quantized(
     if len(scale_dtypes) != 1 or None in scale_dtypes:
         raise CheckpointError(f"{path}: scales have mixed or unsupported dtypes {scale_dtypes}")
     scale_dtype = scale_dtypes.pop()
+    if scale_dtype not in (torch.float16, torch.bfloat16):
+        raise CheckpointError(f"{path}: scales are {scale_dtype}; QUICK checkpoints store float16 or bfloat16 scales")
     dense_dtype = dtype or scale_dtype
     model = _skeleton(config, dense_dtype)
 
@@ -531,15 +570,7 @@ def load_quantized(
                     if key not in expected:
                         unexpected.append(key)
                         continue
-                    t = sf.get_tensor(key)
-                    ref = expected[key]
-                    if tuple(t.shape) != tuple(ref.shape):
-                        raise CheckpointError(
-                            f"tensor '{key}' in {f.name} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}"
-                        )
-                    if ref.is_floating_point() != t.is_floating_point():
-                        raise CheckpointError(f"tensor '{key}' in {f.name} has dtype {t.dtype}, expected {ref.dtype}")
-                    _set_tensor(model, key, t.to(dense_dtype) if t.is_floating_point() else t.to(ref.dtype))
+                    _load_dense(model, key, sf.get_tensor(key), expected[key], f, dense_dtype)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt data
@@ -576,4 +607,149 @@ def load_quantized(
         dst_layout, group_size, qc.get("zero_point", True), qc.get("modules_to_not_convert") or ("lm_head",)
     )
     model.quick_source_quant_config = saved
+    return model
+
+
+# ------------------------------------------------------------------------------------------ W4A8 (QQQ)
+
+W4A8_VERSION = "w4a8"
+
+
+def is_w4a8_config(qc: dict[str, Any]) -> bool:
+    """A ``quantization_config`` of W4A8 weights (QQQ format, :mod:`quick.quant.w4a8_format`)."""
+    return str(qc.get("version", "")).lower() == W4A8_VERSION or int(qc.get("a_bit", 16)) == 8
+
+
+def make_w4a8_quant_config(
+    group_size: int,
+    method: str = "qqq",
+    storage: str = "packed",
+    modules_to_not_convert: Iterable[str] = ("lm_head",),
+) -> dict[str, Any]:
+    """The ``quantization_config`` of a W4A8 checkpoint: 4-bit symmetric weights, per-token int8 activations.
+
+    ``storage``: ``packed`` (layout ``w4a8`` of :mod:`quick.packing.layouts`) or ``unpacked`` (``q``,
+    ``channel_scale``, ``group_scale`` as the format defines them); ``method``: the algorithm that made it."""
+    return {
+        "quant_method": "quick",
+        "bits": 4,
+        "a_bit": 8,
+        "group_size": int(group_size),
+        "zero_point": False,
+        "version": W4A8_VERSION,
+        "method": method,
+        "storage": storage,
+        "modules_to_not_convert": list(modules_to_not_convert),
+    }
+
+
+def w4a8_modules(model: nn.Module) -> dict[str, QuickLinearW4A8]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuickLinearW4A8)}
+
+
+def _w4a8_state_for_save(
+    model: nn.Module, quant_config: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.dtype]:
+    """Config, tensors and dense dtype of a W4A8 model; layers whose storage differs are listed by name."""
+    mods = w4a8_modules(model)
+    if packed_modules(model):
+        raise CheckpointError("model mixes W4A16 (QuickLinear) and W4A8 layers; one format per checkpoint")
+    first = next(iter(mods.values()))
+    qc = dict(quant_config) if quant_config else make_w4a8_quant_config(first.group_size)
+    if not is_w4a8_config(qc):
+        raise CheckpointError(f"W4A8 layers cannot be saved under quantization_config version {qc.get('version')!r}")
+    bad = [n for n, m in mods.items() if m.group_size != qc["group_size"]]
+    if bad:
+        raise CheckpointError(f"{len(bad)} W4A8 layers (e.g. {bad[0]}) do not use group size {qc['group_size']}")
+    storages = [m.storage for m in mods.values()]
+    qc["storage"] = max(set(storages), key=storages.count)
+    others = {n: m.storage for n, m in mods.items() if m.storage != qc["storage"]}
+    if others:
+        qc["module_storage"] = others
+    dtypes = {m.dtype for m in mods.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"W4A8 layers use several dtypes {sorted(map(str, dtypes))}; one is supported")
+    dense_dtype = first.dtype
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in mods.items():
+        for t_name, t in mod.stored().items():
+            out[f"{name}.{t_name}"] = t
+        if mod.bias is not None:
+            out[f"{name}.bias"] = mod.bias
+    _add_dense_state(model, set(mods), dense_dtype, out)
+    return qc, {k: v.detach().to("cpu").contiguous() for k, v in out.items()}, dense_dtype
+
+
+@torch.no_grad()
+def _load_w4a8(path: Path, qc: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Load a W4A8 checkpoint: ``QuickLinearW4A8`` wherever the files hold ``<linear>.channel_scale``."""
+    from transformers import AutoConfig
+
+    if int(qc.get("bits", qc.get("w_bit", 4))) != 4 or int(qc.get("a_bit", 8)) != 8:
+        raise CheckpointError(f"{path}: W4A8 checkpoints have bits=4 and a_bit=8, got {qc}")
+    group_size = int(qc.get("group_size", -1))
+    storage_of = qc.get("module_storage") or {}
+    files = _weight_files(path)
+    headers = {f: _read_header(f) for f in sorted(set(files.values()))}
+    meta = {k: v for h in headers.values() for k, v in h.items()}
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    layer_dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.float16
+    dense_dtype = dtype or layer_dtype
+    model = _skeleton(config, dense_dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.channel_scale" in meta}
+    orphans = [k for k in meta if k.endswith(".channel_scale") and k.rpartition(".")[0] not in linears]
+    if orphans:
+        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {config.model_type} model")
+    expected = dict(model.state_dict(keep_vars=True))
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
+    unexpected = []
+    for f in headers:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    prefix, _, tname = key.rpartition(".")
+                    if prefix in linears:
+                        pending[prefix][tname] = sf.get_tensor(key)
+                    elif key in expected:
+                        _load_dense(model, key, sf.get_tensor(key), expected[key], f, dense_dtype)
+                    else:
+                        unexpected.append(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{f}: cannot read tensors ({type(e).__name__}: {e}); the file is corrupt") from None
+    if unexpected:
+        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+    for name, lin in linears.items():
+        tensors = pending[name]
+        bias = tensors.pop("bias", None)
+        try:
+            mod = QuickLinearW4A8.from_tensors(
+                tensors, storage_of.get(name, qc.get("storage", "packed")), group_size, bias, layer_dtype,
+                lin.in_features,
+            )  # fmt: skip
+        except (ValueError, LayoutError) as e:
+            raise CheckpointError(f"{path}: W4A8 layer '{name}': {e}") from None
+        if mod.out_features != lin.out_features or mod.in_features < lin.in_features:
+            raise CheckpointError(
+                f"{path}: W4A8 layer '{name}' holds [{mod.out_features}, {mod.in_features}] weights, "
+                f"the model needs [{lin.out_features}, {lin.in_features}]"
+            )
+        if (lin.bias is not None) != (bias is not None):
+            raise CheckpointError(f"{path}: W4A8 layer '{name}': bias {'missing' if bias is None else 'unexpected'}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, mod)
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    set_compute_dtype(model, dense_dtype)
+    model.to(device)
+    model.eval()
+    model.quick_quant_config = dict(qc)
+    model.quick_source_quant_config = dict(qc)
     return model

@@ -54,3 +54,21 @@ def quantize_model_rtn(
         parent, child = _parent(model, name)
         setattr(parent, child, q)
     return model
+
+
+def quantize_model_rtn_w4a8(
+    model: nn.Module,
+    group_size: int = -1,
+    dtype: torch.dtype | None = None,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    progress: bool = True,
+) -> nn.Module:
+    """Round-to-nearest W4A8 (QQQ format, no calibration) of every eligible linear, in place."""
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+    from quick.quant.qqq import check_group_size
+
+    check_group_size(group_size)
+    for name, lin in tqdm(quantizable_linears(model, skip), desc="quantize (W4A8 RTN)", disable=not progress):
+        parent, child = _parent(model, name)
+        setattr(parent, child, QuickLinearW4A8.from_linear(lin, group_size, dtype))
+    return model

@@ -1,0 +1,275 @@
+"""``QuickLinearW4A8``: a drop-in ``nn.Linear`` with 4-bit weights and per-token 8-bit activations (QQQ format).
+
+The weights follow :mod:`quick.quant.w4a8_format`. They are held packed (layout ``w4a8`` of
+:mod:`quick.packing.layouts`) when that packing exists, so that the int8 tensor-core kernel registered for
+layout ``w4a8`` can run them on a GPU; otherwise (or if packing a layer fails) they are held unpacked
+(``q``, ``channel_scale``, ``group_scale``) and every forward runs the reference path. Either way the
+buffers are the checkpoint tensors and ``storage`` says which kind they are.
+
+The reference path quantizes the activations exactly like the kernels and computes the integer sum exactly
+(fp32 where every partial sum is an integer below 2**24, float64 otherwise), then applies the float scales
+in float64 and casts to the input dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight, quantize_activations, validate_w4a8
+
+BACKENDS = ("auto", "reference", "kernel")
+STORAGES = ("packed", "unpacked")
+UNPACKED_NAMES = ("q", "channel_scale", "group_scale")
+LAYOUT = "w4a8"
+_EXACT_FP32 = 2**24
+
+
+def packing_module() -> ModuleType | None:
+    """``quick.packing.layouts`` when it offers ``pack_w4a8``/``unpack_w4a8`` (written in parallel), else None."""
+    from quick.packing import layouts
+
+    if callable(getattr(layouts, "pack_w4a8", None)) and callable(getattr(layouts, "unpack_w4a8", None)):
+        return layouts
+    return None
+
+
+def _kernel_for(x: torch.Tensor):
+    """The registered W4A8 GPU kernel for ``x`` (importing its module registers it), or None."""
+    try:
+        import importlib
+
+        importlib.import_module("quick.kernels.quick_w4a8")
+    except ImportError:
+        return None
+    except Exception as e:  # a broken optional kernel must not take the reference path down with it
+        warnings.warn(f"quick.kernels.quick_w4a8 failed to import: {e}", RuntimeWarning, stacklevel=3)
+        return None
+    from quick.kernels import dispatch
+
+    return dispatch.kernel_for(LAYOUT, x)
+
+
+def integer_matmul(xq: torch.Tensor, w: W4A8Weight, cache: dict | None = None) -> torch.Tensor:
+    """Exact ``sum_k xq[m, k] * q[n, k] * s_g[k // G, n]`` as float64 ``[M, N]`` (no float scales applied).
+
+    Per-channel: one fp32 matmul when ``K * 127 * 8 < 2**24`` (every partial sum is then an exactly
+    representable integer), else float64. Per-group: one fp32 matmul per group (``G * 127 * 8`` is far below
+    2**24), each multiplied by its integer group scale in fp32 (exact while ``G * 127 * 8 * 127 < 2**24``, i.e.
+    ``G <= 130``) and summed in float64. ``cache``: where to keep the float copies of the weights between calls.
+    """
+    m, k = xq.shape
+    n = w.out_features
+    cache = {} if cache is None else cache
+    if w.group_scale is None:
+        if k * 127 * 8 < _EXACT_FP32:
+            if "qf" not in cache:
+                cache["qf"] = w.q.float().t().contiguous()
+            return (xq.float() @ cache["qf"]).double()
+        if "qd" not in cache:
+            cache["qd"] = w.q.double().t().contiguous()
+        return xq.double() @ cache["qd"]
+    g = w.group_size
+    ng = k // g
+    if g * 127 * 8 * 127 >= _EXACT_FP32:
+        if "wd" not in cache:
+            cache["wd"] = w.dequantize(torch.float64).div(w.channel_scale.double()[:, None]).t().contiguous()
+        return xq.double() @ cache["wd"]
+    if "qg" not in cache:
+        cache["qg"] = w.q.float().reshape(n, ng, g).permute(1, 2, 0).contiguous()  # [ng, G, N]
+        cache["sg"] = w.group_scale.float()[:, None, :]  # [ng, 1, N]
+    out = torch.zeros(m, n, dtype=torch.float64, device=xq.device)
+    rows = max(1, (1 << 24) // max(ng * n, 1))  # bound the [ng, rows, N] partials to ~64 MB
+    for r in range(0, m, rows):
+        xg = xq[r : r + rows].float().reshape(-1, ng, g).transpose(0, 1)  # [ng, rows, G]
+        part = torch.bmm(xg, cache["qg"]).mul_(cache["sg"])
+        out[r : r + rows] = part.sum(0, dtype=torch.float64)
+    return out
+
+
+def reference_w4a8(
+    x: torch.Tensor, w: W4A8Weight, bias: torch.Tensor | None = None, cache: dict | None = None
+) -> torch.Tensor:
+    """W4A8 arithmetic of the format (activation quantization included), output in float64 ``[..., N]``."""
+    xq, sx = quantize_activations(x)
+    acc = integer_matmul(xq.reshape(-1, xq.shape[-1]), w, cache)
+    y = acc * sx.reshape(-1, 1).double() * w.channel_scale.double()[None, :].to(acc.device)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+class QuickLinearW4A8(nn.Module):
+    """Linear layer ``y = dequant(quant_int8(x)) @ W^T + b`` with W4A8 weights (packed when possible).
+
+    ``in_features`` is the stored K (whole groups); ``logical_in_features`` the real K, inputs of that width are
+    zero-padded (zero columns quantize to zero and do not change a token's absmax). ``dtype``: the activation
+    and output dtype of the GPU kernel and the bias dtype; the reference path returns the input's dtype.
+    ``backend``: ``"auto"`` (kernel when one is registered and available for the input, else reference),
+    ``"reference"``, or ``"kernel"`` (raise when there is none).
+    """
+
+    def __init__(
+        self,
+        weight: W4A8Weight,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
+        logical_in_features: int | None = None,
+        pack: bool | None = None,
+    ) -> None:
+        super().__init__()
+        validate_w4a8(weight)
+        if weight.group_size not in SUPPORTED_W4A8_GROUPS:
+            raise ValueError(f"W4A8 group size must be one of {SUPPORTED_W4A8_GROUPS}, got {weight.group_size}")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"QuickLinearW4A8 dtype must be float16 or bfloat16, got {dtype}")
+        self.out_features, self.in_features = weight.q.shape
+        self.logical_in_features = logical_in_features or self.in_features
+        if not 0 < self.logical_in_features <= self.in_features:
+            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {self.in_features}]")
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.group_size = weight.group_size
+        self.dtype = dtype
+        self.backend = "auto"
+        self._cache: tuple | None = None
+        tensors, self.storage = self._to_storage(weight, pack)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+
+    @staticmethod
+    def _to_storage(weight: W4A8Weight, pack: bool | None) -> tuple[dict[str, torch.Tensor], str]:
+        layouts = packing_module() if pack is not False else None
+        if layouts is None and pack:
+            raise RuntimeError("W4A8 packing (quick.packing.layouts.pack_w4a8) is not available")
+        if layouts is not None:
+            try:
+                return dict(layouts.pack_w4a8(weight)), "packed"
+            except Exception as e:
+                if pack:
+                    raise
+                warnings.warn(f"W4A8 packing failed ({e}); keeping the weights unpacked", RuntimeWarning, stacklevel=3)
+        tensors = {"q": weight.q.contiguous(), "channel_scale": weight.channel_scale.float().contiguous()}
+        if weight.group_scale is not None:
+            tensors["group_scale"] = weight.group_scale.contiguous()
+        return tensors, "unpacked"
+
+    # ------------------------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        group_size: int = -1,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        pack: bool | None = None,
+    ) -> QuickLinearW4A8:
+        """Round-to-nearest W4A8 of a float weight ``[N, K]`` (K padded to whole groups)."""
+        from quick.quant.qqq import quantize_w4a8_rtn
+
+        dtype = dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
+        qw = quantize_w4a8_rtn(weight, group_size)
+        return cls(qw, bias, dtype, weight.shape[1], pack)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = -1, dtype: torch.dtype | None = None, pack: bool | None = None
+    ) -> QuickLinearW4A8:
+        return cls.from_weight(linear.weight.data, group_size, linear.bias, dtype, pack)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        storage: str,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
+        logical_in_features: int | None = None,
+        pack: bool | None = None,
+    ) -> QuickLinearW4A8:
+        """Rebuild from checkpoint tensors of either storage; they are validated against the format."""
+        if storage not in STORAGES:
+            raise ValueError(f"unknown W4A8 storage {storage!r}; expected one of {STORAGES}")
+        if storage == "packed":
+            layouts = packing_module()
+            if layouts is None:
+                raise ValueError("checkpoint holds packed W4A8 weights but this build has no W4A8 unpacking")
+            w = layouts.unpack_w4a8(tensors, group_size)
+        else:
+            missing = [n for n in UNPACKED_NAMES[: 2 if group_size == -1 else 3] if n not in tensors]
+            if missing:
+                raise ValueError(f"unpacked W4A8 weights lack {missing}")
+            w = W4A8Weight(tensors["q"], tensors["channel_scale"], tensors.get("group_scale"), group_size)
+        return cls(w, bias, dtype, logical_in_features, pack)
+
+    # ----------------------------------------------------------------------------------------- weights
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The weight buffers (no bias), as the checkpoint stores them."""
+        return {n: b for n, b in self._buffers.items() if n != "bias" and b is not None}
+
+    def weight(self) -> W4A8Weight:
+        """The unpacked W4A8 weights (cached until a buffer changes)."""
+        key = tuple((b.data_ptr(), b._version, b.device) for b in self.stored().values())
+        if self._cache is None or self._cache[0] != key:
+            if self.storage == "packed":
+                w = packing_module().unpack_w4a8(self.stored(), self.group_size)
+            else:
+                w = W4A8Weight(self.q, self.channel_scale, getattr(self, "group_scale", None), self.group_size)
+            self._cache = (key, w, {})
+        return self._cache[1]
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[N, logical K]`` weights the integers represent (activation quantization not included)."""
+        return self.weight().dequantize(dtype)[:, : self.logical_in_features]
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] not in (self.in_features, self.logical_in_features):
+            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.logical_in_features}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be floating point, got {x.dtype}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
+        ref_device = next(iter(self.stored().values())).device
+        if x.device != ref_device:
+            raise ValueError(f"input on {x.device} but weights on {ref_device}")
+        if x.shape[-1] != self.in_features:
+            x = F.pad(x, (0, self.in_features - x.shape[-1]))
+        if self.backend != "reference" and x.is_cuda and self.storage == "packed":
+            xk = x.to(self.dtype)
+            fn = _kernel_for(xk)
+            if fn is not None:
+                out = self._run_kernel(fn, xk.reshape(-1, self.in_features))
+                return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.backend == "kernel":
+            raise RuntimeError(f"no W4A8 GPU kernel available for this layer ({self.storage}) on {x.device}")
+        w = self.weight()
+        return reference_w4a8(x, w, self.bias, self._cache[2]).to(x.dtype)
+
+    def _run_kernel(self, fn, x2d: torch.Tensor) -> torch.Tensor:
+        """Call ``fn(x2d, packed, group_size[, bias])``; the bias is added here if the kernel takes none."""
+        try:
+            takes_bias = len(inspect.signature(fn).parameters) >= 4
+        except (TypeError, ValueError):
+            takes_bias = False
+        if takes_bias:
+            return fn(x2d, self.stored(), self.group_size, self.bias)
+        out = fn(x2d, self.stored(), self.group_size)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        pad = f" (padded from {self.logical_in_features})" if self.logical_in_features != self.in_features else ""
+        return (
+            f"in_features={self.in_features}{pad}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"w4a8 {self.storage}, dtype={self.dtype}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,579 @@
+"""W4A8 quantization in the QQQ way (Zhang et al. 2024): adaptive smoothing, then GPTQ, layer by layer.
+
+Why: with 8-bit activations the per-token int8 grid is set by each token's largest channel, so a few outlier
+channels (LLMs have them after every norm) crush the resolution of all the others. Smoothing moves that range
+into the weights (``x / s``, ``W * s``, folded into the preceding norm or linear, exact in float), where GPTQ
+then absorbs the extra 4-bit rounding error by updating the not-yet-quantized columns with the inverse Hessian.
+
+* **Smoothing**, per scale group of :mod:`quick.models.families` (q/k/v after the attention norm, gate/up after
+  the MLP norm, down after up, o after v where shapes allow): ``s = amax_x**alpha / amax_w**(1 - alpha)`` for
+  ``alpha`` on a grid, plus ``s = 1``; the group's module is run with its linears fake-quantized in W4A8
+  (weights round-to-nearest in the target format, inputs per-token int8) and the ``alpha`` with the smallest
+  output MSE against the float module wins.
+* **GPTQ** (Frantar et al. 2022) on ``H = X^T X`` of the smoothed calibration inputs (the factor 2/T of
+  ``2 X^T X / T`` cancels), 1 % dampening, optional act-order, blocks of 128 columns, upper Cholesky factor of
+  ``H^-1``. Per-channel: ``W = s_ch * q``. Per-group (QQQ's two levels): the channel scale is fixed first
+  from the whole row (``amax / 7.5 / 127``), and each group's *integer* scale ``s_g in [1, 127]`` is chosen when
+  the sweep reaches the group, from the error-updated weights, so ``W = s_ch * s_g * q`` exactly as
+  :mod:`quick.quant.w4a8_format` stores it.
+* **RTN** (no calibration): the same two-level grid with round-to-nearest, for quick tests.
+
+The calibration capture (first-layer inputs, per-layer kwargs) and the scale folding are AWQ's
+(:mod:`quick.quant.awq`). The next layer's inputs are the outputs of the *quantized* layer (GPTQ's
+sequential mode), so later layers see and compensate the error of earlier ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.quant.awq import (
+    _first_tensor,
+    _layer_output,
+    calibration_dtype,
+    capture_layer_inputs,
+    default_device,
+    fold_scale,
+    layer_linears,
+)
+from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError
+from quick.quant.w4a8_format import (
+    GROUP_SCALE_MAX,
+    QMAX,
+    QMIN,
+    SUPPORTED_W4A8_GROUPS,
+    W4A8Weight,
+    quantize_activations,
+)
+
+N_GRID = 20
+DAMP = 0.01
+BLOCK_SIZE = 128
+# 2 * amax / 15 maps [-amax, amax] onto [-7.5, 7.5]: the int4 code range [-8, 7] with half a step clipped at +amax.
+STEP_PER_AMAX = 2.0 / 15.0
+_TINY = 1e-10
+# Calibration samples the smoothing search runs on when computing on CPU (all of them on GPU), as for AWQ.
+CPU_SEARCH_SAMPLES = 16
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in SUPPORTED_W4A8_GROUPS:
+        raise QuantizationError(
+            f"W4A8 group size {group_size} is not supported; choose one of {SUPPORTED_W4A8_GROUPS} (-1 = per channel)"
+        )
+
+
+def padded_k_w4a8(k: int, group_size: int) -> int:
+    """Stored K: whole groups (SmolLM2's 576 -> 640 at g128), and the packed layout's K multiple if it has one."""
+    from quick.packing import layouts
+
+    step = group_size if group_size > 0 else 1
+    packed = getattr(layouts, "W4A8", None)  # the packed layout (quick.packing.layouts), when it exists
+    step = math.lcm(step, int(getattr(packed, "k_multiple", 1)))
+    return -(-k // step) * step
+
+
+# ---------------------------------------------------------------------------------------- weight grids
+
+
+def channel_scale_for(amax_row: torch.Tensor, group_size: int) -> torch.Tensor:
+    """First-level (float) scale per output row: the int4 step itself per-channel, 1/127 of the largest group
+    step per-group (so that the largest group gets ``s_g = 127``, the full int8 resolution)."""
+    step = amax_row.float() * STEP_PER_AMAX
+    if group_size != -1:
+        step = step / GROUP_SCALE_MAX
+    return step.clamp(min=_TINY)
+
+
+def group_scale_for(amax_group: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
+    """Second-level integer scale ``ceil(step / s_ch)`` in ``[1, 127]`` for groups' ``amax [..., N]``.
+
+    Rounding up keeps every weight of the group within half a step of the grid (rounding to nearest would clip
+    the group's largest weights by up to half a unit of ``s_g``, a lot for small ``s_g``); the 1e-3 slack stops
+    float noise from adding a whole unit."""
+    step = amax_group.float() * STEP_PER_AMAX
+    return torch.ceil(step / channel_scale - 1e-3).clamp(1, GROUP_SCALE_MAX)
+
+
+def _round_q(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale), QMIN, QMAX)
+
+
+def _finish(q: torch.Tensor, channel_scale: torch.Tensor, group_scale: torch.Tensor | None, group_size: int):
+    """Pad ``q [N, K]`` (and the group scales) to the stored K and build the validated :class:`W4A8Weight`."""
+    n, k = q.shape
+    kp = padded_k_w4a8(k, group_size)
+    q = F.pad(q, (0, kp - k)).to(torch.int8).contiguous()
+    gs = None
+    if group_scale is not None:
+        ng = kp // group_size
+        gs = F.pad(group_scale, (0, 0, 0, ng - group_scale.shape[0]), value=1.0).to(torch.int16).contiguous()
+    return W4A8Weight(q, channel_scale.float().contiguous(), gs, group_size)
+
+
+def quantize_w4a8_rtn(weight: torch.Tensor, group_size: int = -1) -> W4A8Weight:
+    """Round-to-nearest W4A8 weights of an ``nn.Linear`` weight ``[N, K]`` (K padded to whole groups)."""
+    check_group_size(group_size)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise QuantizationError(f"expected a 2-D float weight [out, in], got {weight.dtype} {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise QuantizationError("weight contains NaN or inf; refusing to quantize")
+    w = weight.detach().float()
+    n, k = w.shape
+    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
+    if group_size == -1:
+        return _finish(_round_q(w, s_ch[:, None]), s_ch, None, -1)
+    ng = -(-k // group_size)
+    wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
+    s_g = group_scale_for(wg.abs().amax(dim=-1).t(), s_ch)  # [ng, N]
+    scale = (s_ch[:, None] * s_g.t()).repeat_interleave(group_size, dim=1)[:, :k]
+    return _finish(_round_q(w, scale), s_ch, s_g, group_size)
+
+
+def fake_quant_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RTN W4A8 weights dequantized back to ``[N, K]`` (fp32): what the smoothing search scores."""
+    return quantize_w4a8_rtn(weight, group_size).dequantize(torch.float32)[:, : weight.shape[1]]
+
+
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 quantize-dequantize of ``x`` in its own dtype, with the kernels' exact rounding."""
+    xq, sx = quantize_activations(x)
+    return (xq.float() * sx[..., None]).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- GPTQ
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (fp32); more damping if H is singular."""
+    h = hessian.double()
+    k = h.shape[0]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    mean_diag = float(torch.diagonal(h).mean()) or 1.0
+    for _ in range(6):
+        low, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0:
+                return up.float()
+        damp *= 10
+    raise QuantizationError("the calibration Hessian is not positive definite even with heavy dampening")
+
+
+@torch.no_grad()
+def gptq_w4a8(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int = -1,
+    damp: float = DAMP,
+    block_size: int = BLOCK_SIZE,
+    act_order: bool = False,
+) -> W4A8Weight:
+    """GPTQ of one linear's weight ``[N, K]`` given ``H = X^T X`` ``[K, K]`` of its inputs, in the W4A8 format.
+
+    Columns are quantized one at a time; each one's rounding error, divided by its diagonal entry of the
+    inverse-Hessian factor, is spread over the columns not yet quantized (inside the block immediately, to the
+    rest after the block). With ``act_order`` the columns go in order of decreasing ``H_jj`` and the group
+    scales are fixed up front (a group's columns are then visited out of order).
+    """
+    check_group_size(group_size)
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise QuantizationError(f"Hessian shape {tuple(hessian.shape)} does not match K={k}")
+    if not torch.isfinite(weight).all() or not torch.isfinite(hessian).all():
+        raise QuantizationError("weight or Hessian contains NaN or inf; refusing to quantize")
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
+    grouped = group_size != -1
+    ng = -(-k // group_size) if grouped else 1
+    s_g = torch.ones(ng, n, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        if grouped:  # static groups, from the weights before any update
+            wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
+            s_g = group_scale_for(wg.abs().amax(dim=-1).t(), s_ch)
+        w, h = w[:, perm], h[perm][:, perm]
+        order = perm.tolist()
+    else:
+        perm, order = None, list(range(k))
+    u = inverse_hessian_factor(h, damp).to(w.device)
+    q = torch.zeros_like(w)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            if grouped:
+                g = col // group_size
+                if not act_order and col % group_size == 0:
+                    ahead = torch.cat([w1[:, i : i + group_size], w[:, i2 : i2 + group_size]], dim=1)[:, :group_size]
+                    s_g[g] = group_scale_for(ahead.abs().amax(dim=1), s_ch)
+                scale = s_ch * s_g[g]
+            else:
+                scale = s_ch
+            col_w = w1[:, i]
+            col_q = _round_q(col_w, scale)
+            q[:, i1 + i] = col_q
+            e = (col_w - col_q * scale) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return _finish(q, s_ch, s_g if grouped else None, group_size)
+
+
+# ------------------------------------------------------------------------------------------- smoothing
+
+
+@dataclass
+class _Site:
+    """Statistics of one linear input (shared by the linears that read it): per-channel ``max |x|`` and
+    ``X^T X`` over all calibration tokens, and the smoothing scale applied to it so far."""
+
+    amax: torch.Tensor
+    gram: torch.Tensor
+    tokens: int = 0
+    scale: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.amax = torch.maximum(self.amax, x.abs().amax(dim=0))
+        self.gram += (x.t() @ x).double()
+        self.tokens += x.shape[0]
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The input became ``x / s``: update the statistics instead of recomputing them."""
+        s = s.to(self.amax.device)
+        self.amax = self.amax / s
+        sd = s.double()
+        self.gram /= sd[:, None] * sd[None, :]
+        self.scale = s if self.scale is None else self.scale * s
+
+
+@dataclass
+class _Probe:
+    """Inputs, kwargs and float outputs of the module a scale group is scored on, for the search chunks."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def probe_module_name(group: ScaleGroup) -> str:
+    """The attention/MLP block for multi-linear groups, the linear itself for single-linear ones."""
+    return group.inspect if group.inspect is not None else group.linears[0]
+
+
+def smoothing_candidates(
+    amax_x: torch.Tensor, amax_w: torch.Tensor, n_grid: int = N_GRID
+) -> list[tuple[float, torch.Tensor]]:
+    """``(alpha, s)`` for ``alpha = i / n_grid``, ``i = 0..n_grid``, and ``(nan, 1)`` (no smoothing).
+
+    ``s`` is normalised by ``sqrt(max s * min s)``: a common factor changes neither the per-token activation
+    grid nor the per-row weight grid, but keeps the folded norm weights in a sane range.
+    """
+    ax = amax_x.float().clamp(min=1e-5)
+    aw = amax_w.float().clamp(min=1e-5)
+    out: list[tuple[float, torch.Tensor]] = [(math.nan, torch.ones_like(ax))]
+    for i in range(n_grid + 1):
+        alpha = i / n_grid
+        s = ax.pow(alpha) / aw.pow(1 - alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        s[~torch.isfinite(s)] = 1.0
+        out.append((alpha, s))
+    return out
+
+
+@dataclass
+class SmoothResult:
+    scales: torch.Tensor
+    alpha: float  # nan when no smoothing (s = 1) won
+    loss: float
+    identity_loss: float
+
+
+def _w4a8_block_loss(module: nn.Module, probe: _Probe) -> float:
+    err, count = 0.0, 0
+    for x, ref, kw in zip(probe.inputs, probe.outputs, probe.kwargs, strict=True):
+        out = _first_tensor(module(x, **kw))
+        err += float((out.float() - ref.float()).pow(2).sum())
+        count += ref.numel()
+    return err / max(count, 1)
+
+
+@torch.no_grad()
+def search_smoothing(
+    layer: nn.Module,
+    group: ScaleGroup,
+    amax_x: torch.Tensor,
+    probe: _Probe,
+    group_size: int,
+    n_grid: int = N_GRID,
+) -> SmoothResult:
+    """Pick the migration strength of one scale group by the output MSE of its W4A8-quantized block.
+
+    Each candidate runs the block with the group's linears holding RTN W4A8 weights ``fq(W * s)`` and their
+    inputs replaced by ``fq_int8(x / s)``; nothing is changed when this returns.
+    """
+    linears = [layer.get_submodule(n) for n in group.linears]
+    module = layer.get_submodule(probe_module_name(group))
+    originals = [lin.weight.data.clone() for lin in linears]
+    amax_w = torch.stack([w.float().abs().amax(dim=0) for w in originals]).amax(dim=0)
+    best: SmoothResult | None = None
+    identity = math.inf
+    current: dict[str, Any] = {}
+
+    def act_hook(_m: nn.Module, args: tuple) -> tuple:
+        # q/k/v (gate/up) read the same tensor: quantize it once per candidate and input
+        x = args[0]
+        if current.get("x") is not x:
+            current["x"], current["xq"] = x, fake_quant_activations(x / current["s"].to(x.dtype))
+        return (current["xq"], *args[1:])
+
+    handles = [lin.register_forward_pre_hook(act_hook) for lin in linears]
+    try:
+        for alpha, s in smoothing_candidates(amax_x.to(originals[0].device), amax_w, n_grid):
+            current.clear()
+            current["s"] = s
+            for lin, w in zip(linears, originals, strict=True):
+                lin.weight.data = fake_quant_weight(w.float() * s[None, :], group_size).to(w.dtype)
+            loss = _w4a8_block_loss(module, probe)
+            if math.isnan(alpha):
+                identity = loss
+            if best is None or loss < best.loss:
+                best = SmoothResult(s, alpha, loss, math.nan)
+    finally:
+        current.clear()
+        for h in handles:
+            h.remove()
+        for lin, w in zip(linears, originals, strict=True):
+            lin.weight.data = w
+    assert best is not None
+    best.identity_loss = identity
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class QqqSettings:
+    group_size: int = -1
+    smooth: bool = True
+    gptq: bool = True
+    n_grid: int = N_GRID
+    damp: float = DAMP
+    block_size: int = BLOCK_SIZE
+    act_order: bool = False
+    n_search_chunks: int | None = None
+    sequential: bool = True
+
+
+@dataclass
+class QqqLayerReport:
+    """Per-group smoothing choice (alpha, loss, no-smoothing loss) of one decoder layer."""
+
+    index: int
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _collect(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear],
+    site_of: dict[str, str],
+    n_search: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], dict[str, _Site], dict[str, _Probe]]:
+    """One pass of the float layer: its outputs, every input site's statistics, and the groups' probes."""
+    sites = {
+        s: _Site(
+            torch.zeros(linears[s].in_features, device=device),
+            torch.zeros(linears[s].in_features, linears[s].in_features, dtype=torch.float64, device=device),
+        )
+        for s in set(site_of.values())
+    }
+    probes = {probe_module_name(g): _Probe() for g in groups}
+    record = {"on": False}
+
+    def hooks(pr: _Probe) -> tuple[Callable, Callable]:
+        def pre(_m: nn.Module, args: tuple, kw: dict) -> None:
+            if record["on"]:
+                pr.inputs.append((args[0] if args else kw["hidden_states"]).detach())
+                pr.kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+
+        def post(_m: nn.Module, _args: tuple, _kw: dict, out: Any) -> None:
+            if record["on"]:
+                pr.outputs.append(_first_tensor(out).detach())
+
+        return pre, post
+
+    handles = [linears[s].register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0])) for s, st in sites.items()]
+    for name, pr in probes.items():
+        mod = layer.get_submodule(name)
+        pre, post = hooks(pr)
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    outputs = []
+    try:
+        for c, x in enumerate(hidden):
+            record["on"] = c < n_search
+            outputs.append(_layer_output(layer(x.to(device), **kwargs[c])).to(x.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, sites, probes
+
+
+def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(layer.get_submodule(parent_name) if parent_name else layer, child, module)
+
+
+@torch.no_grad()
+def qqq_layer(
+    layer: nn.Module,
+    family: ModelFamily,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    settings: QqqSettings,
+    device: torch.device,
+    module_dtype: torch.dtype,
+    index: int = 0,
+) -> tuple[list[torch.Tensor], QqqLayerReport]:
+    """Smooth, GPTQ-quantize and swap in :class:`QuickLinearW4A8` for every linear of one float decoder layer.
+
+    Returns the next layer's inputs (the quantized layer's outputs when ``settings.sequential``) and the report.
+    """
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+    groups = active_groups(layer, family) if settings.smooth else []
+    linears = layer_linears(layer, family)
+    site_of: dict[str, str] = {}
+    for g in groups:
+        for n in g.linears:
+            site_of.setdefault(n, g.linears[0])
+    for n in linears:
+        site_of.setdefault(n, n)
+    n_search = len(hidden) if settings.n_search_chunks is None else settings.n_search_chunks
+    outputs, sites, probes = _collect(layer, hidden, kwargs, groups, linears, site_of, n_search, device)
+
+    report = QqqLayerReport(index)
+    for g in groups:
+        site = sites[site_of[g.linears[0]]]
+        res = search_smoothing(layer, g, site.amax, probes[probe_module_name(g)], settings.group_size, settings.n_grid)
+        if not math.isnan(res.alpha):
+            fold_scale(layer, g, res.scales, family.norm_offset)
+            site.rescale(res.scales)
+        report.groups[",".join(g.linears)] = {"alpha": res.alpha, "loss": res.loss, "identity_loss": res.identity_loss}
+    del probes
+
+    for n, lin in linears.items():
+        if settings.gptq:
+            qw = gptq_w4a8(
+                lin.weight.data,
+                sites[site_of[n]].gram,
+                settings.group_size,
+                settings.damp,
+                settings.block_size,
+                settings.act_order,
+            )
+        else:
+            qw = quantize_w4a8_rtn(lin.weight.data, settings.group_size)
+        bias = lin.bias.data if lin.bias is not None else None
+        _replace(layer, n, QuickLinearW4A8(qw, bias, dtype=module_dtype, logical_in_features=lin.in_features))
+    del sites
+    if settings.sequential:
+        outputs = [_layer_output(layer(x.to(device), **kwargs[c])).to(x.device) for c, x in enumerate(hidden)]
+    return outputs, report
+
+
+@torch.no_grad()
+def quantize_model_qqq(
+    model: nn.Module,
+    samples: torch.Tensor,
+    group_size: int = -1,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    smooth: bool = True,
+    gptq: bool = True,
+    act_order: bool = False,
+    n_grid: int = N_GRID,
+    damp: float = DAMP,
+    search_samples: int | None = None,
+    batch_size: int = 8,
+    sequential: bool = True,
+    family: ModelFamily | None = None,
+    progress: bool = True,
+    reports: list[QqqLayerReport] | None = None,
+) -> nn.Module:
+    """Quantize every decoder-layer linear of ``model`` in place to W4A8 (QQQ) as :class:`QuickLinearW4A8`.
+
+    ``samples``: calibration token ids ``[n, seqlen]``. ``dtype``: the layers' GPU activation/output dtype and
+    the dense dtype of a checkpoint (default: the model's when fp16/bf16, else fp16). ``search_samples``: samples
+    the smoothing search runs on (default: all on GPU, ``CPU_SEARCH_SAMPLES`` on CPU); the statistics and
+    Hessians always use every sample. Dense parameters are rounded to ``dtype`` (what a checkpoint stores).
+    """
+    from quick.checkpoint import round_dense_
+
+    check_group_size(group_size)
+    family = family or get_family(model.config)
+    device = torch.device(device) if device is not None else default_device()
+    model_dtype = next(model.parameters()).dtype
+    dtype = dtype or (model_dtype if model_dtype in SUPPORTED_DTYPES else torch.float16)
+    if dtype not in SUPPORTED_DTYPES:
+        raise QuantizationError(f"W4A8 layer dtype must be float16 or bfloat16, got {dtype}")
+    if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
+        raise QuantizationError(f"calibration samples must be integer token ids [n, seqlen], got {samples.shape}")
+    if batch_size < 1:
+        raise QuantizationError(f"batch_size must be positive, got {batch_size}")
+    if search_samples is None and device.type == "cpu":
+        search_samples = CPU_SEARCH_SAMPLES
+    settings = QqqSettings(
+        group_size,
+        smooth,
+        gptq,
+        n_grid,
+        damp,
+        BLOCK_SIZE,
+        act_order,
+        None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
+        sequential,
+    )
+    work = calibration_dtype(model_dtype, device)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    inputs = capture_layer_inputs(model, samples, family, batch_size, device, work)
+    layers = decoder_layers(model, family)
+    hidden = inputs.hidden
+    for idx in tqdm(range(len(layers)), desc="QQQ", unit="layer", disable=not progress):
+        layer = layers[idx].to(device=device, dtype=work)
+        hidden, report = qqq_layer(layer, family, hidden, inputs.kwargs[idx], settings, device, dtype, idx)
+        if reports is not None:
+            reports.append(report)
+        round_dense_(layer, dtype)
+        for p in layer.parameters():
+            p.data = p.data.to(model_dtype)
+        layers[idx] = layer.to(home)
+    round_dense_(model, dtype)
+    model.train(was_training)
+    return model

@@ -1,0 +1,149 @@
+"""Issue-7 figure: W4A8 (QQQ) perplexity of a real model, per-channel and g128, on the held-out wiki split.
+
+    python scripts/quality_w4a8.py smollm2 --out benchmarks/results                  # full calibration
+    python scripts/quality_w4a8.py smollm2 --n-samples 32 --search-samples 8         # reduced, for 2 CPU cores
+
+Same evaluation as ``scripts/quality_report.py`` (10k held-out tokens, windows of 512, BOS as the tokenizer
+does it), so the numbers compare with its W4A16 baseline / RTN / AWQ figures; the newest
+``quality-<model>-<device>-*.json`` next to the output, if there is one, is copied in as ``w4a16_reference``
+(with its file name), nothing else is. Writes ``quality-w4a8-<model>-<device>-<date>.json``. Every number
+here is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quick.auto import AutoQuickForCausalLM
+from quick.data.corpus import load_eval_text
+from quick.eval.perplexity import perplexity, tokenize_eval_text
+from quick.generation import generate_text
+
+PROMPTS = ("The capital of France is", "Water is made of")
+
+
+def _bos(auto: AutoQuickForCausalLM, mode: str) -> int | None:
+    tok = auto.tokenizer
+    if mode == "yes" or (mode == "auto" and getattr(tok, "add_bos_token", False)):
+        return tok.bos_token_id
+    return None
+
+
+def _w4a16_reference(out_dir: Path, name: str, device: str) -> dict | None:
+    files = sorted(out_dir.glob(f"quality-{name}-{device}-*.json"))
+    if not files:
+        return None
+    data = json.loads(files[-1].read_text())
+    keys = ("ppl_baseline", "ppl_rtn_g128", "ppl_awq_g128", "eval", "calibration", "date")
+    return {"file": files[-1].name, **{k: data[k] for k in keys if k in data}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--groups", default="-1,128", help="comma-separated W4A8 group sizes (default: -1,128)")
+    ap.add_argument("--methods", default="qqq,rtn", help="comma-separated methods (default: qqq,rtn)")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=10_000)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--search-samples", type=int, default=None, help="smoothing-search samples (default: QQQ's)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the dense perplexity")
+    ap.add_argument("--reload", action="store_true", help="also save, reload and re-measure each model")
+    ap.add_argument("--bos", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
+    args = ap.parse_args()
+
+    text = load_eval_text("wiki")
+    result: dict = {
+        "model": str(args.model),
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "host": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "eval": {"data": "wiki held-out", "seqlen": args.seqlen, "max_tokens": args.max_tokens},
+        "calibration": {
+            "n_samples": args.n_samples,
+            "seqlen": args.calib_seqlen,
+            "search_samples": args.search_samples,
+        },
+        "runs": {},
+    }
+    out_path: Path | None = None
+
+    def ppl(auto: AutoQuickForCausalLM, name: str) -> float:
+        ids = tokenize_eval_text(auto.tokenizer, text)
+        start = time.perf_counter()
+        value = perplexity(
+            auto.model,
+            ids,
+            seqlen=args.seqlen,
+            max_tokens=args.max_tokens,
+            bos_token_id=_bos(auto, args.bos),
+            desc=name,
+        )
+        print(f"{name}: perplexity {value:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return value
+
+    def write() -> None:
+        nonlocal out_path
+        name = Path(str(args.model)).name.lower()
+        dev = result["device"].split(":")[0]
+        ref = _w4a16_reference(Path(args.out), name, dev)
+        if ref is not None:
+            result["w4a16_reference"] = ref
+        tag = f"-{args.tag}" if args.tag else ""
+        out_path = Path(args.out) / f"quality-w4a8-{name}-{dev}-{result['date']}{tag}.json"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    dense = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
+    result["device"] = str(dense.device)
+    if not args.no_baseline:
+        result["ppl_baseline"] = ppl(dense, "baseline")
+        write()
+    del dense
+
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        for g in [int(x) for x in args.groups.split(",")]:
+            key = f"{method}_{'channel' if g == -1 else f'g{g}'}"
+            qc = {"w_bit": 4, "a_bit": 8, "q_group_size": g, "version": "w4a8"}
+            auto = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
+            auto.quantize(
+                quant_config=qc,
+                method=method,
+                n_samples=args.n_samples,
+                seqlen=args.calib_seqlen,
+                search_samples=args.search_samples,
+            )
+            run: dict = {"quant_config": qc, "method": method, "quantization_time_s": auto.quantization_time_s}
+            run["ppl"] = ppl(auto, f"w4a8 {key}")
+            run["generation"] = {p: generate_text(auto.model, auto.tokenizer, p, max_new_tokens=24) for p in PROMPTS}
+            if args.reload:
+                with tempfile.TemporaryDirectory() as tmp:
+                    auto.save_quantized(Path(tmp) / "ckpt")
+                    del auto
+                    reloaded = AutoQuickForCausalLM.from_quantized(Path(tmp) / "ckpt", device=args.device)
+                    run["ppl_reloaded"] = ppl(reloaded, f"w4a8 {key} reloaded")
+                    del reloaded
+            result["runs"][key] = run
+            if "ppl_baseline" in result:
+                run["ppl_increase_vs_baseline"] = run["ppl"] / result["ppl_baseline"] - 1
+            write()
+
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
