@@ -237,3 +237,37 @@ def test_decode_attention_matches_transformers_sdpa():
         outs.append(torch.stack(logits))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     assert not torch.equal(outs[0][1], outs[0][2])  # the steps differ: not a constant output
+
+
+def test_e2e_results_format(tmp_path):
+    """The benchmark's files: the issue's JSON schema (+ variant for ablations), a table with ratios, a plot."""
+    import json
+
+    from quick.bench import e2e
+
+    assert e2e.parse_variant("step+fused") == ("step", True, True)
+    assert e2e.parse_variant("eager") == ("none", False, False)
+    assert e2e.resolve_variants(["graph"], "regions", True) == ["regions+fused"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        e2e.parse_variant("fast")
+    rows = [
+        {
+            "model": "llama-2-7b",
+            "impl": impl,
+            "batch": b,
+            "prefill_tok_s": 1e3,
+            "decode_tok_s": tok * b,
+            "peak_mem_GB": 4.0,
+        }
+        for impl, tok in (("fp16", 100.0), ("quick", 250.0))
+        for b in (1, 64)
+    ]
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x", "cuda": "13.0", "date": "2026-11-23"}
+    stem = e2e.write_results(rows, env, tmp_path, 128, 128)
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    assert stem.name == "e2e-h100-2026-11-23"
+    assert isinstance(doc["gpu"], str) and isinstance(doc["date"], str)
+    keys = {"model", "impl", "batch", "prefill_tok_s", "decode_tok_s", "peak_mem_GB"}
+    assert all(set(r) == keys for r in doc["rows"])
+    assert "| llama-2-7b | 64 | quick | graph | 1000 | 16000 | 2.50x | 4.0 |" in stem.with_suffix(".md").read_text()
+    assert stem.with_suffix(".png").stat().st_size > 0
