@@ -3,7 +3,10 @@
 kernels (mma.sync ``quick`` and Hopper ``quick_sm90``), check each against the float64 reference, time them at
 M in {1, 8, 16, 32, 64, 128, 256} on K = N = 8192 and the Llama shapes, and measure the streaming floor.
 
-    OUT=$OUT python3 scripts/decode_tune.py [--budget-s 330] [--parts floor,check,mma,sm90,clean]
+    OUT=$OUT python3 scripts/decode_tune.py [--budget-s 280] [--parts floor,check,mma,sm90,clean]
+    ncu --cache-control none --replay-mode application -k quick_stream_probe \
+        --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+        python3 scripts/decode_tune.py --ncu-target          # DRAM bytes of the probe after each flush
 
 Timing (the official numbers, as benchmarks/kernel.py): median of ``triton.testing.do_bench`` over CUDA-graph
 replays of one call, L2 flushed before every repetition by do_bench (a 256 MB ``zero_``).
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -69,22 +73,33 @@ MMA_NEW = [
     R(_G["m32k8"], name="m32k8_ir_l4", inred=1, l2pf=4),
     R(_G["m64n4"], name="m64n4_ir", inred=1),
     R(_G["m64n4"], name="m64n4_ir_l6", inred=1, l2pf=6),
+    # weights through the cp.async stages (ws): STAGES - 1 tiles of weights in flight, precise waits
+    quick_mma.GemmConfig("m16n2k4_ws", 16, 1, 2, 4, 1, 4, 5, 1, inred=1, wsmem=1),
+    quick_mma.GemmConfig("m16n2k4_ws_l8", 16, 1, 2, 4, 1, 4, 5, 1, inred=1, wsmem=1, l2pf=8),
+    quick_mma.GemmConfig("m16n2k2_ws", 16, 1, 2, 2, 1, 4, 6, 1, minb=2, inred=1, wsmem=1),
+    quick_mma.GemmConfig("m16n4k2_ws", 16, 1, 4, 2, 1, 4, 6, 1, inred=1, wsmem=1),
+    quick_mma.GemmConfig("m16k8_ws", 16, 1, 1, 8, 1, 4, 4, 1, inred=1, wsmem=1),
+    quick_mma.GemmConfig("m32k4_ws", 32, 1, 1, 4, 1, 4, 6, 1, inred=1, wsmem=1),
+    quick_mma.GemmConfig("m64n4_ws", 64, 1, 4, 1, 1, 4, 6, 1, inred=1, wsmem=1),
 ]
 MMA_ALL = {c.name: c for c in [*_G.values(), *MMA_NEW]}
 
 
 def mma_candidates(m: int) -> list[tuple[str, int | None]]:
     """(config name, splits or None = the model's choice) timed at batch size m."""
+    ws16 = ["m16n2k4_ws", "m16n2k4_ws_l8", "m16n2k2_ws", "m16n4k2_ws", "m16k8_ws"]
     if m <= 16:
         names = ["m16n2k4", "m16k8", "m16n2k4_ir", "m16n2k4_ir_l4", "m16n2k4_ir_l8", "m16n2k4_ir_r3", "m16k8_ir"]
-        names += ["m16k8_ir_l4", "m16k4_ir_l8", "m16n1k8_ir", "m16n4k2_ir"]
+        names += ["m16k8_ir_l4", "m16k4_ir_l8", "m16n1k8_ir", "m16n4k2_ir", *ws16]
         splits = (1, 2, 4)
     elif m <= 32:
-        names, splits = ["m32k8", "m32k8_ir", "m32k8_ir_l4", "m16n2k4_ir", "m16n2k4_ir_l4", "m64n4_ir"], (1, 2, 4)
+        names = ["m32k8", "m32k8_ir", "m32k8_ir_l4", "m16n2k4_ir", "m16n2k4_ir_l4", "m64n4_ir", "m32k4_ws", *ws16]
+        splits = (1, 2, 4)
     elif m <= 64:
-        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m32k8_ir", "m32k8_ir_l4"], (2, 4, 8)
+        names = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m32k8_ir", "m32k8_ir_l4", "m64n4_ws", "m32k4_ws"]
+        splits = (2, 4, 8)
     else:
-        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m128n4"], (1, 2, 4)
+        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m128n4", "m64n4_ws"], (1, 2, 4)
     return [(n, s) for n in names for s in splits]
 
 
@@ -140,7 +155,7 @@ class Flushes:
     def __init__(self) -> None:
         self.buf = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
         self.sink = torch.zeros(4, dtype=torch.int32, device="cuda")
-        self.reader = probe_launcher(self.buf, 8, 132 * 4, 512, self.sink)
+        self.reader = probe_launcher(self.buf, 8, 132 * 4, 512, self.sink, "flush")
 
     def get(self, name: str):
         return {
@@ -168,8 +183,8 @@ def bench_flush_us(fn, flush, reps: int = 60) -> float:
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 
 
-def probe_launcher(buf: torch.Tensor, unroll: int, blocks: int, threads: int, sink: torch.Tensor):
-    kern = jit.load_kernel(PROBE, "quick_stream_probe", {"QP_U": unroll})
+def probe_launcher(buf: torch.Tensor, unroll: int, blocks: int, threads: int, sink: torch.Tensor, name: str = "probe"):
+    kern = jit.load_kernel(PROBE, f"quick_stream_{name}", {"QP_U": unroll})
     n16 = buf.numel() * buf.element_size() // 16
     return lambda: kern((blocks,), (threads,), [buf, ctypes.c_longlong(n16), sink])
 
@@ -183,6 +198,7 @@ class Ctx:
         self.fh = open(out / "decode_tune.log", "w")
         self.res: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+        self.ok: set[str] | None = None  # variants that passed the checks (None: not checked, time everything)
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -243,19 +259,25 @@ def part_floor(ctx: Ctx, fl: Flushes) -> None:
             row[f] = round(bench_flush_us(fn, fl.get(f)), 2)
         rows.append(row)
         ctx.log(f"[floor] {row}")
-        # one plain copy-sized reference: write-back cost alone (memset of the flush buffer's size, timed)
         del buf, half
     ctx.res["floor"] = rows
     ctx.save()
 
 
-def part_check(ctx: Ctx) -> int:
+def check_child(progress: Path, skip: set[str]) -> int:
     """Every candidate variant against the float64 reference: a few shapes each, forced and uneven splits, bias,
     bf16, N not a multiple of the CTA width; plus bitwise repeatability (split-k is deterministic). Weights are
-    drawn once per shape per run (fresh seed), activations per case."""
+    drawn once per shape per run (fresh seed), activations per case. Runs in a child process (a kernel that
+    faults or hangs must not take the timing down with it) and appends one JSON line per event to ``progress``:
+    {"begin": variant} before a variant's cases, then one row per case, then {"end": variant}."""
     gen = torch.Generator().manual_seed(int(time.time()))
+    fh = open(progress, "a")
     rows, fails = [], 0
     weights: dict = {}
+
+    def emit(obj: dict) -> None:
+        fh.write(json.dumps(obj, default=str) + "\n")
+        fh.flush()
 
     def get_w(k, n, g, dt):
         key = (k, n, g, dt)
@@ -287,20 +309,23 @@ def part_check(ctx: Ctx) -> int:
 
     def record(impl, name, case, dt, fn):
         nonlocal fails
+        exc = None
         try:
             err, finite, same = fn()
         except Exception as e:  # noqa: BLE001
-            err, finite, same = float("nan"), False, False
-            ctx.log(f"[check] EXC {impl} {name} {case}: {e!r}")
+            err, finite, same, exc = float("nan"), False, False, repr(e)
         ok = finite and err < REL_BOUND[dt] and same
         fails += not ok
-        rows.append(
-            {"impl": impl, "variant": name, "case": case, "rel": err, "finite": finite, "repeat": same, "ok": ok}
-        )
-        if not ok:
-            ctx.log(f"[check] FAIL {impl} {name} {case} rel={err:.2e} finite={finite} bitwise-repeat={same}")
+        row = {"impl": impl, "variant": name, "case": case, "rel": err, "finite": finite, "repeat": same, "ok": ok}
+        if exc:
+            row["exception"] = exc
+        rows.append(row)
+        emit(row)
 
     for name, cfg in MMA_ALL.items():
+        if name in skip:
+            continue
+        emit({"begin": name})
         bm = cfg.bm
         cases = [
             (1, 4096, 4096, 128, torch.float16, 3, False),
@@ -314,11 +339,43 @@ def part_check(ctx: Ctx) -> int:
                 continue
             case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
             record("quick", name, case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("quick", *a))
+        emit({"end": name})
+    # the in-kernel split-k sum must give the same bits as the reduce launch (same order, same rounding)
+    for base, ir in (("m16n2k4", "m16n2k4_ir"), ("m64n4", "m64n4_ir")):
+        tag = f"bitwise:{ir}"
+        if tag in skip:
+            continue
+        emit({"begin": tag})
+        for m, splits, bias in ((1, 2, False), (7, 3, True), (33, 4, True)):
+            qw, packs = get_w(4096, 4096, 128, torch.float16)
+            if "quick" not in packs:
+                packs["quick"] = get_layout("quick").pack(qw)
+            p = packs["quick"]
+            x = torch.randn(m, 4096, generator=gen).half().cuda()
+            b = torch.randn(4096, generator=gen).half().cuda() if bias else None
+            outs = [
+                quick_mma.gemm(x, p["qweight"], p["scales"], p["zeros"], 128, b, config=MMA_ALL[c], splits=splits)
+                for c in (base, ir)
+            ]
+            same = torch.equal(outs[0], outs[1])
+            fails += not same
+            emit(
+                {
+                    "impl": "quick",
+                    "variant": ir,
+                    "case": f"bitwise == {base} + reduce launch, M={m} s={splits}",
+                    "ok": same,
+                }
+            )
+        emit({"end": tag})
     sm90_cfgs: dict = {}
     for m in MS:
         for cfg, _ in sm90_candidates(m):
             sm90_cfgs[cfg] = None
     for cfg in sm90_cfgs:
+        if str(cfg) in skip:
+            continue
+        emit({"begin": str(cfg)})
         nt = cfg.nt
         cases = [
             (max(1, nt // 2 + 1), 4096, 4096, 128, torch.float16, 3, False),
@@ -329,8 +386,65 @@ def part_check(ctx: Ctx) -> int:
         for m, k, n, g, dt, splits, bias in cases:
             case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
             record("quick_sm90", str(cfg), case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("sm90", *a))
-    ctx.res["check"] = {"failures": fails, "cases": len(rows), "rows": rows}
-    ctx.log(f"[check] {len(rows)} cases, {fails} failures")
+        emit({"end": str(cfg)})
+    emit({"done": True, "failures": fails})
+    return 1 if fails else 0
+
+
+def _events(progress: Path) -> list[dict]:
+    out = []
+    for line in progress.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            pass
+    return out
+
+
+def part_check(ctx: Ctx) -> int:
+    """check_child in a subprocess; a variant that crashes or hangs it is recorded as failed and skipped in the
+    next attempt. Sets ``ctx.ok``: the variants whose every case passed (the sweep times only those)."""
+    progress = ctx.out / "decode_check.jsonl"
+    progress.write_text("")
+    skip: set[str] = set()
+    crashed: list[str] = []
+    for _attempt in range(4):
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--check-child",
+            str(progress),
+            "--skip",
+            json.dumps(sorted(skip)),
+        ]
+        try:
+            rc = subprocess.run(cmd, timeout=max(60.0, min(180.0, ctx.left() - 100))).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        events = _events(progress)
+        if any("done" in e for e in events) and rc in (0, 1):
+            break
+        begun = [e["begin"] for e in events if "begin" in e]
+        ended = {e["end"] for e in events if "end" in e}
+        open_v = [v for v in begun if v not in ended and v not in skip]
+        if not open_v:
+            ctx.log(f"[check] child exited rc={rc} outside a variant; not retrying")
+            break
+        ctx.log(f"[check] child rc={rc} inside variant {open_v[-1]}: marked failed, retrying without it")
+        crashed.append(open_v[-1])
+        skip |= ended | {open_v[-1]}  # the retry checks only what was not reached
+    events = _events(progress)
+    rows = [e for e in events if "case" in e]
+    ended = {e["end"] for e in events if "end" in e}
+    bad = {r["variant"] for r in rows if not r.get("ok")} | set(crashed)
+    ctx.ok = ended - bad
+    fails = len([r for r in rows if not r.get("ok")]) + len(crashed)
+    for r in rows:
+        if not r.get("ok"):
+            ctx.log(f"[check] FAIL {r}")
+    ctx.res["check"] = {"failures": fails, "cases": len(rows), "crashed": crashed, "passed": sorted(ctx.ok)}
+    ctx.res["check_rows"] = rows
+    ctx.log(f"[check] {len(rows)} cases, {fails} failures, crashed: {crashed or 'none'}; {len(ctx.ok)} variants pass")
     ctx.save()
     return fails
 
@@ -375,7 +489,7 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         cands = [("auto", None, lambda: quick_mma.quick_matmul(*args))]
         for name, s in mma_candidates(m):
             cfg = MMA_ALL[name]
-            if k % cfg.bks or (s is not None and s > k // cfg.bks):
+            if k % cfg.bks or (s is not None and s > k // cfg.bks) or (ctx.ok is not None and name not in ctx.ok):
                 continue
             cands.append((name, s, lambda cfg=cfg, s=s: quick_mma.gemm(*args, config=cfg, splits=s)))
         cands.append(("cublas_fp16", None, lambda: torch.nn.functional.linear(x, p["w16"])))
@@ -384,6 +498,8 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
         cands = [("auto", None, lambda: sm.gemm_w4a16_sm90(*args))]
         for cfg, rounds in sm90_candidates(m):
+            if ctx.ok is not None and str(cfg) not in ctx.ok:
+                continue
             s = sm.plan(m, n, k, ctx.sms, cfg, None, GROUP, rounds).splits
             cands.append((str(cfg), s, lambda cfg=cfg, s=s: sm.gemm_w4a16_sm90(*args, None, cfg, s)))
     seen = set()
@@ -485,11 +601,35 @@ def summary(ctx: Ctx) -> None:
         )
 
 
+def ncu_target() -> int:
+    """Launches for a profiler (ncu -k quick_stream_probe, --cache-control none): the probe over the 35.7 MB of
+    K = N = 8192 right after each kind of flush, three times each, in the order memset, read, memset+read, none.
+    Its DRAM write bytes show whether the kernel pays for the flush's dirty lines."""
+    fl = Flushes()
+    nbytes = 8192 * 8192 // 2 + 2 * 2 * (8192 // GROUP) * 8192
+    buf = torch.ones(nbytes // 4, dtype=torch.int32, device="cuda")
+    probe = probe_launcher(buf, 8, 132 * 4, 512, fl.sink)
+    for name in ("memset", "read", "memset+read", "none"):
+        for _ in range(3):
+            fl.get(name)()
+            probe()
+    torch.cuda.synchronize()
+    print("ncu target: probe order memset x3, read x3, memset+read x3, none x3")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop timing new cells after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=280.0, help="stop timing new cells after this many seconds")
     ap.add_argument("--parts", default="floor,check,mma,sm90,clean")
+    ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
+    ap.add_argument("--check-child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--skip", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ncu_target:
+        return ncu_target()
+    if args.check_child is not None:
+        return check_child(args.check_child, set(json.loads(args.skip)))
     out = Path(os.environ.get("OUT") or "decode_out")
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(out, args.budget_s)

@@ -48,7 +48,7 @@ class GemmConfig:
     ``bks = 16 * sw * warps_k`` columns of K); ``stages`` cp.async stages of activations; ``pf`` stages of
     weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``; ``inred`` = 1:
     split-k summed in the kernel by the last CTA of each tile (no reduce launch); ``l2pf`` = D > 0: L2 prefetch
-    of the weights D stages ahead."""
+    of the weights D stages ahead; ``wsmem`` = 1: weights through the cp.async stages (needs ``pf`` = 1)."""
 
     name: str
     bm: int
@@ -62,6 +62,7 @@ class GemmConfig:
     minb: int = 1
     inred: int = 0
     l2pf: int = 0
+    wsmem: int = 0
 
     @property
     def threads(self) -> int:
@@ -81,7 +82,7 @@ class GemmConfig:
         or the k-slice reduction buffer if larger."""
         a_stage = self.bm * (self.bks + 8) * 2
         s_rows = max(1, self.bks // 32)
-        stage = a_stage + 2 * s_rows * self.bn * 2
+        stage = a_stage + 2 * s_rows * self.bn * 2 + (self.bks // 16) * self.bn * 8 * self.wsmem
         red = 0
         if self.warps_k > 1:
             red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 8 * 32 * 16
@@ -101,6 +102,7 @@ class GemmConfig:
             "QK_MINB": self.minb,
             "QK_INRED": self.inred,
             "QK_L2PF": self.l2pf,
+            "QK_WSMEM": self.wsmem,
         }
 
 

@@ -19,7 +19,10 @@
 // Decode options: QK_INRED = 1: split-k partials are summed by the last CTA to finish a tile (an atomic arrival
 // counter per tile, reset by that CTA; the sum runs in split order 0..S-1, bitwise the same as
 // quick_splitk_reduce), so no second launch. QK_L2PF = D > 0: while tile t is consumed, the CTA asks L2 to
-// fetch the weights of tile t + D (bytes in flight beyond the register ring, no registers held).
+// fetch the weights of tile t + D (bytes in flight beyond the register ring, no registers held). QK_WSMEM = 1:
+// the weights travel with the activations in the cp.async stages (global -> shared, 16 bytes per lane and
+// block, then one conflict-free 16-byte shared load per lane): STAGES - 1 tiles of weights in flight per CTA,
+// waited for precisely by cp.async.wait_group instead of the register scoreboards (QK_PF must be 1).
 #include "quick_common.cuh"
 #include "quick_splitk.cuh"
 
@@ -56,6 +59,9 @@
 #ifndef QK_L2PF
 #define QK_L2PF 0
 #endif
+#ifndef QK_WSMEM
+#define QK_WSMEM 0
+#endif
 
 namespace {
 
@@ -72,13 +78,17 @@ constexpr int A_STRIDE = BKS + 8;  // elements; +16 bytes per row: ldmatrix rows
 constexpr int A_STAGE_BYTES = BM * A_STRIDE * 2;
 constexpr int S_ROWS = BKS >= 32 ? BKS / 32 : 1;  // group rows one stage can span (G >= 32)
 constexpr int S_BYTES = S_ROWS * BN * 2;          // scales; zeros follow
-constexpr int STAGE_BYTES = A_STAGE_BYTES + 2 * S_BYTES;
+constexpr int W_ROW_BYTES = BN * 8;                 // one k16 row of the CTA's n64 blocks (512 B per block)
+constexpr int W_STAGE_BYTES = QK_WSMEM ? (BKS / 16) * W_ROW_BYTES : 0;
+constexpr int W_OFF = A_STAGE_BYTES + 2 * S_BYTES;  // weights of a stage follow its scales and zeros
+constexpr int STAGE_BYTES = A_STAGE_BYTES + 2 * S_BYTES + W_STAGE_BYTES;
 constexpr int A_CHUNKS = BM * BKS / 8;  // 16-byte pieces of one A stage
 
 static_assert(MT >= 1 && WM % 16 == 0, "BM / WARPS_M must be a multiple of 16");
 static_assert(STAGES >= 2, "need at least two pipeline stages");
 static_assert(BKS % 64 == 0, "a stage must cover a multiple of 64 columns of K");
 static_assert(STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
+static_assert(!QK_WSMEM || PF == 1, "weights through shared memory: no register ring (QK_PF = 1)");
 
 }  // namespace
 
@@ -134,6 +144,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
       const char* src = base + (static_cast<size_t>(g0 + r) * N + (ok ? col : 0)) * 2;
       cp_async16(sa + A_STAGE_BYTES + which * S_BYTES + (r * BN + c * 8) * 2, src, ok);
     }
+#if QK_WSMEM
+    // weights: BKS/16 k16 rows x BN*8 contiguous bytes each; blocks past N are zero-filled
+    const int step0 = (tile_begin + tile) * (BKS / 16);
+    constexpr int CPR = W_ROW_BYTES / 16;  // 16-byte chunks per row
+    for (int i = tid; i < (BKS / 16) * CPR; i += THREADS) {
+      const int j = i / CPR, c = i % CPR;
+      const bool ok = n0 / 64 + c / 32 < N / 64;
+      const uint4* src = qweight + (static_cast<size_t>(step0 + j) * half_n + (ok ? (n0 / 64) * 32 + c : 0));
+      cp_async16(sa + W_OFF + i * 16, src, ok);
+    }
+#endif
   };
 
   // ---- per-warp weight stream
@@ -193,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         wring[p][j][nb] = make_uint4(0, 0, 0, 0);
-        if (p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(p, j, nb));
+        if (!QK_WSMEM && p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(p, j, nb));
       }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -237,7 +258,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
             const uint32_t soff = ss + (grow * BN + s_col + nb * 64) * 2;
             const uint4 sv = lds128(soff);
             const uint4 zv = lds128(soff + S_BYTES);
+#if QK_WSMEM
+            const uint4 wv = lds128(sa + W_OFF + (((wk * SW + j) * (BN / 64) + wn * NB + nb) * 32 + lane) * 16);
+#else
             const uint4 wv = wring[p][j][nb];
+#endif
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
               uint32_t b[4];
@@ -248,7 +273,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
                 mma_16816<DT>(acc[mt][nb][2 * w + 1], a[mt], b[2], b[3]);
               }
             }
-            if (tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(tile + PF, j, nb));
+            if (!QK_WSMEM && tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(tile + PF, j, nb));
           }
         }
       }

@@ -11,7 +11,7 @@
 #define QP_U 8
 #endif
 
-extern "C" __global__ void quick_stream_probe(const uint4* __restrict__ p, long long n16, uint32_t* __restrict__ sink) {
+__device__ __forceinline__ void stream_read(const uint4* __restrict__ p, long long n16, uint32_t* __restrict__ sink) {
   uint32_t acc = 0;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -31,4 +31,14 @@ extern "C" __global__ void quick_stream_probe(const uint4* __restrict__ p, long 
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   if (acc == 0x9E3779B9u) sink[0] = acc;
+}
+
+// The measured kernel, and the same code under another name for the "read" L2 flush (so that a profiler can
+// select the measured launches by name).
+extern "C" __global__ void quick_stream_probe(const uint4* __restrict__ p, long long n16, uint32_t* __restrict__ sink) {
+  stream_read(p, n16, sink);
+}
+
+extern "C" __global__ void quick_stream_flush(const uint4* __restrict__ p, long long n16, uint32_t* __restrict__ sink) {
+  stream_read(p, n16, sink);
 }
