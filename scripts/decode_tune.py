@@ -3,10 +3,11 @@
 kernels (mma.sync ``quick`` and Hopper ``quick_sm90``), check each against the float64 reference, time them at
 M in {1, 8, 16, 32, 64, 128, 256} on K = N = 8192 and the Llama shapes, and measure the streaming floor.
 
-    OUT=$OUT python3 scripts/decode_tune.py [--budget-s 280] [--parts floor,check,mma,sm90,clean]
-    ncu --cache-control none --replay-mode application -k quick_stream_probe \
-        --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-        python3 scripts/decode_tune.py --ncu-target          # DRAM bytes of the probe after each flush
+    OUT=$OUT timeout 420 python3 scripts/decode_tune.py [--budget-s 280] [--parts ncu,floor,check,mma,sm90,clean]
+
+Parts: ``ncu`` (if Nsight Compute is installed: DRAM bytes read/written by the probe kernel right after each
+flush, ``--cache-control none``: the direct test of the write-back claim), ``floor``, ``check`` (in a child
+process), ``mma`` and ``sm90`` (the sweeps, shapes outermost, stopped by the budget), ``clean``.
 
 Timing (the official numbers, as benchmarks/kernel.py): median of ``triton.testing.do_bench`` over CUDA-graph
 replays of one call, L2 flushed before every repetition by do_bench (a 256 MB ``zero_``).
@@ -618,10 +619,39 @@ def ncu_target() -> int:
     return 0
 
 
+def part_ncu(ctx: Ctx) -> None:
+    """If Nsight Compute is here: DRAM bytes read/written by the probe right after each flush (ncu_target), the
+    direct test of the write-back claim. Output kept verbatim in ncu_probe.txt; parsed rows in the JSON."""
+    import shutil
+
+    ncu = shutil.which("ncu") or next(
+        (c for c in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu") if os.path.exists(c)), None
+    )
+    if ncu is None:
+        ctx.log("[ncu] not found; skipped")
+        ctx.res["ncu"] = "not found"
+        return
+    metrics = "dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum"
+    cmd = [ncu, "--cache-control", "none", "--replay-mode", "application", "-k", "quick_stream_probe"]
+    cmd += ["--metrics", metrics, "--csv", sys.executable, str(Path(__file__).resolve()), "--ncu-target"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+        text = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        text = f"timeout: {e}"
+    (ctx.out / "ncu_probe.txt").write_text(text)
+    rows = [ln for ln in text.splitlines() if "quick_stream_probe" in ln and ("dram__" in ln or "gpu__" in ln)]
+    ctx.res["ncu"] = rows[:40] if rows else text[-2000:]
+    ctx.log(f"[ncu] {len(rows)} metric rows (order: memset x3, read x3, memset+read x3, none x3); see ncu_probe.txt")
+    for line in rows[:36]:
+        ctx.log(f"[ncu] {line}")
+    ctx.save()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=280.0, help="stop timing new cells after this many seconds")
-    ap.add_argument("--parts", default="floor,check,mma,sm90,clean")
+    ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean")
     ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
     ap.add_argument("--check-child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="[]", help=argparse.SUPPRESS)
@@ -640,6 +670,8 @@ def main() -> int:
     fails = 0
     try:
         build_all(ctx)
+        if "ncu" in parts:
+            part_ncu(ctx)
         fl = Flushes()
         if "floor" in parts:
             part_floor(ctx, fl)
