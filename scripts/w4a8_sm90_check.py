@@ -234,7 +234,7 @@ def part_configs(res: dict) -> None:
     cases = []
     for g in (-1, 128):
         tiles = w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES
-        for cfg in [w8.default_config(nt, g) for nt in tiles] + w8.WIDE[g]:
+        for cfg in [w8.default_config(nt, g) for nt in tiles] + w8.WIDE[g] + w8.PIPED[g]:
             for splits in (1, 3, 11):
                 cases.append(run_case(300, 640, 1408, g, torch.float16, gen, config=cfg, splits=splits))
     # determinism: split-k run twice gives identical bits (int32 partials are exact anyway)
@@ -294,11 +294,12 @@ def part_time(res: dict) -> None:
             # GEMM only, over candidate tiles and split rounds (the tuning sweep)
             best = None
             tiles = w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES
-            cands = sorted({w8.default_config(m, g).nt} | {t for t in tiles if m // 2 <= t <= 4 * m})
+            cands = {w8.default_config(m, g).nt} | {t for t in tiles if m // 2 <= t <= 4 * m}
+            cands = sorted(cands | ({t for t in tiles if t >= 128} if m >= 256 else set()))
             sweep = []
-            cfgs = [w8.default_config(nt, g) for nt in cands] + [c for c in w8.WIDE[g] if m <= c.nt]
+            cfgs = [w8.default_config(nt, g) for nt in cands]
+            cfgs += [c for c in w8.WIDE[g] + w8.PIPED[g] if m <= c.nt <= 4 * max(m, 8)]
             for cfg in cfgs:
-                nt = cfg.nt
                 for rounds in (None, 1, 2):
                     try:
                         t = bench(
@@ -307,11 +308,11 @@ def part_time(res: dict) -> None:
                             )
                         )
                     except Exception as e:  # noqa: BLE001
-                        sweep.append({"nt": nt, "nwg": cfg.nwg, "rounds": rounds, "error": repr(e)})
+                        sweep.append({**cfg.__dict__, "rounds": rounds, "error": repr(e)})
                         continue
-                    sweep.append({"nt": nt, "nwg": cfg.nwg, "rounds": rounds, "us": t})
+                    sweep.append({**cfg.__dict__, "rounds": rounds, "us": t})
                     if best is None or t < best["us"]:
-                        best = {"nt": nt, "nwg": cfg.nwg, "rounds": rounds, "us": t}
+                        best = {**cfg.__dict__, "rounds": rounds, "us": t}
             row[f"w4a8_{name}_gemm_best"] = best
             row[f"w4a8_{name}_sweep"] = sweep
         rows.append(row)
@@ -367,9 +368,9 @@ def summary(name: str) -> str:
             s += (
                 f"\n  {row['m']:>4} {cb:7.1f} {row.get('w4a16_sm90', float('nan')):7.1f} {row['quant_only']:6.1f}"
                 f" {row['w4a8_channel']:7.1f} ({cb / row['w4a8_channel']:.2f}x) {bc.get('us', float('nan')):7.1f}"
-                f" nt={bc.get('nt')}x{bc.get('nwg')} r={bc.get('rounds')}"
+                f" nt={bc.get('nt')}x{bc.get('nwg')} p{bc.get('pipe')} r={bc.get('rounds')}"
                 f" {row['w4a8_group']:7.1f} ({cb / row['w4a8_group']:.2f}x) {bg.get('us', float('nan')):7.1f}"
-                f" nt={bg.get('nt')}x{bg.get('nwg')} r={bg.get('rounds')}"
+                f" nt={bg.get('nt')}x{bg.get('nwg')} p{bg.get('pipe')} r={bg.get('rounds')}"
             )
     return s
 

@@ -40,12 +40,15 @@ class W4A8Sm90Error(ValueError):
 @dataclass(frozen=True)
 class W4A8Sm90Config:
     """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
-    ``stages`` TMA stages for ``x_q`` (k128 x nt bytes each), ``pref`` k128 steps of weights in flight."""
+    ``stages`` TMA stages for ``x_q`` (k128 x nt bytes each), ``pref`` k128 steps of weights in flight (ring
+    depth, or steps per load group), ``pipe`` the weight pipeline (0 ring; 1 ping-pong load groups; 2 the same
+    with ld.relaxed.gpu loads, which ptxas keeps at the group boundary: the sm90 W4A16 kernel's decode winner)."""
 
     nt: int
     nwg: int = 2
     stages: int = 6
     pref: int = 4
+    pipe: int = 0
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -62,6 +65,7 @@ class W4A8Sm90Config:
             "QW_PREF": self.pref,
             "QW_GROUP": int(group_size > 0),
             "QW_BF16": int(dtype == torch.bfloat16),
+            "QW_PIPE": self.pipe,
         }
 
 
@@ -81,6 +85,13 @@ WIDE: dict[int, list[W4A8Sm90Config]] = {
 }
 
 
+# Ping-pong load groups with relaxed loads (one scoreboard wait per group instead of per step) for the decode
+# tiles; two register sets of `pref` steps fit without spills up to 64 tokens.
+PIPED: dict[int, list[W4A8Sm90Config]] = {
+    g: [W4A8Sm90Config(nt, 2, 8, 4, pipe=2) for nt in (8, 16, 32, 64)] for g in SUPPORTED_W4A8_GROUPS
+}
+
+
 def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
     """The smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
     tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
@@ -95,7 +106,7 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [],
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (SOURCE, KERNEL, cfg.defines(g, dt))
     for g in SUPPORTED_W4A8_GROUPS
-    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g]
+    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g] + PIPED[g]
     for dt in (torch.float16, torch.bfloat16)
 ]
 

@@ -26,7 +26,8 @@
 // A second kernel, quick_w4a8_sm90_quant, quantizes activations per row (the format's rule, fp32).
 //
 // Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1, 2 or 4), QW_STAGES, QW_PREF (ring depth in
-// k128 steps), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x dtype).
+// k128 steps; per load group for QW_PIPE 1/2), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x
+// dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads).
 
 #include <cstdint>
 
@@ -49,6 +50,18 @@
 #endif
 #ifndef QW_BF16
 #define QW_BF16 0
+#endif
+#ifndef QW_PIPE
+#define QW_PIPE 0
+#endif
+#if QW_PIPE == 2
+// ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
+// towards their first use (docs/sm90_notes.md).
+#define QW_LDW "ld.relaxed.gpu.global.v4.u32"
+#define QW_LD16 "ld.relaxed.gpu.global.u16"
+#else
+#define QW_LDW "ld.global.nc.L1::no_allocate.v4.u32"
+#define QW_LD16 "ld.global.nc.u16"
 #endif
 
 namespace {
@@ -141,7 +154,7 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
 __device__ __forceinline__ void ldg_w(uint32_t* r, const void* p, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
-      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      "@p " QW_LDW " {%0, %1, %2, %3}, [%4];\n}\n"
       : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])
       : "l"(p), "r"(static_cast<int>(pred)));
 }
@@ -150,10 +163,16 @@ __device__ __forceinline__ void ldg_w(uint32_t* r, const void* p, bool pred) {
 __device__ __forceinline__ void ldg_u16(uint32_t& r, const void* p, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\n.reg .u16 t;\nsetp.ne.b32 p, %2, 0;\n"
-      "@p ld.global.nc.u16 t, [%1];\n"
+      "@p " QW_LD16 " t, [%1];\n"
       "@p cvt.u32.u16 %0, t;\n}\n"
       : "+r"(r)
       : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+// t ^= v as a volatile asm: stays where it is written (a C-level fold would be reassociated and spread over
+// earlier steps, where reading a loaded register waits for every load in flight).
+__device__ __forceinline__ void xor_acc(uint32_t& t, uint32_t v) {
+  asm volatile("xor.b32 %0, %0, %1;\n" : "+r"(t) : "r"(v));
 }
 
 __device__ __forceinline__ float h_to_f(uint16_t h) {
@@ -409,24 +428,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const uint4* qbase = qweight + static_cast<size_t>(s0) * (4 * N) + (nb / 16 + warp) * 64 + 2 * lane;
     const int8_t* sgbase = GROUP ? s_g + nb + 16 * warp + 2 * (lane / 4) : nullptr;
 
-    // Ring of PREF k128 steps: the loads for step s + PREF are issued as step s + 1 is converted.
-    uint32_t ring[PREF][8], ring_s[PREF];
-#pragma unroll
-    for (int p = 0; p < PREF; ++p) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ring[p][i] = 0;
-      ring_s[p] = 0;
-    }
-    auto load_one = [&](uint32_t(&r)[8], uint32_t& rs, const int step) {
-      const bool p = step < nsteps;
-      const uint4* src = qbase + static_cast<size_t>(step) * (4 * N);
+    auto load_one = [&](uint32_t(&r)[8], uint32_t& rs, const int step, const bool enable, const uint32_t dep) {
+      const bool p = enable && step < nsteps;
+      const uint4* src = qbase + static_cast<size_t>(step) * (4 * N) + dep;
       ldg_w(r, src, p);
       ldg_w(r + 4, src + 1, p);
-      if constexpr (GROUP) ldg_u16(rs, sgbase + static_cast<size_t>(s0 + step) * N, p);
+      if constexpr (GROUP) ldg_u16(rs, sgbase + static_cast<size_t>(s0 + step) * N + dep, p);
     };
     auto convert = [&](const uint32_t(&r)[8], const uint32_t rs, uint32_t(&a)[4][4], int32_t(&sg)[2]) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) convert_step(r[2 * j], r[2 * j + 1], a[j]);
+      for (int j = 0; j < 4; ++j) {
+        convert_step(r[2 * j], r[2 * j + 1], a[j]);
+        // Materialize here: NVVM would otherwise sink the masks past the next wgmma.fence (C7519).
+#pragma unroll
+        for (int i = 0; i < 4; ++i) fence_reg(a[j][i]);
+      }
       if constexpr (GROUP) {
         sg[0] = static_cast<int8_t>(rs & 0xFFu);
         sg[1] = static_cast<int8_t>((rs >> 8) & 0xFFu);
@@ -442,55 +458,134 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         }
       }
     };
-
+    int prev_stage = 0;
+    // The four wgmmas of one k128 stage on A buffer `buf`, then the wait that frees the other A buffer (and,
+    // per group, the fold of this stage's partial), and the release of the previous stage.
+    auto mma_stage = [&](const int buf, const int s) {
+      mbar_wait(s_full + 8 * stage, phase);
+      const uint64_t desc = make_desc(s_xt + stage * STAGE_BYTES);
+      wgmma_fence();
+      if constexpr (GROUP) {
 #pragma unroll
-    for (int p = 0; p < PREF; ++p) load_one(ring[p], ring_s[p], p);
+        for (int j = 0; j < 4; ++j) wgmma_s8<NT>(part, a_frag[buf][j], desc + 2 * j, j > 0);
+        wgmma_commit();
+        // ptxas serializes every wgmma (C7514) if any accumulator is read while a wgmma is in flight, even one
+        // of another register set: the group's partial is folded after a full wait (the other consumer
+        // warpgroups keep the tensor cores busy meanwhile).
+        wgmma_wait<0>();
+        fold(part, sgk[buf]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_s8<NT>(acc, a_frag[buf][j], desc + 2 * j, 1);  // +32 B per k32
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) fence_reg(a_frag[buf ^ 1][j][i]);
+      if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+    };
+    auto next_stage = [&]() {
+      prev_stage = stage;
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+      phase ^= stage == 0 ? 1u : 0u;
+    };
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0;
+
+#if QW_PIPE == 0
+    // Ring of PREF k128 steps: the loads for step s + PREF are issued as step s + 1 is converted. ptxas tracks
+    // all of them on one scoreboard, so converting a step waits for every load in flight (latency-bound at
+    // decode sizes; see docs/sm90_notes.md).
+    uint32_t ring[PREF][8], ring_s[PREF];
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ring[p][i] = 0;
+      ring_s[p] = 0;
+    }
+#pragma unroll
+    for (int p = 0; p < PREF; ++p) load_one(ring[p], ring_s[p], p, true, 0u);
     convert(ring[0], ring_s[0], a_frag[0], sgk[0]);
-    load_one(ring[0], ring_s[0], PREF);
+    load_one(ring[0], ring_s[0], PREF, true, 0u);
     int ld_next = PREF + 1;
-    int prev_stage = 0;
     for (int sb = 0; sb < nsteps; sb += UNR) {
 #pragma unroll
       for (int uu = 0; uu < UNR; ++uu) {
         const int s = sb + uu;
         if (s < nsteps) {
-          mbar_wait(s_full + 8 * stage, phase);
-          const uint64_t desc = make_desc(s_xt + stage * STAGE_BYTES);
-          wgmma_fence();
-          if constexpr (GROUP) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) wgmma_s8<NT>(part, a_frag[uu & 1][j], desc + 2 * j, j > 0);
-            wgmma_commit();
-            // ptxas serializes every wgmma (C7514) if any accumulator is read while a wgmma is in flight, even
-            // one of another register set: the group's partial is folded after a full wait (the other consumer
-            // warpgroup keeps the tensor cores busy meanwhile).
-            wgmma_wait<0>();
-            fold(part, sgk[uu & 1]);
-          } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) wgmma_s8<NT>(acc, a_frag[uu & 1][j], desc + 2 * j, 1);  // +32 B per k32
-            wgmma_commit();
-            wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][j][i]);
-          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          mma_stage(uu & 1, s);
           if (s + 1 < nsteps) {
             const int slot = (uu + 1) % PREF;
             convert(ring[slot], ring_s[slot], a_frag[(uu + 1) & 1], sgk[(uu + 1) & 1]);
-            load_one(ring[slot], ring_s[slot], ld_next);
+            load_one(ring[slot], ring_s[slot], ld_next, true, 0u);
             ++ld_next;
           }
-          prev_stage = stage;
-          stage = stage + 1 == STAGES ? 0 : stage + 1;
-          phase ^= stage == 0 ? 1u : 0u;
+          next_stage();
         }
       }
     }
+#else
+    // Ping-pong groups of PREF k128 steps (the sm90 W4A16 kernel's pipeline 1/2): two register sets, one consumed
+    // while the other is in flight, one scoreboard wait per group at its boundary (a fold of all its registers
+    // in volatile asm); the next group's addresses depend on that fold times a run-time zero so no load is
+    // hoisted above it, and no load is in flight across the loop's back edge.
+    uint32_t grp[2][PREF][8] = {}, grp_s[2][PREF] = {};
+    uint32_t dep = 0;
+    const uint32_t rt_zero = static_cast<uint32_t>(M) >> 31;  // 0 for any valid M, unknown to the compilers
+    auto load_group = [&](const int set, const int g, const bool enable) {
+#pragma unroll
+      for (int j = 0; j < PREF; ++j) load_one(grp[set][j], grp_s[set][j], g * PREF + j, enable, dep);
+    };
+    auto wait_group = [&](const int set) {
+      uint32_t t = 0;
+#pragma unroll
+      for (int j = 0; j < PREF; ++j) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) xor_acc(t, grp[set][j][i]);
+        if constexpr (GROUP) xor_acc(t, grp_s[set][j]);
+      }
+      dep = t & rt_zero;
+    };
+    load_group(0, 0, true);
+    load_group(1, 1, true);
+    wait_group(0);
+    convert(grp[0][0], grp_s[0][0], a_frag[0], sgk[0]);
+    int it = 0;  // 2*PREF-step iteration: set 0 holds group 2*it, set 1 group 2*it + 1
+    auto step = [&](const int uu, const int s, const bool has_next) {
+      mma_stage(uu & 1, s);
+      if (has_next) {
+        const int nx = uu + 1;
+        const int set = (nx / PREF) % 2;
+        const int j = nx % PREF;
+        if (nx == PREF) {
+          wait_group(1);
+          load_group(0, 2 * it + 2, true);
+        } else if (nx == 2 * PREF) {
+          wait_group(0);
+        }
+        convert(grp[set][j], grp_s[set][j], a_frag[nx & 1], sgk[nx & 1]);
+      }
+      next_stage();
+    };
+    const int n_main = nsteps - 1;
+    int sb = 0;
+    for (; sb + 2 * PREF <= n_main; sb += 2 * PREF, ++it) {
+      load_group(1, 2 * it + 1, it > 0);  // iteration 0: loaded by the prologue
+#pragma unroll
+      for (int uu = 0; uu < 2 * PREF; ++uu) step(uu, sb + uu, true);
+    }
+    load_group(1, 2 * it + 1, it > 0);
+#pragma unroll
+    for (int uu = 0; uu < 2 * PREF; ++uu) {  // tail: < 2*PREF steps with a successor, then the last step
+      if (sb + uu < n_main) {
+        step(uu, sb + uu, true);
+      } else if (sb + uu == n_main) {
+        step(uu, sb + uu, false);
+      }
+    }
+#endif
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
