@@ -194,6 +194,38 @@ def register_w4a8_impls() -> list[str]:
     return list(W4A8_IMPLS)
 
 
+W4A8_SM90_IMPLS = ("quick_w4a8_sm90_channel", "quick_w4a8_sm90_group")
+
+
+def register_w4a8_sm90_impls() -> list[str]:
+    """Rows ``quick_w4a8_sm90_channel`` / ``_group``: the whole W4A8 op on the Hopper wgmma s8 kernel
+    (activation quantization + GEMM, layout ``w4a8_sm90``) on fp16 activations; sm_90 only."""
+    try:
+        from quick.kernels import quick_w4a8_sm90 as w8s
+
+        if not w8s.is_available():
+            return []
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] W4A8 sm90 not benchmarked: {type(e).__name__}: {e}")
+        return []
+
+    def make(group: int):
+        def f(p):
+            key = ("w4a8_sm90", group)
+            if key not in p:
+                from quick.packing.layouts import pack_w4a8_sm90, unpack_w4a8
+
+                p[key] = pack_w4a8_sm90(unpack_w4a8(_w4a8_packed(p, group), group))  # the same weights
+            w, x = p[key], _x(p, p["m"], torch.float16)
+            return lambda: w8s.gemm_w4a8_sm90(x, w["qweight"], w["channel_scale"], w.get("group_scale"), group)
+
+        return f
+
+    common.register_impl(common.Impl("quick_w4a8_sm90_channel", "fp16", make(-1)))
+    common.register_impl(common.Impl("quick_w4a8_sm90_group", "fp16", make(128)))
+    return list(W4A8_SM90_IMPLS)
+
+
 def _extra_w4a8() -> list:
     """Candidate W4A8 configs timed by --sweep-w4a8 besides the shipped ones (compiled on the spot)."""
     from quick.kernels.quick_w4a8 import W4A8Config as C
@@ -429,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     register_builtin_impls()
     extra = register_optional_impls()
     extra += register_w4a8_impls()
+    extra += register_w4a8_sm90_impls()
     impls = args.impls or ["cublas_fp16", "cublas_bf16", "torch_int4", "quick", "quick_gemv", *extra]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else list(SHAPES.values())
     ceilings = common.measure_ceilings()
