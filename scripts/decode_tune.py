@@ -653,16 +653,51 @@ def part_ncu(ctx: Ctx) -> None:
     ctx.save()
 
 
+def pick(path: Path) -> int:
+    """Offline (no GPU): from a decode_tune.json, per kernel and M, the variant with the lowest mean ratio to the
+    per-shape best over the shapes measured (each variant at its best split on each shape), and the split it
+    won with on each shape: the data behind the TUNED tables."""
+    res = json.loads(path.read_text())
+    for which in ("mma", "sm90"):
+        rows = [r for r in res.get(which, []) if r["variant"] not in ("auto", "cublas_fp16")]
+        for m in MS:
+            cells: dict = {}
+            for r in rows:
+                if r["M"] == m:
+                    key = (r["K"], r["N"])
+                    v = cells.setdefault(r["variant"], {})
+                    if key not in v or r["us"] < v[key][0]:
+                        v[key] = (r["us"], r["splits"])
+            if not cells:
+                continue
+            shapes = sorted({key for v in cells.values() for key in v})
+            best = {key: min(v[key][0] for v in cells.values() if key in v) for key in shapes}
+            scored = sorted(
+                (sum(v[key][0] / best[key] for key in shapes) / len(shapes), name)
+                for name, v in cells.items()
+                if all(key in v for key in shapes)
+            )
+            auto = {(r["K"], r["N"]): r["us"] for r in res.get(which, []) if r["M"] == m and r["variant"] == "auto"}
+            for score, name in scored[:3]:
+                per = ", ".join(f"{k}x{n} {cells[name][(k, n)][0]} s={cells[name][(k, n)][1]}" for k, n in shapes)
+                print(f"{which} M={m}: {score:.3f} {name}: {per}")
+            print(f"{which} M={m}: auto " + ", ".join(f"{k}x{n} {auto.get((k, n))}" for k, n in shapes))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=280.0, help="stop timing new cells after this many seconds")
     ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean")
     ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
+    ap.add_argument("--pick", type=Path, default=None, help="offline: best variants per M from a decode_tune.json")
     ap.add_argument("--check-child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ncu_target:
         return ncu_target()
+    if args.pick is not None:
+        return pick(args.pick)
     if args.check_child is not None:
         return check_child(args.check_child, set(json.loads(args.skip)))
     out = Path(os.environ.get("OUT") or "decode_out")
