@@ -307,13 +307,15 @@ class AutoQuickForCausalLM:
         duo_scaling: bool = False,
         batch_size: int = 8,
         progress: bool = True,
+        qqq_options: dict[str, Any] | None = None,
     ) -> AutoQuickForCausalLM:
         """Quantize in place. ``method``: 'awq' (calibrated scales + clipping) or 'rtn' (round to nearest);
         for W4A8 configs (``a_bit=8``) 'qqq' (smoothing + GPTQ, the default there) or 'rtn'.
 
         ``calib_data``: ``None`` = Wikipedia calibration split (``n_samples`` x ``seqlen`` tokens), a text
         file, a list of strings, or token ids ``[n, seqlen]``. Records the wall time in
-        ``quantization_time_s``.
+        ``quantization_time_s``. ``qqq_options``: further keyword arguments of
+        :func:`quick.quant.qqq.quantize_model_qqq` (``n_grid``, ``act_order``, ``damp``, ``smooth``, ``gptq``).
         """
         if self.is_quantized:
             raise QuantizationError("model is already quantized")
@@ -337,7 +339,7 @@ class AutoQuickForCausalLM:
         start = time.perf_counter()
         if w4a8:
             self._quantize_w4a8(qc, method, tokenizer, family, skip, calib_data, n_samples, seqlen, seed,
-                                search_samples, batch_size, progress)  # fmt: skip
+                                search_samples, batch_size, progress, qqq_options)  # fmt: skip
         elif method == "awq":
             from quick.quant.awq import quantize_model_awq
 
@@ -380,6 +382,7 @@ class AutoQuickForCausalLM:
         search_samples: int | None,
         batch_size: int,
         progress: bool,
+        qqq_options: dict[str, Any] | None,
     ) -> None:
         """QQQ (calibrated) or RTN W4A8; dense parameters rounded to the checkpoint dtype either way."""
         if method == "rtn":
@@ -402,6 +405,7 @@ class AutoQuickForCausalLM:
             batch_size=batch_size,
             family=family,
             progress=progress,
+            **(qqq_options or {}),
         )
 
     def save_quantized(self, out_dir: str | os.PathLike, max_shard_size: int | None = None) -> Path:

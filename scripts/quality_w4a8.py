@@ -26,6 +26,7 @@ from quick.auto import AutoQuickForCausalLM
 from quick.data.corpus import load_eval_text
 from quick.eval.perplexity import perplexity, tokenize_eval_text
 from quick.generation import generate_text
+from quick.nn.linear_w4a8 import QuickLinearW4A8
 
 PROMPTS = ("The capital of France is", "Water is made of")
 
@@ -46,6 +47,21 @@ def _w4a16_reference(out_dir: Path, name: str, device: str) -> dict | None:
     return {"file": files[-1].name, **{k: data[k] for k in keys if k in data}}
 
 
+def _set_backend(auto: AutoQuickForCausalLM, backend: str) -> None:
+    for m in auto.model.modules():
+        if isinstance(m, QuickLinearW4A8):
+            m.backend = backend
+
+
+def _kernel_available(auto: AutoQuickForCausalLM) -> bool:
+    """Whether a W4A8 GPU kernel is registered and takes this model's activations."""
+    from quick.nn.linear_w4a8 import _kernel_for
+
+    layer = next(m for m in auto.model.modules() if isinstance(m, QuickLinearW4A8))
+    x = torch.zeros(1, layer.in_features, dtype=layer.dtype, device=auto.device)
+    return layer.storage == "packed" and _kernel_for(x) is not None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
@@ -59,10 +75,22 @@ def main() -> None:
     ap.add_argument("--search-samples", type=int, default=None, help="smoothing-search samples (default: QQQ's)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the dense perplexity")
     ap.add_argument("--reload", action="store_true", help="also save, reload and re-measure each model")
+    ap.add_argument("--n-grid", type=int, default=None, help="smoothing grid points (default: QQQ's 20)")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing Hessian diagonal")
+    ap.add_argument(
+        "--backend",
+        choices=("auto", "reference"),
+        default="reference",
+        help="W4A8 layers during calibration and the main perplexity: reference arithmetic (default) or the GPU "
+        "kernel when available; with a kernel present, the perplexity is also measured on the other backend",
+    )
     ap.add_argument("--bos", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     text = load_eval_text("wiki")
     result: dict = {
@@ -76,7 +104,10 @@ def main() -> None:
             "n_samples": args.n_samples,
             "seqlen": args.calib_seqlen,
             "search_samples": args.search_samples,
+            "n_grid": args.n_grid,
+            "act_order": args.act_order,
         },
+        "backend": args.backend,
         "runs": {},
     }
     out_path: Path | None = None
@@ -107,6 +138,8 @@ def main() -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
+    QuickLinearW4A8.default_backend = args.backend
+    options = {"act_order": args.act_order, **({"n_grid": args.n_grid} if args.n_grid else {})}
     dense = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
     result["device"] = str(dense.device)
     if not args.no_baseline:
@@ -125,9 +158,15 @@ def main() -> None:
                 n_samples=args.n_samples,
                 seqlen=args.calib_seqlen,
                 search_samples=args.search_samples,
+                qqq_options=options if method == "qqq" else None,
             )
             run: dict = {"quant_config": qc, "method": method, "quantization_time_s": auto.quantization_time_s}
             run["ppl"] = ppl(auto, f"w4a8 {key}")
+            if auto.device.type == "cuda" and _kernel_available(auto):
+                other = "auto" if args.backend == "reference" else "reference"
+                _set_backend(auto, other)
+                run[f"ppl_backend_{other}"] = ppl(auto, f"w4a8 {key} ({other})")
+                _set_backend(auto, args.backend)
             run["generation"] = {p: generate_text(auto.model, auto.tokenizer, p, max_new_tokens=24) for p in PROMPTS}
             if args.reload:
                 with tempfile.TemporaryDirectory() as tmp:

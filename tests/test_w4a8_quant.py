@@ -99,6 +99,8 @@ def test_rtn_grid_is_the_format(group_size):
         step = step * qw.group_scale.double().t().repeat_interleave(128, dim=1)[:, :320]
     assert torch.all((deq - w.double()).abs() <= 0.5 * step * (1 + 2e-3) + 1e-6)
     assert rel(deq, w) < 0.15
+    # the search's fake quantization is the same grid
+    assert torch.allclose(qqq.fake_quant_weight(w, group_size).double(), deq, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_weights_and_group_sizes_raise():

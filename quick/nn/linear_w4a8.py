@@ -61,11 +61,19 @@ def integer_matmul(xq: torch.Tensor, w: W4A8Weight, cache: dict | None = None) -
     Per-channel: one fp32 matmul when ``K * 127 * 8 < 2**24`` (every partial sum is then an exactly
     representable integer), else float64. Per-group: one fp32 matmul per group (``G * 127 * 8`` is far below
     2**24), each multiplied by its integer group scale in fp32 (exact while ``G * 127 * 8 * 127 < 2**24``, i.e.
-    ``G <= 130``) and summed in float64. ``cache``: where to keep the float copies of the weights between calls.
+    ``G <= 130``) and summed in float64. On CUDA (where fp32 GEMMs may use TF32): one float64 GEMM with the
+    integer weights ``q * s_g``. ``cache``: where to keep the float copies of the weights between calls.
     """
     m, k = xq.shape
     n = w.out_features
     cache = {} if cache is None else cache
+    if xq.is_cuda:  # fp32 GEMMs may run in TF32 there; float64 is exact whatever the settings
+        if "wi" not in cache:
+            wi = w.q.double()
+            if w.group_scale is not None:
+                wi = wi * w.group_scale.double().t().repeat_interleave(w.group_size, dim=1)
+            cache["wi"] = wi.t().contiguous()
+        return xq.double() @ cache["wi"]
     if w.group_scale is None:
         if k * 127 * 8 < _EXACT_FP32:
             if "qf" not in cache:
@@ -111,8 +119,10 @@ class QuickLinearW4A8(nn.Module):
     zero-padded (zero columns quantize to zero and do not change a token's absmax). ``dtype``: the activation
     and output dtype of the GPU kernel and the bias dtype; the reference path returns the input's dtype.
     ``backend``: ``"auto"`` (kernel when one is registered and available for the input, else reference),
-    ``"reference"``, or ``"kernel"`` (raise when there is none).
+    ``"reference"``, or ``"kernel"`` (raise when there is none); new layers take ``default_backend``.
     """
+
+    default_backend = "auto"
 
     def __init__(
         self,
@@ -136,7 +146,7 @@ class QuickLinearW4A8(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.group_size = weight.group_size
         self.dtype = dtype
-        self.backend = "auto"
+        self.backend = self.default_backend
         self._cache: tuple | None = None
         tensors, self.storage = self._to_storage(weight, pack)
         for name, t in tensors.items():

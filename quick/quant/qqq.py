@@ -120,6 +120,21 @@ def _finish(q: torch.Tensor, channel_scale: torch.Tensor, group_scale: torch.Ten
     return W4A8Weight(q, channel_scale.float().contiguous(), gs, group_size)
 
 
+def _rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Round-to-nearest of fp32 ``w [N, K]``: codes ``[N, K]``, ``s_ch [N]``, ``s_g [groups, N]`` or None, and
+    the effective step of every element broadcastable to ``[N, groups, G]`` (per group) or ``[N, 1]``."""
+    n, k = w.shape
+    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
+    if group_size == -1:
+        step = s_ch[:, None]
+        return _round_q(w, step), s_ch, None, step
+    ng = -(-k // group_size)
+    wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
+    s_g = group_scale_for(wg.abs().amax(dim=-1), s_ch[:, None])  # [N, ng]
+    step = (s_ch[:, None] * s_g)[..., None]
+    return _round_q(wg, step).reshape(n, ng * group_size)[:, :k], s_ch, s_g.t(), step
+
+
 def quantize_w4a8_rtn(weight: torch.Tensor, group_size: int = -1) -> W4A8Weight:
     """Round-to-nearest W4A8 weights of an ``nn.Linear`` weight ``[N, K]`` (K padded to whole groups)."""
     check_group_size(group_size)
@@ -127,21 +142,20 @@ def quantize_w4a8_rtn(weight: torch.Tensor, group_size: int = -1) -> W4A8Weight:
         raise QuantizationError(f"expected a 2-D float weight [out, in], got {weight.dtype} {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise QuantizationError("weight contains NaN or inf; refusing to quantize")
-    w = weight.detach().float()
-    n, k = w.shape
-    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
-    if group_size == -1:
-        return _finish(_round_q(w, s_ch[:, None]), s_ch, None, -1)
-    ng = -(-k // group_size)
-    wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
-    s_g = group_scale_for(wg.abs().amax(dim=-1).t(), s_ch)  # [ng, N]
-    scale = (s_ch[:, None] * s_g.t()).repeat_interleave(group_size, dim=1)[:, :k]
-    return _finish(_round_q(w, scale), s_ch, s_g, group_size)
+    q, s_ch, s_g, _ = _rtn(weight.detach().float(), group_size)
+    return _finish(q, s_ch, s_g, group_size)
 
 
 def fake_quant_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RTN W4A8 weights dequantized back to ``[N, K]`` (fp32): what the smoothing search scores."""
-    return quantize_w4a8_rtn(weight, group_size).dequantize(torch.float32)[:, : weight.shape[1]]
+    """RTN W4A8 weights dequantized back to ``[N, K]`` in fp32 (what the smoothing search scores); equal to
+    ``quantize_w4a8_rtn(weight).dequantize()`` up to fp32 rounding, without building the stored format."""
+    w = weight.detach().float()
+    n, k = w.shape
+    q, _, _, step = _rtn(w, group_size)
+    if group_size == -1:
+        return q * step
+    ng = step.shape[1]
+    return (F.pad(q, (0, ng * group_size - k)).reshape(n, ng, group_size) * step).reshape(n, -1)[:, :k]
 
 
 def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +243,8 @@ def gptq_w4a8(
             col_w = w1[:, i]
             col_q = _round_q(col_w, scale)
             q[:, i1 + i] = col_q
-            e = (col_w - col_q * scale) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            e = (col_w - col_q * scale).div_(u1[i, i])
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     if perm is not None:
