@@ -37,6 +37,7 @@ CATEGORY = {
     "test_kernel_validation_cpu": "kernel launchers and custom ops (CPU, fake/meta)",
     "test_model_quant_config": "model quantization (RTN, AWQ/W4A8 config, Auto API)",
     "test_checkpoint_load": "checkpoint load (corrupt, truncated, mismatched)",
+    "test_save_killed": "checkpoint save killed (SIGKILL) mid-write",
     "test_cli": "CLI commands",
     "test_gpu_kernel_entry": "GPU kernel entry points (views, devices, out, shapes)",
     "test_gpu_nonfinite_and_empty": "NaN / inf / empty inputs (documented results)",
@@ -883,6 +884,76 @@ def test_checkpoint_load(name, mutate, match, ckpt, tmp_path):
         return
     with pytest.raises((CheckpointError, LayoutError), match=match):
         _load(d, **kw)
+
+
+# ============================================================================== save killed mid-write
+
+_KILL_SCRIPT = r"""
+import sys, time, torch, transformers
+from pathlib import Path
+import quick.checkpoint as ck
+from quick.auto import quantize_model_rtn
+
+target, where, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+torch.manual_seed(1)
+cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256,
+                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+model = quantize_model_rtn(transformers.AutoModelForCausalLM.from_config(cfg).eval(), 32, scale_dtype=torch.float16)
+
+def stall():
+    marker.write_text("ready")
+    time.sleep(120)
+
+if where == "shards":
+    real, n = ck.save_file, [0]
+    def slow(tensors, filename, metadata=None):
+        n[0] += 1
+        if n[0] == 2:
+            Path(filename).write_bytes(b"partial")
+            stall()
+        return real(tensors, filename, metadata=metadata)
+    ck.save_file = slow
+    ck.save_quantized(model, target, max_shard_size=20_000)
+else:
+    ck.save_quantized(model, target, _before_publish=lambda tmp: stall())
+"""
+
+
+@pytest.mark.parametrize(
+    "where", ["shards", "publish"], ids=["killed writing shards (new)", "killed before publishing (overwrite)"]
+)
+def test_save_killed(where, tmp_path, ckpt):
+    """A save killed with SIGKILL (no cleanup runs) leaves either no checkpoint or the old one, intact."""
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "ck"
+    if where == "publish":
+        shutil.copytree(ckpt, target)
+    before = {p.name: p.read_bytes() for p in target.glob("*")} if target.exists() else None
+    marker = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(target), where, str(marker)])
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, "the saving process ended before it was killed"
+            assert time.time() < deadline, "the saving process never reached the kill point"
+            time.sleep(0.2)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    if before is None:
+        assert not target.exists()
+        from quick.checkpoint import CheckpointError
+
+        with pytest.raises(CheckpointError, match="no config.json"):
+            _load(target)
+    else:
+        assert {p.name: p.read_bytes() for p in target.glob("*")} == before
+        _load(target)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.tmp-")]
+    assert leftovers  # the unfinished save stays in a hidden temporary directory, never at the target
 
 
 # ============================================================================== CLI
