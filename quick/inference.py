@@ -102,7 +102,7 @@ def bind_kernels(model: nn.Module) -> int:
     return bound
 
 
-def compile_regions(model: nn.Module) -> int:
+def compile_regions(model: nn.Module, dynamic: bool | None = None) -> int:
     """``torch.compile`` each decoder layer's norms and MLP in place, and the family's rotary-embedding function
     (no cache state inside any of them, so one compiled graph serves every layer). Returns how many modules
     were compiled. The rotary function is a module global of the transformers model file: it is replaced for
@@ -115,13 +115,13 @@ def compile_regions(model: nn.Module) -> int:
     for layer in decoder_layers(model, get_family(model.config)):
         for name, child in layer.named_children():
             if ("norm" in name.lower() or name == "mlp") and getattr(child, "_compiled_call_impl", None) is None:
-                child.compile(dynamic=False, backend=COMPILE_BACKEND)
+                child.compile(dynamic=dynamic, backend=COMPILE_BACKEND)
                 n += 1
         attn = getattr(layer, "self_attn", None)
         src = sys.modules.get(type(attn).__module__) if attn is not None else None
         rotary = getattr(src, "apply_rotary_pos_emb", None)
         if rotary is not None and not hasattr(rotary, "_quick_original"):
-            compiled = torch.compile(rotary, dynamic=False, backend=COMPILE_BACKEND)
+            compiled = torch.compile(rotary, dynamic=dynamic, backend=COMPILE_BACKEND)
             compiled._quick_original = rotary
             src.apply_rotary_pos_emb = compiled
     return n
@@ -224,7 +224,11 @@ class StaticGenerator:
         use_graph: bool | None = None,
         compile: str = "none",  # noqa: A002 - the natural name for the option
         decode_attention: bool = True,
+        dynamic: bool | None = None,
     ) -> None:
+        """``dynamic``: torch.compile's flag. ``None`` (automatic): the first batch size compiles static, the
+        next one recompiles with the batch dimension symbolic and every later batch size reuses that graph
+        (2 builds per model instead of one per batch size); ``False``: one static build per batch size."""
         from transformers import StaticCache
 
         if compile not in COMPILE_MODES:
@@ -247,9 +251,9 @@ class StaticGenerator:
             _raise_recompile_limit()
             bind_kernels(model)
             if compile == "regions":
-                compile_regions(model)
+                compile_regions(model, dynamic)
             else:
-                self._step = torch.compile(self._forward, dynamic=False, backend=COMPILE_BACKEND)
+                self._step = torch.compile(self._forward, dynamic=dynamic, backend=COMPILE_BACKEND)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
         """Additive 4-D mask ``[B, 1, T, max_len]``: query t sees cache slots ``<= pos[t]``.

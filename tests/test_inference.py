@@ -271,3 +271,28 @@ def test_e2e_results_format(tmp_path):
     assert all(set(r) == keys for r in doc["rows"])
     assert "| llama-2-7b | 64 | quick | graph | 1000 | 16000 | 2.50x | 4.0 |" in stem.with_suffix(".md").read_text()
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["step", "regions"])
+def test_compiled_decode_builds_twice_for_many_batch_sizes(mode, monkeypatch):
+    """Automatic dynamic shapes: the first batch size compiles static, the second generalises the batch dim,
+    later ones reuse it (the full benchmark's 5 batch sizes cost 2 builds per model, not 5)."""
+    from quick import inference
+
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    model = _tiny_llama()
+    inputs = [torch.randint(0, 128, (b, 4)) for b in (2, 3, 4, 5)]
+    wants = [StaticGenerator(model, ids.shape[0], 16).generate(ids, 3)[0] for ids in inputs]  # before compiling
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    try:
+        for ids, want in zip(inputs, wants, strict=True):
+            got = StaticGenerator(model, ids.shape[0], 16, compile=mode).generate(ids, 3)[0]
+            assert torch.equal(got, want)
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    finally:
+        inference.uncompile_regions(model)
+        torch._dynamo.reset()
+    assert graphs[1] > graphs[0]  # the second size recompiled (dynamic) ...
+    assert graphs[3] == graphs[1]  # ... and the later ones did not

@@ -57,12 +57,14 @@ def gpu_slug(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower())).lower()
 
 
-def run_one(model, batch: int, prompt: int, gen: int, vocab: int, variant: str = DEFAULT_VARIANT) -> dict:
+def run_one(
+    model, batch: int, prompt: int, gen: int, vocab: int, variant: str = DEFAULT_VARIANT, dynamic: bool | None = None
+) -> dict:
     compile_mode, graph, _ = parse_variant(variant)
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     t0 = time.perf_counter()
-    g = StaticGenerator(model, batch, prompt + gen, use_graph=graph, compile=compile_mode)
+    g = StaticGenerator(model, batch, prompt + gen, use_graph=graph, compile=compile_mode, dynamic=dynamic)
     g.generate(ids, 4)  # warm-up: allocations, kernel builds, torch.compile, graph capture
     with torch.inference_mode():  # the cache tensors were made in inference mode
         g.cache.reset()
@@ -106,6 +108,7 @@ def run(
     layers: int | None,
     variants: list[str] | None = None,
     log=None,
+    dynamic: bool | None = None,
 ) -> tuple[list, list]:
     """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times."""
     variants = variants or [DEFAULT_VARIANT]
@@ -130,7 +133,7 @@ def run(
                     fuse_model(model)
                 for b in batches:
                     try:
-                        r = run_one(model, b, prompt, gen, vocab, v)
+                        r = run_one(model, b, prompt, gen, vocab, v, dynamic)
                     except torch.OutOfMemoryError:
                         print(f"{name} {impl} {v} batch {b}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -258,6 +261,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="shorthand: replace the variants' compile mode (none = graph only)",
     )
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="compile every batch size static (default: automatic, the batch dim turns symbolic on the 2nd size)",
+    )
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--layers", type=int, default=None, help="truncate the model (smoke runs only)")
@@ -290,7 +298,8 @@ def main(args: argparse.Namespace) -> int:
     rows, cases = [], []
     with open(args.outdir / f"e2e-cases{tag}.jsonl", "a") as log:  # every case as it finishes (a killed run keeps them)
         for model in args.models:  # results rewritten after each model: a run cut short keeps the finished ones
-            r, c = run([model], args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log)
+            dyn = False if args.static_shapes else None
+            r, c = run([model], args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log, dyn)
             rows, cases = rows + r, cases + c
             stem = write_results(rows, env, args.outdir, args.prompt, args.gen, variants, cases, args.tag)
     print(stem.with_suffix(".md").read_text())
