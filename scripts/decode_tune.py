@@ -3,7 +3,7 @@
 kernels (mma.sync ``quick`` and Hopper ``quick_sm90``), check each against the float64 reference, time them at
 M in {1, 8, 16, 32, 64, 128, 256} on K = N = 8192 and the Llama shapes, and measure the streaming floor.
 
-    OUT=$OUT timeout 420 python3 scripts/decode_tune.py [--budget-s 280] [--parts ncu,floor,check,mma,sm90,clean]
+    OUT=$OUT timeout 420 python3 scripts/decode_tune.py [--budget-s 300] [--parts ncu,floor,check,mma,sm90,clean]
 
 Parts: ``ncu`` (if Nsight Compute is installed: DRAM bytes read/written by the probe kernel right after each
 flush, ``--cache-control none``: the direct test of the write-back claim), ``floor``, ``check`` (in a child
@@ -107,23 +107,36 @@ def mma_candidates(m: int) -> list[tuple[str, int | None]]:
 _D = sm._DEFAULTS
 
 
-def sm90_candidates(m: int) -> list[tuple[sm.Sm90Config, int | None]]:
+def sm90_candidates(m: int, full: bool = True) -> list[tuple[sm.Sm90Config, int | None]]:
     """(config, rounds policy or None = choose_splits) timed at batch size m: each pipeline's default tile, with
-    and without the producer's L2 prefetch of the weights."""
+    and without the producer's L2 prefetch of the weights, 4 consumer warpgroups, weights through the TMA stages,
+    half-height tiles. ``full`` = False: fewer L2-prefetch distances and split policies (the secondary shapes)."""
     nt = next(t for t in sm.TOKEN_TILES if t >= m)
     bases = [_D[pipe][nt] for pipe in ((0, 1, 2) if nt <= 128 else (0,))]
     if nt <= 16:  # 4 consumer warpgroups (112 registers each): groups of 2 steps, or a ring of 3 (0 spills)
         bases += [sm.Sm90Config(nt, 4, 8, 2, 2, 2), sm.Sm90Config(nt, 4, 8, 3, 3, 0)]
     out = []
+    l2s = (0, 8, 16) if full else (0, 16)
+    policies = ((None, 1, 2, 3) if m <= 64 else (None, 1, 2)) if full else (None, 2)
     for base in bases:
-        for l2 in (0, 8, 16):
+        for l2 in l2s:
             cfg = R(base, l2pf=l2)
-            for rounds in (None, 1, 2, 3) if m <= 64 else (None, 1, 2):
+            for rounds in policies:
                 out.append((cfg, rounds))
+    # weights with x through the TMA stages (bulk copies): as many stages as fit next to the epilogue buffers
+    wt_stages = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8}
+    if nt in wt_stages:
+        wt = [sm.Sm90Config(nt, 2, wt_stages[nt], 4, 4, 0, 0, 1)]
+        if nt <= 16:
+            wt.append(sm.Sm90Config(nt, 4, 16, 2, 2, 0, 0, 1))
+        for base in wt:
+            for l2 in (0, 16):
+                for rounds in policies:
+                    out.append((R(base, l2pf=l2), rounds))
     if m >= 32:  # half-height token tiles (x read twice, smaller accumulators, deeper weight groups)
         for pipe in (0, 2):
             for l2 in (0, 16):
-                for rounds in (None, 1, 2):
+                for rounds in (None, 1, 2) if full else (None, 2):
                     out.append((R(_D[pipe][nt // 2], l2pf=l2), rounds))
     return out
 
@@ -503,7 +516,7 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         w = p["sm90"]
         args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
         cands = [("auto", None, lambda: sm.gemm_w4a16_sm90(*args))]
-        for cfg, rounds in sm90_candidates(m):
+        for cfg, rounds in sm90_candidates(m, full=(k, n) in SHAPES[:2]):
             if ctx.ok is not None and str(cfg) not in ctx.ok:
                 continue
             s = sm.plan(m, n, k, ctx.sms, cfg, None, GROUP, rounds).splits
@@ -687,7 +700,7 @@ def pick(path: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=280.0, help="stop timing new cells after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing new cells after this many seconds")
     ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean")
     ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
     ap.add_argument("--pick", type=Path, default=None, help="offline: best variants per M from a decode_tune.json")

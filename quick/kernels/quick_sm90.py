@@ -41,7 +41,8 @@ class Sm90Config:
     ``stages`` TMA stages for x, ``grp`` k64 steps of weights per load group or ring (``grp32`` for group size
     32, whose two scale rows per step cost registers), ``pipe`` the weight pipeline (:data:`PIPES`: 0 per-step
     ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary); ``l2pf``
-    = D > 0: the producer prefetches each unit's weights D k64 steps ahead into L2."""
+    = D > 0: the producer prefetches each unit's weights D k64 steps ahead into L2; ``wtma`` = 1: weights, scales
+    and zeros come with x through the TMA stages (bulk copies; group sizes >= 64, else the ``pipe`` path)."""
 
     nt: int
     nwg: int = 2
@@ -50,10 +51,12 @@ class Sm90Config:
     grp32: int = 4
     pipe: int = 1
     l2pf: int = 0
+    wtma: int = 0
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
-        return 1024 + self.stages * self.nt * 128 + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
+        wst = self.nwg * (2048 + 256) if self.wtma else 0
+        return 1024 + self.stages * (self.nt * 128 + wst) + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
 
     def threads(self) -> int:
         return 128 * (self.nwg + 1)
@@ -69,6 +72,7 @@ class Sm90Config:
             "QS_PIPE": int(self.pipe != 0),
             "QS_LDREL": int(self.pipe == 2),
             "QS_L2PF": self.l2pf,
+            "QS_WTMA": int(bool(self.wtma) and group_size != 32),
         }
 
 

@@ -25,7 +25,11 @@
 // QS_PREF (weight group / ring depth in k64 steps), QS_G32 (group size 32: two groups per k64 step), QS_BF16,
 // QS_PIPE (1: ping-pong load groups, 0: per-step ring), QS_LDREL (weights through ld.relaxed.gpu),
 // QS_L2PF (D > 0: the producer thread asks L2 for the weights of k64 step s + D of the unit as it issues the TMA of
-// step s: cp.async.bulk.prefetch.L2, NWG x 2 KB contiguous per step; bytes in flight that hold no registers).
+// step s: cp.async.bulk.prefetch.L2, NWG x 2 KB contiguous per step; bytes in flight that hold no registers),
+// QS_WTMA (1: the weights, scales and zeros of a k64 step travel with its x tile: the producer adds three
+// cp.async.bulk copies (NWG x 2 KB of weights, NWG x 128 B of scales and of zeros, all contiguous) on the stage's
+// full barrier, and consumers read their 16 bytes from shared memory; QS_STAGES steps in flight per CTA, waited for
+// by the mbarrier instead of register scoreboards. Group sizes >= 64 only).
 
 #include <cstdint>
 
@@ -57,6 +61,9 @@
 #endif
 #ifndef QS_L2PF
 #define QS_L2PF 0
+#endif
+#ifndef QS_WTMA
+#define QS_WTMA 0
 #endif
 #if QS_LDREL
 // ld.relaxed.gpu: ptxas keeps these strong loads in program order with the mbarrier operations, so a group's
@@ -96,7 +103,9 @@ constexpr int SW = G32 ? 2 : 1;                         // scale groups per k64 
 constexpr uint32_t MAGIC = BF16 ? 0x43004300u : 0x64006400u;  // bf16 128.0 / fp16 1024.0, both halves
 constexpr int PRODUCER_REGS = 40;
 constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
-constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+constexpr int WST_BYTES = QS_WTMA ? NWG * (2048 + 2 * 128) : 0;  // per stage: weights, scales, zeros
+constexpr int SMEM_BYTES = 1024 + STAGES * (STAGE_BYTES + WST_BYTES) + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+static_assert(!(QS_WTMA && G32), "QS_WTMA: group sizes >= 64");
 
 static_assert(NT % 8 == 0 && NT >= 8 && NT <= 256, "wgmma N must be 8..256 in steps of 8");
 static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
@@ -142,6 +151,26 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, in
           dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
+}
+
+// 1-D bulk copy global -> shared, completion counted in bytes on an mbarrier (16-byte aligned, size % 16 == 0).
+__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
 }
 
 __device__ __forceinline__ void named_bar(int id, int count) {
@@ -387,7 +416,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
   uint8_t* const gbase = smem_raw + (base - raw_base);
   const uint32_t s_x = base;
-  const uint32_t epi_off = STAGES * STAGE_BYTES;
+  const uint32_t s_w = base + STAGES * STAGE_BYTES;  // QS_WTMA: weight stages after the x stages
+  const uint32_t epi_off = STAGES * (STAGE_BYTES + WST_BYTES);
   const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
   const uint32_t s_empty = s_full + STAGES * 8;
   volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
@@ -441,7 +471,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           l2_prefetch(s + QS_L2PF);
 #endif
           mbar_wait(s_empty + 8 * stage, phase ^ 1);
+#if QS_WTMA
+          {
+            const int tn_w = tile % n_tiles;
+            const uint32_t nv = static_cast<uint32_t>(min(NWG, N / 64 - tn_w * NWG));
+            const uint32_t sw = s_w + stage * WST_BYTES;
+            const size_t srow = static_cast<size_t>((s0 + s) >> gshift) * N + tn_w * NWG * 64;
+            mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES + nv * (2048 + 256));
+            bulk_g2s(sw, qweight + static_cast<size_t>(s0 + s) * (2 * N) + tn_w * NWG * 128, nv * 2048, s_full + 8 * stage);
+            bulk_g2s(sw + NWG * 2048, scales + srow, nv * 128, s_full + 8 * stage);
+            bulk_g2s(sw + NWG * 2048 + NWG * 128, zeros + srow, nv * 128, s_full + 8 * stage);
+          }
+#else
           mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES);
+#endif
           tma_load_2d(s_x + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 64, tm * NT, s_full + 8 * stage);
           if (++stage == STAGES) {
             stage = 0;
@@ -535,7 +578,50 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     };
     int prev_stage = 0;
 
-#if QS_PIPE == 1
+#if QS_WTMA
+    // This lane's 16 bytes of weights and 4-byte scale/zero words inside a stage (same bytes as in global memory).
+    const uint32_t w_off = (cw * 4 + warp) * 512 + lane * 16;
+    const uint32_t s_off = NWG * 2048 + (cw * 64 + 16 * warp + 2 * (lane / 4)) * 2;
+    auto dequant_stage = [&](const int st, uint32_t(&a)[4][4]) {
+      const uint32_t sw = s_w + st * WST_BYTES;
+      const uint4 v = lds_v4(sw + w_off);
+      const uint32_t r[4] = {v.x, v.y, v.z, v.w};
+      const uint32_t rs[SW] = {lds_u32(sw + s_off)};
+      const uint32_t rz[SW] = {lds_u32(sw + s_off + NWG * 128)};
+      dequant_step(r, rs, rz, a);
+    };
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+    mbar_wait(s_full + 8 * stage, phase);
+    dequant_stage(stage, a_frag[0]);
+    for (int sb = 0; sb < nsteps; sb += 2) {
+#pragma unroll
+      for (int uu = 0; uu < 2; ++uu) {  // unrolled by 2: the A buffer index is a constant
+        const int s = sb + uu;
+        if (s < nsteps) {
+          mbar_wait(s_full + 8 * stage, phase);  // complete already (waited before its dequantization)
+          const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
+          wgmma_fence();
+#pragma unroll
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu][w], desc + 2 * w);  // +32 B per k16
+          wgmma_commit();
+          wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) fence_reg(a_frag[uu ^ 1][w][i]);
+          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          prev_stage = stage;
+          stage = stage + 1 == STAGES ? 0 : stage + 1;
+          phase ^= stage == 0 ? 1u : 0u;
+          if (s + 1 < nsteps) {
+            mbar_wait(s_full + 8 * stage, phase);
+            dequant_stage(stage, a_frag[uu ^ 1]);
+          }
+        }
+      }
+    }
+#elif QS_PIPE == 1
     const uint32_t rt_zero = static_cast<uint32_t>(M) >> 31;  // 0 for any valid M, unknown to the compilers
     auto load_group = [&](const int set, const int g, const bool enable) {
 #pragma unroll
