@@ -325,3 +325,50 @@ def test_cli_rejects_bad_w4a8_arguments():
         args = parser.parse_args(argv)
         with pytest.raises(QuantizationError):
             quantize.run(args)
+
+
+# ------------------------------------------------------------------------------------------------------ GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("group_size", [-1, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+def test_gpu_layer_matches_float64_reference(group_size, dtype, m):
+    """The GPU forward (the W4A8 kernel when one is registered, else the reference on the GPU) against the
+    float64 arithmetic of the format on fresh data; with bias, ragged K (SmolLM2-like 576 at g128)."""
+    gen = torch.Generator().manual_seed(100 + m)
+    w = torch.randn(192, 576, generator=gen) * 0.05
+    bias = torch.randn(192, generator=gen)
+    mod = QuickLinearW4A8.from_weight(w, group_size, bias, dtype).cuda()
+    x = outlier_inputs(m, 576, seed=m).to(dtype).cuda()
+    out = mod(x)
+    assert out.dtype == dtype and out.shape == (m, 192) and torch.isfinite(out).all()
+    wc = mod.weight()
+    wc = W4A8Weight(
+        wc.q.cpu(), wc.channel_scale.cpu(), None if wc.group_scale is None else wc.group_scale.cpu(), group_size
+    )
+    ref = w4a8_reference(torch.nn.functional.pad(x.cpu(), (0, mod.in_features - 576)), wc, mod.bias.cpu())
+    bound = 4e-3 if dtype == torch.float16 else 2e-2  # the output rounded to 16 bits
+    assert rel(out.cpu(), ref) < bound
+    mod.backend = "reference"
+    assert rel(mod(x).cpu(), ref) < bound
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_qqq_tiny_model():
+    """QQQ calibrates on the GPU (half-precision activations) and still beats W4A8 RTN."""
+    ids = calib(2, 64, seed=9).cuda()
+    dense = tiny_llama().half().cuda()
+    ref = logits(dense, ids).float()
+    qc = {**W4A8, "q_group_size": 128}
+    rtn = AutoQuickForCausalLM(tiny_llama().half().cuda()).quantize(quant_config=qc, method="rtn", progress=False)
+    auto = AutoQuickForCausalLM(tiny_llama().half().cuda()).quantize(
+        quant_config=qc, calib_data=calib(), progress=False
+    )
+    err_rtn, err_qqq = rel(logits(rtn.model, ids).float(), ref), rel(logits(auto.model, ids).float(), ref)
+    assert err_qqq < 0.9 * err_rtn, (err_qqq, err_rtn)
