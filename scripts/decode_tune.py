@@ -596,6 +596,54 @@ def _clean_cell(ctx: Ctx, fl: Flushes, p: dict, x: torch.Tensor, rows: list) -> 
         ctx.log(f"[clean] {row}")
 
 
+def part_final(ctx: Ctx, fl: Flushes) -> None:
+    """The shipped automatic choices (quick_matmul, gemm_w4a16_sm90 with TUNED), cuBLAS fp16 and torch's int4
+    tinygemm (bf16) at every M and shape, official timing; the first two shapes also under the clean flush."""
+    rows = ctx.res.setdefault("final", [])
+    for k, n in SHAPES:
+        p = _problem(k, n, 11)
+        try:
+            wu8 = torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+            p["int4"] = torch._convert_weight_to_int4pack(wu8, 8)
+            p["int4_sz"] = (torch.rand(k // GROUP, n, 2, device="cuda") * 0.01).to(torch.bfloat16)
+        except Exception as e:  # noqa: BLE001 - the other rows still matter
+            ctx.log(f"[final] torch int4 unavailable: {e!r}")
+        for m in MS:
+            if ctx.left() < 10:
+                ctx.log(f"[final] budget exhausted before K={k} N={n} M={m}")
+                ctx.save()
+                return
+            _final_cell(ctx, fl, p, m, rows)
+        del p
+        torch.cuda.empty_cache()
+        ctx.save()
+
+
+def _final_cell(ctx: Ctx, fl: Flushes, p: dict, m: int, rows: list) -> None:
+    wq, ws = p["quick"], p["sm90"]
+    k, n = p["w16"].shape[1], p["w16"].shape[0]
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    xb = x.to(torch.bfloat16)
+    fns = {
+        "quick": lambda: quick_mma.quick_matmul(x, wq["qweight"], wq["scales"], wq["zeros"], GROUP),
+        "quick_sm90": lambda: sm.gemm_w4a16_sm90(x, ws["qweight"], ws["scales"], ws["zeros"], GROUP),
+        "cublas_fp16": lambda: torch.nn.functional.linear(x, p["w16"]),
+    }
+    if "int4" in p:
+        fns["torch_int4"] = lambda: torch._weight_int4pack_mm(xb, p["int4"], GROUP, p["int4_sz"])
+    row = {"M": m, "K": k, "N": n}
+    for name, fn in fns.items():
+        try:
+            g = graphed(fn)
+            row[name] = round(do_bench_us(g, warmup=10, rep=40), 2)
+            if (k, n) in SHAPES[:2] and m in (1, 16, 64):
+                row[name + "@clean"] = round(bench_flush_us(g, fl.get("read")), 2)
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"[final] {name} M={m} K={k} N={n}: {e!r}")
+    rows.append(row)
+    ctx.log(f"[final] {row}")
+
+
 def summary(ctx: Ctx) -> None:
     ctx.log("\nsummary (us, do_bench median, memset flush): auto / best variant per kernel; cuBLAS fp16")
     for k, n in SHAPES:
@@ -611,6 +659,9 @@ def summary(ctx: Ctx) -> None:
             key = (m, k, n, "cublas_fp16")
             cub = next((r["us"] for r in ctx.res.get("mma", []) if (r["M"], r["K"], r["N"], r["variant"]) == key), None)
             ctx.log(f"{k}x{n} M={m}: " + " | ".join(cells) + f" | cublas {cub}")
+    for r in ctx.res.get("final", []):
+        cells = " ".join(f"{key}={val}" for key, val in r.items() if key not in ("M", "K", "N"))
+        ctx.log(f"final {r['K']}x{r['N']} M={r['M']}: {cells}")
     fl = ctx.res.get("floor", [])
     for r in fl:
         ctx.log(
@@ -701,7 +752,7 @@ def pick(path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing new cells after this many seconds")
-    ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean")
+    ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean", help="also: final")
     ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
     ap.add_argument("--pick", type=Path, default=None, help="offline: best variants per M from a decode_tune.json")
     ap.add_argument("--check-child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -735,6 +786,8 @@ def main() -> int:
             part_sweep(ctx, kernels)
         if "clean" in parts and ctx.left() > 15:
             part_clean(ctx, fl)
+        if "final" in parts:
+            part_final(ctx, fl)
     except Exception:  # noqa: BLE001 - keep what was measured, say what failed
         ctx.log(traceback.format_exc())
         fails += 1
