@@ -18,7 +18,7 @@ MODELS=${MODELS:-llama-2-7b}
 BATCHES=${BATCHES:-1 64}
 IMPLS=${IMPLS:-quick fp16 quick_sm90}
 VARIANTS=${VARIANTS:-graph graph+fused regions+fused step+fused}
-PROFILE_VARIANTS=${PROFILE_VARIANTS:-graph regions+fused step+fused}
+PROFILE_VARIANTS=${PROFILE_VARIANTS:-graph graph+fused regions+fused}
 t0=$(date +%s)
 
 echo "=== device: $(date -u +%FT%TZ)"
@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv ||
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
 echo "=== build the fp16 mma.sync kernel variants in parallel ($(nproc) cores; sm90 ones build on first use)"
-timeout ${BUILD_LIMIT:-90} $PY - <<'PYEOF'
+timeout ${BUILD_LIMIT:-60} $PY - <<'PYEOF'
 import time
 from quick.kernels import jit, quick_mma
 t = time.time()
@@ -37,16 +37,16 @@ print(f"built {len(res)} variants in {time.time() - t:.0f} s")
 PYEOF
 
 echo "=== GPU tests: fused + compiled + graphed decode vs eager ($(( $(date +%s) - t0 )) s so far)"
-timeout ${TEST_LIMIT:-120} $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
+timeout ${TEST_LIMIT:-100} $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
   -k "gpu_fast_decode and not unfused and not fp16" 2>&1 | tail -n 25
 
 echo "=== e2e ablation: $MODELS, batches $BATCHES, impls $IMPLS, variants $VARIANTS ($(( $(date +%s) - t0 )) s so far)"
-timeout ${E2E_LIMIT:-300} $PY benchmarks/e2e.py --models $MODELS --batches $BATCHES --impls $IMPLS \
+timeout ${E2E_LIMIT:-330} $PY benchmarks/e2e.py --models $MODELS --batches $BATCHES --impls $IMPLS \
   --variants $VARIANTS --outdir "$OUT" --tag ablation
 echo "--- per case (jsonl, also for a cut-off run):"
 cat "$OUT"/e2e-cases-ablation.jsonl 2>/dev/null
 
 echo "=== decode-step profile, batch 1 ($(( $(date +%s) - t0 )) s so far)"
-timeout ${PROFILE_LIMIT:-80} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
+timeout ${PROFILE_LIMIT:-70} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
   --variants $PROFILE_VARIANTS --out "$OUT" | grep '^{' || true
 echo "=== done in $(( $(date +%s) - t0 )) s"
