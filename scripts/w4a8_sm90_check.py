@@ -234,7 +234,7 @@ def part_configs(res: dict) -> None:
     cases = []
     for g in (-1, 128):
         tiles = w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES
-        for cfg in [w8.default_config(nt, g) for nt in tiles] + w8.WIDE[g] + w8.PIPED[g]:
+        for cfg in [w8.default_config(nt, g) for nt in tiles] + w8.WIDE[g] + w8.PIPED[g] + w8.SMEMW[g]:
             for splits in (1, 3, 11):
                 cases.append(run_case(300, 640, 1408, g, torch.float16, gen, config=cfg, splits=splits))
     # determinism: split-k run twice gives identical bits (int32 partials are exact anyway)
@@ -299,6 +299,7 @@ def part_time(res: dict) -> None:
             sweep = []
             cfgs = [w8.default_config(nt, g) for nt in cands]
             cfgs += [c for c in w8.WIDE[g] + w8.PIPED[g] if m <= c.nt <= 4 * max(m, 8)]
+            cfgs += [c for c in w8.SMEMW[g] if c.nt in cands or (m <= c.nt <= 4 * max(m, 8))]
             for cfg in cfgs:
                 for rounds in (None, 1, 2):
                     try:

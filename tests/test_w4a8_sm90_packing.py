@@ -160,7 +160,7 @@ def test_plan_and_configs():
                 assert 1 <= p.grid <= 132 and p.n_tiles * cfg.nwg * 64 >= n and p.m_tiles * cfg.nt >= m
     for _src, _name, d in w8.VARIANTS:
         cfg = w8.W4A8Sm90Config(d["QW_NT"], d["QW_NWG"], d["QW_STAGES"], d["QW_PREF"], d["QW_PIPE"])
-        assert cfg.smem_bytes() <= w8.SMEM_LIMIT
+        assert cfg.smem_bytes(128 if d["QW_GROUP"] else -1) <= w8.SMEM_LIMIT
     assert {d["QW_GROUP"] for _s, _n, d in w8.VARIANTS} == {0, 1}
 
 
@@ -214,7 +214,8 @@ def _have_nvcc() -> bool:
 @pytest.mark.parametrize(
     "cfg,group",
     [(w8.default_config(8), -1), (w8.default_config(256), -1), (w8.default_config(128, 128), 128)]
-    + [(w8.PIPED[-1][-1], -1), (w8.PIPED[128][-1], 128), (w8.WIDE[128][0], 128)],
+    + [(w8.PIPED[-1][-1], -1), (w8.PIPED[128][-1], 128), (w8.WIDE[128][0], 128)]
+    + [(w8.SMEMW[-1][-2], -1), (w8.SMEMW[128][-2], 128)],
 )
 def test_ptxas_no_spills_no_serialization(cfg, group):
     """ptxas: no spills, and no C75xx (C7514/C7515: wgmma serialized, an accumulator read while a wgmma is in

@@ -42,7 +42,9 @@ class W4A8Sm90Config:
     """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
     ``stages`` TMA stages for ``x_q`` (k128 x nt bytes each), ``pref`` k128 steps of weights in flight (ring
     depth, or steps per load group), ``pipe`` the weight pipeline (0 ring; 1 ping-pong load groups; 2 the same
-    with ld.relaxed.gpu loads, which ptxas keeps at the group boundary: the sm90 W4A16 kernel's decode winner)."""
+    with ld.relaxed.gpu loads, which ptxas keeps at the group boundary: the sm90 W4A16 kernel's decode winner;
+    3 the producer bulk-copies the weights into the shared-memory stages next to x, consumers read them with
+    LDS.128: weight latency hidden by the whole TMA pipeline depth, no ring registers; ``pref`` unused)."""
 
     nt: int
     nwg: int = 2
@@ -50,9 +52,11 @@ class W4A8Sm90Config:
     pref: int = 4
     pipe: int = 0
 
-    def smem_bytes(self) -> int:
-        """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
-        return 1024 + self.stages * self.nt * 128 + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
+    def smem_bytes(self, group_size: int = -1) -> int:
+        """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
+        mbarriers and flags."""
+        w = self.nwg * (4096 + (64 if group_size > 0 else 0)) if self.pipe == 3 else 0
+        return 1024 + self.stages * (self.nt * 128 + w) + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
 
     def threads(self) -> int:
         return 128 * (self.nwg + 1)
@@ -92,6 +96,17 @@ PIPED: dict[int, list[W4A8Sm90Config]] = {
 }
 
 
+# Weights through shared memory (pipe 3): stages that fit 227 KB next to the epilogue staging.
+SMEMW: dict[int, list[W4A8Sm90Config]] = {
+    g: [
+        W4A8Sm90Config(nt, nwg, st, 1, pipe=3)
+        for nt, nwg, st in ((8, 2, 12), (16, 2, 12), (32, 2, 10), (64, 2, 8), (128, 2, 6), (256, 2, 3), (8, 4, 8))
+        if g < 0 or nt in GROUP_TILES
+    ]
+    for g in SUPPORTED_W4A8_GROUPS
+}
+
+
 def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
     """The smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
     tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
@@ -106,7 +121,7 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [],
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (SOURCE, KERNEL, cfg.defines(g, dt))
     for g in SUPPORTED_W4A8_GROUPS
-    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g] + PIPED[g]
+    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g] + PIPED[g] + SMEMW[g]
     for dt in (torch.float16, torch.bfloat16)
 ]
 
@@ -312,8 +327,9 @@ def gemm_w4a8_sm90_q(
         cfg, rounds = tuned_config(m, group_size)
     if group_size > 0 and cfg.nt not in GROUP_TILES:
         raise W4A8Sm90Error(f"per-group weights take token tiles {GROUP_TILES}, got {cfg.nt}")
-    if cfg.smem_bytes() > SMEM_LIMIT:
-        raise W4A8Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
+    smem = cfg.smem_bytes(group_size)
+    if smem > SMEM_LIMIT:
+        raise W4A8Sm90Error(f"config {cfg} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})")
     p = plan(m, n, k, num_sms(dev), cfg, splits, group_size, rounds)
     with torch.cuda.device(dev):
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(group_size, out_dtype), dev.index, "sm_90a")
@@ -346,7 +362,7 @@ def gemm_w4a8_sm90_q(
                 p.n_tiles,
                 p.m_tiles,
             ],
-            smem=cfg.smem_bytes(),
+            smem=smem,
         )
     return out
 

@@ -27,7 +27,8 @@
 //
 // Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1, 2 or 4), QW_STAGES, QW_PREF (ring depth in
 // k128 steps; per load group for QW_PIPE 1/2), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x
-// dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads).
+// dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads, 3 bulk
+// copies into the shared-memory stages next to x).
 
 #include <cstdint>
 
@@ -80,7 +81,14 @@ constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
 constexpr int ACC = NT / 2;  // int32 accumulators per thread (64 x NT / 128)
 constexpr int PRODUCER_REGS = 40;
 constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
-constexpr int SMEM_BYTES = 1024 + STAGES * STAGE_BYTES + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+// QW_PIPE 3: the producer also bulk-copies each stage's weights (the CTA's n16 x k128 blocks are one contiguous
+// NWG * 4 KB range of a k128 row, already in fragment order) and group scales into shared memory.
+constexpr bool SMEM_W = QW_PIPE == 3;
+constexpr int W_BYTES = NWG * 4096;
+constexpr int G_BYTES = GROUP ? NWG * 64 : 0;
+constexpr int WSTAGE_BYTES = SMEM_W ? W_BYTES + G_BYTES : 0;
+constexpr int SMEM_BYTES =
+    1024 + STAGES * (STAGE_BYTES + WSTAGE_BYTES) + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
 
 static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
 static_assert(NWG == 1 || NWG == 2 || NWG == 4, "1, 2 or 4 consumer warpgroups");
@@ -125,6 +133,27 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, in
           dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
+}
+
+// 1-D bulk copy global -> shared, completion counted in bytes on the mbarrier (sizes and addresses: 16 B).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void lds128(uint32_t* r, uint32_t addr) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr) : "memory");
+  return v;
 }
 
 __device__ __forceinline__ void named_bar(int id, int count) {
@@ -335,7 +364,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
   uint8_t* const gbase = smem_raw + (base - raw_base);
   const uint32_t s_xt = base;
-  const uint32_t epi_off = STAGES * STAGE_BYTES;
+  const uint32_t s_w = base + STAGES * STAGE_BYTES;  // QW_PIPE 3: weight (+ group scale) stages
+  const uint32_t epi_off = STAGES * (STAGE_BYTES + WSTAGE_BYTES);
   const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
   const uint32_t s_empty = s_full + STAGES * 8;
   volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
@@ -371,10 +401,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const int tm = tile / n_tiles;
         const int s0 = split * steps_per_split;
         const int nsteps = min(nk - s0, steps_per_split);
+        const int tn = tile % n_tiles;
+        const int valid = min(NWG, N / 64 - tn * NWG);  // channel blocks of this tile that exist
+        const uint32_t wbytes = SMEM_W ? valid * 4096 : 0, gbytes = SMEM_W && GROUP ? valid * 64 : 0;
         for (int s = 0; s < nsteps; ++s) {
           mbar_wait(s_empty + 8 * stage, phase ^ 1);
-          mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES);
+          mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES + wbytes + gbytes);
           tma_load_2d(s_xt + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 128, tm * NT, s_full + 8 * stage);
+          if constexpr (SMEM_W) {
+            const size_t row = static_cast<size_t>(s0 + s);
+            bulk_load(s_w + stage * WSTAGE_BYTES,
+                      reinterpret_cast<const uint8_t*>(qweight) + row * 64 * N + static_cast<size_t>(tn) * W_BYTES,
+                      wbytes, s_full + 8 * stage);
+            if constexpr (GROUP) {
+              bulk_load(s_w + stage * WSTAGE_BYTES + W_BYTES, s_g + row * N + static_cast<size_t>(tn) * NWG * 64,
+                        gbytes, s_full + 8 * stage);
+            }
+          }
           if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
@@ -494,7 +537,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0;
 
-#if QW_PIPE == 0
+#if QW_PIPE == 3
+    // Weights from the shared-memory stage that also holds x: two LDS.128 per lane (1 KB contiguous per warp, no
+    // bank conflicts), converted while the previous stage's wgmmas run.
+    const uint32_t w_lane = s_w + cw * 4096 + warp * 1024 + lane * 32;
+    const uint32_t g_lane = s_w + W_BYTES + cw * 64 + 16 * warp + 2 * (lane / 4);
+    for (int sb = 0; sb < nsteps; sb += 2) {
+#pragma unroll
+      for (int uu = 0; uu < 2; ++uu) {
+        const int s = sb + uu;
+        if (s < nsteps) {
+          mbar_wait(s_full + 8 * stage, phase);
+          uint32_t r[8];
+          lds128(r, w_lane + stage * WSTAGE_BYTES);
+          lds128(r + 4, w_lane + stage * WSTAGE_BYTES + 16);
+          const uint32_t rs = GROUP ? lds_u16(g_lane + stage * WSTAGE_BYTES) : 0u;
+          convert(r, rs, a_frag[uu], sgk[uu]);
+          mma_stage(uu, s);
+          next_stage();
+        }
+      }
+    }
+#elif QW_PIPE == 0
     // Ring of PREF k128 steps: the loads for step s + PREF are issued as step s + 1 is converted. ptxas tracks
     // all of them on one scoreboard, so converting a step waits for every load in flight (latency-bound at
     // decode sizes; see docs/sm90_notes.md).
