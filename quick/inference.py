@@ -167,10 +167,12 @@ def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 def use_decode_attention(model: nn.Module) -> bool:
     """Switch a model that uses transformers' ``sdpa`` to :func:`_decode_sdpa` (registered under
-    :data:`DECODE_ATTENTION`); returns whether it did (other implementations, older transformers: left alone)."""
+    :data:`DECODE_ATTENTION`); returns whether it did (other implementations are left alone).
+
+    Written for several transformers versions: older ones keep attention functions in a plain dict and have
+    no ``set_attn_implementation``; some always ``repeat_kv`` at decode, which this also replaces."""
     try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError:
         return False
     cfg = model.config
@@ -178,13 +180,26 @@ def use_decode_attention(model: nn.Module) -> bool:
         return True
     if getattr(cfg, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "register"):
+        ALL_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, _decode_sdpa)
+    else:
+        ALL_ATTENTION_FUNCTIONS[DECODE_ATTENTION] = _decode_sdpa
+    try:  # masks: built like sdpa's (we hand in 4-D masks, so this is a formality)
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+    except (ImportError, AttributeError):
+        pass
     try:
         model.set_attn_implementation(DECODE_ATTENTION)
-    except Exception:  # noqa: BLE001 - versions that validate names strictly: keep transformers' SDPA
-        return False
-    return getattr(model.config, "_attn_implementation", None) == DECODE_ATTENTION
+    except Exception:  # noqa: BLE001 - no such method, or a version that validates names strictly
+        pass
+    if getattr(cfg, "_attn_implementation", None) != DECODE_ATTENTION:
+        try:
+            cfg._attn_implementation = DECODE_ATTENTION
+        except Exception:  # noqa: BLE001
+            return False
+    return getattr(cfg, "_attn_implementation", None) == DECODE_ATTENTION
 
 
 def _raise_recompile_limit(limit: int = 1024) -> None:
