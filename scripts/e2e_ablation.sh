@@ -37,16 +37,19 @@ print(f"built {len(res)} variants in {time.time() - t:.0f} s")
 PYEOF
 
 echo "=== GPU tests: fused + compiled + graphed decode vs eager ($(( $(date +%s) - t0 )) s so far)"
-timeout ${TEST_LIMIT:-100} $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
+timeout ${TEST_LIMIT:-90} $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
   -k "gpu_fast_decode and not unfused and not fp16" 2>&1 | tail -n 25
 
 echo "=== e2e ablation: $MODELS, batches $BATCHES, impls $IMPLS, variants $VARIANTS ($(( $(date +%s) - t0 )) s so far)"
-timeout ${E2E_LIMIT:-330} $PY benchmarks/e2e.py --models $MODELS --batches $BATCHES --impls $IMPLS \
+timeout ${E2E_LIMIT:-310} $PY benchmarks/e2e.py --models $MODELS --batches $BATCHES --impls $IMPLS \
   --variants $VARIANTS --outdir "$OUT" --tag ablation
 echo "--- per case (jsonl, also for a cut-off run):"
 cat "$OUT"/e2e-cases-ablation.jsonl 2>/dev/null
 
 echo "=== decode-step profile, batch 1 ($(( $(date +%s) - t0 )) s so far)"
-timeout ${PROFILE_LIMIT:-70} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
+timeout ${PROFILE_LIMIT:-60} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
   --variants $PROFILE_VARIANTS --out "$OUT" | grep '^{' || true
+echo "=== GQA decode attention check: llama-3-8b fp16 graph (was 2840 / 4138 tok/s at b64 / b256 before) ($(( $(date +%s) - t0 )) s so far)"
+timeout ${GQA_LIMIT:-50} $PY benchmarks/e2e.py --models llama-3-8b --batches 64 256 --impls fp16 --variants graph \
+  --outdir "$OUT" --tag gqa | grep '^{' || true
 echo "=== done in $(( $(date +%s) - t0 )) s"
