@@ -3,7 +3,7 @@
 kernels (mma.sync ``quick`` and Hopper ``quick_sm90``), check each against the float64 reference, time them at
 M in {1, 8, 16, 32, 64, 128, 256} on K = N = 8192 and the Llama shapes, and measure the streaming floor.
 
-    OUT=$OUT timeout 420 python3 scripts/decode_tune.py [--budget-s 300] [--parts ncu,floor,check,mma,sm90,clean]
+    OUT=$OUT timeout 420 python3 scripts/decode_tune.py [--budget-s 330] [--parts ncu,floor,check,mma,sm90,clean]
 
 Parts: ``ncu`` (if Nsight Compute is installed: DRAM bytes read/written by the probe kernel right after each
 flush, ``--cache-control none``: the direct test of the write-back claim), ``floor``, ``check`` (in a child
@@ -83,24 +83,39 @@ MMA_NEW = [
     quick_mma.GemmConfig("m32k4_ws", 32, 1, 1, 4, 1, 4, 6, 1, inred=1, wsmem=1),
     quick_mma.GemmConfig("m64n4_ws", 64, 1, 4, 1, 1, 4, 6, 1, inred=1, wsmem=1),
 ]
+# evict_first twins (ef): the weights' L2 lines are replaced first (clean), not the lines already there
+_EF_OF = ["m16n2k4_ir", "m16n2k4_ir_l8", "m16k8_ir", "m16n2k4_ws", "m16n2k4_ws_l8", "m16n2k2_ws", "m16k8_ws"]
+_EF_OF += ["m32k8_ir", "m32k4_ws", "m64n4_ir", "m64n4_ws"]
+MMA_NEW += [R(next(c for c in MMA_NEW if c.name == n), name=n + "_ef", ef=1) for n in _EF_OF]
 MMA_ALL = {c.name: c for c in [*_G.values(), *MMA_NEW]}
 
 
-def mma_candidates(m: int) -> list[tuple[str, int | None]]:
-    """(config name, splits or None = the model's choice) timed at batch size m."""
+def mma_candidates(m: int, full: bool = True) -> list[tuple[str, int | None]]:
+    """(config name, splits) timed at batch size m; ``full`` = False (secondary shapes): without the L2-prefetch
+    distances, deeper rings and odd warp shapes, and nothing at M = 8 (the M = 1 and 16 tiles are the same)."""
     ws16 = ["m16n2k4_ws", "m16n2k4_ws_l8", "m16n2k2_ws", "m16n4k2_ws", "m16k8_ws"]
+    ef16 = ["m16n2k4_ir_ef", "m16n2k4_ir_l8_ef", "m16k8_ir_ef", "m16n2k4_ws_ef", "m16n2k4_ws_l8_ef"]
+    ef16 += ["m16n2k2_ws_ef", "m16k8_ws_ef"]
     if m <= 16:
         names = ["m16n2k4", "m16k8", "m16n2k4_ir", "m16n2k4_ir_l4", "m16n2k4_ir_l8", "m16n2k4_ir_r3", "m16k8_ir"]
-        names += ["m16k8_ir_l4", "m16k4_ir_l8", "m16n1k8_ir", "m16n4k2_ir", *ws16]
+        names += ["m16k8_ir_l4", "m16k4_ir_l8", "m16n1k8_ir", "m16n4k2_ir", *ws16, *ef16]
         splits = (1, 2, 4)
     elif m <= 32:
         names = ["m32k8", "m32k8_ir", "m32k8_ir_l4", "m16n2k4_ir", "m16n2k4_ir_l4", "m64n4_ir", "m32k4_ws", *ws16]
+        names += ["m32k8_ir_ef", "m32k4_ws_ef", "m16n2k4_ws_ef", "m16k8_ws_ef"]
         splits = (1, 2, 4)
     elif m <= 64:
         names = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m32k8_ir", "m32k8_ir_l4", "m64n4_ws", "m32k4_ws"]
+        names += ["m64n4_ir_ef", "m64n4_ws_ef", "m32k4_ws_ef"]
         splits = (2, 4, 8)
     else:
-        names, splits = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m128n4", "m64n4_ws"], (1, 2, 4)
+        names = ["m64n4", "m64n4_ir", "m64n4_ir_l6", "m128n4", "m64n4_ws", "m64n4_ir_ef", "m64n4_ws_ef"]
+        splits = (1, 2, 4)
+    if not full:
+        if m == 8:
+            return []
+        drop = ("_l4", "_l6", "_r3", "n1k8", "n4k2", "m16k4_")
+        names = [n for n in names if not any(d in n for d in drop)]
     return [(n, s) for n in names for s in splits]
 
 
@@ -109,30 +124,28 @@ _D = sm._DEFAULTS
 
 def sm90_candidates(m: int, full: bool = True) -> list[tuple[sm.Sm90Config, int | None]]:
     """(config, rounds policy or None = choose_splits) timed at batch size m: each pipeline's default tile, with
-    and without the producer's L2 prefetch of the weights, 4 consumer warpgroups, weights through the TMA stages,
-    half-height tiles. ``full`` = False: fewer L2-prefetch distances and split policies (the secondary shapes)."""
+    and without the producer's L2 prefetch of the weights and the evict_first weight policy, 4 consumer
+    warpgroups, weights through the TMA stages, half-height tiles. ``full`` = False: fewer split policies (the
+    secondary shapes)."""
     nt = next(t for t in sm.TOKEN_TILES if t >= m)
     bases = [_D[pipe][nt] for pipe in ((0, 1, 2) if nt <= 128 else (0,))]
     if nt <= 16:  # 4 consumer warpgroups (112 registers each): groups of 2 steps, or a ring of 3 (0 spills)
         bases += [sm.Sm90Config(nt, 4, 8, 2, 2, 2), sm.Sm90Config(nt, 4, 8, 3, 3, 0)]
-    out = []
-    l2s = (0, 8, 16) if full else (0, 16)
-    policies = ((None, 1, 2, 3) if m <= 64 else (None, 1, 2)) if full else (None, 2)
-    for base in bases:
-        for l2 in l2s:
-            cfg = R(base, l2pf=l2)
-            for rounds in policies:
-                out.append((cfg, rounds))
     # weights with x through the TMA stages (bulk copies): as many stages as fit next to the epilogue buffers
     wt_stages = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8}
     if nt in wt_stages:
-        wt = [sm.Sm90Config(nt, 2, wt_stages[nt], 4, 4, 0, 0, 1)]
+        bases.append(sm.Sm90Config(nt, 2, wt_stages[nt], 4, 4, 0, 0, 1))
         if nt <= 16:
-            wt.append(sm.Sm90Config(nt, 4, 16, 2, 2, 0, 0, 1))
-        for base in wt:
-            for l2 in (0, 16):
+            bases.append(sm.Sm90Config(nt, 4, 16, 2, 2, 0, 0, 1))
+    policies = ((None, 1, 2, 3) if m <= 64 else (None, 1, 2)) if full else (None, 2)
+    out = []
+    if not full and m == 8:
+        return out
+    for base in bases:
+        for l2 in (0, 16):
+            for ef in (0, 1):
                 for rounds in policies:
-                    out.append((R(base, l2pf=l2), rounds))
+                    out.append((R(base, l2pf=l2, ef=ef), rounds))
     if m >= 32:  # half-height token tiles (x read twice, smaller accumulators, deeper weight groups)
         for pipe in (0, 2):
             for l2 in (0, 16):
@@ -202,8 +215,10 @@ def bench_flush_us(fn, flush, reps: int = 60) -> float:
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 
 
-def probe_launcher(buf: torch.Tensor, unroll: int, blocks: int, threads: int, sink: torch.Tensor, name: str = "probe"):
-    kern = jit.load_kernel(PROBE, f"quick_stream_{name}", {"QP_U": unroll})
+def probe_launcher(
+    buf: torch.Tensor, unroll: int, blocks: int, threads: int, sink: torch.Tensor, name: str = "probe", ef: int = 0
+):
+    kern = jit.load_kernel(PROBE, f"quick_stream_{name}", {"QP_U": unroll, "QP_EF": ef})
     n16 = buf.numel() * buf.element_size() // 16
     return lambda: kern((blocks,), (threads,), [buf, ctypes.c_longlong(n16), sink])
 
@@ -232,16 +247,22 @@ class Ctx:
         (self.out / "decode_tune.json").write_text(json.dumps(self.res, indent=1, default=str))
 
 
+def _dtypes(cfg) -> tuple[torch.dtype, ...]:
+    """bf16 is built and checked where its code differs: the L2-prefetch and evict_first twins change only how the
+    weights are fetched (dtype-independent code), so they are checked in fp16 only."""
+    return (torch.float16,) if cfg.l2pf or cfg.ef else (torch.float16, torch.bfloat16)
+
+
 def build_all(ctx: Ctx) -> None:
     arch = jit.arch_for_device()
-    jobs = [(PROBE, arch, {"QP_U": u}) for u in (4, 8, 16)]
+    jobs = [(PROBE, arch, {"QP_U": u, "QP_EF": ef}) for u in (4, 8, 16) for ef in (0, 1)]
     for c in MMA_ALL.values():
-        jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(torch.float16)))
-        jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(torch.bfloat16)))
+        for dt in _dtypes(c):
+            jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(dt)))
     seen = set()
     for m in MS:
         for cfg, _ in sm90_candidates(m):
-            for dt in (torch.float16, torch.bfloat16):
+            for dt in _dtypes(cfg):
                 d = cfg.defines(GROUP, dt)
                 key = tuple(sorted(d.items()))
                 if key not in seen:
@@ -262,11 +283,13 @@ def part_floor(ctx: Ctx, fl: Flushes) -> None:
         nbytes = k * n // 2 + 2 * 2 * (k // GROUP) * n
         buf = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
         half = buf.view(torch.float16)
-        shapes = ((8, 4, 512), (4, 8, 256), (16, 2, 512), (8, 1, 1024), (4, 16, 256))
-        probes = [(u, b * ctx.sms, t) for u, b, t in shapes]
-        for u, blocks, threads in probes:
-            fn = graphed(probe_launcher(buf, u, blocks, threads, sink))
-            row = {"kernel": "probe", "U": u, "blocks": blocks, "threads": threads, "K": k, "N": n, "bytes": nbytes}
+        shapes = ((8, 4, 512, 0), (4, 8, 256, 0), (16, 2, 512, 0), (8, 1, 1024, 0), (4, 16, 256, 0))
+        shapes += ((8, 4, 512, 1), (4, 8, 256, 1), (16, 2, 512, 1))  # evict_first loads
+        for u, b, threads, ef in shapes:
+            blocks = b * ctx.sms
+            fn = graphed(probe_launcher(buf, u, blocks, threads, sink, ef=ef))
+            row = {"kernel": "probe_ef" if ef else "probe", "U": u, "blocks": blocks, "threads": threads}
+            row.update({"K": k, "N": n, "bytes": nbytes})
             row["do_bench_us"] = round(do_bench_us(fn), 2)
             for f in ("memset", "read", "memset+read", "none"):
                 row[f] = round(bench_flush_us(fn, fl.get(f)), 2)
@@ -354,7 +377,7 @@ def check_child(progress: Path, skip: set[str]) -> int:
             (2 * bm + 1, 11008, 4096, 128, torch.float16, None, False),
         ]
         for m, k, n, g, dt, splits, bias in cases:
-            if k % cfg.bks:
+            if k % cfg.bks or dt not in _dtypes(cfg):
                 continue
             case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
             record("quick", name, case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("quick", *a))
@@ -403,6 +426,8 @@ def check_child(progress: Path, skip: set[str]) -> int:
             (min(nt, 5), 2048, 512, 128, torch.bfloat16, 2, True),
         ]
         for m, k, n, g, dt, splits, bias in cases:
+            if dt not in _dtypes(cfg):
+                continue
             case = f"M={m} K={k} N={n} g={g} {str(dt)[6:]} splits={splits} bias={bias}"
             record("quick_sm90", str(cfg), case, dt, lambda a=(cfg, m, k, n, g, dt, splits, bias): run("sm90", *a))
         emit({"end": str(cfg)})
@@ -506,7 +531,7 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         w = p["quick"]
         args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
         cands = [("auto", None, lambda: quick_mma.quick_matmul(*args))]
-        for name, s in mma_candidates(m):
+        for name, s in mma_candidates(m, full=(k, n) in SHAPES[:2]):
             cfg = MMA_ALL[name]
             if k % cfg.bks or (s is not None and s > k // cfg.bks) or (ctx.ok is not None and name not in ctx.ok):
                 continue
@@ -679,12 +704,13 @@ def ncu_target() -> int:
     nbytes = 8192 * 8192 // 2 + 2 * 2 * (8192 // GROUP) * 8192
     buf = torch.ones(nbytes // 4, dtype=torch.int32, device="cuda")
     probe = probe_launcher(buf, 8, 132 * 4, 512, fl.sink)
-    for name in ("memset", "read", "memset+read", "none"):
+    probe_ef = probe_launcher(buf, 8, 132 * 4, 512, fl.sink, ef=1)
+    for name, fn in (("memset", probe), ("read", probe), ("memset+read", probe), ("none", probe), ("memset", probe_ef)):
         for _ in range(3):
             fl.get(name)()
-            probe()
+            fn()
     torch.cuda.synchronize()
-    print("ncu target: probe order memset x3, read x3, memset+read x3, none x3")
+    print("ncu target: probe order memset x3, read x3, memset+read x3, none x3, memset x3 with evict_first loads")
     return 0
 
 
@@ -710,9 +736,10 @@ def part_ncu(ctx: Ctx) -> None:
         text = f"timeout: {e}"
     (ctx.out / "ncu_probe.txt").write_text(text)
     rows = [ln for ln in text.splitlines() if "quick_stream_probe" in ln and ("dram__" in ln or "gpu__" in ln)]
-    ctx.res["ncu"] = rows[:40] if rows else text[-2000:]
-    ctx.log(f"[ncu] {len(rows)} metric rows (order: memset x3, read x3, memset+read x3, none x3); see ncu_probe.txt")
-    for line in rows[:36]:
+    ctx.res["ncu"] = rows[:50] if rows else text[-2000:]
+    order = "memset x3, read x3, memset+read x3, none x3, memset x3 with evict_first"
+    ctx.log(f"[ncu] {len(rows)} metric rows (order: {order}); see ncu_probe.txt")
+    for line in rows[:45]:
         ctx.log(f"[ncu] {line}")
     ctx.save()
 
@@ -751,7 +778,7 @@ def pick(path: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=300.0, help="stop timing new cells after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop timing new cells after this many seconds")
     ap.add_argument("--parts", default="ncu,floor,check,mma,sm90,clean", help="also: final")
     ap.add_argument("--ncu-target", action="store_true", help="only the launches for the ncu DRAM-bytes check")
     ap.add_argument("--pick", type=Path, default=None, help="offline: best variants per M from a decode_tune.json")

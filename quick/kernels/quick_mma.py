@@ -48,7 +48,8 @@ class GemmConfig:
     ``bks = 16 * sw * warps_k`` columns of K); ``stages`` cp.async stages of activations; ``pf`` stages of
     weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``; ``inred`` = 1:
     split-k summed in the kernel by the last CTA of each tile (no reduce launch); ``l2pf`` = D > 0: L2 prefetch
-    of the weights D stages ahead; ``wsmem`` = 1: weights through the cp.async stages (needs ``pf`` = 1)."""
+    of the weights D stages ahead; ``wsmem`` = 1: weights through the cp.async stages (needs ``pf`` = 1);
+    ``ef`` = 1: weight accesses carry an L2 evict_first policy (read once: replaced first)."""
 
     name: str
     bm: int
@@ -63,6 +64,7 @@ class GemmConfig:
     inred: int = 0
     l2pf: int = 0
     wsmem: int = 0
+    ef: int = 0
 
     @property
     def threads(self) -> int:
@@ -103,6 +105,7 @@ class GemmConfig:
             "QK_INRED": self.inred,
             "QK_L2PF": self.l2pf,
             "QK_WSMEM": self.wsmem,
+            "QK_EF": self.ef,
         }
 
 

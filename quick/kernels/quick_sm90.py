@@ -42,7 +42,8 @@ class Sm90Config:
     32, whose two scale rows per step cost registers), ``pipe`` the weight pipeline (:data:`PIPES`: 0 per-step
     ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary); ``l2pf``
     = D > 0: the producer prefetches each unit's weights D k64 steps ahead into L2; ``wtma`` = 1: weights, scales
-    and zeros come with x through the TMA stages (bulk copies; group sizes >= 64, else the ``pipe`` path)."""
+    and zeros come with x through the TMA stages (bulk copies; group sizes >= 64, else the ``pipe`` path); ``ef``
+    = 1: weight accesses carry an L2 evict_first policy."""
 
     nt: int
     nwg: int = 2
@@ -52,6 +53,7 @@ class Sm90Config:
     pipe: int = 1
     l2pf: int = 0
     wtma: int = 0
+    ef: int = 0
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -73,6 +75,7 @@ class Sm90Config:
             "QS_LDREL": int(self.pipe == 2),
             "QS_L2PF": self.l2pf,
             "QS_WTMA": int(bool(self.wtma) and group_size != 32),
+            "QS_EF": self.ef,
         }
 
 

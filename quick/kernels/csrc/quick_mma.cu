@@ -22,7 +22,9 @@
 // fetch the weights of tile t + D (bytes in flight beyond the register ring, no registers held). QK_WSMEM = 1:
 // the weights travel with the activations in the cp.async stages (global -> shared, 16 bytes per lane and
 // block, then one conflict-free 16-byte shared load per lane): STAGES - 1 tiles of weights in flight per CTA,
-// waited for precisely by cp.async.wait_group instead of the register scoreboards (QK_PF must be 1).
+// waited for precisely by cp.async.wait_group instead of the register scoreboards (QK_PF must be 1). QK_EF = 1:
+// every weight access (loads, cp.async, L2 prefetch) carries an L2::evict_first policy: weights are read once, and
+// the L2 then replaces these clean lines before anything else (other data, or dirty lines waiting for write-back).
 #include "quick_common.cuh"
 #include "quick_splitk.cuh"
 
@@ -62,6 +64,9 @@
 #ifndef QK_WSMEM
 #define QK_WSMEM 0
 #endif
+#ifndef QK_EF
+#define QK_EF 0
+#endif
 
 namespace {
 
@@ -89,6 +94,39 @@ static_assert(STAGES >= 2, "need at least two pipeline stages");
 static_assert(BKS % 64 == 0, "a stage must cover a multiple of 64 columns of K");
 static_assert(STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
 static_assert(!QK_WSMEM || PF == 1, "weights through shared memory: no register ring (QK_PF = 1)");
+
+// Weight accesses with an optional L2 cache policy (QK_EF: evict_first).
+__device__ __forceinline__ uint64_t weight_policy() {
+  uint64_t pol = 0;
+#if QK_EF
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
+  return pol;
+}
+
+__device__ __forceinline__ uint4 ldg_weight(const uint4* p, uint64_t pol) {
+#if QK_EF
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(pol));
+  return v;
+#else
+  (void)pol;
+  return quick::ldg_stream128(p);
+#endif
+}
+
+__device__ __forceinline__ void cp_async16_weight(uint32_t dst, const void* src, bool valid, uint64_t pol) {
+#if QK_EF
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(dst), "l"(src), "r"(n),
+               "l"(pol));
+#else
+  (void)pol;
+  quick::cp_async16(dst, src, valid);
+#endif
+}
 
 }  // namespace
 
@@ -118,6 +156,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   const int half_n = N / 2;  // uint4 per k16 row of qweight (2N int32)
 
   const uint32_t smem_base = smem_u32(smem);
+  const uint64_t wpol = weight_policy();
 
   // ---- cp.async producer: A tile [BM x BKS] and the scale/zero rows of one stage
   auto load_stage = [&](int slot, int tile) {
@@ -152,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
       const int j = i / CPR, c = i % CPR;
       const bool ok = n0 / 64 + c / 32 < N / 64;
       const uint4* src = qweight + (static_cast<size_t>(step0 + j) * half_n + (ok ? (n0 / 64) * 32 + c : 0));
-      cp_async16(sa + W_OFF + i * 16, src, ok);
+      cp_async16_weight(sa + W_OFF + i * 16, src, ok, wpol);
     }
 #endif
   };
@@ -180,7 +219,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     for (int j = tid; j < BKS / 16; j += THREADS) {
       const uint4* p = qweight + (static_cast<size_t>(step0 + j) * half_n + (n0 / 64) * 32);
+#if QK_EF
+      asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p), "r"(row_bytes), "l"(wpol)
+                   : "memory");
+#else
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(row_bytes) : "memory");
+#endif
     }
 #else
     constexpr int LPS = BN / 16;  // 128-byte lines per k16 row
@@ -214,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         wring[p][j][nb] = make_uint4(0, 0, 0, 0);
-        if (!QK_WSMEM && p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(p, j, nb));
+        if (!QK_WSMEM && p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_weight(wptr(p, j, nb), wpol);
       }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -273,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
                 mma_16816<DT>(acc[mt][nb][2 * w + 1], a[mt], b[2], b[3]);
               }
             }
-            if (!QK_WSMEM && tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(tile + PF, j, nb));
+            if (!QK_WSMEM && tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_weight(wptr(tile + PF, j, nb), wpol);
           }
         }
       }

@@ -29,7 +29,9 @@
 // QS_WTMA (1: the weights, scales and zeros of a k64 step travel with its x tile: the producer adds three
 // cp.async.bulk copies (NWG x 2 KB of weights, NWG x 128 B of scales and of zeros, all contiguous) on the stage's
 // full barrier, and consumers read their 16 bytes from shared memory; QS_STAGES steps in flight per CTA, waited for
-// by the mbarrier instead of register scoreboards. Group sizes >= 64 only).
+// by the mbarrier instead of register scoreboards. Group sizes >= 64 only), QS_EF (1: every weight access carries
+// an L2::evict_first policy: weights are read once, and L2 replaces these clean lines before other data or dirty
+// lines waiting for write-back).
 
 #include <cstdint>
 
@@ -65,15 +67,30 @@
 #ifndef QS_WTMA
 #define QS_WTMA 0
 #endif
+#ifndef QS_EF
+#define QS_EF 0
+#endif
 #if QS_LDREL
 // ld.relaxed.gpu: ptxas keeps these strong loads in program order with the mbarrier operations, so a group's
 // loads are issued at its boundary (with .nc it sinks them towards their first use, trusting a cache-hit
 // latency); the hardware may order them with the per-step mbarrier arrive, though (measured, not assumed).
-#define QS_LDW "ld.relaxed.gpu.global.v4.u32"
+#define QS_LDW_BASE "ld.relaxed.gpu.global"
 #define QS_LD32 "ld.relaxed.gpu.global.u32"
 #else
-#define QS_LDW "ld.global.nc.L1::no_allocate.v4.u32"
+#define QS_LDW_BASE "ld.global.nc.L1::no_allocate"
 #define QS_LD32 "ld.global.nc.u32"
+#endif
+
+#if QS_EF
+#define QS_LDW QS_LDW_BASE ".L2::cache_hint.v4.u32"
+#define QS_LDW_POL ", %6"
+#define QS_LDW_POL2 ", %2"
+#define QS_HINT ".L2::cache_hint"
+#else
+#define QS_LDW QS_LDW_BASE ".v4.u32"
+#define QS_LDW_POL ""
+#define QS_LDW_POL2 ""
+#define QS_HINT ""
 #endif
 
 #if QS_BF16
@@ -161,6 +178,28 @@ __device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t
       : "memory");
 }
 
+// The same with an L2 cache policy (QS_EF: the weights, read once).
+__device__ __forceinline__ void bulk_g2s_w(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t pol) {
+#if QS_EF
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(pol)
+      : "memory");
+#else
+  (void)pol;
+  bulk_g2s(dst, src, bytes, bar);
+#endif
+}
+
+__device__ __forceinline__ uint64_t weight_policy() {
+  uint64_t pol = 0;
+#if QS_EF
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+#endif
+  return pol;
+}
+
 __device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
@@ -198,12 +237,12 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
 // 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
 // "+r": a predicated-off load leaves the register as it was (with "=r" the compiler may hand the asm a
 // different register, and the old value would be lost).
-__device__ __forceinline__ void ldg_w(uint32_t (&r)[4], const void* p, bool pred) {
+__device__ __forceinline__ void ldg_w(uint32_t (&r)[4], const void* p, bool pred, uint64_t pol) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
-      "@p " QS_LDW " {%0, %1, %2, %3}, [%4];\n}\n"
+      "@p " QS_LDW " {%0, %1, %2, %3}, [%4]" QS_LDW_POL ";\n}\n"
       : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])
-      : "l"(p), "r"(static_cast<int>(pred)));
+      : "l"(p), "r"(static_cast<int>(pred)), "l"(pol));
 }
 
 __device__ __forceinline__ void ldg_u32(uint32_t& r, const void* p, bool pred) {
@@ -438,6 +477,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   __syncthreads();
 
   const int nk = K / 64;
+  const uint64_t wpol = weight_policy();  // QS_EF: evict_first for the weights, else unused
   const int units = n_tiles * m_tiles * splits;
 
   if (wg == 0) {
@@ -460,8 +500,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const uint32_t wbytes = static_cast<uint32_t>(min(NWG, N / 64 - tn_p * NWG)) * 2048u;
         auto l2_prefetch = [&](int s) {
           if (s < nsteps)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(wrow + static_cast<size_t>(s) * (2 * N)),
-                         "r"(wbytes)
+            asm volatile("cp.async.bulk.prefetch.L2.global" QS_HINT " [%0], %1" QS_LDW_POL2 ";\n" ::"l"(
+                             wrow + static_cast<size_t>(s) * (2 * N)),
+                         "r"(wbytes), "l"(wpol)
                          : "memory");
         };
         for (int s = 0; s < QS_L2PF; ++s) l2_prefetch(s);
@@ -478,7 +519,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
             const uint32_t sw = s_w + stage * WST_BYTES;
             const size_t srow = static_cast<size_t>((s0 + s) >> gshift) * N + tn_w * NWG * 64;
             mbar_expect_tx(s_full + 8 * stage, STAGE_BYTES + nv * (2048 + 256));
-            bulk_g2s(sw, qweight + static_cast<size_t>(s0 + s) * (2 * N) + tn_w * NWG * 128, nv * 2048, s_full + 8 * stage);
+            bulk_g2s_w(sw, qweight + static_cast<size_t>(s0 + s) * (2 * N) + tn_w * NWG * 128, nv * 2048,
+                       s_full + 8 * stage, wpol);
             bulk_g2s(sw + NWG * 2048, scales + srow, nv * 128, s_full + 8 * stage);
             bulk_g2s(sw + NWG * 2048 + NWG * 128, zeros + srow, nv * 128, s_full + 8 * stage);
           }
@@ -549,7 +591,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     auto load_one = [&](uint32_t(&r)[4], uint32_t(&rs)[SW], uint32_t(&rz)[SW], const int step, const bool enable) {
       const bool p = enable && step < nsteps;
       const int kstep = s0 + step;
-      ldg_w(r, qbase + static_cast<size_t>(step) * (2 * N) + dep, p);
+      ldg_w(r, qbase + static_cast<size_t>(step) * (2 * N) + dep, p, wpol);
       if constexpr (G32) {
         const size_t row = static_cast<size_t>(2 * kstep) * N + dep;
         ldg_u32(rs[0], sbase + row, p);

@@ -10,18 +10,31 @@
 #ifndef QP_U
 #define QP_U 8
 #endif
+#ifndef QP_EF
+#define QP_EF 0  // 1: loads carry an L2::evict_first cache policy (replacement prefers these clean lines)
+#endif
 
 __device__ __forceinline__ void stream_read(const uint4* __restrict__ p, long long n16, uint32_t* __restrict__ sink) {
   uint32_t acc = 0;
+#if QP_EF
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+#endif
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (; i + (QP_U - 1) * stride < n16; i += QP_U * stride) {
     uint4 v[QP_U];
 #pragma unroll
     for (int u = 0; u < QP_U; ++u) {
+#if QP_EF
+      asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                   : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
+                   : "l"(p + i + u * stride), "l"(pol));
+#else
       asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                    : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w)
                    : "l"(p + i + u * stride));
+#endif
     }
 #pragma unroll
     for (int u = 0; u < QP_U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
