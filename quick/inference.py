@@ -148,12 +148,14 @@ def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
     transformers' own SDPA does this fold only outside ``torch.compile``; traced, it falls back to
     ``repeat_kv``, which copies the whole cache ``num_key_value_groups`` times per layer and step. Every other
-    case (prefill, biases, soft-capping, sliding windows) goes to transformers' SDPA unchanged."""
+    case (prefill, biases, soft-capping, a sliding window shorter than the cache) goes to transformers' SDPA
+    unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     plain = query.shape[2] == 1 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-    plain = plain and not getattr(module, "sliding_window", None) and (dropout == 0.0 or not module.training)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    plain = plain and (not window or window >= key.shape[2]) and (dropout == 0.0 or not module.training)
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     if not (plain and mask_ok):
         return sdpa_attention_forward(
