@@ -269,10 +269,27 @@ def build_all(ctx: Ctx) -> None:
                     seen.add(key)
                     jobs.append((sm.SOURCE, "sm_90a", d))
     t = time.time()
-    res = jit.compile_many(jobs, workers=os.cpu_count())
-    spills = [(s, d, r.spills) for (s, _a, d), r in zip(jobs, res, strict=True) if r.spills]
+
+    def build(job):
+        try:
+            return jit.compile_cubin(*job)
+        except jit.KernelUnavailable as e:  # recorded; the check then fails that variant
+            return e
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
+        res = list(ex.map(build, jobs))
+    errors = [(d, str(r)[-600:]) for (_s, _a, d), r in zip(jobs, res, strict=True) if isinstance(r, Exception)]
+    ok = [(s, d, r) for (s, _a, d), r in zip(jobs, res, strict=True) if not isinstance(r, Exception)]
+    spills = [(s, d, r.spills) for s, d, r in ok if r.spills]
     ctx.res["build"] = {"variants": len(jobs), "seconds": round(time.time() - t, 1), "spills": spills}
-    ctx.log(f"[build] {len(jobs)} variants in {time.time() - t:.0f} s; spills: {spills or 'none'}")
+    ctx.res["build"]["errors"] = errors
+    ctx.log(
+        f"[build] {len(jobs)} variants in {time.time() - t:.0f} s; spills: {spills or 'none'}; errors: {len(errors)}"
+    )
+    for d, e in errors:
+        ctx.log(f"[build] ERROR {d}: {e}")
 
 
 def part_floor(ctx: Ctx, fl: Flushes) -> None:
