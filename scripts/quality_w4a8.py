@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--reload", action="store_true", help="also save, reload and re-measure each model")
     ap.add_argument("--n-grid", type=int, default=None, help="smoothing grid points (default: QQQ's 20)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing Hessian diagonal")
+    ap.add_argument("--clip", action="store_true", help="GPTQ ranges by a Hessian-weighted clipping search")
     ap.add_argument(
         "--backend",
         choices=("auto", "reference"),
@@ -106,6 +107,7 @@ def main() -> None:
             "search_samples": args.search_samples,
             "n_grid": args.n_grid,
             "act_order": args.act_order,
+            "clip": args.clip,
         },
         "backend": args.backend,
         "runs": {},
@@ -139,7 +141,7 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
     QuickLinearW4A8.default_backend = args.backend
-    options = {"act_order": args.act_order, **({"n_grid": args.n_grid} if args.n_grid else {})}
+    options = {"act_order": args.act_order, "clip": args.clip, **({"n_grid": args.n_grid} if args.n_grid else {})}
     dense = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
     result["device"] = str(dense.device)
     if not args.no_baseline:

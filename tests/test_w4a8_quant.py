@@ -85,7 +85,7 @@ def test_rtn_grid_is_the_format(group_size):
     w = torch.randn(64, 320) * torch.rand(64, 1)
     w[3] = 0.0  # an all-zero row must not divide by zero
     qw = qqq.quantize_w4a8_rtn(w, group_size)
-    kp = 320 if group_size == -1 else 384
+    kp = 384  # stored K: whole groups and a multiple of the kernels' 128
     assert qw.q.shape == (64, kp) and qw.q.dtype == torch.int8
     assert int(qw.q.min()) >= -8 and int(qw.q.max()) <= 7
     assert torch.all(qw.q[:, 320:] == 0)
@@ -136,6 +136,20 @@ def test_gptq_handles_dead_inputs_and_ragged_groups():
     qw = qqq.gptq_w4a8(w, x.t() @ x, 128)
     assert qw.q.shape == (32, 256) and torch.all(qw.q[:, 7] == 0) and torch.all(qw.q[:, 200:] == 0)
     assert rel(x @ qw.dequantize(torch.float32)[:, :200].t(), x @ w.t()) < 0.2
+
+
+def test_clip_search_never_increases_weighted_error():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=gen) ** 3  # heavy tails: clipping pays off
+    d = torch.rand(128, generator=gen) + 0.1
+
+    def err(a: torch.Tensor) -> torch.Tensor:
+        st = qqq.channel_scale_for(a, -1)[:, None]
+        return ((w - qqq._round_q(w, st) * st) ** 2 * d).sum(1)
+
+    a = qqq.clipped_amax(w, d, lambda x: qqq.channel_scale_for(x, -1))
+    full = w.abs().amax(1)
+    assert torch.all(a <= full) and torch.all(err(a) <= err(full)) and (a < full).any()
 
 
 # -------------------------------------------------------------------------------------------- smoothing

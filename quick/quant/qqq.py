@@ -72,13 +72,14 @@ def check_group_size(group_size: int) -> None:
         )
 
 
-def padded_k_w4a8(k: int, group_size: int) -> int:
-    """Stored K: whole groups (SmolLM2's 576 -> 640 at g128), and the packed layout's K multiple if it has one."""
-    from quick.packing import layouts
+# The W4A8 GPU kernels take K in multiples of 128 (quick.kernels.quick_w4a8.is_available, the sm90 layout's k
+# block), so every layer is stored zero-padded to that (SmolLM2's 576 -> 640); zero columns cost no accuracy.
+K_ALIGN = 128
 
-    step = group_size if group_size > 0 else 1
-    packed = getattr(layouts, "W4A8", None)  # the packed layout (quick.packing.layouts), when it exists
-    step = math.lcm(step, int(getattr(packed, "k_multiple", 1)))
+
+def padded_k_w4a8(k: int, group_size: int) -> int:
+    """Stored K: a multiple of the group size and of :data:`K_ALIGN`."""
+    step = math.lcm(K_ALIGN, group_size if group_size > 0 else 1)
     return -(-k // step) * step
 
 
@@ -166,6 +167,28 @@ def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- GPTQ
 
+CLIP_GRID = 10  # clip search: ranges max|w| * (1 - i / 20), i < 10, i.e. down to 55 %
+
+
+def clipped_amax(
+    w: torch.Tensor, weight: torch.Tensor, to_step: Callable[[torch.Tensor], torch.Tensor], grid: int = CLIP_GRID
+) -> torch.Tensor:
+    """Per row of ``w [N, c]``, the range ``a <= max|w|`` whose grid ``to_step(a)`` gives the smallest rounding
+    error weighted by ``weight [c]`` (the Hessian diagonal: how much each input channel moves the output).
+    The first candidate is the full range, so the weighted error never grows."""
+    amax = w.abs().amax(dim=1)
+    best_a, best_e = amax, None
+    for i in range(grid):
+        a = amax * (1 - i / (2 * grid))
+        st = to_step(a)[:, None]
+        e = ((w - _round_q(w, st) * st).pow(2) * weight).sum(dim=1)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_a, best_e = torch.where(better, a, best_a), torch.where(better, e, best_e)
+    return best_a
+
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (fp32); more damping if H is singular."""
@@ -191,13 +214,15 @@ def gptq_w4a8(
     damp: float = DAMP,
     block_size: int = BLOCK_SIZE,
     act_order: bool = False,
+    clip: bool = False,
 ) -> W4A8Weight:
     """GPTQ of one linear's weight ``[N, K]`` given ``H = X^T X`` ``[K, K]`` of its inputs, in the W4A8 format.
 
     Columns are quantized one at a time; each one's rounding error, divided by its diagonal entry of the
     inverse-Hessian factor, is spread over the columns not yet quantized (inside the block immediately, to the
     rest after the block). With ``act_order`` the columns go in order of decreasing ``H_jj`` and the group
-    scales are fixed up front (a group's columns are then visited out of order).
+    scales are fixed up front (a group's columns are then visited out of order). ``clip``: choose each row's
+    (per-channel) or group's (per-group) range by :func:`clipped_amax` instead of the plain ``max |w|``.
     """
     check_group_size(group_size)
     n, k = weight.shape
@@ -210,15 +235,28 @@ def gptq_w4a8(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
     grouped = group_size != -1
+    hd = torch.diagonal(h).float().to(w.device)
+    if clip and not grouped:
+        s_ch = channel_scale_for(clipped_amax(w, hd, lambda a: channel_scale_for(a, -1)), -1)
+    else:
+        s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
+
+    def group_scale(block: torch.Tensor, cols: slice) -> torch.Tensor:
+        if clip:
+            amax = clipped_amax(block, hd[cols], lambda a: s_ch * group_scale_for(a, s_ch))
+        else:
+            amax = block.abs().amax(dim=1)
+        return group_scale_for(amax, s_ch)
+
     ng = -(-k // group_size) if grouped else 1
     s_g = torch.ones(ng, n, device=w.device)
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         if grouped:  # static groups, from the weights before any update
-            wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
-            s_g = group_scale_for(wg.abs().amax(dim=-1).t(), s_ch)
+            for g in range(ng):
+                cols = slice(g * group_size, min((g + 1) * group_size, k))
+                s_g[g] = group_scale(w[:, cols], cols)
         w, h = w[:, perm], h[perm][:, perm]
         order = perm.tolist()
     else:
@@ -236,7 +274,7 @@ def gptq_w4a8(
                 g = col // group_size
                 if not act_order and col % group_size == 0:
                     ahead = torch.cat([w1[:, i : i + group_size], w[:, i2 : i2 + group_size]], dim=1)[:, :group_size]
-                    s_g[g] = group_scale_for(ahead.abs().amax(dim=1), s_ch)
+                    s_g[g] = group_scale(ahead, slice(col, col + ahead.shape[1]))
                 scale = s_ch * s_g[g]
             else:
                 scale = s_ch
@@ -397,6 +435,7 @@ class QqqSettings:
     act_order: bool = False
     n_search_chunks: int | None = None
     sequential: bool = True
+    clip: bool = False
 
 
 @dataclass
@@ -509,6 +548,7 @@ def qqq_layer(
                 settings.damp,
                 settings.block_size,
                 settings.act_order,
+                settings.clip,
             )
         else:
             qw = quantize_w4a8_rtn(lin.weight.data, settings.group_size)
@@ -535,6 +575,7 @@ def quantize_model_qqq(
     search_samples: int | None = None,
     batch_size: int = 8,
     sequential: bool = True,
+    clip: bool = False,
     family: ModelFamily | None = None,
     progress: bool = True,
     reports: list[QqqLayerReport] | None = None,
@@ -544,7 +585,8 @@ def quantize_model_qqq(
     ``samples``: calibration token ids ``[n, seqlen]``. ``dtype``: the layers' GPU activation/output dtype and
     the dense dtype of a checkpoint (default: the model's when fp16/bf16, else fp16). ``search_samples``: samples
     the smoothing search runs on (default: all on GPU, ``CPU_SEARCH_SAMPLES`` on CPU); the statistics and
-    Hessians always use every sample. Dense parameters are rounded to ``dtype`` (what a checkpoint stores).
+    Hessians always use every sample. ``clip``: GPTQ picks each row's (group's) range by a Hessian-weighted
+    search instead of ``max |w|``. Dense parameters are rounded to ``dtype`` (what a checkpoint stores).
     """
     from quick.checkpoint import round_dense_
 
@@ -571,6 +613,7 @@ def quantize_model_qqq(
         act_order,
         None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
         sequential,
+        clip,
     )
     work = calibration_dtype(model_dtype, device)
     home = next(model.parameters()).device
