@@ -20,12 +20,17 @@ if [[ $WHAT == tests || $WHAT == all ]]; then
   echo "w4a8 quant GPU tests rc=$?"; tail -3 "$OUT/w4a8_quant_tests.txt"
 fi
 if [[ $WHAT == quality || $WHAT == all ]]; then
-  timeout 560 python scripts/quality_w4a8.py smollm2 --out "$OUT" --reload --tag full > "$OUT/quality_full.log" 2>&1
-  echo "quality rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_full.log" | tail -20
+  # QQQ per-channel and g128, dense baseline, save/reload
+  timeout 560 python scripts/quality_w4a8.py smollm2 --out "$OUT" --methods qqq --reload --tag qqq \
+    > "$OUT/quality_qqq.log" 2>&1
+  echo "quality rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_qqq.log" | tail -20
 fi
 if [[ $WHAT == variants || $WHAT == all ]]; then
-  # GPTQ options: Hessian-weighted clipping search, act-order (QQQ only)
-  timeout 560 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods qqq --clip --act-order \
+  # W4A8 RTN, then QQQ with the GPTQ options (Hessian-weighted clipping search, act-order)
+  timeout 200 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods rtn --tag rtn \
+    > "$OUT/quality_rtn.log" 2>&1
+  echo "rtn rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_rtn.log" | tail -20
+  timeout 380 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods qqq --clip --act-order \
     --tag clip-actorder > "$OUT/quality_clip.log" 2>&1
   echo "variants rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_clip.log" | tail -20
 fi
