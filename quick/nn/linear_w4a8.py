@@ -105,10 +105,10 @@ def reference_w4a8(
 ) -> torch.Tensor:
     """W4A8 arithmetic of the format (activation quantization included), output in float64 ``[..., N]``."""
     xq, sx = quantize_activations(x)
-    acc = integer_matmul(xq.reshape(-1, xq.shape[-1]), w, cache)
-    y = acc * sx.reshape(-1, 1).double() * w.channel_scale.double()[None, :].to(acc.device)
+    y = integer_matmul(xq.reshape(-1, xq.shape[-1]), w, cache)  # a fresh float64 tensor: scaled in place
+    y.mul_(sx.reshape(-1, 1).double()).mul_(w.channel_scale.double()[None, :].to(y.device))
     if bias is not None:
-        y = y + bias.double()
+        y.add_(bias.double())
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
