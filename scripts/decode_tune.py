@@ -392,6 +392,8 @@ def check_child(progress: Path, skip: set[str]) -> int:
             (min(bm, 33), 8192, 8192, 128, torch.float16, None, False),
             (5, 4096, 1024, 128, torch.bfloat16, 4, True),
             (2 * bm + 1, 11008, 4096, 128, torch.float16, None, False),
+            (5, 3 * math.lcm(cfg.bks, 128), 192, 32, torch.float16, 3, True),  # group 32, partial CTA width
+            (bm - 1, 2 * math.lcm(cfg.bks, 128), 320, -1, torch.float16, 2, False),  # per-channel
         ]
         for m, k, n, g, dt, splits, bias in cases:
             if k % cfg.bks or dt not in _dtypes(cfg):
@@ -441,6 +443,7 @@ def check_child(progress: Path, skip: set[str]) -> int:
             (nt, 4160, 1088, 64, torch.float16, 7, True),
             (max(1, nt - 3), 8192, 8192, 128, torch.float16, None, False),
             (min(nt, 5), 2048, 512, 128, torch.bfloat16, 2, True),
+            (3, 640, 320, -1, torch.float16, 3, False),  # per-channel (one group over K)
         ]
         for m, k, n, g, dt, splits, bias in cases:
             if dt not in _dtypes(cfg):
