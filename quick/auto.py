@@ -415,7 +415,7 @@ class AutoQuickForCausalLM:
         qc = self.quant_config
         skip = getattr(self, "_skip", None) or ("lm_head",)
         if qc["version"] == W4A8_VERSION:
-            config = make_w4a8_quant_config(qc["q_group_size"], getattr(self, "_method", "qqq"), "packed", skip)
+            config = make_w4a8_quant_config(qc["q_group_size"], getattr(self, "_method", "qqq"), "w4a8", skip)
             kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)
         config = make_quant_config(qc["version"], qc["q_group_size"], qc["zero_point"], skip)

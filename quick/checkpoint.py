@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quick.nn.linear import QuickLinear
-from quick.nn.linear_w4a8 import QuickLinearW4A8
+from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
 from quick.quant.primitives import QuantizationError
 
@@ -469,9 +469,12 @@ def load_quantized(
     if qc is None:
         raise CheckpointError(f"{path}: config.json has no quantization_config (a dense model?)")
     if is_w4a8_config(qc):
-        if layout not in (None, W4A8_VERSION):
-            raise CheckpointError(f"{path}: a W4A8 checkpoint cannot be repacked into the 4-bit layout '{layout}'")
-        return _load_w4a8(path, qc, device, dtype)
+        if layout is not None and layout not in w4a8_layouts():
+            raise CheckpointError(
+                f"{path}: a W4A8 checkpoint cannot be repacked into the W4A16 layout '{layout}' "
+                f"(W4A8 layouts: {sorted(w4a8_layouts())})"
+            )
+        return _load_w4a8(path, qc, device, dtype, layout)
     src_layout = layout_for_config(qc)
     # Without an explicit layout, repack to the fastest one for the device; a layer whose shape that layout
     # cannot hold (e.g. N % 64 for quick_sm90) keeps the portable 'quick' layout.
@@ -623,12 +626,12 @@ def is_w4a8_config(qc: dict[str, Any]) -> bool:
 def make_w4a8_quant_config(
     group_size: int,
     method: str = "qqq",
-    storage: str = "packed",
+    storage: str = "w4a8",
     modules_to_not_convert: Iterable[str] = ("lm_head",),
 ) -> dict[str, Any]:
     """The ``quantization_config`` of a W4A8 checkpoint: 4-bit symmetric weights, per-token int8 activations.
 
-    ``storage``: ``packed`` (layout ``w4a8`` of :mod:`quick.packing.layouts`) or ``unpacked`` (``q``,
+    ``storage``: a W4A8 layout of :mod:`quick.packing.layouts` (``w4a8``, ``w4a8_sm90``) or ``unpacked`` (``q``,
     ``channel_scale``, ``group_scale`` as the format defines them); ``method``: the algorithm that made it."""
     return {
         "quant_method": "quick",
@@ -681,13 +684,17 @@ def _w4a8_state_for_save(
 
 
 @torch.no_grad()
-def _load_w4a8(path: Path, qc: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-    """Load a W4A8 checkpoint: ``QuickLinearW4A8`` wherever the files hold ``<linear>.channel_scale``."""
+def _load_w4a8(
+    path: Path, qc: dict[str, Any], device: torch.device, dtype: torch.dtype | None, layout: str | None = None
+) -> nn.Module:
+    """Load a W4A8 checkpoint: ``QuickLinearW4A8`` wherever the files hold ``<linear>.channel_scale``; packed
+    layers are repacked (exactly) into ``layout``, default the fastest for ``device``."""
     from transformers import AutoConfig
 
     if int(qc.get("bits", qc.get("w_bit", 4))) != 4 or int(qc.get("a_bit", 8)) != 8:
         raise CheckpointError(f"{path}: W4A8 checkpoints have bits=4 and a_bit=8, got {qc}")
     group_size = int(qc.get("group_size", -1))
+    target = layout or preferred_w4a8_layout(device)
     storage_of = qc.get("module_storage") or {}
     files = _weight_files(path)
     headers = {f: _read_header(f) for f in sorted(set(files.values()))}
@@ -728,9 +735,10 @@ def _load_w4a8(path: Path, qc: dict[str, Any], device: torch.device, dtype: torc
         tensors = pending[name]
         bias = tensors.pop("bias", None)
         try:
+            storage = storage_of.get(name, qc.get("storage", "w4a8"))
             mod = QuickLinearW4A8.from_tensors(
-                tensors, storage_of.get(name, qc.get("storage", "packed")), group_size, bias, layer_dtype,
-                lin.in_features,
+                tensors, storage, group_size, bias, layer_dtype, lin.in_features,
+                layout=None if storage == UNPACKED else target,
             )  # fmt: skip
         except (ValueError, LayoutError) as e:
             raise CheckpointError(f"{path}: W4A8 layer '{name}': {e}") from None

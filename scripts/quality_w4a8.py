@@ -59,7 +59,7 @@ def _kernel_available(auto: AutoQuickForCausalLM) -> bool:
 
     layer = next(m for m in auto.model.modules() if isinstance(m, QuickLinearW4A8))
     x = torch.zeros(1, layer.in_features, dtype=layer.dtype, device=auto.device)
-    return layer.storage == "packed" and _kernel_for(x) is not None
+    return layer.storage != "unpacked" and _kernel_for(layer.storage, x) is not None
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from quick.auto import AutoQuickForCausalLM, validate_quant_config
 from quick.checkpoint import CheckpointError, load_quantized, save_quantized
 from quick.models.families import active_groups, decoder_layers, get_family
-from quick.nn.linear_w4a8 import QuickLinearW4A8, integer_matmul, packing_module
+from quick.nn.linear_w4a8 import QuickLinearW4A8, integer_matmul, w4a8_layouts
 from quick.quant import qqq
 from quick.quant.primitives import QuantizationError
 from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
@@ -201,8 +201,12 @@ def test_linear_matches_float64_reference(group_size, pack):
     w = torch.randn(64, 256, generator=gen)
     bias = torch.randn(64, generator=gen)
     mod = QuickLinearW4A8.from_weight(w, group_size, bias, torch.float16, pack=pack)
-    if pack is None and packing_module() is not None:
-        assert mod.storage == "packed" and "qweight" in mod.stored()
+    if pack is None:
+        assert mod.storage == "w4a8" and "qweight" in mod.stored()
+    else:
+        assert mod.storage == "unpacked" and set(mod.stored()) == {"q", "channel_scale"} | (
+            {"group_scale"} if group_size != -1 else set()
+        )
     x = outlier_inputs(37, 256).reshape(1, 37, 256)
     out = mod(x)
     assert out.dtype == x.dtype and out.shape == (1, 37, 64)
@@ -284,6 +288,31 @@ def test_qqq_model_beats_rtn_and_round_trips(tmp_path, group_size):
     before = {n: m.storage for n, m in auto.model.named_modules() if isinstance(m, QuickLinearW4A8)}
     after = {n: m.storage for n, m in again.model.named_modules() if isinstance(m, QuickLinearW4A8)}
     assert before == after
+
+
+@pytest.mark.skipif("w4a8_sm90" not in w4a8_layouts(), reason="no Hopper W4A8 layout")
+def test_layouts_are_interchangeable(tmp_path):
+    """A model packed for the Hopper kernel saves, reloads into the mma.sync layout and back, same outputs."""
+    ids = calib(2, 32, seed=3)
+    auto = AutoQuickForCausalLM(tiny_llama(outliers=False)).quantize(
+        quant_config={**W4A8, "q_group_size": 128}, method="rtn", progress=False
+    )
+    ref = logits(auto.model, ids)
+    for name, m in list(auto.model.named_modules()):
+        if isinstance(m, QuickLinearW4A8) and m.storage != "unpacked":
+            sm90 = QuickLinearW4A8.from_tensors(m.stored(), m.storage, 128, m.bias, m.dtype, m.logical_in_features,
+                                                layout="w4a8_sm90")  # fmt: skip
+            assert sm90.storage == "w4a8_sm90" and torch.equal(sm90.weight().q, m.weight().q)
+            parent, _, child = name.rpartition(".")
+            setattr(auto.model.get_submodule(parent), child, sm90)
+    assert torch.equal(logits(auto.model, ids), ref)
+    path = auto.save_quantized(tmp_path / "sm90")
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["storage"] == "w4a8_sm90"
+    for layout in ("w4a8", "w4a8_sm90"):
+        model = load_quantized(path, layout=layout, dtype=torch.float32)
+        storages = {m.storage for m in model.modules() if isinstance(m, QuickLinearW4A8)}
+        assert layout in storages and storages <= {layout, "unpacked"}
+        assert torch.equal(logits(model, ids), ref)
 
 
 def test_checkpoint_errors(tmp_path):

@@ -1,10 +1,10 @@
 """``QuickLinearW4A8``: a drop-in ``nn.Linear`` with 4-bit weights and per-token 8-bit activations (QQQ format).
 
-The weights follow :mod:`quick.quant.w4a8_format`. They are held packed (layout ``w4a8`` of
-:mod:`quick.packing.layouts`) when that packing exists, so that the int8 tensor-core kernel registered for
-layout ``w4a8`` can run them on a GPU; otherwise (or if packing a layer fails) they are held unpacked
-(``q``, ``channel_scale``, ``group_scale``) and every forward runs the reference path. Either way the
-buffers are the checkpoint tensors and ``storage`` says which kind they are.
+The weights follow :mod:`quick.quant.w4a8_format`. They are held packed in one of the W4A8 layouts of
+:mod:`quick.packing.layouts` (``w4a8`` for the mma.sync kernel, ``w4a8_sm90`` for the Hopper wgmma one), so that
+the kernel registered for that layout can run them on a GPU; if a layer's shape does not fit the layout they are
+held unpacked (``q``, ``channel_scale``, ``group_scale``) and every forward runs the reference path. Either way
+the buffers are the checkpoint tensors and ``storage`` (the layout name, or ``"unpacked"``) says which.
 
 The reference path quantizes the activations exactly like the kernels and computes the integer sum exactly
 (fp32 where every partial sum is an integer below 2**24, float64 otherwise), then applies the float scales
@@ -13,9 +13,9 @@ in float64 and casts to the input dtype.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import warnings
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -24,35 +24,55 @@ from torch import nn
 from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight, quantize_activations, validate_w4a8
 
 BACKENDS = ("auto", "reference", "kernel")
-STORAGES = ("packed", "unpacked")
+UNPACKED = "unpacked"
+_ALIASES = {"packed": "w4a8"}
 UNPACKED_NAMES = ("q", "channel_scale", "group_scale")
 LAYOUT = "w4a8"
 _EXACT_FP32 = 2**24
 
 
-def packing_module() -> ModuleType | None:
-    """``quick.packing.layouts`` when it offers ``pack_w4a8``/``unpack_w4a8`` (written in parallel), else None."""
+def w4a8_layouts() -> dict:
+    """The W4A8 packed layouts by name (``quick.packing.layouts.W4A8_LAYOUTS``; empty if there are none)."""
     from quick.packing import layouts
 
-    if callable(getattr(layouts, "pack_w4a8", None)) and callable(getattr(layouts, "unpack_w4a8", None)):
-        return layouts
-    return None
+    return dict(getattr(layouts, "W4A8_LAYOUTS", {}))
 
 
-def _kernel_for(x: torch.Tensor):
-    """The registered W4A8 GPU kernel for ``x`` (importing its module registers it), or None."""
-    try:
-        import importlib
+def check_storage(storage: str) -> str:
+    """Canonical storage name (``packed`` was the first name of ``w4a8``); a clear error for unknown ones."""
+    storage = _ALIASES.get(storage, storage)
+    if storage != UNPACKED and storage not in w4a8_layouts():
+        raise ValueError(f"unknown W4A8 storage {storage!r}; expected '{UNPACKED}' or one of {sorted(w4a8_layouts())}")
+    return storage
 
-        importlib.import_module("quick.kernels.quick_w4a8")
-    except ImportError:
-        return None
-    except Exception as e:  # a broken optional kernel must not take the reference path down with it
-        warnings.warn(f"quick.kernels.quick_w4a8 failed to import: {e}", RuntimeWarning, stacklevel=3)
-        return None
+
+def preferred_w4a8_layout(device: torch.device | str | None = None) -> str:
+    """``w4a8_sm90`` on a Hopper GPU whose wgmma kernel is built and verified there, else ``w4a8`` (the
+    mma.sync kernel, sm_80+; any device can run the reference path on it). Repacking is exact."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and "w4a8_sm90" in w4a8_layouts():
+        try:
+            from quick.kernels import quick_w4a8_sm90 as sm90
+
+            if getattr(sm90, "VERIFIED_ON_DEVICE", False) and sm90.is_available(device):
+                return "w4a8_sm90"
+        except Exception:  # noqa: BLE001 - an unusable optional kernel means the portable layout
+            pass
+    return LAYOUT
+
+
+def _kernel_for(layout: str, x: torch.Tensor):
+    """The registered GPU kernel for ``layout`` and ``x`` (importing the kernel modules registers them)."""
     from quick.kernels import dispatch
 
-    return dispatch.kernel_for(LAYOUT, x)
+    for mod in ("quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+        except Exception as e:  # a broken optional kernel must not take the reference path down with it
+            warnings.warn(f"{mod} failed to import: {e}", RuntimeWarning, stacklevel=3)
+    return dispatch.kernel_for(layout, x)
 
 
 def integer_matmul(xq: torch.Tensor, w: W4A8Weight, cache: dict | None = None) -> torch.Tensor:
@@ -131,6 +151,7 @@ class QuickLinearW4A8(nn.Module):
         dtype: torch.dtype = torch.float16,
         logical_in_features: int | None = None,
         pack: bool | None = None,
+        layout: str = LAYOUT,
     ) -> None:
         super().__init__()
         validate_w4a8(weight)
@@ -148,19 +169,20 @@ class QuickLinearW4A8(nn.Module):
         self.dtype = dtype
         self.backend = self.default_backend
         self._cache: tuple | None = None
-        tensors, self.storage = self._to_storage(weight, pack)
+        tensors, self.storage = self._to_storage(weight, pack, layout)
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
 
     @staticmethod
-    def _to_storage(weight: W4A8Weight, pack: bool | None) -> tuple[dict[str, torch.Tensor], str]:
-        layouts = packing_module() if pack is not False else None
-        if layouts is None and pack:
-            raise RuntimeError("W4A8 packing (quick.packing.layouts.pack_w4a8) is not available")
-        if layouts is not None:
+    def _to_storage(weight: W4A8Weight, pack: bool | None, layout: str) -> tuple[dict[str, torch.Tensor], str]:
+        """``pack``: False = unpacked, True = packed in ``layout`` or raise, None = packed if the shape fits."""
+        lay = w4a8_layouts().get(_ALIASES.get(layout, layout)) if pack is not False else None
+        if lay is None and pack:
+            raise RuntimeError(f"W4A8 layout {layout!r} is not available; known: {sorted(w4a8_layouts())}")
+        if lay is not None:
             try:
-                return dict(layouts.pack_w4a8(weight)), "packed"
+                return dict(lay.pack(weight)), lay.name
             except Exception as e:
                 if pack:
                     raise
@@ -168,7 +190,7 @@ class QuickLinearW4A8(nn.Module):
         tensors = {"q": weight.q.contiguous(), "channel_scale": weight.channel_scale.float().contiguous()}
         if weight.group_scale is not None:
             tensors["group_scale"] = weight.group_scale.contiguous()
-        return tensors, "unpacked"
+        return tensors, UNPACKED
 
     # ------------------------------------------------------------------------------------ constructors
 
@@ -180,13 +202,14 @@ class QuickLinearW4A8(nn.Module):
         bias: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
         pack: bool | None = None,
+        layout: str = LAYOUT,
     ) -> QuickLinearW4A8:
         """Round-to-nearest W4A8 of a float weight ``[N, K]`` (K padded to whole groups)."""
         from quick.quant.qqq import quantize_w4a8_rtn
 
         dtype = dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
         qw = quantize_w4a8_rtn(weight, group_size)
-        return cls(qw, bias, dtype, weight.shape[1], pack)
+        return cls(qw, bias, dtype, weight.shape[1], pack, layout)
 
     @classmethod
     def from_linear(
@@ -204,21 +227,22 @@ class QuickLinearW4A8(nn.Module):
         dtype: torch.dtype = torch.float16,
         logical_in_features: int | None = None,
         pack: bool | None = None,
+        layout: str | None = None,
     ) -> QuickLinearW4A8:
-        """Rebuild from checkpoint tensors of either storage; they are validated against the format."""
-        if storage not in STORAGES:
-            raise ValueError(f"unknown W4A8 storage {storage!r}; expected one of {STORAGES}")
-        if storage == "packed":
-            layouts = packing_module()
-            if layouts is None:
-                raise ValueError("checkpoint holds packed W4A8 weights but this build has no W4A8 unpacking")
-            w = layouts.unpack_w4a8(tensors, group_size)
+        """Rebuild from checkpoint tensors of any storage, validated against the format, and (re)pack them into
+        ``layout`` (default: the stored layout; unpacked tensors stay unpacked unless ``layout`` is given)."""
+        storage = check_storage(storage)
+        if storage != UNPACKED:
+            w = w4a8_layouts()[storage].unpack(tensors, group_size)
         else:
             missing = [n for n in UNPACKED_NAMES[: 2 if group_size == -1 else 3] if n not in tensors]
             if missing:
                 raise ValueError(f"unpacked W4A8 weights lack {missing}")
             w = W4A8Weight(tensors["q"], tensors["channel_scale"], tensors.get("group_scale"), group_size)
-        return cls(w, bias, dtype, logical_in_features, pack)
+        target = layout or (storage if storage != UNPACKED else LAYOUT)
+        if layout is None and storage == UNPACKED:
+            pack = False
+        return cls(w, bias, dtype, logical_in_features, pack, target)
 
     # ----------------------------------------------------------------------------------------- weights
 
@@ -230,8 +254,8 @@ class QuickLinearW4A8(nn.Module):
         """The unpacked W4A8 weights (cached until a buffer changes)."""
         key = tuple((b.data_ptr(), b._version, b.device) for b in self.stored().values())
         if self._cache is None or self._cache[0] != key:
-            if self.storage == "packed":
-                w = packing_module().unpack_w4a8(self.stored(), self.group_size)
+            if self.storage != UNPACKED:
+                w = w4a8_layouts()[self.storage].unpack(self.stored(), self.group_size)
             else:
                 w = W4A8Weight(self.q, self.channel_scale, getattr(self, "group_scale", None), self.group_size)
             self._cache = (key, w, {})
@@ -255,9 +279,9 @@ class QuickLinearW4A8(nn.Module):
             raise ValueError(f"input on {x.device} but weights on {ref_device}")
         if x.shape[-1] != self.in_features:
             x = F.pad(x, (0, self.in_features - x.shape[-1]))
-        if self.backend != "reference" and x.is_cuda and self.storage == "packed":
+        if self.backend != "reference" and x.is_cuda and self.storage != UNPACKED:
             xk = x.to(self.dtype)
-            fn = _kernel_for(xk)
+            fn = _kernel_for(self.storage, xk)
             if fn is not None:
                 out = self._run_kernel(fn, xk.reshape(-1, self.in_features))
                 return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -281,5 +305,5 @@ class QuickLinearW4A8(nn.Module):
         pad = f" (padded from {self.logical_in_features})" if self.logical_in_features != self.in_features else ""
         return (
             f"in_features={self.in_features}{pad}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"w4a8 {self.storage}, dtype={self.dtype}, bias={self.bias is not None}"
+            f"storage={self.storage}, dtype={self.dtype}, bias={self.bias is not None}"
         )
