@@ -92,7 +92,21 @@ def _build_layout(name: str, impl: str, layers: int | None):
 # impl -> builder(model shape name, impl, num_layers) of a random-weight model on the GPU. The hook for other
 # weight formats (e.g. W4A8: register a builder that puts its linears in): anything not listed here is taken
 # as a packed layout name for QuickLinear.
-IMPL_BUILDERS: dict = {}
+def _build_w4a8(name: str, impl: str, layers: int | None):
+    """W4A8 (QQQ format, round-to-nearest of the random fp16 weights): ``w4a8`` per-channel, ``w4a8_g128``
+    two-level g128; the layer picks its packed layout (and kernel) for this GPU."""
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+    from quick.quant.apply import _parent, quantizable_linears
+
+    group = 128 if impl.endswith("_g128") else -1
+    model = build_random_model(name, torch.float16, "cuda", False, num_layers=layers)
+    for lin_name, lin in quantizable_linears(model):
+        parent, child = _parent(model, lin_name)
+        setattr(parent, child, QuickLinearW4A8.from_linear(lin, group, torch.float16))
+    return model
+
+
+IMPL_BUILDERS: dict = {"w4a8": _build_w4a8, "w4a8_g128": _build_w4a8}
 
 
 def _build(name: str, impl: str, layers: int | None):
