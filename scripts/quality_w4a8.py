@@ -27,6 +27,7 @@ from quick.data.corpus import load_eval_text
 from quick.eval.perplexity import perplexity, tokenize_eval_text
 from quick.generation import generate_text
 from quick.nn.linear_w4a8 import QuickLinearW4A8
+from quick.quant.qqq import fake_quant_activations
 
 PROMPTS = ("The capital of France is", "Water is made of")
 
@@ -74,6 +75,11 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--search-samples", type=int, default=None, help="smoothing-search samples (default: QQQ's)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the dense perplexity")
+    ap.add_argument(
+        "--a8-baseline",
+        action="store_true",
+        help="also the dense model with only its linear inputs quantized per token to int8 (the A8 share of the loss)",
+    )
     ap.add_argument("--reload", action="store_true", help="also save, reload and re-measure each model")
     ap.add_argument("--n-grid", type=int, default=None, help="smoothing grid points (default: QQQ's 20)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing Hessian diagonal")
@@ -146,6 +152,16 @@ def main() -> None:
     result["device"] = str(dense.device)
     if not args.no_baseline:
         result["ppl_baseline"] = ppl(dense, "baseline")
+        write()
+    if args.a8_baseline:
+        handles = [
+            m.register_forward_pre_hook(lambda _m, a: (fake_quant_activations(a[0]), *a[1:]))
+            for n, m in dense.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        ]
+        result["ppl_a8_only"] = ppl(dense, "float weights, int8 activations")
+        for h in handles:
+            h.remove()
         write()
     del dense
 

@@ -21,7 +21,7 @@ if [[ $WHAT == tests || $WHAT == all ]]; then
 fi
 if [[ $WHAT == quality || $WHAT == all ]]; then
   # QQQ per-channel and g128, dense baseline, save/reload
-  timeout 560 python scripts/quality_w4a8.py smollm2 --out "$OUT" --methods qqq --reload --tag qqq \
+  timeout 560 python scripts/quality_w4a8.py smollm2 --out "$OUT" --methods qqq --reload --a8-baseline --tag qqq \
     > "$OUT/quality_qqq.log" 2>&1
   echo "quality rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_qqq.log" | tail -20
 fi
