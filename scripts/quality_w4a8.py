@@ -2,6 +2,7 @@
 
     python scripts/quality_w4a8.py smollm2 --out benchmarks/results                  # full calibration
     python scripts/quality_w4a8.py smollm2 --n-samples 32 --search-samples 8         # reduced, for 2 CPU cores
+    python scripts/quality_w4a8.py --merge --out ALL.json A.json B.json              # runs made side by side
 
 Same evaluation as ``scripts/quality_report.py`` (10k held-out tokens, windows of 512, BOS as the tokenizer
 does it), so the numbers compare with its W4A16 baseline / RTN / AWQ figures; the newest
@@ -16,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +65,37 @@ def _kernel_available(auto: AutoQuickForCausalLM) -> bool:
     return layer.storage != "unpacked" and _kernel_for(layer.storage, x) is not None
 
 
+def merge(files: list[str], out: str) -> None:
+    """One result file from runs measured in separate processes (e.g. one per group size, side by side):
+    same model, device and evaluation required; settings that differ are kept per run."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    first = parts[0]
+    for p, f in zip(parts, files, strict=True):
+        for key in ("model", "device", "eval"):
+            if p[key] != first[key]:
+                raise SystemExit(f"{f}: {key} {p[key]!r} differs from {first[key]!r}")
+    merged = {k: v for k, v in first.items() if k not in ("runs", "calibration", "w4a16_reference")}
+    merged["merged_from"] = [Path(f).name for f in files]
+    merged["runs"] = {}
+    for p in parts:
+        for key, run in p["runs"].items():
+            merged["runs"][key] = {**run, "calibration": p["calibration"], "threads": p.get("threads")}
+        for key in ("ppl_baseline", "ppl_a8_only", "w4a16_reference"):
+            if key in p:
+                merged.setdefault(key, p[key])
+    Path(out).write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--merge":
+        ap = argparse.ArgumentParser(description="merge result files: --merge --out FILE FILES...")
+        ap.add_argument("--merge", action="store_true")
+        ap.add_argument("--out", required=True)
+        ap.add_argument("files", nargs="+")
+        a = ap.parse_args()
+        merge(a.files, a.out)
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
     ap.add_argument("--out", default="benchmarks/results")
