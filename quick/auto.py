@@ -396,6 +396,7 @@ class AutoQuickForCausalLM:
             raise QuantizationError("QQQ needs a tokenizer (or calibration token ids) for its calibration data")
         bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
         samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos)
+        self.qqq_reports = []  # per layer: the smoothing strength chosen for each scale group and its losses
         quantize_model_qqq(
             self.model,
             samples,
@@ -405,6 +406,7 @@ class AutoQuickForCausalLM:
             batch_size=batch_size,
             family=family,
             progress=progress,
+            reports=self.qqq_reports,
             **(qqq_options or {}),
         )
 

@@ -50,6 +50,20 @@ def _w4a16_reference(out_dir: Path, name: str, device: str) -> dict | None:
     return {"file": files[-1].name, **{k: data[k] for k in keys if k in data}}
 
 
+def _smoothing_summary(reports: list) -> dict:
+    """Per scale group: the alpha chosen in each layer (None = no smoothing won) and the mean loss ratio."""
+    out: dict = {}
+    for rep in reports:
+        for group, r in rep.groups.items():
+            g = out.setdefault(group, {"alpha": [], "loss_over_unsmoothed": []})
+            g["alpha"].append(None if r["alpha"] != r["alpha"] else r["alpha"])
+            g["loss_over_unsmoothed"].append(r["loss"] / r["identity_loss"] if r["identity_loss"] > 0 else None)
+    for g in out.values():
+        ratios = [x for x in g["loss_over_unsmoothed"] if x is not None]
+        g["mean_loss_over_unsmoothed"] = sum(ratios) / len(ratios) if ratios else None
+    return out
+
+
 def _set_backend(auto: AutoQuickForCausalLM, backend: str) -> None:
     for m in auto.model.modules():
         if isinstance(m, QuickLinearW4A8):
@@ -211,6 +225,8 @@ def main() -> None:
                 qqq_options=options if method == "qqq" else None,
             )
             run: dict = {"quant_config": qc, "method": method, "quantization_time_s": auto.quantization_time_s}
+            if getattr(auto, "qqq_reports", None):
+                run["smoothing"] = _smoothing_summary(auto.qqq_reports)
             run["ppl"] = ppl(auto, f"w4a8 {key}")
             if auto.device.type == "cuda" and _kernel_available(auto):
                 other = "auto" if args.backend == "reference" else "reference"
