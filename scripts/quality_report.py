@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from quick.auto import AutoQuickForCausalLM
+from quick.commands.eval import bos_for
 from quick.data.corpus import load_eval_text
 from quick.eval.perplexity import perplexity, tokenize_eval_text
 from quick.generation import generate_text
@@ -28,10 +29,7 @@ PROMPTS = ("The capital of France is", "Water is made of")
 
 
 def _bos(auto: AutoQuickForCausalLM, mode: str) -> int | None:
-    tok = auto.tokenizer
-    if mode == "yes" or (mode == "auto" and getattr(tok, "add_bos_token", False)):
-        return tok.bos_token_id
-    return None
+    return bos_for(auto.tokenizer, mode)  # same rule as `quick eval`: auto = when the tokenizer adds BOS itself
 
 
 def main() -> None:
