@@ -227,40 +227,34 @@ def register_w4a8_sm90_impls() -> list[str]:
 
 
 def _extra_w4a8() -> list:
-    """Candidate W4A8 configs timed by --sweep-w4a8 besides the shipped ones (compiled on the spot)."""
+    """Candidate W4A8 configs timed by --sweep-w4a8 besides quick_w4a8.CONFIGS (compiled on the spot)."""
     from quick.kernels.quick_w4a8 import W4A8Config as C
 
     return [
         C("x_m16k8", 16, 1, 1, 8, 2, 1, 4, 4),
         C("x_m16n4k2", 16, 1, 4, 2, 2, 2, 3, 2),
         C("x_m32k4nb1", 32, 1, 2, 4, 1, 4, 3, 2),
-        C("x_m64n2k2", 64, 1, 2, 2, 2, 4, 4, 1),
         C("x_m128n2", 128, 2, 2, 1, 2, 4, 4, 1),
         C("x_m128n4s3", 128, 2, 4, 1, 2, 4, 3, 1),
-        C("x_m256n2", 256, 4, 2, 1, 2, 4, 3, 1),
-        C("x_m64n8g", 64, 1, 8, 1, 1, 4, 4, 1),
         C("x_m128n4gs2", 128, 2, 4, 1, 1, 2, 4, 2),
         C("x_m128n2g", 128, 2, 2, 1, 1, 4, 4, 1),
-        # two CTAs of 8 warps per SM: warp tiles of 32 x 64 (32 x 32 for per-group)
-        C("x_m128w4n2", 128, 4, 2, 1, 2, 4, 3, 1, minb=2),
-        C("x_m64w2n4", 64, 2, 4, 1, 2, 4, 4, 1, minb=2),
-        C("x_m128w4n2g", 128, 4, 2, 1, 1, 4, 3, 1, minb=2),
-        C("x_m128w4n4g", 128, 4, 4, 1, 1, 4, 3, 1),
     ]
 
 
 def _w4a8_fits(cfg, group: int) -> bool:
-    """Per-group tiles need a partial and a total accumulator: skip configs that would spill."""
-    acc = (cfg.bm // cfg.warps_m // 16) * cfg.nb * 16
-    return acc * (2 if group > 0 else 1) <= 144
+    """Skip (config, mode) pairs that would spill (see W4A8Config.fits)."""
+    return cfg.fits(group)
 
 
-def sweep_w4a8(log) -> list[dict]:
-    """Every W4A8 config x split-k x mode on the shapes that set quick_w4a8.TUNED (activation quant included)."""
+def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
+    """Every W4A8 config x split-k x mode on the shapes that set quick_w4a8.TUNED (activation quant included).
+    ``large_only``: only M >= 256 and the shipped configs (about a minute)."""
     from quick.kernels import jit
     from quick.kernels import quick_w4a8 as w8
 
-    cfgs = [*w8.CONFIGS.values(), *_extra_w4a8()]
+    cfgs = [*w8.CONFIGS.values()] if large_only else [*w8.CONFIGS.values(), *_extra_w4a8()]
+    if large_only:
+        cfgs = [c for c in cfgs if c.bm >= 64]
     arch = jit.arch_for_device()
     jit.compile_many(
         [(w8.GEMM_SOURCE, arch, c.defines(torch.float16, g)) for c in cfgs for g in w8.GROUPS if _w4a8_fits(c, g)]
@@ -268,6 +262,8 @@ def sweep_w4a8(log) -> list[dict]:
     )
     out = []
     plan = [((8192, 8192), M_LIST), ((4096, 4096), [1, 16, 64, 256, 1024]), ((11008, 4096), [1, 16, 256])]
+    if large_only:
+        plan = [((8192, 8192), [256, 1024, 4096]), ((4096, 4096), [256, 1024])]
     for (k, n), ms in plan:
         p = make_problem(k, n, seed=1)
         for group in w8.GROUPS:
@@ -446,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also time every config x split-k (tuning data)")
     ap.add_argument("--no-grid", action="store_true", help="only the sweep")
     ap.add_argument("--sweep-w4a8", action="store_true", help="also time every W4A8 config x split-k")
+    ap.add_argument("--sweep-w4a8-large", action="store_true", help="the W4A8 sweep for M >= 256 only (~1 min)")
     args = ap.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     logf = open(args.outdir / "bench-log.txt", "a")
@@ -475,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         except Exception:  # noqa: BLE001
             log(traceback.format_exc())
-    if args.sweep_w4a8:
+    if args.sweep_w4a8 or args.sweep_w4a8_large:
         try:
-            sw = sweep_w4a8(log)
+            sw = sweep_w4a8(log, large_only=not args.sweep_w4a8)
             (args.outdir / f"sweep-w4a8-{tag}.json").write_text(
                 json.dumps({**env, "ceilings": ceilings, "rows": sw}, indent=1)
             )

@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash scripts/w4a8_gpu.sh tests   (~3-6 min: compile + GPU tests)
 #   OUT=/some/dir bash scripts/w4a8_gpu.sh bench   (~3-6 min: benchmark grid, all 7 shapes x 9 M)
 #   OUT=/some/dir bash scripts/w4a8_gpu.sh sweep   (~3-6 min: W4A8 config x split-k sweep, tuning data)
-# Each part stays under 10 minutes; "all" runs the three in a row.
+#   OUT=/some/dir bash scripts/w4a8_gpu.sh tune    (~1-1.5 min: the sweep for M >= 256 only, K=N=8192 and 4096)
+# Each part stays under 10 minutes; "all" runs tests, bench and sweep in a row.
 set -u
 OUT=${OUT:-/tmp/w4a8_out}
 WHAT=${1:-all}
@@ -21,6 +22,9 @@ fi
 if [[ $WHAT == bench || $WHAT == all ]]; then
   timeout 560 python benchmarks/kernel.py --impls cublas_fp16 quick quick_w4a8_channel quick_w4a8_group \
     --outdir "$OUT" 2>&1 | tail -40
+fi
+if [[ $WHAT == tune ]]; then
+  timeout 150 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8-large --no-grid 2>&1 | grep "sweep-w4a8\|Error\|error" | tail -40
 fi
 if [[ $WHAT == sweep || $WHAT == all ]]; then
   timeout 560 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8 --no-grid 2>&1 | grep "sweep-w4a8\|Error\|error" | tail -70

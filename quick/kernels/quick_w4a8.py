@@ -84,6 +84,12 @@ class W4A8Config:
             red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 4 * 32 * 16
         return max(stages, red)
 
+    def fits(self, group: int) -> bool:
+        """Whether the accumulators fit the register budget without spilling: per-group tiles hold a partial and
+        a total (twice the int32 registers); ``minb = 2`` caps a thread at 128 registers."""
+        acc = (self.bm // self.warps_m // 16) * self.nb * 16 * (2 if group > 0 else 1)
+        return acc <= (64 if self.minb >= 2 else 144)
+
     def defines(self, dtype: torch.dtype, group: int) -> dict[str, int]:
         return {
             "QW_DTYPE": dtype_code(dtype),
@@ -114,6 +120,14 @@ CONFIGS: dict[str, W4A8Config] = {
         W4A8Config("m64n4g", 64, 1, 4, 1, 1, 4, 4, 1),  # per-group: partial + total accumulators
         W4A8Config("m128n4", 128, 2, 4, 1, 2, 4, 4, 1),
         W4A8Config("m128n4g", 128, 2, 4, 1, 1, 4, 4, 1),
+        # candidates for medium / large M (tested; picked by TUNED once timed): more warps per SM
+        W4A8Config("m64n2k2", 64, 1, 2, 2, 2, 4, 4, 1),
+        W4A8Config("m64w2n4", 64, 2, 4, 1, 2, 4, 4, 1, minb=2),
+        W4A8Config("m128w4n2", 128, 4, 2, 1, 2, 4, 3, 1, minb=2),
+        W4A8Config("m256n2", 256, 4, 2, 1, 2, 4, 3, 1),
+        W4A8Config("m64n8g", 64, 1, 8, 1, 1, 4, 4, 1),
+        W4A8Config("m128w4n2g", 128, 4, 2, 1, 1, 4, 3, 1, minb=2),
+        W4A8Config("m128w4n4g", 128, 4, 4, 1, 1, 4, 3, 1),
     )
 }
 
@@ -187,8 +201,8 @@ def validate(
     if qweight.dim() != 2 or qweight.shape[1] % 4:
         raise W4A8Error(f"qweight must be 2-D [K/32, 4N] (layout 'w4a8'), got shape {tuple(qweight.shape)}")
     n = qweight.shape[1] // 4
-    if k % 128 or n % 128:
-        raise W4A8Error(f"the W4A8 kernels need K and N multiples of 128, got K={k}, N={n}")
+    if k % 128 or n % 32:
+        raise W4A8Error(f"the W4A8 kernels need K % 128 == 0 and N % 32 == 0, got K={k}, N={n}")
     if qweight.shape[0] * 32 != k:
         raise W4A8Error(f"qweight has {qweight.shape[0]} k32 rows, x has K={k} (expected {k // 32} rows)")
     if tuple(channel_scale.shape) != (n,):
@@ -504,7 +518,8 @@ def linear_w4a8(
 
 
 def is_available(x: torch.Tensor) -> bool:
-    """A CUDA fp16/bf16 tensor on an sm_80+ device, K % 128 == 0, and nvcc to build the kernels."""
+    """A CUDA fp16/bf16 tensor on an sm_80+ device, K % 128 == 0, and nvcc to build the kernels (N % 32 == 0 holds
+    for every ``w4a8``-packed weight)."""
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES):
         return False
     if x.shape[-1] % 128 or capability(x.device)[0] < 8:
