@@ -380,16 +380,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("group_size", [-1, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
-def test_gpu_layer_matches_float64_reference(group_size, dtype, m):
-    """The GPU forward (the W4A8 kernel when one is registered, else the reference on the GPU) against the
-    float64 arithmetic of the format on fresh data; with bias, ragged K (SmolLM2-like 576 at g128)."""
+@pytest.mark.parametrize("n", [192, 256])
+def test_gpu_layer_matches_float64_reference(group_size, dtype, m, n):
+    """The GPU forward (the W4A8 kernel where it takes the shape, else the reference on the GPU) against the
+    float64 arithmetic of the format on fresh data; with bias, ragged K (SmolLM2-like 576, stored as 640)."""
+    from quick.nn.linear_w4a8 import _kernel_for
+
     gen = torch.Generator().manual_seed(100 + m)
-    w = torch.randn(192, 576, generator=gen) * 0.05
-    bias = torch.randn(192, generator=gen)
+    w = torch.randn(n, 576, generator=gen) * 0.05
+    bias = torch.randn(n, generator=gen)
     mod = QuickLinearW4A8.from_weight(w, group_size, bias, dtype).cuda()
     x = outlier_inputs(m, 576, seed=m).to(dtype).cuda()
     out = mod(x)
-    assert out.dtype == dtype and out.shape == (m, 192) and torch.isfinite(out).all()
+    assert out.dtype == dtype and out.shape == (m, n) and torch.isfinite(out).all()
+    kernel = _kernel_for(mod.storage, x) is not None and n % 128 == 0
+    assert mod.last_path == ("kernel" if kernel else "reference")
     wc = mod.weight()
     wc = W4A8Weight(
         wc.q.cpu(), wc.channel_scale.cpu(), None if wc.group_scale is None else wc.group_scale.cpu(), group_size
@@ -398,7 +403,7 @@ def test_gpu_layer_matches_float64_reference(group_size, dtype, m):
     bound = 4e-3 if dtype == torch.float16 else 2e-2  # the output rounded to 16 bits
     assert rel(out.cpu(), ref) < bound
     mod.backend = "reference"
-    assert rel(mod(x).cpu(), ref) < bound
+    assert rel(mod(x).cpu(), ref) < bound and mod.last_path == "reference"
 
 
 @pytest.mark.gpu

@@ -25,6 +25,9 @@ from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight, quantize_
 
 BACKENDS = ("auto", "reference", "kernel")
 UNPACKED = "unpacked"
+# Output widths the kernel of a layout takes (quick_w4a8.validate: N % 128; the sm90 launcher handles any N
+# itself). Other layers run the reference path.
+KERNEL_N_MULTIPLE = {"w4a8": 128}
 _ALIASES = {"packed": "w4a8"}
 UNPACKED_NAMES = ("q", "channel_scale", "group_scale")
 LAYOUT = "w4a8"
@@ -168,6 +171,8 @@ class QuickLinearW4A8(nn.Module):
         self.group_size = weight.group_size
         self.dtype = dtype
         self.backend = self.default_backend
+        self.last_path: str | None = None  # "kernel" or "reference": what the last forward ran
+        self._kernel_error: str | None = None
         self._cache: tuple | None = None
         tensors, self.storage = self._to_storage(weight, pack, layout)
         for name, t in tensors.items():
@@ -279,16 +284,34 @@ class QuickLinearW4A8(nn.Module):
             raise ValueError(f"input on {x.device} but weights on {ref_device}")
         if x.shape[-1] != self.in_features:
             x = F.pad(x, (0, self.in_features - x.shape[-1]))
-        if self.backend != "reference" and x.is_cuda and self.storage != UNPACKED:
+        if self.backend != "reference" and x.is_cuda and self.kernel_eligible():
             xk = x.to(self.dtype)
             fn = _kernel_for(self.storage, xk)
             if fn is not None:
-                out = self._run_kernel(fn, xk.reshape(-1, self.in_features))
-                return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                try:
+                    out = self._run_kernel(fn, xk.reshape(-1, self.in_features))
+                except ValueError as e:  # the launcher's shape/argument checks (before any launch)
+                    if self.backend == "kernel":
+                        raise
+                    self._kernel_error = str(e)
+                    msg = f"W4A8 kernel refused this layer ({e}); it runs the reference path"
+                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                else:
+                    self.last_path = "kernel"
+                    return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.backend == "kernel":
-            raise RuntimeError(f"no W4A8 GPU kernel available for this layer ({self.storage}) on {x.device}")
+            raise RuntimeError(
+                f"no W4A8 GPU kernel available for this layer ({self.storage}, N={self.out_features}) on {x.device}"
+            )
+        self.last_path = "reference"
         w = self.weight()
         return reference_w4a8(x, w, self.bias, self._cache[2]).to(x.dtype)
+
+    def kernel_eligible(self) -> bool:
+        """Packed, in a shape the layout's kernel takes, and not refused by it before."""
+        if self.storage == UNPACKED or self._kernel_error is not None:
+            return False
+        return self.out_features % KERNEL_N_MULTIPLE.get(self.storage, 1) == 0
 
     def _run_kernel(self, fn, x2d: torch.Tensor) -> torch.Tensor:
         """Call ``fn(x2d, packed, group_size[, bias])``; the bias is added here if the kernel takes none."""
