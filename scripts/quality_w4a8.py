@@ -79,6 +79,10 @@ def _kernel_available(auto: AutoQuickForCausalLM) -> bool:
     return layer.storage != "unpacked" and _kernel_for(layer.storage, x) is not None
 
 
+def _option_suffix(calibration: dict) -> str:
+    return ("_clip" if calibration.get("clip") else "") + ("_actorder" if calibration.get("act_order") else "")
+
+
 def merge(files: list[str], out: str) -> None:
     """One result file from runs measured in separate processes (e.g. one per group size, side by side):
     same model, device and evaluation required; settings that differ are kept per run."""
@@ -93,10 +97,18 @@ def merge(files: list[str], out: str) -> None:
     merged["runs"] = {}
     for p in parts:
         for key, run in p["runs"].items():
+            suffix = _option_suffix(p["calibration"]) if run["method"] == "qqq" else ""
+            key = key if key.endswith(suffix) else key + suffix
+            if key in merged["runs"]:
+                raise SystemExit(f"run {key} appears twice")
             merged["runs"][key] = {**run, "calibration": p["calibration"], "threads": p.get("threads")}
         for key in ("ppl_baseline", "ppl_a8_only", "w4a16_reference"):
             if key in p:
                 merged.setdefault(key, p[key])
+    if "w4a16_reference" not in merged:
+        ref = _w4a16_reference(Path(out).parent, Path(str(first["model"])).name.lower(), first["device"].split(":")[0])
+        if ref is not None:
+            merged["w4a16_reference"] = ref
     Path(out).write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -214,6 +226,8 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         for g in [int(x) for x in args.groups.split(",")]:
             key = f"{method}_{'channel' if g == -1 else f'g{g}'}"
+            if method == "qqq":
+                key += _option_suffix(result["calibration"])
             qc = {"w_bit": 4, "a_bit": 8, "q_group_size": g, "version": "w4a8"}
             auto = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
             auto.quantize(
