@@ -125,6 +125,10 @@ def test_actquant_bit_exact(m, k, dtype):
     rq, rs = quantize_activations(x)
     assert xq.dtype == torch.int8 and sx.dtype == torch.float32
     assert torch.equal(xq, rq) and torch.equal(sx, rs)
+    if k % 128 == 0:  # the per-group sums of x_q the unsigned-weight GEMM variant folds in
+        xq2, sx2, xs = w8._quantize(x, sums=True)
+        assert torch.equal(xq2, rq) and torch.equal(sx2, rs)
+        assert torch.equal(xs, rq.to(torch.int32).reshape(m, k // 128, 128).sum(-1, dtype=torch.int32))
     cq, cs = quantize_activations(x.cpu())
     assert torch.equal(xq.cpu(), cq)
     assert ((sx.cpu() - cs).abs() <= cs.abs() * 2.0**-23).all()
@@ -192,6 +196,9 @@ def test_split_invariance_and_determinism(group):
     args = (x, p["qweight"], p["channel_scale"], p.get("group_scale"), group)
     outs = [w8.gemm_w4a8_cuda(*args, config="m16n2k4", splits=s) for s in (1, 2, 4, 16)]
     outs += [w8.gemm_w4a8_cuda(*args, config="m16n2k4r", splits=s) for s in (2, 5, 16, 16)]  # in-kernel reduce
+    if group > 0:  # unsigned-weight variant: same integers, same bits
+        outs += [w8.gemm_w4a8_cuda(*args, config="m16n2k2u", splits=s) for s in (1, 3)]
+        outs += [w8.gemm_w4a8_cuda(*args, config="m64n4gu", splits=s) for s in (1, 2)]
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     auto = [w8.gemm_w4a8_cuda(*args) for _ in range(3)]

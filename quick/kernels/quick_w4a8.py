@@ -29,6 +29,7 @@ GEMM_SOURCE = "quick_w4a8.cu"
 ACTQ_SOURCE = "quick_actquant.cu"
 ARCHS = ("sm_80", "sm_90a")
 LAYOUT = "w4a8"
+ACTQ_THREADS = 512  # must match THREADS in csrc/quick_actquant.cu
 GROUPS = (-1, 128)
 SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
 
@@ -49,7 +50,9 @@ class W4A8Config:
     """One compiled GEMM variant: ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows,
     ``nb`` n32 blocks and ``sw`` k32 steps of every stage (a stage spans ``bks = 32 * sw * warps_k`` columns of
     K); ``stages`` cp.async stages of int8 activations; ``pf`` stages of weights prefetched into registers;
-    ``inred`` = 1: split-k summed by the last CTA of each tile (no reduce launch)."""
+    ``inred`` = 1: split-k summed by the last CTA of each tile (no reduce launch); ``u8`` = 1 (per-group only):
+    weights fed as unsigned q + 8 with the zero point folded into the first mma of each group run (C = -8 * the
+    activations' group sums), so the group fold is one multiply-add per accumulator."""
 
     name: str
     bm: int
@@ -62,6 +65,7 @@ class W4A8Config:
     pf: int
     minb: int = 1
     inred: int = 0
+    u8: int = 0
 
     @property
     def threads(self) -> int:
@@ -87,8 +91,11 @@ class W4A8Config:
     def fits(self, group: int) -> bool:
         """Whether the accumulators fit the register budget without spilling: per-group tiles hold a partial and
         a total (twice the int32 registers); ``minb = 2`` caps a thread at 128 registers."""
+        if self.u8 and group <= 0:
+            return False  # the unsigned variant is a per-group variant (per-channel would build the plain kernel)
         acc = (self.bm // self.warps_m // 16) * self.nb * 16 * (2 if group > 0 else 1)
-        return acc <= (64 if self.minb >= 2 else 144)
+        cap = min(255, 65536 // (self.threads * self.minb))  # registers per thread
+        return acc <= (144 if cap >= 255 else 64)
 
     def defines(self, dtype: torch.dtype, group: int) -> dict[str, int]:
         return {
@@ -104,6 +111,7 @@ class W4A8Config:
             "QW_PF": self.pf,
             "QW_MINB": self.minb,
             "QW_INRED": self.inred,
+            "QW_U8": self.u8 if group > 0 else 0,
         }
 
 
@@ -128,6 +136,10 @@ CONFIGS: dict[str, W4A8Config] = {
         W4A8Config("m64n8g", 64, 1, 8, 1, 1, 4, 4, 1),
         W4A8Config("m128w4n2g", 128, 4, 2, 1, 1, 4, 3, 1, minb=2),
         W4A8Config("m128w4n4g", 128, 4, 4, 1, 1, 4, 3, 1),
+        # unsigned-weight per-group variants (one multiply-add per accumulator and group)
+        W4A8Config("m16n2k2u", 16, 1, 2, 2, 2, 4, 3, 2, u8=1),  # a run must cover a group: sw = 4
+        W4A8Config("m64n4gu", 64, 1, 4, 1, 1, 4, 4, 1, u8=1),
+        W4A8Config("m128n4gu", 128, 2, 4, 1, 1, 4, 4, 1, u8=1),
     )
 }
 
@@ -309,6 +321,7 @@ class _Launch:
     reduce: _FastLaunch | None
     splits: int
     counters: int = 0  # > 0: the kernel reduces split-k itself and needs this many zeroed arrival counters
+    u8: bool = False  # unsigned-weight variant: needs the activations' per-group sums
 
 
 _LAUNCH: dict[tuple, _Launch] = {}
@@ -333,15 +346,15 @@ def _get_launch(m, n, k, g, dtype, dev, config, splits) -> _Launch:
             raise W4A8Error(f"config {cfg.name} needs {cfg.smem_bytes} bytes of shared memory, over the limit")
         defines = cfg.defines(dtype, g)
         kern = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_gemm", defines, idx)
-        # pointers: xq, sx, qweight, chscale, gscale, bias, out, ws, counters; scalars: M, N, K, tiles_per_split
-        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 9 + [m, n, k, p.tiles_per_split])
+        # pointers: xq, sx, qweight, chscale, gscale, bias, out, ws, counters, xsum; scalars: M, N, K, tiles/split
+        main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * 10 + [m, n, k, p.tiles_per_split])
         red = None
         inred = bool(cfg.inred and p.splits > 1)
         if p.splits > 1 and not inred:
             rk = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_reduce", defines, idx)
             grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(dev))
             red = _FastLaunch(rk, (grid,), (256,), 0, [None] * 5 + [m, n, p.splits])
-        launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0)
+        launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0, bool(cfg.u8 and g > 0))
         if len(_LAUNCH) > 4096:
             _LAUNCH.clear()
         _LAUNCH[key] = launch
@@ -355,7 +368,7 @@ def _actq_launch(m: int, k: int, dtype: torch.dtype, dev: torch.device) -> _Fast
         with _LOCK:
             name = "quick_actquant_f16" if dtype == torch.float16 else "quick_actquant_bf16"
             kern = jit.load_kernel(ACTQ_SOURCE, name, {}, _dev_index(dev))
-            hit = _FastLaunch(kern, (m,), (256,), 0, [None] * 3 + [m, k])
+            hit = _FastLaunch(kern, (m,), (ACTQ_THREADS,), 0, [None] * 4 + [m, k])
             if len(_ACTQ) > 4096:
                 _ACTQ.clear()
             _ACTQ[key] = hit
@@ -380,11 +393,17 @@ def _counters(dev: torch.device, n: int) -> torch.Tensor:
 def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_q int8 [M, K], s_x fp32 [M])`` of a CUDA ``x [M, K]`` fp16/bf16, bit-exact with
     :func:`quick.quant.w4a8_format.quantize_activations` (K % 8 == 0, contiguous, 16-byte aligned)."""
+    xq, sx, _ = _quantize(x, sums=False)
+    return xq, sx
+
+
+def _quantize(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The activation kernel; ``sums``: also int32 ``[M, K/128]`` sums of x_q per group of 128 (K % 128 == 0)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2 or x.shape[1] % 8:
+    if x.dim() != 2 or x.shape[1] % 8 or (sums and x.shape[1] % 128):
         raise W4A8Error(f"x must be 2-D [M, K] with K % 8 == 0, got shape {tuple(x.shape)}")
     if x.device.type != "cuda":
         raise W4A8Error(f"x is on {x.device}: quantize_activations_cuda needs a CUDA tensor")
@@ -392,10 +411,12 @@ def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     m, k = x.shape
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    xs = torch.empty((m, k // 128), dtype=torch.int32, device=x.device) if sums else None
     if m:
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        _actq_launch(m, k, x.dtype, x.device)([x.data_ptr(), xq.data_ptr(), sx.data_ptr()], stream)
-    return xq, sx
+        ptrs = [x.data_ptr(), xq.data_ptr(), sx.data_ptr(), xs.data_ptr() if xs is not None else 0]
+        _actq_launch(m, k, x.dtype, x.device)(ptrs, stream)
+    return xq, sx, xs
 
 
 def gemm_w4a8_cuda(
@@ -419,20 +440,21 @@ def gemm_w4a8_cuda(
         raise W4A8Error(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}")
     if m == 0:
         return out
-    xq, sx = quantize_activations_cuda(x)
     launch = _get_launch(m, n, k, group_size, x.dtype, x.device, config, splits)
+    xq, sx, xs = _quantize(x, sums=launch.u8)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     bptr = bias.data_ptr() if bias is not None else 0
     gptr = group_scale.data_ptr() if group_scale is not None else 0
     base = [xq.data_ptr(), sx.data_ptr(), qweight.data_ptr(), channel_scale.data_ptr(), gptr, bptr, out.data_ptr()]
+    xsp = xs.data_ptr() if xs is not None else 0
     if launch.splits == 1:
-        launch.main([*base, 0, 0], stream)
+        launch.main([*base, 0, 0, xsp], stream)
         return out
     ws = torch.empty((launch.splits, m, n), dtype=torch.int32, device=x.device)
     if launch.counters:
-        launch.main([*base, ws.data_ptr(), _counters(x.device, launch.counters).data_ptr()], stream)
+        launch.main([*base, ws.data_ptr(), _counters(x.device, launch.counters).data_ptr(), xsp], stream)
         return out
-    launch.main([*base, ws.data_ptr(), 0], stream)
+    launch.main([*base, ws.data_ptr(), 0, xsp], stream)
     assert launch.reduce is not None
     launch.reduce([ws.data_ptr(), sx.data_ptr(), channel_scale.data_ptr(), bptr, out.data_ptr()], stream)
     return out

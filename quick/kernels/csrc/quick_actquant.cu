@@ -8,13 +8,15 @@
 // rn operations, no contraction, so the result does not depend on the schedule. One CTA per row; a thread keeps up to VPT 16-byte pieces of its row in registers between
 // the max pass and the quantization pass (K <= 8 * THREADS * VPT never re-reads global memory).
 //
-// Entry points: quick_actquant_f16, quick_actquant_bf16 (x, x_q, s_x, M, K); K % 8 == 0, 16-byte aligned rows.
+// Entry points: quick_actquant_f16, quick_actquant_bf16 (x, x_q, s_x, xsum, M, K); K % 8 == 0, 16-byte aligned
+// rows. xsum (may be null; needs K % 128 == 0): int32 [M, K/128], the sum of x_q over each group of 128 columns
+// (the zero-point correction of the W4A8 GEMM's unsigned-weight variant).
 #include "quick_common.cuh"
 
 namespace {
 
-constexpr int THREADS = 256;
-constexpr int VPT = 4;
+constexpr int THREADS = 512;
+constexpr int VPT = 2;
 
 template <int DT>
 __device__ __forceinline__ void to_float8(const uint4& v, float f[8]) {
@@ -41,9 +43,30 @@ __device__ __forceinline__ uint32_t quant4(const float* f, float inv) {
   return r;
 }
 
+// Quantize one 16-byte piece i of the row (if i < nvec) and, when xsum is given, write the sum of x_q over each
+// group of 128 columns (16 pieces = 16 consecutive lanes: a half-warp reduction). Called by every thread of the
+// block the same number of times (the shuffles need the whole warp).
+template <int DT>
+__device__ __forceinline__ void quant_piece(const uint4& v, bool valid, int i, float inv, uint2* qr, int* xs) {
+  int sum = 0;
+  if (valid) {
+    float f[8];
+    to_float8<DT>(v, f);
+    const uint32_t lo = quant4(f, inv);
+    const uint32_t hi = quant4(f + 4, inv);
+    qr[i] = make_uint2(lo, hi);
+    sum = __dp4a(static_cast<int>(lo), 0x01010101, __dp4a(static_cast<int>(hi), 0x01010101, 0));  // signed bytes
+  }
+  if (xs != nullptr) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (valid && (i & 15) == 0) xs[i >> 4] = sum;
+  }
+}
+
 template <int DT>
 __device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __restrict__ xq, float* __restrict__ sx,
-                                         int K) {
+                                         int* __restrict__ xsum, int K) {
   __shared__ float red[THREADS / 32];
   const int row = blockIdx.x;
   const int tid = threadIdx.x;
@@ -81,19 +104,16 @@ __device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __
   for (int w = 1; w < THREADS / 32; ++w) amax = nanmax(amax, red[w]);
 
   const float inv = amax > 0.f ? __fmul_rn(__frcp_rn(amax), 127.f) : 0.f;
+  int* xs = xsum != nullptr ? xsum + static_cast<size_t>(row) * (K / 128) : nullptr;
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int i = tid + v * THREADS;
-    if (i < nvec) {
-      float f[8];
-      to_float8<DT>(cache[v], f);
-      qr[i] = make_uint2(quant4(f, inv), quant4(f + 4, inv));
-    }
+    quant_piece<DT>(cache[v], i < nvec, i, inv, qr, xs);
   }
-  for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
-    float f[8];
-    to_float8<DT>(quick::ldg128(xr + i), f);
-    qr[i] = make_uint2(quant4(f, inv), quant4(f + 4, inv));
+  for (int base = VPT * THREADS; base < nvec; base += THREADS) {  // same trip count in every thread
+    const int i = base + tid;
+    const bool valid = i < nvec;
+    quant_piece<DT>(valid ? quick::ldg128(xr + i) : make_uint4(0, 0, 0, 0), valid, i, inv, qr, xs);
   }
   if (tid == 0) sx[row] = __fmul_rn(amax, 1.0f / 127.0f);
 }
@@ -102,12 +122,14 @@ __device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __
 
 extern "C" __global__ void __launch_bounds__(THREADS) quick_actquant_f16(const void* __restrict__ x,
                                                                          int8_t* __restrict__ xq,
-                                                                         float* __restrict__ sx, int M, int K) {
-  if (static_cast<int>(blockIdx.x) < M) actquant<0>(x, xq, sx, K);
+                                                                         float* __restrict__ sx,
+                                                                         int* __restrict__ xsum, int M, int K) {
+  if (static_cast<int>(blockIdx.x) < M) actquant<0>(x, xq, sx, xsum, K);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) quick_actquant_bf16(const void* __restrict__ x,
                                                                           int8_t* __restrict__ xq,
-                                                                          float* __restrict__ sx, int M, int K) {
-  if (static_cast<int>(blockIdx.x) < M) actquant<1>(x, xq, sx, K);
+                                                                          float* __restrict__ sx,
+                                                                          int* __restrict__ xsum, int M, int K) {
+  if (static_cast<int>(blockIdx.x) < M) actquant<1>(x, xq, sx, xsum, K);
 }

@@ -25,6 +25,10 @@
 //
 // Compile-time configuration (-D): QW_DTYPE (0 fp16, 1 bf16 output), QW_GROUP (0 or 128), QW_BM, QW_WM,
 // QW_WN, QW_WK, QW_NB, QW_SW, QW_STAGES, QW_PF, QW_MINB. Shared memory: quick_w4a8.py:W4A8Config.smem_bytes.
+// QW_U8 = 1 (per-group only): the weights go in as unsigned q + 8 (mma .s8.u8: lop3 (w ^ 0x88..) & 0x0F..), so the
+// sums need no /16; the zero point is folded into the first mma of each run, whose C operand is
+// -8 * sum(x_q over the run's group) (per row, from quick_actquant's xsum), and the fold is one
+// multiply-add: total += part * s_g. Exact for the same reason as above.
 // QW_INRED = 1: split-k partials are summed by the last CTA to finish a tile (atomic arrival counter per tile,
 // reset by that CTA), so no reduce launch; same bits as quick_w4a8_reduce (integer sums, same epilogue).
 #include "quick_common.cuh"
@@ -65,11 +69,15 @@
 #ifndef QW_INRED
 #define QW_INRED 0
 #endif
+#ifndef QW_U8
+#define QW_U8 0
+#endif
 
 namespace {
 
 constexpr int DT = QW_DTYPE;
 constexpr int GROUP = QW_GROUP;
+constexpr bool U8 = GROUP != 0 && QW_U8 != 0;
 constexpr int BM = QW_BM, WARPS_M = QW_WM, WARPS_N = QW_WN, WARPS_K = QW_WK;
 constexpr int NB = QW_NB, SW = QW_SW, STAGES = QW_STAGES, PF = QW_PF;
 constexpr int NWARPS = WARPS_M * WARPS_N * WARPS_K;
@@ -90,6 +98,7 @@ static_assert(STAGES >= 2, "need at least two pipeline stages");
 static_assert(A_STAGE_BYTES % 16 == 0, "stages must stay 16-byte aligned");
 static_assert(GROUP == 0 || (GROUP % 32 == 0 && (SW % RUN == 0) && ((GROUP / 32) % RUN == 0)),
               "per-group: a warp's k32 runs must tile the group");
+static_assert(!U8 || RUN * 32 == GROUP, "unsigned variant: each run must cover a whole group (SW % (G/32) == 0)");
 
 __device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -108,6 +117,30 @@ __device__ __forceinline__ void mma_s8_zero(int c[4], const uint32_t a[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
 }
 
+// Unsigned-weight variant: B = q + 8 (u8), with C = (c0, c0, c1, c1) for the first step of a run.
+__device__ __forceinline__ void mma_u8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_u8_init(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, int c0, int c1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%11,%11};"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c0), "r"(c1));
+}
+
+// One int32 word of 8 int4 -> the two u8 B registers of one n8k32 tile (bytes = q + 8 = (nibble ^ 8)).
+__device__ __forceinline__ void int4_to_u8(uint32_t w, uint32_t& b0, uint32_t& b1) {
+  // lop3 immLut 0x28 = (a ^ b) & c
+  asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(b0) : "r"(w), "r"(0x88888888u), "r"(0x0F0F0F0Fu));
+  asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(b1) : "r"(w >> 4), "r"(0x08080808u), "r"(0x0F0F0F0Fu));
+}
+
 // One int32 word of 8 int4 -> the two int8 B registers of one n8k32 tile (bytes = 16 * q).
 __device__ __forceinline__ void int4_to_int8x16(uint32_t w, uint32_t& b0, uint32_t& b1) {
   b0 = (w << 4) & 0xF0F0F0F0u;
@@ -124,8 +157,8 @@ __device__ __forceinline__ float w4a8_scale(int v, float sx, float sch, float b)
 extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
     const int8_t* __restrict__ xq, const float* __restrict__ sx, const uint4* __restrict__ qweight,
     const float* __restrict__ chscale, const int8_t* __restrict__ gscale, const void* __restrict__ bias,
-    void* __restrict__ out, int* __restrict__ ws, int* __restrict__ counters, int M, int N, int K,
-    int tiles_per_split) {
+    void* __restrict__ out, int* __restrict__ ws, int* __restrict__ counters, const int* __restrict__ xsum, int M,
+    int N, int K, int tiles_per_split) {
   using namespace quick;
   extern __shared__ __align__(16) unsigned char smem[];
 
@@ -180,6 +213,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
 
   uint4 wring[PF][SW][NB];
   uint2 sring[PF][GROUP ? NRUN : 1][NB];
+  int xring[PF][U8 ? NRUN : 1][MT][2];  // U8: -8 * the group sums of x_q of this lane's rows
   int acc[MT][NB][4][4];
   int part[MT][NB][4][4];
 #pragma unroll
@@ -202,6 +236,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
         for (int r = 0; r < NRUN; ++r) sring[p][r][nb] = *gptr(tile, r, nb);
       }
     }
+    if constexpr (U8) {
+      const int ngroups = K / (GROUP ? GROUP : 1);
+#pragma unroll
+      for (int r = 0; r < NRUN; ++r) {
+        const int g = ((tile_begin + tile) * BKS + (wk * SW + r * RUN) * 32) / (GROUP ? GROUP : 1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
+            xring[p][r][mt][h] = row < M ? -8 * xsum[static_cast<size_t>(row) * ngroups + g] : 0;
+          }
+      }
+    }
   };
 
   // ---- prologue: weights for the first PF stages, activations for the first STAGES - 1
@@ -214,6 +262,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
 #pragma unroll
       for (int r = 0; r < (GROUP ? NRUN : 1); ++r) sring[p][r][nb] = make_uint2(0, 0);
     }
+#pragma unroll
+    for (int r = 0; r < (U8 ? NRUN : 1); ++r)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) xring[p][r][mt][0] = xring[p][r][mt][1] = 0;
     if (p < ntiles) fetch(p, p);
   }
 #pragma unroll
@@ -250,10 +302,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
               uint32_t b0, b1;
-              int4_to_int8x16(u4_get(wv, t), b0, b1);
+              if constexpr (U8) {
+                int4_to_u8(u4_get(wv, t), b0, b1);
+              } else {
+                int4_to_int8x16(u4_get(wv, t), b0, b1);
+              }
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (GROUP != 0) {
+                if constexpr (U8) {
+                  if (j % RUN == 0) {
+                    const int* xr = xring[p][j / RUN][mt];
+                    mma_u8_init(part[mt][nb][t], a[mt], b0, b1, xr[0], xr[1]);
+                  } else {
+                    mma_u8(part[mt][nb][t], a[mt], b0, b1);
+                  }
+                } else if constexpr (GROUP != 0) {
                   if (j % RUN == 0) {
                     mma_s8_zero(part[mt][nb][t], a[mt], b0, b1);
                   } else {
@@ -278,10 +341,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
                   const int s1 = static_cast<int>((word >> (16 * (t & 1) + 8)) & 0xFFu);
 #pragma unroll
                   for (int mt = 0; mt < MT; ++mt) {
-                    acc[mt][nb][t][0] += (part[mt][nb][t][0] >> 4) * s0;
-                    acc[mt][nb][t][1] += (part[mt][nb][t][1] >> 4) * s1;
-                    acc[mt][nb][t][2] += (part[mt][nb][t][2] >> 4) * s0;
-                    acc[mt][nb][t][3] += (part[mt][nb][t][3] >> 4) * s1;
+                    constexpr int SH = U8 ? 0 : 4;  // signed variant: every product was 16 * x * q
+                    acc[mt][nb][t][0] += (part[mt][nb][t][0] >> SH) * s0;
+                    acc[mt][nb][t][1] += (part[mt][nb][t][1] >> SH) * s1;
+                    acc[mt][nb][t][2] += (part[mt][nb][t][2] >> SH) * s0;
+                    acc[mt][nb][t][3] += (part[mt][nb][t][3] >> SH) * s1;
                   }
                 }
               }
