@@ -263,7 +263,7 @@ def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
     out = []
     plan = [((8192, 8192), M_LIST), ((4096, 4096), [1, 16, 64, 256, 1024]), ((11008, 4096), [1, 16, 256])]
     if large_only:
-        plan = [((8192, 8192), [256, 1024, 4096]), ((4096, 4096), [256, 1024])]
+        plan = [((8192, 8192), [256, 1024, 4096]), ((4096, 4096), [256])]
     for (k, n), ms in plan:
         p = make_problem(k, n, seed=1)
         for group in w8.GROUPS:
@@ -277,7 +277,7 @@ def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
                         continue
                     if not _w4a8_fits(cfg, group) or (cfg.bm >= 128 and m <= 64):
                         continue
-                    for s in (1, 2, 4, 8) if cfg.bm <= 32 else (1, 2) if m < 1024 else (1,):
+                    for s in (1, 2, 4, 8) if cfg.bm <= 32 else (1, 2) if m < 1024 and cfg.bm == 64 else (1,):
                         if s > k // cfg.bks:
                             continue
                         try:
