@@ -154,6 +154,130 @@ def sm90_candidates(m: int, full: bool = True) -> list[tuple[sm.Sm90Config, int 
     return out
 
 
+# Window-2 plan (``--parts w2``, or DECODE_PLAN=w2 in a check child): the finalists after window 1 on the cells
+# that set the tables. Window 1 measured the floor (probe 18.7 us under do_bench's flush for 35.7 MB) and checked
+# 51 variants (all passed); Sm90Config(nt=8, nwg=4, pipe=2) hung there and is left out.
+PLAN = os.environ.get("DECODE_PLAN", "full")
+W2_CELLS = [((8192, 8192), (1, 16, 32, 64, 128, 256)), ((4096, 4096), (1, 16, 64))]
+
+
+# Variants that passed every float64 check on the H100 in window 1 (decode_check.jsonl of that run, kernel sources
+# unchanged since): the window-2 plan does not check them again.
+W1_PASSED = {
+    "m128n4",
+    "m16k4",
+    "m16k4_ir_l8",
+    "m16k8",
+    "m16k8_ir",
+    "m16k8_ir_ef",
+    "m16k8_ir_l4",
+    "m16k8_ws",
+    "m16k8_ws_ef",
+    "m16n1k8_ir",
+    "m16n2k2_ws",
+    "m16n2k2_ws_ef",
+    "m16n2k4",
+    "m16n2k4_ir",
+    "m16n2k4_ir_ef",
+    "m16n2k4_ir_l4",
+    "m16n2k4_ir_l8",
+    "m16n2k4_ir_l8_ef",
+    "m16n2k4_ir_r3",
+    "m16n2k4_ws",
+    "m16n2k4_ws_ef",
+    "m16n2k4_ws_l8",
+    "m16n2k4_ws_l8_ef",
+    "m16n4k2_ir",
+    "m16n4k2_ws",
+    "m32k4_ws",
+    "m32k4_ws_ef",
+    "m32k8",
+    "m32k8_ir",
+    "m32k8_ir_ef",
+    "m32k8_ir_l4",
+    "m64n4",
+    "m64n4_ir",
+    "m64n4_ir_ef",
+    "m64n4_ir_l6",
+    "m64n4_ws",
+    "m64n4_ws_ef",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=1, l2pf=0, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=1, l2pf=0, wtma=0, ef=1)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=1, l2pf=16, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=1, l2pf=16, wtma=0, ef=1)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=2, l2pf=0, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=2, l2pf=0, wtma=0, ef=1)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=2, l2pf=16, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=6, pipe=2, l2pf=16, wtma=0, ef=1)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=8, pipe=0, l2pf=0, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=8, pipe=0, l2pf=0, wtma=0, ef=1)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=8, pipe=0, l2pf=16, wtma=0, ef=0)",
+    "Sm90Config(nt=8, nwg=2, stages=8, grp=8, grp32=8, pipe=0, l2pf=16, wtma=0, ef=1)",
+}
+
+
+def mma_candidates_w2(m: int) -> list[tuple[str, int | None]]:
+    if m <= 16:
+        names = ["m16n2k4", "m16k8", "m16n2k4_ir", "m16k8_ir", "m16n2k4_ws", "m16k8_ws_ef", "m16n2k2_ws", "m16n1k8_ir"]
+        return [(n, s) for n in names for s in (1, 2, 4)]
+    if m <= 32:
+        return [(n, s) for n in ("m32k8", "m32k8_ir", "m32k4_ws", "m16n2k4_ir", "m16k8_ws") for s in (1, 2, 4)]
+    if m <= 64:
+        return [(n, s) for n in ("m64n4", "m64n4_ir", "m64n4_ws", "m32k8_ir", "m32k4_ws") for s in (2, 4, 8)]
+    return [(n, s) for n in ("m64n4", "m64n4_ir", "m64n4_ws") for s in (1, 2, 4)]
+
+
+def sm90_candidates_w2(m: int) -> list[tuple[sm.Sm90Config, int | None]]:
+    nt = next(t for t in sm.TOKEN_TILES if t >= m)
+    wt_stages = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8}
+    out: list[tuple[sm.Sm90Config, int | None]] = []
+    pipes = (0, 1, 2) if nt <= 128 else (0,)
+    for pipe in pipes:
+        for rounds in (None, 1, 2):
+            out.append((_D[pipe][nt], rounds))
+    if nt <= 128:
+        for rounds in (1, 2):
+            out.append((R(_D[2][nt], l2pf=16), rounds))
+    if nt in wt_stages:
+        for l2 in (0, 16):
+            for rounds in (None, 1, 2):
+                out.append((sm.Sm90Config(nt, 2, wt_stages[nt], 4, 4, 0, l2, 1), rounds))
+    if nt <= 16:
+        for rounds in (None, 1, 2):
+            out.append((sm.Sm90Config(nt, 4, 8, 3, 3, 0), rounds))
+    if m >= 32:
+        for rounds in (None, 1, 2):
+            out.append((_D[2 if nt // 2 <= 128 else 0][nt // 2], rounds))
+    return out
+
+
+def plan_cells() -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+    return W2_CELLS if PLAN == "w2" else [(shape, MS) for shape in SHAPES]
+
+
+def cell_candidates(which: str, m: int, k: int, n: int) -> list:
+    full = (k, n) in SHAPES[:2]
+    if which == "mma":
+        return mma_candidates_w2(m) if PLAN == "w2" else mma_candidates(m, full=full)
+    return sm90_candidates_w2(m) if PLAN == "w2" else sm90_candidates(m, full=full)
+
+
+def planned_mma() -> dict:
+    if PLAN != "w2":
+        return MMA_ALL
+    names = {name for _shape, ms in plan_cells() for m in ms for name, _ in mma_candidates_w2(m)}
+    return {n: MMA_ALL[n] for n in MMA_ALL if n in names or n in ("m16n2k4", "m64n4")}
+
+
+def planned_sm90() -> list:
+    cfgs: dict = {}
+    for _shape, ms in plan_cells():
+        for m in ms:
+            for cfg, _ in cell_candidates("sm90", m, *_shape):
+                cfgs[cfg] = None
+    return list(cfgs)
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 
@@ -256,18 +380,17 @@ def _dtypes(cfg) -> tuple[torch.dtype, ...]:
 def build_all(ctx: Ctx) -> None:
     arch = jit.arch_for_device()
     jobs = [(PROBE, arch, {"QP_U": u, "QP_EF": ef}) for u in (4, 8, 16) for ef in (0, 1)]
-    for c in MMA_ALL.values():
+    for c in planned_mma().values():
         for dt in _dtypes(c):
             jobs.append((quick_mma.GEMM_SOURCE, arch, c.defines(dt)))
     seen = set()
-    for m in MS:
-        for cfg, _ in sm90_candidates(m):
-            for dt in _dtypes(cfg):
-                d = cfg.defines(GROUP, dt)
-                key = tuple(sorted(d.items()))
-                if key not in seen:
-                    seen.add(key)
-                    jobs.append((sm.SOURCE, "sm_90a", d))
+    for cfg in planned_sm90():
+        for dt in _dtypes(cfg):
+            d = cfg.defines(GROUP, dt)
+            key = tuple(sorted(d.items()))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((sm.SOURCE, "sm_90a", d))
     t = time.time()
 
     def build(job):
@@ -381,8 +504,8 @@ def check_child(progress: Path, skip: set[str]) -> int:
         rows.append(row)
         emit(row)
 
-    for name, cfg in MMA_ALL.items():
-        if name in skip:
+    for name, cfg in planned_mma().items():
+        if name in skip or (PLAN == "w2" and name in W1_PASSED):
             continue
         emit({"begin": name})
         bm = cfg.bm
@@ -404,7 +527,7 @@ def check_child(progress: Path, skip: set[str]) -> int:
     # the in-kernel split-k sum must give the same bits as the reduce launch (same order, same rounding)
     for base, ir in (("m16n2k4", "m16n2k4_ir"), ("m64n4", "m64n4_ir")):
         tag = f"bitwise:{ir}"
-        if tag in skip:
+        if tag in skip or PLAN == "w2":  # passed in window 1
             continue
         emit({"begin": tag})
         for m, splits, bias in ((1, 2, False), (7, 3, True), (33, 4, True)):
@@ -429,12 +552,8 @@ def check_child(progress: Path, skip: set[str]) -> int:
                 }
             )
         emit({"end": tag})
-    sm90_cfgs: dict = {}
-    for m in MS:
-        for cfg, _ in sm90_candidates(m):
-            sm90_cfgs[cfg] = None
-    for cfg in sm90_cfgs:
-        if str(cfg) in skip:
+    for cfg in planned_sm90():
+        if str(cfg) in skip or (PLAN == "w2" and str(cfg) in W1_PASSED):
             continue
         emit({"begin": str(cfg)})
         nt = cfg.nt
@@ -482,7 +601,8 @@ def part_check(ctx: Ctx) -> int:
             json.dumps(sorted(skip)),
         ]
         try:
-            rc = subprocess.run(cmd, timeout=max(60.0, min(180.0, ctx.left() - 100))).returncode
+            limit = max(45.0, ctx.left() - 70) if PLAN == "w2" else max(60.0, min(180.0, ctx.left() - 100))
+            rc = subprocess.run(cmd, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         events = _events(progress)
@@ -502,6 +622,8 @@ def part_check(ctx: Ctx) -> int:
     ended = {e["end"] for e in events if "end" in e}
     bad = {r["variant"] for r in rows if not r.get("ok")} | set(crashed)
     ctx.ok = ended - bad
+    if PLAN == "w2":  # checked on the device in window 1 (same kernel sources)
+        ctx.ok |= {v for v in W1_PASSED if v in planned_mma() or v in {str(c) for c in planned_sm90()}}
     fails = len([r for r in rows if not r.get("ok")]) + len(crashed)
     for r in rows:
         if not r.get("ok"):
@@ -530,9 +652,9 @@ def _problem(k: int, n: int, seed: int) -> dict:
 def part_sweep(ctx: Ctx, kernels: tuple[str, ...]) -> None:
     """Time every candidate of each kernel (plus its tuned automatic choice, and cuBLAS) per shape and M; shapes
     outermost (K = N = 8192 first) so that a run cut short by the budget still has whole shapes."""
-    for k, n in SHAPES:
+    for (k, n), ms in plan_cells():
         p = _problem(k, n, k + n)
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             for which in kernels:
                 if ctx.left() < 25:
@@ -551,7 +673,7 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         w = p["quick"]
         args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
         cands = [("auto", None, lambda: quick_mma.quick_matmul(*args))]
-        for name, s in mma_candidates(m, full=(k, n) in SHAPES[:2]):
+        for name, s in cell_candidates("mma", m, k, n):
             cfg = MMA_ALL[name]
             if k % cfg.bks or (s is not None and s > k // cfg.bks) or (ctx.ok is not None and name not in ctx.ok):
                 continue
@@ -561,7 +683,7 @@ def _sweep_cell(ctx: Ctx, which: str, p: dict, x: torch.Tensor, m: int, k: int, 
         w = p["sm90"]
         args = (x, w["qweight"], w["scales"], w["zeros"], GROUP)
         cands = [("auto", None, lambda: sm.gemm_w4a16_sm90(*args))]
-        for cfg, rounds in sm90_candidates(m, full=(k, n) in SHAPES[:2]):
+        for cfg, rounds in cell_candidates("sm90", m, k, n):
             if ctx.ok is not None and str(cfg) not in ctx.ok:
                 continue
             s = sm.plan(m, n, k, ctx.sms, cfg, None, GROUP, rounds).splits
@@ -588,9 +710,9 @@ def part_clean(ctx: Ctx, fl: Flushes) -> None:
     """The tuned kernels, their best measured variants and cuBLAS under the memset flush and the clean (read)
     flush: how much of each time is the write-back of the flush's dirty lines."""
     rows = ctx.res.setdefault("clean", [])
-    for k, n in SHAPES[:2]:
+    for k, n in SHAPES[:1] if PLAN == "w2" else SHAPES[:2]:
         p = _problem(k, n, 7)
-        for m in (1, 16, 64, 256):
+        for m in (1, 16, 64) if PLAN == "w2" else (1, 16, 64, 256):
             if ctx.left() < 10:
                 break
             _clean_cell(ctx, fl, p, torch.randn(m, k, device="cuda", dtype=torch.float16), rows)
@@ -624,7 +746,7 @@ def _clean_cell(ctx: Ctx, fl: Flushes, p: dict, x: torch.Tensor, rows: list) -> 
                 x, wq["qweight"], wq["scales"], wq["zeros"], GROUP, config=cfg, splits=s
             )
         else:
-            cfg = next(c for c, _ in sm90_candidates(m) if str(c) == b["variant"])
+            cfg = next(c for c in planned_sm90() if str(c) == b["variant"])
             fns[label] = lambda cfg=cfg, s=b["splits"]: sm.gemm_w4a16_sm90(
                 x, ws["qweight"], ws["scales"], ws["zeros"], GROUP, None, cfg, s
             )
@@ -818,6 +940,11 @@ def main() -> int:
     ctx.res["device"] = {"name": props.name, "sms": props.multi_processor_count, "torch": torch.__version__}
     ctx.log(f"[decode_tune] {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
     parts = args.parts.split(",")
+    if "w2" in parts:  # window 2: finalists only (check in a child, sweep, clean), no ncu or floor
+        global PLAN
+        PLAN = os.environ["DECODE_PLAN"] = "w2"
+        parts = ["check", "mma", "sm90", "clean"]
+    ctx.res["plan"] = PLAN
     fails = 0
     try:
         build_all(ctx)
