@@ -281,19 +281,30 @@ def planned_sm90() -> list:
 # ---------------------------------------------------------------------------------------------- timing
 
 
+_SIDE: list = []
+
+
 def graphed(fn):
-    """fn captured into a CUDA graph after two warm-up calls (one on a side stream, as capture needs)."""
+    """fn captured into a CUDA graph after two warm-up calls (one on a side stream, as capture needs). Uses
+    capture_begin/capture_end directly: torch.cuda.graph() also runs gc.collect() and empty_cache() on every
+    capture, which made each of window 1's timings cost a good part of a second."""
     fn()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
+    if not _SIDE:
+        _SIDE.append(torch.cuda.Stream())
+    side = _SIDE[0]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    with torch.cuda.stream(side):
+        g.capture_begin()
+        try:
+            fn()
+        finally:
+            g.capture_end()
     torch.cuda.synchronize()
     return lambda: g.replay()
 
