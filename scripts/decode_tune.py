@@ -457,6 +457,44 @@ def part_floor(ctx: Ctx, fl: Flushes) -> None:
     ctx.save()
 
 
+def part_pattern(ctx: Ctx, fl: Flushes) -> None:
+    """Is the GEMMs' weight access order (many CTAs each reading 1-4 KB of every row, rows 64-256 KB apart) slower
+    to stream than a sequential read of the same bytes? ``quick_stream_tiled`` reads the 8192^2 weights (32 MB) in
+    the order of each kernel's CTAs, with no arithmetic."""
+    k = n = 8192
+    buf = torch.randint(-(2**31), 2**31 - 1, (k * n // 8,), dtype=torch.int32, device="cuda")
+    sink = torch.zeros(4, dtype=torch.int32, device="cuda")
+    kern = jit.load_kernel(PROBE, "quick_stream_tiled", {"QP_U": 8, "QP_EF": 0})
+    rows_q, row16_q = k // 16, n // 2  # quick layout: k16 rows of N/2 words
+    rows_s, row16_s = k // 64, 2 * n  # quick_sm90 layout: k64 rows of 2N words
+    cases = [  # name, row16, chunk16 (words per CTA and row), ncols, rows per CTA, threads
+        ("quick m16n2k4 s=2 (1 KB chunks, 128 CTAs x 8 warps)", row16_q, 64, 64, rows_q // 2, 256),
+        ("quick 1 KB chunks, 128 CTAs x 32 warps", row16_q, 64, 64, rows_q // 2, 1024),
+        ("quick 1 KB chunks, 512 CTAs (s=8) x 8 warps", row16_q, 64, 64, rows_q // 8, 256),
+        ("4 KB chunks, 128 CTAs x 8 warps", row16_q, 256, 16, rows_q // 8, 256),
+        ("sm90 (4 KB of 256 KB rows, 256 units) x 8 warps", row16_s, 256, 64, rows_s // 4, 256),
+    ]
+    rows = []
+    for name, row16, chunk16, ncols, rpc, threads in cases:
+        assert chunk16 * ncols == row16
+        blocks = ncols * (buf.numel() // 4 // row16 // rpc)
+        args = [buf, row16, chunk16, ncols, rpc, sink]
+        fn = graphed(lambda args=args, blocks=blocks, threads=threads: kern((blocks,), (threads,), args))
+        row = {"pattern": name, "blocks": blocks, "threads": threads, "bytes": buf.numel() * 4}
+        row["do_bench_us"] = round(do_bench_us(fn), 2)
+        row["read"] = round(bench_flush_us(fn, fl.get("read")), 2)
+        rows.append(row)
+        ctx.log(f"[pattern] {row}")
+    fn = graphed(probe_launcher(buf, 8, 4 * ctx.sms, 512, sink))
+    row = {"pattern": "sequential probe, same 32 MB", "blocks": 4 * ctx.sms, "threads": 512, "bytes": buf.numel() * 4}
+    row["do_bench_us"] = round(do_bench_us(fn), 2)
+    row["read"] = round(bench_flush_us(fn, fl.get("read")), 2)
+    rows.append(row)
+    ctx.log(f"[pattern] {row}")
+    ctx.res["pattern"] = rows
+    ctx.save()
+
+
 def check_child(progress: Path, skip: set[str]) -> int:
     """Every candidate variant against the float64 reference: a few shapes each, forced and uneven splits, bias,
     bf16, N not a multiple of the CTA width; plus bitwise repeatability (split-k is deterministic). Weights are
@@ -954,7 +992,7 @@ def main() -> int:
     if "w2" in parts:  # window 2: finalists only (check in a child, sweep, clean), no ncu or floor
         global PLAN
         PLAN = os.environ["DECODE_PLAN"] = "w2"
-        parts = ["check", "mma", "sm90", "clean"]
+        parts = ["check", "pattern", "mma", "sm90", "clean"]
     ctx.res["plan"] = PLAN
     fails = 0
     try:
@@ -964,6 +1002,8 @@ def main() -> int:
         fl = Flushes()
         if "floor" in parts:
             part_floor(ctx, fl)
+        if "pattern" in parts:
+            part_pattern(ctx, fl)
         if "check" in parts:
             fails = part_check(ctx)
         kernels = tuple(w for w in ("mma", "sm90") if w in parts)
