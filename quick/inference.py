@@ -213,6 +213,12 @@ def _raise_recompile_limit(limit: int = 1024) -> None:
             setattr(cfg, key, limit)
 
 
+def _decode_forward(gen: StaticGenerator, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The decode step as a plain function, so that its compiled form holds no reference to the generator
+    (a bound method would make a cycle, and the generator's cache would outlive it until a gc pass)."""
+    return gen._forward(ids, pos)
+
+
 @dataclass
 class GenerationStats:
     prefill_s: float
@@ -261,7 +267,7 @@ class StaticGenerator:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
         self._mask_dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-        self._step = self._forward
+        self._compiled: Callable | None = None  # a compiled module-level function: no reference cycle to self
         if decode_attention:
             use_decode_attention(model)
         if compile != "none":
@@ -270,7 +276,7 @@ class StaticGenerator:
             if compile == "regions":
                 compile_regions(model, dynamic)
             else:
-                self._step = torch.compile(self._forward, dynamic=dynamic, backend=COMPILE_BACKEND)
+                self._compiled = torch.compile(_decode_forward, dynamic=dynamic, backend=COMPILE_BACKEND)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
         """Additive 4-D mask ``[B, 1, T, max_len]``: query t sees cache slots ``<= pos[t]``.
@@ -338,6 +344,9 @@ class StaticGenerator:
         with torch.cuda.graph(self._graph):
             self._logits = self._step(self._ids, self._pos)
         self._restore(snap)  # capture ran the Python side once more (it executed no kernels)
+
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self._forward(ids, pos) if self._compiled is None else self._compiled(self, ids, pos)
 
     @torch.inference_mode()
     def decode_step(self, ids: torch.Tensor, position: int) -> torch.Tensor:

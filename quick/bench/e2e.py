@@ -61,6 +61,8 @@ def run_one(
     model, batch: int, prompt: int, gen: int, vocab: int, variant: str = DEFAULT_VARIANT, dynamic: bool | None = None
 ) -> dict:
     compile_mode, graph, _ = parse_variant(variant)
+    gc.collect()  # the previous case's cache and graph pool must not count towards this one's peak
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     t0 = time.perf_counter()
