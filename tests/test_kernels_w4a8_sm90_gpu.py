@@ -96,8 +96,7 @@ def test_model_shapes(kn, g, m):
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_every_tile_and_split(g):
-    tiles = w8.GROUP_TILES if g > 0 else w8.TOKEN_TILES
-    for cfg in [w8.default_config(nt, g) for nt in tiles] + w8.WIDE[g] + w8.PIPED[g] + w8.SMEMW[g]:
+    for cfg in w8.CONFIGS[g]:
         for splits in (1, 2, 5, 11):
             out, ref = _run(300, 1408, 640, g, torch.float16, config=cfg, splits=splits)
             _check(out, ref, torch.float16)

@@ -24,7 +24,6 @@ from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS
 
 SOURCE = "quick_w4a8_sm90.cu"
 KERNEL = "quick_w4a8_sm90_gemm"
-QUANT_KERNEL = "quick_w4a8_sm90_quant"
 LAYOUT = "w4a8_sm90"
 ARCHS = ("sm_90a",)
 TOKEN_TILES = (8, 16, 32, 64, 128, 256)  # wgmma N values instantiated in the kernel
@@ -51,6 +50,7 @@ class W4A8Sm90Config:
     stages: int = 6
     pref: int = 4
     pipe: int = 0
+    order: int = 0  # two consumer warpgroups issue their wgmmas in turn (QW_ORDER)
 
     def smem_bytes(self, group_size: int = -1) -> int:
         """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
@@ -70,58 +70,63 @@ class W4A8Sm90Config:
             "QW_GROUP": int(group_size > 0),
             "QW_BF16": int(dtype == torch.bfloat16),
             "QW_PIPE": self.pipe,
+            "QW_ORDER": self.order,
         }
 
 
-# Per token tile: x stages that fit shared memory, weight ring depth that fits the registers without spills
-# (checked with -Xptxas -v; compile_check keeps it so). Not yet tuned on the device.
-_DEFAULTS = {
+# Pipeline 0 (weights global -> registers, ring of `pref` k128 steps) per token tile: x stages that fit shared
+# memory, the ring depth that fits the registers without spills (-Xptxas -v; compile_check keeps it so).
+RING = {
     nt: W4A8Sm90Config(nt, 2, st, pf)
     for nt, st, pf in ((8, 8, 4), (16, 8, 4), (32, 8, 4), (64, 8, 4), (128, 6, 4), (256, 4, 2))
 }
-
-
-# Four consumer warpgroups (256 channels per CTA, 96 registers per thread): twice the weight bytes in flight per
-# SM for decode sizes, where the kernel waits on load latency. Per group size (the ring depth that fits).
-WIDE: dict[int, list[W4A8Sm90Config]] = {
-    -1: [W4A8Sm90Config(8, 4, 8, 4), W4A8Sm90Config(16, 4, 8, 4)],
-    128: [W4A8Sm90Config(8, 4, 8, 4), W4A8Sm90Config(16, 4, 8, 2)],
+# Pipeline 3 (weights bulk-copied into the shared-memory stages next to x): stages that fit 227 KB next to the
+# epilogue staging. Window 1 (H100, K = N = 8192): M = 4096 358 us per-channel (ring 397), 604 us g128 (ring 772);
+# M = 1024 97 / 157 us (ring 101 / 204).
+SMEMW = {
+    nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3) for nt, st in ((8, 12), (16, 12), (32, 10), (64, 8), (128, 6), (256, 3))
 }
-
-
-# Ping-pong load groups with relaxed loads (one scoreboard wait per group instead of per step) for the decode
-# tiles; two register sets of `pref` steps fit without spills up to 64 tokens.
-PIPED: dict[int, list[W4A8Sm90Config]] = {
-    g: [W4A8Sm90Config(nt, 2, 8, 4, pipe=2) for nt in (8, 16, 32, 64)] for g in SUPPORTED_W4A8_GROUPS
-}
-
-
-# Weights through shared memory (pipe 3): stages that fit 227 KB next to the epilogue staging.
-SMEMW: dict[int, list[W4A8Sm90Config]] = {
-    g: [
-        W4A8Sm90Config(nt, nwg, st, 1, pipe=3)
-        for nt, nwg, st in ((8, 2, 12), (16, 2, 12), (32, 2, 10), (64, 2, 8), (128, 2, 6), (256, 2, 3), (8, 4, 8))
-        if g < 0 or nt in GROUP_TILES
-    ]
-    for g in SUPPORTED_W4A8_GROUPS
-}
+# Ordered issue (ping-pong turns of the two consumer warpgroups), for the tiles where the per-group fold and the
+# conversion compete with the tensor cores.
+ORDERED = {nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3, order=1) for nt, st in ((64, 8), (128, 6), (256, 3))}
 
 
 def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
-    """The smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
+    """Pipeline 3 with the smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
     tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
     nt = next((t for t in tiles if t >= m), tiles[-1])
-    return _DEFAULTS[nt]
+    return SMEMW[nt]
+
+
+def candidates(m: int, group_size: int = -1) -> list[W4A8Sm90Config]:
+    """Configs worth timing for batch size M (the sweep of scripts/w4a8_sm90_check.py)."""
+    tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
+    d = default_config(m, group_size)
+    out = [d, RING[d.nt]]
+    if m >= 256:  # the next smaller tile too (more CTAs, less register pressure)
+        out += [SMEMW[t] for t in tiles if t == d.nt // 2]
+    if d.nt in ORDERED:
+        out.append(ORDERED[d.nt])
+    return list(dict.fromkeys(out))
 
 
 # Measured choices per batch size bucket: (max M, config, rounds) as in quick_sm90.TUNED. Empty until the
 # device sweep (scripts/w4a8_sm90_check.py) has been run: default_config + choose_splits until then.
 TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [], "group": []}
 
+
+def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
+    ok = (lambda c: c.nt in GROUP_TILES) if group_size > 0 else (lambda c: True)
+    cfgs = [*RING.values(), *SMEMW.values(), *ORDERED.values()]
+    return [c for c in dict.fromkeys(cfgs) if ok(c)]
+
+
+CONFIGS: dict[int, list[W4A8Sm90Config]] = {g: _all_configs(g) for g in SUPPORTED_W4A8_GROUPS}
+
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (SOURCE, KERNEL, cfg.defines(g, dt))
     for g in SUPPORTED_W4A8_GROUPS
-    for cfg in [c for nt, c in sorted(_DEFAULTS.items()) if g < 0 or nt in GROUP_TILES] + WIDE[g] + PIPED[g] + SMEMW[g]
+    for cfg in CONFIGS[g]
     for dt in (torch.float16, torch.bfloat16)
 ]
 
@@ -277,24 +282,16 @@ def is_available(device: torch.device | int | None = None) -> bool:
 
 
 def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 of ``x`` [M, K] on the GPU, bit-identical to ``w4a8_format.quantize_activations``."""
+    """Per-row int8 of ``x`` [M, K] on the GPU (``csrc/quick_actquant.cu``, shared with the sm_80 W4A8 kernel),
+    bit-identical to ``w4a8_format.quantize_activations`` on the same CUDA tensor."""
+    from quick.kernels import quick_w4a8
+
     if x.dim() != 2 or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda:
         raise W4A8Sm90Error(f"x must be a 2-D float16/bfloat16 CUDA tensor, got {x.dtype} {tuple(x.shape)} {x.device}")
-    m, k = x.shape
-    if k % 8:
-        raise W4A8Sm90Error(f"K must be a multiple of 8, got {k}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
-    if m == 0:
-        return xq, sx
-    defines = W4A8Sm90Config(64).defines(-1, x.dtype)  # the quant kernel only reads QW_BF16: share one cubin
-    with torch.cuda.device(x.device):
-        kern = jit.load_kernel(SOURCE, QUANT_KERNEL, defines, x.device.index, "sm_90a")
-        kern((m,), (256,), [x, xq, sx, m, k])
-    return xq, sx
+    return quick_w4a8.quantize_activations_cuda(x)
 
 
 def tuned_config(m: int, group_size: int) -> tuple[W4A8Sm90Config, int | None]:

@@ -23,12 +23,12 @@
 //  * Epilogue: float(T) * s_x[token] * s_ch[channel] (/16 per-channel) (+ bias) -> 16-bit, staged transposed in
 //    shared memory, 16-byte coalesced stores of out[M, N], tokens >= M masked.
 //
-// A second kernel, quick_w4a8_sm90_quant, quantizes activations per row (the format's rule, fp32).
+// Activations are quantized by quick_actquant.cu (shared with the sm_80 W4A8 kernel).
 //
 // Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1, 2 or 4), QW_STAGES, QW_PREF (ring depth in
 // k128 steps; per load group for QW_PIPE 1/2), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x
 // dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads, 3 bulk
-// copies into the shared-memory stages next to x).
+// copies into the shared-memory stages next to x), QW_ORDER (two consumer warpgroups issue their wgmmas in turn).
 
 #include <cstdint>
 
@@ -55,6 +55,9 @@
 #ifndef QW_PIPE
 #define QW_PIPE 0
 #endif
+#ifndef QW_ORDER
+#define QW_ORDER 0
+#endif
 #if QW_PIPE == 2
 // ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
 // towards their first use (docs/sm90_notes.md).
@@ -79,8 +82,17 @@ constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 128 k
 constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
 constexpr int ACC = NT / 2;  // int32 accumulators per thread (64 x NT / 128)
+// setmaxnreg moves registers inside the CTA's pool: .inc blocks until .dec has released enough. With two consumer
+// warpgroups ptxas allocates 168 per thread (65536 / 384): 128 * (168 - 40) = 256 * (232 - 168), balanced. With
+// four (96 per thread at launch) 40/112 would need more than the producer releases and .inc would wait forever:
+// no reallocation there (the code fits the launch allocation). tests/test_w4a8_sm90_packing.py checks both.
+constexpr bool SETMAXNREG = NWG == 2;
 constexpr int PRODUCER_REGS = 40;
-constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
+constexpr int CONSUMER_REGS = 232;
+// QW_ORDER (two consumer warpgroups): they issue their wgmmas in turn (named barriers 8 and 9, as CUTLASS's
+// ping-pong schedule), so one warpgroup's fold / conversion overlaps the other's tensor-core work instead of
+// both waiting on the same stage and then folding in lockstep.
+constexpr bool ORDER = QW_ORDER != 0 && NWG == 2;
 // QW_PIPE 3: the producer also bulk-copies each stage's weights (the CTA's n16 x k128 blocks are one contiguous
 // NWG * 4 KB range of a k128 row, already in fragment order) and group scales into shared memory.
 constexpr bool SMEM_W = QW_PIPE == 3;
@@ -158,6 +170,10 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
 
 __device__ __forceinline__ void named_bar(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -390,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer: TMA for x_q
-    if constexpr (NWG > 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+    if constexpr (SETMAXNREG) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
     if (tid == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_x)) : "memory");
       int stage = 0;
@@ -429,7 +445,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   }
 
   // -------------------------------------------------------------------- consumers: weights + wgmma
-  if constexpr (NWG > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  if constexpr (SETMAXNREG) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+  if (ORDER && wg == 2) named_bar_arrive(8, 256);  // warpgroup 1 issues first
   const int cw = wg - 1;
   const int n64 = N / 64;
   uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
@@ -457,6 +474,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
       for (int s = 0; s < nsteps; ++s) {
         mbar_wait(s_full + 8 * stage, phase);
+        if constexpr (ORDER) {  // take and pass the turn like a computing warpgroup
+          named_bar(8 + cw, 256);
+          named_bar_arrive(8 + (cw ^ 1), 256);
+        }
         if (lane == 0) mbar_arrive(s_empty + 8 * stage);
         if (++stage == STAGES) {
           stage = 0;
@@ -507,11 +528,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     auto mma_stage = [&](const int buf, const int s) {
       mbar_wait(s_full + 8 * stage, phase);
       const uint64_t desc = make_desc(s_xt + stage * STAGE_BYTES);
+      if constexpr (ORDER) named_bar(8 + cw, 256);  // my turn
       wgmma_fence();
       if constexpr (GROUP) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma_s8<NT>(part, a_frag[buf][j], desc + 2 * j, j > 0);
         wgmma_commit();
+        if constexpr (ORDER) named_bar_arrive(8 + (cw ^ 1), 256);  // the other warpgroup's turn
         // ptxas serializes every wgmma (C7514) if any accumulator is read while a wgmma is in flight, even one
         // of another register set: the group's partial is folded after a full wait (the other consumer
         // warpgroups keep the tensor cores busy meanwhile).
@@ -521,6 +544,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma_s8<NT>(acc, a_frag[buf][j], desc + 2 * j, 1);  // +32 B per k32
         wgmma_commit();
+        if constexpr (ORDER) named_bar_arrive(8 + (cw ^ 1), 256);
         wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
       }
 #pragma unroll
@@ -723,54 +747,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     }
     named_bar(1 + cw, 128);  // staging buffer is rewritten by the next unit
   }
-}
-
-// ------------------------------------------------------------------------------------------------ quantization
-
-// x [M, K] 16-bit row-major (K % 8 == 0, 16-byte aligned rows) -> x_q [M, K] int8, s_x [M] fp32, one block per
-// row, exactly quick.quant.w4a8_format.quantize_activations: amax, inv = 127 / amax (0 if amax == 0),
-// rint(x * inv) clamped to +-127 (round half to even), s_x = amax / 127. A NaN anywhere in the row makes amax
-// (and so s_x and the row's outputs) NaN; an inf makes s_x inf.
-extern "C" __global__ void __launch_bounds__(256) quick_w4a8_sm90_quant(const uint16_t* __restrict__ x,
-                                                                         int8_t* __restrict__ xq,
-                                                                         float* __restrict__ sx, int M, int K) {
-  __shared__ float red[8];
-  const int row = blockIdx.x;
-  if (row >= M) return;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<size_t>(row) * K);
-  const int nv = K / 8;
-  float amax = 0.f;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-    const uint4 w = __ldg(xr + v);
-    const uint32_t ws4[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float f = fabsf(h_to_f(static_cast<uint16_t>(ws4[i / 2] >> (16 * (i % 2)))));
-      amax = (f > amax || f != f) ? f : amax;  // NaN-propagating max
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float f = __shfl_xor_sync(0xFFFFFFFFu, amax, o);
-    amax = (f > amax || f != f) ? f : amax;
-  }
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = amax;
-  __syncthreads();
-  amax = red[0];
-  for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) amax = (red[i] > amax || red[i] != red[i]) ? red[i] : amax;
-  const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
-  uint2* dst = reinterpret_cast<uint2*>(xq + static_cast<size_t>(row) * K);
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-    const uint4 w = __ldg(xr + v);
-    const uint32_t ws4[4] = {w.x, w.y, w.z, w.w};
-    uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float f = h_to_f(static_cast<uint16_t>(ws4[i / 2] >> (16 * (i % 2))));
-      const float r = fminf(fmaxf(rintf(__fmul_rn(f, inv)), -127.f), 127.f);
-      packed[i / 4] |= (static_cast<uint32_t>(static_cast<int32_t>(r)) & 0xFFu) << (8 * (i % 4));
-    }
-    dst[v] = make_uint2(packed[0], packed[1]);
-  }
-  if (threadIdx.x == 0) sx[row] = __fdiv_rn(amax, 127.f);
+  if (ORDER && wg == 1) named_bar(8, 256);  // the last turn passed by warpgroup 2
 }
