@@ -5,8 +5,14 @@
 # Everything lands under $OUT (default ./ablation_out).
 #
 #   bash scripts/e2e_ablation.sh                       # Llama-2-7B, batch 1 and 64, ~9 minutes at most
+#   bash scripts/e2e_ablation.sh w2                    # window 2: graph+fused vs regions+fused, graphed prefill,
+#                                                      # GQA check; ~3 minutes at most
 #   MODELS="llama-3-8b" BATCHES="1 64" E2E_LIMIT=400 bash scripts/e2e_ablation.sh
 set -uo pipefail
+if [ "${1:-}" = "w2" ]; then
+  : "${IMPLS:=quick_sm90 quick}" "${VARIANTS:=graph+fused regions+fused}" "${BUILD_LIMIT:=15}"
+  : "${TEST_LIMIT:=40}" "${TESTS_K:=graphed_prefill}" "${E2E_LIMIT:=100}" "${PROFILE_LIMIT:=0}" "${GQA_LIMIT:=30}"
+fi
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./ablation_out}
 mkdir -p "$OUT"
@@ -37,8 +43,8 @@ print(f"built {len(res)} variants in {time.time() - t:.0f} s")
 PYEOF
 
 echo "=== GPU tests: fused + compiled + graphed decode vs eager ($(( $(date +%s) - t0 )) s so far)"
-timeout ${TEST_LIMIT:-90} $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
-  -k "gpu_fast_decode and not unfused and not fp16" 2>&1 | tail -n 25
+[ "${TEST_LIMIT:-90}" -gt 0 ] && timeout ${TEST_LIMIT:-90} $PY -m pytest -m gpu -q -p no:cacheprovider \
+  tests/test_inference.py -k "${TESTS_K:-gpu_fast_decode and not unfused and not fp16}" 2>&1 | tail -n 25
 
 echo "=== e2e ablation: $MODELS, batches $BATCHES, impls $IMPLS, variants $VARIANTS ($(( $(date +%s) - t0 )) s so far)"
 timeout ${E2E_LIMIT:-310} $PY benchmarks/e2e.py --models $MODELS --batches $BATCHES --impls $IMPLS \
@@ -47,7 +53,7 @@ echo "--- per case (jsonl, also for a cut-off run):"
 cat "$OUT"/e2e-cases-ablation.jsonl 2>/dev/null
 
 echo "=== decode-step profile, batch 1 ($(( $(date +%s) - t0 )) s so far)"
-timeout ${PROFILE_LIMIT:-60} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
+[ "${PROFILE_LIMIT:-60}" -gt 0 ] && timeout ${PROFILE_LIMIT:-60} $PY scripts/profile_decode.py --model ${MODELS%% *} --impls quick --batch 1 \
   --variants $PROFILE_VARIANTS --out "$OUT" | grep '^{' || true
 echo "=== GQA decode attention check: llama-3-8b fp16 graph (was 2840 / 4138 tok/s at b64 / b256 before) ($(( $(date +%s) - t0 )) s so far)"
 timeout ${GQA_LIMIT:-50} $PY benchmarks/e2e.py --models llama-3-8b --batches 64 256 --impls fp16 --variants graph \

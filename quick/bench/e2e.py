@@ -58,7 +58,14 @@ def gpu_slug(name: str) -> str:
 
 
 def run_one(
-    model, batch: int, prompt: int, gen: int, vocab: int, variant: str = DEFAULT_VARIANT, dynamic: bool | None = None
+    model,
+    batch: int,
+    prompt: int,
+    gen: int,
+    vocab: int,
+    variant: str = DEFAULT_VARIANT,
+    dynamic: bool | None = None,
+    graph_prefill: bool = True,
 ) -> dict:
     compile_mode, graph, _ = parse_variant(variant)
     gc.collect()  # the previous case's cache and graph pool must not count towards this one's peak
@@ -66,7 +73,9 @@ def run_one(
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     t0 = time.perf_counter()
-    g = StaticGenerator(model, batch, prompt + gen, use_graph=graph, compile=compile_mode, dynamic=dynamic)
+    g = StaticGenerator(
+        model, batch, prompt + gen, use_graph=graph, compile=compile_mode, dynamic=dynamic, graph_prefill=graph_prefill
+    )
     g.generate(ids, 4)  # warm-up: allocations, kernel builds, torch.compile, graph capture
     with torch.inference_mode():  # the cache tensors were made in inference mode
         g.cache.reset()
@@ -125,6 +134,7 @@ def run(
     variants: list[str] | None = None,
     log=None,
     dynamic: bool | None = None,
+    graph_prefill: bool = True,
 ) -> tuple[list, list]:
     """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times."""
     variants = variants or [DEFAULT_VARIANT]
@@ -149,7 +159,7 @@ def run(
                     fuse_model(model)
                 for b in batches:
                     try:
-                        r = run_one(model, b, prompt, gen, vocab, v, dynamic)
+                        r = run_one(model, b, prompt, gen, vocab, v, dynamic, graph_prefill)
                     except torch.OutOfMemoryError:
                         print(f"{name} {impl} {v} batch {b}: out of memory", flush=True)
                         torch.cuda.empty_cache()
@@ -203,7 +213,8 @@ def write_results(
         "# End-to-end generation (random weights, published shapes)",
         "",
         f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill {prompt} tokens, "
-        f"decode {gen} tokens (greedy, full length), static KV cache. Variant(s): {', '.join(variants)} "
+        f"decode {gen} tokens (greedy, full length), static KV cache, prefill {env.get('prefill', 'eager')} "
+        f"(graph: one CUDA-graph replay). Variant(s): {', '.join(variants)} "
         "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
         "MLP and rotary, then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
         "of the same variant.",
@@ -278,6 +289,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument(
+        "--prefill",
+        choices=["graph", "eager"],
+        default="graph",
+        help="time the prefill as a CUDA-graph replay (GPU work) or eager (includes Python launch overhead)",
+    )
+    p.add_argument(
         "--static-shapes",
         action="store_true",
         help="compile every batch size static (default: automatic, the batch dim turns symbolic on the 2nd size)",
@@ -315,8 +332,21 @@ def main(args: argparse.Namespace) -> int:
     with open(args.outdir / f"e2e-cases{tag}.jsonl", "a") as log:  # every case as it finishes (a killed run keeps them)
         for model in args.models:  # results rewritten after each model: a run cut short keeps the finished ones
             dyn = False if args.static_shapes else None
-            r, c = run([model], args.batches, args.impls, args.prompt, args.gen, args.layers, variants, log, dyn)
+            r, c = run(
+                [model],
+                args.batches,
+                args.impls,
+                args.prompt,
+                args.gen,
+                args.layers,
+                variants,
+                log,
+                dyn,
+                args.prefill == "graph",
+            )
             rows, cases = rows + r, cases + c
-            stem = write_results(rows, env, args.outdir, args.prompt, args.gen, variants, cases, args.tag)
+            stem = write_results(
+                rows, {**env, "prefill": args.prefill}, args.outdir, args.prompt, args.gen, variants, cases, args.tag
+            )
     print(stem.with_suffix(".md").read_text())
     return 0 if rows else 1
