@@ -263,7 +263,7 @@ def test_e2e_results_format(tmp_path):
         for b in (1, 64)
     ]
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x", "cuda": "13.0", "date": "2026-11-23"}
-    stem = e2e.write_results(rows, env, tmp_path, 128, 128)
+    stem = e2e.write_results(rows, env, tmp_path, 128, 128, ["graph"])
     doc = json.loads(stem.with_suffix(".json").read_text())
     assert stem.name == "e2e-h100-2026-11-23"
     assert isinstance(doc["gpu"], str) and isinstance(doc["date"], str)
