@@ -119,7 +119,15 @@ constexpr int ACC = NT / 2;                             // f32 accumulators per 
 constexpr int SW = G32 ? 2 : 1;                         // scale groups per k64 step
 constexpr uint32_t MAGIC = BF16 ? 0x43004300u : 0x64006400u;  // bf16 128.0 / fp16 1024.0, both halves
 constexpr int PRODUCER_REGS = 40;
-constexpr int CONSUMER_REGS = NWG == 4 ? 112 : 232;
+// setmaxnreg.inc waits until the CTA's pool has the registers: launch bounds give (65536 / THREADS) rounded down to 8
+// per thread (168 for 384 threads, 96 for 640), the producer warpgroup returns its surplus, and the consumers may
+// take no more than that: 128 x 40 + 256 x 232 = 384 x 168; 128 x 40 + 512 x 104 <= 640 x 96 (112 deadlocked:
+// window 1's hang of the 4-warpgroup variants).
+constexpr int ENTRY_REGS = (65536 / THREADS) / 8 * 8;
+constexpr int CONSUMER_REGS = ((ENTRY_REGS * THREADS - PRODUCER_REGS * 128) / (128 * NWG)) / 8 * 8 > 232
+                                  ? 232
+                                  : ((ENTRY_REGS * THREADS - PRODUCER_REGS * 128) / (128 * NWG)) / 8 * 8;
+static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NWG <= ENTRY_REGS * THREADS, "register pool");
 constexpr int WST_BYTES = QS_WTMA ? NWG * (2048 + 2 * 128) : 0;  // per stage: weights, scales, zeros
 constexpr int SMEM_BYTES = 1024 + STAGES * (STAGE_BYTES + WST_BYTES) + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
 static_assert(!(QS_WTMA && G32), "QS_WTMA: group sizes >= 64");
