@@ -167,6 +167,9 @@ TUNED_GEMM: list[tuple[int, tuple[str, ...]]] = [
     (32, ("m32k8", "m16n2k4", "m64n4")),
     (1 << 62, ("m64n4",)),
 ]
+# Measured split-k policy per tuned config (decode_tune): splits = the largest s with (CTAs x s) <= waves x the
+# resident CTA slots of all SMs (at least 1). Configs not listed use the choose_splits model.
+TUNED_WAVES: dict[str, float] = {}
 # The decode GEMV is used for M <= GEMV_AUTO_MAX_M by quick_matmul. On the H100 the GEMM with m16n2k4 and
 # split-k was as fast or faster at every measured shape (docs/kernel_notes.md), so the automatic choice is
 # the GEMM; gemv() stays available (and tested) for direct use and for other GPUs.
@@ -348,12 +351,17 @@ def plan_gemm(
         if config not in GEMM_CONFIGS:
             raise ValueError(f"unknown GEMM config {config!r}; known: {sorted(GEMM_CONFIGS)}")
         config = GEMM_CONFIGS[config]
+    waves = None
     if config is None:
         names = next(c for bound, c in TUNED_GEMM if m <= bound)
         config = next((GEMM_CONFIGS[c] for c in names if k % GEMM_CONFIGS[c].bks == 0), GEMM_CONFIGS["m64n4"])
+        waves = TUNED_WAVES.get(config.name)
     if k % config.bks:
         raise ValueError(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
     tiles = k // config.bks
+    if splits is None and waves is not None:
+        ctas = math.ceil(n / config.bn) * math.ceil(m / config.bm)
+        splits = max(1, int(waves * num_sms * ctas_per_sm(config) // ctas))
     s = choose_splits(config, m, n, k, num_sms) if splits is None else splits
     s = max(1, min(s, tiles))
     per = math.ceil(tiles / s)
