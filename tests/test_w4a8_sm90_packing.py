@@ -81,8 +81,18 @@ def to_i8_bytes(word: int) -> list[int]:
     return [((word >> (8 * e)) & 0xFF) - 256 * (((word >> (8 * e)) & 0xFF) >= 128) for e in range(4)]
 
 
+def q1_regs(w0: int, w1: int) -> list[int]:
+    """The kernel's QW_Q1 conversion (int8 q itself): ((c ^ 8) + 0x78) ^ 0x80 per byte, no carry between bytes."""
+
+    def f(c: int) -> int:
+        return (((c & 0x0F0F0F0F) ^ 0x08080808) + 0x78787878) ^ 0x80808080
+
+    return [f(w0), f(w0 >> 4), f(w1), f(w1 >> 4)]
+
+
+@pytest.mark.parametrize("q1", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 128])
-def test_thread_emulation_matches_ptx_fragment(group_size):
+def test_thread_emulation_matches_ptx_fragment(group_size, q1):
     """Every thread of every consumer warp, as the kernel does it: its 32 bytes of a k128 row at
     qweight_u4[row][(nb/16 + warp)*64 + 2*lane + {0, 1}], registers a[j] = words (2j, 2j+1) converted with
     (w << 4) & 0xF0F0F0F0 / w & 0xF0F0F0F0 (int8 = 16 q), each byte placed where the PTX fragment says; the
@@ -101,11 +111,13 @@ def test_thread_emulation_matches_ptx_fragment(group_size):
                 for j in range(4):  # k32 step
                     w0, w1 = lw[2 * j], lw[2 * j + 1]
                     regs = [(w0 << 4) & 0xF0F0F0F0, w0 & 0xF0F0F0F0, (w1 << 4) & 0xF0F0F0F0, w1 & 0xF0F0F0F0]
+                    if q1:
+                        regs = q1_regs(w0, w1)
                     for r, reg in enumerate(regs):
                         for e, v in enumerate(to_i8_bytes(reg)):
-                            assert v % 16 == 0
+                            assert q1 or v % 16 == 0
                             row, kk = ptx_wgmma_a_s8(lane, r, e)
-                            rebuilt[16 * blk + row, 128 * step + 32 * j + kk] = v // 16
+                            rebuilt[16 * blk + row, 128 * step + 32 * j + kk] = v if q1 else v // 16
                 if group_size > 0:
                     gsb = p["group_scale"].view(torch.uint8)[step].tolist()
                     off = blk * 16 + 2 * (lane // 4)
@@ -159,7 +171,9 @@ def test_plan_and_configs():
                 assert p.splits * p.steps_per_split >= nk > (p.splits - 1) * p.steps_per_split  # all splits non-empty
                 assert 1 <= p.grid <= 132 and p.n_tiles * cfg.nwg * 64 >= n and p.m_tiles * cfg.nt >= m
     for _src, _name, d in w8.VARIANTS:
-        cfg = w8.W4A8Sm90Config(d["QW_NT"], d["QW_NWG"], d["QW_STAGES"], d["QW_PREF"], d["QW_PIPE"], d["QW_ORDER"])
+        cfg = w8.W4A8Sm90Config(
+            d["QW_NT"], d["QW_NWG"], d["QW_STAGES"], d["QW_PREF"], d["QW_PIPE"], d["QW_ORDER"], d["QW_Q1"]
+        )
         assert cfg.smem_bytes(128 if d["QW_GROUP"] else -1) <= w8.SMEM_LIMIT
     assert {d["QW_GROUP"] for _s, _n, d in w8.VARIANTS} == {0, 1}
     for g in (-1, 128):
@@ -218,7 +232,13 @@ def _have_nvcc() -> bool:
 @pytest.mark.parametrize(
     "cfg,group",
     [(w8.default_config(8), -1), (w8.default_config(256), -1), (w8.default_config(128, 128), 128)]
-    + [(w8.RING[256], -1), (w8.RING[128], 128), (w8.ORDERED[128], 128), (w8.ORDERED[256], -1)],
+    + [
+        (w8.RING[256], -1),
+        (w8.RING[128], 128),
+        (w8.ORDERED[128], 128),
+        (w8.ORDERED_Q1[128], 128),
+        (w8.ORDERED[256], -1),
+    ],
 )
 def test_ptxas_no_spills_no_serialization(cfg, group):
     """ptxas: no spills, and no C75xx (C7514/C7515: wgmma serialized, an accumulator read while a wgmma is in

@@ -51,6 +51,7 @@ class W4A8Sm90Config:
     pref: int = 4
     pipe: int = 0
     order: int = 0  # two consumer warpgroups issue their wgmmas in turn (QW_ORDER)
+    q1: int = 0  # per group: int8 weights q instead of 16 q (QW_Q1: no shift in the per-group fold)
 
     def smem_bytes(self, group_size: int = -1) -> int:
         """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
@@ -71,6 +72,7 @@ class W4A8Sm90Config:
             "QW_BF16": int(dtype == torch.bfloat16),
             "QW_PIPE": self.pipe,
             "QW_ORDER": self.order,
+            "QW_Q1": self.q1,
         }
 
 
@@ -89,6 +91,8 @@ SMEMW = {
 # Ordered issue (ping-pong turns of the two consumer warpgroups), for the tiles where the per-group fold and the
 # conversion compete with the tensor cores.
 ORDERED = {nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3, order=1) for nt, st in ((64, 8), (128, 6), (256, 3))}
+# Per group, ordered and with q (not 16 q) weights: the fold is one IMAD per accumulator.
+ORDERED_Q1 = {nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3, order=1, q1=1) for nt, st in ((64, 8), (128, 6))}
 
 
 def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
@@ -107,6 +111,8 @@ def candidates(m: int, group_size: int = -1) -> list[W4A8Sm90Config]:
         out += [SMEMW[t] for t in tiles if t == d.nt // 2]
     if d.nt in ORDERED:
         out.append(ORDERED[d.nt])
+    if group_size > 0 and d.nt in ORDERED_Q1:
+        out.append(ORDERED_Q1[d.nt])
     return list(dict.fromkeys(out))
 
 
@@ -118,6 +124,8 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [],
 def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
     ok = (lambda c: c.nt in GROUP_TILES) if group_size > 0 else (lambda c: True)
     cfgs = [*RING.values(), *SMEMW.values(), *ORDERED.values()]
+    if group_size > 0:
+        cfgs += ORDERED_Q1.values()
     return [c for c in dict.fromkeys(cfgs) if ok(c)]
 
 

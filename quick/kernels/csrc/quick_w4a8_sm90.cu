@@ -28,7 +28,8 @@
 // Compile-time variant (-D): QW_NT, QW_NWG (consumer warpgroups: 1, 2 or 4), QW_STAGES, QW_PREF (ring depth in
 // k128 steps; per load group for QW_PIPE 1/2), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x
 // dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads, 3 bulk
-// copies into the shared-memory stages next to x), QW_ORDER (two consumer warpgroups issue their wgmmas in turn).
+// copies into the shared-memory stages next to x), QW_ORDER (two consumer warpgroups issue their wgmmas in turn),
+// QW_Q1 (per group: int8 weights q instead of 16 q, no shift in the fold).
 
 #include <cstdint>
 
@@ -57,6 +58,9 @@
 #endif
 #ifndef QW_ORDER
 #define QW_ORDER 0
+#endif
+#ifndef QW_Q1
+#define QW_Q1 0
 #endif
 #if QW_PIPE == 2
 // ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
@@ -93,6 +97,7 @@ constexpr int CONSUMER_REGS = 232;
 // ping-pong schedule), so one warpgroup's fold / conversion overlaps the other's tensor-core work instead of
 // both waiting on the same stage and then folding in lockstep.
 constexpr bool ORDER = QW_ORDER != 0 && NWG == 2;
+constexpr bool Q1 = QW_Q1 != 0 && GROUP;
 // QW_PIPE 3: the producer also bulk-copies each stage's weights (the CTA's n16 x k128 blocks are one contiguous
 // NWG * 4 KB range of a k128 row, already in fragment order) and group scales into shared memory.
 constexpr bool SMEM_W = QW_PIPE == 3;
@@ -243,10 +248,19 @@ __device__ __forceinline__ uint16_t f_to_h(float f) {
 // Two raw words (one k32 step) -> the four A registers of that step: int8 lanes 16*q, rows lane/4 (r even) and
 // lane/4 + 8 (r odd), see the header.
 __device__ __forceinline__ void convert_step(uint32_t w0, uint32_t w1, uint32_t (&a)[4]) {
-  a[0] = (w0 << 4) & 0xF0F0F0F0u;
-  a[1] = w0 & 0xF0F0F0F0u;
-  a[2] = (w1 << 4) & 0xF0F0F0F0u;
-  a[3] = w1 & 0xF0F0F0F0u;
+  if constexpr (Q1) {
+    // int8 q itself: per byte, u = c ^ 8 = q + 8 in [0, 15]; u + 0x78 = q + 128 < 256 (no carry between bytes);
+    // ^ 0x80 gives q in two's complement.
+    a[0] = (((w0 & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+    a[1] = ((((w0 >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+    a[2] = (((w1 & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+    a[3] = ((((w1 >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+  } else {
+    a[0] = (w0 << 4) & 0xF0F0F0F0u;
+    a[1] = w0 & 0xF0F0F0F0u;
+    a[2] = (w1 << 4) & 0xF0F0F0F0u;
+    a[3] = w1 & 0xF0F0F0F0u;
+  }
 }
 
 template <int N>
@@ -512,13 +526,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         sg[1] = static_cast<int8_t>((rs >> 8) & 0xFFu);
       }
     };
-    // Fold one finished partial set: T += s_g * (P >> 4) (P is 16x an exact integer: the shift is exact).
+    // Fold one finished partial set: T += s_g * (P >> 4) (P is 16x an exact integer: the shift is exact), or
+    // T += s_g * P with QW_Q1 (weights converted to q, not 16 q: four more logic ops per register, one less per
+    // accumulator, which is what the fold is made of).
     auto fold = [&](int32_t(&pp)[GROUP ? ACC : 1], const int32_t(&sg)[2]) {
       if constexpr (GROUP) {
 #pragma unroll
         for (int i = 0; i < ACC; ++i) {
           fence_reg(pp[i]);
-          acc[i] += sg[(i >> 1) & 1] * (pp[i] >> 4);
+          acc[i] += sg[(i >> 1) & 1] * (Q1 ? pp[i] : pp[i] >> 4);
         }
       }
     };
