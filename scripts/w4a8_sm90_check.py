@@ -367,9 +367,11 @@ def summary(name: str) -> str:
             s += (
                 f"\n  {row['m']:>4} {cb:7.1f} {row.get('w4a16_sm90', float('nan')):7.1f} {row['quant_only']:6.1f}"
                 f" {row['w4a8_channel']:7.1f} ({cb / row['w4a8_channel']:.2f}x) {bc.get('us', float('nan')):7.1f}"
-                f" nt={bc.get('nt')}x{bc.get('nwg')} p{bc.get('pipe')} r={bc.get('rounds')}"
+                f" nt={bc.get('nt')}x{bc.get('nwg')} p{bc.get('pipe')}o{bc.get('order')}q{bc.get('q1')}"
+                f" r={bc.get('rounds')}"
                 f" {row['w4a8_group']:7.1f} ({cb / row['w4a8_group']:.2f}x) {bg.get('us', float('nan')):7.1f}"
-                f" nt={bg.get('nt')}x{bg.get('nwg')} p{bg.get('pipe')} r={bg.get('rounds')}"
+                f" nt={bg.get('nt')}x{bg.get('nwg')} p{bg.get('pipe')}o{bg.get('order')}q{bg.get('q1')}"
+                f" r={bg.get('rounds')}"
             )
     return s
 
