@@ -140,8 +140,10 @@ def main() -> None:
     )
     ap.add_argument("--reload", action="store_true", help="also save, reload and re-measure each model")
     ap.add_argument("--n-grid", type=int, default=None, help="smoothing grid points (default: QQQ's 20)")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing Hessian diagonal")
-    ap.add_argument("--clip", action="store_true", help="GPTQ ranges by a Hessian-weighted clipping search")
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ in column order")
+    ap.add_argument("--no-clip", dest="clip", action="store_false", help="GPTQ ranges = max|w| (no clip search)")
+    ap.add_argument("--act-order", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+    ap.add_argument("--clip", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--backend",
         choices=("auto", "reference"),

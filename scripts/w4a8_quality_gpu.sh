@@ -26,11 +26,11 @@ if [[ $WHAT == quality || $WHAT == all ]]; then
   echo "quality rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_qqq.log" | tail -20
 fi
 if [[ $WHAT == variants || $WHAT == all ]]; then
-  # W4A8 RTN, then QQQ with the GPTQ options (Hessian-weighted clipping search, act-order)
+  # W4A8 RTN, then QQQ without the GPTQ options that are on by default (clipping search, act-order)
   timeout 200 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods rtn --tag rtn \
     > "$OUT/quality_rtn.log" 2>&1
   echo "rtn rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_rtn.log" | tail -20
-  timeout 380 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods qqq --clip --act-order \
-    --tag clip-actorder > "$OUT/quality_clip.log" 2>&1
-  echo "variants rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_clip.log" | tail -20
+  timeout 380 python scripts/quality_w4a8.py smollm2 --out "$OUT" --no-baseline --methods qqq --no-clip --no-act-order \
+    --tag plain > "$OUT/quality_plain.log" 2>&1
+  echo "variants rc=$?"; grep -E "perplexity|wrote|Error" "$OUT/quality_plain.log" | tail -20
 fi
