@@ -246,9 +246,11 @@ def _w4a8_fits(cfg, group: int) -> bool:
     return cfg.fits(group)
 
 
-def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
+def sweep_w4a8(log, large_only: bool = False, budget_s: float | None = None, sink: Path | None = None) -> list[dict]:
     """Every W4A8 config x split-k x mode on the shapes that set quick_w4a8.TUNED (activation quant included).
-    ``large_only``: only M >= 256 and the shipped configs (about a minute)."""
+    ``large_only``: only M >= 256 and the configs of quick_w4a8.CONFIGS. ``budget_s``: stop timing after that many
+    seconds (the rows so far are kept); ``sink``: append every row to this JSON-lines file as it is measured."""
+    t_end = time.time() + budget_s if budget_s else float("inf")
     from quick.kernels import jit
     from quick.kernels import quick_w4a8 as w8
 
@@ -263,9 +265,16 @@ def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
     out = []
     plan = [((8192, 8192), M_LIST), ((4096, 4096), [1, 16, 64, 256, 1024]), ((11008, 4096), [1, 16, 256])]
     if large_only:
-        plan = [((8192, 8192), [256, 1024, 4096]), ((4096, 4096), [256])]
+        plan = [((8192, 8192), [1024, 4096, 256]), ((4096, 4096), [256])]
+
+    def keep(row: dict) -> None:
+        out.append(row)
+        if sink is not None:
+            with open(sink, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for (k, n), ms in plan:
-        p = make_problem(k, n, seed=1)
+        p = {"k": k, "n": n} if large_only else make_problem(k, n, seed=1)
         for group in w8.GROUPS:
             w = _w4a8_packed(p, group)
             args = (w["qweight"], w["channel_scale"], w.get("group_scale"), group)
@@ -280,12 +289,15 @@ def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
                     for s in (1, 2, 4, 8) if cfg.bm <= 32 else (1, 2) if m < 1024 and cfg.bm == 64 else (1,):
                         if s > k // cfg.bks:
                             continue
+                        if time.time() > t_end:
+                            log(f"[sweep-w4a8] budget of {budget_s} s spent: stopping with {len(out)} rows")
+                            return out
                         try:
                             us = _timed(w8.gemm_w4a8_cuda, x, *args, config=cfg, splits=s)
                         except Exception as e:  # noqa: BLE001
                             log(f"[sweep-w4a8] {cfg.name} s={s} M={m}: {type(e).__name__}: {e}")
                             continue
-                        out.append(
+                        keep(
                             {
                                 "group": group,
                                 "config": cfg.name,
@@ -299,12 +311,8 @@ def sweep_w4a8(log, large_only: bool = False) -> list[dict]:
                         best = min(best, (us, cfg.name, s))
                 auto = _timed(w8.gemm_w4a8_cuda, x, *args)
                 xq = _timed(w8.quantize_activations_cuda, x)
-                out.append(
-                    {"group": group, "config": "auto", "splits": 0, "M": m, "K": k, "N": n, "us": round(auto, 2)}
-                )
-                out.append(
-                    {"group": group, "config": "actquant", "splits": 0, "M": m, "K": k, "N": n, "us": round(xq, 2)}
-                )
+                keep({"group": group, "config": "auto", "splits": 0, "M": m, "K": k, "N": n, "us": round(auto, 2)})
+                keep({"group": group, "config": "actquant", "splits": 0, "M": m, "K": k, "N": n, "us": round(xq, 2)})
                 log(
                     f"[sweep-w4a8] g={group} K={k} N={n} M={m}: best {best[1]} s={best[2]} {best[0]:.1f} us; "
                     f"auto {auto:.1f} us; actquant {xq:.1f} us"
@@ -443,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-grid", action="store_true", help="only the sweep")
     ap.add_argument("--sweep-w4a8", action="store_true", help="also time every W4A8 config x split-k")
     ap.add_argument("--sweep-w4a8-large", action="store_true", help="the W4A8 sweep for M >= 256 only (~1 min)")
+    ap.add_argument("--budget-s", type=float, default=None, help="time budget of the W4A8 sweep's timings")
     args = ap.parse_args(argv)
     args.outdir.mkdir(parents=True, exist_ok=True)
     logf = open(args.outdir / "bench-log.txt", "a")
@@ -474,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             log(traceback.format_exc())
     if args.sweep_w4a8 or args.sweep_w4a8_large:
         try:
-            sw = sweep_w4a8(log, large_only=not args.sweep_w4a8)
+            sink = args.outdir / f"sweep-w4a8-{tag}.jsonl"
+            sw = sweep_w4a8(log, large_only=not args.sweep_w4a8, budget_s=args.budget_s, sink=sink)
             (args.outdir / f"sweep-w4a8-{tag}.json").write_text(
                 json.dumps({**env, "ceilings": ceilings, "rows": sw}, indent=1)
             )

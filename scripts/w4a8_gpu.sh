@@ -24,7 +24,9 @@ if [[ $WHAT == bench || $WHAT == all ]]; then
     --outdir "$OUT" 2>&1 | tail -40
 fi
 if [[ $WHAT == tune ]]; then
-  timeout 150 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8-large --no-grid 2>&1 | grep "sweep-w4a8\|Error\|error" | tail -40
+  # rows are appended to $OUT/sweep-w4a8-*.jsonl as they are measured; timings stop after ${W4A8_TUNE_S:-35} s
+  timeout 150 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8-large --no-grid --budget-s "${W4A8_TUNE_S:-35}" \
+    2>&1 | grep --line-buffered "sweep-w4a8\|Error\|error"
 fi
 if [[ $WHAT == sweep || $WHAT == all ]]; then
   timeout 560 python benchmarks/kernel.py --outdir "$OUT" --sweep-w4a8 --no-grid 2>&1 | grep "sweep-w4a8\|Error\|error" | tail -70
