@@ -324,6 +324,12 @@ def test_checkpoint_errors(tmp_path):
         load_quantized(path, layout="quick")
     with pytest.raises(CheckpointError, match="cannot be saved"):
         save_quantized(auto.model, tmp_path / "bad", {"quant_method": "quick", "version": "quick", "group_size": 128})
+    # a corrupt scale is caught at load, naming the layer
+    tensors = load_quantized(path).model.layers[0].mlp.up_proj.stored()
+    bad = {k: v.clone() for k, v in tensors.items()}
+    bad["channel_scale"][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        QuickLinearW4A8.from_tensors(bad, "w4a8", 128)
     cfg_file = path / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["quantization_config"]["group_size"] = -1  # stored tensors have group scales: the format check catches it

@@ -244,6 +244,8 @@ class QuickLinearW4A8(nn.Module):
             if missing:
                 raise ValueError(f"unpacked W4A8 weights lack {missing}")
             w = W4A8Weight(tensors["q"], tensors["channel_scale"], tensors.get("group_scale"), group_size)
+        if not torch.isfinite(w.channel_scale).all():
+            raise ValueError("channel_scale holds NaN or inf; no quantizer writes that (corrupt weights)")
         target = layout or (storage if storage != UNPACKED else LAYOUT)
         if layout is None and storage == UNPACKED:
             pack = False
