@@ -131,6 +131,13 @@ VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     for dt in (torch.float16, torch.bfloat16)
     if not (g == 32 and t == 256) and not (pipe and t == 256)  # the same variants as listed elsewhere
 ]
+# ... and every measured choice of TUNED (decode variants: L2 prefetch, weights through TMA, 4 warpgroups).
+for _table in TUNED.values():
+    for _bound, _cfg, _rounds in _table:
+        for _dt in (torch.float16, torch.bfloat16):
+            _v = (SOURCE, KERNEL, _cfg.defines(128, _dt))
+            if _v not in VARIANTS:
+                VARIANTS.append(_v)
 
 
 def group_shift(g: int, k: int) -> int:
