@@ -297,8 +297,11 @@ def part_time(res: dict) -> None:
             # GEMM only, over candidate configs and split rounds (the tuning sweep)
             best = None
             sweep = []
-            for cfg in w8.candidates(m, g):
-                for rounds in (None, 2):
+            cands = w8.candidates(m, g)
+            if m >= 256:  # window 1: the ring lost at large M, and split rounds did not matter there
+                cands = [c for c in cands if c.pipe != 0]
+            for cfg in cands:
+                for rounds in (None,) if m >= 256 else (None, 2):
                     try:
                         t = bench(
                             lambda xq=xq, sx=sx, p=p, gs=gs, g=g, cfg=cfg, rounds=rounds: w8.gemm_w4a8_sm90_q(
