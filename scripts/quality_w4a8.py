@@ -99,6 +99,8 @@ def merge(files: list[str], out: str) -> None:
         for key, run in p["runs"].items():
             suffix = _option_suffix(p["calibration"]) if run["method"] == "qqq" else ""
             key = key if key.endswith(suffix) else key + suffix
+            if run["method"] == "qqq":  # runs with different calibration sizes side by side
+                key += f"_n{p['calibration']['n_samples']}"
             if key in merged["runs"]:
                 raise SystemExit(f"run {key} appears twice")
             merged["runs"][key] = {**run, "calibration": p["calibration"], "threads": p.get("threads")}
