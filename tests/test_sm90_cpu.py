@@ -92,11 +92,15 @@ def test_choose_splits_fills_the_chip():
 
 
 def test_tuned_round_policy_reproduces_measured_splits():
-    """Run 3's best splits at K = N = 8192 (132 SMs): 4 for decode tiles, 2 up to 256 tokens, 1 beyond."""
-    want = {1: 4, 16: 4, 64: 2, 128: 2, 256: 2, 1024: 1, 4096: 1}
+    """The best measured splits (132 SMs; window 2 of the decode work for M <= 256, run 3 beyond): at K = N = 8192
+    4 for the 4-warpgroup 8-token tile, 2 for 16..256 tokens, 1 beyond; at 4096^2, 8 and 4."""
+    want = {1: 4, 16: 2, 32: 2, 64: 2, 128: 2, 256: 2, 1024: 1, 4096: 1}
     for m, splits in want.items():
         cfg, rounds = sm.tuned_config(m, torch.float16)
         assert sm.plan(m, 8192, 8192, 132, cfg, None, 128, rounds).splits == splits, m
+    for m, splits in {1: 8, 16: 4, 64: 4}.items():
+        cfg, rounds = sm.tuned_config(m, torch.float16)
+        assert sm.plan(m, 4096, 4096, 132, cfg, None, 128, rounds).splits == splits, m
     # the round policy never leaves a unit with fewer than 8 k64 steps (pipeline fill) unless K is shorter
     assert sm.choose_splits(1, 64, 132, rounds=2) == 8
 

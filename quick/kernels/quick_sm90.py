@@ -107,16 +107,19 @@ def default_config(m: int, group_size: int = 128, pipe: int | None = None) -> Sm
     return _DEFAULTS[DEFAULT_PIPE if pipe is None else pipe][nt]
 
 
-# Measured choices (scripts/sm90_check.py, H100, K = N = 8192, g128, fp16; docs/sm90_notes.md run 3): per batch
-# size bucket (max M, config, rounds). `rounds` caps the persistent grid's rounds when choosing split-k (the
-# decode buckets ran best with about two units per SM, 1.7x cuBLAS, against one with the plain heuristic);
-# None = choose_splits. M = 32 was not timed: it follows its neighbours. Group size 32 and larger M use
-# default_config (pipeline 0). bf16 was checked for correctness with these configs, not timed.
+# Measured choices per batch size bucket (max M, config, rounds): `rounds` caps the persistent grid's rounds when
+# choosing split-k; None = choose_splits. From scripts/decode_tune.py, device window 2 (H100, 2026-11-23, g128,
+# fp16; docs/sm90_notes.md): the best of 20 candidates per M on 8192^2 and 4096^2, rounds = 1 reproduces the best
+# split on both shapes. M <= 8: 4 consumer warpgroups, ring of 3 k64 steps (27.9 / 14.7 us at M = 1, was 35.4 /
+# 19.4); M <= 16, 32, 64: weights with x through the TMA stages (wtma; M = 16 28.9 / 14.1, was 35.2 / 19.9;
+# M = 32 30.9, was 36.3; M = 64 33.6 / 16.9, was 33.5 / 18.2); M <= 128 and 256: unchanged (run 3's choice was the
+# best measured again: 40.1 and 60.2 us). Group size 32 and larger M use default_config (pipeline 0). bf16: checked
+# against the float64 reference with these configs, not timed.
 _MEASURED: list[tuple[int, Sm90Config, int | None]] = [
-    (8, _DEFAULTS[2][8], 2),
-    (16, _DEFAULTS[1][16], 2),
-    (32, _DEFAULTS[2][32], 2),
-    (64, _DEFAULTS[2][64], 1),
+    (8, Sm90Config(8, 4, 8, 3, 3, 0), 1),
+    (16, Sm90Config(16, 2, 24, 4, 4, 0, 0, 1), 1),
+    (32, Sm90Config(32, 2, 16, 4, 4, 0, 0, 1), 1),
+    (64, Sm90Config(64, 2, 12, 4, 4, 0, 0, 1), 1),
     (128, _DEFAULTS[2][128], 1),
     (256, _DEFAULTS[0][256], 1),
 ]
