@@ -176,6 +176,9 @@ def test_plan_and_configs():
         )
         assert cfg.smem_bytes(128 if d["QW_GROUP"] else -1) <= w8.SMEM_LIMIT
     assert {d["QW_GROUP"] for _s, _n, d in w8.VARIANTS} == {0, 1}
+    for name, g in (("channel", -1), ("group", 128)):
+        for _bound, cfg, _rounds in w8.TUNED[name]:
+            assert cfg in w8.CONFIGS[g]  # every tuned config is in the compile check
     for g in (-1, 128):
         for m in (1, 16, 64, 256, 1024, 4096):
             assert w8.default_config(m, g) in w8.candidates(m, g)

@@ -116,9 +116,26 @@ def candidates(m: int, group_size: int = -1) -> list[W4A8Sm90Config]:
     return list(dict.fromkeys(out))
 
 
-# Measured choices per batch size bucket: (max M, config, rounds) as in quick_sm90.TUNED. Empty until the
-# device sweep (scripts/w4a8_sm90_check.py) has been run: default_config + choose_splits until then.
-TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {"channel": [], "group": []}
+# Measured choices per batch size bucket: (max M, config, rounds) as in quick_sm90.TUNED, from the window-2
+# sweep of scripts/w4a8_sm90_check.py (H100, K = N = 8192, fp16, GEMM only, us; docs/w4a8_sm90_notes.md). Where
+# candidates differed by less than 1 % (ordered issue / q weights at M = 64) the plain default is kept; split
+# rounds = 2 was slower than choose_splits at every decode size (None).
+TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
+    "channel": [
+        (8, SMEMW[8], None),  # M = 1: 24.0 (ring 25.5)
+        (32, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0)
+        (128, SMEMW[64], None),  # M = 64: 25.3 (ordered 25.3, ring 27.8)
+        (512, SMEMW[128], None),  # M = 256: 32.4 (nt 256: 41.0)
+        (1 << 30, SMEMW[256], None),  # M = 1024: 98.3 (nt 128: 103.3); M = 4096: 356.4 (nt 128: 375.7)
+    ],
+    "group": [
+        (8, SMEMW[8], None),  # M = 1: 24.6 (ring 28.4)
+        (32, SMEMW[16], None),  # M = 16: 24.8 (ring 28.7)
+        (128, SMEMW[64], None),  # M = 64: 26.1 (ordered + q 25.9, ring 32.7)
+        (2048, SMEMW[128], None),  # M = 256: 43.9 (nt 64: 57.9); M = 1024: 158.9 (ordered 160.8, nt 64: 214.9)
+        (1 << 30, ORDERED[128], None),  # M = 4096: 616.5 (plain 643.4, ordered + q 630.6, nt 64: 830.3)
+    ],
+}
 
 
 def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
@@ -457,8 +474,11 @@ def _available(x: torch.Tensor) -> bool:
 
 
 # True once the kernel has passed the device correctness matrix (scripts/w4a8_sm90_check.py on the H100); an
-# unverified kernel is never offered to the dispatcher.
-VERIFIED_ON_DEVICE = False
+# unverified kernel is never offered to the dispatcher. Window 2 (H100, 2026-11-23): activation quantization
+# 8/8 bit-exact, 56 small + 48 model-shape cases, every config x split-k (58 cases), split-k determinism: all
+# within bounds (max rel. error 1.7e-3 bf16, 2.1e-4 fp16). Set back to False for any kernel change that has not
+# been through it again.
+VERIFIED_ON_DEVICE = True
 
 
 def _register_with_dispatcher() -> None:
