@@ -97,7 +97,7 @@ def test_model_shapes(kn, g, m):
 @pytest.mark.parametrize("g", GROUPS)
 def test_every_tile_and_split(g):
     for cfg in w8.CONFIGS[g]:
-        for splits in (1, 2, 5, 11):
+        for splits in (1, 5):
             out, ref = _run(300, 1408, 640, g, torch.float16, config=cfg, splits=splits)
             _check(out, ref, torch.float16)
 
