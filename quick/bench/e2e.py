@@ -35,7 +35,9 @@ MODELS = ["llama-2-7b", "mistral-7b", "llama-3-8b"]
 BATCHES = [1, 16, 64, 128, 256]
 IMPLS = ["fp16", "quick", "quick_sm90"]  # any other packed layout name (e.g. a W4A8 one) is accepted too
 VARIANTS = ["graph", "graph+fused", "step", "step+fused", "regions", "regions+fused", "eager", "eager+fused"]
-DEFAULT_VARIANT = "graph+fused"  # window 1 (H100): fused beat unfused for quick_sm90 at b1 (+9%) and b64 (+5%)
+# H100, Llama-2-7B decode tok/s (windows 1-2): quick_sm90 b1 graph 141 -> graph+fused 154 -> regions+fused 207,
+# b64 6065 -> 6377 -> 8473; quick b1 180 -> 244 (graph+fused -> regions+fused); regions builds took 1.6-4.5 s.
+DEFAULT_VARIANT = "regions+fused"
 
 
 def parse_variant(v: str) -> tuple[str, bool, bool]:
@@ -69,7 +71,6 @@ def run_one(
 ) -> dict:
     compile_mode, graph, _ = parse_variant(variant)
     gc.collect()  # the previous case's cache and graph pool must not count towards this one's peak
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
     t0 = time.perf_counter()
