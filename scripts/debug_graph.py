@@ -11,8 +11,15 @@ from quick.quant.apply import quantize_model_rtn
 
 def build(variant):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+    )
     m = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     if variant != "dense":
         layout = "quick" if variant == "reference" else variant

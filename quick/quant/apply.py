@@ -24,9 +24,7 @@ def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) ->
     """All ``nn.Linear`` modules whose name contains none of ``skip``."""
     skip = tuple(skip)
     return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not any(s in name for s in skip)
+        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in name for s in skip)
     ]
 
 
