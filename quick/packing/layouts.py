@@ -268,25 +268,34 @@ class W4A8Layout:
     """
 
     name = "w4a8"
-    k_multiple = W4A8_BK
+    k_multiple = W4A8_BK  # the block: k_multiple x n_multiple codes, words_per_lane int32 per lane
     n_multiple = W4A8_BN
+    words_per_lane = W4A8_WORDS
 
     def __init__(self) -> None:
-        self.perm = il.build_permutation(W4A8_BK, W4A8_BN, W4A8_WORDS, _w4a8_b_coords)
-        self.scale_cols = il.column_permutation(W4A8_BN, _w4a8_scale_cols)
+        self.perm = il.build_permutation(self.k_multiple, self.n_multiple, self.words_per_lane, self._coords)
+        self.scale_cols = il.column_permutation(self.n_multiple, self._scale_cols)
+
+    @staticmethod
+    def _coords(lane, word, pair, half):
+        return _w4a8_b_coords(lane, word, pair, half)
+
+    @staticmethod
+    def _scale_cols(slot):
+        return _w4a8_scale_cols(slot)
 
     def check(self, k: int, n: int, group_size: int) -> None:
         if group_size not in SUPPORTED_W4A8_GROUPS:
-            raise LayoutError(f"layout 'w4a8' supports group_size in {SUPPORTED_W4A8_GROUPS}, got {group_size}")
+            raise LayoutError(f"layout '{self.name}' supports group_size in {SUPPORTED_W4A8_GROUPS}, got {group_size}")
         if k % self.k_multiple or n % self.n_multiple or (group_size > 0 and k % group_size):
             raise LayoutError(
-                f"layout 'w4a8' needs K % {max(self.k_multiple, group_size)} == 0 and N % {self.n_multiple} == 0, "
-                f"got K={k}, N={n}"
+                f"layout '{self.name}' needs K % {max(self.k_multiple, group_size)} == 0 and "
+                f"N % {self.n_multiple} == 0, got K={k}, N={n}"
             )
 
     def tensor_specs(self, k: int, n: int, group_size: int) -> dict[str, TensorSpec]:
-        specs = {
-            "qweight": TensorSpec((k // W4A8_BK, 4 * n), torch.int32),
+        specs = {  # 8 nibbles per int32: a k_multiple-row block of N columns is k_multiple * N / 8 words
+            "qweight": TensorSpec((k // self.k_multiple, self.k_multiple * n // 8), torch.int32),
             "channel_scale": TensorSpec((n,), torch.float32),
         }
         if group_size > 0:
@@ -300,21 +309,21 @@ class W4A8Layout:
             t = tensors.get(name)
             label = f"{where}.{name}" if where else name
             if t is None:
-                raise LayoutError(f"missing tensor '{label}' for layout 'w4a8'")
+                raise LayoutError(f"missing tensor '{label}' for layout '{self.name}'")
             if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
                 raise LayoutError(
-                    f"tensor '{label}' is {t.dtype} {tuple(t.shape)}, layout 'w4a8' with K={k}, N={n}, "
+                    f"tensor '{label}' is {t.dtype} {tuple(t.shape)}, layout '{self.name}' with K={k}, N={n}, "
                     f"group_size={group_size} needs {spec.dtype} {spec.shape}"
                 )
         if group_size < 0 and tensors.get("group_scale") is not None:
-            raise LayoutError("per-channel W4A8 (group_size=-1) takes no 'group_scale'")
+            raise LayoutError(f"per-channel W4A8 (group_size=-1) takes no 'group_scale' (layout '{self.name}')")
 
     def pack(self, w: W4A8Weight) -> dict[str, torch.Tensor]:
         n, k = w.q.shape
         self.check(k, n, w.group_size)
         codes = (w.q.t().to(torch.int16) & 0xF).to(torch.uint8)  # [K, N] two's complement nibbles
         out = {
-            "qweight": il.apply_permutation(codes, self.perm, W4A8_BK, W4A8_BN),
+            "qweight": il.apply_permutation(codes, self.perm, self.k_multiple, self.n_multiple),
             "channel_scale": w.channel_scale.to(torch.float32).contiguous(),
         }
         if w.group_scale is not None:
@@ -323,9 +332,9 @@ class W4A8Layout:
 
     def unpack(self, tensors: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
         qweight = tensors["qweight"]
-        k, n = qweight.shape[0] * W4A8_BK, qweight.shape[1] // 4
+        k, n = qweight.shape[0] * self.k_multiple, qweight.shape[1] * 8 // self.k_multiple
         self.validate(tensors, k, n, group_size)
-        codes = il.invert_permutation(qweight, self.perm, k, n, W4A8_BK, W4A8_BN).to(torch.int16)
+        codes = il.invert_permutation(qweight, self.perm, k, n, self.k_multiple, self.n_multiple).to(torch.int16)
         q = ((codes ^ 8) - 8).t().contiguous().to(torch.int8)
         gs = tensors.get("group_scale")
         group_scale = None if gs is None else il.unpermute_columns(gs, self.scale_cols).to(torch.int16)
@@ -381,66 +390,15 @@ class W4A8Sm90Layout(W4A8Layout):
     name = "w4a8_sm90"
     k_multiple = W4A8_SM90_BK
     n_multiple = W4A8_SM90_BN
+    words_per_lane = W4A8_SM90_WORDS
 
-    def __init__(self) -> None:
-        self.perm = il.build_permutation(W4A8_SM90_BK, W4A8_SM90_BN, W4A8_SM90_WORDS, _w4a8_sm90_a_coords)
-        self.scale_cols = il.column_permutation(W4A8_SM90_BN, _wgmma_a_scale_cols)
+    @staticmethod
+    def _coords(lane, word, pair, half):
+        return _w4a8_sm90_a_coords(lane, word, pair, half)
 
-    def check(self, k: int, n: int, group_size: int) -> None:
-        if group_size not in SUPPORTED_W4A8_GROUPS:
-            raise LayoutError(f"layout '{self.name}' supports group_size in {SUPPORTED_W4A8_GROUPS}, got {group_size}")
-        if k % self.k_multiple or n % self.n_multiple or (group_size > 0 and k % group_size):
-            raise LayoutError(
-                f"layout '{self.name}' needs K % {max(self.k_multiple, group_size)} == 0 and "
-                f"N % {self.n_multiple} == 0, got K={k}, N={n}"
-            )
-
-    def tensor_specs(self, k: int, n: int, group_size: int) -> dict[str, TensorSpec]:
-        specs = {
-            "qweight": TensorSpec((k // W4A8_SM90_BK, 16 * n), torch.int32),
-            "channel_scale": TensorSpec((n,), torch.float32),
-        }
-        if group_size > 0:
-            specs["group_scale"] = TensorSpec((k // group_size, n), torch.int8)
-        return specs
-
-    def validate(self, tensors: dict[str, torch.Tensor], k: int, n: int, group_size: int, where: str = "") -> None:
-        """Raise a :class:`LayoutError` naming the tensor if shapes or dtypes do not match the layout."""
-        self.check(k, n, group_size)
-        for name, spec in self.tensor_specs(k, n, group_size).items():
-            t = tensors.get(name)
-            label = f"{where}.{name}" if where else name
-            if t is None:
-                raise LayoutError(f"missing tensor '{label}' for layout '{self.name}'")
-            if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-                raise LayoutError(
-                    f"tensor '{label}' is {t.dtype} {tuple(t.shape)}, layout '{self.name}' with K={k}, N={n}, "
-                    f"group_size={group_size} needs {spec.dtype} {spec.shape}"
-                )
-        if group_size < 0 and tensors.get("group_scale") is not None:
-            raise LayoutError(f"per-channel W4A8 (group_size=-1) takes no 'group_scale' (layout '{self.name}')")
-
-    def pack(self, w: W4A8Weight) -> dict[str, torch.Tensor]:
-        n, k = w.q.shape
-        self.check(k, n, w.group_size)
-        codes = (w.q.t().to(torch.int16) & 0xF).to(torch.uint8)  # [K, N] two's complement nibbles
-        out = {
-            "qweight": il.apply_permutation(codes, self.perm, W4A8_SM90_BK, W4A8_SM90_BN),
-            "channel_scale": w.channel_scale.to(torch.float32).contiguous(),
-        }
-        if w.group_scale is not None:
-            out["group_scale"] = il.permute_columns(w.group_scale.to(torch.int8), self.scale_cols)
-        return out
-
-    def unpack(self, tensors: dict[str, torch.Tensor], group_size: int) -> W4A8Weight:
-        qweight = tensors["qweight"]
-        k, n = qweight.shape[0] * W4A8_SM90_BK, qweight.shape[1] // 16
-        self.validate(tensors, k, n, group_size)
-        codes = il.invert_permutation(qweight, self.perm, k, n, W4A8_SM90_BK, W4A8_SM90_BN).to(torch.int16)
-        q = ((codes ^ 8) - 8).t().contiguous().to(torch.int8)
-        gs = tensors.get("group_scale")
-        group_scale = None if gs is None else il.unpermute_columns(gs, self.scale_cols).to(torch.int16)
-        return W4A8Weight(q, tensors["channel_scale"].clone(), group_scale, group_size)
+    @staticmethod
+    def _scale_cols(slot):
+        return _wgmma_a_scale_cols(slot)
 
 
 W4A8_SM90 = W4A8_LAYOUTS.setdefault("w4a8_sm90", W4A8Sm90Layout())
