@@ -15,16 +15,6 @@ import torch
 from quick.kernels import quick_mma
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the last one is K)")
-    if x.dim() == 2:
-        return x
-    if not x.is_contiguous():
-        raise ValueError(f"x must be contiguous (got strides {tuple(x.stride())}); call .contiguous()")
-    return x.reshape(-1, x.shape[-1])
-
-
 @torch.library.custom_op("quick::gemm_w4a16", mutates_args=())
 def gemm_w4a16(
     x: torch.Tensor,
@@ -35,14 +25,14 @@ def gemm_w4a16(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)`` on the QUICK mma.sync kernels (GEMV for <= 8 rows)."""
-    x2 = _flatten(x)
+    x2 = quick_mma._flatten(x)
     out = quick_mma.quick_matmul(x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @gemm_w4a16.register_fake
 def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
-    x2 = _flatten(x)
+    x2 = quick_mma._flatten(x)
     _, _, n, _ = quick_mma.validate(x2, qweight, scales, zeros, group_size, bias, need_cuda=False)
     return x.new_empty((*x.shape[:-1], n))
 
@@ -50,6 +40,5 @@ def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
 def linear_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
     """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``.
     Callers hand in views (``x[:, :1].reshape(...)``); the kernels need dense rows, so copy those."""
-    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    x2d = quick_mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a16(x2d, packed["qweight"], packed["scales"], packed["zeros"], group_size)

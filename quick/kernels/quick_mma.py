@@ -21,6 +21,7 @@ import ctypes
 import math
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -42,14 +43,13 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
-class GemmConfig:
-    """One compiled GEMM variant. A CTA has ``warps_m x warps_n x warps_k`` warps; a warp owns
-    ``bm / warps_m`` rows, ``nb`` n64 blocks and ``sw`` k16 steps of every stage (so a stage spans
-    ``bks = 16 * sw * warps_k`` columns of K); ``stages`` cp.async stages of activations; ``pf`` stages of
-    weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``; ``inred`` = 1:
-    split-k summed in the kernel by the last CTA of each tile (no reduce launch); ``l2pf`` = D > 0: L2 prefetch
-    of the weights D stages ahead; ``wsmem`` = 1: weights through the cp.async stages (needs ``pf`` = 1);
-    ``ef`` = 1: weight accesses carry an L2 evict_first policy (read once: replaced first)."""
+class TileConfig:
+    """The tile fields shared by the mma.sync GEMMs (W4A16 here, W4A8 in :mod:`quick.kernels.quick_w4a8`): a CTA
+    has ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows, ``nb`` blocks of ``N_BLOCK``
+    columns and ``sw`` steps of ``K_STEP`` of every stage. Subclasses set the two class constants."""
+
+    N_BLOCK: ClassVar[int]
+    K_STEP: ClassVar[int]
 
     name: str
     bm: int
@@ -62,9 +62,6 @@ class GemmConfig:
     pf: int
     minb: int = 1
     inred: int = 0
-    l2pf: int = 0
-    wsmem: int = 0
-    ef: int = 0
 
     @property
     def threads(self) -> int:
@@ -72,11 +69,35 @@ class GemmConfig:
 
     @property
     def bn(self) -> int:
-        return 64 * self.nb * self.warps_n
+        return self.N_BLOCK * self.nb * self.warps_n
 
     @property
     def bks(self) -> int:
-        return 16 * self.sw * self.warps_k
+        return self.K_STEP * self.sw * self.warps_k
+
+    def _reduction_bytes(self) -> int:
+        """The k-slice reduction buffer (4-byte accumulators of every warp's tiles) when warps split K, else 0."""
+        if self.warps_k <= 1:
+            return 0
+        return self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * (self.N_BLOCK // 8) * 32 * 16
+
+
+@dataclass(frozen=True)
+class GemmConfig(TileConfig):
+    """One compiled GEMM variant. A CTA has ``warps_m x warps_n x warps_k`` warps; a warp owns
+    ``bm / warps_m`` rows, ``nb`` n64 blocks and ``sw`` k16 steps of every stage (so a stage spans
+    ``bks = 16 * sw * warps_k`` columns of K); ``stages`` cp.async stages of activations; ``pf`` stages of
+    weights prefetched into registers; ``minb`` = minimum CTAs per SM for ``__launch_bounds__``; ``inred`` = 1:
+    split-k summed in the kernel by the last CTA of each tile (no reduce launch); ``l2pf`` = D > 0: L2 prefetch
+    of the weights D stages ahead; ``wsmem`` = 1: weights through the cp.async stages (needs ``pf`` = 1);
+    ``ef`` = 1: weight accesses carry an L2 evict_first policy (read once: replaced first)."""
+
+    N_BLOCK: ClassVar[int] = 64
+    K_STEP: ClassVar[int] = 16
+
+    l2pf: int = 0
+    wsmem: int = 0
+    ef: int = 0
 
     @property
     def smem_bytes(self) -> int:
@@ -85,10 +106,7 @@ class GemmConfig:
         a_stage = self.bm * (self.bks + 8) * 2
         s_rows = max(1, self.bks // 32)
         stage = a_stage + 2 * s_rows * self.bn * 2 + (self.bks // 16) * self.bn * 8 * self.wsmem
-        red = 0
-        if self.warps_k > 1:
-            red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 8 * 32 * 16
-        return max(self.stages * stage, red)
+        return max(self.stages * stage, self._reduction_bytes())
 
     def defines(self, dtype: torch.dtype) -> dict[str, int]:
         return {
@@ -214,18 +232,56 @@ def resolve_group(group_size: int, k: int) -> int:
     return g
 
 
-def _check_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
+_ALIGN_HINT = "the kernels use 16-byte loads: pass a fresh tensor or .clone() the view"
+
+
+def _check_tensor(
+    name: str, t: torch.Tensor, device: torch.device, error: type[ValueError] = ValueError, hint: str = _ALIGN_HINT
+) -> None:
+    """One kernel argument: a tensor on ``device``, contiguous and 16-byte aligned (``error`` is raised with the
+    reason, ``hint`` ends the alignment message)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}: all tensors must be on one CUDA device")
+        raise error(f"{name} is on {t.device} but x is on {device}: all tensors must be on one CUDA device")
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())}); call .contiguous()")
+        raise error(f"{name} must be contiguous (got strides {tuple(t.stride())}); call .contiguous()")
     if t.numel() and t.data_ptr() % 16:
-        raise ValueError(
-            f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); the kernels use "
-            "16-byte loads: pass a fresh tensor or .clone() the view"
-        )
+        raise error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); {hint}")
+
+
+def _check_x(x: torch.Tensor, error: type[ValueError] = ValueError) -> None:
+    """The activations: a 2-D fp16/bf16 tensor (``TypeError`` for the type and dtype, ``error`` for the shape)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+
+
+def _check_bias_dtype(bias: torch.Tensor | None, x: torch.Tensor) -> None:
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
+        raise TypeError(f"bias must have x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+
+
+def _flatten(x: torch.Tensor, error: type[ValueError] = ValueError) -> torch.Tensor:
+    """``x [..., K]`` as 2-D rows ``[M, K]`` (a view; ``x`` must be contiguous unless it is already 2-D)."""
+    if x.dim() < 1:
+        raise error("x must have at least one dimension (the last one is K)")
+    if x.dim() == 2:
+        return x
+    if not x.is_contiguous():
+        raise error(f"x must be contiguous (got strides {tuple(x.stride())}); call .contiguous()")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dense_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """``x2d`` itself if contiguous and 16-byte aligned, else a dense copy (callers hand in views such as
+    ``x[:, :1].reshape(...)``; the kernels need dense rows)."""
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    return x2d
 
 
 def validate(
@@ -239,12 +295,7 @@ def validate(
 ) -> tuple[int, int, int, int]:
     """Check every assumption of the kernels; returns ``(M, K, N, G)``. Works on meta/fake tensors when
     ``need_cuda`` is False (the op's fake implementation uses that)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check_x(x)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         raise TypeError(
             f"qweight must be an int32 tensor (layout 'quick'), got {getattr(qweight, 'dtype', type(qweight).__name__)}"
@@ -255,8 +306,7 @@ def validate(
                 f"{name} must have x's dtype {x.dtype} (the weights are dequantized in it), got "
                 f"{getattr(t, 'dtype', type(t).__name__)}"
             )
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
-        raise TypeError(f"bias must have x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    _check_bias_dtype(bias, x)
     m, k = x.shape
     if qweight.dim() != 2 or qweight.shape[1] % 2:
         raise ValueError(f"qweight must be 2-D [K/16, 2N] (layout 'quick'), got shape {tuple(qweight.shape)}")
@@ -311,7 +361,7 @@ class GemvPlan:
 _BW, _MMA_RATE, _REDUCE_US = 3.0e12, 2.9e14, 3.0
 
 
-def ctas_per_sm(cfg: GemmConfig) -> int:
+def ctas_per_sm(cfg: TileConfig) -> int:
     """Resident CTAs per SM: registers (255 per thread unless __launch_bounds__ asks for minb CTAs) and
     shared memory (227 KB)."""
     regs = 256 if cfg.minb <= 1 else 65536 // (cfg.threads * cfg.minb)  # allocated in units of 8
@@ -322,13 +372,19 @@ def choose_splits(cfg: GemmConfig, m: int, n: int, k: int, num_sms: int, max_spl
     """Split-k minimising a two-term model: the main kernel's floor (weight bytes or MMA time) divided by the
     fraction of CTA slots its grid fills (waves rounded up), plus writing and reading the fp32 partials and
     the reduce launch. Split-k only pays when the (n, m) tiles leave SMs idle."""
+    return split_model(cfg, m, n, k, num_sms, max_splits, _MMA_RATE)
+
+
+def split_model(cfg: TileConfig, m: int, n: int, k: int, num_sms: int, max_splits: int, mma_rate: float) -> int:
+    """The split-k model of :func:`choose_splits` for a GEMM whose MMAs run at ``mma_rate`` ops/s (4-byte
+    partials: written and read once per split)."""
     ctas = math.ceil(n / cfg.bn) * math.ceil(m / cfg.bm)
     slots = num_sms * ctas_per_sm(cfg)
     if ctas >= slots:
         return 1
     tiles = k // cfg.bks
     mem_us = 1e6 * k * n / 2 / _BW
-    mma_us = 1e6 * 2.0 * m * n * k / _MMA_RATE
+    mma_us = 1e6 * 2.0 * m * n * k / mma_rate
     best, best_t = 1, math.inf
     for s in range(1, min(max_splits, tiles) + 1):
         total = ctas * s
@@ -358,17 +414,23 @@ def plan_gemm(
         waves = TUNED_WAVES.get(config.name)
     if k % config.bks:
         raise ValueError(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
-    tiles = k // config.bks
     if splits is None and waves is not None:
         ctas = math.ceil(n / config.bn) * math.ceil(m / config.bm)
         splits = max(1, int(waves * num_sms * ctas_per_sm(config) // ctas))
     # the model's split is capped at 8, the largest measured (above it the model extrapolates: window 2 measured
     # s = 8 at 22.9 us against the model's s = 11 at 25.5 us for 4096^2, M = 64)
     s = choose_splits(config, m, n, k, num_sms, max_splits=8) if splits is None else splits
-    s = max(1, min(s, tiles))
+    return GemmPlan(config, *split_grid(config, m, n, k, s))
+
+
+def split_grid(config: TileConfig, m: int, n: int, k: int, splits: int) -> tuple[int, int, tuple[int, int, int]]:
+    """``(splits, tiles_per_split, grid)`` of a GEMM cut into ``splits`` (clamped to 1..K/BKS; every split
+    non-empty) along K: grid = (N tiles, M tiles, splits)."""
+    tiles = k // config.bks
+    s = max(1, min(splits, tiles))
     per = math.ceil(tiles / s)
     s = math.ceil(tiles / per)  # every split non-empty
-    return GemmPlan(config, s, per, (math.ceil(n / config.bn), math.ceil(m / config.bm), s))
+    return s, per, (math.ceil(n / config.bn), math.ceil(m / config.bm), s)
 
 
 def plan_gemv(
@@ -476,6 +538,13 @@ _LAUNCH: dict[tuple, _Launch] = {}
 _LOCK = threading.Lock()
 
 
+def _remember(cache: dict, key, value) -> None:
+    """``cache[key] = value``, emptying the cache first once it holds more than ``_CACHE_MAX`` entries."""
+    if len(cache) > _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
 def _prepare(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
     """validate() with its shape/dtype part cached per signature; devices, contiguity and alignment are
     checked on every call (they depend on the tensors, not on the shapes)."""
@@ -498,9 +567,7 @@ def _prepare(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int
     if shape is None:
         shape = validate(x, qweight, scales, zeros, group_size, bias)
         if key is not None:
-            if len(_VALID) > _CACHE_MAX:
-                _VALID.clear()
-            _VALID[key] = shape
+            _remember(_VALID, key, shape)
         return shape
     dev = x.device
     if dev.type != "cuda":
@@ -511,10 +578,14 @@ def _prepare(x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int
     return shape
 
 
-def _reduce_launch(source: str, defines: dict, dev: int, m: int, n: int, splits: int) -> _FastLaunch:
-    kern = jit.load_kernel(source, "quick_splitk_reduce", defines, dev)
+def _reduce_launch(
+    source: str, defines: dict, dev: int, m: int, n: int, splits: int, name: str = "quick_splitk_reduce", nptr: int = 3
+) -> _FastLaunch:
+    """The split-k reduce kernel ``name`` of ``source``: 256 threads a CTA, 4 outputs a thread (grid capped at 4
+    CTAs per SM); ``nptr`` pointer arguments, then M, N, splits."""
+    kern = jit.load_kernel(source, name, defines, dev)
     grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(torch.device("cuda", dev)))
-    return _FastLaunch(kern, (grid,), (256,), 0, [None, None, None, m, n, splits])
+    return _FastLaunch(kern, (grid,), (256,), 0, [None] * nptr + [m, n, splits])
 
 
 def _get_launch(
@@ -548,9 +619,7 @@ def _get_launch(
         main = _FastLaunch(kern, p.grid, (cfg.threads,), cfg.smem_bytes, [None] * nptr + scalars)
         red = _reduce_launch(source, defines, idx, m, n, p.splits) if p.splits > 1 and not inred else None
         launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0)
-        if len(_LAUNCH) > _CACHE_MAX:
-            _LAUNCH.clear()
-        _LAUNCH[key] = launch
+        _remember(_LAUNCH, key, launch)
     return launch
 
 
@@ -597,15 +666,17 @@ def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _counters(dev: torch.device, n: int, stream: int) -> torch.Tensor:
-    """Zeroed split-k arrival counters, one buffer per (device, stream): kernels on one stream run in order and
-    the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
+def _counters(
+    dev: torch.device, n: int, stream: int, cache: dict[tuple[int, int], torch.Tensor] = _COUNTERS
+) -> torch.Tensor:
+    """Zeroed split-k arrival counters, one buffer per (device, stream) in ``cache``: kernels on one stream run in
+    order and the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
     key = (_dev_index(dev), stream)
-    buf = _COUNTERS.get(key)
+    buf = cache.get(key)
     if buf is None or buf.numel() < n:
         with _LOCK:
             buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
-            _COUNTERS[key] = buf
+            cache[key] = buf
     return buf
 
 

@@ -14,15 +14,26 @@ torch.compile). CPU tensors take the float64 reference (:func:`quick.quant.w4a8_
 ``VARIANTS`` lists every (source, defines, archs) this module can launch (``python -m quick.kernels.compile_check``).
 """
 
-import math
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from quick.kernels import jit
-from quick.kernels.quick_mma import _FastLaunch, capability, num_sms
+from quick.kernels import jit, quick_mma
+from quick.kernels.quick_mma import (
+    TileConfig,
+    _check_bias_dtype,
+    _dev_index,
+    _FastLaunch,
+    _reduce_launch,
+    _remember,
+    capability,
+    dtype_code,
+    num_sms,
+    split_grid,
+    split_model,
+)
 from quick.quant.primitives import SUPPORTED_DTYPES
 
 GEMM_SOURCE = "quick_w4a8.cu"
@@ -38,15 +49,11 @@ class W4A8Error(ValueError):
     """Inputs the W4A8 kernels cannot take; the message says which and why."""
 
 
-def dtype_code(dtype: torch.dtype) -> int:
-    return 0 if dtype == torch.float16 else 1
-
-
 # ----------------------------------------------------------------------------------------------- configs
 
 
 @dataclass(frozen=True)
-class W4A8Config:
+class W4A8Config(TileConfig):
     """One compiled GEMM variant: ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows,
     ``nb`` n32 blocks and ``sw`` k32 steps of every stage (a stage spans ``bks = 32 * sw * warps_k`` columns of
     K); ``stages`` cp.async stages of int8 activations; ``pf`` stages of weights prefetched into registers;
@@ -54,39 +61,15 @@ class W4A8Config:
     weights fed as unsigned q + 8 with the zero point folded into the first mma of each group run (C = -8 * the
     activations' group sums), so the group fold is one multiply-add per accumulator."""
 
-    name: str
-    bm: int
-    warps_m: int
-    warps_n: int
-    warps_k: int
-    nb: int
-    sw: int
-    stages: int
-    pf: int
-    minb: int = 1
-    inred: int = 0
+    N_BLOCK: ClassVar[int] = 32
+    K_STEP: ClassVar[int] = 32
+
     u8: int = 0
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n * self.warps_k
-
-    @property
-    def bn(self) -> int:
-        return 32 * self.nb * self.warps_n
-
-    @property
-    def bks(self) -> int:
-        return 32 * self.sw * self.warps_k
 
     @property
     def smem_bytes(self) -> int:
         """STAGES x (BM rows of BKS int8 + 16 bytes padding), or the k-slice reduction buffer if larger."""
-        stages = self.stages * self.bm * (self.bks + 16)
-        red = 0
-        if self.warps_k > 1:
-            red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 4 * 32 * 16
-        return max(stages, red)
+        return max(self.stages * self.bm * (self.bks + 16), self._reduction_bytes())
 
     def fits(self, group: int) -> bool:
         """Whether the accumulators fit the register budget without spilling: per-group tiles hold a partial and
@@ -181,12 +164,7 @@ VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
 
 
 def _check_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise W4A8Error(f"{name} is on {t.device} but x is on {device}: all tensors must be on one CUDA device")
-    if not t.is_contiguous():
-        raise W4A8Error(f"{name} must be contiguous (got strides {tuple(t.stride())}); call .contiguous()")
-    if t.numel() and t.data_ptr() % 16:
-        raise W4A8Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
+    quick_mma._check_tensor(name, t, device, W4A8Error, ".clone() the view")
 
 
 def validate(
@@ -200,20 +178,14 @@ def validate(
 ) -> tuple[int, int, int]:
     """Check every assumption of the kernels; returns ``(M, K, N)``. Works on meta/fake tensors when
     ``need_cuda`` is False. Raises ``TypeError`` (types, dtypes) or :class:`W4A8Error` (a ValueError)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise W4A8Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    quick_mma._check_x(x, W4A8Error)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         raise TypeError(f"qweight must be int32 (layout 'w4a8'), got {getattr(qweight, 'dtype', type(qweight))}")
     if not isinstance(channel_scale, torch.Tensor) or channel_scale.dtype != torch.float32:
         raise TypeError(f"channel_scale must be float32, got {getattr(channel_scale, 'dtype', type(channel_scale))}")
     if group_size not in GROUPS:
         raise W4A8Error(f"group_size must be one of {GROUPS} (-1 = per-channel), got {group_size}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
-        raise TypeError(f"bias must have x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    _check_bias_dtype(bias, x)
     m, k = x.shape
     if qweight.dim() != 2 or qweight.shape[1] % 4:
         raise W4A8Error(f"qweight must be 2-D [K/32, 4N] (layout 'w4a8'), got shape {tuple(qweight.shape)}")
@@ -264,37 +236,15 @@ class W4A8Plan:
     grid: tuple[int, int, int]
 
 
-# Rough H100 rates for the split-k model (ratios matter): DRAM bytes/s, int8 mma.sync ops/s, reduce launch cost.
-_BW, _MMA_RATE, _REDUCE_US = 3.0e12, 5.0e14, 3.0
-
-
-def _ctas_per_sm(cfg: W4A8Config) -> int:
-    regs = 256 if cfg.minb <= 1 else 65536 // (cfg.threads * cfg.minb)
-    return max(1, min(65536 // (cfg.threads * regs), (227 * 1024) // max(cfg.smem_bytes, 1)))
+# Rough H100 int8 mma.sync ops/s for the split-k model (ratios matter; the DRAM rate and the reduce launch cost are
+# those of the W4A16 model, quick_mma.split_model).
+_MMA_RATE = 5.0e14
 
 
 def choose_splits(cfg: W4A8Config, m: int, n: int, k: int, sms: int, max_splits: int = 16) -> int:
     """Split-k minimising the main kernel's floor (weight bytes or MMA time) over the fraction of SMs / CTA slots
     its grid fills, plus the int32 partials' traffic and the reduce launch (same model as the W4A16 GEMM)."""
-    ctas = math.ceil(n / cfg.bn) * math.ceil(m / cfg.bm)
-    slots = sms * _ctas_per_sm(cfg)
-    if ctas >= slots:
-        return 1
-    tiles = k // cfg.bks
-    mem_us = 1e6 * k * n / 2 / _BW
-    mma_us = 1e6 * 2.0 * m * n * k / _MMA_RATE
-    best, best_t = 1, math.inf
-    for s in range(1, min(max_splits, tiles) + 1):
-        total = ctas * s
-        waves = math.ceil(total / slots)
-        busy_sms = min(1.0, total / (waves * sms))
-        busy_slots = total / (waves * slots)
-        t = max(mem_us / busy_sms, mma_us / busy_slots)
-        if s > 1:
-            t += 1e6 * 8.0 * m * n * s / _BW + _REDUCE_US
-        if t < best_t * 0.97:
-            best, best_t = s, t
-    return best
+    return split_model(cfg, m, n, k, sms, max_splits, _MMA_RATE)
 
 
 def plan(
@@ -309,33 +259,21 @@ def plan(
         config = next((CONFIGS[c] for c in names if k % CONFIGS[c].bks == 0), CONFIGS[names[-1]])
     if k % config.bks:
         raise W4A8Error(f"config {config.name} needs K % {config.bks} == 0, got K={k}")
-    tiles = k // config.bks
     s = choose_splits(config, m, n, k, sms) if splits is None else splits
-    s = max(1, min(s, tiles))
-    per = math.ceil(tiles / s)
-    s = math.ceil(tiles / per)  # every split non-empty
-    return W4A8Plan(config, s, per, (math.ceil(n / config.bn), math.ceil(m / config.bm), s))
+    return W4A8Plan(config, *split_grid(config, m, n, k, s))
 
 
 # ------------------------------------------------------------------------------------------------ launch
 
 
 @dataclass
-class _Launch:
-    main: _FastLaunch
-    reduce: _FastLaunch | None
-    splits: int
-    counters: int = 0  # > 0: the kernel reduces split-k itself and needs this many zeroed arrival counters
+class _Launch(quick_mma._Launch):
     u8: bool = False  # unsigned-weight variant: needs the activations' per-group sums
 
 
 _LAUNCH: dict[tuple, _Launch] = {}
 _ACTQ: dict[tuple, object] = {}
 _LOCK = threading.Lock()
-
-
-def _dev_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _get_launch(m, n, k, g, dtype, dev, config, splits) -> _Launch:
@@ -356,13 +294,9 @@ def _get_launch(m, n, k, g, dtype, dev, config, splits) -> _Launch:
         red = None
         inred = bool(cfg.inred and p.splits > 1)
         if p.splits > 1 and not inred:
-            rk = jit.load_kernel(GEMM_SOURCE, "quick_w4a8_reduce", defines, idx)
-            grid = min(math.ceil(m * n // 4 / 256), 4 * num_sms(dev))
-            red = _FastLaunch(rk, (grid,), (256,), 0, [None] * 5 + [m, n, p.splits])
+            red = _reduce_launch(GEMM_SOURCE, defines, idx, m, n, p.splits, "quick_w4a8_reduce", nptr=5)
         launch = _Launch(main, red, p.splits, p.grid[0] * p.grid[1] if inred else 0, bool(cfg.u8 and g > 0))
-        if len(_LAUNCH) > 4096:
-            _LAUNCH.clear()
-        _LAUNCH[key] = launch
+        _remember(_LAUNCH, key, launch)
     return launch
 
 
@@ -374,9 +308,7 @@ def _actq_launch(m: int, k: int, dtype: torch.dtype, dev: torch.device) -> _Fast
             name = "quick_actquant_f16" if dtype == torch.float16 else "quick_actquant_bf16"
             kern = jit.load_kernel(ACTQ_SOURCE, name, {}, _dev_index(dev))
             hit = _FastLaunch(kern, (m,), (ACTQ_THREADS,), 0, [None] * 4 + [m, k])
-            if len(_ACTQ) > 4096:
-                _ACTQ.clear()
-            _ACTQ[key] = hit
+            _remember(_ACTQ, key, hit)
     return hit  # type: ignore[return-value]
 
 
@@ -384,15 +316,8 @@ _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _counters(dev: torch.device, n: int) -> torch.Tensor:
-    """Zeroed split-k arrival counters, one buffer per (device, stream): kernels on one stream run in order and
-    the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
-    key = (_dev_index(dev), torch.cuda.current_stream(dev).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        with _LOCK:
-            buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=dev)
-            _COUNTERS[key] = buf
-    return buf
+    """Zeroed split-k arrival counters of the current stream (:func:`quick.kernels.quick_mma._counters`)."""
+    return quick_mma._counters(dev, n, torch.cuda.current_stream(dev).cuda_stream, _COUNTERS)
 
 
 def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,13 +394,7 @@ def gemm_w4a8_cuda(
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() < 1:
-        raise W4A8Error("x must have at least one dimension (the last one is K)")
-    if x.dim() == 2:
-        return x
-    if not x.is_contiguous():
-        raise W4A8Error(f"x must be contiguous (got strides {tuple(x.stride())}); call .contiguous()")
-    return x.reshape(-1, x.shape[-1])
+    return quick_mma._flatten(x, W4A8Error)
 
 
 def _reference(x2, qweight, channel_scale, group_scale, group_size, bias):
@@ -537,8 +456,8 @@ def linear_w4a8(
 ) -> torch.Tensor:
     """``y [M, N]`` of x2d [M, K] and layout-``w4a8`` weights through the op ``quick::gemm_w4a8``: the CUDA
     kernels for CUDA inputs, the float64 reference rounded to x's dtype on CPU. Views are copied to dense rows."""
-    if isinstance(x2d, torch.Tensor) and x2d.is_cuda and (not x2d.is_contiguous() or x2d.data_ptr() % 16):
-        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    if isinstance(x2d, torch.Tensor) and x2d.is_cuda:
+        x2d = quick_mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a8(
         x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group_size, bias
     )
