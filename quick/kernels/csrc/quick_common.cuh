@@ -14,6 +14,15 @@
 //   ldmatrix_x4 / ldmatrix_x2, cp_async16 (zero-filling), cp_async_commit / cp_async_wait<N>
 //   ldg_stream128(ptr)           16-byte global load that does not allocate in L1 (weights are read once)
 //   ldg128 / lds128              plain 16-byte loads
+//   pack2 / unpack2, load_pair / load_quad   fp32 <-> packed 16-bit pairs; 2 / 4 elements of a 16-bit vector
+// Split-k GEMM building blocks (quick_mma.cu with fp32, quick_w4a8.cu with int32 accumulators acc[MT][NB][T][4]):
+//   cta_pos, warp_nblocks        a thread's warp / tile / K-tile range; its warp's n-blocks
+//   for_each_tile, zero_acc      walk / clear the accumulator tiles
+//   reduce_kslices               the WARPS_K k-slices summed through shared memory in a fixed order
+//   pipeline_prologue / pipeline_advance   the STAGES-deep cp.async pipeline of the activations
+//   for_each_out_pair            the epilogue's walk over the C fragments (rows < M, valid n-blocks)
+//   store_partial, sum_splits2 / sum_splits4   split-k partials ws[z][M][N], summed in split order
+//   splitk_last_cta / splitk_done            in-kernel split-k: the arrival counter of a tile
 //
 // Layout reminder (quick/packing/layouts.py, layout "quick"): word w of a lane holds the B registers of
 // n8 tiles 2w and 2w+1 of a k16 x n64 block; nibble (pair + 4*half): pair 0 -> b0 of tile 2w,
@@ -208,6 +217,228 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   } else {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
   }
+}
+
+// Elements col, col + 1 of a 16-bit row vector (e.g. the bias) as floats (one 4-byte load).
+template <int DT>
+__device__ __forceinline__ float2 load_pair(const void* p, int col) {
+  return unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(p) + col * 2));
+}
+
+// Elements col .. col + 3 of a 16-bit row vector as floats (one 8-byte load): (col, col + 1), (col + 2, col + 3).
+template <int DT>
+__device__ __forceinline__ void load_quad(const void* p, int col, float2& lo, float2& hi) {
+  const uint2 b = *reinterpret_cast<const uint2*>(static_cast<const char*>(p) + col * 2);
+  lo = unpack2<DT>(b.x);
+  hi = unpack2<DT>(b.y);
+}
+
+// ---- building blocks of the split-k GEMMs (quick_mma.cu: fp32 accumulators, quick_w4a8.cu: int32)
+
+template <typename A>
+struct AccVec;  // the 2- and 4-wide vector types of an accumulator type
+template <>
+struct AccVec<float> {
+  using V2 = float2;
+  using V4 = float4;
+};
+template <>
+struct AccVec<int> {
+  using V2 = int2;
+  using V4 = int4;
+};
+
+// Where a thread of a split-k GEMM CTA works: warp (wm, wn, wk) of WARPS_M x WARPS_N x WARPS_K (m fastest), the
+// CTA's BM x BN output tile at (m0, n0) (blockIdx.y, blockIdx.x), and its split blockIdx.z: the K tiles of BKS
+// columns [tile_begin, tile_begin + ntiles).
+struct CtaPos {
+  int tid, lane, wm, wn, wk, n0, m0, tile_begin, ntiles;
+};
+
+template <int WARPS_M, int WARPS_N, int BM, int BN, int BKS>
+__device__ __forceinline__ CtaPos cta_pos(int K, int tiles_per_split) {
+  CtaPos p;
+  p.tid = threadIdx.x;
+  p.lane = p.tid & 31;
+  const int warp = p.tid >> 5;
+  p.wm = warp % WARPS_M;
+  p.wn = (warp / WARPS_M) % WARPS_N;
+  p.wk = warp / (WARPS_M * WARPS_N);
+  p.n0 = blockIdx.x * BN;
+  p.m0 = blockIdx.y * BM;
+  const int total_tiles = K / BKS;
+  p.tile_begin = blockIdx.z * tiles_per_split;
+  p.ntiles = min(tiles_per_split, total_tiles - p.tile_begin);
+  return p;
+}
+
+// The NB blocks of NBW columns of warp column wn in the CTA tile at column n0 (nblk: block indices) and whether
+// each lies inside N (nvalid).
+template <int NB, int NBW>
+__device__ __forceinline__ void warp_nblocks(int n0, int wn, int N, int (&nblk)[NB], bool (&nvalid)[NB]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    nblk[nb] = n0 / NBW + wn * NB + nb;
+    nvalid[nb] = nblk[nb] < N / NBW;
+  }
+}
+
+// f(mt, nb, t) for every n8 tile t of every n-block nb of every m16 tile mt of a warp (fully unrolled).
+template <int MT, int NB, int T, typename F>
+__device__ __forceinline__ void for_each_tile(F&& f) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+      for (int t = 0; t < T; ++t) f(mt, nb, t);
+}
+
+// acc[MT][NB][T][4] = 0
+template <typename A, int MT, int NB, int T>
+__device__ __forceinline__ void zero_acc(A (&acc)[MT][NB][T][4]) {
+  for_each_tile<MT, NB, T>([&](int mt, int nb, int t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] = A(0);
+  });
+}
+
+// Adds the accumulators acc[MT][NB][T][4] of the WARPS_K k-slices (warps wk = 1 .. WARPS_K - 1 of the same
+// (wm, wn), widx = wm + WARPS_M * wn) into those of wk = 0, through shared memory `red`, in the fixed order
+// acc(0) += acc(1); += acc(2); ... (deterministic for fp32). Only wk == 0 holds the sum afterwards.
+template <int WARPS_K, typename A, int MT, int NB, int T>
+__device__ __forceinline__ void reduce_kslices(A (&acc)[MT][NB][T][4], void* red_smem, int widx, int wk, int lane) {
+  using V4 = typename AccVec<A>::V4;
+  V4* red = reinterpret_cast<V4*>(red_smem);
+  auto slot = [&](int mt, int nb, int t) -> V4& { return red[(((widx * MT + mt) * NB + nb) * T + t) * 32 + lane]; };
+#pragma unroll 1
+  for (int r = 1; r < WARPS_K; ++r) {
+    __syncthreads();
+    if (wk == r) {
+      for_each_tile<MT, NB, T>([&](int mt, int nb, int t) {
+        slot(mt, nb, t) = V4{acc[mt][nb][t][0], acc[mt][nb][t][1], acc[mt][nb][t][2], acc[mt][nb][t][3]};
+      });
+    }
+    __syncthreads();
+    if (wk == 0) {
+      for_each_tile<MT, NB, T>([&](int mt, int nb, int t) {
+        const V4 v = slot(mt, nb, t);
+        acc[mt][nb][t][0] += v.x;
+        acc[mt][nb][t][1] += v.y;
+        acc[mt][nb][t][2] += v.z;
+        acc[mt][nb][t][3] += v.w;
+      });
+    }
+  }
+}
+
+// ---- the STAGES-deep cp.async pipeline of the activations: load_stage(slot, tile) issues the copies of one tile
+
+// Before the main loop: tiles 0 .. STAGES - 2 in flight (one commit group each, empty past ntiles).
+template <int STAGES, typename F>
+__device__ __forceinline__ void pipeline_prologue(int ntiles, F&& load_stage) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_stage(s, s);
+    cp_async_commit();
+  }
+}
+
+// At the start of tile `tile`: wait until its stage has landed (for every thread of the CTA), then issue tile
+// tile + STAGES - 1 into the slot that the previous tile freed (one commit group, empty past ntiles).
+template <int STAGES, typename F>
+__device__ __forceinline__ void pipeline_advance(int tile, int ntiles, F&& load_stage) {
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();
+  const int tn = tile + STAGES - 1;
+  if (tn < ntiles) load_stage(tn % STAGES, tn);
+  cp_async_commit();
+}
+
+// The output pairs of a warp's accumulators acc[MT][NB][T][4] in the mma C layout (a lane holds rows lane / 4 and
+// lane / 4 + 8 of each m16 tile, columns 2 * (lane % 4) and + 1 of each n8 tile): for every valid n-block nb
+// (nvalid[nb]; its first column is nblk[nb] * NBW) and n8 tile t, cv = col_fn(col) once (the per-column operands),
+// then pair_fn(cv, row, col, mt, nb, t, h) for each row < M of the pairs (row = row0 + mt * 16 + lane / 4 + 8 * h)
+// of elements acc[mt][nb][t][2h], [2h + 1] = out[row][col], [col + 1].
+template <int MT, int NB, int T, int NBW, typename ColFn, typename PairFn>
+__device__ __forceinline__ void for_each_out_pair(const int (&nblk)[NB], const bool (&nvalid)[NB], int row0, int M,
+                                                  int lane, ColFn&& col_fn, PairFn&& pair_fn) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    if (!nvalid[nb]) continue;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const int col = nblk[nb] * NBW + t * 8 + 2 * (lane & 3);
+      const auto cv = col_fn(col);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + mt * 16 + (lane >> 2) + 8 * h;
+          if (row >= M) continue;
+          pair_fn(cv, row, col, mt, nb, t, h);
+        }
+      }
+    }
+  }
+}
+
+// Split z's partial pair (v0, v1) of out[row][col], col + 1 in the workspace ws[z][M][N].
+template <typename A>
+__device__ __forceinline__ void store_partial(A* ws, int z, int M, int N, int row, int col, A v0, A v1) {
+  using V2 = typename AccVec<A>::V2;
+  const size_t o = (static_cast<size_t>(z) * M + row) * N + col;
+  *reinterpret_cast<V2*>(ws + o) = V2{v0, v1};
+}
+
+// In-kernel split-k: counts this CTA's arrival at its (n, m) tile and tells whether it is the last of the
+// gridDim.z splits, i.e. the one that sums every split's partial (all visible once this returns true). The
+// RT threads tid < RT that still run take part (named barrier 1). The last CTA resets counters[tile_id] to 0
+// when done (splitk_done), so the counters are zero again for the next launch on the stream.
+template <int RT>
+__device__ __forceinline__ bool splitk_last_cta(int* counters, int tile_id, int tid) {
+  __shared__ int s_last;
+  __threadfence();  // this CTA's partials are visible device-wide before it is counted
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  if (tid == 0) s_last = atomicAdd(counters + tile_id, 1) == static_cast<int>(gridDim.z) - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
+  if (!s_last) return false;
+  __threadfence();
+  return true;
+}
+
+__device__ __forceinline__ void splitk_done(int* counters, int tile_id, int tid) {
+  if (tid == 0) counters[tile_id] = 0;  // ready for the next launch on this stream
+}
+
+// Sum over the nz splits of the partials ws[z][M][N] at element o (a pair), in split order 0, 1, ...; through
+// L2 (__ldcg): the partials were written by other CTAs of this launch.
+template <typename A>
+__device__ __forceinline__ typename AccVec<A>::V2 sum_splits2(const A* ws, size_t o, size_t mn, int nz) {
+  using V2 = typename AccVec<A>::V2;
+  V2 v = __ldcg(reinterpret_cast<const V2*>(ws + o));
+  for (int z = 1; z < nz; ++z) {
+    const V2 u = __ldcg(reinterpret_cast<const V2*>(ws + z * mn + o));
+    v.x += u.x;
+    v.y += u.y;
+  }
+  return v;
+}
+
+// Sum over the splits of the partials ws[z][M][N] at the 4-element group i, in split order 0, 1, ... (the
+// split-k reduce kernels).
+template <typename A>
+__device__ __forceinline__ typename AccVec<A>::V4 sum_splits4(const A* ws, size_t i, size_t mn, int splits) {
+  using V4 = typename AccVec<A>::V4;
+  V4 acc = reinterpret_cast<const V4*>(ws)[i];
+  for (int z = 1; z < splits; ++z) {
+    const V4 v = reinterpret_cast<const V4*>(ws + z * mn)[i];
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+  }
+  return acc;
 }
 
 }  // namespace quick

@@ -140,18 +140,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   const char* scales = static_cast<const char*>(scalesp);
   const char* zeros = static_cast<const char*>(zerosp);
 
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = warp % WARPS_M;
-  const int wn = (warp / WARPS_M) % WARPS_N;
-  const int wk = warp / (WARPS_M * WARPS_N);
-
-  const int n0 = blockIdx.x * BN;
-  const int m0 = blockIdx.y * BM;
-  const int total_tiles = K / BKS;
-  const int tile_begin = blockIdx.z * tiles_per_split;
-  const int ntiles = min(tiles_per_split, total_tiles - tile_begin);
+  const CtaPos pos = cta_pos<WARPS_M, WARPS_N, BM, BN, BKS>(K, tiles_per_split);
+  const int tid = pos.tid, lane = pos.lane, wm = pos.wm, wn = pos.wn, wk = pos.wk;
+  const int n0 = pos.n0, m0 = pos.m0, tile_begin = pos.tile_begin, ntiles = pos.ntiles;
   const int srows = group_size < BKS ? BKS / group_size : 1;
   const int half_n = N / 2;  // uint4 per k16 row of qweight (2N int32)
 
@@ -199,11 +190,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   // ---- per-warp weight stream
   int nblk[NB];
   bool nvalid[NB];
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    nblk[nb] = n0 / 64 + wn * NB + nb;
-    nvalid[nb] = nblk[nb] < N / 64;
-  }
+  warp_nblocks<NB, 64>(n0, wn, N, nblk, nvalid);
   // qweight uint4 index of (k16 step, n64 block, lane): step * N/2 + block * 32 + lane
   auto wptr = [&](int tile, int j, int nb) {
     const int step = (tile_begin + tile) * (BKS / 16) + wk * SW + j;
@@ -241,14 +228,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
 
   uint4 wring[PF][SW][NB];
   float acc[MT][NB][8][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] = 0.f;
+  zero_acc(acc);
 
   // ---- prologue: weights for the first PF stages, activations for the first STAGES - 1
 #pragma unroll
@@ -260,11 +240,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
         wring[p][j][nb] = make_uint4(0, 0, 0, 0);
         if (!QK_WSMEM && p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_weight(wptr(p, j, nb), wpol);
       }
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ntiles) load_stage(s, s);
-    cp_async_commit();
-  }
+  pipeline_prologue<STAGES>(ntiles, load_stage);
 #if QK_L2PF > 0
   for (int t = PF; t < QK_L2PF; ++t) prefetch_w(t);  // tiles < PF are already being loaded into registers
 #endif
@@ -278,16 +254,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
     for (int p = 0; p < PF; ++p) {
       const int tile = t0 + p;
       if (tile < ntiles) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-          const int tn = tile + STAGES - 1;
-          if (tn < ntiles) load_stage(tn % STAGES, tn);
-          cp_async_commit();
+        pipeline_advance<STAGES>(tile, ntiles, load_stage);
 #if QK_L2PF > 0
-          prefetch_w(tile + QK_L2PF);
+        prefetch_w(tile + QK_L2PF);
 #endif
-        }
         const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
         const uint32_t ss = sa + A_STAGE_BYTES;
 #pragma unroll
@@ -326,111 +296,41 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   cp_async_wait<0>();
 
   // ---- reduce the WARPS_K k-slices in a fixed order: acc(wk=0) += acc(1); += acc(2); ...
-  if constexpr (WARPS_K > 1) {
-    float4* red = reinterpret_cast<float4*>(smem);
-    const int widx = wm + WARPS_M * wn;
-#pragma unroll 1
-    for (int r = 1; r < WARPS_K; ++r) {
-      __syncthreads();
-      if (wk == r) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-            for (int t = 0; t < 8; ++t) {
-              const int idx = (((widx * MT + mt) * NB + nb) * 8 + t) * 32 + lane;
-              red[idx] = make_float4(acc[mt][nb][t][0], acc[mt][nb][t][1], acc[mt][nb][t][2], acc[mt][nb][t][3]);
-            }
-      }
-      __syncthreads();
-      if (wk == 0) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-            for (int t = 0; t < 8; ++t) {
-              const int idx = (((widx * MT + mt) * NB + nb) * 8 + t) * 32 + lane;
-              const float4 v = red[idx];
-              acc[mt][nb][t][0] += v.x;
-              acc[mt][nb][t][1] += v.y;
-              acc[mt][nb][t][2] += v.z;
-              acc[mt][nb][t][3] += v.w;
-            }
-      }
-    }
-  }
+  if constexpr (WARPS_K > 1) reduce_kslices<WARPS_K>(acc, smem, wm + WARPS_M * wn, wk, lane);
   if (wk != 0) return;
 
   // ---- epilogue: bf16/fp16 (+ bias) straight from the accumulators, or fp32 partials for split-k
   const bool split = gridDim.z > 1;
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    if (!nvalid[nb]) continue;
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      const int col = nblk[nb] * 64 + t * 8 + 2 * (lane & 3);
-      float2 bv = make_float2(0.f, 0.f);
-      if (!split && bias != nullptr) bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
-          if (row >= M) continue;
-          const float v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
-          if (split) {
-            const size_t o = (static_cast<size_t>(blockIdx.z) * M + row) * N + col;
-            *reinterpret_cast<float2*>(ws + o) = make_float2(v0, v1);
-          } else {
-            const size_t o = static_cast<size_t>(row) * N + col;
-            *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v0 + bv.x, v1 + bv.y);
-          }
+  const int row0 = m0 + wm * WM;
+  auto bias_of = [&](bool use, int col) {
+    return use && bias != nullptr ? load_pair<DT>(bias, col) : make_float2(0.f, 0.f);
+  };
+  for_each_out_pair<MT, NB, 8, 64>(
+      nblk, nvalid, row0, M, lane, [&](int col) { return bias_of(!split, col); },
+      [&](float2 bv, int row, int col, int mt, int nb, int t, int h) {
+        const float v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
+        if (split) {
+          store_partial(ws, blockIdx.z, M, N, row, col, v0, v1);
+        } else {
+          const size_t o = static_cast<size_t>(row) * N + col;
+          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v0 + bv.x, v1 + bv.y);
         }
-      }
-    }
-  }
+      });
 #if QK_INRED
   // ---- split-k in the kernel: the last CTA of this (n, m) tile sums every split's partial in split order
   if (!split) return;
   constexpr int RT = 32 * WARPS_M * WARPS_N;  // the wk == 0 threads (tid < RT), still running here
-  __shared__ int s_last;
-  __threadfence();  // this CTA's partials are visible device-wide before it is counted
-  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
   const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) s_last = atomicAdd(counters + tile_id, 1) == static_cast<int>(gridDim.z) - 1;
-  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
-  if (!s_last) return;
-  __threadfence();
+  if (!splitk_last_cta<RT>(counters, tile_id, tid)) return;
   const int nz = gridDim.z;
   const size_t mn = static_cast<size_t>(M) * N;
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    if (!nvalid[nb]) continue;
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      const int col = nblk[nb] * 64 + t * 8 + 2 * (lane & 3);
-      float2 bv = make_float2(0.f, 0.f);
-      if (bias != nullptr) bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
-          if (row >= M) continue;
-          const size_t o = static_cast<size_t>(row) * N + col;
-          float2 v = __ldcg(reinterpret_cast<const float2*>(ws + o));
-          for (int z = 1; z < nz; ++z) {
-            const float2 u = __ldcg(reinterpret_cast<const float2*>(ws + z * mn + o));
-            v.x += u.x;
-            v.y += u.y;
-          }
-          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v.x + bv.x, v.y + bv.y);
-        }
-      }
-    }
-  }
-  if (tid == 0) counters[tile_id] = 0;  // ready for the next launch on this stream
+  for_each_out_pair<MT, NB, 8, 64>(
+      nblk, nvalid, row0, M, lane, [&](int col) { return bias_of(true, col); },
+      [&](float2 bv, int row, int col, int, int, int, int) {
+        const size_t o = static_cast<size_t>(row) * N + col;
+        const float2 v = sum_splits2(ws, o, mn, nz);
+        *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) = pack2<DT>(v.x + bv.x, v.y + bv.y);
+      });
+  splitk_done(counters, tile_id, tid);
 #endif
 }

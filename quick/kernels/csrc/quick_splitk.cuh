@@ -19,18 +19,10 @@ extern "C" __global__ void __launch_bounds__(256) quick_splitk_reduce(
   const size_t mn = static_cast<size_t>(M) * N;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total4;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    float4 acc = reinterpret_cast<const float4*>(ws)[i];
-    for (int z = 1; z < splits; ++z) {
-      const float4 v = reinterpret_cast<const float4*>(ws + z * mn)[i];
-      acc.x += v.x;
-      acc.y += v.y;
-      acc.z += v.z;
-      acc.w += v.w;
-    }
+    float4 acc = sum_splits4(ws, i, mn, splits);
     if (bias != nullptr) {
-      const int col = static_cast<int>((i * 4) % N);
-      const uint2 b = *reinterpret_cast<const uint2*>(static_cast<const char*>(bias) + col * 2);
-      const float2 b01 = unpack2<DT>(b.x), b23 = unpack2<DT>(b.y);
+      float2 b01, b23;
+      load_quad<DT>(bias, static_cast<int>((i * 4) % N), b01, b23);
       acc.x += b01.x;
       acc.y += b01.y;
       acc.z += b23.x;

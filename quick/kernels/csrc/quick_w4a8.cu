@@ -162,18 +162,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
   using namespace quick;
   extern __shared__ __align__(16) unsigned char smem[];
 
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = warp % WARPS_M;
-  const int wn = (warp / WARPS_M) % WARPS_N;
-  const int wk = warp / (WARPS_M * WARPS_N);
-
-  const int n0 = blockIdx.x * BN;
-  const int m0 = blockIdx.y * BM;
-  const int total_tiles = K / BKS;
-  const int tile_begin = blockIdx.z * tiles_per_split;
-  const int ntiles = min(tiles_per_split, total_tiles - tile_begin);
+  const CtaPos pos = cta_pos<WARPS_M, WARPS_N, BM, BN, BKS>(K, tiles_per_split);
+  const int tid = pos.tid, lane = pos.lane, wm = pos.wm, wn = pos.wn, wk = pos.wk;
+  const int n0 = pos.n0, m0 = pos.m0, tile_begin = pos.tile_begin, ntiles = pos.ntiles;
 
   const uint32_t smem_base = smem_u32(smem);
 
@@ -195,11 +186,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
   // ---- per-warp weight stream: qweight uint4 index of (k32 step, n32 block, lane) = step * N + block * 32 + lane
   int nblk[NB];
   bool nvalid[NB];
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    nblk[nb] = n0 / 32 + wn * NB + nb;
-    nvalid[nb] = nblk[nb] < N / 32;
-  }
+  warp_nblocks<NB, 32>(n0, wn, N, nblk, nvalid);
   auto wptr = [&](int tile, int j, int nb) {
     const int step = (tile_begin + tile) * (BKS / 32) + wk * SW + j;
     return qweight + (static_cast<size_t>(step) * N + nblk[nb] * 32 + lane);
@@ -216,14 +203,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
   int xring[PF][U8 ? NRUN : 1][MT][2];  // U8: -8 * the group sums of x_q of this lane's rows
   int acc[MT][NB][4][4];
   int part[MT][NB][4][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] = 0;
+  zero_acc(acc);
 
   auto fetch = [&](int p, int tile) {
 #pragma unroll
@@ -268,11 +248,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
       for (int mt = 0; mt < MT; ++mt) xring[p][r][mt][0] = xring[p][r][mt][1] = 0;
     if (p < ntiles) fetch(p, p);
   }
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ntiles) load_stage(s, s);
-    cp_async_commit();
-  }
+  pipeline_prologue<STAGES>(ntiles, load_stage);
 
   // ---- main loop, unrolled by PF so that every ring slot has a compile-time index
   const int a_row = wm * WM + (lane & 15);
@@ -282,13 +258,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
     for (int p = 0; p < PF; ++p) {
       const int tile = t0 + p;
       if (tile < ntiles) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        {
-          const int tn = tile + STAGES - 1;
-          if (tn < ntiles) load_stage(tn % STAGES, tn);
-          cp_async_commit();
-        }
+        pipeline_advance<STAGES>(tile, ntiles, load_stage);
         const uint32_t sa = smem_base + (tile % STAGES) * A_STAGE_BYTES;
 #pragma unroll
         for (int j = 0; j < SW; ++j) {
@@ -359,134 +329,61 @@ extern "C" __global__ void __launch_bounds__(THREADS, QW_MINB) quick_w4a8_gemm(
   cp_async_wait<0>();
 
   if constexpr (GROUP == 0) {
+    for_each_tile<MT, NB, 4>([&](int mt, int nb, int t) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-        for (int t = 0; t < 4; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] >>= 4;  // exact: every product was 16 * x * q
+      for (int e = 0; e < 4; ++e) acc[mt][nb][t][e] >>= 4;  // exact: every product was 16 * x * q
+    });
   }
 
   // ---- add the WARPS_K k-slices (int32: exact in any order)
-  if constexpr (WARPS_K > 1) {
-    int4* red = reinterpret_cast<int4*>(smem);
-    const int widx = wm + WARPS_M * wn;
-#pragma unroll 1
-    for (int r = 1; r < WARPS_K; ++r) {
-      __syncthreads();
-      if (wk == r) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-              const int idx = (((widx * MT + mt) * NB + nb) * 4 + t) * 32 + lane;
-              red[idx] = make_int4(acc[mt][nb][t][0], acc[mt][nb][t][1], acc[mt][nb][t][2], acc[mt][nb][t][3]);
-            }
-      }
-      __syncthreads();
-      if (wk == 0) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-              const int idx = (((widx * MT + mt) * NB + nb) * 4 + t) * 32 + lane;
-              const int4 v = red[idx];
-              acc[mt][nb][t][0] += v.x;
-              acc[mt][nb][t][1] += v.y;
-              acc[mt][nb][t][2] += v.z;
-              acc[mt][nb][t][3] += v.w;
-            }
-      }
-    }
-  }
+  if constexpr (WARPS_K > 1) reduce_kslices<WARPS_K>(acc, smem, wm + WARPS_M * wn, wk, lane);
   if (wk != 0) return;
 
   // ---- epilogue: scales (+ bias) straight from the accumulators, or int32 partials for split-k
   const bool split = gridDim.z > 1;
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    if (!nvalid[nb]) continue;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int col = nblk[nb] * 32 + t * 8 + 2 * (lane & 3);
-      float2 bv = make_float2(0.f, 0.f);
-      float2 cs = make_float2(0.f, 0.f);
-      if (!split) {
-        cs = *reinterpret_cast<const float2*>(chscale + col);
-        if (bias != nullptr)
-          bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
-          if (row >= M) continue;
-          const int v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
-          if (split) {
-            const size_t o = (static_cast<size_t>(blockIdx.z) * M + row) * N + col;
-            *reinterpret_cast<int2*>(ws + o) = make_int2(v0, v1);
-          } else {
-            const float s = sx[row];
-            const size_t o = static_cast<size_t>(row) * N + col;
-            *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
-                pack2<DT>(w4a8_scale(v0, s, cs.x, bv.x), w4a8_scale(v1, s, cs.y, bv.y));
-          }
-        }
-      }
+  const int row0 = m0 + wm * WM;
+  struct ColOps {
+    float2 cs, bv;  // channel scales, bias
+  };
+  auto col_ops = [&](bool use, int col) {
+    ColOps c{make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+    if (use) {
+      c.cs = *reinterpret_cast<const float2*>(chscale + col);
+      if (bias != nullptr) c.bv = load_pair<DT>(bias, col);
     }
-  }
+    return c;
+  };
+  for_each_out_pair<MT, NB, 4, 32>(
+      nblk, nvalid, row0, M, lane, [&](int col) { return col_ops(!split, col); },
+      [&](const ColOps& c, int row, int col, int mt, int nb, int t, int h) {
+        const int v0 = acc[mt][nb][t][2 * h], v1 = acc[mt][nb][t][2 * h + 1];
+        if (split) {
+          store_partial(ws, blockIdx.z, M, N, row, col, v0, v1);
+        } else {
+          const float s = sx[row];
+          const size_t o = static_cast<size_t>(row) * N + col;
+          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
+              pack2<DT>(w4a8_scale(v0, s, c.cs.x, c.bv.x), w4a8_scale(v1, s, c.cs.y, c.bv.y));
+        }
+      });
 #if QW_INRED
   // ---- split-k in the kernel: the last CTA of this (n, m) tile sums every split's int32 partial
   if (!split) return;
   constexpr int RT = 32 * WARPS_M * WARPS_N;  // the wk == 0 threads (tid < RT), still running here
-  __shared__ int s_last;
-  __threadfence();  // this CTA's partials are visible device-wide before it is counted
-  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
   const int tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) s_last = atomicAdd(counters + tile_id, 1) == static_cast<int>(gridDim.z) - 1;
-  asm volatile("bar.sync 1, %0;" ::"n"(RT) : "memory");
-  if (!s_last) return;
-  __threadfence();
+  if (!splitk_last_cta<RT>(counters, tile_id, tid)) return;
   const int nz = gridDim.z;
   const size_t mn = static_cast<size_t>(M) * N;
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    if (!nvalid[nb]) continue;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int col = nblk[nb] * 32 + t * 8 + 2 * (lane & 3);
-      float2 bv = make_float2(0.f, 0.f);
-      const float2 cs = *reinterpret_cast<const float2*>(chscale + col);
-      if (bias != nullptr)
-        bv = unpack2<DT>(*reinterpret_cast<const uint32_t*>(static_cast<const char*>(bias) + col * 2));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m0 + wm * WM + mt * 16 + (lane >> 2) + 8 * h;
-          if (row >= M) continue;
-          const size_t o = static_cast<size_t>(row) * N + col;
-          int2 v = __ldcg(reinterpret_cast<const int2*>(ws + o));
-          for (int z = 1; z < nz; ++z) {
-            const int2 u = __ldcg(reinterpret_cast<const int2*>(ws + z * mn + o));
-            v.x += u.x;
-            v.y += u.y;
-          }
-          const float s = sx[row];
-          *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
-              pack2<DT>(w4a8_scale(v.x, s, cs.x, bv.x), w4a8_scale(v.y, s, cs.y, bv.y));
-        }
-      }
-    }
-  }
-  if (tid == 0) counters[tile_id] = 0;  // ready for the next launch on this stream
+  for_each_out_pair<MT, NB, 4, 32>(
+      nblk, nvalid, row0, M, lane, [&](int col) { return col_ops(true, col); },
+      [&](const ColOps& c, int row, int col, int, int, int, int) {
+        const size_t o = static_cast<size_t>(row) * N + col;
+        const int2 v = sum_splits2(ws, o, mn, nz);
+        const float s = sx[row];
+        *reinterpret_cast<uint32_t*>(static_cast<char*>(out) + o * 2) =
+            pack2<DT>(w4a8_scale(v.x, s, c.cs.x, c.bv.x), w4a8_scale(v.y, s, c.cs.y, c.bv.y));
+      });
+  splitk_done(counters, tile_id, tid);
 #endif
 }
 
@@ -501,24 +398,13 @@ extern "C" __global__ void __launch_bounds__(256) quick_w4a8_reduce(const int* _
   const size_t mn = static_cast<size_t>(M) * N;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total4;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    int4 acc = reinterpret_cast<const int4*>(ws)[i];
-    for (int z = 1; z < splits; ++z) {
-      const int4 v = reinterpret_cast<const int4*>(ws + z * mn)[i];
-      acc.x += v.x;
-      acc.y += v.y;
-      acc.z += v.z;
-      acc.w += v.w;
-    }
+    const int4 acc = sum_splits4(ws, i, mn, splits);
     const int row = static_cast<int>((i * 4) / N);
     const int col = static_cast<int>((i * 4) % N);
     const float s = sx[row];
     const float4 cs = *reinterpret_cast<const float4*>(chscale + col);
     float2 b01 = make_float2(0.f, 0.f), b23 = make_float2(0.f, 0.f);
-    if (bias != nullptr) {
-      const uint2 b = *reinterpret_cast<const uint2*>(static_cast<const char*>(bias) + col * 2);
-      b01 = unpack2<DT>(b.x);
-      b23 = unpack2<DT>(b.y);
-    }
+    if (bias != nullptr) load_quad<DT>(bias, col, b01, b23);
     uint2 o;
     o.x = pack2<DT>(w4a8_scale(acc.x, s, cs.x, b01.x), w4a8_scale(acc.y, s, cs.y, b01.y));
     o.y = pack2<DT>(w4a8_scale(acc.z, s, cs.z, b23.x), w4a8_scale(acc.w, s, cs.w, b23.y));
