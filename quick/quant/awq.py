@@ -155,8 +155,9 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
 # --------------------------------------------------------------------------------------------------- stats
 
 
-def _padded_k(k: int, group_size: int) -> int:
-    return k if group_size == -1 else -(-k // group_size) * group_size
+def _padded_k(k: int, group_size: int, k_padded: int | None = None) -> int:
+    """K zero-padded to whole groups, and to at least ``k_padded`` (a packed layer's padded width)."""
+    return max(k if group_size == -1 else -(-k // group_size) * group_size, k_padded or 0)
 
 
 @dataclass
@@ -246,7 +247,7 @@ def fake_quant(
     per-channel group over a padded K quantize exactly as in the packed layer.
     """
     n, k = weight.shape
-    kp = max(_padded_k(k, group_size), k_padded or 0)
+    kp = _padded_k(k, group_size, k_padded)
     g = kp if group_size == -1 else group_size
     w = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // g, g)
     if zero_point:
@@ -270,7 +271,7 @@ def reference_fake_quant(
 ) -> torch.Tensor:
     """:func:`fake_quant` through the primitives (quantize -> dequantize), the definition it must match."""
     n, k = weight.shape
-    kp = max(_padded_k(k, group_size), k_padded or 0)
+    kp = _padded_k(k, group_size, k_padded)
     qw = quantize(F.pad(weight, (0, kp - k)), group_size, zero_point=zero_point, dtype=scale_dtype)
     return qw.dequantize(torch.float32).t()[:, :k].to(weight.dtype)
 
