@@ -21,7 +21,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +440,56 @@ def _check_values(tensors: dict[str, torch.Tensor], name: str) -> None:
                 raise CheckpointError(f"tensor '{name}.zeros' holds values that are not zero points in [0, 15]")
 
 
+def _read_tensors(
+    headers: dict[Path, Any], model: nn.Module, dense_dtype: torch.dtype, claim: Callable[[Path, str, Any], bool]
+) -> None:
+    """Read every tensor of the checkpoint files ``headers``: ``claim(file, key, safe_open handle)`` takes those of
+    the quantized layers (True when it did); the others are set into the dense skeleton ``model`` (checked against
+    it) or, when the model has no such tensor, ignored with a warning. Unreadable files raise CheckpointError."""
+    expected = dict(model.state_dict(keep_vars=True))
+    unexpected = []
+    for f in headers:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    if claim(f, key, sf):
+                        continue
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    _load_dense(model, key, sf.get_tensor(key), expected[key], f, dense_dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{f}: cannot read tensors ({type(e).__name__}: {e}); the file is corrupt") from None
+    if unexpected:
+        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+
+
+def _check_orphans(meta: dict[str, Any], suffix: str, layers: dict[str, nn.Module], config: Any) -> None:
+    """Every ``<name><suffix>`` tensor of the checkpoint belongs to one of the quantized ``layers``."""
+    orphans = [k for k in meta if k.endswith(suffix) and k.rpartition(".")[0] not in layers]
+    if orphans:
+        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {config.model_type} model")
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _finish(model: nn.Module, path: Any, dense_dtype: torch.dtype, device: torch.device | str | None) -> None:
+    """Tie the weights, check that no tensor stayed on the meta device, cast the dense parts and move to ``device``
+    (eval mode)."""
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    set_compute_dtype(model, dense_dtype)
+    model.to(device)
+    model.eval()
+
+
 def _skeleton(config: Any, dense_dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -542,44 +592,30 @@ def load_quantized(
                     q = QuickLinear(k, m.out_features, bias, g, lay, scale_dtype, "meta")
             except (LayoutError, QuantizationError) as e:
                 raise CheckpointError(f"{path}: cannot hold '{name}' (scales {rows} rows): {e}") from None
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+            _replace_module(model, name, q)
             quantized[name] = q
-    orphans = [k for k in meta if k.endswith(".qweight") and k.rpartition(".")[0] not in quantized]
-    if orphans:
-        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {config.model_type} model")
+    _check_orphans(meta, ".qweight", quantized, config)
 
-    expected = dict(model.state_dict(keep_vars=True))
     src_names = set(get_layout(src_layout).tensor_specs(128, 128, 128))
     pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in quantized}
-    unexpected = []
-    for f in headers:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    prefix, _, tname = key.rpartition(".")
-                    if prefix in quantized and tname in src_names:
-                        pending[prefix][tname] = sf.get_tensor(key)
-                        continue
-                    if prefix in quantized and tname == "bias":
-                        b = sf.get_tensor(key)
-                        q = quantized[prefix]
-                        if tuple(b.shape) != (q.out_features,):
-                            raise CheckpointError(
-                                f"tensor '{key}' in {f.name} has shape {tuple(b.shape)}, expected ({q.out_features},)"
-                            )
-                        q.register_buffer("bias", b.to(q.dtype))
-                        continue
-                    if key not in expected:
-                        unexpected.append(key)
-                        continue
-                    _load_dense(model, key, sf.get_tensor(key), expected[key], f, dense_dtype)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"{f}: cannot read tensors ({type(e).__name__}: {e}); the file is corrupt") from None
-    if unexpected:
-        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+
+    def claim(f: Path, key: str, sf: Any) -> bool:
+        prefix, _, tname = key.rpartition(".")
+        if prefix in quantized and tname in src_names:
+            pending[prefix][tname] = sf.get_tensor(key)
+            return True
+        if prefix in quantized and tname == "bias":
+            b = sf.get_tensor(key)
+            q = quantized[prefix]
+            if tuple(b.shape) != (q.out_features,):
+                raise CheckpointError(
+                    f"tensor '{key}' in {f.name} has shape {tuple(b.shape)}, expected ({q.out_features},)"
+                )
+            q.register_buffer("bias", b.to(q.dtype))
+            return True
+        return False
+
+    _read_tensors(headers, model, dense_dtype, claim)
 
     src = get_layout(src_layout)
     for name, q in quantized.items():
@@ -598,13 +634,7 @@ def load_quantized(
         if q.bias is not None and q.bias.is_meta:
             raise CheckpointError(f"missing tensor '{name}.bias'")
 
-    model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    set_compute_dtype(model, dense_dtype)
-    model.to(device)
-    model.eval()
+    _finish(model, path, dense_dtype, device)
     saved = dict(qc)
     model.quick_quant_config = make_quant_config(
         dst_layout, group_size, qc.get("zero_point", True), qc.get("modules_to_not_convert") or ("lm_head",)
@@ -708,29 +738,17 @@ def _load_w4a8(
     dense_dtype = dtype or layer_dtype
     model = _skeleton(config, dense_dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.channel_scale" in meta}
-    orphans = [k for k in meta if k.endswith(".channel_scale") and k.rpartition(".")[0] not in linears]
-    if orphans:
-        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {config.model_type} model")
-    expected = dict(model.state_dict(keep_vars=True))
+    _check_orphans(meta, ".channel_scale", linears, config)
     pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
-    unexpected = []
-    for f in headers:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    prefix, _, tname = key.rpartition(".")
-                    if prefix in linears:
-                        pending[prefix][tname] = sf.get_tensor(key)
-                    elif key in expected:
-                        _load_dense(model, key, sf.get_tensor(key), expected[key], f, dense_dtype)
-                    else:
-                        unexpected.append(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"{f}: cannot read tensors ({type(e).__name__}: {e}); the file is corrupt") from None
-    if unexpected:
-        log.warning("ignoring %d tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+
+    def claim(f: Path, key: str, sf: Any) -> bool:
+        prefix, _, tname = key.rpartition(".")
+        if prefix not in linears:
+            return False
+        pending[prefix][tname] = sf.get_tensor(key)
+        return True
+
+    _read_tensors(headers, model, dense_dtype, claim)
     for name, lin in linears.items():
         tensors = pending[name]
         bias = tensors.pop("bias", None)
@@ -749,15 +767,8 @@ def _load_w4a8(
             )
         if (lin.bias is not None) != (bias is not None):
             raise CheckpointError(f"{path}: W4A8 layer '{name}': bias {'missing' if bias is None else 'unexpected'}")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, mod)
-    model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    set_compute_dtype(model, dense_dtype)
-    model.to(device)
-    model.eval()
+        _replace_module(model, name, mod)
+    _finish(model, path, dense_dtype, device)
     model.quick_quant_config = dict(qc)
     model.quick_source_quant_config = dict(qc)
     return model
