@@ -1,25 +1,23 @@
 """Device diagnostic: does a CUDA-graph replay of the decode step give the same logits as eager decoding?
 Runs a dense fp16 model, the reference path and each kernel layout, to tell HF/cache issues from kernel ones."""
 
+import sys
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from quick.inference import StaticGenerator
 from quick.nn.linear import QuickLinear
 from quick.quant.apply import quantize_model_rtn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import smollm2_llama_config  # noqa: E402  (tests/helpers.py)
+
 
 def build(variant):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=256,
-    )
+    cfg = smollm2_llama_config()
     m = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     if variant != "dense":
         layout = "quick" if variant == "reference" else variant

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 from torch import nn
 
 from quick.auto import quantize_model_rtn
@@ -20,32 +21,19 @@ GROUP = 32
 
 
 def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        vocab_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=4,  # MHA: v_proj and o_proj have the same shape, so the v->o group is active
-        max_position_embeddings=128,
-    )
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # MHA: v_proj and o_proj have the same shape, so the v->o group is active
+    return tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=4)
 
 
 def tiny_gemma3() -> nn.Module:
-    cfg = transformers.Gemma3TextConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        vocab_size=256,
+    return tiny_causal_lm(
+        transformers.Gemma3TextConfig,
         num_attention_heads=2,
         num_key_value_heads=1,  # GQA: no v->o group
         head_dim=64,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],  # each layer gets its own mask / rope
-        max_position_embeddings=128,
     )
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def with_outliers(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -7,21 +7,14 @@ local run can deselect it with ``-m "not compile"``; it takes one to two minutes
 from __future__ import annotations
 
 import pytest
+from helpers import have_nvcc
 
-from quick.kernels import compile_check, jit
+from quick.kernels import compile_check
 
 pytestmark = pytest.mark.compile
 
 
-def _have_nvcc() -> bool:
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_nvcc(), reason="nvcc not found")
+@pytest.mark.skipif(not have_nvcc(), reason="nvcc not found")
 def test_every_variant_compiles_without_spills(capsys):
     rc = compile_check.main([])
     out = capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from helpers import smollm2_llama_config
 
 from quick.inference import StaticGenerator
 
@@ -149,20 +150,12 @@ def test_bound_quick_linears_trace_as_one_op(monkeypatch):
 
 
 def _gpu_model(layout: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from quick.quant.apply import quantize_model_rtn
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=256,
-    )  # SmolLM2's layer shapes (K = 576: ragged groups, padded to 640)
+    cfg = smollm2_llama_config()  # SmolLM2's layer shapes (K = 576: ragged groups, padded to 640)
     model = LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
     if layout != "fp16":
         quantize_model_rtn(model, 128, layout, dtype=torch.float16, progress=False)

@@ -9,11 +9,9 @@ Set ``QUICK_ERR_REPORT=path.json`` to get the max error per dtype / kernel writt
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
+from helpers import DTYPES, M_ALL, require_sm80_and_nvcc, write_error_report
 
 from quick.packing.layouts import get_layout
 from quick.quant.primitives import QuantizedWeight
@@ -21,18 +19,10 @@ from quick.testing import REL_BOUND, poisoned, reference_matmul, rel_error
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-    pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer", allow_module_level=True)
+require_sm80_and_nvcc()
 
 from quick.kernels import dispatch, jit, ops, quick_mma  # noqa: E402
 
-try:
-    jit.find_nvcc()
-except jit.KernelUnavailable:
-    pytest.skip("nvcc not found: the kernels are compiled at first use", allow_module_level=True)
-
-DTYPES = [torch.float16, torch.bfloat16]
-M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
 BIG_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824)]
 SMALL_SHAPES = [(64, 64), (192, 320), (320, 192), (1088, 704), (4160, 576)]  # odd multiples of 64
 ERRORS: dict[str, float] = {}
@@ -44,10 +34,7 @@ def _precompile_and_report():
     arch = jit.arch_for_device()
     jit.compile_many([(src, arch, d) for src, d, _ in quick_mma.VARIANTS])
     yield
-    path = os.environ.get("QUICK_ERR_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(ERRORS, f, indent=1, sort_keys=True)
+    write_error_report("QUICK_ERR_REPORT", ERRORS)
 
 
 def _gen(seed: int) -> torch.Generator:

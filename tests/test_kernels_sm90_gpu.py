@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DTYPES, M_ALL, require_sm90
 
 from quick.packing.layouts import get_layout
 from quick.testing import REL_BOUND, poisoned, random_quantized, reference_matmul, rel_error
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-    pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+require_sm90("quick.kernels.quick_sm90", "sm_90 kernel")
 
 from quick.kernels import quick_sm90 as sm  # noqa: E402
 
-if not sm.is_available():
-    pytest.skip("sm_90 kernel unavailable (no nvcc)", allow_module_level=True)
-
-DTYPES = [torch.float16, torch.bfloat16]
-M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
 _CACHE: dict = {}
 
 

@@ -10,11 +10,9 @@ Set ``QUICK_ERR_REPORT_W4A8=path.json`` to get the max error per dtype / mode wr
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
+from helpers import DTYPES, M_ALL, require_sm80_and_nvcc, write_error_report
 
 from quick.packing.layouts import pack_w4a8
 from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
@@ -22,20 +20,12 @@ from quick.testing import poisoned, rel_error
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-    pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer", allow_module_level=True)
+require_sm80_and_nvcc()
 
 from quick.kernels import dispatch, jit  # noqa: E402
 from quick.kernels import quick_w4a8 as w8  # noqa: E402
 
-try:
-    jit.find_nvcc()
-except jit.KernelUnavailable:
-    pytest.skip("nvcc not found: the kernels are compiled at first use", allow_module_level=True)
-
-DTYPES = [torch.float16, torch.bfloat16]
 GROUPS = [-1, 128]
-M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
 BIG_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (K, N)
 SMALL_SHAPES = [(128, 128), (384, 640), (640, 384), (1152, 896), (4224, 384), (640, 192), (128, 96), (384, 160)]
 # Relative Frobenius bounds (the expected error is the final rounding: ~2^-12 fp16, ~2^-9 bf16 relative rms)
@@ -58,10 +48,7 @@ def _precompile_and_report():
     jobs |= {(w8.GEMM_SOURCE, tuple(sorted(c.defines(torch.float16, g).items()))) for c, g in _config_cases()}
     jit.compile_many([(src, arch, dict(d)) for src, d in sorted(jobs)])
     yield
-    path = os.environ.get("QUICK_ERR_REPORT_W4A8")
-    if path:
-        with open(path, "w") as f:
-            json.dump(ERRORS, f, indent=1, sort_keys=True)
+    write_error_report("QUICK_ERR_REPORT_W4A8", ERRORS)
 
 
 def _gen(seed: int) -> torch.Generator:

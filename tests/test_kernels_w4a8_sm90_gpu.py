@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DTYPES, M_ALL, require_sm90
 
 from quick.packing.layouts import pack_w4a8_sm90
 from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-    pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+require_sm90("quick.kernels.quick_w4a8_sm90", "sm_90 W4A8 kernel")
 
 from quick.kernels import quick_w4a8_sm90 as w8  # noqa: E402
 
-if not w8.is_available():
-    pytest.skip("sm_90 W4A8 kernel unavailable (no nvcc)", allow_module_level=True)
-
-DTYPES = [torch.float16, torch.bfloat16]
 GROUPS = [-1, 128]
-M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
 BOUND = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 _CACHE: dict = {}
 

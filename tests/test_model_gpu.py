@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import smollm2_llama_config
 
 pytestmark = pytest.mark.gpu
 
@@ -19,18 +20,10 @@ from quick.testing import rel_error  # noqa: E402
 
 
 def _model(layout: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=256,
-    )  # SmolLM2's layer shapes (K = 576: ragged groups at g128)
+    cfg = smollm2_llama_config()  # SmolLM2's layer shapes (K = 576: ragged groups at g128)
     model = LlamaForCausalLM(cfg).to("cuda", dtype).eval()
     quantize_model_rtn(model, 128, layout, dtype=dtype, progress=False)
     return model

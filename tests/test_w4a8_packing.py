@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import check_w4a8_round_trip, check_w4a8_unpack_errors, random_w4a8
 
 from quick.packing.layouts import W4A8, W4A8_LAYOUTS, LayoutError, pack_w4a8, unpack_w4a8
 from quick.quant.w4a8_format import W4A8Weight
@@ -13,46 +14,15 @@ from quick.quant.w4a8_format import W4A8Weight
 SHAPES = [(128, 32), (128, 128), (256, 96), (384, 640), (1024, 352)]  # (K, N)
 
 
-def random_w4a8(k: int, n: int, group_size: int, seed: int = 0, full_range: bool = True) -> W4A8Weight:
-    """Codes over the whole int4 range (incl. -8) and group scales over 1..127."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    cs = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    gs = None
-    if group_size > 0:
-        gs = torch.randint(1, 128, (k // group_size, n), generator=gen, dtype=torch.int16)
-    return W4A8Weight(q, cs, gs, group_size)
-
-
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_round_trip(k, n, group_size):
-    w = random_w4a8(k, n, group_size, seed=k * 7 + n)
-    packed = pack_w4a8(w)
-    W4A8.validate(packed, k, n, group_size)
-    assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (k // 32, 4 * n)
-    back = unpack_w4a8(packed, group_size)
-    assert torch.equal(back.q, w.q)
-    assert torch.equal(back.channel_scale, w.channel_scale)
-    if group_size > 0:
-        assert packed["group_scale"].dtype == torch.int8
-        assert torch.equal(back.group_scale, w.group_scale)
-    else:
-        assert "group_scale" not in packed and back.group_scale is None
+    check_w4a8_round_trip(W4A8, pack_w4a8, unpack_w4a8, k, n, group_size, (k // 32, 4 * n))
 
 
 def test_registry_and_errors():
     assert W4A8_LAYOUTS["w4a8"] is W4A8
-    w = random_w4a8(128, 64, 128)
-    packed = pack_w4a8(w)
-    with pytest.raises(LayoutError, match="group_size"):
-        unpack_w4a8(packed, 64)
-    with pytest.raises(LayoutError, match="group_scale"):
-        unpack_w4a8({"qweight": packed["qweight"], "channel_scale": packed["channel_scale"]}, 128)
-    with pytest.raises(LayoutError, match="takes no"):
-        unpack_w4a8(packed, -1)
-    with pytest.raises(LayoutError, match="channel_scale"):
-        unpack_w4a8({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
+    check_w4a8_unpack_errors(pack_w4a8, unpack_w4a8, 128)
     bad = W4A8Weight(torch.zeros(48, 128, dtype=torch.int8), torch.ones(48), None, -1)
     with pytest.raises(LayoutError, match="N % 32"):
         pack_w4a8(bad)

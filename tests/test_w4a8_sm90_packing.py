@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from helpers import check_w4a8_round_trip, check_w4a8_unpack_errors, have_nvcc, random_w4a8
 
 from quick.kernels import quick_w4a8_sm90 as w8
 from quick.packing.layouts import (
@@ -23,44 +24,15 @@ from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_refer
 SHAPES = [(128, 16), (128, 64), (256, 48), (384, 640), (1408, 320)]  # (K, N)
 
 
-def random_w4a8(k: int, n: int, group_size: int, seed: int = 0) -> W4A8Weight:
-    """Codes over the whole int4 range (incl. -8) and group scales over 1..127."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    cs = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    gs = torch.randint(1, 128, (k // group_size, n), generator=gen, dtype=torch.int16) if group_size > 0 else None
-    return W4A8Weight(q, cs, gs, group_size)
-
-
 @pytest.mark.parametrize("k,n", SHAPES)
 @pytest.mark.parametrize("group_size", [-1, 128])
 def test_round_trip(k, n, group_size):
-    w = random_w4a8(k, n, group_size, seed=k * 7 + n)
-    packed = pack_w4a8_sm90(w)
-    W4A8_SM90.validate(packed, k, n, group_size)
-    assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == (k // 128, 16 * n)
-    back = unpack_w4a8_sm90(packed, group_size)
-    assert torch.equal(back.q, w.q)
-    assert torch.equal(back.channel_scale, w.channel_scale)
-    if group_size > 0:
-        assert packed["group_scale"].dtype == torch.int8
-        assert torch.equal(back.group_scale, w.group_scale)
-    else:
-        assert "group_scale" not in packed and back.group_scale is None
+    check_w4a8_round_trip(W4A8_SM90, pack_w4a8_sm90, unpack_w4a8_sm90, k, n, group_size, (k // 128, 16 * n))
 
 
 def test_registry_and_errors():
     assert W4A8_LAYOUTS["w4a8_sm90"] is W4A8_SM90
-    w = random_w4a8(256, 64, 128)
-    packed = pack_w4a8_sm90(w)
-    with pytest.raises(LayoutError, match="group_size"):
-        unpack_w4a8_sm90(packed, 64)
-    with pytest.raises(LayoutError, match="group_scale"):
-        unpack_w4a8_sm90({"qweight": packed["qweight"], "channel_scale": packed["channel_scale"]}, 128)
-    with pytest.raises(LayoutError, match="takes no"):
-        unpack_w4a8_sm90(packed, -1)
-    with pytest.raises(LayoutError, match="channel_scale"):
-        unpack_w4a8_sm90({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
+    check_w4a8_unpack_errors(pack_w4a8_sm90, unpack_w4a8_sm90, 256)
     with pytest.raises(LayoutError, match="K % 128"):
         pack_w4a8_sm90(W4A8Weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), None, -1))
     with pytest.raises(LayoutError, match="N % 16"):
@@ -220,18 +192,8 @@ def test_fake_impl_shapes():
 # ------------------------------------------------------------------------------------------------ compile
 
 
-def _have_nvcc() -> bool:
-    from quick.kernels import jit
-
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
-
-
 @pytest.mark.compile
-@pytest.mark.skipif(not _have_nvcc(), reason="nvcc not found")
+@pytest.mark.skipif(not have_nvcc(), reason="nvcc not found")
 @pytest.mark.parametrize(
     "cfg,group",
     [(w8.default_config(8), -1), (w8.default_config(256), -1), (w8.default_config(128, 128), 128)]

@@ -1,0 +1,140 @@
+"""Helpers shared by the test modules (and a few device scripts): GPU / nvcc skips, the M list of the kernel
+tests, error reports, tiny transformers configs, random W4A8 weights and the layout round-trip checks.
+
+Test modules import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path`` for them); scripts add ``tests/`` to
+``sys.path`` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import torch
+
+from quick.quant.w4a8_format import W4A8Weight
+
+DTYPES = [torch.float16, torch.bfloat16]
+# Every M the kernel tests cover (decode sizes, tile edges, prefill sizes).
+M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+
+def have_nvcc() -> bool:
+    """Whether nvcc is found (the kernels are compiled at first use)."""
+    from quick.kernels import jit
+
+    try:
+        jit.find_nvcc()
+    except jit.KernelUnavailable:
+        return False
+    return True
+
+
+def require_sm80_and_nvcc() -> None:
+    """Skip the calling test module unless a CUDA GPU of compute capability 8.0 or newer and nvcc are present."""
+    import pytest
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer", allow_module_level=True)
+    if not have_nvcc():
+        pytest.skip("nvcc not found: the kernels are compiled at first use", allow_module_level=True)
+
+
+def require_sm90(module: str, what: str) -> None:
+    """Skip the calling test module unless the GPU is an sm_90 (Hopper) one and the kernel module ``module``
+    (imported only then) says ``is_available()``; ``what`` names the kernel in the reason."""
+    import pytest
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+    if not importlib.import_module(module).is_available():
+        pytest.skip(f"{what} unavailable (no nvcc)", allow_module_level=True)
+
+
+def write_error_report(env_var: str, errors: dict[str, float]) -> None:
+    """Write ``errors`` as JSON to the path in ``$env_var``, when set (the max error per case of a test module)."""
+    path = os.environ.get(env_var)
+    if path:
+        with open(path, "w") as f:
+            json.dump(errors, f, indent=1, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+
+
+def smollm2_llama_config(**overrides: Any):
+    """A 2-layer random Llama with SmolLM2-135M's layer shapes (K = 576: ragged groups at g128, padded to 640)
+    and a vocabulary of 512."""
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=512,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+    )
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def tiny_causal_lm(config_cls: type, **overrides: Any) -> torch.nn.Module:
+    """A 2-layer random causal LM (hidden 64, MLP 128, vocab 256, 128 positions) of ``config_cls`` with
+    ``overrides``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256, max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(config_cls(**{**kw, **overrides})).eval()
+
+
+# -------------------------------------------------------------------------------------------------- W4A8
+
+
+def random_w4a8(k: int, n: int, group_size: int, seed: int = 0) -> W4A8Weight:
+    """Codes over the whole int4 range (incl. -8) and group scales over 1..127."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    cs = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    gs = torch.randint(1, 128, (k // group_size, n), generator=gen, dtype=torch.int16) if group_size > 0 else None
+    return W4A8Weight(q, cs, gs, group_size)
+
+
+def check_w4a8_round_trip(layout, pack, unpack, k: int, n: int, group_size: int, qweight_shape: tuple) -> None:
+    """``unpack(pack(w))`` gives back the codes and scales of a random ``w`` exactly; the packed tensors pass
+    ``layout.validate`` with int32 ``qweight`` of ``qweight_shape`` and int8 group scales (none per-channel)."""
+    w = random_w4a8(k, n, group_size, seed=k * 7 + n)
+    packed = pack(w)
+    layout.validate(packed, k, n, group_size)
+    assert packed["qweight"].dtype == torch.int32 and packed["qweight"].shape == qweight_shape
+    back = unpack(packed, group_size)
+    assert torch.equal(back.q, w.q)
+    assert torch.equal(back.channel_scale, w.channel_scale)
+    if group_size > 0:
+        assert packed["group_scale"].dtype == torch.int8
+        assert torch.equal(back.group_scale, w.group_scale)
+    else:
+        assert "group_scale" not in packed and back.group_scale is None
+
+
+def check_w4a8_unpack_errors(pack, unpack, k: int) -> None:
+    """``unpack`` names what is wrong: a group size that is not the packed one, a missing or unexpected group
+    scale, a channel scale of the wrong dtype (a [k, 64] weight packed at g128)."""
+    import pytest
+
+    from quick.packing.layouts import LayoutError
+
+    packed = pack(random_w4a8(k, 64, 128))
+    with pytest.raises(LayoutError, match="group_size"):
+        unpack(packed, 64)
+    with pytest.raises(LayoutError, match="group_scale"):
+        unpack({"qweight": packed["qweight"], "channel_scale": packed["channel_scale"]}, 128)
+    with pytest.raises(LayoutError, match="takes no"):
+        unpack(packed, -1)
+    with pytest.raises(LayoutError, match="channel_scale"):
+        unpack({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
