@@ -85,18 +85,23 @@ def stream_floor_us(nbytes: int) -> float:
     return bench_us(replay)
 
 
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` captured into a CUDA graph (after a warm-up that compiles and allocates); returns the replay.
-    Timing replays measures the GPU work of ``fn`` without the Python launch cost, for every implementation
-    alike (cuBLAS through F.linear pays a few microseconds of eager overhead too)."""
+def warm_up_for_capture(fn: Callable[[], object], side: torch.cuda.Stream) -> None:
+    """The warm-up before a CUDA-graph capture of ``fn``: one call on the current stream (compiles, allocates),
+    one on the side stream ``side`` (as capture needs), both finished on return."""
     fn()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured into a CUDA graph (after a warm-up that compiles and allocates); returns the replay.
+    Timing replays measures the GPU work of ``fn`` without the Python launch cost, for every implementation
+    alike (cuBLAS through F.linear pays a few microseconds of eager overhead too)."""
+    warm_up_for_capture(fn, torch.cuda.Stream())
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()

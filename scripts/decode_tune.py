@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
+from common import warm_up_for_capture  # noqa: E402  (benchmarks/common.py)
 
 from quick.kernels import jit, quick_mma  # noqa: E402
 from quick.kernels import quick_sm90 as sm  # noqa: E402
@@ -291,16 +292,10 @@ def graphed(fn):
     """fn captured into a CUDA graph after two warm-up calls (one on a side stream, as capture needs). Uses
     capture_begin/capture_end directly: torch.cuda.graph() also runs gc.collect() and empty_cache() on every
     capture, which made each of window 1's timings cost a good part of a second."""
-    fn()
-    torch.cuda.synchronize()
     if not _SIDE:
         _SIDE.append(torch.cuda.Stream())
     side = _SIDE[0]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    warm_up_for_capture(fn, side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         g.capture_begin()

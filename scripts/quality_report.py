@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,27 @@ PROMPTS = ("The capital of France is", "Water is made of")
 
 def _bos(auto: AutoQuickForCausalLM, mode: str) -> int | None:
     return bos_for(auto.tokenizer, mode)  # same rule as `quick eval`: auto = when the tokenizer adds BOS itself
+
+
+def eval_perplexity(
+    auto: AutoQuickForCausalLM, text: str, seqlen: int, max_tokens: int, bos_token_id: int | None, name: str
+) -> tuple[float, float]:
+    """``(perplexity, seconds)`` of the model on the held-out ``text`` (windows of ``seqlen``, at most
+    ``max_tokens`` tokens); the evaluation of this script, shared with ``scripts/quality_w4a8.py``."""
+    ids = tokenize_eval_text(auto.tokenizer, text)
+    start = time.perf_counter()
+    value = perplexity(auto.model, ids, seqlen=seqlen, max_tokens=max_tokens, bos_token_id=bos_token_id, desc=name)
+    return value, time.perf_counter() - start
+
+
+def run_stamp(model: str) -> dict:
+    """The head of a result file: model, date, torch version, host."""
+    return {
+        "model": str(model),
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "host": platform.processor() or platform.machine(),
+    }
 
 
 def main() -> None:
@@ -48,24 +70,13 @@ def main() -> None:
     qc = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
     text = load_eval_text("wiki")
     result: dict = {
-        "model": str(args.model),
-        "date": dt.date.today().isoformat(),
-        "torch": torch.__version__,
-        "host": platform.processor() or platform.machine(),
+        **run_stamp(args.model),
         "eval": {"data": "wiki held-out", "seqlen": args.seqlen, "max_tokens": args.max_tokens},
         "calibration": {"n_samples": args.n_samples, "seqlen": args.calib_seqlen},
     }
 
     def ppl(auto: AutoQuickForCausalLM, name: str) -> float:
-        ids = tokenize_eval_text(auto.tokenizer, text)
-        value = perplexity(
-            auto.model,
-            ids,
-            seqlen=args.seqlen,
-            max_tokens=args.max_tokens,
-            bos_token_id=_bos(auto, args.bos),
-            desc=name,
-        )
+        value, _ = eval_perplexity(auto, text, args.seqlen, args.max_tokens, _bos(auto, args.bos), name)
         print(f"{name}: perplexity {value:.3f}", flush=True)
         return value
 

@@ -14,24 +14,21 @@ here is measured in this run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from quick.auto import AutoQuickForCausalLM
 from quick.data.corpus import load_eval_text
-from quick.eval.perplexity import perplexity, tokenize_eval_text
 from quick.generation import generate_text
 from quick.nn.linear_w4a8 import QuickLinearW4A8
 from quick.quant.qqq import fake_quant_activations
 
-PROMPTS = ("The capital of France is", "Water is made of")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_report import PROMPTS, eval_perplexity, run_stamp  # noqa: E402  (the same evaluation)
 
 
 def _bos(auto: AutoQuickForCausalLM, mode: str) -> int | None:
@@ -163,10 +160,7 @@ def main() -> None:
 
     text = load_eval_text("wiki")
     result: dict = {
-        "model": str(args.model),
-        "date": dt.date.today().isoformat(),
-        "torch": torch.__version__,
-        "host": platform.processor() or platform.machine(),
+        **run_stamp(args.model),
         "threads": torch.get_num_threads(),
         "eval": {"data": "wiki held-out", "seqlen": args.seqlen, "max_tokens": args.max_tokens},
         "calibration": {
@@ -183,17 +177,8 @@ def main() -> None:
     out_path: Path | None = None
 
     def ppl(auto: AutoQuickForCausalLM, name: str) -> float:
-        ids = tokenize_eval_text(auto.tokenizer, text)
-        start = time.perf_counter()
-        value = perplexity(
-            auto.model,
-            ids,
-            seqlen=args.seqlen,
-            max_tokens=args.max_tokens,
-            bos_token_id=_bos(auto, args.bos),
-            desc=name,
-        )
-        print(f"{name}: perplexity {value:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        value, secs = eval_perplexity(auto, text, args.seqlen, args.max_tokens, _bos(auto, args.bos), name)
+        print(f"{name}: perplexity {value:.3f} ({secs:.0f} s)", flush=True)
         return value
 
     def write() -> None:
