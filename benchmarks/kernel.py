@@ -158,7 +158,8 @@ W4A8_IMPLS = ("quick_w4a8_channel", "quick_w4a8_group")
 
 
 def _w4a8_packed(p: dict, group: int) -> dict:
-    """Random W4A8 weights (full int4 range, group scales 1..127) packed in layout ``w4a8`` on the GPU."""
+    """Random W4A8 weights (full int4 range, group scales 1..16 as the quantizers write them) packed in layout
+    ``w4a8`` on the GPU."""
     key = ("w4a8", group)
     if key not in p:
         from quick.packing.layouts import pack_w4a8
@@ -168,7 +169,7 @@ def _w4a8_packed(p: dict, group: int) -> dict:
         gen = torch.Generator(device="cuda").manual_seed(k + n + group)
         q = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
         cs = torch.rand(n, generator=gen, device="cuda") * 1e-4 + 1e-5
-        gs = None if group < 0 else torch.randint(1, 128, (k // group, n), generator=gen, device="cuda")
+        gs = None if group < 0 else torch.randint(1, 17, (k // group, n), generator=gen, device="cuda")
         p[key] = pack_w4a8(W4A8Weight(q, cs, None if gs is None else gs.to(torch.int16), group))
     return p[key]
 
@@ -194,12 +195,14 @@ def register_w4a8_impls() -> list[str]:
     return list(W4A8_IMPLS)
 
 
-W4A8_SM90_IMPLS = ("quick_w4a8_sm90_channel", "quick_w4a8_sm90_group")
+W4A8_SM90_IMPLS = ("quick_w4a8_sm90_channel", "quick_w4a8_sm90_group", "quick_w4a8_sm90_group_fold")
 
 
 def register_w4a8_sm90_impls() -> list[str]:
     """Rows ``quick_w4a8_sm90_channel`` / ``_group``: the whole W4A8 op on the Hopper wgmma s8 kernel
-    (activation quantization + GEMM, layout ``w4a8_sm90``) on fp16 activations; sm_90 only."""
+    (activation quantization + GEMM, layout ``w4a8_sm90``) on fp16 activations; sm_90 only. ``_group`` runs the
+    widened kernel (the quantizers' scales <= 16), ``_group_fold`` the per-group fold that older checkpoints with
+    larger scales take, on the same weights."""
     try:
         from quick.kernels import quick_w4a8_sm90 as w8s
 
@@ -209,7 +212,7 @@ def register_w4a8_sm90_impls() -> list[str]:
         print(f"[bench] W4A8 sm90 not benchmarked: {type(e).__name__}: {e}")
         return []
 
-    def make(group: int):
+    def make(group: int, widen: bool = False):
         def f(p):
             key = ("w4a8_sm90", group)
             if key not in p:
@@ -217,12 +220,14 @@ def register_w4a8_sm90_impls() -> list[str]:
 
                 p[key] = pack_w4a8_sm90(unpack_w4a8(_w4a8_packed(p, group), group))  # the same weights
             w, x = p[key], _x(p, p["m"], torch.float16)
-            return lambda: w8s.gemm_w4a8_sm90(x, w["qweight"], w["channel_scale"], w.get("group_scale"), group)
+            gs = w.get("group_scale")
+            return lambda: w8s.gemm_w4a8_sm90(x, w["qweight"], w["channel_scale"], gs, group, widen=widen)
 
         return f
 
     common.register_impl(common.Impl("quick_w4a8_sm90_channel", "fp16", make(-1)))
-    common.register_impl(common.Impl("quick_w4a8_sm90_group", "fp16", make(128)))
+    common.register_impl(common.Impl("quick_w4a8_sm90_group", "fp16", make(128, widen=True)))
+    common.register_impl(common.Impl("quick_w4a8_sm90_group_fold", "fp16", make(128)))
     return list(W4A8_SM90_IMPLS)
 
 

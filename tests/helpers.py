@@ -96,12 +96,16 @@ def tiny_causal_lm(config_cls: type, **overrides: Any) -> torch.nn.Module:
 # -------------------------------------------------------------------------------------------------- W4A8
 
 
-def random_w4a8(k: int, n: int, group_size: int, seed: int = 0) -> W4A8Weight:
-    """Codes over the whole int4 range (incl. -8) and group scales over 1..127."""
+def random_w4a8(k: int, n: int, group_size: int, seed: int = 0, scale_max: int = 127) -> W4A8Weight:
+    """Codes over the whole int4 range (incl. -8) and group scales over 1..scale_max (16: the widenable ones)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     cs = torch.rand(n, generator=gen) * 0.01 + 1e-4
-    gs = torch.randint(1, 128, (k // group_size, n), generator=gen, dtype=torch.int16) if group_size > 0 else None
+    gs = (
+        torch.randint(1, scale_max + 1, (k // group_size, n), generator=gen, dtype=torch.int16)
+        if group_size > 0
+        else None
+    )
     return W4A8Weight(q, cs, gs, group_size)
 
 

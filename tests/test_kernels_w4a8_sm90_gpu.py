@@ -21,18 +21,27 @@ require_sm90("quick.kernels.quick_w4a8_sm90", "sm_90 W4A8 kernel")
 
 from quick.kernels import quick_w4a8_sm90 as w8  # noqa: E402
 
-GROUPS = [-1, 128]
+# Weight formats: per-channel; per group with scales up to 127 (the per-group fold); per group with scales <= 16
+# (what the quantizers write: the widened kernels run them).
+GROUPS = [-1, 128, "128w"]
 BOUND = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 _CACHE: dict = {}
 
 
-def _weights(k: int, n: int, g: int):
+def _fmt(g) -> tuple[int, int]:
+    """(group size, largest group scale) of a GROUPS entry."""
+    return (128, 16) if g == "128w" else (g, 127)
+
+
+def _weights(k: int, n: int, g):
     key = (k, n, g)
     if key not in _CACHE:
+        gsz, smax = _fmt(g)
         gen = torch.Generator().manual_seed(hash(key) % 2**31)
         q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-        cs = (torch.rand(n, generator=gen) * 0.75 + 0.25) * (2e-3 if g < 0 else 3e-5)
-        gs = torch.randint(1, 128, (k // g, n), generator=gen, dtype=torch.int16) if g > 0 else None
+        cs = (torch.rand(n, generator=gen) * 0.75 + 0.25) * (2e-3 if gsz < 0 else 3e-5 * 127 / smax)
+        gs = torch.randint(1, smax + 1, (k // gsz, n), generator=gen, dtype=torch.int16) if gsz > 0 else None
+        g = gsz
         w = W4A8Weight(q, cs, gs, g)
         wd = w.dequantize(torch.float64).cuda()
         _CACHE[key] = (w, {name: t.cuda() for name, t in pack_w4a8_sm90(w).items()}, wd)
@@ -53,13 +62,14 @@ def test_reference_helper_is_the_contract():
     assert torch.allclose(_reference(x, wd, b), w4a8_reference(x, w, b), rtol=1e-12, atol=0)
 
 
-def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, x=None):
+def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, x=None, widen=None):
     w, p, wd = _weights(k, n, g)
     if x is None:
         x = torch.randn(m, k, device="cuda").to(dtype)
     b = (torch.randn(n, device="cuda") * 0.1).to(dtype) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p.get("group_scale"), g, b, config, splits, out)
+    gsz = _fmt(g)[0]
+    w8.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p.get("group_scale"), gsz, b, config, splits, out, widen)
     torch.cuda.synchronize()
     return out, _reference(x, wd, b)
 
@@ -91,10 +101,31 @@ def test_model_shapes(kn, g, m):
 
 @pytest.mark.parametrize("g", GROUPS)
 def test_every_tile_and_split(g):
-    for cfg in w8.CONFIGS[g]:
+    gsz, smax = _fmt(g)
+    cfgs = [c for c in w8.CONFIGS[gsz] if smax <= 16 or not c.widen]  # widened variants need scales <= 16
+    for cfg in cfgs:
         for splits in (1, 5):
             out, ref = _run(300, 1408, 640, g, torch.float16, config=cfg, splits=splits)
             _check(out, ref, torch.float16)
+
+
+def test_widened_equals_folded_bitwise():
+    """On scales <= 16 the widened kernel (q * s_g in int8, one accumulator) and the per-group fold compute the
+    same exact integer sums: identical output bits, for every widened variant against the fold default."""
+    x = torch.randn(200, 1408, device="cuda").half()
+    ref, _ = _run(200, 1408, 640, "128w", torch.float16, config=w8.default_config(200, 128), x=x)
+    for cfg in w8.CONFIGS[128]:
+        if cfg.widen:
+            out, _ = _run(200, 1408, 640, "128w", torch.float16, config=cfg, x=x, widen=True)
+            assert torch.equal(out, ref), cfg
+
+
+def test_widened_config_refused_for_large_scales():
+    with pytest.raises(w8.W4A8Sm90Error, match="<= 16"):
+        _run(8, 384, 640, 128, torch.float16, config=w8.WIDEN_SMEMW[8])
+    # the automatic choice reads the scales and takes the fold for scales > 16
+    out, ref = _run(8, 384, 640, 128, torch.float16)
+    _check(out, ref, torch.float16)
 
 
 def test_quantization_bit_exact():
@@ -110,8 +141,9 @@ def test_quantization_bit_exact():
 def test_split_k_deterministic_and_exact():
     """Integer split-k partials are exact: any split count gives identical bits, run after run."""
     x = torch.randn(64, 8192, device="cuda").half()
-    outs = [_run(64, 8192, 1024, 128, torch.float16, splits=s, x=x)[0] for s in (1, 8, 8, 16)]
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for g in (128, "128w"):
+        outs = [_run(64, 8192, 1024, g, torch.float16, splits=s, x=x)[0] for s in (1, 8, 8, 16)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_non_finite_rows_stay_in_their_row():
@@ -126,13 +158,31 @@ def test_non_finite_rows_stay_in_their_row():
     _check(out[keep], ref, torch.float16)
 
 
-def test_op_and_dispatcher_entry():
-    w, p, _wd = _weights(1024, 512, 128)
+@pytest.mark.parametrize("g", [128, "128w"])
+def test_op_and_dispatcher_entry(g):
+    w, p, _wd = _weights(1024, 512, g)
+    widen = g == "128w"
     x = torch.randn(9, 1024, device="cuda").half()
-    y = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], None, 128)
+    y = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], None, 128, widen)
     _check(y, w4a8_reference(x, w), torch.float16)
-    y2 = w8.kernel_fn(x, p, 128)
+    y2 = w8.kernel_fn(x, p, 128, widen=widen)
     assert torch.equal(y, y2)
+
+
+def test_layer_widens_quantizer_output():
+    """A QQQ/RTN-quantized layer (scales <= 16) runs the widened kernel and matches the reference path."""
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+    lin = torch.nn.Linear(1024, 512, bias=True).half()
+    layer = QuickLinearW4A8.from_weight(lin.weight.data, 128, lin.bias, torch.float16, True, "w4a8_sm90").cuda()
+    assert layer.widen and layer.storage == "w4a8_sm90"
+    x = torch.randn(3, 7, 1024, device="cuda").half()
+    y = layer(x)
+    assert layer.last_path == "kernel"
+    layer.backend = "reference"
+    ref = layer(x)
+    err = float((y.double() - ref.double()).norm() / ref.double().norm())
+    assert err < 2e-3, err
 
 
 def test_bad_inputs_raise():

@@ -13,7 +13,7 @@ from quick.auto import AutoQuickForCausalLM, validate_quant_config
 from quick.checkpoint import CheckpointError, load_quantized, save_quantized
 from quick.models.families import active_groups, decoder_layers, get_family
 from quick.nn.linear_w4a8 import QuickLinearW4A8, integer_matmul, w4a8_layouts
-from quick.quant import qqq
+from quick.quant import qqq, w4a8_format
 from quick.quant.primitives import QuantizationError
 from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 
@@ -95,7 +95,9 @@ def test_rtn_grid_is_the_format(group_size):
     step = qw.channel_scale.double()[:, None].expand(64, 320)
     if group_size != -1:
         assert qw.group_scale.dtype == torch.int16 and int(qw.group_scale.min()) >= 1
-        assert int(qw.group_scale.max()) == 127  # the largest group uses the full int8 range of its row
+        # the largest group of a row gets s_g = 16: the most resolution with every q * s_g an int8
+        assert int(qw.group_scale.max()) == 16
+        assert w4a8_format.widens_to_int8(qw.group_scale)
         step = step * qw.group_scale.double().t().repeat_interleave(128, dim=1)[:, :320]
     assert torch.all((deq - w.double()).abs() <= 0.5 * step * (1 + 2e-3) + 1e-6)
     assert rel(deq, w) < 0.15
@@ -215,6 +217,33 @@ def test_linear_matches_float64_reference(group_size, pack):
     out64 = mod(x.double())
     assert rel(out64, ref) < 1e-13
     assert rel(out, x @ w.t() + bias) < 0.2  # and it is a sane approximation of the float layer
+
+
+def test_layer_widen_flag_follows_its_scales():
+    """Layers know whether q * s_g fits int8 (scales <= 16) without reading scales at forward time, keep it
+    right across load_state_dict, and hand it to kernels that take it."""
+    rtn = QuickLinearW4A8.from_weight(torch.randn(64, 256), 128, pack=None, layout="w4a8_sm90")
+    assert rtn.widen and not QuickLinearW4A8.from_weight(torch.randn(64, 256), -1).widen
+    gen = torch.Generator().manual_seed(3)
+    big = W4A8Weight(
+        torch.randint(-8, 8, (64, 256), generator=gen, dtype=torch.int8),
+        torch.rand(64, generator=gen) + 0.1,
+        torch.randint(17, 128, (2, 64), generator=gen, dtype=torch.int16),
+        128,
+    )
+    old = QuickLinearW4A8(big, pack=None, layout="w4a8_sm90")
+    assert not old.widen
+    old.load_state_dict(rtn.state_dict())
+    assert old.widen
+    rtn.load_state_dict(QuickLinearW4A8(big, pack=None, layout="w4a8_sm90").state_dict())
+    assert not rtn.widen
+    seen = {}
+
+    def fake_kernel(x2d, packed, group_size, *, widen=False):
+        seen["widen"] = widen
+        return x2d.new_zeros(x2d.shape[0], 64)
+
+    assert old._run_kernel(fake_kernel, torch.randn(3, 256)).shape == (3, 64) and seen["widen"] is True
 
 
 def test_integer_matmul_is_exact():

@@ -62,16 +62,40 @@ def q1_regs(w0: int, w1: int) -> list[int]:
     return [f(w0), f(w0 >> 4), f(w1), f(w1 >> 4)]
 
 
-@pytest.mark.parametrize("q1", [False, True])
+def widen_regs(w0: int, w1: int, s0: int, s1: int) -> list[int]:
+    """The kernel's QW_WIDEN conversion (int8 q * s_g): u = c ^ 8 = q + 8 per nibble, one multiply of the packed
+    bytes u by s plus (128 - 8 s) per byte (no carry: at most 240), ^ 0x80; s0 for rows lane/4, s1 for + 8."""
+    u0, u1 = w0 ^ 0x88888888, w1 ^ 0x88888888
+
+    def f(u: int, s: int) -> int:
+        return (((u & 0x0F0F0F0F) * s + (128 - 8 * s) * 0x01010101) & 0xFFFFFFFF) ^ 0x80808080
+
+    return [f(u0, s0), f(u0 >> 4, s1), f(u1, s0), f(u1 >> 4, s1)]
+
+
+@pytest.mark.parametrize("s", [1, 2, 7, 15, 16])
+def test_widen_bytes_have_no_carry(s):
+    """Every code c in [0, 16) and scale s <= 16 in every byte position: the widened byte is exactly q * s."""
+    for c in range(16):
+        q = c - 16 if c >= 8 else c
+        word = sum(c << (4 * i) for i in range(8))  # all eight nibbles = c
+        for reg in widen_regs(word, word, s, s):
+            assert to_i8_bytes(reg) == [q * s] * 4
+
+
+@pytest.mark.parametrize("conv", ["16q", "q1", "widen"])
 @pytest.mark.parametrize("group_size", [-1, 128])
-def test_thread_emulation_matches_ptx_fragment(group_size, q1):
+def test_thread_emulation_matches_ptx_fragment(group_size, conv):
     """Every thread of every consumer warp, as the kernel does it: its 32 bytes of a k128 row at
     qweight_u4[row][(nb/16 + warp)*64 + 2*lane + {0, 1}], registers a[j] = words (2j, 2j+1) converted with
     (w << 4) & 0xF0F0F0F0 / w & 0xF0F0F0F0 (int8 = 16 q), each byte placed where the PTX fragment says; the
     group scales by one 2-byte load at byte offset nb + 16*warp + 2*(lane/4). Must rebuild q and s_g exactly."""
+    if conv == "widen" and group_size < 0:
+        pytest.skip("widening applies to per-group scales")
     k, n = 256, 128
-    w = random_w4a8(k, n, group_size, seed=5)
+    w = random_w4a8(k, n, group_size, seed=5, scale_max=16 if conv == "widen" else 127)
     p = pack_w4a8_sm90(w)
+    q1 = conv == "q1"
     words = p["qweight"].reshape(k // 128, -1).tolist()
     rebuilt = torch.full((n, k), 99, dtype=torch.int32)
     sg_rebuilt = torch.zeros(k // 128, n, dtype=torch.int32) if group_size > 0 else None
@@ -82,20 +106,29 @@ def test_thread_emulation_matches_ptx_fragment(group_size, q1):
                 lw = [words[step][base + i] & 0xFFFFFFFF for i in range(8)]
                 for j in range(4):  # k32 step
                     w0, w1 = lw[2 * j], lw[2 * j + 1]
+                    lo = hi = 1
+                    if group_size > 0:  # the lane's 2-byte group-scale load: rows lane/4 and lane/4 + 8
+                        gsb = p["group_scale"].view(torch.uint8)[step].tolist()
+                        off = blk * 16 + 2 * (lane // 4)
+                        lo, hi = gsb[off], gsb[off + 1]
+                        sg_rebuilt[step, 16 * blk + lane // 4] = lo
+                        sg_rebuilt[step, 16 * blk + lane // 4 + 8] = hi
                     regs = [(w0 << 4) & 0xF0F0F0F0, w0 & 0xF0F0F0F0, (w1 << 4) & 0xF0F0F0F0, w1 & 0xF0F0F0F0]
                     if q1:
                         regs = q1_regs(w0, w1)
+                    elif conv == "widen":
+                        regs = widen_regs(w0, w1, lo, hi)
                     for r, reg in enumerate(regs):
                         for e, v in enumerate(to_i8_bytes(reg)):
-                            assert q1 or v % 16 == 0
                             row, kk = ptx_wgmma_a_s8(lane, r, e)
-                            rebuilt[16 * blk + row, 128 * step + 32 * j + kk] = v if q1 else v // 16
-                if group_size > 0:
-                    gsb = p["group_scale"].view(torch.uint8)[step].tolist()
-                    off = blk * 16 + 2 * (lane // 4)
-                    lo, hi = gsb[off], gsb[off + 1]
-                    sg_rebuilt[step, 16 * blk + lane // 4] = lo
-                    sg_rebuilt[step, 16 * blk + lane // 4 + 8] = hi
+                            if conv == "widen":  # q * s_g of this row's group scale
+                                sg = lo if r % 2 == 0 else hi
+                                assert v % sg == 0
+                                v //= sg
+                            elif not q1:
+                                assert v % 16 == 0
+                                v //= 16
+                            rebuilt[16 * blk + row, 128 * step + 32 * j + kk] = v
     assert torch.equal(rebuilt, w.q.to(torch.int32))
     if group_size > 0:
         assert torch.equal(sg_rebuilt, w.group_scale.to(torch.int32))
@@ -144,17 +177,32 @@ def test_plan_and_configs():
                 assert 1 <= p.grid <= 132 and p.n_tiles * cfg.nwg * 64 >= n and p.m_tiles * cfg.nt >= m
     for _src, _name, d in w8.VARIANTS:
         cfg = w8.W4A8Sm90Config(
-            d["QW_NT"], d["QW_NWG"], d["QW_STAGES"], d["QW_PREF"], d["QW_PIPE"], d["QW_ORDER"], d["QW_Q1"]
+            d["QW_NT"],
+            d["QW_NWG"],
+            d["QW_STAGES"],
+            d["QW_PREF"],
+            d["QW_PIPE"],
+            d["QW_ORDER"],
+            d["QW_Q1"],
+            d["QW_WIDEN"],
         )
         assert cfg.smem_bytes(128 if d["QW_GROUP"] else -1) <= w8.SMEM_LIMIT
+        assert not cfg.widen or d["QW_GROUP"]  # widening is a per-group variant
+        if d["QW_GROUP"] and not cfg.widen:
+            assert cfg.nt in w8.GROUP_TILES  # a partial set next to 256 tokens of accumulators spills
     assert {d["QW_GROUP"] for _s, _n, d in w8.VARIANTS} == {0, 1}
-    for name, g in (("channel", -1), ("group", 128)):
+    assert {d["QW_WIDEN"] for _s, _n, d in w8.VARIANTS if d["QW_GROUP"]} == {0, 1}
+    for name, g in (("channel", -1), ("group", 128), ("group_widen", 128)):
         for _bound, cfg, _rounds in w8.TUNED[name]:
             assert cfg in w8.CONFIGS[g]  # every tuned config is in the compile check
-    for g in (-1, 128):
+            assert bool(cfg.widen) == (name == "group_widen")
+    for g, widen in ((-1, False), (128, False), (128, True)):
         for m in (1, 16, 64, 256, 1024, 4096):
-            assert w8.default_config(m, g) in w8.candidates(m, g)
-            assert all(c in w8.CONFIGS[g] for c in w8.candidates(m, g))
+            assert w8.default_config(m, g, widen) in w8.candidates(m, g, widen)
+            assert all(c in w8.CONFIGS[g] for c in w8.candidates(m, g, widen))
+            assert all(bool(c.widen) == widen for c in w8.candidates(m, g, widen))
+            assert bool(w8.tuned_config(m, g, widen)[0].widen) == widen
+    assert w8.default_config(4096, 128, widen=True).nt == 256 and w8.default_config(4096, 128).nt == 128
 
 
 def test_validate_errors():
@@ -203,6 +251,8 @@ def test_fake_impl_shapes():
         (w8.ORDERED[128], 128),
         (w8.ORDERED_Q1[128], 128),
         (w8.ORDERED[256], -1),
+        (w8.WIDEN_SMEMW[256], 128),
+        (w8.WIDEN_RING[8], 128),
     ],
 )
 def test_ptxas_no_spills_no_serialization(cfg, group):

@@ -13,14 +13,14 @@ This module: validation, the TMA map, tile/split-k plan, compile variants (``VAR
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from quick.kernels import jit
 from quick.kernels.quick_sm90 import _aligned_desc, _counters, choose_splits, num_sms
 from quick.quant.primitives import SUPPORTED_DTYPES
-from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS
+from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
 
 SOURCE = "quick_w4a8_sm90.cu"
 KERNEL = "quick_w4a8_sm90_gemm"
@@ -52,6 +52,9 @@ class W4A8Sm90Config:
     pipe: int = 0
     order: int = 0  # two consumer warpgroups issue their wgmmas in turn (QW_ORDER)
     q1: int = 0  # per group: int8 weights q instead of 16 q (QW_Q1: no shift in the per-group fold)
+    # per group with every s_g <= 16 (QW_WIDEN): weights widened to the int8 q * s_g in registers, one int32
+    # accumulator for all groups (QQQ's design): no per-group partials, fold or wgmma drain per k128 step.
+    widen: int = 0
 
     def smem_bytes(self, group_size: int = -1) -> int:
         """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
@@ -73,6 +76,7 @@ class W4A8Sm90Config:
             "QW_PIPE": self.pipe,
             "QW_ORDER": self.order,
             "QW_Q1": self.q1,
+            "QW_WIDEN": self.widen,
         }
 
 
@@ -93,25 +97,37 @@ SMEMW = {
 ORDERED = {nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3, order=1) for nt, st in ((64, 8), (128, 6), (256, 3))}
 # Per group, ordered and with q (not 16 q) weights: the fold is one IMAD per accumulator.
 ORDERED_Q1 = {nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3, order=1, q1=1) for nt, st in ((64, 8), (128, 6))}
+# Per group with s_g <= 16 (what the quantizers write): the per-channel pipelines with the weights widened to
+# q * s_g in registers; no partial set, so every token tile up to 256 fits.
+WIDEN_SMEMW = {nt: replace(c, widen=1) for nt, c in SMEMW.items()}
+WIDEN_RING = {nt: replace(c, widen=1) for nt, c in RING.items()}
+WIDEN_ORDERED = {nt: replace(c, widen=1) for nt, c in ORDERED.items()}
 
 
-def default_config(m: int, group_size: int = -1) -> W4A8Sm90Config:
-    """Pipeline 3 with the smallest token tile that holds M (up to 256 per-channel, 128 per group)."""
-    tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
+def token_tiles(group_size: int, widen: bool = False) -> tuple[int, ...]:
+    """Token tiles a weight format can take: per group with a partial set (no widening) stops at 128."""
+    return GROUP_TILES if group_size > 0 and not widen else TOKEN_TILES
+
+
+def default_config(m: int, group_size: int = -1, widen: bool = False) -> W4A8Sm90Config:
+    """Pipeline 3 with the smallest token tile that holds M (up to 256; 128 per group without widening)."""
+    tiles = token_tiles(group_size, widen)
     nt = next((t for t in tiles if t >= m), tiles[-1])
-    return SMEMW[nt]
+    return WIDEN_SMEMW[nt] if widen and group_size > 0 else SMEMW[nt]
 
 
-def candidates(m: int, group_size: int = -1) -> list[W4A8Sm90Config]:
+def candidates(m: int, group_size: int = -1, widen: bool = False) -> list[W4A8Sm90Config]:
     """Configs worth timing for batch size M (the sweep of scripts/w4a8_sm90_check.py)."""
-    tiles = GROUP_TILES if group_size > 0 else TOKEN_TILES
-    d = default_config(m, group_size)
-    out = [d, RING[d.nt]]
+    widen = widen and group_size > 0
+    tiles = token_tiles(group_size, widen)
+    smemw, ring, ordered = (WIDEN_SMEMW, WIDEN_RING, WIDEN_ORDERED) if widen else (SMEMW, RING, ORDERED)
+    d = default_config(m, group_size, widen)
+    out = [d, ring[d.nt]]
     if m >= 256:  # the next smaller tile too (more CTAs, less register pressure)
-        out += [SMEMW[t] for t in tiles if t == d.nt // 2]
-    if d.nt in ORDERED:
-        out.append(ORDERED[d.nt])
-    if group_size > 0 and d.nt in ORDERED_Q1:
+        out += [smemw[t] for t in tiles if t == d.nt // 2]
+    if d.nt in ordered:
+        out.append(ordered[d.nt])
+    if group_size > 0 and not widen and d.nt in ORDERED_Q1:
         out.append(ORDERED_Q1[d.nt])
     return list(dict.fromkeys(out))
 
@@ -135,14 +151,28 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
         (2048, SMEMW[128], None),  # M = 256: 43.9 (nt 64: 57.9); M = 1024: 158.9 (ordered 160.8, nt 64: 214.9)
         (1 << 30, ORDERED[128], None),  # M = 4096: 616.5 (plain 643.4, ordered + q 630.6, nt 64: 830.3)
     ],
+    # Widened per-group weights run the per-channel pipeline plus one IMAD per register: the per-channel choices
+    # until a sweep of the widened variants says otherwise.
+    "group_widen": [
+        (8, WIDEN_SMEMW[8], None),
+        (32, WIDEN_SMEMW[16], None),
+        (128, WIDEN_SMEMW[64], None),
+        (512, WIDEN_SMEMW[128], None),
+        (1 << 30, WIDEN_SMEMW[256], None),
+    ],
 }
 
 
+def tuned_key(group_size: int, widen: bool) -> str:
+    return "channel" if group_size < 0 else ("group_widen" if widen else "group")
+
+
 def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
-    ok = (lambda c: c.nt in GROUP_TILES) if group_size > 0 else (lambda c: True)
+    """Every variant the compile check builds and the GPU tests run for a group size (widened ones included)."""
+    ok = (lambda c: c.widen or c.nt in GROUP_TILES) if group_size > 0 else (lambda c: True)
     cfgs = [*RING.values(), *SMEMW.values(), *ORDERED.values()]
     if group_size > 0:
-        cfgs += ORDERED_Q1.values()
+        cfgs += [*ORDERED_Q1.values(), *WIDEN_SMEMW.values(), *WIDEN_RING.values(), *WIDEN_ORDERED.values()]
     return [c for c in dict.fromkeys(cfgs) if ok(c)]
 
 
@@ -319,11 +349,11 @@ def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return quick_w4a8.quantize_activations_cuda(x)
 
 
-def tuned_config(m: int, group_size: int) -> tuple[W4A8Sm90Config, int | None]:
-    for bound, cfg, rounds in TUNED["group" if group_size > 0 else "channel"]:
+def tuned_config(m: int, group_size: int, widen: bool = False) -> tuple[W4A8Sm90Config, int | None]:
+    for bound, cfg, rounds in TUNED[tuned_key(group_size, widen)]:
         if m <= bound:
             return cfg, rounds
-    return default_config(m, group_size), None
+    return default_config(m, group_size, widen), None
 
 
 def gemm_w4a8_sm90_q(
@@ -339,16 +369,25 @@ def gemm_w4a8_sm90_q(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     rounds: int | None = None,
+    widen: bool = False,
 ) -> torch.Tensor:
-    """The GEMM on already quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]); [M, N] in out_dtype."""
+    """The GEMM on already quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]); [M, N] in out_dtype.
+
+    ``widen``: the caller vouches that every group scale is <= 16 (``w4a8_format.widens_to_int8``), which lets
+    the widened variants run; a widened ``config`` without it is refused (it would compute wrong sums)."""
     m, k = xq.shape
     n = channel_scale.shape[0]
     dev = xq.device
+    widen = bool(widen) and group_size > 0
     cfg = config
     if cfg is None:
-        cfg, rounds = tuned_config(m, group_size)
-    if group_size > 0 and cfg.nt not in GROUP_TILES:
-        raise W4A8Sm90Error(f"per-group weights take token tiles {GROUP_TILES}, got {cfg.nt}")
+        cfg, rounds = tuned_config(m, group_size, widen)
+    if group_size > 0 and cfg.widen and not widen:
+        raise W4A8Sm90Error(
+            f"config {cfg} widens q * s_g to int8, which needs every group scale <= {WIDEN_GROUP_SCALE_MAX}"
+        )
+    if group_size > 0 and cfg.nt not in token_tiles(group_size, bool(cfg.widen)):
+        raise W4A8Sm90Error(f"per-group weights without widening take token tiles {GROUP_TILES}, got {cfg.nt}")
     smem = cfg.smem_bytes(group_size)
     if smem > SMEM_LIMIT:
         raise W4A8Sm90Error(f"config {cfg} needs {smem} bytes of shared memory (limit {SMEM_LIMIT})")
@@ -399,11 +438,13 @@ def gemm_w4a8_sm90(
     config: W4A8Sm90Config | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    widen: bool | None = None,
 ) -> torch.Tensor:
     """``y = W4A8(x)`` (activation quantization + GEMM) with weights in layout ``w4a8_sm90``; [M, N] in x's dtype.
 
     ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` lets tests hand in a poisoned
-    buffer.
+    buffer. ``widen``: whether every group scale is <= 16 (the widened kernels then apply); ``None`` reads the
+    scales (one device sync: layers pass the flag they computed at load time instead).
     """
     m, n, k = validate(x, qweight, channel_scale, group_scale, group_size, bias)
     if x.device.type != "cuda":
@@ -413,8 +454,12 @@ def gemm_w4a8_sm90(
     qweight, channel_scale = qweight.contiguous(), channel_scale.contiguous()
     group_scale = group_scale.contiguous() if group_scale is not None else None
     bias = bias.contiguous() if bias is not None else None
+    if widen is None:
+        widen = group_size > 0 and widens_to_int8(group_scale)
     xq, sx = quantize_activations_sm90(x)
-    return gemm_w4a8_sm90_q(xq, sx, qweight, channel_scale, group_scale, group_size, bias, x.dtype, config, splits, out)
+    return gemm_w4a8_sm90_q(
+        xq, sx, qweight, channel_scale, group_scale, group_size, bias, x.dtype, config, splits, out, widen=widen
+    )
 
 
 # ------------------------------------------------------------------------------ torch.library op + dispatcher
@@ -433,11 +478,12 @@ def _define_op() -> None:
         group_scale: torch.Tensor | None,
         bias: torch.Tensor | None,
         group_size: int,
+        widen: bool = False,
     ) -> torch.Tensor:
-        return gemm_w4a8_sm90(x, qweight, channel_scale, group_scale, group_size, bias)
+        return gemm_w4a8_sm90(x, qweight, channel_scale, group_scale, group_size, bias, widen=widen)
 
     @_op.register_fake
-    def _(x, qweight, channel_scale, group_scale, bias, group_size):
+    def _(x, qweight, channel_scale, group_scale, bias, group_size, widen=False):
         validate(x, qweight, channel_scale, group_scale, group_size, bias)
         return x.new_empty((x.shape[0], channel_scale.shape[0]))
 
@@ -448,8 +494,11 @@ except (RuntimeError, AttributeError):  # already defined by an earlier import o
     pass
 
 
-def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller).
+def kernel_fn(
+    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, *, widen: bool = False
+) -> torch.Tensor:
+    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size, widen=...) -> out2d`` (bias is added by the caller;
+    ``widen``: every group scale <= 16, known to the layer from its weights, so no call reads them).
 
     The layout admits N multiples of 16, the kernel needs multiples of 64: such layers take the float64-free
     dequantize + matmul path (W4A8 arithmetic emulated in float32) instead of failing."""
@@ -465,7 +514,7 @@ def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: in
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
         x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
     return torch.ops.quick.gemm_w4a8_sm90(
-        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size
+        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size, widen
     )
 
 

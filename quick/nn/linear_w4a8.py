@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight, quantize_activations, validate_w4a8
+from quick.quant.w4a8_format import (
+    SUPPORTED_W4A8_GROUPS,
+    W4A8Weight,
+    quantize_activations,
+    validate_w4a8,
+    widens_to_int8,
+)
 
 BACKENDS = ("auto", "reference", "kernel")
 UNPACKED = "unpacked"
@@ -174,10 +180,20 @@ class QuickLinearW4A8(nn.Module):
         self.last_path: str | None = None  # "kernel" or "reference": what the last forward ran
         self._kernel_error: str | None = None
         self._cache: tuple | None = None
+        # Every q * s_g fits int8 (group scales <= 16, what the quantizers write): kernels may widen the weights
+        # in registers and skip the per-group fold. Known here, so no forward has to read the scales.
+        self.widen = weight.group_scale is not None and widens_to_int8(weight.group_scale)
         tensors, self.storage = self._to_storage(weight, pack, layout)
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.register_load_state_dict_post_hook(QuickLinearW4A8._refresh_widen)
+
+    @staticmethod
+    def _refresh_widen(module: QuickLinearW4A8, _incompatible) -> None:
+        """``load_state_dict`` may bring other group scales: recompute the widening flag from them."""
+        gs = module.weight().group_scale
+        module.widen = gs is not None and widens_to_int8(gs)
 
     @staticmethod
     def _to_storage(weight: W4A8Weight, pack: bool | None, layout: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -318,12 +334,14 @@ class QuickLinearW4A8(nn.Module):
     def _run_kernel(self, fn, x2d: torch.Tensor) -> torch.Tensor:
         """Call ``fn(x2d, packed, group_size[, bias])``; the bias is added here if the kernel takes none."""
         try:
-            takes_bias = len(inspect.signature(fn).parameters) >= 4
+            params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
-            takes_bias = False
-        if takes_bias:
-            return fn(x2d, self.stored(), self.group_size, self.bias)
-        out = fn(x2d, self.stored(), self.group_size)
+            params = {}
+        kw = {"widen": self.widen} if "widen" in params else {}
+        positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) >= 4:
+            return fn(x2d, self.stored(), self.group_size, self.bias, **kw)
+        out = fn(x2d, self.stored(), self.group_size, **kw)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:

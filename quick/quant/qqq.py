@@ -13,9 +13,9 @@ then absorbs the extra 4-bit rounding error by updating the not-yet-quantized co
 * **GPTQ** (Frantar et al. 2022) on ``H = X^T X`` of the smoothed calibration inputs (the factor 2/T of
   ``2 X^T X / T`` cancels), 1 % dampening, optional act-order, blocks of 128 columns, upper Cholesky factor of
   ``H^-1``. Per-channel: ``W = s_ch * q``. Per-group (QQQ's two levels): the channel scale is fixed first
-  from the whole row (``amax / 7.5 / 127``), and each group's *integer* scale ``s_g in [1, 127]`` is chosen when
-  the sweep reaches the group, from the error-updated weights, so ``W = s_ch * s_g * q`` exactly as
-  :mod:`quick.quant.w4a8_format` stores it.
+  from the whole row (``amax / 7.5 / 16``), and each group's *integer* scale ``s_g in [1, 16]`` is chosen when
+  the sweep reaches the group (16 levels as in QQQ: ``q * s_g`` is an int8, which the kernels use), from the
+  error-updated weights, so ``W = s_ch * s_g * q`` exactly as :mod:`quick.quant.w4a8_format` stores it.
 * **RTN** (no calibration): the same two-level grid with round-to-nearest, for quick tests.
 
 The calibration capture (first-layer inputs, per-layer kwargs) and the scale folding are AWQ's
@@ -47,10 +47,10 @@ from quick.quant.awq import (
 )
 from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError
 from quick.quant.w4a8_format import (
-    GROUP_SCALE_MAX,
     QMAX,
     QMIN,
     SUPPORTED_W4A8_GROUPS,
+    WIDEN_GROUP_SCALE_MAX,
     W4A8Weight,
     quantize_activations,
 )
@@ -87,22 +87,22 @@ def padded_k_w4a8(k: int, group_size: int) -> int:
 
 
 def channel_scale_for(amax_row: torch.Tensor, group_size: int) -> torch.Tensor:
-    """First-level (float) scale per output row: the int4 step itself per-channel, 1/127 of the largest group
-    step per-group (so that the largest group gets ``s_g = 127``, the full int8 resolution)."""
+    """First-level (float) scale per output row: the int4 step itself per-channel, 1/16 of the largest group
+    step per-group (so that the largest group gets ``s_g = 16``: the most resolution with ``q * s_g`` in int8)."""
     step = amax_row.float() * STEP_PER_AMAX
     if group_size != -1:
-        step = step / GROUP_SCALE_MAX
+        step = step / WIDEN_GROUP_SCALE_MAX
     return step.clamp(min=_TINY)
 
 
 def group_scale_for(amax_group: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
-    """Second-level integer scale ``ceil(step / s_ch)`` in ``[1, 127]`` for groups' ``amax [..., N]``.
+    """Second-level integer scale ``ceil(step / s_ch)`` in ``[1, 16]`` for groups' ``amax [..., N]``.
 
     Rounding up keeps every weight of the group within half a step of the grid (rounding to nearest would clip
     the group's largest weights by up to half a unit of ``s_g``, a lot for small ``s_g``); the 1e-3 slack stops
     float noise from adding a whole unit."""
     step = amax_group.float() * STEP_PER_AMAX
-    return torch.ceil(step / channel_scale - 1e-3).clamp(1, GROUP_SCALE_MAX)
+    return torch.ceil(step / channel_scale - 1e-3).clamp(1, WIDEN_GROUP_SCALE_MAX)
 
 
 def _round_q(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

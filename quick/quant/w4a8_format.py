@@ -8,7 +8,11 @@ One contract shared by the quantization algorithms (``quick.quant.qqq``), the pa
 * **Weights**, ``q[N, K]`` signed int4 in ``[-8, 7]`` (stored in an int8 tensor before packing) with
   - per-channel (``group_size == -1``): ``W[n, k] = s_ch[n] * q[n, k]``;
   - per-group (``group_size == 128`` etc.): a second-level *integer* group scale ``s_g[K/G, N]`` in
-    ``[1, 127]`` (QQQ's int8 level), ``W[n, k] = s_ch[n] * s_g[k // G, n] * q[n, k]``.
+    ``[1, 127]`` (QQQ's int8 level), ``W[n, k] = s_ch[n] * s_g[k // G, n] * q[n, k]``. The quantizers write
+    ``s_g <= 16`` (:data:`WIDEN_GROUP_SCALE_MAX`): then every ``q * s_g`` is itself an int8 (``-8 * 16 = -128``),
+    so a kernel widens the int4 codes to ``q * s_g`` in registers and sums all groups in one int32 accumulator
+    (QQQ's kernel design), with no per-group rescaling; larger scales (accepted for older checkpoints) take the
+    per-group fold.
 * **Product**: ``y[m, n] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] * s_g[k // G, n]`` (+ bias[n]). The sum
   is an exact integer (int32 accumulation cannot overflow for K <= 32768 with these ranges), so kernels that
   scale per-group int32 partials and kernels that widen ``q * s_g`` to int8 first agree bit for bit before the
@@ -23,6 +27,9 @@ import torch
 
 QMIN, QMAX = -8, 7
 GROUP_SCALE_MAX = 127
+# Largest group scale with q * s_g in int8 for every code q in [-8, 7]: what the quantizers produce, and what lets
+# the kernels widen the weights to int8 in registers instead of folding per group.
+WIDEN_GROUP_SCALE_MAX = 16
 SUPPORTED_W4A8_GROUPS = (-1, 128)
 
 
@@ -78,6 +85,11 @@ def validate_w4a8(w: W4A8Weight) -> None:
         )
     if w.group_scale.numel() and (int(w.group_scale.min()) < 1 or int(w.group_scale.max()) > GROUP_SCALE_MAX):
         raise ValueError(f"group_scale values must lie in [1, {GROUP_SCALE_MAX}]")
+
+
+def widens_to_int8(group_scale: torch.Tensor | None) -> bool:
+    """True when ``q * s_g`` fits int8 for every code (all scales <= :data:`WIDEN_GROUP_SCALE_MAX`)."""
+    return group_scale is None or group_scale.numel() == 0 or int(group_scale.max()) <= WIDEN_GROUP_SCALE_MAX
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

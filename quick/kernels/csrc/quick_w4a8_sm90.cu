@@ -29,7 +29,9 @@
 // k128 steps; per load group for QW_PIPE 1/2), QW_GROUP (0 per-channel, 1 group size 128), QW_BF16 (output / x
 // dtype), QW_PIPE (weight pipeline: 0 ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads, 3 bulk
 // copies into the shared-memory stages next to x), QW_ORDER (two consumer warpgroups issue their wgmmas in turn),
-// QW_Q1 (per group: int8 weights q instead of 16 q, no shift in the fold).
+// QW_Q1 (per group: int8 weights q instead of 16 q, no shift in the fold), QW_WIDEN (per group with every group
+// scale <= 16: the weights are widened to the int8 q * s_g in registers and all groups share one int32
+// accumulator, QQQ's design: no per-group partials, no fold, no wgmma drain per k128 step).
 
 #include <cstdint>
 
@@ -61,6 +63,9 @@
 #endif
 #ifndef QW_Q1
 #define QW_Q1 0
+#endif
+#ifndef QW_WIDEN
+#define QW_WIDEN 0
 #endif
 #if QW_PIPE == 2
 // ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
@@ -97,7 +102,9 @@ constexpr int CONSUMER_REGS = 232;
 // ping-pong schedule), so one warpgroup's fold / conversion overlaps the other's tensor-core work instead of
 // both waiting on the same stage and then folding in lockstep.
 constexpr bool ORDER = QW_ORDER != 0 && NWG == 2;
-constexpr bool Q1 = QW_Q1 != 0 && GROUP;
+constexpr bool WIDEN = QW_WIDEN != 0 && GROUP;
+constexpr bool FOLD = GROUP && !WIDEN;  // per-group partial sums folded after every k128 step
+constexpr bool Q1 = QW_Q1 != 0 && FOLD;
 // QW_PIPE 3: the producer also bulk-copies each stage's weights (the CTA's n16 x k128 blocks are one contiguous
 // NWG * 4 KB range of a k128 row, already in fragment order) and group scales into shared memory.
 constexpr bool SMEM_W = QW_PIPE == 3;
@@ -261,6 +268,22 @@ __device__ __forceinline__ void convert_step(uint32_t w0, uint32_t w1, uint32_t 
     a[2] = (w1 << 4) & 0xF0F0F0F0u;
     a[3] = w1 & 0xF0F0F0F0u;
   }
+}
+
+// QW_WIDEN: two raw words -> the four A registers as int8 q * s_g (s_g <= 16; s0 for rows lane/4, s1 for
+// lane/4 + 8). Per byte u = q + 8 = c ^ 8 in [0, 15]; u * s + (128 - 8 s) = q * s + 128 in [0, 240]: one IMAD
+// on the packed word with no carry between bytes; ^ 0x80 gives q * s in two's complement.
+__device__ __forceinline__ uint32_t widen_bytes(uint32_t u, uint32_t s, uint32_t c) {
+  return (u * s + c) ^ 0x80808080u;
+}
+
+__device__ __forceinline__ void convert_step_widen(uint32_t w0, uint32_t w1, uint32_t (&a)[4], uint32_t s0,
+                                                   uint32_t c0, uint32_t s1, uint32_t c1) {
+  const uint32_t u0 = w0 ^ 0x88888888u, u1 = w1 ^ 0x88888888u;
+  a[0] = widen_bytes(u0 & 0x0F0F0F0Fu, s0, c0);
+  a[1] = widen_bytes((u0 >> 4) & 0x0F0F0F0Fu, s1, c1);
+  a[2] = widen_bytes(u1 & 0x0F0F0F0Fu, s0, c0);
+  a[3] = widen_bytes((u1 >> 4) & 0x0F0F0F0Fu, s1, c1);
 }
 
 template <int N>
@@ -467,9 +490,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
   int32_t acc[ACC];
   // Per group: the partial sum of the current stage (= group) and the group scales of the two A buffers.
-  int32_t part[GROUP ? ACC : 1];
+  int32_t part[FOLD ? ACC : 1];
 #pragma unroll
-  for (int i = 0; i < (GROUP ? ACC : 1); ++i) part[i] = 0;
+  for (int i = 0; i < (FOLD ? ACC : 1); ++i) part[i] = 0;
   int32_t sgk[2][2] = {};
   uint32_t a_frag[2][4][4];
 
@@ -514,23 +537,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       if constexpr (GROUP) ldg_u16(rs, sgbase + static_cast<size_t>(s0 + step) * N + dep, p);
     };
     auto convert = [&](const uint32_t(&r)[8], const uint32_t rs, uint32_t(&a)[4][4], int32_t(&sg)[2]) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        convert_step(r[2 * j], r[2 * j + 1], a[j]);
-        // Materialize here: NVVM would otherwise sink the masks past the next wgmma.fence (C7519).
-#pragma unroll
-        for (int i = 0; i < 4; ++i) fence_reg(a[j][i]);
-      }
       if constexpr (GROUP) {
         sg[0] = static_cast<int8_t>(rs & 0xFFu);
         sg[1] = static_cast<int8_t>((rs >> 8) & 0xFFu);
+      }
+      const uint32_t s0 = static_cast<uint32_t>(sg[0]), s1 = static_cast<uint32_t>(sg[1]);
+      const uint32_t c0 = (128u - 8u * s0) * 0x01010101u, c1 = (128u - 8u * s1) * 0x01010101u;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (WIDEN) {
+          convert_step_widen(r[2 * j], r[2 * j + 1], a[j], s0, c0, s1, c1);
+        } else {
+          convert_step(r[2 * j], r[2 * j + 1], a[j]);
+        }
+        // Materialize here: NVVM would otherwise sink the masks past the next wgmma.fence (C7519).
+#pragma unroll
+        for (int i = 0; i < 4; ++i) fence_reg(a[j][i]);
       }
     };
     // Fold one finished partial set: T += s_g * (P >> 4) (P is 16x an exact integer: the shift is exact), or
     // T += s_g * P with QW_Q1 (weights converted to q, not 16 q: four more logic ops per register, one less per
     // accumulator, which is what the fold is made of).
-    auto fold = [&](int32_t(&pp)[GROUP ? ACC : 1], const int32_t(&sg)[2]) {
-      if constexpr (GROUP) {
+    auto fold = [&](int32_t(&pp)[FOLD ? ACC : 1], const int32_t(&sg)[2]) {
+      if constexpr (FOLD) {
 #pragma unroll
         for (int i = 0; i < ACC; ++i) {
           fence_reg(pp[i]);
@@ -546,7 +575,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       const uint64_t desc = make_desc(s_xt + stage * STAGE_BYTES);
       if constexpr (ORDER) named_bar(8 + cw, 256);  // my turn
       wgmma_fence();
-      if constexpr (GROUP) {
+      if constexpr (FOLD) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) wgmma_s8<NT>(part, a_frag[buf][j], desc + 2 * j, j > 0);
         wgmma_commit();
