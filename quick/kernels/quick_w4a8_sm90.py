@@ -151,14 +151,19 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
         (2048, SMEMW[128], None),  # M = 256: 43.9 (nt 64: 57.9); M = 1024: 158.9 (ordered 160.8, nt 64: 214.9)
         (1 << 30, ORDERED[128], None),  # M = 4096: 616.5 (plain 643.4, ordered + q 630.6, nt 64: 830.3)
     ],
-    # Widened per-group weights run the per-channel pipeline plus one IMAD per register: the per-channel choices
-    # until a sweep of the widened variants says otherwise.
+    # Widened per-group weights (scales <= 16) run the per-channel pipeline plus one IMAD per register. Window 4
+    # sweep (H200, 2026-12-04, K = N = 8192, GEMM only, us; the fold on the same weights in brackets): the
+    # per-channel choices won at every size.
     "group_widen": [
-        (8, WIDEN_SMEMW[8], None),
-        (32, WIDEN_SMEMW[16], None),
-        (128, WIDEN_SMEMW[64], None),
-        (512, WIDEN_SMEMW[128], None),
-        (1 << 30, WIDEN_SMEMW[256], None),
+        (8, WIDEN_SMEMW[8], None),  # M = 1: 20.6 (ring 25.7) [fold 20.1]
+        (32, WIDEN_SMEMW[16], None),  # M = 16: 20.7 (ring 25.9) [20.3]
+        (128, WIDEN_SMEMW[64], None),  # M = 64: 21.6 (ordered 22.0, ring 27.8) [23.1]
+        (512, WIDEN_SMEMW[128], None),  # M = 256: 34.6 (nt 256: 39.3) [43.8]
+        (
+            1 << 30,
+            WIDEN_SMEMW[256],
+            None,
+        ),  # M = 1024: 99.7 (nt 128: 120.3) [155.6]; 4096: 372.2 (nt 128: 454.8) [602.6]
     ],
 }
 
@@ -525,8 +530,10 @@ def _available(x: torch.Tensor) -> bool:
 # True once the kernel has passed the device correctness matrix (scripts/w4a8_sm90_check.py on the H100); an
 # unverified kernel is never offered to the dispatcher. Window 2 (H100, 2026-11-23): activation quantization
 # 8/8 bit-exact, 56 small + 48 model-shape cases, every config x split-k (58 cases), split-k determinism: all
-# within bounds (max rel. error 1.7e-3 bf16, 2.1e-4 fp16). Set back to False for any kernel change that has not
-# been through it again.
+# within bounds (max rel. error 1.7e-3 bf16, 2.1e-4 fp16). Window 4 (H200, 2026-12-04), with the widened
+# variants: `pytest -m gpu tests/test_kernels_w4a8_sm90_gpu.py tests/test_w4a8_quant.py` 256 passed (every config
+# x split-k for the three weight formats, widened == folded bit for bit). Set back to False for any kernel change
+# that has not been through it again.
 VERIFIED_ON_DEVICE = True
 
 

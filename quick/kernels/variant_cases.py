@@ -182,13 +182,27 @@ def registry_entries() -> list:
 REGISTRY_SHAPES = [(1, 128, 64), (17, 640, 192), (65, 1024, 320), (129, 256, 128)]  # (M, K, N) around tiles
 
 
+def _takes_widen(fn) -> bool:
+    import inspect
+
+    try:
+        return "widen" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def registry_cases() -> list[Case]:
+    """Per registry entry the shapes above, both dtypes; for kernels that widen per-group weights (layers from the
+    quantizers have scales <= 16) the per-group shapes once more as variant ``fold`` (the kernel's other path)."""
     out = []
     for e in registry_entries():
         for dt in (torch.float16, torch.bfloat16):
             for i, (m, k, n) in enumerate(REGISTRY_SHAPES):
                 g = (128, -1)[i % 2]  # the group sizes every layout family takes
-                out.append(Case(f"registry:{e.layout}:{e.name}", "default", dt, m, k, n, g, layout=e.layout))
+                kern = f"registry:{e.layout}:{e.name}"
+                out.append(Case(kern, "default", dt, m, k, n, g, layout=e.layout))
+                if g > 0 and _takes_widen(e.fn):
+                    out.append(Case(kern, "fold", dt, m, k, n, g, layout=e.layout))
     return out
 
 
@@ -308,9 +322,16 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
         from quick.kernels import dispatch
 
         entry = next(e for e in dispatch.registered(layout) if e.name == name)
+        kw = {}
+        if _takes_widen(entry.fn):
+            from quick.quant.w4a8_format import widens_to_int8
+
+            kw = {"widen": case.variant != "fold"}
 
         def fn(x, p, bias, out=None):
-            y = entry.fn(x, p, case.group_size)
+            if kw.get("widen"):  # what the layer would pass: only scales <= 16 widen
+                kw["widen"] = widens_to_int8(p.get("group_scale"))
+            y = entry.fn(x, p, case.group_size, **kw)
             y = y + bias.to(y.dtype) if bias is not None else y
             if out is not None:
                 out.copy_(y)
