@@ -54,7 +54,6 @@ class Sm90Config:
     l2pf: int = 0
     wtma: int = 0
     ef: int = 0
-    macc: int = 1  # independent accumulator sets (k16 step w of a stage into set w % macc; QS_MACC)
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
@@ -77,7 +76,6 @@ class Sm90Config:
             "QS_L2PF": self.l2pf,
             "QS_WTMA": int(bool(self.wtma) and group_size != 32),
             "QS_EF": self.ef,
-            "QS_MACC": self.macc,
         }
 
 

@@ -55,8 +55,6 @@ class W4A8Sm90Config:
     # per group with every s_g <= 16 (QW_WIDEN): weights widened to the int8 q * s_g in registers, one int32
     # accumulator for all groups (QQQ's design): no per-group partials, fold or wgmma drain per k128 step.
     widen: int = 0
-    # independent accumulator sets without the per-group fold (QW_MACC): k32 step j into set j % macc
-    macc: int = 1
 
     def smem_bytes(self, group_size: int = -1) -> int:
         """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
@@ -79,7 +77,6 @@ class W4A8Sm90Config:
             "QW_ORDER": self.order,
             "QW_Q1": self.q1,
             "QW_WIDEN": self.widen,
-            "QW_MACC": self.macc,
         }
 
 

@@ -61,9 +61,6 @@
 #ifndef QS_LDREL
 #define QS_LDREL 0
 #endif
-#ifndef QS_MACC
-#define QS_MACC 1
-#endif
 #ifndef QS_L2PF
 #define QS_L2PF 0
 #endif
@@ -119,11 +116,6 @@ constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 64 k 
 constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
 constexpr int ACC = NT / 2;                             // f32 accumulators per thread (64 x NT / 128)
-// QS_MACC independent accumulator sets, k16 step w of a stage into set w % MACC, summed after the unit: at decode
-// sizes (N = 8, 16) one wgmma is a few tensor clocks, so a chain of wgmmas on one accumulator runs at its
-// latency; independent sets let the tensor pipe overlap them.
-constexpr int MACC = QS_MACC;
-static_assert(MACC == 1 || MACC == 2 || MACC == 4, "accumulator sets: 1, 2 or 4");
 constexpr int SW = G32 ? 2 : 1;                         // scale groups per k64 step
 constexpr uint32_t MAGIC = BF16 ? 0x43004300u : 0x64006400u;  // bf16 128.0 / fp16 1024.0, both halves
 constexpr int PRODUCER_REGS = 40;
@@ -560,8 +552,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const int n64 = N / 64;
   uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
 
-  float accm[MACC][ACC];
-  float(&acc)[ACC] = accm[0];
+  float acc[ACC];
   uint32_t a_frag[2][4][4];
   // Raw weights (and scale/zero words) of two groups of GRP k64 steps, used in turn: one is consumed while the
   // other is in flight. Ping-pong (not copy): a copy of freshly loaded registers would wait for the load.
@@ -650,9 +641,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       dequant_step(r, rs, rz, a);
     };
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) accm[m][i] = 0.f;
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
     mbar_wait(s_full + 8 * stage, phase);
     dequant_stage(stage, a_frag[0]);
     for (int sb = 0; sb < nsteps; sb += 2) {
@@ -664,7 +653,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
           wgmma_fence();
 #pragma unroll
-          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(accm[w % MACC], a_frag[uu][w], desc + 2 * w);  // +32 B per k16
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu][w], desc + 2 * w);  // +32 B per k16
           wgmma_commit();
           wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -712,9 +701,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     load_group(1, 1, true);
     wait_group(0);
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) accm[m][i] = 0.f;
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
     dequant_step(grp[0][0], grp_s[0][0], grp_z[0][0], a_frag[0]);
 
     int it = 0;  // 2*GRP-step iteration: set 0 holds group 2*it, set 1 group 2*it + 1
@@ -727,7 +714,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
       wgmma_fence();
 #pragma unroll
-      for (int w = 0; w < 4; ++w) wgmma_rs<NT>(accm[w % MACC], a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+      for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -776,9 +763,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
     for (int p = 0; p < PREF; ++p) load_one(ring[p], ring_s[p], ring_z[p], p, true);
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) accm[m][i] = 0.f;
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
     dequant_step(ring[0], ring_s[0], ring_z[0], a_frag[0]);
     load_one(ring[0], ring_s[0], ring_z[0], PREF, true);
     int ld_next = PREF + 1;
@@ -791,7 +776,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
           wgmma_fence();
 #pragma unroll
-          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(accm[w % MACC], a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
           wgmma_commit();
           wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -814,13 +799,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #endif
     wgmma_wait<0>();
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) fence_reg(accm[m][i]);
-#pragma unroll
-    for (int m = 1; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) acc[i] += accm[m][i];
+    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
 #pragma unroll
     for (int w = 0; w < 4; ++w)
 #pragma unroll

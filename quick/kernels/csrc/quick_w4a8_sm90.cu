@@ -67,9 +67,6 @@
 #ifndef QW_WIDEN
 #define QW_WIDEN 0
 #endif
-#ifndef QW_MACC
-#define QW_MACC 1
-#endif
 #if QW_PIPE == 2
 // ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
 // towards their first use (docs/sm90_notes.md).
@@ -94,11 +91,6 @@ constexpr int STAGE_BYTES = NT * 128;                   // NT token rows x 128 k
 constexpr int EPI_STRIDE = 72;                          // staged row: 64 channels + 8 pad (16-bit units)
 constexpr int EPI_BYTES = NT * EPI_STRIDE * 2;
 constexpr int ACC = NT / 2;  // int32 accumulators per thread (64 x NT / 128)
-// QW_MACC independent accumulator sets (no per-group fold): k32 step j of a stage goes into set j % MACC, summed
-// after the unit (exact integers: same bits). At decode sizes a wgmma is a few tensor clocks, so a chain on one
-// accumulator runs at the wgmma latency; independent sets let the tensor pipe overlap them.
-constexpr int MACC = QW_MACC;
-static_assert(MACC == 1 || MACC == 2 || MACC == 4, "accumulator sets: 1, 2 or 4");
 // setmaxnreg moves registers inside the CTA's pool: .inc blocks until .dec has released enough. With two consumer
 // warpgroups ptxas allocates 168 per thread (65536 / 384): 128 * (168 - 40) = 256 * (232 - 168), balanced. With
 // four (96 per thread at launch) 40/112 would need more than the producer releases and .inc would wait forever:
@@ -496,8 +488,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const int n64 = N / 64;
   uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
 
-  int32_t accm[MACC][ACC];
-  int32_t(&acc)[ACC] = accm[0];
+  int32_t acc[ACC];
   // Per group: the partial sum of the current stage (= group) and the group scales of the two A buffers.
   int32_t part[FOLD ? ACC : 1];
 #pragma unroll
@@ -596,7 +587,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         fold(part, sgk[buf]);
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_s8<NT>(accm[j % MACC], a_frag[buf][j], desc + 2 * j, 1);  // +32 B per k32
+        for (int j = 0; j < 4; ++j) wgmma_s8<NT>(acc, a_frag[buf][j], desc + 2 * j, 1);  // +32 B per k32
         wgmma_commit();
         if constexpr (ORDER) named_bar_arrive(8 + (cw ^ 1), 256);
         wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
@@ -613,9 +604,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       phase ^= stage == 0 ? 1u : 0u;
     };
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) accm[m][i] = 0;
+    for (int i = 0; i < ACC; ++i) acc[i] = 0;
 
 #if QW_PIPE == 3
     // Weights from the shared-memory stage that also holds x: two LDS.128 per lane (1 KB contiguous per warp, no
@@ -732,13 +721,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #endif
     wgmma_wait<0>();
 #pragma unroll
-    for (int m = 0; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) fence_reg(accm[m][i]);
-#pragma unroll
-    for (int m = 1; m < MACC; ++m)
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) acc[i] += accm[m][i];
+    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
