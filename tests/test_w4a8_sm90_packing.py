@@ -205,6 +205,34 @@ def test_plan_and_configs():
     assert w8.default_config(4096, 128, widen=True).nt == 256 and w8.default_config(4096, 128).nt == 128
 
 
+@pytest.mark.parametrize(
+    "k,n,m,g,nt,splits",
+    [  # winners of the window-4 sweep (H200) that the fitted model reproduces
+        (4096, 11008, 128, -1, 128, 1),
+        (4096, 11008, 32, 128, 32, 1),
+        (4096, 14336, 512, 128, 256, 1),
+        (4096, 4096, 256, -1, 64, 1),
+        (8192, 8192, 32, 128, 32, 2),
+        (4096, 4096, 4096, 128, 256, 1),
+    ],
+)
+def test_plan_model_reproduces_sweep_winners(k, n, m, g, nt, splits):
+    cfg, s = w8.model_choice(m, n, k, 132, g, widen=g > 0)
+    assert (cfg.nt, s) == (nt, splits)
+    assert cfg in w8.CONFIGS[g] and bool(cfg.widen) == (g > 0)
+
+
+def test_plan_model_stays_in_the_measured_domain():
+    for k, n in ((4096, 4096), (8192, 8192), (11008, 4096), (4096, 14336), (128, 64)):
+        for m in (17, 33, 100, 300, 1000, 5000):
+            for g in (-1, 128):
+                cfg, s = w8.model_choice(m, n, k, 132, g, widen=g > 0)
+                assert 1 <= s <= min(w8.MODEL_MAX_SPLITS, k // 128)
+                assert -(-m // cfg.nt) <= max(w8.MODEL_MAX_M_TILES, -(-m // 256)) and cfg.pipe == 3
+    # decode sizes and the per-group fold keep the measured bucket table
+    assert w8.tuned_key(128, False) not in w8.STEP_US and w8.PLAN_MODEL_MIN_M == 17
+
+
 def test_validate_errors():
     k, n = 256, 128
     p = pack_w4a8_sm90(random_w4a8(k, n, 128))

@@ -139,7 +139,7 @@ def candidates(m: int, group_size: int = -1, widen: bool = False) -> list[W4A8Sm
 TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
     "channel": [
         (8, SMEMW[8], None),  # M = 1: 24.0 (ring 25.5)
-        (32, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0)
+        (16, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0); M >= 17: model_choice (window 4)
         (128, SMEMW[64], None),  # M = 64: 25.3 (ordered 25.3, ring 27.8)
         (512, SMEMW[128], None),  # M = 256: 32.4 (nt 256: 41.0)
         (1 << 30, SMEMW[256], None),  # M = 1024: 98.3 (nt 128: 103.3); M = 4096: 356.4 (nt 128: 375.7)
@@ -156,7 +156,7 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
     # per-channel choices won at every size.
     "group_widen": [
         (8, WIDEN_SMEMW[8], None),  # M = 1: 20.6 (ring 25.7) [fold 20.1]
-        (32, WIDEN_SMEMW[16], None),  # M = 16: 20.7 (ring 25.9) [20.3]
+        (16, WIDEN_SMEMW[16], None),  # M = 16: 20.7 (ring 25.9) [20.3]; M >= 17: model_choice below
         (128, WIDEN_SMEMW[64], None),  # M = 64: 21.6 (ordered 22.0, ring 27.8) [23.1]
         (512, WIDEN_SMEMW[128], None),  # M = 256: 34.6 (nt 256: 39.3) [43.8]
         (
@@ -170,6 +170,53 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
 
 def tuned_key(group_size: int, widen: bool) -> str:
     return "channel" if group_size < 0 else ("group_widen" if widen else "group")
+
+
+# Above the decode sizes the token tile and the split-k factor are chosen together by a cost model of one launch,
+# fitted (least squares on relative error, 1,000+ timings) to the window-4 sweep (scripts/w4a8_plan_sweep.py,
+# H200, 2026-12-04: 16 Llama-shape cells, M = 32 .. 4096, per-channel and widened g128, every pipeline-3 tile x
+# splits 1..6; benchmarks/results/w4a8-plan-sweep-h200-2026-12-04.json):
+#   t = rounds * (k128 steps per unit * STEP_US[nt] + ROUND_US) + PARTIAL_US_PER_MB * (MB of int32 partials)
+#       + SPLIT_US * (splits > 1)
+# (median error 6.5 %; its choice was within 1.8 % of the best measured on average, 21 % at worst). The bucket
+# table it replaced lost up to 2x (4096 x 11008, M = 128: 36.3 us against 18.8 for nt = 128 without split-k):
+# split-k partials are int32 (twice the output bytes) and every extra token tile re-streams the weights.
+PLAN_MODEL_MIN_M = 17  # M <= 16: the measured decode configs of TUNED
+STEP_US = {
+    "channel": {8: 0.200, 16: 0.211, 32: 0.230, 64: 0.261, 128: 0.355, 256: 0.754},
+    "group_widen": {8: 0.286, 16: 0.295, 32: 0.310, 64: 0.331, 128: 0.432, 256: 0.791},
+}
+ROUND_US, PARTIAL_US_PER_MB, SPLIT_US = 2.63, 0.635, 4.87
+MODEL_MAX_SPLITS = 8
+MODEL_MAX_M_TILES = 4  # past the largest tile's count: the sweep's winners never had more (each re-streams the weights)
+
+
+def model_us(m: int, n: int, k: int, sms: int, nt: int, splits: int, key: str, nwg: int = 2) -> float:
+    """Predicted GEMM time (us) of one launch with token tile ``nt`` and ``splits`` (see the comment above)."""
+    nk = k // BK
+    steps = -(-nk // splits)
+    s_eff = -(-nk // steps)
+    m_tiles = -(-m // nt)
+    tiles = -(-(n // 64) // nwg) * m_tiles
+    rounds = -(-tiles * s_eff // sms)
+    t = rounds * (steps * STEP_US[key][nt] + ROUND_US)
+    if s_eff > 1:
+        t += PARTIAL_US_PER_MB * s_eff * m_tiles * nt * n * 4 / 1e6 + SPLIT_US
+    return t
+
+
+def model_choice(m: int, n: int, k: int, sms: int, group_size: int, widen: bool) -> tuple[W4A8Sm90Config, int]:
+    """(pipeline-3 config, splits) with the smallest :func:`model_us` (per-channel or widened per-group)."""
+    key = tuned_key(group_size, widen)
+    smemw = WIDEN_SMEMW if key == "group_widen" else SMEMW
+    nk = k // BK
+    best = min(
+        (model_us(m, n, k, sms, nt, s, key), nt, s)
+        for nt in smemw
+        if -(-m // nt) <= max(MODEL_MAX_M_TILES, -(-m // max(smemw)))
+        for s in range(1, min(MODEL_MAX_SPLITS, nk) + 1)
+    )
+    return smemw[best[1]], best[2]
 
 
 def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
@@ -386,7 +433,11 @@ def gemm_w4a8_sm90_q(
     widen = bool(widen) and group_size > 0
     cfg = config
     if cfg is None:
-        cfg, rounds = tuned_config(m, group_size, widen)
+        if m >= PLAN_MODEL_MIN_M and tuned_key(group_size, widen) in STEP_US:
+            cfg, model_splits = model_choice(m, n, k, num_sms(dev), group_size, widen)
+            splits = model_splits if splits is None else splits
+        else:
+            cfg, rounds = tuned_config(m, group_size, widen)
     if group_size > 0 and cfg.widen and not widen:
         raise W4A8Sm90Error(
             f"config {cfg} widens q * s_g to int8, which needs every group scale <= {WIDEN_GROUP_SCALE_MAX}"
