@@ -188,7 +188,11 @@ STEP_US = {
 }
 ROUND_US, PARTIAL_US_PER_MB, SPLIT_US = 2.63, 0.635, 4.87
 MODEL_MAX_SPLITS = 8
-MODEL_MAX_M_TILES = 4  # past the largest tile's count: the sweep's winners never had more (each re-streams the weights)
+# Token tiles per M (past the largest tile's count): the sweep's winners never had more than 4 (each tile re-streams
+# the weights), and at M <= 128 the model's 4-tile picks lost on 4096^2 (window 4's final run: g128 M = 64 nt = 16
+# 19.7 us against 16.6 for the bucket table's nt = 64; M = 128 nt = 32 20.2 against 18.9). There one tile holds
+# all tokens, as in every sweep winner at M <= 128.
+MODEL_MAX_M_TILES = 4
 
 
 def model_us(m: int, n: int, k: int, sms: int, nt: int, splits: int, key: str, nwg: int = 2) -> float:
@@ -213,7 +217,7 @@ def model_choice(m: int, n: int, k: int, sms: int, group_size: int, widen: bool)
     best = min(
         (model_us(m, n, k, sms, nt, s, key), nt, s)
         for nt in smemw
-        if -(-m // nt) <= max(MODEL_MAX_M_TILES, -(-m // max(smemw)))
+        if -(-m // nt) <= max(MODEL_MAX_M_TILES if m > 128 else 1, -(-m // max(smemw)))
         for s in range(1, min(MODEL_MAX_SPLITS, nk) + 1)
     )
     return smemw[best[1]], best[2]
