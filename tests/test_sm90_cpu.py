@@ -225,3 +225,32 @@ def test_variant_assembles_with_wgmma_and_no_spills(nt, g, dtype, tmp_path, monk
     relaxed = sm.default_config(nt, g).pipe == 2
     want = "ld.relaxed.gpu.global.v4.u32" if relaxed else "ld.global.nc.L1::no_allocate.v4.u32"
     assert want in text
+
+
+def test_tensor_maps_ask_the_driver_for_the_operand_layout(monkeypatch):
+    """Both Hopper kernels' activation maps, with the driver call captured: 2-D, K innermost, byte row strides,
+    boxes of 128 bytes of k x nt tokens, 128-byte swizzle, 256-byte L2 promotion, zero fill; misaligned views are
+    refused before the driver is asked."""
+    from quick.kernels import quick_w4a8_sm90 as w8
+
+    calls = []
+
+    class FakeDriver:
+        def cuTensorMapEncodeTiled(self, desc, dtype, rank, ptr, dims, strides, box, elem, il, sw, l2, oob):  # noqa: N802
+            calls.append((dtype, rank, list(dims), list(strides), list(box), list(elem), il, sw, l2, oob))
+            return 0
+
+    monkeypatch.setattr(jit, "_driver", lambda: FakeDriver())
+    x = torch.zeros(5, 320, dtype=torch.float16)
+    sm.encode_x_map(x, 16)
+    xq = torch.zeros(7, 384, dtype=torch.int8)
+    w8.encode_xq_map(xq, 64)
+    assert calls == [
+        (1, 2, [320, 5], [640], [64, 16], [1, 1], 0, 3, 3, 0),  # uint16, 64 k x 16 tokens
+        (0, 2, [384, 7], [384], [128, 64], [1, 1], 0, 3, 3, 0),  # uint8, 128 k x 64 tokens
+    ]
+    with pytest.raises(sm.Sm90Error, match="row stride"):
+        sm.encode_x_map(torch.zeros(5, 324, dtype=torch.float16)[:, :320], 16)
+    with pytest.raises(w8.W4A8Sm90Error, match="row stride"):
+        w8.encode_xq_map(torch.zeros(7, 392, dtype=torch.int8)[:, :384], 64)
+    assert len(calls) == 2

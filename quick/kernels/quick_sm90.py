@@ -183,7 +183,10 @@ def choose_splits(
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    config: Sm90Config
+    """A persistent-grid launch of one of the Hopper kernels (W4A16 here, W4A8 in ``quick_w4a8_sm90``): ``config``
+    is the variant (any config with ``nt`` and ``nwg``), units are (channel tile, token tile, k split)."""
+
+    config: object
     n_tiles: int
     m_tiles: int
     splits: int
@@ -194,14 +197,35 @@ class LaunchPlan:
     def units(self) -> int:
         return self.n_tiles * self.m_tiles * self.splits
 
-    def workspace_floats(self) -> int:
-        """fp32 partials: one 64 x nt slab per (tile, warpgroup, split); none without split-k."""
+    def workspace_elems(self) -> int:
+        """Split-k partials (fp32 or int32): one 64 x nt slab per (tile, warpgroup, split); none without split-k."""
         if self.splits == 1:
             return 0
         return self.n_tiles * self.m_tiles * self.config.nwg * self.splits * 64 * self.config.nt
 
     def counters(self) -> int:
         return self.n_tiles * self.m_tiles * self.config.nwg
+
+
+def build_plan(
+    m: int,
+    n: int,
+    nk: int,
+    num_sms: int,
+    cfg,
+    splits: int | None,
+    rounds: int | None,
+    unit_overhead: float = 4.0,
+) -> LaunchPlan:
+    """Tiles, split-k and grid for ``nk`` pipeline steps along K; every split non-empty."""
+    n_tiles = -(-(n // 64) // cfg.nwg)
+    m_tiles = -(-m // cfg.nt)
+    if splits is None:
+        splits = choose_splits(n_tiles * m_tiles, nk, num_sms, unit_overhead=unit_overhead, rounds=rounds)
+    s = max(1, min(splits, nk))
+    steps = -(-nk // s)
+    s = -(-nk // steps)
+    return LaunchPlan(cfg, n_tiles, m_tiles, s, steps, min(n_tiles * m_tiles * s, num_sms))
 
 
 def plan(
@@ -215,16 +239,7 @@ def plan(
     rounds: int | None = None,
 ) -> LaunchPlan:
     """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
-    cfg = config or default_config(m, group_size)
-    n_tiles = -(-(n // 64) // cfg.nwg)
-    m_tiles = -(-m // cfg.nt)
-    nk64 = k // 64
-    s = splits if splits is not None else choose_splits(n_tiles * m_tiles, nk64, num_sms, rounds=rounds)
-    s = max(1, min(s, nk64))
-    steps = -(-nk64 // s)
-    s = -(-nk64 // steps)  # every split non-empty
-    units = n_tiles * m_tiles * s
-    return LaunchPlan(cfg, n_tiles, m_tiles, s, steps, min(units, num_sms))
+    return build_plan(m, n, k // 64, num_sms, config or default_config(m, group_size), splits, rounds)
 
 
 def validate(
@@ -300,23 +315,26 @@ def _aligned_desc() -> tuple[ctypes.Array, TmaDesc]:
     return buf, TmaDesc.from_buffer(buf, off)
 
 
-def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
-    """Tensor map of ``x`` [M, K] (16-bit, row-major): boxes of 64 k x ``nt`` tokens, 128-byte swizzle (the
-    K-major SW128 operand layout that the wgmma descriptor names), rows past M read as zeros."""
-    m, k = x.shape
-    if x.data_ptr() % 16 or (x.stride(0) * 2) % 16 or x.stride(1) != 1:
-        raise Sm90Error("x must be 16-byte aligned with unit column stride and a row stride of a multiple of 8")
+_CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0
+
+
+def encode_rowmajor_map(t: torch.Tensor, elem_bytes: int, box_k: int, nt: int) -> tuple[ctypes.Array, TmaDesc]:
+    """Tensor map of a row-major ``[M, K]`` activation tensor with ``elem_bytes``-byte elements (2: fp16/bf16 x,
+    1: int8 x_q): boxes of ``box_k`` k x ``nt`` tokens (128 bytes of k: the K-major SW128 operand layout the
+    wgmma descriptor names), 128-byte swizzle, rows past M read as zeros. The caller checks alignment."""
+    m, k = t.shape
     buf, desc = _aligned_desc()
     dims = (ctypes.c_uint64 * 2)(k, m)
-    strides = (ctypes.c_uint64 * 1)(x.stride(0) * 2)
-    box = (ctypes.c_uint32 * 2)(64, nt)
+    strides = (ctypes.c_uint64 * 1)(t.stride(0) * elem_bytes)
+    box = (ctypes.c_uint32 * 2)(box_k, nt)
     elem = (ctypes.c_uint32 * 2)(1, 1)
+    dtype = _CU_TENSOR_MAP_DATA_TYPE_UINT16 if elem_bytes == 2 else _CU_TENSOR_MAP_DATA_TYPE_UINT8
     jit.check(
         jit._driver().cuTensorMapEncodeTiled(
             ctypes.byref(desc),
-            _CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            dtype,
             2,
-            ctypes.c_void_p(x.data_ptr()),
+            ctypes.c_void_p(t.data_ptr()),
             dims,
             strides,
             box,
@@ -329,6 +347,13 @@ def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
         "cuTensorMapEncodeTiled",
     )
     return buf, desc
+
+
+def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
+    """Tensor map of ``x`` [M, K] (16-bit, row-major): boxes of 64 k x ``nt`` tokens."""
+    if x.data_ptr() % 16 or (x.stride(0) * 2) % 16 or x.stride(1) != 1:
+        raise Sm90Error("x must be 16-byte aligned with unit column stride and a row stride of a multiple of 8")
+    return encode_rowmajor_map(x, 2, 64, nt)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -428,7 +453,7 @@ def gemm_w4a16_sm90(
             or out.data_ptr() % 16
         ):
             raise Sm90Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {dev}")
-        ws = torch.empty(max(p.workspace_floats(), 1), dtype=torch.float32, device=dev)
+        ws = torch.empty(max(p.workspace_elems(), 1), dtype=torch.float32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_x_map(x, cfg.nt)
         gshift = group_shift(g, k)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from quick.kernels import jit
-from quick.kernels.quick_sm90 import _aligned_desc, _counters, choose_splits, num_sms
+from quick.kernels.quick_sm90 import LaunchPlan, _counters, build_plan, encode_rowmajor_map, num_sms
 from quick.quant.primitives import SUPPORTED_DTYPES
 from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
 
@@ -242,29 +242,6 @@ VARIANTS: list[tuple[str, str, dict[str, int]]] = [
 ]
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
-    config: W4A8Sm90Config
-    n_tiles: int
-    m_tiles: int
-    splits: int
-    steps_per_split: int
-    grid: int
-
-    @property
-    def units(self) -> int:
-        return self.n_tiles * self.m_tiles * self.splits
-
-    def workspace_ints(self) -> int:
-        """int32 partials: one 64 x nt slab per (tile, warpgroup, split); none without split-k."""
-        if self.splits == 1:
-            return 0
-        return self.n_tiles * self.m_tiles * self.config.nwg * self.splits * 64 * self.config.nt
-
-    def counters(self) -> int:
-        return self.n_tiles * self.m_tiles * self.config.nwg
-
-
 def plan(
     m: int,
     n: int,
@@ -275,18 +252,10 @@ def plan(
     group_size: int = -1,
     rounds: int | None = None,
 ) -> LaunchPlan:
-    """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
+    """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU). choose_splits counts
+    steps with a fixed cost per unit: a k128 step is about two k64 steps, so the cost is 2 of them."""
     cfg = config or default_config(m, group_size)
-    n_tiles = -(-(n // 64) // cfg.nwg)
-    m_tiles = -(-m // cfg.nt)
-    nk = k // BK
-    # choose_splits counts k64 steps with a fixed cost of 4 steps per unit; a k128 step is about two of them.
-    s = splits if splits is not None else choose_splits(n_tiles * m_tiles, nk, sms, unit_overhead=2.0, rounds=rounds)
-    s = max(1, min(s, nk))
-    steps = -(-nk // s)
-    s = -(-nk // steps)  # every split non-empty
-    units = n_tiles * m_tiles * s
-    return LaunchPlan(cfg, n_tiles, m_tiles, s, steps, min(units, sms))
+    return build_plan(m, n, k // BK, sms, cfg, splits, rounds, unit_overhead=2.0)
 
 
 def validate(
@@ -338,42 +307,13 @@ def validate(
 
 # ------------------------------------------------------------------------------ TMA descriptor (driver, ctypes)
 
-_CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0
-_CU_TENSOR_MAP_INTERLEAVE_NONE = 0
-_CU_TENSOR_MAP_SWIZZLE_128B = 3
-_CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3
-_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0
-
 
 def encode_xq_map(xq: torch.Tensor, nt: int):
     """Tensor map of ``x_q`` [M, K] int8 (row-major): boxes of 128 k x ``nt`` tokens, 128-byte swizzle (the
     K-major SW128 operand layout of the wgmma descriptor), rows past M read as zeros."""
-    m, k = xq.shape
     if xq.data_ptr() % 16 or xq.stride(0) % 16 or xq.stride(1) != 1:
         raise W4A8Sm90Error("x_q must be 16-byte aligned with unit column stride and a row stride of a multiple of 16")
-    buf, desc = _aligned_desc()
-    dims = (ctypes.c_uint64 * 2)(k, m)
-    strides = (ctypes.c_uint64 * 1)(xq.stride(0))
-    box = (ctypes.c_uint32 * 2)(BK, nt)
-    elem = (ctypes.c_uint32 * 2)(1, 1)
-    jit.check(
-        jit._driver().cuTensorMapEncodeTiled(
-            ctypes.byref(desc),
-            _CU_TENSOR_MAP_DATA_TYPE_UINT8,
-            2,
-            ctypes.c_void_p(xq.data_ptr()),
-            dims,
-            strides,
-            box,
-            elem,
-            _CU_TENSOR_MAP_INTERLEAVE_NONE,
-            _CU_TENSOR_MAP_SWIZZLE_128B,
-            _CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            _CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        ),
-        "cuTensorMapEncodeTiled",
-    )
-    return buf, desc
+    return encode_rowmajor_map(xq, 1, BK, nt)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -458,7 +398,7 @@ def gemm_w4a8_sm90_q(
             out = torch.empty((m, n), dtype=out_dtype, device=dev)
         elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != dev:
             raise W4A8Sm90Error(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor on {dev}")
-        ws = torch.empty(max(p.workspace_ints(), 1), dtype=torch.int32, device=dev)
+        ws = torch.empty(max(p.workspace_elems(), 1), dtype=torch.int32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_xq_map(xq, cfg.nt)
         null = ctypes.c_void_p(0)

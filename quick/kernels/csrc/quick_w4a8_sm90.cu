@@ -35,6 +35,8 @@
 
 #include <cstdint>
 
+#include "quick_hopper.cuh"
+
 #pragma nv_diag_suppress 177  // the wgmma_s8 specializations a variant does not use
 
 #ifndef QW_NT
@@ -119,45 +121,7 @@ static_assert(NWG == 1 || NWG == 2 || NWG == 4, "1, 2 or 4 consumer warpgroups")
 static_assert(STAGES >= 2 && PREF >= 1, "pipeline depths");
 static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
 
-struct alignas(64) TmaDesc {
-  unsigned long long v[16];
-};
-
 // ------------------------------------------------------------------------------------------------ PTX helpers
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "QW_WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra QW_WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const TmaDesc* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
 
 // 1-D bulk copy global -> shared, completion counted in bytes on the mbarrier (sizes and addresses: 16 B).
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
@@ -180,31 +144,14 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   return v;
 }
 
-__device__ __forceinline__ void named_bar(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
 // Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
 // compiler must neither reuse A's registers nor read D before the wait_group that precedes this fence.
 __device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 __device__ __forceinline__ void fence_reg(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
-
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle (what TMA SWIZZLE_128B writes), 8-row groups
-// 1024 bytes apart (SBO), leading offset unused for swizzled K-major layouts.
-__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
-  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
 
 // 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
 // "+r": a predicated-off load leaves the register as it was.
@@ -224,12 +171,6 @@ __device__ __forceinline__ void ldg_u16(uint32_t& r, const void* p, bool pred) {
       "@p cvt.u32.u16 %0, t;\n}\n"
       : "+r"(r)
       : "l"(p), "r"(static_cast<int>(pred)));
-}
-
-// t ^= v as a volatile asm: stays where it is written (a C-level fold would be reassociated and spread over
-// earlier steps, where reading a loaded register waits for every load in flight).
-__device__ __forceinline__ void xor_acc(uint32_t& t, uint32_t v) {
-  asm volatile("xor.b32 %0, %0, %1;\n" : "+r"(t) : "r"(v));
 }
 
 __device__ __forceinline__ float h_to_f(uint16_t h) {
