@@ -102,6 +102,12 @@ def bind_kernels(model: nn.Module) -> int:
     return bound
 
 
+# Module name -> (original, compiled) rotary function replaced by compile_regions. Kept here, not as an attribute
+# of the compiled function: transformers >= 5.2x wraps apply_rotary_pos_emb in an object that forwards attribute
+# writes to the function it wraps, so an attribute on the compiled wrapper landed on the original (a cycle).
+_COMPILED_ROTARY: dict[str, tuple] = {}
+
+
 def compile_regions(model: nn.Module, dynamic: bool | None = None) -> int:
     """``torch.compile`` each decoder layer's norms and MLP in place, and the family's rotary-embedding function
     (no cache state inside any of them, so one compiled graph serves every layer). Returns how many modules
@@ -120,9 +126,9 @@ def compile_regions(model: nn.Module, dynamic: bool | None = None) -> int:
         attn = getattr(layer, "self_attn", None)
         src = sys.modules.get(type(attn).__module__) if attn is not None else None
         rotary = getattr(src, "apply_rotary_pos_emb", None)
-        if rotary is not None and not hasattr(rotary, "_quick_original"):
+        if rotary is not None and src.__name__ not in _COMPILED_ROTARY:
             compiled = torch.compile(rotary, dynamic=dynamic, backend=COMPILE_BACKEND)
-            compiled._quick_original = rotary
+            _COMPILED_ROTARY[src.__name__] = (rotary, compiled)
             src.apply_rotary_pos_emb = compiled
     return n
 
@@ -135,9 +141,10 @@ def uncompile_regions(model: nn.Module) -> None:
         if getattr(mod, "_compiled_call_impl", None) is not None:
             mod._compiled_call_impl = None
         src = sys.modules.get(type(mod).__module__)
-        rotary = getattr(src, "apply_rotary_pos_emb", None)
-        if hasattr(rotary, "_quick_original"):
-            src.apply_rotary_pos_emb = rotary._quick_original
+        entry = _COMPILED_ROTARY.get(getattr(src, "__name__", None))
+        if entry is not None and getattr(src, "apply_rotary_pos_emb", None) is entry[1]:
+            src.apply_rotary_pos_emb = entry[0]
+            del _COMPILED_ROTARY[src.__name__]
 
 
 DECODE_ATTENTION = "quick_decode_sdpa"

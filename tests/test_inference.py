@@ -62,6 +62,9 @@ def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
         fuse_model(model)
     ids = torch.randint(0, 128, (2, 7))
     want = _generate(model, ids, "none")
+    from transformers.models.llama import modeling_llama
+
+    rotary_before = modeling_llama.apply_rotary_pos_emb
     torch._dynamo.utils.counters.clear()
     try:
         got = _generate(model, ids, mode)
@@ -70,9 +73,8 @@ def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         inference.uncompile_regions(model)
         torch._dynamo.reset()
-    from transformers.models.llama import modeling_llama
-
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "_quick_original")  # the global is restored
+    assert modeling_llama.apply_rotary_pos_emb is rotary_before  # the global is restored
+    assert not inference._COMPILED_ROTARY
     assert torch.equal(got, want)
     assert not breaks, breaks
     assert graphs >= 1  # something was compiled at all
