@@ -82,8 +82,9 @@ def main() -> int:
                         xq, sx, p["qweight"], p["channel_scale"], gsc, g, None, torch.float16, cfg, splits, widen=widen
                     )
 
-                auto_cfg, rounds = w8.tuned_config(m, g, widen)
-                auto_plan = w8.plan(m, n, k, w8.num_sms(x.device), auto_cfg, None, g, rounds)
+                sms = w8.num_sms(x.device)
+                auto_cfg, auto_splits, rounds = w8.auto_config(m, n, k, sms, g, widen)
+                auto_plan = w8.plan(m, n, k, sms, auto_cfg, auto_splits, g, rounds)
                 runs = [{"auto": True, **asdict(auto_cfg), "splits": auto_plan.splits, "us": bench(gemm)}]
                 smemw = w8.WIDEN_SMEMW if widen else w8.SMEMW
                 for nt, cfg in smemw.items():

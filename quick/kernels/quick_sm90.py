@@ -295,6 +295,7 @@ def validate(
 
 # ------------------------------------------------------------------------------ TMA descriptor (driver, ctypes)
 
+_CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0
 _CU_TENSOR_MAP_DATA_TYPE_UINT16 = 1
 _CU_TENSOR_MAP_INTERLEAVE_NONE = 0
 _CU_TENSOR_MAP_SWIZZLE_128B = 3
@@ -313,9 +314,6 @@ def _aligned_desc() -> tuple[ctypes.Array, TmaDesc]:
     buf = (ctypes.c_uint8 * (128 + 64))()
     off = (-ctypes.addressof(buf)) % 64
     return buf, TmaDesc.from_buffer(buf, off)
-
-
-_CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0
 
 
 def encode_rowmajor_map(t: torch.Tensor, elem_bytes: int, box_k: int, nt: int) -> tuple[ctypes.Array, TmaDesc]:

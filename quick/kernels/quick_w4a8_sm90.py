@@ -140,9 +140,6 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
     "channel": [
         (8, SMEMW[8], None),  # M = 1: 24.0 (ring 25.5)
         (16, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0); M >= 17: model_choice (window 4)
-        (128, SMEMW[64], None),  # M = 64: 25.3 (ordered 25.3, ring 27.8)
-        (512, SMEMW[128], None),  # M = 256: 32.4 (nt 256: 41.0)
-        (1 << 30, SMEMW[256], None),  # M = 1024: 98.3 (nt 128: 103.3); M = 4096: 356.4 (nt 128: 375.7)
     ],
     "group": [
         (8, SMEMW[8], None),  # M = 1: 24.6 (ring 28.4)
@@ -152,18 +149,11 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
         (1 << 30, ORDERED[128], None),  # M = 4096: 616.5 (plain 643.4, ordered + q 630.6, nt 64: 830.3)
     ],
     # Widened per-group weights (scales <= 16) run the per-channel pipeline plus one IMAD per register. Window 4
-    # sweep (H200, 2026-12-04, K = N = 8192, GEMM only, us; the fold on the same weights in brackets): the
-    # per-channel choices won at every size.
+    # sweep (H200, 2026-12-04, K = N = 8192, GEMM only, us; the fold on the same weights in brackets; larger M in
+    # docs/w4a8_sm90_notes.md): the per-channel choices won.
     "group_widen": [
         (8, WIDEN_SMEMW[8], None),  # M = 1: 20.6 (ring 25.7) [fold 20.1]
         (16, WIDEN_SMEMW[16], None),  # M = 16: 20.7 (ring 25.9) [20.3]; M >= 17: model_choice below
-        (128, WIDEN_SMEMW[64], None),  # M = 64: 21.6 (ordered 22.0, ring 27.8) [23.1]
-        (512, WIDEN_SMEMW[128], None),  # M = 256: 34.6 (nt 256: 39.3) [43.8]
-        (
-            1 << 30,
-            WIDEN_SMEMW[256],
-            None,
-        ),  # M = 1024: 99.7 (nt 128: 120.3) [155.6]; 4096: 372.2 (nt 128: 454.8) [602.6]
     ],
 }
 
@@ -195,17 +185,13 @@ MODEL_MAX_SPLITS = 8
 MODEL_MAX_M_TILES = 4
 
 
-def model_us(m: int, n: int, k: int, sms: int, nt: int, splits: int, key: str, nwg: int = 2) -> float:
-    """Predicted GEMM time (us) of one launch with token tile ``nt`` and ``splits`` (see the comment above)."""
-    nk = k // BK
-    steps = -(-nk // splits)
-    s_eff = -(-nk // steps)
-    m_tiles = -(-m // nt)
-    tiles = -(-(n // 64) // nwg) * m_tiles
-    rounds = -(-tiles * s_eff // sms)
-    t = rounds * (steps * STEP_US[key][nt] + ROUND_US)
-    if s_eff > 1:
-        t += PARTIAL_US_PER_MB * s_eff * m_tiles * nt * n * 4 / 1e6 + SPLIT_US
+def model_us(m: int, n: int, k: int, sms: int, cfg: W4A8Sm90Config, splits: int, key: str) -> float:
+    """Predicted GEMM time (us) of one launch of ``cfg`` with ``splits`` (see the comment above); the tiles,
+    the effective split count and the rounds are the launch plan's own (:func:`plan`)."""
+    p = plan(m, n, k, sms, cfg, splits)
+    t = -(-p.units // sms) * (p.steps_per_split * STEP_US[key][cfg.nt] + ROUND_US)
+    if p.splits > 1:
+        t += PARTIAL_US_PER_MB * p.splits * p.m_tiles * cfg.nt * n * 4 / 1e6 + SPLIT_US
     return t
 
 
@@ -213,14 +199,26 @@ def model_choice(m: int, n: int, k: int, sms: int, group_size: int, widen: bool)
     """(pipeline-3 config, splits) with the smallest :func:`model_us` (per-channel or widened per-group)."""
     key = tuned_key(group_size, widen)
     smemw = WIDEN_SMEMW if key == "group_widen" else SMEMW
-    nk = k // BK
+    max_m_tiles = max(MODEL_MAX_M_TILES if m > 128 else 1, -(-m // max(smemw)))
     best = min(
-        (model_us(m, n, k, sms, nt, s, key), nt, s)
-        for nt in smemw
-        if -(-m // nt) <= max(MODEL_MAX_M_TILES if m > 128 else 1, -(-m // max(smemw)))
-        for s in range(1, min(MODEL_MAX_SPLITS, nk) + 1)
+        (model_us(m, n, k, sms, cfg, s, key), nt, s)
+        for nt, cfg in smemw.items()
+        if -(-m // nt) <= max_m_tiles
+        for s in range(1, min(MODEL_MAX_SPLITS, k // BK) + 1)
     )
     return smemw[best[1]], best[2]
+
+
+def auto_config(
+    m: int, n: int, k: int, sms: int, group_size: int, widen: bool
+) -> tuple[W4A8Sm90Config, int | None, int | None]:
+    """What the op runs without an explicit config: ``(config, splits, rounds)``. Per-channel and widened
+    per-group weights above the decode sizes: :func:`model_choice`; otherwise the measured table (TUNED)."""
+    if m >= PLAN_MODEL_MIN_M and tuned_key(group_size, widen) in STEP_US:
+        cfg, splits = model_choice(m, n, k, sms, group_size, widen)
+        return cfg, splits, None
+    cfg, rounds = tuned_config(m, group_size, widen)
+    return cfg, None, rounds
 
 
 def _all_configs(group_size: int) -> list[W4A8Sm90Config]:
@@ -377,11 +375,8 @@ def gemm_w4a8_sm90_q(
     widen = bool(widen) and group_size > 0
     cfg = config
     if cfg is None:
-        if m >= PLAN_MODEL_MIN_M and tuned_key(group_size, widen) in STEP_US:
-            cfg, model_splits = model_choice(m, n, k, num_sms(dev), group_size, widen)
-            splits = model_splits if splits is None else splits
-        else:
-            cfg, rounds = tuned_config(m, group_size, widen)
+        cfg, auto_splits, rounds = auto_config(m, n, k, num_sms(dev), group_size, widen)
+        splits = auto_splits if splits is None else splits
     if group_size > 0 and cfg.widen and not widen:
         raise W4A8Sm90Error(
             f"config {cfg} widens q * s_g to int8, which needs every group scale <= {WIDEN_GROUP_SCALE_MAX}"

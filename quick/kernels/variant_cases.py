@@ -322,15 +322,14 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
         from quick.kernels import dispatch
 
         entry = next(e for e in dispatch.registered(layout) if e.name == name)
-        kw = {}
-        if _takes_widen(entry.fn):
-            from quick.quant.w4a8_format import widens_to_int8
-
-            kw = {"widen": case.variant != "fold"}
+        takes_widen = _takes_widen(entry.fn)
 
         def fn(x, p, bias, out=None):
-            if kw.get("widen"):  # what the layer would pass: only scales <= 16 widen
-                kw["widen"] = widens_to_int8(p.get("group_scale"))
+            kw = {}
+            if takes_widen:  # what the layer would pass (scales <= 16 widen); variant "fold" forces the fold
+                from quick.quant.w4a8_format import widens_to_int8
+
+                kw["widen"] = case.variant != "fold" and widens_to_int8(p.get("group_scale"))
             y = entry.fn(x, p, case.group_size, **kw)
             y = y + bias.to(y.dtype) if bias is not None else y
             if out is not None:

@@ -13,6 +13,7 @@ in float64 and casts to the input dtype.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import warnings
@@ -68,6 +69,18 @@ def preferred_w4a8_layout(device: torch.device | str | None = None) -> str:
         except Exception:  # noqa: BLE001 - an unusable optional kernel means the portable layout
             pass
     return LAYOUT
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_signature(fn) -> tuple[bool, bool]:
+    """(takes a 4th positional ``bias``, takes a ``widen`` keyword) of a dispatcher entry, read once per entry
+    (not on every forward)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False, False
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4, "widen" in params
 
 
 def _kernel_for(layout: str, x: torch.Tensor):
@@ -191,8 +204,9 @@ class QuickLinearW4A8(nn.Module):
 
     @staticmethod
     def _refresh_widen(module: QuickLinearW4A8, _incompatible) -> None:
-        """``load_state_dict`` may bring other group scales: recompute the widening flag from them."""
-        gs = module.weight().group_scale
+        """``load_state_dict`` may bring other group scales: recompute the widening flag from them (the stored
+        buffer, packed or not: a column permutation keeps the largest scale)."""
+        gs = getattr(module, "group_scale", None)
         module.widen = gs is not None and widens_to_int8(gs)
 
     @staticmethod
@@ -333,13 +347,9 @@ class QuickLinearW4A8(nn.Module):
 
     def _run_kernel(self, fn, x2d: torch.Tensor) -> torch.Tensor:
         """Call ``fn(x2d, packed, group_size[, bias])``; the bias is added here if the kernel takes none."""
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        kw = {"widen": self.widen} if "widen" in params else {}
-        positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(positional) >= 4:
+        takes_bias, takes_widen = _kernel_signature(fn)
+        kw = {"widen": self.widen} if takes_widen else {}
+        if takes_bias:
             return fn(x2d, self.stored(), self.group_size, self.bias, **kw)
         out = fn(x2d, self.stored(), self.group_size, **kw)
         return out + self.bias if self.bias is not None else out
