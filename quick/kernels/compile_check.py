@@ -25,6 +25,7 @@ MODULES = (
     "quick.kernels.quick_sm90",
     "quick.kernels.quick_w4a8",
     "quick.kernels.quick_w4a8_sm90",
+    "quick.kernels.quick_dec",
 )
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
 

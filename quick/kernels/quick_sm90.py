@@ -143,6 +143,11 @@ for _table in TUNED.values():
                 VARIANTS.append(_v)
 
 
+# Batch sizes up to which gemm_w4a16_sm90 runs the decode kernel (quick_dec.cu, mma.sync over this layout) instead
+# of the wgmma GEMM. 0 until the decode kernel has passed the device checks (scripts/dec_check.py).
+DEC_MAX_M = 0
+
+
 def group_shift(g: int, k: int) -> int:
     """Kernel argument for the scale row of a k64 step: ``step >> gshift``. G = 64 * 2^s gives s; one group over
     all of K (per-channel) gives 31 (row 0 for every step); G = 32 has its own code path (argument unused)."""
@@ -413,17 +418,25 @@ def gemm_w4a16_sm90(
     config: Sm90Config | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    decode: bool | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)`` with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in x's dtype.
 
     ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` (contiguous [M, N]) lets tests
-    hand in a poisoned buffer.
+    hand in a poisoned buffer. ``decode``: None = the decode kernel (:mod:`quick.kernels.quick_dec`) for
+    ``M <= DEC_MAX_M`` when no config is forced, True/False = force it on/off.
     """
     m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
     if x.device.type != "cuda":
         raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
     if m == 0:
         return x.new_empty((0, n))
+    if decode is None:
+        decode = config is None and splits is None and m <= DEC_MAX_M
+    if decode:
+        from quick.kernels import quick_dec
+
+        return quick_dec.gemv_sm90(x, qweight, scales, zeros, group_size, bias, out=out)
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()

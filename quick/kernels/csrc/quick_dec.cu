@@ -1,0 +1,333 @@
+// quick_dec.cu: the decode kernel (M <= 16 tokens) over the `quick_sm90` layout, for sm_80 and newer.
+//
+// Why a separate kernel: at decode sizes the wgmma GEMM (quick_sm90.cu) is bound by instruction issue, not by
+// memory (ncu: ~150 instructions per k64 step and warp, 1.56 TB/s at M = 1 on the H200). This kernel spends as
+// few instructions per weight as the QUICK layout allows:
+//
+// * The `quick_sm90` layout already stores, per lane, the mma.m16n8k16 A fragment (16 channels x k16) of four
+//   consecutive k16 steps in one 16-byte chunk (wgmma's register A fragment is mma.sync's, per warp). So the
+//   weight is the A operand of mma.sync (transposed product, out^T = W^T x^T) and tokens are the n8 side.
+// * Weights stream global -> shared -> registers with 16-byte cp.async (each lane copies and later reads back
+//   only its own chunk: no bank conflicts, no barrier, explicit wait_group counting instead of the register
+//   scoreboards that drained the wgmma kernel's prefetch ring). STAGES k64 steps are in flight per warp.
+// * Dequantization is 9 instructions per 32-bit word in fp16 (1 shift, 4 lop3, 4 packed add/fma): the zero point
+//   is subtracted exactly in 16 bits ((1024 + q) - (1024 + z), and (1024 + 16q) / 16 - (64 + z) for the second
+//   nibble of a byte, which saves three shifts), and the **scale is applied after the mma, in fp32**, once per
+//   group and k64 step (the mma accumulates sum (q - z) x exactly in fp32).
+// * x (M rows of the CTA's K range) is copied to shared memory once; B fragments come from ldmatrix, one x4 per
+//   k32 and n8 tile, shared by the RB channel blocks of the warp. Token rows >= M point at a zero line.
+// * A CTA owns RB x 16 channels; its WARPS warps split the CTA's K range into contiguous runs and meet once in
+//   shared memory (fixed order). Splits across CTAs (gridDim.y) write fp32 partials; the last CTA of a channel
+//   tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
+//
+// -D: QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles: M <= 8 * NT), QD_RB (n16 channel blocks per CTA),
+// QD_WARPS, QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
+// Dynamic shared memory: dec_smem_bytes() in quick/kernels/quick_dec.py.
+#include "quick_common.cuh"
+
+#ifndef QD_DTYPE
+#define QD_DTYPE 0
+#endif
+#ifndef QD_NT
+#define QD_NT 1
+#endif
+#ifndef QD_RB
+#define QD_RB 4
+#endif
+#ifndef QD_WARPS
+#define QD_WARPS 8
+#endif
+#ifndef QD_STAGES
+#define QD_STAGES 4
+#endif
+#ifndef QD_G32
+#define QD_G32 0
+#endif
+
+namespace {
+constexpr int DT = QD_DTYPE;
+constexpr int NT = QD_NT;
+constexpr int RB = QD_RB;
+constexpr int WARPS = QD_WARPS;
+constexpr int STAGES = QD_STAGES;
+constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
+constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
+constexpr int THREADS = 32 * WARPS;
+constexpr int W_BYTES = RB * 512;       // one warp's weights of one k64 step
+constexpr int S_BYTES = RB * GPS * 64;  // scales (32 B) + zeros (32 B) per channel block and scale row
+constexpr int STAGE_BYTES = W_BYTES + S_BYTES;
+constexpr int RING_BYTES = WARPS * STAGES * STAGE_BYTES;
+static_assert(NT == 1 || NT == 2, "QD_NT is 1 or 2");
+static_assert(STAGES >= 2 && STAGES >= NT, "the reduction reuses the ring");
+static_assert(RB * GPS * 4 <= 32, "one 16-byte scale chunk per lane");
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+// mma with C = 0: the first k16 step of a scale group starts a fresh fp32 partial.
+template <int D>
+__device__ __forceinline__ void mma_16816_zero(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  const float z = 0.f;
+  if constexpr (D == 0) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
+  }
+}
+
+// One `quick_sm90` word -> the A fragment (q - z) of one k16 step, exact. Pair p of the word is register a_p:
+// rows lane/4 (p = 0, 2) and lane/4 + 8 (p = 1, 3). zr0 / zr1: -(MAGIC + z) of row 0 / row 1 in both halves
+// (fp16: zr1 is -(64 + z), for the nibbles taken 16x by the 0x00f000f0 mask).
+template <int D>
+__device__ __forceinline__ void dequant_a(uint32_t w, uint32_t zr0, uint32_t zr1, uint32_t a[4]) {
+  using namespace quick;
+  constexpr uint32_t MAGIC = Elt<D>::MAGIC;
+  if constexpr (D == 0) {
+    constexpr uint32_t SIXTEENTH = 0x2C002C00u;  // fp16x2 (1/16, 1/16)
+    const uint32_t t = w >> 8;
+    a[0] = add2<0>(lop3_and_or(w, 0x000f000fu, MAGIC), zr0);
+    a[1] = fma2<0>(lop3_and_or(w, 0x00f000f0u, MAGIC), SIXTEENTH, zr1);
+    a[2] = add2<0>(lop3_and_or(t, 0x000f000fu, MAGIC), zr0);
+    a[3] = fma2<0>(lop3_and_or(t, 0x00f000f0u, MAGIC), SIXTEENTH, zr1);
+  } else {  // bf16: bit 7 is the exponent's lowest bit, so every pair needs its own shift
+    a[0] = add2<1>(lop3_and_or(w, 0x000f000fu, MAGIC), zr0);
+    a[1] = add2<1>(lop3_and_or(w >> 4, 0x000f000fu, MAGIC), zr1);
+    a[2] = add2<1>(lop3_and_or(w >> 8, 0x000f000fu, MAGIC), zr0);
+    a[3] = add2<1>(lop3_and_or(w >> 12, 0x000f000fu, MAGIC), zr1);
+  }
+}
+
+// (zr0, zr1) for dequant_a from a packed pair (z(row 0), z(row 1)) of zero points.
+template <int D>
+__device__ __forceinline__ void zero_consts(uint32_t z2, uint32_t& zr0, uint32_t& zr1) {
+  using namespace quick;
+  const uint32_t nz = neg_magic_zero<D>(z2);
+  zr0 = bcast_lo(nz);
+  if constexpr (D == 0) {
+    constexpr uint32_t NEG_ONE = 0xBC00BC00u, NEG_64 = 0xD400D400u;
+    zr1 = bcast_hi(fma2<0>(z2, NEG_ONE, NEG_64));
+  } else {
+    zr1 = bcast_hi(nz);
+  }
+}
+
+__device__ __forceinline__ void store16(void* p, float v) {
+  if constexpr (DT == 0) {
+    *static_cast<__half*>(p) = __float2half_rn(v);
+  } else {
+    *static_cast<__nv_bfloat16*>(p) = __float2bfloat16_rn(v);
+  }
+}
+
+__device__ __forceinline__ float load16(const void* p) {
+  if constexpr (DT == 0) {
+    return __half2float(*static_cast<const __half*>(p));
+  } else {
+    return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
+  }
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS) quick_dec(
+    const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
+    const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
+    int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split) {
+  using namespace quick;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nb0 = blockIdx.x * RB;  // first n16 channel block of this CTA
+  const int s_beg = blockIdx.y * steps_per_split;
+  const int s_end = min(s_beg + steps_per_split, K >> 6);
+  const int nsteps = s_end - s_beg;  // > 0: the launcher drops empty splits
+  const int per_warp = (nsteps + WARPS - 1) / WARPS;
+  const int w_beg = s_beg + warp * per_warp;
+  const int w_n = max(0, min(per_warp, s_end - w_beg));
+
+  unsigned char* ring = smem + warp * STAGES * STAGE_BYTES;
+  unsigned char* xs = smem + RING_BYTES;
+  const int kr = nsteps * 64;                  // x columns this CTA holds
+  const int xpitch = kr * 2 + 16;              // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
+  unsigned char* zline = xs + M * xpitch;      // 16 zero bytes for token rows >= M
+  const char* x = static_cast<const char*>(xp);
+
+  // ---- x[:, K range] -> shared (first cp.async group)
+  {
+    const int chunks_row = kr >> 3;
+    for (int idx = tid; idx < M * chunks_row; idx += THREADS) {
+      const int r = idx / chunks_row, c = idx - r * chunks_row;
+      cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(r) * K + s_beg * 64 + c * 8) * 2, true);
+    }
+    cp_async_commit();
+  }
+
+  // ---- one k64 step of this warp: RB weight chunks (one per lane each), RB x GPS x (32 B scales, 32 B zeros).
+  // Per-lane sources and destinations are fixed; a step only adds its row offsets.
+  const char* wsrc = static_cast<const char*>(qweight) + static_cast<size_t>(nb0) * 512 + lane * 16;
+  const size_t wrow = static_cast<size_t>(N) * 32;  // bytes per k64 row of the layout
+  const uint32_t ring_u32 = smem_u32(ring);
+  const bool s_lane = lane < RB * GPS * 4;
+  const int s_rb = lane / (GPS * 4), s_gi = (lane >> 2) % GPS, s_sz = (lane >> 1) & 1, s_hf = lane & 1;
+  const char* ssrc = static_cast<const char*>(s_sz ? zeros : scales) + (nb0 + s_rb) * 32 + s_hf * 16;
+  const uint32_t sdst = W_BYTES + (s_rb * GPS + s_gi) * 64 + s_sz * 32 + s_hf * 16;
+  const size_t srow = static_cast<size_t>(N) * 2;  // bytes per scale row
+  auto load_stage = [&](int i) {
+    if (i < w_n) {
+      const int s = w_beg + i;
+      const uint32_t st = ring_u32 + (i % STAGES) * STAGE_BYTES;
+      const char* src = wsrc + s * wrow;
+#pragma unroll
+      for (int rb = 0; rb < RB; ++rb) cp_async16(st + rb * 512 + lane * 16, src + rb * 512, true);
+      if (s_lane) {
+        const int row = GPS == 2 ? 2 * s + s_gi : (s >> gshift);
+        cp_async16(st + sdst, ssrc + row * srow, true);
+      }
+    }
+    cp_async_commit();  // always: keeps the group count uniform
+  };
+
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; ++j) load_stage(j);
+  cp_async_wait<STAGES - 1>();  // the x group
+  if (tid == 0) *reinterpret_cast<uint4*>(zline) = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+
+  // ldmatrix.x4 rows: lane supplies row (lane & 7) of matrix lane >> 3 (k offset 8 * (lane >> 3))
+  uint32_t xrow[NT], xstep[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int t = 8 * nt + (lane & 7);
+    const bool live = t < M;
+    xrow[nt] = smem_u32(live ? xs + t * xpitch + (lane >> 3) * 16 : zline);
+    xstep[nt] = live ? 2 : 0;  // bytes per k element
+  }
+
+  float acc[RB][NT][4];
+#pragma unroll
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[rb][nt][e] = 0.f;
+
+  const int zslot = 4 * (lane >> 2);  // this lane's (row 0, row 1) pair inside a 32-byte scale line
+  for (int i = 0; i < w_n; ++i) {
+    cp_async_wait<STAGES - 2>();  // step i has landed (for this lane)
+    __syncwarp();                 // ... for every lane, and every lane is done with step i - 1's slot
+    load_stage(i + STAGES - 1);
+    const uint32_t st = smem_u32(ring + (i % STAGES) * STAGE_BYTES);
+
+    // B fragments of the 4 k16 steps: b[step][nt][reg]
+    uint32_t b[4][NT][2];
+    const int kloc = (w_beg - s_beg + i) * 64;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t r[4];
+        ldmatrix_x4(r, xrow[nt] + xstep[nt] * (kloc + 32 * h));
+        b[2 * h][nt][0] = r[0];
+        b[2 * h][nt][1] = r[1];
+        b[2 * h + 1][nt][0] = r[2];
+        b[2 * h + 1][nt][1] = r[3];
+      }
+
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) {
+      const uint4 wv = lds128(st + rb * 512 + lane * 16);
+#pragma unroll
+      for (int gi = 0; gi < GPS; ++gi) {
+        const uint32_t sline = st + W_BYTES + (rb * GPS + gi) * 64;
+        const uint32_t s2 = lds32(sline + zslot);
+        const uint32_t z2 = lds32(sline + 32 + zslot);
+        uint32_t zr0, zr1;
+        zero_consts<DT>(z2, zr0, zr1);
+        float part[NT][4];
+#pragma unroll
+        for (int j = 0; j < WPG; ++j) {
+          const int w = gi * WPG + j;
+          uint32_t a[4];
+          dequant_a<DT>(u4_get(wv, w), zr0, zr1, a);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (j == 0) {
+              mma_16816_zero<DT>(part[nt], a, b[w][nt][0], b[w][nt][1]);
+            } else {
+              mma_16816<DT>(part[nt], a, b[w][nt][0], b[w][nt][1]);
+            }
+          }
+        }
+        const float2 sf = unpack2<DT>(s2);  // (scale of row 0, scale of row 1)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[rb][nt][0] = fmaf(sf.x, part[nt][0], acc[rb][nt][0]);
+          acc[rb][nt][1] = fmaf(sf.x, part[nt][1], acc[rb][nt][1]);
+          acc[rb][nt][2] = fmaf(sf.y, part[nt][2], acc[rb][nt][2]);
+          acc[rb][nt][3] = fmaf(sf.y, part[nt][3], acc[rb][nt][3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: reuse it for the k-slice reduction
+
+  // ---- the WARPS k-slices meet in shared memory, summed in warp order
+  float* red = reinterpret_cast<float*>(smem);  // [WARPS][RB][NT][4][32]
+#pragma unroll
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(((warp * RB + rb) * NT + nt) * 4 + e) * 32 + lane] = acc[rb][nt][e];
+  __syncthreads();
+
+  constexpr int ELEMS = RB * NT * 4 * 32;
+  const bool split = gridDim.y > 1;
+  const size_t mn = static_cast<size_t>(M) * N;
+  for (int idx = tid; idx < ELEMS; idx += THREADS) {
+    const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NT, rb = idx / (128 * NT);
+    const int token = 8 * nt + 2 * (l & 3) + (e & 1);
+    const int chan = (nb0 + rb) * 16 + (l >> 2) + 8 * (e >> 1);
+    if (token >= M) continue;
+    float v = red[idx];
+#pragma unroll 4
+    for (int w = 1; w < WARPS; ++w) v += red[w * ELEMS + idx];
+    const size_t o = static_cast<size_t>(token) * N + chan;
+    if (split) {
+      ws[blockIdx.y * mn + o] = v;
+    } else {
+      if (bias != nullptr) v += load16(static_cast<const char*>(bias) + chan * 2);
+      store16(static_cast<char*>(out) + o * 2, v);
+    }
+  }
+  if (!split) return;
+
+  // ---- split-k: the last CTA of this channel tile sums every split in order 0, 1, ... and writes the output
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int idx = tid; idx < M * RB * 16; idx += THREADS) {
+    const int token = idx / (RB * 16);
+    const int chan = nb0 * 16 + idx - token * (RB * 16);
+    const size_t o = static_cast<size_t>(token) * N + chan;
+    float v = __ldcg(ws + o);
+    for (int z = 1; z < static_cast<int>(gridDim.y); ++z) v += __ldcg(ws + z * mn + o);
+    if (bias != nullptr) v += load16(static_cast<const char*>(bias) + chan * 2);
+    store16(static_cast<char*>(out) + o * 2, v);
+  }
+  if (tid == 0) counters[blockIdx.x] = 0;  // zero again for the next launch on this stream
+}

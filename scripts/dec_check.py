@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Decode kernel (``csrc/quick_dec.cu``) on the device, one call: build every variant, check each against the
+float64 reference (fresh random data, NaN-poisoned outputs, bounds that fail), then time the candidate configs
+and split counts against the wgmma GEMM (``quick_sm90``) and the streaming floor.
+
+    OUT=$OUT python3 scripts/dec_check.py [--parts check,time] [--budget-s 300]
+
+Writes ``$OUT/dec_check.json`` (after each part) and prints a summary table. Timing as benchmarks/kernel.py:
+median of ``triton.testing.do_bench`` (L2 flushed) over CUDA-graph replays of one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from common import bench_us, graphed, stream_floor_us, w4_bytes  # noqa: E402
+
+from quick.kernels import jit  # noqa: E402
+from quick.kernels import quick_dec as qd  # noqa: E402
+from quick.kernels import quick_sm90 as sm  # noqa: E402
+from quick.testing import REL_BOUND, pack, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
+
+CHECK_MS = (1, 2, 3, 7, 8, 9, 15, 16)
+SMALL = ((128, 64), (192, 128), (4160, 1088), (1024, 192 * 4))
+LARGE = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (5120, 13824))
+TIME_SHAPES = (
+    (8192, 8192),
+    (4096, 4096),
+    (4096, 12288),
+    (4096, 22016),
+    (11008, 4096),
+    (4096, 14336),
+    (14336, 4096),
+    (4096, 6144),
+)
+TIME_MS = (1, 4, 8, 16)
+
+
+def build(res: dict) -> None:
+    jobs = [(s, jit.arch_for_device(0, True), d) for s, _k, d in qd.VARIANTS]
+    t0 = time.time()
+    out = jit.compile_many(jobs)
+    res["build"] = {"variants": len(out), "s": round(time.time() - t0, 1), "max_spills": max(r.spills for r in out)}
+    print("build", res["build"], flush=True)
+
+
+def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
+    qw = random_quantized(k, n, g, dt, "cuda", generator=gen)
+    p = pack(qw, "quick_sm90")
+    x = (torch.randn(m, k, generator=gen) * 0.5).to(dt).cuda()
+    b = (torch.randn(n, generator=gen) * 0.1).to(dt).cuda() if bias else None
+    ref = reference_matmul(x, qw, b)
+    out = poisoned((m, n), dt, "cuda")
+    qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out)
+    err = rel_error(out, ref)
+    det = True
+    if splits and splits > 1:
+        out2 = poisoned((m, n), dt, "cuda")
+        qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out2)
+        det = torch.equal(out, out2)
+    return err, det
+
+
+def part_check(res: dict, deadline: float) -> None:
+    gen = torch.Generator().manual_seed(20261204)
+    cases, fails, worst = 0, [], {}
+    cfgs = list(dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES)))
+    todo = []
+    for dt in (torch.float16, torch.bfloat16):
+        for k, n in SMALL:
+            for g in (32, 64, 128, -1):
+                if (g > 0 and k % g) or (g == -1 and k % 64):
+                    continue
+                for m in CHECK_MS:
+                    for cfg in cfgs:
+                        if n % (16 * cfg.rb):
+                            continue
+                        for splits in (None, 3):
+                            todo.append((m, k, n, g, dt, cfg, splits, m % 2 == 1))
+        for k, n in LARGE:
+            for g in (128, 32, -1):
+                for m in (1, 8, 16):
+                    todo.append((m, k, n, g, dt, qd.DEFAULT, None, m == 8))
+            for cfg in cfgs[1:]:
+                todo.append((5, k, n, 128, dt, cfg, None, False))
+    for case in todo:
+        if time.time() > deadline:
+            res["check_cut"] = f"budget: {cases} of {len(todo)} cases run"
+            break
+        m, k, n, g, dt, cfg, splits, bias = case
+        try:
+            err, det = run_case(*case, gen)
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            fails.append({"case": repr(case), "error": f"{type(e).__name__}: {e}"[:300]})
+            cases += 1
+            continue
+        cases += 1
+        key = str(dt).split(".")[-1]
+        worst[key] = max(worst.get(key, 0.0), err)
+        if not err <= REL_BOUND[dt] or not det:
+            fails.append({"case": repr(case), "rel_err": err, "deterministic": det})
+    res["check"] = {
+        "cases": cases,
+        "planned": len(todo),
+        "failures": len(fails),
+        "worst_rel": worst,
+        "fail": fails[:30],
+    }
+    print("check", {k: v for k, v in res["check"].items() if k != "fail"}, flush=True)
+    for f in fails[:10]:
+        print("  FAIL", f, flush=True)
+
+
+def part_time(res: dict, deadline: float) -> None:
+    rows = []
+    gen = torch.Generator().manual_seed(7)
+    nsm = torch.cuda.get_device_properties(0).multi_processor_count
+    floors = {}
+    for k, n in TIME_SHAPES:
+        if time.time() > deadline:
+            res["time_cut"] = True
+            break
+        qw = random_quantized(k, n, 128, torch.float16, "cuda", generator=gen)
+        p = pack(qw, "quick_sm90")
+        floors[f"{k}x{n}"] = round(stream_floor_us(int(w4_bytes(1, k, n))), 2)
+        for m in TIME_MS:
+            x = (torch.randn(m, k, generator=gen) * 0.5).half().cuda()
+            args = (x, p["qweight"], p["scales"], p["zeros"], 128)
+            try:
+                us = bench_us(graphed(lambda a=args: sm.gemm_w4a16_sm90(*a, decode=False)))
+                rows.append({"impl": "wgmma", "K": k, "N": n, "M": m, "us": round(us, 2)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"impl": "wgmma", "K": k, "N": n, "M": m, "error": str(e)[:200]})
+            for cfg in dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES)):
+                if n % (16 * cfg.rb):
+                    continue
+                split_opts = sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)})
+                for s in split_opts:
+                    if time.time() > deadline:
+                        break
+                    try:
+                        us = bench_us(graphed(lambda a=args, c=cfg, s=s: qd.gemv_sm90(*a, config=c, splits=s)))
+                        rows.append(
+                            {
+                                "impl": "dec",
+                                "cfg": [cfg.rb, cfg.warps, cfg.stages],
+                                "splits": s,
+                                "K": k,
+                                "N": n,
+                                "M": m,
+                                "us": round(us, 2),
+                            }
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(
+                            {
+                                "impl": "dec",
+                                "cfg": [cfg.rb, cfg.warps, cfg.stages],
+                                "splits": s,
+                                "K": k,
+                                "N": n,
+                                "M": m,
+                                "error": str(e)[:200],
+                            }
+                        )
+        del qw, p
+    res["time"] = rows
+    res["floor_us"] = floors
+    print(f"{'shape':>12} {'M':>3} {'floor':>7} {'wgmma':>7} {'dec best':>9}  config", flush=True)
+    for k, n in TIME_SHAPES:
+        for m in TIME_MS:
+            w = [
+                r["us"]
+                for r in rows
+                if r["impl"] == "wgmma" and r["K"] == k and r["N"] == n and r["M"] == m and "us" in r
+            ]
+            d = [r for r in rows if r["impl"] == "dec" and r["K"] == k and r["N"] == n and r["M"] == m and "us" in r]
+            if not d:
+                continue
+            best = min(d, key=lambda r: r["us"])
+            print(
+                f"{k:>5}x{n:<6} {m:>3} {floors.get(f'{k}x{n}', 0):>7} {w[0] if w else '-':>7} {best['us']:>9}  "
+                f"{best['cfg']} s={best['splits']}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="build,check,time")
+    ap.add_argument("--budget-s", type=float, default=300)
+    a = ap.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    parts = a.parts.split(",")
+    budget = {"check": 0.45, "time": 1.0}
+    for part in parts:
+        try:
+            if part == "build":
+                build(res)
+            elif part == "check":
+                part_check(res, t0 + budget["check"] * a.budget_s)
+            elif part == "time":
+                part_time(res, t0 + a.budget_s)
+        except Exception:  # noqa: BLE001
+            res.setdefault("errors", []).append(traceback.format_exc()[-2000:])
+            print(traceback.format_exc(), flush=True)
+        (out / "dec_check.json").write_text(json.dumps(res, indent=1))
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
