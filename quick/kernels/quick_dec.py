@@ -42,6 +42,10 @@ class DecConfig:
     def threads(self) -> int:
         return 32 * self.warps
 
+    def supports(self, group_size: int) -> bool:
+        """One lane copies one 16-byte chunk of scales/zeros per k64 step: rb x rows-per-step x 4 <= 32."""
+        return self.rb * (2 if group_size == 32 else 1) * 4 <= 32
+
     def ring_bytes(self, group_size: int) -> int:
         gps = 2 if group_size == 32 else 1
         return self.warps * self.stages * (self.rb * 512 + self.rb * gps * 64)
@@ -78,7 +82,7 @@ for _cfg in dict.fromkeys((DEFAULT, *CANDIDATES)):
         for _g in (128, 32):
             for _dt in (torch.float16, torch.bfloat16):
                 _v = (SOURCE, KERNEL, _cfg.defines(_m, _g, _dt))
-                if _v not in VARIANTS:
+                if _cfg.supports(_g) and _v not in VARIANTS:
                     VARIANTS.append(_v)
 
 
@@ -114,6 +118,8 @@ def plan(
         raise DecError(f"the decode kernel takes 1 <= M <= {MAX_M} rows, got M={m}")
     if n % (16 * cfg.rb):
         raise DecError(f"N={n} is not a multiple of {16 * cfg.rb} (config {cfg})")
+    if not cfg.supports(group_size):
+        raise DecError(f"config {cfg} cannot take group size {group_size} (at most 4 channel blocks)")
     nk = k // 64
     n_tiles = n // (16 * cfg.rb)
     if splits is None:

@@ -137,7 +137,7 @@ __device__ __forceinline__ float load16(const void* p) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) quick_dec(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
     const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
     int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split) {

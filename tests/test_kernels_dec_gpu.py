@@ -1,0 +1,119 @@
+"""Device correctness of the decode kernel (``csrc/quick_dec.cu``, M <= 16, ``quick_sm90`` layout) against the
+float64 reference: fresh random inputs per case, NaN-poisoned outputs, relative Frobenius bounds that fail on any
+indexing error, bitwise determinism of the in-kernel split-k, CUDA-graph capture, and bad input.
+Skipped without an sm_80+ GPU and nvcc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, require_sm80_and_nvcc
+
+from quick.packing.layouts import get_layout
+from quick.testing import REL_BOUND, poisoned, random_quantized, reference_matmul, rel_error
+
+pytestmark = pytest.mark.gpu
+
+require_sm80_and_nvcc()
+
+from quick.kernels import quick_dec as qd  # noqa: E402
+from quick.kernels import quick_sm90 as sm  # noqa: E402
+
+M_DEC = [1, 2, 3, 7, 8, 9, 15, 16]
+_CACHE: dict = {}
+
+
+def _weights(k: int, n: int, g: int, dtype: torch.dtype):
+    key = (k, n, g, dtype)
+    if key not in _CACHE:
+        _CACHE.clear()
+        qw = random_quantized(k, n, g, dtype, "cpu", torch.Generator().manual_seed(hash(key) % 2**31))
+        qw = type(qw)(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.group_size)
+        _CACHE[key] = (qw, get_layout("quick_sm90").pack(qw))
+    return _CACHE[key]
+
+
+def _run(m, k, n, g, dtype, bias=False, config=None, splits=None):
+    qw, p = _weights(k, n, g, dtype)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    out = poisoned((m, n), dtype, "cuda")
+    qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=config, splits=splits, out=out)
+    torch.cuda.synchronize()
+    return out, reference_matmul(x, qw, b)
+
+
+def _check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "NaN/inf in output (unwritten poisoned element or overflow)"
+    err = rel_error(out, ref)
+    assert err < REL_BOUND[dtype], f"relative error {err:.3e} over bound {REL_BOUND[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", M_DEC)
+def test_all_decode_batch_sizes(m, dtype):
+    _check(*_run(m, 4096, 4096, 128, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_model_shapes(k, n, m, dtype):
+    _check(*_run(m, k, n, 128, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", [32, 64, 128, -1])
+@pytest.mark.parametrize("k,n", [(128, 64), (192, 128), (4160, 1088)])
+@pytest.mark.parametrize("m", [1, 5, 12])
+def test_groups_and_small_shapes(k, n, g, m, dtype):
+    if g > 0 and k % g:
+        pytest.skip("K not a multiple of the group (refusal tested elsewhere)")
+    _check(*_run(m, k, n, g, dtype, bias=m == 5), dtype)
+
+
+@pytest.mark.parametrize("cfg", list(dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES))), ids=str)
+@pytest.mark.parametrize("splits", [None, 1, 3, 7])
+@pytest.mark.parametrize("g", [32, 128])
+def test_every_config_and_split(cfg, splits, g):
+    if not cfg.supports(g):
+        pytest.skip("config cannot take this group size")
+    _check(*_run(9, 4096, 1024 + 128 * (cfg.rb == 8), g, torch.float16, True, cfg, splits), torch.float16)
+
+
+def test_split_k_is_bitwise_deterministic():
+    qw, p = _weights(8192, 1024, 128, torch.float16)
+    x = torch.randn(4, 8192, device="cuda").half()
+    outs = [qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, splits=6) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_graph_capture_and_forced_decode_through_the_sm90_entry():
+    qw, p = _weights(4096, 4096, 128, torch.float16)
+    x = torch.randn(1, 4096, device="cuda").half()
+    ref = reference_matmul(x, qw)
+    fn = lambda: sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, decode=True)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    _check(out, ref, torch.float16)
+
+
+def test_bad_input_is_a_clear_error():
+    qw, p = _weights(4096, 1024, 128, torch.float16)
+    x = torch.randn(17, 4096, device="cuda").half()
+    with pytest.raises(qd.DecError, match="M <= 16"):
+        qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
+    with pytest.raises(qd.DecError, match="shape"):
+        qd.gemv_sm90(x[:1, :2048], p["qweight"], p["scales"], p["zeros"], 128)
+    with pytest.raises(qd.DecError, match="contiguous"):
+        qd.gemv_sm90(x[:1], p["qweight"].t().contiguous().t(), p["scales"], p["zeros"], 128)
