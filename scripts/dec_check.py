@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from common import bench_us, graphed, stream_floor_us, w4_bytes  # noqa: E402
 
-from quick.kernels import jit  # noqa: E402
+from quick.kernels import jit, quick_mma  # noqa: E402
 from quick.kernels import quick_dec as qd  # noqa: E402
 from quick.kernels import quick_sm90 as sm  # noqa: E402
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
@@ -54,19 +54,28 @@ def build(res: dict) -> None:
     print("build", res["build"], flush=True)
 
 
+_W: dict = {}
+
+
 def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
-    qw = random_quantized(k, n, g, dt, "cuda", generator=gen)
-    p = pack(qw, "quick_sm90")
+    key = (k, n, g, dt)
+    if key not in _W:  # one random weight per shape, group and dtype (the inputs x are fresh per case)
+        _W.clear()
+        qw = random_quantized(k, n, g, dt, "cuda", generator=gen)
+        _W[key] = (qw, {lay: pack(qw, lay) for lay in qd.LAYOUTS})
+    qw, packs = _W[key]
+    layout = qd.LAYOUTS[cfg.wb]
+    p = packs[layout]
     x = (torch.randn(m, k, generator=gen) * 0.5).to(dt).cuda()
     b = (torch.randn(n, generator=gen) * 0.1).to(dt).cuda() if bias else None
     ref = reference_matmul(x, qw, b)
     out = poisoned((m, n), dt, "cuda")
-    qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out)
+    qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out)
     err = rel_error(out, ref)
     det = True
     if splits and splits > 1:
         out2 = poisoned((m, n), dt, "cuda")
-        qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out2)
+        qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out2)
         det = torch.equal(out, out2)
     return err, det
 
@@ -74,7 +83,7 @@ def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
 def part_check(res: dict, deadline: float) -> None:
     gen = torch.Generator().manual_seed(20261204)
     cases, fails, worst = 0, [], {}
-    cfgs = list(dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES)))
+    cfgs = list(dict.fromkeys((*qd.DEFAULTS.values(), *qd.CANDIDATES["quick_sm90"], *qd.CANDIDATES["quick"])))
     todo = []
     for dt in (torch.float16, torch.bfloat16):
         for k, n in SMALL:
@@ -83,16 +92,19 @@ def part_check(res: dict, deadline: float) -> None:
                     continue
                 for m in CHECK_MS:
                     for cfg in cfgs:
-                        if n % (16 * cfg.rb):
+                        if n % cfg.channels or not cfg.supports(g if g > 0 else k):
                             continue
                         for splits in (None, 3):
                             todo.append((m, k, n, g, dt, cfg, splits, m % 2 == 1))
         for k, n in LARGE:
-            for g in (128, 32, -1):
-                for m in (1, 8, 16):
-                    todo.append((m, k, n, g, dt, qd.DEFAULT, None, m == 8))
-            for cfg in cfgs[1:]:
-                todo.append((5, k, n, 128, dt, cfg, None, False))
+            for cfg0 in qd.DEFAULTS.values():
+                for g in (128, 32, -1):
+                    for m in (1, 8, 16):
+                        todo.append((m, k, n, g, dt, cfg0, None, m == 8))
+            for cfg in cfgs:
+                if n % cfg.channels == 0:
+                    todo.append((5, k, n, 128, dt, cfg, None, False))
+    todo.sort(key=lambda c: (c[1], c[2], c[3], str(c[4])))
     for case in todo:
         if time.time() > deadline:
             res["check_cut"] = f"budget: {cases} of {len(todo)} cases run"
@@ -131,68 +143,64 @@ def part_time(res: dict, deadline: float) -> None:
             res["time_cut"] = True
             break
         qw = random_quantized(k, n, 128, torch.float16, "cuda", generator=gen)
-        p = pack(qw, "quick_sm90")
+        packs = {lay: pack(qw, lay) for lay in qd.LAYOUTS}
         floors[f"{k}x{n}"] = round(stream_floor_us(int(w4_bytes(1, k, n))), 2)
         for m in TIME_MS:
             x = (torch.randn(m, k, generator=gen) * 0.5).half().cuda()
-            args = (x, p["qweight"], p["scales"], p["zeros"], 128)
-            try:
-                us = bench_us(graphed(lambda a=args: sm.gemm_w4a16_sm90(*a, decode=False)))
-                rows.append({"impl": "wgmma", "K": k, "N": n, "M": m, "us": round(us, 2)})
-            except Exception as e:  # noqa: BLE001
-                rows.append({"impl": "wgmma", "K": k, "N": n, "M": m, "error": str(e)[:200]})
-            for cfg in dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES)):
-                if n % (16 * cfg.rb):
-                    continue
-                split_opts = sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)})
-                for s in split_opts:
-                    if time.time() > deadline:
-                        break
-                    try:
-                        us = bench_us(graphed(lambda a=args, c=cfg, s=s: qd.gemv_sm90(*a, config=c, splits=s)))
-                        rows.append(
-                            {
-                                "impl": "dec",
-                                "cfg": [cfg.rb, cfg.warps, cfg.stages],
-                                "splits": s,
-                                "K": k,
-                                "N": n,
-                                "M": m,
-                                "us": round(us, 2),
-                            }
-                        )
-                    except Exception as e:  # noqa: BLE001
-                        rows.append(
-                            {
-                                "impl": "dec",
-                                "cfg": [cfg.rb, cfg.warps, cfg.stages],
-                                "splits": s,
-                                "K": k,
-                                "N": n,
-                                "M": m,
-                                "error": str(e)[:200],
-                            }
-                        )
-        del qw, p
+            for layout, p in packs.items():
+                args = (x, p["qweight"], p["scales"], p["zeros"], 128)
+                base = {
+                    "quick_sm90": ("wgmma", lambda a=args: sm.gemm_w4a16_sm90(*a, decode=False)),
+                    "quick": ("mma_gemm", lambda a=args: quick_mma.gemm(*a)),
+                }[layout]
+                try:
+                    us = bench_us(graphed(base[1]))
+                    rows.append({"impl": base[0], "K": k, "N": n, "M": m, "us": round(us, 2)})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"impl": base[0], "K": k, "N": n, "M": m, "error": str(e)[:200]})
+                for cfg in dict.fromkeys((qd.DEFAULTS[layout], *qd.CANDIDATES[layout])):
+                    if n % cfg.channels:
+                        continue
+                    split_opts = sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)})
+                    for s in split_opts:
+                        if time.time() > deadline:
+                            break
+                        row = {
+                            "impl": f"dec_{layout}",
+                            "cfg": [cfg.rb, cfg.warps, cfg.stages],
+                            "splits": s,
+                            "K": k,
+                            "N": n,
+                            "M": m,
+                        }
+                        try:
+                            us = bench_us(
+                                graphed(lambda a=args, c=cfg, s=s, lay=layout: qd.gemv(lay, *a, config=c, splits=s))
+                            )
+                            row["us"] = round(us, 2)
+                        except Exception as e:  # noqa: BLE001
+                            row["error"] = str(e)[:200]
+                        rows.append(row)
+        del qw, packs
     res["time"] = rows
     res["floor_us"] = floors
-    print(f"{'shape':>12} {'M':>3} {'floor':>7} {'wgmma':>7} {'dec best':>9}  config", flush=True)
+    print(f"{'shape':>12} {'M':>3} {'floor':>7} {'wgmma':>7} {'dec90':>7}  {'mma':>7} {'dec_q':>7}", flush=True)
+    best = {}
+    for r in rows:
+        if "us" in r:
+            key = (r["impl"], r["K"], r["N"], r["M"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
     for k, n in TIME_SHAPES:
         for m in TIME_MS:
-            w = [
-                r["us"]
-                for r in rows
-                if r["impl"] == "wgmma" and r["K"] == k and r["N"] == n and r["M"] == m and "us" in r
+            cells = [
+                best.get((i, k, n, m), {}).get("us", "-") for i in ("wgmma", "dec_quick_sm90", "mma_gemm", "dec_quick")
             ]
-            d = [r for r in rows if r["impl"] == "dec" and r["K"] == k and r["N"] == n and r["M"] == m and "us" in r]
-            if not d:
-                continue
-            best = min(d, key=lambda r: r["us"])
             print(
-                f"{k:>5}x{n:<6} {m:>3} {floors.get(f'{k}x{n}', 0):>7} {w[0] if w else '-':>7} {best['us']:>9}  "
-                f"{best['cfg']} s={best['splits']}",
+                f"{k:>5}x{n:<6} {m:>3} {floors.get(f'{k}x{n}', '-'):>7} " + " ".join(f"{c:>7}" for c in cells),
                 flush=True,
             )
+    res["best"] = [best[key] for key in sorted(best)]
 
 
 def main() -> None:

@@ -27,24 +27,24 @@ def _lop3(w: torch.Tensor, mask: int, magic: int) -> torch.Tensor:
     return (w & mask) | (magic | (magic << 16))
 
 
-def _dequant_a(w: torch.Tensor, z_lo: torch.Tensor, z_hi: torch.Tensor, dtype: torch.dtype) -> list:
-    """dequant_a + zero_consts of the kernel for one word per lane: 4 registers x (low, high) values, each
-    arithmetic step rounded to ``dtype`` as the packed 16-bit instructions do."""
+def _dequant(w: torch.Tensor, zs: list, dtype: torch.dtype) -> list:
+    """dequant_a / dequant_b of the kernel for one word per lane: pair p (nibbles p, p + 4) minus the zero point
+    zs[p], as 4 registers x (low, high), every step rounded to ``dtype`` as the packed 16-bit instructions do. fp16
+    takes pairs 1 and 3 with the 0x00f000f0 mask (16 q) and subtracts 64 + z after a multiply by 1/16."""
     m = MAGIC[dtype]
     magic_v = _halves(torch.tensor([m | (m << 16)]), dtype)[0]
-    zr0 = (-(z_lo + magic_v)).to(dtype)  # neg_magic_zero, low half broadcast
     if dtype == torch.float16:
-        zr1 = (-(z_hi + 64)).to(dtype)
         t = w >> 8
         pairs = [_lop3(w, 0x000F000F, m), _lop3(w, 0x00F000F0, m), _lop3(t, 0x000F000F, m), _lop3(t, 0x00F000F0, m)]
         scale = [1.0, 1.0 / 16, 1.0, 1.0 / 16]
+        offset = [magic_v, 64, magic_v, 64]
     else:
-        zr1 = (-(z_hi + magic_v)).to(dtype)
         pairs = [_lop3(w >> (4 * p), 0x000F000F, m) for p in range(4)]
         scale = [1.0] * 4
+        offset = [magic_v] * 4
     out = []
     for p in range(4):
-        z = zr0 if p % 2 == 0 else zr1
+        z = (-(zs[p] + offset[p])).to(dtype)  # neg_magic_zero / the -(64 + z) constant, exact
         lo, hi = _halves(pairs[p], dtype)
         out.append(((lo * scale[p] + z).to(dtype), (hi * scale[p] + z).to(dtype)))
     return out
@@ -66,13 +66,50 @@ def _mma(a_frag: list, b_frag: list) -> torch.Tensor:
     return torch.stack([D[g, 2 * c], D[g, 2 * c + 1], D[g + 8, 2 * c], D[g + 8, 2 * c + 1]], 1)
 
 
+def _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype) -> None:
+    """One k64 step of a warp for the ``quick`` layout (weight = B operand), all RB n64 blocks."""
+    lane = torch.arange(32)
+    g_, c_ = lane // 4, lane % 4
+    for rb in range(acc.shape[0]):
+        for gi in range(gps):
+            row = 2 * s + gi if gps == 2 else s >> gshift
+            base = row * n + (nb0 + rb) * 64
+            zt = [zr[base + 8 * g_ + t] for t in range(8)]  # zero of column lane/4 of tile t (slot 8 (lane/4) + t)
+            sa = [sc[base + 16 * c_ + t].double() for t in range(8)]  # scale of column 2c of tile t
+            sb = [sc[base + 16 * c_ + 8 + t].double() for t in range(8)]  # ... of column 2c + 1
+            part = torch.zeros(8, 32, 4, dtype=torch.float64)
+            for j in range(4 // gps):
+                kk = gi * (4 // gps) + j
+                # ldmatrix.x4 of x as the m16 x k16 A operand: matrix r from provider lanes 8r .. 8r + 7
+                a = []
+                for r in range(4):
+                    prov = 8 * r + g_
+                    t = 8 * ((prov >> 3) & 1) + (prov & 7)
+                    col = 8 * (prov >> 4) + kloc + 16 * kk + 2 * c_
+                    live = t < m
+                    tt = torch.where(live, t, 0)
+                    zero = torch.zeros((), dtype=dtype)
+                    a.append((torch.where(live, xs[tt, col], zero), torch.where(live, xs[tt, col + 1], zero)))
+                base_w = ((4 * s + kk) * (2 * n) + (nb0 + rb) * 128) + lane * 4
+                for w in range(4):
+                    b = _dequant(words[base_w + w], [zt[2 * w], zt[2 * w], zt[2 * w + 1], zt[2 * w + 1]], dtype)
+                    part[2 * w] += _mma(a, b[0:2])
+                    part[2 * w + 1] += _mma(a, b[2:4])
+            for t in range(8):
+                acc[rb, t, 0] += sa[t] * part[t, :, 0]
+                acc[rb, t, 1] += sb[t] * part[t, :, 1]
+                if m > 8:
+                    acc[rb, t, 2] += sa[t] * part[t, :, 2]
+                    acc[rb, t, 3] += sb[t] * part[t, :, 3]
+
+
 def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
     """The kernel, CTA by CTA and warp by warp, with lanes vectorized."""
     m, k = x.shape
     n = packed["scales"].shape[1]
     dtype = x.dtype
     rb_n, warps = cfg.rb, cfg.warps
-    nt_n = 1 if m <= 8 else 2
+    nt_n = 8 if cfg.wb else (1 if m <= 8 else 2)  # accumulator tiles per block
     gps = 2 if g == 32 else 1
     gshift = sm.group_shift(g, k)
     words = packed["qweight"].reshape(-1).to(torch.int64) & 0xFFFFFFFF
@@ -98,6 +135,9 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                 for i in range(w_n):
                     s = w_beg + i
                     kloc = (w_beg - s_beg + i) * 64
+                    if cfg.wb:
+                        _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype)
+                        continue
                     # ldmatrix.x4: provider lane q gives row (q & 7) of matrix q >> 3; receiver l gets row l / 4,
                     # elements 2 (l % 4) + {0, 1} of matrix j -> b[2h + j / 2][nt][j % 2]
                     b = [[[None, None] for _ in range(nt_n)] for _ in range(4)]
@@ -122,7 +162,7 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                             part = torch.zeros(nt_n, 32, 4, dtype=torch.float64)
                             for jw in range(4 // gps):
                                 w = gi * (4 // gps) + jw
-                                a = _dequant_a(words[base + w], z_lo, z_hi, dtype)
+                                a = _dequant(words[base + w], [z_lo, z_hi, z_lo, z_hi], dtype)
                                 for nt in range(nt_n):
                                     part[nt] += _mma(a, b[w][nt])
                             for nt in range(nt_n):
@@ -132,10 +172,12 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                                 acc[rb, nt, 3] += s_hi.double() * part[nt, :, 3]
                 red[warp] = acc
             flat = red.reshape(warps, -1)
+            ch = 64 if cfg.wb else 16
             for idx in range(flat.shape[1]):  # the kernel's reduction loop and its (token, channel) decode
                 l, e, nt, rb = idx & 31, (idx >> 5) & 3, (idx >> 7) % nt_n, idx // (128 * nt_n)
-                token = 8 * nt + 2 * (l & 3) + (e & 1)
-                chan = (nb0 + rb) * 16 + (l >> 2) + 8 * (e >> 1)
+                row, col = (l >> 2) + 8 * (e >> 1), 2 * (l & 3) + (e & 1)
+                token = row if cfg.wb else 8 * nt + col
+                chan = (nb0 + rb) * ch + (8 * nt + col if cfg.wb else row)
                 if token >= m:
                     continue
                 v = flat[:, idx].sum()
@@ -144,8 +186,8 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                 else:
                     out[token, chan] = v
         if p.splits > 1:
-            c0 = nb0 * 16
-            out[:, c0 : c0 + rb_n * 16] = ws[:, :, c0 : c0 + rb_n * 16].sum(0)
+            c0, c1 = nb0 * (64 if cfg.wb else 16), (nb0 + rb_n) * (64 if cfg.wb else 16)
+            out[:, c0:c1] = ws[:, :, c0:c1].sum(0)
     return out.to(dtype)
 
 
@@ -160,11 +202,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("m,k,n,g,dtype,cfg,splits", CASES)
+CASES_B = [
+    (1, 256, 128, 128, torch.float16, qd.DecConfig(1, 2, 2, wb=1), None),
+    (12, 256, 64, 32, torch.float16, qd.DecConfig(1, 2, 2, wb=1), 2),
+    (5, 192, 128, 64, torch.bfloat16, qd.DecConfig(2, 2, 2, wb=1), None),
+    (16, 128, 64, -1, torch.bfloat16, qd.DecConfig(1, 3, 2, wb=1), None),
+]
+
+
+@pytest.mark.parametrize("m,k,n,g,dtype,cfg,splits", CASES + CASES_B)
 def test_thread_model_matches_reference(m, k, n, g, dtype, cfg, splits):
     gen = torch.Generator().manual_seed(m * 1000 + k + n)
     qw = random_quantized(k, n, g, dtype, "cpu", gen)
-    packed = get_layout("quick_sm90").pack(qw)
+    packed = get_layout(qd.LAYOUTS[cfg.wb]).pack(qw)
     x = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
     gg = k if g == -1 else g
     p = qd.plan(m, n, k, gg, 132, cfg, splits)
@@ -182,7 +232,7 @@ def test_dequant_trick_is_exact_for_every_code_and_zero(dtype):
     for p in range(4):
         for h in range(2):
             w = q << (4 * (p + 4 * h))  # the code alone at nibble p + 4h of the word
-            a = _dequant_a(w.to(torch.int64), z, z, dtype)
+            a = _dequant(w.to(torch.int64), [z] * 4, dtype)
             assert torch.equal(a[p][h].double(), (q - z.long()).double()), (p, h)
 
 
@@ -209,5 +259,10 @@ def test_gemv_sm90_validates_before_touching_the_gpu():
     x = torch.randn(1, 128, dtype=torch.float16)
     with pytest.raises(qd.DecError, match="CUDA"):
         qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
-    with pytest.raises(qd.DecError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
         qd.gemv_sm90(x.float(), p["qweight"], p["scales"], p["zeros"], 128)
+    pq = get_layout("quick").pack(qw)
+    with pytest.raises(qd.DecError, match="CUDA"):
+        qd.gemv_quick(x, pq["qweight"], pq["scales"], pq["zeros"], 128)
+    with pytest.raises(qd.DecError, match="layouts"):
+        qd.gemv("awq_gemm", x, pq["qweight"], pq["scales"], pq["zeros"], 128)

@@ -23,22 +23,23 @@ M_DEC = [1, 2, 3, 7, 8, 9, 15, 16]
 _CACHE: dict = {}
 
 
-def _weights(k: int, n: int, g: int, dtype: torch.dtype):
+def _weights(k: int, n: int, g: int, dtype: torch.dtype, layout: str = "quick_sm90"):
     key = (k, n, g, dtype)
     if key not in _CACHE:
         _CACHE.clear()
         qw = random_quantized(k, n, g, dtype, "cpu", torch.Generator().manual_seed(hash(key) % 2**31))
         qw = type(qw)(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.group_size)
-        _CACHE[key] = (qw, get_layout("quick_sm90").pack(qw))
-    return _CACHE[key]
+        _CACHE[key] = (qw, {lay: get_layout(lay).pack(qw) for lay in qd.LAYOUTS})
+    qw, packs = _CACHE[key]
+    return qw, packs[layout]
 
 
-def _run(m, k, n, g, dtype, bias=False, config=None, splits=None):
-    qw, p = _weights(k, n, g, dtype)
+def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, layout="quick_sm90"):
+    qw, p = _weights(k, n, g, dtype, layout)
     x = torch.randn(m, k, device="cuda").to(dtype)
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
     out = poisoned((m, n), dtype, "cuda")
-    qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config=config, splits=splits, out=out)
+    qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], g, b, config=config, splits=splits, out=out)
     torch.cuda.synchronize()
     return out, reference_matmul(x, qw, b)
 
@@ -49,42 +50,52 @@ def _check(out, ref, dtype):
     assert err < REL_BOUND[dtype], f"relative error {err:.3e} over bound {REL_BOUND[dtype]}"
 
 
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", M_DEC)
-def test_all_decode_batch_sizes(m, dtype):
-    _check(*_run(m, 4096, 4096, 128, dtype), dtype)
+def test_all_decode_batch_sizes(m, dtype, layout):
+    _check(*_run(m, 4096, 4096, 128, dtype, layout=layout), dtype)
 
 
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824), (14336, 4096)])
 @pytest.mark.parametrize("m", [1, 8, 16])
-def test_model_shapes(k, n, m, dtype):
-    _check(*_run(m, k, n, 128, dtype), dtype)
+def test_model_shapes(k, n, m, dtype, layout):
+    _check(*_run(m, k, n, 128, dtype, layout=layout), dtype)
 
 
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
 @pytest.mark.parametrize("k,n", [(128, 64), (192, 128), (4160, 1088)])
 @pytest.mark.parametrize("m", [1, 5, 12])
-def test_groups_and_small_shapes(k, n, g, m, dtype):
+def test_groups_and_small_shapes(k, n, g, m, dtype, layout):
     if g > 0 and k % g:
         pytest.skip("K not a multiple of the group (refusal tested elsewhere)")
-    _check(*_run(m, k, n, g, dtype, bias=m == 5), dtype)
+    _check(*_run(m, k, n, g, dtype, bias=m == 5, layout=layout), dtype)
 
 
-@pytest.mark.parametrize("cfg", list(dict.fromkeys((qd.DEFAULT, *qd.CANDIDATES))), ids=str)
+ALL_CONFIGS = list(dict.fromkeys((*qd.DEFAULTS.values(), *qd.CANDIDATES["quick_sm90"], *qd.CANDIDATES["quick"])))
+
+
+@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=str)
 @pytest.mark.parametrize("splits", [None, 1, 3, 7])
 @pytest.mark.parametrize("g", [32, 128])
 def test_every_config_and_split(cfg, splits, g):
     if not cfg.supports(g):
         pytest.skip("config cannot take this group size")
-    _check(*_run(9, 4096, 1024 + 128 * (cfg.rb == 8), g, torch.float16, True, cfg, splits), torch.float16)
+    _check(
+        *_run(9, 4096, 1024 + 128 * (cfg.channels == 128), g, torch.float16, True, cfg, splits, qd.LAYOUTS[cfg.wb]),
+        torch.float16,
+    )
 
 
-def test_split_k_is_bitwise_deterministic():
-    qw, p = _weights(8192, 1024, 128, torch.float16)
+@pytest.mark.parametrize("layout", qd.LAYOUTS)
+def test_split_k_is_bitwise_deterministic(layout):
+    qw, p = _weights(8192, 1024, 128, torch.float16, layout)
     x = torch.randn(4, 8192, device="cuda").half()
-    outs = [qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, splits=6) for _ in range(3)]
+    outs = [qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], 128, splits=6) for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -113,7 +124,19 @@ def test_bad_input_is_a_clear_error():
     x = torch.randn(17, 4096, device="cuda").half()
     with pytest.raises(qd.DecError, match="M <= 16"):
         qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
-    with pytest.raises(qd.DecError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         qd.gemv_sm90(x[:1, :2048], p["qweight"], p["scales"], p["zeros"], 128)
     with pytest.raises(qd.DecError, match="contiguous"):
         qd.gemv_sm90(x[:1], p["qweight"].t().contiguous().t(), p["scales"], p["zeros"], 128)
+
+
+def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
+    """With the switches on (QUICK_DEC_MAX_M), both layouts' automatic entries take the decode kernel at M <= 16."""
+    from quick.kernels import quick_mma
+
+    monkeypatch.setattr(quick_mma, "DEC_QUICK_MAX_M", 16)
+    monkeypatch.setattr(sm, "DEC_MAX_M", 16)
+    for layout, fn in (("quick", quick_mma.quick_matmul), ("quick_sm90", sm.gemm_w4a16_sm90)):
+        qw, p = _weights(4096, 2048, 128, torch.float16, layout)
+        x = torch.randn(3, 4096, device="cuda").half()
+        _check(fn(x, p["qweight"], p["scales"], p["zeros"], 128), reference_matmul(x, qw), torch.float16)

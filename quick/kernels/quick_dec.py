@@ -1,9 +1,11 @@
-"""Decode kernel (M <= 16 tokens) for weights in the ``quick_sm90`` layout: ``csrc/quick_dec.cu``.
+"""Decode kernel (M <= 16 tokens) for weights in the ``quick_sm90`` or the ``quick`` layout: ``csrc/quick_dec.cu``.
 
 The wgmma GEMM (:mod:`quick.kernels.quick_sm90`) is issue-bound at decode sizes; this kernel reads the same packed
-weights with a fraction of the instructions per weight (mma.sync with the weight as the A operand, the scale
-applied in fp32 after the mma, weights staged by 16-byte cp.async). It runs on sm_80 and newer.
-:func:`quick.kernels.quick_sm90.gemm_w4a16_sm90` calls it for ``M <= DEC_MAX_M`` (``quick::gemm_w4a16_sm90`` op).
+weights with a fraction of the instructions per weight (mma.sync with the weight as the A operand for
+``quick_sm90``, the B operand for ``quick``; the scale applied in fp32 after the mma; weights staged by 16-byte
+cp.async). It runs on sm_80 and newer. :func:`quick.kernels.quick_sm90.gemm_w4a16_sm90` calls it for
+``M <= DEC_MAX_M`` (``quick::gemm_w4a16_sm90`` op), :func:`quick.kernels.quick_mma.quick_matmul` for
+``M <= DEC_QUICK_MAX_M``.
 
 This module holds the compile variants, the launch plan (channel tiles x k splits), and a cached launcher.
 """
@@ -19,6 +21,7 @@ import torch
 from quick.kernels import jit
 
 SOURCE = "quick_dec.cu"
+LAYOUTS = ("quick_sm90", "quick")  # index = QD_WB: the weight is the mma A operand (0) or the B operand (1)
 KERNEL = "quick_dec"
 MAX_M = 16  # two n8 token tiles
 SMEM_LIMIT = 227 * 1024
@@ -31,24 +34,30 @@ class DecError(ValueError):
 
 @dataclass(frozen=True)
 class DecConfig:
-    """``rb`` n16 channel blocks per CTA, ``warps`` warps splitting the CTA's K range, ``stages`` k64 steps of
-    weights in flight per warp (cp.async ring)."""
+    """``rb`` channel blocks per CTA (16 channels for ``quick_sm90``, 64 for ``quick``), ``warps`` warps splitting
+    the CTA's K range, ``stages`` k64 steps of weights in flight per warp (cp.async ring), ``wb`` = 1 for the
+    ``quick`` layout (weight = B operand)."""
 
     rb: int = 4
     warps: int = 8
     stages: int = 4
+    wb: int = 0
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
+    @property
+    def channels(self) -> int:
+        return self.rb * (64 if self.wb else 16)
+
     def supports(self, group_size: int) -> bool:
-        """One lane copies one 16-byte chunk of scales/zeros per k64 step: rb x rows-per-step x 4 <= 32."""
-        return self.rb * (2 if group_size == 32 else 1) * 4 <= 32
+        """One lane copies one 16-byte chunk of scales/zeros per k64 step: channels x 4 bytes x rows <= 512."""
+        return self.channels * 4 * (2 if group_size == 32 else 1) <= 512
 
     def ring_bytes(self, group_size: int) -> int:
         gps = 2 if group_size == 32 else 1
-        return self.warps * self.stages * (self.rb * 512 + self.rb * gps * 64)
+        return self.warps * self.stages * (self.channels * 32 + self.channels * 4 * gps)
 
     def smem_bytes(self, m: int, steps_per_split: int, group_size: int) -> int:
         """The weight ring, then x (M rows of the split's K range, row pitch = 16 mod 128) and a zero line."""
@@ -56,8 +65,9 @@ class DecConfig:
 
     def defines(self, m: int, group_size: int, dtype: torch.dtype) -> dict[str, int]:
         return {
+            "QD_WB": self.wb,
             "QD_DTYPE": int(dtype == torch.bfloat16),
-            "QD_NT": 1 if m <= 8 else 2,
+            "QD_NT": 1 if m <= 8 or self.wb else 2,
             "QD_RB": self.rb,
             "QD_WARPS": self.warps,
             "QD_STAGES": self.stages,
@@ -65,19 +75,23 @@ class DecConfig:
         }
 
 
-DEFAULT = DecConfig()
-# Candidates timed by scripts/dec_check.py; the launcher's choice is DEFAULT unless a caller passes one.
-CANDIDATES = (
-    DecConfig(4, 8, 4),
-    DecConfig(4, 8, 6),
-    DecConfig(2, 8, 6),
-    DecConfig(4, 16, 4),
-    DecConfig(2, 16, 4),
-    DecConfig(8, 8, 3),
-)
+DEFAULTS = {"quick_sm90": DecConfig(4, 8, 4), "quick": DecConfig(1, 8, 4, wb=1)}
+DEFAULT = DEFAULTS["quick_sm90"]
+# Candidates timed by scripts/dec_check.py; the launcher's choice is DEFAULTS[layout] unless a caller passes one.
+CANDIDATES = {
+    "quick_sm90": (
+        DecConfig(4, 8, 4),
+        DecConfig(4, 8, 6),
+        DecConfig(2, 8, 6),
+        DecConfig(4, 16, 4),
+        DecConfig(2, 16, 4),
+        DecConfig(8, 8, 3),
+    ),
+    "quick": (DecConfig(1, 8, 4, wb=1), DecConfig(1, 8, 6, wb=1), DecConfig(1, 16, 4, wb=1), DecConfig(2, 8, 3, wb=1)),
+}
 
 VARIANTS: list[tuple[str, str, dict[str, int]]] = []
-for _cfg in dict.fromkeys((DEFAULT, *CANDIDATES)):
+for _cfg in dict.fromkeys((*DEFAULTS.values(), *CANDIDATES["quick_sm90"], *CANDIDATES["quick"])):
     for _m in (1, 16):
         for _g in (128, 32):
             for _dt in (torch.float16, torch.bfloat16):
@@ -116,12 +130,12 @@ def plan(
     cfg = config or DEFAULT
     if not 1 <= m <= MAX_M:
         raise DecError(f"the decode kernel takes 1 <= M <= {MAX_M} rows, got M={m}")
-    if n % (16 * cfg.rb):
-        raise DecError(f"N={n} is not a multiple of {16 * cfg.rb} (config {cfg})")
+    if n % cfg.channels:
+        raise DecError(f"N={n} is not a multiple of {cfg.channels} (config {cfg})")
     if not cfg.supports(group_size):
-        raise DecError(f"config {cfg} cannot take group size {group_size} (at most 4 channel blocks)")
+        raise DecError(f"config {cfg} cannot take group size {group_size} (too many channels per CTA)")
     nk = k // 64
-    n_tiles = n // (16 * cfg.rb)
+    n_tiles = n // cfg.channels
     if splits is None:
         splits = max(1, math.ceil(waves * num_sms / n_tiles))
         splits = min(splits, max(1, nk // cfg.warps))
@@ -152,7 +166,20 @@ _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
 
 
-def gemv_sm90(
+def _validate(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
+    """The layout's own validation (its own exception types and messages), as ``(M, N, K, G)``."""
+    from quick.kernels import quick_mma, quick_sm90
+
+    if layout == "quick_sm90":
+        return quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
+    if isinstance(x, torch.Tensor) and x.device.type != "cuda":
+        raise DecError("the decode kernel runs on CUDA tensors only")
+    m, k, n, g = quick_mma.validate(x, qweight, scales, zeros, group_size, bias)
+    return m, n, k, g
+
+
+def gemv(
+    layout: str,
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -163,17 +190,18 @@ def gemv_sm90(
     splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)`` for ``x`` [M <= 16, K] and ``W`` in the ``quick_sm90`` layout."""
+    """``x @ dequant(W) (+ bias)`` for ``x`` [M <= 16, K] and ``W`` packed in ``layout`` (``quick_sm90``/``quick``)."""
     from quick.kernels import quick_mma, quick_sm90
 
-    try:
-        m, n, k, g = quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
-    except quick_sm90.Sm90Error as e:
-        raise DecError(str(e)) from None
+    if layout not in LAYOUTS:
+        raise DecError(f"the decode kernel takes layouts {LAYOUTS}, got {layout!r}")
+    m, n, k, g = _validate(layout, x, qweight, scales, zeros, group_size, bias)
     if x.device.type != "cuda":
         raise DecError("the decode kernel runs on CUDA tensors only")
     if m == 0:
         return x.new_empty((0, n))
+    if config is not None and config.wb != LAYOUTS.index(layout):
+        raise DecError(f"config {config} is for layout {LAYOUTS[config.wb]!r}, not {layout!r}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -182,12 +210,12 @@ def gemv_sm90(
         if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
             raise DecError(f"{name} must be contiguous and 16-byte aligned; .contiguous()/.clone() it")
     dev = x.device
-    key = (m, n, k, g, x.dtype, dev, config, splits)
+    key = (layout, m, n, k, g, x.dtype, dev, config, splits)
     hit = _LAUNCH.get(key)
     if hit is None:
         with _LOCK:
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            p = plan(m, n, k, g, quick_mma.num_sms(dev), config, splits)
+            p = plan(m, n, k, g, quick_mma.num_sms(dev), config or DEFAULTS[layout], splits)
             arch = jit.arch_for_device(idx, arch_specific=True)
             kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype), idx, arch)
             gshift = quick_sm90.group_shift(g, k)
@@ -215,6 +243,16 @@ def gemv_sm90(
         stream,
     )
     return out
+
+
+def gemv_sm90(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> torch.Tensor:
+    """:func:`gemv` for the ``quick_sm90`` layout."""
+    return gemv("quick_sm90", x, qweight, scales, zeros, group_size, bias, config, splits, out)
+
+
+def gemv_quick(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> torch.Tensor:
+    """:func:`gemv` for the paper's ``quick`` layout."""
+    return gemv("quick", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -691,9 +692,21 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
     return _run("gemv", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
+# Batch sizes up to which quick_matmul runs the decode kernel (csrc/quick_dec.cu with the weight as the mma B operand)
+# instead of the GEMM. 0 until that kernel has passed the device checks (scripts/dec_check.py); the environment
+# variable QUICK_DEC_MAX_M overrides it, as for the Hopper layout.
+DEC_QUICK_MAX_M = int(os.environ.get("QUICK_DEC_MAX_M", "0"))
+
+
 def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)``: the GEMV for M <= GEMV_AUTO_MAX_M, the GEMM otherwise."""
-    kind = "gemv" if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_AUTO_MAX_M else "gemm"
+    """``x @ dequant(W) (+ bias)``: the decode kernel for M <= DEC_QUICK_MAX_M, the GEMV for M <= GEMV_AUTO_MAX_M,
+    the GEMM otherwise."""
+    m = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
+    if 0 < m <= DEC_QUICK_MAX_M:
+        from quick.kernels import quick_dec
+
+        return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, out=out)
+    kind = "gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"
     return _run(kind, x, qweight, scales, zeros, group_size, bias, None, None, out)
 
 

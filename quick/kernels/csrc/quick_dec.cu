@@ -1,4 +1,5 @@
-// quick_dec.cu: the decode kernel (M <= 16 tokens) over the `quick_sm90` layout, for sm_80 and newer.
+// quick_dec.cu: the decode kernel (M <= 16 tokens) over the `quick_sm90` layout (QD_WB = 0, weight = mma A operand)
+// or the paper's `quick` layout (QD_WB = 1, weight = mma B operand), for sm_80 and newer.
 //
 // Why a separate kernel: at decode sizes the wgmma GEMM (quick_sm90.cu) is bound by instruction issue, not by
 // memory (ncu: ~150 instructions per k64 step and warp, 1.56 TB/s at M = 1 on the H200). This kernel spends as
@@ -14,17 +15,23 @@
 //   is subtracted exactly in 16 bits ((1024 + q) - (1024 + z), and (1024 + 16q) / 16 - (64 + z) for the second
 //   nibble of a byte, which saves three shifts), and the **scale is applied after the mma, in fp32**, once per
 //   group and k64 step (the mma accumulates sum (q - z) x exactly in fp32).
-// * x (M rows of the CTA's K range) is copied to shared memory once; B fragments come from ldmatrix, one x4 per
-//   k32 and n8 tile, shared by the RB channel blocks of the warp. Token rows >= M point at a zero line.
-// * A CTA owns RB x 16 channels; its WARPS warps split the CTA's K range into contiguous runs and meet once in
+// * x (M rows of the CTA's K range) is copied to shared memory once; its fragments come from ldmatrix, one x4 per
+//   k32 and n8 tile (A-side) or per k16 (B-side), shared by the RB channel blocks of the warp. Token rows >= M
+//   point at a zero line.
+// * `quick` layout (QD_WB = 1): the same pipeline with the paper's B fragment: a lane's 16 bytes of one k16 row
+//   are 8 n8 tiles (64 channels), x is the m16 A operand (tokens), 4 chunks per k64 step and channel block.
+// * A CTA owns RB x 16 (A-side) or RB x 64 (B-side) channels; its WARPS warps split the CTA's K range into contiguous runs and meet once in
 //   shared memory (fixed order). Splits across CTAs (gridDim.y) write fp32 partials; the last CTA of a channel
 //   tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
 //
-// -D: QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles: M <= 8 * NT), QD_RB (n16 channel blocks per CTA),
+// -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles: M <= 8 * NT), QD_RB (n16 channel blocks per CTA),
 // QD_WARPS, QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
 // Dynamic shared memory: dec_smem_bytes() in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
+#ifndef QD_WB
+#define QD_WB 0
+#endif
 #ifndef QD_DTYPE
 #define QD_DTYPE 0
 #endif
@@ -45,21 +52,28 @@
 #endif
 
 namespace {
+constexpr bool WB = QD_WB != 0;
 constexpr int DT = QD_DTYPE;
-constexpr int NT = QD_NT;
+constexpr int NT = WB ? 1 : QD_NT;  // B-side: the m16 tile holds all 16 tokens
 constexpr int RB = QD_RB;
 constexpr int WARPS = QD_WARPS;
 constexpr int STAGES = QD_STAGES;
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
 constexpr int THREADS = 32 * WARPS;
-constexpr int W_BYTES = RB * 512;       // one warp's weights of one k64 step
-constexpr int S_BYTES = RB * GPS * 64;  // scales (32 B) + zeros (32 B) per channel block and scale row
+constexpr int CH = WB ? 64 : 16;             // channels per block
+constexpr int WCHUNKS = WB ? 4 : 1;          // 16-byte chunks per lane, k64 step and block
+constexpr int W_BYTES = RB * WCHUNKS * 512;  // one warp's weights of one k64 step
+constexpr int S_LINE = CH * 4;               // scales (CH x 2 B) + zeros (CH x 2 B) of one block and scale row
+constexpr int S_BYTES = RB * GPS * S_LINE;
+constexpr int S_CHUNKS = RB * GPS * S_LINE / 16;  // one 16-byte copy per lane
+constexpr int NACC = WB ? 8 : NT;                 // accumulator tiles per block: n8 tiles (B) / token tiles (A)
 constexpr int STAGE_BYTES = W_BYTES + S_BYTES;
 constexpr int RING_BYTES = WARPS * STAGES * STAGE_BYTES;
 static_assert(NT == 1 || NT == 2, "QD_NT is 1 or 2");
-static_assert(STAGES >= 2 && STAGES >= NT, "the reduction reuses the ring");
-static_assert(RB * GPS * 4 <= 32, "one 16-byte scale chunk per lane");
+static_assert(STAGES >= 2, "two stages at least");
+static_assert(RING_BYTES >= WARPS * RB * NACC * 512, "the k-slice reduction reuses the ring");
+static_assert(S_CHUNKS <= 32, "one 16-byte scale chunk per lane");
 
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
@@ -120,6 +134,38 @@ __device__ __forceinline__ void zero_consts(uint32_t z2, uint32_t& zr0, uint32_t
   }
 }
 
+// One `quick` word -> the B fragments (q - z) of n8 tiles 2w (pairs 0, 1 -> b0, b1) and 2w+1 (pairs 2, 3), exact.
+// nz / nz16: -(MAGIC + z) / -(64 + z) (fp16) of (tile 2w, tile 2w+1) in (low, high).
+template <int D>
+__device__ __forceinline__ void dequant_b(uint32_t w, uint32_t nz, uint32_t nz16, uint32_t b[4]) {
+  using namespace quick;
+  constexpr uint32_t MAGIC = Elt<D>::MAGIC;
+  const uint32_t z0 = bcast_lo(nz), z1 = bcast_hi(nz);
+  if constexpr (D == 0) {
+    constexpr uint32_t SIXTEENTH = 0x2C002C00u;
+    const uint32_t t = w >> 8;
+    b[0] = add2<0>(lop3_and_or(w, 0x000f000fu, MAGIC), z0);
+    b[1] = fma2<0>(lop3_and_or(w, 0x00f000f0u, MAGIC), SIXTEENTH, bcast_lo(nz16));
+    b[2] = add2<0>(lop3_and_or(t, 0x000f000fu, MAGIC), z1);
+    b[3] = fma2<0>(lop3_and_or(t, 0x00f000f0u, MAGIC), SIXTEENTH, bcast_hi(nz16));
+  } else {
+    b[0] = add2<1>(lop3_and_or(w, 0x000f000fu, MAGIC), z0);
+    b[1] = add2<1>(lop3_and_or(w >> 4, 0x000f000fu, MAGIC), z0);
+    b[2] = add2<1>(lop3_and_or(w >> 8, 0x000f000fu, MAGIC), z1);
+    b[3] = add2<1>(lop3_and_or(w >> 12, 0x000f000fu, MAGIC), z1);
+  }
+}
+
+// mma with x as the A operand (tokens) and a dequantized weight tile as B; `zero`: C = 0.
+template <int D>
+__device__ __forceinline__ void mma_b(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, bool zero) {
+  if (zero) {
+    mma_16816_zero<D>(c, a, b0, b1);
+  } else {
+    quick::mma_16816<D>(c, a, b0, b1);
+  }
+}
+
 __device__ __forceinline__ void store16(void* p, float v) {
   if constexpr (DT == 0) {
     *static_cast<__half*>(p) = __float2half_rn(v);
@@ -146,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int nb0 = blockIdx.x * RB;  // first n16 channel block of this CTA
+  const int nb0 = blockIdx.x * RB;  // first channel block (n16 A-side, n64 B-side) of this CTA
   const int s_beg = blockIdx.y * steps_per_split;
   const int s_end = min(s_beg + steps_per_split, K >> 6);
   const int nsteps = s_end - s_beg;  // > 0: the launcher drops empty splits
@@ -156,9 +202,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
 
   unsigned char* ring = smem + warp * STAGES * STAGE_BYTES;
   unsigned char* xs = smem + RING_BYTES;
-  const int kr = nsteps * 64;                  // x columns this CTA holds
-  const int xpitch = kr * 2 + 16;              // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
-  unsigned char* zline = xs + M * xpitch;      // 16 zero bytes for token rows >= M
+  const int kr = nsteps * 64;              // x columns this CTA holds
+  const int xpitch = kr * 2 + 16;          // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
+  unsigned char* zline = xs + M * xpitch;  // 16 zero bytes for token rows >= M
   const char* x = static_cast<const char*>(xp);
 
   // ---- x[:, K range] -> shared (first cp.async group)
@@ -171,15 +217,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
     cp_async_commit();
   }
 
-  // ---- one k64 step of this warp: RB weight chunks (one per lane each), RB x GPS x (32 B scales, 32 B zeros).
-  // Per-lane sources and destinations are fixed; a step only adds its row offsets.
+  // ---- one k64 step of this warp: RB x WCHUNKS weight chunks (16 bytes a lane each), then RB x GPS lines of
+  // scales and zeros (one 16-byte chunk for each of the first S_CHUNKS lanes). Per-lane sources and destinations
+  // are fixed; a step only adds its row offsets.
+  const size_t wrow = static_cast<size_t>(N) * 32;  // bytes per k64 row, both layouts (A: 1 row, B: 4 k16 rows)
   const char* wsrc = static_cast<const char*>(qweight) + static_cast<size_t>(nb0) * 512 + lane * 16;
-  const size_t wrow = static_cast<size_t>(N) * 32;  // bytes per k64 row of the layout
   const uint32_t ring_u32 = smem_u32(ring);
-  const bool s_lane = lane < RB * GPS * 4;
-  const int s_rb = lane / (GPS * 4), s_gi = (lane >> 2) % GPS, s_sz = (lane >> 1) & 1, s_hf = lane & 1;
-  const char* ssrc = static_cast<const char*>(s_sz ? zeros : scales) + (nb0 + s_rb) * 32 + s_hf * 16;
-  const uint32_t sdst = W_BYTES + (s_rb * GPS + s_gi) * 64 + s_sz * 32 + s_hf * 16;
+  const bool s_lane = lane < S_CHUNKS;
+  constexpr int LINE_CHUNKS = S_LINE / 16;  // chunks per (block, scale row): first half scales, second zeros
+  const int s_rb = lane / (GPS * LINE_CHUNKS), s_gi = (lane / LINE_CHUNKS) % GPS, s_c = lane % LINE_CHUNKS;
+  const int s_sz = s_c >= LINE_CHUNKS / 2, s_off = (s_c % (LINE_CHUNKS / 2)) * 16;
+  const char* ssrc = static_cast<const char*>(s_sz ? zeros : scales) + (nb0 + s_rb) * CH * 2 + s_off;
+  const uint32_t sdst = W_BYTES + (s_rb * GPS + s_gi) * S_LINE + s_sz * (S_LINE / 2) + s_off;
   const size_t srow = static_cast<size_t>(N) * 2;  // bytes per scale row
   auto load_stage = [&](int i) {
     if (i < w_n) {
@@ -187,7 +236,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
       const uint32_t st = ring_u32 + (i % STAGES) * STAGE_BYTES;
       const char* src = wsrc + s * wrow;
 #pragma unroll
-      for (int rb = 0; rb < RB; ++rb) cp_async16(st + rb * 512 + lane * 16, src + rb * 512, true);
+      for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+        for (int j = 0; j < WCHUNKS; ++j)  // B-side: k16 row j of the step (row stride 8N bytes)
+          cp_async16(st + (rb * WCHUNKS + j) * 512 + lane * 16, src + rb * 512 + j * (wrow / 4), true);
       if (s_lane) {
         const int row = GPS == 2 ? 2 * s + s_gi : (s >> gshift);
         cp_async16(st + sdst, ssrc + row * srow, true);
@@ -202,78 +254,127 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   if (tid == 0) *reinterpret_cast<uint4*>(zline) = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
-  // ldmatrix.x4 rows: lane supplies row (lane & 7) of matrix lane >> 3 (k offset 8 * (lane >> 3))
+  // ldmatrix.x4 row addresses. A-side (x = B operand): lane supplies row (lane & 7) = token 8 nt + (lane & 7) of
+  // matrix lane >> 3 (k offset 8 (lane >> 3)). B-side (x = A operand, m16 x k16): matrix j = lane >> 3 holds
+  // tokens 8 (j & 1) .. + 7 and k offset 8 (j >> 1).
   uint32_t xrow[NT], xstep[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    const int t = 8 * nt + (lane & 7);
+    const int t = WB ? 8 * ((lane >> 3) & 1) + (lane & 7) : 8 * nt + (lane & 7);
+    const int koff = WB ? 8 * (lane >> 4) : 8 * (lane >> 3);
     const bool live = t < M;
-    xrow[nt] = smem_u32(live ? xs + t * xpitch + (lane >> 3) * 16 : zline);
+    xrow[nt] = smem_u32(live ? xs + t * xpitch + koff * 2 : zline);
     xstep[nt] = live ? 2 : 0;  // bytes per k element
   }
 
-  float acc[RB][NT][4];
+  float acc[RB][NACC][4];
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NACC; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[rb][nt][e] = 0.f;
 
-  const int zslot = 4 * (lane >> 2);  // this lane's (row 0, row 1) pair inside a 32-byte scale line
   for (int i = 0; i < w_n; ++i) {
     cp_async_wait<STAGES - 2>();  // step i has landed (for this lane)
     __syncwarp();                 // ... for every lane, and every lane is done with step i - 1's slot
     load_stage(i + STAGES - 1);
     const uint32_t st = smem_u32(ring + (i % STAGES) * STAGE_BYTES);
-
-    // B fragments of the 4 k16 steps: b[step][nt][reg]
-    uint32_t b[4][NT][2];
     const int kloc = (w_beg - s_beg + i) * 64;
+
+    // x fragments of the 4 k16 steps: xf[step][nt][reg]
+    uint32_t xf[4][NT][WB ? 4 : 2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (WB) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t r[4];
-        ldmatrix_x4(r, xrow[nt] + xstep[nt] * (kloc + 32 * h));
-        b[2 * h][nt][0] = r[0];
-        b[2 * h][nt][1] = r[1];
-        b[2 * h + 1][nt][0] = r[2];
-        b[2 * h + 1][nt][1] = r[3];
+        for (int j = 0; j < 4; ++j) ldmatrix_x4(xf[j][nt], xrow[nt] + xstep[nt] * (kloc + 16 * j));
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t r[4];
+          ldmatrix_x4(r, xrow[nt] + xstep[nt] * (kloc + 32 * h));
+          xf[2 * h][nt][0] = r[0];
+          xf[2 * h][nt][1] = r[1];
+          xf[2 * h + 1][nt][0] = r[2];
+          xf[2 * h + 1][nt][1] = r[3];
+        }
       }
+    }
 
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
-      const uint4 wv = lds128(st + rb * 512 + lane * 16);
 #pragma unroll
       for (int gi = 0; gi < GPS; ++gi) {
-        const uint32_t sline = st + W_BYTES + (rb * GPS + gi) * 64;
-        const uint32_t s2 = lds32(sline + zslot);
-        const uint32_t z2 = lds32(sline + 32 + zslot);
-        uint32_t zr0, zr1;
-        zero_consts<DT>(z2, zr0, zr1);
-        float part[NT][4];
+        const uint32_t sline = st + W_BYTES + (rb * GPS + gi) * S_LINE;
+        if constexpr (!WB) {
+          const uint4 wv = lds128(st + rb * 512 + lane * 16);
+          const int zslot = 4 * (lane >> 2);  // this lane's (row 0, row 1) pair inside a 32-byte line
+          const uint32_t s2 = lds32(sline + zslot);
+          const uint32_t z2 = lds32(sline + 32 + zslot);
+          uint32_t zr0, zr1;
+          zero_consts<DT>(z2, zr0, zr1);
+          float part[NT][4];
 #pragma unroll
-        for (int j = 0; j < WPG; ++j) {
-          const int w = gi * WPG + j;
-          uint32_t a[4];
-          dequant_a<DT>(u4_get(wv, w), zr0, zr1, a);
+          for (int j = 0; j < WPG; ++j) {
+            const int w = gi * WPG + j;
+            uint32_t a[4];
+            dequant_a<DT>(u4_get(wv, w), zr0, zr1, a);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            if (j == 0) {
-              mma_16816_zero<DT>(part[nt], a, b[w][nt][0], b[w][nt][1]);
-            } else {
-              mma_16816<DT>(part[nt], a, b[w][nt][0], b[w][nt][1]);
+            for (int nt = 0; nt < NT; ++nt) {
+              if (j == 0) {
+                mma_16816_zero<DT>(part[nt], a, xf[w][nt][0], xf[w][nt][1]);
+              } else {
+                mma_16816<DT>(part[nt], a, xf[w][nt][0], xf[w][nt][1]);
+              }
             }
           }
-        }
-        const float2 sf = unpack2<DT>(s2);  // (scale of row 0, scale of row 1)
+          const float2 sf = unpack2<DT>(s2);  // (scale of row 0, scale of row 1)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          acc[rb][nt][0] = fmaf(sf.x, part[nt][0], acc[rb][nt][0]);
-          acc[rb][nt][1] = fmaf(sf.x, part[nt][1], acc[rb][nt][1]);
-          acc[rb][nt][2] = fmaf(sf.y, part[nt][2], acc[rb][nt][2]);
-          acc[rb][nt][3] = fmaf(sf.y, part[nt][3], acc[rb][nt][3]);
+          for (int nt = 0; nt < NT; ++nt) {
+            acc[rb][nt][0] = fmaf(sf.x, part[nt][0], acc[rb][nt][0]);
+            acc[rb][nt][1] = fmaf(sf.x, part[nt][1], acc[rb][nt][1]);
+            acc[rb][nt][2] = fmaf(sf.y, part[nt][2], acc[rb][nt][2]);
+            acc[rb][nt][3] = fmaf(sf.y, part[nt][3], acc[rb][nt][3]);
+          }
+        } else {
+          // zeros of the lane's column lane/4 of tiles 0..7 (slots 8 (lane/4) ..); scales of columns 2c, 2c+1
+          // of tiles 0..7 (slots 16c .. 16c + 15): sA = column 2c, sB = column 2c + 1 (c = lane % 4)
+          const uint4 zv = lds128(sline + 128 + 16 * (lane >> 2));
+          const uint4 sa = lds128(sline + 32 * (lane & 3));
+          const uint4 sb = lds128(sline + 32 * (lane & 3) + 16);
+          uint32_t nz[4], nz16[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const uint32_t z2 = u4_get(zv, w);
+            nz[w] = neg_magic_zero<DT>(z2);
+            nz16[w] = DT == 0 ? fma2<0>(z2, 0xBC00BC00u, 0xD400D400u) : nz[w];
+          }
+          float part[8][4];
+#pragma unroll
+          for (int j = 0; j < WPG; ++j) {  // k16 rows of this scale group
+            const int kk = gi * WPG + j;
+            const uint4 wv = lds128(st + (rb * WCHUNKS + kk) * 512 + lane * 16);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              uint32_t b[4];
+              dequant_b<DT>(u4_get(wv, w), nz[w], nz16[w], b);
+              mma_b<DT>(part[2 * w], xf[kk][0], b[0], b[1], j == 0);
+              mma_b<DT>(part[2 * w + 1], xf[kk][0], b[2], b[3], j == 0);
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const uint32_t pa = u4_get(sa, t / 2), pb = u4_get(sb, t / 2);
+            const float s0 = (t & 1) ? unpack2<DT>(pa).y : unpack2<DT>(pa).x;
+            const float s1 = (t & 1) ? unpack2<DT>(pb).y : unpack2<DT>(pb).x;
+            acc[rb][t][0] = fmaf(s0, part[t][0], acc[rb][t][0]);
+            acc[rb][t][1] = fmaf(s1, part[t][1], acc[rb][t][1]);
+            if (M > 8) {
+              acc[rb][t][2] = fmaf(s0, part[t][2], acc[rb][t][2]);
+              acc[rb][t][3] = fmaf(s1, part[t][3], acc[rb][t][3]);
+            }
+          }
         }
       }
     }
@@ -282,22 +383,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   __syncthreads();  // the ring is free: reuse it for the k-slice reduction
 
   // ---- the WARPS k-slices meet in shared memory, summed in warp order
-  float* red = reinterpret_cast<float*>(smem);  // [WARPS][RB][NT][4][32]
+  float* red = reinterpret_cast<float*>(smem);  // [WARPS][RB][NACC][4][32]
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NACC; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[(((warp * RB + rb) * NT + nt) * 4 + e) * 32 + lane] = acc[rb][nt][e];
+      for (int e = 0; e < 4; ++e) red[(((warp * RB + rb) * NACC + nt) * 4 + e) * 32 + lane] = acc[rb][nt][e];
   __syncthreads();
 
-  constexpr int ELEMS = RB * NT * 4 * 32;
+  constexpr int ELEMS = RB * NACC * 4 * 32;
   const bool split = gridDim.y > 1;
   const size_t mn = static_cast<size_t>(M) * N;
   for (int idx = tid; idx < ELEMS; idx += THREADS) {
-    const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NT, rb = idx / (128 * NT);
-    const int token = 8 * nt + 2 * (l & 3) + (e & 1);
-    const int chan = (nb0 + rb) * 16 + (l >> 2) + 8 * (e >> 1);
+    const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NACC, rb = idx / (128 * NACC);
+    // C fragment: c_e of lane l is row l/4 + 8 (e/2), column 2 (l%4) + e%2 of its tile; rows are channels
+    // (A-side) or tokens (B-side)
+    const int row = (l >> 2) + 8 * (e >> 1), col = 2 * (l & 3) + (e & 1);
+    const int token = WB ? row : 8 * nt + col;
+    const int chan = (nb0 + rb) * CH + (WB ? 8 * nt + col : row);
     if (token >= M) continue;
     float v = red[idx];
 #pragma unroll 4
@@ -320,9 +424,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int idx = tid; idx < M * RB * 16; idx += THREADS) {
-    const int token = idx / (RB * 16);
-    const int chan = nb0 * 16 + idx - token * (RB * 16);
+  for (int idx = tid; idx < M * RB * CH; idx += THREADS) {
+    const int token = idx / (RB * CH);
+    const int chan = nb0 * CH + idx - token * (RB * CH);
     const size_t o = static_cast<size_t>(token) * N + chan;
     float v = __ldcg(ws + o);
     for (int z = 1; z < static_cast<int>(gridDim.y); ++z) v += __ldcg(ws + z * mn + o);
