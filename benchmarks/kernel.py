@@ -129,6 +129,17 @@ def register_builtin_impls() -> None:
             applies=lambda m, k, n: m <= quick_mma.GEMV_MAX_M,
         )
     )
+    # The decode kernel (csrc/quick_dec.cu) on the same `quick` packing, M <= 16.
+    from quick.kernels import quick_dec
+
+    common.register_impl(
+        common.Impl(
+            "quick_dec",
+            "fp16",
+            lambda p: _quick(p, p["m"], quick_dec.gemv_quick),
+            applies=lambda m, k, n: m <= quick_dec.MAX_M,
+        )
+    )
 
 
 def register_optional_impls() -> list[str]:
@@ -147,6 +158,16 @@ def register_optional_impls() -> list[str]:
 
             common.register_impl(common.Impl("quick_sm90", "fp16", make))
             added.append("quick_sm90")
+
+            def make_dec(p):
+                from quick.kernels import quick_dec
+
+                make(p)  # packs the sm90 layout once
+                w, x = p["sm90"], _x(p, p["m"], torch.float16)
+                return lambda: quick_dec.gemv_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
+
+            common.register_impl(common.Impl("quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: m <= 16))
+            added.append("quick_sm90_dec")
     except Exception as e:  # noqa: BLE001
         print(f"[bench] quick_sm90 not benchmarked: {type(e).__name__}: {e}")
     return added
