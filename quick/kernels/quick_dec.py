@@ -152,16 +152,6 @@ def plan(
     return DecPlan(cfg, n_tiles, s, steps, smem)
 
 
-def is_available(device: torch.device) -> bool:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] < 8:
-        return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
-
-
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
 
