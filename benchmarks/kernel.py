@@ -149,6 +149,7 @@ def register_optional_impls() -> list[str]:
         from quick.kernels import quick_sm90 as sm
 
         if sm.is_available():
+            from quick.kernels import quick_dec
 
             def make(p):
                 if "sm90" not in p:
@@ -160,13 +161,13 @@ def register_optional_impls() -> list[str]:
             added.append("quick_sm90")
 
             def make_dec(p):
-                from quick.kernels import quick_dec
-
                 make(p)  # packs the sm90 layout once
                 w, x = p["sm90"], _x(p, p["m"], torch.float16)
                 return lambda: quick_dec.gemv_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
 
-            common.register_impl(common.Impl("quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: m <= 16))
+            common.register_impl(
+                common.Impl("quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: m <= quick_dec.MAX_M)
+            )
             added.append("quick_sm90_dec")
     except Exception as e:  # noqa: BLE001
         print(f"[bench] quick_sm90 not benchmarked: {type(e).__name__}: {e}")

@@ -154,18 +154,28 @@ def plan(
 
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
-def _validate(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
-    """The layout's own validation (its own exception types and messages), as ``(M, N, K, G)``."""
+def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[torch.Tensor, int, int, int, int]:
+    """The layout's own validation (its exception types and messages), then what the launch assumes: CUDA tensors,
+    contiguous and 16-byte aligned (x is copied to dense rows if it is not). Returns ``(x, M, N, K, G)``."""
     from quick.kernels import quick_mma, quick_sm90
 
     if layout == "quick_sm90":
-        return quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
+        m, n, k, g = quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
+        if x.device.type != "cuda":
+            raise DecError("the decode kernel runs on CUDA tensors only")
+        for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+            if t is not None:
+                quick_mma._check_tensor(name, t, x.device, DecError)
+        return quick_mma._dense_rows(x), m, n, k, g
     if isinstance(x, torch.Tensor) and x.device.type != "cuda":
         raise DecError("the decode kernel runs on CUDA tensors only")
-    m, k, n, g = quick_mma.validate(x, qweight, scales, zeros, group_size, bias)
-    return m, n, k, g
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        x = quick_mma._dense_rows(x)
+    m, k, n, g = quick_mma._prepare(x, qweight, scales, zeros, group_size, bias)  # shapes cached per signature
+    return x, m, n, k, g
 
 
 def gemv(
@@ -181,24 +191,35 @@ def gemv(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)`` for ``x`` [M <= 16, K] and ``W`` packed in ``layout`` (``quick_sm90``/``quick``)."""
-    from quick.kernels import quick_mma, quick_sm90
-
     if layout not in LAYOUTS:
         raise DecError(f"the decode kernel takes layouts {LAYOUTS}, got {layout!r}")
-    m, n, k, g = _validate(layout, x, qweight, scales, zeros, group_size, bias)
-    if x.device.type != "cuda":
-        raise DecError("the decode kernel runs on CUDA tensors only")
+    x, m, n, k, g = _prepare(layout, x, qweight, scales, zeros, group_size, bias)
+    return run_validated(layout, x, qweight, scales, zeros, bias, m, n, k, g, config, splits, out)
+
+
+def run_validated(
+    layout: str,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: int,
+    n: int,
+    k: int,
+    g: int,
+    config: DecConfig | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
+    contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``."""
+    from quick.kernels import quick_mma, quick_sm90
+
     if m == 0:
         return x.new_empty((0, n))
     if config is not None and config.wb != LAYOUTS.index(layout):
         raise DecError(f"config {config} is for layout {LAYOUTS[config.wb]!r}, not {layout!r}")
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    tensors = {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias}
-    for name, t in tensors.items():
-        if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
-            raise DecError(f"{name} must be contiguous and 16-byte aligned; .contiguous()/.clone() it")
     dev = x.device
     key = (layout, m, n, k, g, x.dtype, dev, config, splits)
     hit = _LAUNCH.get(key)
@@ -243,6 +264,3 @@ def gemv_sm90(x, qweight, scales, zeros, group_size, bias=None, config=None, spl
 def gemv_quick(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> torch.Tensor:
     """:func:`gemv` for the paper's ``quick`` layout."""
     return gemv("quick", x, qweight, scales, zeros, group_size, bias, config, splits, out)
-
-
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}

@@ -433,12 +433,6 @@ def gemm_w4a16_sm90(
         raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
     if m == 0:
         return x.new_empty((0, n))
-    if decode is None:
-        decode = config is None and splits is None and m <= DEC_MAX_M
-    if decode:
-        from quick.kernels import quick_dec
-
-        return quick_dec.gemv_sm90(x, qweight, scales, zeros, group_size, bias, out=out)
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -446,6 +440,13 @@ def gemm_w4a16_sm90(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
             raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
+    if decode is None:
+        decode = config is None and splits is None and m <= DEC_MAX_M
+    if decode:  # the same inputs, already validated and made dense: no second validation on the decode path
+        from quick.kernels import quick_dec
+
+        b = bias.contiguous() if bias is not None else None
+        return quick_dec.run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, out=out)
     dev = x.device
     rounds = None
     if config is None:

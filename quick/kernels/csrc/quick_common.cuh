@@ -13,7 +13,7 @@
 //   mma_16816<DT>(c[4], a[4], b0, b1)  mma.sync.aligned.m16n8k16.row.col, fp32 accumulate
 //   ldmatrix_x4 / ldmatrix_x2, cp_async16 (zero-filling), cp_async_commit / cp_async_wait<N>
 //   ldg_stream128(ptr)           16-byte global load that does not allocate in L1 (weights are read once)
-//   ldg128 / lds128              plain 16-byte loads
+//   ldg128 / lds128 / lds32      plain 16-byte loads (global, shared), 4-byte shared load
 //   pack2 / unpack2, load_pair / load_quad   fp32 <-> packed 16-bit pairs; 2 / 4 elements of a 16-bit vector
 // Split-k GEMM building blocks (quick_mma.cu with fp32, quick_w4a8.cu with int32 accumulators acc[MT][NB][T][4]):
 //   cta_pos, warp_nblocks        a thread's warp / tile / K-tile range; its warp's n-blocks
@@ -191,6 +191,12 @@ __device__ __forceinline__ uint32_t ldg32(const void* p) {
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
 }
 

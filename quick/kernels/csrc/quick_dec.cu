@@ -75,12 +75,6 @@ static_assert(STAGES >= 2, "two stages at least");
 static_assert(RING_BYTES >= WARPS * RB * NACC * 512, "the k-slice reduction reuses the ring");
 static_assert(S_CHUNKS <= 32, "one 16-byte scale chunk per lane");
 
-__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-}
-
 // mma with C = 0: the first k16 step of a scale group starts a fresh fp32 partial.
 template <int D>
 __device__ __forceinline__ void mma_16816_zero(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {

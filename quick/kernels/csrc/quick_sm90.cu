@@ -35,6 +35,7 @@
 
 #include <cstdint>
 
+#include "quick_common.cuh"
 #include "quick_hopper.cuh"
 
 #pragma nv_diag_suppress 177  // the wgmma_rs specializations a variant does not use
@@ -170,18 +171,6 @@ __device__ __forceinline__ uint64_t weight_policy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
 #endif
   return pol;
-}
-
-__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
 }
 
 // Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
@@ -575,10 +564,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const uint32_t s_off = NWG * 2048 + (cw * 64 + 16 * warp + 2 * (lane / 4)) * 2;
     auto dequant_stage = [&](const int st, uint32_t(&a)[4][4]) {
       const uint32_t sw = s_w + st * WST_BYTES;
-      const uint4 v = lds_v4(sw + w_off);
+      const uint4 v = quick::lds128(sw + w_off);
       const uint32_t r[4] = {v.x, v.y, v.z, v.w};
-      const uint32_t rs[SW] = {lds_u32(sw + s_off)};
-      const uint32_t rz[SW] = {lds_u32(sw + s_off + NWG * 128)};
+      const uint32_t rs[SW] = {quick::lds32(sw + s_off)};
+      const uint32_t rz[SW] = {quick::lds32(sw + s_off + NWG * 128)};
       dequant_step(r, rs, rz, a);
     };
 #pragma unroll
