@@ -150,10 +150,10 @@ __device__ __forceinline__ void dequant_b(uint32_t w, uint32_t nz, uint32_t nz16
   }
 }
 
-// mma with x as the A operand (tokens) and a dequantized weight tile as B; `zero`: C = 0.
+// The mma of one k16 step of a scale group's partial: `first` starts it from C = 0 (both operand roles).
 template <int D>
-__device__ __forceinline__ void mma_b(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, bool zero) {
-  if (zero) {
+__device__ __forceinline__ void mma_part(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, bool first) {
+  if (first) {
     mma_16816_zero<D>(c, a, b0, b1);
   } else {
     quick::mma_16816<D>(c, a, b0, b1);
@@ -315,13 +315,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
             uint32_t a[4];
             dequant_a<DT>(u4_get(wv, w), zr0, zr1, a);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              if (j == 0) {
-                mma_16816_zero<DT>(part[nt], a, xf[w][nt][0], xf[w][nt][1]);
-              } else {
-                mma_16816<DT>(part[nt], a, xf[w][nt][0], xf[w][nt][1]);
-              }
-            }
+            for (int nt = 0; nt < NT; ++nt) mma_part<DT>(part[nt], a, xf[w][nt][0], xf[w][nt][1], j == 0);
           }
           const float2 sf = unpack2<DT>(s2);  // (scale of row 0, scale of row 1)
 #pragma unroll
@@ -353,8 +347,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
             for (int w = 0; w < 4; ++w) {
               uint32_t b[4];
               dequant_b<DT>(u4_get(wv, w), nz[w], nz16[w], b);
-              mma_b<DT>(part[2 * w], xf[kk][0], b[0], b[1], j == 0);
-              mma_b<DT>(part[2 * w + 1], xf[kk][0], b[2], b[3], j == 0);
+              mma_part<DT>(part[2 * w], xf[kk][0], b[0], b[1], j == 0);
+              mma_part<DT>(part[2 * w + 1], xf[kk][0], b[2], b[3], j == 0);
             }
           }
 #pragma unroll
