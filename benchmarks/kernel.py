@@ -129,7 +129,7 @@ def register_builtin_impls() -> None:
             applies=lambda m, k, n: m <= quick_mma.GEMV_MAX_M,
         )
     )
-    # The decode kernel (csrc/quick_dec.cu) on the same `quick` packing, M <= 16.
+    # The decode kernel (csrc/quick_dec.cu) on the same `quick` packing (M <= 16; quick_sm90 packing: M <= 64).
     from quick.kernels import quick_dec
 
     common.register_impl(
@@ -137,7 +137,7 @@ def register_builtin_impls() -> None:
             "quick_dec",
             "fp16",
             lambda p: _quick(p, p["m"], quick_dec.gemv_quick),
-            applies=lambda m, k, n: m <= quick_dec.MAX_M,
+            applies=lambda m, k, n: quick_dec.takes("quick", m, n),
         )
     )
 
@@ -166,7 +166,9 @@ def register_optional_impls() -> list[str]:
                 return lambda: quick_dec.gemv_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
 
             common.register_impl(
-                common.Impl("quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: m <= quick_dec.MAX_M)
+                common.Impl(
+                    "quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: quick_dec.takes("quick_sm90", m, n)
+                )
             )
             added.append("quick_sm90_dec")
     except Exception as e:  # noqa: BLE001

@@ -30,7 +30,7 @@ from quick.kernels import quick_dec as qd  # noqa: E402
 from quick.kernels import quick_sm90 as sm  # noqa: E402
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
 
-CHECK_MS = (1, 2, 3, 7, 8, 9, 15, 16)
+CHECK_MS = {16: (1, 2, 3, 7, 8, 9, 15, 16), 32: (17, 24, 31, 32), 64: (33, 40, 63, 64)}  # per M bucket
 SMALL = ((128, 64), (192, 128), (4160, 1088), (1024, 192 * 4))
 LARGE = ((4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (5120, 13824))
 TIME_SHAPES = (
@@ -43,7 +43,7 @@ TIME_SHAPES = (
     (14336, 4096),
     (4096, 6144),
 )
-TIME_MS = (1, 4, 8, 16)
+TIME_MS = (1, 4, 8, 16, 32, 64)
 
 
 def build(res: dict) -> None:
@@ -83,27 +83,29 @@ def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
 def part_check(res: dict, deadline: float) -> None:
     gen = torch.Generator().manual_seed(20261204)
     cases, fails, worst = 0, [], {}
-    cfgs = list(dict.fromkeys((*qd.DEFAULTS.values(), *qd.CANDIDATES["quick_sm90"], *qd.CANDIDATES["quick"])))
+    cfgs = qd.all_configs()  # (M bucket, config)
     todo = []
     for dt in (torch.float16, torch.bfloat16):
         for k, n in SMALL:
             for g in (32, 64, 128, -1):
                 if (g > 0 and k % g) or (g == -1 and k % 64):
                     continue
-                for m in CHECK_MS:
-                    for cfg in cfgs:
-                        if n % cfg.channels or not cfg.supports(g if g > 0 else k):
-                            continue
-                        for splits in (None, 3):
+                for top, cfg in cfgs:
+                    if n % cfg.channels or not cfg.supports(g if g > 0 else k):
+                        continue
+                    for m in CHECK_MS[top]:
+                        for splits in (None, 3) if m in (CHECK_MS[top][0], top) else (None,):
                             todo.append((m, k, n, g, dt, cfg, splits, m % 2 == 1))
         for k, n in LARGE:
-            for cfg0 in qd.DEFAULTS.values():
-                for g in (128, 32, -1):
-                    for m in (1, 8, 16):
-                        todo.append((m, k, n, g, dt, cfg0, None, m == 8))
-            for cfg in cfgs:
+            for layout in qd.LAYOUTS:
+                for top, cfg0 in qd.DEFAULTS[layout]:
+                    for g in (128, 32, -1):
+                        for m in (top // 2 + 1, top) if top > 16 else (1, 8, 16):
+                            if n % cfg0.channels == 0:
+                                todo.append((m, k, n, g, dt, cfg0, None, m == 8 or m == top))
+            for top, cfg in cfgs:
                 if n % cfg.channels == 0:
-                    todo.append((5, k, n, 128, dt, cfg, None, False))
+                    todo.append((top - 3, k, n, 128, dt, cfg, None, False))
     todo.sort(key=lambda c: (c[1], c[2], c[3], str(c[4])))
     for case in todo:
         if time.time() > deadline:
@@ -158,7 +160,10 @@ def part_time(res: dict, deadline: float) -> None:
                     rows.append({"impl": base[0], "K": k, "N": n, "M": m, "us": round(us, 2)})
                 except Exception as e:  # noqa: BLE001
                     rows.append({"impl": base[0], "K": k, "N": n, "M": m, "error": str(e)[:200]})
-                for cfg in dict.fromkeys((qd.DEFAULTS[layout], *qd.CANDIDATES[layout])):
+                if m > qd.MAX_M_BY_LAYOUT[layout]:
+                    continue
+                top = qd.bucket(layout, m)
+                for cfg in dict.fromkeys((qd.default_config(layout, m), *qd.CANDIDATES[layout][top])):
                     if n % cfg.channels:
                         continue
                     split_opts = sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)})
@@ -167,7 +172,7 @@ def part_time(res: dict, deadline: float) -> None:
                             break
                         row = {
                             "impl": f"dec_{layout}",
-                            "cfg": [cfg.rb, cfg.warps, cfg.stages],
+                            "cfg": [cfg.rb, cfg.warps, cfg.stages, cfg.nw],
                             "splits": s,
                             "K": k,
                             "N": n,

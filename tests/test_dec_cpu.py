@@ -86,10 +86,8 @@ def _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype) -> N
                     prov = 8 * r + g_
                     t = 8 * ((prov >> 3) & 1) + (prov & 7)
                     col = 8 * (prov >> 4) + kloc + 16 * kk + 2 * c_
-                    live = t < m
-                    tt = torch.where(live, t, 0)
-                    zero = torch.zeros((), dtype=dtype)
-                    a.append((torch.where(live, xs[tt, col], zero), torch.where(live, xs[tt, col + 1], zero)))
+                    tt = t.clamp(max=m - 1)  # rows >= M re-read row M - 1; their outputs are dropped
+                    a.append((xs[tt, col], xs[tt, col + 1]))
                 base_w = ((4 * s + kk) * (2 * n) + (nb0 + rb) * 128) + lane * 4
                 for w in range(4):
                     b = _dequant(words[base_w + w], [zt[2 * w], zt[2 * w], zt[2 * w + 1], zt[2 * w + 1]], dtype)
@@ -108,8 +106,8 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
     m, k = x.shape
     n = packed["scales"].shape[1]
     dtype = x.dtype
-    rb_n, warps = cfg.rb, cfg.warps
-    nt_n = 8 if cfg.wb else (1 if m <= 8 else 2)  # accumulator tiles per block
+    rb_n, warps, nw = cfg.rb, cfg.warps, cfg.nw
+    nt_n = 8 if cfg.wb else qd.token_tiles(m)  # accumulator tiles per block
     gps = 2 if g == 32 else 1
     gshift = sm.group_shift(g, k)
     words = packed["qweight"].reshape(-1).to(torch.int64) & 0xFFFFFFFF
@@ -119,7 +117,7 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
     out = torch.full((m, n), float("nan"), dtype=torch.float64)
     ws = torch.zeros(p.splits, m, n, dtype=torch.float64)
     for bx in range(p.n_tiles):
-        nb0 = bx * rb_n
+        nb0 = bx * rb_n * nw
         for by in range(p.splits):
             s_beg = by * p.steps_per_split
             s_end = min(s_beg + p.steps_per_split, k // 64)
@@ -127,16 +125,18 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
             per_warp = -(-nsteps // warps)
             # x of the split in "shared memory": rows < M, the zero line for the others
             xs = x[:, s_beg * 64 : s_end * 64]
-            red = torch.zeros(warps, rb_n, nt_n, 4, 32, dtype=torch.float64)
-            for warp in range(warps):
-                w_beg = s_beg + warp * per_warp
+            red = torch.zeros(warps, nw * rb_n, nt_n, 4, 32, dtype=torch.float64)
+            for warp in range(warps * nw):
+                kslice, nsl = warp % warps, warp // warps
+                nbw = nb0 + nsl * rb_n  # the warp's first channel block
+                w_beg = s_beg + kslice * per_warp
                 w_n = max(0, min(per_warp, s_end - w_beg))
                 acc = torch.zeros(rb_n, nt_n, 4, 32, dtype=torch.float64)
                 for i in range(w_n):
                     s = w_beg + i
                     kloc = (w_beg - s_beg + i) * 64
                     if cfg.wb:
-                        _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype)
+                        _step_b(acc, xs, words, sc, zr, s, kloc, nbw, n, m, gps, gshift, dtype)
                         continue
                     # ldmatrix.x4: provider lane q gives row (q & 7) of matrix q >> 3; receiver l gets row l / 4,
                     # elements 2 (l % 4) + {0, 1} of matrix j -> b[2h + j / 2][nt][j % 2]
@@ -147,16 +147,13 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                                 prov = 8 * j + lane // 4
                                 t = 8 * nt + (prov & 7)
                                 col = (prov >> 3) * 8 + kloc + 32 * h + 2 * (lane % 4)
-                                live = t < m
-                                tt = torch.where(live, t, 0)
-                                v0 = torch.where(live, xs[tt, col], torch.zeros((), dtype=dtype))
-                                v1 = torch.where(live, xs[tt, col + 1], torch.zeros((), dtype=dtype))
-                                b[2 * h + j // 2][nt][j % 2] = (v0, v1)
+                                tt = t.clamp(max=m - 1)  # rows >= M re-read row M - 1 (outputs dropped)
+                                b[2 * h + j // 2][nt][j % 2] = (xs[tt, col], xs[tt, col + 1])
                     for rb in range(rb_n):
-                        base = (s * (n // 16) + nb0 + rb) * 128 + lane * 4  # int32 index of the lane's chunk
+                        base = (s * (n // 16) + nbw + rb) * 128 + lane * 4  # int32 index of the lane's chunk
                         for gi in range(gps):
                             row = 2 * s + gi if gps == 2 else s >> gshift
-                            slot = row * n + (nb0 + rb) * 16 + 2 * (lane // 4)
+                            slot = row * n + (nbw + rb) * 16 + 2 * (lane // 4)
                             s_lo, s_hi = sc[slot], sc[slot + 1]
                             z_lo, z_hi = zr[slot], zr[slot + 1]
                             part = torch.zeros(nt_n, 32, 4, dtype=torch.float64)
@@ -170,7 +167,7 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                                 acc[rb, nt, 1] += s_lo.double() * part[nt, :, 1]
                                 acc[rb, nt, 2] += s_hi.double() * part[nt, :, 2]
                                 acc[rb, nt, 3] += s_hi.double() * part[nt, :, 3]
-                red[warp] = acc
+                red[kslice, nsl * rb_n : (nsl + 1) * rb_n] = acc
             flat = red.reshape(warps, -1)
             ch = 64 if cfg.wb else 16
             for idx in range(flat.shape[1]):  # the kernel's reduction loop and its (token, channel) decode
@@ -186,7 +183,7 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                 else:
                     out[token, chan] = v
         if p.splits > 1:
-            c0, c1 = nb0 * (64 if cfg.wb else 16), (nb0 + rb_n) * (64 if cfg.wb else 16)
+            c0, c1 = nb0 * (64 if cfg.wb else 16), (nb0 + nw * rb_n) * (64 if cfg.wb else 16)
             out[:, c0:c1] = ws[:, :, c0:c1].sum(0)
     return out.to(dtype)
 
@@ -199,6 +196,12 @@ CASES = [
     (16, 256, 128, -1, torch.float16, qd.DecConfig(2, 3, 2), 2),
     (5, 320, 128, 64, torch.bfloat16, qd.DecConfig(4, 4, 2), 3),
     (8, 256, 64, 32, torch.bfloat16, qd.DecConfig(1, 2, 2), None),
+    # M up to 64 (4 and 8 token tiles), warp groups side by side over channels
+    (17, 256, 128, 128, torch.float16, qd.DecConfig(2, 2, 2, nw=2), None),
+    (32, 320, 128, 64, torch.bfloat16, qd.DecConfig(1, 2, 2, nw=4), 2),
+    (40, 256, 192, 32, torch.float16, qd.DecConfig(2, 1, 2, nw=3), 2),
+    (64, 192, 64, 64, torch.bfloat16, qd.DecConfig(2, 1, 2, nw=2), None),
+    (61, 256, 128, -1, torch.float16, qd.DecConfig(1, 3, 2, nw=2), None),
 ]
 
 
@@ -207,6 +210,7 @@ CASES_B = [
     (12, 256, 64, 32, torch.float16, qd.DecConfig(1, 2, 2, wb=1), 2),
     (5, 192, 128, 64, torch.bfloat16, qd.DecConfig(2, 2, 2, wb=1), None),
     (16, 128, 64, -1, torch.bfloat16, qd.DecConfig(1, 3, 2, wb=1), None),
+    (7, 256, 256, 128, torch.float16, qd.DecConfig(1, 2, 2, wb=1, nw=2), 2),
 ]
 
 
@@ -237,20 +241,40 @@ def test_dequant_trick_is_exact_for_every_code_and_zero(dtype):
 
 
 def test_plan_splits_fit_and_cover():
-    for m in (1, 8, 9, 16):
-        for k, n in ((8192, 8192), (4096, 4096), (14336, 4096), (4096, 14336), (128, 64)):
+    for m in (1, 8, 9, 16, 17, 32, 33, 64):
+        for k, n in ((8192, 8192), (4096, 4096), (14336, 4096), (4096, 14336), (4096, 11008), (128, 256)):
+            cfg = qd.default_config("quick_sm90", m)
+            if n % cfg.channels:
+                continue
             p = qd.plan(m, n, k, 128, 132)
+            assert p.config == cfg
             nk = k // 64
             assert p.splits * p.steps_per_split >= nk > (p.splits - 1) * p.steps_per_split  # no empty split
             assert p.smem <= qd.SMEM_LIMIT
-            assert p.n_tiles * 16 * p.config.rb == n
+            assert p.smem >= cfg.ring_bytes(128) + m * p.steps_per_split * 128  # x of the split fits beside the ring
+            assert p.n_tiles * cfg.channels == n
+
+
+def test_default_configs_by_batch():
+    assert qd.default_config("quick_sm90", 1).nw == 1
+    assert qd.token_tiles(1) == 1 and qd.token_tiles(9) == 2 and qd.token_tiles(17) == 4 and qd.token_tiles(33) == 8
+    assert qd.default_config("quick_sm90", 64) is dict(qd.DEFAULTS["quick_sm90"])[64]
+    with pytest.raises(qd.DecError, match="M <= 16"):
+        qd.default_config("quick", 17)
+    # every (bucket, config) builds for sm_80/sm_90a in the compile check: the registry holds its token-tile count
+    for top, cfg in qd.all_configs():
+        assert any(v[2].get("QD_NT") == qd.token_tiles(top, cfg.wb) and v[2]["QD_RB"] == cfg.rb for v in qd.VARIANTS)
 
 
 def test_plan_refuses_what_the_kernel_cannot_take():
+    with pytest.raises(qd.DecError, match="1 <= M <= 64"):
+        qd.plan(65, 4096, 4096, 128, 132)
     with pytest.raises(qd.DecError, match="1 <= M <= 16"):
-        qd.plan(17, 4096, 4096, 128, 132)
+        qd.plan(17, 4096, 4096, 128, 132, qd.DecConfig(1, 8, 4, wb=1))
     with pytest.raises(qd.DecError, match="multiple of 128"):
         qd.plan(1, 192, 4096, 128, 132, qd.DecConfig(8, 8, 3))
+    with pytest.raises(qd.DecError, match="multiple of 256"):
+        qd.plan(64, 4096 + 128, 4096, 128, 132)
 
 
 def test_gemv_sm90_validates_before_touching_the_gpu():

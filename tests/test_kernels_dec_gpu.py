@@ -1,4 +1,5 @@
-"""Device correctness of the decode kernel (``csrc/quick_dec.cu``, M <= 16, ``quick_sm90`` layout) against the
+"""Device correctness of the decode kernel (``csrc/quick_dec.cu``: ``quick_sm90`` layout M <= 64, ``quick`` layout
+M <= 16) against the
 float64 reference: fresh random inputs per case, NaN-poisoned outputs, relative Frobenius bounds that fail on any
 indexing error, bitwise determinism of the in-kernel split-k, CUDA-graph capture, and bad input.
 Skipped without an sm_80+ GPU and nvcc."""
@@ -19,7 +20,7 @@ require_sm80_and_nvcc()
 from quick.kernels import quick_dec as qd  # noqa: E402
 from quick.kernels import quick_sm90 as sm  # noqa: E402
 
-M_DEC = [1, 2, 3, 7, 8, 9, 15, 16]
+M_DEC = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 63, 64]
 _CACHE: dict = {}
 
 
@@ -54,41 +55,43 @@ def _check(out, ref, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", M_DEC)
 def test_all_decode_batch_sizes(m, dtype, layout):
+    if m > qd.MAX_M_BY_LAYOUT[layout]:
+        pytest.skip(f"{layout} takes M <= {qd.MAX_M_BY_LAYOUT[layout]}")
     _check(*_run(m, 4096, 4096, 128, dtype, layout=layout), dtype)
 
 
 @pytest.mark.parametrize("layout", qd.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824), (14336, 4096)])
-@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("m", [1, 8, 16, 32, 64])
 def test_model_shapes(k, n, m, dtype, layout):
+    if m > qd.MAX_M_BY_LAYOUT[layout]:
+        pytest.skip(f"{layout} takes M <= {qd.MAX_M_BY_LAYOUT[layout]}")
     _check(*_run(m, k, n, 128, dtype, layout=layout), dtype)
 
 
 @pytest.mark.parametrize("layout", qd.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
-@pytest.mark.parametrize("k,n", [(128, 64), (192, 128), (4160, 1088)])
-@pytest.mark.parametrize("m", [1, 5, 12])
+@pytest.mark.parametrize("k,n", [(128, 64), (192, 128), (4160, 1088), (128, 256), (4160, 1280)])
+@pytest.mark.parametrize("m", [1, 5, 12, 29, 50])
 def test_groups_and_small_shapes(k, n, g, m, dtype, layout):
     if g > 0 and k % g:
         pytest.skip("K not a multiple of the group (refusal tested elsewhere)")
+    if not qd.takes(layout, m, n):
+        pytest.skip(f"{layout}: M={m} above the limit or N={n} not a multiple of the default config's channels")
     _check(*_run(m, k, n, g, dtype, bias=m == 5, layout=layout), dtype)
 
 
-ALL_CONFIGS = list(dict.fromkeys((*qd.DEFAULTS.values(), *qd.CANDIDATES["quick_sm90"], *qd.CANDIDATES["quick"])))
-
-
-@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("top,cfg", qd.all_configs(), ids=str)
 @pytest.mark.parametrize("splits", [None, 1, 3, 7])
 @pytest.mark.parametrize("g", [32, 128])
-def test_every_config_and_split(cfg, splits, g):
+def test_every_config_and_split(top, cfg, splits, g):
     if not cfg.supports(g):
         pytest.skip("config cannot take this group size")
-    _check(
-        *_run(9, 4096, 1024 + 128 * (cfg.channels == 128), g, torch.float16, True, cfg, splits, qd.LAYOUTS[cfg.wb]),
-        torch.float16,
-    )
+    m = 9 if top == 16 else top - 5  # the bucket's token-tile count
+    n = 2 * cfg.channels if cfg.channels >= 512 else 1024 + cfg.channels * (1024 % cfg.channels == 0)
+    _check(*_run(m, 4096, n, g, torch.float16, True, cfg, splits, qd.LAYOUTS[cfg.wb]), torch.float16)
 
 
 @pytest.mark.parametrize("layout", qd.LAYOUTS)
@@ -121,9 +124,12 @@ def test_graph_capture_and_forced_decode_through_the_sm90_entry():
 
 def test_bad_input_is_a_clear_error():
     qw, p = _weights(4096, 1024, 128, torch.float16)
-    x = torch.randn(17, 4096, device="cuda").half()
-    with pytest.raises(qd.DecError, match="M <= 16"):
+    x = torch.randn(65, 4096, device="cuda").half()
+    with pytest.raises(qd.DecError, match="M <= 64"):
         qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
+    pq = get_layout("quick").pack(qw)
+    with pytest.raises(qd.DecError, match="M <= 16"):
+        qd.gemv_quick(x[:17], pq["qweight"], pq["scales"], pq["zeros"], 128)
     with pytest.raises(ValueError, match="shape"):
         qd.gemv_sm90(x[:1, :2048], p["qweight"], p["scales"], p["zeros"], 128)
     with pytest.raises(qd.DecError, match="contiguous"):
@@ -131,12 +137,19 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
-    """With the switches on (QUICK_DEC_MAX_M), both layouts' automatic entries take the decode kernel at M <= 16."""
+    """With the switches on (QUICK_DEC_MAX_M), both layouts' automatic entries take the decode kernel within its
+    limits, and their GEMMs beyond them (M above the layout's limit, N not a multiple of the CTA's channels)."""
     from quick.kernels import quick_mma
 
-    monkeypatch.setattr(quick_mma, "DEC_QUICK_MAX_M", 16)
-    monkeypatch.setattr(sm, "DEC_MAX_M", 16)
+    calls = []
+    real = qd.run_validated
+    monkeypatch.setattr(qd, "run_validated", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    monkeypatch.setattr(quick_mma, "DEC_QUICK_MAX_M", 64)
+    monkeypatch.setattr(sm, "DEC_MAX_M", 64)
     for layout, fn in (("quick", quick_mma.quick_matmul), ("quick_sm90", sm.gemm_w4a16_sm90)):
-        qw, p = _weights(4096, 2048, 128, torch.float16, layout)
-        x = torch.randn(3, 4096, device="cuda").half()
-        _check(fn(x, p["qweight"], p["scales"], p["zeros"], 128), reference_matmul(x, qw), torch.float16)
+        for m, n, routed in ((3, 2048, True), (40, 2048, layout == "quick_sm90"), (40, 1024 + 128, False)):
+            calls.clear()
+            qw, p = _weights(4096, n, 128, torch.float16, layout)
+            x = torch.randn(m, 4096, device="cuda").half()
+            _check(fn(x, p["qweight"], p["scales"], p["zeros"], 128), reference_matmul(x, qw), torch.float16)
+            assert calls == ([m] if routed else []), (layout, m, n, calls)

@@ -1,4 +1,5 @@
-"""Decode kernel (M <= 16 tokens) for weights in the ``quick_sm90`` or the ``quick`` layout: ``csrc/quick_dec.cu``.
+"""Decode kernel for weights in the ``quick_sm90`` (M <= 64 tokens) or the ``quick`` layout (M <= 16):
+``csrc/quick_dec.cu``.
 
 The wgmma GEMM (:mod:`quick.kernels.quick_sm90`) is issue-bound at decode sizes; this kernel reads the same packed
 weights with a fraction of the instructions per weight (mma.sync with the weight as the A operand for
@@ -23,7 +24,8 @@ from quick.kernels import jit
 SOURCE = "quick_dec.cu"
 LAYOUTS = ("quick_sm90", "quick")  # index = QD_WB: the weight is the mma A operand (0) or the B operand (1)
 KERNEL = "quick_dec"
-MAX_M = 16  # two n8 token tiles
+MAX_M_BY_LAYOUT = {"quick_sm90": 64, "quick": 16}  # tokens on the n8 side (up to 8 tiles) / in one m16 tile
+MAX_M = max(MAX_M_BY_LAYOUT.values())
 SMEM_LIMIT = 227 * 1024
 ARCHS = ("sm_80", "sm_90a")
 
@@ -32,67 +34,124 @@ class DecError(ValueError):
     """Inputs the decode kernel cannot take; the message says which and why."""
 
 
+def token_tiles(m: int, wb: int = 0) -> int:
+    """n8 token tiles of the A-side kernel for M tokens (1, 2, 4 or 8); the B-side holds all 16 in its m16 tile."""
+    return 1 if wb else 1 << max(0, math.ceil(math.log2(max(m, 1) / 8)))
+
+
 @dataclass(frozen=True)
 class DecConfig:
-    """``rb`` channel blocks per CTA (16 channels for ``quick_sm90``, 64 for ``quick``), ``warps`` warps splitting
+    """``rb`` channel blocks per warp (16 channels for ``quick_sm90``, 64 for ``quick``), ``warps`` warps splitting
     the CTA's K range, ``stages`` k64 steps of weights in flight per warp (cp.async ring), ``wb`` = 1 for the
-    ``quick`` layout (weight = B operand)."""
+    ``quick`` layout (weight = B operand), ``nw`` groups of ``warps`` warps side by side over channels (a CTA owns
+    ``nw x rb`` blocks: more channels share the x held in shared memory, for M = 32/64)."""
 
     rb: int = 4
     warps: int = 8
     stages: int = 4
     wb: int = 0
+    nw: int = 1
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps
+        return 32 * self.warps * self.nw
+
+    @property
+    def warp_channels(self) -> int:
+        return self.rb * (64 if self.wb else 16)
 
     @property
     def channels(self) -> int:
-        return self.rb * (64 if self.wb else 16)
+        """Channels per CTA."""
+        return self.nw * self.warp_channels
 
     def supports(self, group_size: int) -> bool:
-        """One lane copies one 16-byte chunk of scales/zeros per k64 step: channels x 4 bytes x rows <= 512."""
-        return self.channels * 4 * (2 if group_size == 32 else 1) <= 512
+        """One lane copies one 16-byte chunk of scales/zeros per k64 step: a warp's channels x 4 B x rows <= 512."""
+        return self.warp_channels * 4 * (2 if group_size == 32 else 1) <= 512
 
     def ring_bytes(self, group_size: int) -> int:
         gps = 2 if group_size == 32 else 1
-        return self.warps * self.stages * (self.channels * 32 + self.channels * 4 * gps)
+        return self.warps * self.nw * self.stages * self.warp_channels * (32 + 4 * gps)
 
     def smem_bytes(self, m: int, steps_per_split: int, group_size: int) -> int:
-        """The weight ring, then x (M rows of the split's K range, row pitch = 16 mod 128) and a zero line."""
-        return self.ring_bytes(group_size) + m * (steps_per_split * 128 + 16) + 16
+        """The weight ring, then x (M rows of the split's K range, row pitch = 16 mod 128); at least the k-slice
+        reduction's fp32 buffer, which reuses the same memory afterwards."""
+        nacc = 8 if self.wb else token_tiles(m)
+        red = self.warps * self.nw * self.rb * nacc * 512
+        return max(self.ring_bytes(group_size) + m * (steps_per_split * 128 + 16), red)
 
     def defines(self, m: int, group_size: int, dtype: torch.dtype) -> dict[str, int]:
-        return {
+        d = {
             "QD_WB": self.wb,
             "QD_DTYPE": int(dtype == torch.bfloat16),
-            "QD_NT": 1 if m <= 8 or self.wb else 2,
+            "QD_NT": token_tiles(m, self.wb),
             "QD_RB": self.rb,
             "QD_WARPS": self.warps,
             "QD_STAGES": self.stages,
             "QD_G32": int(group_size == 32),
         }
+        if self.nw != 1:  # the original variants keep their defines (and cache keys)
+            d["QD_NW"] = self.nw
+        return d
 
 
-DEFAULTS = {"quick_sm90": DecConfig(4, 8, 4), "quick": DecConfig(1, 8, 4, wb=1)}
-DEFAULT = DEFAULTS["quick_sm90"]
-# Candidates timed by scripts/dec_check.py; the launcher's choice is DEFAULTS[layout] unless a caller passes one.
-CANDIDATES = {
-    "quick_sm90": (
-        DecConfig(4, 8, 4),
-        DecConfig(4, 8, 6),
-        DecConfig(2, 8, 6),
-        DecConfig(4, 16, 4),
-        DecConfig(2, 16, 4),
-        DecConfig(8, 8, 3),
-    ),
-    "quick": (DecConfig(1, 8, 4, wb=1), DecConfig(1, 8, 6, wb=1), DecConfig(1, 16, 4, wb=1), DecConfig(2, 8, 3, wb=1)),
+# Per layout: (largest M, config) buckets, smallest first. The launcher's choice is the bucket's default unless a
+# caller passes a config; the candidates are what scripts/dec_check.py times (and the compile check builds) per bucket.
+DEFAULTS: dict[str, tuple[tuple[int, DecConfig], ...]] = {
+    "quick_sm90": ((16, DecConfig(4, 8, 4)), (32, DecConfig(4, 2, 4, nw=4)), (64, DecConfig(2, 1, 4, nw=8))),
+    "quick": ((16, DecConfig(1, 8, 4, wb=1)),),
+}
+CANDIDATES: dict[str, dict[int, tuple[DecConfig, ...]]] = {
+    "quick_sm90": {
+        16: (
+            DecConfig(4, 8, 4),
+            DecConfig(4, 8, 6),
+            DecConfig(2, 8, 6),
+            DecConfig(4, 16, 4),
+            DecConfig(2, 16, 4),
+            DecConfig(8, 8, 3),
+        ),
+        32: (DecConfig(4, 2, 4, nw=4), DecConfig(2, 2, 4, nw=4), DecConfig(4, 1, 4, nw=8), DecConfig(2, 4, 4, nw=2)),
+        64: (DecConfig(2, 1, 4, nw=8), DecConfig(2, 2, 4, nw=4), DecConfig(2, 1, 3, nw=8), DecConfig(1, 1, 4, nw=8)),
+    },
+    "quick": {
+        16: (DecConfig(1, 8, 4, wb=1), DecConfig(1, 8, 6, wb=1), DecConfig(1, 16, 4, wb=1), DecConfig(2, 8, 3, wb=1)),
+    },
 }
 
+
+def bucket(layout: str, m: int) -> int:
+    """The smallest M bucket of ``layout`` that holds ``m`` tokens."""
+    for top, _cfg in DEFAULTS[layout]:
+        if m <= top:
+            return top
+    raise DecError(f"the decode kernel takes 1 <= M <= {MAX_M_BY_LAYOUT[layout]} rows for {layout!r}, got M={m}")
+
+
+def default_config(layout: str, m: int) -> DecConfig:
+    """The default config for ``m`` tokens of ``layout``."""
+    return dict(DEFAULTS[layout])[bucket(layout, m)]
+
+
+def takes(layout: str, m: int, n: int) -> bool:
+    """Whether the automatic routes can send ``m`` x ``n`` to this kernel with its default config (else they keep
+    their GEMM): M within the layout's limit and N a multiple of the default config's channels per CTA."""
+    return 1 <= m <= MAX_M_BY_LAYOUT[layout] and n % default_config(layout, m).channels == 0
+
+
+def all_configs(layout: str | None = None) -> list[tuple[int, DecConfig]]:
+    """Every (bucket, config) that is a default or a candidate, defaults first, for ``layout`` or both layouts."""
+    out: dict[tuple[int, DecConfig], None] = {}
+    for lay in (layout,) if layout else LAYOUTS:
+        out.update(dict.fromkeys(DEFAULTS[lay]))
+        for top, cfgs in CANDIDATES[lay].items():
+            out.update(dict.fromkeys((top, c) for c in cfgs))
+    return list(out)
+
+
 VARIANTS: list[tuple[str, str, dict[str, int]]] = []
-for _cfg in dict.fromkeys((*DEFAULTS.values(), *CANDIDATES["quick_sm90"], *CANDIDATES["quick"])):
-    for _m in (1, 16):
+for _top, _cfg in all_configs():
+    for _m in (1, 16) if _top == 16 else (_top,):  # one variant per token-tile count of the bucket
         for _g in (128, 32):
             for _dt in (torch.float16, torch.bfloat16):
                 _v = (SOURCE, KERNEL, _cfg.defines(_m, _g, _dt))
@@ -127,9 +186,10 @@ def plan(
 
     Splits: the fewest that give ``waves`` x ``num_sms`` CTAs, at least one k64 step per warp, and x of a split
     fitting in shared memory next to the ring. Every split is non-empty."""
-    cfg = config or DEFAULT
-    if not 1 <= m <= MAX_M:
-        raise DecError(f"the decode kernel takes 1 <= M <= {MAX_M} rows, got M={m}")
+    layout = LAYOUTS[config.wb] if config is not None else "quick_sm90"
+    if not 1 <= m <= MAX_M_BY_LAYOUT[layout]:
+        raise DecError(f"the decode kernel takes 1 <= M <= {MAX_M_BY_LAYOUT[layout]} rows for {layout!r}, got M={m}")
+    cfg = config or default_config(layout, m)
     if n % cfg.channels:
         raise DecError(f"N={n} is not a multiple of {cfg.channels} (config {cfg})")
     if not cfg.supports(group_size):
@@ -190,7 +250,8 @@ def gemv(
     splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)`` for ``x`` [M <= 16, K] and ``W`` packed in ``layout`` (``quick_sm90``/``quick``)."""
+    """``x @ dequant(W) (+ bias)`` for ``x`` [M, K] and ``W`` packed in ``layout`` (``quick_sm90``: M <= 64,
+    ``quick``: M <= 16)."""
     if layout not in LAYOUTS:
         raise DecError(f"the decode kernel takes layouts {LAYOUTS}, got {layout!r}")
     x, m, n, k, g = _prepare(layout, x, qweight, scales, zeros, group_size, bias)
@@ -226,7 +287,7 @@ def run_validated(
     if hit is None:
         with _LOCK:
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            p = plan(m, n, k, g, quick_mma.num_sms(dev), config or DEFAULTS[layout], splits)
+            p = plan(m, n, k, g, quick_mma.num_sms(dev), config or default_config(layout, m), splits)
             arch = jit.arch_for_device(idx, arch_specific=True)
             kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype), idx, arch)
             gshift = quick_sm90.group_shift(g, k)

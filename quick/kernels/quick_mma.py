@@ -705,7 +705,9 @@ def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) 
     if 0 < m <= DEC_QUICK_MAX_M:
         from quick.kernels import quick_dec
 
-        return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, out=out)
+        n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
+        if quick_dec.takes("quick", m, n):  # else the GEMM (and its validation) takes it
+            return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, out=out)
     kind = "gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"
     return _run(kind, x, qweight, scales, zeros, group_size, bias, None, None, out)
 

@@ -150,6 +150,12 @@ for _table in TUNED.values():
 DEC_MAX_M = int(os.environ.get("QUICK_DEC_MAX_M", "0"))
 
 
+def _dec():
+    from quick.kernels import quick_dec  # imported late: quick_dec imports this module
+
+    return quick_dec
+
+
 def group_shift(g: int, k: int) -> int:
     """Kernel argument for the scale row of a k64 step: ``step >> gshift``. G = 64 * 2^s gives s; one group over
     all of K (per-channel) gives 31 (row 0 for every step); G = 32 has its own code path (argument unused)."""
@@ -441,12 +447,10 @@ def gemm_w4a16_sm90(
         if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
             raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
     if decode is None:
-        decode = config is None and splits is None and m <= DEC_MAX_M
+        decode = config is None and splits is None and m <= DEC_MAX_M and _dec().takes(LAYOUT, m, n)
     if decode:  # the same inputs, already validated and made dense: no second validation on the decode path
-        from quick.kernels import quick_dec
-
         b = bias.contiguous() if bias is not None else None
-        return quick_dec.run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, out=out)
+        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, out=out)
     dev = x.device
     rounds = None
     if config is None:

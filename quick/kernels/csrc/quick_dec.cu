@@ -1,5 +1,5 @@
-// quick_dec.cu: the decode kernel (M <= 16 tokens) over the `quick_sm90` layout (QD_WB = 0, weight = mma A operand)
-// or the paper's `quick` layout (QD_WB = 1, weight = mma B operand), for sm_80 and newer.
+// quick_dec.cu: the decode kernel over the `quick_sm90` layout (QD_WB = 0, weight = mma A operand, M <= 64 tokens)
+// or the paper's `quick` layout (QD_WB = 1, weight = mma B operand, M <= 16), for sm_80 and newer.
 //
 // Why a separate kernel: at decode sizes the wgmma GEMM (quick_sm90.cu) is bound by instruction issue, not by
 // memory (ncu: ~150 instructions per k64 step and warp, 1.56 TB/s at M = 1 on the H200). This kernel spends as
@@ -17,15 +17,18 @@
 //   group and k64 step (the mma accumulates sum (q - z) x exactly in fp32).
 // * x (M rows of the CTA's K range) is copied to shared memory once; its fragments come from ldmatrix, one x4 per
 //   k32 and n8 tile (A-side) or per k16 (B-side), shared by the RB channel blocks of the warp. Token rows >= M
-//   point at a zero line.
+//   re-read row M - 1 (their outputs are dropped).
 // * `quick` layout (QD_WB = 1): the same pipeline with the paper's B fragment: a lane's 16 bytes of one k16 row
 //   are 8 n8 tiles (64 channels), x is the m16 A operand (tokens), 4 chunks per k64 step and channel block.
-// * A CTA owns RB x 16 (A-side) or RB x 64 (B-side) channels; its WARPS warps split the CTA's K range into contiguous runs and meet once in
-//   shared memory (fixed order). Splits across CTAs (gridDim.y) write fp32 partials; the last CTA of a channel
-//   tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
+// * A warp owns RB channel blocks of 16 (A-side) or 64 (B-side) channels. A CTA has QD_NW x QD_WARPS warps: NW
+//   groups side by side over channels (the CTA owns NW x RB blocks), and in each the WARPS warps split the CTA's K
+//   range into contiguous runs and meet once in shared memory (fixed order). NW > 1 is for larger M (32, 64): x in
+//   shared memory is then shared by more channels. Splits across CTAs (gridDim.y) write fp32 partials; the last CTA
+//   of a channel tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
 //
-// -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles: M <= 8 * NT), QD_RB (n16 channel blocks per CTA),
-// QD_WARPS, QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
+// -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
+// M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
+// splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
 // Dynamic shared memory: dec_smem_bytes() in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
@@ -44,6 +47,9 @@
 #ifndef QD_WARPS
 #define QD_WARPS 8
 #endif
+#ifndef QD_NW
+#define QD_NW 1
+#endif
 #ifndef QD_STAGES
 #define QD_STAGES 4
 #endif
@@ -56,11 +62,12 @@ constexpr bool WB = QD_WB != 0;
 constexpr int DT = QD_DTYPE;
 constexpr int NT = WB ? 1 : QD_NT;  // B-side: the m16 tile holds all 16 tokens
 constexpr int RB = QD_RB;
-constexpr int WARPS = QD_WARPS;
+constexpr int WARPS = QD_WARPS;  // k slices
+constexpr int NW = QD_NW;        // channel groups
 constexpr int STAGES = QD_STAGES;
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
-constexpr int THREADS = 32 * WARPS;
+constexpr int THREADS = 32 * WARPS * NW;
 constexpr int CH = WB ? 64 : 16;             // channels per block
 constexpr int WCHUNKS = WB ? 4 : 1;          // 16-byte chunks per lane, k64 step and block
 constexpr int W_BYTES = RB * WCHUNKS * 512;  // one warp's weights of one k64 step
@@ -69,10 +76,11 @@ constexpr int S_BYTES = RB * GPS * S_LINE;
 constexpr int S_CHUNKS = RB * GPS * S_LINE / 16;  // one 16-byte copy per lane
 constexpr int NACC = WB ? 8 : NT;                 // accumulator tiles per block: n8 tiles (B) / token tiles (A)
 constexpr int STAGE_BYTES = W_BYTES + S_BYTES;
-constexpr int RING_BYTES = WARPS * STAGES * STAGE_BYTES;
-static_assert(NT == 1 || NT == 2, "QD_NT is 1 or 2");
+constexpr int RING_BYTES = WARPS * NW * STAGES * STAGE_BYTES;
+static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "QD_NT is 1, 2, 4 or 8");
 static_assert(STAGES >= 2, "two stages at least");
-static_assert(RING_BYTES >= WARPS * RB * NACC * 512, "the k-slice reduction reuses the ring");
+// The k-slice reduction reuses shared memory from offset 0: WARPS x NW x RB x NACC x 512 bytes, which the launcher
+// makes sure of (dec_smem_bytes takes the max of ring + x and this).
 static_assert(S_CHUNKS <= 32, "one 16-byte scale chunk per lane");
 
 // mma with C = 0: the first k16 step of a scale group starts a fresh fp32 partial.
@@ -186,19 +194,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int nb0 = blockIdx.x * RB;  // first channel block (n16 A-side, n64 B-side) of this CTA
+  const int kslice = warp % WARPS, nsl = warp / WARPS;
+  const int nb0 = blockIdx.x * (RB * NW);  // first channel block (n16 A-side, n64 B-side) of this CTA
+  const int nbw = nb0 + nsl * RB;          // ... of this warp
   const int s_beg = blockIdx.y * steps_per_split;
   const int s_end = min(s_beg + steps_per_split, K >> 6);
   const int nsteps = s_end - s_beg;  // > 0: the launcher drops empty splits
   const int per_warp = (nsteps + WARPS - 1) / WARPS;
-  const int w_beg = s_beg + warp * per_warp;
+  const int w_beg = s_beg + kslice * per_warp;
   const int w_n = max(0, min(per_warp, s_end - w_beg));
 
   unsigned char* ring = smem + warp * STAGES * STAGE_BYTES;
   unsigned char* xs = smem + RING_BYTES;
   const int kr = nsteps * 64;              // x columns this CTA holds
   const int xpitch = kr * 2 + 16;          // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
-  unsigned char* zline = xs + M * xpitch;  // 16 zero bytes for token rows >= M
   const char* x = static_cast<const char*>(xp);
 
   // ---- x[:, K range] -> shared (first cp.async group)
@@ -215,13 +224,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   // scales and zeros (one 16-byte chunk for each of the first S_CHUNKS lanes). Per-lane sources and destinations
   // are fixed; a step only adds its row offsets.
   const size_t wrow = static_cast<size_t>(N) * 32;  // bytes per k64 row, both layouts (A: 1 row, B: 4 k16 rows)
-  const char* wsrc = static_cast<const char*>(qweight) + static_cast<size_t>(nb0) * 512 + lane * 16;
+  const char* wsrc = static_cast<const char*>(qweight) + static_cast<size_t>(nbw) * 512 + lane * 16;
   const uint32_t ring_u32 = smem_u32(ring);
   const bool s_lane = lane < S_CHUNKS;
   constexpr int LINE_CHUNKS = S_LINE / 16;  // chunks per (block, scale row): first half scales, second zeros
   const int s_rb = lane / (GPS * LINE_CHUNKS), s_gi = (lane / LINE_CHUNKS) % GPS, s_c = lane % LINE_CHUNKS;
   const int s_sz = s_c >= LINE_CHUNKS / 2, s_off = (s_c % (LINE_CHUNKS / 2)) * 16;
-  const char* ssrc = static_cast<const char*>(s_sz ? zeros : scales) + (nb0 + s_rb) * CH * 2 + s_off;
+  const char* ssrc = static_cast<const char*>(s_sz ? zeros : scales) + (nbw + s_rb) * CH * 2 + s_off;
   const uint32_t sdst = W_BYTES + (s_rb * GPS + s_gi) * S_LINE + s_sz * (S_LINE / 2) + s_off;
   const size_t srow = static_cast<size_t>(N) * 2;  // bytes per scale row
   auto load_stage = [&](int i) {
@@ -245,20 +254,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) load_stage(j);
   cp_async_wait<STAGES - 1>();  // the x group
-  if (tid == 0) *reinterpret_cast<uint4*>(zline) = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
   // ldmatrix.x4 row addresses. A-side (x = B operand): lane supplies row (lane & 7) = token 8 nt + (lane & 7) of
-  // matrix lane >> 3 (k offset 8 (lane >> 3)). B-side (x = A operand, m16 x k16): matrix j = lane >> 3 holds
-  // tokens 8 (j & 1) .. + 7 and k offset 8 (j >> 1).
-  uint32_t xrow[NT], xstep[NT];
+  // matrix j = lane >> 3 (k offset 8 j: b0, b1 of k16 steps 2h, 2h + 1). B-side (x = A operand, m16 x k16): matrix
+  // j holds tokens 8 (j & 1) .. + 7 and k offset 8 (j >> 1). Token rows >= M read row M - 1 instead: an mma output
+  // element depends on one token's x only, so those rows only feed output columns (A) / rows (B) that are dropped.
+  uint32_t xrow[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int t = WB ? 8 * ((lane >> 3) & 1) + (lane & 7) : 8 * nt + (lane & 7);
     const int koff = WB ? 8 * (lane >> 4) : 8 * (lane >> 3);
-    const bool live = t < M;
-    xrow[nt] = smem_u32(live ? xs + t * xpitch + koff * 2 : zline);
-    xstep[nt] = live ? 2 : 0;  // bytes per k element
+    xrow[nt] = smem_u32(xs + min(t, M - 1) * xpitch + koff * 2);
   }
 
   float acc[RB][NACC][4];
@@ -282,12 +289,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
     for (int nt = 0; nt < NT; ++nt) {
       if constexpr (WB) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ldmatrix_x4(xf[j][nt], xrow[nt] + xstep[nt] * (kloc + 16 * j));
+        for (int j = 0; j < 4; ++j) ldmatrix_x4(xf[j][nt], xrow[nt] + 2 * (kloc + 16 * j));
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           uint32_t r[4];
-          ldmatrix_x4(r, xrow[nt] + xstep[nt] * (kloc + 32 * h));
+          ldmatrix_x4(r, xrow[nt] + 2 * (kloc + 32 * h));
           xf[2 * h][nt][0] = r[0];
           xf[2 * h][nt][1] = r[1];
           xf[2 * h + 1][nt][0] = r[2];
@@ -370,21 +377,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   cp_async_wait<0>();
   __syncthreads();  // the ring is free: reuse it for the k-slice reduction
 
-  // ---- the WARPS k-slices meet in shared memory, summed in warp order
-  float* red = reinterpret_cast<float*>(smem);  // [WARPS][RB][NACC][4][32]
+  // ---- the WARPS k-slices meet in shared memory, summed in k-slice order
+  float* red = reinterpret_cast<float*>(smem);  // [WARPS][NW x RB][NACC][4][32]
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
     for (int nt = 0; nt < NACC; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) red[(((warp * RB + rb) * NACC + nt) * 4 + e) * 32 + lane] = acc[rb][nt][e];
+      for (int e = 0; e < 4; ++e)
+        red[((((kslice * NW + nsl) * RB + rb) * NACC + nt) * 4 + e) * 32 + lane] = acc[rb][nt][e];
   __syncthreads();
 
-  constexpr int ELEMS = RB * NACC * 4 * 32;
+  constexpr int ELEMS = NW * RB * NACC * 4 * 32;
   const bool split = gridDim.y > 1;
   const size_t mn = static_cast<size_t>(M) * N;
   for (int idx = tid; idx < ELEMS; idx += THREADS) {
-    const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NACC, rb = idx / (128 * NACC);
+    const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NACC, rb = idx / (128 * NACC);  // rb < NW x RB
     // C fragment: c_e of lane l is row l/4 + 8 (e/2), column 2 (l%4) + e%2 of its tile; rows are channels
     // (A-side) or tokens (B-side)
     const int row = (l >> 2) + 8 * (e >> 1), col = 2 * (l & 3) + (e & 1);
@@ -412,9 +420,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int idx = tid; idx < M * RB * CH; idx += THREADS) {
-    const int token = idx / (RB * CH);
-    const int chan = nb0 * CH + idx - token * (RB * CH);
+  for (int idx = tid; idx < M * NW * RB * CH; idx += THREADS) {
+    const int token = idx / (NW * RB * CH);
+    const int chan = nb0 * CH + idx - token * (NW * RB * CH);
     const size_t o = static_cast<size_t>(token) * N + chan;
     float v = __ldcg(ws + o);
     for (int z = 1; z < static_cast<int>(gridDim.y); ++z) v += __ldcg(ws + z * mn + o);
