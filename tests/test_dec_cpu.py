@@ -255,6 +255,24 @@ def test_plan_splits_fit_and_cover():
             assert p.n_tiles * cfg.channels == n
 
 
+def test_plan_fits_the_device_shared_memory(monkeypatch):
+    """sm_80 (163 KB) and sm_86/89 (99 KB) allow less shared memory per block than sm_90: more splits, never more."""
+    import types
+
+    for optin, major in ((163 * 1024, 8), (99 * 1024, 8), (227 * 1024, 9), (0, 9)):
+        props = types.SimpleNamespace(shared_memory_per_block_optin=optin, major=major)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda idx, p=props: p)
+        limit = qd._smem(0)
+        assert limit <= (optin or 227 * 1024) - 1024
+        for m in (1, 16, 33, 64):
+            for k in (4096, 8192, 14336):
+                for splits in (None, 1, 5, 17, 1000):
+                    p = qd.plan(m, 8192, k, 128, 108, splits=splits, smem_limit=limit)
+                    nk = k // 64
+                    assert p.smem <= limit
+                    assert p.splits * p.steps_per_split >= nk > (p.splits - 1) * p.steps_per_split
+
+
 def test_default_configs_by_batch():
     assert qd.default_config("quick_sm90", 1).nw == 1
     assert qd.token_tiles(1) == 1 and qd.token_tiles(9) == 2 and qd.token_tiles(17) == 4 and qd.token_tiles(33) == 8

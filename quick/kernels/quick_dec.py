@@ -26,7 +26,7 @@ LAYOUTS = ("quick_sm90", "quick")  # index = QD_WB: the weight is the mma A oper
 KERNEL = "quick_dec"
 MAX_M_BY_LAYOUT = {"quick_sm90": 64, "quick": 16}  # tokens on the n8 side (up to 8 tiles) / in one m16 tile
 MAX_M = max(MAX_M_BY_LAYOUT.values())
-SMEM_LIMIT = 227 * 1024
+SMEM_LIMIT = 227 * 1024 - 1024  # dynamic shared memory on sm_90 (227 KB opt-in), less room for the static part
 ARCHS = ("sm_80", "sm_90a")
 
 
@@ -181,6 +181,7 @@ def plan(
     config: DecConfig | None = None,
     splits: int | None = None,
     waves: float = 1.0,
+    smem_limit: int = SMEM_LIMIT,
 ) -> DecPlan:
     """Channel tiles x k splits (pure arithmetic, testable without a GPU).
 
@@ -199,15 +200,13 @@ def plan(
     if splits is None:
         splits = max(1, math.ceil(waves * num_sms / n_tiles))
         splits = min(splits, max(1, nk // cfg.warps))
-    s = max(1, min(splits, nk))
-    while True:
-        steps = -(-nk // s)
-        s = -(-nk // steps)
-        smem = cfg.smem_bytes(m, steps, group_size)
-        if smem <= SMEM_LIMIT or s >= nk:
-            break
-        s += 1
-    if smem > SMEM_LIMIT:
+    steps = -(-nk // max(1, min(splits, nk)))
+    while steps > 1 and cfg.smem_bytes(m, steps, group_size) > smem_limit:  # fewer steps per split until x fits
+        steps -= 1
+    s = -(-nk // steps)  # the fewest splits of at most `steps` steps, then even them out: no split is empty
+    steps = -(-nk // s)
+    smem = cfg.smem_bytes(m, steps, group_size)
+    if smem > smem_limit:
         raise DecError(f"config {cfg} needs {smem} bytes of shared memory for M={m}, K={k}")
     return DecPlan(cfg, n_tiles, s, steps, smem)
 
@@ -215,6 +214,14 @@ def plan(
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _smem(idx: int) -> int:
+    """Dynamic shared memory a block may opt into on device ``idx`` (163 KB on sm_80, 99 KB on sm_86/89, 227 KB on
+    sm_90), less 1 KB for the kernel's static shared memory."""
+    props = torch.cuda.get_device_properties(idx)
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or (227 if props.major >= 9 else 99) * 1024
+    return min(optin, SMEM_LIMIT + 1024) - 1024
 
 
 def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[torch.Tensor, int, int, int, int]:
@@ -287,7 +294,9 @@ def run_validated(
     if hit is None:
         with _LOCK:
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            p = plan(m, n, k, g, quick_mma.num_sms(dev), config or default_config(layout, m), splits)
+            p = plan(
+                m, n, k, g, quick_mma.num_sms(dev), config or default_config(layout, m), splits, smem_limit=_smem(idx)
+            )
             arch = jit.arch_for_device(idx, arch_specific=True)
             kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype), idx, arch)
             gshift = quick_sm90.group_shift(g, k)
