@@ -136,7 +136,12 @@ def default_config(layout: str, m: int) -> DecConfig:
 def takes(layout: str, m: int, n: int) -> bool:
     """Whether the automatic routes can send ``m`` x ``n`` to this kernel with its default config (else they keep
     their GEMM): M within the layout's limit and N a multiple of the default config's channels per CTA."""
-    return 1 <= m <= MAX_M_BY_LAYOUT[layout] and n % default_config(layout, m).channels == 0
+    return 1 <= m <= MAX_M_BY_LAYOUT[layout] and fits(default_config(layout, m), m, n)
+
+
+def fits(config: DecConfig, m: int, n: int) -> bool:
+    """Whether ``config`` can take ``m`` x ``n`` (M within its layout's limit, N a multiple of its channels)."""
+    return 1 <= m <= MAX_M_BY_LAYOUT[LAYOUTS[config.wb]] and n % config.channels == 0
 
 
 def all_configs(layout: str | None = None) -> list[tuple[int, DecConfig]]:

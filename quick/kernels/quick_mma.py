@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from quick.kernels import jit
+from quick.kernels import jit, tuning
 from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
 
 GEMM_SOURCE = "quick_mma.cu"
@@ -702,14 +702,28 @@ def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) 
     """``x @ dequant(W) (+ bias)``: the decode kernel for M <= DEC_QUICK_MAX_M, the GEMV for M <= GEMV_AUTO_MAX_M,
     the GEMM otherwise."""
     m = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
+    n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
     if 0 < m <= DEC_QUICK_MAX_M:
         from quick.kernels import quick_dec
 
-        n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
         if quick_dec.takes("quick", m, n):  # else the GEMM (and its validation) takes it
             return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, out=out)
-    kind = "gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"
-    return _run(kind, x, qweight, scales, zeros, group_size, bias, None, None, out)
+    config = splits = None
+    if m > 0 and n > 0 and x.is_cuda:  # the measured table for this GPU and shape (quick/kernels/tuning.py)
+        choice = tuning.lookup("quick", x.device, m, n, x.shape[1], group_size)
+        if choice is not None and choice.kernel == "dec":
+            from quick.kernels import quick_dec
+
+            cfg = tuning.make_config(quick_dec.DecConfig, choice)
+            if cfg is not None and quick_dec.fits(cfg, m, n):
+                return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, cfg, choice.splits, out)
+        elif choice is not None and choice.config:
+            config = tuning.make_config(GemmConfig, choice)
+            splits = choice.splits if config is not None else None
+        elif choice is not None:
+            splits = choice.splits
+    kind = "gemv" if 0 < m <= GEMV_AUTO_MAX_M and config is None and splits is None else "gemm"
+    return _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
 def is_available(x: torch.Tensor) -> bool:

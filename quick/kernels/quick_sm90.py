@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quick.kernels import jit
+from quick.kernels import jit, tuning
 from quick.quant.primitives import SUPPORTED_DTYPES, resolve_group_size
 
 SOURCE = "quick_sm90.cu"
@@ -416,6 +416,38 @@ def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> tuple[Sm9
     return default_config(m, group_size), None
 
 
+def route(
+    device: torch.device,
+    m: int,
+    n: int,
+    k: int,
+    g: int,
+    config: Sm90Config | None = None,
+    splits: int | None = None,
+    decode: bool | None = None,
+) -> tuple[bool, object | None, int | None, Sm90Config | None, int | None]:
+    """Which kernel runs a call: ``(decode, decode config, decode splits, wgmma config, wgmma splits)``.
+
+    Caller's choices first (config, splits, decode); then the QUICK_DEC_MAX_M switch (``DEC_MAX_M``) forces the
+    decode kernel up to its M; then the measured table for this GPU and shape (:mod:`quick.kernels.tuning`); then
+    the heuristics (``TUNED`` in :func:`gemm_w4a16_sm90`). ``None`` configs mean "the kernel's default"."""
+    dec_cfg = dec_splits = None
+    if decode is None and config is None and splits is None:
+        choice = tuning.lookup(LAYOUT, device, m, n, k, g) if m > DEC_MAX_M else None
+        if choice is not None and choice.kernel == "dec":
+            dec_cfg = tuning.make_config(_dec().DecConfig, choice)
+            if dec_cfg is not None and _dec().fits(dec_cfg, m, n):
+                decode, dec_splits = True, choice.splits
+            else:
+                dec_cfg = None
+        elif choice is not None:
+            config = tuning.make_config(Sm90Config, choice)
+            splits = choice.splits if config is not None else None
+    if decode is None:
+        decode = config is None and splits is None and m <= DEC_MAX_M and _dec().takes(LAYOUT, m, n)
+    return decode, dec_cfg, dec_splits, config, splits
+
+
 def gemm_w4a16_sm90(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -446,11 +478,10 @@ def gemm_w4a16_sm90(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
             raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
-    if decode is None:
-        decode = config is None and splits is None and m <= DEC_MAX_M and _dec().takes(LAYOUT, m, n)
+    decode, dec_cfg, dec_splits, config, splits = route(x.device, m, n, k, g, config, splits, decode)
     if decode:  # the same inputs, already validated and made dense: no second validation on the decode path
         b = bias.contiguous() if bias is not None else None
-        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, out=out)
+        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, out)
     dev = x.device
     rounds = None
     if config is None:
