@@ -149,3 +149,26 @@ def test_build_table_keeps_the_fastest_correct_candidate():
     assert by_m[1]["kernel"] == "dec" and by_m[1]["config"] == {"rb": 4} and by_m[1]["candidates"] == 2
     assert by_m[16]["kernel"] == "wgmma" and by_m[16]["us"] == 15.5
     assert tuning.parse_table(t)[("quick_sm90", 4096, 4096)][0][1].kernel == "dec"
+
+
+def test_the_user_table_comes_before_the_package_table(table_dir, tmp_path_factory, monkeypatch):
+    pkg = tmp_path_factory.mktemp("pkg")
+    t = json.loads(json.dumps(TABLE))
+    t["entries"] = [_entry(8, "wgmma", {"nt": 8}, 1, k=2048, n=2048)]
+    (pkg / f"{tuning.gpu_key(GPU)}.json").write_text(json.dumps(t))
+    monkeypatch.setattr(tuning, "TABLE_DIR", pkg)
+    tuning.clear_cache()
+    assert tuning.lookup("quick_sm90", DEV, 8, 14336, 4096, 128).kernel == "dec"  # the user's table
+    assert tuning.lookup("quick_sm90", DEV, 8, 2048, 2048, 128) is None  # ... which does not fall through per shape
+    (table_dir / f"{tuning.gpu_key(GPU)}.json").unlink()
+    tuning.clear_cache()
+    assert tuning.lookup("quick_sm90", DEV, 8, 2048, 2048, 128).config == {"nt": 8}  # the package's
+
+
+def test_quick_tune_refuses_to_run_without_a_hopper_gpu(capsys):
+    from quick.cli import main
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] == 9:
+        pytest.skip("an sm_90 GPU is present")
+    with pytest.raises(SystemExit, match="H100/H200"):
+        main(["tune", "--budget-s", "1"])

@@ -1,7 +1,7 @@
 """Measured kernel choices per (GPU, layout, K, N, M): the tables the automatic routes consult first.
 
 A table is a JSON file in ``quick/kernels/tables/`` named after the GPU (:func:`gpu_key`), written by
-``scripts/tune_kernels.py`` on that GPU and committed::
+``quick tune`` (:mod:`quick.bench.tune`) on that GPU and committed::
 
     {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "date": "2026-12-05", "group_size": 128,
      "entries": [{"layout": "quick_sm90", "K": 4096, "N": 14336, "M": 1024,
@@ -12,8 +12,8 @@ A table is a JSON file in ``quick/kernels/tables/`` named after the GPU (:func:`
 own (the batch sizes are powers of two and timing grows with M), or the largest one beyond. Only what was measured
 is used: another K, N, layout or group size gets ``None`` and the caller's heuristic (``TUNED``, ``DEC_MAX_M``).
 Entries were timed in fp16 and are used for bf16 as well (same instructions but for the 16-bit type; bf16 is checked
-for correctness with every config, not timed). ``QUICK_TUNING=0`` turns tables off; ``QUICK_TUNING_DIR`` points at
-another folder (tests, a user's own tuning run).
+for correctness with every config, not timed). Tables are searched in the user's folder first (``quick tune`` writes
+there: ``$QUICK_TUNING_DIR`` or ``~/.cache/quick/tables``), then in the package. ``QUICK_TUNING=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -51,8 +51,14 @@ def gpu_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _folder() -> Path:
-    return Path(os.environ.get("QUICK_TUNING_DIR") or TABLE_DIR)
+def user_folder() -> Path:
+    """Where ``quick tune`` writes by default: ``$QUICK_TUNING_DIR``, else ``~/.cache/quick/tables``."""
+    return Path(os.environ.get("QUICK_TUNING_DIR") or Path.home() / ".cache" / "quick" / "tables")
+
+
+def _folders() -> tuple[Path, ...]:
+    """Searched in order: the user's folder (a table measured on this machine), then the package's tables."""
+    return (user_folder(), TABLE_DIR)
 
 
 def parse_table(data: object, source: str = "table") -> dict[tuple[str, int, int], list[tuple[int, Choice]]]:
@@ -86,16 +92,18 @@ _LOCK = threading.Lock()
 def load(key: str) -> dict[tuple[str, int, int], list[tuple[int, Choice]]] | None:
     """The parsed table for GPU ``key`` (cached), or None if there is none. A corrupt file warns once and is
     ignored: the heuristics still give a correct, if slower, choice."""
-    folder = _folder()
-    cache_key = f"{folder}/{key}"
+    folders = _folders()
+    cache_key = f"{folders}/{key}"
     if cache_key in _TABLES:
         return _TABLES[cache_key]
     with _LOCK:
-        path = folder / f"{key}.json"
         table = None
-        if path.is_file():
+        for path in (f / f"{key}.json" for f in folders):
+            if not path.is_file():
+                continue
             try:
                 table = parse_table(json.loads(path.read_text()), str(path))
+                break
             except (OSError, json.JSONDecodeError, TuningTableError) as err:
                 warnings.warn(f"ignoring the kernel tuning table {path}: {err}", RuntimeWarning, stacklevel=2)
         _TABLES[cache_key] = table

@@ -1,14 +1,15 @@
-#!/usr/bin/env python3
-"""Measure the kernel tables the automatic routes read (``quick/kernels/tuning.py``), one device call.
+"""``quick tune``: measure the kernel table the automatic routes read (:mod:`quick.kernels.tuning`) on this GPU.
 
-    OUT=$OUT python3 scripts/tune_kernels.py [--budget-s 420] [--shapes 4096x4096 ...] [--ms 1 8 64 ...]
+    quick tune [--out DIR] [--budget-s 420] [--shapes 4096x4096 ...] [--ms 1 8 64 ...]
 
 For every (K, N) and M: each candidate of the ``quick_sm90`` layout (the decode kernel's configs and split counts for
 M <= 64, the wgmma kernel's tuned choice, its tile alternatives and split counts) is first checked against an fp32
 reference of dequantize-then-matmul on fresh random data (NaN-poisoned output, the float64 tests' relative bounds),
 then timed as benchmarks/kernel.py times (median of do_bench, L2 flushed, CUDA-graph replay). Only checked candidates
-can win. Writes ``$OUT/tune_rows.json`` (every row, after each shape) and ``$OUT/<gpu>.json`` (the table: commit it
-to ``quick/kernels/tables/``). Shapes run in the order given and stop at the budget, so put the important ones first.
+can win. Writes ``<out>/<gpu>.json`` (the table; default out: the user table folder, read before the package's) and
+``<out>/tune_rows.json`` (every row, rewritten after each shape). Shapes run in the order given and stop at the
+budget, so the important ones go first. Measured tables for the project's GPUs are committed in
+``quick/kernels/tables/``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import torch
 
-import torch  # noqa: E402
-from common import bench_us, graphed  # noqa: E402
-
-from quick.kernels import quick_dec as qd  # noqa: E402
-from quick.kernels import quick_sm90 as sm  # noqa: E402
-from quick.kernels import tuning  # noqa: E402
-from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error  # noqa: E402
+from quick.bench.timing import bench_us, graphed
+from quick.kernels import quick_dec as qd
+from quick.kernels import quick_sm90 as sm
+from quick.kernels import tuning
+from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error
 
 # Llama-2-7B / Llama-3-8B / Mistral-7B projections, fused (q|k|v, gate|up) first, as the inference path runs them
 SHAPES = (
@@ -122,13 +118,28 @@ def tune_shape(k: int, n: int, ms, nsm: int, gen, rows: list, deadline: float) -
         )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=420)
-    ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES])
-    ap.add_argument("--ms", nargs="*", type=int, default=list(MS))
-    a = ap.parse_args()
-    out = Path(os.environ.get("OUT", "."))
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help="folder for the table (default: the user table folder)")
+    p.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this long")
+    p.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN, most important first")
+    p.add_argument("--ms", nargs="*", type=int, default=list(MS), help="batch sizes (each covers up to itself)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] != 9:
+        raise SystemExit("quick tune measures the sm_90 kernels (quick_sm90 layout): it needs an H100/H200-class GPU")
+    shapes = []
+    for shape in args.shapes:
+        try:
+            k, n = (int(v) for v in shape.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes takes KxN (e.g. 4096x11008), got {shape!r}") from None
+        if k % 128 or n % 64 or k <= 0 or n <= 0:
+            raise SystemExit(f"shape {shape}: K must be a multiple of 128 and N of 64")
+        shapes.append((k, n))
+    if not args.ms or min(args.ms) < 1:
+        raise SystemExit("--ms takes batch sizes >= 1")
+    out = args.out or tuning.user_folder()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
@@ -136,22 +147,20 @@ def main() -> None:
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(20261205)
     rows: list[dict] = []
-    for shape in a.shapes:
-        k, n = (int(v) for v in shape.split("x"))
+    for k, n in shapes:
         try:
-            tune_shape(k, n, a.ms, nsm, gen, rows, t0 + a.budget_s)
-        except Exception:  # noqa: BLE001
+            tune_shape(k, n, sorted(args.ms), nsm, gen, rows, t0 + args.budget_s)
+        except Exception:  # noqa: BLE001 - one broken shape must not lose the others
             print(traceback.format_exc(), flush=True)
         (out / "tune_rows.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}))
     table = tuning.build_table(rows, gpu, torch.__version__, time.strftime("%Y-%m-%d"))
-    (out / f"{tuning.gpu_key(gpu)}.json").write_text(json.dumps(table, indent=1))
+    path = out / f"{tuning.gpu_key(gpu)}.json"
+    path.write_text(json.dumps(table, indent=1))
+    tuning.clear_cache()
     failed = sum(1 for r in rows if not r.get("ok"))
     print(
-        f"{len(rows)} candidates, {failed} failed their check, {len(table['entries'])} table entries, "
-        f"{time.time() - t0:.0f} s",
+        f"{len(rows)} candidates, {failed} failed their check, {len(table['entries'])} table entries -> {path} "
+        f"({time.time() - t0:.0f} s)",
         flush=True,
     )
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if failed else 0

@@ -1,0 +1,20 @@
+"""`quick tune`: measure this GPU's kernel table (the fastest checked kernel and config per layer shape and batch)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "tune"
+HELP = "measure the kernel table for this GPU (sm_90): the fastest correct kernel per layer shape and batch size"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from quick.bench import tune
+
+    tune.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quick.bench import tune
+
+    return tune.main(args)
