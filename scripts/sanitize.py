@@ -47,6 +47,12 @@ def find_sanitizer() -> str | None:
 # ------------------------------------------------------------------------------------------ inner process
 
 
+def selected(case, kernels: str) -> bool:
+    """``--kernels mma_gemm,dec``: only cases whose kernel name starts with one of these (empty: all)."""
+    names = [k for k in kernels.split(",") if k]
+    return not names or any(case.kernel.startswith(k) for k in names)
+
+
 def inner(args: argparse.Namespace) -> int:
     """Under the sanitizer: launch every case until the deadline; one JSON line per case on stdout."""
     import torch
@@ -54,7 +60,7 @@ def inner(args: argparse.Namespace) -> int:
     from quick.kernels import variant_cases as vc
 
     torch.manual_seed(0)
-    cases = [c for c in vc.all_cases() if vc.available(c)]
+    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels)]
     print(f"SANITIZE-INNER tool={args.tool} cases={len(cases)}", flush=True)
     gen = torch.Generator().manual_seed(1234)
     for i, case in enumerate(cases):
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the four tools (compile not included)")
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--kernels", default="", help="kernel prefixes: mma_gemm, mma_gemv, sm90, dec, registry")
     ap.add_argument("--out", default=os.environ.get("OUT", "sanitize_out"))
     ap.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -187,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()  # the budget is the tools' time; compiling is shared with the fuzzer and the tests
     summary["modules_with_variants"] = vc.kernel_modules_with_variants()
     summary["registry_entries_covered"] = [f"{e.layout}:{e.name}" for e in vc.registry_entries()]
-    cases = [c for c in vc.all_cases() if vc.available(c)]
+    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels)]
+    summary["kernels"] = args.kernels or "all"
     summary["cases_available"] = len(cases)
     summary["variants_available"] = len({(c.kernel, c.variant) for c in cases})
 
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if tool == "racecheck":
             cmd += ["--racecheck-report", "all"]
         cmd += [sys.executable, str(Path(__file__).resolve()), "--inner", "--tool", tool, "--deadline", str(deadline)]
+        cmd += ["--kernels", args.kernels]
         log = open(out / f"sanitize-{tool}.log", "w")  # noqa: SIM115  (closed below)
         procs[tool] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True), log, time.time())  # fmt: skip

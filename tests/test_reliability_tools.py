@@ -40,6 +40,21 @@ def test_every_sm90_variant_has_a_case():
     assert want <= launched
 
 
+def test_every_dec_variant_has_a_case():
+    from quick.kernels import quick_dec
+
+    launched = {
+        tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype).items()))
+        for c in vc.dec_cases()
+        if c.group_size in (32, 128)
+    }
+    want = {tuple(sorted(d.items())) for _s, _k, d in quick_dec.VARIANTS}
+    assert want <= launched, f"decode variants without a sanitizer case: {want - launched}"
+    for c in vc.dec_cases():  # every case is one the launcher takes (plan raises otherwise)
+        g = c.k if c.group_size == -1 else c.group_size
+        quick_dec.plan(c.m, c.n, c.k, g, 132, c.config, c.splits)
+
+
 def test_cases_hit_tile_edges_and_split_k():
     cases = vc.mma_cases()
     for cfg in quick_mma.GEMM_CONFIGS.values():

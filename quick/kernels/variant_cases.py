@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-EXPLICIT_MODULES = ("quick.kernels.quick_mma", "quick.kernels.quick_sm90")
+EXPLICIT_MODULES = ("quick.kernels.quick_mma", "quick.kernels.quick_sm90", "quick.kernels.quick_dec")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One launch: ``kernel`` is ``mma_gemm``, ``mma_gemv``, ``sm90`` or ``registry:<layout>:<name>``;
+    """One launch: ``kernel`` is ``mma_gemm``, ``mma_gemv``, ``sm90``, ``dec`` or ``registry:<layout>:<name>``;
     ``variant`` names the compiled variant (config, dtype, group path) it runs."""
 
     kernel: str
@@ -167,6 +167,50 @@ def sm90_cases() -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- quick_dec
+
+
+def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype]]:
+    """``(defines, DecConfig, M, group class 128|32, dtype)`` for every entry of ``quick_dec.VARIANTS`` (M: the
+    largest batch of the variant's token-tile count); raises on a variant that no config of the module builds."""
+    from quick.kernels import quick_dec as qd
+
+    tries = [
+        (cfg, m, g, dt)
+        for _top, cfg in qd.all_configs()
+        for m in (8, 16, 32, 64)
+        for g in (128, 32)
+        for dt in (torch.float16, torch.bfloat16)
+        if m <= qd.MAX_M_BY_LAYOUT[qd.LAYOUTS[cfg.wb]] and cfg.supports(g)
+    ]
+    out = []
+    for _src, _kern, defines in qd.VARIANTS:
+        hit = next(((defines, *t) for t in tries if t[0].defines(t[1], t[2], t[3]) == defines), None)
+        if hit is None:
+            raise LookupError(f"quick_dec.VARIANTS entry {defines} matches no config of the module")
+        out.append(hit)
+    return out
+
+
+def dec_cases() -> list[Case]:
+    """Per variant: its largest M with 5 k64 steps split unevenly in two and bias, N two CTAs wide; its smallest M
+    of the same token-tile count with no split; and (128 class) a per-channel case with three splits."""
+    from quick.kernels import quick_dec as qd
+
+    out: list[Case] = []
+    for _defines, cfg, m, g, dt in dec_variant_configs():
+        layout = qd.LAYOUTS[cfg.wb]
+        var = f"{layout}-rb{cfg.rb}-w{cfg.warps}-nw{cfg.nw}-st{cfg.stages}-m{m}-g{'32' if g == 32 else 'x'}"
+        var += f"/{_dt_name(dt)}"
+        n = 2 * cfg.channels
+        m_lo = 1 if m <= 8 else m // 2 + 1
+        out.append(Case("dec", var, dt, m, 320, n, g, 2, cfg, True, layout))
+        out.append(Case("dec", var, dt, m_lo, 256, cfg.channels, 64 if g == 128 else 32, None, cfg, False, layout))
+        if g == 128:
+            out.append(Case("dec", var, dt, m_lo, 192, n, -1, 3, cfg, False, layout))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- other kernels
 
 
@@ -227,7 +271,7 @@ def all_cases(sm90: bool = True) -> list[Case]:
     """Every case, ordered so that each variant's first case comes before any variant's second (a time
     budget that runs out still leaves every variant launched at least once)."""
     groups: dict[tuple, list[Case]] = {}
-    for c in mma_cases() + (sm90_cases() if sm90 else []) + registry_cases():
+    for c in mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + registry_cases():
         groups.setdefault((c.kernel, c.variant, c.dtype), []).append(c)
     ordered = []
     depth = max((len(v) for v in groups.values()), default=0)
@@ -317,6 +361,16 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             )  # fmt: skip
 
         return fn
+    if case.kernel == "dec":
+        from quick.kernels import quick_dec as qd
+
+        def fn(x, p, bias, out=None):
+            return qd.gemv(
+                case.layout, x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
+                splits=case.splits, out=out,
+            )  # fmt: skip
+
+        return fn
     if case.kernel.startswith("registry:"):
         _, layout, name = case.kernel.split(":", 2)
         from quick.kernels import dispatch
@@ -360,10 +414,12 @@ def available(case: Case) -> bool:
 
 def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     """Every (source, arch, defines) the explicit cases launch on this device (for a parallel precompile)."""
+    from quick.kernels import quick_dec as qd
     from quick.kernels import quick_mma as qm
     from quick.kernels import quick_sm90 as qs
 
     jobs = [(src, arch, d) for src, d, _ in qm.VARIANTS]
+    jobs += [(src, "sm_90a" if arch.startswith("sm_90") else arch, d) for src, _k, d in qd.VARIANTS]
     if arch.startswith("sm_90"):
         jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
     return jobs
