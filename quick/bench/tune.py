@@ -1,9 +1,11 @@
 """``quick tune``: measure the kernel table the automatic routes read (:mod:`quick.kernels.tuning`) on this GPU.
 
-    quick tune [--out DIR] [--budget-s 420] [--shapes 4096x4096 ...] [--ms 1 8 64 ...]
+    quick tune [--out DIR] [--budget-s 420] [--shapes 4096x4096 ...] [--ms 1 8 64 ...] [--layouts quick_sm90 quick]
 
-For every (K, N) and M: each candidate of the ``quick_sm90`` layout (the decode kernel's configs and split counts for
-M <= 64, the wgmma kernel's tuned choice, its tile alternatives and split counts) is first checked against an fp32
+For every (K, N) and M: each candidate of the layout (``quick_sm90``, on sm_90: the decode kernel's configs and split
+counts for M <= 64, the wgmma kernel's tuned choice, its tile alternatives and split counts; ``quick``, the mma.sync
+layout on any sm_80+ GPU: the decode kernel for M <= 16, the GEMV for M <= 8, every GEMM config and split count)
+is first checked against an fp32
 reference of dequantize-then-matmul on fresh random data (NaN-poisoned output, the float64 tests' relative bounds),
 then timed as benchmarks/kernel.py times (median of do_bench, L2 flushed, CUDA-graph replay). Only checked candidates
 can win. Writes ``<out>/<gpu>.json`` (the table; default out: the user table folder, read before the package's) and
@@ -25,6 +27,7 @@ import torch
 
 from quick.bench.timing import bench_us, graphed
 from quick.kernels import quick_dec as qd
+from quick.kernels import quick_mma as qm
 from quick.kernels import quick_sm90 as sm
 from quick.kernels import tuning
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error
@@ -45,16 +48,29 @@ SHAPES = (
 MS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def candidates(m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
-    """(kernel, config fields, splits, call) for one shape; ``call(x, p)`` runs it into a given ``out``."""
+def _dec_candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
+    if m > qd.MAX_M_BY_LAYOUT[layout]:
+        return []
     out = []
-    if m <= qd.MAX_M_BY_LAYOUT["quick_sm90"]:
-        top = qd.bucket("quick_sm90", m)
-        for cfg in dict.fromkeys((qd.default_config("quick_sm90", m), *qd.CANDIDATES["quick_sm90"][top])):
-            if not qd.fits(cfg, m, n):
-                continue
+    top = qd.bucket(layout, m)
+    for cfg in dict.fromkeys((qd.default_config(layout, m), *qd.CANDIDATES[layout][top])):
+        if qd.fits(cfg, m, n):
             for s in sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)}):
                 out.append(("dec", dataclasses.asdict(cfg), s, cfg))
+    return out
+
+
+def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
+    """``(kernel, config fields, splits, config)`` to try for one shape and batch size of ``layout``."""
+    out = _dec_candidates(layout, m, n, k, nsm)
+    if layout == "quick":  # the mma.sync GEMM's configs (by name) and, for M <= 8, the GEMV; None = its own choice
+        if m <= qm.GEMV_MAX_M:
+            for name in qm.GEMV_CONFIGS:
+                out += [("gemv", {"name": name}, s, name) for s in (None, 1, 2, 4)]
+        names = [c.name for c in qm.GEMM_CONFIGS.values() if k % c.bks == 0 and (m <= 64 or c.bm >= 64)]
+        out += [("gemm", {}, None, None)]
+        out += [("gemm", {"name": name}, s, name) for name in names for s in (None, 1, 2, 4, 8)]
+        return out
     tuned, rounds = sm.tuned_config(m, torch.float16, 128)
     base = sm.plan(m, n, k, nsm, tuned, None, 128, rounds).splits
     cfgs = [tuned]
@@ -72,48 +88,52 @@ def candidates(m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | 
     return out
 
 
-def run(kernel: str, cfg, splits: int, x, p, out) -> None:
+def run(layout: str, kernel: str, cfg, splits: int | None, x, p, out) -> None:
+    args = (x, p["qweight"], p["scales"], p["zeros"], 128)
     if kernel == "dec":
-        qd.gemv("quick_sm90", x, p["qweight"], p["scales"], p["zeros"], 128, config=cfg, splits=splits, out=out)
+        qd.gemv(layout, *args, config=cfg, splits=splits, out=out)
+    elif kernel == "wgmma":
+        sm.gemm_w4a16_sm90(*args, config=cfg, splits=splits, out=out)
     else:
-        sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, config=cfg, splits=splits, out=out)
+        (qm.gemv if kernel == "gemv" else qm.gemm)(*args, config=cfg, splits=splits, out=out)
 
 
-def tune_shape(k: int, n: int, ms, nsm: int, gen, rows: list, deadline: float) -> None:
+def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadline: float) -> None:
     qw = random_quantized(k, n, 128, torch.float16, "cuda", generator=gen)
-    p = pack(qw, "quick_sm90")
+    p = pack(qw, layout)
     w32 = qw.dequantize(torch.float32)  # [K, N], on the weights' device
     for m in ms:
         if time.time() > deadline:
             return
         x = (torch.randn(m, k, generator=gen) * 0.5).half().cuda()
         ref = x.float() @ w32
-        for kernel, fields, splits, cfg in candidates(m, n, k, nsm):
+        for kernel, fields, splits, cfg in candidates(layout, m, n, k, nsm):
             if time.time() > deadline:
                 return
-            row = {"layout": "quick_sm90", "K": k, "N": n, "M": m, "kernel": kernel, "config": fields, "splits": splits}
+            row = {"layout": layout, "K": k, "N": n, "M": m, "kernel": kernel, "config": fields, "splits": splits}
             try:
                 out = poisoned((m, n), torch.float16, "cuda")
-                run(kernel, cfg, splits, x, p, out)
+                run(layout, kernel, cfg, splits, x, p, out)
                 err = rel_error(out, ref)
                 row["rel_err"] = err
                 row["ok"] = bool(torch.isfinite(out).all()) and err < REL_BOUND[torch.float16]
                 if row["ok"]:
                     out2 = torch.empty_like(out)
-                    call = lambda kn=kernel, c=cfg, s=splits, xx=x, o=out2: run(kn, c, s, xx, p, o)  # noqa: E731
+                    call = lambda kn=kernel, c=cfg, s=splits, xx=x, o=out2: run(layout, kn, c, s, xx, p, o)  # noqa: E731
                     row["us"] = round(bench_us(graphed(call)), 2)
             except Exception as e:  # noqa: BLE001 - a failing candidate is a row, not the end of the run
                 row["ok"], row["error"] = False, f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
-        ok = [r for r in rows if r["K"] == k and r["N"] == n and r["M"] == m and r.get("us")]
-        bad = sum(1 for r in rows if r["K"] == k and r["N"] == n and r["M"] == m and not r.get("ok"))
+        mine = [r for r in rows if (r["layout"], r["K"], r["N"], r["M"]) == (layout, k, n, m)]
+        ok = [r for r in mine if r.get("us")]
         best = min(ok, key=lambda r: r["us"]) if ok else None
-        tuned = dataclasses.asdict(sm.tuned_config(m, torch.float16)[0])
-        wg = [r["us"] for r in ok if r["kernel"] == "wgmma" and r["config"] == tuned]
+        # the automatic choice without a table: the tuned wgmma config / the GEMM's own choice
+        auto = dataclasses.asdict(sm.tuned_config(m, torch.float16)[0]) if layout == "quick_sm90" else {}
+        base = [r["us"] for r in ok if r["kernel"] in ("wgmma", "gemm") and r["config"] == auto]
         print(
-            f"{k:>5}x{n:<6} M={m:<5} best {best['kernel'] if best else '-':>5} "
-            f"{best['us'] if best else float('nan'):8.2f} us  (tuned wgmma {min(wg) if wg else float('nan'):8.2f}; "
-            f"{len(ok)} timed, {bad} failed)",
+            f"{layout:>10} {k:>5}x{n:<6} M={m:<5} best {best['kernel'] if best else '-':>5} "
+            f"{best['us'] if best else float('nan'):8.2f} us  (untabled {min(base) if base else float('nan'):8.2f}; "
+            f"{len(ok)} timed, {len(mine) - sum(1 for r in mine if r.get('ok'))} failed)",
             flush=True,
         )
 
@@ -123,11 +143,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this long")
     p.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN, most important first")
     p.add_argument("--ms", nargs="*", type=int, default=list(MS), help="batch sizes (each covers up to itself)")
+    p.add_argument(
+        "--layouts",
+        nargs="*",
+        default=None,
+        help="quick_sm90 and/or quick (default: quick_sm90 on sm_90, quick elsewhere)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] != 9:
-        raise SystemExit("quick tune measures the sm_90 kernels (quick_sm90 layout): it needs an H100/H200-class GPU")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] < 8:
+        raise SystemExit("quick tune measures the GPU kernels: it needs a CUDA GPU of compute capability 8.0 or newer")
+    major = torch.cuda.get_device_capability(0)[0]
+    layouts = args.layouts or (["quick_sm90"] if major == 9 else ["quick"])
+    for layout in layouts:
+        if layout not in tuning.KERNELS:
+            raise SystemExit(f"--layouts takes {sorted(tuning.KERNELS)}, got {layout!r}")
+        if layout == "quick_sm90" and major != 9:
+            raise SystemExit("the quick_sm90 layout's kernels need an sm_90 GPU (H100/H200)")
     shapes = []
     for shape in args.shapes:
         try:
@@ -147,9 +180,9 @@ def main(args: argparse.Namespace) -> int:
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(20261205)
     rows: list[dict] = []
-    for k, n in shapes:
+    for layout, (k, n) in ((lay, shape) for lay in layouts for shape in shapes):
         try:
-            tune_shape(k, n, sorted(args.ms), nsm, gen, rows, t0 + args.budget_s)
+            tune_shape(layout, k, n, sorted(args.ms), nsm, gen, rows, t0 + args.budget_s)
         except Exception:  # noqa: BLE001 - one broken shape must not lose the others
             print(traceback.format_exc(), flush=True)
         (out / "tune_rows.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}))

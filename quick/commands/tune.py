@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "tune"
-HELP = "measure the kernel table for this GPU (sm_90): the fastest correct kernel per layer shape and batch size"
+HELP = "measure the kernel table for this GPU: the fastest correct kernel and config per layer shape and batch size"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

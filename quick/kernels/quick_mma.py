@@ -698,31 +698,40 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 DEC_QUICK_MAX_M = int(os.environ.get("QUICK_DEC_MAX_M", "0"))
 
 
-def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)``: the decode kernel for M <= DEC_QUICK_MAX_M, the GEMV for M <= GEMV_AUTO_MAX_M,
-    the GEMM otherwise."""
-    m = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
-    n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
-    if 0 < m <= DEC_QUICK_MAX_M:
-        from quick.kernels import quick_dec
+def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tuple[str, object, int | None]:
+    """Which kernel runs an automatic call for the ``quick`` layout: ``(kind, config, splits)`` with kind ``dec``
+    (config a ``DecConfig`` or None for its default), ``gemv`` or ``gemm`` (config a name or None for the tuned
+    choice). The QUICK_DEC_MAX_M switch first, then the measured table for this GPU and shape
+    (:mod:`quick.kernels.tuning`), then the heuristics (``GEMV_AUTO_MAX_M``, ``TUNED_GEMM``)."""
+    from quick.kernels import quick_dec
 
-        if quick_dec.takes("quick", m, n):  # else the GEMM (and its validation) takes it
-            return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, out=out)
-    config = splits = None
-    if m > 0 and n > 0 and x.is_cuda:  # the measured table for this GPU and shape (quick/kernels/tuning.py)
-        choice = tuning.lookup("quick", x.device, m, n, x.shape[1], group_size)
-        if choice is not None and choice.kernel == "dec":
-            from quick.kernels import quick_dec
-
+    if 0 < m <= DEC_QUICK_MAX_M and quick_dec.takes("quick", m, n):
+        return "dec", None, None
+    choice = tuning.lookup("quick", device, m, n, k, group_size) if m > 0 and n > 0 else None
+    if choice is not None:
+        name = choice.config.get("name")
+        if choice.kernel == "dec":
             cfg = tuning.make_config(quick_dec.DecConfig, choice)
             if cfg is not None and quick_dec.fits(cfg, m, n):
-                return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, cfg, choice.splits, out)
-        elif choice is not None and choice.config:
-            config = tuning.make_config(GemmConfig, choice)
-            splits = choice.splits if config is not None else None
-        elif choice is not None:
-            splits = choice.splits
-    kind = "gemv" if 0 < m <= GEMV_AUTO_MAX_M and config is None and splits is None else "gemm"
+                return "dec", cfg, choice.splits
+        elif choice.kernel == "gemv" and m <= GEMV_MAX_M and name in GEMV_CONFIGS:
+            return "gemv", name, choice.splits
+        elif choice.kernel == "gemm" and (name is None or name in GEMM_CONFIGS):
+            return "gemm", name, choice.splits
+    return ("gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"), None, None
+
+
+def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
+    """``x @ dequant(W) (+ bias)`` with the kernel :func:`route` picks (decode kernel, GEMV or GEMM)."""
+    m = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
+    n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
+    kind, config, splits = "gemm", None, None
+    if m > 0 and n > 0 and x.is_cuda:
+        kind, config, splits = route(x.device, m, n, x.shape[1], group_size)
+    if kind == "dec":
+        from quick.kernels import quick_dec
+
+        return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, config, splits, out)
     return _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
-KERNELS = {"quick_sm90": ("wgmma", "dec"), "quick": ("gemm", "dec")}
+# kernels per layout; config fields: the dataclass fields of Sm90Config / DecConfig, {"name": ...} for gemm / gemv
+KERNELS = {"quick_sm90": ("wgmma", "dec"), "quick": ("gemm", "gemv", "dec")}
 
 
 class TuningTableError(ValueError):
