@@ -66,6 +66,23 @@ def _mma(a_frag: list, b_frag: list) -> torch.Tensor:
     return torch.stack([D[g, 2 * c], D[g, 2 * c + 1], D[g + 8, 2 * c], D[g + 8, 2 * c + 1]], 1)
 
 
+class _XSlice:
+    """x of a split in shared memory, as one warp may read it: with one warp group (NW = 1) a warp copies only the
+    columns of its own k-slice (kernel: no CTA barrier before the loop), so a read outside them is an error."""
+
+    def __init__(self, x: torch.Tensor, lo: int, hi: int) -> None:
+        self.x, self.lo, self.hi = x, lo, hi
+
+    def __getitem__(self, idx):
+        rows, cols = idx
+        assert int(cols.min()) >= self.lo and int(cols.max()) < self.hi, "x read outside the columns this warp copied"
+        return self.x[rows, cols]
+
+
+def _xread(xs: _XSlice, rows: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return xs[rows, col], xs[rows, col + 1]
+
+
 def _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype) -> None:
     """One k64 step of a warp for the ``quick`` layout (weight = B operand), all RB n64 blocks."""
     lane = torch.arange(32)
@@ -87,7 +104,7 @@ def _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype) -> N
                     t = 8 * ((prov >> 3) & 1) + (prov & 7)
                     col = 8 * (prov >> 4) + kloc + 16 * kk + 2 * c_
                     tt = t.clamp(max=m - 1)  # rows >= M re-read row M - 1; their outputs are dropped
-                    a.append((xs[tt, col], xs[tt, col + 1]))
+                    a.append(_xread(xs, tt, col))
                 base_w = ((4 * s + kk) * (2 * n) + (nb0 + rb) * 128) + lane * 4
                 for w in range(4):
                     b = _dequant(words[base_w + w], [zt[2 * w], zt[2 * w], zt[2 * w + 1], zt[2 * w + 1]], dtype)
@@ -124,13 +141,15 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
             nsteps = s_end - s_beg
             per_warp = -(-nsteps // warps)
             # x of the split in "shared memory": rows < M, the zero line for the others
-            xs = x[:, s_beg * 64 : s_end * 64]
+            x_split = x[:, s_beg * 64 : s_end * 64]
             red = torch.zeros(warps, nw * rb_n, nt_n, 4, 32, dtype=torch.float64)
             for warp in range(warps * nw):
                 kslice, nsl = warp % warps, warp // warps
                 nbw = nb0 + nsl * rb_n  # the warp's first channel block
                 w_beg = s_beg + kslice * per_warp
                 w_n = max(0, min(per_warp, s_end - w_beg))
+                lo = (w_beg - s_beg) * 64 if nw == 1 else 0
+                xs = _XSlice(x_split, lo, lo + w_n * 64 if nw == 1 else nsteps * 64)
                 acc = torch.zeros(rb_n, nt_n, 4, 32, dtype=torch.float64)
                 for i in range(w_n):
                     s = w_beg + i
@@ -148,7 +167,7 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                                 t = 8 * nt + (prov & 7)
                                 col = (prov >> 3) * 8 + kloc + 32 * h + 2 * (lane % 4)
                                 tt = t.clamp(max=m - 1)  # rows >= M re-read row M - 1 (outputs dropped)
-                                b[2 * h + j // 2][nt][j % 2] = (xs[tt, col], xs[tt, col + 1])
+                                b[2 * h + j // 2][nt][j % 2] = _xread(xs, tt, col)
                     for rb in range(rb_n):
                         base = (s * (n // 16) + nbw + rb) * 128 + lane * 4  # int32 index of the lane's chunk
                         for gi in range(gps):

@@ -210,11 +210,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   const int xpitch = kr * 2 + 16;          // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
   const char* x = static_cast<const char*>(xp);
 
-  // ---- x[:, K range] -> shared (first cp.async group)
+  // ---- x[:, K range] -> shared (first cp.async group). With one warp group (NW = 1) every warp reads only the x
+  // columns of its own k-slice, so it copies just those and waits for nothing else: no CTA barrier before the loop.
+  // With NW > 1 the groups share each slice, and the CTA copies it once.
   {
-    const int chunks_row = kr >> 3;
-    for (int idx = tid; idx < M * chunks_row; idx += THREADS) {
-      const int r = idx / chunks_row, c = idx - r * chunks_row;
+    const int c0 = NW == 1 ? (w_beg - s_beg) * 8 : 0;  // first 16-byte chunk of a row, count per row
+    const int cn = NW == 1 ? w_n * 8 : kr >> 3;
+    const int t0 = NW == 1 ? lane : tid, step = NW == 1 ? 32 : THREADS;
+    for (int idx = t0; idx < M * cn; idx += step) {
+      const int r = idx / cn, c = c0 + idx - r * cn;
       cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(r) * K + s_beg * 64 + c * 8) * 2, true);
     }
     cp_async_commit();
@@ -253,8 +257,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
 
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) load_stage(j);
-  cp_async_wait<STAGES - 1>();  // the x group
-  __syncthreads();
+  cp_async_wait<STAGES - 1>();  // the x group (this thread's copies)
+  if constexpr (NW == 1) {
+    __syncwarp();  // ... and the other lanes' copies of this warp's slice
+  } else {
+    __syncthreads();
+  }
 
   // ldmatrix.x4 row addresses. A-side (x = B operand): lane supplies row (lane & 7) = token 8 nt + (lane & 7) of
   // matrix j = lane >> 3 (k offset 8 j: b0, b1 of k16 steps 2h, 2h + 1). B-side (x = A operand, m16 x k16): matrix
