@@ -217,3 +217,28 @@ def test_quick_layout_route_follows_the_table(table_dir, monkeypatch):
     assert qm.route(DEV, 40, 14336, 4096, 128) == ("gemm", "m16n2k4", 4)
     assert qm.route(DEV, 1000, 14336, 4096, 128) == ("gemm", None, None)
     assert qm.route(DEV, 3, 4096, 4096, 128) == ("gemm", None, None)  # not measured: the heuristics
+
+
+@pytest.mark.parametrize(
+    "argv,cap,match",
+    [
+        (["--shapes", "4096x100"], (9, 0), "multiple of 128"),
+        (["--shapes", "4096by4096"], (9, 0), "KxN"),
+        (["--ms", "0"], (9, 0), "batch sizes >= 1"),
+        (["--layouts", "awq_gemm"], (9, 0), "--layouts takes"),
+        (["--layouts", "quick_sm90"], (8, 0), "sm_90"),
+        ([], (7, 5), "compute capability 8.0"),
+    ],
+)
+def test_quick_tune_checks_its_arguments_before_any_gpu_work(argv, cap, match, monkeypatch, tmp_path):
+    import argparse
+
+    from quick.bench import tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None: cap)
+    p = argparse.ArgumentParser()
+    tune.add_arguments(p)
+    with pytest.raises(SystemExit, match=match):
+        tune.main(p.parse_args([*argv, "--out", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())  # nothing written
