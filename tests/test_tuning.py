@@ -242,3 +242,13 @@ def test_quick_tune_checks_its_arguments_before_any_gpu_work(argv, cap, match, m
     with pytest.raises(SystemExit, match=match):
         tune.main(p.parse_args([*argv, "--out", str(tmp_path)]))
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("raw,want", [("", 0), ("16", 16), (" 64 ", 64), ("on", 0), ("-3", 0), ("1.5", 0)])
+def test_the_decode_switch_reads_the_environment_safely(raw, want, monkeypatch):
+    monkeypatch.setenv("QUICK_DEC_MAX_M", raw)
+    if want == 0 and raw.strip() not in ("", "0"):
+        with pytest.warns(RuntimeWarning, match="not a non-negative integer"):
+            assert tuning.env_max_m() == 0
+    else:
+        assert tuning.env_max_m() == want

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -695,7 +694,7 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 # Batch sizes up to which quick_matmul runs the decode kernel (csrc/quick_dec.cu with the weight as the mma B operand)
 # instead of the GEMM. 0 until that kernel has passed the device checks (scripts/dec_check.py); the environment
 # variable QUICK_DEC_MAX_M overrides it, as for the Hopper layout.
-DEC_QUICK_MAX_M = int(os.environ.get("QUICK_DEC_MAX_M", "0"))
+DEC_QUICK_MAX_M = tuning.env_max_m()
 
 
 def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tuple[str, object, int | None]:

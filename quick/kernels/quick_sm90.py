@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import threading
 from dataclasses import dataclass
 
@@ -147,7 +146,7 @@ for _table in TUNED.values():
 # Batch sizes up to which gemm_w4a16_sm90 runs the decode kernel (quick_dec.cu, mma.sync over this layout) instead
 # of the wgmma GEMM. 0 until the decode kernel has passed the device checks (scripts/dec_check.py); the environment
 # variable QUICK_DEC_MAX_M overrides it (device runs that measure the decode path end to end before it is the default).
-DEC_MAX_M = int(os.environ.get("QUICK_DEC_MAX_M", "0"))
+DEC_MAX_M = tuning.env_max_m()
 
 
 def _dec():

@@ -47,6 +47,20 @@ class Choice:
     us: float | None = None
 
 
+def env_max_m(name: str = "QUICK_DEC_MAX_M") -> int:
+    """A batch-size switch from the environment: a non-negative integer, else 0 with a warning (a typo must not stop
+    the kernel module from importing, which would silently send every layer to the reference path)."""
+    raw = os.environ.get(name, "0").strip() or "0"
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        warnings.warn(f"{name}={raw!r} is not a non-negative integer; using 0 (off)", RuntimeWarning, stacklevel=2)
+        return 0
+
+
 def gpu_key(name: str) -> str:
     """File stem for a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
