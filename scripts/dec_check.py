@@ -55,6 +55,29 @@ def build(res: dict) -> None:
 
 
 _W: dict = {}
+_DIAG: list[dict] = []  # diagnostics of the first failing cases
+
+
+def diagnose(out: torch.Tensor, ref: torch.Tensor, cfg) -> dict:
+    """Where a failing output is wrong, to find an index bug without another device call: NaN count (unwritten
+    elements), relative error per token, per channel position inside a 16-channel block, per channel block of the CTA
+    tile, and per CTA tile."""
+    o, r = out.double().cpu(), ref.double().cpu()
+    bad = ((o - r).abs() > 1e-2 * r.abs().mean().clamp_min(1e-6) + 1e-2 * r.abs()) | ~torch.isfinite(o)
+    n = o.shape[1]
+    per = lambda mask_dim: bad.float().mean(mask_dim)  # noqa: E731
+    ch = torch.arange(n)
+    tile = ch // cfg.channels
+    return {
+        "nan": int(torch.isnan(o).sum()),
+        "bad_frac": round(float(bad.float().mean()), 4),
+        "bad_by_token": [round(float(v), 3) for v in per(1)][:64],
+        "bad_by_chan_mod16": [round(float(bad[:, ch % 16 == c].float().mean()), 3) for c in range(16)],
+        "bad_by_block_in_tile": [
+            round(float(bad[:, (ch % cfg.channels) // 16 == b].float().mean()), 3) for b in range(cfg.channels // 16)
+        ][:32],
+        "bad_tiles": [int(t) for t in torch.unique(tile[bad.any(0)])][:32],
+    }
 
 
 def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
@@ -72,6 +95,8 @@ def run_case(m, k, n, g, dt, cfg, splits, bias, gen) -> tuple[float, bool]:
     out = poisoned((m, n), dt, "cuda")
     qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], g, b, config=cfg, splits=splits, out=out)
     err = rel_error(out, ref)
+    if not err <= REL_BOUND[dt] or not torch.isfinite(out).all():
+        _DIAG.append({"case": repr((m, k, n, g, dt, cfg, splits, bias)), **diagnose(out, ref, cfg)})
     det = True
     if splits and splits > 1:
         out2 = poisoned((m, n), dt, "cuda")
@@ -129,10 +154,13 @@ def part_check(res: dict, deadline: float) -> None:
         "failures": len(fails),
         "worst_rel": worst,
         "fail": fails[:30],
+        "diagnostics": _DIAG[:12],
     }
     print("check", {k: v for k, v in res["check"].items() if k != "fail"}, flush=True)
     for f in fails[:10]:
         print("  FAIL", f, flush=True)
+    for d in _DIAG[:3]:
+        print("  DIAG", d, flush=True)
 
 
 def part_time(res: dict, deadline: float) -> None:
