@@ -118,7 +118,7 @@ def _step_b(acc, xs, words, sc, zr, s, kloc, nb0, n, m, gps, gshift, dtype) -> N
                     acc[rb, t, 3] += sb[t] * part[t, :, 3]
 
 
-def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
+def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel, CTA by CTA and warp by warp, with lanes vectorized."""
     m, k = x.shape
     n = packed["scales"].shape[1]
@@ -200,10 +200,10 @@ def emulate(x, packed, g, cfg: qd.DecConfig, p: qd.DecPlan) -> torch.Tensor:
                 if p.splits > 1:
                     ws[by, token, chan] = v
                 else:
-                    out[token, chan] = v
+                    out[token, chan] = v + (bias[chan].double() if bias is not None else 0.0)  # no split: here
         if p.splits > 1:
             c0, c1 = nb0 * (64 if cfg.wb else 16), (nb0 + nw * rb_n) * (64 if cfg.wb else 16)
-            out[:, c0:c1] = ws[:, :, c0:c1].sum(0)
+            out[:, c0:c1] = ws[:, :, c0:c1].sum(0) + (bias[c0:c1].double() if bias is not None else 0.0)
     return out.to(dtype)
 
 
@@ -241,9 +241,10 @@ def test_thread_model_matches_reference(m, k, n, g, dtype, cfg, splits):
     x = (torch.randn(m, k, generator=gen) * 0.5).to(dtype)
     gg = k if g == -1 else g
     p = qd.plan(m, n, k, gg, 132, cfg, splits)
-    got = emulate(x, packed, gg, cfg, p)
+    bias = (torch.randn(n, generator=gen) * 0.1).to(dtype) if m % 2 else None  # the kernel adds it where it writes
+    got = emulate(x, packed, gg, cfg, p, bias)
     assert torch.isfinite(got).all(), "an output element was never written"
-    err = rel_error(got, reference_matmul(x, qw))
+    err = rel_error(got, reference_matmul(x, qw, bias))
     assert err < REL_BOUND[dtype], err
 
 
