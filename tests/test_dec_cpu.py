@@ -328,3 +328,29 @@ def test_gemv_sm90_validates_before_touching_the_gpu():
         qd.gemv_quick(x, pq["qweight"], pq["scales"], pq["zeros"], 128)
     with pytest.raises(qd.DecError, match="layouts"):
         qd.gemv("awq_gemm", x, pq["qweight"], pq["scales"], pq["zeros"], 128)
+
+
+def _random_cases(count: int, seed: int = 20261204):
+    """Random (config, M, K, N, group, dtype, splits) combinations over every default and candidate config: the
+    configs' real RB / NW / k-slice counts at small shapes, so every warp-to-block and k-slice mapping is exercised."""
+    import random
+
+    rng = random.Random(seed)
+    configs = qd.all_configs()
+    out = []
+    for i in range(count):
+        top, cfg = configs[i % len(configs)]
+        lo = 1 if top == 16 else top // 2 + 1
+        m = rng.randint(lo, top)
+        g = rng.choice([g for g in (32, 64, 128, -1) if cfg.supports(g if g > 0 else 128)])
+        n = cfg.channels * rng.randint(1, 2)
+        k = 128 * rng.randint(1, 3) if g != 32 else 64 * rng.randint(2, 5)
+        dtype = rng.choice([torch.float16, torch.bfloat16])
+        splits = rng.choice([None, 1, 2, 3])
+        out.append((m, k, n, g, dtype, cfg, splits))
+    return out
+
+
+@pytest.mark.parametrize("m,k,n,g,dtype,cfg,splits", _random_cases(len(qd.all_configs())), ids=str)
+def test_thread_model_random_configs(m, k, n, g, dtype, cfg, splits):
+    test_thread_model_matches_reference(m, k, n, g, dtype, cfg, splits)
