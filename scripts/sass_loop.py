@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Static instruction count of a kernel's main loop (no GPU needed): compile one variant to a cubin, disassemble it
+with nvdisasm, take the largest loop (a backward branch) that contains a tensor-core instruction, and count its SASS
+by opcode. The per-word and per-HMMA figures in docs/dec_notes.md come from this.
+
+    python scripts/sass_loop.py quick_dec.cu -D QD_NT=1 -D QD_RB=4 -D QD_WARPS=8 [--arch sm_90a]
+
+nvdisasm: $NVDISASM, on PATH, or the copy in the nvidia-cuda-nvdisasm pip package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[1] / "quick" / "kernels" / "csrc"
+INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)")
+
+
+def find_nvdisasm() -> str:
+    cands = [os.environ.get("NVDISASM"), shutil.which("nvdisasm")]
+    cands += glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu*", "bin", "nvdisasm"))
+    for c in cands:
+        if c and os.path.exists(c):
+            return c
+    raise SystemExit("nvdisasm not found: set NVDISASM or pip install nvidia-cuda-nvdisasm")
+
+
+def main_loop(sass: str, mma: tuple[str, ...] = ("HMMA", "HGMMA", "IMMA")) -> list[str]:
+    """The instructions of the largest loop body (label .. backward branch) holding a tensor-core instruction."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i + 1) < i:
+            body = [x for x in lines[labels[m.group(1)] : i + 1] if INSTR.match(x)]
+            if any(op in x for x in body for op in mma) and len(body) > len(best):
+                best = body
+    return best
+
+
+def opcode(line: str) -> str:
+    text = INSTR.match(line).group(2)
+    text = re.sub(r"^@!?U?P\w+\s+", "", text)  # predicate
+    return text.split()[0].split(".")[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="a file of quick/kernels/csrc")
+    ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE")
+    ap.add_argument("--arch", default="sm_90a")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        cmd = ["nvcc", "-cubin", f"-arch={a.arch}", "-O3", "-std=c++17", f"-I{CSRC}"]
+        cmd += [f"-D{d}" for d in a.defines] + [str(CSRC / a.source), "-o", cubin]
+        subprocess.run(cmd, check=True)
+        sass = subprocess.run([find_nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    body = main_loop(sass)
+    if not body:
+        raise SystemExit("no loop with a tensor-core instruction found")
+    counts = collections.Counter(opcode(x) for x in body)
+    mma = sum(v for k, v in counts.items() if k in ("HMMA", "HGMMA", "IMMA"))
+    print(f"{len(body)} instructions in the main loop, {mma} tensor-core ({len(body) / mma:.1f} per mma)")
+    print(", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
