@@ -33,7 +33,9 @@ from quick.models.synthetic import build_random_model
 
 MODELS = ["llama-2-7b", "mistral-7b", "llama-3-8b"]
 BATCHES = [1, 16, 64, 128, 256]
-IMPLS = ["fp16", "quick", "quick_sm90"]  # any other packed layout name (e.g. a W4A8 one) is accepted too
+# any other packed layout name (e.g. a W4A8 one) is accepted too; LM_HEAD appended to a layout quantizes the output
+# projection as well (not done by default, as in AutoAWQ)
+IMPLS = ["fp16", "quick", "quick_sm90"]
 VARIANTS = ["graph", "graph+fused", "step", "step+fused", "regions", "regions+fused", "eager", "eager+fused"]
 # H100, Llama-2-7B decode tok/s (windows 1-2): quick_sm90 b1 graph 141 -> graph+fused 154 -> regions+fused 207,
 # b64 6065 -> 6377 -> 8473; quick b1 180 -> 244 (graph+fused -> regions+fused); regions builds took 1.6-4.5 s.
@@ -94,10 +96,20 @@ def run_one(
     return row
 
 
+LM_HEAD = "+lm_head"  # impl suffix: the output projection is quantized too (e.g. quick_sm90+lm_head)
+
+
 def _build_layout(name: str, impl: str, layers: int | None):
-    quantized = impl != "fp16"  # other impl names are packed layouts: quick (mma.sync), quick_sm90 (wgmma), ...
+    layout = impl.removesuffix(LM_HEAD)
+    quantized = layout != "fp16"  # other impl names are packed layouts: quick (mma.sync), quick_sm90 (wgmma), ...
     return build_random_model(
-        name, torch.float16, "cuda", quantized, layout=impl if quantized else "quick", num_layers=layers
+        name,
+        torch.float16,
+        "cuda",
+        quantized,
+        layout=layout if quantized else "quick",
+        num_layers=layers,
+        quantize_lm_head=quantized and impl.endswith(LM_HEAD),
     )
 
 
@@ -273,7 +285,9 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    p.add_argument("--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout")
+    p.add_argument(
+        "--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout (+lm_head: with the output projection)"
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -324,8 +338,8 @@ def main(args: argparse.Namespace) -> int:
         print("the end-to-end benchmark needs a CUDA GPU")
         return 1
     env = env_stamp()
-    if "quick_sm90" in args.impls and torch.cuda.get_device_capability() != (9, 0):
-        args.impls = [i for i in args.impls if i != "quick_sm90"]
+    if torch.cuda.get_device_capability() != (9, 0):
+        args.impls = [i for i in args.impls if not i.startswith("quick_sm90")]
     variants = resolve_variants(args.variants, args.compile, args.fused)
     args.outdir.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.tag}" if args.tag else ""

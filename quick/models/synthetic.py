@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quick.nn.linear import QuickLinear
-from quick.quant.apply import _parent, quantizable_linears
+from quick.quant.apply import DEFAULT_SKIP, _parent, quantizable_linears
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -58,8 +58,10 @@ def build_random_model(
     layout: str = "quick",
     num_layers: int | None = None,
     seed: int = 0,
+    quantize_lm_head: bool = False,
 ) -> nn.Module:
-    """Build a causal LM of a bundled shape with random weights; optionally with random packed 4-bit linears."""
+    """Build a causal LM of a bundled shape with random weights; optionally with random packed 4-bit linears (the
+    output projection too with ``quantize_lm_head``: it is a large share of the bytes a decode step reads)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -70,7 +72,7 @@ def build_random_model(
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     if quantized:
-        for lin_name, lin in quantizable_linears(model):
+        for lin_name, lin in quantizable_linears(model, () if quantize_lm_head else DEFAULT_SKIP):
             q = random_quick_linear(lin.in_features, lin.out_features, group_size, layout, dtype, device, False)
             parent, child = _parent(model, lin_name)
             setattr(parent, child, q)
