@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -147,3 +148,24 @@ def test_sanitizer_log_parser():
     race = san.parse_log("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)")
     assert race["errors"] == 1 and race["warnings"] == 1
     assert san.parse_log("killed")["summary_found"] is False
+
+
+def _plan_jobs(path: Path) -> list[tuple[str, int, str]]:
+    jobs = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, limit, cmd = (p.strip() for p in line.split("|", 2))
+            jobs.append((name, int(limit), cmd))
+    return jobs
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "scripts" / "plans").glob("w5*.plan")), ids=lambda p: p.name)
+def test_device_plans_fit_one_call(plan):
+    """A device call is cut at 600 s and then returns nothing of the session archive: the jobs' limits (plus
+    device_session.sh's 10 s kill grace each) must leave room for start-up and packing."""
+    jobs = _plan_jobs(plan)
+    assert jobs, plan
+    assert sum(limit + 10 for _n, limit, _c in jobs) <= 570, plan.name
+    for name, limit, cmd in jobs:  # each command's own timeout ends before the job's limit
+        t = re.search(r"timeout (\d+)", cmd)
+        assert t and int(t.group(1)) < limit, (plan.name, name)
