@@ -54,12 +54,13 @@ def test_gpu_key_is_a_plain_file_stem():
 
 
 def test_lookup_takes_the_smallest_measured_batch_that_holds_m(table_dir):
-    got = {m: tuning.lookup("quick_sm90", DEV, m, 14336, 4096, 128) for m in (1, 2, 16, 17, 64, 65, 256, 300, 5000)}
+    got = {m: tuning.lookup("quick_sm90", DEV, m, 14336, 4096, 128) for m in (1, 2, 16, 17, 64, 65, 256, 300, 2048)}
     assert got[1].config["stages"] == 4 and got[1].splits == 4
     assert got[2] == got[16] and got[16].config["stages"] == 6
     assert got[17] == got[64] and got[64].config["nw"] == 8
     assert got[65].kernel == "wgmma" and got[65].config["nt"] == 256
-    assert got[300].config["nt"] == 128 and got[5000] == got[300]  # beyond the largest measured M: the last entry
+    assert got[300].config["nt"] == 128 and got[2048] == got[300]  # beyond the largest measured M: the last entry
+    assert tuning.lookup("quick_sm90", DEV, 2049, 14336, 4096, 128) is None  # ... up to twice it, then heuristics
 
 
 def test_lookup_uses_only_what_was_measured(table_dir, monkeypatch):
