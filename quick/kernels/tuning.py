@@ -3,10 +3,10 @@
 A table is a JSON file in ``quick/kernels/tables/`` named after the GPU (:func:`gpu_key`), written by
 ``quick tune`` (:mod:`quick.bench.tune`) on that GPU and committed::
 
-    {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "date": "2026-12-05", "group_size": 128,
+    {"gpu": <device name>, "torch": <version>, "date": <YYYY-MM-DD>, "group_size": 128,
      "entries": [{"layout": "quick_sm90", "K": 4096, "N": 14336, "M": 1024,
-                  "kernel": "wgmma", "config": {"nt": 128, ...}, "splits": 1, "us": 181.2,
-                  "candidates": 9}, ...]}
+                  "kernel": "wgmma", "config": {"nt": 128, ...}, "splits": 1, "us": <measured time>,
+                  "candidates": <how many were timed>}, ...]}
 
 ``M`` is the largest batch an entry covers: a call with M tokens takes the entry of the smallest measured M >= its
 own (the batch sizes are powers of two and timing grows with M), or the largest one up to twice its M (further out
