@@ -1,6 +1,6 @@
 """``quick tune``: measure the kernel table the automatic routes read (:mod:`quick.kernels.tuning`) on this GPU.
 
-    quick tune [--out DIR] [--budget-s 420] [--shapes 4096x4096 ...] [--ms 1 8 64 ...] [--layouts quick_sm90 quick]
+    quick tune [--out DIR] [--budget-s SECONDS] [--shapes 4096x4096 ...] [--ms 1 8 64 ...] [--layouts quick_sm90 quick]
 
 For every (K, N) and M: each candidate of the layout (``quick_sm90``, on sm_90: the decode kernel's configs and split
 counts for M <= 64, the wgmma kernel's tuned choice, its tile alternatives and split counts; ``quick``, the mma.sync
@@ -140,7 +140,9 @@ def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="folder for the table (default: the user table folder)")
-    p.add_argument("--budget-s", type=float, default=420, help="stop starting new measurements after this long")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting new measurements after this long (default: none)"
+    )
     p.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN, most important first")
     p.add_argument("--ms", nargs="*", type=int, default=list(MS), help="batch sizes (each covers up to itself)")
     p.add_argument(
@@ -182,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     for layout, (k, n) in ((lay, shape) for lay in layouts for shape in shapes):
         try:
-            tune_shape(layout, k, n, sorted(args.ms), nsm, gen, rows, t0 + args.budget_s)
+            deadline = t0 + args.budget_s if args.budget_s else float("inf")
+            tune_shape(layout, k, n, sorted(args.ms), nsm, gen, rows, deadline)
         except Exception:  # noqa: BLE001 - one broken shape must not lose the others
             print(traceback.format_exc(), flush=True)
         (out / "tune_rows.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}))
