@@ -29,7 +29,7 @@
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
 // splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
-// Dynamic shared memory: dec_smem_bytes() in quick/kernels/quick_dec.py.
+// Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
 #ifndef QD_WB
@@ -80,7 +80,7 @@ constexpr int RING_BYTES = WARPS * NW * STAGES * STAGE_BYTES;
 static_assert(NT == 1 || NT == 2 || NT == 4 || NT == 8, "QD_NT is 1, 2, 4 or 8");
 static_assert(STAGES >= 2, "two stages at least");
 // The k-slice reduction reuses shared memory from offset 0: WARPS x NW x RB x NACC x 512 bytes, which the launcher
-// makes sure of (dec_smem_bytes takes the max of ring + x and this).
+// makes sure of (DecConfig.smem_bytes takes the max of ring + x and this).
 static_assert(S_CHUNKS <= 32, "one 16-byte scale chunk per lane");
 
 // mma with C = 0: the first k16 step of a scale group starts a fresh fp32 partial.
