@@ -188,32 +188,25 @@ def part_time(res: dict, deadline: float) -> None:
                     rows.append({"impl": base[0], "K": k, "N": n, "M": m, "us": round(us, 2)})
                 except Exception as e:  # noqa: BLE001
                     rows.append({"impl": base[0], "K": k, "N": n, "M": m, "error": str(e)[:200]})
-                if m > qd.MAX_M_BY_LAYOUT[layout]:
-                    continue
-                top = qd.bucket(layout, m)
-                for cfg in dict.fromkeys((qd.default_config(layout, m), *qd.CANDIDATES[layout][top])):
-                    if n % cfg.channels:
-                        continue
-                    split_opts = sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)})
-                    for s in split_opts:
-                        if time.time() > deadline:
-                            break
-                        row = {
-                            "impl": f"dec_{layout}",
-                            "cfg": [cfg.rb, cfg.warps, cfg.stages, cfg.nw],
-                            "splits": s,
-                            "K": k,
-                            "N": n,
-                            "M": m,
-                        }
-                        try:
-                            us = bench_us(
-                                graphed(lambda a=args, c=cfg, s=s, lay=layout: qd.gemv(lay, *a, config=c, splits=s))
-                            )
-                            row["us"] = round(us, 2)
-                        except Exception as e:  # noqa: BLE001
-                            row["error"] = str(e)[:200]
-                        rows.append(row)
+                for cfg, s in qd.timing_candidates(layout, m, n, k, nsm):
+                    if time.time() > deadline:
+                        break
+                    row = {
+                        "impl": f"dec_{layout}",
+                        "cfg": [cfg.rb, cfg.warps, cfg.stages, cfg.nw],
+                        "splits": s,
+                        "K": k,
+                        "N": n,
+                        "M": m,
+                    }
+                    try:
+                        us = bench_us(
+                            graphed(lambda a=args, c=cfg, s=s, lay=layout: qd.gemv(lay, *a, config=c, splits=s))
+                        )
+                        row["us"] = round(us, 2)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = str(e)[:200]
+                    rows.append(row)
         del qw, packs
     res["time"] = rows
     res["floor_us"] = floors

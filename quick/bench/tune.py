@@ -48,21 +48,9 @@ SHAPES = (
 MS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def _dec_candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
-    if m > qd.MAX_M_BY_LAYOUT[layout]:
-        return []
-    out = []
-    top = qd.bucket(layout, m)
-    for cfg in dict.fromkeys((qd.default_config(layout, m), *qd.CANDIDATES[layout][top])):
-        if qd.fits(cfg, m, n):
-            for s in sorted({qd.plan(m, n, k, 128, nsm, cfg, waves=w).splits for w in (0.5, 1, 2, 3)}):
-                out.append(("dec", dataclasses.asdict(cfg), s, cfg))
-    return out
-
-
 def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
     """``(kernel, config fields, splits, config)`` to try for one shape and batch size of ``layout``."""
-    out = _dec_candidates(layout, m, n, k, nsm)
+    out = [("dec", dataclasses.asdict(c), s, c) for c, s in qd.timing_candidates(layout, m, n, k, nsm)]
     if layout == "quick":  # the mma.sync GEMM's configs (by name) and, for M <= 8, the GEMV; None = its own choice
         if m <= qm.GEMV_MAX_M:
             for name in qm.GEMV_CONFIGS:

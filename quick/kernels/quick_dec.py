@@ -216,6 +216,19 @@ def plan(
     return DecPlan(cfg, n_tiles, s, steps, smem)
 
 
+WAVES = (0.5, 1, 2, 3)  # the wave counts whose split counts are timed
+
+
+def timing_candidates(layout: str, m: int, n: int, k: int, num_sms: int) -> list[tuple[DecConfig, int]]:
+    """``(config, splits)`` worth timing for one shape (scripts/dec_check.py, ``quick tune``): the bucket's default and
+    candidates that fit N, each at the split counts the plan gives for 0.5 to 3 waves. Empty above the M limit."""
+    if m > MAX_M_BY_LAYOUT[layout]:
+        return []
+    top = bucket(layout, m)
+    cfgs = [c for c in dict.fromkeys((default_config(layout, m), *CANDIDATES[layout][top])) if fits(c, m, n)]
+    return [(c, s) for c in cfgs for s in sorted({plan(m, n, k, 128, num_sms, c, waves=w).splits for w in WAVES})]
+
+
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
 _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
