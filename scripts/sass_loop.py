@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Static instruction count of a kernel's main loop (no GPU needed): compile one variant to a cubin, disassemble it
 with nvdisasm, take the largest loop (a backward branch) that contains a tensor-core instruction, and count its SASS
-by opcode. The per-word and per-HMMA figures in docs/dec_notes.md come from this.
+by opcode. The cubin is built by ``quick.kernels.jit`` with the launcher's flags (and cache), so it is the one that
+runs. The per-word and per-HMMA figures in docs/dec_notes.md come from this.
 
     python scripts/sass_loop.py quick_dec.cu -D QD_NT=1 -D QD_RB=4 -D QD_WARPS=8 [--arch sm_90a]
 
@@ -18,10 +19,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[1] / "quick" / "kernels" / "csrc"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quick.kernels import jit  # noqa: E402
+
 INSTR = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)")
 
 
@@ -60,12 +63,9 @@ def main() -> int:
     ap.add_argument("-D", dest="defines", action="append", default=[], help="NAME=VALUE")
     ap.add_argument("--arch", default="sm_90a")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        cmd = ["nvcc", "-cubin", f"-arch={a.arch}", "-O3", "-std=c++17", f"-I{CSRC}"]
-        cmd += [f"-D{d}" for d in a.defines] + [str(CSRC / a.source), "-o", cubin]
-        subprocess.run(cmd, check=True)
-        sass = subprocess.run([find_nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    defines = dict(d.split("=", 1) for d in a.defines)
+    cubin = jit.compile_cubin(a.source, a.arch, defines).cubin  # the launcher's own flags and cubin cache
+    sass = subprocess.run([find_nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     body = main_loop(sass)
     if not body:
         raise SystemExit("no loop with a tensor-core instruction found")
