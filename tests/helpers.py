@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (and a few device scripts): GPU / nvcc skips, the M list of the kernel
-tests, error reports, tiny transformers configs, random W4A8 weights and the layout round-trip checks.
+tests, the W4A16 output check, error reports, tiny transformers configs, random W4A8 weights and the layout
+round-trip checks.
 
 Test modules import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path`` for them); scripts add ``tests/`` to
 ``sys.path`` first.
@@ -19,6 +20,16 @@ from quick.quant.w4a8_format import W4A8Weight
 DTYPES = [torch.float16, torch.bfloat16]
 # Every M the kernel tests cover (decode sizes, tile edges, prefill sizes).
 M_ALL = [1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096]
+
+
+def check_output(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """A W4A16 kernel's output against the float64 reference: every element written and finite (the tests poison
+    outputs with NaN first), relative Frobenius error under ``quick.testing.REL_BOUND``."""
+    from quick.testing import REL_BOUND, rel_error
+
+    assert torch.isfinite(out).all(), "NaN/inf in output (unwritten poisoned element or overflow)"
+    err = rel_error(out, ref)
+    assert err < REL_BOUND[dtype], f"relative error {err:.3e} over bound {REL_BOUND[dtype]}"
 
 
 # ------------------------------------------------------------------------------------------- environment

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import DTYPES, require_sm80_and_nvcc
+from helpers import check_output as _check
 
 from quick.packing.layouts import get_layout
-from quick.testing import REL_BOUND, poisoned, random_quantized, reference_matmul, rel_error
+from quick.testing import poisoned, random_quantized, reference_matmul
 
 pytestmark = pytest.mark.gpu
 
@@ -43,12 +44,6 @@ def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, layout="quick_
     qd.gemv(layout, x, p["qweight"], p["scales"], p["zeros"], g, b, config=config, splits=splits, out=out)
     torch.cuda.synchronize()
     return out, reference_matmul(x, qw, b)
-
-
-def _check(out, ref, dtype):
-    assert torch.isfinite(out).all(), "NaN/inf in output (unwritten poisoned element or overflow)"
-    err = rel_error(out, ref)
-    assert err < REL_BOUND[dtype], f"relative error {err:.3e} over bound {REL_BOUND[dtype]}"
 
 
 @pytest.mark.parametrize("layout", qd.LAYOUTS)
