@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_report import _bos, eval_perplexity, run_stamp  # noqa: E402
+from quality_report import _bos, add_eval_arguments, eval_perplexity, run_stamp  # noqa: E402
 
 from quick.auto import AutoQuickForCausalLM, quantize_model_rtn  # noqa: E402
 from quick.data.corpus import load_eval_text  # noqa: E402
@@ -31,10 +31,7 @@ PROMPT = "The capital of France is"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=10_000)
+    add_eval_arguments(ap)
     ap.add_argument("--bos", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--dtype", default=None, help="weights dtype (Gemma: float32 or bfloat16, not float16)")
     args = ap.parse_args()

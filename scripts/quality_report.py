@@ -54,12 +54,18 @@ def run_stamp(model: str) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_eval_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, output folder and evaluation window arguments every quality script shares, so that their
+    perplexities are measured the same way and stay comparable."""
     ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=10_000)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(ap)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--bos", choices=("auto", "yes", "no"), default="auto")

@@ -28,7 +28,7 @@ from quick.nn.linear_w4a8 import QuickLinearW4A8
 from quick.quant.qqq import fake_quant_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import PROMPTS, eval_perplexity, run_stamp  # noqa: E402  (the same evaluation)
+from quality_report import PROMPTS, add_eval_arguments, eval_perplexity, run_stamp  # noqa: E402  (the same evaluation)
 
 
 def _bos(auto: AutoQuickForCausalLM, mode: str) -> int | None:
@@ -122,12 +122,9 @@ def main() -> None:
         merge(a.files, a.out)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="dense checkpoint directory or 'smollm2'")
-    ap.add_argument("--out", default="benchmarks/results")
+    add_eval_arguments(ap)
     ap.add_argument("--groups", default="-1,128", help="comma-separated W4A8 group sizes (default: -1,128)")
     ap.add_argument("--methods", default="qqq,rtn", help="comma-separated methods (default: qqq,rtn)")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=10_000)
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--search-samples", type=int, default=None, help="smoothing-search samples (default: QQQ's)")
