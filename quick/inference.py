@@ -10,7 +10,10 @@ adds are ~30 small kernels per layer (~2.5 ms per 7B decode step on an H100). ``
 ``torch.compile`` (inductor without its own CUDA graphs; our capture then records the fused kernels):
 ``"step"`` compiles the whole decode step (one compile per batch size, the biggest fusion), ``"regions"``
 compiles only each decoder layer's norms, MLP and rotary embedding (small graphs shared by every layer, fast
-to compile; attention, cache writes and residual adds stay eager).
+to compile; attention, cache writes and residual adds stay eager), ``"fast"`` replaces transformers' decode step
+by :class:`quick.models.decoder.FastDecoder` (llama-like families: residual add + norm, rotary + cache writes +
+attention, and the MLP activation as three compiled functions shared by every layer; the prefill stays
+transformers').
 The quantized linears are first pinned to their ``torch.library`` ops (:func:`bind_kernels`), because the
 dispatcher's Python checks (``data_ptr``, nvcc lookup) would split the compiled graph at every linear.
 """
@@ -27,7 +30,7 @@ from torch import nn
 
 from quick.nn.linear import QuickLinear
 
-COMPILE_MODES = ("none", "step", "regions")
+COMPILE_MODES = ("none", "step", "regions", "fast")
 # torch.compile backend; tests switch it to "eager" to check tracing (graph breaks) without inductor's build.
 COMPILE_BACKEND = "inductor"
 
@@ -280,6 +283,12 @@ class StaticGenerator:
         self._logits: torch.Tensor | None = None
         self._mask_dtype = model.dtype if model.dtype.is_floating_point else torch.float32
         self._compiled: Callable | None = None  # a compiled module-level function: no reference cycle to self
+        self._fast = None  # FastDecoder, made at the first decode step (it needs the prefilled cache's tensors)
+        self._dynamic = dynamic
+        if compile == "fast":
+            from quick.models.decoder import check_supported
+
+            check_supported(model, max_len)
         if decode_attention:
             use_decode_attention(model)
         if compile != "none":
@@ -287,7 +296,7 @@ class StaticGenerator:
             bind_kernels(model)
             if compile == "regions":
                 compile_regions(model, dynamic)
-            else:
+            elif compile == "step":
                 self._compiled = torch.compile(_decode_forward, dynamic=dynamic, backend=COMPILE_BACKEND)
 
     def _mask(self, pos: torch.Tensor) -> torch.Tensor:
@@ -386,6 +395,14 @@ class StaticGenerator:
         self._restore(snap)  # capture ran the Python side once more (it executed no kernels)
 
     def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.compile == "fast":
+            if self._fast is None:
+                from quick.models.decoder import FastDecoder
+
+                self._fast = FastDecoder(
+                    self.model, self.cache, self.max_len, backend=COMPILE_BACKEND, dynamic=self._dynamic
+                )
+            return self._fast(ids, pos, self._mask(pos))
         return self._forward(ids, pos) if self._compiled is None else self._compiled(self, ids, pos)
 
     @torch.inference_mode()
@@ -407,6 +424,9 @@ class StaticGenerator:
         if b != self.batch or t + max_new_tokens > self.max_len:
             raise ValueError(f"batch {b} / length {t + max_new_tokens} do not fit ({self.batch}, {self.max_len})")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        # each call starts from an empty cache: transformers 5.x's static layers write the prompt at their own
+        # token counter, so without this a second call would append its prompt after the first call's tokens
+        self.cache.reset()
         sync()
         t0 = time.perf_counter()
         nxt = self.prefill(input_ids).argmax(-1)

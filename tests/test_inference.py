@@ -48,7 +48,7 @@ def _generate(model, ids, compile_mode: str, new: int = 10):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-@pytest.mark.parametrize("mode", ["step", "regions"])
+@pytest.mark.parametrize("mode", ["step", "regions", "fast"])
 def test_compiled_decode_traces_without_breaks(mode, fused, monkeypatch):
     """Dynamo traces the decode step (and the fused projections' shared product) in one graph per region;
     with the eager backend this checks tracing without paying for inductor's build."""
@@ -105,7 +105,8 @@ def test_compile_mode_is_checked():
         StaticGenerator(_tiny_llama(), batch=1, max_len=8, compile="max")
 
 
-def test_bound_quick_linears_trace_as_one_op(monkeypatch):
+@pytest.mark.parametrize("mode", ["step", "fast"])
+def test_bound_quick_linears_trace_as_one_op(mode, monkeypatch):
     """KernelQuickLinear (what the GPU runs under compile) is one custom op per (fused) linear: the whole
     decode step traces without a break and gives the unbound model's tokens. A CPU op stands in for the
     CUDA kernel here through the BOUND_OPS hook."""
@@ -142,7 +143,7 @@ def test_bound_quick_linears_trace_as_one_op(monkeypatch):
     ids = torch.randint(0, 128, (2, 7))
     want = _generate(model, ids, "none")
     torch._dynamo.utils.counters.clear()
-    got = _generate(model, ids, "step")  # binds the layers
+    got = _generate(model, ids, mode)  # binds the layers
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     torch._dynamo.reset()
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, inference.QuickLinear)}
@@ -167,7 +168,7 @@ def _gpu_model(layout: str):
 _GPU_CASES = [
     (layout, mode, fused)
     for layout in ("fp16", "quick", "quick_sm90")
-    for mode in ("none", "regions", "step")
+    for mode in ("none", "regions", "step", "fast")
     for fused in (False, True)
     # the whole-step build is slow (inductor on a whole model): only on the fused 4-bit models
     if mode != "step" or (fused and layout != "fp16")
@@ -278,7 +279,7 @@ def test_e2e_results_format(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("mode", ["step", "regions"])
+@pytest.mark.parametrize("mode", ["step", "regions", "fast"])
 def test_compiled_decode_builds_twice_for_many_batch_sizes(mode, monkeypatch):
     """Automatic dynamic shapes: the first batch size compiles static, the second generalises the batch dim,
     later ones reuse it (the full benchmark's 5 batch sizes cost 2 builds per model, not 5)."""

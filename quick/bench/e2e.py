@@ -36,7 +36,18 @@ BATCHES = [1, 16, 64, 128, 256]
 # any other packed layout name (e.g. a W4A8 one) is accepted too; LM_HEAD appended to a layout quantizes the output
 # projection as well (not done by default, as in AutoAWQ)
 IMPLS = ["fp16", "quick", "quick_sm90"]
-VARIANTS = ["graph", "graph+fused", "step", "step+fused", "regions", "regions+fused", "eager", "eager+fused"]
+VARIANTS = [
+    "graph",
+    "graph+fused",
+    "step",
+    "step+fused",
+    "regions",
+    "regions+fused",
+    "fast",
+    "fast+fused",
+    "eager",
+    "eager+fused",
+]
 # H100, Llama-2-7B decode tok/s (windows 1-2): quick_sm90 b1 graph 141 -> graph+fused 154 -> regions+fused 207,
 # b64 6065 -> 6377 -> 8473; quick b1 180 -> 244 (graph+fused -> regions+fused); regions builds took 1.6-4.5 s.
 DEFAULT_VARIANT = "regions+fused"
@@ -47,7 +58,7 @@ def parse_variant(v: str) -> tuple[str, bool, bool]:
     if v not in VARIANTS:
         raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
     base, _, fused = v.partition("+")
-    compile_mode = base if base in ("step", "regions") else "none"
+    compile_mode = base if base in ("step", "regions", "fast") else "none"
     return compile_mode, base != "eager", bool(fused)
 
 

@@ -50,6 +50,8 @@ class ModelFamily:
     clipping them hurts, attention scores amplify their errors).
     ``modules_to_not_convert``: substrings of module names that stay dense.
     ``requires_bos``: every sequence must start with BOS (Gemma degrades badly without it).
+    ``fast_decode``: the decoder layers are llama-like (two RMSNorms, q/k/v/o attention with optional q/k head
+    norms, silu-gated MLP), so :mod:`quick.models.decoder`'s few-kernel decode step applies.
     """
 
     name: str
@@ -60,6 +62,7 @@ class ModelFamily:
     no_clip: tuple[str, ...] = ("q_proj", "k_proj")
     modules_to_not_convert: tuple[str, ...] = ("lm_head",)
     requires_bos: bool = False
+    fast_decode: bool = False
     notes: str = field(default="", compare=False)
 
 
@@ -87,10 +90,17 @@ _LLAMA_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("post_attention_layernorm"), _MLP_
 _GEMMA3_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("pre_feedforward_layernorm"), _MLP_DOWN)
 
 FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily("llama", ("llama",), "model.layers", _LLAMA_GROUPS),
-    ModelFamily("mistral", ("mistral",), "model.layers", _LLAMA_GROUPS),
-    ModelFamily("qwen2", ("qwen2",), "model.layers", _LLAMA_GROUPS, notes="q/k/v carry biases"),
-    ModelFamily("qwen3", ("qwen3",), "model.layers", _LLAMA_GROUPS, notes="q_norm/k_norm act per head after q/k"),
+    ModelFamily("llama", ("llama",), "model.layers", _LLAMA_GROUPS, fast_decode=True),
+    ModelFamily("mistral", ("mistral",), "model.layers", _LLAMA_GROUPS, fast_decode=True),
+    ModelFamily("qwen2", ("qwen2",), "model.layers", _LLAMA_GROUPS, fast_decode=True, notes="q/k/v carry biases"),
+    ModelFamily(
+        "qwen3",
+        ("qwen3",),
+        "model.layers",
+        _LLAMA_GROUPS,
+        fast_decode=True,
+        notes="q_norm/k_norm act per head after q/k",
+    ),
     ModelFamily(
         "gemma3_text",
         ("gemma3_text",),

@@ -1,0 +1,257 @@
+"""A decode step written for few kernels: llama-like decoder layers without transformers' per-layer code.
+
+At batch 1 a 4-bit 7B decode step is short enough (a few ms) that the small kernels between the linears are a
+large share of it: transformers' layer runs ~10 of them per layer even with its norms, MLP and rotary compiled
+(residual adds, cache ``index_copy_`` per tensor, transposes, the attention output copy). This step calls the
+same modules' weights through three small functions of tensors only, each compiled once and shared by every
+layer (the layer's tensors are arguments, so no recompile per layer):
+
+* :func:`add_rms_norm`: residual add + RMSNorm (one fused kernel: writes the new residual and the norm),
+* :func:`attend`: q/k head norms (Qwen3), rotary embedding, the two cache writes, grouped-query SDPA,
+* :func:`swiglu`: ``silu(gate) * up``,
+
+with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. Which
+families can use it is data (``ModelFamily.fast_decode``); the layer's own structure is checked here, and
+anything else (Gemma's extra norms, sliding windows shorter than the cache, other activations) raises
+:class:`UnsupportedModel` so that the caller keeps transformers' path. The arithmetic follows transformers'
+(RMSNorm in fp32, cast, then the weight; rotary in the model dtype): tokens agree with it (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quick.models.families import decoder_layers, get_family
+from quick.models.fuse import FusedProjection, FusedSlice
+
+
+class UnsupportedModel(ValueError):
+    """The model's decoder layers are not the llama-like structure this step implements."""
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm arithmetic: normalise in fp32, cast back, then multiply by the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(
+    h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(residual + h), residual + h)``: the add in the model dtype, as transformers' layer does it."""
+    residual = residual + h
+    return rms_norm(residual, weight, eps), residual
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """One-token attention of every sequence over the static cache, which it updates at ``pos`` in place.
+
+    ``q [B, H*D]``, ``k``/``v [B, KV*D]``, ``keys``/``values [B, KV, L, D]``, ``cos``/``sin [B, D]``,
+    ``mask [B, 1, 1, L]`` (additive). The query heads of one key/value head are folded into SDPA's query length
+    (no ``repeat_kv`` copy of the cache); head ``h`` reads key/value head ``h // (H / KV)`` as in transformers.
+    Returns ``[B, H*D]``."""
+    b, kv, _, d = keys.shape
+    q, k, v = q.view(b, -1, d), k.view(b, kv, d), v.view(b, kv, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    cos, sin = cos[:, None], sin[:, None]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys.index_copy_(2, pos, k[:, :, None])
+    values.index_copy_(2, pos, v[:, :, None])
+    out = F.scaled_dot_product_attention(q.view(b, kv, -1, d), keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, -1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise UnsupportedModel(f"{type(norm).__name__} has no epsilon attribute")
+    return float(eps)
+
+
+def _projections(parent: nn.Module, names: tuple[str, ...], fused: str) -> Callable[[torch.Tensor], tuple]:
+    """Callable giving the projections ``names`` of one input: the fused linear's split product when
+    :func:`~quick.models.fuse.fuse_model` made one (one kernel), else each linear in turn."""
+    owner = getattr(parent, fused, None)
+    if isinstance(owner, FusedProjection) and tuple(n.rpartition(".")[2] for n in owner.names) == names:
+        return owner
+    mods = [getattr(parent, n, None) for n in names]
+    if any(m is None or isinstance(m, FusedSlice) for m in mods):
+        raise UnsupportedModel(f"{type(parent).__name__} lacks the projections {names}")
+    return lambda x: tuple(m(x) for m in mods)
+
+
+def _cache_tensors(cache, index: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``index``'s key and value tensors ``[B, KV, max_len, D]`` of a transformers static cache (5.x keeps
+    them on ``cache.layers[i]``, 4.x in ``cache.key_cache`` / ``value_cache``). A sliding-window layer is
+    accepted when its window covers the whole cache (then it never rolls: a plain static layer)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        layer = layers[index]
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    else:
+        keys, values = cache.key_cache[index], cache.value_cache[index]
+    if keys is None or values is None or keys.dim() != 4:
+        raise RuntimeError("the static cache is not allocated yet: run the prefill before the first decode step")
+    if keys.shape[2] != max_len or values.shape[2] != max_len:
+        raise UnsupportedModel(
+            f"cache layer {index} holds {keys.shape[2]} positions, not {max_len}: a sliding window shorter than "
+            "the generation is not supported by the fast decode step"
+        )
+    return keys, values
+
+
+@dataclass
+class _Layer:
+    norm_in: torch.Tensor
+    norm_post: torch.Tensor
+    eps: float
+    qkv: Callable[[torch.Tensor], tuple]
+    o: nn.Module
+    gate_up: Callable[[torch.Tensor], tuple]
+    down: nn.Module
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qk_eps: float
+    scale: float
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+# (backend, dynamic) -> the three compiled functions: module-level so that every decoder (every batch size and
+# generator) reuses dynamo's cache of them instead of building its own.
+_COMPILED: dict[tuple[str | None, bool | None], tuple[Callable, Callable, Callable]] = {}
+
+
+def compiled_parts(backend: str | None, dynamic: bool | None = None) -> tuple[Callable, Callable, Callable]:
+    """(add_rms_norm, attend, swiglu), compiled with ``backend`` (``None``: plain eager functions)."""
+    key = (backend, dynamic)
+    if key not in _COMPILED:
+        fns = (add_rms_norm, attend, swiglu)
+        if backend is not None:
+            fns = tuple(torch.compile(f, fullgraph=True, dynamic=dynamic, backend=backend) for f in fns)
+        _COMPILED[key] = fns
+    return _COMPILED[key]
+
+
+def check_supported(model: nn.Module, max_len: int | None = None) -> None:
+    """Raise :class:`UnsupportedModel` unless the fast decode step implements this model (for generations of up
+    to ``max_len`` tokens: a sliding window must cover them)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if max_len is not None and window and window < max_len:
+        raise UnsupportedModel(f"sliding window {window} < {max_len} positions (the fast step attends to all)")
+    family = get_family(cfg)
+    if not family.fast_decode:
+        raise UnsupportedModel(f"family '{family.name}' has no fast decode step (ModelFamily.fast_decode)")
+    act = getattr(cfg, "hidden_act", None)
+    if act not in ("silu", "swish"):
+        raise UnsupportedModel(f"activation {act!r} (the fast decode step implements silu-gated MLPs)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, key, None):
+            raise UnsupportedModel(f"{key} is not supported by the fast decode step")
+    inner = getattr(model, "model", None)
+    for name in ("embed_tokens", "rotary_emb", "norm"):
+        if not hasattr(inner, name):
+            raise UnsupportedModel(f"model.model has no '{name}'")
+    if not hasattr(model, "lm_head"):
+        raise UnsupportedModel("the model has no lm_head")
+    for layer in decoder_layers(model, family):
+        extra = [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
+        if extra:
+            raise UnsupportedModel(f"decoder layers with {extra} are not llama-like")
+
+
+class FastDecoder:
+    """The decode step of a llama-like model over a transformers static cache (see the module docstring).
+
+    Made after the prefill (the cache tensors must exist). ``__call__(ids [B, 1], pos [1], mask [B, 1, 1, L])``
+    returns the next-token logits ``[B, V]`` and writes the step's keys and values at ``pos``; ``L`` is the
+    cache's ``max_len``."""
+
+    def __init__(
+        self, model: nn.Module, cache, max_len: int, backend: str | None = "inductor", dynamic: bool | None = None
+    ) -> None:
+        check_supported(model, max_len)
+        self.model = model
+        self.cache, self.max_len = cache, max_len
+        self.norm_rms, self.attend, self.swiglu = compiled_parts(backend, dynamic)
+        inner = model.model
+        self.layers = [self._layer(i, layer) for i, layer in enumerate(decoder_layers(model, get_family(model.config)))]
+        self.final_norm, self.final_eps = inner.norm.weight, _norm_eps(inner.norm)
+        # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
+        # them equal to what transformers' own update would leave (4.x has no such counters)
+        layers = getattr(cache, "layers", None) or []
+        self._counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in layers) if c is not None]
+
+    def _layer(self, index: int, layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        keys, values = _cache_tensors(self.cache, index, self.max_len)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        if keys.shape[2] != values.shape[2]:
+            raise UnsupportedModel("keys and values of different lengths in the cache")
+        return _Layer(
+            norm_in=layer.input_layernorm.weight,
+            norm_post=layer.post_attention_layernorm.weight,
+            eps=_norm_eps(layer.input_layernorm),
+            qkv=_projections(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+            o=attn.o_proj,
+            gate_up=_projections(mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
+            down=mlp.down_proj,
+            q_norm=None if q_norm is None else q_norm.weight,
+            k_norm=None if k_norm is None else k_norm.weight,
+            qk_eps=_norm_eps(q_norm) if q_norm is not None else 0.0,
+            scale=float(getattr(attn, "scaling", keys.shape[-1] ** -0.5)),
+            keys=keys,
+            values=values,
+        )
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        inner = self.model.model
+        h = inner.embed_tokens(ids)[:, 0]  # [B, hidden]
+        b = h.shape[0]
+        cos, sin = inner.rotary_emb(h[:, None], pos.view(1, 1).expand(b, 1))
+        cos, sin = cos[:, 0], sin[:, 0]
+        residual = torch.zeros_like(h)  # layer 0's add is then exact: norm(0 + h) == norm(h)
+        for layer in self.layers:
+            x, residual = self.norm_rms(h, residual, layer.norm_in, layer.eps)
+            q, k, v = layer.qkv(x)
+            a = self.attend(
+                q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
+                layer.scale,
+            )  # fmt: skip
+            x, residual = self.norm_rms(layer.o(a), residual, layer.norm_post, layer.eps)
+            h = layer.down(self.swiglu(*layer.gate_up(x)))
+        x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps)
+        if self._counters:
+            torch._foreach_add_(self._counters, 1)
+        return self.model.lm_head(x)

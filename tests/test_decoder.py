@@ -1,0 +1,156 @@
+"""The few-kernel decode step (quick.models.decoder) against transformers' own decoding, per family (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from helpers import tiny_causal_lm
+
+from quick import inference
+from quick.inference import StaticGenerator
+from quick.models import decoder
+from quick.models.fuse import fuse_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    if family == "llama":
+        return tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=2)
+    if family == "mistral":
+        return tiny_causal_lm(transformers.MistralConfig, num_attention_heads=4, num_key_value_heads=1)
+    if family == "qwen2":  # q/k/v biases, tied embeddings
+        return tiny_causal_lm(
+            transformers.Qwen2Config, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+        )
+    if family == "qwen3":  # per-head q/k norms, head_dim not hidden / heads
+        return tiny_causal_lm(transformers.Qwen3Config, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    raise KeyError(family)
+
+
+def _randomise_norms(model) -> None:
+    """Norm weights are all ones at init: random ones make a wrong norm (or a skipped one) visible."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(autouse=True)
+def _eager_backend(monkeypatch):
+    """Dynamo traces the three functions (fullgraph: a break fails); inductor's build is the slow test below."""
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_decode_logits_match_transformers(family, fused):
+    """Teacher-forced on the same tokens, every decode step's logits equal transformers' (fp32: rounding only),
+    and greedy generation gives the tokens of transformers' forward over the same static cache (which
+    test_inference checks against ``model.generate``; compared directly, a near-tie of the random model can
+    flip between the static and the dynamic cache's rounding)."""
+    model = _model(family)
+    _randomise_norms(model)
+    if fused:
+        assert fuse_model(model) == 2 * model.config.num_hidden_layers
+    ids = torch.randint(0, 256, (3, 6))
+    ref = StaticGenerator(model, 3, 24)
+    fast = StaticGenerator(model, 3, 24, compile="fast")
+    with torch.inference_mode():
+        a, b = fast.prefill(ids), ref.prefill(ids)
+        torch.testing.assert_close(a, b)
+        nxt = b.argmax(-1)
+        for i in range(10):
+            a, b = fast.decode_step(nxt, 6 + i).clone(), ref.decode_step(nxt, 6 + i)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            nxt = b.argmax(-1)
+    assert fast._fast is not None  # the fast step ran, not transformers' forward
+    assert torch.equal(fast.generate(ids, 8)[0], ref.generate(ids, 8)[0])
+
+
+def test_fast_decode_writes_the_cache_like_transformers():
+    """After the same steps, both caches hold the same keys and values (the rotary and the slot are right),
+    and transformers' token counters agree (a later transformers forward would write at the right slot)."""
+    model = _model("qwen3")
+    _randomise_norms(model)
+    ids = torch.randint(0, 256, (2, 5))
+    gens = [StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")]
+    for g in gens:
+        g.generate(ids, 6)
+    for la, lb in zip(gens[0].cache.layers, gens[1].cache.layers, strict=True):
+        torch.testing.assert_close(lb.keys, la.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lb.values, la.values, rtol=1e-5, atol=1e-6)
+        assert int(lb.cumulative_length) == int(la.cumulative_length) == 5 + 5
+        assert la.keys[:, :, 10:].abs().sum() == 0  # nothing beyond the last step
+
+
+@pytest.mark.parametrize("mode", ["none", "fast"])
+def test_generate_twice_on_one_generator(mode):
+    """A second generate() with another prompt gives what a fresh generator gives (the cache restarts)."""
+    model = _model("llama")
+    a, b = torch.randint(0, 256, (2, 7)), torch.randint(0, 256, (2, 7))
+    gen = StaticGenerator(model, 2, 32, compile=mode)
+    gen.generate(a, 8)
+    assert torch.equal(gen.generate(b, 8)[0], StaticGenerator(model, 2, 32, compile=mode).generate(b, 8)[0])
+
+
+def test_fast_decode_builds_once_for_every_layer():
+    """The three functions take the layer's tensors as arguments: one graph each serves every layer (a
+    4-layer model builds no more graphs than a 2-layer one)."""
+    counts = []
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        decoder._COMPILED.clear()
+        torch.manual_seed(0)
+        model = tiny_causal_lm(transformers.LlamaConfig, num_hidden_layers=layers, num_attention_heads=4)
+        fuse_model(model)
+        torch._dynamo.utils.counters.clear()
+        StaticGenerator(model, 2, 16, compile="fast").generate(torch.randint(0, 256, (2, 4)), 4)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert not torch._dynamo.utils.counters["graph_break"]
+    decoder._COMPILED.clear()
+    assert 3 <= counts[0] == counts[1]
+
+
+def test_unsupported_models_are_refused_with_a_reason():
+    gemma = tiny_causal_lm(transformers.Gemma3TextConfig, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    with pytest.raises(decoder.UnsupportedModel, match="fast_decode|not llama-like|activation"):
+        StaticGenerator(gemma, 1, 16, compile="fast")
+    gelu = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, hidden_act="gelu")
+    with pytest.raises(decoder.UnsupportedModel, match="activation 'gelu'"):
+        decoder.check_supported(gelu)
+    windowed = tiny_causal_lm(transformers.MistralConfig, num_attention_heads=4, sliding_window=8)
+    decoder.check_supported(windowed, 8)  # the window covers the generation: a plain static cache
+    with pytest.raises(decoder.UnsupportedModel, match="sliding window 8 < 16"):
+        StaticGenerator(windowed, 1, 16, compile="fast")
+
+
+def test_decoder_needs_a_prefilled_cache():
+    model = _model("llama")
+    gen = StaticGenerator(model, 1, 16)
+    with pytest.raises(RuntimeError, match="run the prefill"):
+        decoder.FastDecoder(model, gen.cache, 16, backend=None)
+
+
+@pytest.mark.slow
+def test_fast_decode_inductor_same_tokens(monkeypatch):
+    """Inductor-built (what the GPU runs; CPU build here: slow) fast step gives transformers' greedy tokens."""
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "inductor")
+    torch._dynamo.reset()
+    decoder._COMPILED.clear()
+    model = _model("qwen3")
+    _randomise_norms(model)
+    fuse_model(model)
+    ids = torch.randint(0, 256, (2, 5))
+    want = StaticGenerator(model, 2, 16).generate(ids, 8)[0]
+    assert torch.equal(StaticGenerator(model, 2, 16, compile="fast").generate(ids, 8)[0], want)
+    decoder._COMPILED.clear()
