@@ -1,4 +1,5 @@
-"""Short text generation for sanity checks: does the (quantized) model still say sensible things?"""
+"""Text generation: transformers' ``generate`` for sanity checks (does the quantized model still say sensible
+things?), or the static-cache generator (:mod:`quick.inference`) for speed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,79 @@ import torch
 from torch import nn
 
 from quick.eval.perplexity import model_device
+
+
+def static_compile_mode(model: nn.Module, max_len: int, device: torch.device) -> str:
+    """How :class:`~quick.inference.StaticGenerator` should decode this model: the few-kernel step on a GPU where
+    the model is llama-like (``"fast"``), else transformers' layers with compiled regions; on the CPU, where
+    graphs and inductor's C++ build cost more than they save, plain eager (``"none"``)."""
+    if device.type != "cuda":
+        return "none"
+    from quick.models.decoder import UnsupportedModel, check_supported
+    from quick.models.families import FamilyError
+
+    try:
+        check_supported(model, max_len)
+    except (UnsupportedModel, FamilyError):
+        return "regions"
+    return "fast"
+
+
+def eos_ids(model: nn.Module, tokenizer=None) -> set[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the model's generation config's (int or list)."""
+    ids: set[int] = set()
+    cfg = getattr(model, "generation_config", None)
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(cfg, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(int(i) for i in v)
+    return ids
+
+
+@torch.no_grad()
+def static_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    stop: set[int] | None = None,
+    warmup: bool = False,
+) -> tuple[torch.Tensor, object]:
+    """Greedy continuation of ``input_ids [B, T]`` (equal lengths, no padding) on the static cache: CUDA graph of
+    the decode step on a GPU (see :func:`static_compile_mode`). Returns the new tokens of each sequence, cut
+    after the first stop token when ``B == 1`` (the generator always runs ``max_new_tokens`` steps: fixed
+    shapes), and the :class:`~quick.inference.GenerationStats`. ``warmup``: first generate two tokens, so that
+    builds and the graph capture are not in the timed run (tokens/s worth printing)."""
+    from quick.inference import StaticGenerator
+
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = input_ids.shape[1] + max_new_tokens
+    mode = static_compile_mode(model, total, input_ids.device)
+    gen = StaticGenerator(model, input_ids.shape[0], total, compile=mode)
+    if warmup and max_new_tokens >= 2:
+        gen.generate(input_ids, 2)
+    tokens, stats = gen.generate(input_ids, max_new_tokens)
+    if stop and tokens.shape[0] == 1:
+        hits = [i for i, t in enumerate(tokens[0].tolist()) if t in stop]
+        if hits:
+            tokens = tokens[:, : hits[0] + 1]
+    return tokens, stats
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenizer outputs for one prompt on ``device``: plain text with the tokenizer's default special tokens
+    (BOS for models that want it), or one user turn of its chat template."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 @torch.no_grad()
@@ -16,21 +90,21 @@ def generate_text(
     max_new_tokens: int = 32,
     greedy: bool = True,
     chat: bool = False,
+    fast: bool = False,
 ) -> str:
     """The model's continuation of ``prompt`` (new text only, special tokens dropped).
 
     Plain-text continuation by default, so base and instruct models are compared on the same input;
     ``chat=True`` wraps the prompt in the tokenizer's chat template as one user turn. Greedy decoding
-    makes the original-vs-quantized comparison deterministic.
+    makes the original-vs-quantized comparison deterministic. ``fast``: greedy decoding on the static cache
+    (:func:`static_generate`: CUDA graph and the few-kernel decode step on a GPU) instead of ``model.generate``.
     """
-    if chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")  # default special tokens: BOS for models that want it
-    enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+    enc = encode_prompt(tokenizer, prompt, chat, model_device(model))
+    if fast:
+        if not greedy:
+            raise ValueError("fast generation is greedy only")
+        new_tokens, _ = static_generate(model, enc["input_ids"], max_new_tokens, eos_ids(model, tokenizer))
+        return tokenizer.decode(new_tokens[0], skip_special_tokens=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # greedy: also clear sampling knobs a checkpoint's generation_config may carry (they would only warn)
     sampling = {"temperature": None, "top_p": None, "top_k": None}

@@ -994,6 +994,7 @@ CLI_CASES = [  # argv with {dense}, {ckpt}, {tmp}, {file} placeholders; (exit co
     (["generate", "{dense}"], 2, "required: prompt"),
     (["generate", "{ckpt}", "hi"], 2, "no tokenizer"),
     (["generate", "{dense}", "hi", "--max-new-tokens", "x"], 2, "invalid int"),
+    (["generate", "{dense}", "hi", "--max-new-tokens", "0", "--fast"], 2, "must be >= 1"),
     (["convert", "{tmp}/missing", "{tmp}/o2"], 2, "no config.json"),
     (["convert", "{dense}", "{tmp}/o2"], 2, "no quantization_config"),
     (["convert", "{ckpt}", "{tmp}/o2", "--layout", "nope"], 2, "unknown layout"),

@@ -154,3 +154,32 @@ def test_fast_decode_inductor_same_tokens(monkeypatch):
     want = StaticGenerator(model, 2, 16).generate(ids, 8)[0]
     assert torch.equal(StaticGenerator(model, 2, 16, compile="fast").generate(ids, 8)[0], want)
     decoder._COMPILED.clear()
+
+
+def test_static_generation_helpers():
+    """Which decode path a GPU gets, EOS ids from tokenizer and config, and the cut after the first stop token."""
+    from quick.generation import eos_ids, static_compile_mode, static_generate
+
+    llama = _model("llama")
+    gemma = tiny_causal_lm(transformers.Gemma3TextConfig, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    cuda = torch.device("cuda")
+    assert static_compile_mode(llama, 64, cuda) == "fast"
+    assert static_compile_mode(gemma, 64, cuda) == "regions"
+    assert static_compile_mode(llama, 64, torch.device("cpu")) == "none"
+
+    class Tok:
+        eos_token_id = 5
+
+    llama.generation_config.eos_token_id = [7, 9]
+    assert eos_ids(llama, Tok()) == {5, 7, 9}
+    ids = torch.randint(0, 256, (1, 6))
+    full, stats = static_generate(llama, ids, 10)
+    assert full.shape == (1, 10) and stats.decode_tok_s > 0
+    stop = {int(full[0, 3])}
+    first = next(i for i, t in enumerate(full[0].tolist()) if t in stop)
+    cut, _ = static_generate(llama, ids, 10, stop, warmup=True)
+    assert torch.equal(cut, full[:, : first + 1])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static_generate(llama, ids, 0)
+    with pytest.raises(ValueError, match="input_ids"):
+        static_generate(llama, ids[0], 4)
