@@ -27,7 +27,21 @@ def _model(family: str):
         )
     if family == "qwen3":  # per-head q/k norms, head_dim not hidden / heads
         return tiny_causal_lm(transformers.Qwen3Config, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    if family == "gemma3_text":  # 1 + weight norms, branch norms, scaled embedding, GeGLU, two rotary tables
+        return _gemma(sliding_window=32)
     raise KeyError(family)
+
+
+def _gemma(sliding_window: int):
+    return tiny_causal_lm(
+        transformers.Gemma3TextConfig,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_local_base_freq=100.0,
+    )
 
 
 def _randomise_norms(model) -> None:
@@ -39,7 +53,7 @@ def _randomise_norms(model) -> None:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
 @pytest.fixture(autouse=True)
@@ -122,9 +136,6 @@ def test_fast_decode_builds_once_for_every_layer():
 
 
 def test_unsupported_models_are_refused_with_a_reason():
-    gemma = tiny_causal_lm(transformers.Gemma3TextConfig, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    with pytest.raises(decoder.UnsupportedModel, match="fast_decode|not llama-like|activation"):
-        StaticGenerator(gemma, 1, 16, compile="fast")
     gelu = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, hidden_act="gelu")
     with pytest.raises(decoder.UnsupportedModel, match="activation 'gelu'"):
         decoder.check_supported(gelu)
@@ -132,6 +143,16 @@ def test_unsupported_models_are_refused_with_a_reason():
     decoder.check_supported(windowed, 8)  # the window covers the generation: a plain static cache
     with pytest.raises(decoder.UnsupportedModel, match="sliding window 8 < 16"):
         StaticGenerator(windowed, 1, 16, compile="fast")
+    with pytest.raises(decoder.UnsupportedModel, match="sliding window 8 < 16"):
+        StaticGenerator(_gemma(sliding_window=8), 1, 16, compile="fast")
+    extra = _model("llama")
+    extra.model.layers[1].extra_layernorm = torch.nn.LayerNorm(64)  # a norm the family data does not place
+    with pytest.raises(decoder.UnsupportedModel, match="extra_layernorm"):
+        decoder.check_supported(extra)
+    capped = _model("gemma3_text")
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(decoder.UnsupportedModel, match="final_logit_softcapping"):
+        decoder.check_supported(capped)
 
 
 def test_decoder_needs_a_prefilled_cache():
@@ -147,7 +168,7 @@ def test_fast_decode_inductor_same_tokens(monkeypatch):
     monkeypatch.setattr(inference, "COMPILE_BACKEND", "inductor")
     torch._dynamo.reset()
     decoder._COMPILED.clear()
-    model = _model("qwen3")
+    model = _model("gemma3_text")
     _randomise_norms(model)
     fuse_model(model)
     ids = torch.randint(0, 256, (2, 5))
@@ -161,10 +182,9 @@ def test_static_generation_helpers():
     from quick.generation import eos_ids, static_compile_mode, static_generate
 
     llama = _model("llama")
-    gemma = tiny_causal_lm(transformers.Gemma3TextConfig, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     cuda = torch.device("cuda")
     assert static_compile_mode(llama, 64, cuda) == "fast"
-    assert static_compile_mode(gemma, 64, cuda) == "regions"
+    assert static_compile_mode(_gemma(sliding_window=32), 64, cuda) == "regions"  # window < generation
     assert static_compile_mode(llama, 64, torch.device("cpu")) == "none"
 
     class Tok:
@@ -183,3 +203,24 @@ def test_static_generation_helpers():
         static_generate(llama, ids, 0)
     with pytest.raises(ValueError, match="input_ids"):
         static_generate(llama, ids[0], 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_fast_decode_bf16_rounds_like_transformers(family):
+    """In bf16 the norms' cast order matters (llama: cast, then times the weight; Gemma: times 1 + weight in fp32,
+    then cast): with the eager backend the step does transformers' operations, so the logits agree to a few
+    bf16 roundings, far closer than the other cast order would give."""
+    model = _model(family)
+    _randomise_norms(model)
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 6))
+    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
+    worst = 0.0
+    with torch.inference_mode():
+        fast.prefill(ids)
+        nxt = ref.prefill(ids).argmax(-1)
+        for i in range(6):
+            a, b = fast.decode_step(nxt, 6 + i).float(), ref.decode_step(nxt, 6 + i).float()
+            worst = max(worst, ((a - b).norm() / b.norm()).item())
+            nxt = b.argmax(-1)
+    assert worst < 1e-3, worst

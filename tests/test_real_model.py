@@ -82,3 +82,33 @@ def test_smollm2_baseline_and_rtn_g128(converted):
     assert 10 < base < 30
     assert base < quant < 1.6 * base
     assert text0.strip() and text1.strip()
+
+
+def test_smollm2_fast_decode_matches_transformers(converted, monkeypatch):
+    """The few-kernel decode step on the real quantized model (tied embeddings, K = 576: zero-padded ragged
+    groups inside the linears): per-step logits equal transformers' over the same static cache."""
+    import torch._dynamo
+
+    from quick import inference
+    from quick.checkpoint import set_compute_dtype
+    from quick.inference import StaticGenerator
+    from quick.models.loading import load_model
+    from quick.quant.apply import quantize_model_rtn
+
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")  # dynamo traces; inductor's CPU build is slow
+    torch._dynamo.reset()
+    model, tok = load_model(converted[0], torch.float32, "cpu")
+    quantize_model_rtn(model, 128, "quick", dtype=torch.float16, progress=False)
+    set_compute_dtype(model, torch.float32)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    ref, fast = StaticGenerator(model, 1, n + 8), StaticGenerator(model, 1, n + 8, compile="fast")
+    with torch.inference_mode():
+        a, b = fast.prefill(ids), ref.prefill(ids)
+        nxt = b.argmax(-1)
+        for i in range(7):
+            a, b = fast.decode_step(nxt, n + i).clone(), ref.decode_step(nxt, n + i)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            nxt = b.argmax(-1)
+    torch._dynamo.reset()
+    assert fast._fast is not None

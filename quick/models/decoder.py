@@ -1,4 +1,4 @@
-"""A decode step written for few kernels: llama-like decoder layers without transformers' per-layer code.
+"""A decode step written for few kernels: decoder layers without transformers' per-layer code.
 
 At batch 1 a 4-bit 7B decode step is short enough (a few ms) that the small kernels between the linears are a
 large share of it: transformers' layer runs ~10 of them per layer even with its norms, MLP and rotary compiled
@@ -6,19 +6,22 @@ large share of it: transformers' layer runs ~10 of them per layer even with its 
 same modules' weights through three small functions of tensors only, each compiled once and shared by every
 layer (the layer's tensors are arguments, so no recompile per layer):
 
-* :func:`add_rms_norm`: residual add + RMSNorm (one fused kernel: writes the new residual and the norm),
-* :func:`attend`: q/k head norms (Qwen3), rotary embedding, the two cache writes, grouped-query SDPA,
-* :func:`swiglu`: ``silu(gate) * up``,
+* :func:`add_rms_norm`: (branch norm +) residual add + RMSNorm (one fused kernel: the new residual and the norm),
+* :func:`attend`: q/k head norms (Qwen3, Gemma3), rotary embedding, the two cache writes, grouped-query SDPA,
+* :func:`gated`: ``act(gate) * up`` (silu or tanh-gelu),
 
-with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. Which
-families can use it is data (``ModelFamily.fast_decode``); the layer's own structure is checked here, and
-anything else (Gemma's extra norms, sliding windows shorter than the cache, other activations) raises
-:class:`UnsupportedModel` so that the caller keeps transformers' path. The arithmetic follows transformers'
-(RMSNorm in fp32, cast, then the weight; rotary in the model dtype): tokens agree with it (tests).
+with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. What differs
+between families is data: which norm feeds the attention and the MLP (the AWQ scale groups' ``prev``), the norms
+applied to each branch's output before the residual add (``ModelFamily.branch_norms``: Gemma3's sandwich), the
+norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). Anything else
+(sliding windows shorter than the cache, soft-capping, other activations) raises :class:`UnsupportedModel`, so
+the caller keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
+weight; Gemma's: times ``1 + weight`` in fp32, then cast; rotary in the model dtype): the logits agree (tests).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.models.families import decoder_layers, get_family
+from quick.models.families import ModelFamily, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 
 
@@ -34,19 +37,30 @@ class UnsupportedModel(ValueError):
     """The model's decoder layers are not the llama-like structure this step implements."""
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm arithmetic: normalise in fp32, cast back, then multiply by the weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """transformers' RMSNorm arithmetic. ``offset == 0`` (Llama and most): normalise in fp32, cast back, then
+    multiply by the weight; otherwise (Gemma: ``1 + weight``): multiply by ``offset + weight`` in fp32, then cast."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    if offset == 0.0:
+        return weight * h.to(x.dtype)
+    return (h * (offset + weight.float())).to(x.dtype)
 
 
 def add_rms_norm(
-    h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    branch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(residual + h), residual + h)``: the add in the model dtype, as transformers' layer does it."""
+    """``(norm(r), r)`` with ``r = residual + h``, the add in the model dtype as transformers' layers do it;
+    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms)."""
+    if branch is not None:
+        h = rms_norm(h, branch, eps, offset)
     residual = residual + h
-    return rms_norm(residual, weight, eps), residual
+    return rms_norm(residual, weight, eps, offset), residual
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,6 +82,7 @@ def attend(
     k_norm: torch.Tensor | None,
     eps: float,
     scale: float,
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """One-token attention of every sequence over the static cache, which it updates at ``pos`` in place.
 
@@ -78,7 +93,7 @@ def attend(
     b, kv, _, d = keys.shape
     q, k, v = q.view(b, -1, d), k.view(b, kv, d), v.view(b, kv, d)
     if q_norm is not None:
-        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+        q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
     cos, sin = cos[:, None], sin[:, None]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys.index_copy_(2, pos, k[:, :, None])
@@ -87,8 +102,13 @@ def attend(
     return out.reshape(b, -1)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+# transformers' activation names -> the gate activation of :func:`gated`
+GATE_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """``act(gate) * up``: SwiGLU (``silu``) or Gemma's GeGLU (``gelu_tanh``)."""
+    return (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -132,8 +152,10 @@ def _cache_tensors(cache, index: int, max_len: int) -> tuple[torch.Tensor, torch
 
 @dataclass
 class _Layer:
-    norm_in: torch.Tensor
-    norm_post: torch.Tensor
+    norm_attn: torch.Tensor  # weight of the norm feeding the attention ...
+    norm_mlp: torch.Tensor  # ... and the MLP
+    post_attn: torch.Tensor | None  # weights of the norms on each branch's output (ModelFamily.branch_norms)
+    post_mlp: torch.Tensor | None
     eps: float
     qkv: Callable[[torch.Tensor], tuple]
     o: nn.Module
@@ -143,6 +165,7 @@ class _Layer:
     k_norm: torch.Tensor | None
     qk_eps: float
     scale: float
+    rope: str | None  # which rotary table (transformers' layer type where the model has several)
     keys: torch.Tensor
     values: torch.Tensor
 
@@ -153,14 +176,31 @@ _COMPILED: dict[tuple[str | None, bool | None], tuple[Callable, Callable, Callab
 
 
 def compiled_parts(backend: str | None, dynamic: bool | None = None) -> tuple[Callable, Callable, Callable]:
-    """(add_rms_norm, attend, swiglu), compiled with ``backend`` (``None``: plain eager functions)."""
+    """(add_rms_norm, attend, gated), compiled with ``backend`` (``None``: plain eager functions)."""
     key = (backend, dynamic)
     if key not in _COMPILED:
-        fns = (add_rms_norm, attend, swiglu)
+        fns = (add_rms_norm, attend, gated)
         if backend is not None:
             fns = tuple(torch.compile(f, fullgraph=True, dynamic=dynamic, backend=backend) for f in fns)
         _COMPILED[key] = fns
     return _COMPILED[key]
+
+
+def _input_norms(family: ModelFamily) -> tuple[str, str]:
+    """Names of the norms feeding the attention and the MLP: the ``prev`` of the family's AWQ scale groups of
+    q_proj and gate_proj (the same fact AWQ folds its scales into)."""
+    by_linear = {lin: g.prev for g in family.groups for lin in g.linears}
+    try:
+        return by_linear["self_attn.q_proj"], by_linear["mlp.gate_proj"]
+    except KeyError as e:
+        raise UnsupportedModel(f"family '{family.name}' has no scale group for {e.args[0]}") from None
+
+
+def _gate_act(cfg) -> str:
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    if act not in GATE_ACTS:
+        raise UnsupportedModel(f"activation {act!r} (the fast decode step implements {sorted(GATE_ACTS)})")
+    return GATE_ACTS[act]
 
 
 def check_supported(model: nn.Module, max_len: int | None = None) -> None:
@@ -173,9 +213,7 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
     family = get_family(cfg)
     if not family.fast_decode:
         raise UnsupportedModel(f"family '{family.name}' has no fast decode step (ModelFamily.fast_decode)")
-    act = getattr(cfg, "hidden_act", None)
-    if act not in ("silu", "swish"):
-        raise UnsupportedModel(f"activation {act!r} (the fast decode step implements silu-gated MLPs)")
+    _gate_act(cfg)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, key, None):
             raise UnsupportedModel(f"{key} is not supported by the fast decode step")
@@ -185,14 +223,26 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
             raise UnsupportedModel(f"model.model has no '{name}'")
     if not hasattr(model, "lm_head"):
         raise UnsupportedModel("the model has no lm_head")
+    names = (*_input_norms(family), *(family.branch_norms or ()))
     for layer in decoder_layers(model, family):
-        extra = [n for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm") if hasattr(layer, n)]
-        if extra:
-            raise UnsupportedModel(f"decoder layers with {extra} are not llama-like")
+        missing = [n for n in names if not hasattr(layer, n)]
+        if missing:
+            raise UnsupportedModel(f"decoder layer {type(layer).__name__} has no {missing}")
+        known = set(names) | {"self_attn", "mlp"}
+        extra = [n for n, m in layer.named_children() if "norm" in n and n not in known]
+        if extra:  # a norm the family's data does not place: computing without it would be wrong
+            raise UnsupportedModel(f"decoder layer norms {extra} are not described by family '{family.name}'")
+
+
+def _takes_layer_type(rotary: nn.Module) -> bool:
+    try:
+        return "layer_type" in inspect.signature(rotary.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class FastDecoder:
-    """The decode step of a llama-like model over a transformers static cache (see the module docstring).
+    """The decode step of a supported model over a transformers static cache (see the module docstring).
 
     Made after the prefill (the cache tensors must exist). ``__call__(ids [B, 1], pos [1], mask [B, 1, 1, L])``
     returns the next-token logits ``[B, V]`` and writes the step's keys and values at ``pos``; ``L`` is the
@@ -204,25 +254,35 @@ class FastDecoder:
         check_supported(model, max_len)
         self.model = model
         self.cache, self.max_len = cache, max_len
-        self.norm_rms, self.attend, self.swiglu = compiled_parts(backend, dynamic)
+        self.norm_rms, self.attend, self.gated = compiled_parts(backend, dynamic)
+        family = get_family(model.config)
+        self.offset = float(family.norm_offset)
+        self.act = _gate_act(model.config)
         inner = model.model
-        self.layers = [self._layer(i, layer) for i, layer in enumerate(decoder_layers(model, get_family(model.config)))]
+        self._typed_rope = _takes_layer_type(inner.rotary_emb)
+        types = getattr(model.config, "layer_types", None) if self._typed_rope else None
+        self.layers = [
+            self._layer(i, layer, family, types[i] if types else None)
+            for i, layer in enumerate(decoder_layers(model, family))
+        ]
         self.final_norm, self.final_eps = inner.norm.weight, _norm_eps(inner.norm)
         # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
         # them equal to what transformers' own update would leave (4.x has no such counters)
         layers = getattr(cache, "layers", None) or []
         self._counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in layers) if c is not None]
 
-    def _layer(self, index: int, layer: nn.Module) -> _Layer:
+    def _layer(self, index: int, layer: nn.Module, family: ModelFamily, rope: str | None) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         keys, values = _cache_tensors(self.cache, index, self.max_len)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        if keys.shape[2] != values.shape[2]:
-            raise UnsupportedModel("keys and values of different lengths in the cache")
+        norm_attn, norm_mlp = (layer.get_submodule(n) for n in _input_norms(family))
+        post = [layer.get_submodule(n).weight for n in family.branch_norms] if family.branch_norms else [None, None]
         return _Layer(
-            norm_in=layer.input_layernorm.weight,
-            norm_post=layer.post_attention_layernorm.weight,
-            eps=_norm_eps(layer.input_layernorm),
+            norm_attn=norm_attn.weight,
+            norm_mlp=norm_mlp.weight,
+            post_attn=post[0],
+            post_mlp=post[1],
+            eps=_norm_eps(norm_attn),
             qkv=_projections(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
             o=attn.o_proj,
             gate_up=_projections(mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
@@ -231,27 +291,38 @@ class FastDecoder:
             k_norm=None if k_norm is None else k_norm.weight,
             qk_eps=_norm_eps(q_norm) if q_norm is not None else 0.0,
             scale=float(getattr(attn, "scaling", keys.shape[-1] ** -0.5)),
+            rope=rope,
             keys=keys,
             values=values,
         )
 
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin ``[B, D]`` of this step's position, once per rotary table the layers use."""
+        rotary, ids = self.model.model.rotary_emb, pos.view(1, 1).expand(h.shape[0], 1)
+        out = {}
+        for rope in {layer.rope for layer in self.layers}:
+            cos, sin = rotary(h[:, None], ids, rope) if rope is not None else rotary(h[:, None], ids)
+            out[rope] = (cos[:, 0], sin[:, 0])
+        return out
+
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        inner = self.model.model
-        h = inner.embed_tokens(ids)[:, 0]  # [B, hidden]
-        b = h.shape[0]
-        cos, sin = inner.rotary_emb(h[:, None], pos.view(1, 1).expand(b, 1))
-        cos, sin = cos[:, 0], sin[:, 0]
+        h = self.model.model.embed_tokens(ids)[:, 0]  # [B, hidden]
+        rope = self._rotary(h, pos)
         residual = torch.zeros_like(h)  # layer 0's add is then exact: norm(0 + h) == norm(h)
+        branch = None  # the previous layer's post-MLP norm (applied to its output before the add)
+        off = self.offset
         for layer in self.layers:
-            x, residual = self.norm_rms(h, residual, layer.norm_in, layer.eps)
+            x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
             q, k, v = layer.qkv(x)
+            cos, sin = rope[layer.rope]
             a = self.attend(
                 q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
-                layer.scale,
+                layer.scale, off,
             )  # fmt: skip
-            x, residual = self.norm_rms(layer.o(a), residual, layer.norm_post, layer.eps)
-            h = layer.down(self.swiglu(*layer.gate_up(x)))
-        x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps)
+            x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
+            h = layer.down(self.gated(*layer.gate_up(x), self.act))
+            branch = layer.post_mlp
+        x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps, off, branch)
         if self._counters:
             torch._foreach_add_(self._counters, 1)
         return self.model.lm_head(x)

@@ -50,8 +50,9 @@ class ModelFamily:
     clipping them hurts, attention scores amplify their errors).
     ``modules_to_not_convert``: substrings of module names that stay dense.
     ``requires_bos``: every sequence must start with BOS (Gemma degrades badly without it).
-    ``fast_decode``: the decoder layers are llama-like (two RMSNorms, q/k/v/o attention with optional q/k head
-    norms, silu-gated MLP), so :mod:`quick.models.decoder`'s few-kernel decode step applies.
+    ``fast_decode``: :mod:`quick.models.decoder`'s few-kernel decode step applies (q/k/v/o attention with
+    optional q/k head norms, a gated MLP, RMSNorms placed by ``groups`` and ``branch_norms``).
+    ``branch_norms``: norms applied to the attention and the MLP output before each residual add (Gemma3).
     """
 
     name: str
@@ -63,6 +64,7 @@ class ModelFamily:
     modules_to_not_convert: tuple[str, ...] = ("lm_head",)
     requires_bos: bool = False
     fast_decode: bool = False
+    branch_norms: tuple[str, str] | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -108,6 +110,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         _GEMMA3_GROUPS,
         norm_offset=1.0,
         requires_bos=True,
+        fast_decode=True,
+        branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     ),
     ModelFamily(
         "gemma3",
