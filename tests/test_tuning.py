@@ -198,6 +198,10 @@ def test_tune_candidates_are_launchable_plans():
                         qm.plan_gemm(m, n, k, 132, cfg, splits)
                     else:
                         qm.plan_gemv(m, n, k, 128, 132, cfg, splits)
+                if layout == "quick_sm90" and m >= 64:  # the weights-through-TMA tiles are tried at large M too
+                    assert {c.nt for _k, _f, _s, c in cands if getattr(c, "wtma", 0)} >= (
+                        {128, 256} if m >= 256 else {64}
+                    )
 
 
 def test_quick_layout_route_follows_the_table(table_dir, monkeypatch):

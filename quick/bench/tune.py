@@ -69,6 +69,7 @@ def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str,
                 if pipe and nt == 256:
                     continue
                 cfgs.append(sm.default_config(nt, 128, pipe))
+            cfgs.append(sm.wtma_config(nt))  # weights with x through the TMA stages: no per-step load latency
     for cfg in dict.fromkeys(cfgs):
         splits = {base, 1, 2, 3, 4} if cfg == tuned else {1, 2, 3}
         for s in sorted(splits):

@@ -125,6 +125,21 @@ _MEASURED: list[tuple[int, Sm90Config, int | None]] = [
 ]
 TUNED: dict[str, list[tuple[int, Sm90Config, int | None]]] = {"fp16": _MEASURED, "bf16": _MEASURED}
 
+# Weights through the TMA stages (wtma) per token tile: as many x stages as fit next to the epilogue staging in the
+# 227 KB of shared memory (256 tokens: 4 stages, 219 KB). Window 2 measured nt <= 128; 256 builds without spills
+# (168 registers, ptxas) and is a `quick tune` candidate for M > 128, where the ring (pipe 0) pays one memory latency
+# per k64 step.
+WTMA_STAGES = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8, 256: 4}
+
+
+def wtma_config(nt: int) -> Sm90Config:
+    """The weights-through-TMA variant for a token tile (2 consumer warpgroups, groups of 4 steps)."""
+    return Sm90Config(nt, 2, WTMA_STAGES[nt], 4, 4, 0, 0, 1)
+
+
+WTMA_TILES = [wtma_config(t) for t in (64, 128, 256)]  # the tile alternatives `quick tune` adds at M >= 64
+
+
 # Every variant default_config can return, for both dtypes and both scale-group code paths (compile check).
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (SOURCE, KERNEL, default_config(t, g, pipe).defines(g, dt))
@@ -134,13 +149,13 @@ VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     for dt in (torch.float16, torch.bfloat16)
     if not (g == 32 and t == 256) and not (pipe and t == 256)  # the same variants as listed elsewhere
 ]
-# ... and every measured choice of TUNED (decode variants: L2 prefetch, weights through TMA, 4 warpgroups).
-for _table in TUNED.values():
-    for _bound, _cfg, _rounds in _table:
-        for _dt in (torch.float16, torch.bfloat16):
-            _v = (SOURCE, KERNEL, _cfg.defines(128, _dt))
-            if _v not in VARIANTS:
-                VARIANTS.append(_v)
+# ... and every measured choice of TUNED (decode variants: L2 prefetch, weights through TMA, 4 warpgroups) and the
+# wtma tiles that `quick tune` tries.
+for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES:
+    for _dt in (torch.float16, torch.bfloat16):
+        _v = (SOURCE, KERNEL, _cfg.defines(128, _dt))
+        if _v not in VARIANTS:
+            VARIANTS.append(_v)
 
 
 # Batch sizes up to which gemm_w4a16_sm90 runs the decode kernel (quick_dec.cu, mma.sync over this layout) instead
