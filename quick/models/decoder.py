@@ -308,6 +308,7 @@ class FastDecoder:
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.model.model.embed_tokens(ids)[:, 0]  # [B, hidden]
         rope = self._rotary(h, pos)
+        mask = mask.contiguous()  # once per step (an expanded mask would be copied inside every layer's attend)
         residual = torch.zeros_like(h)  # layer 0's add is then exact: norm(0 + h) == norm(h)
         branch = None  # the previous layer's post-MLP norm (applied to its output before the add)
         off = self.offset
