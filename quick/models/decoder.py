@@ -142,6 +142,12 @@ def _cache_tensors(cache, index: int, max_len: int) -> tuple[torch.Tensor, torch
         keys, values = cache.key_cache[index], cache.value_cache[index]
     if keys is None or values is None or keys.dim() != 4:
         raise RuntimeError("the static cache is not allocated yet: run the prefill before the first decode step")
+    for t in (keys, values):
+        # transformers marks the cache tensors as static addresses for its own compiled step; where torch's
+        # default guards on that address (older releases), every layer's tensors would be a recompile of the
+        # shared functions here, which take them as plain arguments
+        if getattr(t, "_dynamo_static_input_type", None) == "guarded":
+            t._dynamo_static_input_type = "unguarded"
     if keys.shape[2] != max_len or values.shape[2] != max_len:
         raise UnsupportedModel(
             f"cache layer {index} holds {keys.shape[2]} positions, not {max_len}: a sliding window shorter than "
