@@ -254,8 +254,9 @@ def test_e2e_results_format(tmp_path):
     assert e2e.parse_variant("step+fused") == ("step", True, True)
     assert e2e.parse_variant("eager") == ("none", False, False)
     assert e2e.resolve_variants(["graph"], "regions", True) == ["regions+fused"]
+    assert e2e.parse_variant("fast+fused") == ("fast", True, True)
     with pytest.raises(ValueError, match="unknown variant"):
-        e2e.parse_variant("fast")
+        e2e.parse_variant("quick")
     rows = [
         {
             "model": "llama-2-7b",

@@ -7,7 +7,7 @@ QUICK 4-bit weights. Writes ``e2e-<gpu>-<date>.json`` ({"gpu", "date", "rows": [
 
 A *variant* is how the step runs, the same for fp16 and QUICK: ``graph`` (CUDA graph of the eager step),
 ``step``/``regions`` (``torch.compile`` of the whole step / of the norms, MLP and rotary, then the graph),
-``eager`` (no graph), each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several variants in
+``fast`` (the few-kernel decode step of :mod:`quick.models.decoder`, then the graph), ``eager`` (no graph), each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several variants in
 one run (an ablation) add a ``variant`` key to each row. Prefill is timed once (``prompt`` tokens, eager);
 decode is timed over all ``gen - 1`` graph replays after one untimed warm-up generation that compiles and
 captures (its time is ``setup_s`` in ``cases``).
@@ -240,7 +240,8 @@ def write_results(
         f"decode {gen} tokens (greedy, full length), static KV cache, prefill {env.get('prefill', 'eager')} "
         f"(graph: one CUDA-graph replay). Variant(s): {', '.join(variants)} "
         "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
-        "MLP and rotary, then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
+        "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
+        "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
         "of the same variant.",
         "",
         "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
@@ -309,7 +310,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused", action="store_true", help="shorthand: add '+fused' to every variant")
     p.add_argument(
         "--compile",
-        choices=["none", "step", "regions"],
+        choices=["none", "step", "regions", "fast"],
         default=None,
         help="shorthand: replace the variants' compile mode (none = graph only)",
     )
