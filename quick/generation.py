@@ -52,8 +52,12 @@ def static_generate(
     builds and the graph capture are not in the timed run (tokens/s worth printing)."""
     from quick.inference import StaticGenerator
 
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be token ids (int64 or int32), got {input_ids.dtype}")
+    if input_ids.device != model_device(model):
+        raise ValueError(f"input_ids are on {input_ids.device}, the model on {model_device(model)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     total = input_ids.shape[1] + max_new_tokens

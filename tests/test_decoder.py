@@ -208,6 +208,10 @@ def test_static_generation_helpers():
         static_generate(llama, ids, 0)
     with pytest.raises(ValueError, match="input_ids"):
         static_generate(llama, ids[0], 4)
+    with pytest.raises(TypeError, match="token ids"):
+        static_generate(llama, ids.float(), 4)
+    with pytest.raises(ValueError, match="on meta, the model on cpu"):
+        static_generate(llama, ids.to("meta"), 4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
