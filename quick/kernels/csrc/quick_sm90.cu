@@ -143,14 +143,6 @@ static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
 
 // ------------------------------------------------------------------------------------------------ PTX helpers
 
-// 1-D bulk copy global -> shared, completion counted in bytes on an mbarrier (16-byte aligned, size % 16 == 0).
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-
 // The same with an L2 cache policy (QS_EF: the weights, read once).
 __device__ __forceinline__ void bulk_g2s_w(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t pol) {
 #if QS_EF
@@ -172,11 +164,6 @@ __device__ __forceinline__ uint64_t weight_policy() {
 #endif
   return pol;
 }
-
-// Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
-// compiler must neither reuse A's registers nor read D before the wait_group that precedes this fence.
-__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
-__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
 // 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
 // "+r": a predicated-off load leaves the register as it was (with "=r" the compiler may hand the asm a
@@ -219,26 +206,6 @@ __device__ __forceinline__ uint32_t h2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn." QS_X2 " %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
   return d;
-}
-
-__device__ __forceinline__ float h_to_f(uint16_t h) {
-  float f;
-  if constexpr (BF16) {
-    f = __uint_as_float(static_cast<uint32_t>(h) << 16);
-  } else {
-    asm("{\n.reg .f16 t;\nmov.b16 t, %1;\ncvt.f32.f16 %0, t;\n}\n" : "=f"(f) : "h"(h));
-  }
-  return f;
-}
-
-__device__ __forceinline__ uint16_t f_to_h(float f) {
-  uint16_t h;
-  if constexpr (BF16) {
-    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
-  } else {
-    asm("{\n.reg .f16 t;\ncvt.rn.f16.f32 t, %1;\nmov.b16 %0, t;\n}\n" : "=h"(h) : "f"(f));
-  }
-  return h;
 }
 
 // Per-group constants, each broadcast to both halves of a 16-bit pair: a-register r holds fragment row
@@ -727,16 +694,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       }
     }
 #endif
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
-#pragma unroll
-    for (int w = 0; w < 4; ++w)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        fence_reg(a_frag[0][w][i]);
-        fence_reg(a_frag[1][w][i]);
-      }
+    wgmma_drain(acc, a_frag);
     if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
 
     // ------------------------------------------------------------------ split-k: deterministic reduction
@@ -777,24 +735,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int ch0 = 16 * warp + lane / 4;
     float b0 = 0.f, b1 = 0.f;
     if (bias != nullptr) {
-      b0 = h_to_f(bias[nb + ch0]);
-      b1 = h_to_f(bias[nb + ch0 + 8]);
+      b0 = h16_to_f<BF16>(bias[nb + ch0]);
+      b1 = h16_to_f<BF16>(bias[nb + ch0 + 8]);
     }
 #pragma unroll
     for (int i = 0; i < ACC; ++i) {
       const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
       const int t = 8 * j + 2 * (lane % 4) + v0;
-      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h(acc[i] + (v1 ? b1 : b0));
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] + (v1 ? b1 : b0));
     }
-    named_bar(1 + cw, 128);
-    const int row0 = tm * NT;
-    for (int idx = tid; idx < NT * 8; idx += 128) {
-      const int t = idx / 8, q = idx % 8;
-      if (row0 + t < M) {
-        const uint4 v = *reinterpret_cast<const uint4*>(epi + t * EPI_STRIDE + 8 * q);
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * N + nb + 8 * q) = v;
-      }
-    }
-    named_bar(1 + cw, 128);  // staging buffer is rewritten by the next unit
+    store_staged<NT, EPI_STRIDE>(out, epi, tm, M, N, nb, tid, 1 + cw);
   }
 }

@@ -123,14 +123,6 @@ static_assert(SMEM_BYTES <= 227 * 1024, "shared memory per block");
 
 // ------------------------------------------------------------------------------------------------ PTX helpers
 
-// 1-D bulk copy global -> shared, completion counted in bytes on the mbarrier (sizes and addresses: 16 B).
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
-      : "memory");
-}
-
 __device__ __forceinline__ void lds128(uint32_t* r, uint32_t addr) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -143,15 +135,6 @@ __device__ __forceinline__ uint32_t lds_u16(uint32_t addr) {
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr) : "memory");
   return v;
 }
-
-__device__ __forceinline__ void named_bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
-// Keep a register value alive (and ordered) at this point: wgmma reads A and writes D asynchronously, so the
-// compiler must neither reuse A's registers nor read D before the wait_group that precedes this fence.
-__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
-__device__ __forceinline__ void fence_reg(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // 16-byte weight load (read-only path, not allocated in L1), predicated off past the end of the k range.
 // "+r": a predicated-off load leaves the register as it was.
@@ -171,26 +154,6 @@ __device__ __forceinline__ void ldg_u16(uint32_t& r, const void* p, bool pred) {
       "@p cvt.u32.u16 %0, t;\n}\n"
       : "+r"(r)
       : "l"(p), "r"(static_cast<int>(pred)));
-}
-
-__device__ __forceinline__ float h_to_f(uint16_t h) {
-  float f;
-  if constexpr (BF16) {
-    f = __uint_as_float(static_cast<uint32_t>(h) << 16);
-  } else {
-    asm("{\n.reg .f16 t;\nmov.b16 t, %1;\ncvt.f32.f16 %0, t;\n}\n" : "=f"(f) : "h"(h));
-  }
-  return f;
-}
-
-__device__ __forceinline__ uint16_t f_to_h(float f) {
-  uint16_t h;
-  if constexpr (BF16) {
-    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
-  } else {
-    asm("{\n.reg .f16 t;\ncvt.rn.f16.f32 t, %1;\nmov.b16 %0, t;\n}\n" : "=h"(h) : "f"(f));
-  }
-  return h;
 }
 
 // Two raw words (one k32 step) -> the four A registers of that step: int8 lanes 16*q, rows lane/4 (r even) and
@@ -404,11 +367,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           tma_load_2d(s_xt + stage * STAGE_BYTES, &tmap_x, (s0 + s) * 128, tm * NT, s_full + 8 * stage);
           if constexpr (SMEM_W) {
             const size_t row = static_cast<size_t>(s0 + s);
-            bulk_load(s_w + stage * WSTAGE_BYTES,
+            bulk_g2s(s_w + stage * WSTAGE_BYTES,
                       reinterpret_cast<const uint8_t*>(qweight) + row * 64 * N + static_cast<size_t>(tn) * W_BYTES,
                       wbytes, s_full + 8 * stage);
             if constexpr (GROUP) {
-              bulk_load(s_w + stage * WSTAGE_BYTES + W_BYTES, s_g + row * N + static_cast<size_t>(tn) * NWG * 64,
+              bulk_g2s(s_w + stage * WSTAGE_BYTES + W_BYTES, s_g + row * N + static_cast<size_t>(tn) * NWG * 64,
                         gbytes, s_full + 8 * stage);
             }
           }
@@ -660,16 +623,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       }
     }
 #endif
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) fence_reg(acc[i]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        fence_reg(a_frag[0][j][i]);
-        fence_reg(a_frag[1][j][i]);
-      }
+    wgmma_drain(acc, a_frag);
     if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
 
     // ------------------------------------------------------------------ split-k: exact int32 reduction
@@ -712,8 +666,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const float c0 = s_ch[nb + ch0] * unit, c1 = s_ch[nb + ch0 + 8] * unit;
     float b0 = 0.f, b1 = 0.f;
     if (bias != nullptr) {
-      b0 = h_to_f(bias[nb + ch0]);
-      b1 = h_to_f(bias[nb + ch0 + 8]);
+      b0 = h16_to_f<BF16>(bias[nb + ch0]);
+      b1 = h16_to_f<BF16>(bias[nb + ch0 + 8]);
     }
     const int row0 = tm * NT;
 #pragma unroll
@@ -721,17 +675,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
       const int t = 8 * j + 2 * (lane % 4) + v0;
       const float sx = row0 + t < M ? __ldg(s_x + row0 + t) : 0.f;
-      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h(static_cast<float>(acc[i]) * (sx * (v1 ? c1 : c0)) + (v1 ? b1 : b0));
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(static_cast<float>(acc[i]) * (sx * (v1 ? c1 : c0)) + (v1 ? b1 : b0));
     }
-    named_bar(1 + cw, 128);
-    for (int idx = tid; idx < NT * 8; idx += 128) {
-      const int t = idx / 8, q = idx % 8;
-      if (row0 + t < M) {
-        const uint4 v = *reinterpret_cast<const uint4*>(epi + t * EPI_STRIDE + 8 * q);
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * N + nb + 8 * q) = v;
-      }
-    }
-    named_bar(1 + cw, 128);  // staging buffer is rewritten by the next unit
+    store_staged<NT, EPI_STRIDE>(out, epi, tm, M, N, nb, tid, 1 + cw);
   }
   if (ORDER && wg == 1) named_bar(8, 256);  // the last turn passed by warpgroup 2
 }
