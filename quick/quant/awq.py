@@ -26,7 +26,7 @@ How this implementation runs:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,8 +215,8 @@ class InputStats:
 
 
 @dataclass
-class _Probe:
-    """Captured input/output/kwargs of a compared module (attention or MLP) on the search chunks."""
+class Probe:
+    """Captured inputs, kwargs and outputs of a compared module (attention, MLP or a linear) on the search chunks."""
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -356,7 +356,7 @@ def search_scale(
     layer: nn.Module,
     group: ScaleGroup,
     stats: InputStats,
-    probe: _Probe | None,
+    probe: Probe | None,
     group_size: int,
     zero_point: bool,
     scale_dtype: torch.dtype,
@@ -501,24 +501,24 @@ class AwqSettings:
     layout: str = "quick"
 
 
-def _collect(
+def run_layer_with_probes(
     layer: nn.Module,
     hidden: list[torch.Tensor],
     kwargs: list[dict[str, Any]],
-    groups: list[ScaleGroup],
-    linears: dict[str, nn.Linear],
-    site_of: dict[str, str],
-    n_search: int,
-    group_size: int,
     device: torch.device,
-) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, _Probe]]:
-    """One pass of the float layer over all chunks: its outputs, input statistics, compared-module probes."""
-    full = {site_of[g.linears[0]] for g in groups if g.inspect is None}
-    stats = {s: InputStats.empty(linears[s].in_features, group_size, s in full, device) for s in set(site_of.values())}
-    probes = {g.inspect: _Probe() for g in groups if g.inspect is not None}
+    n_search: int,
+    inputs_of: dict[nn.Module, Callable[[torch.Tensor, bool], None]],
+    probe_names: Iterable[str],
+) -> tuple[list[torch.Tensor], dict[str, Probe]]:
+    """One pass of the float layer over all calibration chunks (AWQ and QQQ both start a layer with it).
+
+    ``inputs_of[module](x, searching)`` sees every input of that linear (``searching``: the chunk is one of the
+    first ``n_search``); each module named in ``probe_names`` records its inputs, kwargs and outputs on those
+    search chunks. Returns the layer's outputs (the next layer's inputs) and the probes."""
+    probes = {name: Probe() for name in probe_names}
     state = {"record": False}
 
-    def make_hooks(pr: _Probe) -> tuple[Callable, Callable]:
+    def make_hooks(pr: Probe) -> tuple[Callable, Callable]:
         def pre(_m: nn.Module, args: tuple, kw: dict) -> None:
             if state["record"]:
                 pr.inputs.append((args[0] if args else kw["hidden_states"]).detach())
@@ -530,9 +530,9 @@ def _collect(
 
         return pre, post
 
-    handles = []
-    for s, st in stats.items():
-        handles.append(linears[s].register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0], state["record"])))
+    handles = [
+        mod.register_forward_pre_hook(lambda _m, args, f=f: f(args[0], state["record"])) for mod, f in inputs_of.items()
+    ]
     for name, pr in probes.items():
         mod = layer.get_submodule(name)
         pre, post = make_hooks(pr)
@@ -546,6 +546,32 @@ def _collect(
     finally:
         for h in handles:
             h.remove()
+    return outputs, probes
+
+
+def _collect(
+    layer: nn.Module,
+    hidden: list[torch.Tensor],
+    kwargs: list[dict[str, Any]],
+    groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear],
+    site_of: dict[str, str],
+    n_search: int,
+    group_size: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, Probe]]:
+    """One pass of the float layer over all chunks: its outputs, input statistics, compared-module probes."""
+    full = {site_of[g.linears[0]] for g in groups if g.inspect is None}
+    stats = {s: InputStats.empty(linears[s].in_features, group_size, s in full, device) for s in set(site_of.values())}
+    outputs, probes = run_layer_with_probes(
+        layer,
+        hidden,
+        kwargs,
+        device,
+        n_search,
+        {linears[s]: st.add for s, st in stats.items()},
+        [g.inspect for g in groups if g.inspect is not None],
+    )
     return outputs, stats, probes
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
 from quick.quant.awq import (
+    Probe,
     _first_tensor,
     _layer_output,
     calibration_dtype,
@@ -44,6 +45,7 @@ from quick.quant.awq import (
     default_device,
     fold_scale,
     layer_linears,
+    run_layer_with_probes,
 )
 from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError
 from quick.quant.w4a8_format import (
@@ -318,15 +320,6 @@ class _Site:
         self.scale = s if self.scale is None else self.scale * s
 
 
-@dataclass
-class _Probe:
-    """Inputs, kwargs and float outputs of the module a scale group is scored on, for the search chunks."""
-
-    inputs: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-
-
 def probe_module_name(group: ScaleGroup) -> str:
     """The attention/MLP block for multi-linear groups, the linear itself for single-linear ones."""
     return group.inspect if group.inspect is not None else group.linears[0]
@@ -360,7 +353,7 @@ class SmoothResult:
     identity_loss: float
 
 
-def _w4a8_block_loss(module: nn.Module, probe: _Probe) -> float:
+def _w4a8_block_loss(module: nn.Module, probe: Probe) -> float:
     err, count = 0.0, 0
     for x, ref, kw in zip(probe.inputs, probe.outputs, probe.kwargs, strict=True):
         out = _first_tensor(module(x, **kw))
@@ -374,7 +367,7 @@ def search_smoothing(
     layer: nn.Module,
     group: ScaleGroup,
     amax_x: torch.Tensor,
-    probe: _Probe,
+    probe: Probe,
     group_size: int,
     n_grid: int = N_GRID,
 ) -> SmoothResult:
@@ -455,7 +448,7 @@ def _collect(
     site_of: dict[str, str],
     n_search: int,
     device: torch.device,
-) -> tuple[list[torch.Tensor], dict[str, _Site], dict[str, _Probe]]:
+) -> tuple[list[torch.Tensor], dict[str, _Site], dict[str, Probe]]:
     """One pass of the float layer: its outputs, every input site's statistics, and the groups' probes."""
     sites = {
         s: _Site(
@@ -464,35 +457,15 @@ def _collect(
         )
         for s in set(site_of.values())
     }
-    probes = {probe_module_name(g): _Probe() for g in groups}
-    record = {"on": False}
-
-    def hooks(pr: _Probe) -> tuple[Callable, Callable]:
-        def pre(_m: nn.Module, args: tuple, kw: dict) -> None:
-            if record["on"]:
-                pr.inputs.append((args[0] if args else kw["hidden_states"]).detach())
-                pr.kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-
-        def post(_m: nn.Module, _args: tuple, _kw: dict, out: Any) -> None:
-            if record["on"]:
-                pr.outputs.append(_first_tensor(out).detach())
-
-        return pre, post
-
-    handles = [linears[s].register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0])) for s, st in sites.items()]
-    for name, pr in probes.items():
-        mod = layer.get_submodule(name)
-        pre, post = hooks(pr)
-        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(mod.register_forward_hook(post, with_kwargs=True))
-    outputs = []
-    try:
-        for c, x in enumerate(hidden):
-            record["on"] = c < n_search
-            outputs.append(_layer_output(layer(x.to(device), **kwargs[c])).to(x.device))
-    finally:
-        for h in handles:
-            h.remove()
+    outputs, probes = run_layer_with_probes(
+        layer,
+        hidden,
+        kwargs,
+        device,
+        n_search,
+        {linears[s]: (lambda x, _searching, st=st: st.add(x)) for s, st in sites.items()},  # every chunk counts
+        [probe_module_name(g) for g in groups],
+    )
     return outputs, sites, probes
 
 
