@@ -7,8 +7,9 @@ QUICK 4-bit weights. Writes ``e2e-<gpu>-<date>.json`` ({"gpu", "date", "rows": [
 
 A *variant* is how the step runs, the same for fp16 and QUICK: ``graph`` (CUDA graph of the eager step),
 ``step``/``regions`` (``torch.compile`` of the whole step / of the norms, MLP and rotary, then the graph),
-``fast`` (the few-kernel decode step of :mod:`quick.models.decoder`, then the graph), ``eager`` (no graph), each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several variants in
-one run (an ablation) add a ``variant`` key to each row. Prefill is timed once (``prompt`` tokens, eager);
+``fast`` (the few-kernel decode step of :mod:`quick.models.decoder`, then the graph), ``eager`` (no graph),
+each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several variants in one run (an ablation) add
+a ``variant`` key to each row. Prefill is timed once (``prompt`` tokens, eager);
 decode is timed over all ``gen - 1`` graph replays after one untimed warm-up generation that compiles and
 captures (its time is ``setup_s`` in ``cases``).
 """
