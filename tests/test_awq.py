@@ -58,7 +58,19 @@ def with_outliers(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-MODELS = {"llama": tiny_llama, "gemma3_text": tiny_gemma3}
+def tiny_phi3(kv_heads: int = 4) -> nn.Module:
+    # q|k|v and gate|up are single linears; MHA by default, so o_proj's scales fold into the v rows of qkv_proj
+    return tiny_causal_lm(
+        transformers.Phi3Config,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+MODELS = {"llama": tiny_llama, "gemma3_text": tiny_gemma3, "phi3": tiny_phi3}
 
 
 def calib(n: int = 16, seqlen: int = 64, seed: int = 1) -> torch.Tensor:
@@ -118,6 +130,9 @@ def test_v_to_o_group_follows_shapes():
 
     assert ("self_attn.o_proj",) in names(llama)  # MHA: shapes equal
     assert ("self_attn.o_proj",) not in names(gemma)  # 1 KV head: v_proj [64, 64] vs o_proj [64, 128]
+    assert ("self_attn.o_proj",) in names(tiny_phi3())  # q|k|v in equal parts: the v rows are o_proj's input
+    assert ("self_attn.o_proj",) not in names(tiny_phi3(kv_heads=2))  # GQA: the tail rows are not v alone
+    assert ("mlp.down_proj",) in names(tiny_phi3(kv_heads=2))  # gate|up: always two equal parts
 
 
 # ------------------------------------------------------------------------------------------- folding
@@ -140,12 +155,13 @@ def test_scale_folding_is_exact(kind):
             k = layer.get_submodule(g.linears[0]).in_features
             awq.fold_scale(layer, g, torch.exp(torch.randn(k, generator=gen)), family.norm_offset)
             n_groups += 1
-    assert n_groups == (8 if kind == "llama" else 6)
+    assert n_groups == {"llama": 8, "gemma3_text": 6, "phi3": 8}[kind]
     with torch.no_grad():
         out = folded(ids).logits
     # the weights did change ...
     l0, f0 = decoder_layers(model, family)[0], decoder_layers(folded, family)[0]
-    assert not torch.allclose(l0.self_attn.q_proj.weight, f0.self_attn.q_proj.weight)
+    first = family.groups[0].linears[0]
+    assert not torch.allclose(l0.get_submodule(first).weight, f0.get_submodule(first).weight)
     # ... the function did not
     assert rel(out, ref) < 1e-4
 
@@ -218,7 +234,7 @@ def test_awq_model_close_to_float(kind):
     reports: list[awq.LayerReport] = []
     q = awq.quantize_model_awq(copy.deepcopy(model), calib(), GROUP, progress=False, reports=reports)
     packed = [m for m in q.modules() if isinstance(m, QuickLinear)]
-    assert len(packed) == 14 and all(m.dtype == torch.float16 for m in packed)
+    assert len(packed) == (8 if kind == "phi3" else 14) and all(m.dtype == torch.float16 for m in packed)
     assert len(reports) == 2
     with torch.no_grad():
         out_awq, out_rtn = q(ids).logits, rtn(ids).logits
@@ -226,7 +242,7 @@ def test_awq_model_close_to_float(kind):
     err_awq, err_rtn = rel(out_awq, ref), rel(out_rtn, ref)
     # Measured ~0.12 (Llama) and ~0.36 (Gemma3, whose post-branch norms rescale each branch's relative
     # error to full size); a broken fold or a wrong layer input gives errors of order 1.
-    assert err_awq < {"llama": 0.2, "gemma3_text": 0.45}[kind], err_awq
+    assert err_awq < {"llama": 0.2, "gemma3_text": 0.45, "phi3": 0.2}[kind], err_awq
     assert err_awq < err_rtn, (err_awq, err_rtn)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.models.families import ModelFamily, decoder_layers, get_family
+from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 
 
@@ -64,8 +64,13 @@ def add_rms_norm(
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    """Rotary embedding of the first ``cos.shape[-1]`` channels of each head (all of them, or a part: Phi-4's
+    partial rotary); the rest pass through."""
+    r = cos.shape[-1]
+    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+    half = r // 2
+    out = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)
 
 
 def attend(
@@ -118,15 +123,24 @@ def _norm_eps(norm: nn.Module) -> float:
     return float(eps)
 
 
-def _projections(parent: nn.Module, names: tuple[str, ...], fused: str) -> Callable[[torch.Tensor], tuple]:
-    """Callable giving the projections ``names`` of one input: the fused linear's split product when
-    :func:`~quick.models.fuse.fuse_model` made one (one kernel), else each linear in turn."""
-    owner = getattr(parent, fused, None)
-    if isinstance(owner, FusedProjection) and tuple(n.rpartition(".")[2] for n in owner.names) == names:
+def _projections(parent: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]) -> Callable[[torch.Tensor], tuple]:
+    """Callable giving the projections of one input that ``names`` (the family's scale group, relative to
+    ``parent``) produce, as ``len(sizes)`` tensors: a checkpoint's single fused linear split by ``sizes`` (Phi-3's
+    q|k|v, gate|up), the product of :func:`~quick.models.fuse.fuse_model`'s fused linear (one kernel), or each
+    linear in turn."""
+    short = tuple(n.rpartition(".")[2] for n in names)
+    if len(short) == 1:
+        lin = getattr(parent, short[0], None)
+        if lin is None or isinstance(lin, FusedSlice):
+            raise UnsupportedModel(f"{type(parent).__name__} lacks the projection {short[0]}")
+        return lambda x: lin(x).split(sizes, dim=-1)
+    owners = [m for m in parent.children() if isinstance(m, FusedProjection)]
+    owner = next((m for m in owners if tuple(n.rpartition(".")[2] for n in m.names) == short), None)
+    if owner is not None:
         return owner
-    mods = [getattr(parent, n, None) for n in names]
+    mods = [getattr(parent, n, None) for n in short]
     if any(m is None or isinstance(m, FusedSlice) for m in mods):
-        raise UnsupportedModel(f"{type(parent).__name__} lacks the projections {names}")
+        raise UnsupportedModel(f"{type(parent).__name__} lacks the projections {short}")
     return lambda x: tuple(m(x) for m in mods)
 
 
@@ -192,14 +206,17 @@ def compiled_parts(backend: str | None, dynamic: bool | None = None) -> tuple[Ca
     return _COMPILED[key]
 
 
+def _io_groups(family: ModelFamily) -> tuple[ScaleGroup, ScaleGroup]:
+    """The family's scale groups of the attention input and of the MLP input (``inspect`` = ``self_attn`` /
+    ``mlp``): which norm feeds each block and which linears read it (the facts AWQ folds its scales by)."""
+    by_block = {g.inspect: g for g in family.groups if g.inspect in ("self_attn", "mlp")}
+    if set(by_block) != {"self_attn", "mlp"}:
+        raise UnsupportedModel(f"family '{family.name}' has no scale groups inspecting self_attn and mlp")
+    return by_block["self_attn"], by_block["mlp"]
+
+
 def _input_norms(family: ModelFamily) -> tuple[str, str]:
-    """Names of the norms feeding the attention and the MLP: the ``prev`` of the family's AWQ scale groups of
-    q_proj and gate_proj (the same fact AWQ folds its scales into)."""
-    by_linear = {lin: g.prev for g in family.groups for lin in g.linears}
-    try:
-        return by_linear["self_attn.q_proj"], by_linear["mlp.gate_proj"]
-    except KeyError as e:
-        raise UnsupportedModel(f"family '{family.name}' has no scale group for {e.args[0]}") from None
+    return tuple(g.prev for g in _io_groups(family))
 
 
 def _gate_act(cfg) -> str:
@@ -281,17 +298,22 @@ class FastDecoder:
         attn, mlp = layer.self_attn, layer.mlp
         keys, values = _cache_tensors(self.cache, index, self.max_len)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        norm_attn, norm_mlp = (layer.get_submodule(n) for n in _input_norms(family))
+        g_attn, g_mlp = _io_groups(family)
+        norm_attn, norm_mlp = layer.get_submodule(g_attn.prev), layer.get_submodule(g_mlp.prev)
         post = [layer.get_submodule(n).weight for n in family.branch_norms] if family.branch_norms else [None, None]
+        cfg = self.model.config
+        d = keys.shape[-1]
+        qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
+        ffn = getattr(cfg, "intermediate_size", None)
         return _Layer(
             norm_attn=norm_attn.weight,
             norm_mlp=norm_mlp.weight,
             post_attn=post[0],
             post_mlp=post[1],
             eps=_norm_eps(norm_attn),
-            qkv=_projections(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+            qkv=_projections(attn, g_attn.linears, qkv_sizes),
             o=attn.o_proj,
-            gate_up=_projections(mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
+            gate_up=_projections(mlp, g_mlp.linears, (ffn, ffn)),
             down=mlp.down_proj,
             q_norm=None if q_norm is None else q_norm.weight,
             k_norm=None if k_norm is None else k_norm.weight,

@@ -31,6 +31,9 @@ class ScaleGroup:
     ``same_shape``: only use the group when these two modules' weights have the same shape (AutoAWQ's
     rule for folding into ``v_proj``: with grouped-query attention a ``v_proj`` output channel feeds several
     ``o_proj`` input channels, so one scale per ``o_proj`` channel cannot be folded into it).
+    ``prev_parts``: ``prev`` is a linear whose output is that many equal parts (a checkpoint's fused q|k|v or
+    gate|up) and the last part feeds the group (the scales fold into its rows); the group is used only when
+    the parts are equal, i.e. ``prev`` has ``prev_parts`` times the linears' input width (for q|k|v: no GQA).
     """
 
     prev: str
@@ -38,6 +41,7 @@ class ScaleGroup:
     inspect: str | None = None
     inspect_kwargs: bool = False
     same_shape: tuple[str, str] | None = None
+    prev_parts: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ def _mlp_in(norm: str) -> ScaleGroup:
 
 
 _LLAMA_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("post_attention_layernorm"), _MLP_DOWN)
+# Phi-3 stores q|k|v and gate|up as one linear each: the v rows (multi-head attention only) and the up rows are the
+# tails that o_proj's and down_proj's scales fold into.
+_PHI3_GROUPS = (
+    ScaleGroup(prev="input_layernorm", linears=("self_attn.qkv_proj",), inspect="self_attn", inspect_kwargs=True),
+    ScaleGroup(prev="self_attn.qkv_proj", linears=("self_attn.o_proj",), prev_parts=3),
+    ScaleGroup(prev="post_attention_layernorm", linears=("mlp.gate_up_proj",), inspect="mlp"),
+    ScaleGroup(prev="mlp.gate_up_proj", linears=("mlp.down_proj",), prev_parts=2),
+)
 # Gemma3 normalises the attention *output* with post_attention_layernorm (before the residual add); the MLP
 # input comes from pre_feedforward_layernorm, so that is the op the gate/up scales fold into.
 _GEMMA3_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("pre_feedforward_layernorm"), _MLP_DOWN)
@@ -102,6 +114,15 @@ FAMILIES: tuple[ModelFamily, ...] = (
         _LLAMA_GROUPS,
         fast_decode=True,
         notes="q_norm/k_norm act per head after q/k",
+    ),
+    ModelFamily(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        _PHI3_GROUPS,
+        no_clip=("qkv_proj",),
+        fast_decode=True,
+        notes="q|k|v and gate|up are single linears in the checkpoint",
     ),
     ModelFamily(
         "gemma3_text",
@@ -174,6 +195,10 @@ def active_groups(layer: nn.Module, family: ModelFamily) -> list[ScaleGroup]:
         if g.same_shape is not None:
             a, b = (layer.get_submodule(n).weight.shape for n in g.same_shape)
             if a != b:
+                continue
+        if g.prev_parts > 1:
+            width = layer.get_submodule(g.linears[0]).weight.shape[1]
+            if layer.get_submodule(g.prev).weight.shape[0] != g.prev_parts * width:
                 continue
         out.append(g)
     return out
