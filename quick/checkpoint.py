@@ -120,10 +120,6 @@ def make_quant_config(
 # --------------------------------------------------------------------------------------- dtype handling
 
 
-def _cast_in(module: QuickLinear, args: tuple) -> tuple:
-    return (args[0].to(module.dtype), *args[1:])
-
-
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Run the dense parts of ``model`` in ``dtype``; packed layers keep their scale dtype.
 
@@ -134,14 +130,7 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """
     for mod in model.modules():
         if isinstance(mod, QuickLinear):
-            for h in getattr(mod, "_quick_cast_hooks", ()):
-                h.remove()
-            mod._quick_cast_hooks = ()
-            if dtype != mod.dtype:
-                mod._quick_cast_hooks = (
-                    mod.register_forward_pre_hook(_cast_in),
-                    mod.register_forward_hook(lambda _m, _a, out, dt=dtype: out.to(dt)),
-                )
+            mod.set_compute_dtype(dtype)
             continue
         for p in mod.parameters(recurse=False):
             if p.is_floating_point() and p.dtype != dtype:

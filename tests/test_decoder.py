@@ -243,3 +243,30 @@ def test_fast_decode_bf16_rounds_like_transformers(family):
             worst = max(worst, ((a - b).norm() / b.norm()).item())
             nxt = b.argmax(-1)
     assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("fmt", ["w4a16", "w4a8"])
+def test_fast_decode_on_quantized_layers(fmt):
+    """The packed layers (QuickLinear, fused or not, and QuickLinearW4A8; CPU reference paths here) run inside
+    the fast step as they do in transformers' layers: the same logits at every step."""
+    from quick.checkpoint import set_compute_dtype
+    from quick.quant.apply import quantize_model_rtn, quantize_model_rtn_w4a8
+
+    model = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+    _randomise_norms(model)
+    if fmt == "w4a16":
+        quantize_model_rtn(model, 64, "quick", dtype=torch.float16, progress=False)
+        set_compute_dtype(model, torch.float32)
+        fuse_model(model)
+    else:
+        quantize_model_rtn_w4a8(model, 128, dtype=torch.float16, progress=False)
+        set_compute_dtype(model, torch.float32)
+    ids = torch.randint(0, 256, (2, 5))
+    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
+    with torch.inference_mode():
+        fast.prefill(ids)
+        nxt = ref.prefill(ids).argmax(-1)
+        for i in range(6):
+            a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            nxt = b.argmax(-1)

@@ -134,6 +134,23 @@ def test_fused_quantized_model_matches(layout):
     assert rel < 2e-3, rel  # fp16 activations between layers: one rounding of the projections may differ
 
 
+def test_fusing_keeps_the_compute_dtype():
+    """fp16 packed layers run in an fp32 model through cast hooks (set_compute_dtype, what CPU evaluation does);
+    a fused layer made from them after that gets the same hooks (before: a dtype error at the first call)."""
+    from quick.checkpoint import set_compute_dtype
+
+    model = _tiny("llama")
+    quantize_model_rtn(model, group_size=64, layout="quick", dtype=torch.float16, progress=False)
+    set_compute_dtype(model, torch.float32)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert fuse_model(model) == 4
+        got = model(ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_slice_recomputes_for_a_new_input():
     torch.manual_seed(0)
     a, b = nn.Linear(32, 16), nn.Linear(32, 8)

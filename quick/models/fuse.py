@@ -149,6 +149,7 @@ def _concat_quick(mods: list[QuickLinear]) -> QuickLinear:
         fused.bias.copy_(
             torch.cat([m.bias if m.bias is not None else m.scales.new_zeros(m.out_features) for m in mods])
         )
+    fused.set_compute_dtype(getattr(first, "compute_dtype", None))  # e.g. fp32 activations around fp16 scales
     return fused
 
 

@@ -116,6 +116,20 @@ class QuickLinear(nn.Module):
         """Dense weight in ``nn.Linear`` orientation ``[N, logical K]``."""
         return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Accept inputs of ``dtype`` and return outputs in it (cast hooks) while the packed scales keep
+        ``self.dtype``; ``None`` or ``self.dtype`` removes the hooks. Kept on the layer (``compute_dtype``) so that
+        a layer made from it (a fused projection) gets the same."""
+        for h in getattr(self, "_quick_cast_hooks", ()):
+            h.remove()
+        self._quick_cast_hooks = ()
+        self.compute_dtype = dtype
+        if dtype is not None and dtype != self.dtype:
+            self._quick_cast_hooks = (
+                self.register_forward_pre_hook(lambda m, args: (args[0].to(m.dtype), *args[1:])),
+                self.register_forward_hook(lambda _m, _a, out, dt=dtype: out.to(dt)),
+            )
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
