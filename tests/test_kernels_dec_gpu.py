@@ -26,13 +26,16 @@ _CACHE: dict = {}
 
 
 def _weights(k: int, n: int, g: int, dtype: torch.dtype, layout: str = "quick_sm90"):
+    """Random codes for (k, n, g, dtype), packed for ``layout`` on demand (a shape one layout takes may not suit the
+    other: N = 1056 is a multiple of 16, not of 64)."""
     key = (k, n, g, dtype)
     if key not in _CACHE:
         _CACHE.clear()
         qw = random_quantized(k, n, g, dtype, "cpu", torch.Generator().manual_seed(hash(key) % 2**31))
-        qw = type(qw)(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.group_size)
-        _CACHE[key] = (qw, {lay: get_layout(lay).pack(qw) for lay in qd.LAYOUTS})
+        _CACHE[key] = (type(qw)(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.group_size), {})
     qw, packs = _CACHE[key]
+    if layout not in packs:
+        packs[layout] = get_layout(layout).pack(qw)
     return qw, packs[layout]
 
 

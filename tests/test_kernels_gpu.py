@@ -271,8 +271,10 @@ def test_bad_layout_and_alignment():
         quick_mma.quick_matmul(x.cpu(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="cuda"):
         quick_mma.quick_matmul(x, p["qweight"].cpu(), p["scales"], p["zeros"], 64)
-    buf = torch.randn(4 * 256 + 1, device="cuda", dtype=torch.float16)
-    misaligned = buf[1:].view(4, 256)  # contiguous, 2 bytes off a 16-byte boundary
+    # contiguous, 2 bytes off a 16-byte boundary; 32 rows: the GEMM's path (the decode kernel, M <= 8, copies such
+    # an x to dense rows instead of refusing it)
+    buf = torch.randn(32 * 256 + 1, device="cuda", dtype=torch.float16)
+    misaligned = buf[1:].view(32, 256)
     with pytest.raises(ValueError, match="16-byte aligned"):
         quick_mma.quick_matmul(misaligned, p["qweight"], p["scales"], p["zeros"], 64)
 

@@ -249,11 +249,17 @@ def test_quick_tune_checks_its_arguments_before_any_gpu_work(argv, cap, match, m
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("raw,want", [("", 0), ("16", 16), (" 64 ", 64), ("on", 0), ("-3", 0), ("1.5", 0)])
+@pytest.mark.parametrize(
+    "raw,want", [(None, 8), ("", 8), ("0", 0), ("16", 16), (" 64 ", 64), ("on", 8), ("-3", 8), ("1.5", 8)]
+)
 def test_the_decode_switch_reads_the_environment_safely(raw, want, monkeypatch):
-    monkeypatch.setenv("QUICK_DEC_MAX_M", raw)
-    if want == 0 and raw.strip() not in ("", "0"):
-        with pytest.warns(RuntimeWarning, match="not a non-negative integer"):
-            assert tuning.env_max_m() == 0
+    """Unset or empty: the measured default; a bad value warns and keeps it; 0 turns the decode kernel off."""
+    if raw is None:
+        monkeypatch.delenv("QUICK_DEC_MAX_M", raising=False)
     else:
-        assert tuning.env_max_m() == want
+        monkeypatch.setenv("QUICK_DEC_MAX_M", raw)
+    if raw is not None and raw.strip() not in ("", "0") and not raw.strip().isdigit():
+        with pytest.warns(RuntimeWarning, match="not a non-negative integer"):
+            assert tuning.env_max_m(default=8) == want
+    else:
+        assert tuning.env_max_m(default=8) == want

@@ -692,9 +692,10 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 
 
 # Batch sizes up to which quick_matmul runs the decode kernel (csrc/quick_dec.cu with the weight as the mma B operand)
-# instead of the GEMM. 0 until that kernel has passed the device checks (scripts/dec_check.py); the environment
-# variable QUICK_DEC_MAX_M overrides it, as for the Hopper layout.
-DEC_QUICK_MAX_M = tuning.env_max_m()
+# instead of the GEMM. 8: device window 5 (H200, 2026-12-05, scripts/dec_check.py): correct on the float64 matrix,
+# faster than the mma.sync GEMM at M <= 8 on all 8 shapes timed (8192^2: 18.9 / 21.2 / 23.4 us at M = 1 / 4 / 8
+# against 27.8 / 28.4 / 28.6), slower at M = 16 on 8192^2 (31.4 against 28.7). QUICK_DEC_MAX_M overrides it.
+DEC_QUICK_MAX_M = tuning.env_max_m(default=8)
 
 
 def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tuple[str, object, int | None]:

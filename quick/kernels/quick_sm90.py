@@ -159,9 +159,11 @@ for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES:
 
 
 # Batch sizes up to which gemm_w4a16_sm90 runs the decode kernel (quick_dec.cu, mma.sync over this layout) instead
-# of the wgmma GEMM. 0 until the decode kernel has passed the device checks (scripts/dec_check.py); the environment
-# variable QUICK_DEC_MAX_M overrides it (device runs that measure the decode path end to end before it is the default).
-DEC_MAX_M = tuning.env_max_m()
+# of the wgmma GEMM (a measured table, where one exists for the GPU, decides above it). 8: device window 5 (H200,
+# 2026-12-05, scripts/dec_check.py): 3482 float64 cases passed; at M <= 8 it beat the wgmma kernel on all 8 layer
+# shapes timed (8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4), at M = 16 on 4 of 8, and
+# lost at M = 32 and 64 (8192^2: 44.6 and 78.7 against 30.9 and 33.8). QUICK_DEC_MAX_M overrides it (0: off).
+DEC_MAX_M = tuning.env_max_m(default=8)
 
 
 def _dec():

@@ -48,18 +48,21 @@ class Choice:
     us: float | None = None
 
 
-def env_max_m(name: str = "QUICK_DEC_MAX_M") -> int:
-    """A batch-size switch from the environment: a non-negative integer, else 0 with a warning (a typo must not stop
-    the kernel module from importing, which would silently send every layer to the reference path)."""
-    raw = os.environ.get(name, "0").strip() or "0"
+def env_max_m(name: str = "QUICK_DEC_MAX_M", default: int = 0) -> int:
+    """A batch-size switch from the environment (``default`` when unset): a non-negative integer, else ``default``
+    with a warning (a typo must not stop the kernel module from importing, which would silently send every layer to
+    the reference path)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
         value = int(raw)
         if value < 0:
             raise ValueError
         return value
     except ValueError:
-        warnings.warn(f"{name}={raw!r} is not a non-negative integer; using 0 (off)", RuntimeWarning, stacklevel=2)
-        return 0
+        warnings.warn(f"{name}={raw!r} is not a non-negative integer; using {default}", RuntimeWarning, stacklevel=2)
+        return default
 
 
 def gpu_key(name: str) -> str:
