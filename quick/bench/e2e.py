@@ -51,7 +51,9 @@ VARIANTS = [
 ]
 # H100, Llama-2-7B decode tok/s (windows 1-2): quick_sm90 b1 graph 141 -> graph+fused 154 -> regions+fused 207,
 # b64 6065 -> 6377 -> 8473; quick b1 180 -> 244 (graph+fused -> regions+fused); regions builds took 1.6-4.5 s.
-DEFAULT_VARIANT = "regions+fused"
+# H200, Llama-2-7B decode tok/s (window 5, 2026-12-05): quick_sm90 regions+fused -> fast+fused b1 390 -> 453, b16
+# 3387 -> 3713, b64 9398 -> 9853, b256 15286 -> 15383; fp16 likewise faster or equal.
+DEFAULT_VARIANT = "fast+fused"
 
 
 def parse_variant(v: str) -> tuple[str, bool, bool]:
