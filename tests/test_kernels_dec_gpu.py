@@ -145,6 +145,8 @@ def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
     monkeypatch.setattr(qd, "run_validated", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
     monkeypatch.setattr(quick_mma, "DEC_QUICK_MAX_M", 64)
     monkeypatch.setattr(sm, "DEC_MAX_M", 64)
+    monkeypatch.setattr(quick_mma, "DEC_FORCED", True)
+    monkeypatch.setattr(sm, "DEC_FORCED", True)
     for layout, fn in (("quick", quick_mma.quick_matmul), ("quick_sm90", sm.gemm_w4a16_sm90)):
         for m, n, routed in ((3, 2048, True), (40, 2048, layout == "quick_sm90"), (40, 1024 + 128, False)):
             calls.clear()

@@ -119,10 +119,16 @@ def test_route_follows_the_table_then_the_heuristics(table_dir):
 
 
 def test_route_keeps_the_switch_first(table_dir, monkeypatch):
-    """QUICK_DEC_MAX_M (DEC_MAX_M) forces the decode kernel with its default config up to its M."""
+    """QUICK_DEC_MAX_M set by the user (DEC_FORCED) forces the decode kernel with its default config up to its M;
+    the default switch (not set) comes after the table."""
     monkeypatch.setattr(sm, "DEC_MAX_M", 64)
+    monkeypatch.setattr(sm, "DEC_FORCED", True)
     assert sm.route(DEV, 40, 14336, 4096, 128) == (True, None, None, None, None)
     assert sm.route(DEV, 100, 14336, 4096, 128)[3] == sm.Sm90Config(256, 2, 4, 4, 4, 0)  # the M = 256 entry
+    monkeypatch.setattr(sm, "DEC_FORCED", False)
+    # the table first: its M = 64 entry's config and splits, not the decode kernel's defaults
+    assert sm.route(DEV, 40, 14336, 4096, 128)[:3] == (True, qd.DecConfig(2, 1, 4, 0, 8), 8)
+    assert sm.route(DEV, 4, 8192, 4096, 128) == (True, None, None, None, None)  # no entry for this shape: the default
 
 
 def test_a_config_from_another_version_is_ignored_with_a_warning(table_dir):
@@ -222,6 +228,12 @@ def test_quick_layout_route_follows_the_table(table_dir, monkeypatch):
     assert qm.route(DEV, 40, 14336, 4096, 128) == ("gemm", "m16n2k4", 4)
     assert qm.route(DEV, 1000, 14336, 4096, 128) == ("gemm", None, None)
     assert qm.route(DEV, 3, 4096, 4096, 128) == ("gemm", None, None)  # not measured: the heuristics
+    monkeypatch.setattr(qm, "DEC_QUICK_MAX_M", 8)  # the default switch: after the table, before the heuristics
+    monkeypatch.setattr(qm, "DEC_FORCED", False)
+    assert qm.route(DEV, 3, 14336, 4096, 128) == ("gemv", "v8", 2)
+    assert qm.route(DEV, 3, 4096, 4096, 128) == ("dec", None, None)
+    monkeypatch.setattr(qm, "DEC_FORCED", True)  # set by the user: before the table
+    assert qm.route(DEV, 3, 14336, 4096, 128) == ("dec", None, None)
 
 
 @pytest.mark.parametrize(

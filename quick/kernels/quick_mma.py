@@ -696,16 +696,19 @@ def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 # faster than the mma.sync GEMM at M <= 8 on all 8 shapes timed (8192^2: 18.9 / 21.2 / 23.4 us at M = 1 / 4 / 8
 # against 27.8 / 28.4 / 28.6), slower at M = 16 on 8192^2 (31.4 against 28.7). QUICK_DEC_MAX_M overrides it.
 DEC_QUICK_MAX_M = tuning.env_max_m(default=8)
+DEC_FORCED = tuning.env_is_set()  # set by the user: the decode kernel up to DEC_QUICK_MAX_M, before the table
 
 
 def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tuple[str, object, int | None]:
     """Which kernel runs an automatic call for the ``quick`` layout: ``(kind, config, splits)`` with kind ``dec``
     (config a ``DecConfig`` or None for its default), ``gemv`` or ``gemm`` (config a name or None for the tuned
-    choice). The QUICK_DEC_MAX_M switch first, then the measured table for this GPU and shape
-    (:mod:`quick.kernels.tuning`), then the heuristics (``GEMV_AUTO_MAX_M``, ``TUNED_GEMM``)."""
+    choice). ``QUICK_DEC_MAX_M`` first when the user set it, then the measured table for this GPU and shape
+    (:mod:`quick.kernels.tuning`), then the defaults: the decode kernel up to ``DEC_QUICK_MAX_M``, the heuristics
+    (``GEMV_AUTO_MAX_M``, ``TUNED_GEMM``)."""
     from quick.kernels import quick_dec
 
-    if 0 < m <= DEC_QUICK_MAX_M and quick_dec.takes("quick", m, n):
+    dec_ok = 0 < m <= DEC_QUICK_MAX_M and quick_dec.takes("quick", m, n)
+    if DEC_FORCED and dec_ok:
         return "dec", None, None
     choice = tuning.lookup("quick", device, m, n, k, group_size) if m > 0 and n > 0 else None
     if choice is not None:
@@ -718,6 +721,8 @@ def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tupl
             return "gemv", name, choice.splits
         elif choice.kernel == "gemm" and (name is None or name in GEMM_CONFIGS):
             return "gemm", name, choice.splits
+    if dec_ok:
+        return "dec", None, None
     return ("gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"), None, None
 
 

@@ -164,6 +164,7 @@ for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES:
 # shapes timed (8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4), at M = 16 on 4 of 8, and
 # lost at M = 32 and 64 (8192^2: 44.6 and 78.7 against 30.9 and 33.8). QUICK_DEC_MAX_M overrides it (0: off).
 DEC_MAX_M = tuning.env_max_m(default=8)
+DEC_FORCED = tuning.env_is_set()  # set by the user: the decode kernel up to DEC_MAX_M, before the measured table
 
 
 def _dec():
@@ -444,12 +445,14 @@ def route(
 ) -> tuple[bool, object | None, int | None, Sm90Config | None, int | None]:
     """Which kernel runs a call: ``(decode, decode config, decode splits, wgmma config, wgmma splits)``.
 
-    Caller's choices first (config, splits, decode); then the QUICK_DEC_MAX_M switch (``DEC_MAX_M``) forces the
-    decode kernel up to its M; then the measured table for this GPU and shape (:mod:`quick.kernels.tuning`); then
-    the heuristics (``TUNED`` in :func:`gemm_w4a16_sm90`). ``None`` configs mean "the kernel's default"."""
+    Caller's choices first (config, splits, decode); then ``QUICK_DEC_MAX_M`` when the user set it (forces the
+    decode kernel up to its M); then the measured table for this GPU and shape (:mod:`quick.kernels.tuning`); then
+    the defaults: the decode kernel up to ``DEC_MAX_M``, else the heuristics (``TUNED`` in :func:`gemm_w4a16_sm90`).
+    ``None`` configs mean "the kernel's default"."""
     dec_cfg = dec_splits = None
     if decode is None and config is None and splits is None:
-        choice = tuning.lookup(LAYOUT, device, m, n, k, g) if m > DEC_MAX_M else None
+        forced = DEC_FORCED and m <= DEC_MAX_M
+        choice = None if forced else tuning.lookup(LAYOUT, device, m, n, k, g)
         if choice is not None and choice.kernel == "dec":
             dec_cfg = tuning.make_config(_dec().DecConfig, choice)
             if dec_cfg is not None and _dec().fits(dec_cfg, m, n):

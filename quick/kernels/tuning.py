@@ -65,6 +65,11 @@ def env_max_m(name: str = "QUICK_DEC_MAX_M", default: int = 0) -> int:
         return default
 
 
+def env_is_set(name: str = "QUICK_DEC_MAX_M") -> bool:
+    """Whether the user set the switch: then it forces the decode kernel up to its M, before any measured table."""
+    return bool(os.environ.get(name, "").strip())
+
+
 def gpu_key(name: str) -> str:
     """File stem for a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
