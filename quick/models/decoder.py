@@ -215,10 +215,6 @@ def _io_groups(family: ModelFamily) -> tuple[ScaleGroup, ScaleGroup]:
     return by_block["self_attn"], by_block["mlp"]
 
 
-def _input_norms(family: ModelFamily) -> tuple[str, str]:
-    return tuple(g.prev for g in _io_groups(family))
-
-
 def _gate_act(cfg) -> str:
     act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     if act not in GATE_ACTS:
@@ -246,7 +242,7 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
             raise UnsupportedModel(f"model.model has no '{name}'")
     if not hasattr(model, "lm_head"):
         raise UnsupportedModel("the model has no lm_head")
-    names = (*_input_norms(family), *(family.branch_norms or ()))
+    names = (*(g.prev for g in _io_groups(family)), *(family.branch_norms or ()))
     for layer in decoder_layers(model, family):
         missing = [n for n in names if not hasattr(layer, n)]
         if missing:
@@ -282,8 +278,7 @@ class FastDecoder:
         self.offset = float(family.norm_offset)
         self.act = _gate_act(model.config)
         inner = model.model
-        self._typed_rope = _takes_layer_type(inner.rotary_emb)
-        types = getattr(model.config, "layer_types", None) if self._typed_rope else None
+        types = getattr(model.config, "layer_types", None) if _takes_layer_type(inner.rotary_emb) else None
         self.layers = [
             self._layer(i, layer, family, types[i] if types else None)
             for i, layer in enumerate(decoder_layers(model, family))
