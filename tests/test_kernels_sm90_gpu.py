@@ -103,26 +103,6 @@ def test_split_k_is_deterministic():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.parametrize("m,splits", [(16, None), (64, 3), (300, None)])
-def test_l2_prefetch_changes_no_result(m, splits):
-    """The wgmma kernel's prefetch of the next linear's weights (quick.kernels.prefetch) is a hint: bitwise the
-    same output, through the function and the custom op, for a prefetch larger than the L2 and an odd-sized one."""
-    qw, p = _weights(4096, 4096, 128, torch.float16)
-    x = torch.randn(m, 4096, device="cuda").half()
-    args = (x, p["qweight"], p["scales"], p["zeros"], 128)
-    plain = sm.gemm_w4a16_sm90(*args, splits=splits, decode=False)
-    big = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")
-    odd = torch.empty(1000003, dtype=torch.uint8, device="cuda")
-    auto = sm.gemm_w4a16_sm90(*args)  # the automatic route (table, decode kernel or wgmma)
-    for nxt in (big, odd):
-        out = sm.gemm_w4a16_sm90(*args, splits=splits, decode=False, l2_next=nxt)
-        torch.testing.assert_close(out, plain, rtol=0, atol=0)
-        out = torch.ops.quick.gemm_w4a16_sm90(*args[:4], None, 128, nxt)
-        torch.testing.assert_close(out, auto, rtol=0, atol=0)
-    torch.cuda.synchronize()
-    _check(plain, reference_matmul(x, qw), torch.float16)
-
-
 def test_custom_op_and_cuda_graph():
     qw, p = _weights(1024, 512, 128, torch.float16)
     x = torch.randn(4, 1024, device="cuda").half()

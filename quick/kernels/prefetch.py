@@ -2,10 +2,9 @@
 
 At batch 1 a decode step alternates weight-streaming linears with small kernels (norms, rotary, attention) that
 leave DRAM idle, and each linear's own tail (its last CTAs, its split-k reduction) leaves it half idle too. The
-decode kernel (``csrc/quick_dec.cu``) and the wgmma kernel (``csrc/quick_sm90.cu``, its producer thread) therefore
-take the weights of the linear that runs after them: once a CTA has issued its last weight load it asks the L2 for
-its share of them (``cp.async.bulk.prefetch.L2`` on sm_90), so the next linear finds part of its stream in L2. The
-hint changes no result.
+decode kernel (``csrc/quick_dec.cu``) therefore takes the weights of the linear that runs after it: once a CTA has
+issued its last weight load it asks the L2 for its share of them (``cp.async.bulk.prefetch.L2`` on sm_90), so the
+next linear finds part of its stream in L2. The hint changes no result.
 
 :func:`chain` records the order: ``QuickLinear.l2_next`` gives the next layer's ``qweight``; the kernel fetches
 at most :data:`MAX_BYTES` of it (``QUICK_L2_PREFETCH_MB``, 0 switches the prefetch off), because a prefetch larger

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quick.kernels import jit, prefetch, tuning
+from quick.kernels import jit, tuning
 from quick.quant.primitives import SUPPORTED_DTYPES, resolve_group_size
 
 SOURCE = "quick_sm90.cu"
@@ -485,7 +485,7 @@ def gemm_w4a16_sm90(
     ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` (contiguous [M, N]) lets tests
     hand in a poisoned buffer. ``decode``: None = the decode kernel (:mod:`quick.kernels.quick_dec`) for
     ``M <= DEC_MAX_M`` when no config is forced, True/False = force it on/off. ``l2_next``: the next linear's
-    weights, prefetched into L2 at the end of either kernel (:mod:`quick.kernels.prefetch`).
+    weights, prefetched into L2 by the decode kernel (:mod:`quick.kernels.prefetch`; the wgmma kernel ignores it).
     """
     m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
     if x.device.type != "cuda":
@@ -528,7 +528,6 @@ def gemm_w4a16_sm90(
         _buf, desc = encode_x_map(x, cfg.nt)
         gshift = group_shift(g, k)
         b = bias.contiguous() if bias is not None else ctypes.c_void_p(0)
-        pf_bytes = prefetch.prefetch_bytes(l2_next) if l2_next is not None and l2_next.device == dev else 0
         kern(
             (p.grid,),
             (cfg.threads(),),
@@ -549,8 +548,6 @@ def gemm_w4a16_sm90(
                 p.steps_per_split,
                 p.n_tiles,
                 p.m_tiles,
-                ctypes.c_void_p(l2_next.data_ptr() if pf_bytes else 0),
-                ctypes.c_uint64(pf_bytes),
             ],
             smem=cfg.smem_bytes(),
         )

@@ -32,8 +32,6 @@
 // by the mbarrier instead of register scoreboards. Group sizes >= 64 only), QS_EF (1: every weight access carries
 // an L2::evict_first policy: weights are read once, and L2 replaces these clean lines before other data or dirty
 // lines waiting for write-back).
-// l2_next / l2_bytes: the weights of the linear that runs next in a decode step; the producer thread asks the L2 for
-// this CTA's share once it has issued its last load (quick/kernels/prefetch.py; a hint, results unchanged).
 
 #include <cstdint>
 
@@ -356,7 +354,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const uint16_t* __restrict__ bias, uint16_t* __restrict__ out, float* __restrict__ ws,
                     int* __restrict__ counters, int M, int N, int K, int gshift, int splits, int steps_per_split,
-                    int n_tiles, int m_tiles, const void* __restrict__ l2_next, unsigned long long l2_bytes) {
+                    int n_tiles, int m_tiles) {
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_base = smem_u32(smem_raw);
   const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
@@ -441,9 +439,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       }
-      // every load of this CTA is issued: its share of the next linear's weights goes to the L2 while the
-      // consumers finish (l2_bytes = 0: none; quick/kernels/prefetch.py)
-      quick::l2_prefetch_share(l2_next, l2_bytes, blockIdx.x, gridDim.x, 0, 1);
     }
     return;
   }
