@@ -101,27 +101,6 @@ def test_split_k_is_bitwise_deterministic(layout):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.parametrize("splits", [None, 1, 5])
-def test_l2_prefetch_changes_no_result(splits):
-    """The decode kernel's prefetch of the next linear's weights (quick.kernels.prefetch) is a hint: outputs are
-    bitwise those without it, for a prefetch larger than the L2, a capped one and one of an odd size."""
-    from quick.kernels import prefetch
-
-    qw, p = _weights(4096, 4096, 128, torch.float16)
-    x = torch.randn(3, 4096, device="cuda").half()
-    run = lambda nxt: qd.run_validated(  # noqa: E731
-        "quick_sm90", x, p["qweight"], p["scales"], p["zeros"], None, 3, 4096, 4096, 128, splits=splits, l2_next=nxt
-    )
-    plain = run(None)
-    big = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")
-    odd = torch.empty(1000003, dtype=torch.uint8, device="cuda")
-    for nxt in (big, odd, p["qweight"]):
-        torch.testing.assert_close(run(nxt), plain, rtol=0, atol=0)
-    assert prefetch.prefetch_bytes(big, limit=1 << 40) == 96 << 20 and prefetch.prefetch_bytes(odd) % 16 == 0
-    torch.cuda.synchronize()
-    _check(plain, reference_matmul(x, qw), torch.float16)
-
-
 def test_graph_capture_and_forced_decode_through_the_sm90_entry():
     qw, p = _weights(4096, 4096, 128, torch.float16)
     x = torch.randn(1, 4096, device="cuda").half()

@@ -29,7 +29,6 @@ import torch
 import torch._dynamo
 
 from quick.inference import StaticGenerator, uncompile_regions
-from quick.kernels import prefetch
 from quick.models.fuse import fuse_model
 from quick.models.synthetic import build_random_model
 
@@ -163,11 +162,8 @@ def run(
     log=None,
     dynamic: bool | None = None,
     graph_prefill: bool = True,
-    l2_mbs: list[int] | None = None,
 ) -> tuple[list, list]:
-    """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times. ``l2_mbs``: an
-    ablation of the decode kernel's cross-kernel prefetch cap (:mod:`quick.kernels.prefetch`, MB; 0 = off), each
-    value a variant ``"<variant> l2=<MB>MB"``."""
+    """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times."""
     variants = variants or [DEFAULT_VARIANT]
     for v in variants:
         parse_variant(v)
@@ -188,10 +184,7 @@ def run(
                 compile_mode, _, fused = parse_variant(v)
                 if fused:
                     fuse_model(model)
-                for b, mb in [(b, mb) for b in batches for mb in (l2_mbs or [None])]:
-                    if mb is not None:
-                        prefetch.MAX_BYTES = mb << 20
-                    label = v if mb is None or len(l2_mbs) < 2 else f"{v} l2={mb}MB"
+                for b in batches:
                     try:
                         r = run_one(model, b, prompt, gen, vocab, v, dynamic, graph_prefill)
                     except torch.OutOfMemoryError:
@@ -203,17 +196,17 @@ def run(
                         continue
                     setup_s = r.pop("setup_s")
                     r = {"model": name, "impl": impl, **r}
-                    if len(variants) > 1 or label != v:
-                        r["variant"] = label
+                    if len(variants) > 1:
+                        r["variant"] = v
                     case = {
                         "model": name,
                         "impl": impl,
-                        "variant": label,
+                        "variant": v,
                         "batch": b,
                         "setup_s": setup_s,
                         "build_s": round(build_s, 1),
                     }
-                    print(json.dumps({**r, "variant": label, "setup_s": setup_s}), flush=True)
+                    print(json.dumps({**r, "variant": v, "setup_s": setup_s}), flush=True)
                     if log is not None:
                         log.write(json.dumps({**r, **case}) + "\n")
                         log.flush()
@@ -324,13 +317,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="shorthand: replace the variants' compile mode (none = graph only)",
     )
-    p.add_argument(
-        "--l2-mb",
-        nargs="+",
-        type=int,
-        default=None,
-        help="cap(s) of the decode kernel's L2 prefetch of the next linear, MB (0 = off; several: an ablation)",
-    )
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument(
         "--prefill",
@@ -387,7 +373,6 @@ def main(args: argparse.Namespace) -> int:
                 log,
                 dyn,
                 args.prefill == "graph",
-                args.l2_mb,
             )
             rows, cases = rows + r, cases + c
             stem = write_results(

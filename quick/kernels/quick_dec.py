@@ -304,12 +304,10 @@ def run_validated(
     config: DecConfig | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
-    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
-    contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``. ``l2_next``: weights of the
-    linear that runs next, which the kernel asks the L2 for at its end (:mod:`quick.kernels.prefetch`)."""
-    from quick.kernels import prefetch, quick_mma, quick_sm90
+    contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``."""
+    from quick.kernels import quick_mma, quick_sm90
 
     if m == 0:
         return x.new_empty((0, n))
@@ -328,7 +326,7 @@ def run_validated(
             kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype), idx, arch)
             gshift = quick_sm90.group_shift(g, k)
             launch = quick_mma._FastLaunch(
-                kern, p.grid, (p.config.threads,), p.smem, [None] * 8 + [m, n, k, gshift, p.steps_per_split, None, None]
+                kern, p.grid, (p.config.threads,), p.smem, [None] * 8 + [m, n, k, gshift, p.steps_per_split]
             )
             hit = (launch, p)
             if len(_LAUNCH) > 4096:
@@ -346,10 +344,10 @@ def run_validated(
         cnt = quick_mma._counters(dev, p.n_tiles, stream, _COUNTERS)
         ws_ptr, cnt_ptr = ws.data_ptr(), cnt.data_ptr()
     bptr = bias.data_ptr() if bias is not None else 0
-    pf_bytes = prefetch.prefetch_bytes(l2_next) if l2_next is not None and l2_next.device == dev else 0
-    pf_ptr = l2_next.data_ptr() if pf_bytes else 0
-    ptrs = [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr()]
-    launch([*ptrs, ws_ptr, cnt_ptr, pf_ptr, pf_bytes], stream)
+    launch(
+        [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr(), ws_ptr, cnt_ptr],
+        stream,
+    )
     return out
 
 

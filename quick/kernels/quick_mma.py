@@ -488,9 +488,8 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 class _FastLaunch:
-    """One kernel launch with fixed grid, block, shared memory and 32-bit scalar arguments; the ``None`` slots of
-    ``template`` are 64-bit arguments (pointers, byte counts) filled in per call. The parameter block is built once
-    (cuLaunchKernel copies it at launch)."""
+    """One kernel launch with fixed grid, block, shared memory and scalar arguments; pointer arguments are
+    filled in per call. The parameter block is built once (cuLaunchKernel copies it at launch)."""
 
     def __init__(self, kernel: jit.CudaKernel, grid, block, smem: int, template: list) -> None:
         self.kernel, self.smem = kernel, smem

@@ -478,14 +478,12 @@ def gemm_w4a16_sm90(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     decode: bool | None = None,
-    l2_next: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)`` with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in x's dtype.
 
     ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` (contiguous [M, N]) lets tests
     hand in a poisoned buffer. ``decode``: None = the decode kernel (:mod:`quick.kernels.quick_dec`) for
-    ``M <= DEC_MAX_M`` when no config is forced, True/False = force it on/off. ``l2_next``: the next linear's
-    weights, prefetched into L2 by the decode kernel (:mod:`quick.kernels.prefetch`; the wgmma kernel ignores it).
+    ``M <= DEC_MAX_M`` when no config is forced, True/False = force it on/off.
     """
     m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
     if x.device.type != "cuda":
@@ -502,7 +500,7 @@ def gemm_w4a16_sm90(
     decode, dec_cfg, dec_splits, config, splits = route(x.device, m, n, k, g, config, splits, decode)
     if decode:  # the same inputs, already validated and made dense: no second validation on the decode path
         b = bias.contiguous() if bias is not None else None
-        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, out, l2_next)
+        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, out)
     dev = x.device
     rounds = None
     if config is None:
@@ -570,12 +568,11 @@ def _define_op() -> None:
         zeros: torch.Tensor,
         bias: torch.Tensor | None,
         group_size: int,
-        l2_next: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias, l2_next=l2_next)
+        return gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias)
 
     @_op.register_fake
-    def _(x, qweight, scales, zeros, bias, group_size, l2_next=None):
+    def _(x, qweight, scales, zeros, bias, group_size):
         validate(x, qweight, scales, zeros, group_size, bias)
         return x.new_empty((x.shape[0], scales.shape[1]))
 
@@ -593,11 +590,8 @@ except (RuntimeError, AttributeError):  # already defined by an earlier import o
     pass
 
 
-def kernel_fn(
-    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, l2_next: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller);
-    ``l2_next`` as in :func:`gemm_w4a16_sm90`.
+def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller).
 
     The layout admits N multiples of 16, the kernel needs multiples of 64: such layers take the dequantize +
     matmul path instead of failing."""
@@ -607,9 +601,7 @@ def kernel_fn(
 
         w = get_layout(LAYOUT).unpack(packed, k, n, group_size).dequantize(x2d.dtype)
         return x2d @ w.to(x2d.device)
-    return torch.ops.quick.gemm_w4a16_sm90(
-        x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size, l2_next
-    )
+    return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)
 
 
 def _available(x: torch.Tensor) -> bool:

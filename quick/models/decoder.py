@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.kernels import prefetch
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 
@@ -143,22 +142,6 @@ def _projections(parent: nn.Module, names: tuple[str, ...], sizes: tuple[int, ..
     if any(m is None or isinstance(m, FusedSlice) for m in mods):
         raise UnsupportedModel(f"{type(parent).__name__} lacks the projections {short}")
     return lambda x: tuple(m(x) for m in mods)
-
-
-def _linears(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
-    """The modules that :func:`_projections` of the same names calls, in call order (one for a fused linear)."""
-    short = tuple(n.rpartition(".")[2] for n in names)
-    owner = next(
-        (
-            m
-            for m in parent.children()
-            if isinstance(m, FusedProjection) and tuple(n.rpartition(".")[2] for n in m.names) == short
-        ),
-        None,
-    )
-    if len(short) > 1 and owner is not None:
-        return [owner.linear]
-    return [getattr(parent, n) for n in short]
 
 
 def _cache_tensors(cache, index: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,13 +268,7 @@ class FastDecoder:
     cache's ``max_len``."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        cache,
-        max_len: int,
-        backend: str | None = "inductor",
-        dynamic: bool | None = None,
-        l2_prefetch: bool = True,
+        self, model: nn.Module, cache, max_len: int, backend: str | None = "inductor", dynamic: bool | None = None
     ) -> None:
         check_supported(model, max_len)
         self.model = model
@@ -307,20 +284,10 @@ class FastDecoder:
             for i, layer in enumerate(decoder_layers(model, family))
         ]
         self.final_norm, self.final_eps = inner.norm.weight, _norm_eps(inner.norm)
-        # each 4-bit linear's decode kernel prefetches the next one's weights into L2 (quick.kernels.prefetch)
-        order = [m for layer in decoder_layers(model, family) for m in self._call_order(layer, family)]
-        self.prefetching = prefetch.chain(order, enabled=l2_prefetch)
         # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
         # them equal to what transformers' own update would leave (4.x has no such counters)
         layers = getattr(cache, "layers", None) or []
         self._counters = [c for c in (getattr(layer, "cumulative_length", None) for layer in layers) if c is not None]
-
-    @staticmethod
-    def _call_order(layer: nn.Module, family: ModelFamily) -> list[nn.Module]:
-        """The layer's linears in the order :meth:`__call__` runs them: q/k/v, o, gate/up, down."""
-        g_attn, g_mlp = _io_groups(family)
-        attn, mlp = layer.self_attn, layer.mlp
-        return [*_linears(attn, g_attn.linears), attn.o_proj, *_linears(mlp, g_mlp.linears), mlp.down_proj]
 
     def _layer(self, index: int, layer: nn.Module, family: ModelFamily, rope: str | None) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp

@@ -66,18 +66,6 @@ class QuickLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @property
-    def l2_next(self) -> torch.Tensor | None:
-        """Weights of the linear that runs after this one in a decode step, for the kernel to prefetch into L2
-        (:func:`quick.kernels.prefetch.chain`). The layer is held, not its tensor, so ``.to()`` / ``.cuda()`` of
-        the model keep it right; it is not a submodule (no second owner in ``state_dict``)."""
-        nxt = self.__dict__.get("_l2_next_layer")
-        return None if nxt is None else nxt.qweight
-
-    def set_l2_next(self, layer: QuickLinear | None) -> None:
-        """Which layer :attr:`l2_next` reads (``None``: no prefetch)."""
-        object.__setattr__(self, "_l2_next_layer", layer)
-
-    @property
     def layout(self) -> Layout:
         return get_layout(self.layout_name)
 
@@ -165,11 +153,7 @@ class QuickLinear(nn.Module):
 
             fn = dispatch.kernel_for(self.layout_name, x)
             if fn is not None:
-                x2d = x.reshape(-1, self.in_features)
-                if self.l2_next is None:
-                    out = fn(x2d, self.packed(), self.group_size)
-                else:  # only layouts in quick.kernels.prefetch.LAYOUTS get one, and their kernels take it
-                    out = fn(x2d, self.packed(), self.group_size, l2_next=self.l2_next)
+                out = fn(x.reshape(-1, self.in_features), self.packed(), self.group_size)
                 out = out.reshape(*x.shape[:-1], self.out_features)
                 return out + self.bias if self.bias is not None else out
         if self.backend == "kernel":  # asked for a kernel explicitly: never fall back silently (CPU included)

@@ -13,8 +13,6 @@
 //   mma_16816<DT>(c[4], a[4], b0, b1)  mma.sync.aligned.m16n8k16.row.col, fp32 accumulate
 //   ldmatrix_x4 / ldmatrix_x2, cp_async16 (zero-filling), cp_async_commit / cp_async_wait<N>
 //   ldg_stream128(ptr)           16-byte global load that does not allocate in L1 (weights are read once)
-//   l2_prefetch_share(base, bytes, part, parts, tid, nthreads)
-//                                ask the L2 for share `part` of `parts` of a buffer (the next kernel's weights)
 //   ldg128 / lds128 / lds32      plain 16-byte loads (global, shared), 4-byte shared load
 //   pack2 / unpack2, load_pair / load_quad   fp32 <-> packed 16-bit pairs; 2 / 4 elements of a 16-bit vector
 // Split-k GEMM building blocks (quick_mma.cu with fp32, quick_w4a8.cu with int32 accumulators acc[MT][NB][T][4]):
@@ -168,28 +166,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// Cross-kernel weight prefetch: CTA `part` of `parts` asks the L2 for its share of `bytes` at `base` (16-byte
-// aligned, bytes a multiple of 16), in pieces spread over the CTA's threads. Fire and forget: a hint that changes
-// no result, so a decode kernel can spend the DRAM time its own tail leaves idle on the weights of the linear that
-// runs after the small kernels in between (quick/kernels/prefetch.py says which).
-__device__ __forceinline__ void l2_prefetch_share(const void* base, unsigned long long bytes, int part, int parts,
-                                                  int tid, int nthreads) {
-  if (base == nullptr || bytes == 0) return;
-  const unsigned long long share = ((bytes + parts - 1) / parts + 127) & ~127ull;
-  const unsigned long long beg = share * part, end = min(beg + share, bytes);
-  const char* p = static_cast<const char*>(base);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr unsigned long long PIECE = 16384;
-  for (unsigned long long o = beg + tid * PIECE; o < end; o += nthreads * PIECE) {
-    const unsigned n = static_cast<unsigned>(min(PIECE, end - o));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(n) : "memory");
-  }
-#else
-  for (unsigned long long o = beg + tid * 128ull; o < end; o += nthreads * 128ull)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
-#endif
 }
 
 __device__ __forceinline__ uint4 ldg_stream128(const void* p) {

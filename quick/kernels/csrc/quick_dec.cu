@@ -25,9 +25,6 @@
 //   range into contiguous runs and meet once in shared memory (fixed order). NW > 1 is for larger M (32, 64): x in
 //   shared memory is then shared by more channels. Splits across CTAs (gridDim.y) write fp32 partials; the last CTA
 //   of a channel tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
-// * Cross-kernel prefetch: once a CTA has issued its last weight load, it asks the L2 for its share of `l2_next`
-//   (`l2_bytes`, the weights of the linear that runs next in a decode step, chosen by quick/kernels/prefetch.py), so
-//   DRAM stays busy through this launch's tail and the small kernels that follow. A hint: results are unchanged.
 //
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
@@ -191,8 +188,7 @@ __device__ __forceinline__ float load16(const void* p) {
 extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
     const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
-    int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split, const void* __restrict__ l2_next,
-    unsigned long long l2_bytes) {
+    int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split) {
   using namespace quick;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x;
@@ -386,9 +382,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
       }
     }
   }
-  // every weight load of this CTA is issued: its share of the next linear's weights goes to the L2 now, while the
-  // stragglers of this launch and the small kernels after it leave DRAM idle (l2_bytes = 0: none)
-  l2_prefetch_share(l2_next, l2_bytes, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y, tid, THREADS);
   cp_async_wait<0>();
   __syncthreads();  // the ring is free: reuse it for the k-slice reduction
 
