@@ -51,7 +51,8 @@ def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128)
         for i in range(3, 3 + steps):
             nxt = g.decode_step(nxt, prompt + i).argmax(-1)
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.key_averages() if e.device_type == cuda]
     total = sum(e.self_device_time_total for e in events) / steps
     gemm = sum(e.self_device_time_total for e in events if is_gemm(e.key)) / steps
     kernels = sum(e.count for e in events) / steps
@@ -65,6 +66,11 @@ def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128)
         "setup_s": round(setup, 1),
     }
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70)
+    # the kernels of one step in launch order, with their durations: which linear (shape) takes how long
+    seq = sorted((e for e in prof.events() if e.device_type == cuda), key=lambda e: e.time_range.start)
+    n = int(round(kernels))
+    step = seq[len(seq) - n :] if n else []  # the last step (earlier ones may hold the profiler's start-up)
+    summary["sequence"] = [[e.name[:48], round(e.time_range.elapsed_us(), 2)] for e in step]
     return summary, table
 
 
@@ -98,7 +104,9 @@ def main() -> int:
                 uncompile_regions(model)
                 torch._dynamo.reset()
             summary = {"model": args.model, "impl": impl, **summary}
-            print(json.dumps(summary), flush=True)
+            print(json.dumps({k: v for k, v in summary.items() if k != "sequence"}), flush=True)
+            lin = [us for name, us in summary["sequence"] if is_gemm(name)]
+            print(f"linear kernels of one step, in order (us): {lin[:12]} ... {lin[-4:]}", flush=True)
             results.append(summary)
             text.append(f"=== {args.model} {impl} {v} batch {args.batch}: {json.dumps(summary)}\n{table}\n")
             print(text[-1], flush=True)
