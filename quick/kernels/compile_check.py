@@ -26,6 +26,7 @@ MODULES = (
     "quick.kernels.quick_w4a8",
     "quick.kernels.quick_w4a8_sm90",
     "quick.kernels.quick_dec",
+    "quick.kernels.attention",
 )
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
 

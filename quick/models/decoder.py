@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quick.kernels import attention
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 
@@ -88,13 +89,15 @@ def attend(
     eps: float,
     scale: float,
     offset: float = 0.0,
+    kernel: bool = False,
 ) -> torch.Tensor:
     """One-token attention of every sequence over the static cache, which it updates at ``pos`` in place.
 
     ``q [B, H*D]``, ``k``/``v [B, KV*D]``, ``keys``/``values [B, KV, L, D]``, ``cos``/``sin [B, D]``,
     ``mask [B, 1, 1, L]`` (additive). The query heads of one key/value head are folded into SDPA's query length
     (no ``repeat_kv`` copy of the cache); head ``h`` reads key/value head ``h // (H / KV)`` as in transformers.
-    Returns ``[B, H*D]``."""
+    ``kernel``: the decode attention kernel (:mod:`quick.kernels.attention`: only positions ``<= pos``, split over
+    the cache) instead of SDPA. Returns ``[B, H*D]``."""
     b, kv, _, d = keys.shape
     q, k, v = q.view(b, -1, d), k.view(b, kv, d), v.view(b, kv, d)
     if q_norm is not None:
@@ -103,6 +106,8 @@ def attend(
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys.index_copy_(2, pos, k[:, :, None])
     values.index_copy_(2, pos, v[:, :, None])
+    if kernel:
+        return torch.ops.quick.attn_decode(q, keys, values, pos, mask, scale).reshape(b, -1)
     out = F.scaled_dot_product_attention(q.view(b, kv, -1, d), keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, -1)
 
@@ -268,7 +273,13 @@ class FastDecoder:
     cache's ``max_len``."""
 
     def __init__(
-        self, model: nn.Module, cache, max_len: int, backend: str | None = "inductor", dynamic: bool | None = None
+        self,
+        model: nn.Module,
+        cache,
+        max_len: int,
+        backend: str | None = "inductor",
+        dynamic: bool | None = None,
+        attn_kernel: bool | None = None,
     ) -> None:
         check_supported(model, max_len)
         self.model = model
@@ -284,6 +295,11 @@ class FastDecoder:
             for i, layer in enumerate(decoder_layers(model, family))
         ]
         self.final_norm, self.final_eps = inner.norm.weight, _norm_eps(inner.norm)
+        # the decode attention kernel where it has a variant (attn_kernel None: if the GPU can build it; False: SDPA)
+        keys = self.layers[0].keys
+        heads = model.config.num_attention_heads
+        fits = keys.is_cuda and attention.supports(heads, keys.shape[1], keys.shape[-1], keys.dtype)
+        self.attn_kernel = fits and (attention.is_available(keys.device) if attn_kernel is None else attn_kernel)
         # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
         # them equal to what transformers' own update would leave (4.x has no such counters)
         layers = getattr(cache, "layers", None) or []
@@ -341,7 +357,7 @@ class FastDecoder:
             cos, sin = rope[layer.rope]
             a = self.attend(
                 q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
-                layer.scale, off,
+                layer.scale, off, self.attn_kernel,
             )  # fmt: skip
             x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
             h = layer.down(self.gated(*layer.gate_up(x), self.act))
