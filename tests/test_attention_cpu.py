@@ -23,7 +23,7 @@ def test_validation_names_the_problem():
         ((q, k, v[:, :1], p, None), "values"),
         ((q, k[:1], v[:1], p, None), "do not match"),
         ((q.float(), k, v, p, None), "dtype"),
-        ((q[:, :6], k, v, p, None), "no kernel for 6 query heads"),
+        ((q[:, :5], k, v, p, None), "no kernel for 5 query heads"),
         ((*_t(d=96)[:3], p, None), "dim 96"),
         ((q, k, v, p.int(), None), "int64"),
         ((q, k, v, torch.zeros(2, dtype=torch.int64), None), "one int64"),

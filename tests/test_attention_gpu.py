@@ -59,7 +59,7 @@ def _causal_mask(b, length, pos, dtype, pad=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", at.HEAD_DIMS)
-@pytest.mark.parametrize("h,kv", [(8, 8), (8, 4), (8, 2), (16, 2)])
+@pytest.mark.parametrize("h,kv", [(8, 8), (8, 4), (9, 3), (8, 2), (14, 2), (16, 2)])
 @pytest.mark.parametrize("b,length,pos", [(1, 256, 200), (3, 37, 36), (2, 1000, 0), (5, 300, 129)])
 def test_against_float64(b, length, pos, h, kv, d, dtype):
     q, keys, values = _inputs(b, h, kv, length, d, dtype, seed=b * 1000 + length + d)

@@ -15,7 +15,7 @@
 // every head: q (pre-scaled), the accumulator, and the row state (max, sum; equal across the LPP lanes).
 // Positions are walked UNROLL x PPI at a time with all loads issued first.
 //
-// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1, 2, 4, 8), QA_DTYPE (0 fp16, 1 bf16).
+// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1..8), QA_DTYPE (0 fp16, 1 bf16).
 // Launcher: quick/kernels/attention.py.
 #include "quick_common.cuh"
 
@@ -41,7 +41,7 @@ constexpr int PPI = WARPS * PPW;  // positions per CTA step
 constexpr int UNROLL = G >= 4 ? 2 : 4;  // position steps in flight (registers: G x 16 for q and the accumulators)
 constexpr float NEG_BIG = -1.0e30f;  // running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
 static_assert(D == 64 || D == 128 || D == 256, "QA_D is 64, 128 or 256");
-static_assert(G == 1 || G == 2 || G == 4 || G == 8, "QA_G is 1, 2, 4 or 8");
+static_assert(G >= 1 && G <= 8, "QA_G is 1..8");
 
 __device__ __forceinline__ void to_f32x8(const uint4 v, float f[8]) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
