@@ -60,11 +60,7 @@ def is_available(device: torch.device | None = None) -> bool:
     dev = torch.device("cuda") if device is None else torch.device(device)
     if dev.type != "cuda" or quick_mma.capability(dev)[0] < 8:
         return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
+    return jit.nvcc_available()
 
 
 def positions_per_step(head_dim: int) -> int:

@@ -54,6 +54,15 @@ def find_nvcc() -> str:
     raise KernelUnavailable("nvcc not found (set CUDA_HOME or QUICK_NVCC); the GPU kernels are compiled at first use")
 
 
+def nvcc_available() -> bool:
+    """Whether :func:`find_nvcc` finds a compiler (the kernels' availability checks)."""
+    try:
+        find_nvcc()
+    except KernelUnavailable:
+        return False
+    return True
+
+
 def arch_for_device(device: torch.device | int | None = None, arch_specific: bool = False) -> str:
     """``sm_XY`` of a device; ``sm_90a`` where Hopper-only instructions (wgmma, setmaxnreg) are needed."""
     major, minor = torch.cuda.get_device_capability(device)

@@ -417,11 +417,7 @@ def is_available(device: torch.device | int | None = None) -> bool:
         return False
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
+    return jit.nvcc_available()
 
 
 def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> tuple[Sm90Config, int | None]:

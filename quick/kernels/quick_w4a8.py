@@ -470,11 +470,7 @@ def is_available(x: torch.Tensor) -> bool:
         return False
     if x.shape[-1] % 128 or capability(x.device)[0] < 8:
         return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
+    return jit.nvcc_available()
 
 
 def kernel_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:

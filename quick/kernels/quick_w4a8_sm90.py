@@ -323,11 +323,7 @@ def is_available(device: torch.device | int | None = None) -> bool:
         return False
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    try:
-        jit.find_nvcc()
-    except jit.KernelUnavailable:
-        return False
-    return True
+    return jit.nvcc_available()
 
 
 def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
