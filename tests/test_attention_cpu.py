@@ -42,12 +42,14 @@ def test_cpu_tensors_are_refused():
 
 
 def test_split_heuristic():
-    # batch 1, 32 kv heads, 256 positions of dim 128 on 132 SMs: 9 splits give 2 CTAs per SM
-    assert at.choose_splits(1, 32, 256, 128, 132) == 9
-    assert at.choose_splits(64, 8, 256, 128, 132) == 1  # 512 units fill the GPU
-    assert at.choose_splits(1, 8, 20, 128, 132) == 2  # 20 positions: two loop steps of 8
+    # batch 1, 32 kv heads, 256 positions of dim 128 (32 per loop step, 8 steps) on 132 SMs: 9 splits fill the GPU
+    assert at.choose_splits(1, 32, 256, 128, 132) == 8  # ... but never more splits than loop steps
+    assert at.choose_splits(16, 32, 256, 128, 132) == 4  # the GPU is full: at most two loop steps per CTA
+    assert at.choose_splits(64, 8, 256, 128, 132, groups=4) == 8  # 16 positions per step (unroll 2 with 4 groups)
+    assert at.choose_splits(1, 8, 20, 128, 132) == 1  # 20 positions: one loop step
     assert at.choose_splits(1, 1, 100000, 64, 132) == at.MAX_SPLITS
     assert at.choose_splits(1, 8, 1, 256, 132) == 1
+    assert at.positions_per_step(64) == 64 and at.positions_per_step(256, groups=8) == 8
 
 
 def test_supports_and_variants():

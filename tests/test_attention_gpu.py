@@ -87,7 +87,7 @@ def test_large_batch_and_sdpa_agree():
     out = at.decode_attention(q, keys, values, torch.tensor([177], device="cuda"), mask, d**-0.5)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.view(b, kv, h // kv, d).float(), keys.float(), values.float(), attn_mask=mask.float(), scale=d**-0.5
-    ).view(b, h, d)
+    ).reshape(b, h, d)
     _check(out, _reference(q, keys, values, 177, mask, d**-0.5), torch.bfloat16)
     assert rel_error(out, sdpa) < REL_BOUND[torch.bfloat16]
 
