@@ -1,7 +1,8 @@
 """Run every kernel variant under compute-sanitizer's memcheck, racecheck, initcheck and synccheck.
 
 One Python process per tool loops over the cases of ``quick.kernels.variant_cases`` (every compiled variant of
-the mma.sync GEMM, GEMV and split-k reduce; every quick_sm90 config and pipeline on sm_90; kernels of other
+the mma.sync GEMM, GEMV and split-k reduce; every quick_sm90 config and pipeline on sm_90; every decode kernel and
+decode attention variant; kernels of other
 modules through their dispatcher entry) on shapes at and around the tile edges. Inputs are drawn on the CPU
 and copied as exact-size allocations with PyTorch's caching allocator off, so that memcheck sees every byte
 past an allocation; outputs come from ``torch.empty``, so that initcheck catches any output element read back
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the four tools (compile not included)")
     ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--kernels", default="", help="kernel prefixes: mma_gemm, mma_gemv, sm90, dec, registry")
+    ap.add_argument("--kernels", default="", help="kernel prefixes: mma_gemm, mma_gemv, sm90, dec, attn, registry")
     ap.add_argument("--out", default=os.environ.get("OUT", "sanitize_out"))
     ap.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)

@@ -56,6 +56,24 @@ def test_every_dec_variant_has_a_case():
         quick_dec.plan(c.m, c.n, c.k, g, 132, c.config, c.splits)
 
 
+def test_every_attention_variant_has_valid_cases():
+    """Each decode-attention variant has sanitizer cases, and their inputs pass the launcher's validation with the
+    variant's head dim and group size (built on the CPU here)."""
+    from quick.kernels import attention
+
+    cases = vc.attn_cases()
+    launched = {(c.extra["d"], c.group_size, c.dtype) for c in cases}
+    want = {(d["QA_D"], d["QA_G"], attention.DTYPES[d["QA_DTYPE"]]) for _s, _k, d in attention.VARIANTS}
+    assert want == launched
+    gen = torch.Generator().manual_seed(0)
+    for c in cases[:: len(cases) // 12]:
+        inp = vc.make_inputs(c, gen, device="cpu")
+        p = inp["packed"]
+        b, h, kv, length, d = attention.validate(inp["x"], p["keys"], p["values"], p["pos"], p.get("mask"))
+        assert (b, h * d, length, h // kv, d) == (c.m, c.n, c.k, c.group_size, c.extra["d"])
+        assert c.splits is None or c.splits <= attention.MAX_SPLITS
+
+
 def test_cases_hit_tile_edges_and_split_k():
     cases = vc.mma_cases()
     for cfg in quick_mma.GEMM_CONFIGS.values():

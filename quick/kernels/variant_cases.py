@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-EXPLICIT_MODULES = ("quick.kernels.quick_mma", "quick.kernels.quick_sm90", "quick.kernels.quick_dec")
+EXPLICIT_MODULES = (
+    "quick.kernels.quick_mma",
+    "quick.kernels.quick_sm90",
+    "quick.kernels.quick_dec",
+    "quick.kernels.attention",
+)
 
 
 @dataclass(frozen=True)
@@ -211,6 +216,45 @@ def dec_cases() -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- decode attention
+
+
+def attn_cases() -> list[Case]:
+    """Per variant (head dim D, G query heads per kv head, dtype): batch 2 over 2 kv heads, output ``[B, H * D]``
+    (``m`` = batch, ``n`` = H * D, ``k`` = cache length, ``group_size`` = G); ``extra`` holds the position and the
+    split count. Cases: the last cache position with 3 uneven splits and a padded mask; position 0 (one split
+    with work, the others empty) with no mask; a position inside a loop step with the automatic split count."""
+    from quick.kernels import attention as at
+
+    out: list[Case] = []
+    for _src, _name, d in at.VARIANTS:
+        dim, g, dt = d["QA_D"], d["QA_G"], at.DTYPES[d["QA_DTYPE"]]
+        var = f"d{dim}-g{g}/{_dt_name(dt)}"
+        n = 2 * g * dim
+        out.append(Case("attn", var, dt, 2, 77, n, g, 3, extra={"d": dim, "pos": 76, "mask": True}))
+        out.append(Case("attn", var, dt, 2, 40, n, g, 4, extra={"d": dim, "pos": 0, "mask": False}))
+        out.append(Case("attn", var, dt, 2, 300, n, g, None, extra={"d": dim, "pos": 130, "mask": True}))
+    return out
+
+
+def attn_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
+    """q ``[B, H, D]``, the caches ``[B, KV, L, D]``, ``pos`` and an additive mask (finfo.min after ``pos`` and on
+    the first position of the second sequence), drawn on the CPU and copied as exact-size allocations."""
+    d, g, b, length = case.extra["d"], case.group_size, case.m, case.k
+    kv = case.n // (g * d)
+    q = torch.randn(b, kv * g, d, generator=gen).to(case.dtype)
+    keys = torch.randn(b, kv, length, d, generator=gen).to(case.dtype)
+    values = torch.randn(b, kv, length, d, generator=gen).to(case.dtype)
+    mask = None
+    if case.extra["mask"]:
+        mask = torch.zeros(b, 1, 1, length, dtype=case.dtype)
+        mask[..., case.extra["pos"] + 1 :] = torch.finfo(case.dtype).min
+        mask[1:, ..., 0] = torch.finfo(case.dtype).min
+    t = {"keys": keys, "values": values, "pos": torch.tensor([case.extra["pos"]]), "mask": mask}
+    packed = {k: v.to(device) for k, v in t.items() if v is not None}
+    return {"qw": None, "packed": packed, "x_cpu": q, "x": q.to(device), "bias": None, "bias_cpu": None, "cpu": t}
+
+
 # ---------------------------------------------------------------------------------------- other kernels
 
 
@@ -271,7 +315,7 @@ def all_cases(sm90: bool = True) -> list[Case]:
     """Every case, ordered so that each variant's first case comes before any variant's second (a time
     budget that runs out still leaves every variant launched at least once)."""
     groups: dict[tuple, list[Case]] = {}
-    for c in mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + registry_cases():
+    for c in mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + attn_cases() + registry_cases():
         groups.setdefault((c.kernel, c.variant, c.dtype), []).append(c)
     ordered = []
     depth = max((len(v) for v in groups.values()), default=0)
@@ -318,6 +362,8 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
     from quick.packing.layouts import get_layout
     from quick.testing import random_quantized
 
+    if case.kernel == "attn":
+        return attn_inputs(case, gen, device)
     x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
     if case.kernel.startswith("registry:"):
         mod = build_module(case.layout, case.k, case.n, case.group_size, case.dtype, case.bias, gen, device)
@@ -371,6 +417,16 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             )  # fmt: skip
 
         return fn
+    if case.kernel == "attn":
+        from quick.kernels import attention as at
+
+        def fn(x, p, bias, out=None):
+            o = at.decode_attention(
+                x, p["keys"], p["values"], p["pos"], p.get("mask"), case.extra["d"] ** -0.5, splits=case.splits, out=out
+            )
+            return o.reshape(x.shape[0], -1)
+
+        return fn
     if case.kernel.startswith("registry:"):
         _, layout, name = case.kernel.split(":", 2)
         from quick.kernels import dispatch
@@ -414,11 +470,13 @@ def available(case: Case) -> bool:
 
 def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     """Every (source, arch, defines) the explicit cases launch on this device (for a parallel precompile)."""
+    from quick.kernels import attention as at
     from quick.kernels import quick_dec as qd
     from quick.kernels import quick_mma as qm
     from quick.kernels import quick_sm90 as qs
 
     jobs = [(src, arch, d) for src, d, _ in qm.VARIANTS]
+    jobs += [(src, arch, d) for src, _k, d in at.VARIANTS]
     jobs += [(src, "sm_90a" if arch.startswith("sm_90") else arch, d) for src, _k, d in qd.VARIANTS]
     if arch.startswith("sm_90"):
         jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
