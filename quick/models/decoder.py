@@ -7,7 +7,9 @@ same modules' weights through three small functions of tensors only, each compil
 layer (the layer's tensors are arguments, so no recompile per layer):
 
 * :func:`add_rms_norm`: (branch norm +) residual add + RMSNorm (one fused kernel: the new residual and the norm),
-* :func:`attend`: q/k head norms (Qwen3, Gemma3), rotary embedding, the two cache writes, grouped-query SDPA,
+* :func:`attend`: q/k head norms (Qwen3, Gemma3), rotary embedding, the two cache writes, and the attention (on CUDA
+  the decode attention kernel of :mod:`quick.kernels.attention`, which reads only the positions up to this step;
+  grouped-query SDPA elsewhere),
 * :func:`gated`: ``act(gate) * up`` (silu or tanh-gelu),
 
 with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. What differs
