@@ -30,6 +30,7 @@ def test_validation_names_the_problem():
         ((q, k, v, p, torch.zeros(2, 15)), "mask must be"),
         ((q, k, v, p, torch.zeros(2, 16, dtype=torch.bool)), "additive"),
         ((q, k.transpose(2, 3).contiguous().transpose(2, 3), v, p, None), "contiguous"),
+        ((*(t[:1].expand(65536, *t.shape[1:]) for t in (q, k, v)), p, None), "at most 65535"),
     ]
     for args, msg in cases:
         with pytest.raises(at.AttnError, match=msg):

@@ -106,6 +106,8 @@ def validate(
         raise AttnError(f"pos must be one int64 element, got {pos.numel()} of {pos.dtype}")
     if length < 1:
         raise AttnError("the cache holds no positions")
+    if b > 65535 or kv > 65535:  # grid y / z
+        raise AttnError(f"batch {b} and kv heads {kv} must each be at most 65535")
     if mask is not None:
         if mask.shape[-1] != length or mask.numel() != b * length or mask.dim() not in (2, 4):
             raise AttnError(f"mask must be [B, L] or [B, 1, 1, L] with L = {length}, got {tuple(mask.shape)}")
