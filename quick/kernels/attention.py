@@ -13,7 +13,6 @@ says yes, and SDPA elsewhere.
 import ctypes
 import math
 import os
-import threading
 
 import torch
 
@@ -33,8 +32,7 @@ VARIANTS = [
     (SOURCE, KERNEL, {"QA_D": d, "QA_G": g, "QA_DTYPE": t}) for d in HEAD_DIMS for g in GROUPS for t in range(2)
 ]
 
-_COUNTERS: dict = {}
-_LOCK = threading.Lock()
+_COUNTERS: dict = {}  # arrival counters per (device, stream): quick_mma._counters keeps and locks them
 
 
 class AttnError(ValueError):
@@ -144,7 +142,8 @@ def decode_attention(
     q = q.contiguous()
     if b == 0:
         return torch.empty_like(q)
-    s = splits or choose_splits(b, kv, length, d, quick_mma.num_sms(dev), h // kv)
+    groups = h // kv
+    s = splits or choose_splits(b, kv, length, d, quick_mma.num_sms(dev), groups)
     if not 1 <= s <= MAX_SPLITS:
         raise AttnError(f"splits must be in [1, {MAX_SPLITS}], got {s}")
     if out is None:
@@ -157,15 +156,13 @@ def decode_attention(
         if mask.dtype != q.dtype or mask.stride(-1) != 1:
             mask = mask.to(q.dtype).contiguous()
         m_ptr, m_stride = mask.data_ptr(), mask.stride(0)
-    groups = h // kv
     idx = quick_mma._dev_index(dev)
     with torch.cuda.device(dev):
         defines = {"QA_D": d, "QA_G": groups, "QA_DTYPE": DTYPES.index(q.dtype)}
         kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, jit.arch_for_device(idx))
         stream = torch.cuda.current_stream(dev).cuda_stream
         ws = torch.empty(b * kv * s * groups * (d + 2) if s > 1 else 1, dtype=torch.float32, device=dev)
-        with _LOCK:
-            cnt = quick_mma._counters(dev, b * kv, stream, _COUNTERS)
+        cnt = quick_mma._counters(dev, b * kv, stream, _COUNTERS)
         kern(
             (s, kv, b),
             (THREADS,),

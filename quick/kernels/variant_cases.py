@@ -252,7 +252,7 @@ def attn_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
         mask[1:, ..., 0] = torch.finfo(case.dtype).min
     t = {"keys": keys, "values": values, "pos": torch.tensor([case.extra["pos"]]), "mask": mask}
     packed = {k: v.to(device) for k, v in t.items() if v is not None}
-    return {"qw": None, "packed": packed, "x_cpu": q, "x": q.to(device), "bias": None, "bias_cpu": None, "cpu": t}
+    return {"qw": None, "packed": packed, "x_cpu": q, "x": q.to(device), "bias": None, "bias_cpu": None}
 
 
 # ---------------------------------------------------------------------------------------- other kernels
