@@ -134,3 +134,123 @@ def test_bad_input_is_a_clear_error():
         at.decode_attention(q, keys, values, p.cpu(), None, 0.1)
     with pytest.raises(at.AttnError, match="contiguous"):
         at.decode_attention(q, keys.transpose(2, 3).contiguous().transpose(2, 3), values, p, None, 0.1)
+
+
+# ---- QA_ROPE: rotary + cache append + attention in one launch (quick::attn_decode_rope)
+
+
+def _rope_inputs(b, h, kv, length, d, dtype, seed=0, fused=True):
+    """q / k / v as the fast step gets them: views of one fused q/k/v product (strided rows) or separate tensors;
+    cos / sin of one position in the model dtype; a cache to append to."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if fused:
+        qkv = torch.randn(b, (h + 2 * kv) * d, device="cuda", generator=g).to(dtype)
+        q, k, v = qkv.split((h * d, kv * d, kv * d), dim=-1)
+    else:
+        q, k, v = (torch.randn(b, n * d, device="cuda", generator=g).to(dtype) for n in (h, kv, kv))
+    ang = torch.rand(b, d // 2, device="cuda", generator=g) * 6.0
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    keys = torch.randn(b, kv, length, d, device="cuda", generator=g).to(dtype)
+    values = torch.randn(b, kv, length, d, device="cuda", generator=g).to(dtype)
+    return q, k, v, cos, sin, keys, values
+
+
+def _rope64(x, cos, sin, dtype):
+    """Rotate-half in float64, rounded to the model dtype as the kernel (and the unfused path) store it."""
+    half = x.shape[-1] // 2
+    x, c, s = x.double(), cos.double()[:, None], sin.double()[:, None]
+    return (x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s).to(dtype)
+
+
+def _rope_case(b, h, kv, length, d, dtype, pos, splits=None, fused=True, mask=True, seed=0):
+    q, k, v, cos, sin, keys, values = _rope_inputs(b, h, kv, length, d, dtype, seed, fused)
+    before_k, before_v = keys.clone(), values.clone()
+    m = _causal_mask(b, length, min(pos, length - 1), dtype, pad=min(pos, 3)) if mask else None
+    out = poisoned((b, h * d), dtype, "cuda")
+    at.decode_attention_rope(q, k, v, keys, values, torch.tensor([pos], device="cuda"), cos, sin, m, d**-0.5,
+                             splits=splits, out=out)  # fmt: skip
+    qr, kr = _rope64(q.view(b, h, d), cos, sin, dtype), _rope64(k.view(b, kv, d), cos, sin, dtype)
+    want_k, want_v = before_k.clone(), before_v.clone()
+    if pos < length:
+        want_k[:, :, pos], want_v[:, :, pos] = kr, v.view(b, kv, d)
+    # the cache: only row pos changed; v exactly, the rotated key within one rounding of the float64 rotation
+    others = torch.ones(length, dtype=torch.bool, device="cuda")
+    if pos < length:
+        others[pos] = False
+    assert torch.equal(keys[:, :, others], before_k[:, :, others])
+    assert torch.equal(values, want_v)
+    if pos < length:
+        assert rel_error(keys[:, :, pos], kr) < REL_BOUND[dtype]
+    ref = _reference(qr, want_k, want_v, min(pos, length - 1), m, d**-0.5)
+    _check(out.view(b, h, d), ref, dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", at.HEAD_DIMS)
+@pytest.mark.parametrize("h,kv", [(8, 8), (9, 3), (8, 2), (16, 2)])
+@pytest.mark.parametrize("b,length,pos", [(1, 256, 200), (3, 37, 36), (2, 1000, 0), (5, 300, 129)])
+def test_rope_against_float64(b, length, pos, h, kv, d, dtype):
+    _rope_case(b, h, kv, length, d, dtype, pos, seed=b * 1000 + length + d + h)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_rope_forced_splits_row_owner(splits, fused):
+    """Whichever split holds ``pos`` writes the row and reads it from registers; no mask (every position in)."""
+    _rope_case(2, 32, 8, 513, 128, torch.float16, 400, splits=splits, fused=fused, mask=False)
+
+
+def test_rope_pos_past_the_cache_writes_nothing():
+    """``pos >= L``: attention over the whole cache, no write (the unfused path would fail on the index instead)."""
+    _rope_case(2, 8, 4, 64, 64, torch.bfloat16, 64, splits=3, mask=False)
+
+
+def test_rope_matches_the_unfused_step():
+    """The op against the fast step's unfused path (rotary, two index copies, the plain kernel) on the same inputs."""
+    from quick.models.decoder import attend
+
+    b, h, kv, length, d, dtype = 4, 32, 8, 300, 128, torch.float16
+    q, k, v, cos, sin, keys, values = _rope_inputs(b, h, kv, length, d, dtype, seed=7)
+    keys2, values2 = keys.clone(), values.clone()
+    pos = torch.tensor([150], device="cuda")
+    m = _causal_mask(b, length, 150, dtype)
+    fused = torch.ops.quick.attn_decode_rope(q, k, v, keys, values, pos, cos, sin, m, d**-0.5)
+    plain = attend(q, k, v, keys2, values2, pos, cos, sin, m, None, None, 0.0, d**-0.5, kernel=True)
+    assert rel_error(fused, plain) < REL_BOUND[dtype]
+    assert torch.equal(values, values2)
+    assert rel_error(keys, keys2) < 1e-3 and torch.equal(keys[:, :, :150], keys2[:, :, :150])
+
+
+def test_rope_graph_replay_at_moving_positions():
+    """One captured launch appends at each replay's ``pos`` and attends over everything written so far."""
+    b, h, kv, length, d, dtype = 1, 32, 32, 64, 128, torch.bfloat16
+    q, k, v, cos, sin, keys, values = _rope_inputs(b, h, kv, length, d, dtype, seed=3)
+    pos = torch.tensor([0], device="cuda")
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype, device="cuda")
+    fn = lambda: torch.ops.quick.attn_decode_rope(q, k, v, keys, values, pos, cos, sin, mask, d**-0.5)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    kr = _rope64(k.view(b, kv, d), cos, sin, dtype)
+    for p in (3, 4, 40, 63):
+        pos.fill_(p)
+        mask.zero_()
+        mask[..., p + 1 :] = torch.finfo(dtype).min
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(keys[:, :, p], kr) < REL_BOUND[dtype] and torch.equal(values[:, :, p], v.view(b, kv, d))
+        qr = _rope64(q.view(b, h, d), cos, sin, dtype)
+        _check(out.view(b, h, d), _reference(qr, keys, values, p, mask, d**-0.5), dtype)
+
+
+def test_rope_bad_input_is_a_clear_error():
+    q, k, v, cos, sin, keys, values = _rope_inputs(2, 8, 4, 16, 64, torch.float16)
+    p = torch.tensor([3], device="cuda")
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape)  # 2 bytes off
+    with pytest.raises(at.AttnError, match="aligned"):
+        at.decode_attention_rope(shifted, k, v, keys, values, p, cos, sin, None, 0.1)
+    with pytest.raises(at.AttnError, match="cos"):
+        at.decode_attention_rope(q, k, v, keys, values, p, cos[:, :32], sin, None, 0.1)

@@ -62,14 +62,23 @@ def test_every_attention_variant_has_valid_cases():
     from quick.kernels import attention
 
     cases = vc.attn_cases()
-    launched = {(c.extra["d"], c.group_size, c.dtype) for c in cases}
-    want = {(d["QA_D"], d["QA_G"], attention.DTYPES[d["QA_DTYPE"]]) for _s, _k, d in attention.VARIANTS}
+    launched = {(c.extra["d"], c.group_size, c.dtype, c.kernel == "attn_rope") for c in cases}
+    want = {
+        (d["QA_D"], d["QA_G"], attention.DTYPES[d["QA_DTYPE"]], bool(d.get("QA_ROPE")))
+        for _s, _k, d in attention.VARIANTS
+    }
     assert want == launched
+    assert any(c.extra["pos"] >= c.k for c in cases if c.kernel == "attn_rope")  # the no-write case
     gen = torch.Generator().manual_seed(0)
-    for c in cases[:: len(cases) // 12]:
+    for c in cases[:: len(cases) // 24]:
         inp = vc.make_inputs(c, gen, device="cpu")
         p = inp["packed"]
-        b, h, kv, length, d = attention.validate(inp["x"], p["keys"], p["values"], p["pos"], p.get("mask"))
+        if c.kernel == "attn_rope":
+            args = (inp["x"], p["k"], p["v"], p["keys"], p["values"], p["pos"], p["cos"], p["sin"], p.get("mask"))
+            b, h, kv, length, d = attention.validate_rope(*args)
+            assert inp["x"].stride(0) == (h + 2 * kv) * d  # strided rows, as the fast step hands them in
+        else:
+            b, h, kv, length, d = attention.validate(inp["x"], p["keys"], p["values"], p["pos"], p.get("mask"))
         assert (b, h * d, length, h // kv, d) == (c.m, c.n, c.k, c.group_size, c.extra["d"])
         assert c.splits is None or c.splits <= attention.MAX_SPLITS
 

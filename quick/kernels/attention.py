@@ -29,7 +29,11 @@ MAX_SPLITS = 16
 TARGET_CTAS_PER_SM = 12
 # compile_check: every variant, both archs
 VARIANTS = [
-    (SOURCE, KERNEL, {"QA_D": d, "QA_G": g, "QA_DTYPE": t}) for d in HEAD_DIMS for g in GROUPS for t in range(2)
+    (SOURCE, KERNEL, {"QA_D": d, "QA_G": g, "QA_DTYPE": t, **({"QA_ROPE": 1} if r else {})})
+    for r in (0, 1)
+    for d in HEAD_DIMS
+    for g in GROUPS
+    for t in range(2)
 ]
 
 _COUNTERS: dict = {}  # arrival counters per (device, stream): quick_mma._counters keeps and locks them
@@ -50,6 +54,16 @@ def supports(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bo
     )
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of the first ``cos.shape[-1]`` channels of each head (all of them, or a part:
+    Phi-4's partial rotary); the rest pass through. The math the ``QA_ROPE`` kernel does (over all channels)."""
+    r = cos.shape[-1]
+    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
+    half = r // 2
+    out = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
 def is_available(device: torch.device | None = None) -> bool:
     """An sm_80+ CUDA device and nvcc to build the kernel, unless ``QUICK_ATTN_KERNEL=0`` (then SDPA)."""
     from quick.kernels import quick_mma
@@ -60,6 +74,12 @@ def is_available(device: torch.device | None = None) -> bool:
     if dev.type != "cuda" or quick_mma.capability(dev)[0] < 8:
         return False
     return jit.nvcc_available()
+
+
+def rope_fusion_enabled() -> bool:
+    """Whether the fast decode step folds the rotary and the cache append into the kernel (``QA_ROPE``); set
+    ``QUICK_ATTN_ROPE=0`` for the separate steps (ablations)."""
+    return os.environ.get("QUICK_ATTN_ROPE", "1") != "0"
 
 
 def positions_per_step(head_dim: int, groups: int = 1) -> int:
@@ -131,25 +151,120 @@ def decode_attention(
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` over cache positions ``0..pos``: q ``[B, H, D]`` -> ``[B, H, D]``.
     ``splits`` overrides the heuristic (tests); ``out`` may be a caller's (poisoned) buffer."""
+    b, h, kv, length, d = validate(q, keys, values, pos, mask)
+    return _launch(q.contiguous(), keys, values, pos, mask, scale, splits, out, (b, h, kv, length, d), None)
+
+
+def validate_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[int, int, int, int, int]:
+    """:func:`validate` for :func:`decode_attention_rope`'s inputs: q ``[B, H*D]``, k / v ``[B, KV*D]``, cos / sin
+    ``[B, D]``, each with unit stride along its row (rows may be strided: views of one fused q/k/v product)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise AttnError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise AttnError(f"{name} must be 2-D [B, columns], got shape {tuple(t.shape)}")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+        raise AttnError(f"keys must be a [B, KV, L, D] tensor, got {getattr(keys, 'shape', type(keys).__name__)}")
+    d = keys.shape[-1]
+    if q.shape[-1] % max(d, 1):
+        raise AttnError(f"q's {q.shape[-1]} columns are not a whole number of heads of dim {d}")
+    b, h, kv, length, d = validate(q.view(q.shape[0], -1, d) if d else q, keys, values, pos, mask)
+    for name, t, cols in (("k", k, kv * d), ("v", v, kv * d), ("cos", cos, d), ("sin", sin, d)):
+        if tuple(t.shape) != (b, cols):
+            raise AttnError(f"{name} must be [{b}, {cols}], got {tuple(t.shape)} (full rotary only: cos over all D)")
+        if t.dtype != q.dtype:
+            raise AttnError(f"{name} must be {q.dtype} like q, got {t.dtype}")
+        if t.device != q.device:
+            raise AttnError(f"{name} is on {t.device}, q on {q.device}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if b > 1 and t.stride(0) < t.shape[1] or t.stride(1) != 1:
+            raise AttnError(f"{name} rows must be dense (unit column stride), got strides {t.stride()}")
+    return b, h, kv, length, d
+
+
+def decode_attention_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step's rotary + cache append + attention in one launch (``QA_ROPE``): rotate q ``[B, H*D]`` and
+    the new key k ``[B, KV*D]`` with this step's cos / sin ``[B, D]``, write the key and v into ``keys`` / ``values``
+    at ``pos`` (in place; nothing where ``pos >= L``), and return the attention of the rotated q over positions
+    ``0..pos`` as ``[B, H*D]``. On CPU tensors: the same math in torch (the reference)."""
+    b, h, kv, length, d = validate_rope(q, k, v, keys, values, pos, cos, sin, mask)
+    if q.device.type != "cuda":
+        return _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, (b, h, kv, length, d))
+    args = []
+    for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+        if t.data_ptr() % 16 or (b > 1 and t.stride(0) % 8):
+            raise AttnError(f"{name} must start 16-byte aligned with a row stride that is a multiple of 8 elements")
+        args.append(t)
+    strides = (q.stride(0), k.stride(0) if k.stride(0) == v.stride(0) or b == 1 else -1, cos.stride(0))
+    if strides[1] < 0 or (b > 1 and cos.stride(0) != sin.stride(0)):
+        raise AttnError("k and v (and cos and sin) must share one row stride")
+    if out is not None and out.shape == (b, h * d):
+        out = out.view(b, h, d)
+    res = _launch(q, keys, values, pos, mask, scale, splits, out, (b, h, kv, length, d), (*args[1:], *strides))
+    return res.view(b, h * d)
+
+
+def _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, dims) -> torch.Tensor:
+    """:func:`decode_attention_rope`'s math with torch ops (CPU): rotate in the model dtype, append, SDPA."""
+    b, h, kv, length, d = dims
+    qr = rope(q.view(b, h, d), cos[:, None], sin[:, None])
+    kr = rope(k.view(b, kv, d), cos[:, None], sin[:, None])
+    p = int(pos.item())
+    if p < length:
+        keys[:, :, p] = kr
+        values[:, :, p] = v.view(b, kv, d)
+    n = min(p, length - 1) + 1
+    m = None if mask is None else mask.reshape(b, 1, 1, length)[..., :n].to(q.dtype)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qr.view(b, kv, h // kv, d), keys[:, :, :n], values[:, :, :n], attn_mask=m, scale=scale
+    )
+    return o.reshape(b, h * d)
+
+
+def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args) -> torch.Tensor:
+    """The kernel launch for validated inputs; ``rope_args``: ``(k, v, cos, sin, q_stride, kv_stride, cs_stride)``
+    for the ``QA_ROPE`` variant (q then ``[B, H*D]`` rows of stride ``q_stride``), else ``None``."""
     from quick.kernels import quick_mma
 
-    b, h, kv, length, d = validate(q, keys, values, pos, mask)
+    b, h, kv, length, d = dims
     if q.device.type != "cuda":
         raise AttnError("the decode attention kernel runs on CUDA tensors only")
     if not math.isfinite(scale):
         raise AttnError(f"scale must be finite, got {scale}")
     dev = q.device
-    q = q.contiguous()
     if b == 0:
-        return torch.empty_like(q)
+        return q.new_empty((0, h, d))
     groups = h // kv
     s = splits or choose_splits(b, kv, length, d, quick_mma.num_sms(dev), groups)
     if not 1 <= s <= MAX_SPLITS:
         raise AttnError(f"splits must be in [1, {MAX_SPLITS}], got {s}")
     if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous() or out.device != dev:
-        raise AttnError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {dev}")
+        out = q.new_empty((b, h, d))
+    elif tuple(out.shape) != (b, h, d) or out.dtype != q.dtype or not out.is_contiguous() or out.device != dev:
+        raise AttnError(f"out must be a contiguous {(b, h, d)} {q.dtype} tensor on {dev}")
     m_ptr, m_stride = 0, 0
     if mask is not None:
         mask = mask.reshape(b, length) if mask.dim() == 4 else mask
@@ -159,14 +274,18 @@ def decode_attention(
     idx = quick_mma._dev_index(dev)
     with torch.cuda.device(dev):
         defines = {"QA_D": d, "QA_G": groups, "QA_DTYPE": DTYPES.index(q.dtype)}
+        if rope_args is not None:
+            defines["QA_ROPE"] = 1
         kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, jit.arch_for_device(idx))
         stream = torch.cuda.current_stream(dev).cuda_stream
         ws = torch.empty(b * kv * s * groups * (d + 2) if s > 1 else 1, dtype=torch.float32, device=dev)
         cnt = quick_mma._counters(dev, b * kv, stream, _COUNTERS)
+        extra = list(rope_args) if rope_args is not None else [ctypes.c_void_p(0)] * 4 + [0, 0, 0]
         kern(
             (s, kv, b),
             (THREADS,),
-            [q, keys, values, ctypes.c_void_p(m_ptr), pos, out, ws, cnt, kv, length, m_stride, scale / math.log(2)],
+            [q, keys, values, ctypes.c_void_p(m_ptr), pos, out, ws, cnt, kv, length, m_stride, scale / math.log(2)]
+            + extra,
         )
     return out
 
@@ -188,3 +307,26 @@ def attn_decode(
 def _(q, keys, values, pos, mask, scale):
     validate(q, keys, values, pos, mask)
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("quick::attn_decode_rope", mutates_args=("keys", "values"))
+def attn_decode_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`decode_attention_rope` as one op that declares its cache writes (torch.compile, CUDA graphs)."""
+    return decode_attention_rope(q, k, v, keys, values, pos, cos, sin, mask, scale)
+
+
+@attn_decode_rope.register_fake
+def _(q, k, v, keys, values, pos, cos, sin, mask, scale):
+    b, h, _kv, _length, d = validate_rope(q, k, v, keys, values, pos, cos, sin, mask)
+    return q.new_empty((b, h * d))

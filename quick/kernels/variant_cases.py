@@ -220,26 +220,30 @@ def dec_cases() -> list[Case]:
 
 
 def attn_cases() -> list[Case]:
-    """Per variant (head dim D, G query heads per kv head, dtype): batch 2 over 2 kv heads, output ``[B, H * D]``
-    (``m`` = batch, ``n`` = H * D, ``k`` = cache length, ``group_size`` = G); ``extra`` holds the position and the
-    split count. Cases: the last cache position with 3 uneven splits and a padded mask; position 0 (one split
-    with work, the others empty) with no mask; a position inside a loop step with the automatic split count."""
+    """Per variant (head dim D, G query heads per kv head, dtype, plain or ``QA_ROPE``): batch 2 over 2 kv heads,
+    output ``[B, H * D]`` (``m`` = batch, ``n`` = H * D, ``k`` = cache length, ``group_size`` = G); ``extra`` holds
+    the position and the split count. Cases: the last cache position with 3 uneven splits and a padded mask;
+    position 0 (one split with work, the others empty) with no mask; a position inside a loop step with the automatic
+    split count (``QA_ROPE``: a position past the cache instead, which writes nothing)."""
     from quick.kernels import attention as at
 
     out: list[Case] = []
     for _src, _name, d in at.VARIANTS:
-        dim, g, dt = d["QA_D"], d["QA_G"], at.DTYPES[d["QA_DTYPE"]]
-        var = f"d{dim}-g{g}/{_dt_name(dt)}"
-        n = 2 * g * dim
-        out.append(Case("attn", var, dt, 2, 77, n, g, 3, extra={"d": dim, "pos": 76, "mask": True}))
-        out.append(Case("attn", var, dt, 2, 40, n, g, 4, extra={"d": dim, "pos": 0, "mask": False}))
-        out.append(Case("attn", var, dt, 2, 300, n, g, None, extra={"d": dim, "pos": 130, "mask": True}))
+        dim, g, dt, rope = d["QA_D"], d["QA_G"], at.DTYPES[d["QA_DTYPE"]], d.get("QA_ROPE", 0)
+        var = f"d{dim}-g{g}/{_dt_name(dt)}" + ("/rope" if rope else "")
+        kern, n = ("attn_rope" if rope else "attn"), 2 * g * dim
+        out.append(Case(kern, var, dt, 2, 77, n, g, 3, extra={"d": dim, "pos": 76, "mask": True}))
+        out.append(Case(kern, var, dt, 2, 40, n, g, 4, extra={"d": dim, "pos": 0, "mask": False}))
+        last = 300 if rope else 130
+        out.append(Case(kern, var, dt, 2, 300, n, g, None, extra={"d": dim, "pos": last, "mask": True}))
     return out
 
 
 def attn_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
     """q ``[B, H, D]``, the caches ``[B, KV, L, D]``, ``pos`` and an additive mask (finfo.min after ``pos`` and on
-    the first position of the second sequence), drawn on the CPU and copied as exact-size allocations."""
+    the first position of the second sequence), drawn on the CPU and copied as exact-size allocations. ``attn_rope``:
+    q, k and v are views of one ``[B, (H + 2 KV) D]`` product (strided rows) and ``cos`` / ``sin`` ``[B, D]`` come
+    along in ``packed``."""
     d, g, b, length = case.extra["d"], case.group_size, case.m, case.k
     kv = case.n // (g * d)
     q = torch.randn(b, kv * g, d, generator=gen).to(case.dtype)
@@ -251,7 +255,15 @@ def attn_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
         mask[..., case.extra["pos"] + 1 :] = torch.finfo(case.dtype).min
         mask[1:, ..., 0] = torch.finfo(case.dtype).min
     t = {"keys": keys, "values": values, "pos": torch.tensor([case.extra["pos"]]), "mask": mask}
+    if case.kernel == "attn_rope":
+        qkv = torch.randn(b, (kv * g + 2 * kv) * d, generator=gen).to(case.dtype)
+        ang = torch.rand(b, d // 2, generator=gen) * 6
+        t.update(qkv=qkv, cos=torch.cat((ang, ang), -1).cos().to(case.dtype))
+        t["sin"] = torch.cat((ang, ang), -1).sin().to(case.dtype)
     packed = {k: v.to(device) for k, v in t.items() if v is not None}
+    if case.kernel == "attn_rope":
+        q, packed["k"], packed["v"] = packed.pop("qkv").split((kv * g * d, kv * d, kv * d), dim=-1)
+        return {"qw": None, "packed": packed, "x_cpu": q.cpu(), "x": q, "bias": None, "bias_cpu": None}
     return {"qw": None, "packed": packed, "x_cpu": q, "x": q.to(device), "bias": None, "bias_cpu": None}
 
 
@@ -362,7 +374,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
     from quick.packing.layouts import get_layout
     from quick.testing import random_quantized
 
-    if case.kernel == "attn":
+    if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
     x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
     if case.kernel.startswith("registry:"):
@@ -417,13 +429,15 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             )  # fmt: skip
 
         return fn
-    if case.kernel == "attn":
+    if case.kernel in ("attn", "attn_rope"):
         from quick.kernels import attention as at
 
         def fn(x, p, bias, out=None):
-            o = at.decode_attention(
-                x, p["keys"], p["values"], p["pos"], p.get("mask"), case.extra["d"] ** -0.5, splits=case.splits, out=out
-            )
+            scale, mask = case.extra["d"] ** -0.5, p.get("mask")
+            if case.kernel == "attn_rope":
+                args = (x, p["k"], p["v"], p["keys"], p["values"], p["pos"], p["cos"], p["sin"], mask, scale)
+                return at.decode_attention_rope(*args, splits=case.splits, out=out)
+            o = at.decode_attention(x, p["keys"], p["values"], p["pos"], mask, scale, splits=case.splits, out=out)
             return o.reshape(x.shape[0], -1)
 
         return fn

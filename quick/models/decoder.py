@@ -9,7 +9,8 @@ layer (the layer's tensors are arguments, so no recompile per layer):
 * :func:`add_rms_norm`: (branch norm +) residual add + RMSNorm (one fused kernel: the new residual and the norm),
 * :func:`attend`: q/k head norms (Qwen3, Gemma3), rotary embedding, the two cache writes, and the attention (on CUDA
   the decode attention kernel of :mod:`quick.kernels.attention`, which reads only the positions up to this step;
-  grouped-query SDPA elsewhere),
+  grouped-query SDPA elsewhere); on CUDA, for layers without head norms and with full rotary, all of it is one
+  kernel (``quick::attn_decode_rope``),
 * :func:`gated`: ``act(gate) * up`` (silu or tanh-gelu),
 
 with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. What differs
@@ -66,16 +67,6 @@ def add_rms_norm(
     return rms_norm(residual, weight, eps, offset), residual
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first ``cos.shape[-1]`` channels of each head (all of them, or a part: Phi-4's
-    partial rotary); the rest pass through."""
-    r = cos.shape[-1]
-    rot, rest = (x, None) if r == x.shape[-1] else (x[..., :r], x[..., r:])
-    half = r // 2
-    out = rot * cos + torch.cat((-rot[..., half:], rot[..., :half]), dim=-1) * sin
-    return out if rest is None else torch.cat((out, rest), dim=-1)
-
-
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,7 +96,7 @@ def attend(
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
     cos, sin = cos[:, None], sin[:, None]
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    q, k = attention.rope(q, cos, sin), attention.rope(k, cos, sin)
     keys.index_copy_(2, pos, k[:, :, None])
     values.index_copy_(2, pos, v[:, :, None])
     if kernel:
@@ -282,6 +273,7 @@ class FastDecoder:
         backend: str | None = "inductor",
         dynamic: bool | None = None,
         attn_kernel: bool | None = None,
+        attn_rope: bool | None = None,
     ) -> None:
         check_supported(model, max_len)
         self.model = model
@@ -302,6 +294,9 @@ class FastDecoder:
         heads = model.config.num_attention_heads
         fits = keys.is_cuda and attention.supports(heads, keys.shape[1], keys.shape[-1], keys.dtype)
         self.attn_kernel = fits and (attention.is_available(keys.device) if attn_kernel is None else attn_kernel)
+        # ... with the rotary and the cache append inside it (attn_rope None: unless QUICK_ATTN_ROPE=0), for the
+        # layers it applies to (no q/k head norms, rotary over every channel: checked per call)
+        self.attn_rope = self.attn_kernel and (attention.rope_fusion_enabled() if attn_rope is None else attn_rope)
         # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
         # them equal to what transformers' own update would leave (4.x has no such counters)
         layers = getattr(cache, "layers", None) or []
@@ -357,10 +352,14 @@ class FastDecoder:
             x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
             q, k, v = layer.qkv(x)
             cos, sin = rope[layer.rope]
-            a = self.attend(
-                q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
-                layer.scale, off, self.attn_kernel,
-            )  # fmt: skip
+            if self.attn_rope and layer.q_norm is None and cos.shape[-1] == layer.keys.shape[-1]:
+                kv_cache = (layer.keys, layer.values)
+                a = torch.ops.quick.attn_decode_rope(q, k, v, *kv_cache, pos, cos, sin, mask, layer.scale)
+            else:
+                a = self.attend(
+                    q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
+                    layer.scale, off, self.attn_kernel,
+                )  # fmt: skip
             x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
             h = layer.down(self.gated(*layer.gate_up(x), self.act))
             branch = layer.post_mlp

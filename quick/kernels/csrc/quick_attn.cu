@@ -15,7 +15,15 @@
 // every head: q (pre-scaled), the accumulator, and the row state (max, sum; equal across the LPP lanes).
 // Positions are walked UNROLL x PPI at a time with all loads issued first.
 //
-// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1..8), QA_DTYPE (0 fp16, 1 bf16).
+// QA_ROPE = 1 also does the two small steps that precede the attention in a decode step, which otherwise cost two
+// kernels per layer (~2.3 us at batch 1 on the H200, window 6): the rotary embedding (rotate-half, all D dimensions)
+// of q and of the new key, and the cache append at `pos`. q, k_new and v_new are the q/k/v projections as they
+// come (rows may be strided: views of one fused q/k/v product). Every CTA rotates its own q heads; the one CTA whose
+// range holds `pos` also rotates the new key, stores the key and value rows at `pos`, and uses them from registers
+// in its loop (no CTA reads row `pos` from memory in this launch, so the read-only loads stay valid). Rotated q and
+// k are rounded to the model dtype, as the unfused path stores them. `pos` >= L writes nothing.
+//
+// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1..8), QA_DTYPE (0 fp16, 1 bf16), QA_ROPE (0/1).
 // Launcher: quick/kernels/attention.py.
 #include "quick_common.cuh"
 
@@ -28,11 +36,15 @@
 #ifndef QA_DTYPE
 #define QA_DTYPE 0
 #endif
+#ifndef QA_ROPE
+#define QA_ROPE 0
+#endif
 
 namespace {
 constexpr int D = QA_D;
 constexpr int G = QA_G;
 constexpr int DT = QA_DTYPE;
+constexpr bool ROPE = QA_ROPE != 0;
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
 constexpr int LPP = D / 8;       // lanes per position
@@ -51,6 +63,28 @@ __device__ __forceinline__ void to_f32x8(const uint4 v, float f[8]) {
     f[2 * i] = p.x;
     f[2 * i + 1] = p.y;
   }
+}
+
+// Rotate-half rotary of a lane's 8 dimensions: x (its own), xp (the partner dimensions D/2 away), cos/sin of its
+// dimensions; `neg`: the lane's dimensions are in the first half (partner enters negated). Rounded to the model dtype.
+__device__ __forceinline__ void rope8(const uint4 x, const uint4 xp, const float c[8], const float s[8], bool neg,
+                                      float r[8]) {
+  float a[8], p[8];
+  to_f32x8(x, a);
+  to_f32x8(xp, p);
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    const float lo = fmaf(a[i], c[i], (neg ? -p[i] : p[i]) * s[i]);
+    const float hi = fmaf(a[i + 1], c[i + 1], (neg ? -p[i + 1] : p[i + 1]) * s[i + 1]);
+    const float2 v = quick::unpack2<DT>(quick::pack2<DT>(lo, hi));  // the model dtype's rounding
+    r[i] = v.x;
+    r[i + 1] = v.y;
+  }
+}
+
+__device__ __forceinline__ uint4 pack8(const float r[8]) {
+  return make_uint4(quick::pack2<DT>(r[0], r[1]), quick::pack2<DT>(r[2], r[3]), quick::pack2<DT>(r[4], r[5]),
+                    quick::pack2<DT>(r[6], r[7]));
 }
 
 __device__ __forceinline__ float load_elt(const void* p, size_t i) {
@@ -73,16 +107,22 @@ __device__ __forceinline__ void store_elt(void* p, size_t i, float v) {
 // q, out: [B, KV * G, D]; keys, values: [B, KV, L, D]; mask: additive, element (b, t) at b * mask_stride + t, or
 // null; pos: int64 [1], positions 0..min(pos, L - 1) are attended; ws: fp32 [B * KV, S, G, D + 2] (S > 1 only);
 // counters: int32 [B * KV], zero between launches; scale_log2 = softmax scale * log2(e).
+// QA_ROPE: q is [B, KV * G * D] with row stride q_stride, k_new / v_new [B, KV * D] with row stride kv_stride,
+// cos / sin [B, D] with row stride cs_stride (all in elements, unit stride inside a row); keys / values are
+// written at row pos. Without QA_ROPE those five pointers and three strides are unused (null / 0).
 extern "C" __global__ void __launch_bounds__(THREADS) quick_attn_decode(
     const void* __restrict__ q, const void* __restrict__ keys, const void* __restrict__ values,
     const void* __restrict__ mask, const long long* __restrict__ pos, void* __restrict__ out, float* __restrict__ ws,
-    int* __restrict__ counters, int KV, int L, int mask_stride, float scale_log2) {
+    int* __restrict__ counters, int KV, int L, int mask_stride, float scale_log2, const void* __restrict__ k_new,
+    const void* __restrict__ v_new, const void* __restrict__ rcos, const void* __restrict__ rsin, int q_stride,
+    int kv_stride, int cs_stride) {
   using namespace quick;
   __shared__ float red[PPI][G][D + 2];  // per position slot: acc[D], then max, sum
   __shared__ int s_last;
 
   const int S = gridDim.x, split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
-  const int n = static_cast<int>(min(static_cast<long long>(L) - 1, *pos)) + 1;
+  const long long p_now = *pos;
+  const int n = static_cast<int>(min(static_cast<long long>(L) - 1, p_now)) + 1;
   const int chunk = (n + S - 1) / S;
   const int t_beg = split * chunk, t_end = min(n, t_beg + chunk);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -91,11 +131,43 @@ extern "C" __global__ void __launch_bounds__(THREADS) quick_attn_decode(
 
   const size_t bk = static_cast<size_t>(b) * KV + kvh;  // (sequence, kv head)
   float qf[G][8];
+  uint4 k_fresh = make_uint4(0, 0, 0, 0), v_fresh = k_fresh;  // QA_ROPE: the new row's 8 dimensions of this lane
+  int t_fresh = -1;                                           // ... and its position, if this CTA's range holds it
+  if constexpr (ROPE) {
+    const bool neg = col < D / 2;
+    const int pcol = neg ? col + D / 2 : col - D / 2;
+    float c[8], s[8];
+    const size_t cs_off = (static_cast<size_t>(b) * cs_stride + col) * 2;
+    to_f32x8(ldg128(static_cast<const char*>(rcos) + cs_off), c);
+    to_f32x8(ldg128(static_cast<const char*>(rsin) + cs_off), s);
+    const char* qrow = static_cast<const char*>(q) + (static_cast<size_t>(b) * q_stride + kvh * G * D) * 2;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    to_f32x8(ldg128(static_cast<const char*>(q) + ((bk * G + g) * D + col) * 2), qf[g]);
+    for (int g = 0; g < G; ++g) {
+      rope8(ldg128(qrow + (g * D + col) * 2), ldg128(qrow + (g * D + pcol) * 2), c, s, neg, qf[g]);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) qf[g][i] *= scale_log2;
+      for (int i = 0; i < 8; ++i) qf[g][i] *= scale_log2;
+    }
+    if (p_now < L && p_now >= t_beg && p_now < t_end) {
+      t_fresh = static_cast<int>(p_now);
+      const size_t kv_off = (static_cast<size_t>(b) * kv_stride + kvh * D) * 2;
+      const char* krow = static_cast<const char*>(k_new) + kv_off;
+      float r[8];
+      rope8(ldg128(krow + col * 2), ldg128(krow + pcol * 2), c, s, neg, r);
+      k_fresh = pack8(r);
+      v_fresh = ldg128(static_cast<const char*>(v_new) + kv_off + col * 2);
+      if (slot == (t_fresh - t_beg) % PPI) {  // one lane per 8 dimensions stores the row
+        const size_t row = (bk * L + t_fresh) * D + col;
+        *reinterpret_cast<uint4*>(const_cast<char*>(static_cast<const char*>(keys)) + row * 2) = k_fresh;
+        *reinterpret_cast<uint4*>(const_cast<char*>(static_cast<const char*>(values)) + row * 2) = v_fresh;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      to_f32x8(ldg128(static_cast<const char*>(q) + ((bk * G + g) * D + col) * 2), qf[g]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qf[g][i] *= scale_log2;
+    }
   }
   float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -116,8 +188,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) quick_attn_decode(
     for (int u = 0; u < UNROLL; ++u) {
       const int t = t0 + u * PPI + slot;
       const bool ok = t < t_end;
-      kr[u] = ok ? ldg128(kb + static_cast<size_t>(t) * D * 2) : make_uint4(0, 0, 0, 0);
-      vr[u] = ok ? ldg128(vb + static_cast<size_t>(t) * D * 2) : make_uint4(0, 0, 0, 0);
+      const bool fresh = ROPE && t == t_fresh;  // the row this launch writes: from registers
+      kr[u] = ok && !fresh ? ldg128(kb + static_cast<size_t>(t) * D * 2) : k_fresh;
+      vr[u] = ok && !fresh ? ldg128(vb + static_cast<size_t>(t) * D * 2) : v_fresh;
       mk[u] = !ok ? -INFINITY : (mask != nullptr ? load_elt(mask, static_cast<size_t>(b) * mask_stride + t) * LOG2E : 0.f);
     }
 #pragma unroll
