@@ -140,5 +140,7 @@ def test_rope_op_schema_and_fake():
 def test_rope_fusion_switch(monkeypatch):
     monkeypatch.setenv("QUICK_ATTN_ROPE", "0")
     assert not at.rope_fusion_enabled()
-    monkeypatch.delenv("QUICK_ATTN_ROPE")
+    monkeypatch.setenv("QUICK_ATTN_ROPE", "1")
     assert at.rope_fusion_enabled()
+    monkeypatch.delenv("QUICK_ATTN_ROPE")
+    assert at.rope_fusion_enabled() == at.ROPE_VERIFIED_ON_DEVICE  # unset: on only once verified on a device

@@ -294,8 +294,8 @@ class FastDecoder:
         heads = model.config.num_attention_heads
         fits = keys.is_cuda and attention.supports(heads, keys.shape[1], keys.shape[-1], keys.dtype)
         self.attn_kernel = fits and (attention.is_available(keys.device) if attn_kernel is None else attn_kernel)
-        # ... with the rotary and the cache append inside it (attn_rope None: unless QUICK_ATTN_ROPE=0), for the
-        # layers it applies to (no q/k head norms, rotary over every channel: checked per call)
+        # ... with the rotary and the cache append inside it (attn_rope None: attention.rope_fusion_enabled()), for
+        # the layers it applies to (no q/k head norms, rotary over every channel: checked per call)
         self.attn_rope = self.attn_kernel and (attention.rope_fusion_enabled() if attn_rope is None else attn_rope)
         # transformers 5.x cache layers count their tokens on the device; one multi-tensor add per step keeps
         # them equal to what transformers' own update would leave (4.x has no such counters)
