@@ -354,3 +354,99 @@ def _random_cases(count: int, seed: int = 20261204):
 @pytest.mark.parametrize("m,k,n,g,dtype,cfg,splits", _random_cases(len(qd.all_configs())), ids=str)
 def test_thread_model_random_configs(m, k, n, g, dtype, cfg, splits):
     test_thread_model_matches_reference(m, k, n, g, dtype, cfg, splits)
+
+
+# ---- QD_ACT: x = act(gate) * up staged from a [M, 2K] gate/up product
+
+
+def _stage_act(gu: torch.Tensor, cfg: qd.DecConfig, p: qd.DecPlan, by: int, act: str) -> torch.Tensor:
+    """The kernel's QD_ACT staging of split ``by``, lane by lane: each (warp, lane) walks idx = lane, lane + 32, ...
+    (NW = 1: its own k-slice's chunks; NW > 1: the CTA's threads over the whole range) and writes chunk c of row r
+    from the gate at ``r * 2K + s_beg * 64 + 8c`` and the up ``K`` further. NaN where nothing was staged."""
+    m, k2 = gu.shape
+    k = k2 // 2
+    s_beg = by * p.steps_per_split
+    nsteps = min(s_beg + p.steps_per_split, k // 64) - s_beg
+    per_warp = -(-nsteps // cfg.warps)
+    xs = torch.full((m, nsteps * 64), float("nan"), dtype=gu.dtype)
+    flat = gu.reshape(-1)
+    threads = cfg.threads
+    for warp in range(cfg.warps * cfg.nw):
+        kslice = warp % cfg.warps
+        w_beg = s_beg + kslice * per_warp
+        w_n = max(0, min(per_warp, s_beg + nsteps - w_beg))
+        c0, cn = ((w_beg - s_beg) * 8, w_n * 8) if cfg.nw == 1 else (0, nsteps * 8)
+        for lane in range(32):
+            t0, step = (lane, 32) if cfg.nw == 1 else (warp * 32 + lane, threads)
+            for idx in range(t0, m * cn, step):
+                r, c = idx // cn, c0 + idx % cn
+                src = r * 2 * k + s_beg * 64 + c * 8
+                g, u = flat[src : src + 8].float(), flat[src + k : src + k + 8].float()
+                a = torch.nn.functional.silu(g) if act == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
+                xs[r, c * 8 : c * 8 + 8] = (a * u).to(gu.dtype)
+    return xs
+
+
+@pytest.mark.parametrize("act", sorted(qd.ACTS))
+@pytest.mark.parametrize(
+    "m,k,cfg,splits",
+    [(1, 2816, qd.DecConfig(2, 16, 4), None), (8, 2816, qd.DecConfig(4, 8, 4), 3), (3, 1024, qd.DecConfig(8, 8, 3), 2)],
+)
+def test_act_staging_covers_the_split_with_the_gated_product(m, k, cfg, splits, act):
+    gen = torch.Generator().manual_seed(m + k)
+    gu = (torch.randn(m, 2 * k, generator=gen) * 3).to(torch.bfloat16)
+    p = qd.plan(m, 2048, k, 128, 132, cfg, splits)
+    want = qd.gated(gu[:, :k].float(), gu[:, k:].float(), act).to(gu.dtype)
+    for by in range(p.splits):
+        xs = _stage_act(gu, cfg, p, by, act)
+        s0 = by * p.steps_per_split * 64
+        assert not xs.isnan().any(), "a column of the split was never staged"
+        # from the right gate and up (CPU's vectorized and 8-wide tanh may differ in the last bit)
+        torch.testing.assert_close(xs, want[:, s0 : s0 + xs.shape[1]], rtol=1e-2, atol=1e-3)
+
+
+def test_act_variants_configs_and_switch(monkeypatch):
+    acts = [v for v in qd.VARIANTS if "QD_ACT" in v[2]]
+    assert len(acts) == len(qd.ACT_CONFIGS) * len(qd.ACT_GROUP_SIZES) * 2 * len(qd.ACTS)
+    assert all(d["QD_NT"] == 1 and d["QD_WB"] == 0 and d["QD_G32"] == 0 for _s, _k, d in acts)
+    table_down = qd.DecConfig(2, 16, 4)  # the H200 table's choice for 11008 x 4096 at M = 1
+    assert qd.takes_act(table_down, 1, 128) and qd.takes_act(table_down, 8, 128)
+    assert not qd.takes_act(table_down, 9, 128) and not qd.takes_act(table_down, 1, 64)
+    assert not qd.takes_act(qd.DecConfig(1, 8, 4, wb=1), 1, 128)  # the quick layout: no act variant
+    assert qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16, 2)["QD_ACT"] == 2
+    assert "QD_ACT" not in qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16)  # plain variants keep their keys
+    monkeypatch.setenv("QUICK_DEC_ACT", "1")
+    assert qd.act_fusion_enabled()
+    monkeypatch.setenv("QUICK_DEC_ACT", "0")
+    assert not qd.act_fusion_enabled()
+    monkeypatch.delenv("QUICK_DEC_ACT")
+    assert qd.act_fusion_enabled() == qd.ACT_VERIFIED_ON_DEVICE
+
+
+def test_gated_op_fake_and_errors():
+    k, n = 256, 128
+    qw = random_quantized(k, n, 128, torch.float16, "cpu", torch.Generator().manual_seed(0))
+    p = {name: t.to("meta") for name, t in get_layout("quick_sm90").pack(qw).items()}
+    gu = torch.empty(3, 2 * k, dtype=torch.float16, device="meta")
+    out = torch.ops.quick.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
+    assert out.shape == (3, n) and out.device.type == "meta"
+    with pytest.raises(sm.Sm90Error, match="gate/up"):
+        torch.ops.quick.gated_gemm_w4a16_sm90(gu[:, :-1], p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
+    cpu = {name: t for name, t in get_layout("quick_sm90").pack(qw).items()}
+    x = torch.zeros(3, 2 * k, dtype=torch.float16)
+    with pytest.raises(sm.Sm90Error, match="activation"):
+        sm.gated_gemm_w4a16_sm90(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "relu")
+    with pytest.raises(sm.Sm90Error, match="CUDA"):
+        sm.gated_gemm_w4a16_sm90(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "silu")
+    with pytest.raises(qd.DecError, match="activation"):
+        qd.gated(x, x, "relu")
+
+
+def test_forward_gated_off_the_gpu_is_the_two_steps():
+    from quick.nn.linear import QuickLinear
+
+    qw = random_quantized(256, 128, 128, torch.bfloat16, "cpu", torch.Generator().manual_seed(1))
+    lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
+    gu = torch.randn(2, 5, 512).bfloat16()
+    for act in qd.ACTS:
+        assert torch.equal(lin.forward_gated(gu, act), lin(qd.gated(gu[..., :256], gu[..., 256:], act)))

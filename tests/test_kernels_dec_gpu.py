@@ -154,3 +154,83 @@ def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
             x = torch.randn(m, 4096, device="cuda").half()
             _check(fn(x, p["qweight"], p["scales"], p["zeros"], 128), reference_matmul(x, qw), torch.float16)
             assert calls == ([m] if routed else []), (layout, m, n, calls)
+
+
+# ---- QD_ACT: the gated MLP's down projection stages act(gate) * up itself
+
+
+def _gated64(gu: torch.Tensor, act: str, dtype: torch.dtype) -> torch.Tensor:
+    """act(gate) * up in float64, rounded once to the model dtype (as the kernel stages it)."""
+    k = gu.shape[1] // 2
+    g, u = gu[:, :k].double(), gu[:, k:].double()
+    a = torch.nn.functional.silu(g) if act == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
+    return (a * u).to(dtype)
+
+
+def _run_act(m, k, n, dtype, act, config=None, splits=None, bias=False, scale=3.0):
+    qw, p = _weights(k, n, 128, dtype)
+    gu = (torch.randn(m, 2 * k, device="cuda") * scale).to(dtype)  # gates well into silu's / gelu's curve
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    out = poisoned((m, n), dtype, "cuda")
+    qd.run_validated("quick_sm90", gu, p["qweight"], p["scales"], p["zeros"], b, m, n, k, 128, config, splits, out,
+                     act=qd.ACTS[act])  # fmt: skip
+    torch.cuda.synchronize()
+    return out, reference_matmul(_gated64(gu, act, dtype), qw, b)
+
+
+@pytest.mark.parametrize("act", sorted(qd.ACTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", sorted(qd.ACT_CONFIGS, key=repr), ids=repr)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_act_every_config(m, cfg, dtype, act):
+    """Every QD_ACT config, the automatic split and a forced uneven one, bias on the second."""
+    k, n = 2816, 2048  # K: 44 k64 steps (uneven slices over 16 warps); N: a multiple of every config's channels
+    _check(*_run_act(m, k, n, dtype, act, config=cfg), dtype)
+    _check(*_run_act(m, k, n, dtype, act, config=cfg, splits=3, bias=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(11008, 4096), (14336, 4096), (13824, 5120)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_act_model_shapes_through_the_op(k, n, m, dtype):
+    """The op on down-projection shapes, whatever route the table picks (one launch or the two steps)."""
+    qw, p = _weights(k, n, 128, dtype)
+    gu = (torch.randn(m, 2 * k, device="cuda") * 3).to(dtype)
+    out = torch.ops.quick.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
+    _check(out, reference_matmul(_gated64(gu, "silu", dtype), qw), dtype)
+
+
+def test_act_falls_back_where_no_variant_applies():
+    """M = 16 (two token tiles) and group size 64 take the two steps: the same as gated() then the GEMM."""
+    for m, g in ((16, 128), (4, 64)):
+        qw, p = _weights(1024, 512, g, torch.float16)
+        gu = torch.randn(m, 2048, device="cuda").half()
+        out = sm.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], g, None, "gelu_tanh")
+        want = sm.gemm_w4a16_sm90(qd.gated(gu[:, :1024], gu[:, 1024:], "gelu_tanh"), p["qweight"], p["scales"],
+                                  p["zeros"], g)  # fmt: skip
+        assert torch.equal(out, want)
+
+
+def test_act_graph_capture_and_linear_forward_gated(monkeypatch):
+    """QuickLinear.forward_gated under CUDA-graph capture, fused (QUICK_DEC_ACT=1) against the two steps."""
+    from quick.nn.linear import QuickLinear
+
+    qw, _p = _weights(2048, 1024, 128, torch.bfloat16)
+    lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
+    gu = (torch.randn(1, 4096, device="cuda") * 3).bfloat16()
+    monkeypatch.setenv("QUICK_DEC_ACT", "0")
+    two = lin.forward_gated(gu, "silu")
+    monkeypatch.setenv("QUICK_DEC_ACT", "1")
+    one = lin.forward_gated(gu, "silu")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cap = lin.forward_gated(gu, "silu")
+    gu.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference_matmul(_gated64(gu, "silu", torch.bfloat16), qw)
+    _check(cap, ref, torch.bfloat16)
+    from quick.testing import rel_error
+
+    assert rel_error(one, two.double()) < 2e-2  # one rounding of act(g) * u against two

@@ -45,10 +45,11 @@ def test_every_dec_variant_has_a_case():
     from quick.kernels import quick_dec
 
     launched = {
-        tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype).items()))
+        tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype, c.extra.get("act", 0)).items()))
         for c in vc.dec_cases()
         if c.group_size in (32, 128)
     }
+    assert {c.extra["act"] for c in vc.dec_cases() if c.kernel == "dec_act"} == set(quick_dec.ACTS.values())
     want = {tuple(sorted(d.items())) for _s, _k, d in quick_dec.VARIANTS}
     assert want <= launched, f"decode variants without a sanitizer case: {want - launched}"
     for c in vc.dec_cases():  # every case is one the launcher takes (plan raises otherwise)

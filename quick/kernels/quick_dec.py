@@ -14,6 +14,7 @@ This module holds the compile variants, the launch plan (channel tiles x k split
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ class DecConfig:
         red = self.warps * self.nw * self.rb * nacc * 512
         return max(self.ring_bytes(group_size) + m * (steps_per_split * 128 + 16), red)
 
-    def defines(self, m: int, group_size: int, dtype: torch.dtype) -> dict[str, int]:
+    def defines(self, m: int, group_size: int, dtype: torch.dtype, act: int = 0) -> dict[str, int]:
         d = {
             "QD_WB": self.wb,
             "QD_DTYPE": int(dtype == torch.bfloat16),
@@ -92,6 +93,8 @@ class DecConfig:
         }
         if self.nw != 1:  # the original variants keep their defines (and cache keys)
             d["QD_NW"] = self.nw
+        if act:
+            d["QD_ACT"] = act
         return d
 
 
@@ -162,6 +165,51 @@ for _top, _cfg in all_configs():
                 _v = (SOURCE, KERNEL, _cfg.defines(_m, _g, _dt))
                 if _cfg.supports(_g) and _v not in VARIANTS:
                     VARIANTS.append(_v)
+
+
+# ---- the gated-MLP down projection: x = act(gate) * up staged by the kernel itself (QD_ACT)
+
+ACTS = {"silu": 1, "gelu_tanh": 2}  # the activations of a gated MLP the kernel multiplies in (QD_ACT)
+ACT_MAX_M = 8  # one n8 token tile
+ACT_GROUP_SIZES = (128,)  # the variants built (and compile-checked); other group sizes take the two steps
+# True once the QD_ACT variants have passed their device tests (tests/test_kernels_dec_gpu.py, the ``act`` cases);
+# until then :func:`act_fusion_enabled` is off unless QUICK_DEC_ACT=1. Written in a session without a GPU
+# (2026-12-05, session 8): not yet run on a device.
+ACT_VERIFIED_ON_DEVICE = False
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """``act(gate) * up``: SwiGLU (``silu``) or GeGLU (``gelu_tanh``), the math ``QD_ACT`` does in the kernel."""
+    if act not in ACTS:
+        raise DecError(f"gate activation must be one of {sorted(ACTS)}, got {act!r}")
+    f = torch.nn.functional
+    return (f.silu(gate) if act == "silu" else f.gelu(gate, approximate="tanh")) * up
+
+
+def act_fusion_enabled() -> bool:
+    """Whether gated-MLP down projections stage ``act(gate) * up`` in the decode kernel: ``QUICK_DEC_ACT=1`` / ``0``
+    force it on / off (ablations), else only once verified on a device."""
+    env = os.environ.get("QUICK_DEC_ACT")
+    return ACT_VERIFIED_ON_DEVICE if env is None else env != "0"
+
+
+def launch_config(layout: str, m: int, config: DecConfig | None) -> DecConfig:
+    """The config a launch of ``m`` tokens uses: the caller's, else the bucket's default."""
+    return config or default_config(layout, m)
+
+
+def takes_act(config: DecConfig, m: int, group_size: int) -> bool:
+    """Whether a ``QD_ACT`` variant exists for this config (a bucket-16 ``quick_sm90`` config), M and group size."""
+    return config.wb == 0 and 1 <= m <= ACT_MAX_M and group_size in ACT_GROUP_SIZES and config in ACT_CONFIGS
+
+
+ACT_CONFIGS = frozenset(c for top, c in all_configs("quick_sm90") if top == 16)
+for _cfg in sorted(ACT_CONFIGS, key=repr):
+    for _g in ACT_GROUP_SIZES:
+        for _dt in (torch.float16, torch.bfloat16):
+            for _a in ACTS.values():
+                if _cfg.supports(_g):
+                    VARIANTS.append((SOURCE, KERNEL, _cfg.defines(1, _g, _dt, _a)))
 
 
 @dataclass(frozen=True)
@@ -304,9 +352,12 @@ def run_validated(
     config: DecConfig | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    act: int = 0,
 ) -> torch.Tensor:
     """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
-    contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``."""
+    contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``. ``act`` (``ACTS``' values):
+    ``x`` is a dense ``[M, 2K]`` gate/up product and the kernel multiplies in ``act(gate) * up`` (the caller checked
+    :func:`takes_act` for the config the launch uses: :func:`launch_config`)."""
     from quick.kernels import quick_mma, quick_sm90
 
     if m == 0:
@@ -314,16 +365,18 @@ def run_validated(
     if config is not None and config.wb != LAYOUTS.index(layout):
         raise DecError(f"config {config} is for layout {LAYOUTS[config.wb]!r}, not {layout!r}")
     dev = x.device
-    key = (layout, m, n, k, g, x.dtype, dev, config, splits)
+    key = (layout, m, n, k, g, x.dtype, dev, config, splits, act)
     hit = _LAUNCH.get(key)
     if hit is None:
         with _LOCK:
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
             p = plan(
-                m, n, k, g, quick_mma.num_sms(dev), config or default_config(layout, m), splits, smem_limit=_smem(idx)
+                m, n, k, g, quick_mma.num_sms(dev), launch_config(layout, m, config), splits, smem_limit=_smem(idx)
             )
             arch = jit.arch_for_device(idx, arch_specific=True)
-            kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype), idx, arch)
+            if act and not takes_act(p.config, m, g):
+                raise DecError(f"no act variant for config {p.config}, M={m}, group size {g}")
+            kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype, act), idx, arch)
             gshift = quick_sm90.group_shift(g, k)
             launch = quick_mma._FastLaunch(
                 kern, p.grid, (p.config.threads,), p.smem, [None] * 8 + [m, n, k, gshift, p.steps_per_split]

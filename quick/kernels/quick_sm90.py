@@ -548,6 +548,43 @@ def gemm_w4a16_sm90(
     return out
 
 
+def gated_gemm_w4a16_sm90(
+    gu: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    act: str = "silu",
+) -> torch.Tensor:
+    """``act(gu[:, :K]) * gu[:, K:] @ dequant(W) (+ bias)``: a gated MLP's down projection from its gate/up product
+    ``gu`` [M, 2K]. One launch where the route is the decode kernel and it has a ``QD_ACT`` variant for the config
+    (:func:`quick_dec.takes_act`); otherwise the product of :func:`quick_dec.gated` and the usual route."""
+    dec = _dec()
+    if not isinstance(gu, torch.Tensor) or gu.dim() != 2 or gu.shape[1] % 2:
+        raise Sm90Error(f"gu must be a [M, 2K] gate/up product, got {getattr(gu, 'shape', type(gu).__name__)}")
+    if act not in dec.ACTS:
+        raise Sm90Error(f"gate activation must be one of {sorted(dec.ACTS)}, got {act!r}")
+    k2 = gu.shape[1] // 2
+    m, n, k, g = validate(gu[:, :k2], qweight, scales, zeros, group_size, bias)
+    if gu.device.type != "cuda":
+        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    if m == 0:
+        return gu.new_empty((0, n))
+    decode, dec_cfg, dec_splits, config, splits = route(gu.device, m, n, k, g)
+    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
+    ok = decode and dec.takes_act(cfg, m, g) and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
+    if not ok or not all(t.is_contiguous() for t in (qweight, scales, zeros)):
+        return gemm_w4a16_sm90(dec.gated(gu[:, :k2], gu[:, k2:], act), qweight, scales, zeros, group_size, bias)
+    gu = gu.contiguous()
+    if gu.data_ptr() % 16:
+        gu = gu.clone()
+    b = bias.contiguous() if bias is not None else None
+    return dec.run_validated(
+        LAYOUT, gu, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, act=dec.ACTS[act]
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ torch.library op + dispatcher
 
 
@@ -573,6 +610,31 @@ def _define_op() -> None:
         return x.new_empty((x.shape[0], scales.shape[1]))
 
 
+def _define_gated_op() -> None:
+    """``quick::gated_gemm_w4a16_sm90``: :func:`gated_gemm_w4a16_sm90` as one opaque op with a fake impl."""
+    if hasattr(torch.ops.quick, "gated_gemm_w4a16_sm90"):
+        return
+
+    @torch.library.custom_op("quick::gated_gemm_w4a16_sm90", mutates_args=())
+    def _op(
+        gu: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        act: str,
+    ) -> torch.Tensor:
+        return gated_gemm_w4a16_sm90(gu, qweight, scales, zeros, group_size, bias, act)
+
+    @_op.register_fake
+    def _(gu, qweight, scales, zeros, bias, group_size, act):
+        if gu.dim() != 2 or gu.shape[1] % 2:
+            raise Sm90Error(f"gu must be a [M, 2K] gate/up product, got {tuple(gu.shape)}")
+        validate(gu[:, : gu.shape[1] // 2], qweight, scales, zeros, group_size, bias)
+        return gu.new_empty((gu.shape[0], scales.shape[1]))
+
+
 def _has_op() -> bool:
     try:
         return hasattr(torch.ops.quick, "gemm_w4a16_sm90")
@@ -582,6 +644,7 @@ def _has_op() -> bool:
 
 try:
     _define_op()
+    _define_gated_op()
 except (RuntimeError, AttributeError):  # already defined by an earlier import of this module under another name
     pass
 

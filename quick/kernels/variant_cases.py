@@ -175,22 +175,24 @@ def sm90_cases() -> list[Case]:
 # ---------------------------------------------------------------------------------------- quick_dec
 
 
-def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype]]:
-    """``(defines, DecConfig, M, group class 128|32, dtype)`` for every entry of ``quick_dec.VARIANTS`` (M: the
-    largest batch of the variant's token-tile count); raises on a variant that no config of the module builds."""
+def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int]]:
+    """``(defines, DecConfig, M, group class 128|32, dtype, act)`` for every entry of ``quick_dec.VARIANTS`` (M: the
+    largest batch of the variant's token-tile count; act: QD_ACT or 0); raises on a variant that no config of the
+    module builds."""
     from quick.kernels import quick_dec as qd
 
     tries = [
-        (cfg, m, g, dt)
+        (cfg, m, g, dt, act)
         for _top, cfg in qd.all_configs()
         for m in (8, 16, 32, 64)
         for g in (128, 32)
         for dt in (torch.float16, torch.bfloat16)
+        for act in (0, *qd.ACTS.values())
         if m <= qd.MAX_M_BY_LAYOUT[qd.LAYOUTS[cfg.wb]] and cfg.supports(g)
     ]
     out = []
     for _src, _kern, defines in qd.VARIANTS:
-        hit = next(((defines, *t) for t in tries if t[0].defines(t[1], t[2], t[3]) == defines), None)
+        hit = next(((defines, *t) for t in tries if t[0].defines(*t[1:]) == defines), None)
         if hit is None:
             raise LookupError(f"quick_dec.VARIANTS entry {defines} matches no config of the module")
         out.append(hit)
@@ -203,11 +205,16 @@ def dec_cases() -> list[Case]:
     from quick.kernels import quick_dec as qd
 
     out: list[Case] = []
-    for _defines, cfg, m, g, dt in dec_variant_configs():
+    for _defines, cfg, m, g, dt, act in dec_variant_configs():
         layout = qd.LAYOUTS[cfg.wb]
         var = f"{layout}-rb{cfg.rb}-w{cfg.warps}-nw{cfg.nw}-st{cfg.stages}-m{m}-g{'32' if g == 32 else 'x'}"
         var += f"/{_dt_name(dt)}"
         n = 2 * cfg.channels
+        if act:  # QD_ACT (g128, M <= 8): x is the [M, 2K] gate/up product; 6 k64 steps split in two, then none
+            var += f"/act{act}"
+            out.append(Case("dec_act", var, dt, m, 384, n, 128, 2, cfg, True, layout, extra={"act": act}))
+            out.append(Case("dec_act", var, dt, 1, 256, cfg.channels, 128, None, cfg, False, layout, {"act": act}))
+            continue
         m_lo = 1 if m <= 8 else m // 2 + 1
         out.append(Case("dec", var, dt, m, 320, n, g, 2, cfg, True, layout))
         out.append(Case("dec", var, dt, m_lo, 256, cfg.channels, 64 if g == 128 else 32, None, cfg, False, layout))
@@ -376,7 +383,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
+    x = torch.randn(case.m, 2 * case.k if case.kernel == "dec_act" else case.k, generator=gen).to(case.dtype)
     if case.kernel.startswith("registry:"):
         mod = build_module(case.layout, case.k, case.n, case.group_size, case.dtype, case.bias, gen, device)
         packed = {name: t.contiguous() for name, t in module_tensors(mod).items()}
@@ -426,6 +433,17 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             return qd.gemv(
                 case.layout, x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
                 splits=case.splits, out=out,
+            )  # fmt: skip
+
+        return fn
+    if case.kernel == "dec_act":  # the inputs' validation is the op's; this launches the variant itself
+        from quick.kernels import quick_dec as qd
+
+        def fn(x, p, bias, out=None):
+            m, k, n = x.shape[0], x.shape[1] // 2, p["scales"].shape[1]
+            return qd.run_validated(
+                case.layout, x, p["qweight"], p["scales"], p["zeros"], bias, m, n, k, case.group_size, case.config,
+                case.splits, out, act=case.extra["act"],
             )  # fmt: skip
 
         return fn

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.kernels import attention
+from quick.kernels import attention, quick_dec
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
+from quick.nn.linear import QuickLinear
 
 
 class UnsupportedModel(ValueError):
@@ -111,7 +112,7 @@ GATE_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """``act(gate) * up``: SwiGLU (``silu``) or Gemma's GeGLU (``gelu_tanh``)."""
-    return (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+    return quick_dec.gated(gate, up, act)
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -184,6 +185,7 @@ class _Layer:
     qk_eps: float
     scale: float
     rope: str | None  # which rotary table (transformers' layer type where the model has several)
+    gated_down: bool  # gate/up is one fused QuickLinear and down a QuickLinear: down.forward_gated(gate_up product)
     keys: torch.Tensor
     values: torch.Tensor
 
@@ -274,11 +276,18 @@ class FastDecoder:
         dynamic: bool | None = None,
         attn_kernel: bool | None = None,
         attn_rope: bool | None = None,
+        act_fusion: bool | None = None,
     ) -> None:
         check_supported(model, max_len)
         self.model = model
         self.cache, self.max_len = cache, max_len
         self.norm_rms, self.attend, self.gated = compiled_parts(backend, dynamic)
+        # gated MLPs: the down projection stages act(gate) * up itself where its kernel can (CUDA, decode sizes);
+        # act_fusion None: quick_dec.act_fusion_enabled()
+        cache_dev = _cache_tensors(cache, 0, max_len)[0].device
+        self.act_fusion = cache_dev.type == "cuda" and (
+            quick_dec.act_fusion_enabled() if act_fusion is None else act_fusion
+        )
         family = get_family(model.config)
         self.offset = float(family.norm_offset)
         self.act = _gate_act(model.config)
@@ -313,6 +322,13 @@ class FastDecoder:
         d = keys.shape[-1]
         qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
         ffn = getattr(cfg, "intermediate_size", None)
+        gate_up = _projections(mlp, g_mlp.linears, (ffn, ffn))
+        gated_down = (
+            self.act_fusion
+            and isinstance(gate_up, FusedProjection)
+            and isinstance(gate_up.linear, QuickLinear)
+            and isinstance(mlp.down_proj, QuickLinear)
+        )
         return _Layer(
             norm_attn=norm_attn.weight,
             norm_mlp=norm_mlp.weight,
@@ -321,13 +337,14 @@ class FastDecoder:
             eps=_norm_eps(norm_attn),
             qkv=_projections(attn, g_attn.linears, qkv_sizes),
             o=attn.o_proj,
-            gate_up=_projections(mlp, g_mlp.linears, (ffn, ffn)),
+            gate_up=gate_up,
             down=mlp.down_proj,
             q_norm=None if q_norm is None else q_norm.weight,
             k_norm=None if k_norm is None else k_norm.weight,
             qk_eps=_norm_eps(q_norm) if q_norm is not None else 0.0,
             scale=float(getattr(attn, "scaling", keys.shape[-1] ** -0.5)),
             rope=rope,
+            gated_down=gated_down,
             keys=keys,
             values=values,
         )
@@ -361,7 +378,10 @@ class FastDecoder:
                     layer.scale, off, self.attn_kernel,
                 )  # fmt: skip
             x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
-            h = layer.down(self.gated(*layer.gate_up(x), self.act))
+            if layer.gated_down:  # act(gate) * up staged by the down projection's kernel (decode sizes)
+                h = layer.down.forward_gated(layer.gate_up.linear(x), self.act)
+            else:
+                h = layer.down(self.gated(*layer.gate_up(x), self.act))
             branch = layer.post_mlp
         x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps, off, branch)
         if self._counters:

@@ -160,6 +160,34 @@ class QuickLinear(nn.Module):
             raise RuntimeError(f"no GPU kernel available for layout '{self.layout_name}' on {x.device}")
         return reference_forward(x, self)
 
+    def forward_gated(self, gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
+        """``self(act(gate) * up)`` for a gated MLP's gate/up product ``gu = [gate | up]`` (``[..., 2K]``): one kernel
+        that stages ``act(gate) * up`` itself where the decode kernel takes the call (layout ``quick_sm90`` on CUDA,
+        up to 8 rows, group size 128, :func:`quick.kernels.quick_dec.act_fusion_enabled`), else the two steps."""
+        from quick.kernels import quick_dec
+
+        k = gu.shape[-1] // 2
+        fused = (
+            gu.is_cuda
+            and self.layout_name == "quick_sm90"
+            and self.backend != "reference"
+            and k == self.in_features
+            and gu.dtype == self.dtype
+            and not getattr(self, "_quick_cast_hooks", ())
+            and quick_dec.act_fusion_enabled()
+        )
+        if fused:
+            from quick.kernels import dispatch, quick_sm90
+
+            fused = dispatch.kernel_for(self.layout_name, gu[..., :k]) is quick_sm90.kernel_fn
+        if not fused:
+            return self(quick_dec.gated(gu[..., :k], gu[..., k:], act))
+        p = self.packed()
+        out = torch.ops.quick.gated_gemm_w4a16_sm90(
+            gu.reshape(-1, 2 * k), p["qweight"], p["scales"], p["zeros"], self.bias, self.group_size, act
+        )
+        return out.reshape(*gu.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         pad = f" (padded from {self.logical_in_features})" if self.logical_in_features != self.in_features else ""
         return (

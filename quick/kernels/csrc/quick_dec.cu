@@ -26,9 +26,15 @@
 //   shared memory is then shared by more channels. Splits across CTAs (gridDim.y) write fp32 partials; the last CTA
 //   of a channel tile (arrival counter) sums them in split order and writes the output: deterministic, one launch.
 //
+// * QD_ACT (1 silu, 2 tanh-gelu; 0 none): x is then a gate/up product [M, 2K] and the kernel multiplies in
+//   act(gate) * up while it stages x in shared memory (fp32, rounded once to the model dtype, as the compiled
+//   elementwise kernel it replaces does): the down projection of a gated MLP without a kernel of its own. The
+//   weight stages are issued first, so the loads of x and the arithmetic overlap the weights' first round trip.
+//
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
-// splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step).
+// splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step),
+// QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product).
 // Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
@@ -56,6 +62,9 @@
 #ifndef QD_G32
 #define QD_G32 0
 #endif
+#ifndef QD_ACT
+#define QD_ACT 0
+#endif
 
 namespace {
 constexpr bool WB = QD_WB != 0;
@@ -65,6 +74,7 @@ constexpr int RB = QD_RB;
 constexpr int WARPS = QD_WARPS;  // k slices
 constexpr int NW = QD_NW;        // channel groups
 constexpr int STAGES = QD_STAGES;
+constexpr int ACT = QD_ACT;
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
 constexpr int THREADS = 32 * WARPS * NW;
@@ -176,6 +186,13 @@ __device__ __forceinline__ void store16(void* p, float v) {
   }
 }
 
+// act(g) * u of a gated MLP in fp32: QD_ACT 1 silu (x sigmoid(x)), 2 tanh-gelu.
+__device__ __forceinline__ float gate_act(float g, float u) {
+  if constexpr (ACT == 1) return g / (1.f + __expf(-g)) * u;
+  const float t = tanhf(0.7978845608028654f * fmaf(0.044715f * g, g * g, g));
+  return 0.5f * g * (1.f + t) * u;
+}
+
 __device__ __forceinline__ float load16(const void* p) {
   if constexpr (DT == 0) {
     return __half2float(*static_cast<const __half*>(p));
@@ -185,7 +202,11 @@ __device__ __forceinline__ float load16(const void* p) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
+// QD_ACT variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers, so that
+// they run two per SM as their plain twins do (the staging of act(gate) * up would otherwise take them to 66-72).
+constexpr int MIN_BLOCKS = ACT != 0 && THREADS >= 512 && 2 * RING_BYTES <= 200 * 1024 ? 2 : 1;
+
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
     const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
     int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split) {
@@ -210,19 +231,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
   const int xpitch = kr * 2 + 16;          // = 16 mod 128: the 8 rows of an ldmatrix hit distinct banks
   const char* x = static_cast<const char*>(xp);
 
-  // ---- x[:, K range] -> shared (first cp.async group). With one warp group (NW = 1) every warp reads only the x
-  // columns of its own k-slice, so it copies just those and waits for nothing else: no CTA barrier before the loop.
-  // With NW > 1 the groups share each slice, and the CTA copies it once.
-  {
-    const int c0 = NW == 1 ? (w_beg - s_beg) * 8 : 0;  // first 16-byte chunk of a row, count per row
-    const int cn = NW == 1 ? w_n * 8 : kr >> 3;
-    const int t0 = NW == 1 ? lane : tid, step = NW == 1 ? 32 : THREADS;
-    for (int idx = t0; idx < M * cn; idx += step) {
-      const int r = idx / cn, c = c0 + idx - r * cn;
+  // ---- x[:, K range] -> shared (first cp.async group; empty with QD_ACT, whose x is staged after the weight
+  // stages are issued, below). With one warp group (NW = 1) every warp reads only the x columns of its own k-slice,
+  // so it copies just those and waits for nothing else: no CTA barrier before the loop. With NW > 1 the groups share
+  // each slice, and the CTA copies it once.
+  const int x_c0 = NW == 1 ? (w_beg - s_beg) * 8 : 0;  // first 16-byte chunk of a row, count per row
+  const int x_cn = NW == 1 ? w_n * 8 : kr >> 3;
+  const int x_t0 = NW == 1 ? lane : tid, x_step = NW == 1 ? 32 : THREADS;
+  if constexpr (ACT == 0) {
+    for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
+      const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
       cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(r) * K + s_beg * 64 + c * 8) * 2, true);
     }
-    cp_async_commit();
   }
+  cp_async_commit();
 
   // ---- one k64 step of this warp: RB x WCHUNKS weight chunks (16 bytes a lane each), then RB x GPS lines of
   // scales and zeros (one 16-byte chunk for each of the first S_CHUNKS lanes). Per-lane sources and destinations
@@ -257,6 +279,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) quick_dec(
 
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) load_stage(j);
+  if constexpr (ACT != 0) {  // x = act(gate) * up from the [M, 2K] product, 8 columns per 16-byte chunk
+    for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
+      const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
+      const char* gp = x + (static_cast<size_t>(r) * 2 * K + s_beg * 64 + c * 8) * 2;
+      const uint4 gv = ldg128(gp), uv = ldg128(gp + static_cast<size_t>(K) * 2);
+      uint32_t o[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const float2 g2 = unpack2<DT>(u4_get(gv, w)), u2 = unpack2<DT>(u4_get(uv, w));
+        o[w] = pack2<DT>(gate_act(g2.x, u2.x), gate_act(g2.y, u2.y));
+      }
+      *reinterpret_cast<uint4*>(xs + r * xpitch + c * 16) = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+  }
   cp_async_wait<STAGES - 1>();  // the x group (this thread's copies)
   if constexpr (NW == 1) {
     __syncwarp();  // ... and the other lanes' copies of this warp's slice
