@@ -2,6 +2,12 @@
 """Where does a decode GEMM spend its time? Nsight Compute on the tuned kernels at K = N = 8192, M = 1 and 16.
 
     OUT=$OUT timeout 150 python3 scripts/ncu_decode.py          # on the GPU machine (Firecracker: ncu works)
+    OUT=$OUT timeout 150 python3 scripts/ncu_decode.py --dec    # the decode kernel on Llama-2-7B's batch-1 linears
+
+``--dec``: the decode kernel (``quick_dec``, the route and config the measured table picks at M = 1) on the four
+linear shapes of a Llama-2-7B layer as the fast step calls them (fused q/k/v 4096 x 12288, o 4096², fused gate/up
+4096 x 22016, down 11008 x 4096), and the read-only probe over the gate/up bytes: DRAM throughput, occupancy and
+stalls, to tell which of docs/dec_notes.md's hypotheses (waves, short CTAs, DRAM locality) holds.
 
 Profiles, with the clocks left alone (``--clock-control none``) and the caches flushed by ncu before each
 replay: the W4A16 Hopper kernel (``quick_sm90``) and the W4A8 Hopper GEMM at M = 1 and 16 with the automatic
@@ -69,6 +75,40 @@ def target() -> int:
     return 0
 
 
+DEC_SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))  # (K, N) of one Llama-2-7B layer
+DEC_KERNELS = "regex:quick_dec|quick_stream_probe"
+
+
+def target_dec() -> int:
+    """Each Llama-2-7B linear at M = 1 three times through the sm90 entry (the table's route and config), then the
+    probe over the gate/up bytes three times."""
+    import torch
+
+    from quick.kernels import quick_sm90 as sm
+    from quick.packing.layouts import get_layout
+    from quick.testing import random_quantized
+
+    gen = torch.Generator().manual_seed(1)
+    for k, n in DEC_SHAPES:
+        qw = random_quantized(k, n, 128, torch.float16, "cpu", gen)
+        p = {kk: v.cuda() for kk, v in get_layout("quick_sm90").pack(qw).items()}
+        x = torch.randn(1, k, generator=gen).half().cuda()
+        for _ in range(3):
+            sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
+        torch.cuda.synchronize()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from decode_tune import probe_launcher
+
+    k, n = DEC_SHAPES[2]
+    buf = torch.ones((k * n // 2 + 4 * (k // 128) * n) // 4, dtype=torch.int32, device="cuda")
+    sink = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+    probe = probe_launcher(buf, 8, 132 * 4, 512, sink)
+    for _ in range(3):
+        probe()
+    torch.cuda.synchronize()
+    return 0
+
+
 def stalls(rep: Path, ncu: str) -> str:
     """Top SASS lines by stall samples per profiled kernel (ncu's source page, CSV)."""
     out = []
@@ -119,8 +159,9 @@ def _top(header: list[str], rows: list[list[str]], n: int = 40) -> str:
 
 
 def main() -> int:
+    dec = "--dec" in sys.argv
     if "--target" in sys.argv:
-        return target()
+        return target_dec() if dec else target()
     OUT.mkdir(parents=True, exist_ok=True)
     ncu = shutil.which("ncu") or next(
         (c for c in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu") if os.path.exists(c)), None
@@ -136,7 +177,7 @@ def main() -> int:
         "--cache-control",
         "all",
         "-k",
-        KERNELS,
+        DEC_KERNELS if dec else KERNELS,
         "--launch-count",
         "15",
         "-f",
@@ -146,6 +187,7 @@ def main() -> int:
     for s in (*SECTIONS, "SourceCounters"):
         cmd += ["--section", s]
     cmd += ["--import-source", "no", sys.executable, str(Path(__file__).resolve()), "--target"]
+    cmd += ["--dec"] if dec else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     print(proc.stdout[-3000:], proc.stderr[-2000:])
     details = subprocess.run([ncu, "-i", str(rep), "--page", "details"], capture_output=True, text=True, timeout=120)

@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import re
 import time
 import traceback
@@ -245,7 +246,7 @@ def write_results(
         "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
         "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
         "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
-        "of the same variant.",
+        "of the same variant." + (f" Kernel fusions: {env['fusions']}." if "fusions" in env else ""),
         "",
         "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
         "|---|---|---|---|---|---|---|---|",
@@ -348,11 +349,23 @@ def resolve_variants(variants: list[str], compile_mode: str | None, fused: bool)
     return out
 
 
+def fusion_switches() -> dict[str, bool]:
+    """Which of the fast decode step's kernel fusions this run has on (set by the environment; recorded in the
+    results so that runs with and without them are told apart)."""
+    from quick.kernels import attention, quick_dec
+
+    return {
+        "attn_kernel": os.environ.get("QUICK_ATTN_KERNEL", "1") != "0",
+        "attn_rope": attention.rope_fusion_enabled(),
+        "dec_act": quick_dec.act_fusion_enabled(),
+    }
+
+
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("the end-to-end benchmark needs a CUDA GPU")
         return 1
-    env = env_stamp()
+    env = {**env_stamp(), "fusions": fusion_switches()}
     if torch.cuda.get_device_capability() != (9, 0):
         args.impls = [i for i in args.impls if not i.startswith("quick_sm90")]
     variants = resolve_variants(args.variants, args.compile, args.fused)
