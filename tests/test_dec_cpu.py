@@ -406,9 +406,12 @@ def test_act_staging_covers_the_split_with_the_gated_product(m, k, cfg, splits, 
 
 
 def test_act_variants_configs_and_switch(monkeypatch):
+    per_flags = len(qd.ACT_CONFIGS) * len(qd.ACT_GROUP_SIZES) * 2  # configs x group sizes x dtypes
     acts = [v for v in qd.VARIANTS if "QD_ACT" in v[2]]
-    assert len(acts) == len(qd.ACT_CONFIGS) * len(qd.ACT_GROUP_SIZES) * 2 * len(qd.ACTS)
-    assert all(d["QD_NT"] == 1 and d["QD_WB"] == 0 and d["QD_G32"] == 0 for _s, _k, d in acts)
+    norms = [v for v in qd.VARIANTS if "QD_NORM" in v[2]]
+    assert len(acts) == per_flags * len(qd.ACTS) * 2  # alone and with the norm tail
+    assert len(norms) == per_flags * (1 + len(qd.ACTS))  # alone (o projection) and with each activation (down)
+    assert all(d["QD_NT"] == 1 and d["QD_WB"] == 0 and d["QD_G32"] == 0 for _s, _k, d in acts + norms)
     table_down = qd.DecConfig(2, 16, 4)  # the H200 table's choice for 11008 x 4096 at M = 1
     assert qd.takes_act(table_down, 1, 128) and qd.takes_act(table_down, 8, 128)
     assert not qd.takes_act(table_down, 9, 128) and not qd.takes_act(table_down, 1, 64)
@@ -450,3 +453,82 @@ def test_forward_gated_off_the_gpu_is_the_two_steps():
     gu = torch.randn(2, 5, 512).bfloat16()
     for act in qd.ACTS:
         assert torch.equal(lin.forward_gated(gu, act), lin(qd.gated(gu[..., :256], gu[..., 256:], act)))
+
+
+# ---- QD_NORM: the residual add + RMSNorm tail
+
+
+def _norm_tail_model(h, resid, weight, eps, offset, threads):
+    """The kernel's tail, thread by thread: pass 1 (r = cast(resid + h) by 8-column chunks c = 8 tid, + 8 threads,
+    per-thread fp32 sums of squares folded per warp, then warps in order), pass 2 (each thread re-reads its r)."""
+    m, n = h.shape
+    dt = h.dtype
+    r = torch.full_like(h, float("nan"))
+    normed = torch.full_like(h, float("nan"))
+    for t in range(m):
+        per_thread = []
+        for tid in range(threads):
+            ss = torch.zeros((), dtype=torch.float32)
+            for c in range(tid * 8, n, threads * 8):
+                q = (resid[t, c : c + 8].float() + h[t, c : c + 8].float()).to(dt)
+                r[t, c : c + 8] = q
+                ss = ss + (q.float() ** 2).sum()
+            per_thread.append(ss)
+        warps = [sum(per_thread[w * 32 : w * 32 + 32], torch.zeros(())) for w in range(threads // 32)]
+        inv = torch.rsqrt(sum(warps, torch.zeros(())) / n + eps)
+        for tid in range(threads):
+            for c in range(tid * 8, n, threads * 8):
+                rr, w = r[t, c : c + 8].float(), weight[c : c + 8].float()
+                if offset == 0.0:
+                    normed[t, c : c + 8] = (w * (rr * inv).to(dt).float()).to(dt)
+                else:
+                    normed[t, c : c + 8] = (rr * inv * (offset + w)).to(dt)
+    return r, normed
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,threads", [(1, 4096, 512), (3, 1024, 256), (8, 2048, 512), (2, 64, 256)])
+def test_norm_tail_model_matches_the_torch_norm(m, n, threads, dtype, offset):
+    """Every column of every token written once by the tail's loops, and its arithmetic is transformers' RMSNorm
+    (quick_dec.rms_norm, which the unfused step runs) up to the order of the fp32 sum."""
+    gen = torch.Generator().manual_seed(m * n + threads)
+    h, resid = (torch.randn(m, n, generator=gen) * 3).to(dtype), (torch.randn(m, n, generator=gen) * 5).to(dtype)
+    weight = (torch.rand(n, generator=gen) + 0.5).to(dtype)
+    r, normed = _norm_tail_model(h, resid, weight, 1e-5, offset, threads)
+    assert not r.isnan().any() and not normed.isnan().any()
+    assert torch.equal(r, resid + h)  # the add in the model dtype, exactly as torch's
+    want = qd.rms_norm(resid + h, weight, 1e-5, offset)
+    assert rel_error(normed, want.double()) < REL_BOUND[dtype] / 4
+
+
+def test_norm_op_fake_errors_and_cpu_steps():
+    from quick.nn.linear import QuickLinear
+
+    k, n = 256, 128
+    qw = random_quantized(k, n, 128, torch.bfloat16, "cpu", torch.Generator().manual_seed(3))
+    pk = get_layout("quick_sm90").pack(qw)
+    meta = {name: t.to("meta") for name, t in pk.items()}
+    x = torch.empty(3, k, dtype=torch.bfloat16, device="meta")
+    res, w = torch.empty(3, n, dtype=torch.bfloat16, device="meta"), torch.empty(n, dtype=torch.bfloat16, device="meta")
+    normed, r = torch.ops.quick.gemm_add_norm_sm90(x, meta["qweight"], meta["scales"], meta["zeros"], None, 128, res, w,
+                                                   1e-6, 0.0, "")  # fmt: skip
+    assert normed.shape == r.shape == (3, n) and normed.device.type == "meta"
+    xc, rc, wc = torch.zeros(3, k).bfloat16(), torch.zeros(3, n).bfloat16(), torch.ones(n).bfloat16()
+    with pytest.raises(sm.Sm90Error, match="residual"):
+        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc[:, :64], wc, 1e-6)
+    with pytest.raises(sm.Sm90Error, match="norm weight"):
+        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc.half(), 1e-6)
+    with pytest.raises(sm.Sm90Error, match="2K"):
+        sm.gemm_add_norm_sm90(xc[:, :-1], pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6, 0, "silu")
+    with pytest.raises(sm.Sm90Error, match="CUDA"):
+        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6)
+    # off the GPU, QuickLinear takes the steps: exactly the add and rms_norm after its own forward
+    lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
+    gen = torch.Generator().manual_seed(4)
+    xs, rs = torch.randn(2, 3, k, generator=gen).bfloat16(), torch.randn(2, 3, n, generator=gen).bfloat16()
+    ws = (torch.rand(n, generator=gen) + 0.5).bfloat16()
+    got_n, got_r = lin.forward_add_norm(xs, rs, ws, 1e-6, 1.0)
+    want_r = rs + lin(xs)
+    assert torch.equal(got_r, want_r) and torch.equal(got_n, qd.rms_norm(want_r, ws, 1e-6, 1.0))
+    assert not lin.fuses(1, torch.device("cpu"), torch.bfloat16, norm=True)

@@ -234,3 +234,87 @@ def test_act_graph_capture_and_linear_forward_gated(monkeypatch):
     from quick.testing import rel_error
 
     assert rel_error(one, two.double()) < 2e-2  # one rounding of act(g) * u against two
+
+
+# ---- QD_NORM: the o / down projection ends with the residual add and RMSNorm
+
+
+def _norm64(r: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    r = r.double()
+    n = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+    return n * (w.double() if offset == 0.0 else offset + w.double())
+
+
+def _run_norm(m, k, n, dtype, act="", offset=0.0, config=None, splits=None, bias=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qw, p = _weights(k, n, 128, dtype)
+    x = (torch.randn(m, 2 * k if act else k, device="cuda", generator=gen) * (3 if act else 1)).to(dtype)
+    b = torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None
+    resid = (torch.randn(m, n, device="cuda", generator=gen) * 4).to(dtype)
+    w = (torch.rand(n, device="cuda", generator=gen) + 0.5).to(dtype)
+    r, normed = poisoned((m, n), dtype, "cuda"), poisoned((m, n), dtype, "cuda")
+    qd.run_validated("quick_sm90", x, p["qweight"], p["scales"], p["zeros"], b, m, n, k, 128, config, splits, r,
+                     qd.ACTS.get(act, 0), (resid, w, 1e-5, offset, normed))  # fmt: skip
+    torch.cuda.synchronize()
+    h = reference_matmul(_gated64(x, act, dtype) if act else x, qw, b)
+    r_ref = resid.double() + h
+    return r, normed, r_ref, _norm64(r_ref, w, 1e-5, offset)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("act", ["", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", sorted(qd.ACT_CONFIGS, key=repr), ids=repr)
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_norm_every_config(m, cfg, dtype, act, offset):
+    """Every QD_NORM config, alone (o projection) and after act (down), llama and Gemma norms, with and without
+    split-k (the tile's last split then counts for the row)."""
+    for splits, bias in ((None, False), (3, True)):
+        r, normed, r_ref, n_ref = _run_norm(m, 2816, 2048, dtype, act, offset, cfg, splits, bias, seed=m)
+        _check(r, r_ref, dtype)
+        _check(normed, n_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n,act", [(4096, 4096, ""), (11008, 4096, "silu"), (14336, 4096, "silu")])
+def test_norm_model_shapes_through_the_op_and_determinism(k, n, act, dtype):
+    """The op on o / down shapes (one launch or the steps, as the table routes), twice: bitwise equal."""
+    qw, p = _weights(k, n, 128, dtype)
+    x = torch.randn(1, 2 * k if act else k, device="cuda").to(dtype)
+    resid, w = torch.randn(1, n, device="cuda").to(dtype), (torch.rand(n, device="cuda") + 0.5).to(dtype)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 128, resid, w, 1e-5, 0.0, act)
+    normed, r = torch.ops.quick.gemm_add_norm_sm90(*args)
+    again = torch.ops.quick.gemm_add_norm_sm90(*args)
+    assert torch.equal(normed, again[0]) and torch.equal(r, again[1])
+    r_ref = resid.double() + reference_matmul(_gated64(x, act, dtype) if act else x, qw)
+    _check(r, r_ref, dtype)
+    _check(normed, _norm64(r_ref, w, 1e-5, 0.0), dtype)
+
+
+def test_norm_falls_back_and_linear_under_graph_capture(monkeypatch):
+    """M = 16 takes the steps (the same as add + rms_norm after the GEMM); QuickLinear.forward_add_norm captured in a
+    CUDA graph with QUICK_DEC_NORM=1 replays on new inputs."""
+    from quick.nn.linear import QuickLinear
+
+    qw, p = _weights(2048, 1024, 128, torch.float16)
+    x16, res16 = torch.randn(16, 2048, device="cuda").half(), torch.randn(16, 1024, device="cuda").half()
+    w = (torch.rand(1024, device="cuda") + 0.5).half()
+    normed, r = sm.gemm_add_norm_sm90(x16, p["qweight"], p["scales"], p["zeros"], 128, None, res16, w, 1e-6)
+    want_r = res16 + sm.gemm_w4a16_sm90(x16, p["qweight"], p["scales"], p["zeros"], 128)
+    assert torch.equal(r, want_r) and torch.equal(normed, qd.rms_norm(want_r, w, 1e-6))
+    monkeypatch.setenv("QUICK_DEC_NORM", "1")
+    lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
+    x, res = torch.randn(2, 2048, device="cuda").half(), torch.randn(2, 1024, device="cuda").half()
+    assert lin.fuses(2, x.device, x.dtype, norm=True) == sm.fuses(x.device, 2, 1024, 2048, 128, norm=True)
+    lin.forward_add_norm(x, res, w, 1e-6)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_n, out_r = lin.forward_add_norm(x, res, w, 1e-6)
+    x.mul_(-0.5)
+    res.add_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    r_ref = res.double() + reference_matmul(x, qw)
+    _check(out_r, r_ref, torch.float16)
+    _check(out_n, _norm64(r_ref, w, 1e-6, 0.0), torch.float16)

@@ -44,12 +44,16 @@ def test_every_sm90_variant_has_a_case():
 def test_every_dec_variant_has_a_case():
     from quick.kernels import quick_dec
 
+    def flags(c):
+        return (c.extra.get("act", 0), c.extra.get("norm", 0))
+
     launched = {
-        tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype, c.extra.get("act", 0)).items()))
+        tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype, *flags(c)).items()))
         for c in vc.dec_cases()
         if c.group_size in (32, 128)
     }
-    assert {c.extra["act"] for c in vc.dec_cases() if c.kernel == "dec_act"} == set(quick_dec.ACTS.values())
+    fused = {flags(c) for c in vc.dec_cases() if c.kernel == "dec_fused"}
+    assert fused == set(quick_dec.FUSED_FLAGS)
     want = {tuple(sorted(d.items())) for _s, _k, d in quick_dec.VARIANTS}
     assert want <= launched, f"decode variants without a sanitizer case: {want - launched}"
     for c in vc.dec_cases():  # every case is one the launcher takes (plan raises otherwise)

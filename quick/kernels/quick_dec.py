@@ -81,7 +81,7 @@ class DecConfig:
         red = self.warps * self.nw * self.rb * nacc * 512
         return max(self.ring_bytes(group_size) + m * (steps_per_split * 128 + 16), red)
 
-    def defines(self, m: int, group_size: int, dtype: torch.dtype, act: int = 0) -> dict[str, int]:
+    def defines(self, m: int, group_size: int, dtype: torch.dtype, act: int = 0, norm: int = 0) -> dict[str, int]:
         d = {
             "QD_WB": self.wb,
             "QD_DTYPE": int(dtype == torch.bfloat16),
@@ -95,6 +95,8 @@ class DecConfig:
             d["QD_NW"] = self.nw
         if act:
             d["QD_ACT"] = act
+        if norm:
+            d["QD_NORM"] = 1
         return d
 
 
@@ -186,6 +188,17 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tens
     return (f.silu(gate) if act == "silu" else f.gelu(gate, approximate="tanh")) * up
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """transformers' RMSNorm arithmetic, which ``QD_NORM`` does in the kernel. ``offset == 0`` (Llama and most):
+    normalise in fp32, cast back, then multiply by the weight; otherwise (Gemma: ``1 + weight``): multiply by
+    ``offset + weight`` in fp32, then cast."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        return weight * h.to(x.dtype)
+    return (h * (offset + weight.float())).to(x.dtype)
+
+
 def act_fusion_enabled() -> bool:
     """Whether gated-MLP down projections stage ``act(gate) * up`` in the decode kernel: ``QUICK_DEC_ACT=1`` / ``0``
     force it on / off (ablations), else only once verified on a device."""
@@ -203,13 +216,34 @@ def takes_act(config: DecConfig, m: int, group_size: int) -> bool:
     return config.wb == 0 and 1 <= m <= ACT_MAX_M and group_size in ACT_GROUP_SIZES and config in ACT_CONFIGS
 
 
+def takes_norm(config: DecConfig, m: int, group_size: int) -> bool:
+    """Whether a ``QD_NORM`` variant (the residual add + RMSNorm tail) exists: the same configs, M and group sizes as
+    ``QD_ACT`` (:func:`takes_act`)."""
+    return takes_act(config, m, group_size)
+
+
+# True once the QD_NORM variants have passed their device tests (tests/test_kernels_dec_gpu.py, the ``norm``
+# cases); until then :func:`norm_fusion_enabled` is off unless QUICK_DEC_NORM=1. Written in session 8 (no GPU).
+NORM_VERIFIED_ON_DEVICE = False
+
+
+def norm_fusion_enabled() -> bool:
+    """Whether the o and down projections of the fast decode step end with the residual add + RMSNorm
+    (``QD_NORM``): ``QUICK_DEC_NORM=1`` / ``0`` force it on / off, else only once verified on a device."""
+    env = os.environ.get("QUICK_DEC_NORM")
+    return NORM_VERIFIED_ON_DEVICE if env is None else env != "0"
+
+
+# The act / norm variants: the bucket-16 configs of quick_sm90 at one token tile, group size 128, both dtypes;
+# act(gate) * up alone, the norm tail alone (o projection), and both (down projection).
 ACT_CONFIGS = frozenset(c for top, c in all_configs("quick_sm90") if top == 16)
+FUSED_FLAGS = [(a, 0) for a in ACTS.values()] + [(0, 1)] + [(a, 1) for a in ACTS.values()]
 for _cfg in sorted(ACT_CONFIGS, key=repr):
     for _g in ACT_GROUP_SIZES:
         for _dt in (torch.float16, torch.bfloat16):
-            for _a in ACTS.values():
+            for _a, _n in FUSED_FLAGS:
                 if _cfg.supports(_g):
-                    VARIANTS.append((SOURCE, KERNEL, _cfg.defines(1, _g, _dt, _a)))
+                    VARIANTS.append((SOURCE, KERNEL, _cfg.defines(1, _g, _dt, _a, _n)))
 
 
 @dataclass(frozen=True)
@@ -353,11 +387,14 @@ def run_validated(
     splits: int | None = None,
     out: torch.Tensor | None = None,
     act: int = 0,
+    norm: tuple | None = None,
 ) -> torch.Tensor:
     """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
     contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``. ``act`` (``ACTS``' values):
     ``x`` is a dense ``[M, 2K]`` gate/up product and the kernel multiplies in ``act(gate) * up`` (the caller checked
-    :func:`takes_act` for the config the launch uses: :func:`launch_config`)."""
+    :func:`takes_act` for the config the launch uses: :func:`launch_config`). ``norm = (resid, weight, eps, offset,
+    normed)``: the ``QD_NORM`` tail; ``out`` receives ``r = resid + h`` and ``normed`` RMSNorm(r) (dense ``[M, N]``
+    / ``[N]`` tensors, 16-byte aligned, checked by the caller; :func:`takes_norm`)."""
     from quick.kernels import quick_mma, quick_sm90
 
     if m == 0:
@@ -365,7 +402,8 @@ def run_validated(
     if config is not None and config.wb != LAYOUTS.index(layout):
         raise DecError(f"config {config} is for layout {LAYOUTS[config.wb]!r}, not {layout!r}")
     dev = x.device
-    key = (layout, m, n, k, g, x.dtype, dev, config, splits, act)
+    eps, offset = (float(norm[2]), float(norm[3])) if norm is not None else (0.0, 0.0)
+    key = (layout, m, n, k, g, x.dtype, dev, config, splits, act, norm is not None, eps, offset)
     hit = _LAUNCH.get(key)
     if hit is None:
         with _LOCK:
@@ -374,12 +412,17 @@ def run_validated(
                 m, n, k, g, quick_mma.num_sms(dev), launch_config(layout, m, config), splits, smem_limit=_smem(idx)
             )
             arch = jit.arch_for_device(idx, arch_specific=True)
-            if act and not takes_act(p.config, m, g):
-                raise DecError(f"no act variant for config {p.config}, M={m}, group size {g}")
-            kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(m, g, x.dtype, act), idx, arch)
+            if (act or norm is not None) and not takes_act(p.config, m, g):
+                raise DecError(f"no act / norm variant for config {p.config}, M={m}, group size {g}")
+            defines = p.config.defines(m, g, x.dtype, act, int(norm is not None))
+            kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, arch)
             gshift = quick_sm90.group_shift(g, k)
             launch = quick_mma._FastLaunch(
-                kern, p.grid, (p.config.threads,), p.smem, [None] * 8 + [m, n, k, gshift, p.steps_per_split]
+                kern,
+                p.grid,
+                (p.config.threads,),
+                p.smem,
+                [None] * 8 + [m, n, k, gshift, p.steps_per_split] + [None] * 3 + [eps, offset],
             )
             hit = (launch, p)
             if len(_LAUNCH) > 4096:
@@ -394,11 +437,14 @@ def run_validated(
     ws_ptr = cnt_ptr = 0
     if p.splits > 1:
         ws = torch.empty((p.splits, m, n), dtype=torch.float32, device=dev)
-        cnt = quick_mma._counters(dev, p.n_tiles, stream, _COUNTERS)
-        ws_ptr, cnt_ptr = ws.data_ptr(), cnt.data_ptr()
+        ws_ptr = ws.data_ptr()
+    if p.splits > 1 or norm is not None:  # tile counters, then the norm tail's row counter
+        cnt_ptr = quick_mma._counters(dev, p.n_tiles + 1, stream, _COUNTERS).data_ptr()
     bptr = bias.data_ptr() if bias is not None else 0
+    nptrs = [norm[0].data_ptr(), norm[1].data_ptr(), norm[4].data_ptr()] if norm is not None else [0, 0, 0]
     launch(
-        [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr(), ws_ptr, cnt_ptr],
+        [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr(), ws_ptr, cnt_ptr]
+        + nptrs,
         stream,
     )
     return out

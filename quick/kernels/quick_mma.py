@@ -488,15 +488,19 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 class _FastLaunch:
-    """One kernel launch with fixed grid, block, shared memory and scalar arguments; pointer arguments are
-    filled in per call. The parameter block is built once (cuLaunchKernel copies it at launch)."""
+    """One kernel launch with fixed grid, block, shared memory and scalar arguments (``int`` -> int32, ``float`` ->
+    fp32); pointer arguments (``None`` in the template) are filled in per call. The parameter block is built once
+    (cuLaunchKernel copies it at launch)."""
 
     def __init__(self, kernel: jit.CudaKernel, grid, block, smem: int, template: list) -> None:
         self.kernel, self.smem = kernel, smem
         self.grid = (*grid, 1, 1)[:3]
         self.block = (*block, 1, 1)[:3]
         kernel.set_max_dynamic_smem(smem)
-        self.holders = [ctypes.c_void_p(0) if a is None else ctypes.c_int(a) for a in template]
+        self.holders = [
+            ctypes.c_void_p(0) if a is None else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a)
+            for a in template
+        ]
         self.ptr_slots = [i for i, a in enumerate(template) if a is None]
         self.params = (ctypes.c_void_p * len(self.holders))(
             *[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in self.holders]

@@ -548,6 +548,17 @@ def gemm_w4a16_sm90(
     return out
 
 
+def fuses(device: torch.device, m: int, n: int, k: int, g: int, act: bool = False, norm: bool = False) -> bool:
+    """Whether an ``m``-row call routes to the decode kernel with a config that has the ``QD_ACT`` (``act``) /
+    ``QD_NORM`` (``norm``) variant: then :func:`gated_gemm_w4a16_sm90` / :func:`gemm_add_norm_sm90` are one launch."""
+    dec = _dec()
+    decode, dec_cfg, *_ = route(device, m, n, k, g)
+    if not decode:
+        return False
+    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
+    return (not act or dec.takes_act(cfg, m, g)) and (not norm or dec.takes_norm(cfg, m, g))
+
+
 def gated_gemm_w4a16_sm90(
     gu: torch.Tensor,
     qweight: torch.Tensor,
@@ -571,9 +582,8 @@ def gated_gemm_w4a16_sm90(
         raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
     if m == 0:
         return gu.new_empty((0, n))
-    decode, dec_cfg, dec_splits, config, splits = route(gu.device, m, n, k, g)
-    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
-    ok = decode and dec.takes_act(cfg, m, g) and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
+    _decode, dec_cfg, dec_splits, _config, _splits = route(gu.device, m, n, k, g)
+    ok = fuses(gu.device, m, n, k, g, act=True) and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
     if not ok or not all(t.is_contiguous() for t in (qweight, scales, zeros)):
         return gemm_w4a16_sm90(dec.gated(gu[:, :k2], gu[:, k2:], act), qweight, scales, zeros, group_size, bias)
     gu = gu.contiguous()
@@ -583,6 +593,61 @@ def gated_gemm_w4a16_sm90(
     return dec.run_validated(
         LAYOUT, gu, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, act=dec.ACTS[act]
     )  # fmt: skip
+
+
+def gemm_add_norm_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    act: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(RMSNorm(r), r)`` with ``r = residual + h`` and ``h = x @ dequant(W) (+ bias)`` (``act``: ``x`` is a
+    ``[M, 2K]`` gate/up product and ``h`` the down projection of ``act(gate) * up``): the o / down projection of a
+    decoder layer with the add and norm that follow it. One launch where the route is the decode kernel and a
+    ``QD_NORM`` variant exists (:func:`quick_dec.takes_norm`), else the product, then the add and norm in torch."""
+    dec = _dec()
+    if act and act not in dec.ACTS:
+        raise Sm90Error(f"gate activation must be one of {sorted(dec.ACTS)} or empty, got {act!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or (act and x.shape[1] % 2):
+        raise Sm90Error(f"x must be a 2-D [M, {'2K' if act else 'K'}] tensor, got {getattr(x, 'shape', type(x))}")
+    k_x = x.shape[1] // 2 if act else x.shape[1]
+    m, n, k, g = validate(x[:, :k_x], qweight, scales, zeros, group_size, bias)
+    if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype:
+        raise Sm90Error(f"residual must be a [{m}, {n}] {x.dtype} tensor, got {getattr(residual, 'shape', None)}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
+        raise Sm90Error(f"norm weight must be a [{n}] {x.dtype} tensor, got {getattr(weight, 'shape', None)}")
+    if residual.device != x.device or weight.device != x.device:
+        raise Sm90Error("x, residual and the norm weight must be on one device")
+    if x.device.type != "cuda":
+        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    if m == 0:
+        return x.new_empty((0, n)), x.new_empty((0, n))
+    _decode, dec_cfg, dec_splits, _config, _splits = route(x.device, m, n, k, g)
+    dense = [t.contiguous() for t in (qweight, scales, zeros)]
+    ok = fuses(x.device, m, n, k, g, bool(act), True) and all(t.data_ptr() % 16 == 0 for t in dense)
+    if not ok:
+        if act:
+            h = gated_gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias, act)
+        else:
+            h = gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias)
+        r = residual + h
+        return dec.rms_norm(r, weight, eps, offset), r
+    x, residual, weight = (t.contiguous() for t in (x, residual, weight))
+    x, residual, weight = (t.clone() if t.data_ptr() % 16 else t for t in (x, residual, weight))
+    r, normed = torch.empty_like(residual), torch.empty_like(residual)
+    b = bias.contiguous() if bias is not None else None
+    dec.run_validated(
+        LAYOUT, x, *dense, b, m, n, k, g, dec_cfg, dec_splits, r, dec.ACTS.get(act, 0),
+        (residual, weight, eps, offset, normed),
+    )  # fmt: skip
+    return normed, r
 
 
 # ------------------------------------------------------------------------------ torch.library op + dispatcher
@@ -635,6 +700,35 @@ def _define_gated_op() -> None:
         return gu.new_empty((gu.shape[0], scales.shape[1]))
 
 
+def _define_norm_op() -> None:
+    """``quick::gemm_add_norm_sm90``: :func:`gemm_add_norm_sm90` as one opaque op with a fake impl."""
+    if hasattr(torch.ops.quick, "gemm_add_norm_sm90"):
+        return
+
+    @torch.library.custom_op("quick::gemm_add_norm_sm90", mutates_args=())
+    def _op(
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        offset: float,
+        act: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return gemm_add_norm_sm90(x, qweight, scales, zeros, group_size, bias, residual, weight, eps, offset, act)
+
+    @_op.register_fake
+    def _(x, qweight, scales, zeros, bias, group_size, residual, weight, eps, offset, act):
+        if x.dim() != 2 or (act and x.shape[1] % 2):
+            raise Sm90Error(f"x must be a 2-D [M, {'2K' if act else 'K'}] tensor, got {tuple(x.shape)}")
+        validate(x[:, : x.shape[1] // 2 if act else x.shape[1]], qweight, scales, zeros, group_size, bias)
+        return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
 def _has_op() -> bool:
     try:
         return hasattr(torch.ops.quick, "gemm_w4a16_sm90")
@@ -645,6 +739,7 @@ def _has_op() -> bool:
 try:
     _define_op()
     _define_gated_op()
+    _define_norm_op()
 except (RuntimeError, AttributeError):  # already defined by an earlier import of this module under another name
     pass
 

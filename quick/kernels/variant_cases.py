@@ -175,19 +175,19 @@ def sm90_cases() -> list[Case]:
 # ---------------------------------------------------------------------------------------- quick_dec
 
 
-def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int]]:
-    """``(defines, DecConfig, M, group class 128|32, dtype, act)`` for every entry of ``quick_dec.VARIANTS`` (M: the
-    largest batch of the variant's token-tile count; act: QD_ACT or 0); raises on a variant that no config of the
-    module builds."""
+def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int, int]]:
+    """``(defines, DecConfig, M, group class 128|32, dtype, act, norm)`` for every entry of ``quick_dec.VARIANTS``
+    (M: the largest batch of the variant's token-tile count; act: QD_ACT or 0; norm: QD_NORM or 0); raises on a
+    variant that no config of the module builds."""
     from quick.kernels import quick_dec as qd
 
     tries = [
-        (cfg, m, g, dt, act)
+        (cfg, m, g, dt, act, norm)
         for _top, cfg in qd.all_configs()
         for m in (8, 16, 32, 64)
         for g in (128, 32)
         for dt in (torch.float16, torch.bfloat16)
-        for act in (0, *qd.ACTS.values())
+        for act, norm in [(0, 0), *qd.FUSED_FLAGS]
         if m <= qd.MAX_M_BY_LAYOUT[qd.LAYOUTS[cfg.wb]] and cfg.supports(g)
     ]
     out = []
@@ -205,15 +205,16 @@ def dec_cases() -> list[Case]:
     from quick.kernels import quick_dec as qd
 
     out: list[Case] = []
-    for _defines, cfg, m, g, dt, act in dec_variant_configs():
+    for _defines, cfg, m, g, dt, act, norm in dec_variant_configs():
         layout = qd.LAYOUTS[cfg.wb]
         var = f"{layout}-rb{cfg.rb}-w{cfg.warps}-nw{cfg.nw}-st{cfg.stages}-m{m}-g{'32' if g == 32 else 'x'}"
         var += f"/{_dt_name(dt)}"
         n = 2 * cfg.channels
-        if act:  # QD_ACT (g128, M <= 8): x is the [M, 2K] gate/up product; 6 k64 steps split in two, then none
-            var += f"/act{act}"
-            out.append(Case("dec_act", var, dt, m, 384, n, 128, 2, cfg, True, layout, extra={"act": act}))
-            out.append(Case("dec_act", var, dt, 1, 256, cfg.channels, 128, None, cfg, False, layout, {"act": act}))
+        if act or norm:  # QD_ACT / QD_NORM (g128, M <= 8): 6 k64 steps split in two, then one split of 4
+            var += f"/act{act}-norm{norm}"
+            ex = {"act": act, "norm": norm}
+            out.append(Case("dec_fused", var, dt, m, 384, n, 128, 2, cfg, True, layout, extra=ex))
+            out.append(Case("dec_fused", var, dt, 1, 256, cfg.channels, 128, None, cfg, False, layout, dict(ex)))
             continue
         m_lo = 1 if m <= 8 else m // 2 + 1
         out.append(Case("dec", var, dt, m, 320, n, g, 2, cfg, True, layout))
@@ -383,7 +384,8 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    x = torch.randn(case.m, 2 * case.k if case.kernel == "dec_act" else case.k, generator=gen).to(case.dtype)
+    act = case.kernel == "dec_fused" and case.extra["act"]
+    x = torch.randn(case.m, 2 * case.k if act else case.k, generator=gen).to(case.dtype)
     if case.kernel.startswith("registry:"):
         mod = build_module(case.layout, case.k, case.n, case.group_size, case.dtype, case.bias, gen, device)
         packed = {name: t.contiguous() for name, t in module_tensors(mod).items()}
@@ -436,14 +438,20 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             )  # fmt: skip
 
         return fn
-    if case.kernel == "dec_act":  # the inputs' validation is the op's; this launches the variant itself
+    if case.kernel == "dec_fused":  # the inputs' validation is the ops'; this launches the variant itself
         from quick.kernels import quick_dec as qd
 
         def fn(x, p, bias, out=None):
-            m, k, n = x.shape[0], x.shape[1] // 2, p["scales"].shape[1]
+            act, n = case.extra["act"], p["scales"].shape[1]
+            m, k = x.shape[0], x.shape[1] // 2 if act else x.shape[1]
+            norm = None
+            if case.extra["norm"]:  # r into out, RMSNorm(r) into a second [M, N] output
+                resid = (torch.arange(m * n, device=x.device) % 7 - 3).to(x.dtype).view(m, n)
+                weight = torch.linspace(0.5, 1.5, n, device=x.device).to(x.dtype)
+                norm = (resid, weight, 1e-6, 0.0, torch.empty_like(resid))
             return qd.run_validated(
                 case.layout, x, p["qweight"], p["scales"], p["zeros"], bias, m, n, k, case.group_size, case.config,
-                case.splits, out, act=case.extra["act"],
+                case.splits, out, act, norm,
             )  # fmt: skip
 
         return fn

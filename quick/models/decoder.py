@@ -43,13 +43,9 @@ class UnsupportedModel(ValueError):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """transformers' RMSNorm arithmetic. ``offset == 0`` (Llama and most): normalise in fp32, cast back, then
-    multiply by the weight; otherwise (Gemma: ``1 + weight``): multiply by ``offset + weight`` in fp32, then cast."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if offset == 0.0:
-        return weight * h.to(x.dtype)
-    return (h * (offset + weight.float())).to(x.dtype)
+    """transformers' RMSNorm arithmetic (:func:`quick.kernels.quick_dec.rms_norm`, which the decode kernel's norm
+    tail reproduces)."""
+    return quick_dec.rms_norm(x, weight, eps, offset)
 
 
 def add_rms_norm(
@@ -186,6 +182,7 @@ class _Layer:
     scale: float
     rope: str | None  # which rotary table (transformers' layer type where the model has several)
     gated_down: bool  # gate/up is one fused QuickLinear and down a QuickLinear: down.forward_gated(gate_up product)
+    add_norm: bool  # o and down are QuickLinears and no branch norms: their kernels may end with the add + norm
     keys: torch.Tensor
     values: torch.Tensor
 
@@ -276,18 +273,16 @@ class FastDecoder:
         dynamic: bool | None = None,
         attn_kernel: bool | None = None,
         attn_rope: bool | None = None,
-        act_fusion: bool | None = None,
+        fusions: bool = True,
     ) -> None:
         check_supported(model, max_len)
         self.model = model
         self.cache, self.max_len = cache, max_len
         self.norm_rms, self.attend, self.gated = compiled_parts(backend, dynamic)
-        # gated MLPs: the down projection stages act(gate) * up itself where its kernel can (CUDA, decode sizes);
-        # act_fusion None: quick_dec.act_fusion_enabled()
-        cache_dev = _cache_tensors(cache, 0, max_len)[0].device
-        self.act_fusion = cache_dev.type == "cuda" and (
-            quick_dec.act_fusion_enabled() if act_fusion is None else act_fusion
-        )
+        # QuickLinear projections may take the step's small kernels into theirs (CUDA, decode sizes: QuickLinear.fuses
+        # decides per call, from the switches in quick.kernels.quick_dec): the down projection stages act(gate) * up
+        # itself, and the o / down projections end with the residual add + RMSNorm. fusions=False: never.
+        self.fusions = fusions and _cache_tensors(cache, 0, max_len)[0].is_cuda
         family = get_family(model.config)
         self.offset = float(family.norm_offset)
         self.act = _gate_act(model.config)
@@ -324,10 +319,17 @@ class FastDecoder:
         ffn = getattr(cfg, "intermediate_size", None)
         gate_up = _projections(mlp, g_mlp.linears, (ffn, ffn))
         gated_down = (
-            self.act_fusion
+            self.fusions
             and isinstance(gate_up, FusedProjection)
             and isinstance(gate_up.linear, QuickLinear)
             and isinstance(mlp.down_proj, QuickLinear)
+        )
+        add_norm = (
+            self.fusions
+            and isinstance(attn.o_proj, QuickLinear)
+            and isinstance(mlp.down_proj, QuickLinear)
+            and post[0] is None
+            and post[1] is None
         )
         return _Layer(
             norm_attn=norm_attn.weight,
@@ -345,6 +347,7 @@ class FastDecoder:
             scale=float(getattr(attn, "scaling", keys.shape[-1] ** -0.5)),
             rope=rope,
             gated_down=gated_down,
+            add_norm=add_norm,
             keys=keys,
             values=values,
         )
@@ -365,8 +368,11 @@ class FastDecoder:
         residual = torch.zeros_like(h)  # layer 0's add is then exact: norm(0 + h) == norm(h)
         branch = None  # the previous layer's post-MLP norm (applied to its output before the add)
         off = self.offset
-        for layer in self.layers:
-            x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
+        x = None  # the next block's normed input, where the projection before it already made it (add_norm)
+        rows, dt = h.shape[0], h.dtype
+        for i, layer in enumerate(self.layers):
+            if x is None:
+                x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
             q, k, v = layer.qkv(x)
             cos, sin = rope[layer.rope]
             if self.attn_rope and layer.q_norm is None and cos.shape[-1] == layer.keys.shape[-1]:
@@ -377,13 +383,22 @@ class FastDecoder:
                     q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
                     layer.scale, off, self.attn_kernel,
                 )  # fmt: skip
-            x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
-            if layer.gated_down:  # act(gate) * up staged by the down projection's kernel (decode sizes)
-                h = layer.down.forward_gated(layer.gate_up.linear(x), self.act)
+            if layer.add_norm and layer.o.fuses(rows, h.device, dt, norm=True):
+                x, residual = layer.o.forward_add_norm(a, residual, layer.norm_mlp, layer.eps, off)
             else:
-                h = layer.down(self.gated(*layer.gate_up(x), self.act))
+                x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
+            act = self.act if layer.gated_down and layer.down.fuses(rows, h.device, dt, act=self.act) else ""
+            down_in = layer.gate_up.linear(x) if act else self.gated(*layer.gate_up(x), self.act)
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            norm_w, norm_eps = (nxt.norm_attn, nxt.eps) if nxt else (self.final_norm, self.final_eps)
+            if layer.add_norm and layer.down.fuses(rows, h.device, dt, act=act, norm=True):
+                x, residual = layer.down.forward_add_norm(down_in, residual, norm_w, norm_eps, off, act)
+            else:
+                h = layer.down.forward_gated(down_in, act) if act else layer.down(down_in)
+                x = None
             branch = layer.post_mlp
-        x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps, off, branch)
+        if x is None:
+            x, _ = self.norm_rms(h, residual, self.final_norm, self.final_eps, off, branch)
         if self._counters:
             torch._foreach_add_(self._counters, 1)
         return self.model.lm_head(x)

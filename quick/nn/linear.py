@@ -160,33 +160,83 @@ class QuickLinear(nn.Module):
             raise RuntimeError(f"no GPU kernel available for layout '{self.layout_name}' on {x.device}")
         return reference_forward(x, self)
 
+    def fuses(self, m: int, device: torch.device, dtype: torch.dtype, act: str = "", norm: bool = False) -> bool:
+        """Whether :meth:`forward_gated` (``act``) / :meth:`forward_add_norm` (``norm``) on ``m`` rows would be one
+        kernel: CUDA, layout ``quick_sm90`` through the dispatcher's sm90 entry, no padding or cast hooks, the
+        fusions switched on (:mod:`quick.kernels.quick_dec`), and the route a decode kernel config with that variant.
+        Callers that would otherwise run the steps compiled (the fast decode step) ask first."""
+        from quick.kernels import quick_dec
+
+        on = (not act or quick_dec.act_fusion_enabled()) and (not norm or quick_dec.norm_fusion_enabled())
+        if not (
+            on
+            and (act or norm)
+            and torch.device(device).type == "cuda"
+            and self.layout_name == "quick_sm90"
+            and self.backend != "reference"
+            and self.logical_in_features == self.in_features
+            and dtype == self.dtype
+            and not getattr(self, "_quick_cast_hooks", ())
+        ):
+            return False
+        from quick.kernels import dispatch, quick_sm90
+
+        # the sm90 entry is the layout's highest-priority one: registered (verified) and available, it is the route
+        if not any(e.fn is quick_sm90.kernel_fn for e in dispatch.registered(self.layout_name)):
+            return False
+        if not quick_sm90.is_available(device):
+            return False
+        return quick_sm90.fuses(torch.device(device), m, self.out_features, self.in_features, self.group_size,
+                                bool(act), norm)  # fmt: skip
+
     def forward_gated(self, gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
         """``self(act(gate) * up)`` for a gated MLP's gate/up product ``gu = [gate | up]`` (``[..., 2K]``): one kernel
-        that stages ``act(gate) * up`` itself where the decode kernel takes the call (layout ``quick_sm90`` on CUDA,
-        up to 8 rows, group size 128, :func:`quick.kernels.quick_dec.act_fusion_enabled`), else the two steps."""
+        that stages ``act(gate) * up`` itself where :meth:`fuses` says so (the decode kernel: up to 8 rows, group
+        size 128), else the two steps."""
         from quick.kernels import quick_dec
 
         k = gu.shape[-1] // 2
-        fused = (
-            gu.is_cuda
-            and self.layout_name == "quick_sm90"
-            and self.backend != "reference"
-            and k == self.in_features
-            and gu.dtype == self.dtype
-            and not getattr(self, "_quick_cast_hooks", ())
-            and quick_dec.act_fusion_enabled()
-        )
-        if fused:
-            from quick.kernels import dispatch, quick_sm90
-
-            fused = dispatch.kernel_for(self.layout_name, gu[..., :k]) is quick_sm90.kernel_fn
-        if not fused:
+        rows = gu.numel() // max(gu.shape[-1], 1)
+        if k != self.in_features or not self.fuses(rows, gu.device, gu.dtype, act=act):
             return self(quick_dec.gated(gu[..., :k], gu[..., k:], act))
         p = self.packed()
         out = torch.ops.quick.gated_gemm_w4a16_sm90(
             gu.reshape(-1, 2 * k), p["qweight"], p["scales"], p["zeros"], self.bias, self.group_size, act
         )
         return out.reshape(*gu.shape[:-1], self.out_features)
+
+    def forward_add_norm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        offset: float = 0.0,
+        act: str = "",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(RMSNorm(r), r)`` with ``r = residual + h``, ``h = self(x)`` (``act``: ``h = self.forward_gated(x, act)``):
+        a decoder layer's o / down projection with the residual add and the norm after it. One kernel where
+        :meth:`fuses` says so, else the steps one by one. ``residual [..., N]``, ``weight [N]``; ``offset``: Gemma's
+        ``1 + weight``."""
+        from quick.kernels import quick_dec
+
+        k = x.shape[-1] // 2 if act else x.shape[-1]
+        rows = x.numel() // max(x.shape[-1], 1)
+        fused = (
+            k == self.in_features
+            and residual.shape == (*x.shape[:-1], self.out_features)
+            and self.fuses(rows, x.device, x.dtype, act=act, norm=True)
+        )
+        if not fused:
+            h = self.forward_gated(x, act) if act else self(x)
+            r = residual + h
+            return quick_dec.rms_norm(r, weight, eps, offset), r
+        p = self.packed()
+        normed, r = torch.ops.quick.gemm_add_norm_sm90(
+            x.reshape(-1, x.shape[-1]), p["qweight"], p["scales"], p["zeros"], self.bias, self.group_size,
+            residual.reshape(-1, self.out_features), weight, float(eps), float(offset), act,
+        )  # fmt: skip
+        return normed.view(residual.shape), r.view(residual.shape)
 
     def extra_repr(self) -> str:
         pad = f" (padded from {self.logical_in_features})" if self.logical_in_features != self.in_features else ""

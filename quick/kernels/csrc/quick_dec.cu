@@ -31,10 +31,18 @@
 //   elementwise kernel it replaces does): the down projection of a gated MLP without a kernel of its own. The
 //   weight stages are issued first, so the loads of x and the arithmetic overlap the weights' first round trip.
 //
+// * QD_NORM (with N the hidden size): the residual add and RMSNorm that follow the o and down projections. Every
+//   CTA writes its tile of h as usual, into `out`; the last CTA to finish the whole output (a row counter after the
+//   tile counters) turns it into r = resid + h (the add in the model dtype, in place) and writes
+//   normed = RMSNorm(r) (transformers' arithmetic: fp32, then w * cast(r / rms) or, with an offset (Gemma),
+//   cast(r / rms * (offset + w))), one token at a time with a fixed reduction order: deterministic. The separate
+//   add + norm kernel (2.4 us at batch 1) and its launch gap go; the tail is one CTA's pass over M x N.
+//
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
 // splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step),
-// QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product).
+// QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product), QD_NORM (0/1: the
+// residual add + RMSNorm tail).
 // Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
@@ -65,6 +73,9 @@
 #ifndef QD_ACT
 #define QD_ACT 0
 #endif
+#ifndef QD_NORM
+#define QD_NORM 0
+#endif
 
 namespace {
 constexpr bool WB = QD_WB != 0;
@@ -75,6 +86,7 @@ constexpr int WARPS = QD_WARPS;  // k slices
 constexpr int NW = QD_NW;        // channel groups
 constexpr int STAGES = QD_STAGES;
 constexpr int ACT = QD_ACT;
+constexpr bool NORM = QD_NORM != 0;
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
 constexpr int THREADS = 32 * WARPS * NW;
@@ -200,6 +212,67 @@ __device__ __forceinline__ float load16(const void* p) {
     return __bfloat162float(*static_cast<const __nv_bfloat16*>(p));
   }
 }
+// QD_NORM: the row tail (see the header). Called by every CTA that finished a channel tile of the output (h in
+// `out`, written and fenced); the last of them does the add and the norm over all M x N.
+__device__ __forceinline__ void norm_tail(int M, int N, char* out, const char* resid, const char* weight,
+                                          char* normed, float eps, float offset, int* row_counter, int tid) {
+  using namespace quick;
+  constexpr int NWARPS = THREADS / 32;
+  __shared__ int s_row;
+  __shared__ float s_part[8][NWARPS];  // M <= 8 (one n8 token tile)
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_row = atomicAdd(row_counter, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!s_row) return;
+  __threadfence();
+  const int lane = tid & 31, warp = tid >> 5;
+  for (int t = 0; t < M; ++t) {  // r = resid + h in the model dtype, over h; sum of r^2
+    float ss = 0.f;
+    for (int c = tid * 8; c < N; c += THREADS * 8) {
+      const size_t o = (static_cast<size_t>(t) * N + c) * 2;
+      const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(out + o));
+      const uint4 rv = ldg128(resid + o);
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 h2 = unpack2<DT>(u4_get(hv, i)), r2 = unpack2<DT>(u4_get(rv, i));
+        w[i] = pack2<DT>(r2.x + h2.x, r2.y + h2.y);
+        const float2 q = unpack2<DT>(w[i]);
+        ss = fmaf(q.x, q.x, fmaf(q.y, q.y, ss));
+      }
+      *reinterpret_cast<uint4*>(out + o) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+#pragma unroll
+    for (int sh = 16; sh > 0; sh >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, sh);
+    if (lane == 0) s_part[t][warp] = ss;
+  }
+  __syncthreads();
+  for (int t = 0; t < M; ++t) {  // normed = RMSNorm(r): each thread re-reads the r it wrote
+    float ss = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) ss += s_part[t][w];
+    const float inv = rsqrtf(ss / static_cast<float>(N) + eps);
+    for (int c = tid * 8; c < N; c += THREADS * 8) {
+      const size_t o = (static_cast<size_t>(t) * N + c) * 2;
+      const uint4 rv = *reinterpret_cast<const uint4*>(out + o);
+      const uint4 wv = ldg128(weight + static_cast<size_t>(c) * 2);
+      uint32_t y[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 r2 = unpack2<DT>(u4_get(rv, i)), w2 = unpack2<DT>(u4_get(wv, i));
+        if (offset == 0.f) {  // w * cast(r / rms), the product rounded once more
+          const float2 n2 = unpack2<DT>(pack2<DT>(r2.x * inv, r2.y * inv));
+          y[i] = pack2<DT>(w2.x * n2.x, w2.y * n2.y);
+        } else {  // cast(r / rms * (offset + w))
+          y[i] = pack2<DT>(r2.x * inv * (offset + w2.x), r2.y * inv * (offset + w2.y));
+        }
+      }
+      *reinterpret_cast<uint4*>(normed + o) = make_uint4(y[0], y[1], y[2], y[3]);
+    }
+  }
+  if (tid == 0) *row_counter = 0;  // zero again for the next launch on this stream
+}
 }  // namespace
 
 // QD_ACT variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers, so that
@@ -209,7 +282,8 @@ constexpr int MIN_BLOCKS = ACT != 0 && THREADS >= 512 && 2 * RING_BYTES <= 200 *
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
     const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
-    int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split) {
+    int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split, const void* __restrict__ nres,
+    const void* __restrict__ nweight, void* __restrict__ normed, float neps, float noffset) {
   using namespace quick;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x;
@@ -454,7 +528,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
       store16(static_cast<char*>(out) + o * 2, v);
     }
   }
-  if (!split) return;
+  if (!split) {
+    if constexpr (NORM) {
+      norm_tail(M, N, static_cast<char*>(out), static_cast<const char*>(nres), static_cast<const char*>(nweight),
+                static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid);
+    }
+    return;
+  }
 
   // ---- split-k: the last CTA of this channel tile sums every split in order 0, 1, ... and writes the output
   __shared__ int s_last;
@@ -474,4 +554,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     store16(static_cast<char*>(out) + o * 2, v);
   }
   if (tid == 0) counters[blockIdx.x] = 0;  // zero again for the next launch on this stream
+  if constexpr (NORM) {
+    norm_tail(M, N, static_cast<char*>(out), static_cast<const char*>(nres), static_cast<const char*>(nweight),
+              static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid);
+  }
 }
