@@ -270,3 +270,55 @@ def test_fast_decode_on_quantized_layers(fmt):
             a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
             nxt = b.argmax(-1)
+
+
+def test_fast_decode_fused_projection_route(monkeypatch):
+    """The fast step's fused-kernel route (QuickLinear.fuses true: the down projection stages act(gate) * up, the o
+    and down projections end with the residual add + RMSNorm of the next block, the last one with the final norm),
+    on CPU with the two ops' kernels replaced by the steps they stand for: every projection takes the route, and the
+    logits are those of the unfused step."""
+    from quick.kernels import quick_dec, quick_sm90
+    from quick.nn.linear import QuickLinear
+    from quick.packing.layouts import get_layout
+    from quick.quant.apply import quantize_model_rtn
+
+    model = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+    _randomise_norms(model)
+    model = model.to(torch.bfloat16)
+    quantize_model_rtn(model, 64, "quick_sm90", dtype=torch.bfloat16, progress=False)
+    fuse_model(model)
+    ids = torch.randint(0, 256, (2, 5))
+
+    def logits(gen):
+        out = []
+        with torch.inference_mode():
+            nxt = gen.prefill(ids).argmax(-1)
+            for i in range(4):
+                out.append(gen.decode_step(nxt, 5 + i).clone().float())
+                nxt = out[-1].argmax(-1)
+        return out
+
+    plain = logits(StaticGenerator(model, 2, 16, compile="fast"))
+    calls = {"norm": 0, "act": 0}
+
+    def product(x, p, g, bias):
+        k, n = x.shape[1], p[1].shape[1]
+        w = get_layout("quick_sm90").unpack(dict(zip(("qweight", "scales", "zeros"), p, strict=True)), k, n, g)
+        h = x @ w.dequantize(x.dtype)
+        return h if bias is None else h + bias
+
+    def add_norm(x, qweight, scales, zeros, g, bias, residual, weight, eps, offset=0.0, act=""):
+        calls["norm"] += 1
+        calls["act"] += bool(act)
+        k = x.shape[1] // 2 if act else x.shape[1]
+        h = product(quick_dec.gated(x[:, :k], x[:, k:], act) if act else x, (qweight, scales, zeros), g, bias)
+        r = residual + h
+        return quick_dec.rms_norm(r, weight, eps, offset), r
+
+    monkeypatch.setattr(quick_sm90, "gemm_add_norm_sm90", add_norm)
+    monkeypatch.setattr(QuickLinear, "fuses", lambda self, m, device, dtype, act="", norm=False: bool(act or norm))
+    fused = logits(StaticGenerator(model, 2, 16, compile="fast"))
+    layers = model.config.num_hidden_layers
+    assert calls == {"norm": 4 * 2 * layers, "act": 4 * layers}  # o and down per layer and step; act on the down
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -282,7 +282,7 @@ class FastDecoder:
         # QuickLinear projections may take the step's small kernels into theirs (CUDA, decode sizes: QuickLinear.fuses
         # decides per call, from the switches in quick.kernels.quick_dec): the down projection stages act(gate) * up
         # itself, and the o / down projections end with the residual add + RMSNorm. fusions=False: never.
-        self.fusions = fusions and _cache_tensors(cache, 0, max_len)[0].is_cuda
+        self.fusions = fusions
         family = get_family(model.config)
         self.offset = float(family.norm_offset)
         self.act = _gate_act(model.config)
