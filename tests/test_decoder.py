@@ -322,3 +322,42 @@ def test_fast_decode_fused_projection_route(monkeypatch):
     assert calls == {"norm": 4 * 2 * layers, "act": 4 * layers}  # o and down per layer and step; act on the down
     for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_fast_decode_rope_attention_route(monkeypatch, fused):
+    """The fast step's one-op attention (rotary + cache append + attention: quick::attn_decode_rope, the CUDA
+    kernel's route) forced on CPU, where the op runs its torch reference: every layer takes it, the logits match
+    transformers' and the caches hold what transformers writes."""
+    from quick.kernels import attention
+
+    torch.manual_seed(0)
+    kw = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # a head dim the kernel takes
+    model = tiny_causal_lm(transformers.LlamaConfig, **kw).to(torch.bfloat16)
+    _randomise_norms(model)
+    if fused:  # q/k/v as strided views of one product
+        fuse_model(model)
+    seen = []
+    real = attention._rope_reference
+    monkeypatch.setattr(attention, "_rope_reference", lambda *a: seen.append(a[0].stride()) or real(*a))
+
+    class Forced(decoder.FastDecoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.attn_rope = True
+
+    monkeypatch.setattr(decoder, "FastDecoder", Forced)
+    ids = torch.randint(0, 256, (2, 5))
+    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
+    with torch.inference_mode():
+        fast.prefill(ids)
+        nxt = ref.prefill(ids).argmax(-1)
+        for i in range(5):
+            a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
+            torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+            nxt = b.argmax(-1)
+    assert len(seen) == 5 * model.config.num_hidden_layers
+    assert seen[0] == ((4 + 2 * 2) * 64 if fused else 4 * 64, 1)  # q: a view of the fused product, or its own rows
+    for la, lb in zip(ref.cache.layers, fast.cache.layers, strict=True):
+        torch.testing.assert_close(lb.keys.float(), la.keys.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lb.values.float(), la.values.float(), rtol=2e-2, atol=2e-2)
