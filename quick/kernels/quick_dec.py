@@ -414,6 +414,8 @@ def run_validated(
             arch = jit.arch_for_device(idx, arch_specific=True)
             if (act or norm is not None) and not takes_act(p.config, m, g):
                 raise DecError(f"no act / norm variant for config {p.config}, M={m}, group size {g}")
+            if norm is not None and p.smem < m * p.config.threads * 4:  # the tail's per-thread slots reuse it
+                raise DecError(f"config {p.config}: {p.smem} bytes of shared memory hold no norm tail for M={m}")
             defines = p.config.defines(m, g, x.dtype, act, int(norm is not None))
             kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, arch)
             gshift = quick_sm90.group_shift(g, k)

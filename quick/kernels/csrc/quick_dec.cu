@@ -213,13 +213,21 @@ __device__ __forceinline__ float load16(const void* p) {
   }
 }
 // QD_NORM: the row tail (see the header). Called by every CTA that finished a channel tile of the output (h in
-// `out`, written and fenced); the last of them does the add and the norm over all M x N.
+// `out`, written and fenced); the last of them does the add and the norm over all M x N. Both passes walk the
+// M x N / 8 16-byte chunks flat (chunk j: token j / (N / 8)), NORM_U (4) chunks per thread at a time with their loads
+// issued first, so that M = 8 costs a few round trips, not eight. Sums of squares: each thread adds into its own
+// shared slot per token (its chunks in a fixed order), then warp t sums token t's slots in a fixed order:
+// deterministic. `scratch`: the dynamic shared memory, free by now (>= M x THREADS floats).
+constexpr int NORM_U = 4;
+
 __device__ __forceinline__ void norm_tail(int M, int N, char* out, const char* resid, const char* weight,
-                                          char* normed, float eps, float offset, int* row_counter, int tid) {
+                                          char* normed, float eps, float offset, int* row_counter, int tid,
+                                          float* scratch) {
   using namespace quick;
   constexpr int NWARPS = THREADS / 32;
+  static_assert(NWARPS >= 8, "QD_NORM: a warp per token (M <= 8)");
   __shared__ int s_row;
-  __shared__ float s_part[8][NWARPS];  // M <= 8 (one n8 token tile)
+  __shared__ float s_inv[8];
   __threadfence();
   __syncthreads();
   if (tid == 0) s_row = atomicAdd(row_counter, 1) == static_cast<int>(gridDim.x) - 1;
@@ -227,57 +235,83 @@ __device__ __forceinline__ void norm_tail(int M, int N, char* out, const char* r
   if (!s_row) return;
   __threadfence();
   const int lane = tid & 31, warp = tid >> 5;
-  for (int t = 0; t < M; ++t) {  // r = resid + h in the model dtype, over h; sum of r^2
-    float ss = 0.f;
-    for (int c = tid * 8; c < N; c += THREADS * 8) {
-      const size_t o = (static_cast<size_t>(t) * N + c) * 2;
-      const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(out + o));
-      const uint4 rv = ldg128(resid + o);
-      uint32_t w[4];
+  const int cpt = N >> 3, chunks = M * cpt;  // chunks per token, in all
+  for (int t = 0; t < M; ++t) scratch[t * THREADS + tid] = 0.f;
+  for (int j0 = tid; j0 < chunks; j0 += NORM_U * THREADS) {  // r = cast(resid + h) over h; r^2 into the slots
+    uint4 hv[NORM_U], rv[NORM_U];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 h2 = unpack2<DT>(u4_get(hv, i)), r2 = unpack2<DT>(u4_get(rv, i));
-        w[i] = pack2<DT>(r2.x + h2.x, r2.y + h2.y);
-        const float2 q = unpack2<DT>(w[i]);
-        ss = fmaf(q.x, q.x, fmaf(q.y, q.y, ss));
+    for (int u = 0; u < NORM_U; ++u) {
+      const int j = j0 + u * THREADS;
+      if (j < chunks) {
+        hv[u] = __ldcg(reinterpret_cast<const uint4*>(out) + j);
+        rv[u] = ldg128(resid + static_cast<size_t>(j) * 16);
       }
-      *reinterpret_cast<uint4*>(out + o) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 #pragma unroll
-    for (int sh = 16; sh > 0; sh >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, sh);
-    if (lane == 0) s_part[t][warp] = ss;
+    for (int u = 0; u < NORM_U; ++u) {
+      const int j = j0 + u * THREADS;
+      if (j < chunks) {
+        uint32_t w[4];
+        float ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 h2 = unpack2<DT>(u4_get(hv[u], i)), r2 = unpack2<DT>(u4_get(rv[u], i));
+          w[i] = pack2<DT>(r2.x + h2.x, r2.y + h2.y);
+          const float2 q = unpack2<DT>(w[i]);
+          ss = fmaf(q.x, q.x, fmaf(q.y, q.y, ss));
+        }
+        reinterpret_cast<uint4*>(out)[j] = make_uint4(w[0], w[1], w[2], w[3]);
+        scratch[(j / cpt) * THREADS + tid] += ss;
+      }
+    }
   }
   __syncthreads();
-  for (int t = 0; t < M; ++t) {  // normed = RMSNorm(r): each thread re-reads the r it wrote
+  if (warp < M) {  // warp t: token t's THREADS slots, lane-strided, then a shuffle tree
     float ss = 0.f;
+    for (int i = lane; i < THREADS; i += 32) ss += scratch[warp * THREADS + i];
 #pragma unroll
-    for (int w = 0; w < NWARPS; ++w) ss += s_part[t][w];
-    const float inv = rsqrtf(ss / static_cast<float>(N) + eps);
-    for (int c = tid * 8; c < N; c += THREADS * 8) {
-      const size_t o = (static_cast<size_t>(t) * N + c) * 2;
-      const uint4 rv = *reinterpret_cast<const uint4*>(out + o);
-      const uint4 wv = ldg128(weight + static_cast<size_t>(c) * 2);
-      uint32_t y[4];
+    for (int sh = 16; sh > 0; sh >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, sh);
+    if (lane == 0) s_inv[warp] = rsqrtf(ss / static_cast<float>(N) + eps);
+  }
+  __syncthreads();
+  for (int j0 = tid; j0 < chunks; j0 += NORM_U * THREADS) {  // normed = RMSNorm(r): each thread re-reads its r
+    uint4 rv[NORM_U], wv[NORM_U];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 r2 = unpack2<DT>(u4_get(rv, i)), w2 = unpack2<DT>(u4_get(wv, i));
-        if (offset == 0.f) {  // w * cast(r / rms), the product rounded once more
-          const float2 n2 = unpack2<DT>(pack2<DT>(r2.x * inv, r2.y * inv));
-          y[i] = pack2<DT>(w2.x * n2.x, w2.y * n2.y);
-        } else {  // cast(r / rms * (offset + w))
-          y[i] = pack2<DT>(r2.x * inv * (offset + w2.x), r2.y * inv * (offset + w2.y));
-        }
+    for (int u = 0; u < NORM_U; ++u) {
+      const int j = j0 + u * THREADS;
+      if (j < chunks) {
+        rv[u] = reinterpret_cast<const uint4*>(out)[j];
+        wv[u] = ldg128(weight + static_cast<size_t>(j % cpt) * 16);
       }
-      *reinterpret_cast<uint4*>(normed + o) = make_uint4(y[0], y[1], y[2], y[3]);
+    }
+#pragma unroll
+    for (int u = 0; u < NORM_U; ++u) {
+      const int j = j0 + u * THREADS;
+      if (j < chunks) {
+        const float inv = s_inv[j / cpt];
+        uint32_t y[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 r2 = unpack2<DT>(u4_get(rv[u], i)), w2 = unpack2<DT>(u4_get(wv[u], i));
+          if (offset == 0.f) {  // w * cast(r / rms), the product rounded once more
+            const float2 n2 = unpack2<DT>(pack2<DT>(r2.x * inv, r2.y * inv));
+            y[i] = pack2<DT>(w2.x * n2.x, w2.y * n2.y);
+          } else {  // cast(r / rms * (offset + w))
+            y[i] = pack2<DT>(r2.x * inv * (offset + w2.x), r2.y * inv * (offset + w2.y));
+          }
+        }
+        reinterpret_cast<uint4*>(normed)[j] = make_uint4(y[0], y[1], y[2], y[3]);
+      }
     }
   }
   if (tid == 0) *row_counter = 0;  // zero again for the next launch on this stream
 }
 }  // namespace
 
-// QD_ACT variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers, so that
-// they run two per SM as their plain twins do (the staging of act(gate) * up would otherwise take them to 66-72).
-constexpr int MIN_BLOCKS = ACT != 0 && THREADS >= 512 && 2 * RING_BYTES <= 200 * 1024 ? 2 : 1;
+// QD_ACT / QD_NORM variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers,
+// so that they run two per SM as their plain twins do (the staging of act(gate) * up or the norm tail would
+// otherwise take them past 64).
+constexpr int MIN_BLOCKS = (ACT != 0 || NORM) && THREADS >= 512 && 2 * RING_BYTES <= 200 * 1024 ? 2 : 1;
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
@@ -531,7 +565,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   if (!split) {
     if constexpr (NORM) {
       norm_tail(M, N, static_cast<char*>(out), static_cast<const char*>(nres), static_cast<const char*>(nweight),
-                static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid);
+                static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid, reinterpret_cast<float*>(smem));
     }
     return;
   }
@@ -556,6 +590,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   if (tid == 0) counters[blockIdx.x] = 0;  // zero again for the next launch on this stream
   if constexpr (NORM) {
     norm_tail(M, N, static_cast<char*>(out), static_cast<const char*>(nres), static_cast<const char*>(nweight),
-              static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid);
+              static_cast<char*>(normed), neps, noffset, counters + gridDim.x, tid, reinterpret_cast<float*>(smem));
   }
 }
