@@ -57,8 +57,9 @@ def test_split_heuristic():
 def test_supports_and_variants():
     assert at.supports(32, 8, 128, torch.bfloat16) and not at.supports(32, 8, 80, torch.float16)
     assert not at.supports(12, 8, 128, torch.float16) and not at.supports(48, 3, 128, torch.float16)
-    assert len(at.VARIANTS) == len(at.HEAD_DIMS) * len(at.GROUPS) * 2 * 2  # plain and QA_ROPE
-    assert sum(d.get("QA_ROPE", 0) for _s, _k, d in at.VARIANTS) == len(at.VARIANTS) // 2
+    assert len(at.VARIANTS) == len(at.HEAD_DIMS) * len(at.GROUPS) * 2 * 3  # plain, QA_ROPE, QA_ROPE + QA_PDL
+    assert sum(d.get("QA_ROPE", 0) for _s, _k, d in at.VARIANTS) == 2 * len(at.VARIANTS) // 3
+    assert all(d.get("QA_ROPE") for _s, _k, d in at.VARIANTS if d.get("QA_PDL"))
 
 
 def test_fake_impl_gives_the_output_shape():

@@ -254,3 +254,32 @@ def test_rope_bad_input_is_a_clear_error():
         at.decode_attention_rope(shifted, k, v, keys, values, p, cos, sin, None, 0.1)
     with pytest.raises(at.AttnError, match="cos"):
         at.decode_attention_rope(q, k, v, keys, values, p, cos[:, :32], sin, None, 0.1)
+
+
+def test_rope_pdl_is_bitwise_the_plain_launch():
+    """The QA_PDL variant after a kernel that writes its q/k/v (a torch kernel, then the same under graph capture):
+    bitwise the plain QA_ROPE launch, caches included."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    b, h, kv, length, d, dtype = 2, 32, 8, 300, 128, torch.float16
+    q, k, v, cos, sin, keys, values = _rope_inputs(b, h, kv, length, d, dtype, seed=11)
+    src = torch.randn_like(q.contiguous())
+    pos = torch.tensor([200], device="cuda")
+    outs = []
+    for pdl in (False, True):
+        kc, vc = keys.clone(), values.clone()
+        q2 = q.clone()
+        torch.cuda.synchronize()
+        q2.copy_(src)  # written by the kernel just before the launch
+        o = at.decode_attention_rope(q2, k, v, kc, vc, pos, cos, sin, None, d**-0.5, pdl=pdl)
+        outs.append((o, kc, vc))
+    assert all(torch.equal(u, w) for u, w in zip(outs[0], outs[1], strict=True))
+    kc, vc, q2 = keys.clone(), values.clone(), q.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q2.copy_(src)
+        o = at.decode_attention_rope(q2, k, v, kc, vc, pos, cos, sin, None, d**-0.5, pdl=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o, outs[0][0]) and torch.equal(kc, outs[0][1])

@@ -409,9 +409,11 @@ def test_act_variants_configs_and_switch(monkeypatch):
     per_flags = len(qd.ACT_CONFIGS) * len(qd.ACT_GROUP_SIZES) * 2  # configs x group sizes x dtypes
     acts = [v for v in qd.VARIANTS if "QD_ACT" in v[2]]
     norms = [v for v in qd.VARIANTS if "QD_NORM" in v[2]]
-    assert len(acts) == per_flags * len(qd.ACTS) * 2  # alone and with the norm tail
-    assert len(norms) == per_flags * (1 + len(qd.ACTS))  # alone (o projection) and with each activation (down)
-    assert all(d["QD_NT"] == 1 and d["QD_WB"] == 0 and d["QD_G32"] == 0 for _s, _k, d in acts + norms)
+    pdls = [v for v in qd.VARIANTS if "QD_PDL" in v[2]]
+    assert len(acts) == per_flags * len(qd.ACTS) * 2 * 2  # alone and with the norm tail; with and without PDL
+    assert len(norms) == per_flags * (1 + len(qd.ACTS)) * 2  # alone (o) and with each activation (down); PDL or not
+    assert len(pdls) == per_flags * (1 + len(qd.FUSED_FLAGS))  # the plain kernel and each fused one
+    assert all(d["QD_NT"] == 1 and d["QD_WB"] == 0 and d["QD_G32"] == 0 for _s, _k, d in acts + norms + pdls)
     table_down = qd.DecConfig(2, 16, 4)  # the H200 table's choice for 11008 x 4096 at M = 1
     assert qd.takes_act(table_down, 1, 128) and qd.takes_act(table_down, 8, 128)
     assert not qd.takes_act(table_down, 9, 128) and not qd.takes_act(table_down, 1, 64)

@@ -307,3 +307,33 @@ def test_variants_cover_every_config_and_both_archs():
             assert (quick_mma.GEMV_SOURCE, tuple(sorted(d.items()))) in srcs
     assert all(a == quick_mma.ARCHS for _, _, a in quick_mma.VARIANTS)
     assert ops.linear_fn is not None
+
+
+def test_pdl_launch_structs_match_cuda_h_and_the_switch(monkeypatch):
+    """cuLaunchKernelEx's structs as cuda.h (CUDA 12/13) lays them out: CUlaunchAttribute 72 bytes with the value at
+    8, CUlaunchConfig 56 bytes with the stream at 32, the attributes at 40 and their count at 48; the PDL switch."""
+    import ctypes
+
+    from quick.kernels import jit
+
+    assert ctypes.sizeof(jit.LaunchAttribute) == 72 and jit.LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(jit.LaunchConfig) == 56
+    assert (jit.LaunchConfig.stream.offset, jit.LaunchConfig.attrs.offset, jit.LaunchConfig.num_attrs.offset) == (
+        32,
+        40,
+        48,
+    )
+    cfg, attr = jit.pdl_config((5, 2, 1), (256, 1, 1), 4096)
+    assert list(cfg.grid) == [5, 2, 1] and list(cfg.block) == [256, 1, 1] and cfg.smem == 4096
+    assert cfg.num_attrs == 1 and cfg.attrs.contents.id == 6 and cfg.attrs.contents.value == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("QUICK_PDL", "1")
+    assert jit.pdl_enabled()
+    monkeypatch.setenv("QUICK_PDL", "0")
+    assert not jit.pdl_enabled()
+    monkeypatch.delenv("QUICK_PDL")
+    assert jit.pdl_enabled() == jit.PDL_VERIFIED_ON_DEVICE
+    monkeypatch.setenv("QUICK_PDL", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not jit.pdl_enabled()  # griddepcontrol is sm_90

@@ -318,3 +318,49 @@ def test_norm_falls_back_and_linear_under_graph_capture(monkeypatch):
     r_ref = res.double() + reference_matmul(x, qw)
     _check(out_r, r_ref, torch.float16)
     _check(out_n, _norm64(r_ref, w, 1e-6, 0.0), torch.float16)
+
+
+# ---- QD_PDL: programmatic dependent launches (sm_90)
+
+
+def _need_sm90():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", sorted(qd.ACT_CONFIGS, key=repr), ids=repr)
+def test_pdl_chain_is_bitwise_the_plain_launch(cfg, dtype):
+    """Three dependent launches (each reads the previous one's output, the third with the norm tail after act), as
+    PDL variants and as plain ones, eager and graph-captured: bitwise equal. A wait in the wrong place would let a
+    kernel read its input before the previous kernel wrote it."""
+    _need_sm90()
+    k = n = 2048
+    qw, p = _weights(k, n, 128, dtype)
+    w = (p["qweight"], p["scales"], p["zeros"])
+    x0 = torch.randn(3, k, device="cuda").to(dtype)
+    resid, nw = torch.randn(3, n, device="cuda").to(dtype), (torch.rand(n, device="cuda") + 0.5).to(dtype)
+
+    def chain(pdl):
+        a = qd.run_validated("quick_sm90", x0, *w, None, 3, n, k, 128, cfg, None, None, pdl=pdl)
+        b = qd.run_validated("quick_sm90", a, *w, None, 3, n, k, 128, cfg, 2, None, pdl=pdl)
+        gu = torch.cat((b, a), dim=1)  # a torch kernel between: the next launch follows a non-PDL kernel
+        r, normed = torch.empty_like(resid), torch.empty_like(resid)
+        qd.run_validated("quick_sm90", gu, *w, None, 3, n, k, 128, cfg, None, r, 1, (resid, nw, 1e-5, 0.0, normed),
+                         pdl=pdl)  # fmt: skip
+        c = qd.run_validated("quick_sm90", normed, *w, None, 3, n, k, 128, cfg, None, None, pdl=pdl)
+        return a, b, r, normed, c
+
+    plain = chain(False)
+    eager = chain(True)
+    assert all(torch.equal(u, v) for u, v in zip(plain, eager, strict=True))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cap = chain(True)
+    x0.mul_(-1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    again = chain(False)
+    assert all(torch.equal(u, v) for u, v in zip(again, cap, strict=True))
+    _check(again[0], reference_matmul(x0, qw), dtype)

@@ -45,7 +45,7 @@ def test_every_dec_variant_has_a_case():
     from quick.kernels import quick_dec
 
     def flags(c):
-        return (c.extra.get("act", 0), c.extra.get("norm", 0))
+        return (c.extra.get("act", 0), c.extra.get("norm", 0), c.extra.get("pdl", 0))
 
     launched = {
         tuple(sorted(c.config.defines(c.m, 32 if c.group_size == 32 else 128, c.dtype, *flags(c)).items()))
@@ -53,7 +53,7 @@ def test_every_dec_variant_has_a_case():
         if c.group_size in (32, 128)
     }
     fused = {flags(c) for c in vc.dec_cases() if c.kernel == "dec_fused"}
-    assert fused == set(quick_dec.FUSED_FLAGS)
+    assert fused == {(a, n, p) for p in (0, 1) for a, n in ([(0, 0)] if p else []) + quick_dec.FUSED_FLAGS}
     want = {tuple(sorted(d.items())) for _s, _k, d in quick_dec.VARIANTS}
     assert want <= launched, f"decode variants without a sanitizer case: {want - launched}"
     for c in vc.dec_cases():  # every case is one the launcher takes (plan raises otherwise)
@@ -67,9 +67,9 @@ def test_every_attention_variant_has_valid_cases():
     from quick.kernels import attention
 
     cases = vc.attn_cases()
-    launched = {(c.extra["d"], c.group_size, c.dtype, c.kernel == "attn_rope") for c in cases}
+    launched = {(c.extra["d"], c.group_size, c.dtype, c.kernel == "attn_rope", c.extra["pdl"]) for c in cases}
     want = {
-        (d["QA_D"], d["QA_G"], attention.DTYPES[d["QA_DTYPE"]], bool(d.get("QA_ROPE")))
+        (d["QA_D"], d["QA_G"], attention.DTYPES[d["QA_DTYPE"]], bool(d.get("QA_ROPE")), bool(d.get("QA_PDL")))
         for _s, _k, d in attention.VARIANTS
     }
     assert want == launched

@@ -21,6 +21,13 @@ from quick.kernels import jit
 SOURCE = "quick_attn.cu"
 KERNEL = "quick_attn_decode"
 ARCHS = ("sm_80", "sm_90a")
+
+
+def variant_archs(defines: dict) -> tuple[str, ...]:
+    """The archs a variant is built for (compile check): ``QA_PDL`` variants run on sm_90 only."""
+    return ("sm_90a",) if defines.get("QA_PDL") else ARCHS
+
+
 HEAD_DIMS = (64, 128, 256)
 GROUPS = tuple(range(1, 9))  # query heads per key/value head (SmolLM2 has 3, Qwen2-7B 7)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -28,9 +35,10 @@ THREADS = 128
 MAX_SPLITS = 16
 TARGET_CTAS_PER_SM = 12
 # compile_check: every variant, both archs
+_FLAGS = ({}, {"QA_ROPE": 1}, {"QA_ROPE": 1, "QA_PDL": 1})  # plain, QA_ROPE, QA_ROPE as a PDL launch (QA_PDL)
 VARIANTS = [
-    (SOURCE, KERNEL, {"QA_D": d, "QA_G": g, "QA_DTYPE": t, **({"QA_ROPE": 1} if r else {})})
-    for r in (0, 1)
+    (SOURCE, KERNEL, {"QA_D": d, "QA_G": g, "QA_DTYPE": t, **f})
+    for f in _FLAGS
     for d in HEAD_DIMS
     for g in GROUPS
     for t in range(2)
@@ -212,11 +220,13 @@ def decode_attention_rope(
     scale: float,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """One decode step's rotary + cache append + attention in one launch (``QA_ROPE``): rotate q ``[B, H*D]`` and
     the new key k ``[B, KV*D]`` with this step's cos / sin ``[B, D]``, write the key and v into ``keys`` / ``values``
     at ``pos`` (in place; nothing where ``pos >= L``), and return the attention of the rotated q over positions
-    ``0..pos`` as ``[B, H*D]``. On CPU tensors: the same math in torch (the reference)."""
+    ``0..pos`` as ``[B, H*D]``. On CPU tensors: the same math in torch (the reference). ``pdl``: the ``QA_PDL``
+    variant, a programmatic dependent launch (None: :func:`quick.kernels.jit.pdl_enabled`)."""
     b, h, kv, length, d = validate_rope(q, k, v, keys, values, pos, cos, sin, mask)
     if q.device.type != "cuda":
         return _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, (b, h, kv, length, d))
@@ -230,7 +240,8 @@ def decode_attention_rope(
         raise AttnError("k and v (and cos and sin) must share one row stride")
     if out is not None and out.shape == (b, h * d):
         out = out.view(b, h, d)
-    res = _launch(q, keys, values, pos, mask, scale, splits, out, (b, h, kv, length, d), (*args[1:], *strides))
+    rope_args = (*args[1:], *strides)
+    res = _launch(q, keys, values, pos, mask, scale, splits, out, (b, h, kv, length, d), rope_args, pdl)
     return res.view(b, h * d)
 
 
@@ -251,9 +262,10 @@ def _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, dims) -> 
     return o.reshape(b, h * d)
 
 
-def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args) -> torch.Tensor:
+def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl=None) -> torch.Tensor:
     """The kernel launch for validated inputs; ``rope_args``: ``(k, v, cos, sin, q_stride, kv_stride, cs_stride)``
-    for the ``QA_ROPE`` variant (q then ``[B, H*D]`` rows of stride ``q_stride``), else ``None``."""
+    for the ``QA_ROPE`` variant (q then ``[B, H*D]`` rows of stride ``q_stride``), else ``None``; ``pdl`` (``QA_ROPE``
+    only): the ``QA_PDL`` variant (None: :func:`quick.kernels.jit.pdl_enabled`)."""
     from quick.kernels import quick_mma
 
     b, h, kv, length, d = dims
@@ -281,8 +293,11 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args) -> 
     idx = quick_mma._dev_index(dev)
     with torch.cuda.device(dev):
         defines = {"QA_D": d, "QA_G": groups, "QA_DTYPE": DTYPES.index(q.dtype)}
+        pdl = rope_args is not None and (jit.pdl_enabled(dev) if pdl is None else pdl)
         if rope_args is not None:
             defines["QA_ROPE"] = 1
+        if pdl:
+            defines["QA_PDL"] = 1
         kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, jit.arch_for_device(idx))
         stream = torch.cuda.current_stream(dev).cuda_stream
         ws = torch.empty(b * kv * s * groups * (d + 2) if s > 1 else 1, dtype=torch.float32, device=dev)
@@ -293,6 +308,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args) -> 
             (THREADS,),
             [q, keys, values, ctypes.c_void_p(m_ptr), pos, out, ws, cnt, kv, length, m_stride, scale / math.log(2)]
             + extra,
+            pdl=pdl,
         )
     return out
 

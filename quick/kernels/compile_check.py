@@ -3,8 +3,9 @@ sm_90a, and print registers / shared memory / spills per kernel. Exit status 1 o
 
 Variants come from the ``VARIANTS`` list of each launcher module in :data:`MODULES` (missing optional modules
 are skipped). An entry is ``(source, defines, archs)``; ``(source, kernel_name, defines)`` is accepted too, with
-the archs taken from the module's ``ARCHS`` (default: sm_90a for sources whose name mentions sm90, else
-sm_80 and sm_90a). Compiles run in parallel (nvcc is single-threaded) and hit the on-disk cubin cache.
+the archs from the module's ``variant_archs(defines)`` if it has one, else its ``ARCHS`` (default: sm_90a for
+sources whose name mentions sm90, else sm_80 and sm_90a). Compiles run in parallel (nvcc is single-threaded) and
+hit the on-disk cubin cache.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _variants(module_name: str) -> list[Job]:
         elif len(v) == 3 and isinstance(v[1], str):
             source, _name, defines = v
             archs = getattr(mod, "ARCHS", ("sm_90a",) if "sm90" in source else DEFAULT_ARCHS)
+            if hasattr(mod, "variant_archs"):  # per variant (e.g. sm_90-only programmatic dependent launches)
+                archs = mod.variant_archs(defines)
         else:
             raise ValueError(f"{module_name}.VARIANTS entry {v!r} is not (source, defines, archs)")
         for arch in (archs,) if isinstance(archs, str) else archs:

@@ -179,6 +179,53 @@ def _ensure_context(device: int) -> None:
             check(_driver().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+# ---- programmatic dependent launch (PDL, sm_90): cuLaunchKernelEx with one launch attribute
+
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class LaunchAttribute(ctypes.Structure):
+    """``CUlaunchAttribute`` (cuda.h: the id, 4 bytes of padding, a 64-byte value union): 72 bytes."""
+
+    _fields_ = [("id", ctypes.c_uint), ("_pad", ctypes.c_uint), ("value", ctypes.c_int), ("_rest", ctypes.c_char * 60)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """``CUlaunchConfig`` (cuda.h): grid, block, dynamic shared memory, stream, attributes; 56 bytes."""
+
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("smem", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+# True once the PDL variants (QD_PDL, QA_PDL) have passed their device tests and end-to-end check; until then
+# :func:`pdl_enabled` is off unless QUICK_PDL=1. Written in session 8 (no GPU).
+PDL_VERIFIED_ON_DEVICE = False
+
+
+def pdl_enabled(device: torch.device | int | None = None) -> bool:
+    """Whether the decode-path kernels launch as programmatic dependent launches: sm_90 or newer, and
+    ``QUICK_PDL=1`` / ``0`` (forced on / off) or, unset, once verified on a device."""
+    env = os.environ.get("QUICK_PDL")
+    if not (PDL_VERIFIED_ON_DEVICE if env is None else env != "0"):
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_config(grid: Sequence[int], block: Sequence[int], smem: int) -> tuple[LaunchConfig, LaunchAttribute]:
+    """A launch config whose kernel may start before the previous kernel on the stream has finished (programmatic
+    stream serialization): it runs up to its ``griddepcontrol.wait`` once every CTA of the previous kernel has
+    executed ``griddepcontrol.launch_dependents`` or exited. Returns the attribute too: it must outlive the config."""
+    attr = LaunchAttribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0, 1)
+    cfg = LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, None, ctypes.pointer(attr), 1)
+    return cfg, attr
+
+
 class CudaKernel:
     """One ``extern "C" __global__`` function of a loaded cubin on one device."""
 
@@ -207,8 +254,11 @@ class CudaKernel:
         args: Sequence[object],
         smem: int = 0,
         stream: torch.cuda.Stream | None = None,
+        pdl: bool = False,
     ) -> None:
-        """Launch; tensors pass as device pointers, Python ints as int32, ctypes values as themselves."""
+        """Launch; tensors pass as device pointers, Python ints as int32, ctypes values as themselves. ``pdl``: a
+        programmatic dependent launch (:func:`pdl_config`; the kernel must wait before it reads what earlier
+        kernels wrote)."""
         holders = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -226,12 +276,15 @@ class CudaKernel:
         s = stream if stream is not None else torch.cuda.current_stream(self.device)
         g = (*grid, 1, 1)[:3]
         b = (*block, 1, 1)[:3]
-        check(
-            _driver().cuLaunchKernel(
+        if pdl:
+            cfg, _attr = pdl_config(g, b, smem)
+            cfg.stream = s.cuda_stream
+            res = _driver().cuLaunchKernelEx(ctypes.byref(cfg), self._fn, params, None)
+        else:
+            res = _driver().cuLaunchKernel(
                 self._fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, ctypes.c_void_p(s.cuda_stream), params, None
-            ),
-            f"launch {self.name} grid={g} block={b} smem={smem}",
-        )
+            )
+        check(res, f"launch {self.name} grid={g} block={b} smem={smem}{' (PDL)' if pdl else ''}")
 
 
 _KERNELS: dict[tuple, CudaKernel] = {}

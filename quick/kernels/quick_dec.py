@@ -31,6 +31,11 @@ SMEM_LIMIT = 227 * 1024 - 1024  # dynamic shared memory on sm_90 (227 KB opt-in)
 ARCHS = ("sm_80", "sm_90a")
 
 
+def variant_archs(defines: dict) -> tuple[str, ...]:
+    """The archs a variant is built for (compile check): ``QD_PDL`` variants run on sm_90 only."""
+    return ("sm_90a",) if defines.get("QD_PDL") else ARCHS
+
+
 class DecError(ValueError):
     """Inputs the decode kernel cannot take; the message says which and why."""
 
@@ -81,7 +86,9 @@ class DecConfig:
         red = self.warps * self.nw * self.rb * nacc * 512
         return max(self.ring_bytes(group_size) + m * (steps_per_split * 128 + 16), red)
 
-    def defines(self, m: int, group_size: int, dtype: torch.dtype, act: int = 0, norm: int = 0) -> dict[str, int]:
+    def defines(
+        self, m: int, group_size: int, dtype: torch.dtype, act: int = 0, norm: int = 0, pdl: int = 0
+    ) -> dict[str, int]:
         d = {
             "QD_WB": self.wb,
             "QD_DTYPE": int(dtype == torch.bfloat16),
@@ -97,6 +104,8 @@ class DecConfig:
             d["QD_ACT"] = act
         if norm:
             d["QD_NORM"] = 1
+        if pdl:
+            d["QD_PDL"] = 1
         return d
 
 
@@ -234,16 +243,18 @@ def norm_fusion_enabled() -> bool:
     return NORM_VERIFIED_ON_DEVICE if env is None else env != "0"
 
 
-# The act / norm variants: the bucket-16 configs of quick_sm90 at one token tile, group size 128, both dtypes;
-# act(gate) * up alone, the norm tail alone (o projection), and both (down projection).
+# The act / norm / PDL variants: the bucket-16 configs of quick_sm90 at one token tile, group size 128, both dtypes;
+# act(gate) * up alone, the norm tail alone (o projection), and both (down projection); each of these and the
+# plain kernel again as a programmatic dependent launch (QD_PDL, :func:`quick.kernels.jit.pdl_enabled`).
 ACT_CONFIGS = frozenset(c for top, c in all_configs("quick_sm90") if top == 16)
 FUSED_FLAGS = [(a, 0) for a in ACTS.values()] + [(0, 1)] + [(a, 1) for a in ACTS.values()]
 for _cfg in sorted(ACT_CONFIGS, key=repr):
     for _g in ACT_GROUP_SIZES:
         for _dt in (torch.float16, torch.bfloat16):
-            for _a, _n in FUSED_FLAGS:
-                if _cfg.supports(_g):
-                    VARIANTS.append((SOURCE, KERNEL, _cfg.defines(1, _g, _dt, _a, _n)))
+            for _p in (0, 1):
+                for _a, _n in FUSED_FLAGS if not _p else [(0, 0), *FUSED_FLAGS]:
+                    if _cfg.supports(_g):
+                        VARIANTS.append((SOURCE, KERNEL, _cfg.defines(1, _g, _dt, _a, _n, _p)))
 
 
 @dataclass(frozen=True)
@@ -388,13 +399,15 @@ def run_validated(
     out: torch.Tensor | None = None,
     act: int = 0,
     norm: tuple | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
     contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``. ``act`` (``ACTS``' values):
     ``x`` is a dense ``[M, 2K]`` gate/up product and the kernel multiplies in ``act(gate) * up`` (the caller checked
     :func:`takes_act` for the config the launch uses: :func:`launch_config`). ``norm = (resid, weight, eps, offset,
     normed)``: the ``QD_NORM`` tail; ``out`` receives ``r = resid + h`` and ``normed`` RMSNorm(r) (dense ``[M, N]``
-    / ``[N]`` tensors, 16-byte aligned, checked by the caller; :func:`takes_norm`)."""
+    / ``[N]`` tensors, 16-byte aligned, checked by the caller; :func:`takes_norm`). ``pdl``: launch the ``QD_PDL``
+    variant where the config has one (None: :func:`quick.kernels.jit.pdl_enabled`)."""
     from quick.kernels import quick_mma, quick_sm90
 
     if m == 0:
@@ -403,7 +416,8 @@ def run_validated(
         raise DecError(f"config {config} is for layout {LAYOUTS[config.wb]!r}, not {layout!r}")
     dev = x.device
     eps, offset = (float(norm[2]), float(norm[3])) if norm is not None else (0.0, 0.0)
-    key = (layout, m, n, k, g, x.dtype, dev, config, splits, act, norm is not None, eps, offset)
+    pdl = jit.pdl_enabled(dev) if pdl is None else pdl  # where the config has PDL variants (takes_act's set)
+    key = (layout, m, n, k, g, x.dtype, dev, config, splits, act, norm is not None, eps, offset, pdl)
     hit = _LAUNCH.get(key)
     if hit is None:
         with _LOCK:
@@ -416,7 +430,8 @@ def run_validated(
                 raise DecError(f"no act / norm variant for config {p.config}, M={m}, group size {g}")
             if norm is not None and p.smem < m * p.config.threads * 4:  # the tail's per-thread slots reuse it
                 raise DecError(f"config {p.config}: {p.smem} bytes of shared memory hold no norm tail for M={m}")
-            defines = p.config.defines(m, g, x.dtype, act, int(norm is not None))
+            use_pdl = pdl and takes_act(p.config, m, g)
+            defines = p.config.defines(m, g, x.dtype, act, int(norm is not None), int(use_pdl))
             kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, arch)
             gshift = quick_sm90.group_shift(g, k)
             launch = quick_mma._FastLaunch(
@@ -425,6 +440,7 @@ def run_validated(
                 (p.config.threads,),
                 p.smem,
                 [None] * 8 + [m, n, k, gshift, p.steps_per_split] + [None] * 3 + [eps, offset],
+                pdl=use_pdl,
             )
             hit = (launch, p)
             if len(_LAUNCH) > 4096:

@@ -492,7 +492,7 @@ class _FastLaunch:
     fp32); pointer arguments (``None`` in the template) are filled in per call. The parameter block is built once
     (cuLaunchKernel copies it at launch)."""
 
-    def __init__(self, kernel: jit.CudaKernel, grid, block, smem: int, template: list) -> None:
+    def __init__(self, kernel: jit.CudaKernel, grid, block, smem: int, template: list, pdl: bool = False) -> None:
         self.kernel, self.smem = kernel, smem
         self.grid = (*grid, 1, 1)[:3]
         self.block = (*block, 1, 1)[:3]
@@ -506,25 +506,32 @@ class _FastLaunch:
             *[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in self.holders]
         )
         self.lock = threading.Lock()
+        # pdl: a programmatic dependent launch (jit.pdl_config), for kernels that wait before reading earlier output
+        self.pdl = jit.pdl_config(self.grid, self.block, smem) if pdl else None
 
     def __call__(self, ptrs: list[int], stream: int) -> None:
         g, b = self.grid, self.block
         with self.lock:
             for slot, p in zip(self.ptr_slots, ptrs, strict=True):
                 self.holders[slot].value = p
-            res = jit._driver().cuLaunchKernel(
-                self.kernel._fn,
-                g[0],
-                g[1],
-                g[2],
-                b[0],
-                b[1],
-                b[2],
-                self.smem,
-                ctypes.c_void_p(stream),
-                self.params,
-                None,
-            )
+            if self.pdl is not None:
+                cfg = self.pdl[0]
+                cfg.stream = stream
+                res = jit._driver().cuLaunchKernelEx(ctypes.byref(cfg), self.kernel._fn, self.params, None)
+            else:
+                res = jit._driver().cuLaunchKernel(
+                    self.kernel._fn,
+                    g[0],
+                    g[1],
+                    g[2],
+                    b[0],
+                    b[1],
+                    b[2],
+                    self.smem,
+                    ctypes.c_void_p(stream),
+                    self.params,
+                    None,
+                )
         if res != 0:
             jit.check(res, f"launch {self.kernel.name} grid={g} block={b} smem={self.smem}")
 

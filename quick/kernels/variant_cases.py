@@ -175,19 +175,20 @@ def sm90_cases() -> list[Case]:
 # ---------------------------------------------------------------------------------------- quick_dec
 
 
-def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int, int]]:
-    """``(defines, DecConfig, M, group class 128|32, dtype, act, norm)`` for every entry of ``quick_dec.VARIANTS``
-    (M: the largest batch of the variant's token-tile count; act: QD_ACT or 0; norm: QD_NORM or 0); raises on a
-    variant that no config of the module builds."""
+def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int, int, int]]:
+    """``(defines, DecConfig, M, group class 128|32, dtype, act, norm, pdl)`` for every entry of
+    ``quick_dec.VARIANTS`` (M: the largest batch of the variant's token-tile count; act: QD_ACT or 0; norm, pdl:
+    QD_NORM, QD_PDL or 0); raises on a variant that no config of the module builds."""
     from quick.kernels import quick_dec as qd
 
     tries = [
-        (cfg, m, g, dt, act, norm)
+        (cfg, m, g, dt, act, norm, pdl)
         for _top, cfg in qd.all_configs()
         for m in (8, 16, 32, 64)
         for g in (128, 32)
         for dt in (torch.float16, torch.bfloat16)
         for act, norm in [(0, 0), *qd.FUSED_FLAGS]
+        for pdl in (0, 1)
         if m <= qd.MAX_M_BY_LAYOUT[qd.LAYOUTS[cfg.wb]] and cfg.supports(g)
     ]
     out = []
@@ -205,14 +206,14 @@ def dec_cases() -> list[Case]:
     from quick.kernels import quick_dec as qd
 
     out: list[Case] = []
-    for _defines, cfg, m, g, dt, act, norm in dec_variant_configs():
+    for _defines, cfg, m, g, dt, act, norm, pdl in dec_variant_configs():
         layout = qd.LAYOUTS[cfg.wb]
         var = f"{layout}-rb{cfg.rb}-w{cfg.warps}-nw{cfg.nw}-st{cfg.stages}-m{m}-g{'32' if g == 32 else 'x'}"
         var += f"/{_dt_name(dt)}"
         n = 2 * cfg.channels
-        if act or norm:  # QD_ACT / QD_NORM (g128, M <= 8): 6 k64 steps split in two, then one split of 4
-            var += f"/act{act}-norm{norm}"
-            ex = {"act": act, "norm": norm}
+        if act or norm or pdl:  # QD_ACT / QD_NORM / QD_PDL (g128, M <= 8): 6 k64 steps split in two, then one
+            var += f"/act{act}-norm{norm}-pdl{pdl}"
+            ex = {"act": act, "norm": norm, "pdl": pdl}
             out.append(Case("dec_fused", var, dt, m, 384, n, 128, 2, cfg, True, layout, extra=ex))
             out.append(Case("dec_fused", var, dt, 1, 256, cfg.channels, 128, None, cfg, False, layout, dict(ex)))
             continue
@@ -238,12 +239,13 @@ def attn_cases() -> list[Case]:
     out: list[Case] = []
     for _src, _name, d in at.VARIANTS:
         dim, g, dt, rope = d["QA_D"], d["QA_G"], at.DTYPES[d["QA_DTYPE"]], d.get("QA_ROPE", 0)
-        var = f"d{dim}-g{g}/{_dt_name(dt)}" + ("/rope" if rope else "")
+        pdl = bool(d.get("QA_PDL", 0))
+        var = f"d{dim}-g{g}/{_dt_name(dt)}" + ("/rope" if rope else "") + ("/pdl" if pdl else "")
         kern, n = ("attn_rope" if rope else "attn"), 2 * g * dim
-        out.append(Case(kern, var, dt, 2, 77, n, g, 3, extra={"d": dim, "pos": 76, "mask": True}))
-        out.append(Case(kern, var, dt, 2, 40, n, g, 4, extra={"d": dim, "pos": 0, "mask": False}))
+        out.append(Case(kern, var, dt, 2, 77, n, g, 3, extra={"d": dim, "pos": 76, "mask": True, "pdl": pdl}))
+        out.append(Case(kern, var, dt, 2, 40, n, g, 4, extra={"d": dim, "pos": 0, "mask": False, "pdl": pdl}))
         last = 300 if rope else 130
-        out.append(Case(kern, var, dt, 2, 300, n, g, None, extra={"d": dim, "pos": last, "mask": True}))
+        out.append(Case(kern, var, dt, 2, 300, n, g, None, extra={"d": dim, "pos": last, "mask": True, "pdl": pdl}))
     return out
 
 
@@ -451,7 +453,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
                 norm = (resid, weight, 1e-6, 0.0, torch.empty_like(resid))
             return qd.run_validated(
                 case.layout, x, p["qweight"], p["scales"], p["zeros"], bias, m, n, k, case.group_size, case.config,
-                case.splits, out, act, norm,
+                case.splits, out, act, norm, bool(case.extra["pdl"]),
             )  # fmt: skip
 
         return fn
@@ -462,7 +464,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             scale, mask = case.extra["d"] ** -0.5, p.get("mask")
             if case.kernel == "attn_rope":
                 args = (x, p["k"], p["v"], p["keys"], p["values"], p["pos"], p["cos"], p["sin"], mask, scale)
-                return at.decode_attention_rope(*args, splits=case.splits, out=out)
+                return at.decode_attention_rope(*args, splits=case.splits, out=out, pdl=case.extra["pdl"])
             o = at.decode_attention(x, p["keys"], p["values"], p["pos"], mask, scale, splits=case.splits, out=out)
             return o.reshape(x.shape[0], -1)
 

@@ -23,7 +23,12 @@
 // in its loop (no CTA reads row `pos` from memory in this launch, so the read-only loads stay valid). Rotated q and
 // k are rounded to the model dtype, as the unfused path stores them. `pos` >= L writes nothing.
 //
-// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1..8), QA_DTYPE (0 fp16, 1 bf16), QA_ROPE (0/1).
+// QA_PDL = 1 (sm_90): launched as a programmatic dependent launch, the kernel waits for the previous kernel before
+// it reads anything (griddepcontrol.wait), then lets the next one start (launch_dependents): the next kernel (the o
+// projection) gets its CTAs resident and its weights in flight while this one runs.
+//
+// -D: QA_D (head dim 64, 128, 256), QA_G (query heads per kv head, 1..8), QA_DTYPE (0 fp16, 1 bf16), QA_ROPE (0/1),
+// QA_PDL (0/1).
 // Launcher: quick/kernels/attention.py.
 #include "quick_common.cuh"
 
@@ -39,12 +44,16 @@
 #ifndef QA_ROPE
 #define QA_ROPE 0
 #endif
+#ifndef QA_PDL
+#define QA_PDL 0
+#endif
 
 namespace {
 constexpr int D = QA_D;
 constexpr int G = QA_G;
 constexpr int DT = QA_DTYPE;
 constexpr bool ROPE = QA_ROPE != 0;
+constexpr bool PDL = QA_PDL != 0;
 constexpr int WARPS = 4;
 constexpr int THREADS = 32 * WARPS;
 constexpr int LPP = D / 8;       // lanes per position
@@ -120,6 +129,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) quick_attn_decode(
   __shared__ float red[PPI][G][D + 2];  // per position slot: acc[D], then max, sum
   __shared__ int s_last;
 
+  if constexpr (PDL) {
+    griddep_wait();
+    griddep_launch_dependents();
+  }
   const int S = gridDim.x, split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const long long p_now = *pos;
   const int n = static_cast<int>(min(static_cast<long long>(L) - 1, p_now)) + 1;

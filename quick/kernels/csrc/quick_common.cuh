@@ -15,6 +15,8 @@
 //   ldg_stream128(ptr)           16-byte global load that does not allocate in L1 (weights are read once)
 //   ldg128 / lds128 / lds32      plain 16-byte loads (global, shared), 4-byte shared load
 //   pack2 / unpack2, load_pair / load_quad   fp32 <-> packed 16-bit pairs; 2 / 4 elements of a 16-bit vector
+//   griddep_wait / griddep_launch_dependents  programmatic dependent launch (sm_90; no-ops below, and when the
+//                                kernel was not launched with the PDL attribute)
 // Split-k GEMM building blocks (quick_mma.cu with fp32, quick_w4a8.cu with int32 accumulators acc[MT][NB][T][4]):
 //   cta_pos, warp_nblocks        a thread's warp / tile / K-tile range; its warp's n-blocks
 //   for_each_tile, zero_acc      walk / clear the accumulator tiles
@@ -166,6 +168,22 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Programmatic dependent launch (PDL). A kernel launched with the programmatic-serialization attribute may start
+// while the previous kernel on its stream still runs: before griddep_wait() it may touch only what no earlier kernel
+// writes (the weights); after it, the previous grid has completed and its writes are visible.
+// griddep_launch_dependents() lets the next such kernel start once every CTA of this one has called it or exited.
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint4 ldg_stream128(const void* p) {

@@ -38,11 +38,16 @@
 //   cast(r / rms * (offset + w))), one token at a time with a fixed reduction order: deterministic. The separate
 //   add + norm kernel (2.4 us at batch 1) and its launch gap go; the tail is one CTA's pass over M x N.
 //
+// * QD_PDL (sm_90): launched as a programmatic dependent launch, the kernel issues its first weight stages (the
+//   weights are read-only), then waits for the previous kernel (griddepcontrol.wait), lets the next one start
+//   (launch_dependents), and only then reads x and touches counters and outputs. So its first loads overlap the
+//   previous kernel's tail, and the next kernel's overlap its own. x is staged with L2 loads after the wait.
+//
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
 // splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step),
 // QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product), QD_NORM (0/1: the
-// residual add + RMSNorm tail).
+// residual add + RMSNorm tail), QD_PDL (0/1: programmatic dependent launch).
 // Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/quick_dec.py.
 #include "quick_common.cuh"
 
@@ -76,6 +81,9 @@
 #ifndef QD_NORM
 #define QD_NORM 0
 #endif
+#ifndef QD_PDL
+#define QD_PDL 0
+#endif
 
 namespace {
 constexpr bool WB = QD_WB != 0;
@@ -87,6 +95,8 @@ constexpr int NW = QD_NW;        // channel groups
 constexpr int STAGES = QD_STAGES;
 constexpr int ACT = QD_ACT;
 constexpr bool NORM = QD_NORM != 0;
+constexpr bool PDL = QD_PDL != 0;
+constexpr bool X_LATE = ACT != 0 || PDL;  // x staged with loads after the first weight stages (not by cp.async)
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
 constexpr int THREADS = 32 * WARPS * NW;
@@ -308,10 +318,10 @@ __device__ __forceinline__ void norm_tail(int M, int N, char* out, const char* r
 }
 }  // namespace
 
-// QD_ACT / QD_NORM variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers,
+// QD_ACT / QD_NORM / QD_PDL variants of 512-thread configs whose rings leave room for two CTAs per SM keep to 64 registers,
 // so that they run two per SM as their plain twins do (the staging of act(gate) * up or the norm tail would
 // otherwise take them past 64).
-constexpr int MIN_BLOCKS = (ACT != 0 || NORM) && THREADS >= 512 && 2 * RING_BYTES <= 200 * 1024 ? 2 : 1;
+constexpr int MIN_BLOCKS = (ACT != 0 || NORM || PDL) && THREADS >= 512 && 2 * RING_BYTES <= 200 * 1024 ? 2 : 1;
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
@@ -346,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   const int x_c0 = NW == 1 ? (w_beg - s_beg) * 8 : 0;  // first 16-byte chunk of a row, count per row
   const int x_cn = NW == 1 ? w_n * 8 : kr >> 3;
   const int x_t0 = NW == 1 ? lane : tid, x_step = NW == 1 ? 32 : THREADS;
-  if constexpr (ACT == 0) {
+  if constexpr (!X_LATE) {
     for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
       const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
       cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(r) * K + s_beg * 64 + c * 8) * 2, true);
@@ -387,18 +397,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
 
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) load_stage(j);
-  if constexpr (ACT != 0) {  // x = act(gate) * up from the [M, 2K] product, 8 columns per 16-byte chunk
+  if constexpr (PDL) {  // everything above read only weights; the previous kernel's output is needed from here
+    griddep_wait();
+    griddep_launch_dependents();
+  }
+  if constexpr (X_LATE) {  // x (ACT: act(gate) * up from the [M, 2K] product), 8 columns per 16-byte chunk
     for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
       const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
-      const char* gp = x + (static_cast<size_t>(r) * 2 * K + s_beg * 64 + c * 8) * 2;
-      const uint4 gv = ldg128(gp), uv = ldg128(gp + static_cast<size_t>(K) * 2);
-      uint32_t o[4];
+      const char* gp = x + (static_cast<size_t>(r) * (ACT ? 2 : 1) * K + s_beg * 64 + c * 8) * 2;
+      uint4 v;
+      if constexpr (ACT != 0) {
+        const uint4 gv = PDL ? __ldcg(reinterpret_cast<const uint4*>(gp)) : ldg128(gp);
+        const uint4 uv = PDL ? __ldcg(reinterpret_cast<const uint4*>(gp + static_cast<size_t>(K) * 2))
+                             : ldg128(gp + static_cast<size_t>(K) * 2);
+        uint32_t o[4];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float2 g2 = unpack2<DT>(u4_get(gv, w)), u2 = unpack2<DT>(u4_get(uv, w));
-        o[w] = pack2<DT>(gate_act(g2.x, u2.x), gate_act(g2.y, u2.y));
+        for (int w = 0; w < 4; ++w) {
+          const float2 g2 = unpack2<DT>(u4_get(gv, w)), u2 = unpack2<DT>(u4_get(uv, w));
+          o[w] = pack2<DT>(gate_act(g2.x, u2.x), gate_act(g2.y, u2.y));
+        }
+        v = make_uint4(o[0], o[1], o[2], o[3]);
+      } else {
+        v = __ldcg(reinterpret_cast<const uint4*>(gp));
       }
-      *reinterpret_cast<uint4*>(xs + r * xpitch + c * 16) = make_uint4(o[0], o[1], o[2], o[3]);
+      *reinterpret_cast<uint4*>(xs + r * xpitch + c * 16) = v;
     }
   }
   cp_async_wait<STAGES - 1>();  // the x group (this thread's copies)
