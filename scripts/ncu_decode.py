@@ -61,18 +61,25 @@ def target() -> int:
             )
         torch.cuda.synchronize()
     try:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from decode_tune import probe_launcher
-
-        buf = torch.ones((k * n // 2 + 4 * (k // 128) * n) // 4, dtype=torch.int32, device="cuda")
-        sink = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
-        probe = probe_launcher(buf, 8, 132 * 4, 512, sink)
-        for _ in range(3):
-            probe()
-        torch.cuda.synchronize()
+        run_probe(k, n)
     except Exception as e:  # noqa: BLE001
         print(f"probe not run: {e}")
     return 0
+
+
+def run_probe(k: int, n: int) -> None:
+    """The read-only probe, three times, over the bytes of a K x N g128 weight (codes, scales, zeros)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from decode_tune import probe_launcher
+
+    buf = torch.ones((k * n // 2 + 4 * (k // 128) * n) // 4, dtype=torch.int32, device="cuda")
+    sink = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+    probe = probe_launcher(buf, 8, 132 * 4, 512, sink)
+    for _ in range(3):
+        probe()
+    torch.cuda.synchronize()
 
 
 DEC_SHAPES = ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))  # (K, N) of one Llama-2-7B layer
@@ -96,16 +103,7 @@ def target_dec() -> int:
         for _ in range(3):
             sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
         torch.cuda.synchronize()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from decode_tune import probe_launcher
-
-    k, n = DEC_SHAPES[2]
-    buf = torch.ones((k * n // 2 + 4 * (k // 128) * n) // 4, dtype=torch.int32, device="cuda")
-    sink = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
-    probe = probe_launcher(buf, 8, 132 * 4, 512, sink)
-    for _ in range(3):
-        probe()
-    torch.cuda.synchronize()
+    run_probe(*DEC_SHAPES[2])
     return 0
 
 

@@ -153,3 +153,13 @@ def check_w4a8_unpack_errors(pack, unpack, k: int) -> None:
         unpack(packed, -1)
     with pytest.raises(LayoutError, match="channel_scale"):
         unpack({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
+
+
+def check_env_switch(monkeypatch, var: str, enabled, verified: bool) -> None:
+    """A feature switch (quick.kernels.jit.env_switch): ``var=1`` on, ``var=0`` off, unset: ``verified``."""
+    monkeypatch.setenv(var, "1")
+    assert enabled()
+    monkeypatch.setenv(var, "0")
+    assert not enabled()
+    monkeypatch.delenv(var)
+    assert enabled() == verified

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_env_switch
 
 from quick.kernels import attention as at
 
@@ -139,9 +140,4 @@ def test_rope_op_schema_and_fake():
 
 
 def test_rope_fusion_switch(monkeypatch):
-    monkeypatch.setenv("QUICK_ATTN_ROPE", "0")
-    assert not at.rope_fusion_enabled()
-    monkeypatch.setenv("QUICK_ATTN_ROPE", "1")
-    assert at.rope_fusion_enabled()
-    monkeypatch.delenv("QUICK_ATTN_ROPE")
-    assert at.rope_fusion_enabled() == at.ROPE_VERIFIED_ON_DEVICE  # unset: on only once verified on a device
+    check_env_switch(monkeypatch, "QUICK_ATTN_ROPE", at.rope_fusion_enabled, at.ROPE_VERIFIED_ON_DEVICE)

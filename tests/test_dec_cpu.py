@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_env_switch
 
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_sm90 as sm
@@ -420,12 +421,8 @@ def test_act_variants_configs_and_switch(monkeypatch):
     assert not qd.takes_act(qd.DecConfig(1, 8, 4, wb=1), 1, 128)  # the quick layout: no act variant
     assert qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16, 2)["QD_ACT"] == 2
     assert "QD_ACT" not in qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16)  # plain variants keep their keys
-    monkeypatch.setenv("QUICK_DEC_ACT", "1")
-    assert qd.act_fusion_enabled()
-    monkeypatch.setenv("QUICK_DEC_ACT", "0")
-    assert not qd.act_fusion_enabled()
-    monkeypatch.delenv("QUICK_DEC_ACT")
-    assert qd.act_fusion_enabled() == qd.ACT_VERIFIED_ON_DEVICE
+    check_env_switch(monkeypatch, "QUICK_DEC_ACT", qd.act_fusion_enabled, qd.ACT_VERIFIED_ON_DEVICE)
+    check_env_switch(monkeypatch, "QUICK_DEC_NORM", qd.norm_fusion_enabled, qd.NORM_VERIFIED_ON_DEVICE)
 
 
 def test_gated_op_fake_and_errors():

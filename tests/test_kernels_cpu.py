@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import check_env_switch
 
 from quick.kernels import dispatch, ops, quick_mma
 from quick.packing.layouts import get_layout
@@ -328,12 +329,7 @@ def test_pdl_launch_structs_match_cuda_h_and_the_switch(monkeypatch):
     assert cfg.num_attrs == 1 and cfg.attrs.contents.id == 6 and cfg.attrs.contents.value == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setenv("QUICK_PDL", "1")
-    assert jit.pdl_enabled()
-    monkeypatch.setenv("QUICK_PDL", "0")
-    assert not jit.pdl_enabled()
-    monkeypatch.delenv("QUICK_PDL")
-    assert jit.pdl_enabled() == jit.PDL_VERIFIED_ON_DEVICE
+    check_env_switch(monkeypatch, "QUICK_PDL", jit.pdl_enabled, jit.PDL_VERIFIED_ON_DEVICE)
     monkeypatch.setenv("QUICK_PDL", "1")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not jit.pdl_enabled()  # griddepcontrol is sm_90

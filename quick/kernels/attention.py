@@ -93,8 +93,7 @@ ROPE_VERIFIED_ON_DEVICE = False
 def rope_fusion_enabled() -> bool:
     """Whether the fast decode step folds the rotary and the cache append into the kernel (``QA_ROPE``):
     ``QUICK_ATTN_ROPE=1`` / ``0`` force it on / off (ablations), else only once verified on a device."""
-    env = os.environ.get("QUICK_ATTN_ROPE")
-    return ROPE_VERIFIED_ON_DEVICE if env is None else env != "0"
+    return jit.env_switch("QUICK_ATTN_ROPE", ROPE_VERIFIED_ON_DEVICE)
 
 
 def positions_per_step(head_dim: int, groups: int = 1) -> int:

@@ -208,11 +208,17 @@ class LaunchConfig(ctypes.Structure):
 PDL_VERIFIED_ON_DEVICE = False
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """A feature switch: environment variable ``name`` set to ``0`` turns it off, to anything else on; unset, the
+    ``default`` (for the decode-path features: whether a device run has verified them)."""
+    env = os.environ.get(name)
+    return default if env is None else env != "0"
+
+
 def pdl_enabled(device: torch.device | int | None = None) -> bool:
     """Whether the decode-path kernels launch as programmatic dependent launches: sm_90 or newer, and
     ``QUICK_PDL=1`` / ``0`` (forced on / off) or, unset, once verified on a device."""
-    env = os.environ.get("QUICK_PDL")
-    if not (PDL_VERIFIED_ON_DEVICE if env is None else env != "0"):
+    if not env_switch("QUICK_PDL", PDL_VERIFIED_ON_DEVICE):
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -14,7 +14,6 @@ This module holds the compile variants, the launch plan (channel tiles x k split
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 
@@ -211,8 +210,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 def act_fusion_enabled() -> bool:
     """Whether gated-MLP down projections stage ``act(gate) * up`` in the decode kernel: ``QUICK_DEC_ACT=1`` / ``0``
     force it on / off (ablations), else only once verified on a device."""
-    env = os.environ.get("QUICK_DEC_ACT")
-    return ACT_VERIFIED_ON_DEVICE if env is None else env != "0"
+    return jit.env_switch("QUICK_DEC_ACT", ACT_VERIFIED_ON_DEVICE)
 
 
 def launch_config(layout: str, m: int, config: DecConfig | None) -> DecConfig:
@@ -239,8 +237,7 @@ NORM_VERIFIED_ON_DEVICE = False
 def norm_fusion_enabled() -> bool:
     """Whether the o and down projections of the fast decode step end with the residual add + RMSNorm
     (``QD_NORM``): ``QUICK_DEC_NORM=1`` / ``0`` force it on / off, else only once verified on a device."""
-    env = os.environ.get("QUICK_DEC_NORM")
-    return NORM_VERIFIED_ON_DEVICE if env is None else env != "0"
+    return jit.env_switch("QUICK_DEC_NORM", NORM_VERIFIED_ON_DEVICE)
 
 
 # The act / norm / PDL variants: the bucket-16 configs of quick_sm90 at one token tile, group size 128, both dtypes;
