@@ -66,6 +66,21 @@ def _randomise_norms(model) -> None:
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 
+def _teacher_forced(model, steps: int, tol: float) -> tuple[StaticGenerator, StaticGenerator]:
+    """transformers' decoding and the fast step over 2 x 5 random prompt tokens, then ``steps`` steps fed
+    transformers' tokens: the logits agree within ``tol`` at every step. Returns (reference, fast)."""
+    ids = torch.randint(0, 256, (2, 5))
+    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
+    with torch.inference_mode():
+        fast.prefill(ids)
+        nxt = ref.prefill(ids).argmax(-1)
+        for i in range(steps):
+            a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+            nxt = b.argmax(-1)
+    return ref, fast
+
+
 @pytest.fixture(autouse=True)
 def _eager_backend(monkeypatch):
     """Dynamo traces the three functions (fullgraph: a break fails); inductor's build is the slow test below."""
@@ -261,15 +276,7 @@ def test_fast_decode_on_quantized_layers(fmt):
     else:
         quantize_model_rtn_w4a8(model, 128, dtype=torch.float16, progress=False)
         set_compute_dtype(model, torch.float32)
-    ids = torch.randint(0, 256, (2, 5))
-    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
-    with torch.inference_mode():
-        fast.prefill(ids)
-        nxt = ref.prefill(ids).argmax(-1)
-        for i in range(6):
-            a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            nxt = b.argmax(-1)
+    _teacher_forced(model, steps=6, tol=1e-4)
 
 
 def test_fast_decode_fused_projection_route(monkeypatch):
@@ -347,15 +354,7 @@ def test_fast_decode_rope_attention_route(monkeypatch, fused):
             self.attn_rope = True
 
     monkeypatch.setattr(decoder, "FastDecoder", Forced)
-    ids = torch.randint(0, 256, (2, 5))
-    ref, fast = StaticGenerator(model, 2, 16), StaticGenerator(model, 2, 16, compile="fast")
-    with torch.inference_mode():
-        fast.prefill(ids)
-        nxt = ref.prefill(ids).argmax(-1)
-        for i in range(5):
-            a, b = fast.decode_step(nxt, 5 + i).clone(), ref.decode_step(nxt, 5 + i)
-            torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
-            nxt = b.argmax(-1)
+    ref, fast = _teacher_forced(model, steps=5, tol=3e-2)
     assert len(seen) == 5 * model.config.num_hidden_layers
     assert seen[0] == ((4 + 2 * 2) * 64 if fused else 4 * 64, 1)  # q: a view of the fused product, or its own rows
     for la, lb in zip(ref.cache.layers, fast.cache.layers, strict=True):
