@@ -487,7 +487,62 @@ KERNEL_CPU_CASES = [
         (ValueError, "K % 256"),
     ),
     ("dispatcher: no kernel on CPU", lambda: _no_kernel_cpu(), None),
+    # the fused decode-path ops of session 8 (gate/up -> down, + add + RMSNorm; rotary + cache + attention)
+    ("gated op fake: odd gate/up width", lambda: _gated_op(XM.repeat(1, 2)[:, :-1]), (ValueError, "gate/up")),
+    ("gated op fake: M = 0", lambda: _shape_is(lambda: _gated_op(XM.repeat(1, 2)[:0]), (0, 128)), None),
+    ("gated real on CPU tensors", lambda: _gated_call(X.repeat(1, 2)), (ValueError, "CUDA tensors only")),
+    ("gated: unknown activation", lambda: _gated_call(X.repeat(1, 2), act="relu"), (ValueError, "activation")),
+    ("add+norm: residual shape", lambda: _norm_call(X, torch.zeros(4, 64).half()), (ValueError, "residual")),
+    ("add+norm: weight dtype", lambda: _norm_call(X, w=torch.ones(128)), (ValueError, "norm weight")),
+    ("add+norm: real on CPU tensors", lambda: _norm_call(X), (ValueError, "CUDA tensors only")),
+    ("add+norm op fake: shapes", lambda: _shape_is(lambda: _norm_op()[1], (4, 128)), None),
+    ("rope attention: cos not full width", lambda: _rope_call(cos_cols=32), (ValueError, "full rotary")),
+    ("rope attention: k rows", lambda: _rope_call(k_cols=64), (ValueError, "k must be")),
+    ("rope attention: int32 pos", lambda: _rope_call(pos=torch.zeros(1, dtype=torch.int32)), (ValueError, "int64")),
 ]
+
+
+def _gated_op(gu):
+    from quick.kernels import quick_sm90  # noqa: F401  (defines the op)
+
+    p = _meta(_packed("quick_sm90"))
+    return torch.ops.quick.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
+
+
+def _gated_call(gu, act="silu"):
+    from quick.kernels import quick_sm90
+
+    p = _packed("quick_sm90")
+    return quick_sm90.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], 128, None, act)
+
+
+def _norm_call(x, resid=None, w=None):
+    from quick.kernels import quick_sm90
+
+    p = _packed("quick_sm90")
+    resid = torch.zeros(x.shape[0], 128).half() if resid is None else resid
+    w = torch.ones(128).half() if w is None else w
+    return quick_sm90.gemm_add_norm_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, None, resid, w, 1e-6)
+
+
+def _norm_op():
+    from quick.kernels import quick_sm90  # noqa: F401  (defines the op)
+
+    p = _meta(_packed("quick_sm90"))
+    resid, w = torch.empty(4, 128, dtype=torch.float16, device="meta"), torch.empty(128, device="meta").half()
+    return torch.ops.quick.gemm_add_norm_sm90(XM, p["qweight"], p["scales"], p["zeros"], None, 128, resid, w, 1e-6, 0.0,
+                                              "")  # fmt: skip
+
+
+def _rope_call(cos_cols=64, k_cols=128, pos=None):
+    from quick.kernels import attention
+
+    b, d = 2, 64
+    q, k, v = torch.zeros(b, 4 * d).half(), torch.zeros(b, k_cols).half(), torch.zeros(b, 2 * d).half()
+    cache = torch.zeros(b, 2, 8, d).half()
+    cos, sin = torch.ones(b, cos_cols).half(), torch.zeros(b, d).half()
+    pos = torch.zeros(1, dtype=torch.int64) if pos is None else pos
+    return attention.decode_attention_rope(q, k, v, cache, cache.clone(), pos, cos, sin, None, 0.125)
 
 
 def _sm90_call(x, p, g=128):
