@@ -31,8 +31,9 @@ ARCHS = ("sm_80", "sm_90a")
 
 
 def variant_archs(defines: dict) -> tuple[str, ...]:
-    """The archs a variant is built for (compile check): ``QD_PDL`` variants run on sm_90 only."""
-    return ("sm_90a",) if defines.get("QD_PDL") else ARCHS
+    """The archs a variant is built for (compile check): the act / norm / PDL variants are launched only through the
+    ``quick_sm90`` routes (and PDL needs sm_90), so sm_90 only."""
+    return ("sm_90a",) if any(defines.get(f) for f in ("QD_ACT", "QD_NORM", "QD_PDL")) else ARCHS
 
 
 class DecError(ValueError):
