@@ -56,9 +56,13 @@ def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128)
     total = sum(e.self_device_time_total for e in events) / steps
     gemm = sum(e.self_device_time_total for e in events if is_gemm(e.key)) / steps
     kernels = sum(e.count for e in events) / steps
+    from quick.bench.e2e import fusion_switches
+
     summary = {
         "variant": variant,
         "batch": batch,
+        # with PDL a kernel's time includes its wait for the previous one (the overlap): read e2e tok/s for speed
+        "fusions": fusion_switches(),
         "gpu_us_per_step": round(total, 1),
         "linear_us_per_step": round(gemm, 1),
         "other_us_per_step": round(total - gemm, 1),
