@@ -333,3 +333,31 @@ def test_pdl_launch_structs_match_cuda_h_and_the_switch(monkeypatch):
     monkeypatch.setenv("QUICK_PDL", "1")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not jit.pdl_enabled()  # griddepcontrol is sm_90
+
+
+def test_raw_launch_plain_and_pdl(monkeypatch):
+    """The one launch helper of CudaKernel and the decode launchers: cuLaunchKernel with grid, block, shared memory,
+    stream and parameters in the driver's order, or cuLaunchKernelEx with the PDL config, its stream filled in."""
+    from quick.kernels import jit
+
+    calls = []
+
+    class Driver:
+        def cuLaunchKernel(self, *args):
+            calls.append(("plain", args))
+            return 0
+
+        def cuLaunchKernelEx(self, cfg, fn, params, extra):
+            c = cfg._obj
+            calls.append(("ex", (list(c.grid), list(c.block), c.smem, c.stream, c.attrs.contents.id, fn, params)))
+            return 7
+
+    monkeypatch.setattr(jit, "_CUDA", Driver())
+    params = object()
+    assert jit.raw_launch("fn", (4, 2, 1), (128, 1, 1), 96, 1234, params) == 0
+    kind, a = calls[-1]
+    assert kind == "plain" and a[:8] == ("fn", 4, 2, 1, 128, 1, 1, 96) and a[8].value == 1234
+    assert a[9] is params and a[10] is None
+    pdl = jit.pdl_config((4, 2, 1), (128, 1, 1), 96)
+    assert jit.raw_launch("fn", (4, 2, 1), (128, 1, 1), 96, 1234, params, pdl) == 7
+    assert calls[-1] == ("ex", ([4, 2, 1], [128, 1, 1], 96, 1234, 6, "fn", params))

@@ -232,6 +232,16 @@ def pdl_config(grid: Sequence[int], block: Sequence[int], smem: int) -> tuple[La
     return cfg, attr
 
 
+def raw_launch(fn, grid, block, smem: int, stream: int, params, pdl: tuple | None = None) -> int:
+    """One launch of function ``fn`` (3-tuples ``grid`` / ``block``, a stream handle, a built parameter block):
+    ``cuLaunchKernel``, or ``cuLaunchKernelEx`` with ``pdl``'s config (:func:`pdl_config`). Returns the CUresult."""
+    if pdl is not None:
+        cfg = pdl[0]
+        cfg.stream = stream
+        return _driver().cuLaunchKernelEx(ctypes.byref(cfg), fn, params, None)
+    return _driver().cuLaunchKernel(fn, *grid, *block, smem, ctypes.c_void_p(stream), params, None)
+
+
 class CudaKernel:
     """One ``extern "C" __global__`` function of a loaded cubin on one device."""
 
@@ -282,14 +292,7 @@ class CudaKernel:
         s = stream if stream is not None else torch.cuda.current_stream(self.device)
         g = (*grid, 1, 1)[:3]
         b = (*block, 1, 1)[:3]
-        if pdl:
-            cfg, _attr = pdl_config(g, b, smem)
-            cfg.stream = s.cuda_stream
-            res = _driver().cuLaunchKernelEx(ctypes.byref(cfg), self._fn, params, None)
-        else:
-            res = _driver().cuLaunchKernel(
-                self._fn, g[0], g[1], g[2], b[0], b[1], b[2], smem, ctypes.c_void_p(s.cuda_stream), params, None
-            )
+        res = raw_launch(self._fn, g, b, smem, s.cuda_stream, params, pdl_config(g, b, smem) if pdl else None)
         check(res, f"launch {self.name} grid={g} block={b} smem={smem}{' (PDL)' if pdl else ''}")
 
 

@@ -514,24 +514,7 @@ class _FastLaunch:
         with self.lock:
             for slot, p in zip(self.ptr_slots, ptrs, strict=True):
                 self.holders[slot].value = p
-            if self.pdl is not None:
-                cfg = self.pdl[0]
-                cfg.stream = stream
-                res = jit._driver().cuLaunchKernelEx(ctypes.byref(cfg), self.kernel._fn, self.params, None)
-            else:
-                res = jit._driver().cuLaunchKernel(
-                    self.kernel._fn,
-                    g[0],
-                    g[1],
-                    g[2],
-                    b[0],
-                    b[1],
-                    b[2],
-                    self.smem,
-                    ctypes.c_void_p(stream),
-                    self.params,
-                    None,
-                )
+            res = jit.raw_launch(self.kernel._fn, g, b, self.smem, stream, self.params, self.pdl)
         if res != 0:
             jit.check(res, f"launch {self.kernel.name} grid={g} block={b} smem={self.smem}")
 
