@@ -190,9 +190,9 @@ def validate_rope(
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
         raise AttnError(f"keys must be a [B, KV, L, D] tensor, got {getattr(keys, 'shape', type(keys).__name__)}")
     d = keys.shape[-1]
-    if q.shape[-1] % max(d, 1):
+    if d == 0 or q.shape[-1] % d:
         raise AttnError(f"q's {q.shape[-1]} columns are not a whole number of heads of dim {d}")
-    b, h, kv, length, d = validate(q.view(q.shape[0], -1, d) if d else q, keys, values, pos, mask)
+    b, h, kv, length, d = validate(q.view(q.shape[0], -1, d), keys, values, pos, mask)
     for name, t, cols in (("k", k, kv * d), ("v", v, kv * d), ("cos", cos, d), ("sin", sin, d)):
         if tuple(t.shape) != (b, cols):
             raise AttnError(f"{name} must be [{b}, {cols}], got {tuple(t.shape)} (full rotary only: cos over all D)")
@@ -229,17 +229,14 @@ def decode_attention_rope(
     b, h, kv, length, d = validate_rope(q, k, v, keys, values, pos, cos, sin, mask)
     if q.device.type != "cuda":
         return _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, (b, h, kv, length, d))
-    args = []
     for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
         if t.data_ptr() % 16 or (b > 1 and t.stride(0) % 8):
             raise AttnError(f"{name} must start 16-byte aligned with a row stride that is a multiple of 8 elements")
-        args.append(t)
-    strides = (q.stride(0), k.stride(0) if k.stride(0) == v.stride(0) or b == 1 else -1, cos.stride(0))
-    if strides[1] < 0 or (b > 1 and cos.stride(0) != sin.stride(0)):
+    if b > 1 and (k.stride(0) != v.stride(0) or cos.stride(0) != sin.stride(0)):
         raise AttnError("k and v (and cos and sin) must share one row stride")
     if out is not None and out.shape == (b, h * d):
         out = out.view(b, h, d)
-    rope_args = (*args[1:], *strides)
+    rope_args = (k, v, cos, sin, q.stride(0), k.stride(0), cos.stride(0))
     res = _launch(q, keys, values, pos, mask, scale, splits, out, (b, h, kv, length, d), rope_args, pdl)
     return res.view(b, h * d)
 

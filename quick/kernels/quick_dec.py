@@ -424,11 +424,12 @@ def run_validated(
                 m, n, k, g, quick_mma.num_sms(dev), launch_config(layout, m, config), splits, smem_limit=_smem(idx)
             )
             arch = jit.arch_for_device(idx, arch_specific=True)
-            if (act or norm is not None) and not takes_act(p.config, m, g):
+            fusable = takes_act(p.config, m, g)  # the configs with act / norm / PDL variants
+            if (act or norm is not None) and not fusable:
                 raise DecError(f"no act / norm variant for config {p.config}, M={m}, group size {g}")
             if norm is not None and p.smem < m * p.config.threads * 4:  # the tail's per-thread slots reuse it
                 raise DecError(f"config {p.config}: {p.smem} bytes of shared memory hold no norm tail for M={m}")
-            use_pdl = pdl and takes_act(p.config, m, g)
+            use_pdl = pdl and fusable
             defines = p.config.defines(m, g, x.dtype, act, int(norm is not None), int(use_pdl))
             kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, arch)
             gshift = quick_sm90.group_shift(g, k)

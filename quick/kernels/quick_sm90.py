@@ -548,15 +548,34 @@ def gemm_w4a16_sm90(
     return out
 
 
+def _fused_route(device, m: int, n: int, k: int, g: int, act: bool, norm: bool) -> tuple[bool, object, int | None]:
+    """``(fuses, decode config, decode splits)`` of an ``m``-row call: whether it routes to the decode kernel with a
+    config that has the ``QD_ACT`` (``act``) / ``QD_NORM`` (``norm``) variant, and that route's config and splits."""
+    dec = _dec()
+    decode, dec_cfg, dec_splits, _config, _splits = route(device, m, n, k, g)
+    if not decode:
+        return False, None, None
+    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
+    ok = (not act or dec.takes_act(cfg, m, g)) and (not norm or dec.takes_norm(cfg, m, g))
+    return ok, dec_cfg, dec_splits
+
+
 def fuses(device: torch.device, m: int, n: int, k: int, g: int, act: bool = False, norm: bool = False) -> bool:
     """Whether an ``m``-row call routes to the decode kernel with a config that has the ``QD_ACT`` (``act``) /
     ``QD_NORM`` (``norm``) variant: then :func:`gated_gemm_w4a16_sm90` / :func:`gemm_add_norm_sm90` are one launch."""
-    dec = _dec()
-    decode, dec_cfg, *_ = route(device, m, n, k, g)
-    if not decode:
-        return False
-    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
-    return (not act or dec.takes_act(cfg, m, g)) and (not norm or dec.takes_norm(cfg, m, g))
+    return _fused_route(device, m, n, k, g, act, norm)[0]
+
+
+def _validate_fused(x, act: str, need_act: bool, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
+    """:func:`validate` for the fused entry points and their fakes: ``act`` (required where ``need_act``) one of the
+    decode kernel's activations, ``x`` a 2-D ``[M, K]`` input or, with ``act``, a ``[M, 2K]`` gate/up product."""
+    acts = _dec().ACTS
+    if (act or need_act) and act not in acts:
+        raise Sm90Error(f"gate activation must be one of {sorted(acts)}{'' if need_act else ' or empty'}, got {act!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or (act and x.shape[1] % 2):
+        want = "[M, 2K] gate/up product" if act else "2-D [M, K] tensor"
+        raise Sm90Error(f"x must be a {want}, got {getattr(x, 'shape', type(x).__name__)}")
+    return validate(x[:, : x.shape[1] // 2 if act else x.shape[1]], qweight, scales, zeros, group_size, bias)
 
 
 def gated_gemm_w4a16_sm90(
@@ -572,20 +591,15 @@ def gated_gemm_w4a16_sm90(
     ``gu`` [M, 2K]. One launch where the route is the decode kernel and it has a ``QD_ACT`` variant for the config
     (:func:`quick_dec.takes_act`); otherwise the product of :func:`quick_dec.gated` and the usual route."""
     dec = _dec()
-    if not isinstance(gu, torch.Tensor) or gu.dim() != 2 or gu.shape[1] % 2:
-        raise Sm90Error(f"gu must be a [M, 2K] gate/up product, got {getattr(gu, 'shape', type(gu).__name__)}")
-    if act not in dec.ACTS:
-        raise Sm90Error(f"gate activation must be one of {sorted(dec.ACTS)}, got {act!r}")
-    k2 = gu.shape[1] // 2
-    m, n, k, g = validate(gu[:, :k2], qweight, scales, zeros, group_size, bias)
+    m, n, k, g = _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
     if gu.device.type != "cuda":
         raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
     if m == 0:
         return gu.new_empty((0, n))
-    _decode, dec_cfg, dec_splits, _config, _splits = route(gu.device, m, n, k, g)
-    ok = fuses(gu.device, m, n, k, g, act=True) and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
+    ok, dec_cfg, dec_splits = _fused_route(gu.device, m, n, k, g, True, False)
+    ok = ok and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
     if not ok or not all(t.is_contiguous() for t in (qweight, scales, zeros)):
-        return gemm_w4a16_sm90(dec.gated(gu[:, :k2], gu[:, k2:], act), qweight, scales, zeros, group_size, bias)
+        return gemm_w4a16_sm90(dec.gated(gu[:, :k], gu[:, k:], act), qweight, scales, zeros, group_size, bias)
     gu = gu.contiguous()
     if gu.data_ptr() % 16:
         gu = gu.clone()
@@ -613,12 +627,7 @@ def gemm_add_norm_sm90(
     decoder layer with the add and norm that follow it. One launch where the route is the decode kernel and a
     ``QD_NORM`` variant exists (:func:`quick_dec.takes_norm`), else the product, then the add and norm in torch."""
     dec = _dec()
-    if act and act not in dec.ACTS:
-        raise Sm90Error(f"gate activation must be one of {sorted(dec.ACTS)} or empty, got {act!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or (act and x.shape[1] % 2):
-        raise Sm90Error(f"x must be a 2-D [M, {'2K' if act else 'K'}] tensor, got {getattr(x, 'shape', type(x))}")
-    k_x = x.shape[1] // 2 if act else x.shape[1]
-    m, n, k, g = validate(x[:, :k_x], qweight, scales, zeros, group_size, bias)
+    m, n, k, g = _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
     if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype:
         raise Sm90Error(f"residual must be a [{m}, {n}] {x.dtype} tensor, got {getattr(residual, 'shape', None)}")
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
@@ -629,9 +638,9 @@ def gemm_add_norm_sm90(
         raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, n))
-    _decode, dec_cfg, dec_splits, _config, _splits = route(x.device, m, n, k, g)
+    ok, dec_cfg, dec_splits = _fused_route(x.device, m, n, k, g, bool(act), True)
     dense = [t.contiguous() for t in (qweight, scales, zeros)]
-    ok = fuses(x.device, m, n, k, g, bool(act), True) and all(t.data_ptr() % 16 == 0 for t in dense)
+    ok = ok and all(t.data_ptr() % 16 == 0 for t in dense)
     if not ok:
         if act:
             h = gated_gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias, act)
@@ -694,9 +703,7 @@ def _define_gated_op() -> None:
 
     @_op.register_fake
     def _(gu, qweight, scales, zeros, bias, group_size, act):
-        if gu.dim() != 2 or gu.shape[1] % 2:
-            raise Sm90Error(f"gu must be a [M, 2K] gate/up product, got {tuple(gu.shape)}")
-        validate(gu[:, : gu.shape[1] // 2], qweight, scales, zeros, group_size, bias)
+        _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
         return gu.new_empty((gu.shape[0], scales.shape[1]))
 
 
@@ -723,9 +730,7 @@ def _define_norm_op() -> None:
 
     @_op.register_fake
     def _(x, qweight, scales, zeros, bias, group_size, residual, weight, eps, offset, act):
-        if x.dim() != 2 or (act and x.shape[1] % 2):
-            raise Sm90Error(f"x must be a 2-D [M, {'2K' if act else 'K'}] tensor, got {tuple(x.shape)}")
-        validate(x[:, : x.shape[1] // 2 if act else x.shape[1]], qweight, scales, zeros, group_size, bias)
+        _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
         return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.kernels import attention, quick_dec
+from quick.kernels import attention
+from quick.kernels.quick_dec import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 from quick.nn.linear import QuickLinear
@@ -40,12 +41,6 @@ from quick.nn.linear import QuickLinear
 
 class UnsupportedModel(ValueError):
     """The model's decoder layers are not the llama-like structure this step implements."""
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """transformers' RMSNorm arithmetic (:func:`quick.kernels.quick_dec.rms_norm`, which the decode kernel's norm
-    tail reproduces)."""
-    return quick_dec.rms_norm(x, weight, eps, offset)
 
 
 def add_rms_norm(
@@ -104,11 +99,6 @@ def attend(
 
 # transformers' activation names -> the gate activation of :func:`gated`
 GATE_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-
-
-def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """``act(gate) * up``: SwiGLU (``silu``) or Gemma's GeGLU (``gelu_tanh``)."""
-    return quick_dec.gated(gate, up, act)
 
 
 def _norm_eps(norm: nn.Module) -> float:
