@@ -7,7 +7,7 @@
 ``--dec``: the decode kernel (``quick_dec``, the route and config the measured table picks at M = 1) on the four
 linear shapes of a Llama-2-7B layer as the fast step calls them (fused q/k/v 4096 x 12288, o 4096², fused gate/up
 4096 x 22016, down 11008 x 4096), and the read-only probe over the gate/up bytes: DRAM throughput, occupancy and
-stalls, to tell which of docs/dec_notes.md's hypotheses (waves, short CTAs, DRAM locality) holds.
+stalls, to tell whether waves, short CTAs or DRAM locality limit its streaming rate (docs/kernels.md).
 
 Profiles, with the clocks left alone (``--clock-control none``) and the caches flushed by ncu before each
 replay: the W4A16 Hopper kernel (``quick_sm90``) and the W4A8 Hopper GEMM at M = 1 and 16 with the automatic
@@ -69,14 +69,21 @@ def target() -> int:
 
 def run_probe(k: int, n: int) -> None:
     """The read-only probe, three times, over the bytes of a K x N g128 weight (codes, scales, zeros)."""
+    import ctypes
+
     import torch
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from decode_tune import probe_launcher
+    from quick.kernels import jit
 
     buf = torch.ones((k * n // 2 + 4 * (k // 128) * n) // 4, dtype=torch.int32, device="cuda")
     sink = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
-    probe = probe_launcher(buf, 8, 132 * 4, 512, sink)
+    kern = jit.load_kernel("quick_stream_probe.cu", "quick_stream_probe", {"QP_U": 8, "QP_EF": 0})
+    n16 = buf.numel() * buf.element_size() // 16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def probe() -> None:  # 16-byte loads, 8 in flight per thread, 4 CTAs of 512 threads per SM
+        kern((sms * 4,), (512,), [buf, ctypes.c_longlong(n16), sink])
+
     for _ in range(3):
         probe()
     torch.cuda.synchronize()

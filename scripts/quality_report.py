@@ -37,7 +37,7 @@ def eval_perplexity(
     auto: AutoQuickForCausalLM, text: str, seqlen: int, max_tokens: int, bos_token_id: int | None, name: str
 ) -> tuple[float, float]:
     """``(perplexity, seconds)`` of the model on the held-out ``text`` (windows of ``seqlen``, at most
-    ``max_tokens`` tokens); the evaluation of this script, shared with ``scripts/quality_w4a8.py``."""
+    ``max_tokens`` tokens); the evaluation of this script."""
     ids = tokenize_eval_text(auto.tokenizer, text)
     start = time.perf_counter()
     value = perplexity(auto.model, ids, seqlen=seqlen, max_tokens=max_tokens, bos_token_id=bos_token_id, desc=name)
