@@ -29,32 +29,17 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
+from quick.bench.cli_args import (  # noqa: F401  (re-exported for scripts)
+    BATCHES,
+    DEFAULT_VARIANT,
+    IMPLS,
+    MODELS,
+    VARIANTS,
+    add_e2e_arguments,
+)
 from quick.inference import StaticGenerator, uncompile_regions
 from quick.models.fuse import fuse_model
 from quick.models.synthetic import build_random_model
-
-MODELS = ["llama-2-7b", "mistral-7b", "llama-3-8b"]
-BATCHES = [1, 16, 64, 128, 256]
-# any other packed layout name (e.g. a W4A8 one) is accepted too; LM_HEAD appended to a layout quantizes the output
-# projection as well (not done by default, as in AutoAWQ)
-IMPLS = ["fp16", "quick", "quick_sm90"]
-VARIANTS = [
-    "graph",
-    "graph+fused",
-    "step",
-    "step+fused",
-    "regions",
-    "regions+fused",
-    "fast",
-    "fast+fused",
-    "eager",
-    "eager+fused",
-]
-# H100, Llama-2-7B decode tok/s (windows 1-2): quick_sm90 b1 graph 141 -> graph+fused 154 -> regions+fused 207,
-# b64 6065 -> 6377 -> 8473; quick b1 180 -> 244 (graph+fused -> regions+fused); regions builds took 1.6-4.5 s.
-# H200, Llama-2-7B decode tok/s (window 5, 2026-12-05): quick_sm90 regions+fused -> fast+fused b1 390 -> 453, b16
-# 3387 -> 3713, b64 9398 -> 9853, b256 15286 -> 15383; fp16 likewise faster or equal.
-DEFAULT_VARIANT = "fast+fused"
 
 
 def parse_variant(v: str) -> tuple[str, bool, bool]:
@@ -299,41 +284,7 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    p.add_argument(
-        "--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout (+lm_head: with the output projection)"
-    )
-    p.add_argument(
-        "--variants",
-        nargs="+",
-        default=[DEFAULT_VARIANT],
-        choices=VARIANTS,
-        help="how the decode step runs (several: an ablation, rows get a 'variant' key)",
-    )
-    p.add_argument("--fused", action="store_true", help="shorthand: add '+fused' to every variant")
-    p.add_argument(
-        "--compile",
-        choices=["none", "step", "regions", "fast"],
-        default=None,
-        help="shorthand: replace the variants' compile mode (none = graph only)",
-    )
-    p.add_argument("--tag", default="", help="suffix of the output file names")
-    p.add_argument(
-        "--prefill",
-        choices=["graph", "eager"],
-        default="graph",
-        help="time the prefill as a CUDA-graph replay (GPU work) or eager (includes Python launch overhead)",
-    )
-    p.add_argument(
-        "--static-shapes",
-        action="store_true",
-        help="compile every batch size static (default: automatic, the batch dim turns symbolic on the 2nd size)",
-    )
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--gen", type=int, default=128)
-    p.add_argument("--layers", type=int, default=None, help="truncate the model (smoke runs only)")
-    p.add_argument("--outdir", type=Path, default=Path("benchmarks/results"))
+    add_e2e_arguments(p)
 
 
 def resolve_variants(variants: list[str], compile_mode: str | None, fused: bool) -> list[str]:

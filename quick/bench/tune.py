@@ -21,31 +21,16 @@ import dataclasses
 import json
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
+from quick.bench.cli_args import MS, SHAPES, add_tune_arguments  # noqa: F401  (re-exported)
 from quick.bench.timing import bench_us, graphed
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_mma as qm
 from quick.kernels import quick_sm90 as sm
 from quick.kernels import tuning
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error
-
-# Llama-2-7B / Llama-3-8B / Mistral-7B projections, fused (q|k|v, gate|up) first, as the inference path runs them
-SHAPES = (
-    (4096, 12288),
-    (4096, 22016),
-    (11008, 4096),
-    (4096, 4096),
-    (4096, 6144),
-    (4096, 28672),
-    (14336, 4096),
-    (4096, 11008),
-    (4096, 14336),
-    (8192, 8192),
-)
-MS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str, dict, int | None, object]]:
@@ -128,18 +113,7 @@ def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=None, help="folder for the table (default: the user table folder)")
-    p.add_argument(
-        "--budget-s", type=float, default=None, help="stop starting new measurements after this long (default: none)"
-    )
-    p.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN, most important first")
-    p.add_argument("--ms", nargs="*", type=int, default=list(MS), help="batch sizes (each covers up to itself)")
-    p.add_argument(
-        "--layouts",
-        nargs="*",
-        default=None,
-        help="quick_sm90 and/or quick (default: quick_sm90 on sm_90, quick elsewhere)",
-    )
+    add_tune_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,8 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default="wiki", help="'wiki' (held-out split, default), a .txt file, wikitext2/c4/ptb"
     )
-    parser.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    # the demo's settings: a few minutes on CPU for a small model, and the two commands' figures compare directly
+    parser.add_argument("--seqlen", type=int, default=512, help="window length (default: 512, as `quick demo`)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=10_000,
+        help="evaluate the first N tokens, 0 = the whole text (default: 10000, as `quick demo`)",
+    )
     parser.add_argument(
         "--bos", default="auto", choices=("auto", "yes", "no"),
         help="prepend BOS to every window; auto: when the tokenizer itself adds BOS (Gemma yes, SmolLM2 no)",
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from quick.data.corpus import load_eval_text
     from quick.eval.perplexity import perplexity, tokenize_eval_text
 
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0 (0 = the whole text), got {args.max_tokens}")
     if not args.ppl and not args.tasks:
         print("quick eval: error: choose a metric (--ppl and/or --tasks TASK[,TASK])")
         return 2
@@ -74,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenize_eval_text(model.tokenizer, load_eval_text(args.data))
     bos = bos_for(model.tokenizer, args.bos)
     start = time.perf_counter()
-    ppl = perplexity(model.model, ids, args.seqlen, args.max_tokens, bos, progress=not args.quiet)
-    n = min(ids.shape[-1], args.max_tokens or ids.shape[-1])
+    max_tokens = args.max_tokens or None  # 0: the whole text
+    ppl = perplexity(model.model, ids, args.seqlen, max_tokens, bos, progress=not args.quiet)
+    n = min(ids.shape[-1], max_tokens or ids.shape[-1])
     kind = (
         f"quantized ({model.quant_config['version']}, g{model.quant_config['q_group_size']})"
         if model.is_quantized

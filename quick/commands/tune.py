@@ -9,9 +9,9 @@ HELP = "measure the kernel table for this GPU: the fastest correct kernel and co
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from quick.bench import tune
+    from quick.bench.cli_args import add_tune_arguments  # no torch: the parser is built for every `quick` call
 
-    tune.add_arguments(parser)
+    add_tune_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -73,13 +73,16 @@ def convert_gguf_to_checkpoint(
     gguf_file: str,
     out_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float16,
+    progress: bool = True,
 ) -> Path:
     """Dequantize a GGUF model into a safetensors checkpoint (+ tokenizer) at ``out_dir``.
 
     Written into a temporary sibling directory and renamed at the end, so an interrupted conversion never
     leaves a half-written checkpoint that later runs would trust. If ``out_dir`` already holds a complete
-    checkpoint (e.g. a concurrent conversion won the race) it is kept and returned.
+    checkpoint (e.g. a concurrent conversion won the race) it is kept and returned. ``progress`` shows a bar over
+    the conversion's steps (transformers adds its own bar for the dequantization).
     """
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir, out = Path(gguf_dir), Path(out_dir)
@@ -91,18 +94,29 @@ def convert_gguf_to_checkpoint(
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    steps = tqdm(total=5, desc=f"converting {gguf_file}", unit="step", disable=not progress)
     try:
+
+        def step(what: str) -> None:
+            steps.set_postfix_str(what)
+            steps.update(1)
+
+        steps.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        step("dequantizing the GGUF tensors")
         src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        step("building the model")
         config = copy.deepcopy(src.config)
         # The GGUF marker would make from_pretrained on the result look for a .gguf file again.
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = dtype
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        step("copying the weights")
         model.load_state_dict(src.state_dict(), strict=True)
         model.tie_weights()
         del src
+        step("saving")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -110,7 +124,9 @@ def convert_gguf_to_checkpoint(
         except OSError:
             if not is_checkpoint_dir(out):  # someone else finished first: keep theirs
                 raise
+        step("done")
     finally:
+        steps.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
