@@ -47,8 +47,8 @@ def env_info() -> dict:
 def stream_floor_us(nbytes: int) -> float:
     """Time to stream ``nbytes`` through a plain read-only kernel (``csrc/quick_stream_probe.cu``: 16-byte loads,
     8 in flight per thread, 4 CTAs of 512 threads per SM), under the same timing as the kernels (graph replay,
-    L2 flushed by a memset first): the practical floor of a kernel that must read that much. (A ``torch.sum``
-    over the same bytes, used before, costs ~25.9 us at 35.7 MB against this probe's ~18.6 us on the H100.)"""
+    L2 flushed by a memset first): the practical floor of a kernel that must read that much (``torch.sum`` is
+    not one: it has costs of its own, docs/kernels.md)."""
     import ctypes
 
     from quick.kernels import jit

@@ -53,7 +53,7 @@ ANCHORS_QUICK_ORIG = {
     512: 288.5,
     1024: 572.9,
     4096: 2206.0,
-}  # shared/ANCHORS.md, H100, K = N = 8192
+}  # the original QUICK kernel measured on the H100, K = N = 8192 (µs)
 
 
 # ----------------------------------------------------------------------------------------------- problems

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Decode kernel (``csrc/quick_dec.cu``) on the device, one call: build every variant, check each against the
+"""Decode kernel (``csrc/quick_dec.cu``) on a GPU, one run: build every variant, check each against the
 float64 reference (fresh random data, NaN-poisoned outputs, bounds that fail), then time the candidate configs
 and split counts against the wgmma GEMM (``quick_sm90``) and the streaming floor.
 
@@ -59,7 +59,7 @@ _DIAG: list[dict] = []  # diagnostics of the first failing cases
 
 
 def diagnose(out: torch.Tensor, ref: torch.Tensor, cfg) -> dict:
-    """Where a failing output is wrong, to find an index bug without another device call: NaN count (unwritten
+    """Where a failing output is wrong, to find an index bug without another GPU run: NaN count (unwritten
     elements), relative error per token, per channel position inside a 16-channel block, per channel block of the CTA
     tile, and per CTA tile."""
     o, r = out.double().cpu(), ref.double().cpu()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call = many jobs, each with its own time limit and log, all results packed into ONE archive
-# (the device tool returns at most 8 files). Usage (on the GPU machine, from the repo root):
+# One GPU run = many jobs, each with its own time limit and log, all results packed into ONE archive
+# (easy to copy back from a remote GPU machine). Usage (on the GPU machine, from the repo root):
 #   bash scripts/device_session.sh PLAN_FILE
 # PLAN_FILE lines: `name | timeout_seconds | shell command` (blank lines and # comments skipped). Each command
 # runs with OUT=$WORK/<name> (create files there), its output goes to $WORK/<name>.log; a failing or timed-out
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 export QUICK_CACHE_DIR=${QUICK_CACHE_DIR:-/tmp/quick_cache}
 SUMMARY="$FINAL_OUT/summary.txt"
 {
-  echo "device session $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "GPU run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 } | tee "$SUMMARY"

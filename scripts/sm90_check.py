@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""One device call for the sm_90 QUICK kernel: build, SASS check, correctness matrix, timing table.
+"""One GPU run for the sm_90 QUICK kernel: build, SASS check, correctness matrix, timing table.
 
-Usage on the H100 (``run`` tool):  ``PYTHONUNBUFFERED=1 timeout 420 python3 scripts/sm90_check.py``
+Usage on an sm_90 GPU:  ``PYTHONUNBUFFERED=1 timeout 420 python3 scripts/sm90_check.py``
 Writes details under ``$OUT`` (or ``./sm90_out``) and prints a short table last. Every check draws fresh
 random inputs, poisons the output with NaN, compares against a float64 reference and fails loudly.
 """

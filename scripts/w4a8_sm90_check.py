@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""One device call for the Hopper W4A8 kernel (wgmma s8): build + ptxas/SASS check, correctness, timing.
+"""One GPU run for the Hopper W4A8 kernel (wgmma s8): build + ptxas/SASS check, correctness, timing.
 
-Usage on the H100:  ``PYTHONUNBUFFERED=1 timeout 580 python3 scripts/w4a8_sm90_check.py``
+Usage on an sm_90 GPU:  ``PYTHONUNBUFFERED=1 timeout 580 python3 scripts/w4a8_sm90_check.py``
 Each part runs in its own subprocess with a time limit (a hung kernel costs that part, not the run) and writes
 ``$OUT/w4a8_sm90_<part>.json`` (``./w4a8_sm90_out`` without ``$OUT``); the summary is printed last.
 
@@ -303,7 +303,7 @@ def part_time(res: dict) -> None:
             best = None
             sweep = []
             cands = w8.candidates(m, g, widen)
-            if m >= 256:  # window 1: the ring lost at large M, and split rounds did not matter there
+            if m >= 256:  # measured: the ring loses at large M, and split rounds do not matter there
                 cands = [c for c in cands if c.pipe != 0]
             for cfg in cands:
                 for rounds in (None,) if m >= 256 else (None, 2):

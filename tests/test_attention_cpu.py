@@ -45,7 +45,7 @@ def test_cpu_tensors_are_refused():
 
 def test_split_heuristic():
     # Llama-2-7B on the H200 (32 kv heads, 256 positions of dim 128: 8 loop steps of 32): the split counts measured
-    # best in window 6 at batch 1, 16, 64, 256
+    # best at batch 1, 16, 64, 256 (docs/kernels.md)
     assert [at.choose_splits(b, 32, 256, 128, 132) for b in (1, 16, 64, 256)] == [8, 4, 1, 1]
     # 4 query heads per kv head: 16 positions per step (unroll 2)
     assert [at.choose_splits(b, 8, 256, 128, 132, groups=4) for b in (1, 64, 256)] == [16, 4, 1]

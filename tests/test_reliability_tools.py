@@ -1,5 +1,5 @@
 """CPU checks of the reliability tooling: the sanitizer/fuzzer case tables cover every compiled kernel variant,
-and the fuzzer's correctness check fails on wrong outputs (so a clean device run means something)."""
+and the fuzzer's correctness check fails on wrong outputs (so a clean GPU run means something)."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_choose_splits_fills_the_chip():
 
 
 def test_tuned_round_policy_reproduces_measured_splits():
-    """The best measured splits (132 SMs; window 2 of the decode work for M <= 256, run 3 beyond): at K = N = 8192
+    """The best measured splits (132 SMs, docs/kernels.md): at K = N = 8192
     4 for the 4-warpgroup 8-token tile, 2 for 16..256 tokens, 1 beyond; at 4096^2, 8 and 4."""
     want = {1: 4, 16: 2, 32: 2, 64: 2, 128: 2, 256: 2, 1024: 1, 4096: 1}
     for m, splits in want.items():

@@ -207,7 +207,7 @@ def test_plan_and_configs():
 
 @pytest.mark.parametrize(
     "k,n,m,g,nt,splits",
-    [  # winners of the window-4 sweep (H200) that the fitted model reproduces
+    [  # winners of the measured sweep (H200, docs/w4a8.md) that the fitted model reproduces
         (4096, 11008, 128, -1, 128, 1),
         (4096, 11008, 32, 128, 32, 1),
         (4096, 14336, 512, 128, 256, 1),
