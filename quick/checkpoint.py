@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from quick.integrations.load_guard import add_load_guard
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
@@ -289,6 +290,7 @@ def _write_checkpoint(
         config.quantization_config = qc
         config.dtype = dense_dtype
         config.save_pretrained(tmp)
+        add_load_guard(tmp)  # plain transformers must refuse a QUICK checkpoint, not load random weights
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             try:

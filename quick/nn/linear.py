@@ -150,10 +150,11 @@ class QuickLinear(nn.Module):
             if x.shape[-1] != self.in_features:
                 x = F.pad(x, (0, self.in_features - x.shape[-1]))
             from quick.kernels import dispatch
+            from quick.nn.autograd import kernel_product
 
             fn = dispatch.kernel_for(self.layout_name, x)
             if fn is not None:
-                out = fn(x.reshape(-1, self.in_features), self.packed(), self.group_size)
+                out = kernel_product(fn, x.reshape(-1, self.in_features), self)  # differentiable in x (LoRA)
                 out = out.reshape(*x.shape[:-1], self.out_features)
                 return out + self.bias if self.bias is not None else out
         if self.backend == "kernel":  # asked for a kernel explicitly: never fall back silently (CPU included)
