@@ -1,3 +1,4 @@
+
 #!/usr/bin/env python3
 """W4A16 kernel benchmark: cuBLAS fp16/bf16 (F.linear), torch._weight_int4pack_mm (bf16), the QUICK mma.sync
 kernel and the decode GEMV (M <= 8), plus any registered extra implementation (``quick_sm90`` when its module
@@ -15,6 +16,7 @@ every GEMM/GEMV config and split-k on a few shapes (the data behind quick_mma.TU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -28,7 +30,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from quick.kernels import quick_mma  # noqa: E402
+from quick.kernels import quick_mma, select  # noqa: E402
 from quick.packing.layouts import get_layout  # noqa: E402
 from quick.quant.primitives import QuantizedWeight  # noqa: E402
 
@@ -462,7 +464,7 @@ def sweep(log) -> list[dict]:
                     {"kernel": kind, "config": cfg.name, "splits": s, "M": m, "K": k, "N": n, "us": round(us, 2)}
                 )
                 best = min(best, (us, f"{kind}:{cfg.name}", s))
-            auto = _timed(quick_mma.quick_matmul, x, *args)
+            auto = _timed(functools.partial(select.matmul, "quick"), x, *args)
             out.append({"kernel": "auto", "config": "auto", "splits": 0, "M": m, "K": k, "N": n, "us": round(auto, 2)})
             log(f"[sweep] K={k} N={n} M={m}: best {best[1]} s={best[2]} {best[0]:.1f} us; auto {auto:.1f} us")
         del p

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from quick.kernels import select  # noqa: E402
 from quick.packing.layouts import get_layout  # noqa: E402
 from quick.quant.primitives import QuantizedWeight  # noqa: E402
 from quick.testing import REL_BOUND  # noqa: E402
@@ -186,7 +187,7 @@ def run_path(c: dict, x: torch.Tensor, qw: QuantizedWeight, bias, packed_cache: 
             return qm.gemm(*args, config=c["config"], splits=c["splits"], out=out)
         if path == "mma_gemv":
             return qm.gemv(*args, splits=c["splits"], out=out)
-        return qm.quick_matmul(*args, out=out)
+        return select.matmul("quick", *args, out=out)
     if path == "sm90":
         from quick.kernels import quick_sm90 as qs
 

@@ -155,11 +155,13 @@ def check_w4a8_unpack_errors(pack, unpack, k: int) -> None:
         unpack({**packed, "channel_scale": packed["channel_scale"].half()}, 128)
 
 
-def check_env_switch(monkeypatch, var: str, enabled, verified: bool) -> None:
-    """A feature switch (quick.kernels.jit.env_switch): ``var=1`` on, ``var=0`` off, unset: ``verified``."""
-    monkeypatch.setenv(var, "1")
-    assert enabled()
-    monkeypatch.setenv(var, "0")
-    assert not enabled()
-    monkeypatch.delenv(var)
-    assert enabled() == verified
+def check_fusion_switch(monkeypatch, name: str, enabled) -> None:
+    """A decode-path fusion (quick.settings.fusions): on with ``QUICK_FUSIONS=all`` or a list naming it, off with
+    ``none`` or a list without it, unset: on exactly when it is in the default set."""
+    from quick import settings
+
+    for raw, want in (("all", True), ("none", False), (name, True), (",".join(set(settings.FUSIONS) - {name}), False)):
+        monkeypatch.setenv("QUICK_FUSIONS", raw)
+        assert enabled() == want, raw
+    monkeypatch.delenv("QUICK_FUSIONS")
+    assert enabled() == (name in settings.DEFAULT_FUSIONS)

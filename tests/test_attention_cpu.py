@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_env_switch
+from helpers import check_fusion_switch
 
 from quick.kernels import attention as at
 
@@ -140,4 +140,4 @@ def test_rope_op_schema_and_fake():
 
 
 def test_rope_fusion_switch(monkeypatch):
-    check_env_switch(monkeypatch, "QUICK_ATTN_ROPE", at.rope_fusion_enabled, at.ROPE_VERIFIED_ON_DEVICE)
+    check_fusion_switch(monkeypatch, "rope", at.rope_fusion_enabled)

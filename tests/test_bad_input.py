@@ -13,6 +13,7 @@ and skip without CUDA. Documented behaviours tested here (README, "Reliability")
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import shutil
@@ -23,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from quick.kernels import select
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
 from quick.quant.primitives import QuantizationError, QuantizedWeight, dequantize, quantize
 from quick.testing import random_quantized, reference_matmul, rel_error
@@ -376,7 +378,7 @@ def _op(x, p=None, g=128, bias=None):
 
 
 def _sm90_op(x, p=None, g=128, bias=None):
-    from quick.kernels import quick_sm90  # noqa: F401  (defines the op)
+    from quick.kernels import ops  # noqa: F401  (defines the op)
 
     p = p or _meta(_packed("quick_sm90"))
     return torch.ops.quick.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], bias, g)
@@ -392,8 +394,10 @@ def _shape_is(fn, shape):
 
 
 def _mma(name: str, *args, **kw):
-    from quick.kernels import quick_mma
+    from quick.kernels import quick_mma, select
 
+    if name == "matmul":  # the automatic entry: the selection layer's
+        return select.matmul("quick", *args, **kw)
     return getattr(quick_mma, name)(*args, **kw)
 
 
@@ -463,7 +467,7 @@ KERNEL_CPU_CASES = [
         lambda: _sm90_call(X, {**_p("quick_sm90"), "qweight": [1]}),
         (ValueError, "torch.Tensor"),
     ),
-    ("mma quick_matmul on CPU", lambda: _mma("quick_matmul", X, *_p().values(), 128), (ValueError, "CUDA tensors")),
+    ("mma matmul on CPU", lambda: _mma("matmul", X, *_p().values(), 128), (ValueError, "CUDA tensors")),
     ("mma gemm on CPU", lambda: _mma("gemm", X, *_p().values(), 128), (ValueError, "CUDA tensors")),
     ("mma gemv on CPU", lambda: _mma("gemv", X, *_p().values(), 128), (ValueError, "CUDA tensors")),
     (
@@ -503,30 +507,30 @@ KERNEL_CPU_CASES = [
 
 
 def _gated_op(gu):
-    from quick.kernels import quick_sm90  # noqa: F401  (defines the op)
+    from quick.kernels import ops  # noqa: F401  (defines the op)
 
     p = _meta(_packed("quick_sm90"))
     return torch.ops.quick.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
 
 
 def _gated_call(gu, act="silu"):
-    from quick.kernels import quick_sm90
+    from quick.kernels import ops
 
     p = _packed("quick_sm90")
-    return quick_sm90.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], 128, None, act)
+    return ops.gated_gemm(gu, p["qweight"], p["scales"], p["zeros"], 128, None, act)
 
 
 def _norm_call(x, resid=None, w=None):
-    from quick.kernels import quick_sm90
+    from quick.kernels import ops
 
     p = _packed("quick_sm90")
     resid = torch.zeros(x.shape[0], 128).half() if resid is None else resid
     w = torch.ones(128).half() if w is None else w
-    return quick_sm90.gemm_add_norm_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, None, resid, w, 1e-6)
+    return ops.gemm_add_norm(x, p["qweight"], p["scales"], p["zeros"], 128, None, resid, w, 1e-6)
 
 
 def _norm_op():
-    from quick.kernels import quick_sm90  # noqa: F401  (defines the op)
+    from quick.kernels import ops  # noqa: F401  (defines the op)
 
     p = _meta(_packed("quick_sm90"))
     resid, w = torch.empty(4, 128, dtype=torch.float16, device="meta"), torch.empty(128, device="meta").half()
@@ -1125,7 +1129,7 @@ def _entry(kind: str):
     from quick.kernels import quick_mma, quick_sm90
 
     if kind in ("gemm", "gemv", "quick_matmul"):
-        f = getattr(quick_mma, kind)
+        f = getattr(quick_mma, kind) if kind != "quick_matmul" else functools.partial(select.matmul, "quick")
         return lambda x, p, g, bias=None, out=None: f(x, p["qweight"], p["scales"], p["zeros"], g, bias, out=out)
     if kind == "op":
         from quick.kernels import ops  # noqa: F401

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_env_switch
+from helpers import check_fusion_switch
 
+from quick.kernels import ops
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_sm90 as sm
 from quick.packing.layouts import get_layout
@@ -421,8 +422,8 @@ def test_act_variants_configs_and_switch(monkeypatch):
     assert not qd.takes_act(qd.DecConfig(1, 8, 4, wb=1), 1, 128)  # the quick layout: no act variant
     assert qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16, 2)["QD_ACT"] == 2
     assert "QD_ACT" not in qd.DecConfig(4, 8, 4).defines(1, 128, torch.float16)  # plain variants keep their keys
-    check_env_switch(monkeypatch, "QUICK_DEC_ACT", qd.act_fusion_enabled, qd.ACT_VERIFIED_ON_DEVICE)
-    check_env_switch(monkeypatch, "QUICK_DEC_NORM", qd.norm_fusion_enabled, qd.NORM_VERIFIED_ON_DEVICE)
+    check_fusion_switch(monkeypatch, "act", qd.act_fusion_enabled)
+    check_fusion_switch(monkeypatch, "norm", qd.norm_fusion_enabled)
 
 
 def test_gated_op_fake_and_errors():
@@ -437,9 +438,9 @@ def test_gated_op_fake_and_errors():
     cpu = {name: t for name, t in get_layout("quick_sm90").pack(qw).items()}
     x = torch.zeros(3, 2 * k, dtype=torch.float16)
     with pytest.raises(sm.Sm90Error, match="activation"):
-        sm.gated_gemm_w4a16_sm90(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "relu")
+        ops.gated_gemm(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "relu")
     with pytest.raises(sm.Sm90Error, match="CUDA"):
-        sm.gated_gemm_w4a16_sm90(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "silu")
+        ops.gated_gemm(x, cpu["qweight"], cpu["scales"], cpu["zeros"], 128, None, "silu")
     with pytest.raises(qd.DecError, match="activation"):
         qd.gated(x, x, "relu")
 
@@ -514,13 +515,13 @@ def test_norm_op_fake_errors_and_cpu_steps():
     assert normed.shape == r.shape == (3, n) and normed.device.type == "meta"
     xc, rc, wc = torch.zeros(3, k).bfloat16(), torch.zeros(3, n).bfloat16(), torch.ones(n).bfloat16()
     with pytest.raises(sm.Sm90Error, match="residual"):
-        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc[:, :64], wc, 1e-6)
+        ops.gemm_add_norm(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc[:, :64], wc, 1e-6)
     with pytest.raises(sm.Sm90Error, match="norm weight"):
-        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc.half(), 1e-6)
+        ops.gemm_add_norm(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc.half(), 1e-6)
     with pytest.raises(sm.Sm90Error, match="2K"):
-        sm.gemm_add_norm_sm90(xc[:, :-1], pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6, 0, "silu")
+        ops.gemm_add_norm(xc[:, :-1], pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6, 0, "silu")
     with pytest.raises(sm.Sm90Error, match="CUDA"):
-        sm.gemm_add_norm_sm90(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6)
+        ops.gemm_add_norm(xc, pk["qweight"], pk["scales"], pk["zeros"], 128, None, rc, wc, 1e-6)
     # off the GPU, QuickLinear takes the steps: exactly the add and rms_norm after its own forward
     lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
     gen = torch.Generator().manual_seed(4)

@@ -9,6 +9,7 @@ from helpers import tiny_causal_lm
 
 from quick import inference
 from quick.inference import StaticGenerator
+from quick.kernels import ops
 from quick.models import decoder
 from quick.models.fuse import fuse_model
 
@@ -284,7 +285,7 @@ def test_fast_decode_fused_projection_route(monkeypatch):
     and down projections end with the residual add + RMSNorm of the next block, the last one with the final norm),
     on CPU with the two ops' kernels replaced by the steps they stand for: every projection takes the route, and the
     logits are those of the unfused step."""
-    from quick.kernels import quick_dec, quick_sm90
+    from quick.kernels import quick_dec
     from quick.nn.linear import QuickLinear
     from quick.packing.layouts import get_layout
     from quick.quant.apply import quantize_model_rtn
@@ -322,7 +323,7 @@ def test_fast_decode_fused_projection_route(monkeypatch):
         r = residual + h
         return quick_dec.rms_norm(r, weight, eps, offset), r
 
-    monkeypatch.setattr(quick_sm90, "gemm_add_norm_sm90", add_norm)
+    monkeypatch.setattr(ops, "gemm_add_norm", add_norm)
     monkeypatch.setattr(QuickLinear, "fuses", lambda self, m, device, dtype, act="", norm=False: bool(act or norm))
     fused = logits(StaticGenerator(model, 2, 16, compile="fast"))
     layers = model.config.num_hidden_layers

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import check_env_switch
+from helpers import check_fusion_switch
 
-from quick.kernels import dispatch, ops, quick_mma
+from quick.kernels import dispatch, ops, quick_mma, select
 from quick.packing.layouts import get_layout
 from quick.testing import random_quantized
 
@@ -240,7 +240,7 @@ def test_validate_errors():
 def test_cpu_tensors_are_refused_with_a_clear_error():
     x, q, s, z = _meta(device="cpu")
     with pytest.raises(ValueError, match="CUDA"):
-        quick_mma.quick_matmul(x, q, s, z, 64)
+        select.matmul("quick", x, q, s, z, 64)
     with pytest.raises(ValueError, match="CUDA"):
         torch.ops.quick.gemm_w4a16(x, q, s, z, 64)
 
@@ -329,8 +329,8 @@ def test_pdl_launch_structs_match_cuda_h_and_the_switch(monkeypatch):
     assert cfg.num_attrs == 1 and cfg.attrs.contents.id == 6 and cfg.attrs.contents.value == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    check_env_switch(monkeypatch, "QUICK_PDL", jit.pdl_enabled, jit.PDL_VERIFIED_ON_DEVICE)
-    monkeypatch.setenv("QUICK_PDL", "1")
+    check_fusion_switch(monkeypatch, "pdl", jit.pdl_enabled)
+    monkeypatch.setenv("QUICK_FUSIONS", "pdl")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not jit.pdl_enabled()  # griddepcontrol is sm_90
 

@@ -6,11 +6,14 @@ Skipped without an sm_80+ GPU and nvcc."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import DTYPES, require_sm80_and_nvcc
 from helpers import check_output as _check
 
+from quick.kernels import select
 from quick.packing.layouts import get_layout
 from quick.testing import poisoned, random_quantized, reference_matmul
 
@@ -147,7 +150,7 @@ def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
     monkeypatch.setattr(sm, "DEC_MAX_M", 64)
     monkeypatch.setattr(quick_mma, "DEC_FORCED", True)
     monkeypatch.setattr(sm, "DEC_FORCED", True)
-    for layout, fn in (("quick", quick_mma.quick_matmul), ("quick_sm90", sm.gemm_w4a16_sm90)):
+    for layout, fn in (("quick", functools.partial(select.matmul, "quick")), ("quick_sm90", sm.gemm_w4a16_sm90)):
         for m, n, routed in ((3, 2048, True), (40, 2048, layout == "quick_sm90"), (40, 1024 + 128, False)):
             calls.clear()
             qw, p = _weights(4096, n, 128, torch.float16, layout)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import DTYPES, M_ALL, require_sm80_and_nvcc, write_error_report
 
+from quick.kernels import select
 from quick.packing.layouts import get_layout
 from quick.quant.primitives import QuantizedWeight
 from quick.testing import REL_BOUND, poisoned, reference_matmul, rel_error
@@ -68,7 +69,7 @@ def run_case(m, k, n, g, dtype, seed, *, kernel="auto", bias=False, config=None,
     elif kernel == "gemm":
         quick_mma.gemm(*args, config=config, splits=splits, out=out)
     else:
-        quick_mma.quick_matmul(*args, out=out)
+        select.matmul("quick", *args, out=out)
     torch.cuda.synchronize()
     ref = reference_matmul(x, qw, b)
     err = rel_error(out, ref)
@@ -233,7 +234,7 @@ def test_cuda_graph_capture():
 def test_m_zero_and_batched_op():
     qw, p = make_weights(128, 64, 32, torch.float16, 6)
     x = torch.empty(0, 128, device="cuda", dtype=torch.float16)
-    assert quick_mma.quick_matmul(x, p["qweight"], p["scales"], p["zeros"], 32).shape == (0, 64)
+    assert select.matmul("quick", x, p["qweight"], p["scales"], p["zeros"], 32).shape == (0, 64)
     x3 = torch.randn(2, 3, 128, device="cuda", dtype=torch.float16)
     y = torch.ops.quick.gemm_w4a16(x3, p["qweight"], p["scales"], p["zeros"], 32)
     assert y.shape == (2, 3, 64)
@@ -252,13 +253,13 @@ def _good(k=256, n=128, g=64, dtype=torch.float16):
 def test_bad_dtypes():
     x, p = _good()
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        quick_mma.quick_matmul(x.float(), p["qweight"], p["scales"], p["zeros"], 64)
+        select.matmul("quick", x.float(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(TypeError, match="int32"):
-        quick_mma.quick_matmul(x, p["qweight"].to(torch.int64), p["scales"], p["zeros"], 64)
+        select.matmul("quick", x, p["qweight"].to(torch.int64), p["scales"], p["zeros"], 64)
     with pytest.raises(TypeError, match="scales"):
-        quick_mma.quick_matmul(x, p["qweight"], p["scales"].to(torch.bfloat16), p["zeros"], 64)
+        select.matmul("quick", x, p["qweight"], p["scales"].to(torch.bfloat16), p["zeros"], 64)
     with pytest.raises(TypeError, match="bias"):
-        quick_mma.quick_matmul(x, p["qweight"], p["scales"], p["zeros"], 64, torch.zeros(128, device="cuda"))
+        select.matmul("quick", x, p["qweight"], p["scales"], p["zeros"], 64, torch.zeros(128, device="cuda"))
 
 
 def test_bad_layout_and_alignment():
@@ -268,32 +269,32 @@ def test_bad_layout_and_alignment():
             torch.randn(256, 4, device="cuda", dtype=torch.float16).t(), p["qweight"], p["scales"], p["zeros"], 64
         )
     with pytest.raises(ValueError, match="on cpu"):
-        quick_mma.quick_matmul(x.cpu(), p["qweight"], p["scales"], p["zeros"], 64)
+        select.matmul("quick", x.cpu(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="cuda"):
-        quick_mma.quick_matmul(x, p["qweight"].cpu(), p["scales"], p["zeros"], 64)
+        select.matmul("quick", x, p["qweight"].cpu(), p["scales"], p["zeros"], 64)
     # contiguous, 2 bytes off a 16-byte boundary; 32 rows: the GEMM's path (the decode kernel, M <= 8, copies such
     # an x to dense rows instead of refusing it)
     buf = torch.randn(32 * 256 + 1, device="cuda", dtype=torch.float16)
     misaligned = buf[1:].view(32, 256)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        quick_mma.quick_matmul(misaligned, p["qweight"], p["scales"], p["zeros"], 64)
+        select.matmul("quick", misaligned, p["qweight"], p["scales"], p["zeros"], 64)
 
 
 def test_bad_shapes_and_groups():
     x, p = _good()
     with pytest.raises(ValueError, match="multiples of 64"):
-        quick_mma.quick_matmul(x[:, :240].contiguous(), p["qweight"][:15], p["scales"], p["zeros"], 64)
+        select.matmul("quick", x[:, :240].contiguous(), p["qweight"][:15], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="k16 rows"):
-        quick_mma.quick_matmul(x[:, :192].contiguous(), p["qweight"], p["scales"], p["zeros"], 64)
+        select.matmul("quick", x[:, :192].contiguous(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="unsupported group_size"):
-        quick_mma.quick_matmul(x, p["qweight"], p["scales"], p["zeros"], 48)
+        select.matmul("quick", x, p["qweight"], p["scales"], p["zeros"], 48)
     with pytest.raises(ValueError, match="scales has shape"):
-        quick_mma.quick_matmul(x, p["qweight"], p["scales"], p["zeros"], 32)
+        select.matmul("quick", x, p["qweight"], p["scales"], p["zeros"], 32)
     # K = 4160 = 64 * 65 is not a multiple of 128: group 128 must be refused with a clear message
     qw, p2 = make_weights(4160, 64, 64, torch.float16, 10)
     x2 = torch.randn(2, 4160, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="not a multiple of the group size 128"):
-        quick_mma.quick_matmul(x2, p2["qweight"], p2["scales"], p2["zeros"], 128)
+        select.matmul("quick", x2, p2["qweight"], p2["scales"], p2["zeros"], 128)
     with pytest.raises(ValueError, match="GEMV handles M <= 8"):
         quick_mma.gemv(
             torch.randn(9, 256, device="cuda", dtype=torch.float16), p["qweight"], p["scales"], p["zeros"], 64

@@ -1,5 +1,5 @@
 """Measured kernel tables (``quick/kernels/tuning.py``): format checks, lookup by batch bucket, the fallbacks, and the
-Hopper route that consults them (``quick_sm90.route``). CPU only: the device name is monkeypatched."""
+choice that consults them (``quick.kernels.select``), the autotune cache. CPU only: the device name is monkeypatched."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from quick.kernels import autotune, select, tuning
 from quick.kernels import quick_dec as qd
+from quick.kernels import quick_mma as qm
 from quick.kernels import quick_sm90 as sm
-from quick.kernels import tuning
 
 GPU = "NVIDIA Test GPU 80GB"
 DEV = torch.device("cuda", 0)
@@ -41,11 +42,19 @@ def table_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("QUICK_TUNING", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=None: GPU)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(sm, "DEC_MAX_M", 0)
-    tuning.clear_cache()
+    monkeypatch.setattr(qm, "capability", lambda dev: (9, 0))
+    monkeypatch.setattr(qm, "num_sms", lambda dev: 132)
+    monkeypatch.setattr(sm, "is_available", lambda dev=None: True)
+    monkeypatch.setenv("QUICK_AUTOTUNE", "0")
+    monkeypatch.delenv("QUICK_KERNEL", raising=False)
+    select.clear()
     (tmp_path / f"{tuning.gpu_key(GPU)}.json").write_text(json.dumps(TABLE))
     yield tmp_path
-    tuning.clear_cache()
+    select.clear()
+
+
+def pick(m, n=14336, k=4096, layout="quick_sm90", dtype=torch.float16) -> select.Choice:
+    return select.choose(select.Problem(layout, m, n, k, 128, dtype, DEV))
 
 
 def test_gpu_key_is_a_plain_file_stem():
@@ -101,43 +110,54 @@ def test_a_corrupt_table_file_warns_and_is_ignored(table_dir):
         assert tuning.lookup("quick_sm90", DEV, 1, 14336, 4096, 128) is None
 
 
-def test_route_follows_the_table_then_the_heuristics(table_dir):
-    dec, dcfg, dspl, cfg, spl = sm.route(DEV, 40, 14336, 4096, 128)
-    assert dec and dcfg == qd.DecConfig(2, 1, 4, nw=8) and dspl == 8 and cfg is None
-    dec, dcfg, dspl, cfg, spl = sm.route(DEV, 200, 14336, 4096, 128)
-    assert not dec and cfg == sm.Sm90Config(256, 2, 4, 4, 4, 0) and spl == 3
-    # the caller's config wins; an unmeasured shape keeps the heuristics (decode kernel off by default)
-    forced = sm.Sm90Config(64, 2, 8, 6, 4, 0)
-    assert sm.route(DEV, 40, 14336, 4096, 128, config=forced)[3:] == (forced, None)
-    assert sm.route(DEV, 40, 4096, 4096, 128) == (False, None, None, None, None)
+def test_choice_follows_the_table_then_the_model(table_dir):
+    c = pick(40)
+    assert (c.kernel, c.config, c.splits, c.source) == ("dec", qd.DecConfig(2, 1, 4, nw=8), 8, "table")
+    c = pick(200)
+    assert (c.kernel, c.config, c.splits, c.source) == ("wgmma", sm.Sm90Config(256, 2, 4, 4, 4, 0), 3, "table")
+    # an unmeasured shape: the model (the wgmma GEMM's tuned config above 8 rows, the decode kernel up to 8)
+    c = pick(40, n=4096)
+    assert (c.kernel, c.config, c.source) == ("wgmma", sm.tuned_config(40, torch.float16)[0], "model")
+    assert pick(4, n=4096).kernel == "dec" and pick(4, n=4096).source == "model"
     # a decode entry never runs where the decode kernel cannot (N not a multiple of its 256 channels)
     t = json.loads(json.dumps(TABLE))
     t["entries"] = [_entry(64, "dec", {"rb": 2, "warps": 1, "stages": 4, "nw": 8}, 8, n=4096 + 128)]
     (table_dir / f"{tuning.gpu_key(GPU)}.json").write_text(json.dumps(t))
-    tuning.clear_cache()
-    assert sm.route(DEV, 40, 4096 + 128, 4096, 128)[0] is False
+    select.clear()
+    assert pick(40, n=4096 + 128).kernel == "wgmma"
 
 
-def test_route_keeps_the_switch_first(table_dir, monkeypatch):
-    """QUICK_DEC_MAX_M set by the user (DEC_FORCED) forces the decode kernel with its default config up to its M;
-    the default switch (not set) comes after the table."""
-    monkeypatch.setattr(sm, "DEC_MAX_M", 64)
-    monkeypatch.setattr(sm, "DEC_FORCED", True)
-    assert sm.route(DEV, 40, 14336, 4096, 128) == (True, None, None, None, None)
-    assert sm.route(DEV, 100, 14336, 4096, 128)[3] == sm.Sm90Config(256, 2, 4, 4, 4, 0)  # the M = 256 entry
-    monkeypatch.setattr(sm, "DEC_FORCED", False)
+def test_the_override_comes_first(table_dir, monkeypatch):
+    """QUICK_KERNEL=dec@64 forces the decode kernel with its default config up to 64 rows, before the table."""
+    monkeypatch.setenv("QUICK_KERNEL", "dec@64")
+    c = pick(40)
+    assert (c.kernel, c.config, c.splits, c.source) == ("dec", None, None, "override")
+    assert pick(100).config == sm.Sm90Config(256, 2, 4, 4, 4, 0)  # beyond its M: the table's M = 256 entry
+    monkeypatch.setenv("QUICK_KERNEL", "wgmma")
+    assert pick(1).kernel == "wgmma" and pick(1).source == "override"
+    monkeypatch.delenv("QUICK_KERNEL")
     # the table first: its M = 64 entry's config and splits, not the decode kernel's defaults
-    assert sm.route(DEV, 40, 14336, 4096, 128)[:3] == (True, qd.DecConfig(2, 1, 4, 0, 8), 8)
-    assert sm.route(DEV, 4, 8192, 4096, 128) == (True, None, None, None, None)  # no entry for this shape: the default
+    c = pick(40)
+    assert (c.kernel, c.config, c.splits) == ("dec", qd.DecConfig(2, 1, 4, 0, 8), 8)
+    assert pick(4, n=8192).source == "model"  # no entry for this shape
+
+
+def test_reasons_say_why_a_kernel_cannot_run(table_dir):
+    p = select.Problem("quick_sm90", 100, 4096, 4096, 128, torch.float16, DEV)
+    why = dict(select.reasons(p))
+    assert "1 <= M <= 64" in why["dec"] and why["wgmma"] == "ok"
+    assert select.explain(p)[-1][0] == "chosen"
+    with pytest.raises(ValueError, match="no W4A16 kernels for layout"):
+        select.kernels_for("awq_gemm")
 
 
 def test_a_config_from_another_version_is_ignored_with_a_warning(table_dir):
     t = json.loads(json.dumps(TABLE))
     t["entries"] = [_entry(64, "wgmma", {"nt": 64, "no_such_field": 1}, 2)]
     (table_dir / f"{tuning.gpu_key(GPU)}.json").write_text(json.dumps(t))
-    tuning.clear_cache()
-    with pytest.warns(RuntimeWarning, match="does not fit Sm90Config"):
-        assert sm.route(DEV, 64, 14336, 4096, 128) == (False, None, None, None, None)
+    select.clear()
+    c = pick(64)
+    assert (c.kernel, c.config, c.source) == ("wgmma", sm.tuned_config(64, torch.float16)[0], "model")
 
 
 def test_build_table_keeps_the_fastest_correct_candidate():
@@ -210,10 +230,7 @@ def test_tune_candidates_are_launchable_plans():
                     )
 
 
-def test_quick_layout_route_follows_the_table(table_dir, monkeypatch):
-    from quick.kernels import quick_mma as qm
-
-    monkeypatch.setattr(qm, "DEC_QUICK_MAX_M", 0)
+def test_quick_layout_choice_follows_the_table(table_dir, monkeypatch):
     t = json.loads(json.dumps(TABLE))
     t["entries"] = [
         _entry(4, "gemv", {"name": "v8"}, 2, layout="quick"),
@@ -222,18 +239,61 @@ def test_quick_layout_route_follows_the_table(table_dir, monkeypatch):
         _entry(4096, "gemm", {}, None, layout="quick"),
     ]
     (table_dir / f"{tuning.gpu_key(GPU)}.json").write_text(json.dumps(t))
-    tuning.clear_cache()
-    assert qm.route(DEV, 3, 14336, 4096, 128) == ("gemv", "v8", 2)
-    assert qm.route(DEV, 9, 14336, 4096, 128) == ("dec", qd.DecConfig(1, 8, 6, wb=1), 3)
-    assert qm.route(DEV, 40, 14336, 4096, 128) == ("gemm", "m16n2k4", 4)
-    assert qm.route(DEV, 1000, 14336, 4096, 128) == ("gemm", None, None)
-    assert qm.route(DEV, 3, 4096, 4096, 128) == ("gemm", None, None)  # not measured: the heuristics
-    monkeypatch.setattr(qm, "DEC_QUICK_MAX_M", 8)  # the default switch: after the table, before the heuristics
-    monkeypatch.setattr(qm, "DEC_FORCED", False)
-    assert qm.route(DEV, 3, 14336, 4096, 128) == ("gemv", "v8", 2)
-    assert qm.route(DEV, 3, 4096, 4096, 128) == ("dec", None, None)
-    monkeypatch.setattr(qm, "DEC_FORCED", True)  # set by the user: before the table
-    assert qm.route(DEV, 3, 14336, 4096, 128) == ("dec", None, None)
+    select.clear()
+
+    def q(m, n=14336):
+        c = pick(m, n, layout="quick")
+        return c.kernel, c.config, c.splits
+
+    assert q(3) == ("gemv", "v8", 2)
+    assert q(9) == ("dec", qd.DecConfig(1, 8, 6, wb=1), 3)
+    assert q(40) == ("gemm", "m16n2k4", 4)
+    assert q(1000) == ("gemm", None, None)
+    assert q(3, 4096) == ("dec", None, None)  # not measured: the model (decode kernel up to 8 rows)
+    assert q(40, 4096) == ("gemm", None, None)
+    monkeypatch.setenv("QUICK_KERNEL", "dec")  # set by the user: before the table
+    assert q(3) == ("dec", None, None)
+
+
+def test_autotune_entries_are_read_back_and_survive_a_new_process(table_dir, monkeypatch):
+    """A choice timed at first use is recorded on disk per GPU and read before the model by a fresh process; a
+    corrupt file warns and is ignored."""
+    monkeypatch.setenv("QUICK_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    p = select.Problem("quick_sm90", 24, 4096, 4096, 128, torch.float16, DEV)
+    cands = select.candidates(p)
+    assert cands[0] == select._model(p) and len(cands) == len(set(cands)) <= select.MAX_CANDIDATES
+    assert {c.kernel for c in cands} == {"dec", "wgmma"}  # both kernels take M = 24
+    want = cands[3]
+    monkeypatch.setattr(autotune, "time_candidates", lambda run, cs, *a: [20.0 if c != want else 11.0 for c in cs])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=None: GPU)
+    got = select.choose(p, tensors=(None, None, None, None))
+    assert (got.kernel, got.config, got.splits, got.source) == (want.kernel, want.config, want.splits, "autotune")
+    path = table_dir / f"{tuning.gpu_key(GPU)}.autotune.json"
+    entry = json.loads(path.read_text())["entries"][0]
+    assert (entry["M"], entry["K"], entry["N"], entry["dtype"]) == (32, 4096, 4096, "float16")  # the bucket of 24
+    select.clear()  # a new process: memory gone, the file stays
+    monkeypatch.setattr(autotune, "time_candidates", lambda *a: pytest.fail("timed again"))
+    again = select.choose(select.Problem("quick_sm90", 17, 4096, 4096, 128, torch.float16, DEV), (None,) * 4)
+    assert (again.kernel, again.config, again.splits, again.source) == (want.kernel, want.config, want.splits,
+                                                                         "autotune")  # fmt: skip
+    path.write_text("{not json")
+    select.clear()
+    with pytest.warns(RuntimeWarning, match="ignoring the autotune cache"):
+        assert select.choose(p).source == "model"
+
+
+def test_nothing_is_timed_during_graph_capture_or_when_switched_off(table_dir, monkeypatch):
+    monkeypatch.setattr(autotune, "time_candidates", lambda *a: pytest.fail("must not time"))
+    p = select.Problem("quick_sm90", 24, 4096, 4096, 128, torch.float16, DEV)
+    assert select.choose(p, (None,) * 4).source == "model"  # QUICK_AUTOTUNE=0 in the fixture
+    monkeypatch.setenv("QUICK_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert select.choose(p, (None,) * 4).source == "model"
+
+
+def test_autotune_bucket_is_the_next_power_of_two():
+    assert [autotune.bucket(m) for m in (1, 2, 3, 8, 9, 1000, 1024, 1025)] == [1, 2, 4, 8, 16, 1024, 1024, 2048]
 
 
 @pytest.mark.parametrize(
@@ -262,16 +322,21 @@ def test_quick_tune_checks_its_arguments_before_any_gpu_work(argv, cap, match, m
 
 
 @pytest.mark.parametrize(
-    "raw,want", [(None, 8), ("", 8), ("0", 0), ("16", 16), (" 64 ", 64), ("on", 8), ("-3", 8), ("1.5", 8)]
-)
-def test_the_decode_switch_reads_the_environment_safely(raw, want, monkeypatch):
-    """Unset or empty: the measured default; a bad value warns and keeps it; 0 turns the decode kernel off."""
+    "raw,want",
+    [(None, ()), ("", ()), ("dec", (("dec", 0),)), ("dec@8, wgmma", (("dec", 8), ("wgmma", 0))), ("mma", ()),
+     ("dec@x,gemm", (("gemm", 0),)), ("dec@-1", ())],
+)  # fmt: skip
+def test_the_kernel_override_reads_the_environment_safely(raw, want, monkeypatch):
+    """Unset or empty: no override; a bad entry warns and is skipped, the rest still applies."""
+    from quick import settings
+
     if raw is None:
-        monkeypatch.delenv("QUICK_DEC_MAX_M", raising=False)
+        monkeypatch.delenv("QUICK_KERNEL", raising=False)
     else:
-        monkeypatch.setenv("QUICK_DEC_MAX_M", raw)
-    if raw is not None and raw.strip() not in ("", "0") and not raw.strip().isdigit():
-        with pytest.warns(RuntimeWarning, match="not a non-negative integer"):
-            assert tuning.env_max_m(default=8) == want
+        monkeypatch.setenv("QUICK_KERNEL", raw)
+    settings._WARNED.clear()
+    if raw and len(want) != len(raw.split(",")):
+        with pytest.warns(RuntimeWarning, match="QUICK_KERNEL entry"):
+            assert settings.kernel_override() == want
     else:
-        assert tuning.env_max_m(default=8) == want
+        assert settings.kernel_override() == want

@@ -12,10 +12,10 @@ says yes, and SDPA elsewhere.
 
 import ctypes
 import math
-import os
 
 import torch
 
+from quick import settings
 from quick.kernels import jit
 
 SOURCE = "quick_attn.cu"
@@ -76,7 +76,7 @@ def is_available(device: torch.device | None = None) -> bool:
     """An sm_80+ CUDA device and nvcc to build the kernel, unless ``QUICK_ATTN_KERNEL=0`` (then SDPA)."""
     from quick.kernels import quick_mma
 
-    if os.environ.get("QUICK_ATTN_KERNEL", "1") == "0" or not torch.cuda.is_available():
+    if not settings.attention_kernel_enabled() or not torch.cuda.is_available():
         return False
     dev = torch.device("cuda") if device is None else torch.device(device)
     if dev.type != "cuda" or quick_mma.capability(dev)[0] < 8:
@@ -84,16 +84,10 @@ def is_available(device: torch.device | None = None) -> bool:
     return jit.nvcc_available()
 
 
-# True once the QA_ROPE variant has passed its device tests (tests/test_attention_gpu.py, the ``rope`` cases) and the
-# end-to-end decode check; until then the fast decode step uses it only where QUICK_ATTN_ROPE=1 asks for it. Written
-# in a session without a GPU (2026-12-05, session 8): not yet run on a device.
-ROPE_VERIFIED_ON_DEVICE = False
-
-
 def rope_fusion_enabled() -> bool:
-    """Whether the fast decode step folds the rotary and the cache append into the kernel (``QA_ROPE``):
-    ``QUICK_ATTN_ROPE=1`` / ``0`` force it on / off (ablations), else only once verified on a device."""
-    return jit.env_switch("QUICK_ATTN_ROPE", ROPE_VERIFIED_ON_DEVICE)
+    """Whether the fast decode step folds the rotary and the cache append into the kernel (``QA_ROPE``, the ``rope``
+    fusion)."""
+    return settings.fusion_enabled("rope")
 
 
 def positions_per_step(head_dim: int, groups: int = 1) -> int:

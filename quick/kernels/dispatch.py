@@ -20,7 +20,7 @@ import torch
 KernelFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
 Available = Callable[[torch.Tensor], bool]
 
-OPTIONAL_MODULES = ("quick.kernels.quick_sm90", "quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90")
+OPTIONAL_MODULES = ("quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90")
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,10 @@ def _load_builtin() -> None:
         if _LOADED:
             return
         _LOADED = True
-        from quick.kernels import ops, quick_mma
+        from quick.kernels import ops, quick_mma, quick_sm90
 
         register_kernel("quick", ops.linear_fn, quick_mma.is_available, priority=10, name="quick_mma")
+        register_kernel("quick_sm90", ops.linear_fn_sm90, quick_sm90.takes_input, priority=100, name="quick_sm90")
         for mod in OPTIONAL_MODULES:
             try:
                 if importlib.util.find_spec(mod) is None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from quick import settings
+
 CSRC = Path(__file__).with_name("csrc")
 _LOCK = threading.Lock()
 
@@ -37,14 +39,13 @@ class CudaDriverError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QUICK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "quick")
-    path = Path(root) / "kernels"
+    path = settings.cache_dir() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def find_nvcc() -> str:
-    cands = [os.environ.get("QUICK_NVCC"), shutil.which("nvcc")]
+    cands = [settings.nvcc(), shutil.which("nvcc")]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             cands.append(os.path.join(home, "bin", "nvcc"))
@@ -203,22 +204,10 @@ class LaunchConfig(ctypes.Structure):
     ]
 
 
-# True once the PDL variants (QD_PDL, QA_PDL) have passed their device tests and end-to-end check; until then
-# :func:`pdl_enabled` is off unless QUICK_PDL=1. Written in session 8 (no GPU).
-PDL_VERIFIED_ON_DEVICE = False
-
-
-def env_switch(name: str, default: bool) -> bool:
-    """A feature switch: environment variable ``name`` set to ``0`` turns it off, to anything else on; unset, the
-    ``default`` (for the decode-path features: whether a device run has verified them)."""
-    env = os.environ.get(name)
-    return default if env is None else env != "0"
-
-
 def pdl_enabled(device: torch.device | int | None = None) -> bool:
-    """Whether the decode-path kernels launch as programmatic dependent launches: sm_90 or newer, and
-    ``QUICK_PDL=1`` / ``0`` (forced on / off) or, unset, once verified on a device."""
-    if not env_switch("QUICK_PDL", PDL_VERIFIED_ON_DEVICE):
+    """Whether the decode-path kernels launch as programmatic dependent launches: sm_90 or newer, and the ``pdl``
+    fusion on (:func:`quick.settings.fusions`)."""
+    if not settings.fusion_enabled("pdl"):
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -1,18 +1,21 @@
-"""``torch.ops.quick.gemm_w4a16``: the QUICK W4A16 product as a torch.library custom op.
+"""The W4A16 products as ``torch.library`` custom ops, each with a fake (meta) implementation, so that
+``torch.compile`` traces through models that use them without looking inside, and CUDA graphs capture them (the
+launchers enqueue on torch's current stream and allocate through torch's caching allocator).
 
-One opaque op with a fake (meta) implementation, so that ``torch.compile`` traces through models that use it
-without looking inside, and CUDA graphs capture it (the launcher enqueues on torch's current stream and
-allocates its split-k workspace through torch's caching allocator).
-
-``gemm_w4a16(x [..., K], qweight [K/16, 2N] int32, scales [K/G, N], zeros [K/G, N], group_size, bias [N]?)
--> [..., N]`` in x's dtype, weights in the ``quick`` layout.
+``quick::gemm_w4a16(x [..., K], qweight, scales, zeros, group_size, bias?)``: weights in the ``quick`` layout.
+``quick::gemm_w4a16_sm90(x [M, K], qweight, scales, zeros, bias?, group_size)``: the ``quick_sm90`` layout.
+``quick::gated_gemm_w4a16_sm90`` / ``quick::gemm_add_norm_sm90``: the fast decode step's fused down / o projections.
+Which kernel runs inside each op is :mod:`quick.kernels.select`'s choice.
 """
 
-# No `from __future__ import annotations` here: torch.library infers the op schema from real annotations.
+# No `from __future__ import annotations` here: torch.library infers the op schemas from real annotations.
 
 import torch
 
-from quick.kernels import quick_mma
+from quick.kernels import quick_dec as qd
+from quick.kernels import quick_mma, select
+from quick.kernels import quick_sm90 as sm
+from quick.packing.layouts import get_layout
 
 
 @torch.library.custom_op("quick::gemm_w4a16", mutates_args=())
@@ -24,9 +27,9 @@ def gemm_w4a16(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)`` on the QUICK mma.sync kernels (GEMV for <= 8 rows)."""
+    """``x @ dequant(W) (+ bias)`` on the ``quick`` layout's kernels (decode kernel, GEMV or mma.sync GEMM)."""
     x2 = quick_mma._flatten(x)
-    out = quick_mma.quick_matmul(x2, qweight, scales, zeros, group_size, bias)
+    out = select.matmul("quick", x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -37,8 +40,159 @@ def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
+@torch.library.custom_op("quick::gemm_w4a16_sm90", mutates_args=())
+def gemm_w4a16_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """``x @ dequant(W) (+ bias)`` on the ``quick_sm90`` layout's kernels (decode kernel or wgmma GEMM)."""
+    return select.matmul("quick_sm90", x, qweight, scales, zeros, group_size, bias)
+
+
+@gemm_w4a16_sm90.register_fake
+def _gemm_w4a16_sm90_fake(x, qweight, scales, zeros, bias, group_size):
+    sm.validate(x, qweight, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], scales.shape[1]))
+
+
+def _validate_fused(x, act: str, need_act: bool, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
+    """``sm.validate`` for the fused entry points and their fakes: ``act`` (required where ``need_act``) one of the
+    decode kernel's activations, ``x`` a 2-D ``[M, K]`` input or, with ``act``, a ``[M, 2K]`` gate/up product."""
+    if (act or need_act) and act not in qd.ACTS:
+        raise sm.Sm90Error(f"gate activation must be one of {sorted(qd.ACTS)}{'' if need_act else ' or empty'}, "
+                           f"got {act!r}")  # fmt: skip
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or (act and x.shape[1] % 2):
+        want = "[M, 2K] gate/up product" if act else "2-D [M, K] tensor"
+        raise sm.Sm90Error(f"x must be a {want}, got {getattr(x, 'shape', type(x).__name__)}")
+    return sm.validate(x[:, : x.shape[1] // 2 if act else x.shape[1]], qweight, scales, zeros, group_size, bias)
+
+
+def _fused(x, qweight, scales, zeros, m: int, n: int, k: int, g: int, act: bool, norm: bool):
+    """The decode-kernel choice when the fused variant can run (weights dense and aligned), else None."""
+    p = select.Problem("quick_sm90", m, n, k, g, x.dtype, x.device)
+    c = select.fused_choice(p, act, norm)
+    dense = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
+    return c if dense else None
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def gated_gemm(gu, qweight, scales, zeros, group_size: int, bias=None, act: str = "silu") -> torch.Tensor:
+    """``act(gu[:, :K]) * gu[:, K:] @ dequant(W) (+ bias)``: a gated MLP's down projection from its gate/up product
+    ``gu`` [M, 2K]. One launch where the choice is the decode kernel and it has a ``QD_ACT`` variant for the config;
+    otherwise :func:`quick_dec.gated`, then the usual product."""
+    m, n, k, g = _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
+    if gu.device.type != "cuda":
+        raise sm.Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    if m == 0:
+        return gu.new_empty((0, n))
+    c = _fused(gu, qweight, scales, zeros, m, n, k, g, True, False)
+    if c is None:
+        return select.matmul("quick_sm90", qd.gated(gu[:, :k], gu[:, k:], act), qweight, scales, zeros, group_size,
+                             bias)  # fmt: skip
+    b = bias.contiguous() if bias is not None else None
+    return qd.run_validated("quick_sm90", _dense(gu), qweight, scales, zeros, b, m, n, k, g, c.config, c.splits,
+                            act=qd.ACTS[act])  # fmt: skip
+
+
+@torch.library.custom_op("quick::gated_gemm_w4a16_sm90", mutates_args=())
+def gated_gemm_w4a16_sm90(
+    gu: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    act: str,
+) -> torch.Tensor:
+    """:func:`gated_gemm` as one opaque op."""
+    return gated_gemm(gu, qweight, scales, zeros, group_size, bias, act)
+
+
+@gated_gemm_w4a16_sm90.register_fake
+def _gated_fake(gu, qweight, scales, zeros, bias, group_size, act):
+    _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
+    return gu.new_empty((gu.shape[0], scales.shape[1]))
+
+
+def gemm_add_norm(x, qweight, scales, zeros, group_size: int, bias, residual, weight, eps: float, offset: float = 0.0,
+                  act: str = "") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(RMSNorm(r), r)`` with ``r = residual + h`` and ``h = x @ dequant(W) (+ bias)`` (``act``: ``x`` is a
+    ``[M, 2K]`` gate/up product and ``h`` the down projection of ``act(gate) * up``): the o / down projection of a
+    decoder layer with the add and norm that follow it. One launch where the choice is the decode kernel and a
+    ``QD_NORM`` variant exists, else the product, then the add and norm."""
+    m, n, k, g = _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
+    if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype:
+        raise sm.Sm90Error(f"residual must be a [{m}, {n}] {x.dtype} tensor, got {getattr(residual, 'shape', None)}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
+        raise sm.Sm90Error(f"norm weight must be a [{n}] {x.dtype} tensor, got {getattr(weight, 'shape', None)}")
+    if residual.device != x.device or weight.device != x.device:
+        raise sm.Sm90Error("x, residual and the norm weight must be on one device")
+    if x.device.type != "cuda":
+        raise sm.Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    if m == 0:
+        return x.new_empty((0, n)), x.new_empty((0, n))
+    c = _fused(x, qweight, scales, zeros, m, n, k, g, bool(act), True)
+    if c is None:
+        if act:
+            h = gated_gemm(x, qweight, scales, zeros, group_size, bias, act)
+        else:
+            h = select.matmul("quick_sm90", x, qweight, scales, zeros, group_size, bias)
+        r = residual + h
+        return qd.rms_norm(r, weight, eps, offset), r
+    x, residual, weight = _dense(x), _dense(residual), _dense(weight)
+    r, normed = torch.empty_like(residual), torch.empty_like(residual)
+    b = bias.contiguous() if bias is not None else None
+    qd.run_validated(
+        "quick_sm90", x, qweight, scales, zeros, b, m, n, k, g, c.config, c.splits, r, qd.ACTS.get(act, 0),
+        (residual, weight, eps, offset, normed),
+    )  # fmt: skip
+    return normed, r
+
+
+@torch.library.custom_op("quick::gemm_add_norm_sm90", mutates_args=())
+def gemm_add_norm_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gemm_add_norm` as one opaque op."""
+    return gemm_add_norm(x, qweight, scales, zeros, group_size, bias, residual, weight, eps, offset, act)
+
+
+@gemm_add_norm_sm90.register_fake
+def _add_norm_fake(x, qweight, scales, zeros, bias, group_size, residual, weight, eps, offset, act):
+    _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
+
+
 def linear_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
     """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``.
     Callers hand in views (``x[:, :1].reshape(...)``); the kernels need dense rows, so copy those."""
     x2d = quick_mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a16(x2d, packed["qweight"], packed["scales"], packed["zeros"], group_size)
+
+
+def linear_fn_sm90(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
+    """The dispatcher's entry for layout ``quick_sm90``. The layout admits N multiples of 16, the kernels need
+    multiples of 64: such layers take the dequantize + matmul path instead of failing."""
+    k, n = x2d.shape[1], packed["scales"].shape[1]
+    if n % 64 or k % 64 or x2d.dtype != packed["scales"].dtype:
+        w = get_layout(sm.LAYOUT).unpack(packed, k, n, group_size).dequantize(x2d.dtype)
+        return x2d @ w.to(x2d.device)
+    return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quick.kernels import jit
+from quick import settings
+from quick.kernels import jit, quick_mma, quick_sm90
 
 SOURCE = "quick_dec.cu"
 LAYOUTS = ("quick_sm90", "quick")  # index = QD_WB: the weight is the mma A operand (0) or the B operand (1)
@@ -183,10 +184,6 @@ for _top, _cfg in all_configs():
 ACTS = {"silu": 1, "gelu_tanh": 2}  # the activations of a gated MLP the kernel multiplies in (QD_ACT)
 ACT_MAX_M = 8  # one n8 token tile
 ACT_GROUP_SIZES = (128,)  # the variants built (and compile-checked); other group sizes take the two steps
-# True once the QD_ACT variants have passed their device tests (tests/test_kernels_dec_gpu.py, the ``act`` cases);
-# until then :func:`act_fusion_enabled` is off unless QUICK_DEC_ACT=1. Written in a session without a GPU
-# (2026-12-05, session 8): not yet run on a device.
-ACT_VERIFIED_ON_DEVICE = False
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
@@ -209,9 +206,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 def act_fusion_enabled() -> bool:
-    """Whether gated-MLP down projections stage ``act(gate) * up`` in the decode kernel: ``QUICK_DEC_ACT=1`` / ``0``
-    force it on / off (ablations), else only once verified on a device."""
-    return jit.env_switch("QUICK_DEC_ACT", ACT_VERIFIED_ON_DEVICE)
+    """Whether gated-MLP down projections stage ``act(gate) * up`` in the decode kernel (the ``act`` fusion)."""
+    return settings.fusion_enabled("act")
 
 
 def launch_config(layout: str, m: int, config: DecConfig | None) -> DecConfig:
@@ -230,15 +226,10 @@ def takes_norm(config: DecConfig, m: int, group_size: int) -> bool:
     return takes_act(config, m, group_size)
 
 
-# True once the QD_NORM variants have passed their device tests (tests/test_kernels_dec_gpu.py, the ``norm``
-# cases); until then :func:`norm_fusion_enabled` is off unless QUICK_DEC_NORM=1. Written in session 8 (no GPU).
-NORM_VERIFIED_ON_DEVICE = False
-
-
 def norm_fusion_enabled() -> bool:
-    """Whether the o and down projections of the fast decode step end with the residual add + RMSNorm
-    (``QD_NORM``): ``QUICK_DEC_NORM=1`` / ``0`` force it on / off, else only once verified on a device."""
-    return jit.env_switch("QUICK_DEC_NORM", NORM_VERIFIED_ON_DEVICE)
+    """Whether the o and down projections of the fast decode step end with the residual add + RMSNorm (``QD_NORM``,
+    the ``norm`` fusion)."""
+    return settings.fusion_enabled("norm")
 
 
 # The act / norm / PDL variants: the bucket-16 configs of quick_sm90 at one token tile, group size 128, both dtypes;
@@ -343,8 +334,6 @@ def _smem(idx: int) -> int:
 def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[torch.Tensor, int, int, int, int]:
     """The layout's own validation (its exception types and messages), then what the launch assumes: CUDA tensors,
     contiguous and 16-byte aligned (x is copied to dense rows if it is not). Returns ``(x, M, N, K, G)``."""
-    from quick.kernels import quick_mma, quick_sm90
-
     if layout == "quick_sm90":
         m, n, k, g = quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
         if x.device.type != "cuda":
@@ -406,8 +395,6 @@ def run_validated(
     normed)``: the ``QD_NORM`` tail; ``out`` receives ``r = resid + h`` and ``normed`` RMSNorm(r) (dense ``[M, N]``
     / ``[N]`` tensors, 16-byte aligned, checked by the caller; :func:`takes_norm`). ``pdl``: launch the ``QD_PDL``
     variant where the config has one (None: :func:`quick.kernels.jit.pdl_enabled`)."""
-    from quick.kernels import quick_mma, quick_sm90
-
     if m == 0:
         return x.new_empty((0, n))
     if config is not None and config.wb != LAYOUTS.index(layout):

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from quick.kernels import jit, tuning
+from quick.kernels import jit
 from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
 
 GEMM_SOURCE = "quick_mma.cu"
@@ -683,55 +683,6 @@ def gemm(x, qweight, scales, zeros, group_size, bias=None, *, config=None, split
 def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:
     """The decode kernel, M <= 8."""
     return _run("gemv", x, qweight, scales, zeros, group_size, bias, config, splits, out)
-
-
-# Batch sizes up to which quick_matmul runs the decode kernel (csrc/quick_dec.cu with the weight as the mma B operand)
-# instead of the GEMM. 8: device window 5 (H200, 2026-12-05, scripts/dec_check.py): correct on the float64 matrix,
-# faster than the mma.sync GEMM at M <= 8 on all 8 shapes timed (8192^2: 18.9 / 21.2 / 23.4 us at M = 1 / 4 / 8
-# against 27.8 / 28.4 / 28.6), slower at M = 16 on 8192^2 (31.4 against 28.7). QUICK_DEC_MAX_M overrides it.
-DEC_QUICK_MAX_M = tuning.env_max_m(default=8)
-DEC_FORCED = tuning.env_is_set()  # set by the user: the decode kernel up to DEC_QUICK_MAX_M, before the table
-
-
-def route(device: torch.device, m: int, n: int, k: int, group_size: int) -> tuple[str, object, int | None]:
-    """Which kernel runs an automatic call for the ``quick`` layout: ``(kind, config, splits)`` with kind ``dec``
-    (config a ``DecConfig`` or None for its default), ``gemv`` or ``gemm`` (config a name or None for the tuned
-    choice). ``QUICK_DEC_MAX_M`` first when the user set it, then the measured table for this GPU and shape
-    (:mod:`quick.kernels.tuning`), then the defaults: the decode kernel up to ``DEC_QUICK_MAX_M``, the heuristics
-    (``GEMV_AUTO_MAX_M``, ``TUNED_GEMM``)."""
-    from quick.kernels import quick_dec
-
-    dec_ok = 0 < m <= DEC_QUICK_MAX_M and quick_dec.takes("quick", m, n)
-    if DEC_FORCED and dec_ok:
-        return "dec", None, None
-    choice = tuning.lookup("quick", device, m, n, k, group_size) if m > 0 and n > 0 else None
-    if choice is not None:
-        name = choice.config.get("name")
-        if choice.kernel == "dec":
-            cfg = tuning.make_config(quick_dec.DecConfig, choice)
-            if cfg is not None and quick_dec.fits(cfg, m, n):
-                return "dec", cfg, choice.splits
-        elif choice.kernel == "gemv" and m <= GEMV_MAX_M and name in GEMV_CONFIGS:
-            return "gemv", name, choice.splits
-        elif choice.kernel == "gemm" and (name is None or name in GEMM_CONFIGS):
-            return "gemm", name, choice.splits
-    if dec_ok:
-        return "dec", None, None
-    return ("gemv" if 0 < m <= GEMV_AUTO_MAX_M else "gemm"), None, None
-
-
-def quick_matmul(x, qweight, scales, zeros, group_size, bias=None, *, out=None) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)`` with the kernel :func:`route` picks (decode kernel, GEMV or GEMM)."""
-    m = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
-    n = scales.shape[-1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
-    kind, config, splits = "gemm", None, None
-    if m > 0 and n > 0 and x.is_cuda:
-        kind, config, splits = route(x.device, m, n, x.shape[1], group_size)
-    if kind == "dec":
-        from quick.kernels import quick_dec
-
-        return quick_dec.gemv_quick(x, qweight, scales, zeros, group_size, bias, config, splits, out)
-    return _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
 def is_available(x: torch.Tensor) -> bool:

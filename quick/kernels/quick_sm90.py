@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quick.kernels import jit, tuning
+from quick.kernels import jit
 from quick.quant.primitives import SUPPORTED_DTYPES, resolve_group_size
 
 SOURCE = "quick_sm90.cu"
@@ -156,21 +156,6 @@ for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES:
         _v = (SOURCE, KERNEL, _cfg.defines(128, _dt))
         if _v not in VARIANTS:
             VARIANTS.append(_v)
-
-
-# Batch sizes up to which gemm_w4a16_sm90 runs the decode kernel (quick_dec.cu, mma.sync over this layout) instead
-# of the wgmma GEMM (a measured table, where one exists for the GPU, decides above it). 8: device window 5 (H200,
-# 2026-12-05, scripts/dec_check.py): 3482 float64 cases passed; at M <= 8 it beat the wgmma kernel on all 8 layer
-# shapes timed (8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4), at M = 16 on 4 of 8, and
-# lost at M = 32 and 64 (8192^2: 44.6 and 78.7 against 30.9 and 33.8). QUICK_DEC_MAX_M overrides it (0: off).
-DEC_MAX_M = tuning.env_max_m(default=8)
-DEC_FORCED = tuning.env_is_set()  # set by the user: the decode kernel up to DEC_MAX_M, before the measured table
-
-
-def _dec():
-    from quick.kernels import quick_dec  # imported late: quick_dec imports this module
-
-    return quick_dec
 
 
 def group_shift(g: int, k: int) -> int:
@@ -420,6 +405,11 @@ def is_available(device: torch.device | int | None = None) -> bool:
     return jit.nvcc_available()
 
 
+def takes_input(x: torch.Tensor) -> bool:
+    """Whether this layout's kernels can take ``x`` on its device (the dispatcher's availability check)."""
+    return isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)
+
+
 def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> tuple[Sm90Config, int | None]:
     """Measured (config, rounds) for this batch size, else the default config and the split heuristic."""
     if group_size != 32:
@@ -429,38 +419,21 @@ def tuned_config(m: int, dtype: torch.dtype, group_size: int = 128) -> tuple[Sm9
     return default_config(m, group_size), None
 
 
-def route(
-    device: torch.device,
-    m: int,
-    n: int,
-    k: int,
-    g: int,
-    config: Sm90Config | None = None,
-    splits: int | None = None,
-    decode: bool | None = None,
-) -> tuple[bool, object | None, int | None, Sm90Config | None, int | None]:
-    """Which kernel runs a call: ``(decode, decode config, decode splits, wgmma config, wgmma splits)``.
-
-    Caller's choices first (config, splits, decode); then ``QUICK_DEC_MAX_M`` when the user set it (forces the
-    decode kernel up to its M); then the measured table for this GPU and shape (:mod:`quick.kernels.tuning`); then
-    the defaults: the decode kernel up to ``DEC_MAX_M``, else the heuristics (``TUNED`` in :func:`gemm_w4a16_sm90`).
-    ``None`` configs mean "the kernel's default"."""
-    dec_cfg = dec_splits = None
-    if decode is None and config is None and splits is None:
-        forced = DEC_FORCED and m <= DEC_MAX_M
-        choice = None if forced else tuning.lookup(LAYOUT, device, m, n, k, g)
-        if choice is not None and choice.kernel == "dec":
-            dec_cfg = tuning.make_config(_dec().DecConfig, choice)
-            if dec_cfg is not None and _dec().fits(dec_cfg, m, n):
-                decode, dec_splits = True, choice.splits
-            else:
-                dec_cfg = None
-        elif choice is not None:
-            config = tuning.make_config(Sm90Config, choice)
-            splits = choice.splits if config is not None else None
-    if decode is None:
-        decode = config is None and splits is None and m <= DEC_MAX_M and _dec().takes(LAYOUT, m, n)
-    return decode, dec_cfg, dec_splits, config, splits
+def prepare(x, qweight, scales, zeros, group_size, bias=None):
+    """:func:`validate`, then what a launch assumes: CUDA tensors, dense and 16-byte aligned (``x`` is copied if it is
+    not; weights must be). Returns ``(x, qweight, scales, zeros, bias, M, N, K, G)``."""
+    m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
+    if x.device.type != "cuda":
+        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
+            raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
+    bias = bias.contiguous() if bias is not None else None
+    return x, qweight, scales, zeros, bias, m, n, k, g
 
 
 def gemm_w4a16_sm90(
@@ -473,35 +446,29 @@ def gemm_w4a16_sm90(
     config: Sm90Config | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
-    decode: bool | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(W) (+ bias)`` with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in x's dtype.
-
-    ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` (contiguous [M, N]) lets tests
-    hand in a poisoned buffer. ``decode``: None = the decode kernel (:mod:`quick.kernels.quick_dec`) for
-    ``M <= DEC_MAX_M`` when no config is forced, True/False = force it on/off.
-    """
-    m, n, k, g = validate(x, qweight, scales, zeros, group_size, bias)
-    if x.device.type != "cuda":
-        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
-    if m == 0:
-        return x.new_empty((0, n))
-    x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t.data_ptr() % 16:  # a view at an odd offset: the kernel's 16- and 4-byte loads would fault
-            raise Sm90Error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); .clone() the view")
-    decode, dec_cfg, dec_splits, config, splits = route(x.device, m, n, k, g, config, splits, decode)
-    if decode:  # the same inputs, already validated and made dense: no second validation on the decode path
-        b = bias.contiguous() if bias is not None else None
-        return _dec().run_validated(LAYOUT, x, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, out)
-    dev = x.device
+    """``x @ dequant(W) (+ bias)`` on the wgmma GEMM with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in
+    x's dtype. ``config``/``splits``: None = the batch size's tuned config and the split model (which kernel runs a
+    layer's call is :mod:`quick.kernels.select`'s choice, not this function's); ``out`` (contiguous [M, N]) lets
+    tests hand in a poisoned buffer."""
+    x, qweight, scales, zeros, bias, m, n, k, g = prepare(x, qweight, scales, zeros, group_size, bias)
     rounds = None
     if config is None:
         config, rounds = tuned_config(m, x.dtype, g)
+    return launch_validated(x, qweight, scales, zeros, bias, m, n, k, g, config, splits, rounds, out)
+
+
+def launch_validated(
+    x, qweight, scales, zeros, bias, m: int, n: int, k: int, g: int, config: Sm90Config | None, splits: int | None,
+    rounds: int | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The launch on :func:`prepare`'d inputs; ``config`` None = the batch size's tuned config."""
+    if m == 0:
+        return x.new_empty((0, n)) if out is None else out
+    if config is None:
+        config, rounds = tuned_config(m, x.dtype, g)
     cfg = config
+    dev = x.device
     if cfg.smem_bytes() > SMEM_LIMIT:
         raise Sm90Error(f"config {cfg} needs {cfg.smem_bytes()} bytes of shared memory (limit {SMEM_LIMIT})")
     p = plan(m, n, k, num_sms(dev), cfg, splits, g, rounds)
@@ -521,268 +488,12 @@ def gemm_w4a16_sm90(
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_x_map(x, cfg.nt)
         gshift = group_shift(g, k)
-        b = bias.contiguous() if bias is not None else ctypes.c_void_p(0)
+        b = bias if bias is not None else ctypes.c_void_p(0)
         kern(
             (p.grid,),
             (cfg.threads(),),
-            [
-                desc,
-                qweight,
-                scales,
-                zeros,
-                b,
-                out,
-                ws,
-                cnt,
-                m,
-                n,
-                k,
-                gshift,
-                p.splits,
-                p.steps_per_split,
-                p.n_tiles,
-                p.m_tiles,
-            ],
+            [desc, qweight, scales, zeros, b, out, ws, cnt, m, n, k, gshift, p.splits, p.steps_per_split, p.n_tiles,
+             p.m_tiles],
             smem=cfg.smem_bytes(),
-        )
+        )  # fmt: skip
     return out
-
-
-def _fused_route(device, m: int, n: int, k: int, g: int, act: bool, norm: bool) -> tuple[bool, object, int | None]:
-    """``(fuses, decode config, decode splits)`` of an ``m``-row call: whether it routes to the decode kernel with a
-    config that has the ``QD_ACT`` (``act``) / ``QD_NORM`` (``norm``) variant, and that route's config and splits."""
-    dec = _dec()
-    decode, dec_cfg, dec_splits, _config, _splits = route(device, m, n, k, g)
-    if not decode:
-        return False, None, None
-    cfg = dec.launch_config(LAYOUT, m, dec_cfg)
-    ok = (not act or dec.takes_act(cfg, m, g)) and (not norm or dec.takes_norm(cfg, m, g))
-    return ok, dec_cfg, dec_splits
-
-
-def fuses(device: torch.device, m: int, n: int, k: int, g: int, act: bool = False, norm: bool = False) -> bool:
-    """Whether an ``m``-row call routes to the decode kernel with a config that has the ``QD_ACT`` (``act``) /
-    ``QD_NORM`` (``norm``) variant: then :func:`gated_gemm_w4a16_sm90` / :func:`gemm_add_norm_sm90` are one launch."""
-    return _fused_route(device, m, n, k, g, act, norm)[0]
-
-
-def _validate_fused(x, act: str, need_act: bool, qweight, scales, zeros, group_size, bias) -> tuple[int, int, int, int]:
-    """:func:`validate` for the fused entry points and their fakes: ``act`` (required where ``need_act``) one of the
-    decode kernel's activations, ``x`` a 2-D ``[M, K]`` input or, with ``act``, a ``[M, 2K]`` gate/up product."""
-    acts = _dec().ACTS
-    if (act or need_act) and act not in acts:
-        raise Sm90Error(f"gate activation must be one of {sorted(acts)}{'' if need_act else ' or empty'}, got {act!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or (act and x.shape[1] % 2):
-        want = "[M, 2K] gate/up product" if act else "2-D [M, K] tensor"
-        raise Sm90Error(f"x must be a {want}, got {getattr(x, 'shape', type(x).__name__)}")
-    return validate(x[:, : x.shape[1] // 2 if act else x.shape[1]], qweight, scales, zeros, group_size, bias)
-
-
-def gated_gemm_w4a16_sm90(
-    gu: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    act: str = "silu",
-) -> torch.Tensor:
-    """``act(gu[:, :K]) * gu[:, K:] @ dequant(W) (+ bias)``: a gated MLP's down projection from its gate/up product
-    ``gu`` [M, 2K]. One launch where the route is the decode kernel and it has a ``QD_ACT`` variant for the config
-    (:func:`quick_dec.takes_act`); otherwise the product of :func:`quick_dec.gated` and the usual route."""
-    dec = _dec()
-    m, n, k, g = _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
-    if gu.device.type != "cuda":
-        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
-    if m == 0:
-        return gu.new_empty((0, n))
-    ok, dec_cfg, dec_splits = _fused_route(gu.device, m, n, k, g, True, False)
-    ok = ok and all(t.data_ptr() % 16 == 0 for t in (qweight, scales, zeros))
-    if not ok or not all(t.is_contiguous() for t in (qweight, scales, zeros)):
-        return gemm_w4a16_sm90(dec.gated(gu[:, :k], gu[:, k:], act), qweight, scales, zeros, group_size, bias)
-    gu = gu.contiguous()
-    if gu.data_ptr() % 16:
-        gu = gu.clone()
-    b = bias.contiguous() if bias is not None else None
-    return dec.run_validated(
-        LAYOUT, gu, qweight, scales, zeros, b, m, n, k, g, dec_cfg, dec_splits, act=dec.ACTS[act]
-    )  # fmt: skip
-
-
-def gemm_add_norm_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    offset: float = 0.0,
-    act: str = "",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(RMSNorm(r), r)`` with ``r = residual + h`` and ``h = x @ dequant(W) (+ bias)`` (``act``: ``x`` is a
-    ``[M, 2K]`` gate/up product and ``h`` the down projection of ``act(gate) * up``): the o / down projection of a
-    decoder layer with the add and norm that follow it. One launch where the route is the decode kernel and a
-    ``QD_NORM`` variant exists (:func:`quick_dec.takes_norm`), else the product, then the add and norm in torch."""
-    dec = _dec()
-    m, n, k, g = _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
-    if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n) or residual.dtype != x.dtype:
-        raise Sm90Error(f"residual must be a [{m}, {n}] {x.dtype} tensor, got {getattr(residual, 'shape', None)}")
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (n,) or weight.dtype != x.dtype:
-        raise Sm90Error(f"norm weight must be a [{n}] {x.dtype} tensor, got {getattr(weight, 'shape', None)}")
-    if residual.device != x.device or weight.device != x.device:
-        raise Sm90Error("x, residual and the norm weight must be on one device")
-    if x.device.type != "cuda":
-        raise Sm90Error("the sm_90 kernel runs on CUDA tensors only")
-    if m == 0:
-        return x.new_empty((0, n)), x.new_empty((0, n))
-    ok, dec_cfg, dec_splits = _fused_route(x.device, m, n, k, g, bool(act), True)
-    dense = [t.contiguous() for t in (qweight, scales, zeros)]
-    ok = ok and all(t.data_ptr() % 16 == 0 for t in dense)
-    if not ok:
-        if act:
-            h = gated_gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias, act)
-        else:
-            h = gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias)
-        r = residual + h
-        return dec.rms_norm(r, weight, eps, offset), r
-    x, residual, weight = (t.contiguous() for t in (x, residual, weight))
-    x, residual, weight = (t.clone() if t.data_ptr() % 16 else t for t in (x, residual, weight))
-    r, normed = torch.empty_like(residual), torch.empty_like(residual)
-    b = bias.contiguous() if bias is not None else None
-    dec.run_validated(
-        LAYOUT, x, *dense, b, m, n, k, g, dec_cfg, dec_splits, r, dec.ACTS.get(act, 0),
-        (residual, weight, eps, offset, normed),
-    )  # fmt: skip
-    return normed, r
-
-
-# ------------------------------------------------------------------------------ torch.library op + dispatcher
-
-
-def _define_op() -> None:
-    """``quick::gemm_w4a16_sm90`` so that torch.compile and graph capture see one opaque op with a fake impl."""
-    if hasattr(torch.ops.quick, "gemm_w4a16_sm90"):
-        return
-
-    @torch.library.custom_op("quick::gemm_w4a16_sm90", mutates_args=())
-    def _op(
-        x: torch.Tensor,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        bias: torch.Tensor | None,
-        group_size: int,
-    ) -> torch.Tensor:
-        return gemm_w4a16_sm90(x, qweight, scales, zeros, group_size, bias)
-
-    @_op.register_fake
-    def _(x, qweight, scales, zeros, bias, group_size):
-        validate(x, qweight, scales, zeros, group_size, bias)
-        return x.new_empty((x.shape[0], scales.shape[1]))
-
-
-def _define_gated_op() -> None:
-    """``quick::gated_gemm_w4a16_sm90``: :func:`gated_gemm_w4a16_sm90` as one opaque op with a fake impl."""
-    if hasattr(torch.ops.quick, "gated_gemm_w4a16_sm90"):
-        return
-
-    @torch.library.custom_op("quick::gated_gemm_w4a16_sm90", mutates_args=())
-    def _op(
-        gu: torch.Tensor,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        bias: torch.Tensor | None,
-        group_size: int,
-        act: str,
-    ) -> torch.Tensor:
-        return gated_gemm_w4a16_sm90(gu, qweight, scales, zeros, group_size, bias, act)
-
-    @_op.register_fake
-    def _(gu, qweight, scales, zeros, bias, group_size, act):
-        _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
-        return gu.new_empty((gu.shape[0], scales.shape[1]))
-
-
-def _define_norm_op() -> None:
-    """``quick::gemm_add_norm_sm90``: :func:`gemm_add_norm_sm90` as one opaque op with a fake impl."""
-    if hasattr(torch.ops.quick, "gemm_add_norm_sm90"):
-        return
-
-    @torch.library.custom_op("quick::gemm_add_norm_sm90", mutates_args=())
-    def _op(
-        x: torch.Tensor,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        bias: torch.Tensor | None,
-        group_size: int,
-        residual: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        offset: float,
-        act: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return gemm_add_norm_sm90(x, qweight, scales, zeros, group_size, bias, residual, weight, eps, offset, act)
-
-    @_op.register_fake
-    def _(x, qweight, scales, zeros, bias, group_size, residual, weight, eps, offset, act):
-        _validate_fused(x, act, False, qweight, scales, zeros, group_size, bias)
-        return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
-
-
-def _has_op() -> bool:
-    try:
-        return hasattr(torch.ops.quick, "gemm_w4a16_sm90")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-try:
-    _define_op()
-    _define_gated_op()
-    _define_norm_op()
-except (RuntimeError, AttributeError):  # already defined by an earlier import of this module under another name
-    pass
-
-
-def kernel_fn(x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """Dispatcher entry: ``fn(x2d, packed_tensors, group_size) -> out2d`` (bias is added by the caller).
-
-    The layout admits N multiples of 16, the kernel needs multiples of 64: such layers take the dequantize +
-    matmul path instead of failing."""
-    k, n = x2d.shape[1], packed["scales"].shape[1]
-    if n % 64 or k % 64 or x2d.dtype != packed["scales"].dtype:
-        from quick.packing.layouts import get_layout
-
-        w = get_layout(LAYOUT).unpack(packed, k, n, group_size).dequantize(x2d.dtype)
-        return x2d @ w.to(x2d.device)
-    return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)
-
-
-def _available(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)
-
-
-# True once the kernel has passed the device correctness matrix (docs/sm90_notes.md, run 3: all three pipelines,
-# fp16 and bf16, 0 failures of 522 + extras, 180 GPU tests); an unverified kernel is never offered to the
-# dispatcher. Set back to False for any kernel change that has not been through scripts/sm90_check.py again.
-VERIFIED_ON_DEVICE = True
-
-
-def _register_with_dispatcher() -> None:
-    """Offer this kernel for layout 'quick_sm90' through the dispatcher's registry, if it has one yet."""
-    if not VERIFIED_ON_DEVICE:
-        return
-    from quick.kernels import dispatch
-
-    register = getattr(dispatch, "register_kernel", None)
-    if register is None:
-        return
-    register(LAYOUT, kernel_fn, _available, priority=100, name="quick_sm90")
-
-
-_register_with_dispatcher()

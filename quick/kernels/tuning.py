@@ -20,7 +20,6 @@ there: ``$QUICK_TUNING_DIR`` or ``~/.cache/quick/tables``), then in the package.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import warnings
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from quick import settings
 
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
 # kernels per layout; config fields: the dataclass fields of Sm90Config / DecConfig, {"name": ...} for gemm / gemv
@@ -48,28 +49,6 @@ class Choice:
     us: float | None = None
 
 
-def env_max_m(name: str = "QUICK_DEC_MAX_M", default: int = 0) -> int:
-    """A batch-size switch from the environment (``default`` when unset): a non-negative integer, else ``default``
-    with a warning (a typo must not stop the kernel module from importing, which would silently send every layer to
-    the reference path)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-        if value < 0:
-            raise ValueError
-        return value
-    except ValueError:
-        warnings.warn(f"{name}={raw!r} is not a non-negative integer; using {default}", RuntimeWarning, stacklevel=2)
-        return default
-
-
-def env_is_set(name: str = "QUICK_DEC_MAX_M") -> bool:
-    """Whether the user set the switch: then it forces the decode kernel up to its M, before any measured table."""
-    return bool(os.environ.get(name, "").strip())
-
-
 def gpu_key(name: str) -> str:
     """File stem for a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -77,7 +56,7 @@ def gpu_key(name: str) -> str:
 
 def user_folder() -> Path:
     """Where ``quick tune`` writes by default: ``$QUICK_TUNING_DIR``, else ``~/.cache/quick/tables``."""
-    return Path(os.environ.get("QUICK_TUNING_DIR") or Path.home() / ".cache" / "quick" / "tables")
+    return settings.tuning_dir()
 
 
 def _folders() -> tuple[Path, ...]:
@@ -145,10 +124,10 @@ _LOOKUPS: dict[tuple, Choice | None] = {}
 def lookup(layout: str, device: torch.device, m: int, n: int, k: int, group_size: int) -> Choice | None:
     """The measured choice for this call, or None (no table for the GPU, shape not measured, group size not 128,
     tables turned off)."""
-    if os.environ.get("QUICK_TUNING", "1") == "0" or group_size != 128 or m <= 0:
+    if not settings.tables_enabled() or group_size != 128 or m <= 0:
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    key = (layout, idx, m, n, k, os.environ.get("QUICK_TUNING_DIR"))
+    key = (layout, idx, m, n, k, str(settings.tuning_dir()))
     hit = _LOOKUPS.get(key, False)
     if hit is not False:
         return hit

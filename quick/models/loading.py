@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from quick import settings
 from quick.data.corpus import DATA_PACKAGES, MODEL_MODULE, package_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,8 +44,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def cache_root() -> Path:
     """``$QUICK_CACHE_DIR`` or ``~/.cache/quick`` (shared with the kernel cache)."""
-    root = os.environ.get("QUICK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "quick")
-    return Path(root)
+    return settings.cache_dir()
 
 
 def smollm2_gguf_path() -> Path:

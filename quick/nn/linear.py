@@ -64,6 +64,8 @@ class QuickLinear(nn.Module):
         for name, spec in lay.tensor_specs(in_features, out_features, group_size).items():
             self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype or dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        # input permutation (act-order checkpoints: rows sorted by group), applied first in forward; None = identity
+        self.register_buffer("perm", None)
 
     @property
     def layout(self) -> Layout:
@@ -144,6 +146,8 @@ class QuickLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.perm is not None:
+            x = x[..., : self.logical_in_features].index_select(-1, self.perm)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
         if self.backend != "reference" and x.is_cuda:
@@ -163,32 +167,22 @@ class QuickLinear(nn.Module):
 
     def fuses(self, m: int, device: torch.device, dtype: torch.dtype, act: str = "", norm: bool = False) -> bool:
         """Whether :meth:`forward_gated` (``act``) / :meth:`forward_add_norm` (``norm``) on ``m`` rows would be one
-        kernel: CUDA, layout ``quick_sm90`` through the dispatcher's sm90 entry, no padding or cast hooks, the
-        fusions switched on (:mod:`quick.kernels.quick_dec`), and the route a decode kernel config with that variant.
-        Callers that would otherwise run the steps compiled (the fast decode step) ask first."""
-        from quick.kernels import quick_dec
+        kernel (:func:`quick.kernels.select.fused_choice`): CUDA, no padding or cast hooks, and the chosen kernel a
+        decode config with that variant. Callers that would otherwise run the steps compiled (the fast decode step)
+        ask first."""
+        if not (act or norm) or torch.device(device).type != "cuda" or self.backend == "reference":
+            return False
+        if self.perm is not None:  # the fused kernels read the input unpermuted
+            return False
+        if self.logical_in_features != self.in_features or dtype != self.dtype:
+            return False
+        if getattr(self, "_quick_cast_hooks", ()):
+            return False
+        from quick.kernels import select
 
-        on = (not act or quick_dec.act_fusion_enabled()) and (not norm or quick_dec.norm_fusion_enabled())
-        if not (
-            on
-            and (act or norm)
-            and torch.device(device).type == "cuda"
-            and self.layout_name == "quick_sm90"
-            and self.backend != "reference"
-            and self.logical_in_features == self.in_features
-            and dtype == self.dtype
-            and not getattr(self, "_quick_cast_hooks", ())
-        ):
-            return False
-        from quick.kernels import dispatch, quick_sm90
-
-        # the sm90 entry is the layout's highest-priority one: registered (verified) and available, it is the route
-        if not any(e.fn is quick_sm90.kernel_fn for e in dispatch.registered(self.layout_name)):
-            return False
-        if not quick_sm90.is_available(device):
-            return False
-        return quick_sm90.fuses(torch.device(device), m, self.out_features, self.in_features, self.group_size,
-                                bool(act), norm)  # fmt: skip
+        g = self.in_features if self.group_size == -1 else self.group_size
+        p = select.Problem(self.layout_name, m, self.out_features, self.in_features, g, dtype, torch.device(device))
+        return select.fused_choice(p, bool(act), norm) is not None
 
     def forward_gated(self, gu: torch.Tensor, act: str = "silu") -> torch.Tensor:
         """``self(act(gate) * up)`` for a gated MLP's gate/up product ``gu = [gate | up]`` (``[..., 2K]``): one kernel

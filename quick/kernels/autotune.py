@@ -1,0 +1,156 @@
+"""Kernel choices timed at first use and kept on disk per GPU, for shapes no measured table covers.
+
+The first eager call of a (layout, K, N, group size, dtype) at a batch bucket (the power of two at or above M) times the
+few plausible candidates of :mod:`quick.kernels.select` on its own inputs, keeps the fastest one whose output agrees
+with the model's choice, and writes it to ``<QUICK_TUNING_DIR>/<gpu>.autotune.json`` (entries in the format of the
+measured tables, :mod:`quick.kernels.tuning`), so later processes on this GPU start with it. Nothing is timed while a
+CUDA graph is being captured: the caller then takes the model's choice for that call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from quick import settings
+from quick.kernels import tuning
+
+FLUSH_BYTES = 128 * 1024 * 1024  # more than any L2 here, and ~40 us of GPU work that hides the Python launch cost
+REPS = 10
+AGREE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}  # split-k and tile order change the rounding, not the result
+
+_LOCK = threading.Lock()
+_MEM: dict[Path, dict[tuple, dict]] = {}
+
+
+def bucket(m: int) -> int:
+    """The batch bucket of ``m`` rows: the power of two at or above it."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def path_for(device: torch.device) -> Path:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return settings.tuning_dir() / f"{tuning.gpu_key(torch.cuda.get_device_name(idx))}.autotune.json"
+
+
+def _key(layout: str, k: int, n: int, m: int, group_size: int, dtype: torch.dtype) -> tuple:
+    return (layout, k, n, bucket(m), group_size, str(dtype).removeprefix("torch."))
+
+
+def _entry_key(e: dict) -> tuple:
+    return (e["layout"], int(e["K"]), int(e["N"]), int(e["M"]), int(e["group_size"]), e["dtype"])
+
+
+def _load(path: Path) -> dict[tuple, dict]:
+    hit = _MEM.get(path)
+    if hit is not None:
+        return hit
+    entries: dict[tuple, dict] = {}
+    if path.is_file():
+        try:
+            for e in json.loads(path.read_text())["entries"]:
+                entries[_entry_key(e)] = e
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"ignoring the autotune cache {path}: {err}", RuntimeWarning, stacklevel=3)
+            entries = {}
+    _MEM[path] = entries
+    return entries
+
+
+def lookup(
+    device: torch.device, layout: str, k: int, n: int, m: int, group_size: int, dtype: torch.dtype
+) -> dict | None:
+    """The cached entry (``kernel``, ``config``, ``splits``, ``us``) for this problem's bucket, or None."""
+    with _LOCK:
+        return _load(path_for(device)).get(_key(layout, k, n, m, group_size, dtype))
+
+
+def record(device: torch.device, layout: str, k: int, n: int, m: int, group_size: int, dtype: torch.dtype,
+           entry: dict) -> None:  # fmt: skip
+    """Keep ``entry`` in memory and on disk (merged with what other processes wrote; atomic replace)."""
+    path = path_for(device)
+    key = _key(layout, k, n, m, group_size, dtype)
+    full = {"layout": layout, "K": k, "N": n, "M": key[3], "group_size": group_size, "dtype": key[5], **entry}
+    with _LOCK:
+        mine = _load(path)
+        mine[key] = full
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                try:
+                    for e in json.loads(path.read_text())["entries"]:
+                        mine.setdefault(_entry_key(e), e)
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass  # a corrupt file is replaced by what this process knows
+            body = {
+                "gpu": torch.cuda.get_device_name(device),
+                "torch": torch.__version__,
+                "entries": list(mine.values()),
+            }
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, indent=0)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as err:  # a read-only home must not stop inference: the choice stays in memory
+            warnings.warn(f"could not write the autotune cache {path}: {err}", RuntimeWarning, stacklevel=3)
+
+
+def clear_memory() -> None:
+    """Forget what was loaded (tests; after the folder setting changed)."""
+    with _LOCK:
+        _MEM.clear()
+
+
+def time_candidates(
+    run: Callable[[object, torch.Tensor], torch.Tensor],
+    candidates: list,
+    out_shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[float | None]:
+    """Median microseconds of ``run(candidate, out)`` per candidate, the L2 flushed before each repetition; None for
+    a candidate that failed or whose output disagrees with the first candidate's (the reference: the model's pick)."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+    ref: torch.Tensor | None = None
+    times: list[float | None] = []
+    for i, cand in enumerate(candidates):
+        out = torch.empty(out_shape, dtype=dtype, device=device)
+        try:
+            run(cand, out)
+            torch.cuda.synchronize(device)
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot launch here is skipped, not fatal
+            warnings.warn(f"autotune: candidate {cand} failed: {err}", RuntimeWarning, stacklevel=2)
+            times.append(None)
+            continue
+        o = out.double()
+        if not torch.isfinite(o).all():
+            times.append(None)
+            continue
+        if i == 0:
+            ref = o
+        elif ref is not None:
+            err = float((o - ref).norm() / ref.norm().clamp_min(1e-30))
+            if err > AGREE.get(dtype, 3e-2):
+                msg = f"autotune: candidate {cand} disagrees with the model's choice ({err:.2e})"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                times.append(None)
+                continue
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            run(cand, out)
+            end.record()
+        torch.cuda.synchronize(device)
+        ts = sorted(s.elapsed_time(e) * 1000.0 for s, e in events)
+        times.append(ts[len(ts) // 2])
+    del flush
+    return times

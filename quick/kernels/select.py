@@ -1,0 +1,438 @@
+"""Which kernel runs a packed W4A16 product: the one place that decides (design: docs/selection.md).
+
+Every kernel implements :class:`Kernel`: whether it can run a :class:`Problem` (and if not, why), the configurations
+worth timing, the model's pick, and the launch. :func:`choose` decides for every caller (the layers' ops, the fused
+decode-path entry points, the benchmarks), in one order:
+
+1. ``QUICK_KERNEL`` (:mod:`quick.settings`): an explicit override;
+2. the measured table for this GPU (:mod:`quick.kernels.tuning`, written by ``quick tune``);
+3. the autotune cache: the few plausible candidates timed at the first eager call of a shape and batch bucket, kept
+   on disk per GPU (:mod:`quick.kernels.autotune`);
+4. the model: the decode kernel up to :data:`DEC_MODEL_MAX_M` rows, then the layout's GEMM with its tile per batch
+   size and the split-k model. It generalizes to any shape; the steps above only make it faster.
+
+Callers that must pick a kernel themselves (tests, ``quick tune``) call :func:`launch` with a :class:`Choice`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from quick import settings
+from quick.kernels import autotune, tuning
+from quick.kernels import quick_dec as qd
+from quick.kernels import quick_mma as qm
+from quick.kernels import quick_sm90 as sm
+
+LAYOUTS = ("quick_sm90", "quick")
+# Up to this many rows the model picks the decode kernel: at M <= 8 it beat the GEMMs on every layer shape measured
+# (H200, 8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4 for the wgmma GEMM), at M = 16 on
+# half of them.
+DEC_MODEL_MAX_M = 8
+MAX_CANDIDATES = 10  # timed at first use per shape and bucket: a few milliseconds once the kernels are built
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One product ``x [M, K] @ dequant(W [K, N])`` of a packed ``layout`` (``group_size`` resolved: K if
+    per-channel)."""
+
+    layout: str
+    m: int
+    n: int
+    k: int
+    group_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A kernel with its config (None: the kernel's default for M), split count (None: its split model) and, for
+    the wgmma GEMM, the persistent grid's round cap; ``source`` says which step of :func:`choose` made it."""
+
+    kernel: str
+    config: object | None = None
+    splits: int | None = None
+    rounds: int | None = None
+    source: str = "model"
+
+    def describe(self) -> str:
+        cfg = "default" if self.config is None else _fields(self.config)
+        split = "auto" if self.splits is None else str(self.splits)
+        return f"{self.kernel}[{cfg}] splits={split} ({self.source})"
+
+
+def _fields(config: object) -> str:
+    if isinstance(config, str):
+        return config
+    if dataclasses.is_dataclass(config):
+        return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+    return repr(config)
+
+
+class Kernel:
+    """The interface every W4A16 kernel implements."""
+
+    name: str = ""
+    layouts: tuple[str, ...] = ()
+
+    def why_not(self, p: Problem) -> str | None:
+        """None if the kernel can run ``p``, else the reason it cannot."""
+        raise NotImplementedError
+
+    def model(self, p: Problem) -> Choice | None:
+        """The model's choice with this kernel, or None where the model would not use it."""
+        raise NotImplementedError
+
+    def default(self, p: Problem) -> Choice:
+        """This kernel with its own default config for ``p`` (an override or a table entry without a config)."""
+        return Choice(self.name)
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        """Configurations worth timing for ``p`` (the model's pick is timed first, separately)."""
+        raise NotImplementedError
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        """A config from a table entry's fields, or None if they do not describe a config that fits ``p``."""
+        raise NotImplementedError
+
+    def run(self, p: Problem, c: Choice, x, qweight, scales, zeros, bias, out) -> torch.Tensor:
+        """Launch on validated, dense, 16-byte aligned inputs (:func:`prepare`)."""
+        raise NotImplementedError
+
+
+class DecodeKernel(Kernel):
+    """``csrc/quick_dec.cu``: mma.sync over either layout, weights streamed through a cp.async ring, split over K."""
+
+    name = "dec"
+    layouts = qd.LAYOUTS
+
+    def why_not(self, p: Problem) -> str | None:
+        top = qd.MAX_M_BY_LAYOUT[p.layout]
+        if not 1 <= p.m <= top:
+            return f"takes 1 <= M <= {top} rows for {p.layout}, got {p.m}"
+        cfg = qd.default_config(p.layout, p.m)
+        if not cfg.supports(p.group_size):
+            return f"no variant for group size {p.group_size}"
+        if not qd.fits(cfg, p.m, p.n):
+            return f"N={p.n} is not a multiple of its {cfg.channels} channels per CTA"
+        return None
+
+    def model(self, p: Problem) -> Choice | None:
+        return Choice(self.name) if p.m <= DEC_MODEL_MAX_M else None
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        cands = qd.timing_candidates(p.layout, p.m, p.n, p.k, num_sms)
+        return [Choice(self.name, c, s) for c, s in cands if c.supports(p.group_size)]
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        try:
+            cfg = qd.DecConfig(**fields)
+        except (TypeError, ValueError):
+            return None
+        ok = qd.fits(cfg, p.m, p.n) and cfg.supports(p.group_size) and cfg.wb == qd.LAYOUTS.index(p.layout)
+        return cfg if ok else None
+
+    def run(self, p, c, x, qweight, scales, zeros, bias, out):
+        return qd.run_validated(p.layout, x, qweight, scales, zeros, bias, p.m, p.n, p.k, p.group_size, c.config,
+                                c.splits, out)  # fmt: skip
+
+
+class WgmmaKernel(Kernel):
+    """``csrc/quick_sm90.cu``: the Hopper GEMM, wgmma with the weight as the register operand, split-k / persistent."""
+
+    name = "wgmma"
+    layouts = ("quick_sm90",)
+
+    def why_not(self, p: Problem) -> str | None:
+        if p.device.type != "cuda" or qm.capability(p.device)[0] != 9:
+            return "needs an sm_90 GPU (H100 / H200)"
+        if not sm.is_available(p.device):
+            return "nvcc is not available to build it"
+        return None
+
+    def model(self, p: Problem) -> Choice | None:
+        cfg, rounds = sm.tuned_config(p.m, p.dtype, p.group_size)
+        return Choice(self.name, cfg, None, rounds)
+
+    def default(self, p: Problem) -> Choice:
+        return self.model(p)
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        if p.group_size != 128:
+            return []
+        tuned, rounds = sm.tuned_config(p.m, p.dtype, p.group_size)
+        base = sm.plan(p.m, p.n, p.k, num_sms, tuned, None, p.group_size, rounds).splits
+        out = [Choice(self.name, tuned, s) for s in sorted({base, 1, 2, 4} - {base})]
+        if p.m >= 64:  # the neighbouring token tiles, ring and weights-through-TMA pipelines
+            tiles = sorted({min(256, max(64, t)) for t in (p.m // 2, p.m, 2 * p.m)})
+            for nt in tiles:
+                for cfg in (sm.default_config(nt, 128, 0), sm.wtma_config(nt)):
+                    if cfg != tuned:
+                        out.append(Choice(self.name, cfg, None))
+        return out
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        try:
+            cfg = sm.Sm90Config(**fields)
+        except (TypeError, ValueError):
+            return None
+        return cfg if cfg.smem_bytes() <= sm.SMEM_LIMIT else None
+
+    def run(self, p, c, x, qweight, scales, zeros, bias, out):
+        return sm.launch_validated(x, qweight, scales, zeros, bias, p.m, p.n, p.k, p.group_size, c.config, c.splits,
+                                   c.rounds, out)  # fmt: skip
+
+
+class MmaGemmKernel(Kernel):
+    """``csrc/quick_mma.cu``: the paper's mma.sync GEMM over the ``quick`` layout, any sm_80+ GPU."""
+
+    name = "gemm"
+    layouts = ("quick",)
+
+    def why_not(self, p: Problem) -> str | None:
+        return None if qm.capability(p.device)[0] >= 8 else "needs an sm_80+ GPU"
+
+    def model(self, p: Problem) -> Choice | None:
+        return Choice(self.name)
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        names = [c.name for c in qm.GEMM_CONFIGS.values() if p.k % c.bks == 0 and (p.m <= 64 or c.bm >= 64)]
+        return [Choice(self.name, n, s) for n in names for s in (None, 2)][: MAX_CANDIDATES - 1]
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        name = fields.get("name")
+        return name if name in qm.GEMM_CONFIGS and p.k % qm.GEMM_CONFIGS[name].bks == 0 else None
+
+    def run(self, p, c, x, qweight, scales, zeros, bias, out):
+        return qm._run("gemm", x, qweight, scales, zeros, p.group_size, bias, c.config, c.splits, out)
+
+
+class MmaGemvKernel(Kernel):
+    """``csrc/quick_gemv.cu``: the ``quick`` layout's small-batch GEMV (M <= 8)."""
+
+    name = "gemv"
+    layouts = ("quick",)
+
+    def why_not(self, p: Problem) -> str | None:
+        if not 1 <= p.m <= qm.GEMV_MAX_M:
+            return f"takes 1 <= M <= {qm.GEMV_MAX_M} rows, got {p.m}"
+        return None if qm.capability(p.device)[0] >= 8 else "needs an sm_80+ GPU"
+
+    def model(self, p: Problem) -> Choice | None:
+        return None  # the decode kernel and the GEMM were as fast or faster on every shape measured
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        return [Choice(self.name, qm.gemv_config_for(p.group_size).name)]
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        name = fields.get("name")
+        return name if name in qm.GEMV_CONFIGS else None
+
+    def run(self, p, c, x, qweight, scales, zeros, bias, out):
+        return qm._run("gemv", x, qweight, scales, zeros, p.group_size, bias, c.config, c.splits, out)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (DecodeKernel(), WgmmaKernel(), MmaGemmKernel(), MmaGemvKernel())}
+# The model's order per layout: the first kernel that can run the problem and whose model wants it.
+MODEL_ORDER: dict[str, tuple[str, ...]] = {"quick_sm90": ("dec", "wgmma"), "quick": ("dec", "gemv", "gemm")}
+
+
+def kernels_for(layout: str) -> list[Kernel]:
+    if layout not in MODEL_ORDER:
+        raise ValueError(f"no W4A16 kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
+    return [KERNELS[name] for name in MODEL_ORDER[layout]]
+
+
+def reasons(p: Problem) -> list[tuple[str, str]]:
+    """Per kernel of the layout: ``(name, "ok" or why it cannot run p)``."""
+    return [(k.name, k.why_not(p) or "ok") for k in kernels_for(p.layout)]
+
+
+def explain(p: Problem) -> list[tuple[str, str]]:
+    """:func:`reasons`, then the choice made."""
+    return [*reasons(p), ("chosen", choose(p).describe())]
+
+
+def _model(p: Problem) -> Choice:
+    for kern in kernels_for(p.layout):
+        if kern.why_not(p) is None:
+            c = kern.model(p)
+            if c is not None:
+                return c
+    raise ValueError(f"no kernel can run {p}: " + "; ".join(f"{n}: {why}" for n, why in reasons(p)))
+
+
+def _override(p: Problem) -> Choice | None:
+    for name, max_m in settings.kernel_override():
+        kern = KERNELS[name]
+        if p.layout in kern.layouts and (not max_m or p.m <= max_m) and kern.why_not(p) is None:
+            return dataclasses.replace(kern.default(p), source="override")
+    return None
+
+
+def _from_entry(p: Problem, kernel: str, fields: dict, splits: int | None, source: str, rounds: int | None = None
+                ) -> Choice | None:  # fmt: skip
+    kern = KERNELS.get(kernel)
+    if kern is None or p.layout not in kern.layouts or kern.why_not(p) is not None:
+        return None
+    cfg = kern.config_from(p, fields) if fields else None
+    if fields and cfg is None:
+        return None
+    base = kern.default(p) if cfg is None else Choice(kernel, cfg, rounds=rounds)
+    return dataclasses.replace(base, splits=splits, source=source)
+
+
+def _from_table(p: Problem) -> Choice | None:
+    if not settings.tables_enabled():
+        return None
+    entry = tuning.lookup(p.layout, p.device, p.m, p.n, p.k, p.group_size)
+    if entry is None:
+        return None
+    return _from_entry(p, entry.kernel, entry.config, entry.splits, "table")
+
+
+def _from_autotune(p: Problem) -> Choice | None:
+    e = autotune.lookup(p.device, p.layout, p.k, p.n, p.m, p.group_size, p.dtype)
+    if e is None:
+        return None
+    return _from_entry(p, e.get("kernel", ""), e.get("config") or {}, e.get("splits"), "autotune", e.get("rounds"))
+
+
+def candidates(p: Problem) -> list[Choice]:
+    """The model's pick first (the reference for agreement), then alternatives taken in turn from each kernel that
+    can run ``p``, :data:`MAX_CANDIDATES` in all."""
+    nsm = qm.num_sms(p.device)
+    lists = [k.candidates(p, nsm) for k in kernels_for(p.layout) if k.why_not(p) is None]
+    out = [_model(p)]
+    for i in range(max(map(len, lists), default=0)):
+        for lst in lists:
+            if i < len(lst) and lst[i] not in out and len(out) < MAX_CANDIDATES:
+                out.append(lst[i])
+    return out
+
+
+def _fields_of(config: object) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, str):
+        return {"name": config}
+    return dataclasses.asdict(config)
+
+
+_CHOSEN: dict[tuple, Choice] = {}
+_TUNE_LOCK = threading.Lock()
+
+
+def _settings_key() -> tuple:
+    env = os.environ
+    return (env.get("QUICK_KERNEL"), env.get("QUICK_TUNING"), env.get("QUICK_TUNING_DIR"), env.get("QUICK_AUTOTUNE"))
+
+
+def choose(p: Problem, tensors: tuple | None = None) -> Choice:
+    """The kernel and config for ``p`` (module docstring: override, table, autotune cache, model). With ``tensors``
+    (``x, qweight, scales, zeros`` prepared for ``p``) a problem that nothing covers yet is timed now, unless
+    autotuning is off or a CUDA graph is being captured."""
+    key = (p, _settings_key())
+    hit = _CHOSEN.get(key)
+    if hit is not None:
+        return hit
+    c = _override(p) or _from_table(p) or _from_autotune(p)
+    cacheable = True
+    if c is None:
+        tunable = settings.autotune_enabled() and p.device.type == "cuda"
+        if tunable and tensors is not None and not torch.cuda.is_current_stream_capturing():
+            c = _tune(p, tensors)
+        else:
+            c = _model(p)
+            cacheable = not tunable  # a model pick made without timing must not stop the next eager call from timing
+    if cacheable:
+        if len(_CHOSEN) > 65536:
+            _CHOSEN.clear()
+        _CHOSEN[key] = c
+    return c
+
+
+def _tune(p: Problem, tensors: tuple) -> Choice:
+    x, qweight, scales, zeros = tensors
+    cands = candidates(p)
+    if len(cands) == 1:
+        return cands[0]
+    with _TUNE_LOCK:
+
+        def run(c: Choice, out: torch.Tensor) -> torch.Tensor:
+            return KERNELS[c.kernel].run(p, c, x, qweight, scales, zeros, None, out)
+
+        times = autotune.time_candidates(run, cands, (p.m, p.n), p.dtype, p.device)
+    timed = [(t, i) for i, t in enumerate(times) if t is not None]
+    if not timed:
+        return cands[0]
+    us, best = min(timed)
+    c = cands[best]
+    entry = {"kernel": c.kernel, "config": _fields_of(c.config), "splits": c.splits, "us": round(us, 2),
+             "candidates": len(timed)}  # fmt: skip
+    if c.rounds is not None and c.config is not None:
+        entry["rounds"] = c.rounds
+    autotune.record(p.device, p.layout, p.k, p.n, p.m, p.group_size, p.dtype, entry)
+    return dataclasses.replace(c, source="autotune")
+
+
+def clear() -> None:
+    """Forget the choices made in this process (after a table or the autotune cache changed)."""
+    _CHOSEN.clear()
+    tuning.clear_cache()
+    autotune.clear_memory()
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+
+def prepare(layout: str, x, qweight, scales, zeros, group_size, bias):
+    """The layout's validation (its exception types and messages); returns the :class:`Problem` and the inputs made
+    dense and aligned for the launch."""
+    if layout == "quick_sm90":
+        x, qweight, scales, zeros, bias, m, n, k, g = sm.prepare(x, qweight, scales, zeros, group_size, bias)
+    elif layout == "quick":
+        x = qm._dense_rows(x) if isinstance(x, torch.Tensor) and x.dim() == 2 else x
+        m, k, n, g = qm._prepare(x, qweight, scales, zeros, group_size, bias)
+    else:
+        raise ValueError(f"no W4A16 kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
+    return Problem(layout, m, n, k, g, x.dtype, x.device), (x, qweight, scales, zeros, bias)
+
+
+def matmul(layout: str, x, qweight, scales, zeros, group_size, bias=None, *, out=None, choice: Choice | None = None):
+    """``x [M, K] @ dequant(W) (+ bias)`` for weights packed in ``layout``, on the kernel :func:`choose` picks (or
+    ``choice``: tests and tuning pick one themselves)."""
+    p, (x, qweight, scales, zeros, bias) = prepare(layout, x, qweight, scales, zeros, group_size, bias)
+    if p.m == 0:
+        return x.new_empty((0, p.n)) if out is None else out
+    c = choice or choose(p, (x, qweight, scales, zeros))
+    return KERNELS[c.kernel].run(p, c, x, qweight, scales, zeros, bias, out)
+
+
+def describe(layer, m: int) -> str:
+    """The choice for ``m`` rows through a ``QuickLinear`` (benchmarks, ``quick explain``-style reports)."""
+    g = layer.in_features if layer.group_size == -1 else layer.group_size
+    p = Problem(layer.layout_name, m, layer.out_features, layer.in_features, g, layer.dtype, layer.qweight.device)
+    return choose(p).describe()
+
+
+def fused_choice(p: Problem, act: bool, norm: bool) -> Choice | None:
+    """The decode-kernel choice for ``p`` if it has the ``act`` / ``norm`` variants (the fused decode-path entry points
+    are then one launch), else None."""
+    if p.layout != "quick_sm90" or p.device.type != "cuda":
+        return None
+    if (act and not settings.fusion_enabled("act")) or (norm and not settings.fusion_enabled("norm")):
+        return None
+    c = choose(p)
+    if c.kernel != "dec":
+        return None
+    cfg = qd.launch_config(p.layout, p.m, c.config)
+    ok = (not act or qd.takes_act(cfg, p.m, p.group_size)) and (not norm or qd.takes_norm(cfg, p.m, p.group_size))
+    return c if ok else None
