@@ -22,7 +22,9 @@ eager call of each implementation at each (shape, M, dtype) is timed on its own 
 selection may time a few candidates there, and JIT compilation shows up there too. Every eager output is checked
 against an fp32 dequantize-then-matmul reference (TF32 off): ``max_rel_err`` = max |out - ref| / max |ref|,
 ``rel_err`` = relative Frobenius error, ``check`` = ``ok`` when ``rel_err`` is under ``quick.testing.REL_BOUND``.
-Every cell runs in its own ``try``: a failure becomes an ``"error"`` in its row and the run goes on.
+Every cell runs in its own ``try``: a failure becomes an ``"error"`` in its row and the run goes on (a lost CUDA
+context ends the run, outputs written). A cell whose graph capture fails is timed eagerly, marked ``"graph": false``
+and left out of the ratios.
 
 Order and budget: M values are visited in the order 1, 16, 128, 1024, 4096, 64, 2, 4, 8, 32, 256, 512, 2048 with
 all shapes (and both dtypes) inside each, so a run cut by ``--budget-s`` (no new cell starts after that many seconds
@@ -35,14 +37,18 @@ is a compile-time constant. With ``--humming-tuning per-m`` (default) each M get
 pick for that M (``humming.tune.get_heuristics_config(layer_config, shape_m=M, ...)``, passed as ``tuning_config``:
 the same kernel vLLM's interval table launches at that M), so only the kernels the grid uses are built;
 ``--humming-tuning all`` calls the layer exactly as vLLM does (no tuning config: every M interval of the layer is
-compiled at its first call). The kernels are compiled ahead by a separate process (``--compile-workers`` threads,
-priority: the order of the cells) into Humming's disk cache while cuBLAS and QUICK are timed; a Humming cell whose
-kernel is not built yet is deferred, not waited for. Humming's cache is ``$HUMMING_CACHE_DIR``, default
+compiled at its first call, about 90 kernels per shape and dtype on sm_90 with 0.1.19: for a few shapes only). The
+kernels are compiled ahead by a separate process (``--compile-workers`` threads, priority: the order of the cells)
+into Humming's disk cache while cuBLAS and QUICK are timed; a Humming cell whose kernel is not built yet is
+deferred, not waited for. Humming's cache is ``$HUMMING_CACHE_DIR``, default
 ``~/.humming/cache/`` (``--humming-cache DIR`` sets it; a fresh machine starts empty, so every kernel is compiled);
 ``compile_s`` in a Humming row is its kernel's compile time. Humming finds the CUDA toolkit through
 ``/usr/local/cuda``, ``/usr/local/cuda-*``, ``$CUDA_HOME``/``$CUDA_PATH`` or the ``nvidia`` pip packages (NVRTC
 library and headers of the CUDA major version torch was built with); ``CUDA_HOME=/usr/local/cuda`` is set here when
-unset and that folder exists. With torch >= 2.11 it loads its prebuilt launcher (no C++ build).
+unset and that folder exists. Its ``nvrtc_compile`` child has NVRTC open ``libnvrtc-builtins`` by name, so the folder
+of the NVRTC library it uses is appended to ``LD_LIBRARY_PATH`` for child processes (the pip ``nvidia`` packages need
+it). With torch >= 2.11 it loads its prebuilt launcher (no C++ build). Wheels for a machine without network:
+humming-kernels and cuda-bindings / cuda-pathfinder (``pip install --no-deps --target DIR``, then ``PYTHONPATH=DIR``).
 
 Outputs under ``--outdir`` (default benchmarks/results): ``kernel-shapes-<gpu>-<date>[-tag].json``
 (``{"gpu", "torch", "date", "humming_version", "quick_commit", "rows": [{"impl", "M", "K", "N", "dtype", "us",
@@ -84,6 +90,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+_PROCESS_START = time.monotonic()  # the budget of a command-line run counts from the start, imports included
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
@@ -410,7 +417,7 @@ OTHERS = {"cublas": "cuBLAS", "humming": "Humming"}
 def _usable(r: dict) -> bool:
     us = r.get("us")
     ok = isinstance(us, (int, float)) and not isinstance(us, bool) and math.isfinite(us) and us > 0
-    return ok and not r.get("error") and r.get("check") != "fail"
+    return ok and not r.get("error") and r.get("check") != "fail" and r.get("graph", True) is not False
 
 
 def ratio_cells(rows: Iterable[dict], other: str) -> list[dict]:
@@ -508,6 +515,7 @@ def summarize(rows: Iterable[dict]) -> dict:
             m = messages.setdefault(f"{r['impl']}: {msg}", {"count": 0, "first": r})
             m["count"] += 1
     fails = [r for r in rows if r.get("check") == "fail"]
+    eager = [r for r in rows if r.get("graph") is False]
     return {
         "threshold": THRESHOLD,
         "table": table,
@@ -516,6 +524,7 @@ def summarize(rows: Iterable[dict]) -> dict:
         "errors": errors,
         "error_messages": messages,
         "check_failures": fails,
+        "eager_rows": eager,
         "cells": {o: len(cs) for o, cs in cells.items()},
         "rows": len(rows),
     }
@@ -635,7 +644,7 @@ def render_markdown(
             choice = str(q.get("choice") or "") if q else ""
             lines.append(
                 f"| {label} | {who} | {m} | {_fmt_us(cb)} | {_fmt_us(q)} | {_fmt_us(h)} | {_fmt_ratio(rc)} | "
-                f"{_fmt_ratio(rh)} | {choice[:60]} |"
+                f"{_fmt_ratio(rh)} | {choice[:80]} |"
             )
     lines += ["", "## Errors", ""]
     if summary["error_messages"]:
@@ -655,6 +664,12 @@ def render_markdown(
         lines.append(
             f"- {r['impl']} {r['K']}x{r['N']} M={r['M']} {r['dtype']}: rel_err {r.get('rel_err')}, "
             f"max_rel_err {r.get('max_rel_err')}"
+        )
+    if summary["eager_rows"]:
+        lines.append(
+            f"{len(summary['eager_rows'])} rows were timed eagerly (their CUDA-graph capture failed) and are left out "
+            "of the ratios: "
+            + ", ".join(f"{r['impl']} {r['K']}x{r['N']} M={r['M']} {r['dtype']}" for r in summary["eager_rows"][:20])
         )
     for impl in IMPLS:
         errs = [r["max_rel_err"] for r in rows if r.get("impl") == impl and r.get("max_rel_err") is not None]
@@ -783,14 +798,15 @@ class Humming:
             self.error = f"humming unavailable: {type(e).__name__}: {e}"
 
     def build(self, awq: dict[str, torch.Tensor], k: int, n: int, dtype: torch.dtype) -> torch.nn.Module:
-        layer = self._layer_cls(
-            shape_n=n,
-            shape_k=k,
-            weight_config={"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True},
-            pad_n_to_multiple=HUMMING_PAD_N,
-            pad_k_to_multiple=HUMMING_PAD_K,
-            torch_dtype=dtype,
-        )
+        with torch.device(self.device):  # its parameters are allocated with torch.empty: straight on the GPU
+            layer = self._layer_cls(
+                shape_n=n,
+                shape_k=k,
+                weight_config={"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True},
+                pad_n_to_multiple=HUMMING_PAD_N,
+                pad_k_to_multiple=HUMMING_PAD_K,
+                torch_dtype=dtype,
+            )
         layer = layer.to(self.device)
         layer.load_from_tensors(awq)
         layer.transform()
@@ -839,6 +855,22 @@ def humming_choice(cfg: dict) -> str:
 # ---------------------------------------------------------------------------------------------- compile server
 
 
+def expose_nvrtc_builtins() -> str | None:
+    """Humming's ``nvrtc_compile`` child process has NVRTC dlopen ``libnvrtc-builtins`` by name: append the folder
+    of the NVRTC library Humming picked to ``LD_LIBRARY_PATH``. Only processes started afterwards see it (the loader
+    of a running process reads the variable once), and appending changes no library already found."""
+    try:
+        from humming.utils.nvrtc import get_nvrtc_library_path
+
+        folder = os.path.dirname(get_nvrtc_library_path())
+    except Exception:  # noqa: BLE001 - Humming reports a missing NVRTC itself at its first compile
+        return None
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if folder not in paths:
+        os.environ["LD_LIBRARY_PATH"] = ":".join([*paths, folder])
+    return folder
+
+
 def _humming_prepare(layer: str, compute: str, tuning: str | None, device: int) -> None:
     from humming.kernel.humming import HummingKernel
 
@@ -853,8 +885,10 @@ def _compile_server(jobs: Any, done: Any, env: dict, workers: int, device: int, 
     try:
         if compile_fn is None:
             torch.cuda.set_device(device)
+            torch.zeros(1, device=f"cuda:{device}")  # the CUDA context and its libraries first
             import humming  # noqa: F401
 
+            expose_nvrtc_builtins()
             compile_fn = _humming_prepare
     except BaseException as e:  # noqa: BLE001
         done.put(("__fatal__", f"{type(e).__name__}: {e}", 0.0))
@@ -1096,11 +1130,17 @@ def _cpu_time_us(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> f
 class Runner:
     """The benchmark loop: cells in plan order, Humming cells deferred until their kernel is built, budget, outputs."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        device: torch.device,
+        log: Callable[[str], None] = print,
+        t0: float | None = None,
+    ) -> None:
         self.args, self.device, self.log = args, device, log
         self.shapes: list[Shape] = list(args.shapes)
         self.rows: list[dict] = []
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if t0 is None else t0  # the budget counts from here
         budget = args.budget_s or 0
         self.deadline = self.t0 + budget if budget > 0 else math.inf
         self.cuda = device.type == "cuda"
@@ -1131,6 +1171,8 @@ class Runner:
         self.preferred = None
         self.humming: Humming | None = None
         self.server: CompileServer | None = None
+        self.broken: str | None = None  # set when the CUDA context is lost: the run stops
+        self.logged: dict[str, int] = {}
 
     # -- setup
 
@@ -1151,6 +1193,12 @@ class Runner:
                     self.server = CompileServer(self.args.compile_workers, idx, env)
                 except Exception as e:  # noqa: BLE001
                     self.log(f"[shapes] no compile process ({type(e).__name__}: {e}); Humming compiles inline")
+            if not self.humming.error:
+                folder = expose_nvrtc_builtins()  # after the compile process started: it does this itself
+                self.log(
+                    f"[shapes] humming {self.humming.version}, NVRTC from {folder}, kernel cache "
+                    f"{os.environ.get('HUMMING_CACHE_DIR', '~/.humming/cache/')}"
+                )
 
     # -- problems and inputs
 
@@ -1231,10 +1279,18 @@ class Runner:
         tuning = self.humming.tuning_string(cfg)
         return lambda: self.humming.call(part, x, tuning)
 
-    def time_us(self, fn: Callable[[], object]) -> float:
+    def time_us(self, fn: Callable[[], object], row: dict) -> float:
+        """bench_us over the CUDA-graph replay of ``fn``; eager (Python launch included) if the capture fails, which
+        the row then says (``graph: false`` and the capture error in ``note``), as benchmarks/kernel.py does."""
         if not self.cuda:
             return _cpu_time_us(fn, self.args.warmup_ms, self.args.rep_ms)
-        replay = common.graphed(fn)
+        try:
+            replay = common.graphed(fn)
+        except Exception as e:  # noqa: BLE001
+            torch.cuda.synchronize(self.device)  # raises (and ends the run) if the context did not survive
+            row["graph"] = False
+            row["note"] = f"graph capture failed, eager timing: {type(e).__name__}: {e}"[:500]
+            replay = fn
         try:
             return common.bench_us(replay, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms)
         finally:
@@ -1288,13 +1344,19 @@ class Runner:
                     raise RuntimeError(f"output shape {tuple(out.shape)}, expected {(m, s.N)}")
                 row.update(errors_vs(out, ref[0], DTYPES[dt]))
             del out
-            row["us"] = round(self.time_us(fn), 3)
+            row["us"] = round(self.time_us(fn, row), 3)
         except Exception as e:  # noqa: BLE001 - the row records it; the run goes on
             row["error"] = f"{type(e).__name__}: {e}"[:1000]
-            self.log(f"[shapes] {impl} {s.key} M={m} {dt}: {row['error'].splitlines()[0][:300]}")
+            first = row["error"].splitlines()[0][:300]
+            seen = self.logged.get(f"{impl}:{first[:80]}", 0)
+            self.logged[f"{impl}:{first[:80]}"] = seen + 1
+            if seen < 3:  # the same error on every cell is logged thrice; the JSON rows carry every one
+                self.log(f"[shapes] {impl} {s.key} M={m} {dt}: {first}")
             if self.cuda:
-                with contextlib.suppress(Exception):
+                try:
                     torch.cuda.synchronize(self.device)
+                except Exception as e2:  # noqa: BLE001 - a sticky error: every later cell would fail too
+                    self.broken = f"{type(e2).__name__}: {e2}"[:300]
         return row
 
     def quick_choice(self, layer: Any, m: int) -> str:
@@ -1310,7 +1372,7 @@ class Runner:
     # -- loop
 
     def over_budget(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.broken is not None or time.monotonic() > self.deadline
 
     def visit(self, m: int, si: int, only: Sequence[tuple[str, str]] | None = None) -> None:
         """Run the cells of shape ``si`` at ``m`` (every dtype x impl, or just ``only``); defer unbuilt Humming."""
@@ -1394,10 +1456,10 @@ class Runner:
         )
         for sk in SKIPPED:
             self.log(f"[shapes] skipped {sk['model']}:{sk['layer']} {sk['K']}x{sk['N']}: {sk['reason']}")
-        self.setup()
         visits = list(dict.fromkeys((m, si) for m, si, _ in plan))
         done_visits = 0
         try:
+            self.setup()
             for i, (m, si) in enumerate(visits):
                 if self.over_budget():
                     break
@@ -1414,6 +1476,8 @@ class Runner:
             remaining = len(visits) - done_visits
             self.not_run = remaining * len(self.args.dtypes) * len(self.args.impls) + len(self.deferred)
             self.status = "complete" if self.not_run == 0 else f"stopped at the {self.args.budget_s:.0f} s budget"
+            if self.broken:
+                self.status = f"aborted, CUDA context lost ({self.broken})"
         except KeyboardInterrupt:
             remaining = len(visits) - done_visits
             self.not_run = remaining * len(self.args.dtypes) * len(self.args.impls) + len(self.deferred)
@@ -1481,7 +1545,7 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None, device: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None, device: str | None = None, t0: float | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for s in args.shapes:
@@ -1503,8 +1567,8 @@ def main(argv: Sequence[str] | None = None, device: str | None = None) -> int:
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, _sigterm)
     with torch.no_grad():
-        return Runner(args, dev).run()
+        return Runner(args, dev, t0=t0).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(t0=_PROCESS_START))

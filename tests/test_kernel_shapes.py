@@ -303,6 +303,74 @@ def test_cpu_run_stopped_by_the_budget_still_writes(tmp_path):
     assert "planned cells not run" in next(tmp_path.glob("*.md")).read_text()
 
 
+class _FakeHumming:
+    """Humming's adapter interface on CPU: the layer is the dequantized AWQ weight, configs name M."""
+
+    error = None
+    version = "fake"
+    compute = "{}"
+
+    def build(self, awq, k, n, dtype):
+        w = get_layout("awq_gemm").unpack(awq, k, n, 128).dequantize(torch.float32)
+        return lambda x: (x.float() @ w).to(x.dtype)
+
+    def layer_config(self, layer):
+        return "layer"
+
+    def config_for(self, layer, m):
+        if m == 16:
+            raise ValueError("no config")
+        return {"mma_type": "mma", "block_shape": [m, 64, 64], "warp_shape": [m, 32, 32], "num_stages": 2}
+
+    def tuning_string(self, cfg):
+        return json.dumps(cfg)
+
+    def call(self, layer, x, tuning):
+        return layer(x)
+
+
+def _slow_compile(layer, compute, tuning, device):
+    time.sleep(0.3)
+
+
+def test_humming_cells_wait_for_their_kernel_and_run_later(tmp_path):
+    class FakeRunner(ks.Runner):
+        def setup(self):
+            self.humming = _FakeHumming()
+            self.server = ks.CompileServer(workers=1, device=0, env={}, compile_fn=_slow_compile)
+
+    argv = ["--shapes", "256x128", "384x192", "--m", "1", "16", "4", "--outdir", str(tmp_path), "--rep-ms", "1",
+            "--budget-s", "0"]  # fmt: skip
+    runner = FakeRunner(ks.parse_args(argv), torch.device("cpu"), log=lambda msg: None)
+    assert runner.run() == 0 and runner.status == "complete" and runner.not_run == 0
+    rows = runner.rows
+    hum = [r for r in rows if r["impl"] == "humming"]
+    assert len(rows) == 2 * 3 * 2 * 3 and len(hum) == 12
+    assert rows.index(hum[0]) > 3  # deferred: the first Humming row comes after other cells
+    for r in hum:
+        if r["M"] == 16:
+            assert "no config" in r["error"]
+        else:
+            assert r["us"] > 0 and r["check"] == "ok" and r["compile_s"] >= 0.25 and r["choice"].startswith("mma b")
+    assert not runner.server.proc.is_alive()
+    s = ks.summarize(rows)
+    assert s["cells"]["humming"] == 8 and s["errors"] == {"humming": 4}
+
+
+def test_eager_rows_are_left_out_of_ratios():
+    rows = [_row("quick", 1, 10.0), _row("cublas", 1, 30.0, graph=False), _row("humming", 1, 12.0)]
+    s = ks.summarize(rows)
+    assert s["cells"] == {"cublas": 0, "humming": 1} and len(s["eager_rows"]) == 1
+    assert "timed eagerly" in ks.render_markdown(META, rows, [], RUN, s)
+
+
+def test_humming_choice_names_the_config():
+    cfg = {"block_shape": [176, 256, 64], "mma_type": "wgmma", "multi_cast_size_a": 2, "num_stages": 4,
+           "use_stream_k": True, "use_tma": True, "use_warp_spec": True, "warp_shape": [176, 32, 64]}  # fmt: skip
+    assert ks.humming_choice(cfg) == "wgmma b176x256x64 w176x32x64 st4 streamk ws tma"
+    assert ks.humming_choice({}).startswith("?")
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
