@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="per-m",
         help="per-m: the heuristics' config of each M as tuning_config; all: no tuning_config (every M interval)",
     )
-    p.add_argument("--compile-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="Humming builds")
+    p.add_argument("--compile-workers", type=int, default=max(1, (os.cpu_count() or 2) - 4), help="Humming builds")
     p.add_argument("--no-prefetch", action="store_true", help="compile Humming kernels inline, at first call")
     p.add_argument("--cache-gb", type=float, default=40.0, help="GPU memory for weights kept between M passes")
     p.add_argument("--list", action="store_true", help="print the shapes and the plan, then exit")
@@ -570,9 +570,14 @@ def render_markdown(
         "",
         f"{meta.get('gpu')}, torch {meta.get('torch')}, humming-kernels {meta.get('humming_version')}, "
         f"quick {meta.get('quick_commit')}, {meta.get('date')}. Group size {GROUP}, random weights with zero points "
-        f"(the same codes for every implementation), M in {run.get('ms')}, dtypes {run.get('dtypes')}. Median of "
-        f"do_bench (L2 flushed) over CUDA-graph replays, warm-up {run.get('warmup_ms')} ms, repetitions "
-        f"{run.get('rep_ms')} ms. Humming: AutoAWQ GEMM tensors through HummingLayer (quant_method awq, vLLM's "
+        f"(the same codes for every implementation), M in {run.get('ms')}, dtypes {run.get('dtypes')}. "
+        + (
+            "CPU smoke run: wall-clock medians of eager calls, no CUDA graphs. "
+            if meta.get("gpu") == "cpu"
+            else f"Median of do_bench (L2 flushed) over CUDA-graph replays, warm-up {run.get('warmup_ms')} ms, "
+            f"repetitions {run.get('rep_ms')} ms. "
+        )
+        + f"Humming: AutoAWQ GEMM tensors through HummingLayer (quant_method awq, vLLM's "
         f"padding and compute config), tuning {run.get('humming_tuning')}.",
         "",
         f"Ratios are quick's speedup, the other's time / quick's time (> 1: quick faster); a cell is counted under "
@@ -588,7 +593,7 @@ def render_markdown(
     def band_table(dt: str) -> None:
         lines.extend(
             [
-                "| M band | shapes | cells | vs cuBLAS geomean | worst | < 0.95x | cells | vs Humming geomean "
+                "| M band | group | cells | vs cuBLAS geomean | worst | < 0.95x | cells | vs Humming geomean "
                 "| worst | < 0.95x |",
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
@@ -693,6 +698,7 @@ def plot_png(path: Path, meta: dict, rows: list[dict]) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ms = sorted({c["M"] for cs in cells.values() for c in cs})
     pos = {m: i for i, m in enumerate(ms)}
@@ -718,6 +724,15 @@ def plot_png(path: Path, meta: dict, rows: list[dict]) -> bool:
         ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.axhline(THRESHOLD, color="r", ls=":", lw=1)
         ax.set_yscale("log")
+        values = [c["ratio"] for c in cs] or [1.0]
+        lo, hi = min(0.5, min(values) / 1.2), max(2.0, max(values) * 1.2)
+        ax.set_ylim(lo, hi)
+        ticks = [0.1, 0.25, 0.5, 0.75, 0.95, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100]
+        ax.set_yticks([t for t in ticks if lo <= t <= hi])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        if not cs:
+            ax.text(0.5, 0.7, "no cells", transform=ax.transAxes, ha="center")
         ax.set_xticks(range(len(ms)), [str(m) for m in ms])
         ax.set_xlabel("M")
         ax.set_ylabel(f"{label} time / quick time")
@@ -1134,10 +1149,11 @@ class Runner:
         self,
         args: argparse.Namespace,
         device: torch.device,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
         t0: float | None = None,
     ) -> None:
-        self.args, self.device, self.log = args, device, log
+        self.args, self.device = args, device
+        self.log = log or (lambda msg: print(msg, flush=True))
         self.shapes: list[Shape] = list(args.shapes)
         self.rows: list[dict] = []
         self.t0 = time.monotonic() if t0 is None else t0  # the budget counts from here
