@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import DTYPES, M_ALL, require_sm90
 
+from quick.kernels import ops
 from quick.packing.layouts import pack_w4a8_sm90
 from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 
@@ -165,7 +166,7 @@ def test_op_and_dispatcher_entry(g):
     x = torch.randn(9, 1024, device="cuda").half()
     y = torch.ops.quick.gemm_w4a8_sm90(x, p["qweight"], p["channel_scale"], p["group_scale"], None, 128, widen)
     _check(y, w4a8_reference(x, w), torch.float16)
-    y2 = w8.kernel_fn(x, p, 128, widen=widen)
+    y2 = ops.linear_w4a8_sm90(x, p, 128, widen=widen)
     assert torch.equal(y, y2)
 
 

@@ -147,7 +147,7 @@ def test_reasons_say_why_a_kernel_cannot_run(table_dir):
     why = dict(select.reasons(p))
     assert "1 <= M <= 64" in why["dec"] and why["wgmma"] == "ok"
     assert select.explain(p)[-1][0] == "chosen"
-    with pytest.raises(ValueError, match="no W4A16 kernels for layout"):
+    with pytest.raises(ValueError, match="no kernels for layout"):
         select.kernels_for("awq_gemm")
 
 

@@ -1,17 +1,14 @@
-"""Pick the GPU kernel for a packed layout and an input; ``None`` means "use the reference path".
+"""The op a packed layout's layer calls on an input, or ``None`` ("use the reference path").
 
-A small registry: any module can offer a kernel for a layout with :func:`register_kernel`; the highest
-priority entry whose ``available(x)`` is true wins. The built-in QUICK mma.sync kernel registers for layout
-``quick``; optional kernel modules listed in ``OPTIONAL_MODULES`` (the Hopper wgmma kernel,
-``quick.kernels.quick_sm90``) are imported lazily on the first lookup, if they exist, and register themselves.
+A small registry from layout to the entry of its ``torch.library`` op (:mod:`quick.kernels.ops`): the highest
+priority entry whose ``available(x)`` is true wins; the built-in layouts register on the first lookup, and other
+code may offer an entry with :func:`register_kernel`. Which kernel and configuration runs inside the op is
+:mod:`quick.kernels.select`'s choice.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +16,6 @@ import torch
 
 KernelFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
 Available = Callable[[torch.Tensor], bool]
-
-OPTIONAL_MODULES = ("quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90")
 
 
 @dataclass(frozen=True)
@@ -67,8 +62,7 @@ def registered(layout: str | None = None) -> list[KernelEntry]:
 
 
 def _load_builtin() -> None:
-    """Register the built-in kernel and import the optional kernel modules once (lazily: importing this
-    module must stay cheap and must not need CUDA)."""
+    """Register the built-in entries once (lazily: importing this module must stay cheap and must not need CUDA)."""
     global _LOADED
     if _LOADED:
         return
@@ -76,17 +70,14 @@ def _load_builtin() -> None:
         if _LOADED:
             return
         _LOADED = True
-        from quick.kernels import ops, quick_mma, quick_sm90
+        from quick.kernels import ops, quick_mma, quick_sm90, quick_w4a8, quick_w4a8_sm90
 
         register_kernel("quick", ops.linear_fn, quick_mma.is_available, priority=10, name="quick_mma")
         register_kernel("quick_sm90", ops.linear_fn_sm90, quick_sm90.takes_input, priority=100, name="quick_sm90")
-        for mod in OPTIONAL_MODULES:
-            try:
-                if importlib.util.find_spec(mod) is None:
-                    continue
-                importlib.import_module(mod)
-            except Exception as e:  # a broken optional kernel must not take the reference path down with it
-                warnings.warn(f"optional kernel module {mod} failed to import: {e}", RuntimeWarning, stacklevel=2)
+        register_kernel("w4a8", ops.linear_w4a8, quick_w4a8.is_available, priority=10, name="quick_w4a8")
+        register_kernel(
+            "w4a8_sm90", ops.linear_w4a8_sm90, quick_w4a8_sm90.takes_input, priority=100, name="quick_w4a8_sm90"
+        )
 
 
 def kernel_for(layout: str, x: torch.Tensor) -> KernelFn | None:

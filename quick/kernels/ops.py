@@ -5,17 +5,24 @@ launchers enqueue on torch's current stream and allocate through torch's caching
 ``quick::gemm_w4a16(x [..., K], qweight, scales, zeros, group_size, bias?)``: weights in the ``quick`` layout.
 ``quick::gemm_w4a16_sm90(x [M, K], qweight, scales, zeros, bias?, group_size)``: the ``quick_sm90`` layout.
 ``quick::gated_gemm_w4a16_sm90`` / ``quick::gemm_add_norm_sm90``: the fast decode step's fused down / o projections.
+``quick::gemm_w4a8`` / ``quick::gemm_w4a8_sm90``: W4A8 (int8 activations quantized inside), layouts ``w4a8`` /
+``w4a8_sm90``; ``quick::quantize_act_w4a8``: the per-token int8 activation quantization alone.
 Which kernel runs inside each op is :mod:`quick.kernels.select`'s choice.
 """
 
 # No `from __future__ import annotations` here: torch.library infers the op schemas from real annotations.
+
+from typing import Optional
 
 import torch
 
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_mma, select
 from quick.kernels import quick_sm90 as sm
-from quick.packing.layouts import get_layout
+from quick.kernels import quick_w4a8 as w4
+from quick.kernels import quick_w4a8_sm90 as w8
+from quick.packing.layouts import get_layout, unpack_w4a8, unpack_w4a8_sm90
+from quick.quant.w4a8_format import quantize_activations, w4a8_reference
 
 
 @torch.library.custom_op("quick::gemm_w4a16", mutates_args=())
@@ -196,3 +203,104 @@ def linear_fn_sm90(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Te
         w = get_layout(sm.LAYOUT).unpack(packed, k, n, group_size).dequantize(x2d.dtype)
         return x2d @ w.to(x2d.device)
     return torch.ops.quick.gemm_w4a16_sm90(x2d, packed["qweight"], packed["scales"], packed["zeros"], None, group_size)
+
+
+# ------------------------------------------------------------------------------------------------ W4A8
+
+
+def _w4a8_reference(x2, qweight, channel_scale, group_scale, group_size, bias):
+    """CPU path: the float64 reference of the same arithmetic, rounded to x's dtype."""
+    packed = {"qweight": qweight, "channel_scale": channel_scale}
+    if group_scale is not None:
+        packed["group_scale"] = group_scale
+    return w4a8_reference(x2, unpack_w4a8(packed, group_size), bias).to(x2.dtype)
+
+
+@torch.library.custom_op("quick::gemm_w4a8", mutates_args=())
+def gemm_w4a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
+    group_size: int,
+    bias: Optional[torch.Tensor] = None,  # noqa: UP045
+) -> torch.Tensor:
+    """W4A8 ``x [..., K] -> [..., N]``: activation quantization + int8 GEMM on CUDA, the reference on CPU."""
+    x2 = w4._flatten(x)
+    if x2.device.type == "cuda":
+        out = select.matmul("w4a8", x2, qweight, channel_scale, group_scale, group_size, bias)
+    else:
+        w4.validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
+        out = _w4a8_reference(x2, qweight, channel_scale, group_scale, group_size, bias)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@gemm_w4a8.register_fake
+def _gemm_w4a8_fake(x, qweight, channel_scale, group_scale, group_size, bias=None):
+    x2 = w4._flatten(x)
+    _, _, n = w4.validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("quick::quantize_act_w4a8", mutates_args=())
+def quantize_act_w4a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations ``(x_q [M, K] int8, s_x [M] fp32)``: the CUDA kernel, or the reference on CPU."""
+    if x.device.type == "cuda":
+        return w4.quantize_activations_cuda(x)
+    return quantize_activations(x)
+
+
+@quantize_act_w4a8.register_fake
+def _quantize_act_fake(x):
+    if x.dim() != 2:
+        raise w4.W4A8Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("quick::gemm_w4a8_sm90", mutates_args=())
+def gemm_w4a8_sm90(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    widen: bool = False,
+) -> torch.Tensor:
+    """W4A8 ``x [M, K] -> [M, N]`` with weights in layout ``w4a8_sm90``; ``widen``: every group scale <= 16 (the
+    layer knows it from its weights, so no call reads them)."""
+    return select.matmul("w4a8_sm90", x, qweight, channel_scale, group_scale, group_size, bias, widen=widen)
+
+
+@gemm_w4a8_sm90.register_fake
+def _gemm_w4a8_sm90_fake(x, qweight, channel_scale, group_scale, bias, group_size, widen=False):
+    w8.validate(x, qweight, channel_scale, group_scale, group_size, bias)
+    return x.new_empty((x.shape[0], channel_scale.shape[0]))
+
+
+def linear_w4a8(
+    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The dispatcher's entry for layout ``w4a8``: ``y [M, N]`` through ``quick::gemm_w4a8`` (the kernels for CUDA
+    inputs, the float64 reference rounded to x's dtype on CPU). Views are copied to dense rows."""
+    if isinstance(x2d, torch.Tensor) and x2d.is_cuda:
+        x2d = quick_mma._dense_rows(x2d)
+    return torch.ops.quick.gemm_w4a8(
+        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group_size, bias
+    )
+
+
+def linear_w4a8_sm90(
+    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, *, widen: bool = False
+) -> torch.Tensor:
+    """The dispatcher's entry for layout ``w4a8_sm90`` (bias is added by the caller). The layout admits N multiples
+    of 16, the kernel needs multiples of 64: such layers take the W4A8 arithmetic emulated in float32 instead."""
+    n = packed["channel_scale"].shape[0]
+    if n % 64:
+        w = unpack_w4a8_sm90(packed, group_size)
+        xq, sx = quantize_activations(x2d)
+        y = (xq.float() @ w.dequantize(torch.float32).t().to(x2d.device)) * sx[:, None]
+        return y.to(x2d.dtype)
+    return torch.ops.quick.gemm_w4a8_sm90(
+        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size, widen
+    )

@@ -16,7 +16,7 @@ torch.compile). CPU tensors take the float64 reference (:func:`quick.quant.w4a8_
 
 import threading
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -397,72 +397,6 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return quick_mma._flatten(x, W4A8Error)
 
 
-def _reference(x2, qweight, channel_scale, group_scale, group_size, bias):
-    """CPU path: the float64 reference of the same arithmetic, rounded to x's dtype."""
-    from quick.packing.layouts import unpack_w4a8
-    from quick.quant.w4a8_format import w4a8_reference
-
-    packed = {"qweight": qweight, "channel_scale": channel_scale}
-    if group_scale is not None:
-        packed["group_scale"] = group_scale
-    return w4a8_reference(x2, unpack_w4a8(packed, group_size), bias).to(x2.dtype)
-
-
-@torch.library.custom_op("quick::gemm_w4a8", mutates_args=())
-def gemm_w4a8(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
-    group_size: int,
-    bias: Optional[torch.Tensor] = None,  # noqa: UP045
-) -> torch.Tensor:
-    """W4A8 ``x [..., K] -> [..., N]``: activation quantization + int8 GEMM on CUDA, the reference on CPU."""
-    x2 = _flatten(x)
-    if x2.device.type == "cuda":
-        out = gemm_w4a8_cuda(x2, qweight, channel_scale, group_scale, group_size, bias)
-    else:
-        validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
-        out = _reference(x2, qweight, channel_scale, group_scale, group_size, bias)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@gemm_w4a8.register_fake
-def _gemm_w4a8_fake(x, qweight, channel_scale, group_scale, group_size, bias=None):
-    x2 = _flatten(x)
-    _, _, n = validate(x2, qweight, channel_scale, group_scale, group_size, bias, need_cuda=False)
-    return x.new_empty((*x.shape[:-1], n))
-
-
-@torch.library.custom_op("quick::quantize_act_w4a8", mutates_args=())
-def quantize_act_w4a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int8 activations ``(x_q [M, K] int8, s_x [M] fp32)``: the CUDA kernel, or the reference on CPU."""
-    if x.device.type == "cuda":
-        return quantize_activations_cuda(x)
-    from quick.quant.w4a8_format import quantize_activations
-
-    return quantize_activations(x)
-
-
-@quantize_act_w4a8.register_fake
-def _quantize_act_fake(x):
-    if x.dim() != 2:
-        raise W4A8Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
-
-
-def linear_w4a8(
-    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``y [M, N]`` of x2d [M, K] and layout-``w4a8`` weights through the op ``quick::gemm_w4a8``: the CUDA
-    kernels for CUDA inputs, the float64 reference rounded to x's dtype on CPU. Views are copied to dense rows."""
-    if isinstance(x2d, torch.Tensor) and x2d.is_cuda:
-        x2d = quick_mma._dense_rows(x2d)
-    return torch.ops.quick.gemm_w4a8(
-        x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group_size, bias
-    )
-
-
 def is_available(x: torch.Tensor) -> bool:
     """A CUDA fp16/bf16 tensor on an sm_80+ device, K % 128 == 0, and nvcc to build the kernels (N % 32 == 0 holds
     for every ``w4a8``-packed weight)."""
@@ -471,17 +405,3 @@ def is_available(x: torch.Tensor) -> bool:
     if x.shape[-1] % 128 or capability(x.device)[0] < 8:
         return False
     return jit.nvcc_available()
-
-
-def kernel_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
-    """The dispatcher's entry for layout ``w4a8``: ``fn(x2d, packed_tensors, group_size) -> out2d``."""
-    return linear_w4a8(x2d, packed, group_size)
-
-
-def _register() -> None:
-    from quick.kernels import dispatch
-
-    dispatch.register_kernel(LAYOUT, kernel_fn, is_available, priority=10, name="quick_w4a8")
-
-
-_register()

@@ -1,4 +1,4 @@
-"""Which kernel runs a packed W4A16 product: the one place that decides (design: docs/selection.md).
+"""Which kernel runs a packed layer's product (W4A16 and W4A8): the one place that decides (docs/selection.md).
 
 Every kernel implements :class:`Kernel`: whether it can run a :class:`Problem` (and if not, why), the configurations
 worth timing, the model's pick, and the launch. :func:`choose` decides for every caller (the layers' ops, the fused
@@ -28,8 +28,9 @@ from quick.kernels import autotune, tuning
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_mma as qm
 from quick.kernels import quick_sm90 as sm
+from quick.kernels import quick_w4a8 as w4
+from quick.kernels import quick_w4a8_sm90 as w8
 
-LAYOUTS = ("quick_sm90", "quick")
 # Up to this many rows the model picks the decode kernel: at M <= 8 it beat the GEMMs on every layer shape measured
 # (H200, 8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4 for the wgmma GEMM), at M = 16 on
 # half of them.
@@ -49,6 +50,12 @@ class Problem:
     group_size: int
     dtype: torch.dtype
     device: torch.device
+    widen: bool = False  # W4A8 per-group weights whose group scales all fit the widened kernels (<= 16)
+
+    @property
+    def key_layout(self) -> str:
+        """The layout as tables and the autotune cache name it (widened W4A8 weights run other kernels)."""
+        return self.layout + ("+widen" if self.widen else "")
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ def _fields(config: object) -> str:
 
 
 class Kernel:
-    """The interface every W4A16 kernel implements."""
+    """The interface every kernel implements."""
 
     name: str = ""
     layouts: tuple[str, ...] = ()
@@ -102,8 +109,9 @@ class Kernel:
         """A config from a table entry's fields, or None if they do not describe a config that fits ``p``."""
         raise NotImplementedError
 
-    def run(self, p: Problem, c: Choice, x, qweight, scales, zeros, bias, out) -> torch.Tensor:
-        """Launch on validated, dense, 16-byte aligned inputs (:func:`prepare`)."""
+    def run(self, p: Problem, c: Choice, x, weights: tuple, bias, out) -> torch.Tensor:
+        """Launch on validated, dense, 16-byte aligned inputs (:func:`prepare`); ``weights``: the layout's packed
+        tensors in order (``qweight, scales, zeros`` for W4A16, ``qweight, channel_scale, group_scale`` for W4A8)."""
         raise NotImplementedError
 
 
@@ -139,9 +147,8 @@ class DecodeKernel(Kernel):
         ok = qd.fits(cfg, p.m, p.n) and cfg.supports(p.group_size) and cfg.wb == qd.LAYOUTS.index(p.layout)
         return cfg if ok else None
 
-    def run(self, p, c, x, qweight, scales, zeros, bias, out):
-        return qd.run_validated(p.layout, x, qweight, scales, zeros, bias, p.m, p.n, p.k, p.group_size, c.config,
-                                c.splits, out)  # fmt: skip
+    def run(self, p, c, x, weights, bias, out):
+        return qd.run_validated(p.layout, x, *weights, bias, p.m, p.n, p.k, p.group_size, c.config, c.splits, out)
 
 
 class WgmmaKernel(Kernel):
@@ -185,9 +192,8 @@ class WgmmaKernel(Kernel):
             return None
         return cfg if cfg.smem_bytes() <= sm.SMEM_LIMIT else None
 
-    def run(self, p, c, x, qweight, scales, zeros, bias, out):
-        return sm.launch_validated(x, qweight, scales, zeros, bias, p.m, p.n, p.k, p.group_size, c.config, c.splits,
-                                   c.rounds, out)  # fmt: skip
+    def run(self, p, c, x, weights, bias, out):
+        return sm.launch_validated(x, *weights, bias, p.m, p.n, p.k, p.group_size, c.config, c.splits, c.rounds, out)
 
 
 class MmaGemmKernel(Kernel):
@@ -210,8 +216,8 @@ class MmaGemmKernel(Kernel):
         name = fields.get("name")
         return name if name in qm.GEMM_CONFIGS and p.k % qm.GEMM_CONFIGS[name].bks == 0 else None
 
-    def run(self, p, c, x, qweight, scales, zeros, bias, out):
-        return qm._run("gemm", x, qweight, scales, zeros, p.group_size, bias, c.config, c.splits, out)
+    def run(self, p, c, x, weights, bias, out):
+        return qm._run("gemm", x, *weights, p.group_size, bias, c.config, c.splits, out)
 
 
 class MmaGemvKernel(Kernel):
@@ -235,18 +241,84 @@ class MmaGemvKernel(Kernel):
         name = fields.get("name")
         return name if name in qm.GEMV_CONFIGS else None
 
-    def run(self, p, c, x, qweight, scales, zeros, bias, out):
-        return qm._run("gemv", x, qweight, scales, zeros, p.group_size, bias, c.config, c.splits, out)
+    def run(self, p, c, x, weights, bias, out):
+        return qm._run("gemv", x, *weights, p.group_size, bias, c.config, c.splits, out)
 
 
-KERNELS: dict[str, Kernel] = {k.name: k for k in (DecodeKernel(), WgmmaKernel(), MmaGemmKernel(), MmaGemvKernel())}
+class W4A8MmaKernel(Kernel):
+    """``csrc/quick_w4a8.cu``: W4A8 (int8 activations) mma.sync GEMM over the ``w4a8`` layout, any sm_80+ GPU."""
+
+    name = "w4a8_mma"
+    layouts = ("w4a8",)
+
+    def why_not(self, p: Problem) -> str | None:
+        return None if qm.capability(p.device)[0] >= 8 else "needs an sm_80+ GPU"
+
+    def model(self, p: Problem) -> Choice | None:
+        return Choice(self.name)
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        return [Choice(self.name, c.name) for c in w4.CONFIGS.values() if p.k % c.bks == 0]
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        name = fields.get("name")
+        return name if name in w4.CONFIGS and p.k % w4.CONFIGS[name].bks == 0 else None
+
+    def run(self, p, c, x, weights, bias, out):
+        return w4.gemm_w4a8_cuda(x, *weights, p.group_size, bias, config=c.config, splits=c.splits, out=out)
+
+
+class W4A8WgmmaKernel(Kernel):
+    """``csrc/quick_w4a8_sm90.cu``: W4A8 on Hopper, int8 wgmma with the weight as the register operand."""
+
+    name = "w4a8_wgmma"
+    layouts = ("w4a8_sm90",)
+
+    def why_not(self, p: Problem) -> str | None:
+        if p.device.type != "cuda" or qm.capability(p.device)[0] != 9:
+            return "needs an sm_90 GPU (H100 / H200)"
+        return None if w8.is_available(p.device) else "nvcc is not available to build it"
+
+    def model(self, p: Problem) -> Choice | None:
+        cfg, splits, rounds = w8.auto_config(p.m, p.n, p.k, qm.num_sms(p.device), p.group_size, p.widen)
+        return Choice(self.name, cfg, splits, rounds)
+
+    def default(self, p: Problem) -> Choice:
+        return self.model(p)
+
+    def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
+        return [Choice(self.name, c) for c in w8.candidates(p.m, p.group_size, p.widen)]
+
+    def config_from(self, p: Problem, fields: dict) -> object | None:
+        try:
+            cfg = w8.W4A8Sm90Config(**fields)
+        except (TypeError, ValueError):
+            return None
+        fits = cfg.nt in w8.token_tiles(p.group_size, bool(cfg.widen)) and cfg.smem_bytes(p.group_size) <= w8.SMEM_LIMIT
+        return cfg if fits and (p.widen or not cfg.widen) else None
+
+    def run(self, p, c, x, weights, bias, out):
+        xq, sx = w8.quantize_activations_sm90(x)
+        return w8.gemm_w4a8_sm90_q(xq, sx, *weights, p.group_size, bias, p.dtype, c.config, c.splits, out, c.rounds,
+                                   widen=p.widen)  # fmt: skip
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (DecodeKernel(), WgmmaKernel(), MmaGemmKernel(), MmaGemvKernel(), W4A8MmaKernel(), W4A8WgmmaKernel())
+}
 # The model's order per layout: the first kernel that can run the problem and whose model wants it.
-MODEL_ORDER: dict[str, tuple[str, ...]] = {"quick_sm90": ("dec", "wgmma"), "quick": ("dec", "gemv", "gemm")}
+MODEL_ORDER: dict[str, tuple[str, ...]] = {
+    "quick_sm90": ("dec", "wgmma"),
+    "quick": ("dec", "gemv", "gemm"),
+    "w4a8_sm90": ("w4a8_wgmma",),
+    "w4a8": ("w4a8_mma",),
+}
 
 
 def kernels_for(layout: str) -> list[Kernel]:
     if layout not in MODEL_ORDER:
-        raise ValueError(f"no W4A16 kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
+        raise ValueError(f"no kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
     return [KERNELS[name] for name in MODEL_ORDER[layout]]
 
 
@@ -292,6 +364,8 @@ def _from_entry(p: Problem, kernel: str, fields: dict, splits: int | None, sourc
 def _from_table(p: Problem) -> Choice | None:
     if not settings.tables_enabled():
         return None
+    if p.layout not in tuning.KERNELS:
+        return None
     entry = tuning.lookup(p.layout, p.device, p.m, p.n, p.k, p.group_size)
     if entry is None:
         return None
@@ -299,7 +373,7 @@ def _from_table(p: Problem) -> Choice | None:
 
 
 def _from_autotune(p: Problem) -> Choice | None:
-    e = autotune.lookup(p.device, p.layout, p.k, p.n, p.m, p.group_size, p.dtype)
+    e = autotune.lookup(p.device, p.key_layout, p.k, p.n, p.m, p.group_size, p.dtype)
     if e is None:
         return None
     return _from_entry(p, e.get("kernel", ""), e.get("config") or {}, e.get("splits"), "autotune", e.get("rounds"))
@@ -360,14 +434,14 @@ def choose(p: Problem, tensors: tuple | None = None) -> Choice:
 
 
 def _tune(p: Problem, tensors: tuple) -> Choice:
-    x, qweight, scales, zeros = tensors
+    x, *weights = tensors
     cands = candidates(p)
     if len(cands) == 1:
         return cands[0]
     with _TUNE_LOCK:
 
         def run(c: Choice, out: torch.Tensor) -> torch.Tensor:
-            return KERNELS[c.kernel].run(p, c, x, qweight, scales, zeros, None, out)
+            return KERNELS[c.kernel].run(p, c, x, tuple(weights), None, out)
 
         times = autotune.time_candidates(run, cands, (p.m, p.n), p.dtype, p.device)
     timed = [(t, i) for i, t in enumerate(times) if t is not None]
@@ -379,7 +453,7 @@ def _tune(p: Problem, tensors: tuple) -> Choice:
              "candidates": len(timed)}  # fmt: skip
     if c.rounds is not None and c.config is not None:
         entry["rounds"] = c.rounds
-    autotune.record(p.device, p.layout, p.k, p.n, p.m, p.group_size, p.dtype, entry)
+    autotune.record(p.device, p.key_layout, p.k, p.n, p.m, p.group_size, p.dtype, entry)
     return dataclasses.replace(c, source="autotune")
 
 
@@ -393,27 +467,43 @@ def clear() -> None:
 # --------------------------------------------------------------------------------------------- entry points
 
 
-def prepare(layout: str, x, qweight, scales, zeros, group_size, bias):
+def prepare(layout: str, x, w0, w1, w2, group_size, bias, widen: bool = False):
     """The layout's validation (its exception types and messages); returns the :class:`Problem` and the inputs made
-    dense and aligned for the launch."""
+    dense and aligned for the launch: ``(x, weights, bias)``."""
     if layout == "quick_sm90":
-        x, qweight, scales, zeros, bias, m, n, k, g = sm.prepare(x, qweight, scales, zeros, group_size, bias)
+        x, w0, w1, w2, bias, m, n, k, g = sm.prepare(x, w0, w1, w2, group_size, bias)
     elif layout == "quick":
         x = qm._dense_rows(x) if isinstance(x, torch.Tensor) and x.dim() == 2 else x
-        m, k, n, g = qm._prepare(x, qweight, scales, zeros, group_size, bias)
+        m, k, n, g = qm._prepare(x, w0, w1, w2, group_size, bias)
+    elif layout == "w4a8":
+        x = qm._dense_rows(x) if isinstance(x, torch.Tensor) and x.dim() == 2 else x
+        m, k, n = w4.validate(x, w0, w1, w2, group_size, bias)
+        g = group_size
+    elif layout == "w4a8_sm90":
+        m, n, k = w8.validate(x, w0, w1, w2, group_size, bias)
+        if x.device.type != "cuda":
+            raise w8.W4A8Sm90Error("the sm_90 W4A8 kernel runs on CUDA tensors only")
+        x = qm._dense_rows(x)
+        w0, w1 = w0.contiguous(), w1.contiguous()
+        w2 = w2.contiguous() if w2 is not None else None
+        bias = bias.contiguous() if bias is not None else None
+        g = group_size
     else:
-        raise ValueError(f"no W4A16 kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
-    return Problem(layout, m, n, k, g, x.dtype, x.device), (x, qweight, scales, zeros, bias)
+        raise ValueError(f"no kernels for layout {layout!r}; layouts with kernels: {sorted(MODEL_ORDER)}")
+    widen = bool(widen) and layout == "w4a8_sm90" and group_size > 0
+    return Problem(layout, m, n, k, g, x.dtype, x.device, widen), (x, (w0, w1, w2), bias)
 
 
-def matmul(layout: str, x, qweight, scales, zeros, group_size, bias=None, *, out=None, choice: Choice | None = None):
-    """``x [M, K] @ dequant(W) (+ bias)`` for weights packed in ``layout``, on the kernel :func:`choose` picks (or
-    ``choice``: tests and tuning pick one themselves)."""
-    p, (x, qweight, scales, zeros, bias) = prepare(layout, x, qweight, scales, zeros, group_size, bias)
+def matmul(layout: str, x, w0, w1, w2, group_size, bias=None, *, out=None, choice: Choice | None = None,
+           widen: bool = False):  # fmt: skip
+    """``x [M, K] @ dequant(W) (+ bias)`` for weights packed in ``layout`` (W4A16: ``qweight, scales, zeros``; W4A8:
+    ``qweight, channel_scale, group_scale`` and ``widen``, whether every group scale fits the widened kernels), on
+    the kernel :func:`choose` picks (or ``choice``: tests and tuning pick one themselves)."""
+    p, (x, weights, bias) = prepare(layout, x, w0, w1, w2, group_size, bias, widen)
     if p.m == 0:
         return x.new_empty((0, p.n)) if out is None else out
-    c = choice or choose(p, (x, qweight, scales, zeros))
-    return KERNELS[c.kernel].run(p, c, x, qweight, scales, zeros, bias, out)
+    c = choice or choose(p, (x, *weights))
+    return KERNELS[c.kernel].run(p, c, x, weights, bias, out)
 
 
 def describe(layer, m: int) -> str:

@@ -14,7 +14,6 @@ in float64 and casts to the input dtype.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import warnings
 
@@ -64,7 +63,7 @@ def preferred_w4a8_layout(device: torch.device | str | None = None) -> str:
         try:
             from quick.kernels import quick_w4a8_sm90 as sm90
 
-            if getattr(sm90, "VERIFIED_ON_DEVICE", False) and sm90.is_available(device):
+            if sm90.is_available(device):
                 return "w4a8_sm90"
         except Exception:  # noqa: BLE001 - an unusable optional kernel means the portable layout
             pass
@@ -84,16 +83,9 @@ def _kernel_signature(fn) -> tuple[bool, bool]:
 
 
 def _kernel_for(layout: str, x: torch.Tensor):
-    """The registered GPU kernel for ``layout`` and ``x`` (importing the kernel modules registers them)."""
+    """The registered GPU kernel entry for ``layout`` and ``x``."""
     from quick.kernels import dispatch
 
-    for mod in ("quick.kernels.quick_w4a8", "quick.kernels.quick_w4a8_sm90"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-        except Exception as e:  # a broken optional kernel must not take the reference path down with it
-            warnings.warn(f"{mod} failed to import: {e}", RuntimeWarning, stacklevel=3)
     return dispatch.kernel_for(layout, x)
 
 
