@@ -1473,14 +1473,12 @@ class Runner:
         for sk in SKIPPED:
             self.log(f"[shapes] skipped {sk['model']}:{sk['layer']} {sk['K']}x{sk['N']}: {sk['reason']}")
         visits = list(dict.fromkeys((m, si) for m, si, _ in plan))
-        done_visits = 0
         try:
             self.setup()
             for i, (m, si) in enumerate(visits):
                 if self.over_budget():
                     break
                 self.visit(m, si)
-                done_visits = i + 1
                 self.run_ready_deferred()
                 self.maybe_write(force=i + 1 == len(visits) or visits[i + 1][0] != m)
                 if i + 1 == len(visits) or visits[i + 1][0] != m:
@@ -1489,14 +1487,12 @@ class Runner:
                         f"{len(self.deferred)} Humming cells waiting for their kernel"
                     )
             self.run_ready_deferred(block=True)
-            remaining = len(visits) - done_visits
-            self.not_run = remaining * len(self.args.dtypes) * len(self.args.impls) + len(self.deferred)
+            self.not_run = n_cells - len(self.rows)  # every cell that started left a row
             self.status = "complete" if self.not_run == 0 else f"stopped at the {self.args.budget_s:.0f} s budget"
             if self.broken:
                 self.status = f"aborted, CUDA context lost ({self.broken})"
         except KeyboardInterrupt:
-            remaining = len(visits) - done_visits
-            self.not_run = remaining * len(self.args.dtypes) * len(self.args.impls) + len(self.deferred)
+            self.not_run = n_cells - len(self.rows)
             self.status = "interrupted"
             self.log("[shapes] interrupted: writing what was measured")
         finally:
