@@ -15,6 +15,7 @@ layout exactly (no requantization).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from quick.external import ExternalFormatError, detect_format, importer_for
 from quick.integrations.load_guard import add_load_guard
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CHECKSUM_KEY = "sha256"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 AWQ_VERSIONS = {"gemm": "awq_gemm"}
 _ST_DTYPES = {
@@ -172,6 +175,8 @@ def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> 
             out[f"{name}.{t_name}"] = t
         if mod.bias is not None:
             out[f"{name}.bias"] = mod.bias
+        if mod.perm is not None:
+            out[f"{name}.perm"] = mod.perm
     _add_dense_state(model, set(packed), dense_dtype, out)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
@@ -201,6 +206,49 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
         shards[-1][k] = t
         size += n
     return shards
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _make_readable(root: Path) -> None:
+    """Files 0644, directories 0755: a checkpoint is shared data (mkdtemp makes 0700, some writers 0600)."""
+    os.chmod(root, 0o755)
+    for p in root.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def verify_checksums(path: str | os.PathLike) -> int:
+    """Check every shard against the SHA-256 recorded in the index at save; returns how many were checked (0 for
+    checkpoints written without checksums, e.g. by other libraries). Raises :class:`CheckpointError` naming the
+    first shard whose bytes changed."""
+    index = Path(path) / INDEX_NAME
+    if not index.exists():
+        return 0
+    try:
+        digests = (json.loads(index.read_text()).get("metadata") or {}).get(CHECKSUM_KEY)
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{index}: corrupt index ({e})") from None
+    if digests is None:
+        return 0
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"{index}: metadata.{CHECKSUM_KEY} must map shard names to hex digests")
+    for fname, want in digests.items():
+        f = Path(path) / fname
+        if Path(fname).name != fname or not f.is_file():
+            raise CheckpointError(f"{index}: checksum listed for {fname!r}, which is not a file of the checkpoint")
+        got = _sha256(f)
+        if got != want:
+            raise CheckpointError(
+                f"{f}: SHA-256 {got[:16]}... does not match {want[:16]}... recorded at save; the shard is corrupt "
+                "(re-download or re-save it; pass verify=False / --no-verify only for files you trust)"
+            )
+    return len(digests)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -249,6 +297,12 @@ def save_quantized(
             )
         qc["module_group_sizes"] = overrides
     if layout == "awq_gemm":
+        permuted = [n for n, m in packed.items() if m.perm is not None]
+        if permuted:
+            raise CheckpointError(
+                f"AutoAWQ's format has no input permutation: {len(permuted)} layers (e.g. {permuted[0]}) come from an "
+                "act-order checkpoint; save them in a QUICK layout instead"
+            )
         ragged = [n for n, m in packed.items() if m.logical_in_features != m.in_features]
         if ragged:
             raise CheckpointError(
@@ -284,7 +338,11 @@ def _write_checkpoint(
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        digests = {f: _sha256(tmp / f) for f in sorted(set(weight_map.values()))}
+        index = {
+            "metadata": {"total_size": total, CHECKSUM_KEY: digests},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         config = copy.deepcopy(model.config)
         config.quantization_config = qc
@@ -299,6 +357,7 @@ def _write_checkpoint(
                 log.warning("generation config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        _make_readable(tmp)
         _fsync_tree(tmp)
         if _before_publish is not None:
             _before_publish(tmp)
@@ -495,12 +554,16 @@ def load_quantized(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     layout: str | None = None,
+    verify: bool = True,
 ) -> nn.Module:
-    """Load a QUICK or AutoAWQ-GEMM checkpoint as a transformers model with ``QuickLinear`` layers.
+    """Load a 4-bit checkpoint as a transformers model with ``QuickLinear`` layers: QUICK, AutoAWQ GEMM,
+    compressed-tensors ``pack-quantized`` W4A16 or GPTQ (the format is read from ``quantization_config``).
 
     ``dtype``: compute dtype of the dense parts (default: the stored scale dtype); packed layers keep the
     stored scale dtype and cast activations at their boundary when the two differ. ``layout``: repack
-    into this layout (default: the stored one for QUICK checkpoints, :func:`preferred_layout` for AutoAWQ).
+    into this layout (default: the stored one for QUICK checkpoints, :func:`preferred_layout` otherwise).
+    ``verify``: check each shard against the SHA-256 recorded at save (QUICK checkpoints; about a second per
+    GB); ``False`` skips it for trusted files.
     """
     from transformers import AutoConfig
 
@@ -509,6 +572,14 @@ def load_quantized(
     qc = read_quant_config(path)
     if qc is None:
         raise CheckpointError(f"{path}: config.json has no quantization_config (a dense model?)")
+    try:
+        fmt = detect_format(qc)
+    except ExternalFormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if verify:
+        verify_checksums(path)
+    if fmt in ("compressed-tensors", "gptq"):
+        return _load_external(path, qc, device, dtype, layout)
     if is_w4a8_config(qc):
         if layout is not None and layout not in w4a8_layouts():
             raise CheckpointError(
@@ -595,6 +666,14 @@ def load_quantized(
         if prefix in quantized and tname in src_names:
             pending[prefix][tname] = sf.get_tensor(key)
             return True
+        if prefix in quantized and tname == "perm":
+            p = sf.get_tensor(key)
+            q = quantized[prefix]
+            n = q.logical_in_features
+            if p.dtype != torch.int64 or tuple(p.shape) != (n,) or not torch.equal(p.sort().values, torch.arange(n)):
+                raise CheckpointError(f"tensor '{key}' in {f.name} is not a permutation of the {n} inputs")
+            q.perm = p
+            return True
         if prefix in quantized and tname == "bias":
             b = sf.get_tensor(key)
             q = quantized[prefix]
@@ -631,6 +710,92 @@ def load_quantized(
         dst_layout, group_size, qc.get("zero_point", True), qc.get("modules_to_not_convert") or ("lm_head",)
     )
     model.quick_source_quant_config = saved
+    return model
+
+
+# ------------------------------------------------------------------------- other libraries' checkpoints
+
+
+def _config_dtype(config: Any) -> torch.dtype | None:
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    return stored if stored in (torch.float16, torch.bfloat16) else None
+
+
+@torch.no_grad()
+def _load_external(
+    path: Path, qc: dict[str, Any], device: torch.device, dtype: torch.dtype | None, layout: str | None
+) -> nn.Module:
+    """compressed-tensors / GPTQ: every linear whose files hold the format's marker tensor is unpacked by the
+    format's importer (:mod:`quick.external`) and packed into ``layout`` (default: the fastest for ``device``,
+    'quick' for a layer that layout cannot hold); the other linears stay dense."""
+    from transformers import AutoConfig
+
+    try:
+        imp = importer_for(qc)
+    except ExternalFormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    dst_layout = layout or preferred_layout(device)
+    get_layout(dst_layout)
+    files = _weight_files(path)
+    headers = {f: _read_header(f) for f in sorted(set(files.values()))}
+    where = {k: f for f, h in headers.items() for k in h}
+    meta = {k: v for h in headers.values() for k, v in h.items()}
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    scale_keys = [k for k in meta if k.endswith("." + imp.scale_name) and k.rpartition(".")[0] + imp.marker in meta]
+    if not scale_keys:
+        raise CheckpointError(f"{path}: no '{imp.marker}' / '.{imp.scale_name}' tensors; no quantized layer found")
+    stored_scale = {_ST_DTYPES.get(meta[k]["dtype"]) for k in scale_keys}
+    if len(stored_scale) != 1:
+        raise CheckpointError(f"{path}: scales have mixed dtypes {sorted(map(str, stored_scale))}")
+    fallback = _config_dtype(config) or torch.bfloat16
+    scale_dtype = stored_scale.pop()
+    scale_dtype = scale_dtype if scale_dtype in (torch.float16, torch.bfloat16) else fallback
+    dense_dtype = dtype or _config_dtype(config) or scale_dtype
+    model = _skeleton(config, dense_dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}{imp.marker}" in meta}
+    _check_orphans(meta, imp.marker, linears, config)
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
+
+    def claim(f: Path, key: str, sf: Any) -> bool:
+        prefix, _, tname = key.rpartition(".")
+        if prefix in linears and (tname in imp.tensor_names or tname == "bias"):
+            pending[prefix][tname] = sf.get_tensor(key)
+            return True
+        return False
+
+    _read_tensors(headers, model, dense_dtype, claim)
+    for name, lin in linears.items():
+        tensors = pending[name]
+        bias = tensors.pop("bias", None)
+        if (lin.bias is not None) != (bias is not None):
+            raise CheckpointError(f"{path}: layer '{name}': bias {'missing' if bias is None else 'unexpected'}")
+        if bias is not None and tuple(bias.shape) != (lin.out_features,):
+            raise CheckpointError(f"{path}: '{name}.bias' is {tuple(bias.shape)}, expected ({lin.out_features},)")
+        lays = [dst_layout] if layout is not None or dst_layout == "quick" else [dst_layout, "quick"]
+        for i, lay in enumerate(lays):
+            try:
+                imported = imp.convert(name, tensors, lin.in_features, lin.out_features, lay, scale_dtype)
+                mod = QuickLinear.from_quantized(imported.qw, bias, lay, imported.logical_in_features)
+                break
+            except (LayoutError, QuantizationError) as e:
+                if i + 1 == len(lays):
+                    raise CheckpointError(f"{where[name + imp.marker]}: layer '{name}': {e}") from None
+            except ExternalFormatError as e:
+                raise CheckpointError(f"{where[name + imp.marker]}: {e}") from None
+        if imported.perm is not None:
+            mod.perm = imported.perm
+        _replace_module(model, name, mod)
+    _finish(model, path, dense_dtype, device)
+    skip = list(qc.get("ignore") or ()) or ["lm_head"]
+    model.quick_quant_config = make_quant_config(dst_layout, imp.group_size, not imp.symmetric, skip)
+    model.quick_source_quant_config = dict(qc)
+    model.quick_source_format = imp.describe()
     return model
 
 

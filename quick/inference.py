@@ -93,8 +93,8 @@ def bind_kernels(model: nn.Module) -> int:
     many were bound. Layers with no op stay as they are (dispatcher, reference path)."""
     bound = 0
     for mod in model.modules():
-        if type(mod) is not QuickLinear or mod.backend == "reference":
-            continue
+        if type(mod) is not QuickLinear or mod.backend == "reference" or mod.perm is not None:
+            continue  # a permuted-input layer keeps its forward (which applies the permutation)
         probe = torch.empty(1, mod.in_features, dtype=mod.dtype, device=mod.qweight.device)
         for name, (applies, _call) in BOUND_OPS.items():
             if applies(mod, probe):

@@ -117,6 +117,8 @@ def _concat_quick(mods: list[QuickLinear]) -> QuickLinear:
                 raise FuseError(
                     f"cannot fuse QuickLinears with different {key}: {getattr(first, key)} vs {getattr(m, key)}"
                 )
+        if m.perm is not None or first.perm is not None:
+            raise FuseError("cannot fuse QuickLinears with an input permutation (act-order checkpoints)")
         if m.qweight.device != first.qweight.device:
             raise FuseError(f"cannot fuse layers on {first.qweight.device} and {m.qweight.device}")
     k, g, name = first.in_features, first.group_size, first.layout_name
@@ -198,6 +200,8 @@ def fuse_model(model: nn.Module, family: ModelFamily | None = None) -> int:
                 continue
             if not (all(isinstance(m, QuickLinear) for m in mods) or all(type(m) is nn.Linear for m in mods)):
                 continue
+            if any(getattr(m, "perm", None) is not None for m in mods):
+                continue  # act-order layers: each member has its own input permutation
             fused = fuse_linears(mods)
             owner = FusedProjection(fused, tuple(m.out_features for m in mods), group.members)
             parent_name, _, fused_attr = group.fused.rpartition(".")
