@@ -33,8 +33,10 @@ from torch import nn
 
 from quick.external import ExternalFormatError, detect_format, importer_for
 from quick.integrations.load_guard import add_load_guard
+from quick.models.moe import load_stack_, skeleton_experts
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
+from quick.nn.moe import QuickExpertStack
 from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
 from quick.quant.primitives import QuantizationError
 
@@ -159,6 +161,11 @@ def packed_modules(model: nn.Module) -> dict[str, QuickLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuickLinear)}
 
 
+def expert_stacks(model: nn.Module) -> dict[str, QuickExpertStack]:
+    """The packed expert stacks of mixture-of-experts blocks (``<experts>.gate_up``, ``<experts>.down``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuickExpertStack)}
+
+
 # ------------------------------------------------------------------------------------------------- save
 
 
@@ -177,7 +184,10 @@ def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> 
             out[f"{name}.bias"] = mod.bias
         if mod.perm is not None:
             out[f"{name}.perm"] = mod.perm
-    _add_dense_state(model, set(packed), dense_dtype, out)
+    stacks = expert_stacks(model)
+    for name, st in stacks.items():
+        out.update({f"{name}.{t_name}": t for t_name, t in st.tensors_in(layout).items()})
+    _add_dense_state(model, set(packed) | set(stacks), dense_dtype, out)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -288,7 +298,8 @@ def save_quantized(
     layout = layout_for_config(qc)
     # Layers quantized with another group size than the nominal one (e.g. a fallback for K not divisible
     # by it) are listed by name, so that loading stays strict about every other layer's shapes.
-    overrides = {n: m.group_size for n, m in packed.items() if m.group_size != qc.get("group_size")}
+    stacks = expert_stacks(model)
+    overrides = {n: m.group_size for n, m in {**packed, **stacks}.items() if m.group_size != qc.get("group_size")}
     if overrides:
         if layout == "awq_gemm":
             raise CheckpointError(
@@ -297,6 +308,11 @@ def save_quantized(
             )
         qc["module_group_sizes"] = overrides
     if layout == "awq_gemm":
+        if stacks:
+            raise CheckpointError(
+                f"AutoAWQ's format stores no stacked experts ({len(stacks)} stacks, e.g. {next(iter(stacks))}); save "
+                "mixture-of-experts models in a QUICK layout"
+            )
         permuted = [n for n, m in packed.items() if m.perm is not None]
         if permuted:
             raise CheckpointError(
@@ -309,7 +325,7 @@ def save_quantized(
                 f"AutoAWQ's format cannot hold a ragged last group: {len(ragged)} layers (e.g. {ragged[0]}) have K "
                 f"not divisible by the group size; save them in a QUICK layout instead"
             )
-    dtypes = {m.dtype for m in packed.values()}
+    dtypes = {m.dtype for m in (*packed.values(), *stacks.values())}
     if len(dtypes) != 1:
         raise CheckpointError(f"packed layers use several dtypes {sorted(map(str, dtypes))}; one is supported")
     dense_dtype = first.dtype
@@ -656,14 +672,20 @@ def load_quantized(
                 raise CheckpointError(f"{path}: cannot hold '{name}' (scales {rows} rows): {e}") from None
             _replace_module(model, name, q)
             quantized[name] = q
-    _check_orphans(meta, ".qweight", quantized, config)
+    try:  # mixture-of-experts blocks: fused experts modules become QuickMoEExperts where the files hold stacks
+        stacks = skeleton_experts(
+            model, meta, lambda n: overrides.get(f"{n}.gate_up", group_size), layout, dst_layout, scale_dtype
+        )
+    except (ValueError, QuantizationError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_orphans(meta, ".qweight", {**quantized, **stacks}, config)
 
     src_names = set(get_layout(src_layout).tensor_specs(128, 128, 128))
-    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in quantized}
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in (*quantized, *stacks)}
 
     def claim(f: Path, key: str, sf: Any) -> bool:
         prefix, _, tname = key.rpartition(".")
-        if prefix in quantized and tname in src_names:
+        if (prefix in quantized or prefix in stacks) and tname in src_names:
             pending[prefix][tname] = sf.get_tensor(key)
             return True
         if prefix in quantized and tname == "perm":
@@ -703,6 +725,12 @@ def load_quantized(
             q.register_buffer(tname, t.contiguous())
         if q.bias is not None and q.bias.is_meta:
             raise CheckpointError(f"missing tensor '{name}.bias'")
+    for name, st in stacks.items():
+        try:
+            _check_values(pending[name], name)
+            load_stack_(st, pending[name], src_layout, name)
+        except (LayoutError, QuantizationError) as e:
+            raise CheckpointError(f"{where.get(name + '.qweight', path)}: {e}") from None
 
     _finish(model, path, dense_dtype, device)
     saved = dict(qc)

@@ -9,7 +9,7 @@ paths in the quantizer. Adding a family means adding one :class:`ModelFamily` en
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -34,6 +34,13 @@ class ScaleGroup:
     ``prev_parts``: ``prev`` is a linear whose output is that many equal parts (a checkpoint's fused q|k|v or
     gate|up) and the last part feeds the group (the scales fold into its rows); the group is used only when
     the parts are equal, i.e. ``prev`` has ``prev_parts`` times the linears' input width (for q|k|v: no GQA).
+    ``also_scale``: modules that read the same input but stay 16-bit (a MoE router, a shared expert's gate): their
+    weights get ``* s`` too when the scale is folded, so their outputs do not change.
+    ``stats_from``: the module whose input gives the activation statistics of the scale search, when each linear
+    sees only part of the tokens (experts see the tokens routed to them; the MoE block sees every token).
+    ``if_present``: the group applies only to layers that have this submodule (MoE models with dense-MLP layers).
+    A name may hold one ``*``, standing for every index of a ``ModuleList`` (the experts): a ``*`` in ``prev`` makes
+    one group per index; a ``*`` only in ``linears`` puts every index into the one group.
     """
 
     prev: str
@@ -42,6 +49,39 @@ class ScaleGroup:
     inspect_kwargs: bool = False
     same_shape: tuple[str, str] | None = None
     prev_parts: int = 1
+    also_scale: tuple[str, ...] = ()
+    stats_from: str | None = None
+    if_present: str | None = None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A sparse mixture-of-experts block as transformers (>= 5) builds it.
+
+    ``block``: the MoE block of a decoder layer. Its ``experts`` module holds every expert's gate and up rows as one
+    3-D parameter ``gate_up_proj`` ``[E, 2I, H]`` (gate rows first) and ``down_proj`` ``[E, H, I]``, and is called
+    as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. ``router``: the module computing the
+    top-k (kept 16-bit). ``num_experts`` / ``top_k``: config attribute names. ``renormalize``: the top-k softmax
+    probabilities are divided by their sum -- ``True`` always (Mixtral), or the name of the config attribute that
+    switches it (Qwen: ``norm_topk_prob``). ``shared_expert``: a dense gated MLP every token goes through, scaled
+    by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); it is quantized like a dense MLP, its gate (N = 1) stays
+    16-bit. ``checkpoint_names``: the per-expert gate, up and down linears in the published checkpoint files
+    (transformers fuses them into the 3-D parameters when loading).
+    """
+
+    block: str = "mlp"
+    experts: str = "experts"
+    router: str = "gate"
+    num_experts: str = "num_experts"
+    top_k: str = "num_experts_per_tok"
+    renormalize: bool | str = "norm_topk_prob"
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    checkpoint_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def experts_path(self) -> str:
+        return f"{self.block}.{self.experts}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +97,7 @@ class ModelFamily:
     ``fast_decode``: :mod:`quick.models.decoder`'s few-kernel decode step applies (q/k/v/o attention with
     optional q/k head norms, a gated MLP, RMSNorms placed by ``groups`` and ``branch_norms``).
     ``branch_norms``: norms applied to the attention and the MLP output before each residual add (Gemma3).
+    ``moe``: the family's sparse MoE block (:class:`MoESpec`); ``None`` for dense families.
     """
 
     name: str
@@ -69,6 +110,7 @@ class ModelFamily:
     requires_bos: bool = False
     fast_decode: bool = False
     branch_norms: tuple[str, str] | None = None
+    moe: MoESpec | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -102,6 +144,44 @@ _PHI3_GROUPS = (
 # Gemma3 normalises the attention *output* with post_attention_layernorm (before the residual add); the MLP
 # input comes from pre_feedforward_layernorm, so that is the op the gate/up scales fold into.
 _GEMMA3_GROUPS = (_ATTN_IN, _ATTN_OUT, _mlp_in("pre_feedforward_layernorm"), _MLP_DOWN)
+
+
+# Mixture of experts: one scale for the norm output that the router, every expert's gate/up (and a shared expert)
+# read -- it folds into the shared norm, so the router is scaled too and routes exactly as before -- searched on the
+# whole MoE block over every token; then per expert the down projection's scale, folded into that expert's up rows,
+# searched on the tokens routed to it. The expert linears exist during calibration only (quick.models.moe).
+_MOE_IN = ScaleGroup(
+    prev="post_attention_layernorm",
+    linears=("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+    inspect="mlp",
+    also_scale=("mlp.gate",),
+    stats_from="mlp",
+    if_present="mlp.experts",
+)
+_MOE_DOWN = ScaleGroup(prev="mlp.experts.*.up_proj", linears=("mlp.experts.*.down_proj",), if_present="mlp.experts")
+# Layers listed in mlp_only_layers (or off the decoder_sparse_step) have a dense MLP instead.
+_DENSE_MLP = (
+    replace(_mlp_in("post_attention_layernorm"), if_present="mlp.gate_proj"),
+    replace(_MLP_DOWN, if_present="mlp.down_proj"),
+)
+_MOE_GROUPS = (_ATTN_IN, _ATTN_OUT, _MOE_IN, _MOE_DOWN, *_DENSE_MLP)
+_QWEN2_MOE_GROUPS = (
+    _ATTN_IN,
+    _ATTN_OUT,
+    ScaleGroup(
+        prev="post_attention_layernorm",
+        linears=(*_MOE_IN.linears, "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+        inspect="mlp",
+        also_scale=("mlp.gate", "mlp.shared_expert_gate"),
+        stats_from="mlp",
+        if_present="mlp.experts",
+    ),
+    _MOE_DOWN,
+    ScaleGroup(
+        prev="mlp.shared_expert.up_proj", linears=("mlp.shared_expert.down_proj",), if_present="mlp.shared_expert"
+    ),
+    *_DENSE_MLP,
+)
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("llama", ("llama",), "model.layers", _LLAMA_GROUPS, fast_decode=True),
@@ -144,6 +224,31 @@ FAMILIES: tuple[ModelFamily, ...] = (
         requires_bos=True,
         notes="multimodal wrapper: only the text decoder is quantized",
     ),
+    ModelFamily(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        "model.layers",
+        _MOE_GROUPS,
+        moe=MoESpec(),
+        notes="q_norm/k_norm per head; 128 experts, top-8, no shared expert (Qwen3-30B-A3B)",
+    ),
+    ModelFamily(
+        "mixtral",
+        ("mixtral",),
+        "model.layers",
+        _MOE_GROUPS,
+        moe=MoESpec(num_experts="num_local_experts", renormalize=True, checkpoint_names=("w1", "w3", "w2")),
+        notes="8 experts, top-2; checkpoints name the block block_sparse_moe, transformers 5 builds it as mlp",
+    ),
+    ModelFamily(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        "model.layers",
+        _QWEN2_MOE_GROUPS,
+        modules_to_not_convert=("lm_head", "shared_expert_gate"),
+        moe=MoESpec(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+        notes="q/k/v carry biases; a shared expert gated by sigmoid(shared_expert_gate(x)) beside the routed ones",
+    ),
 )
 
 _BY_TYPE: dict[str, ModelFamily] = {t: f for f in FAMILIES for t in f.model_types}
@@ -181,24 +286,61 @@ def decoder_layers(model: nn.Module, family: ModelFamily) -> nn.ModuleList:
     return layers
 
 
+def _has(layer: nn.Module, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _expand(layer: nn.Module, family: ModelFamily, g: ScaleGroup) -> list[ScaleGroup]:
+    """``g`` with its ``*`` names spelled out over the indices of the ``ModuleList`` they stand in."""
+    starred = [n for n in (g.prev, *g.linears) if "*" in n]
+    if not starred:
+        return [g]
+    lists = {n.partition(".*")[0] for n in starred}
+    if len(lists) != 1 or any(n.count("*") != 1 or ".*." not in n for n in starred):
+        raise FamilyError(f"family '{family.name}': group {g.linears} must use one '.*.' over one ModuleList")
+    path = lists.pop()
+    container = layer.get_submodule(path) if _has(layer, path) else None
+    if not isinstance(container, nn.ModuleList):
+        raise FamilyError(
+            f"family '{family.name}': '{path}' of {type(layer).__name__} is a {type(container).__name__}, not a "
+            "ModuleList of experts; unfuse the experts first (quick.models.moe.unfuse_experts_)"
+        )
+    indices = [str(i) for i in range(len(container))]
+    if "*" in g.prev:
+        return [
+            replace(g, prev=g.prev.replace("*", i), linears=tuple(n.replace("*", i) for n in g.linears))
+            for i in indices
+        ]
+    linears: list[str] = []
+    for n in g.linears:
+        linears += [n.replace("*", i) for i in indices] if "*" in n else [n]
+    return [replace(g, linears=tuple(linears))]
+
+
 def active_groups(layer: nn.Module, family: ModelFamily) -> list[ScaleGroup]:
     """The family's scale groups that apply to this layer (checks every named module exists)."""
     out = []
-    for g in family.groups:
-        for name in (g.prev, *g.linears, *([g.inspect] if g.inspect else [])):
-            try:
-                layer.get_submodule(name)
-            except AttributeError:
-                raise FamilyError(
-                    f"family '{family.name}': decoder layer {type(layer).__name__} has no submodule '{name}'"
-                ) from None
-        if g.same_shape is not None:
-            a, b = (layer.get_submodule(n).weight.shape for n in g.same_shape)
-            if a != b:
-                continue
-        if g.prev_parts > 1:
-            width = layer.get_submodule(g.linears[0]).weight.shape[1]
-            if layer.get_submodule(g.prev).weight.shape[0] != g.prev_parts * width:
-                continue
-        out.append(g)
+    for template in family.groups:
+        if template.if_present is not None and not _has(layer, template.if_present):
+            continue
+        for g in _expand(layer, family, template):
+            names = (g.prev, *g.linears, *g.also_scale, *(n for n in (g.inspect, g.stats_from) if n))
+            for name in names:
+                if not _has(layer, name):
+                    raise FamilyError(
+                        f"family '{family.name}': decoder layer {type(layer).__name__} has no submodule '{name}'"
+                    )
+            if g.same_shape is not None:
+                a, b = (layer.get_submodule(n).weight.shape for n in g.same_shape)
+                if a != b:
+                    continue
+            if g.prev_parts > 1:
+                width = layer.get_submodule(g.linears[0]).weight.shape[1]
+                if layer.get_submodule(g.prev).weight.shape[0] != g.prev_parts * width:
+                    continue
+            out.append(g)
     return out

@@ -37,20 +37,26 @@ def quantize_model_rtn(
     skip: Iterable[str] = DEFAULT_SKIP,
     progress: bool = True,
 ) -> nn.Module:
-    """Round-to-nearest quantize every eligible linear in place and pack it into ``layout``.
+    """Round-to-nearest quantize every eligible linear in place and pack it into ``layout``; the experts of a
+    mixture-of-experts family become :class:`~quick.nn.moe.QuickMoEExperts` (its router stays dense).
 
     Every layer is checked against the layout first, so a model is never left half converted."""
+    from quick.models import moe
+
     linears = quantizable_linears(model, skip)
+    experts = {n: m for n, m in moe.experts_modules(model).items() if not any(s in n for s in skip)}
     lay = get_layout(layout)
     for name, lin in linears:
         try:
             lay.check(padded_in_features(lin.in_features, group_size, layout), lin.out_features, group_size)
         except ValueError as e:
             raise QuantizationError(f"{name}: {e}") from None
+    moe.check_experts(experts, group_size, layout)
     for name, lin in tqdm(linears, desc="quantize (RTN)", disable=not progress):
         q = QuickLinear.from_linear(lin, group_size, layout, zero_point, dtype)
         parent, child = _parent(model, name)
         setattr(parent, child, q)
+    moe.quantize_experts_rtn_(model, experts, group_size, layout, zero_point, dtype)
     return model
 
 

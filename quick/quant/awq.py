@@ -25,6 +25,7 @@ How this implementation runs:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,10 +37,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quick.checkpoint import round_dense_, set_compute_dtype
+from quick.models import moe
 from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
 from quick.nn.linear import QuickLinear, padded_in_features
 from quick.packing.layouts import get_layout
 from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
+
+log = logging.getLogger(__name__)
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -318,7 +322,8 @@ def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
 def fold_scale(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Multiply the group's linears' input channels by ``scales`` and divide the preceding op's output by them.
 
-    Exact in real arithmetic: ``(x / s) @ (W * s)^T == x @ W^T``. For a norm ``y = n(x) * (offset + w)`` the
+    Exact in real arithmetic: ``(x / s) @ (W * s)^T == x @ W^T``; ``group.also_scale`` modules get ``W * s`` as well.
+    For a norm ``y = n(x) * (offset + w)`` the
     new weight is ``(offset + w) / s - offset`` (Gemma stores ``w`` around 0 and multiplies by ``1 + w``).
     """
     prev = layer.get_submodule(group.prev)
@@ -340,7 +345,7 @@ def fold_scale(layer: nn.Module, group: ScaleGroup, scales: torch.Tensor, norm_o
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias.data = (bias.data.float() / s).to(bias.dtype)
-    for name in group.linears:
+    for name in (*group.linears, *group.also_scale):  # also_scale: 16-bit readers of the same input (a MoE router)
         lin = layer.get_submodule(name)
         lin.weight.data = (lin.weight.data.float() * s[None, :]).to(lin.weight.dtype)
 
@@ -483,10 +488,14 @@ def check_quantizable(model: nn.Module, family: ModelFamily, group_size: int, la
 
 @dataclass
 class LayerReport:
-    """Per-group search results of one layer: AWQ's chosen loss and the identity (RTN) loss."""
+    """Per-group search results of one layer: AWQ's chosen loss and the identity (RTN) loss. ``tokens``: calibration
+    tokens each linear saw (fewer than the layer's for MoE experts); ``rtn_fallback``: linears that saw fewer than
+    ``min_tokens`` and were rounded to nearest without their own scale or clipping search."""
 
     index: int
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    rtn_fallback: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -499,6 +508,7 @@ class AwqSettings:
     duo_scaling: bool = False
     n_search_chunks: int | None = None
     layout: str = "quick"
+    min_tokens: int = 0
 
 
 def run_layer_with_probes(
@@ -562,14 +572,16 @@ def _collect(
 ) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, Probe]]:
     """One pass of the float layer over all chunks: its outputs, input statistics, compared-module probes."""
     full = {site_of[g.linears[0]] for g in groups if g.inspect is None}
-    stats = {s: InputStats.empty(linears[s].in_features, group_size, s in full, device) for s in set(site_of.values())}
+    width = {site_of[n]: lin.in_features for n, lin in linears.items()}
+    width.update({g.stats_from: linears[g.linears[0]].in_features for g in groups if g.stats_from})
+    stats = {s: InputStats.empty(k, group_size, s in full, device) for s, k in width.items()}
     outputs, probes = run_layer_with_probes(
         layer,
         hidden,
         kwargs,
         device,
         n_search,
-        {linears[s]: st.add for s, st in stats.items()},
+        {layer.get_submodule(s): st.add for s, st in stats.items()},
         [g.inspect for g in groups if g.inspect is not None],
     )
     return outputs, stats, probes
@@ -591,11 +603,14 @@ def awq_layer(
     """
     groups = active_groups(layer, family)
     linears = layer_linears(layer, family)
-    # One statistics site per distinct input: q/k/v share one, gate/up share one.
+    # One statistics site per distinct input: q/k/v share one, gate/up share one. Where each linear sees only its
+    # routed tokens (stats_from), only the linears of one module (one expert's gate/up) share a site.
     site_of: dict[str, str] = {}
     for g in groups:
         for n in g.linears:
-            site_of.setdefault(n, g.linears[0])
+            parent = n.rpartition(".")[0]
+            first = next(m for m in g.linears if not g.stats_from or m.rpartition(".")[0] == parent)
+            site_of.setdefault(n, first)
     for n in linears:
         site_of.setdefault(n, n)
     n_search = len(hidden) if settings.n_search_chunks is None else settings.n_search_chunks
@@ -603,9 +618,15 @@ def awq_layer(
         layer, hidden, kwargs, groups, linears, site_of, n_search, settings.group_size, device
     )
 
-    report = LayerReport(index)
+    report = LayerReport(index, tokens={n: stats[site_of[n]].tokens for n in linears})
+    # A linear that saw fewer tokens than min_tokens (and fewer than the layer: an expert) gets no search of its own.
+    layer_tokens = sum(h.numel() // h.shape[-1] for h in hidden)
+    starved = {n for n, t in report.tokens.items() if t < min(settings.min_tokens, layer_tokens)}
+    report.rtn_fallback = sorted(starved)
     for g in groups:
-        site = stats[site_of[g.linears[0]]]
+        if g.inspect is None and any(n in starved for n in g.linears):
+            continue
+        site = stats[g.stats_from or site_of[g.linears[0]]]
         s, loss, rtn_loss = search_scale(
             layer,
             g,
@@ -619,12 +640,13 @@ def awq_layer(
             settings.layout,
         )
         fold_scale(layer, g, s, family.norm_offset)
-        site.rescale(s)
+        for name in {g.stats_from, *(site_of[n] for n in g.linears)} - {None}:
+            stats[name].rescale(s)
         report.groups[",".join(g.linears)] = {"loss": loss, "rtn_loss": rtn_loss}
     del probes
     if settings.clip:
         for n, lin in linears.items():
-            if _skip(n, family.no_clip):
+            if _skip(n, family.no_clip) or n in starved:
                 continue
             blocks = stats[site_of[n]].blocks
             max_val = search_clip(
@@ -659,6 +681,7 @@ def quantize_model_awq(
     reports: list[LayerReport] | None = None,
     quantize_weights: bool = True,
     on_layer: Callable[[int, nn.Module], None] | None = None,
+    min_expert_tokens: int | None = None,
 ) -> nn.Module:
     """Quantize every decoder-layer linear of ``model`` in place with AWQ and pack it as ``QuickLinear``.
 
@@ -668,6 +691,10 @@ def quantize_model_awq(
     on CPU). The single-linear groups (o_proj, down_proj) are scored on the same samples through their
     Gram matrix; activation magnitudes and the clipping search always use every sample.
     ``quantize_weights=False`` stops after scaling and clipping (a float model, for inspection).
+    Mixture-of-experts families (``family.moe``): the experts are calibrated as one linear per expert projection,
+    each on the tokens routed to it, and packed as :class:`~quick.nn.moe.QuickMoEExperts`; an expert that receives
+    fewer than ``min_expert_tokens`` (default :data:`quick.models.moe.MIN_EXPERT_TOKENS`) calibration tokens gets no
+    search of its own (rounded to nearest, listed in its layer's ``LayerReport.rtn_fallback`` and logged).
     Dense parameters outside the packed layers keep the model's dtype, rounded to ``scale_dtype`` (what a
     checkpoint stores); packed layers cast activations at their boundary (see ``set_compute_dtype``).
     """
@@ -682,6 +709,7 @@ def quantize_model_awq(
     if batch_size < 1:
         raise QuantizationError(f"batch_size must be positive, got {batch_size}")
     check_quantizable(model, family, group_size, layout)
+    moe.check_experts(moe.experts_modules(model, family), group_size, layout)
     work = calibration_dtype(model_dtype, device)
     home = next(model.parameters()).device
     if search_samples is None and device.type == "cpu":
@@ -695,6 +723,7 @@ def quantize_model_awq(
         duo_scaling,
         None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
         layout,
+        moe.MIN_EXPERT_TOKENS if min_expert_tokens is None else min_expert_tokens,
     )
 
     was_training = model.training
@@ -704,14 +733,24 @@ def quantize_model_awq(
     hidden = inputs.hidden
     for idx in tqdm(range(len(layers)), desc="AWQ", unit="layer", disable=not progress):
         layer = layers[idx].to(device=device, dtype=work)
+        moe.unfuse_experts_(layer, family)
         hidden, report = awq_layer(layer, family, hidden, inputs.kwargs[idx], settings, device, idx)
         if reports is not None:
             reports.append(report)
+        starved = moe.expert_tokens({n: report.tokens[n] for n in report.rtn_fallback}, family)
+        if starved:
+            log.warning(
+                "layer %d: %d experts received fewer than %d calibration tokens and are rounded to nearest: %s",
+                idx, len(starved), settings.min_tokens, sorted(starved),
+            )  # fmt: skip
         if quantize_weights:
+            moe.pack_experts_(layer, family, group_size, layout, zero_point, scale_dtype)
             for n, lin in layer_linears(layer, family).items():
                 parent_name, _, child = n.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
                 setattr(parent, child, QuickLinear.from_linear(lin, group_size, layout, zero_point, scale_dtype))
+        else:
+            moe.refuse_experts_(layer, family)
         # Dense leftovers (norms) go back to the model's dtype, rounded to what a checkpoint stores.
         round_dense_(layer, scale_dtype)
         for p in layer.parameters():

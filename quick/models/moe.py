@@ -1,0 +1,331 @@
+"""Mixture-of-experts families at run time: find the MoE blocks a family describes (:class:`MoESpec`), route like the
+family does, and swap transformers' fused experts modules for 4-bit ones (:class:`QuickMoEExperts`) or, during AWQ
+calibration, for a float view with one ``nn.Linear`` per expert projection (:class:`FloatExperts`).
+
+transformers (>= 5) stores the experts of a block as 3-D parameters ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]`` in one module; older versions built a ``ModuleList`` of per-expert MLPs whose block loops over
+them itself, which these helpers reject with a clear error (see docs/moe.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quick.models.families import FamilyError, ModelFamily, MoESpec, decoder_layers, get_family
+from quick.nn.linear import padded_in_features
+from quick.nn.moe import ACTIVATIONS, QuickExpertStack, QuickMoEExperts
+from quick.packing.layouts import LayoutError, get_layout
+from quick.quant.primitives import QuantizationError
+
+# AWQ's per-expert searches (the down projection's scale, clipping) need at least this many calibration tokens routed
+# to the expert: a clipping block is G x G (G = 128), and with fewer tokens than G its statistics leave directions of
+# the input unseen, so the search would fit noise. Experts under it are rounded to nearest and reported.
+MIN_EXPERT_TOKENS = 128
+
+
+def family_or_none(model: nn.Module) -> ModelFamily | None:
+    """The model's family, or ``None`` when its ``model_type`` has none (round-to-nearest needs no family)."""
+    try:
+        return get_family(getattr(model, "config", None))
+    except FamilyError:
+        return None
+
+
+def experts_modules(model: nn.Module, family: ModelFamily | None = None) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` of every MoE block's experts module (empty for dense families)."""
+    family = family or family_or_none(model)
+    if family is None or family.moe is None:
+        return {}
+    out = {}
+    for i, layer in enumerate(decoder_layers(model, family)):
+        try:
+            out[f"{family.layers_path}.{i}.{family.moe.experts_path}"] = layer.get_submodule(family.moe.experts_path)
+        except AttributeError:  # a dense-MLP layer (mlp_only_layers, decoder_sparse_step)
+            continue
+    return out
+
+
+def _act_name(module: nn.Module, name: str) -> str:
+    act = getattr(getattr(module, "config", None), "hidden_act", None)
+    if act not in ACTIVATIONS:
+        raise FamilyError(f"'{name}': expert activation {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return act
+
+
+def check_fused(module: nn.Module, name: str) -> tuple[int, int, int]:
+    """``(E, H, I)`` of transformers' fused experts module; a clear error for other forms."""
+    if isinstance(module, (QuickMoEExperts, FloatExperts)):
+        raise FamilyError(f"'{name}' is already converted ({type(module).__name__})")
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3 or dn.dim() != 3:
+        raise FamilyError(
+            f"'{name}' ({type(module).__name__}) has no 3-D gate_up_proj / down_proj parameters: transformers >= 5 "
+            "fuses the experts this way; per-expert modules of older versions are not supported"
+        )
+    layout = {k: getattr(module, k, d) for k, d in (("is_transposed", False), ("has_bias", False),
+                                                    ("has_gate", True), ("is_concatenated", True))}  # fmt: skip
+    if layout != {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True}:
+        raise FamilyError(f"'{name}': experts stored as {layout}; only concatenated gate|up without bias is supported")
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2):
+        raise FamilyError(f"'{name}': gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} do not match")
+    return e, h, two_i // 2
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+def routing(config: Any, spec: MoESpec) -> tuple[int, int, bool]:
+    """``(num_experts, top_k, renormalize)`` of a model config, read through the family's attribute names."""
+    try:
+        e, k = int(getattr(config, spec.num_experts)), int(getattr(config, spec.top_k))
+    except AttributeError as err:
+        raise FamilyError(
+            f"config {type(config).__name__} lacks {err.name!r}, which the family's MoESpec names"
+        ) from None
+    renorm = spec.renormalize if isinstance(spec.renormalize, bool) else bool(getattr(config, spec.renormalize))
+    return e, k, renorm
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The families' routing: softmax over the experts in fp32, the ``top_k`` largest, optionally divided by their
+    sum. Returns ``(weights [T, k] fp32, expert ids [T, k])`` (Qwen's router then casts the weights to the logits'
+    dtype, Mixtral's keeps fp32)."""
+    if router_logits.dim() != 2 or not router_logits.is_floating_point():
+        raise ValueError(f"router logits must be a float tensor [tokens, experts], got {tuple(router_logits.shape)}")
+    if not 0 < top_k <= router_logits.shape[1]:
+        raise ValueError(f"top_k must be in [1, {router_logits.shape[1]}], got {top_k}")
+    probs = F.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+# ------------------------------------------------------------------------------------ round-to-nearest
+
+
+def check_experts(experts: dict[str, nn.Module], group_size: int, layout: str) -> None:
+    """Fail before any conversion if an experts module cannot be packed in ``layout`` (error names it)."""
+    lay = get_layout(layout)
+    for name, mod in experts.items():
+        try:
+            e, h, i = check_fused(mod, name)
+            lay.check(padded_in_features(h, group_size, layout), 2 * i, group_size)
+            lay.check(padded_in_features(i, group_size, layout), h, group_size)
+        except (ValueError, FamilyError) as err:
+            raise QuantizationError(f"{name}: {err}") from None
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@torch.no_grad()
+def quantize_experts_rtn_(
+    model: nn.Module,
+    experts: dict[str, nn.Module],
+    group_size: int = 128,
+    layout: str = "quick",
+    zero_point: bool = True,
+    dtype: torch.dtype | None = None,
+) -> int:
+    """Round-to-nearest every fused experts module in ``experts`` into a :class:`QuickMoEExperts`; returns how many."""
+    for name, mod in experts.items():
+        check_fused(mod, name)
+        q = QuickMoEExperts.from_weights(
+            mod.gate_up_proj.data, mod.down_proj.data, _act_name(mod, name), group_size, layout, zero_point, dtype
+        )
+        _replace(model, name, q)
+    return len(experts)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(gate.shape[1], gate.shape[0], bias=False, device="meta")
+        self.up_proj = nn.Linear(up.shape[1], up.shape[0], bias=False, device="meta")
+        self.down_proj = nn.Linear(down.shape[1], down.shape[0], bias=False, device="meta")
+        for lin, w in ((self.gate_proj, gate), (self.up_proj, up), (self.down_proj, down)):
+            lin.weight = nn.Parameter(w.clone(), requires_grad=False)
+
+
+class FloatExperts(nn.ModuleList):
+    """transformers' fused experts as one float gated MLP per expert (``[e].gate_proj / up_proj / down_proj``), same
+    call and same result; exists during AWQ calibration, where every expert linear must be hooked (it sees only the
+    tokens routed to it), scaled and clipped on its own."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act: str) -> None:
+        i = gate_up.shape[1] // 2
+        super().__init__(_ExpertMLP(gate_up[e, :i], gate_up[e, i:], down[e]) for e in range(gate_up.shape[0]))
+        self.act = act
+
+    @classmethod
+    def from_fused(cls, module: nn.Module, name: str = "experts") -> FloatExperts:
+        check_fused(module, name)
+        return cls(module.gate_up_proj.data, module.down_proj.data, _act_name(module, name))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        act = ACTIVATIONS[self.act]
+        for e in torch.unique(top_k_index).tolist():
+            if e >= len(self):  # transformers' marker of a dropped slot
+                continue
+            tok, pos = torch.where(top_k_index == e)
+            mlp = self[e]
+            x = hidden_states[tok]
+            y = mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current weights as transformers' ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])``."""
+        gu = torch.stack([torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data]) for m in self])
+        return gu, torch.stack([m.down_proj.weight.data for m in self])
+
+
+def unfuse_experts_(layer: nn.Module, family: ModelFamily) -> bool:
+    """Swap the layer's fused experts module (if any) for a :class:`FloatExperts` view; returns whether it did."""
+    if family.moe is None:
+        return False
+    path = family.moe.experts_path
+    try:
+        mod = layer.get_submodule(path)
+    except AttributeError:
+        return False
+    view = FloatExperts.from_fused(mod, path)
+    view.__dict__["_quick_fused"] = mod  # not a child module: the view's items are the experts; refuse_experts_
+    for p in mod.parameters():  # the view holds the weights now; refuse_experts_ writes them back
+        p.data = p.data.new_empty(0)
+    _replace(layer, path, view)
+    return True
+
+
+def _float_view(layer: nn.Module, family: ModelFamily) -> FloatExperts | None:
+    if family.moe is None:
+        return None
+    try:
+        view = layer.get_submodule(family.moe.experts_path)
+    except AttributeError:
+        return None
+    return view if isinstance(view, FloatExperts) else None
+
+
+@torch.no_grad()
+def refuse_experts_(layer: nn.Module, family: ModelFamily) -> None:
+    """Put the float view's (scaled, clipped) weights back into transformers' fused module."""
+    view = _float_view(layer, family)
+    if view is None:
+        return
+    fused = view.__dict__.pop("_quick_fused")
+    gu, dn = view.fused()
+    fused.gate_up_proj.data = gu.to(fused.gate_up_proj.dtype)
+    fused.down_proj.data = dn.to(fused.down_proj.dtype)
+    _replace(layer, family.moe.experts_path, fused)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def pack_experts_(
+    layer: nn.Module, family: ModelFamily, group_size: int, layout: str, zero_point: bool, dtype: torch.dtype
+) -> None:
+    """Round-to-nearest the float view's current (scaled, clipped) weights into a :class:`QuickMoEExperts`."""
+    view = _float_view(layer, family)
+    if view is None:
+        return
+    gu, dn = view.fused()
+    q = QuickMoEExperts.from_weights(gu, dn, view.act, group_size, layout, zero_point, dtype)
+    _replace(layer, family.moe.experts_path, q.to(gu.device))  # type: ignore[union-attr]
+
+
+def expert_tokens(tokens: dict[str, int], family: ModelFamily) -> dict[int, int]:
+    """Calibration tokens per expert of one layer from AWQ's per-linear token counts (``LayerReport.tokens``)."""
+    if family.moe is None:
+        return {}
+    prefix = f"{family.moe.experts_path}."
+    out: dict[int, int] = {}
+    for name, t in tokens.items():
+        if name.startswith(prefix) and name.endswith(".down_proj"):
+            out[int(name[len(prefix) :].split(".")[0])] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def skeleton_experts(
+    model: nn.Module,
+    meta: dict[str, dict[str, Any]],
+    group_size_of: Any,
+    layout: str | None,
+    default_layout: str,
+    dtype: torch.dtype,
+) -> dict[str, QuickExpertStack]:
+    """Replace every fused experts module whose ``<name>.gate_up.qweight`` the checkpoint holds (``meta``: tensor name
+    -> safetensors header entry) by a :class:`QuickMoEExperts` on the meta device; returns its stacks by name.
+
+    K is taken from the stored scales (padded to whole groups as saved). ``layout``: the one asked for; ``None``:
+    ``default_layout``, or 'quick' for a stack that layout cannot hold."""
+    stacks: dict[str, QuickExpertStack] = {}
+    suffix = ".gate_up.qweight"
+    for key in sorted(k for k in meta if k.endswith(suffix)):
+        name = key[: -len(suffix)]
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"'{key}' does not belong to an experts module of the model") from None
+        e, h, i = check_fused(mod, name)
+        g = int(group_size_of(name))
+        parts = {}
+        for part, (k, n) in (("gate_up", (h, 2 * i)), ("down", (i, h))):
+            rows = meta.get(f"{name}.{part}.scales", {}).get("shape", [0, 0])
+            lay = layout or default_layout
+            kp = rows[1] * g if g != -1 and len(rows) == 3 else padded_in_features(k, g, lay)
+            if layout is None and lay != "quick":
+                try:
+                    get_layout(lay).check(kp, n, g)
+                except (LayoutError, QuantizationError):
+                    lay = "quick"
+            parts[part] = QuickExpertStack(e, kp, n, g, lay, dtype, "meta", k)
+        if parts["gate_up"].layout_name != parts["down"].layout_name:
+            parts = {p: _relayout(s, "quick") for p, s in parts.items()}
+        q = QuickMoEExperts.from_stacks(parts["gate_up"], parts["down"], _act_name(mod, name))
+        _replace(model, name, q)
+        stacks[f"{name}.gate_up"], stacks[f"{name}.down"] = q.gate_up, q.down
+    return stacks
+
+
+def _relayout(s: QuickExpertStack, layout: str) -> QuickExpertStack:
+    return QuickExpertStack(
+        s.num_experts, s.in_features, s.out_features, s.group_size, layout, s.dtype, "meta", s.logical_in_features
+    )
+
+
+def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_layout: str, where: str) -> None:
+    """Check the stored stacked tensors against ``src_layout`` (errors name the tensor), repack each expert into the
+    stack's layout when it differs, and set them."""
+    src = get_layout(src_layout)
+    k, n, g, e = stack.in_features, stack.out_features, stack.group_size, stack.num_experts
+    for tname in src.tensor_specs(k, n, g):
+        t = tensors.get(tname)
+        if t is None:
+            raise LayoutError(f"missing tensor '{where}.{tname}' for layout '{src_layout}'")
+        if t.dim() < 1 or t.shape[0] != e:
+            raise LayoutError(f"tensor '{where}.{tname}' has shape {tuple(t.shape)}, expected {e} experts first")
+    per_expert = [{tn: t[x] for tn, t in tensors.items()} for x in range(e)]
+    for x, p in enumerate(per_expert):
+        src.validate(p, k, n, g, where=f"{where}[{x}]")
+    if src_layout != stack.layout_name:
+        dst = stack.layout
+        per_expert = [dst.pack(src.unpack(p, k, n, g)) for p in per_expert]
+    for tname in stack.tensor_names():
+        stack.register_buffer(tname, torch.stack([p[tname] for p in per_expert]).contiguous())
