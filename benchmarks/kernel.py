@@ -1,4 +1,3 @@
-
 #!/usr/bin/env python3
 """W4A16 kernel benchmark: cuBLAS fp16/bf16 (F.linear), torch._weight_int4pack_mm (bf16), the QUICK mma.sync
 kernel and the decode GEMV (M <= 8), plus any registered extra implementation (``quick_sm90`` when its module

@@ -180,7 +180,7 @@ def part_time(res: dict, deadline: float) -> None:
             for layout, p in packs.items():
                 args = (x, p["qweight"], p["scales"], p["zeros"], 128)
                 base = {
-                    "quick_sm90": ("wgmma", lambda a=args: sm.gemm_w4a16_sm90(*a, decode=False)),
+                    "quick_sm90": ("wgmma", lambda a=args: sm.gemm_w4a16_sm90(*a)),
                     "quick": ("mma_gemm", lambda a=args: quick_mma.gemm(*a)),
                 }[layout]
                 try:

@@ -18,7 +18,10 @@ reference is finite and at most 0.99 x the dtype's max, the relative Frobenius e
 be within ``quick.testing.REL_BOUND`` (plus an absolute floor of the dtype's subnormal spacing); where the
 finite reference exceeds 1.01 x max the output must be inf of the same sign; where the reference is NaN the
 output must be NaN and where it is +-inf the same inf. Every output element is poisoned (NaN) first.
-Every case runs twice into fresh buffers and the two outputs must be bitwise equal (determinism).
+Every case runs twice into fresh buffers and the two outputs must be bitwise equal (determinism). The automatic
+paths take the measured table's or the model's choice: ``QUICK_AUTOTUNE`` defaults to ``0`` here (timing candidates
+for every random shape would spend the budget and fill the user's autotune cache with them; ``QUICK_AUTOTUNE=1``
+fuzzes the timed choices instead).
 
     python scripts/fuzz_gpu.py --budget 120 --out $OUT        # writes $OUT/fuzz_gpu.json
 """
@@ -451,4 +454,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("QUICK_AUTOTUNE", "0")  # read at call time by quick.settings (module docstring: why)
     sys.exit(main())

@@ -4,14 +4,15 @@
     OUT=$OUT timeout 150 python3 scripts/ncu_decode.py          # on the GPU machine (Firecracker: ncu works)
     OUT=$OUT timeout 150 python3 scripts/ncu_decode.py --dec    # the decode kernel on Llama-2-7B's batch-1 linears
 
-``--dec``: the decode kernel (``quick_dec``, the route and config the measured table picks at M = 1) on the four
-linear shapes of a Llama-2-7B layer as the fast step calls them (fused q/k/v 4096 x 12288, o 4096², fused gate/up
-4096 x 22016, down 11008 x 4096), and the read-only probe over the gate/up bytes: DRAM throughput, occupancy and
-stalls, to tell whether waves, short CTAs or DRAM locality limit its streaming rate (docs/kernels.md).
+``--dec``: the decode kernel (``quick_dec``, the kernel and config ``quick.kernels.select`` picks at M = 1, without
+timing candidates inside the profile) on the four linear shapes of a Llama-2-7B layer as the fast step calls them
+(fused q/k/v 4096 x 12288, o 4096², fused gate/up 4096 x 22016, down 11008 x 4096), and the read-only probe over the
+gate/up bytes: DRAM throughput, occupancy and stalls, to tell whether waves, short CTAs or DRAM locality limit its
+streaming rate (docs/kernels.md).
 
 Profiles, with the clocks left alone (``--clock-control none``) and the caches flushed by ncu before each
-replay: the W4A16 Hopper kernel (``quick_sm90``) and the W4A8 Hopper GEMM at M = 1 and 16 with the automatic
-(tuned) config, and the read-only probe over the same bytes (the floor). Writes ``$OUT/ncu_decode.txt`` (the
+replay: the W4A16 Hopper GEMM (``quick_sm90``, wgmma) and the W4A8 Hopper GEMM at M = 1 and 16 with their tuned
+configs, and the read-only probe over the same bytes (the floor). Writes ``$OUT/ncu_decode.txt`` (the
 speed-of-light, memory, scheduler and warp-state sections) and ``$OUT/ncu_stalls.txt`` (per kernel, the SASS
 instructions with the most stall samples, from the source page). ``--target`` is the process ncu runs.
 """
@@ -94,11 +95,12 @@ DEC_KERNELS = "regex:quick_dec|quick_stream_probe"
 
 
 def target_dec() -> int:
-    """Each Llama-2-7B linear at M = 1 three times through the sm90 entry (the table's route and config), then the
-    probe over the gate/up bytes three times."""
+    """Each Llama-2-7B linear at M = 1 three times through the layout's automatic entry (the kernel and config
+    ``select`` picks: override, table, autotune cache, model), then the probe over the gate/up bytes three times."""
+    os.environ["QUICK_AUTOTUNE"] = "0"  # timing candidates here would put their launches into the profile
     import torch
 
-    from quick.kernels import quick_sm90 as sm
+    from quick.kernels import select
     from quick.packing.layouts import get_layout
     from quick.testing import random_quantized
 
@@ -107,8 +109,10 @@ def target_dec() -> int:
         qw = random_quantized(k, n, 128, torch.float16, "cpu", gen)
         p = {kk: v.cuda() for kk, v in get_layout("quick_sm90").pack(qw).items()}
         x = torch.randn(1, k, generator=gen).half().cuda()
+        w = (p["qweight"], p["scales"], p["zeros"], 128)
+        print(f"K={k} N={n} M=1: {select.choose(select.prepare('quick_sm90', x, *w, None)[0]).describe()}")
         for _ in range(3):
-            sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)
+            select.matmul("quick_sm90", x, *w)
         torch.cuda.synchronize()
     run_probe(*DEC_SHAPES[2])
     return 0

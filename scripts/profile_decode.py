@@ -62,7 +62,7 @@ def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128)
         "variant": variant,
         "batch": batch,
         # with PDL a kernel's time includes its wait for the previous one (the overlap): read e2e tok/s for speed
-        "fusions": fusion_switches(),
+        **fusion_switches(),
         "gpu_us_per_step": round(total, 1),
         "linear_us_per_step": round(gemm, 1),
         "other_us_per_step": round(total - gemm, 1),

@@ -260,8 +260,8 @@ def part_time(res: dict) -> None:
     torch = _torch()
 
     from benchmarks import common
-    from quick.kernels import quick_sm90 as sm
     from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.kernels import select
     from quick.packing.layouts import get_layout, pack_w4a8_sm90
     from quick.testing import random_quantized
 
@@ -284,8 +284,8 @@ def part_time(res: dict) -> None:
         x = torch.randn(m, k, generator=gen).half().cuda()
         row = {"m": m, "cublas_fp16": bench(lambda x=x: torch.nn.functional.linear(x, w16))}
         try:
-            row["w4a16_sm90"] = bench(
-                lambda x=x: sm.gemm_w4a16_sm90(x, p16["qweight"], p16["scales"], p16["zeros"], 128)
+            row["w4a16_sm90"] = bench(  # the layout's automatic entry: the decode kernel or the wgmma GEMM
+                lambda x=x: select.matmul("quick_sm90", x, p16["qweight"], p16["scales"], p16["zeros"], 128)
             )
         except Exception as e:  # noqa: BLE001
             row["w4a16_sm90_error"] = repr(e)

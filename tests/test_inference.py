@@ -280,6 +280,28 @@ def test_e2e_results_format(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
 
 
+def test_e2e_records_the_fusions_and_the_attention_kernel(tmp_path, monkeypatch):
+    """The results say which decode-path fusions (``QUICK_FUSIONS``, sorted) and whether the attention kernel
+    (``QUICK_ATTN_KERNEL``) were on, in the JSON and in the table's caption."""
+    import json
+
+    from quick.bench import e2e
+
+    monkeypatch.setenv("QUICK_FUSIONS", "pdl,act")
+    monkeypatch.setenv("QUICK_ATTN_KERNEL", "0")
+    assert e2e.fusion_switches() == {"fusions": ["act", "pdl"], "attn_kernel": False}
+    monkeypatch.setenv("QUICK_FUSIONS", "all")
+    monkeypatch.delenv("QUICK_ATTN_KERNEL")
+    assert e2e.fusion_switches() == {"fusions": ["act", "norm", "pdl", "rope"], "attn_kernel": True}
+    monkeypatch.setenv("QUICK_FUSIONS", "none")
+    env = {"gpu": "NVIDIA H100", "torch": "2.x", "cuda": "13.0", "date": "2026-11-23", **e2e.fusion_switches()}
+    row = {"model": "m", "impl": "fp16", "batch": 1, "prefill_tok_s": 1.0, "decode_tok_s": 1.0, "peak_mem_GB": 1.0}
+    stem = e2e.write_results([row], env, tmp_path, 16, 16, ["graph"])
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    assert (doc["fusions"], doc["attn_kernel"]) == ([], True)
+    assert "Kernel fusions: none; decode attention kernel on." in stem.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("mode", ["step", "regions", "fast"])
 def test_compiled_decode_builds_twice_for_many_batch_sizes(mode, monkeypatch):
     """Automatic dynamic shapes: the first batch size compiles static, the second generalises the batch dim,

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.gpu
 
 require_sm80_and_nvcc()
 
+from quick.kernels import ops  # noqa: E402
 from quick.kernels import quick_dec as qd  # noqa: E402
-from quick.kernels import quick_sm90 as sm  # noqa: E402
 
 M_DEC = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 63, 64]
 _CACHE: dict = {}
@@ -104,11 +104,20 @@ def test_split_k_is_bitwise_deterministic(layout):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def test_graph_capture_and_forced_decode_through_the_sm90_entry():
+@pytest.mark.parametrize("entry", ["gemv_sm90", "op"])
+def test_graph_capture_and_forced_decode_through_the_sm90_entry(entry, monkeypatch):
+    """The decode kernel on the sm90 layout captured in a CUDA graph: called directly, and through the layout's op
+    with the decode kernel forced (``QUICK_KERNEL=dec``)."""
     qw, p = _weights(4096, 4096, 128, torch.float16)
     x = torch.randn(1, 4096, device="cuda").half()
     ref = reference_matmul(x, qw)
-    fn = lambda: sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], 128, decode=True)  # noqa: E731
+    if entry == "gemv_sm90":
+        fn = lambda: qd.gemv_sm90(x, p["qweight"], p["scales"], p["zeros"], 128)  # noqa: E731
+    else:
+        monkeypatch.setenv("QUICK_KERNEL", "dec")
+        prob = select.prepare("quick_sm90", x, p["qweight"], p["scales"], p["zeros"], 128, None)[0]
+        assert (select.choose(prob).kernel, select.choose(prob).source) == ("dec", "override")
+        fn = lambda: torch.ops.quick.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], None, 128)  # noqa: E731
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -139,24 +148,23 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_dispatch_switches_route_decode_batches_to_the_kernel(monkeypatch):
-    """With the switches on (QUICK_DEC_MAX_M), both layouts' automatic entries take the decode kernel within its
-    limits, and their GEMMs beyond them (M above the layout's limit, N not a multiple of the CTA's channels)."""
-    from quick.kernels import quick_mma
-
+    """With the decode kernel forced up to 64 rows (``QUICK_KERNEL=dec@64``), both layouts' automatic entries take
+    it within its limits, and their GEMMs beyond them (M above the layout's limit, N not a multiple of the CTA's
+    channels)."""
     calls = []
     real = qd.run_validated
     monkeypatch.setattr(qd, "run_validated", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
-    monkeypatch.setattr(quick_mma, "DEC_QUICK_MAX_M", 64)
-    monkeypatch.setattr(sm, "DEC_MAX_M", 64)
-    monkeypatch.setattr(quick_mma, "DEC_FORCED", True)
-    monkeypatch.setattr(sm, "DEC_FORCED", True)
-    for layout, fn in (("quick", functools.partial(select.matmul, "quick")), ("quick_sm90", sm.gemm_w4a16_sm90)):
+    monkeypatch.setenv("QUICK_KERNEL", "dec@64")
+    for layout in ("quick", "quick_sm90"):
+        fn = functools.partial(select.matmul, layout)
         for m, n, routed in ((3, 2048, True), (40, 2048, layout == "quick_sm90"), (40, 1024 + 128, False)):
             calls.clear()
             qw, p = _weights(4096, n, 128, torch.float16, layout)
             x = torch.randn(m, 4096, device="cuda").half()
             _check(fn(x, p["qweight"], p["scales"], p["zeros"], 128), reference_matmul(x, qw), torch.float16)
             assert calls == ([m] if routed else []), (layout, m, n, calls)
+            prob = select.prepare(layout, x, p["qweight"], p["scales"], p["zeros"], 128, None)[0]
+            assert (select.choose(prob).kernel == "dec") == routed, (layout, m, n, select.choose(prob))
 
 
 # ---- QD_ACT: the gated MLP's down projection stages act(gate) * up itself
@@ -192,38 +200,45 @@ def test_act_every_config(m, cfg, dtype, act):
     _check(*_run_act(m, k, n, dtype, act, config=cfg, splits=3, bias=True), dtype)
 
 
+@pytest.mark.parametrize("fusions", ["none", "act"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(11008, 4096), (14336, 4096), (13824, 5120)])
 @pytest.mark.parametrize("m", [1, 8])
-def test_act_model_shapes_through_the_op(k, n, m, dtype):
-    """The op on down-projection shapes, whatever route the table picks (one launch or the two steps)."""
+def test_act_model_shapes_through_the_op(k, n, m, dtype, fusions, monkeypatch):
+    """The op on down-projection shapes, whatever the choice for the shape (one launch or the two steps), with the
+    ``act`` fusion off and on."""
+    monkeypatch.setenv("QUICK_FUSIONS", fusions)
     qw, p = _weights(k, n, 128, dtype)
     gu = (torch.randn(m, 2 * k, device="cuda") * 3).to(dtype)
     out = torch.ops.quick.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], None, 128, "silu")
     _check(out, reference_matmul(_gated64(gu, "silu", dtype), qw), dtype)
 
 
-def test_act_falls_back_where_no_variant_applies():
-    """M = 16 (two token tiles) and group size 64 take the two steps: the same as gated() then the GEMM."""
+def test_act_falls_back_where_no_variant_applies(monkeypatch):
+    """M = 16 (two token tiles) and group size 64 take the two steps even with the ``act`` fusion on: the same as
+    gated() then the layout's automatic product."""
+    monkeypatch.setenv("QUICK_FUSIONS", "act")
     for m, g in ((16, 128), (4, 64)):
         qw, p = _weights(1024, 512, g, torch.float16)
         gu = torch.randn(m, 2048, device="cuda").half()
-        out = sm.gated_gemm_w4a16_sm90(gu, p["qweight"], p["scales"], p["zeros"], g, None, "gelu_tanh")
-        want = sm.gemm_w4a16_sm90(qd.gated(gu[:, :1024], gu[:, 1024:], "gelu_tanh"), p["qweight"], p["scales"],
-                                  p["zeros"], g)  # fmt: skip
+        prob = select.Problem("quick_sm90", m, 512, 1024, g, gu.dtype, gu.device)
+        assert select.fused_choice(prob, True, False) is None, (m, g)
+        out = ops.gated_gemm(gu, p["qweight"], p["scales"], p["zeros"], g, None, "gelu_tanh")
+        want = select.matmul("quick_sm90", qd.gated(gu[:, :1024], gu[:, 1024:], "gelu_tanh"), p["qweight"],
+                             p["scales"], p["zeros"], g)  # fmt: skip
         assert torch.equal(out, want)
 
 
 def test_act_graph_capture_and_linear_forward_gated(monkeypatch):
-    """QuickLinear.forward_gated under CUDA-graph capture, fused (QUICK_DEC_ACT=1) against the two steps."""
+    """QuickLinear.forward_gated under CUDA-graph capture, fused (``QUICK_FUSIONS=act``) against the two steps."""
     from quick.nn.linear import QuickLinear
 
     qw, _p = _weights(2048, 1024, 128, torch.bfloat16)
     lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
     gu = (torch.randn(1, 4096, device="cuda") * 3).bfloat16()
-    monkeypatch.setenv("QUICK_DEC_ACT", "0")
+    monkeypatch.setenv("QUICK_FUSIONS", "none")
     two = lin.forward_gated(gu, "silu")
-    monkeypatch.setenv("QUICK_DEC_ACT", "1")
+    monkeypatch.setenv("QUICK_FUSIONS", "act")
     one = lin.forward_gated(gu, "silu")
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -278,10 +293,13 @@ def test_norm_every_config(m, cfg, dtype, act, offset):
         _check(normed, n_ref, dtype)
 
 
+@pytest.mark.parametrize("fusions", ["none", "act,norm"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n,act", [(4096, 4096, ""), (11008, 4096, "silu"), (14336, 4096, "silu")])
-def test_norm_model_shapes_through_the_op_and_determinism(k, n, act, dtype):
-    """The op on o / down shapes (one launch or the steps, as the table routes), twice: bitwise equal."""
+def test_norm_model_shapes_through_the_op_and_determinism(k, n, act, dtype, fusions, monkeypatch):
+    """The op on o / down shapes (one launch or the steps, as the choice for the shape goes), twice: bitwise equal;
+    with the fusions off and on."""
+    monkeypatch.setenv("QUICK_FUSIONS", fusions)
     qw, p = _weights(k, n, 128, dtype)
     x = torch.randn(1, 2 * k if act else k, device="cuda").to(dtype)
     resid, w = torch.randn(1, n, device="cuda").to(dtype), (torch.rand(n, device="cuda") + 0.5).to(dtype)
@@ -295,20 +313,24 @@ def test_norm_model_shapes_through_the_op_and_determinism(k, n, act, dtype):
 
 
 def test_norm_falls_back_and_linear_under_graph_capture(monkeypatch):
-    """M = 16 takes the steps (the same as add + rms_norm after the GEMM); QuickLinear.forward_add_norm captured in a
-    CUDA graph with QUICK_DEC_NORM=1 replays on new inputs."""
+    """M = 16 takes the steps even with the ``norm`` fusion on (the same as add + rms_norm after the layout's
+    automatic product); QuickLinear.forward_add_norm captured in a CUDA graph with ``QUICK_FUSIONS=norm`` replays on
+    new inputs."""
     from quick.nn.linear import QuickLinear
 
+    monkeypatch.setenv("QUICK_FUSIONS", "norm")
     qw, p = _weights(2048, 1024, 128, torch.float16)
     x16, res16 = torch.randn(16, 2048, device="cuda").half(), torch.randn(16, 1024, device="cuda").half()
     w = (torch.rand(1024, device="cuda") + 0.5).half()
-    normed, r = sm.gemm_add_norm_sm90(x16, p["qweight"], p["scales"], p["zeros"], 128, None, res16, w, 1e-6)
-    want_r = res16 + sm.gemm_w4a16_sm90(x16, p["qweight"], p["scales"], p["zeros"], 128)
+    prob16 = select.Problem("quick_sm90", 16, 1024, 2048, 128, x16.dtype, x16.device)
+    assert select.fused_choice(prob16, False, True) is None
+    normed, r = ops.gemm_add_norm(x16, p["qweight"], p["scales"], p["zeros"], 128, None, res16, w, 1e-6)
+    want_r = res16 + select.matmul("quick_sm90", x16, p["qweight"], p["scales"], p["zeros"], 128)
     assert torch.equal(r, want_r) and torch.equal(normed, qd.rms_norm(want_r, w, 1e-6))
-    monkeypatch.setenv("QUICK_DEC_NORM", "1")
     lin = QuickLinear.from_quantized(qw, layout="quick_sm90")
     x, res = torch.randn(2, 2048, device="cuda").half(), torch.randn(2, 1024, device="cuda").half()
-    assert lin.fuses(2, x.device, x.dtype, norm=True) == sm.fuses(x.device, 2, 1024, 2048, 128, norm=True)
+    prob = select.Problem("quick_sm90", 2, 1024, 2048, 128, x.dtype, x.device)
+    assert lin.fuses(2, x.device, x.dtype, norm=True) == (select.fused_choice(prob, False, True) is not None)
     lin.forward_add_norm(x, res, w, 1e-6)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -73,7 +73,10 @@ def run_case(m, k, n, g, dtype, seed, *, kernel="auto", bias=False, config=None,
     torch.cuda.synchronize()
     ref = reference_matmul(x, qw, b)
     err = rel_error(out, ref)
-    path = kernel if kernel != "auto" else ("gemv" if m <= quick_mma.GEMV_AUTO_MAX_M else "gemm")
+    if kernel == "auto":  # the kernel select.matmul chose, for the error report
+        path = select.choose(select.Problem("quick", m, n, k, k if g == -1 else g, dtype, x.device)).kernel
+    else:
+        path = kernel
     _record(f"{str(dtype).split('.')[-1]}/{path}", err)
     assert torch.isfinite(out).all(), f"NaN/inf in output (unwritten elements?) m={m} k={k} n={n} g={g}"
     assert err < REL_BOUND[dtype], f"rel error {err:.3e} >= {REL_BOUND[dtype]} (m={m} k={k} n={n} g={g} {dtype})"
@@ -272,12 +275,15 @@ def test_bad_layout_and_alignment():
         select.matmul("quick", x.cpu(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="cuda"):
         select.matmul("quick", x, p["qweight"].cpu(), p["scales"], p["zeros"], 64)
-    # contiguous, 2 bytes off a 16-byte boundary; 32 rows: the GEMM's path (the decode kernel, M <= 8, copies such
-    # an x to dense rows instead of refusing it)
+    # contiguous, 2 bytes off a 16-byte boundary, 32 rows: the GEMM refuses it; the automatic entry copies such an x
+    # to dense rows (as the decode kernel always did) and gives the right product
     buf = torch.randn(32 * 256 + 1, device="cuda", dtype=torch.float16)
     misaligned = buf[1:].view(32, 256)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        select.matmul("quick", misaligned, p["qweight"], p["scales"], p["zeros"], 64)
+        quick_mma.gemm(misaligned, p["qweight"], p["scales"], p["zeros"], 64)
+    qw, _p = make_weights(256, 128, 64, torch.float16, 9)  # _good()'s weights
+    got = select.matmul("quick", misaligned, p["qweight"], p["scales"], p["zeros"], 64)
+    assert rel_error(got, reference_matmul(misaligned, qw)) < REL_BOUND[torch.float16]
 
 
 def test_bad_shapes_and_groups():

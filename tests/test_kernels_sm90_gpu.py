@@ -1,4 +1,5 @@
-"""Device correctness of the sm_90 QUICK kernel (wgmma, register-A weights) against a float64 reference.
+"""Device correctness of the sm_90 QUICK kernel (wgmma, register-A weights) against a float64 reference, and of the
+layout's automatic entry (``select.matmul("quick_sm90", ...)``: the decode kernel or the wgmma GEMM, as chosen).
 
 Skipped without an sm_90 GPU. Fresh random inputs per case, NaN-poisoned outputs, relative Frobenius bounds
 from quick.testing (which fail on any indexing error), NaN/inf checks, bitwise determinism of split-k.
@@ -11,6 +12,7 @@ import torch
 from helpers import DTYPES, M_ALL, require_sm90
 from helpers import check_output as _check
 
+from quick.kernels import select
 from quick.packing.layouts import get_layout
 from quick.testing import poisoned, random_quantized, reference_matmul
 
@@ -33,28 +35,37 @@ def _weights(k: int, n: int, g: int, dtype: torch.dtype):
     return _CACHE[key]
 
 
-def _run(m, k, n, g, dtype, bias=False, config=None, splits=None):
+PATHS = ["wgmma", "auto"]  # the GEMM itself; the layout's automatic entry (the decode kernel at small M)
+
+
+def _run(m, k, n, g, dtype, bias=False, config=None, splits=None, path="wgmma"):
     qw, p = _weights(k, n, g, dtype)
     x = torch.randn(m, k, device="cuda").to(dtype)
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
     out = poisoned((m, n), dtype, "cuda")
-    sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config, splits, out)
+    if path == "auto":
+        assert config is None and splits is None, "the automatic entry makes its own choice"
+        select.matmul("quick_sm90", x, p["qweight"], p["scales"], p["zeros"], g, b, out=out)
+    else:
+        sm.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], g, b, config, splits, out)
     torch.cuda.synchronize()
     return out, reference_matmul(x, qw, b)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", M_ALL)
-def test_all_batch_sizes(m, dtype):
-    out, ref = _run(m, 4096, 4096, 128, dtype)
+def test_all_batch_sizes(m, dtype, path):
+    out, ref = _run(m, 4096, 4096, 128, dtype, path=path)
     _check(out, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824)])
 @pytest.mark.parametrize("m", [1, 17, 128, 1000])
-def test_model_shapes(m, k, n, dtype):
-    out, ref = _run(m, k, n, 128, dtype)
+@pytest.mark.parametrize("path", PATHS)
+def test_model_shapes(path, m, k, n, dtype):
+    out, ref = _run(m, k, n, 128, dtype, path=path)
     _check(out, ref, dtype)
 
 
@@ -62,22 +73,25 @@ def test_model_shapes(m, k, n, dtype):
 @pytest.mark.parametrize("k,n", [(192, 320), (320, 192), (64, 64), (448, 576), (576, 64)])
 @pytest.mark.parametrize("g", [32, 64])
 @pytest.mark.parametrize("m", [1, 7, 100, 255])
-def test_small_odd_shapes(m, k, n, g, dtype):
-    out, ref = _run(m, k, n, g, dtype)
+@pytest.mark.parametrize("path", PATHS)
+def test_small_odd_shapes(path, m, k, n, g, dtype):
+    out, ref = _run(m, k, n, g, dtype, path=path)
     _check(out, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
 @pytest.mark.parametrize("m", [1, 64, 256])
-def test_group_sizes(m, g, dtype):
-    out, ref = _run(m, 4096, 4096, g, dtype)
+@pytest.mark.parametrize("path", PATHS)
+def test_group_sizes(path, m, g, dtype):
+    out, ref = _run(m, 4096, 4096, g, dtype, path=path)
     _check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bias(dtype):
-    out, ref = _run(5, 1024, 512, 128, dtype, bias=True)
+def test_bias(dtype, path):
+    out, ref = _run(5, 1024, 512, 128, dtype, bias=True, path=path)
     _check(out, ref, dtype)
 
 

@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
 import re
 import time
 import traceback
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
+from quick import settings
 from quick.bench.cli_args import (  # noqa: F401  (re-exported for scripts)
     BATCHES,
     DEFAULT_VARIANT,
@@ -231,7 +231,7 @@ def write_results(
         "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
         "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
         "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
-        "of the same variant." + (f" Kernel fusions: {env['fusions']}." if "fusions" in env else ""),
+        "of the same variant." + _fusions_note(env),
         "",
         "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
         "|---|---|---|---|---|---|---|---|",
@@ -300,23 +300,28 @@ def resolve_variants(variants: list[str], compile_mode: str | None, fused: bool)
     return out
 
 
-def fusion_switches() -> dict[str, bool]:
-    """Which of the fast decode step's kernel fusions this run has on (set by the environment; recorded in the
-    results so that runs with and without them are told apart)."""
-    from quick.kernels import attention, quick_dec
+def fusion_switches() -> dict[str, object]:
+    """The fast decode step's kernel fusions this run has on (``QUICK_FUSIONS``, sorted) and whether the decode
+    attention kernel is on (``QUICK_ATTN_KERNEL``); recorded in the results so that runs with and without them are
+    told apart."""
+    return {"fusions": sorted(settings.fusions()), "attn_kernel": settings.attention_kernel_enabled()}
 
-    return {
-        "attn_kernel": os.environ.get("QUICK_ATTN_KERNEL", "1") != "0",
-        "attn_rope": attention.rope_fusion_enabled(),
-        "dec_act": quick_dec.act_fusion_enabled(),
-    }
+
+def _fusions_note(env: dict) -> str:
+    """The markdown's sentence on :func:`fusion_switches` (empty where the run did not record them)."""
+    if "fusions" not in env:
+        return ""
+    note = f" Kernel fusions: {', '.join(env['fusions']) or 'none'}"
+    if "attn_kernel" in env:
+        note += f"; decode attention kernel {'on' if env['attn_kernel'] else 'off'}"
+    return note + "."
 
 
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("the end-to-end benchmark needs a CUDA GPU")
         return 1
-    env = {**env_stamp(), "fusions": fusion_switches()}
+    env = {**env_stamp(), **fusion_switches()}
     if torch.cuda.get_device_capability() != (9, 0):
         args.impls = [i for i in args.impls if not i.startswith("quick_sm90")]
     variants = resolve_variants(args.variants, args.compile, args.fused)

@@ -1,23 +1,26 @@
-"""``quick tune``: measure the kernel table the automatic routes read (:mod:`quick.kernels.tuning`) on this GPU.
+"""``quick tune``: measure the kernel table (:mod:`quick.kernels.tuning`) that :func:`quick.kernels.select.choose`
+reads on this GPU (after a ``QUICK_KERNEL`` override, before the autotune cache and the model).
 
     quick tune [--out DIR] [--budget-s SECONDS] [--shapes 4096x4096 ...] [--ms 1 8 64 ...] [--layouts quick_sm90 quick]
 
 For every (K, N) and M: each candidate of the layout (``quick_sm90``, on sm_90: the decode kernel's configs and split
 counts for M <= 64, the wgmma kernel's tuned choice, its tile alternatives and split counts; ``quick``, the mma.sync
 layout on any sm_80+ GPU: the decode kernel for M <= 16, the GEMV for M <= 8, every GEMM config and split count)
-is first checked against an fp32
-reference of dequantize-then-matmul on fresh random data (NaN-poisoned output, the float64 tests' relative bounds),
-then timed as benchmarks/kernel.py times (median of do_bench, L2 flushed, CUDA-graph replay). Only checked candidates
-can win. Writes ``<out>/<gpu>.json`` (the table; default out: the user table folder, read before the package's) and
-``<out>/tune_rows.json`` (every row, rewritten after each shape). Shapes run in the order given and stop at the
-budget, so the important ones go first. Measured tables for the project's GPUs are committed in
-``quick/kernels/tables/``.
+is first checked against an fp32 reference of dequantize-then-matmul on fresh random data (NaN-poisoned output, the
+float64 tests' relative bounds), then timed as benchmarks/kernel.py times (median of do_bench, L2 flushed, CUDA-graph
+replay), each launched through ``select.matmul`` with its :class:`~quick.kernels.select.Choice` (the launch the
+table's entry later gets). Only checked candidates can win. The model's own choice is checked and timed too, as the
+time without a table (a row marked ``model``, not a table candidate). Writes ``<out>/<gpu>.json`` (the table; default
+out: the user table folder, read before the package's) and ``<out>/tune_rows.json`` (every row, rewritten after each
+shape). Shapes run in the order given and stop at the budget, so the important ones go first. Measured tables for
+the project's GPUs are committed in ``quick/kernels/tables/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 import traceback
@@ -29,7 +32,7 @@ from quick.bench.timing import bench_us, graphed
 from quick.kernels import quick_dec as qd
 from quick.kernels import quick_mma as qm
 from quick.kernels import quick_sm90 as sm
-from quick.kernels import tuning
+from quick.kernels import select, tuning
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error
 
 
@@ -62,14 +65,16 @@ def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str,
     return out
 
 
-def run(layout: str, kernel: str, cfg, splits: int | None, x, p, out) -> None:
-    args = (x, p["qweight"], p["scales"], p["zeros"], 128)
-    if kernel == "dec":
-        qd.gemv(layout, *args, config=cfg, splits=splits, out=out)
-    elif kernel == "wgmma":
-        sm.gemm_w4a16_sm90(*args, config=cfg, splits=splits, out=out)
-    else:
-        (qm.gemv if kernel == "gemv" else qm.gemm)(*args, config=cfg, splits=splits, out=out)
+def run(layout: str, kernel: str, cfg, splits: int | None, x, p, out, rounds: int | None = None) -> None:
+    choice = select.Choice(kernel, cfg, splits, rounds, source="tune")
+    select.matmul(layout, x, p["qweight"], p["scales"], p["zeros"], 128, choice=choice, out=out)
+
+
+def _fields(config: object) -> dict:
+    """A choice's config as a table stores it (:data:`quick.kernels.tuning.KERNELS`' comment)."""
+    if config is None:
+        return {}
+    return {"name": config} if isinstance(config, str) else dataclasses.asdict(config)
 
 
 def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadline: float) -> None:
@@ -81,32 +86,36 @@ def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadl
             return
         x = (torch.randn(m, k, generator=gen) * 0.5).half().cuda()
         ref = x.float() @ w32
-        for kernel, fields, splits, cfg in candidates(layout, m, n, k, nsm):
+        model = select.candidates(select.prepare(layout, x, p["qweight"], p["scales"], p["zeros"], 128, None)[0])[0]
+        todo = [(model.kernel, _fields(model.config), model.splits, model.config, model.rounds, True)]
+        todo += [(kernel, fields, splits, cfg, None, False) for kernel, fields, splits, cfg in
+                 candidates(layout, m, n, k, nsm)]  # fmt: skip
+        for kernel, fields, splits, cfg, rounds, is_model in todo:
             if time.time() > deadline:
                 return
             row = {"layout": layout, "K": k, "N": n, "M": m, "kernel": kernel, "config": fields, "splits": splits}
+            if is_model:
+                row.update(model=True, rounds=rounds)
             try:
                 out = poisoned((m, n), torch.float16, "cuda")
-                run(layout, kernel, cfg, splits, x, p, out)
+                run(layout, kernel, cfg, splits, x, p, out, rounds)
                 err = rel_error(out, ref)
                 row["rel_err"] = err
                 row["ok"] = bool(torch.isfinite(out).all()) and err < REL_BOUND[torch.float16]
                 if row["ok"]:
                     out2 = torch.empty_like(out)
-                    call = lambda kn=kernel, c=cfg, s=splits, xx=x, o=out2: run(layout, kn, c, s, xx, p, o)  # noqa: E731
+                    call = functools.partial(run, layout, kernel, cfg, splits, x, p, out2, rounds)
                     row["us"] = round(bench_us(graphed(call)), 2)
             except Exception as e:  # noqa: BLE001 - a failing candidate is a row, not the end of the run
                 row["ok"], row["error"] = False, f"{type(e).__name__}: {e}"[:300]
             rows.append(row)
         mine = [r for r in rows if (r["layout"], r["K"], r["N"], r["M"]) == (layout, k, n, m)]
-        ok = [r for r in mine if r.get("us")]
+        ok = [r for r in mine if r.get("us") and not r.get("model")]
         best = min(ok, key=lambda r: r["us"]) if ok else None
-        # the automatic choice without a table: the tuned wgmma config / the GEMM's own choice
-        auto = dataclasses.asdict(sm.tuned_config(m, torch.float16)[0]) if layout == "quick_sm90" else {}
-        base = [r["us"] for r in ok if r["kernel"] in ("wgmma", "gemm") and r["config"] == auto]
+        base = next((r.get("us", float("nan")) for r in mine if r.get("model")), float("nan"))
         print(
             f"{layout:>10} {k:>5}x{n:<6} M={m:<5} best {best['kernel'] if best else '-':>5} "
-            f"{best['us'] if best else float('nan'):8.2f} us  (untabled {min(base) if base else float('nan'):8.2f}; "
+            f"{best['us'] if best else float('nan'):8.2f} us  (model's {model.kernel} {base:8.2f}; "
             f"{len(ok)} timed, {len(mine) - sum(1 for r in mine if r.get('ok'))} failed)",
             flush=True,
         )
@@ -152,7 +161,9 @@ def main(args: argparse.Namespace) -> int:
         except Exception:  # noqa: BLE001 - one broken shape must not lose the others
             print(traceback.format_exc(), flush=True)
         (out / "tune_rows.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}))
-    table = tuning.build_table(rows, gpu, torch.__version__, time.strftime("%Y-%m-%d"))
+    table = tuning.build_table(
+        [r for r in rows if not r.get("model")], gpu, torch.__version__, time.strftime("%Y-%m-%d")
+    )
     path = out / f"{tuning.gpu_key(gpu)}.json"
     path.write_text(json.dumps(table, indent=1))
     tuning.clear_cache()
