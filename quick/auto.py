@@ -255,16 +255,20 @@ class AutoQuickForCausalLM:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         layout: str | None = None,
+        verify: bool = True,
     ) -> AutoQuickForCausalLM:
-        """Load a QUICK or AutoAWQ-GEMM checkpoint (AutoAWQ tensors are repacked, not requantized).
+        """Load a 4-bit checkpoint: QUICK, AutoAWQ GEMM, compressed-tensors W4A16 (llm-compressor) or GPTQ
+        (GPTQModel / AutoGPTQ), told apart by ``quantization_config``; other formats' tensors are repacked into
+        ``layout`` (default: the fastest for ``device``), never requantized. See docs/checkpoints.md.
 
-        ``dtype``: compute dtype of the dense parts (default fp32 on CPU, else the stored dtype).
+        ``dtype``: compute dtype of the dense parts (default fp32 on CPU, else the stored dtype). ``verify``: check
+        the shards of a QUICK checkpoint against the SHA-256 recorded at save (``False`` skips it for trusted files).
         """
         p = Path(path).expanduser()
         device = torch.device(device) if device is not None else default_device()
         if dtype is None and device.type == "cpu":
             dtype = torch.float32
-        model = load_quantized(p, device=device, dtype=dtype, layout=layout)
+        model = load_quantized(p, device=device, dtype=dtype, layout=layout, verify=verify)
         tokenizer = _load_tokenizer(p)
         qc = model.quick_quant_config
         if is_w4a8_config(qc):

@@ -135,7 +135,7 @@ def test_truncated_shard_is_a_clear_error(checkpoint):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match=f"{f.name}.*truncated"):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 def test_corrupt_header_is_a_clear_error(checkpoint):
@@ -144,7 +144,7 @@ def test_corrupt_header_is_a_clear_error(checkpoint):
     data[10:20] = b"\xff" * 10
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f.name):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_wrong_shape_error_names_the_tensor(checkpoint, key, shape):
     tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 def test_wrong_dtype_error_names_the_tensor(checkpoint):
@@ -171,7 +171,7 @@ def test_wrong_dtype_error_names_the_tensor(checkpoint):
     tensors[key] = tensors[key].float()
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 def test_missing_tensor_is_an_error(checkpoint):
@@ -183,7 +183,7 @@ def test_missing_tensor_is_an_error(checkpoint):
     del index["weight_map"]["model.norm.weight"]
     (checkpoint / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model.norm.weight"):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 def test_unsupported_awq_version(checkpoint):
@@ -191,7 +191,7 @@ def test_unsupported_awq_version(checkpoint):
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}
     (checkpoint / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="gemv"):
-        load_quantized(checkpoint)
+        load_quantized(checkpoint, verify=False)
 
 
 # ------------------------------------------------------------------------------------------ AutoAWQ
@@ -341,3 +341,68 @@ def test_quant_config_validation():
     ]:
         with pytest.raises(QuantizationError, match=match):
             validate_quant_config(bad)
+
+
+# ------------------------------------------------------------------------------- checksums, permissions
+
+
+def zero_middle(f: Path, fraction: float = 0.3) -> None:
+    """Zero a run of bytes in the middle of ``f`` (tensor data; the header at the start stays intact)."""
+    data = bytearray(f.read_bytes())
+    n = int(len(data) * fraction)
+    start = (len(data) - n) // 2
+    data[start : start + n] = bytes(n)
+    f.write_bytes(bytes(data))
+
+
+def test_checksums_recorded_per_shard(checkpoint):
+    index = json.loads((checkpoint / INDEX_NAME).read_text())
+    digests = index["metadata"]["sha256"]
+    assert sorted(digests) == sorted(p.name for p in shard_files(checkpoint))
+    import hashlib
+
+    for name, digest in digests.items():
+        assert hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() == digest
+
+
+def test_zeroed_bytes_in_a_shard_fail_with_a_clear_error(checkpoint, capsys):
+    shard = shard_files(checkpoint)[0]
+    zero_middle(shard)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: SHA-256 .* does not match .*verify=False"):
+        load_quantized(checkpoint)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        AutoQuickForCausalLM.from_quantized(checkpoint, device="cpu")
+    # the opt-out reads the (corrupt) bytes without hashing them
+    load_quantized(checkpoint, verify=False)
+    AutoQuickForCausalLM.from_quantized(checkpoint, device="cpu", verify=False)
+    assert cli_main(["convert", str(checkpoint), str(checkpoint.parent / "conv")]) != 0
+    assert "SHA-256" in capsys.readouterr().err and not (checkpoint.parent / "conv").exists()
+    assert cli_main(["convert", "--no-verify", str(checkpoint), str(checkpoint.parent / "conv")]) == 0
+
+
+def test_checksum_index_errors(checkpoint):
+    index_path = checkpoint / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    index["metadata"]["sha256"] = {"../elsewhere.safetensors": "00"}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file of the checkpoint"):
+        load_quantized(checkpoint)
+    del index["metadata"]["sha256"]  # written by an older version or by hand: nothing to verify
+    index_path.write_text(json.dumps(index))
+    load_quantized(checkpoint)
+
+
+def test_saved_checkpoint_is_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o077)  # even under a strict umask the published files are shareable
+    try:
+        out = save_quantized(quantized(), tmp_path / "ck", max_shard_size=40_000)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(shard_files(out)) > 1 and files
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name

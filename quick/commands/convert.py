@@ -1,17 +1,31 @@
-"""`quick convert AWQ_CHECKPOINT OUT`: repack an AutoAWQ GEMM checkpoint into a QUICK one, exactly."""
+"""`quick convert CHECKPOINT OUT`: repack a 4-bit checkpoint (AutoAWQ GEMM, compressed-tensors W4A16, GPTQ, or
+QUICK) into a QUICK one, exactly (no requantization)."""
 
 from __future__ import annotations
 
 import argparse
 
 NAME = "convert"
-HELP = "repack an AutoAWQ GEMM checkpoint into the QUICK layout (no recalibration, bit-exact weights)"
+HELP = (
+    "repack a 4-bit checkpoint (AutoAWQ GEMM, compressed-tensors W4A16, GPTQ) into a QUICK layout "
+    "(no recalibration, bit-exact weights)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="AWQ_CHECKPOINT", help="AutoAWQ checkpoint directory (version 'gemm')")
+    parser.add_argument(
+        "src",
+        metavar="CHECKPOINT",
+        help="checkpoint directory: AutoAWQ (version 'gemm'), compressed-tensors 'pack-quantized' W4A16, GPTQ "
+        "(gptq / gptq_v2, act-order included) or QUICK; the format is read from config.json's quantization_config",
+    )
     parser.add_argument("out", metavar="OUT", help="output directory (written atomically)")
     parser.add_argument("--layout", default=None, help="target layout (default: the preferred one, 'quick')")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the SHA-256 check of a QUICK checkpoint's shards (only for files you trust)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,17 +40,16 @@ def run(args: argparse.Namespace) -> int:
     layout = args.layout or preferred_layout(torch.device("cpu"))
     # Dense tensors keep the stored dtype (dtype=None) and packed tensors are only repacked, so the
     # converted checkpoint holds exactly the same weights.
-    model = load_quantized(src, device="cpu", layout=layout)
+    model = load_quantized(src, device="cpu", layout=layout, verify=not args.no_verify)
     src_qc = model.quick_source_quant_config
     qc = make_quant_config(
         layout,
         model.quick_quant_config["group_size"],
-        bool(src_qc.get("zero_point", True)),
-        src_qc.get("modules_to_not_convert") or ("lm_head",),
+        bool(model.quick_quant_config.get("zero_point", True)),
+        model.quick_quant_config.get("modules_to_not_convert") or ("lm_head",),
     )
     out = save_quantized(model, args.out, qc, tokenizer=_load_tokenizer(src))
     n = sum(1 for m in model.modules() if hasattr(m, "qweight"))
-    print(
-        f"repacked {n} layers of {src} ({src_qc.get('quant_method')}/{src_qc.get('version')}) into '{layout}' at {out}"
-    )
+    what = getattr(model, "quick_source_format", None) or f"{src_qc.get('quant_method')}/{src_qc.get('version')}"
+    print(f"repacked {n} layers of {src} ({what}) into '{layout}' at {out}")
     return 0
