@@ -3,7 +3,7 @@ tensors (v1 and v2 zero points, symmetric and asymmetric, act-order), real SmolL
 GPTQModel on CPU (perplexity and logits against GPTQModel's dequantized weights), and clear errors.
 
 GPTQModel needs its own environment (torch >= 2.14.1, transformers >= 5.20.2, which conflict with llmcompressor's
-pins): ``pip install ".[formats]"`` in a separate virtualenv, then run this file there. Without it, the tests that
+pins): ``pip install ".[formats-gptq]"`` in a separate virtualenv, then run this file there. Without it, the tests that
 need it skip and the error-path tests still run.
 """
 
@@ -30,7 +30,7 @@ from quick.external import ExternalFormatError
 from quick.external.gptq import GptqImporter, v1_to_v2_zeros
 from quick.nn.linear import QuickLinear
 
-GPTQMODEL_SKIP = "gptqmodel is not installed (pip install '.[formats]' in its own environment)"
+GPTQMODEL_SKIP = "gptqmodel is not installed (pip install '.[formats-gptq]' in its own environment)"
 
 
 def gptq_config(**kw) -> dict:
