@@ -35,6 +35,9 @@ def register_with_transformers() -> bool:
 
 
 def _register_quietly() -> None:
+    own = sys.modules.get("quick.integrations.transformers")
+    if own is not None and not hasattr(own, "register"):
+        return  # that module is being imported (it imports transformers): it registers itself at its end
     try:
         register_with_transformers()
     except Exception as e:  # a broken integration must not break `import transformers` for everything else

@@ -6,6 +6,7 @@ existing scripts port over, with QUICK layouts as the default storage format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,11 +29,16 @@ from quick.checkpoint import (
     set_compute_dtype,
 )
 from quick.models.families import FamilyError, get_family
+from quick.nn.linear import padded_in_features
 from quick.packing.layouts import LAYOUTS
 from quick.quant import apply
 from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
 
 DEFAULT_QUANT_CONFIG: dict[str, Any] = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
+# AutoAWQ's AwqConfig key: substrings of module names that stay dense (added to the model family's own list)
+SKIP_KEY = "modules_to_not_convert"
+# AutoAWQ's name for its default calibration set (pile-val on the Hugging Face hub)
+HUB_CALIBRATION_SETS = {"pileval": ("mit-han-lab/pile-val-backup", "validation")}
 METHODS = ("awq", "rtn", "qqq")
 W4A8_GROUP_SIZES = (-1, 128)
 _VERSION_ALIASES = {"gemm": "awq_gemm", "awq": "awq_gemm", "sm90": "quick_sm90"}
@@ -53,12 +59,13 @@ def validate_quant_config(quant_config: dict[str, Any] | None) -> dict[str, Any]
     if raw.get("a_bit", 16) != 16 or str(raw.get("version", "")).lower() == W4A8_VERSION:
         return validate_w4a8_config(raw)
     raw.pop("a_bit", None)
+    skip = raw.pop(SKIP_KEY, None)
     quant_config = raw
     qc = dict(DEFAULT_QUANT_CONFIG)
     unknown = set(quant_config or {}) - set(DEFAULT_QUANT_CONFIG)
     if unknown:
         raise QuantizationError(
-            f"unknown quant_config keys {sorted(unknown)}; accepted: {sorted(DEFAULT_QUANT_CONFIG)}"
+            f"unknown quant_config keys {sorted(unknown)}; accepted: {sorted([*DEFAULT_QUANT_CONFIG, SKIP_KEY])}"
         )
     qc.update(quant_config or {})
     if qc["w_bit"] != 4:
@@ -74,9 +81,14 @@ def validate_quant_config(quant_config: dict[str, Any] | None) -> dict[str, Any]
     version = _VERSION_ALIASES.get(version, version)
     if version not in LAYOUTS:
         raise QuantizationError(
-            f"unknown version {qc['version']!r}; choose one of {sorted(LAYOUTS)} ('gemm' = AutoAWQ's format)"
+            f"unknown version {qc['version']!r}; choose one of {sorted(LAYOUTS)} ('gemm' = AutoAWQ's format; "
+            "AutoAWQ's GEMV, Marlin and ExLlama formats are not written)"
         )
     qc["version"] = version
+    if skip is not None:
+        if isinstance(skip, str) or not all(isinstance(x, str) for x in skip):
+            raise QuantizationError(f"{SKIP_KEY} must be a list of module-name substrings, got {skip!r}")
+        qc[SKIP_KEY] = list(skip)
     return qc
 
 
@@ -145,12 +157,16 @@ def calibration_tokens(
     seqlen: int = 512,
     seed: int = 0,
     bos_token_id: int | None = None,
+    split: str = "train",
+    text_column: str = "text",
 ) -> torch.Tensor:
     """Calibration ids ``[n_samples, seqlen]``.
 
-    ``calib_data``: ``None`` (the Wikipedia calibration split), a text file path, a list of strings (joined
-    like the corpus), or ready token ids ``[n, seqlen]``. Windows start at seeded random offsets of the
-    concatenated text. With ``bos_token_id`` every window starts with BOS (Gemma needs it).
+    ``calib_data``: ``None`` or ``"wiki"`` (the bundled Wikipedia calibration split), a text file path, a list of
+    strings (joined like the corpus), ready token ids ``[n, seqlen]``, or the name of a Hugging Face dataset
+    (AutoAWQ's convention: ``split`` and ``text_column`` pick the texts, ``"pileval"`` is its default set; needs
+    the ``datasets`` package and hub access). Windows start at seeded random offsets of the concatenated text.
+    With ``bos_token_id`` every window starts with BOS (Gemma needs it).
     """
     if isinstance(calib_data, torch.Tensor):
         ids = calib_data.long()
@@ -159,6 +175,8 @@ def calibration_tokens(
         return ids
     if n_samples < 1 or seqlen < 2:
         raise QuantizationError(f"n_samples must be >= 1 and seqlen >= 2, got {n_samples}, {seqlen}")
+    if isinstance(calib_data, str) and calib_data.lower() in ("wiki", "wikipedia") and not Path(calib_data).exists():
+        calib_data = None
     if calib_data is None:
         from quick.data.corpus import calibration_samples
 
@@ -166,9 +184,12 @@ def calibration_tokens(
     else:
         if isinstance(calib_data, (str, os.PathLike)):
             p = Path(calib_data).expanduser()
-            if not p.is_file():
+            if p.is_file():
+                text = p.read_text(encoding="utf-8", errors="replace")
+            elif isinstance(calib_data, str) and not p.suffix and os.sep not in calib_data.strip("/"):
+                text = "\n\n".join(hub_calibration_texts(calib_data, split, text_column))
+            else:
                 raise QuantizationError(f"calibration file {p} not found")
-            text = p.read_text(encoding="utf-8", errors="replace")
         else:
             texts = [str(t) for t in calib_data]
             if not texts:
@@ -179,6 +200,31 @@ def calibration_tokens(
     if bos_token_id is not None:
         samples = torch.cat([torch.full_like(samples[:, :1], bos_token_id), samples[:, :-1]], dim=1)
     return samples
+
+
+def hub_calibration_texts(name: str, split: str = "train", text_column: str = "text") -> list[str]:
+    """The ``text_column`` of split ``split`` of the Hugging Face dataset ``name`` (``"pileval"``: AutoAWQ's
+    default set); a clear error where the ``datasets`` package or the hub is not reachable."""
+    hint = "offline, pass calib_data=None (the bundled Wikipedia calibration split), a text file, or a list of strings"
+    repo, default_split = HUB_CALIBRATION_SETS.get(name.lower(), (name, None))
+    try:
+        import datasets
+    except ImportError:
+        raise QuantizationError(
+            f"calib_data {name!r} is not a file, so it names a Hugging Face dataset; loading one needs the "
+            f"`datasets` package and hub access ({hint})"
+        ) from None
+    try:
+        data = datasets.load_dataset(repo, split=default_split or split)
+        texts = [str(t) for t in data[text_column] if str(t).strip()]
+    except Exception as e:  # hub errors come in many types; all of them mean "cannot calibrate on this"
+        raise QuantizationError(
+            f"cannot load calibration dataset {repo!r} (split {default_split or split!r}, column {text_column!r}): "
+            f"{type(e).__name__}: {e} ({hint})"
+        ) from None
+    if not texts:
+        raise QuantizationError(f"calibration dataset {repo!r} has no text in column {text_column!r}")
+    return texts
 
 
 def quantize_model_rtn(
@@ -197,6 +243,27 @@ def quantize_model_rtn(
     round_dense_(model, scale_dtype)
     set_compute_dtype(model, model_dtype)
     return model
+
+
+def check_layout_fits(model: nn.Module, qc: dict[str, Any], skip: Sequence[str]) -> None:
+    """Raise before quantizing when the layout of ``qc`` cannot store a layer that will be quantized: AutoAWQ's
+    GEMM format (``version 'gemm'``) has no ragged last group, so every K must be a multiple of the group size
+    (SmolLM2's K = 576 is not one of 128)."""
+    from quick.quant.apply import quantizable_linears
+
+    layout, g = qc["version"], qc["q_group_size"]
+    if layout != "awq_gemm" or g == -1:
+        return
+    ragged = [(n, m.in_features) for n, m in quantizable_linears(model, skip)
+              if padded_in_features(m.in_features, g, layout) != m.in_features]  # fmt: skip
+    if ragged:
+        name, k = ragged[0]
+        fits = [c for c in SUPPORTED_GROUP_SIZES if c > 0 and all(kk % c == 0 for _, kk in ragged)]
+        raise QuantizationError(
+            f"AutoAWQ's GEMM format (version 'gemm') cannot store a ragged last group: {len(ragged)} layers have "
+            f"in_features not divisible by q_group_size={g} (e.g. {name}, K={k}). Use version 'quick' (ragged "
+            f"groups are zero-padded there)" + (f" or q_group_size in {fits}" if fits else "")
+        )
 
 
 class AutoQuickForCausalLM:
@@ -312,14 +379,20 @@ class AutoQuickForCausalLM:
         batch_size: int = 8,
         progress: bool = True,
         qqq_options: dict[str, Any] | None = None,
+        apply_clip: bool = True,
+        split: str = "train",
+        text_column: str = "text",
     ) -> AutoQuickForCausalLM:
         """Quantize in place. ``method``: 'awq' (calibrated scales + clipping) or 'rtn' (round to nearest);
         for W4A8 configs (``a_bit=8``) 'qqq' (smoothing + GPTQ, the default there) or 'rtn'.
 
         ``calib_data``: ``None`` = Wikipedia calibration split (``n_samples`` x ``seqlen`` tokens), a text
-        file, a list of strings, or token ids ``[n, seqlen]``. Records the wall time in
-        ``quantization_time_s``. ``qqq_options``: further keyword arguments of
-        :func:`quick.quant.qqq.quantize_model_qqq` (``n_grid``, ``act_order``, ``damp``, ``smooth``, ``gptq``).
+        file, a list of strings, token ids ``[n, seqlen]``, or a Hugging Face dataset name (``split``,
+        ``text_column``; see :func:`calibration_tokens`). ``apply_clip``: AWQ's clipping search (on by default).
+        ``quant_config["modules_to_not_convert"]``: substrings of module names that stay dense, on top of the
+        family's own. Records the wall time in ``quantization_time_s``. ``qqq_options``: further keyword
+        arguments of :func:`quick.quant.qqq.quantize_model_qqq` (``n_grid``, ``act_order``, ``damp``, ``smooth``,
+        ``gptq``).
         """
         if self.is_quantized:
             raise QuantizationError("model is already quantized")
@@ -339,18 +412,25 @@ class AutoQuickForCausalLM:
             if method in ("awq", "qqq"):
                 raise
             family = None
-        skip = family.modules_to_not_convert if family else ("lm_head",)
+        skip = tuple(family.modules_to_not_convert if family else ("lm_head",))
+        extra = tuple(s for s in qc.get(SKIP_KEY, ()) if s not in skip)
+        if extra:
+            skip += extra
+            if family is not None:
+                family = dataclasses.replace(family, modules_to_not_convert=skip)
+        if not w4a8:
+            check_layout_fits(self.model, qc, skip)  # fail now, not at save time after the whole calibration
         start = time.perf_counter()
         if w4a8:
             self._quantize_w4a8(qc, method, tokenizer, family, skip, calib_data, n_samples, seqlen, seed,
-                                search_samples, batch_size, progress, qqq_options)  # fmt: skip
+                                search_samples, batch_size, progress, qqq_options, split, text_column)  # fmt: skip
         elif method == "awq":
             from quick.quant.awq import quantize_model_awq
 
             if tokenizer is None and not isinstance(calib_data, torch.Tensor):
                 raise QuantizationError("AWQ needs a tokenizer (or calibration token ids) for its calibration data")
             bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
-            samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos)
+            samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos, split, text_column)
             quantize_model_awq(
                 self.model,
                 samples,
@@ -358,6 +438,7 @@ class AutoQuickForCausalLM:
                 zero_point=qc["zero_point"],
                 layout=qc["version"],
                 scale_dtype=self.weight_dtype,
+                clip=apply_clip,
                 duo_scaling=duo_scaling,
                 search_samples=search_samples,
                 batch_size=batch_size,
@@ -387,6 +468,8 @@ class AutoQuickForCausalLM:
         batch_size: int,
         progress: bool,
         qqq_options: dict[str, Any] | None,
+        split: str = "train",
+        text_column: str = "text",
     ) -> None:
         """QQQ (calibrated) or RTN W4A8; dense parameters rounded to the checkpoint dtype either way."""
         if method == "rtn":
@@ -399,7 +482,7 @@ class AutoQuickForCausalLM:
         if tokenizer is None and not isinstance(calib_data, torch.Tensor):
             raise QuantizationError("QQQ needs a tokenizer (or calibration token ids) for its calibration data")
         bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
-        samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos)
+        samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos, split, text_column)
         self.qqq_reports = []  # per layer: the smoothing strength chosen for each scale group and its losses
         quantize_model_qqq(
             self.model,

@@ -310,3 +310,6 @@ def register() -> bool:
     register_quantization_config(QUANT_METHOD)(QuickConfig)
     register_quantizer(QUANT_METHOD)(QuickHfQuantizer)
     return True
+
+
+register()  # importing the integration activates it (quick._hooks imports this module for that)
