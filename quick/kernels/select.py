@@ -11,7 +11,7 @@ decode-path entry points, the benchmarks), in one order:
 4. the model: the decode kernel up to :data:`DEC_MODEL_MAX_M` rows, then the layout's GEMM with its tile per batch
    size and the split-k model. It generalizes to any shape; the steps above only make it faster.
 
-Callers that must pick a kernel themselves (tests, ``quick tune``) call :func:`launch` with a :class:`Choice`.
+Callers that must pick a kernel themselves (tests, ``quick tune``) call :func:`matmul` with ``choice=``.
 """
 
 from __future__ import annotations
@@ -177,8 +177,10 @@ class WgmmaKernel(Kernel):
         tuned, rounds = sm.tuned_config(p.m, p.dtype, p.group_size)
         base = sm.plan(p.m, p.n, p.k, num_sms, tuned, None, p.group_size, rounds).splits
         out = [Choice(self.name, tuned, s) for s in sorted({base, 1, 2, 4} - {base})]
-        if p.m >= 64:  # the neighbouring token tiles, ring and weights-through-TMA pipelines
-            tiles = sorted({min(256, max(64, t)) for t in (p.m // 2, p.m, 2 * p.m)})
+        if p.m >= 64:  # the neighbouring token tiles (instantiated ones), ring and weights-through-TMA pipelines
+            tiles = sorted(
+                {next(t for t in sm.TOKEN_TILES if t >= min(256, max(64, s))) for s in (p.m // 2, p.m, 2 * p.m)}
+            )
             for nt in tiles:
                 for cfg in (sm.default_config(nt, 128, 0), sm.wtma_config(nt)):
                     if cfg != tuned:
