@@ -888,7 +888,7 @@ CKPT_CASES = [
     ("group 48", _qcfg(group_size=48), "group size 48"),
     ("group 64 vs stored 32", _qcfg(group_size=64), "scales"),
     ("group 'abc'", _qcfg(group_size="abc"), "not an integer"),
-    ("quant_method gptq", _qcfg(quant_method="gptq"), "gptq"),
+    ("quant_method gptq", _qcfg(quant_method="gptq"), "missing tensor .*qzeros"),  # read as GPTQ: its tensors
     ("unknown layout version", _qcfg(version="nope"), "unknown QUICK layout"),
     ("awq gemv version", _qcfg(quant_method="awq", version="gemv"), "gemv"),
     ("module_group_sizes a list", _qcfg(module_group_sizes=[1]), "module_group_sizes"),
@@ -936,7 +936,13 @@ def test_checkpoint_load(name, mutate, match, ckpt, tmp_path):
     elif mutate == "layout":
         kw = {"layout": "nope"}
     else:
+        before = {f.name: f.read_bytes() for f in d.glob("*.safetensors")}
         mutate(d)
+        after = {f.name: f.read_bytes() for f in d.glob("*.safetensors")}
+        if any(after.get(n) not in (None, b) for n, b in before.items()):  # a shard's bytes changed
+            with pytest.raises(CheckpointError, match="SHA-256 .* does not match"):
+                _load(d, **kw)  # the per-shard checksum catches it first ...
+        kw["verify"] = False  # ... and without it, the structural check below still does
     if match is None:
         model = _load(d, **kw)
         assert any(type(m).__name__ == "QuickLinear" for m in model.modules())
