@@ -245,6 +245,21 @@ def quantize_model_rtn(
     return model
 
 
+def _check_calibrated_skip(model: nn.Module, family: Any, extra: Sequence[str], method: str) -> None:
+    """AWQ / QQQ scale each decoder layer's linears as groups; leaving one of them dense is only possible with RTN."""
+    from quick.models.families import decoder_layers
+    from quick.quant.awq import layer_linears
+
+    for i, layer in enumerate(decoder_layers(model, family)):
+        hit = [n for n in layer_linears(layer, family) if any(s in n for s in extra)]
+        if hit:
+            raise QuantizationError(
+                f"modules_to_not_convert {list(extra)} names decoder-layer linears "
+                f"({family.layers_path}.{i}.{hit[0]}); {method.upper()} calibrates them as groups, so keeping one "
+                "dense needs method='rtn'"
+            )
+
+
 def check_layout_fits(model: nn.Module, qc: dict[str, Any], skip: Sequence[str]) -> None:
     """Raise before quantizing when the layout of ``qc`` cannot store a layer that will be quantized: AutoAWQ's
     GEMM format (``version 'gemm'``) has no ragged last group, so every K must be a multiple of the group size
@@ -415,6 +430,8 @@ class AutoQuickForCausalLM:
         skip = tuple(family.modules_to_not_convert if family else ("lm_head",))
         extra = tuple(s for s in qc.get(SKIP_KEY, ()) if s not in skip)
         if extra:
+            if method != "rtn" and family is not None:
+                _check_calibrated_skip(self.model, family, extra, method)
             skip += extra
             if family is not None:
                 family = dataclasses.replace(family, modules_to_not_convert=skip)
