@@ -198,10 +198,18 @@ def test_dequantize_gives_dense_linears(checkpoint):
 # -------------------------------------------------------------------------------------------------- errors
 
 
-def _copy(checkpoint: Path, dst: Path) -> Path:
+def _copy(checkpoint: Path, dst: Path, checksums: bool = True) -> Path:
+    """A copy of ``checkpoint``; ``checksums=False`` drops the recorded shard digests, so that the structural
+    checks behind them are what a modified shard meets."""
     import shutil
 
+    from quick.checkpoint import CHECKSUM_KEY, INDEX_NAME
+
     shutil.copytree(checkpoint, dst)
+    if not checksums:
+        index = json.loads((dst / INDEX_NAME).read_text())
+        index["metadata"].pop(CHECKSUM_KEY)
+        (dst / INDEX_NAME).write_text(json.dumps(index))
     return dst
 
 
@@ -209,12 +217,12 @@ def test_truncated_shard_is_a_clear_error(checkpoint, tmp_path):
     ck = _copy(checkpoint, tmp_path / "ck")
     shard = sorted(ck.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="SHA-256 .* the shard is corrupt"):
         transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
 
 
 def test_missing_packed_tensor_names_it(checkpoint, tmp_path):
-    ck = _copy(checkpoint, tmp_path / "ck")
+    ck = _copy(checkpoint, tmp_path / "ck", checksums=False)
     key = "model.layers.1.mlp.down_proj.zeros"
     for f in ck.glob("*.safetensors"):
         tensors = load_file(f)
@@ -229,7 +237,7 @@ def test_missing_packed_tensor_names_it(checkpoint, tmp_path):
 
 
 def test_corrupt_zero_points_are_refused(checkpoint, tmp_path):
-    ck = _copy(checkpoint, tmp_path / "ck")
+    ck = _copy(checkpoint, tmp_path / "ck", checksums=False)
     key = "model.layers.0.self_attn.k_proj.zeros"
     for f in ck.glob("*.safetensors"):
         tensors = load_file(f)
@@ -251,6 +259,29 @@ def test_bad_quantization_config_is_a_clear_error(checkpoint, tmp_path, change, 
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=match):
         transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+
+
+def test_corrupt_shard_bytes_fail_the_checksum(checkpoint, tmp_path):
+    ck = _copy(checkpoint, tmp_path / "ck")
+    shard = sorted(ck.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # zeros in the middle: a valid-looking file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32)
+
+
+def test_act_order_permutation_is_loaded(tmp_path):
+    """QUICK checkpoints of act-order layers store an input permutation (``perm``); it must reach the layer."""
+    model = _quantized_model()
+    q = model.model.layers[1].mlp.down_proj
+    q.perm = torch.randperm(q.logical_in_features, generator=torch.Generator().manual_seed(0))
+    save_quantized(model, tmp_path / "perm", make_quant_config("quick", 128))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "perm", dtype=torch.float32)
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.perm, q.perm)
+    assert torch.equal(_logits(loaded), _reference(tmp_path / "perm"))
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(_reference(tmp_path / "resaved"), _reference(tmp_path / "perm"))
 
 
 def test_quick_config_on_a_dense_model_is_refused(tmp_path):

@@ -119,7 +119,10 @@ class QuickHfQuantizer(HfQuantizer):
         return drop_load_guard(config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        from quick.checkpoint import verify_checksums
+
         files = kwargs.get("checkpoint_files") or _checkpoint_files(model)
+        verify_checksums(Path(files[0]).parent)  # the SHA-256 per shard that quick's writer records, if any
         meta = _headers(files)
         replace_with_quick_linear(model, meta, self.quantization_config)
 
@@ -240,6 +243,8 @@ def replace_with_quick_linear(model: nn.Module, meta: dict[str, dict[str, Any]],
         missing = [t for t in get_layout(layout).tensor_specs(q.in_features, n, g) if f"{name}.{t}" not in meta]
         if m.bias is not None and f"{name}.bias" not in meta:
             missing.append("bias")
+        if f"{name}.perm" in meta:  # act-order layer: an input permutation, loaded by transformers like the rest
+            q.perm = torch.empty(meta[f"{name}.perm"]["shape"], dtype=torch.int64, device="meta")
         if missing:
             raise CheckpointError(f"the checkpoint lacks tensor '{name}.{missing[0]}' of a quantized layer")
         _replace(model, name, q)
@@ -264,6 +269,13 @@ def check_packed(model: nn.Module) -> None:
         _check_values(tensors, name)
         if any(t.is_meta for t in tensors.values()):
             raise CheckpointError(f"'{name}' was not loaded (its tensors are still on the meta device)")
+        perm, n = getattr(mod, "perm", None), mod.logical_in_features
+        if perm is not None and (
+            perm.dtype != torch.int64
+            or tuple(perm.shape) != (n,)
+            or not torch.equal(perm.sort().values.cpu(), torch.arange(n))
+        ):
+            raise CheckpointError(f"tensor '{name}.perm' is not a permutation of the {n} inputs")
 
 
 def repack(model: nn.Module, layout: str, keep_unfit: bool = False) -> None:
