@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--version",
         default=None,
-        help="storage layout: quick (default), quick_sm90, gemm (AutoAWQ format), w4a8 (= --a-bit 8)",
+        help="storage layout: quick (default), quick_sm90, gemm (AutoAWQ format: every K a multiple of the group "
+        "size, checked before calibrating), w4a8 (= --a-bit 8)",
     )
     parser.add_argument("--calib", metavar="FILE", help="calibration text file (default: Wikipedia calibration split)")
     parser.add_argument("--n-samples", type=int, default=128, help="calibration samples (default: 128)")
