@@ -284,6 +284,11 @@ def save_quantized(
     into place only when complete, so an interrupted save leaves no checkpoint at ``out_dir`` (an existing
     one is replaced only after the new one is fully written).
     """
+    from quick.models.fuse import unfuse_needed, unfused
+
+    if unfuse_needed(model):  # fused q/k/v, gate/up: the checkpoint holds the model's own linears
+        with unfused(model):
+            return save_quantized(model, out_dir, quant_config, tokenizer, max_shard_size, _before_publish)
     out = Path(out_dir).resolve()
     if w4a8_modules(model):
         qc, tensors, dense_dtype = _w4a8_state_for_save(model, quant_config)

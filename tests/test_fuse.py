@@ -89,7 +89,7 @@ def test_fuse_rejects_mismatched_layers():
         fuse_linears([a, QuickLinear.from_linear(nn.Linear(128, 64), 32)])
     with pytest.raises(FuseError, match="layout_name"):
         fuse_linears([a, QuickLinear.from_linear(nn.Linear(128, 64), 64, layout="quick_sm90")])
-    with pytest.raises(FuseError, match="all QuickLinear or all nn.Linear"):
+    with pytest.raises(FuseError, match="all QuickLinear, all QuickLinearW4A8 or all nn.Linear"):
         fuse_linears([a, nn.Linear(128, 64)])
     with pytest.raises(FuseError, match="at least two"):
         fuse_linears([a])
@@ -164,3 +164,54 @@ def test_fused_slice_recomputes_for_a_new_input():
         torch.testing.assert_close(out_b2, b(x2))
         torch.testing.assert_close(sa(x2), a(x2))
     assert owner._parts is None
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("generic", [False, True], ids=["concat", "repack"])
+def test_split_gives_back_the_members(layout, generic, monkeypatch):
+    """Unfusing (what saving a fused model does) returns each member's packed tensors and bias exactly."""
+    if generic:
+        monkeypatch.setattr(fuse, "CONCAT_SAFE_LAYOUTS", frozenset())
+    mods = _mods(layout, bias=True)
+    mods[1].bias = None
+    owner = FusedProjection(
+        fuse_linears(mods), tuple(m.out_features for m in mods), ("a", "b", "c"), (True, False, True)
+    )
+    for a, b in zip(fuse.split_linear(owner), mods, strict=True):
+        assert (a.layout_name, a.out_features, a.bias is None) == (b.layout_name, b.out_features, b.bias is None)
+        for name, t in b.packed().items():
+            assert torch.equal(a.packed()[name], t), name
+        if b.bias is not None:
+            assert torch.equal(a.bias, b.bias)
+
+
+def test_dense_split_and_unfuse_model():
+    model = _tiny("qwen2")  # q/k/v with biases, MLP without
+    want = {n: p.clone() for n, p in model.named_parameters()}
+    fuse_model(model)
+    assert fuse.unfuse_model(model) == 4
+    got = dict(model.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], p) for n, p in want.items())
+
+
+def test_fused_w4a16_model_saves_and_reloads(tmp_path):
+    """A fused model is saved under the checkpoint's own linear names (and stays fused); the reloaded model fused
+    again gives the same logits."""
+    from quick.checkpoint import load_quantized, round_dense_, save_quantized, set_compute_dtype
+
+    model = _tiny("llama")
+    quantize_model_rtn(model, group_size=64, layout="quick", dtype=torch.float16, progress=False)
+    set_compute_dtype(model, torch.float32)
+    round_dense_(model, torch.float16)  # what the checkpoint stores of the dense parts
+    ids = torch.randint(0, 96, (2, 9))
+    assert fuse_model(model) == 4
+    with torch.no_grad():
+        want = model(ids).logits
+    save_quantized(model, tmp_path / "q")
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, FusedProjection)
+    loaded = load_quantized(tmp_path / "q", dtype=torch.float32, layout="quick")
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuickLinear)
+    assert fuse_model(loaded) == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)

@@ -169,26 +169,42 @@ class QuickLinearW4A8(nn.Module):
     ) -> None:
         super().__init__()
         validate_w4a8(weight)
-        if weight.group_size not in SUPPORTED_W4A8_GROUPS:
-            raise ValueError(f"W4A8 group size must be one of {SUPPORTED_W4A8_GROUPS}, got {weight.group_size}")
+        tensors, storage = self._to_storage(weight, pack, layout)
+        self._adopt(tensors, storage, weight.group_size, weight.q.shape, bias, dtype, logical_in_features)
+
+    def _adopt(
+        self,
+        tensors: dict[str, torch.Tensor],
+        storage: str,
+        group_size: int,
+        shape: tuple[int, int],
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        logical_in_features: int | None,
+    ) -> None:
+        """Take ``tensors`` (of ``storage``, weights ``shape = [N, K]``) as the layer's buffers."""
+        if group_size not in SUPPORTED_W4A8_GROUPS:
+            raise ValueError(f"W4A8 group size must be one of {SUPPORTED_W4A8_GROUPS}, got {group_size}")
         if dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"QuickLinearW4A8 dtype must be float16 or bfloat16, got {dtype}")
-        self.out_features, self.in_features = weight.q.shape
+        self.out_features, self.in_features = shape
         self.logical_in_features = logical_in_features or self.in_features
         if not 0 < self.logical_in_features <= self.in_features:
             raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {self.in_features}]")
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-        self.group_size = weight.group_size
+        self.group_size = group_size
         self.dtype = dtype
         self.backend = self.default_backend
         self.last_path: str | None = None  # "kernel" or "reference": what the last forward ran
         self._kernel_error: str | None = None
         self._cache: tuple | None = None
         # Every q * s_g fits int8 (group scales <= 16, what the quantizers write): kernels may widen the weights
-        # in registers and skip the per-group fold. Known here, so no forward has to read the scales.
-        self.widen = weight.group_scale is not None and widens_to_int8(weight.group_scale)
-        tensors, self.storage = self._to_storage(weight, pack, layout)
+        # in registers and skip the per-group fold. Known here, so no forward has to read the scales (a column
+        # permutation of packed scales keeps their largest value).
+        gs = tensors.get("group_scale")
+        self.widen = gs is not None and widens_to_int8(gs)
+        self.storage = storage
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
@@ -240,9 +256,14 @@ class QuickLinearW4A8(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, group_size: int = -1, dtype: torch.dtype | None = None, pack: bool | None = None
+        cls,
+        linear: nn.Linear,
+        group_size: int = -1,
+        dtype: torch.dtype | None = None,
+        pack: bool | None = None,
+        layout: str = LAYOUT,
     ) -> QuickLinearW4A8:
-        return cls.from_weight(linear.weight.data, group_size, linear.bias, dtype, pack)
+        return cls.from_weight(linear.weight.data, group_size, linear.bias, dtype, pack, layout)
 
     @classmethod
     def from_tensors(
@@ -272,6 +293,53 @@ class QuickLinearW4A8(nn.Module):
         if layout is None and storage == UNPACKED:
             pack = False
         return cls(w, bias, dtype, logical_in_features, pack, target)
+
+    @classmethod
+    def from_stored(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        storage: str,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
+        logical_in_features: int | None = None,
+    ) -> QuickLinearW4A8:
+        """A layer holding ``tensors`` as they are (no unpacking or repacking): stored tensors of layers that were
+        validated already, e.g. their concatenation along N (:mod:`quick.models.fuse`). Shapes and dtypes are
+        checked against ``storage``; values are not (use :meth:`from_tensors` for tensors from elsewhere)."""
+        storage = check_storage(storage)
+        if storage == UNPACKED:
+            q = tensors.get("q")
+            if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.dtype != torch.int8:
+                raise ValueError(f"unpacked W4A8 weights need q int8 [N, K], got {getattr(q, 'dtype', None)}")
+            n, k = q.shape
+            names = UNPACKED_NAMES[: 2 if group_size == -1 else 3]
+            if set(tensors) != set(names):
+                raise ValueError(
+                    f"unpacked W4A8 weights of group size {group_size} are {list(names)}, got {sorted(tensors)}"
+                )
+            cs, gs = tensors["channel_scale"], tensors.get("group_scale")
+            if tuple(cs.shape) != (n,) or cs.dtype != torch.float32:
+                raise ValueError(f"channel_scale must be float32 [{n}], got {cs.dtype} {tuple(cs.shape)}")
+            if gs is not None and (gs.is_floating_point() or k % group_size or tuple(gs.shape) != (k // group_size, n)):
+                raise ValueError(f"group_scale must be an integer [K/G, N] tensor, got {gs.dtype} {tuple(gs.shape)}")
+        else:
+            lay = w4a8_layouts()[storage]
+            qweight = tensors.get("qweight")
+            if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+                raise ValueError(f"layout {storage!r} needs a 2-D qweight tensor")
+            k, n = qweight.shape[0] * lay.k_multiple, qweight.shape[1] * 8 // lay.k_multiple
+            lay.validate(tensors, k, n, group_size)
+            extra = set(tensors) - set(lay.tensor_specs(k, n, group_size))
+            if extra:
+                raise ValueError(f"layout {storage!r} holds no tensors {sorted(extra)}")
+        devices = {t.device for t in tensors.values()}
+        if len(devices) != 1:
+            raise ValueError(f"W4A8 tensors on several devices: {sorted(map(str, devices))}")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod._adopt(dict(tensors), storage, group_size, (n, k), bias, dtype, logical_in_features)
+        return mod
 
     # ----------------------------------------------------------------------------------------- weights
 
@@ -330,6 +398,12 @@ class QuickLinearW4A8(nn.Module):
         self.last_path = "reference"
         w = self.weight()
         return reference_w4a8(x, w, self.bias, self._cache[2]).to(x.dtype)
+
+    def fuses(self, m: int, device: torch.device, dtype: torch.dtype, act: str = "", norm: bool = False) -> bool:
+        """Whether a gated (``act``) / residual add + RMSNorm (``norm``) epilogue would run inside this layer's
+        kernel (:meth:`quick.nn.linear.QuickLinear.fuses`, asked by the fast decode step): never, those epilogues
+        exist only in the W4A16 kernels, so callers run the steps around ``layer(x)``."""
+        return False
 
     def kernel_eligible(self) -> bool:
         """Packed, in a shape the layout's kernel takes, and not refused by it before."""
