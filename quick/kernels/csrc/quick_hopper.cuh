@@ -1,10 +1,9 @@
 // quick_hopper.cuh: device code shared by the two Hopper (sm_90a) kernels, quick_sm90.cu (W4A16) and
 // quick_w4a8_sm90.cu (W4A8): shared-memory addresses, mbarriers, the 2-D TMA load and 1-D bulk copy, named
 // barriers, the wgmma fence / commit / wait and the K-major 128-byte-swizzle shared-memory descriptor, register
-// pins, 16-bit conversions; and two pieces of a work unit both kernels run alike: draining the wgmma pipeline and
-// the staged output store. (Their split-k reductions are still written out in each kernel: a shared template
-// compiled to different, if equivalent, address arithmetic, and these kernels are only changed where the SASS
-// stays identical unless a GPU is there to check them.)
+// pins, 16-bit conversions, the register-A wgmma of both kernels (QH_DEFINE_WGMMA_RS); and two pieces of a work
+// unit both kernels run alike: draining the wgmma pipeline and the staged output store (more of the work unit:
+// quick_wgmma_pipeline.cuh).
 // Everything here is independent of a kernel's compile-time variant (included before the kernels' constants):
 // what depends on it comes in as template arguments.
 #pragma once
@@ -64,6 +63,66 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+
+// ---- wgmma.mma_async, A fragment in registers, B (K-major, 128-byte swizzle) from a shared-memory descriptor
+// QH_DEFINE_WGMMA_RS(NAME, ACC_T, C, KTYPES, TAIL) defines NAME<N>(d, a, desc, scale_d) for N = 8 .. 256, one
+// "wgmma...m64n<N><KTYPES> {d}, {a}, desc, p<TAIL>" with p = (scale_d != 0): D = A x B + D, or A x B where 0.
+// d holds a thread's N / 2 accumulators (asm constraint C), a its four A registers. asm operands are numbered
+// d first, then a, desc and scale_d: the lists below spell them out once for both kernels.
+#define QH_WG_R0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define QH_WG_R16 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define QH_WG_R32 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+#define QH_WG_R48 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define QH_WG_R64 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79"
+#define QH_WG_R80 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define QH_WG_R96 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111"
+#define QH_WG_R112 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define QH_WG_R0_63 QH_WG_R0 ", " QH_WG_R16 ", " QH_WG_R32 ", " QH_WG_R48
+#define QH_WG_OPS_8 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8"
+#define QH_WG_OPS_16 "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12"
+#define QH_WG_OPS_32 "{" QH_WG_R0 "}, {%16, %17, %18, %19}, %20"
+#define QH_WG_OPS_64 "{" QH_WG_R0 ", " QH_WG_R16 "}, {%32, %33, %34, %35}, %36"
+#define QH_WG_OPS_128 "{" QH_WG_R0_63 "}, {%64, %65, %66, %67}, %68"
+#define QH_WG_OPS_256 \
+  "{" QH_WG_R0_63 ", " QH_WG_R64 ", " QH_WG_R80 ", " QH_WG_R96 ", " QH_WG_R112 "}, {%128, %129, %130, %131}, %132"
+#define QH_WG_SCALE_8 "%9"
+#define QH_WG_SCALE_16 "%13"
+#define QH_WG_SCALE_32 "%21"
+#define QH_WG_SCALE_64 "%37"
+#define QH_WG_SCALE_128 "%69"
+#define QH_WG_SCALE_256 "%133"
+#define QH_WG_D4(C, i) C(d[i]), C(d[i + 1]), C(d[i + 2]), C(d[i + 3])
+#define QH_WG_D16(C, i) QH_WG_D4(C, i), QH_WG_D4(C, i + 4), QH_WG_D4(C, i + 8), QH_WG_D4(C, i + 12)
+#define QH_WG_D64(C, i) QH_WG_D16(C, i), QH_WG_D16(C, i + 16), QH_WG_D16(C, i + 32), QH_WG_D16(C, i + 48)
+#define QH_WG_OUT_8(C) QH_WG_D4(C, 0)
+#define QH_WG_OUT_16(C) QH_WG_D4(C, 0), QH_WG_D4(C, 4)
+#define QH_WG_OUT_32(C) QH_WG_D16(C, 0)
+#define QH_WG_OUT_64(C) QH_WG_D16(C, 0), QH_WG_D16(C, 16)
+#define QH_WG_OUT_128(C) QH_WG_D64(C, 0)
+#define QH_WG_OUT_256(C) QH_WG_D64(C, 0), QH_WG_D64(C, 64)
+#define QH_WGMMA_RS_N(N, KTYPES, TAIL, C)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " QH_WG_SCALE_##N ", 0;\n"                             \
+               "wgmma.mma_async.sync.aligned.m64n" #N KTYPES " " QH_WG_OPS_##N ", p" TAIL ";\n}\n"      \
+               : QH_WG_OUT_##N(C)                                                                     \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
+#define QH_DEFINE_WGMMA_RS(NAME, ACC_T, C, KTYPES, TAIL)                                            \
+  template <int N>                                                                                  \
+  __device__ __forceinline__ void NAME(ACC_T* d, const uint32_t* a, uint64_t desc, int scale_d) {   \
+    static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256, "wgmma N");       \
+    if constexpr (N == 8) {                                                                         \
+      QH_WGMMA_RS_N(8, KTYPES, TAIL, C);                                                            \
+    } else if constexpr (N == 16) {                                                                 \
+      QH_WGMMA_RS_N(16, KTYPES, TAIL, C);                                                           \
+    } else if constexpr (N == 32) {                                                                 \
+      QH_WGMMA_RS_N(32, KTYPES, TAIL, C);                                                           \
+    } else if constexpr (N == 64) {                                                                 \
+      QH_WGMMA_RS_N(64, KTYPES, TAIL, C);                                                           \
+    } else if constexpr (N == 128) {                                                                \
+      QH_WGMMA_RS_N(128, KTYPES, TAIL, C);                                                          \
+    } else {                                                                                        \
+      QH_WGMMA_RS_N(256, KTYPES, TAIL, C);                                                          \
+    }                                                                                               \
+  }
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle (what TMA SWIZZLE_128B writes), 8-row groups
 // 1024 bytes apart (SBO), leading offset unused for swizzled K-major layouts.

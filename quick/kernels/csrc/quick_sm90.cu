@@ -36,7 +36,7 @@
 #include <cstdint>
 
 #include "quick_common.cuh"
-#include "quick_hopper.cuh"
+#include "quick_wgmma_pipeline.cuh"
 
 #pragma nv_diag_suppress 177  // the wgmma_rs specializations a variant does not use
 
@@ -132,7 +132,8 @@ constexpr int CONSUMER_REGS = ((ENTRY_REGS * THREADS - PRODUCER_REGS * 128) / (1
                                   : ((ENTRY_REGS * THREADS - PRODUCER_REGS * 128) / (128 * NWG)) / 8 * 8;
 static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * NWG <= ENTRY_REGS * THREADS, "register pool");
 constexpr int WST_BYTES = QS_WTMA ? NWG * (2048 + 2 * 128) : 0;  // per stage: weights, scales, zeros
-constexpr int SMEM_BYTES = 1024 + STAGES * (STAGE_BYTES + WST_BYTES) + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+using Smem = WgmmaSmem<STAGES, STAGE_BYTES, WST_BYTES, NWG, EPI_BYTES>;
+constexpr int SMEM_BYTES = Smem::BYTES;
 static_assert(!(QS_WTMA && G32), "QS_WTMA: group sizes >= 64");
 
 static_assert(NT % 8 == 0 && NT >= 8 && NT <= 256, "wgmma N must be 8..256 in steps of 8");
@@ -229,117 +230,7 @@ __device__ __forceinline__ void dequant_word(uint32_t w, const GroupConst& g, ui
   }
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t desc);
-
-template <> __device__ __forceinline__ void wgmma_rs<8>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3"
-      "}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
-template <> __device__ __forceinline__ void wgmma_rs<16>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %13, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3, %4, %5, %6, %7"
-      "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
-template <> __device__ __forceinline__ void wgmma_rs<32>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
-template <> __device__ __forceinline__ void wgmma_rs<64>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
-template <> __device__ __forceinline__ void wgmma_rs<128>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
-template <> __device__ __forceinline__ void wgmma_rs<256>(float* d, const uint32_t* a, uint64_t desc) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %133, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." QS_WG_T "." QS_WG_T " "
-      "{" 
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-      "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
+QH_DEFINE_WGMMA_RS(wgmma_rs, float, "+f", "k16.f32." QS_WG_T "." QS_WG_T, ", 1, 1, 0")
 
 }  // namespace
 
@@ -356,30 +247,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                     int* __restrict__ counters, int M, int N, int K, int gshift, int splits, int steps_per_split,
                     int n_tiles, int m_tiles) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw_base = smem_u32(smem_raw);
-  const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
-  uint8_t* const gbase = smem_raw + (base - raw_base);
-  const uint32_t s_x = base;
-  const uint32_t s_w = base + STAGES * STAGE_BYTES;  // QS_WTMA: weight stages after the x stages
-  const uint32_t epi_off = STAGES * (STAGE_BYTES + WST_BYTES);
-  const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
-  const uint32_t s_empty = s_full + STAGES * 8;
-  volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
+  const Smem sm(smem_raw);
+  const uint32_t s_x = sm.x, s_w = sm.w, s_full = sm.full, s_empty = sm.empty;  // s_w: QS_WTMA weight stages
 
   const int wg = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32;
   const int lane = tid % 32;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(s_full + 8 * s, 1);
-      mbar_init(s_empty + 8 * s, 4 * NWG);  // lane 0 of every consumer warp releases a stage
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  }
-  __syncthreads();
+  sm.init_barriers();
 
   const int nk = K / 64;
   const uint64_t wpol = weight_policy();  // QS_EF: evict_first for the weights, else unused
@@ -447,7 +322,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   if constexpr (NWG > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
   const int cw = wg - 1;
   const int n64 = N / 64;
-  uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
+  uint16_t* const epi = reinterpret_cast<uint16_t*>(sm.gbase + sm.epi_off + cw * EPI_BYTES);
 
   float acc[ACC];
   uint32_t a_frag[2][4][4];
@@ -461,13 +336,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   uint32_t phase = 0;
 
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    const int split = u % splits;
-    const int tile = u / splits;
-    const int tn = tile % n_tiles;
-    const int tm = tile / n_tiles;
-    const int s0 = split * steps_per_split;
-    const int nsteps = min(nk - s0, steps_per_split);
-    const int blk = tn * NWG + cw;
+    const WorkUnit wu(u, splits, n_tiles, steps_per_split, nk);
+    const int split = wu.split, tile = wu.tile, tm = wu.tm, s0 = wu.s0, nsteps = wu.nsteps;
+    const int blk = wu.tn * NWG + cw;
 
     if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
       for (int s = 0; s < nsteps; ++s) {
@@ -550,7 +421,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
           wgmma_fence();
 #pragma unroll
-          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu][w], desc + 2 * w);  // +32 B per k16
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu][w], desc + 2 * w, 1);  // +32 B per k16
           wgmma_commit();
           wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -611,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
       wgmma_fence();
 #pragma unroll
-      for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+      for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w, 1);  // +32 B per k16
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -673,7 +544,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           const uint64_t desc = make_desc(s_x + stage * STAGE_BYTES);
           wgmma_fence();
 #pragma unroll
-          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w);  // +32 B per k16
+          for (int w = 0; w < 4; ++w) wgmma_rs<NT>(acc, a_frag[uu & 1][w], desc + 2 * w, 1);  // +32 B per k16
           wgmma_commit();
           wgmma_wait<1>();  // the previous step's wgmmas are done: its stage and A registers are free
 #pragma unroll
@@ -698,46 +569,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
 
     // ------------------------------------------------------------------ split-k: deterministic reduction
-    if (splits > 1) {
-      const size_t slab = static_cast<size_t>(64) * NT;  // floats per (tile, warpgroup, split)
-      float4* const mine = reinterpret_cast<float4*>(ws + (static_cast<size_t>(tile * NWG + cw) * splits + split) * slab);
-#pragma unroll
-      for (int c = 0; c < ACC / 4; ++c) {
-        __stcg(mine + c * 128 + tid, make_float4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]));
-      }
-      __threadfence();
-      named_bar(1 + cw, 128);
-      if (tid == 0) {
-        const int old = atomicAdd(counters + tile * NWG + cw, 1);
-        s_flag[cw] = (old == splits - 1);
-      }
-      named_bar(1 + cw, 128);
-      if (!s_flag[cw]) continue;
-      __threadfence();
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
-      const float4* const all = reinterpret_cast<const float4*>(ws + static_cast<size_t>(tile * NWG + cw) * splits * slab);
-      for (int sp2 = 0; sp2 < splits; ++sp2) {  // fixed order: bitwise identical whoever arrives last
-#pragma unroll
-        for (int c = 0; c < ACC / 4; ++c) {
-          const float4 v = __ldcg(all + static_cast<size_t>(sp2) * (slab / 4) + c * 128 + tid);
-          acc[4 * c] += v.x;
-          acc[4 * c + 1] += v.y;
-          acc[4 * c + 2] += v.z;
-          acc[4 * c + 3] += v.w;
-        }
-      }
-      if (tid == 0) counters[tile * NWG + cw] = 0;  // ready for the next launch
-    }
+    if (splits > 1 &&
+        !splitk_reduce<NT, NWG, ACC, float, float4>(acc, ws, counters, sm.flag, tile, split, splits, cw, tid))
+      continue;
 
     // ------------------------------------------------------------------ epilogue
     // D fragment: acc[4j + 2v1 + v0] = out^T[channel 16*warp + lane/4 + 8*v1][token 8j + 2*(lane%4) + v0].
     const int ch0 = 16 * warp + lane / 4;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      b0 = h16_to_f<BF16>(bias[nb + ch0]);
-      b1 = h16_to_f<BF16>(bias[nb + ch0 + 8]);
-    }
+    float b0, b1;
+    bias_pair<BF16>(bias, nb, ch0, b0, b1);
 #pragma unroll
     for (int i = 0; i < ACC; ++i) {
       const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;

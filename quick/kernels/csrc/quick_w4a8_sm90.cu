@@ -35,9 +35,9 @@
 
 #include <cstdint>
 
-#include "quick_hopper.cuh"
+#include "quick_wgmma_pipeline.cuh"
 
-#pragma nv_diag_suppress 177  // the wgmma_s8 specializations a variant does not use
+#pragma nv_diag_suppress 177  // the helpers a variant does not use
 
 #ifndef QW_NT
 #define QW_NT 64
@@ -113,8 +113,8 @@ constexpr bool SMEM_W = QW_PIPE == 3;
 constexpr int W_BYTES = NWG * 4096;
 constexpr int G_BYTES = GROUP ? NWG * 64 : 0;
 constexpr int WSTAGE_BYTES = SMEM_W ? W_BYTES + G_BYTES : 0;
-constexpr int SMEM_BYTES =
-    1024 + STAGES * (STAGE_BYTES + WSTAGE_BYTES) + NWG * EPI_BYTES + STAGES * 16 + NWG * 16;
+using Smem = WgmmaSmem<STAGES, STAGE_BYTES, WSTAGE_BYTES, NWG, EPI_BYTES>;
+constexpr int SMEM_BYTES = Smem::BYTES;
 
 static_assert(NT == 8 || NT == 16 || NT == 32 || NT == 64 || NT == 128 || NT == 256, "instantiated N");
 static_assert(NWG == 1 || NWG == 2 || NWG == 4, "1, 2 or 4 consumer warpgroups");
@@ -190,117 +190,8 @@ __device__ __forceinline__ void convert_step_widen(uint32_t w0, uint32_t w1, uin
   a[3] = widen_bytes((u1 >> 4) & 0x0F0F0F0Fu, s1, c1);
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_s8(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d);
-
-template <> __device__ __forceinline__ void wgmma_s8<8>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3"
-      "}, {%4, %5, %6, %7}, %8, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <> __device__ __forceinline__ void wgmma_s8<16>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %13, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7"
-      "}, {%8, %9, %10, %11}, %12, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <> __device__ __forceinline__ void wgmma_s8<32>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, {%16, %17, %18, %19}, %20, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <> __device__ __forceinline__ void wgmma_s8<64>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <> __device__ __forceinline__ void wgmma_s8<128>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
-
-template <> __device__ __forceinline__ void wgmma_s8<256>(int32_t* d, const uint32_t* a, uint64_t desc, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "setp.ne.b32 p, %133, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-      "}, {%128, %129, %130, %131}, %132, p;\n}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
-        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
-        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
-        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
-        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
-        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
-        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
-        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
-        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
-        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
-        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
-        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
-        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
-        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
-        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
+// D (int32) += A (int8, registers) x B (the x_q tile in shared memory), k32 per wgmma.
+QH_DEFINE_WGMMA_RS(wgmma_s8, int32_t, "+r", "k32.s32.s8.s8", "")
 
 }  // namespace
 
@@ -317,30 +208,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                          uint16_t* __restrict__ out, int32_t* __restrict__ ws, int* __restrict__ counters, int M,
                          int N, int K, int splits, int steps_per_split, int n_tiles, int m_tiles) {
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw_base = smem_u32(smem_raw);
-  const uint32_t base = (raw_base + 1023u) & ~1023u;  // 128-byte swizzle atoms need 1024-byte alignment
-  uint8_t* const gbase = smem_raw + (base - raw_base);
-  const uint32_t s_xt = base;
-  const uint32_t s_w = base + STAGES * STAGE_BYTES;  // QW_PIPE 3: weight (+ group scale) stages
-  const uint32_t epi_off = STAGES * (STAGE_BYTES + WSTAGE_BYTES);
-  const uint32_t s_full = base + epi_off + NWG * EPI_BYTES;
-  const uint32_t s_empty = s_full + STAGES * 8;
-  volatile int* const s_flag = reinterpret_cast<volatile int*>(gbase + epi_off + NWG * EPI_BYTES + STAGES * 16);
+  const Smem sm(smem_raw);
+  const uint32_t s_xt = sm.x, s_w = sm.w, s_full = sm.full, s_empty = sm.empty;  // s_w: QW_PIPE 3 weight stages
 
   const int wg = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32;
   const int lane = tid % 32;
-
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(s_full + 8 * s, 1);
-      mbar_init(s_empty + 8 * s, 4 * NWG);  // lane 0 of every consumer warp releases a stage
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  }
-  __syncthreads();
+  sm.init_barriers();
 
   const int nk = K / 128;
   const int units = n_tiles * m_tiles * splits;
@@ -390,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   if (ORDER && wg == 2) named_bar_arrive(8, 256);  // warpgroup 1 issues first
   const int cw = wg - 1;
   const int n64 = N / 64;
-  uint16_t* const epi = reinterpret_cast<uint16_t*>(gbase + epi_off + cw * EPI_BYTES);
+  uint16_t* const epi = reinterpret_cast<uint16_t*>(sm.gbase + sm.epi_off + cw * EPI_BYTES);
 
   int32_t acc[ACC];
   // Per group: the partial sum of the current stage (= group) and the group scales of the two A buffers.
@@ -404,13 +279,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   uint32_t phase = 0;
 
   for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    const int split = u % splits;
-    const int tile = u / splits;
-    const int tn = tile % n_tiles;
-    const int tm = tile / n_tiles;
-    const int s0 = split * steps_per_split;
-    const int nsteps = min(nk - s0, steps_per_split);
-    const int blk = tn * NWG + cw;
+    const WorkUnit wu(u, splits, n_tiles, steps_per_split, nk);
+    const int split = wu.split, tile = wu.tile, tm = wu.tm, s0 = wu.s0, nsteps = wu.nsteps;
+    const int blk = wu.tn * NWG + cw;
 
     if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
       for (int s = 0; s < nsteps; ++s) {
@@ -627,48 +498,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
 
     // ------------------------------------------------------------------ split-k: exact int32 reduction
-    if (splits > 1) {
-      const size_t slab = static_cast<size_t>(64) * NT;  // int32 per (tile, warpgroup, split)
-      int4* const mine = reinterpret_cast<int4*>(ws + (static_cast<size_t>(tile * NWG + cw) * splits + split) * slab);
-#pragma unroll
-      for (int c = 0; c < ACC / 4; ++c) {
-        __stcg(mine + c * 128 + tid, make_int4(acc[4 * c], acc[4 * c + 1], acc[4 * c + 2], acc[4 * c + 3]));
-      }
-      __threadfence();
-      named_bar(1 + cw, 128);
-      if (tid == 0) {
-        const int old = atomicAdd(counters + tile * NWG + cw, 1);
-        s_flag[cw] = (old == splits - 1);
-      }
-      named_bar(1 + cw, 128);
-      if (!s_flag[cw]) continue;
-      __threadfence();
-#pragma unroll
-      for (int i = 0; i < ACC; ++i) acc[i] = 0;
-      const int4* const all = reinterpret_cast<const int4*>(ws + static_cast<size_t>(tile * NWG + cw) * splits * slab);
-      for (int sp2 = 0; sp2 < splits; ++sp2) {
-#pragma unroll
-        for (int c = 0; c < ACC / 4; ++c) {
-          const int4 v = __ldcg(all + static_cast<size_t>(sp2) * (slab / 4) + c * 128 + tid);
-          acc[4 * c] += v.x;
-          acc[4 * c + 1] += v.y;
-          acc[4 * c + 2] += v.z;
-          acc[4 * c + 3] += v.w;
-        }
-      }
-      if (tid == 0) counters[tile * NWG + cw] = 0;  // ready for the next launch
-    }
+    if (splits > 1 &&
+        !splitk_reduce<NT, NWG, ACC, int32_t, int4>(acc, ws, counters, sm.flag, tile, split, splits, cw, tid))
+      continue;
 
     // ------------------------------------------------------------------ epilogue
     // D fragment: acc[4j + 2v1 + v0] = out^T[channel 16*warp + lane/4 + 8*v1][token 8j + 2*(lane%4) + v0].
     const int ch0 = 16 * warp + lane / 4;
     const float unit = GROUP ? 1.f : 0.0625f;  // per-channel sums carry the 16 of the int8 weights
     const float c0 = s_ch[nb + ch0] * unit, c1 = s_ch[nb + ch0 + 8] * unit;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      b0 = h16_to_f<BF16>(bias[nb + ch0]);
-      b1 = h16_to_f<BF16>(bias[nb + ch0 + 8]);
-    }
+    float b0, b1;
+    bias_pair<BF16>(bias, nb, ch0, b0, b1);
     const int row0 = tm * NT;
 #pragma unroll
     for (int i = 0; i < ACC; ++i) {
