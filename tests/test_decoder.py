@@ -361,3 +361,36 @@ def test_fast_decode_rope_attention_route(monkeypatch, fused):
     for la, lb in zip(ref.cache.layers, fast.cache.layers, strict=True):
         torch.testing.assert_close(lb.keys.float(), la.keys.float(), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(lb.values.float(), la.values.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("group", [-1, 128], ids=["per_channel", "g128"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_fast_decode_w4a8(family, group, fused, monkeypatch):
+    """W4A8 layers (fused q/k/v and gate/up or not) run in the fast step as plain ``layer(x)`` calls: each o / down
+    projection is asked whether the W4A16 kernels' epilogues apply (it says no, and is never handed them); the
+    teacher-forced logits equal transformers' decoding at every step and greedy generation gives its tokens."""
+    from quick.models.fuse import FusedProjection
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+    from quick.quant.apply import quantize_model_rtn_w4a8
+
+    torch.set_num_threads(1)
+    model = _model(family)
+    _randomise_norms(model)
+    quantize_model_rtn_w4a8(model, group, dtype=torch.float16, progress=False)
+    layers = model.config.num_hidden_layers
+    if fused:
+        assert fuse_model(model) == 2 * layers
+    asked = []
+    real = QuickLinearW4A8.fuses
+    monkeypatch.setattr(QuickLinearW4A8, "fuses", lambda self, *a, **kw: asked.append(a) or real(self, *a, **kw))
+    ref, fast = _teacher_forced(model, steps=5, tol=1e-4)
+    step = fast._fast.layers[0]
+    assert isinstance(step.qkv, FusedProjection) == fused
+    assert isinstance(step.o, QuickLinearW4A8) and isinstance(step.down, QuickLinearW4A8)
+    # asked where a W4A16 layer would be: o and down for the add + norm (not with Gemma's branch norms), down for
+    # the gate when gate/up is one fused product; at each of the 5 steps
+    assert (step.add_norm, step.gated_down) == (family != "gemma3_text", fused)
+    assert len(asked) == 5 * layers * (2 * step.add_norm + step.gated_down)
+    ids = torch.randint(0, 256, (2, 6))
+    assert torch.equal(fast.generate(ids, 6)[0], ref.generate(ids, 6)[0])

@@ -13,7 +13,9 @@ layer (the layer's tensors are arguments, so no recompile per layer):
   kernel (``quick::attn_decode_rope``),
 * :func:`gated`: ``act(gate) * up`` (silu or tanh-gelu),
 
-with the linears (dense, ``QuickLinear``, fused q/k/v and gate/up) called between them as they are. What differs
+with the linears (dense, ``QuickLinear``, ``QuickLinearW4A8``, fused q/k/v and gate/up) called between them as they
+are; a layer that has kernel epilogues (``fuses``: the W4A16 ``QuickLinear``) is asked per call whether the gate
+or the residual add + norm can run inside its kernel, any other layer is called as ``layer(x)``. What differs
 between families is data: which norm feeds the attention and the MLP (the AWQ scale groups' ``prev``), the norms
 applied to each branch's output before the residual add (``ModelFamily.branch_norms``: Gemma3's sandwich), the
 norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). Anything else
@@ -36,7 +38,6 @@ from quick.kernels import attention
 from quick.kernels.quick_dec import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
-from quick.nn.linear import QuickLinear
 
 
 class UnsupportedModel(ValueError):
@@ -129,6 +130,13 @@ def _projections(parent: nn.Module, names: tuple[str, ...], sizes: tuple[int, ..
     return lambda x: tuple(m(x) for m in mods)
 
 
+def _has_epilogues(linear: nn.Module) -> bool:
+    """Whether ``linear`` is asked, per call, if the step's gate / residual add + norm can run inside its kernel
+    (``fuses``; where it says yes, ``forward_gated`` / ``forward_add_norm``). Dense layers are not asked; W4A8 layers
+    always say no (those epilogues exist only in the W4A16 kernels) and are called as ``layer(x)``."""
+    return callable(getattr(linear, "fuses", None))
+
+
 def _cache_tensors(cache, index: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``index``'s key and value tensors ``[B, KV, max_len, D]`` of a transformers static cache (5.x keeps
     them on ``cache.layers[i]``, 4.x in ``cache.key_cache`` / ``value_cache``). A sliding-window layer is
@@ -171,8 +179,8 @@ class _Layer:
     qk_eps: float
     scale: float
     rope: str | None  # which rotary table (transformers' layer type where the model has several)
-    gated_down: bool  # gate/up is one fused QuickLinear and down a QuickLinear: down.forward_gated(gate_up product)
-    add_norm: bool  # o and down are QuickLinears and no branch norms: their kernels may end with the add + norm
+    gated_down: bool  # gate/up is one fused linear and down has epilogues: down.forward_gated(gate_up product)
+    add_norm: bool  # o and down have epilogues and no branch norms: their kernels may end with the add + norm
     keys: torch.Tensor
     values: torch.Tensor
 
@@ -308,16 +316,11 @@ class FastDecoder:
         qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
         ffn = getattr(cfg, "intermediate_size", None)
         gate_up = _projections(mlp, g_mlp.linears, (ffn, ffn))
-        gated_down = (
-            self.fusions
-            and isinstance(gate_up, FusedProjection)
-            and isinstance(gate_up.linear, QuickLinear)
-            and isinstance(mlp.down_proj, QuickLinear)
-        )
+        gated_down = self.fusions and isinstance(gate_up, FusedProjection) and _has_epilogues(mlp.down_proj)
         add_norm = (
             self.fusions
-            and isinstance(attn.o_proj, QuickLinear)
-            and isinstance(mlp.down_proj, QuickLinear)
+            and _has_epilogues(attn.o_proj)
+            and _has_epilogues(mlp.down_proj)
             and post[0] is None
             and post[1] is None
         )
