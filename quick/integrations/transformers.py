@@ -140,7 +140,7 @@ class QuickHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model's state dict with every packed layer in the checkpoint's layout (``version``)."""
-        from quick.packing.layouts import convert
+        from quick.formats.layouts import convert
 
         layout = self.quantization_config.layout
         state = model.state_dict()
@@ -171,10 +171,6 @@ class QuickHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # LoRA adapters train on top (backward to the input, quick.integrations.peft)
-
-    @property
-    def is_compileable(self) -> bool:
-        return True  # the kernels are torch.library custom ops with fake implementations
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -216,9 +212,9 @@ def replace_with_quick_linear(model: nn.Module, meta: dict[str, dict[str, Any]],
     the headers: a layer whose ``scales`` have ``ceil(K / G)`` rows for ``K % G != 0`` is a ragged one, stored
     zero-padded to whole groups."""
     from quick.checkpoint import _ST_DTYPES, CheckpointError, layout_for_config
+    from quick.formats.layouts import LayoutError, get_layout
+    from quick.formats.weights import QuantizationError
     from quick.nn.linear import QuickLinear
-    from quick.packing.layouts import LayoutError, get_layout
-    from quick.quant.primitives import QuantizationError
 
     layout = layout_for_config(qc.to_dict())
     scale_dtypes = {_ST_DTYPES.get(v["dtype"]) for k, v in meta.items() if k.endswith(".scales")}
@@ -258,7 +254,7 @@ def replace_with_quick_linear(model: nn.Module, meta: dict[str, dict[str, Any]],
 def check_packed(model: nn.Module) -> None:
     """The loaded packed tensors against their layout (shapes, dtypes, finite scales, zero points in [0, 15])."""
     from quick.checkpoint import CheckpointError, _check_values
-    from quick.packing.layouts import LayoutError
+    from quick.formats.layouts import LayoutError
 
     for name, mod in _packed(model).items():
         tensors = mod.packed()
@@ -281,9 +277,9 @@ def check_packed(model: nn.Module) -> None:
 def repack(model: nn.Module, layout: str, keep_unfit: bool = False) -> None:
     """Repack every ``QuickLinear`` into ``layout`` (exact); ``keep_unfit``: layers whose shape the layout cannot
     hold keep theirs (e.g. N % 64 for quick_sm90) instead of raising."""
+    from quick.formats.layouts import LayoutError, convert, get_layout
+    from quick.formats.weights import QuantizationError
     from quick.nn.linear import QuickLinear
-    from quick.packing.layouts import LayoutError, convert, get_layout
-    from quick.quant.primitives import QuantizationError
 
     lay = get_layout(layout)
     for name, mod in _packed(model).items():

@@ -1,0 +1,1 @@
+"""Quantization algorithms over the formats: round-to-nearest, AWQ, QQQ (W4A8), and their calibration."""
