@@ -111,9 +111,9 @@ def test_bound_quick_linears_trace_as_one_op(mode, monkeypatch):
     decode step traces without a break and gives the unbound model's tokens. A CPU op stands in for the
     CUDA kernel here through the BOUND_OPS hook."""
     from quick import inference
+    from quick.algorithms.rtn import quantize_model_rtn
+    from quick.formats.layouts import get_layout
     from quick.models.fuse import fuse_model
-    from quick.packing.layouts import get_layout
-    from quick.quant.apply import quantize_model_rtn
 
     @torch.library.custom_op("quick_test::ref_w4", mutates_args=())
     def ref_w4(
@@ -155,7 +155,7 @@ def test_bound_quick_linears_trace_as_one_op(mode, monkeypatch):
 def _gpu_model(layout: str):
     from transformers import LlamaForCausalLM
 
-    from quick.quant.apply import quantize_model_rtn
+    from quick.algorithms.rtn import quantize_model_rtn
 
     torch.manual_seed(0)
     cfg = smollm2_llama_config()  # SmolLM2's layer shapes (K = 576: ragged groups, padded to 640)
@@ -381,3 +381,130 @@ def test_random_model_quantizes_the_output_projection_only_when_asked(monkeypatc
     assert type(plain.lm_head) is torch.nn.Linear and isinstance(both.lm_head, QuickLinear)
     assert isinstance(plain.model.layers[0].mlp.down_proj, QuickLinear)
     assert e2e.LM_HEAD == "+lm_head" and "quick_sm90+lm_head".removesuffix(e2e.LM_HEAD) == "quick_sm90"
+
+
+def _e2e_parser():
+    import argparse
+
+    from quick.bench.cli_args import add_e2e_arguments
+
+    p = argparse.ArgumentParser()
+    add_e2e_arguments(p)
+    return p
+
+
+def test_e2e_prefill_only_arguments(capsys):
+    """``--prefill-only`` with the W4A8 impls parses as written; token counts, batch sizes and layer counts must be
+    positive integers (an argparse error naming the value, exit code 2)."""
+    from quick.cli import main
+
+    argv = "--impls fp16 quick_sm90 w4a8 w4a8_g128 --variants fast+fused --prefill-only --prompt 2048"
+    args = _e2e_parser().parse_args([*argv.split(), "--batches", "1", "2", "4", "8", "16"])
+    assert args.prefill_only and (args.prompt, args.batches) == (2048, [1, 2, 4, 8, 16])
+    assert args.impls == ["fp16", "quick_sm90", "w4a8", "w4a8_g128"] and args.variants == ["fast+fused"]
+    assert not _e2e_parser().parse_args([]).prefill_only
+    for bad in (["--prompt", "0"], ["--batches", "1", "-2"], ["--gen", "x"], ["--layers", "0"]):
+        assert main(["bench", "e2e", *bad]) == 2
+        assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_e2e_prefill_results_format(tmp_path):
+    """Prefill-only results: the decode schema's keys plus ``mode: "prefill"`` (rows and document), decode tokens/s
+    null, a table of prefill tokens/s against fp16, files of their own name."""
+    import json
+
+    from quick.bench import e2e
+
+    rows = [
+        {"model": "m", "impl": impl, "batch": b, "prefill_tok_s": tok * b, "decode_tok_s": None, "peak_mem_GB": 9.0}
+        for impl, tok in (("fp16", 1000.0), ("w4a8", 1500.0))
+        for b in (1, 16)
+    ]
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x", "cuda": "13.0", "date": "2026-11-23", "prefill": "graph"}
+    stem = e2e.write_results(rows, env, tmp_path, 2048, 128, ["fast+fused"], mode="prefill")
+    assert stem.name == "e2e-h100-2026-11-23-prefill"
+    doc = json.loads(stem.with_suffix(".json").read_text())
+    assert doc["mode"] == "prefill" and doc["prompt_tokens"] == 2048 and doc["new_tokens"] == 0
+    keys = {"model", "impl", "batch", "prefill_tok_s", "decode_tok_s", "peak_mem_GB", "mode"}
+    assert all(set(r) == keys and r["mode"] == "prefill" and r["decode_tok_s"] is None for r in doc["rows"])
+    table = stem.with_suffix(".md").read_text()
+    assert "| m | 16 | w4a8 | fast+fused | 24000 | 1.50x | 9.0 |" in table and "prefill vs fp16" in table
+    with pytest.raises(ValueError, match="mode must be one of"):
+        e2e.write_results(rows, env, tmp_path, 2048, 128, mode="decoding")
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_e2e_w4a8_rows_run_fused_on_the_fast_path(mode, monkeypatch):
+    """The benchmark's W4A8 impls (per-channel and g128) on a tiny model on the CPU, variant fast+fused: every
+    q/k/v and gate/up is one fused W4A8 layer, decoding goes through the fast step, and the rows have the schema
+    (prefill mode: prefill tokens/s only)."""
+    from transformers import LlamaConfig
+
+    from quick import inference
+    from quick.bench import e2e
+    from quick.models import decoder, synthetic
+    from quick.models.fuse import FusedProjection
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+    torch.set_num_threads(1)
+    tiny = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, vocab_size=256
+    )
+    monkeypatch.setattr(synthetic, "load_config", lambda name: tiny)
+    monkeypatch.setattr(e2e, "DEVICE", "cpu")
+    monkeypatch.setattr(e2e, "PREFILL_REPEATS", 2)
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    built, steps = {}, []
+    build = e2e._build
+    monkeypatch.setattr(e2e, "_build", lambda name, impl, layers: built.setdefault(impl, build(name, impl, layers)))
+    call = decoder.FastDecoder.__call__
+    monkeypatch.setattr(decoder.FastDecoder, "__call__", lambda self, *a: steps.append(1) or call(self, *a))
+    torch._dynamo.reset()
+    try:
+        rows, cases = e2e.run(["tiny"], [1, 2], ["w4a8", "w4a8_g128"], 8, 4, 1, ["fast+fused"], mode=mode)
+    finally:
+        torch._dynamo.reset()
+    assert [(r["impl"], r["batch"]) for r in rows] == [("w4a8", 1), ("w4a8", 2), ("w4a8_g128", 1), ("w4a8_g128", 2)]
+    assert all(c["fused_projections"] == 2 for c in cases)  # 1 layer: q/k/v and gate/up
+    for impl, model in built.items():
+        layer = model.model.layers[0]
+        for owner in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+            assert isinstance(owner, FusedProjection) and isinstance(owner.linear, QuickLinearW4A8)
+            assert owner.linear.group_size == (128 if impl == "w4a8_g128" else -1)
+    assert all(r["prefill_tok_s"] > 0 and r["peak_mem_GB"] is None for r in rows)
+    if mode == "prefill":
+        assert all(r["mode"] == "prefill" and r["decode_tok_s"] is None for r in rows) and not steps
+    else:
+        assert all("mode" not in r and r["decode_tok_s"] > 0 for r in rows) and steps
+    with pytest.raises(ValueError, match="mode must be one of"):
+        e2e.run(["tiny"], [1], ["w4a8"], 8, 4, 1, mode="both")
+
+
+@pytest.mark.parametrize("group", [-1, 128], ids=["per_channel", "g128"])
+@pytest.mark.parametrize("mode", ["step", "regions", "fast"])
+def test_compiled_decode_w4a8_same_tokens(mode, group, monkeypatch):
+    """Fused W4A8 layers in every compiled decode mode (eager backend: tracing only) give the tokens of the plain
+    static decode. They are called as they are (no bound op): dynamo may split the step or a region around them;
+    the fast step's compiled parts hold no linear and trace without a break."""
+    from quick import inference
+    from quick.algorithms.rtn import quantize_model_rtn_w4a8
+    from quick.models.fuse import fuse_model
+
+    monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    model = _tiny_llama(hidden=128)
+    quantize_model_rtn_w4a8(model, group, dtype=torch.float16, progress=False)
+    assert fuse_model(model) == 4
+    ids = torch.randint(0, 128, (2, 7))
+    want = _generate(model, ids, "none", new=6)
+    torch._dynamo.utils.counters.clear()
+    try:
+        got = _generate(model, ids, mode, new=6)
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        inference.uncompile_regions(model)
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    if mode == "fast":
+        assert not breaks, breaks

@@ -10,7 +10,10 @@ import pytest
 import torch
 from helpers import random_w4a8, tiny_causal_lm
 
-from quick.checkpoint import load_quantized, round_dense_, save_quantized
+from quick.algorithms.rtn import quantize_model_rtn_w4a8
+from quick.checkpoint import load_quantized, save_quantized
+from quick.formats.layouts import W4A8_LAYOUTS
+from quick.formats.w4a8 import W4A8Weight
 from quick.models.fuse import (
     FusedProjection,
     FusedSlice,
@@ -21,10 +24,8 @@ from quick.models.fuse import (
     unfuse_model,
     unfused,
 )
+from quick.nn.dtypes import round_dense_
 from quick.nn.linear_w4a8 import LAYOUT, UNPACKED, QuickLinearW4A8
-from quick.packing.layouts import W4A8_LAYOUTS
-from quick.quant.apply import quantize_model_rtn_w4a8
-from quick.quant.w4a8_format import W4A8Weight
 
 transformers = pytest.importorskip("transformers")
 
@@ -286,3 +287,111 @@ def test_unfuse_restores_the_members(storage):
     assert isinstance(model.model.layers[0].mlp.gate_proj, FusedSlice)
     assert unfuse_model(model) == 4
     assert {n for n, m in model.named_modules() if isinstance(m, QuickLinearW4A8)} == before.keys()
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_model(group: int, seed: int = 0):
+    """A 2-layer Llama whose every projection the W4A8 kernels take (K, N multiples of 128), in the layout of this
+    GPU's fastest W4A8 kernel; the same weights for the same seed."""
+    from quick.nn.linear_w4a8 import preferred_w4a8_layout
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    quantize_model_rtn_w4a8(model, group, dtype=torch.float16, progress=False)
+    layout = preferred_w4a8_layout("cuda")
+    if layout != "w4a8":
+        _restore(model, layout)
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", GROUPS, ids=_gid)
+def test_gpu_fused_matches_unfused(group):
+    """On the kernels: the fused q/k/v and gate/up layers run the kernel (not the reference) and the prompt logits
+    are those of the unfused model (the integer sums are exact; only the fp16 rounding of the outputs may differ)."""
+    from quick.nn.linear_w4a8 import preferred_w4a8_layout
+
+    ref, model = _gpu_model(group), _gpu_model(group)
+    assert fuse_model(model) == 4
+    ids = torch.randint(0, 512, (4, 64), device="cuda")
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    qkv = model.model.layers[0].self_attn.qkv_proj.linear
+    assert qkv.storage == preferred_w4a8_layout("cuda") and qkv.last_path == "kernel"
+    assert torch.isfinite(got).all()
+    assert _rel(got, want) < 1e-2, _rel(got, want)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("group", GROUPS, ids=_gid)
+@pytest.mark.parametrize("mode", ["none", "fast"])
+def test_gpu_graphed_decode_matches_eager(mode, group, fused):
+    """CUDA-graphed decode (plain, or the fast step), fused or not, against eager unfused decoding of the same
+    weights, teacher-forced on the eager tokens: logits within the fp16 rounding of the kernels at every step,
+    nearly every greedy token the same; the graphed prefill gives the eager prefill's logits."""
+    from quick.inference import StaticGenerator
+
+    torch._dynamo.reset()
+    ref_model, model = _gpu_model(group), _gpu_model(group)
+    if fused:
+        assert fuse_model(model) == 4
+    ids = torch.randint(0, 512, (4, 16), device="cuda")
+    tokens, _ = StaticGenerator(ref_model, 4, 48, use_graph=False).generate(ids, 24)
+    fast = StaticGenerator(model, 4, 48, use_graph=True, compile=mode, graph_prefill=True)
+    ref = StaticGenerator(ref_model, 4, 48, use_graph=False)
+    with torch.inference_mode():
+        a, b = fast.prefill(ids).clone(), ref.prefill(ids)
+        worst, agree = _rel(a, b), 0
+        for i in range(tokens.shape[1] - 1):
+            a = fast.decode_step(tokens[:, i], 16 + i).clone()
+            b = ref.decode_step(tokens[:, i], 16 + i)
+            assert torch.isfinite(a).all()
+            worst = max(worst, _rel(a, b))
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+    torch._dynamo.reset()
+    assert (fast._fast is not None) == (mode == "fast")
+    assert worst < 2e-2, worst
+    assert agree >= 0.9 * 4 * (tokens.shape[1] - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_gpu_e2e_w4a8_rows(mode, tmp_path):
+    """``quick bench e2e --impls fp16 w4a8 w4a8_g128 --variants fast+fused`` (one layer of Llama-2-7B, short): a row
+    per impl and batch, the W4A8 models fused; ``--prefill-only``: prefill tokens/s rows with ``mode``."""
+    import json
+
+    from quick.bench import e2e
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer")
+    rows, cases = e2e.run(["llama-2-7b"], [1, 4], ["fp16", "w4a8", "w4a8_g128"], 256, 16, 1, ["fast+fused"], mode=mode)
+    assert [(r["impl"], r["batch"]) for r in rows] == [(i, b) for i in ("fp16", "w4a8", "w4a8_g128") for b in (1, 4)]
+    assert all(c["fused_projections"] == 2 for c in cases)
+    assert all(r["prefill_tok_s"] > 0 and r["peak_mem_GB"] > 0 for r in rows)
+    if mode == "prefill":
+        assert all(r["mode"] == "prefill" and r["decode_tok_s"] is None for r in rows)
+    else:
+        assert all(r["decode_tok_s"] > 0 for r in rows)
+    stem = e2e.write_results(rows, e2e.env_stamp(), tmp_path, 256, 16, ["fast+fused"], cases, mode=mode)
+    assert len(json.loads(stem.with_suffix(".json").read_text())["rows"]) == 6

@@ -47,11 +47,24 @@ SHAPES = (
 MS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (token counts, batch sizes, layers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the end-to-end benchmark (:func:`quick.bench.e2e.main`). Every option has a help text, so a
     parser with :class:`argparse.ArgumentDefaultsHelpFormatter` shows every default."""
     p.add_argument("--models", nargs="+", default=MODELS, help="published model shapes (random weights)")
-    p.add_argument("--batches", nargs="+", type=int, default=BATCHES, help="batch sizes (sequences decoded at once)")
+    p.add_argument(
+        "--batches", nargs="+", type=positive_int, default=BATCHES, help="batch sizes (sequences decoded at once)"
+    )
     p.add_argument(
         "--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout (+lm_head: with the output projection)"
     )
@@ -82,9 +95,17 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile every batch size static (otherwise the batch dim turns symbolic on the 2nd size)",
     )
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (prefill)")
-    p.add_argument("--gen", type=int, default=128, help="tokens generated per sequence (decode)")
-    p.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers (smoke runs)")
+    p.add_argument(
+        "--prefill-only",
+        action="store_true",
+        help="prefill throughput instead: one forward of the whole prompt per case, reported as prefill tokens/s "
+        "(rows with mode 'prefill'; --gen is not used)",
+    )
+    p.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens per sequence (prefill)")
+    p.add_argument("--gen", type=positive_int, default=128, help="tokens generated per sequence (decode)")
+    p.add_argument(
+        "--layers", type=positive_int, default=None, help="truncate the model to this many layers (smoke runs)"
+    )
     p.add_argument("--outdir", type=Path, default=Path("benchmarks/results"), help="folder for JSON, table and plot")
 
 

@@ -12,6 +12,11 @@ each optionally ``+fused`` (q/k/v and gate/up fused at load time). Several varia
 a ``variant`` key to each row. Prefill is timed once (``prompt`` tokens, eager);
 decode is timed over all ``gen - 1`` graph replays after one untimed warm-up generation that compiles and
 captures (its time is ``setup_s`` in ``cases``).
+
+``--prefill-only``: prefill throughput instead (``mode: "prefill"`` in the JSON and on every row): one forward of
+the whole ``prompt`` per sequence from an empty cache, CUDA-graphed or eager as ``--prefill`` says, after one untimed
+warm-up (which captures); ``prefill_tok_s`` is the median of :data:`PREFILL_REPEATS` timed forwards and
+``decode_tok_s`` is null.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from quick.bench.cli_args import (  # noqa: F401  (re-exported for scripts)
     add_e2e_arguments,
 )
 from quick.inference import StaticGenerator, uncompile_regions
-from quick.models.fuse import fuse_model
+from quick.models.fuse import FusedProjection, fuse_model
 from quick.models.synthetic import build_random_model
 
 
@@ -61,6 +66,35 @@ def gpu_slug(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower())).lower()
 
 
+# Where the benchmark builds its models (tests build tiny ones on the CPU).
+DEVICE = "cuda"
+MODES = ("decode", "prefill")
+PREFILL_REPEATS = 5  # timed prefill forwards per case (--prefill-only); the median is reported
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory (None where there is no CUDA allocator to ask)."""
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+
+
+def _generator(model, batch: int, max_len: int, variant: str, dynamic: bool | None, graph_prefill: bool):
+    """A fresh generator for one case: the variant's compile mode, CUDA graphs where the model is on CUDA."""
+    compile_mode, graph, _ = parse_variant(variant)
+    device = next(model.parameters()).device
+    gc.collect()  # the previous case's cache and graph pool must not count towards this one's peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    graph = graph and device.type == "cuda"
+    return StaticGenerator(
+        model, batch, max_len, use_graph=graph, compile=compile_mode, dynamic=dynamic, graph_prefill=graph_prefill
+    )
+
+
 def run_one(
     model,
     batch: int,
@@ -71,25 +105,55 @@ def run_one(
     dynamic: bool | None = None,
     graph_prefill: bool = True,
 ) -> dict:
-    compile_mode, graph, _ = parse_variant(variant)
-    gc.collect()  # the previous case's cache and graph pool must not count towards this one's peak
-    torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, vocab, (batch, prompt), device="cuda")
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, prompt), device=device)
     t0 = time.perf_counter()
-    g = StaticGenerator(
-        model, batch, prompt + gen, use_graph=graph, compile=compile_mode, dynamic=dynamic, graph_prefill=graph_prefill
-    )
+    g = _generator(model, batch, prompt + gen, variant, dynamic, graph_prefill)
     g.generate(ids, 4)  # warm-up: allocations, kernel builds, torch.compile, graph capture
     with torch.inference_mode():  # the cache tensors were made in inference mode
         g.cache.reset()
-    torch.cuda.synchronize()
+    _sync(device)
     setup_s = time.perf_counter() - t0
     _, stats = g.generate(ids, gen)
     row = {
         "batch": batch,
         "prefill_tok_s": round(stats.prefill_tok_s, 1),
         "decode_tok_s": round(stats.decode_tok_s, 1),
-        "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_mem_GB": _peak_gb(device),
+        "setup_s": round(setup_s, 1),
+    }
+    del g
+    return row
+
+
+def run_one_prefill(
+    model,
+    batch: int,
+    prompt: int,
+    vocab: int,
+    variant: str = DEFAULT_VARIANT,
+    dynamic: bool | None = None,
+    graph_prefill: bool = True,
+    repeats: int = PREFILL_REPEATS,
+) -> dict:
+    """Prefill tokens/s of ``batch`` sequences of ``prompt`` tokens: one forward of the whole prompt from an empty
+    cache, timed as :meth:`StaticGenerator.generate` times its prefill; the median of ``repeats`` after one warm-up."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, prompt), device=device)
+    t0 = time.perf_counter()
+    g = _generator(model, batch, prompt + 1, variant, dynamic, graph_prefill)
+    g.generate(ids, 1)  # warm-up: allocations, kernel builds, the prefill graph's capture
+    _sync(device)
+    setup_s = time.perf_counter() - t0
+    rates = sorted(g.generate(ids, 1)[1].prefill_tok_s for _ in range(repeats))
+    row = {
+        "batch": batch,
+        "prefill_tok_s": round(rates[len(rates) // 2], 1),
+        "decode_tok_s": None,
+        "peak_mem_GB": _peak_gb(device),
+        "mode": "prefill",
         "setup_s": round(setup_s, 1),
     }
     del g
@@ -105,7 +169,7 @@ def _build_layout(name: str, impl: str, layers: int | None):
     return build_random_model(
         name,
         torch.float16,
-        "cuda",
+        DEVICE,
         quantized,
         layout=layout if quantized else "quick",
         num_layers=layers,
@@ -118,15 +182,17 @@ def _build_layout(name: str, impl: str, layers: int | None):
 # as a packed layout name for QuickLinear.
 def _build_w4a8(name: str, impl: str, layers: int | None):
     """W4A8 (QQQ format, round-to-nearest of the random fp16 weights): ``w4a8`` per-channel, ``w4a8_g128``
-    two-level g128; the layer picks its packed layout (and kernel) for this GPU."""
-    from quick.nn.linear_w4a8 import QuickLinearW4A8
-    from quick.quant.apply import _parent, quantizable_linears
+    two-level g128, packed in the layout of this GPU's fastest W4A8 kernel (``w4a8_sm90`` on a Hopper GPU with its
+    kernel built, else ``w4a8``). ``+fused`` variants fuse them like the W4A16 layers (:mod:`quick.models.fuse`)."""
+    from quick.algorithms.rtn import _parent, quantizable_linears
+    from quick.nn.linear_w4a8 import QuickLinearW4A8, preferred_w4a8_layout
 
     group = 128 if impl.endswith("_g128") else -1
-    model = build_random_model(name, torch.float16, "cuda", False, num_layers=layers)
+    model = build_random_model(name, torch.float16, DEVICE, False, num_layers=layers)
+    layout = preferred_w4a8_layout(DEVICE)
     for lin_name, lin in quantizable_linears(model):
         parent, child = _parent(model, lin_name)
-        setattr(parent, child, QuickLinearW4A8.from_linear(lin, group, torch.float16))
+        setattr(parent, child, QuickLinearW4A8.from_linear(lin, group, torch.float16, layout=layout))
     return model
 
 
@@ -148,8 +214,13 @@ def run(
     log=None,
     dynamic: bool | None = None,
     graph_prefill: bool = True,
+    mode: str = "decode",
 ) -> tuple[list, list]:
-    """Rows in the issue's format (plus ``variant`` when several run) and per-case setup times."""
+    """Rows in the issue's format (plus ``variant`` when several run, ``mode`` for prefill-only runs) and per-case
+    setup times. ``mode``: ``"decode"`` (prefill then ``gen`` decoded tokens) or ``"prefill"`` (prefill
+    throughput, see the module docstring; ``gen`` is not used)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     variants = variants or [DEFAULT_VARIANT]
     for v in variants:
         parse_variant(v)
@@ -170,12 +241,18 @@ def run(
                 compile_mode, _, fused = parse_variant(v)
                 if fused:
                     fuse_model(model)
+                # recorded per case: which runs had which projections fused (a group that cannot fuse warns)
+                n_fused = sum(isinstance(m, FusedProjection) for m in model.modules())
                 for b in batches:
                     try:
-                        r = run_one(model, b, prompt, gen, vocab, v, dynamic, graph_prefill)
+                        if mode == "prefill":
+                            r = run_one_prefill(model, b, prompt, vocab, v, dynamic, graph_prefill)
+                        else:
+                            r = run_one(model, b, prompt, gen, vocab, v, dynamic, graph_prefill)
                     except torch.OutOfMemoryError:
                         print(f"{name} {impl} {v} batch {b}: out of memory", flush=True)
-                        torch.cuda.empty_cache()
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
                         continue
                     except Exception:  # noqa: BLE001 - one failing cell must not lose the others
                         traceback.print_exc()
@@ -191,6 +268,7 @@ def run(
                         "batch": b,
                         "setup_s": setup_s,
                         "build_s": round(build_s, 1),
+                        "fused_projections": n_fused,
                     }
                     print(json.dumps({**r, "variant": v, "setup_s": setup_s}), flush=True)
                     if log is not None:
@@ -203,7 +281,8 @@ def run(
                 torch._dynamo.reset()  # compiled graphs of this variant are not reused by the next
             del model
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows, cases
 
 
@@ -216,26 +295,46 @@ def write_results(
     variants: list[str] | None = None,
     cases: list[dict] | None = None,
     tag: str = "",
+    mode: str = "decode",
 ) -> Path:
+    """JSON, markdown table and plot of ``rows``. ``mode="prefill"`` (``--prefill-only``): the same schema with
+    ``mode`` on the document and every row, the table and plot on prefill tokens/s, files named ``...-prefill``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    prefill = mode == "prefill"
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = outdir / f"e2e-{gpu_slug(env['gpu'])}-{env['date']}{'-' + tag if tag else ''}"
+    stem = outdir / f"e2e-{gpu_slug(env['gpu'])}-{env['date']}{'-prefill' if prefill else ''}{'-' + tag if tag else ''}"
     variants = variants or [DEFAULT_VARIANT]
-    doc = {**env, "prompt_tokens": prompt, "new_tokens": gen, "variants": variants, "rows": rows, "cases": cases or []}
+    doc = {**env, "prompt_tokens": prompt, "new_tokens": 0 if prefill else gen, "variants": variants}
+    if prefill:
+        doc["mode"] = "prefill"
+        rows = [{**r, "mode": "prefill"} for r in rows]
+    doc.update(rows=rows, cases=cases or [])
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [
-        "# End-to-end generation (random weights, published shapes)",
-        "",
-        f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill {prompt} tokens, "
-        f"decode {gen} tokens (greedy, full length), static KV cache, prefill {env.get('prefill', 'eager')} "
-        f"(graph: one CUDA-graph replay). Variant(s): {', '.join(variants)} "
-        "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
-        "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
-        "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
-        "of the same variant." + _fusions_note(env),
-        "",
-        "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    what = "prefill" if prefill else "decode"
+    if prefill:
+        intro = (
+            f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill throughput: one forward "
+            f"of {prompt} tokens per sequence from an empty static KV cache, {env.get('prefill', 'eager')} (graph: "
+            f"one CUDA-graph replay), median of {PREFILL_REPEATS}. Variant(s): {', '.join(variants)} (+fused: q/k/v "
+            "and gate/up fused). Ratios: prefill tokens/s against fp16 of the same variant."
+        )
+        header = ["| model | batch | impl | variant | prefill tok/s | prefill vs fp16 | peak GB |", "|" + "---|" * 7]
+    else:
+        intro = (
+            f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill {prompt} tokens, "
+            f"decode {gen} tokens (greedy, full length), static KV cache, prefill {env.get('prefill', 'eager')} "
+            f"(graph: one CUDA-graph replay). Variant(s): {', '.join(variants)} "
+            "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
+            "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
+            "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
+            "of the same variant."
+        )
+        header = [
+            "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
+            "|" + "---|" * 8,
+        ]
+    lines = ["# End-to-end generation (random weights, published shapes)", "", intro + _fusions_note(env), "", *header]
     for r in rows:
         v = r.get("variant", variants[0])
         key = (r["model"], r["batch"], v)
@@ -243,17 +342,17 @@ def write_results(
             (b for b in rows if (b["model"], b["batch"], b.get("variant", variants[0])) == key and b["impl"] == "fp16"),
             None,
         )
-        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['impl']} | {v} | {r['prefill_tok_s']:.0f} | "
-            f"{r['decode_tok_s']:.0f} | {ratio} | {r['peak_mem_GB']:.1f} |"
-        )
+        ratio = f"{r[f'{what}_tok_s'] / base[f'{what}_tok_s']:.2f}x" if base else ""
+        peak = "-" if r["peak_mem_GB"] is None else f"{r['peak_mem_GB']:.1f}"
+        cells = [r["model"], r["batch"], r["impl"], v, f"{r['prefill_tok_s']:.0f}"]
+        cells += [ratio] if prefill else [f"{r['decode_tok_s']:.0f}", ratio]
+        lines.append("| " + " | ".join(str(c) for c in [*cells, peak]) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(rows, env, stem.with_suffix(".png"))
+    _plot(rows, env, stem.with_suffix(".png"), what)
     return stem
 
 
-def _plot(rows: list[dict], env: dict, path: Path) -> None:
+def _plot(rows: list[dict], env: dict, path: Path, what: str = "decode") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +363,7 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
     for ax, m in zip(axes.flat, models, strict=False):
         for impl, v in sorted({(r["impl"], r.get("variant", "")) for r in rows}):
             pts = sorted(
-                (r["batch"], r["decode_tok_s"])
+                (r["batch"], r[f"{what}_tok_s"])
                 for r in rows
                 if r["model"] == m and r["impl"] == impl and r.get("variant", "") == v
             )
@@ -274,7 +373,7 @@ def _plot(rows: list[dict], env: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("batch")
-        ax.set_ylabel("decode tokens/s")
+        ax.set_ylabel(f"{what} tokens/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{env['gpu']}, torch {env['torch']}, {env['date']}", fontsize=9)
@@ -325,8 +424,9 @@ def main(args: argparse.Namespace) -> int:
     if torch.cuda.get_device_capability() != (9, 0):
         args.impls = [i for i in args.impls if not i.startswith("quick_sm90")]
     variants = resolve_variants(args.variants, args.compile, args.fused)
+    mode = "prefill" if args.prefill_only else "decode"
     args.outdir.mkdir(parents=True, exist_ok=True)
-    tag = f"-{args.tag}" if args.tag else ""
+    tag = ("-prefill" if args.prefill_only else "") + (f"-{args.tag}" if args.tag else "")
     rows, cases = [], []
     with open(args.outdir / f"e2e-cases{tag}.jsonl", "a") as log:  # every case as it finishes (a killed run keeps them)
         for model in args.models:  # results rewritten after each model: a run cut short keeps the finished ones
@@ -342,10 +442,10 @@ def main(args: argparse.Namespace) -> int:
                 log,
                 dyn,
                 args.prefill == "graph",
+                mode,
             )
             rows, cases = rows + r, cases + c
-            stem = write_results(
-                rows, {**env, "prefill": args.prefill}, args.outdir, args.prompt, args.gen, variants, cases, args.tag
-            )
+            env_run = {**env, "prefill": args.prefill}
+            stem = write_results(rows, env_run, args.outdir, args.prompt, args.gen, variants, cases, args.tag, mode)
     print(stem.with_suffix(".md").read_text())
     return 0 if rows else 1
