@@ -8,7 +8,7 @@ exists and runs here), in one process and one run.
 Writes ``kernel-<gpu>-<date>.json`` ({"gpu", "torch", "date", "ceilings": {"copy_TBps", "fp16_TFLOPS"},
 "rows": [{"impl", "M", "K", "N", "dtype", "us", "tflops"}]}), the same table as markdown and a PNG plot of
 TFLOP/s against M with the roofline, under ``--outdir`` (default benchmarks/results). ``--sweep`` also times
-every GEMM/GEMV config and split-k on a few shapes (the data behind quick_mma.TUNED_GEMM) into
+every GEMM/GEMV config and split-k on a few shapes (the data behind mma.TUNED_GEMM) into
 ``sweep-<gpu>-<date>.json``. Random data everywhere (never zeros).
 """
 
@@ -29,9 +29,12 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from quick.kernels import quick_mma, select  # noqa: E402
-from quick.packing.layouts import get_layout  # noqa: E402
-from quick.quant.primitives import QuantizedWeight  # noqa: E402
+from quick.formats.layouts import get_layout  # noqa: E402
+from quick.formats.weights import QuantizedWeight  # noqa: E402
+from quick.kernels import (
+    mma,
+    select,  # noqa: E402
+)
 
 M_LIST = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]
 SHAPES = {  # (K, N) = (in_features, out_features)
@@ -121,24 +124,24 @@ def register_builtin_impls() -> None:
     common.register_impl(common.Impl("cublas_fp16", "fp16", lambda p: _dense(p, torch.float16)))
     common.register_impl(common.Impl("cublas_bf16", "bf16", lambda p: _dense(p, torch.bfloat16)))
     common.register_impl(common.Impl("torch_int4", "bf16", lambda p: _int4(p, p["m"])))
-    common.register_impl(common.Impl("quick", "fp16", lambda p: _quick(p, p["m"], quick_mma.gemm)))
+    common.register_impl(common.Impl("quick", "fp16", lambda p: _quick(p, p["m"], mma.gemm)))
     common.register_impl(
         common.Impl(
             "quick_gemv",
             "fp16",
-            lambda p: _quick(p, p["m"], quick_mma.gemv),
-            applies=lambda m, k, n: m <= quick_mma.GEMV_MAX_M,
+            lambda p: _quick(p, p["m"], mma.gemv),
+            applies=lambda m, k, n: m <= mma.GEMV_MAX_M,
         )
     )
     # The decode kernel (csrc/quick_dec.cu) on the same `quick` packing (M <= 16; quick_sm90 packing: M <= 64).
-    from quick.kernels import quick_dec
+    from quick.kernels import decode
 
     common.register_impl(
         common.Impl(
             "quick_dec",
             "fp16",
-            lambda p: _quick(p, p["m"], quick_dec.gemv_quick),
-            applies=lambda m, k, n: quick_dec.takes("quick", m, n),
+            lambda p: _quick(p, p["m"], decode.gemv_quick),
+            applies=lambda m, k, n: decode.takes("quick", m, n),
         )
     )
 
@@ -147,10 +150,10 @@ def register_optional_impls() -> list[str]:
     """Extra rows from kernel modules that exist and can run here (the Hopper wgmma kernel)."""
     added = []
     try:
-        from quick.kernels import quick_sm90 as sm
+        from quick.kernels import wgmma as sm
 
         if sm.is_available():
-            from quick.kernels import quick_dec
+            from quick.kernels import decode
 
             def make(p):
                 if "sm90" not in p:
@@ -164,11 +167,11 @@ def register_optional_impls() -> list[str]:
             def make_dec(p):
                 make(p)  # packs the sm90 layout once
                 w, x = p["sm90"], _x(p, p["m"], torch.float16)
-                return lambda: quick_dec.gemv_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
+                return lambda: decode.gemv_sm90(x, w["qweight"], w["scales"], w["zeros"], p["group"])
 
             common.register_impl(
                 common.Impl(
-                    "quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: quick_dec.takes("quick_sm90", m, n)
+                    "quick_sm90_dec", "fp16", make_dec, applies=lambda m, k, n: decode.takes("quick_sm90", m, n)
                 )
             )
             added.append("quick_sm90_dec")
@@ -187,8 +190,8 @@ def _w4a8_packed(p: dict, group: int) -> dict:
     ``w4a8`` on the GPU."""
     key = ("w4a8", group)
     if key not in p:
-        from quick.packing.layouts import pack_w4a8
-        from quick.quant.w4a8_format import W4A8Weight
+        from quick.formats.layouts import pack_w4a8
+        from quick.formats.w4a8 import W4A8Weight
 
         k, n = p["k"], p["n"]
         gen = torch.Generator(device="cuda").manual_seed(k + n + group)
@@ -203,7 +206,7 @@ def register_w4a8_impls() -> list[str]:
     """Rows ``quick_w4a8_channel`` / ``quick_w4a8_group``: the whole W4A8 op (activation quantization + int8
     mma.sync GEMM, + split-k reduce where used) on fp16 activations."""
     try:
-        from quick.kernels import quick_w4a8 as w8
+        from quick.kernels import w4a8_mma as w8
     except Exception as e:  # noqa: BLE001
         print(f"[bench] W4A8 not benchmarked: {type(e).__name__}: {e}")
         return []
@@ -229,7 +232,7 @@ def register_w4a8_sm90_impls() -> list[str]:
     widened kernel (the quantizers' scales <= 16), ``_group_fold`` the per-group fold that older checkpoints with
     larger scales take, on the same weights."""
     try:
-        from quick.kernels import quick_w4a8_sm90 as w8s
+        from quick.kernels import w4a8_wgmma as w8s
 
         if not w8s.is_available():
             return []
@@ -241,7 +244,7 @@ def register_w4a8_sm90_impls() -> list[str]:
         def f(p):
             key = ("w4a8_sm90", group)
             if key not in p:
-                from quick.packing.layouts import pack_w4a8_sm90, unpack_w4a8
+                from quick.formats.layouts import pack_w4a8_sm90, unpack_w4a8
 
                 p[key] = pack_w4a8_sm90(unpack_w4a8(_w4a8_packed(p, group), group))  # the same weights
             w, x = p[key], _x(p, p["m"], torch.float16)
@@ -257,8 +260,8 @@ def register_w4a8_sm90_impls() -> list[str]:
 
 
 def _extra_w4a8() -> list:
-    """Candidate W4A8 configs timed by --sweep-w4a8 besides quick_w4a8.CONFIGS (compiled on the spot)."""
-    from quick.kernels.quick_w4a8 import W4A8Config as C
+    """Candidate W4A8 configs timed by --sweep-w4a8 besides w4a8_mma.CONFIGS (compiled on the spot)."""
+    from quick.kernels.w4a8_mma import W4A8Config as C
 
     return [
         C("x_m16k8", 16, 1, 1, 8, 2, 1, 4, 4),
@@ -277,12 +280,12 @@ def _w4a8_fits(cfg, group: int) -> bool:
 
 
 def sweep_w4a8(log, large_only: bool = False, budget_s: float | None = None, sink: Path | None = None) -> list[dict]:
-    """Every W4A8 config x split-k x mode on the shapes that set quick_w4a8.TUNED (activation quant included).
-    ``large_only``: only M >= 256 and the configs of quick_w4a8.CONFIGS. ``budget_s``: stop timing after that many
+    """Every W4A8 config x split-k x mode on the shapes that set w4a8_mma.TUNED (activation quant included).
+    ``large_only``: only M >= 256 and the configs of w4a8_mma.CONFIGS. ``budget_s``: stop timing after that many
     seconds (the rows so far are kept); ``sink``: append every row to this JSON-lines file as it is measured."""
     t_end = time.time() + budget_s if budget_s else float("inf")
     from quick.kernels import jit
-    from quick.kernels import quick_w4a8 as w8
+    from quick.kernels import w4a8_mma as w8
 
     cfgs = [*w8.CONFIGS.values()] if large_only else [*w8.CONFIGS.values(), *_extra_w4a8()]
     if large_only:
@@ -413,28 +416,28 @@ def run_grid(
 
 # Candidates timed by --sweep besides the shipped configs (compiled on the spot, not part of VARIANTS).
 EXTRA_GEMM = [
-    quick_mma.GemmConfig("m64k4", 64, 1, 1, 4, 1, 4, 3, 1),
-    quick_mma.GemmConfig("m128n2k2", 128, 2, 2, 2, 1, 2, 4, 1),
-    quick_mma.GemmConfig("x_m16k16", 16, 1, 1, 16, 1, 2, 3, 2),
-    quick_mma.GemmConfig("x_m32k4", 32, 1, 1, 4, 1, 4, 4, 2),
-    quick_mma.GemmConfig("x_m64n2k2", 64, 1, 2, 2, 1, 2, 4, 1),
-    quick_mma.GemmConfig("x_m128n2", 128, 2, 2, 1, 1, 4, 4, 1),
-    quick_mma.GemmConfig("x_m128n4s3", 128, 2, 4, 1, 1, 4, 3, 1),
+    mma.GemmConfig("m64k4", 64, 1, 1, 4, 1, 4, 3, 1),
+    mma.GemmConfig("m128n2k2", 128, 2, 2, 2, 1, 2, 4, 1),
+    mma.GemmConfig("x_m16k16", 16, 1, 1, 16, 1, 2, 3, 2),
+    mma.GemmConfig("x_m32k4", 32, 1, 1, 4, 1, 4, 4, 2),
+    mma.GemmConfig("x_m64n2k2", 64, 1, 2, 2, 1, 2, 4, 1),
+    mma.GemmConfig("x_m128n2", 128, 2, 2, 1, 1, 4, 4, 1),
+    mma.GemmConfig("x_m128n4s3", 128, 2, 4, 1, 1, 4, 3, 1),
 ]
-EXTRA_GEMV = [quick_mma.GemvConfig("x_v8nb2", 8, 2, 8), quick_mma.GemvConfig("x_v8r16", 8, 1, 16)]
+EXTRA_GEMV = [mma.GemvConfig("x_v8nb2", 8, 2, 8), mma.GemvConfig("x_v8r16", 8, 1, 16)]
 
 
 def sweep(log) -> list[dict]:
     """Every GEMM config x split-k (and GEMV config x split) on the shapes that set the tuning table."""
     out = []
-    gemm_cfgs = [*quick_mma.GEMM_CONFIGS.values(), *EXTRA_GEMM]
-    gemv_cfgs = [*quick_mma.GEMV_CONFIGS.values(), *EXTRA_GEMV]
+    gemm_cfgs = [*mma.GEMM_CONFIGS.values(), *EXTRA_GEMM]
+    gemv_cfgs = [*mma.GEMV_CONFIGS.values(), *EXTRA_GEMV]
     from quick.kernels import jit
 
     arch = jit.arch_for_device()
     jit.compile_many(
-        [(quick_mma.GEMM_SOURCE, arch, c.defines(torch.float16)) for c in EXTRA_GEMM]
-        + [(quick_mma.GEMV_SOURCE, arch, c.defines(torch.float16, GROUP)) for c in EXTRA_GEMV]
+        [(mma.GEMM_SOURCE, arch, c.defines(torch.float16)) for c in EXTRA_GEMM]
+        + [(mma.GEMV_SOURCE, arch, c.defines(torch.float16, GROUP)) for c in EXTRA_GEMV]
     )
     plan = [((8192, 8192), [*M_LIST, 8]), ((4096, 4096), [1, 16, 64, 256]), ((11008, 4096), [1, 16, 64, 256])]
     for (k, n), ms in plan:
@@ -449,11 +452,11 @@ def sweep(log) -> list[dict]:
                 for s in (1, 2, 4, 8)
                 if k % c.bks == 0 and s <= k // c.bks and not (c.bm >= 64 and m <= 8)
             ]
-            if m <= quick_mma.GEMV_MAX_M:
+            if m <= mma.GEMV_MAX_M:
                 cands += [("gemv", c, s) for c in gemv_cfgs for s in (1, 2, 4)]
             best = (float("inf"), "", 0)
             for kind, cfg, s in cands:
-                fn = quick_mma.gemm if kind == "gemm" else quick_mma.gemv
+                fn = mma.gemm if kind == "gemm" else mma.gemv
                 try:
                     us = _timed(fn, x, *args, config=cfg, splits=s)
                 except Exception as e:  # noqa: BLE001

@@ -98,8 +98,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from quick.packing.layouts import AWQ_ORDER, get_layout  # noqa: E402
-from quick.quant.primitives import QuantizedWeight, dequantize  # noqa: E402
+from quick.formats.layouts import AWQ_ORDER, get_layout  # noqa: E402
+from quick.formats.weights import QuantizedWeight, dequantize  # noqa: E402
 
 GROUP = 128
 M_ORDER = (1, 16, 128, 1024, 4096, 64, 2, 4, 8, 32, 256, 512, 2048)

@@ -20,7 +20,7 @@ _LAZY = {
     "AutoAWQForCausalLM": "quick.awq",
     "QuickLinear": "quick.nn.linear",
     "QuickLinearW4A8": "quick.nn.linear_w4a8",
-    "QuantizationError": "quick.quant.primitives",
+    "QuantizationError": "quick.formats.weights",
     "CheckpointError": "quick.checkpoint",
     "save_quantized": "quick.checkpoint",
     "load_quantized": "quick.checkpoint",
@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from quick.auto import AutoQuickForCausalLM
     from quick.awq import AutoAWQForCausalLM
     from quick.checkpoint import CheckpointError, load_quantized, save_quantized
+    from quick.formats.weights import QuantizationError
     from quick.nn.linear import QuickLinear
     from quick.nn.linear_w4a8 import QuickLinearW4A8
-    from quick.quant.primitives import QuantizationError
 
 
 def __getattr__(name: str) -> Any:

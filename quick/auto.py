@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quick.algorithms import rtn
 from quick.checkpoint import (
     W4A8_VERSION,
     is_quantized_checkpoint,
@@ -24,15 +25,13 @@ from quick.checkpoint import (
     load_quantized,
     make_quant_config,
     make_w4a8_quant_config,
-    round_dense_,
     save_quantized,
-    set_compute_dtype,
 )
+from quick.formats.layouts import LAYOUTS
+from quick.formats.weights import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
 from quick.models.families import FamilyError, get_family
+from quick.nn.dtypes import round_dense_, set_compute_dtype
 from quick.nn.linear import padded_in_features
-from quick.packing.layouts import LAYOUTS
-from quick.quant import apply
-from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, QuantizationError
 
 DEFAULT_QUANT_CONFIG: dict[str, Any] = {"w_bit": 4, "q_group_size": 128, "zero_point": True, "version": "quick"}
 # AutoAWQ's AwqConfig key: substrings of module names that stay dense (added to the model family's own list)
@@ -239,7 +238,7 @@ def quantize_model_rtn(
     dense parameters are rounded to ``scale_dtype`` as a checkpoint stores them."""
     model_dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        apply.quantize_model_rtn(model, group_size, layout, zero_point, scale_dtype, skip, progress=False)
+        rtn.quantize_model_rtn(model, group_size, layout, zero_point, scale_dtype, skip, progress=False)
     round_dense_(model, scale_dtype)
     set_compute_dtype(model, model_dtype)
     return model
@@ -247,8 +246,8 @@ def quantize_model_rtn(
 
 def _check_calibrated_skip(model: nn.Module, family: Any, extra: Sequence[str], method: str) -> None:
     """AWQ / QQQ scale each decoder layer's linears as groups; leaving one of them dense is only possible with RTN."""
+    from quick.algorithms.awq import layer_linears
     from quick.models.families import decoder_layers
-    from quick.quant.awq import layer_linears
 
     for i, layer in enumerate(decoder_layers(model, family)):
         hit = [n for n in layer_linears(layer, family) if any(s in n for s in extra)]
@@ -264,7 +263,7 @@ def check_layout_fits(model: nn.Module, qc: dict[str, Any], skip: Sequence[str])
     """Raise before quantizing when the layout of ``qc`` cannot store a layer that will be quantized: AutoAWQ's
     GEMM format (``version 'gemm'``) has no ragged last group, so every K must be a multiple of the group size
     (SmolLM2's K = 576 is not one of 128)."""
-    from quick.quant.apply import quantizable_linears
+    from quick.algorithms.rtn import quantizable_linears
 
     layout, g = qc["version"], qc["q_group_size"]
     if layout != "awq_gemm" or g == -1:
@@ -406,7 +405,7 @@ class AutoQuickForCausalLM:
         ``text_column``; see :func:`calibration_tokens`). ``apply_clip``: AWQ's clipping search (on by default).
         ``quant_config["modules_to_not_convert"]``: substrings of module names that stay dense, on top of the
         family's own. Records the wall time in ``quantization_time_s``. ``qqq_options``: further keyword
-        arguments of :func:`quick.quant.qqq.quantize_model_qqq` (``n_grid``, ``act_order``, ``damp``, ``smooth``,
+        arguments of :func:`quick.algorithms.qqq.quantize_model_qqq` (``n_grid``, ``act_order``, ``damp``, ``smooth``,
         ``gptq``).
         """
         if self.is_quantized:
@@ -442,7 +441,7 @@ class AutoQuickForCausalLM:
             self._quantize_w4a8(qc, method, tokenizer, family, skip, calib_data, n_samples, seqlen, seed,
                                 search_samples, batch_size, progress, qqq_options, split, text_column)  # fmt: skip
         elif method == "awq":
-            from quick.quant.awq import quantize_model_awq
+            from quick.algorithms.awq import quantize_model_awq
 
             if tokenizer is None and not isinstance(calib_data, torch.Tensor):
                 raise QuantizationError("AWQ needs a tokenizer (or calibration token ids) for its calibration data")
@@ -491,10 +490,10 @@ class AutoQuickForCausalLM:
         """QQQ (calibrated) or RTN W4A8; dense parameters rounded to the checkpoint dtype either way."""
         if method == "rtn":
             with torch.no_grad():
-                apply.quantize_model_rtn_w4a8(self.model, qc["q_group_size"], self.weight_dtype, skip, progress=False)
+                rtn.quantize_model_rtn_w4a8(self.model, qc["q_group_size"], self.weight_dtype, skip, progress=False)
             round_dense_(self.model, self.weight_dtype)
             return
-        from quick.quant.qqq import quantize_model_qqq
+        from quick.algorithms.qqq import quantize_model_qqq
 
         if tokenizer is None and not isinstance(calib_data, torch.Tensor):
             raise QuantizationError("QQQ needs a tokenizer (or calibration token ids) for its calibration data")

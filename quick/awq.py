@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from quick.auto import AutoQuickForCausalLM, resolve_model_path
-from quick.quant.primitives import QuantizationError
+from quick.formats.weights import QuantizationError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -143,7 +143,7 @@ class AWQForCausalLM(AutoQuickForCausalLM):
         if export_compatible:
             raise QuantizationError(
                 "export_compatible=True (apply AWQ scales, keep fp16 weights) is not supported: QUICK packs the "
-                "weights; for a scaled float model call quick.quant.awq.quantize_model_awq(..., "
+                "weights; for a scaled float model call quick.algorithms.awq.quantize_model_awq(..., "
                 "quantize_weights=False)"
             )
         if quantizer_cls is not None:

@@ -32,13 +32,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quick.external import ExternalFormatError, detect_format, importer_for
+from quick.formats.layouts import LAYOUTS, LayoutError, convert, get_layout
+from quick.formats.weights import QuantizationError
 from quick.integrations.load_guard import add_load_guard
 from quick.models.moe import load_stack_, skeleton_experts
+from quick.nn.dtypes import set_compute_dtype
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
 from quick.nn.moe import QuickExpertStack
-from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
-from quick.quant.primitives import QuantizationError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def preferred_layout(device: torch.device | str | None = None) -> str:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         try:
-            from quick.kernels import quick_sm90
+            from quick.kernels import wgmma
 
-            if quick_sm90.is_available(device):
+            if wgmma.is_available(device):
                 return "quick_sm90"
         except Exception:  # noqa: BLE001 - an unusable optional kernel means the portable layout
             pass
@@ -121,40 +122,6 @@ def make_quant_config(
         "version": version,
         "modules_to_not_convert": list(modules_to_not_convert),
     }
-
-
-# --------------------------------------------------------------------------------------- dtype handling
-
-
-def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Run the dense parts of ``model`` in ``dtype``; packed layers keep their scale dtype.
-
-    Where the two differ, each ``QuickLinear`` casts its input to its own dtype and its output back to
-    ``dtype`` -- the activations a half-precision GPU kernel would see. This is what lets a model with
-    fp16 packed weights run its norms, attention and embeddings in fp32 on CPU, where half-precision
-    matmuls are very slow.
-    """
-    for mod in model.modules():
-        if isinstance(mod, QuickLinear):
-            mod.set_compute_dtype(dtype)
-            continue
-        for p in mod.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-    return model
-
-
-def round_dense_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Round dense floating parameters to ``dtype``'s grid (keeping their dtype): what a checkpoint stores."""
-    seen: set[int] = set()
-    for mod in model.modules():
-        if isinstance(mod, QuickLinear):
-            continue
-        for p in mod.parameters(recurse=False):
-            if p.is_floating_point() and id(p) not in seen and p.dtype != dtype:
-                seen.add(id(p))
-                p.data = p.data.to(dtype).to(p.dtype)
-    return model
 
 
 def packed_modules(model: nn.Module) -> dict[str, QuickLinear]:
@@ -838,7 +805,7 @@ W4A8_VERSION = "w4a8"
 
 
 def is_w4a8_config(qc: dict[str, Any]) -> bool:
-    """A ``quantization_config`` of W4A8 weights (QQQ format, :mod:`quick.quant.w4a8_format`)."""
+    """A ``quantization_config`` of W4A8 weights (QQQ format, :mod:`quick.formats.w4a8`)."""
     return str(qc.get("version", "")).lower() == W4A8_VERSION or int(qc.get("a_bit", 16)) == 8
 
 
@@ -850,7 +817,7 @@ def make_w4a8_quant_config(
 ) -> dict[str, Any]:
     """The ``quantization_config`` of a W4A8 checkpoint: 4-bit symmetric weights, per-token int8 activations.
 
-    ``storage``: a W4A8 layout of :mod:`quick.packing.layouts` (``w4a8``, ``w4a8_sm90``) or ``unpacked`` (``q``,
+    ``storage``: a W4A8 layout of :mod:`quick.formats.layouts` (``w4a8``, ``w4a8_sm90``) or ``unpacked`` (``q``,
     ``channel_scale``, ``group_scale`` as the format defines them); ``method``: the algorithm that made it."""
     return {
         "quant_method": "quick",

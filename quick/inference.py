@@ -57,9 +57,12 @@ class KernelQuickLinear(QuickLinear):
 
 
 def _quick_ok(mod: QuickLinear, probe: torch.Tensor) -> bool:
-    from quick.kernels import ops, quick_mma  # noqa: F401 - importing ops defines torch.ops.quick.gemm_w4a16
+    from quick.kernels import (
+        mma,
+        ops,  # noqa: F401 - importing ops defines torch.ops.quick.gemm_w4a16
+    )
 
-    return mod.layout_name == "quick" and quick_mma.is_available(probe)
+    return mod.layout_name == "quick" and mma.is_available(probe)
 
 
 def _quick_call(mod: QuickLinear, x2: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from quick.packing.layouts import get_layout
-from quick.quant.primitives import QuantizedWeight, resolve_group_size
+from quick.formats.layouts import get_layout
+from quick.formats.weights import QuantizedWeight, resolve_group_size
 
 
 def random_quantized(

@@ -25,9 +25,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from common import bench_us, graphed, stream_floor_us, w4_bytes  # noqa: E402
 
-from quick.kernels import jit, quick_mma  # noqa: E402
-from quick.kernels import quick_dec as qd  # noqa: E402
-from quick.kernels import quick_sm90 as sm  # noqa: E402
+from quick.kernels import decode as qd  # noqa: E402
+from quick.kernels import (
+    jit,  # noqa: E402
+    mma,
+)
+from quick.kernels import wgmma as sm  # noqa: E402
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
 
 CHECK_MS = {16: (1, 2, 3, 7, 8, 9, 15, 16), 32: (17, 24, 31, 32), 64: (33, 40, 63, 64)}  # per M bucket
@@ -181,7 +184,7 @@ def part_time(res: dict, deadline: float) -> None:
                 args = (x, p["qweight"], p["scales"], p["zeros"], 128)
                 base = {
                     "quick_sm90": ("wgmma", lambda a=args: sm.gemm_w4a16_sm90(*a)),
-                    "quick": ("mma_gemm", lambda a=args: quick_mma.gemm(*a)),
+                    "quick": ("mma_gemm", lambda a=args: mma.gemm(*a)),
                 }[layout]
                 try:
                     us = bench_us(graphed(base[1]))

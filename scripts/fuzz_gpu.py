@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from quick.formats.layouts import get_layout  # noqa: E402
+from quick.formats.weights import QuantizedWeight  # noqa: E402
 from quick.kernels import select  # noqa: E402
-from quick.packing.layouts import get_layout  # noqa: E402
-from quick.quant.primitives import QuantizedWeight  # noqa: E402
 from quick.testing import REL_BOUND  # noqa: E402
 
 REGIMES = ("normal", "normal", "wide", "tiny", "big", "const", "nonfinite")
@@ -63,7 +63,7 @@ def _finfo(dt: torch.dtype):
 
 
 def draw_case(rng: random.Random, paths: list[str], sm90_cfgs: list) -> dict:
-    from quick.kernels import quick_mma as qm
+    from quick.kernels import mma as qm
 
     path = rng.choice(paths)
     dt = rng.choice([torch.float16, torch.bfloat16])
@@ -172,7 +172,7 @@ def reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -
 
 def run_path(c: dict, x: torch.Tensor, qw: QuantizedWeight, bias, packed_cache: dict) -> torch.Tensor:
     """Run the case's kernel path once into a fresh NaN-poisoned output where the path takes one."""
-    from quick.kernels import quick_mma as qm
+    from quick.kernels import mma as qm
 
     path, g, dt = c["path"], c["g"], c["dtype"]
     m, n = x.shape[0], qw.shape[1]
@@ -192,7 +192,7 @@ def run_path(c: dict, x: torch.Tensor, qw: QuantizedWeight, bias, packed_cache: 
             return qm.gemv(*args, splits=c["splits"], out=out)
         return select.matmul("quick", *args, out=out)
     if path == "sm90":
-        from quick.kernels import quick_sm90 as qs
+        from quick.kernels import wgmma as qs
 
         p = packed("quick_sm90")
         out = torch.full((m, n), float("nan"), dtype=dt, device=DEV)
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from quick.kernels import dispatch, jit
-    from quick.kernels import quick_sm90 as qs
     from quick.kernels import variant_cases as vc
+    from quick.kernels import wgmma as qs
 
     t0 = time.time()
     if DEV == "cuda":

@@ -38,10 +38,10 @@ def target() -> int:
     """Each kernel three times (the first launch of each also loads the cubin); ncu profiles all 15 launches."""
     import torch
 
-    from quick.kernels import quick_sm90 as sm
-    from quick.kernels import quick_w4a8_sm90 as w8
-    from quick.packing.layouts import get_layout, pack_w4a8_sm90
-    from quick.quant.w4a8_format import W4A8Weight
+    from quick.formats.layouts import get_layout, pack_w4a8_sm90
+    from quick.formats.w4a8 import W4A8Weight
+    from quick.kernels import w4a8_wgmma as w8
+    from quick.kernels import wgmma as sm
     from quick.testing import random_quantized
 
     gen = torch.Generator().manual_seed(1)
@@ -100,8 +100,8 @@ def target_dec() -> int:
     os.environ["QUICK_AUTOTUNE"] = "0"  # timing candidates here would put their launches into the profile
     import torch
 
+    from quick.formats.layouts import get_layout
     from quick.kernels import select
-    from quick.packing.layouts import get_layout
     from quick.testing import random_quantized
 
     gen = torch.Generator().manual_seed(1)

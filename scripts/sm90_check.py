@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from quick.formats.layouts import get_layout  # noqa: E402
 from quick.kernels import jit  # noqa: E402
-from quick.kernels import quick_sm90 as sm  # noqa: E402
-from quick.packing.layouts import get_layout  # noqa: E402
+from quick.kernels import wgmma as sm  # noqa: E402
 from quick.testing import REL_BOUND, poisoned, random_quantized, reference_matmul, rel_error  # noqa: E402
 
 M_ALL = (1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 128, 255, 256, 1000, 4096)

@@ -47,7 +47,7 @@ def make_weight(n: int, k: int, g: int, gen, scale_max: int = 127):
     """Random W4A8 weights in the format's full ranges (q in [-8, 7], s_g in [1, scale_max]; the quantizers
     write scale_max 16, which the widened kernels take)."""
     torch = _torch()
-    from quick.quant.w4a8_format import W4A8Weight
+    from quick.formats.w4a8 import W4A8Weight
 
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     s_ch = (torch.rand(n, generator=gen) * 0.75 + 0.25) * 2e-3
@@ -62,7 +62,7 @@ _WEIGHTS: dict = {}
 
 def cached_weight(n: int, k: int, g: int, gen):
     """Packing 8192 x 8192 on the host takes seconds: one weight per (N, K, G) per part."""
-    from quick.packing.layouts import pack_w4a8_sm90
+    from quick.formats.layouts import pack_w4a8_sm90
 
     if (n, k, g) not in _WEIGHTS:
         w = make_weight(n, k, g, gen)
@@ -75,7 +75,7 @@ def reference(x, wd, bias=None):
     """``w4a8_reference`` with the float64 weight dequantized once: quantize_activations (the contract's
     fp32 rule), exact float64 product, then s_x (and bias)."""
     torch = _torch()
-    from quick.quant.w4a8_format import quantize_activations
+    from quick.formats.w4a8 import quantize_activations
 
     xq, sx = quantize_activations(x)
     y = (xq.to(torch.float64) @ wd.t()) * sx.to(torch.float64)[:, None]
@@ -85,7 +85,7 @@ def reference(x, wd, bias=None):
 def run_case(m, n, k, g, dtype, gen, bias=False, config=None, splits=None, x_scale=1.0):
     """One GEMM vs the float64 reference; returns a result dict (error, finite, bound, ok)."""
     torch = _torch()
-    from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.kernels import w4a8_wgmma as w8
 
     w, packed, wd = cached_weight(n, k, g, gen)
     x = (torch.randn(m, k, generator=gen) * x_scale).to(dtype).cuda()
@@ -130,7 +130,7 @@ def sass_tool() -> list[str] | None:
 
 def part_build(res: dict) -> None:
     from quick.kernels import compile_check, jit
-    from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.kernels import w4a8_wgmma as w8
 
     jobs = [(src, "sm_90a", d) for src, _name, d in w8.VARIANTS]
     t0 = time.time()
@@ -178,8 +178,8 @@ def part_build(res: dict) -> None:
 
 def part_quant(res: dict) -> None:
     torch = _torch()
-    from quick.kernels.quick_w4a8_sm90 import quantize_activations_sm90
-    from quick.quant.w4a8_format import quantize_activations
+    from quick.formats.w4a8 import quantize_activations
+    from quick.kernels.w4a8_wgmma import quantize_activations_sm90
 
     gen = torch.Generator().manual_seed(1)
     cases = []
@@ -233,7 +233,7 @@ def part_large(res: dict) -> None:
 
 def part_configs(res: dict) -> None:
     torch = _torch()
-    from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.kernels import w4a8_wgmma as w8
 
     gen = torch.Generator().manual_seed(4)
     cases = []
@@ -242,7 +242,7 @@ def part_configs(res: dict) -> None:
             for splits in (1, 3):
                 cases.append(run_case(300, 640, 1408, g, torch.float16, gen, config=cfg, splits=splits))
     # determinism: split-k run twice gives identical bits (int32 partials are exact anyway)
-    from quick.packing.layouts import pack_w4a8_sm90
+    from quick.formats.layouts import pack_w4a8_sm90
 
     w = make_weight(512, 4096, 128, gen)
     p = {kk: v.cuda() for kk, v in pack_w4a8_sm90(w).items()}
@@ -260,9 +260,9 @@ def part_time(res: dict) -> None:
     torch = _torch()
 
     from benchmarks import common
-    from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.formats.layouts import get_layout, pack_w4a8_sm90
     from quick.kernels import select
-    from quick.packing.layouts import get_layout, pack_w4a8_sm90
+    from quick.kernels import w4a8_wgmma as w8
     from quick.testing import random_quantized
 
     def bench(fn) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from quick.quant.w4a8_format import W4A8Weight
+from quick.formats.w4a8 import W4A8Weight
 
 DTYPES = [torch.float16, torch.bfloat16]
 # Every M the kernel tests cover (decode sizes, tile edges, prefill sizes).
@@ -142,7 +142,7 @@ def check_w4a8_unpack_errors(pack, unpack, k: int) -> None:
     scale, a channel scale of the wrong dtype (a [k, 64] weight packed at g128)."""
     import pytest
 
-    from quick.packing.layouts import LayoutError
+    from quick.formats.layouts import LayoutError
 
     packed = pack(random_w4a8(k, 64, 128))
     with pytest.raises(LayoutError, match="group_size"):

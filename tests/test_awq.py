@@ -9,11 +9,11 @@ import torch
 from helpers import tiny_causal_lm
 from torch import nn
 
+from quick.algorithms import awq
 from quick.auto import quantize_model_rtn
-from quick.checkpoint import set_compute_dtype
 from quick.models.families import FAMILIES, FamilyError, active_groups, decoder_layers, get_family
+from quick.nn.dtypes import set_compute_dtype
 from quick.nn.linear import QuickLinear, padded_in_features
-from quick.quant import awq
 
 transformers = pytest.importorskip("transformers")
 

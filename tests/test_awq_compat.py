@@ -14,8 +14,8 @@ from helpers import smollm2_llama_config
 
 from quick.auto import AutoQuickForCausalLM, validate_quant_config
 from quick.awq import AutoAWQForCausalLM, _device, parse_shard_size
+from quick.formats.weights import QuantizationError
 from quick.nn.linear import QuickLinear
-from quick.quant.primitives import QuantizationError
 
 transformers = pytest.importorskip("transformers")
 

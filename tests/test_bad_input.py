@@ -24,9 +24,9 @@ import pytest
 import torch
 from torch import nn
 
+from quick.formats.layouts import LAYOUTS, LayoutError, convert, get_layout
+from quick.formats.weights import QuantizationError, QuantizedWeight, dequantize, quantize
 from quick.kernels import select
-from quick.packing.layouts import LAYOUTS, LayoutError, convert, get_layout
-from quick.quant.primitives import QuantizationError, QuantizedWeight, dequantize, quantize
 from quick.testing import random_quantized, reference_matmul, rel_error
 
 # test function -> README category (scripts/count_bad_input.py groups the collected cases by it)
@@ -394,11 +394,11 @@ def _shape_is(fn, shape):
 
 
 def _mma(name: str, *args, **kw):
-    from quick.kernels import quick_mma, select
+    from quick.kernels import mma, select
 
     if name == "matmul":  # the automatic entry: the selection layer's
         return select.matmul("quick", *args, **kw)
-    return getattr(quick_mma, name)(*args, **kw)
+    return getattr(mma, name)(*args, **kw)
 
 
 def _p(layout="quick"):
@@ -550,9 +550,9 @@ def _rope_call(cos_cols=64, k_cols=128, pos=None):
 
 
 def _sm90_call(x, p, g=128):
-    from quick.kernels import quick_sm90
+    from quick.kernels import wgmma
 
-    return quick_sm90.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], g)
+    return wgmma.gemm_w4a16_sm90(x, p["qweight"], p["scales"], p["zeros"], g)
 
 
 def _no_kernel_cpu():
@@ -583,7 +583,7 @@ def tiny_llama(vocab: int = 256, inter: int = 128, seed: int = 0) -> nn.Module:
 
 
 def _rtn(model=None, **kw):
-    from quick.quant.apply import quantize_model_rtn
+    from quick.algorithms.rtn import quantize_model_rtn
 
     return quantize_model_rtn(model or tiny_llama(), progress=False, **kw)
 
@@ -692,7 +692,7 @@ MODEL_CASES = [
 
 
 def _awq(samples, **kw):
-    from quick.quant.awq import quantize_model_awq
+    from quick.algorithms.awq import quantize_model_awq
 
     return quantize_model_awq(tiny_llama(), samples, 32, progress=False, **kw)
 
@@ -1070,7 +1070,7 @@ CLI_CASES = [  # argv with {dense}, {ckpt}, {tmp}, {file} placeholders; (exit co
     (["demo", "--layout", "nope", "--model", "{dense}"], 2, "unknown layout"),
     (["demo", "--backend", "fast"], 2, "invalid choice"),
     (["bench"], 0, "usage: quick bench"),
-    (["bench", "e2e", "--batches", "x"], 2, "invalid int value"),
+    (["bench", "e2e", "--batches", "x"], 2, "expected a positive integer"),
     (["setup", "--bogus"], 2, "unrecognized arguments"),
 ]
 if not torch.cuda.is_available():
@@ -1105,9 +1105,9 @@ needs_cuda = pytest.mark.skipif(
 def _sm90_ok() -> bool:
     if not torch.cuda.is_available():
         return False
-    from quick.kernels import quick_sm90
+    from quick.kernels import wgmma
 
-    return quick_sm90.is_available()
+    return wgmma.is_available()
 
 
 def _gpu_weights(k=256, n=128, g=128, layout="quick", dtype=torch.float16, seed=0, scale=0.02):
@@ -1132,10 +1132,10 @@ def _noncontig(t: torch.Tensor) -> torch.Tensor:
 
 def _entry(kind: str):
     """``fn(x, packed, g, bias=None, out=None)`` for one kernel entry point."""
-    from quick.kernels import quick_mma, quick_sm90
+    from quick.kernels import mma, wgmma
 
     if kind in ("gemm", "gemv", "quick_matmul"):
-        f = getattr(quick_mma, kind) if kind != "quick_matmul" else functools.partial(select.matmul, "quick")
+        f = getattr(mma, kind) if kind != "quick_matmul" else functools.partial(select.matmul, "quick")
         return lambda x, p, g, bias=None, out=None: f(x, p["qweight"], p["scales"], p["zeros"], g, bias, out=out)
     if kind == "op":
         from quick.kernels import ops  # noqa: F401
@@ -1144,7 +1144,7 @@ def _entry(kind: str):
             x, p["qweight"], p["scales"], p["zeros"], g, bias
         )
     if kind == "sm90":
-        return lambda x, p, g, bias=None, out=None: quick_sm90.gemm_w4a16_sm90(
+        return lambda x, p, g, bias=None, out=None: wgmma.gemm_w4a16_sm90(
             x, p["qweight"], p["scales"], p["zeros"], g, bias, out=out
         )
     raise ValueError(kind)

@@ -97,7 +97,7 @@ def test_round_trip_awq_layout_and_mixed_group_sizes(tmp_path):
     model = quantized(32)
     # one layer with another group size: recorded by name, loaded strictly
     lin = torch.nn.Linear(128, 64, bias=False)
-    from quick.checkpoint import set_compute_dtype
+    from quick.nn.dtypes import set_compute_dtype
 
     model.model.layers[0].mlp.down_proj = QuickLinear.from_linear(lin, 64, "quick", True, torch.float16)
     set_compute_dtype(model, torch.float32)
@@ -329,7 +329,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path):
 
 def test_quant_config_validation():
     from quick.auto import validate_quant_config
-    from quick.quant.primitives import QuantizationError
+    from quick.formats.weights import QuantizationError
 
     assert validate_quant_config({"version": "gemm"})["version"] == "awq_gemm"
     for bad, match in [

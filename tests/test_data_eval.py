@@ -170,9 +170,9 @@ def test_tokenize_eval_text_has_no_special_tokens():
 
 
 def test_ragged_groups_and_cpu_casts_on_tiny_model():
-    from quick.checkpoint import set_compute_dtype
+    from quick.algorithms.rtn import quantize_model_rtn
+    from quick.nn.dtypes import set_compute_dtype
     from quick.nn.linear import QuickLinear
-    from quick.quant.apply import quantize_model_rtn
 
     # hidden 192: q/k/v/o/gate/up have K=192 (1.5 groups of 128: stored padded to 256), down_proj has K=256
     model = tiny_llama(hidden=192, inter=256, heads=3, kv_heads=1)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import check_fusion_switch
 
+from quick.formats.layouts import get_layout
+from quick.kernels import decode as qd
 from quick.kernels import ops
-from quick.kernels import quick_dec as qd
-from quick.kernels import quick_sm90 as sm
-from quick.packing.layouts import get_layout
+from quick.kernels import wgmma as sm
 from quick.testing import REL_BOUND, random_quantized, reference_matmul, rel_error
 
 MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}
@@ -490,7 +490,7 @@ def _norm_tail_model(h, resid, weight, eps, offset, threads):
 @pytest.mark.parametrize("m,n,threads", [(1, 4096, 512), (3, 1024, 256), (8, 2048, 512), (2, 64, 256), (5, 576, 256)])
 def test_norm_tail_model_matches_the_torch_norm(m, n, threads, dtype, offset):
     """Every column of every token written once by the tail's loops, and its arithmetic is transformers' RMSNorm
-    (quick_dec.rms_norm, which the unfused step runs) up to the order of the fp32 sum."""
+    (decode.rms_norm, which the unfused step runs) up to the order of the fp32 sum."""
     gen = torch.Generator().manual_seed(m * n + threads)
     h, resid = (torch.randn(m, n, generator=gen) * 3).to(dtype), (torch.randn(m, n, generator=gen) * 5).to(dtype)
     weight = (torch.rand(n, generator=gen) + 0.5).to(dtype)

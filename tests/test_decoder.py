@@ -265,8 +265,8 @@ def test_fast_decode_bf16_rounds_like_transformers(family):
 def test_fast_decode_on_quantized_layers(fmt):
     """The packed layers (QuickLinear, fused or not, and QuickLinearW4A8; CPU reference paths here) run inside
     the fast step as they do in transformers' layers: the same logits at every step."""
-    from quick.checkpoint import set_compute_dtype
-    from quick.quant.apply import quantize_model_rtn, quantize_model_rtn_w4a8
+    from quick.algorithms.rtn import quantize_model_rtn, quantize_model_rtn_w4a8
+    from quick.nn.dtypes import set_compute_dtype
 
     model = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
     _randomise_norms(model)
@@ -285,10 +285,10 @@ def test_fast_decode_fused_projection_route(monkeypatch):
     and down projections end with the residual add + RMSNorm of the next block, the last one with the final norm),
     on CPU with the two ops' kernels replaced by the steps they stand for: every projection takes the route, and the
     logits are those of the unfused step."""
-    from quick.kernels import quick_dec
+    from quick.algorithms.rtn import quantize_model_rtn
+    from quick.formats.layouts import get_layout
+    from quick.kernels import decode
     from quick.nn.linear import QuickLinear
-    from quick.packing.layouts import get_layout
-    from quick.quant.apply import quantize_model_rtn
 
     model = tiny_causal_lm(transformers.LlamaConfig, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
     _randomise_norms(model)
@@ -319,9 +319,9 @@ def test_fast_decode_fused_projection_route(monkeypatch):
         calls["norm"] += 1
         calls["act"] += bool(act)
         k = x.shape[1] // 2 if act else x.shape[1]
-        h = product(quick_dec.gated(x[:, :k], x[:, k:], act) if act else x, (qweight, scales, zeros), g, bias)
+        h = product(decode.gated(x[:, :k], x[:, k:], act) if act else x, (qweight, scales, zeros), g, bias)
         r = residual + h
-        return quick_dec.rms_norm(r, weight, eps, offset), r
+        return decode.rms_norm(r, weight, eps, offset), r
 
     monkeypatch.setattr(ops, "gemm_add_norm", add_norm)
     monkeypatch.setattr(QuickLinear, "fuses", lambda self, m, device, dtype, act="", norm=False: bool(act or norm))
@@ -370,9 +370,9 @@ def test_fast_decode_w4a8(family, group, fused, monkeypatch):
     """W4A8 layers (fused q/k/v and gate/up or not) run in the fast step as plain ``layer(x)`` calls: each o / down
     projection is asked whether the W4A16 kernels' epilogues apply (it says no, and is never handed them); the
     teacher-forced logits equal transformers' decoding at every step and greedy generation gives its tokens."""
+    from quick.algorithms.rtn import quantize_model_rtn_w4a8
     from quick.models.fuse import FusedProjection
     from quick.nn.linear_w4a8 import QuickLinearW4A8
-    from quick.quant.apply import quantize_model_rtn_w4a8
 
     torch.set_num_threads(1)
     model = _model(family)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from quick.algorithms.rtn import quantize_model_rtn
+from quick.formats.layouts import LAYOUTS, get_layout
+from quick.formats.weights import QuantizedWeight
 from quick.models import fuse
 from quick.models.families import get_family
 from quick.models.fuse import FusedProjection, FusedSlice, FuseError, fuse_groups, fuse_linears, fuse_model
 from quick.nn.linear import QuickLinear
-from quick.packing.layouts import LAYOUTS, get_layout
-from quick.quant.apply import quantize_model_rtn
-from quick.quant.primitives import QuantizedWeight
 from quick.testing import random_quantized
 
 
@@ -137,7 +137,7 @@ def test_fused_quantized_model_matches(layout):
 def test_fusing_keeps_the_compute_dtype():
     """fp16 packed layers run in an fp32 model through cast hooks (set_compute_dtype, what CPU evaluation does);
     a fused layer made from them after that gets the same hooks (before: a dtype error at the first call)."""
-    from quick.checkpoint import set_compute_dtype
+    from quick.nn.dtypes import set_compute_dtype
 
     model = _tiny("llama")
     quantize_model_rtn(model, group_size=64, layout="quick", dtype=torch.float16, progress=False)
@@ -198,7 +198,8 @@ def test_dense_split_and_unfuse_model():
 def test_fused_w4a16_model_saves_and_reloads(tmp_path):
     """A fused model is saved under the checkpoint's own linear names (and stays fused); the reloaded model fused
     again gives the same logits."""
-    from quick.checkpoint import load_quantized, round_dense_, save_quantized, set_compute_dtype
+    from quick.checkpoint import load_quantized, save_quantized
+    from quick.nn.dtypes import round_dense_, set_compute_dtype
 
     model = _tiny("llama")
     quantize_model_rtn(model, group_size=64, layout="quick", dtype=torch.float16, progress=False)

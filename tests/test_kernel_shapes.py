@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import kernel_shapes as ks  # noqa: E402
 
-from quick.packing.layouts import get_layout  # noqa: E402
+from quick.formats.layouts import get_layout  # noqa: E402
 from quick.testing import random_quantized  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- shapes

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import check_fusion_switch
 
-from quick.kernels import dispatch, ops, quick_mma, select
-from quick.packing.layouts import get_layout
+from quick.formats.layouts import get_layout
+from quick.kernels import dispatch, mma, ops, select
 from quick.testing import random_quantized
 
 MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
@@ -126,7 +126,7 @@ def test_gemv_plan_and_scale_ring_cover_every_step_once(k, g, splits):
         return
     gs = k if g == -1 else g
     for n in (64, 4096):
-        p = quick_mma.plan_gemv(4, n, k, gs, 132, splits=splits)
+        p = mma.plan_gemv(4, n, k, gs, 132, splits=splits)
         ksteps = k // 16
         assert p.steps_per_warp % p.config.r == 0 and p.splits >= 1
         assert p.gs == (gs // 16 if gs // 16 < p.config.r else 0)
@@ -145,17 +145,17 @@ def test_gemv_plan_and_scale_ring_cover_every_step_once(k, g, splits):
         assert sorted(seen) == list(range(ksteps))
 
 
-@pytest.mark.parametrize("name", sorted(quick_mma.GEMM_CONFIGS))
+@pytest.mark.parametrize("name", sorted(mma.GEMM_CONFIGS))
 @pytest.mark.parametrize("g", [32, 64, 128, -1])
 def test_gemm_plan_steps_and_scale_rows(name, g):
     """Every k16 step is consumed once across (split, tile, k-warp, j) and reads the right scale row."""
-    cfg = quick_mma.GEMM_CONFIGS[name]
+    cfg = mma.GEMM_CONFIGS[name]
     for k in (cfg.bks, 6 * cfg.bks, 8192):
         gs = k if g == -1 else g
         if k % gs or k % cfg.bks:
             continue
         for splits in (None, 1, 2, 3, 7):
-            p = quick_mma.plan_gemm(40, 4096, k, 132, cfg, splits)
+            p = mma.plan_gemm(40, 4096, k, 132, cfg, splits)
             gshift = int(math.log2(gs)) if gs < cfg.bks else 30
             srows = cfg.bks // gs if gs < cfg.bks else 1
             assert srows <= max(1, cfg.bks // 32)
@@ -183,17 +183,17 @@ def test_gemm_plan_steps_and_scale_rows(name, g):
 def test_default_plans_are_sane():
     for m in (1, 9, 16, 17, 33, 64, 100, 128, 256, 1000, 4096):
         for k, n in ((4096, 4096), (8192, 8192), (11008, 4096), (4160, 576), (64, 64)):
-            p = quick_mma.plan_gemm(m, n, k, 132)
+            p = mma.plan_gemm(m, n, k, 132)
             assert k % p.config.bks == 0
             assert p.grid == (math.ceil(n / p.config.bn), math.ceil(m / p.config.bm), p.splits)
-            assert p.config.smem_bytes <= quick_mma.SMEM_LIMIT[8]
+            assert p.config.smem_bytes <= mma.SMEM_LIMIT[8]
 
 
 def test_smem_formula_matches_kernel_layout():
-    c = quick_mma.GEMM_CONFIGS["m16k8"]
+    c = mma.GEMM_CONFIGS["m16k8"]
     a_stage = 16 * (512 + 8) * 2
     assert c.smem_bytes == 3 * (a_stage + 2 * 16 * 64 * 2)
-    assert quick_mma.GEMV_CONFIGS["v16"].smem_bytes == 16 * 8 * 32 * 8
+    assert mma.GEMV_CONFIGS["v16"].smem_bytes == 16 * 8 * 32 * 8
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -210,31 +210,31 @@ def _meta(k=256, n=128, g=64, m=4, dtype=torch.float16, device="meta"):
 
 def test_validate_accepts_and_reports_shape():
     x, q, s, z = _meta()
-    assert quick_mma.validate(x, q, s, z, 64, need_cuda=False) == (4, 256, 128, 64)
+    assert mma.validate(x, q, s, z, 64, need_cuda=False) == (4, 256, 128, 64)
     x, q, s, z = _meta(k=320, g=-1)
-    assert quick_mma.validate(x, q, s, z, -1, need_cuda=False) == (4, 320, 128, 320)
+    assert mma.validate(x, q, s, z, -1, need_cuda=False) == (4, 320, 128, 320)
 
 
 def test_validate_errors():
     x, q, s, z = _meta()
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        quick_mma.validate(x.float(), q, s, z, 64, need_cuda=False)
+        mma.validate(x.float(), q, s, z, 64, need_cuda=False)
     with pytest.raises(TypeError, match="int32"):
-        quick_mma.validate(x, q.long(), s, z, 64, need_cuda=False)
+        mma.validate(x, q.long(), s, z, 64, need_cuda=False)
     with pytest.raises(TypeError, match="zeros"):
-        quick_mma.validate(x, q, s, z.to(torch.bfloat16), 64, need_cuda=False)
+        mma.validate(x, q, s, z.to(torch.bfloat16), 64, need_cuda=False)
     with pytest.raises(ValueError, match="unsupported group_size"):
-        quick_mma.validate(x, q, s, z, 100, need_cuda=False)
+        mma.validate(x, q, s, z, 100, need_cuda=False)
     with pytest.raises(ValueError, match="not a multiple of the group size 128"):
-        quick_mma.validate(*_meta(k=320, g=64), 128, need_cuda=False)
+        mma.validate(*_meta(k=320, g=64), 128, need_cuda=False)
     with pytest.raises(ValueError, match="multiples of 64"):
-        quick_mma.validate(*_meta(k=272, g=-1), -1, need_cuda=False)
+        mma.validate(*_meta(k=272, g=-1), -1, need_cuda=False)
     with pytest.raises(ValueError, match="multiples of 64"):
-        quick_mma.validate(*_meta(n=96), 64, need_cuda=False)
+        mma.validate(*_meta(n=96), 64, need_cuda=False)
     with pytest.raises(ValueError, match="bias must have shape"):
-        quick_mma.validate(x, q, s, z, 64, torch.empty(64, dtype=torch.float16, device="meta"), need_cuda=False)
+        mma.validate(x, q, s, z, 64, torch.empty(64, dtype=torch.float16, device="meta"), need_cuda=False)
     with pytest.raises(ValueError, match="2-D"):
-        quick_mma.validate(x[None], q, s, z, 64, need_cuda=False)
+        mma.validate(x[None], q, s, z, 64, need_cuda=False)
 
 
 def test_cpu_tensors_are_refused_with_a_clear_error():
@@ -299,14 +299,14 @@ def test_quicklinear_cpu_uses_reference_path():
 
 
 def test_variants_cover_every_config_and_both_archs():
-    srcs = {(s, tuple(sorted(d.items()))) for s, d, _ in quick_mma.VARIANTS}
+    srcs = {(s, tuple(sorted(d.items()))) for s, d, _ in mma.VARIANTS}
     for dt in (torch.float16, torch.bfloat16):
-        for cfg in quick_mma.GEMM_CONFIGS.values():
-            assert (quick_mma.GEMM_SOURCE, tuple(sorted(cfg.defines(dt).items()))) in srcs
+        for cfg in mma.GEMM_CONFIGS.values():
+            assert (mma.GEMM_SOURCE, tuple(sorted(cfg.defines(dt).items()))) in srcs
         for g in (32, 64, 128, 4096):
-            d = quick_mma.gemv_config_for(g).defines(dt, g)
-            assert (quick_mma.GEMV_SOURCE, tuple(sorted(d.items()))) in srcs
-    assert all(a == quick_mma.ARCHS for _, _, a in quick_mma.VARIANTS)
+            d = mma.gemv_config_for(g).defines(dt, g)
+            assert (mma.GEMV_SOURCE, tuple(sorted(d.items()))) in srcs
+    assert all(a == mma.ARCHS for _, _, a in mma.VARIANTS)
     assert ops.linear_fn is not None
 
 

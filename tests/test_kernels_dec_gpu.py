@@ -13,16 +13,16 @@ import torch
 from helpers import DTYPES, require_sm80_and_nvcc
 from helpers import check_output as _check
 
+from quick.formats.layouts import get_layout
 from quick.kernels import select
-from quick.packing.layouts import get_layout
 from quick.testing import poisoned, random_quantized, reference_matmul
 
 pytestmark = pytest.mark.gpu
 
 require_sm80_and_nvcc()
 
+from quick.kernels import decode as qd  # noqa: E402
 from quick.kernels import ops  # noqa: E402
-from quick.kernels import quick_dec as qd  # noqa: E402
 
 M_DEC = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 63, 64]
 _CACHE: dict = {}

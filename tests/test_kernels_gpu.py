@@ -13,16 +13,16 @@ import pytest
 import torch
 from helpers import DTYPES, M_ALL, require_sm80_and_nvcc, write_error_report
 
+from quick.formats.layouts import get_layout
+from quick.formats.weights import QuantizedWeight
 from quick.kernels import select
-from quick.packing.layouts import get_layout
-from quick.quant.primitives import QuantizedWeight
 from quick.testing import REL_BOUND, poisoned, reference_matmul, rel_error
 
 pytestmark = pytest.mark.gpu
 
 require_sm80_and_nvcc()
 
-from quick.kernels import dispatch, jit, ops, quick_mma  # noqa: E402
+from quick.kernels import dispatch, jit, mma, ops  # noqa: E402
 
 BIG_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (5120, 13824)]
 SMALL_SHAPES = [(64, 64), (192, 320), (320, 192), (1088, 704), (4160, 576)]  # odd multiples of 64
@@ -33,7 +33,7 @@ ERRORS: dict[str, float] = {}
 def _precompile_and_report():
     """Build every variant for this GPU in parallel up front (not one by one inside the cases)."""
     arch = jit.arch_for_device()
-    jit.compile_many([(src, arch, d) for src, d, _ in quick_mma.VARIANTS])
+    jit.compile_many([(src, arch, d) for src, d, _ in mma.VARIANTS])
     yield
     write_error_report("QUICK_ERR_REPORT", ERRORS)
 
@@ -65,9 +65,9 @@ def run_case(m, k, n, g, dtype, seed, *, kernel="auto", bias=False, config=None,
     out = poisoned((m, n), dtype, "cuda")
     args = (x, p["qweight"], p["scales"], p["zeros"], g, b)
     if kernel == "gemv":
-        quick_mma.gemv(*args, config=config, splits=splits, out=out)
+        mma.gemv(*args, config=config, splits=splits, out=out)
     elif kernel == "gemm":
-        quick_mma.gemm(*args, config=config, splits=splits, out=out)
+        mma.gemm(*args, config=config, splits=splits, out=out)
     else:
         select.matmul("quick", *args, out=out)
     torch.cuda.synchronize()
@@ -126,11 +126,11 @@ def test_small_odd_shapes(k, n, g):
 # ---------------------------------------------------------------------------------- every variant and split-k
 
 
-@pytest.mark.parametrize("name", sorted(quick_mma.GEMM_CONFIGS))
+@pytest.mark.parametrize("name", sorted(mma.GEMM_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_gemm_config_and_split(name, dtype):
     """Each compiled GEMM tile with forced split-k 1/2/3 (ragged), M tails and an n-block tail."""
-    cfg = quick_mma.GEMM_CONFIGS[name]
+    cfg = mma.GEMM_CONFIGS[name]
     k = max(6 * cfg.bks, 512)  # >= 3 stages for 3 splits
     n = cfg.bn * 2 + 64  # last CTA column block partly outside N
     w = make_weights(k, n, 64, dtype, 5)
@@ -164,7 +164,7 @@ def test_split_k_is_deterministic():
     x = torch.randn(16, 8192, device="cuda", dtype=torch.float16)
     for kern, kw in (("gemm", {"splits": 5}), ("gemv", {"splits": 4})):
         xx = x if kern == "gemm" else x[:8].contiguous()
-        fn = quick_mma.gemm if kern == "gemm" else quick_mma.gemv
+        fn = mma.gemm if kern == "gemm" else mma.gemv
         a = fn(xx, p["qweight"], p["scales"], p["zeros"], 128, **kw)
         b = fn(xx, p["qweight"], p["scales"], p["zeros"], 128, **kw)
         assert torch.equal(a, b), f"{kern} split-k is not bitwise reproducible"
@@ -224,10 +224,10 @@ def test_cuda_graph_capture():
         torch.cuda.synchronize()
         assert rel_error(y, reference_matmul(x, qw)) < REL_BOUND[torch.float16]
     x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
-    quick_mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
+    mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = quick_mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
+        y = mma.gemv(x, p["qweight"], p["scales"], p["zeros"], 128, splits=2)
     x.copy_(torch.randn(3, 4096, device="cuda", dtype=torch.float16))
     g.replay()
     torch.cuda.synchronize()
@@ -268,9 +268,7 @@ def test_bad_dtypes():
 def test_bad_layout_and_alignment():
     x, p = _good()
     with pytest.raises(ValueError, match="contiguous"):
-        quick_mma.gemm(
-            torch.randn(256, 4, device="cuda", dtype=torch.float16).t(), p["qweight"], p["scales"], p["zeros"], 64
-        )
+        mma.gemm(torch.randn(256, 4, device="cuda", dtype=torch.float16).t(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="on cpu"):
         select.matmul("quick", x.cpu(), p["qweight"], p["scales"], p["zeros"], 64)
     with pytest.raises(ValueError, match="cuda"):
@@ -280,7 +278,7 @@ def test_bad_layout_and_alignment():
     buf = torch.randn(32 * 256 + 1, device="cuda", dtype=torch.float16)
     misaligned = buf[1:].view(32, 256)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        quick_mma.gemm(misaligned, p["qweight"], p["scales"], p["zeros"], 64)
+        mma.gemm(misaligned, p["qweight"], p["scales"], p["zeros"], 64)
     qw, _p = make_weights(256, 128, 64, torch.float16, 9)  # _good()'s weights
     got = select.matmul("quick", misaligned, p["qweight"], p["scales"], p["zeros"], 64)
     assert rel_error(got, reference_matmul(misaligned, qw)) < REL_BOUND[torch.float16]
@@ -302,6 +300,4 @@ def test_bad_shapes_and_groups():
     with pytest.raises(ValueError, match="not a multiple of the group size 128"):
         select.matmul("quick", x2, p2["qweight"], p2["scales"], p2["zeros"], 128)
     with pytest.raises(ValueError, match="GEMV handles M <= 8"):
-        quick_mma.gemv(
-            torch.randn(9, 256, device="cuda", dtype=torch.float16), p["qweight"], p["scales"], p["zeros"], 64
-        )
+        mma.gemv(torch.randn(9, 256, device="cuda", dtype=torch.float16), p["qweight"], p["scales"], p["zeros"], 64)

@@ -12,15 +12,15 @@ import torch
 from helpers import DTYPES, M_ALL, require_sm90
 from helpers import check_output as _check
 
+from quick.formats.layouts import get_layout
 from quick.kernels import select
-from quick.packing.layouts import get_layout
 from quick.testing import poisoned, random_quantized, reference_matmul
 
 pytestmark = pytest.mark.gpu
 
-require_sm90("quick.kernels.quick_sm90", "sm_90 kernel")
+require_sm90("quick.kernels.wgmma", "sm_90 kernel")
 
-from quick.kernels import quick_sm90 as sm  # noqa: E402
+from quick.kernels import wgmma as sm  # noqa: E402
 
 _CACHE: dict = {}
 

@@ -1,6 +1,6 @@
 """Device correctness of the W4A8 kernels (activation quantization + int8 mma.sync GEMM, layout ``w4a8``).
 
-The reference is :func:`quick.quant.w4a8_format.w4a8_reference`: float64 of the same quantized arithmetic, on the
+The reference is :func:`quick.formats.w4a8.w4a8_reference`: float64 of the same quantized arithmetic, on the
 device. Everything up to the kernel's float epilogue is exact integer arithmetic, so the only differences are the
 fp32 epilogue and the final rounding to fp16/bf16: outputs must lie within about one unit in the last place of the
 reference, element by element (a mistake in indexing, scales or the int4 conversion gives errors of order 1).
@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import DTYPES, M_ALL, require_sm80_and_nvcc, write_error_report
 
+from quick.formats.layouts import pack_w4a8
+from quick.formats.w4a8 import W4A8Weight, quantize_activations, w4a8_reference
 from quick.kernels import ops
-from quick.packing.layouts import pack_w4a8
-from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 from quick.testing import poisoned, rel_error
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 require_sm80_and_nvcc()
 
 from quick.kernels import dispatch, jit  # noqa: E402
-from quick.kernels import quick_w4a8 as w8  # noqa: E402
+from quick.kernels import w4a8_mma as w8  # noqa: E402
 
 GROUPS = [-1, 128]
 BIG_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (K, N)

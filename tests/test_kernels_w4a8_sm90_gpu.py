@@ -12,15 +12,15 @@ import pytest
 import torch
 from helpers import DTYPES, M_ALL, require_sm90
 
+from quick.formats.layouts import pack_w4a8_sm90
+from quick.formats.w4a8 import W4A8Weight, quantize_activations, w4a8_reference
 from quick.kernels import ops
-from quick.packing.layouts import pack_w4a8_sm90
-from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 
 pytestmark = pytest.mark.gpu
 
-require_sm90("quick.kernels.quick_w4a8_sm90", "sm_90 W4A8 kernel")
+require_sm90("quick.kernels.w4a8_wgmma", "sm_90 W4A8 kernel")
 
-from quick.kernels import quick_w4a8_sm90 as w8  # noqa: E402
+from quick.kernels import w4a8_wgmma as w8  # noqa: E402
 
 # Weight formats: per-channel; per group with scales up to 127 (the per-group fold); per group with scales <= 16
 # (what the quantizers write: the widened kernels run them).

@@ -47,10 +47,10 @@ def own_loglikelihood(model, tokenizer, context: str, continuation: str) -> floa
 def test_harness_loglikelihood_matches_ours(tokenizer, quantized):
     from lm_eval.api.instance import Instance
 
-    from quick.checkpoint import set_compute_dtype
+    from quick.algorithms.rtn import quantize_model_rtn
     from quick.eval.lm_eval_adapter import harness_model
+    from quick.nn.dtypes import set_compute_dtype
     from quick.nn.linear import QuickLinear
-    from quick.quant.apply import quantize_model_rtn
 
     model = tiny_model(len(tokenizer))
     if quantized:

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
     pytest.skip("needs a CUDA GPU of compute capability 8.0 or newer", allow_module_level=True)
 
+from quick.algorithms.rtn import quantize_model_rtn  # noqa: E402
 from quick.inference import StaticGenerator  # noqa: E402
 from quick.kernels import dispatch  # noqa: E402
 from quick.nn.linear import QuickLinear  # noqa: E402
-from quick.quant.apply import quantize_model_rtn  # noqa: E402
 from quick.testing import rel_error  # noqa: E402
 
 
@@ -70,8 +70,8 @@ def test_awq_runs_on_the_gpu(kind):
 
     from test_awq import GROUP, MODELS, calib, rel, with_outliers
 
+    from quick.algorithms import awq
     from quick.auto import quantize_model_rtn as rtn_model
-    from quick.quant import awq
 
     torch.manual_seed(0)
     model = with_outliers(MODELS[kind]())

@@ -12,15 +12,16 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from quick.algorithms import awq
+from quick.algorithms.awq import fold_scale
 from quick.auto import quantize_model_rtn
-from quick.checkpoint import CheckpointError, load_quantized, round_dense_, save_quantized
+from quick.checkpoint import CheckpointError, load_quantized, save_quantized
+from quick.formats.weights import QuantizationError
 from quick.models import moe
 from quick.models.families import FamilyError, active_groups, decoder_layers, get_family
+from quick.nn.dtypes import round_dense_
 from quick.nn.linear import QuickLinear
 from quick.nn.moe import MoEPlan, QuickExpertStack, QuickMoEExperts, build_plan, plan_capacity
-from quick.quant import awq
-from quick.quant.awq import fold_scale
-from quick.quant.primitives import QuantizationError
 
 GROUP = 32
 # Logits of the 4-bit model against transformers' model holding the dequantized weights: they differ only by the
@@ -370,7 +371,7 @@ def test_experts_without_calibration_tokens_fall_back_to_rtn(caplog):
     for layer in model.model.layers:
         layer.mlp.gate.register_forward_hook(never_6_7)
     reports: list[awq.LayerReport] = []
-    with caplog.at_level(logging.WARNING, logger="quick.quant.awq"):
+    with caplog.at_level(logging.WARNING, logger="quick.algorithms.awq"):
         q = awq.quantize_model_awq(
             copy.deepcopy(model), ids(4, 32), GROUP, n_grid=4, progress=False, reports=reports, min_expert_tokens=1
         )

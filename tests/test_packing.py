@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quick.packing import interleave as il
-from quick.packing.layouts import AWQ_GEMM, LAYOUTS, QUICK, QUICK_SM90, LayoutError, convert, get_layout
-from quick.quant.primitives import QuantizationError, QuantizedWeight
+from quick.formats import interleave as il
+from quick.formats.layouts import AWQ_GEMM, LAYOUTS, QUICK, QUICK_SM90, LayoutError, convert, get_layout
+from quick.formats.weights import QuantizationError, QuantizedWeight
 from quick.testing import random_quantized
 
 SHAPES = [(64, 64), (128, 192), (256, 128), (192, 320), (1024, 576)]

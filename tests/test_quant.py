@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quick.quant.primitives import QuantizationError, dequantize, fake_quantize, quantize
+from quick.formats.weights import QuantizationError, dequantize, fake_quantize, quantize
 
 
 def test_asymmetric_hand_example():

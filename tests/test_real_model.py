@@ -42,12 +42,12 @@ def converted(tmp_path_factory):
 
 
 def test_smollm2_baseline_and_rtn_g128(converted):
-    from quick.checkpoint import set_compute_dtype
+    from quick.algorithms.rtn import quantize_model_rtn
     from quick.eval.perplexity import perplexity, tokenize_eval_text
     from quick.generation import generate_text
     from quick.models.loading import load_model
+    from quick.nn.dtypes import set_compute_dtype
     from quick.nn.linear import QuickLinear
-    from quick.quant.apply import quantize_model_rtn
 
     path, convert_s = converted
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
@@ -90,10 +90,10 @@ def test_smollm2_fast_decode_matches_transformers(converted, monkeypatch):
     import torch._dynamo
 
     from quick import inference
-    from quick.checkpoint import set_compute_dtype
+    from quick.algorithms.rtn import quantize_model_rtn
     from quick.inference import StaticGenerator
     from quick.models.loading import load_model
-    from quick.quant.apply import quantize_model_rtn
+    from quick.nn.dtypes import set_compute_dtype
 
     monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")  # dynamo traces; inductor's CPU build is slow
     torch._dynamo.reset()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quick.kernels import quick_mma, quick_sm90
+from quick.kernels import mma, wgmma
 from quick.kernels import variant_cases as vc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,21 +30,21 @@ def _script(name: str):
 
 def test_every_quick_mma_variant_has_a_case():
     keys = {vc.mma_variant_key(c) for c in vc.mma_cases()}
-    want = {(src, tuple(sorted(d.items()))) for src, d, _ in quick_mma.VARIANTS}
+    want = {(src, tuple(sorted(d.items()))) for src, d, _ in mma.VARIANTS}
     assert want <= keys, f"variants without a sanitizer case: {want - keys}"
 
 
 def test_every_sm90_variant_has_a_case():
     mapped = vc.sm90_variant_configs(strict=True)
-    assert len(mapped) == len(quick_sm90.VARIANTS)
+    assert len(mapped) == len(wgmma.VARIANTS)
     launched = {tuple(sorted(c.config.defines(c.group_size if c.group_size == 32 else 128, c.dtype).items()))
                 for c in vc.sm90_cases()}  # fmt: skip
-    want = {tuple(sorted(d.items())) for _s, _k, d in quick_sm90.VARIANTS}
+    want = {tuple(sorted(d.items())) for _s, _k, d in wgmma.VARIANTS}
     assert want <= launched
 
 
 def test_every_dec_variant_has_a_case():
-    from quick.kernels import quick_dec
+    from quick.kernels import decode
 
     def flags(c):
         return (c.extra.get("act", 0), c.extra.get("norm", 0), c.extra.get("pdl", 0))
@@ -55,12 +55,12 @@ def test_every_dec_variant_has_a_case():
         if c.group_size in (32, 128)
     }
     fused = {flags(c) for c in vc.dec_cases() if c.kernel == "dec_fused"}
-    assert fused == {(a, n, p) for p in (0, 1) for a, n in ([(0, 0)] if p else []) + quick_dec.FUSED_FLAGS}
-    want = {tuple(sorted(d.items())) for _s, _k, d in quick_dec.VARIANTS}
+    assert fused == {(a, n, p) for p in (0, 1) for a, n in ([(0, 0)] if p else []) + decode.FUSED_FLAGS}
+    want = {tuple(sorted(d.items())) for _s, _k, d in decode.VARIANTS}
     assert want <= launched, f"decode variants without a sanitizer case: {want - launched}"
     for c in vc.dec_cases():  # every case is one the launcher takes (plan raises otherwise)
         g = c.k if c.group_size == -1 else c.group_size
-        quick_dec.plan(c.m, c.n, c.k, g, 132, c.config, c.splits)
+        decode.plan(c.m, c.n, c.k, g, 132, c.config, c.splits)
 
 
 def test_every_attention_variant_has_valid_cases():
@@ -92,7 +92,7 @@ def test_every_attention_variant_has_valid_cases():
 
 def test_cases_hit_tile_edges_and_split_k():
     cases = vc.mma_cases()
-    for cfg in quick_mma.GEMM_CONFIGS.values():
+    for cfg in mma.GEMM_CONFIGS.values():
         mine = [c for c in cases if c.kernel == "mma_gemm" and c.config == cfg.name]
         assert any(c.m % cfg.bm for c in mine), cfg.name  # a partial M tile
         assert any((c.splits or 1) > 1 for c in mine), cfg.name  # split-k (and the reduce) launched

@@ -19,8 +19,8 @@ import torch
 from helpers import DTYPES, require_sm80_and_nvcc
 from helpers import check_output as _check
 
+from quick.formats.layouts import get_layout
 from quick.kernels import select
-from quick.packing.layouts import get_layout
 from quick.testing import poisoned, random_quantized, reference_matmul
 
 pytestmark = pytest.mark.gpu
@@ -29,8 +29,8 @@ require_sm80_and_nvcc()
 
 from quick.kernels import attention as at  # noqa: E402
 from quick.kernels import autotune, jit, tuning  # noqa: E402
-from quick.kernels import quick_sm90 as sm  # noqa: E402
 from quick.kernels import variant_cases as vc  # noqa: E402
+from quick.kernels import wgmma as sm  # noqa: E402
 
 LAYOUTS = ["quick_sm90", "quick"]  # the W4A16 layouts
 GRID_M = [1, 3, 8, 16, 24, 64, 100, 256, 1024]

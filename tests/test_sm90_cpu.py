@@ -10,9 +10,9 @@ import subprocess
 import pytest
 import torch
 
+from quick.formats.layouts import get_layout
 from quick.kernels import jit, ops
-from quick.kernels import quick_sm90 as sm
-from quick.packing.layouts import get_layout
+from quick.kernels import wgmma as sm
 from quick.testing import random_quantized, rel_error
 
 MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}
@@ -231,7 +231,7 @@ def test_tensor_maps_ask_the_driver_for_the_operand_layout(monkeypatch):
     """Both Hopper kernels' activation maps, with the driver call captured: 2-D, K innermost, byte row strides,
     boxes of 128 bytes of k x nt tokens, 128-byte swizzle, 256-byte L2 promotion, zero fill; misaligned views are
     refused before the driver is asked."""
-    from quick.kernels import quick_w4a8_sm90 as w8
+    from quick.kernels import w4a8_wgmma as w8
 
     calls = []
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from quick.kernels import autotune, select, tuning
-from quick.kernels import quick_dec as qd
-from quick.kernels import quick_mma as qm
-from quick.kernels import quick_sm90 as sm
+from quick.kernels import decode as qd
+from quick.kernels import mma as qm
+from quick.kernels import wgmma as sm
 
 GPU = "NVIDIA Test GPU 80GB"
 DEV = torch.device("cuda", 0)
@@ -204,7 +204,7 @@ def test_quick_tune_refuses_to_run_without_a_gpu():
 def test_tune_candidates_are_launchable_plans():
     """Every candidate the tuner would time is a config the launchers accept for that shape (pure arithmetic)."""
     from quick.bench import tune
-    from quick.kernels import quick_mma as qm
+    from quick.kernels import mma as qm
 
     for layout in ("quick_sm90", "quick"):
         for k, n in ((4096, 11008), (14336, 4096)):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import check_w4a8_round_trip, check_w4a8_unpack_errors, random_w4a8
 
-from quick.packing.layouts import W4A8, W4A8_LAYOUTS, LayoutError, pack_w4a8, unpack_w4a8
-from quick.quant.w4a8_format import W4A8Weight
+from quick.formats.layouts import W4A8, W4A8_LAYOUTS, LayoutError, pack_w4a8, unpack_w4a8
+from quick.formats.w4a8 import W4A8Weight
 
 SHAPES = [(128, 32), (128, 128), (256, 96), (384, 640), (1024, 352)]  # (K, N)
 
@@ -99,9 +99,9 @@ def test_conversion_range_is_exact():
 
 def test_linear_w4a8_cpu_is_reference_and_opcheck():
     """On CPU the op is the float64 reference rounded to x's dtype; opcheck validates schema and fake impl."""
+    from quick.formats.w4a8 import w4a8_reference
     from quick.kernels import ops
-    from quick.kernels import quick_w4a8 as w8
-    from quick.quant.w4a8_format import w4a8_reference
+    from quick.kernels import w4a8_mma as w8
 
     for group in (-1, 128):
         w = random_w4a8(256, 128, group, seed=11)
@@ -125,7 +125,7 @@ def test_linear_w4a8_cpu_is_reference_and_opcheck():
 def test_plan_covers_every_m_and_k():
     """Pure launch arithmetic: every M of the test list and K % 128 == 0 gets a config whose stage divides K,
     a non-empty split each, and a grid that covers M and N."""
-    from quick.kernels import quick_w4a8 as w8
+    from quick.kernels import w4a8_mma as w8
 
     for group in (-1, 128):
         for m in (1, 7, 16, 17, 33, 255, 256, 1000, 4096):

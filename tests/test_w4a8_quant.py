@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from quick.algorithms import qqq
 from quick.auto import AutoQuickForCausalLM, validate_quant_config
 from quick.checkpoint import CheckpointError, load_quantized, save_quantized
+from quick.formats import w4a8
+from quick.formats import w4a8 as wf
+from quick.formats.w4a8 import W4A8Weight, quantize_activations, w4a8_reference
+from quick.formats.weights import QuantizationError
 from quick.models.families import active_groups, decoder_layers, get_family
 from quick.nn.linear_w4a8 import QuickLinearW4A8, integer_matmul, w4a8_layouts
-from quick.quant import qqq, w4a8_format
-from quick.quant.primitives import QuantizationError
-from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,7 +86,7 @@ def _quiet_packing_fallback():
 def test_rtn_grid_is_the_format(group_size):
     w = torch.randn(64, 320) * torch.rand(64, 1)
     w[3] = 0.0  # an all-zero row must not divide by zero
-    qw = qqq.quantize_w4a8_rtn(w, group_size)
+    qw = wf.quantize_w4a8_rtn(w, group_size)
     kp = 384  # stored K: whole groups and a multiple of the kernels' 128
     assert qw.q.shape == (64, kp) and qw.q.dtype == torch.int8
     assert int(qw.q.min()) >= -8 and int(qw.q.max()) <= 7
@@ -97,19 +99,19 @@ def test_rtn_grid_is_the_format(group_size):
         assert qw.group_scale.dtype == torch.int16 and int(qw.group_scale.min()) >= 1
         # the largest group of a row gets s_g = 16: the most resolution with every q * s_g an int8
         assert int(qw.group_scale.max()) == 16
-        assert w4a8_format.widens_to_int8(qw.group_scale)
+        assert w4a8.widens_to_int8(qw.group_scale)
         step = step * qw.group_scale.double().t().repeat_interleave(128, dim=1)[:, :320]
     assert torch.all((deq - w.double()).abs() <= 0.5 * step * (1 + 2e-3) + 1e-6)
     assert rel(deq, w) < 0.15
     # the search's fake quantization is the same grid
-    assert torch.allclose(qqq.fake_quant_weight(w, group_size).double(), deq, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(wf.fake_quant_weight(w, group_size).double(), deq, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_weights_and_group_sizes_raise():
     with pytest.raises(QuantizationError, match="group size 64"):
-        qqq.quantize_w4a8_rtn(torch.randn(8, 128), 64)
+        wf.quantize_w4a8_rtn(torch.randn(8, 128), 64)
     with pytest.raises(QuantizationError, match="NaN"):
-        qqq.quantize_w4a8_rtn(torch.full((8, 128), float("nan")), -1)
+        wf.quantize_w4a8_rtn(torch.full((8, 128), float("nan")), -1)
     with pytest.raises(QuantizationError, match="Hessian shape"):
         qqq.gptq_w4a8(torch.randn(8, 128), torch.eye(64), -1)
 
@@ -124,7 +126,7 @@ def test_gptq_beats_rtn_on_outlier_hessian(group_size, act_order):
     w = torch.randn(96, 256, generator=gen)
     x = outlier_inputs(2048, 256)
     ref = x @ w.t()
-    err_rtn = rel(x @ qqq.quantize_w4a8_rtn(w, group_size).dequantize(torch.float32).t(), ref)
+    err_rtn = rel(x @ wf.quantize_w4a8_rtn(w, group_size).dequantize(torch.float32).t(), ref)
     qw = qqq.gptq_w4a8(w, x.t() @ x, group_size, act_order=act_order)
     assert isinstance(qw, W4A8Weight)  # validated format
     err_gptq = rel(x @ qw.dequantize(torch.float32).t(), ref)
@@ -146,10 +148,10 @@ def test_clip_search_never_increases_weighted_error():
     d = torch.rand(128, generator=gen) + 0.1
 
     def err(a: torch.Tensor) -> torch.Tensor:
-        st = qqq.channel_scale_for(a, -1)[:, None]
+        st = wf.channel_scale_for(a, -1)[:, None]
         return ((w - qqq._round_q(w, st) * st) ** 2 * d).sum(1)
 
-    a = qqq.clipped_amax(w, d, lambda x: qqq.channel_scale_for(x, -1))
+    a = qqq.clipped_amax(w, d, lambda x: wf.channel_scale_for(x, -1))
     full = w.abs().amax(1)
     assert torch.all(a <= full) and torch.all(err(a) <= err(full)) and (a < full).any()
 

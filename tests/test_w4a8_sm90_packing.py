@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers import check_w4a8_round_trip, check_w4a8_unpack_errors, have_nvcc, random_w4a8
 
-from quick.kernels import quick_w4a8_sm90 as w8
-from quick.packing.layouts import (
+from quick.formats.layouts import (
     W4A8_LAYOUTS,
     W4A8_SM90,
     LayoutError,
     pack_w4a8_sm90,
     unpack_w4a8_sm90,
 )
-from quick.quant.w4a8_format import W4A8Weight, quantize_activations, w4a8_reference
+from quick.formats.w4a8 import W4A8Weight, quantize_activations, w4a8_reference
+from quick.kernels import w4a8_wgmma as w8
 
 SHAPES = [(128, 16), (128, 64), (256, 48), (384, 640), (1408, 320)]  # (K, N)
 

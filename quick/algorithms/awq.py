@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quick.checkpoint import round_dense_, set_compute_dtype
+from quick.formats.layouts import get_layout
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
 from quick.models import moe
 from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.nn.dtypes import round_dense_, set_compute_dtype
 from quick.nn.linear import QuickLinear, padded_in_features
-from quick.packing.layouts import get_layout
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def fake_quant(
 ) -> torch.Tensor:
     """Round-to-nearest then dequantize ``[N, K]`` on exactly the grid :func:`quantize` + ``dequantize`` use.
 
-    Same formulas as :mod:`quick.quant.primitives` (fp32 math, scales rounded to ``scale_dtype`` before the
+    Same formulas as :mod:`quick.formats.weights` (fp32 math, scales rounded to ``scale_dtype`` before the
     codes are chosen), evaluated row-major without the transposes, integer casts and checks of the packing
     path, because the grid searches call it hundreds of times per layer; ``tests/test_awq.py`` checks
     that both give bit-identical weights. K is zero-padded to ``k_padded`` (default: whole groups), as

@@ -15,11 +15,11 @@ then absorbs the extra 4-bit rounding error by updating the not-yet-quantized co
   ``H^-1``. Per-channel: ``W = s_ch * q``. Per-group (QQQ's two levels): the channel scale is fixed first
   from the whole row (``amax / 7.5 / 16``), and each group's *integer* scale ``s_g in [1, 16]`` is chosen when
   the sweep reaches the group (16 levels as in QQQ: ``q * s_g`` is an int8, which the kernels use), from the
-  error-updated weights, so ``W = s_ch * s_g * q`` exactly as :mod:`quick.quant.w4a8_format` stores it.
+  error-updated weights, so ``W = s_ch * s_g * q`` exactly as :mod:`quick.formats.w4a8` stores it.
 * **RTN** (no calibration): the same two-level grid with round-to-nearest, for quick tests.
 
 The calibration capture (first-layer inputs, per-layer kwargs) and the scale folding are AWQ's
-(:mod:`quick.quant.awq`). The next layer's inputs are the outputs of the *quantized* layer (GPTQ's
+(:mod:`quick.algorithms.awq`). The next layer's inputs are the outputs of the *quantized* layer (GPTQ's
 sequential mode), so later layers see and compensate the error of earlier ones.
 """
 
@@ -31,12 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
-from quick.quant.awq import (
+from quick.algorithms.awq import (
     Probe,
     _first_tensor,
     _layer_output,
@@ -47,124 +45,25 @@ from quick.quant.awq import (
     layer_linears,
     run_layer_with_probes,
 )
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizationError
-from quick.quant.w4a8_format import (
-    QMAX,
-    QMIN,
-    SUPPORTED_W4A8_GROUPS,
-    WIDEN_GROUP_SCALE_MAX,
+from quick.formats.w4a8 import (
     W4A8Weight,
-    quantize_activations,
+    _finish,
+    _round_q,
+    channel_scale_for,
+    check_group_size,
+    fake_quant_activations,
+    fake_quant_weight,
+    group_scale_for,
+    quantize_w4a8_rtn,
 )
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizationError
+from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
 
 N_GRID = 20
 DAMP = 0.01
 BLOCK_SIZE = 128
-# 2 * amax / 15 maps [-amax, amax] onto [-7.5, 7.5]: the int4 code range [-8, 7] with half a step clipped at +amax.
-STEP_PER_AMAX = 2.0 / 15.0
-_TINY = 1e-10
 # Calibration samples the smoothing search runs on when computing on CPU (all of them on GPU), as for AWQ.
 CPU_SEARCH_SAMPLES = 16
-
-
-def check_group_size(group_size: int) -> None:
-    if group_size not in SUPPORTED_W4A8_GROUPS:
-        raise QuantizationError(
-            f"W4A8 group size {group_size} is not supported; choose one of {SUPPORTED_W4A8_GROUPS} (-1 = per channel)"
-        )
-
-
-# The W4A8 GPU kernels take K in multiples of 128 (quick.kernels.quick_w4a8.is_available, the sm90 layout's k
-# block), so every layer is stored zero-padded to that (SmolLM2's 576 -> 640); zero columns cost no accuracy.
-K_ALIGN = 128
-
-
-def padded_k_w4a8(k: int, group_size: int) -> int:
-    """Stored K: a multiple of the group size and of :data:`K_ALIGN`."""
-    step = math.lcm(K_ALIGN, group_size if group_size > 0 else 1)
-    return -(-k // step) * step
-
-
-# ---------------------------------------------------------------------------------------- weight grids
-
-
-def channel_scale_for(amax_row: torch.Tensor, group_size: int) -> torch.Tensor:
-    """First-level (float) scale per output row: the int4 step itself per-channel, 1/16 of the largest group
-    step per-group (so that the largest group gets ``s_g = 16``: the most resolution with ``q * s_g`` in int8)."""
-    step = amax_row.float() * STEP_PER_AMAX
-    if group_size != -1:
-        step = step / WIDEN_GROUP_SCALE_MAX
-    return step.clamp(min=_TINY)
-
-
-def group_scale_for(amax_group: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
-    """Second-level integer scale ``ceil(step / s_ch)`` in ``[1, 16]`` for groups' ``amax [..., N]``.
-
-    Rounding up keeps every weight of the group within half a step of the grid (rounding to nearest would clip
-    the group's largest weights by up to half a unit of ``s_g``, a lot for small ``s_g``); the 1e-3 slack stops
-    float noise from adding a whole unit."""
-    step = amax_group.float() * STEP_PER_AMAX
-    return torch.ceil(step / channel_scale - 1e-3).clamp(1, WIDEN_GROUP_SCALE_MAX)
-
-
-def _round_q(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale), QMIN, QMAX)
-
-
-def _finish(q: torch.Tensor, channel_scale: torch.Tensor, group_scale: torch.Tensor | None, group_size: int):
-    """Pad ``q [N, K]`` (and the group scales) to the stored K and build the validated :class:`W4A8Weight`."""
-    n, k = q.shape
-    kp = padded_k_w4a8(k, group_size)
-    q = F.pad(q, (0, kp - k)).to(torch.int8).contiguous()
-    gs = None
-    if group_scale is not None:
-        ng = kp // group_size
-        gs = F.pad(group_scale, (0, 0, 0, ng - group_scale.shape[0]), value=1.0).to(torch.int16).contiguous()
-    return W4A8Weight(q, channel_scale.float().contiguous(), gs, group_size)
-
-
-def _rtn(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Round-to-nearest of fp32 ``w [N, K]``: codes ``[N, K]``, ``s_ch [N]``, ``s_g [groups, N]`` or None, and
-    the effective step of every element broadcastable to ``[N, groups, G]`` (per group) or ``[N, 1]``."""
-    n, k = w.shape
-    s_ch = channel_scale_for(w.abs().amax(dim=1), group_size)
-    if group_size == -1:
-        step = s_ch[:, None]
-        return _round_q(w, step), s_ch, None, step
-    ng = -(-k // group_size)
-    wg = F.pad(w, (0, ng * group_size - k)).reshape(n, ng, group_size)
-    s_g = group_scale_for(wg.abs().amax(dim=-1), s_ch[:, None])  # [N, ng]
-    step = (s_ch[:, None] * s_g)[..., None]
-    return _round_q(wg, step).reshape(n, ng * group_size)[:, :k], s_ch, s_g.t(), step
-
-
-def quantize_w4a8_rtn(weight: torch.Tensor, group_size: int = -1) -> W4A8Weight:
-    """Round-to-nearest W4A8 weights of an ``nn.Linear`` weight ``[N, K]`` (K padded to whole groups)."""
-    check_group_size(group_size)
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise QuantizationError(f"expected a 2-D float weight [out, in], got {weight.dtype} {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise QuantizationError("weight contains NaN or inf; refusing to quantize")
-    q, s_ch, s_g, _ = _rtn(weight.detach().float(), group_size)
-    return _finish(q, s_ch, s_g, group_size)
-
-
-def fake_quant_weight(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RTN W4A8 weights dequantized back to ``[N, K]`` in fp32 (what the smoothing search scores); equal to
-    ``quantize_w4a8_rtn(weight).dequantize()`` up to fp32 rounding, without building the stored format."""
-    w = weight.detach().float()
-    n, k = w.shape
-    q, _, _, step = _rtn(w, group_size)
-    if group_size == -1:
-        return q * step
-    ng = step.shape[1]
-    return (F.pad(q, (0, ng * group_size - k)).reshape(n, ng, group_size) * step).reshape(n, -1)[:, :k]
-
-
-def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
-    """Per-token int8 quantize-dequantize of ``x`` in its own dtype, with the kernels' exact rounding."""
-    xq, sx = quantize_activations(x)
-    return (xq.float() * sx[..., None]).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- GPTQ
@@ -565,7 +464,7 @@ def quantize_model_qqq(
     (benchmarks/results/quality-w4a8-smollm2-cpu-2026-11-23.json). Dense parameters are rounded to ``dtype``
     (what a checkpoint stores).
     """
-    from quick.checkpoint import round_dense_
+    from quick.nn.dtypes import round_dense_
 
     check_group_size(group_size)
     family = family or get_family(model.config)

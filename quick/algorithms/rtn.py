@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quick.formats.layouts import get_layout
+from quick.formats.weights import QuantizationError
 from quick.nn.linear import QuickLinear, padded_in_features
-from quick.packing.layouts import get_layout
-from quick.quant.primitives import QuantizationError
 
 DEFAULT_SKIP = ("lm_head",)
 
@@ -68,8 +68,8 @@ def quantize_model_rtn_w4a8(
     progress: bool = True,
 ) -> nn.Module:
     """Round-to-nearest W4A8 (QQQ format, no calibration) of every eligible linear, in place."""
+    from quick.formats.w4a8 import check_group_size
     from quick.nn.linear_w4a8 import QuickLinearW4A8
-    from quick.quant.qqq import check_group_size
 
     check_group_size(group_size)
     for name, lin in tqdm(quantizable_linears(model, skip), desc="quantize (W4A8 RTN)", disable=not progress):

@@ -29,10 +29,10 @@ import torch
 
 from quick.bench.cli_args import MS, SHAPES, add_tune_arguments  # noqa: F401  (re-exported)
 from quick.bench.timing import bench_us, graphed
-from quick.kernels import quick_dec as qd
-from quick.kernels import quick_mma as qm
-from quick.kernels import quick_sm90 as sm
+from quick.kernels import decode as qd
+from quick.kernels import mma as qm
 from quick.kernels import select, tuning
+from quick.kernels import wgmma as sm
 from quick.testing import REL_BOUND, pack, poisoned, random_quantized, rel_error
 
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quick.auto import AutoQuickForCausalLM, validate_quant_config
-    from quick.quant.primitives import QuantizationError
+    from quick.formats.weights import QuantizationError
 
     w4a8 = args.a_bit == 8 or str(args.version).lower() == "w4a8"
     if w4a8:

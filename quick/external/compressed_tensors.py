@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from quick.external import ExternalFormatError, ImportedLinear, build_linear, check_group_size, scale_dtype
-from quick.packing.interleave import unpack_nibbles
+from quick.external.base import ExternalFormatError, ImportedLinear, build_linear, check_group_size, scale_dtype
+from quick.formats.interleave import unpack_nibbles
 
 FORMAT = "pack-quantized"
 STRATEGIES = ("group", "channel")

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from quick.external import ExternalFormatError, ImportedLinear, build_linear, check_group_size, scale_dtype
-from quick.packing.interleave import unpack_nibbles
+from quick.external.base import ExternalFormatError, ImportedLinear, build_linear, check_group_size, scale_dtype
+from quick.formats.interleave import unpack_nibbles
 
 V1_FORMATS = ("gptq",)
 V2_FORMATS = ("gptq_v2",)

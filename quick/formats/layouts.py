@@ -13,7 +13,7 @@ Conversion between any two layouts goes through the unpacked :class:`QuantizedWe
 ``quick_sm90`` Hopper: the weight is the **A** operand of ``wgmma`` from registers (transposed product).
                Blocks of n16 (one warp's m16 rows) x k64; one 16-byte load = the A registers of 4 k16 steps.
                ``qweight`` int32 [K/64, 8N]; ``scales``/``zeros`` [K/G, N], columns reordered in blocks of 16.
-``w4a8``       W4A8 (:mod:`quick.quant.w4a8_format`), the weight is the **B** operand of the int8
+``w4a8``       W4A8 (:mod:`quick.formats.w4a8`), the weight is the **B** operand of the int8
                ``mma.sync.m16n8k32``: blocks of k32 x n32, one 16-byte load = the B registers of 4 n8k32
                tiles. Not a :class:`Layout` (other number format): :func:`pack_w4a8` / :func:`unpack_w4a8`,
                registry :data:`W4A8_LAYOUTS`.
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quick.packing import interleave as il
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, check_quantized, resolve_group_size
-from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, W4A8Weight
+from quick.formats import interleave as il
+from quick.formats.w4a8 import SUPPORTED_W4A8_GROUPS, W4A8Weight
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, check_quantized, resolve_group_size
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -259,7 +259,7 @@ def _w4a8_scale_cols(slot):
 
 
 class W4A8Layout:
-    """Packed W4A8 weights for the mma.sync int8 kernel (quick/kernels/quick_w4a8.py).
+    """Packed W4A8 weights for the mma.sync int8 kernel (quick/kernels/w4a8_mma.py).
 
     ``qweight`` int32 [K/32, 4N] (k32 row-blocks; per block of 32 columns, 32 lanes x 4 words),
     ``channel_scale`` float32 [N] in natural column order (read once, in the epilogue),
@@ -379,7 +379,7 @@ def _w4a8_sm90_a_coords(lane, word, pair, half):
 
 
 class W4A8Sm90Layout(W4A8Layout):
-    """Packed W4A8 weights for the Hopper wgmma kernel (quick/kernels/quick_w4a8_sm90.py).
+    """Packed W4A8 weights for the Hopper wgmma kernel (quick/kernels/w4a8_wgmma.py).
 
     ``qweight`` int32 [K/128, 16N] (k128 row-blocks; per block of 16 columns, 32 lanes x 8 words),
     ``channel_scale`` float32 [N] in natural order, ``group_scale`` int8 [K/G, N] (G = 128), columns reordered

@@ -44,7 +44,7 @@ VARIANTS = [
     for t in range(2)
 ]
 
-_COUNTERS: dict = {}  # arrival counters per (device, stream): quick_mma._counters keeps and locks them
+_COUNTERS: dict = {}  # arrival counters per (device, stream): mma._counters keeps and locks them
 
 
 class AttnError(ValueError):
@@ -74,12 +74,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def is_available(device: torch.device | None = None) -> bool:
     """An sm_80+ CUDA device and nvcc to build the kernel, unless ``QUICK_ATTN_KERNEL=0`` (then SDPA)."""
-    from quick.kernels import quick_mma
+    from quick.kernels import mma
 
     if not settings.attention_kernel_enabled() or not torch.cuda.is_available():
         return False
     dev = torch.device("cuda") if device is None else torch.device(device)
-    if dev.type != "cuda" or quick_mma.capability(dev)[0] < 8:
+    if dev.type != "cuda" or mma.capability(dev)[0] < 8:
         return False
     return jit.nvcc_available()
 
@@ -256,7 +256,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl
     """The kernel launch for validated inputs; ``rope_args``: ``(k, v, cos, sin, q_stride, kv_stride, cs_stride)``
     for the ``QA_ROPE`` variant (q then ``[B, H*D]`` rows of stride ``q_stride``), else ``None``; ``pdl`` (``QA_ROPE``
     only): the ``QA_PDL`` variant (None: :func:`quick.kernels.jit.pdl_enabled`)."""
-    from quick.kernels import quick_mma
+    from quick.kernels import mma
 
     b, h, kv, length, d = dims
     if q.device.type != "cuda":
@@ -267,7 +267,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl
     if b == 0:
         return q.new_empty((0, h, d))
     groups = h // kv
-    s = splits or choose_splits(b, kv, length, d, quick_mma.num_sms(dev), groups)
+    s = splits or choose_splits(b, kv, length, d, mma.num_sms(dev), groups)
     if not 1 <= s <= MAX_SPLITS:
         raise AttnError(f"splits must be in [1, {MAX_SPLITS}], got {s}")
     if out is None:
@@ -280,7 +280,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl
         if mask.dtype != q.dtype or mask.stride(-1) != 1:
             mask = mask.to(q.dtype).contiguous()
         m_ptr, m_stride = mask.data_ptr(), mask.stride(0)
-    idx = quick_mma._dev_index(dev)
+    idx = mma._dev_index(dev)
     with torch.cuda.device(dev):
         defines = {"QA_D": d, "QA_G": groups, "QA_DTYPE": DTYPES.index(q.dtype)}
         pdl = rope_args is not None and (jit.pdl_enabled(dev) if pdl is None else pdl)
@@ -291,7 +291,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl
         kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, jit.arch_for_device(idx))
         stream = torch.cuda.current_stream(dev).cuda_stream
         ws = torch.empty(b * kv * s * groups * (d + 2) if s > 1 else 1, dtype=torch.float32, device=dev)
-        cnt = quick_mma._counters(dev, b * kv, stream, _COUNTERS)
+        cnt = mma._counters(dev, b * kv, stream, _COUNTERS)
         extra = list(rope_args) if rope_args is not None else [ctypes.c_void_p(0)] * 4 + [0, 0, 0]
         kern(
             (s, kv, b),

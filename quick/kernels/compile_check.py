@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from quick.kernels import jit
 
 MODULES = (
-    "quick.kernels.quick_mma",
-    "quick.kernels.quick_sm90",
-    "quick.kernels.quick_w4a8",
-    "quick.kernels.quick_w4a8_sm90",
-    "quick.kernels.quick_dec",
+    "quick.kernels.mma",
+    "quick.kernels.wgmma",
+    "quick.kernels.w4a8_mma",
+    "quick.kernels.w4a8_wgmma",
+    "quick.kernels.decode",
     "quick.kernels.attention",
 )
 DEFAULT_ARCHS = ("sm_80", "sm_90a")

@@ -1,11 +1,11 @@
 """Decode kernel for weights in the ``quick_sm90`` (M <= 64 tokens) or the ``quick`` layout (M <= 16):
 ``csrc/quick_dec.cu``.
 
-The wgmma GEMM (:mod:`quick.kernels.quick_sm90`) is issue-bound at decode sizes; this kernel reads the same packed
+The wgmma GEMM (:mod:`quick.kernels.wgmma`) is issue-bound at decode sizes; this kernel reads the same packed
 weights with a fraction of the instructions per weight (mma.sync with the weight as the A operand for
 ``quick_sm90``, the B operand for ``quick``; the scale applied in fp32 after the mma; weights staged by 16-byte
-cp.async). It runs on sm_80 and newer. :func:`quick.kernels.quick_sm90.gemm_w4a16_sm90` calls it for
-``M <= DEC_MAX_M`` (``quick::gemm_w4a16_sm90`` op), :func:`quick.kernels.quick_mma.quick_matmul` for
+cp.async). It runs on sm_80 and newer. :func:`quick.kernels.wgmma.gemm_w4a16_sm90` calls it for
+``M <= DEC_MAX_M`` (``quick::gemm_w4a16_sm90`` op), :func:`quick.kernels.mma.quick_matmul` for
 ``M <= DEC_QUICK_MAX_M``.
 
 This module holds the compile variants, the launch plan (channel tiles x k splits), and a cached launcher.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from quick import settings
-from quick.kernels import jit, quick_mma, quick_sm90
+from quick.kernels import jit, mma, wgmma
 
 SOURCE = "quick_dec.cu"
 LAYOUTS = ("quick_sm90", "quick")  # index = QD_WB: the weight is the mma A operand (0) or the B operand (1)
@@ -335,18 +335,18 @@ def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[
     """The layout's own validation (its exception types and messages), then what the launch assumes: CUDA tensors,
     contiguous and 16-byte aligned (x is copied to dense rows if it is not). Returns ``(x, M, N, K, G)``."""
     if layout == "quick_sm90":
-        m, n, k, g = quick_sm90.validate(x, qweight, scales, zeros, group_size, bias)
+        m, n, k, g = wgmma.validate(x, qweight, scales, zeros, group_size, bias)
         if x.device.type != "cuda":
             raise DecError("the decode kernel runs on CUDA tensors only")
         for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
             if t is not None:
-                quick_mma._check_tensor(name, t, x.device, DecError)
-        return quick_mma._dense_rows(x), m, n, k, g
+                mma._check_tensor(name, t, x.device, DecError)
+        return mma._dense_rows(x), m, n, k, g
     if isinstance(x, torch.Tensor) and x.device.type != "cuda":
         raise DecError("the decode kernel runs on CUDA tensors only")
     if isinstance(x, torch.Tensor) and x.dim() == 2:
-        x = quick_mma._dense_rows(x)
-    m, k, n, g = quick_mma._prepare(x, qweight, scales, zeros, group_size, bias)  # shapes cached per signature
+        x = mma._dense_rows(x)
+    m, k, n, g = mma._prepare(x, qweight, scales, zeros, group_size, bias)  # shapes cached per signature
     return x, m, n, k, g
 
 
@@ -407,9 +407,7 @@ def run_validated(
     if hit is None:
         with _LOCK:
             idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            p = plan(
-                m, n, k, g, quick_mma.num_sms(dev), launch_config(layout, m, config), splits, smem_limit=_smem(idx)
-            )
+            p = plan(m, n, k, g, mma.num_sms(dev), launch_config(layout, m, config), splits, smem_limit=_smem(idx))
             arch = jit.arch_for_device(idx, arch_specific=True)
             fusable = takes_act(p.config, m, g)  # the configs with act / norm / PDL variants
             if (act or norm is not None) and not fusable:
@@ -419,8 +417,8 @@ def run_validated(
             use_pdl = pdl and fusable
             defines = p.config.defines(m, g, x.dtype, act, int(norm is not None), int(use_pdl))
             kern = jit.load_kernel(SOURCE, KERNEL, defines, idx, arch)
-            gshift = quick_sm90.group_shift(g, k)
-            launch = quick_mma._FastLaunch(
+            gshift = wgmma.group_shift(g, k)
+            launch = mma._FastLaunch(
                 kern,
                 p.grid,
                 (p.config.threads,),
@@ -443,7 +441,7 @@ def run_validated(
         ws = torch.empty((p.splits, m, n), dtype=torch.float32, device=dev)
         ws_ptr = ws.data_ptr()
     if p.splits > 1 or norm is not None:  # tile counters, then the norm tail's row counter
-        cnt_ptr = quick_mma._counters(dev, p.n_tiles + 1, stream, _COUNTERS).data_ptr()
+        cnt_ptr = mma._counters(dev, p.n_tiles + 1, stream, _COUNTERS).data_ptr()
     bptr = bias.data_ptr() if bias is not None else 0
     nptrs = [norm[0].data_ptr(), norm[1].data_ptr(), norm[4].data_ptr()] if norm is not None else [0, 0, 0]
     launch(

@@ -70,14 +70,12 @@ def _load_builtin() -> None:
         if _LOADED:
             return
         _LOADED = True
-        from quick.kernels import ops, quick_mma, quick_sm90, quick_w4a8, quick_w4a8_sm90
+        from quick.kernels import mma, ops, w4a8_mma, w4a8_wgmma, wgmma
 
-        register_kernel("quick", ops.linear_fn, quick_mma.is_available, priority=10, name="quick_mma")
-        register_kernel("quick_sm90", ops.linear_fn_sm90, quick_sm90.takes_input, priority=100, name="quick_sm90")
-        register_kernel("w4a8", ops.linear_w4a8, quick_w4a8.is_available, priority=10, name="quick_w4a8")
-        register_kernel(
-            "w4a8_sm90", ops.linear_w4a8_sm90, quick_w4a8_sm90.takes_input, priority=100, name="quick_w4a8_sm90"
-        )
+        register_kernel("quick", ops.linear_fn, mma.is_available, priority=10, name="quick_mma")
+        register_kernel("quick_sm90", ops.linear_fn_sm90, wgmma.takes_input, priority=100, name="quick_sm90")
+        register_kernel("w4a8", ops.linear_w4a8, w4a8_mma.is_available, priority=10, name="quick_w4a8")
+        register_kernel("w4a8_sm90", ops.linear_w4a8_sm90, w4a8_wgmma.takes_input, priority=100, name="quick_w4a8_sm90")
 
 
 def kernel_for(layout: str, x: torch.Tensor) -> KernelFn | None:

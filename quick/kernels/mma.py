@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import torch
 
+from quick.formats.weights import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
 from quick.kernels import jit
-from quick.quant.primitives import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
 
 GEMM_SOURCE = "quick_mma.cu"
 GEMV_SOURCE = "quick_gemv.cu"
@@ -44,7 +44,7 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """The tile fields shared by the mma.sync GEMMs (W4A16 here, W4A8 in :mod:`quick.kernels.quick_w4a8`): a CTA
+    """The tile fields shared by the mma.sync GEMMs (W4A16 here, W4A8 in :mod:`quick.kernels.w4a8_mma`): a CTA
     has ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows, ``nb`` blocks of ``N_BLOCK``
     columns and ``sw`` steps of ``K_STEP`` of every stage. Subclasses set the two class constants."""
 

@@ -16,13 +16,13 @@ from typing import Optional
 
 import torch
 
-from quick.kernels import quick_dec as qd
-from quick.kernels import quick_mma, select
-from quick.kernels import quick_sm90 as sm
-from quick.kernels import quick_w4a8 as w4
-from quick.kernels import quick_w4a8_sm90 as w8
-from quick.packing.layouts import get_layout, unpack_w4a8, unpack_w4a8_sm90
-from quick.quant.w4a8_format import quantize_activations, w4a8_reference
+from quick.formats.layouts import get_layout, unpack_w4a8, unpack_w4a8_sm90
+from quick.formats.w4a8 import quantize_activations, w4a8_reference
+from quick.kernels import decode as qd
+from quick.kernels import mma, select
+from quick.kernels import w4a8_mma as w4
+from quick.kernels import w4a8_wgmma as w8
+from quick.kernels import wgmma as sm
 
 
 @torch.library.custom_op("quick::gemm_w4a16", mutates_args=())
@@ -35,15 +35,15 @@ def gemm_w4a16(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ dequant(W) (+ bias)`` on the ``quick`` layout's kernels (decode kernel, GEMV or mma.sync GEMM)."""
-    x2 = quick_mma._flatten(x)
+    x2 = mma._flatten(x)
     out = select.matmul("quick", x2, qweight, scales, zeros, group_size, bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @gemm_w4a16.register_fake
 def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
-    x2 = quick_mma._flatten(x)
-    _, _, n, _ = quick_mma.validate(x2, qweight, scales, zeros, group_size, bias, need_cuda=False)
+    x2 = mma._flatten(x)
+    _, _, n, _ = mma.validate(x2, qweight, scales, zeros, group_size, bias, need_cuda=False)
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -94,7 +94,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def gated_gemm(gu, qweight, scales, zeros, group_size: int, bias=None, act: str = "silu") -> torch.Tensor:
     """``act(gu[:, :K]) * gu[:, K:] @ dequant(W) (+ bias)``: a gated MLP's down projection from its gate/up product
     ``gu`` [M, 2K]. One launch where the choice is the decode kernel and it has a ``QD_ACT`` variant for the config;
-    otherwise :func:`quick_dec.gated`, then the usual product."""
+    otherwise :func:`decode.gated`, then the usual product."""
     m, n, k, g = _validate_fused(gu, act, True, qweight, scales, zeros, group_size, bias)
     if gu.device.type != "cuda":
         raise sm.Sm90Error("the sm_90 kernel runs on CUDA tensors only")
@@ -191,7 +191,7 @@ def _add_norm_fake(x, qweight, scales, zeros, bias, group_size, residual, weight
 def linear_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
     """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``.
     Callers hand in views (``x[:, :1].reshape(...)``); the kernels need dense rows, so copy those."""
-    x2d = quick_mma._dense_rows(x2d)
+    x2d = mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a16(x2d, packed["qweight"], packed["scales"], packed["zeros"], group_size)
 
 
@@ -284,7 +284,7 @@ def linear_w4a8(
     """The dispatcher's entry for layout ``w4a8``: ``y [M, N]`` through ``quick::gemm_w4a8`` (the kernels for CUDA
     inputs, the float64 reference rounded to x's dtype on CPU). Views are copied to dense rows."""
     if isinstance(x2d, torch.Tensor) and x2d.is_cuda:
-        x2d = quick_mma._dense_rows(x2d)
+        x2d = mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a8(
         x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), group_size, bias
     )

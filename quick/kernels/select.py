@@ -25,11 +25,11 @@ import torch
 
 from quick import settings
 from quick.kernels import autotune, tuning
-from quick.kernels import quick_dec as qd
-from quick.kernels import quick_mma as qm
-from quick.kernels import quick_sm90 as sm
-from quick.kernels import quick_w4a8 as w4
-from quick.kernels import quick_w4a8_sm90 as w8
+from quick.kernels import decode as qd
+from quick.kernels import mma as qm
+from quick.kernels import w4a8_mma as w4
+from quick.kernels import w4a8_wgmma as w8
+from quick.kernels import wgmma as sm
 
 # Up to this many rows the model picks the decode kernel: at M <= 8 it beat the GEMMs on every layer shape measured
 # (H200, 8192^2: 18.5 / 20.5 / 22.7 us at M = 1 / 4 / 8 against 26.9 / 26.5 / 26.4 for the wgmma GEMM), at M = 16 on

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 EXPLICIT_MODULES = (
-    "quick.kernels.quick_mma",
-    "quick.kernels.quick_sm90",
-    "quick.kernels.quick_dec",
+    "quick.kernels.mma",
+    "quick.kernels.wgmma",
+    "quick.kernels.decode",
     "quick.kernels.attention",
 )
 
@@ -64,7 +64,7 @@ def _dt_name(dt: torch.dtype) -> str:
 def mma_cases() -> list[Case]:
     """Per GEMM config: a one-row case, a case with partial M and N tiles and an uneven split-k, and a
     per-channel case with three splits; per GEMV variant: one and eight rows, empty warps, split-k."""
-    from quick.kernels import quick_mma as qm
+    from quick.kernels import mma as qm
 
     out: list[Case] = []
     for dt in (torch.float16, torch.bfloat16):
@@ -93,8 +93,8 @@ def mma_cases() -> list[Case]:
 
 
 def mma_variant_key(case: Case) -> tuple:
-    """The ``quick_mma.VARIANTS`` entry (source, sorted defines) that ``case`` launches."""
-    from quick.kernels import quick_mma as qm
+    """The ``mma.VARIANTS`` entry (source, sorted defines) that ``case`` launches."""
+    from quick.kernels import mma as qm
 
     if case.kernel == "mma_gemm":
         cfg = case.config if not isinstance(case.config, str) else qm.GEMM_CONFIGS[case.config]
@@ -125,10 +125,10 @@ def _instances(obj: object, cls: type, seen: set[int] | None = None) -> list:
 
 
 def sm90_variant_configs(strict: bool = True) -> list[tuple[dict, object, int, torch.dtype]]:
-    """``(defines, Sm90Config, group class 128|32, dtype)`` for every entry of ``quick_sm90.VARIANTS``. The
+    """``(defines, Sm90Config, group class 128|32, dtype)`` for every entry of ``wgmma.VARIANTS``. The
     config is looked up among every ``Sm90Config`` in the module's tables, so the mapping follows them; a
     variant that matches none raises (``strict``) or is left out (the scripts then report it uncovered)."""
-    from quick.kernels import quick_sm90 as qs
+    from quick.kernels import wgmma as qs
 
     configs = {c for v in vars(qs).values() if isinstance(v, dict | list) for c in _instances(v, qs.Sm90Config)}
     ordered = sorted(configs, key=repr)
@@ -177,9 +177,9 @@ def sm90_cases() -> list[Case]:
 
 def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int, int, int]]:
     """``(defines, DecConfig, M, group class 128|32, dtype, act, norm, pdl)`` for every entry of
-    ``quick_dec.VARIANTS`` (M: the largest batch of the variant's token-tile count; act: QD_ACT or 0; norm, pdl:
+    ``decode.VARIANTS`` (M: the largest batch of the variant's token-tile count; act: QD_ACT or 0; norm, pdl:
     QD_NORM, QD_PDL or 0); raises on a variant that no config of the module builds."""
-    from quick.kernels import quick_dec as qd
+    from quick.kernels import decode as qd
 
     tries = [
         (cfg, m, g, dt, act, norm, pdl)
@@ -203,7 +203,7 @@ def dec_variant_configs() -> list[tuple[dict, object, int, int, torch.dtype, int
 def dec_cases() -> list[Case]:
     """Per variant: its largest M with 5 k64 steps split unevenly in two and bias, N two CTAs wide; its smallest M
     of the same token-tile count with no split; and (128 class) a per-channel case with three splits."""
-    from quick.kernels import quick_dec as qd
+    from quick.kernels import decode as qd
 
     out: list[Case] = []
     for _defines, cfg, m, g, dt, act, norm, pdl in dec_variant_configs():
@@ -381,7 +381,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
     """Random codes, scales and zero points (or, for registry cases, a random layer of the case's layout),
     activations and bias, drawn on the CPU (no CUDA kernels, so that a sanitizer sees only the kernel under
     test) and copied to ``device`` as exact-size allocations."""
-    from quick.packing.layouts import get_layout
+    from quick.formats.layouts import get_layout
     from quick.testing import random_quantized
 
     if case.kernel in ("attn", "attn_rope"):
@@ -409,7 +409,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 def launcher(case: Case) -> Callable[..., torch.Tensor]:
     """``fn(x, packed, bias, out=None) -> out`` for the case's kernel and variant."""
     if case.kernel in ("mma_gemm", "mma_gemv"):
-        from quick.kernels import quick_mma as qm
+        from quick.kernels import mma as qm
 
         run = qm.gemm if case.kernel == "mma_gemm" else qm.gemv
 
@@ -421,7 +421,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         return fn
     if case.kernel == "sm90":
-        from quick.kernels import quick_sm90 as qs
+        from quick.kernels import wgmma as qs
 
         def fn(x, p, bias, out=None):
             return qs.gemm_w4a16_sm90(
@@ -431,7 +431,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         return fn
     if case.kernel == "dec":
-        from quick.kernels import quick_dec as qd
+        from quick.kernels import decode as qd
 
         def fn(x, p, bias, out=None):
             return qd.gemv(
@@ -441,7 +441,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         return fn
     if case.kernel == "dec_fused":  # the inputs' validation is the ops'; this launches the variant itself
-        from quick.kernels import quick_dec as qd
+        from quick.kernels import decode as qd
 
         def fn(x, p, bias, out=None):
             act, n = case.extra["act"], p["scales"].shape[1]
@@ -479,7 +479,7 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
         def fn(x, p, bias, out=None):
             kw = {}
             if takes_widen:  # what the layer would pass (scales <= 16 widen); variant "fold" forces the fold
-                from quick.quant.w4a8_format import widens_to_int8
+                from quick.formats.w4a8 import widens_to_int8
 
                 kw["widen"] = case.variant != "fold" and widens_to_int8(p.get("group_scale"))
             y = entry.fn(x, p, case.group_size, **kw)
@@ -498,7 +498,7 @@ def available(case: Case) -> bool:
     if not torch.cuda.is_available():
         return False
     if case.kernel == "sm90":
-        from quick.kernels import quick_sm90 as qs
+        from quick.kernels import wgmma as qs
 
         return qs.is_available()
     if case.kernel.startswith("registry:"):
@@ -513,9 +513,9 @@ def available(case: Case) -> bool:
 def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     """Every (source, arch, defines) the explicit cases launch on this device (for a parallel precompile)."""
     from quick.kernels import attention as at
-    from quick.kernels import quick_dec as qd
-    from quick.kernels import quick_mma as qm
-    from quick.kernels import quick_sm90 as qs
+    from quick.kernels import decode as qd
+    from quick.kernels import mma as qm
+    from quick.kernels import wgmma as qs
 
     jobs = [(src, arch, d) for src, d, _ in qm.VARIANTS]
     jobs += [(src, arch, d) for src, _k, d in at.VARIANTS]

@@ -1,15 +1,15 @@
 """W4A8 on the int8 tensor cores (sm_80+): activation quantization + ``mma.sync.m16n8k32`` GEMM, layout ``w4a8``.
 
-``linear_w4a8(x2d, packed, group_size, bias=None)`` computes the W4A8 product of :mod:`quick.quant.w4a8_format`
+``linear_w4a8(x2d, packed, group_size, bias=None)`` computes the W4A8 product of :mod:`quick.formats.w4a8`
 (``y = s_x[m] * s_ch[n] * sum_k x_q * q * s_g (+ bias)``, output in x's dtype) for weights packed by
-:func:`quick.packing.layouts.pack_w4a8`. Two launches: ``quick_actquant_*`` (``csrc/quick_actquant.cu``;
+:func:`quick.formats.layouts.pack_w4a8`. Two launches: ``quick_actquant_*`` (``csrc/quick_actquant.cu``;
 x -> int8 x_q + fp32 s_x, bit-exact with ``quantize_activations``) and ``quick_w4a8_gemm`` (``csrc/quick_w4a8.cu``),
 plus ``quick_w4a8_reduce`` when split-k pays (small M). Everything before the float epilogue is exact integer
 arithmetic, so results are bitwise reproducible and independent of the split.
 
 The activation quantization is public (:func:`quantize_activations_cuda`, op ``quick::quantize_act_w4a8``): the
 Hopper W4A8 kernel (layout ``w4a8_sm90``) reuses it. Ops: ``quick::gemm_w4a8`` (whole product, fake impl for
-torch.compile). CPU tensors take the float64 reference (:func:`quick.quant.w4a8_format.w4a8_reference`).
+torch.compile). CPU tensors take the float64 reference (:func:`quick.formats.w4a8.w4a8_reference`).
 
 ``VARIANTS`` lists every (source, defines, archs) this module can launch (``python -m quick.kernels.compile_check``).
 """
@@ -20,8 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from quick.kernels import jit, quick_mma
-from quick.kernels.quick_mma import (
+from quick.formats.weights import SUPPORTED_DTYPES
+from quick.kernels import jit, mma
+from quick.kernels.mma import (
     TileConfig,
     _check_bias_dtype,
     _dev_index,
@@ -34,7 +35,6 @@ from quick.kernels.quick_mma import (
     split_grid,
     split_model,
 )
-from quick.quant.primitives import SUPPORTED_DTYPES
 
 GEMM_SOURCE = "quick_w4a8.cu"
 ACTQ_SOURCE = "quick_actquant.cu"
@@ -164,7 +164,7 @@ VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
 
 
 def _check_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
-    quick_mma._check_tensor(name, t, device, W4A8Error, ".clone() the view")
+    mma._check_tensor(name, t, device, W4A8Error, ".clone() the view")
 
 
 def validate(
@@ -178,7 +178,7 @@ def validate(
 ) -> tuple[int, int, int]:
     """Check every assumption of the kernels; returns ``(M, K, N)``. Works on meta/fake tensors when
     ``need_cuda`` is False. Raises ``TypeError`` (types, dtypes) or :class:`W4A8Error` (a ValueError)."""
-    quick_mma._check_x(x, W4A8Error)
+    mma._check_x(x, W4A8Error)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         raise TypeError(f"qweight must be int32 (layout 'w4a8'), got {getattr(qweight, 'dtype', type(qweight))}")
     if not isinstance(channel_scale, torch.Tensor) or channel_scale.dtype != torch.float32:
@@ -237,7 +237,7 @@ class W4A8Plan:
 
 
 # Rough H100 int8 mma.sync ops/s for the split-k model (ratios matter; the DRAM rate and the reduce launch cost are
-# those of the W4A16 model, quick_mma.split_model).
+# those of the W4A16 model, mma.split_model).
 _MMA_RATE = 5.0e14
 
 
@@ -267,7 +267,7 @@ def plan(
 
 
 @dataclass
-class _Launch(quick_mma._Launch):
+class _Launch(mma._Launch):
     u8: bool = False  # unsigned-weight variant: needs the activations' per-group sums
 
 
@@ -316,13 +316,13 @@ _COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _counters(dev: torch.device, n: int) -> torch.Tensor:
-    """Zeroed split-k arrival counters of the current stream (:func:`quick.kernels.quick_mma._counters`)."""
-    return quick_mma._counters(dev, n, torch.cuda.current_stream(dev).cuda_stream, _COUNTERS)
+    """Zeroed split-k arrival counters of the current stream (:func:`quick.kernels.mma._counters`)."""
+    return mma._counters(dev, n, torch.cuda.current_stream(dev).cuda_stream, _COUNTERS)
 
 
 def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_q int8 [M, K], s_x fp32 [M])`` of a CUDA ``x [M, K]`` fp16/bf16, bit-exact with
-    :func:`quick.quant.w4a8_format.quantize_activations` (K % 8 == 0, contiguous, 16-byte aligned)."""
+    :func:`quick.formats.w4a8.quantize_activations` (K % 8 == 0, contiguous, 16-byte aligned)."""
     xq, sx, _ = _quantize(x, sums=False)
     return xq, sx
 
@@ -394,7 +394,7 @@ def gemm_w4a8_cuda(
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return quick_mma._flatten(x, W4A8Error)
+    return mma._flatten(x, W4A8Error)
 
 
 def is_available(x: torch.Tensor) -> bool:

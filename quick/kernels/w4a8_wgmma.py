@@ -1,7 +1,7 @@
 """Hopper (sm_90a) W4A8 kernel: ``wgmma`` s8 with the interleaved int4 weights as the register A operand.
 
 ``y[M, N] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] (* s_g[k // 128, n]) (+ bias)``, the number format of
-:mod:`quick.quant.w4a8_format`, for weights packed in layout ``w4a8_sm90`` (:class:`quick.packing.layouts.
+:mod:`quick.formats.w4a8`, for weights packed in layout ``w4a8_sm90`` (:class:`quick.formats.layouts.
 W4A8Sm90Layout`). ``csrc/quick_w4a8_sm90.cu`` holds two kernels: the per-row activation quantization
 (``x -> x_q int8, s_x fp32``) and the GEMM (transposed product: weights = wgmma A from registers, converted
 int4 -> int8 in registers; ``x_q`` = wgmma B by TMA; int32 accumulation; scales in the epilogue).
@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from quick.formats.w4a8 import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
+from quick.formats.weights import SUPPORTED_DTYPES
 from quick.kernels import jit
-from quick.kernels.quick_sm90 import LaunchPlan, _counters, build_plan, encode_rowmajor_map, num_sms
-from quick.quant.primitives import SUPPORTED_DTYPES
-from quick.quant.w4a8_format import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
+from quick.kernels.wgmma import LaunchPlan, _counters, build_plan, encode_rowmajor_map, num_sms
 
 SOURCE = "quick_w4a8_sm90.cu"
 KERNEL = "quick_w4a8_sm90_gemm"
@@ -132,7 +132,7 @@ def candidates(m: int, group_size: int = -1, widen: bool = False) -> list[W4A8Sm
     return list(dict.fromkeys(out))
 
 
-# Measured choices per batch size bucket: (max M, config, rounds) as in quick_sm90.TUNED, from the window-2
+# Measured choices per batch size bucket: (max M, config, rounds) as in wgmma.TUNED, from the window-2
 # sweep of scripts/w4a8_sm90_check.py (H100, K = N = 8192, fp16, GEMM only, us; docs/w4a8_sm90_notes.md). Where
 # candidates differed by less than 1 % (ordered issue / q weights at M = 64) the plain default is kept; split
 # rounds = 2 was slower than choose_splits at every decode size (None).
@@ -328,15 +328,15 @@ def is_available(device: torch.device | int | None = None) -> bool:
 
 def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int8 of ``x`` [M, K] on the GPU (``csrc/quick_actquant.cu``, shared with the sm_80 W4A8 kernel),
-    bit-identical to ``w4a8_format.quantize_activations`` on the same CUDA tensor."""
-    from quick.kernels import quick_w4a8
+    bit-identical to ``w4a8.quantize_activations`` on the same CUDA tensor."""
+    from quick.kernels import w4a8_mma
 
     if x.dim() != 2 or x.dtype not in SUPPORTED_DTYPES or not x.is_cuda:
         raise W4A8Sm90Error(f"x must be a 2-D float16/bfloat16 CUDA tensor, got {x.dtype} {tuple(x.shape)} {x.device}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    return quick_w4a8.quantize_activations_cuda(x)
+    return w4a8_mma.quantize_activations_cuda(x)
 
 
 def tuned_config(m: int, group_size: int, widen: bool = False) -> tuple[W4A8Sm90Config, int | None]:
@@ -363,7 +363,7 @@ def gemm_w4a8_sm90_q(
 ) -> torch.Tensor:
     """The GEMM on already quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]); [M, N] in out_dtype.
 
-    ``widen``: the caller vouches that every group scale is <= 16 (``w4a8_format.widens_to_int8``), which lets
+    ``widen``: the caller vouches that every group scale is <= 16 (``w4a8.widens_to_int8``), which lets
     the widened variants run; a widened ``config`` without it is refused (it would compute wrong sums)."""
     m, k = xq.shape
     n = channel_scale.shape[0]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quick.formats.weights import SUPPORTED_DTYPES, resolve_group_size
 from quick.kernels import jit
-from quick.quant.primitives import SUPPORTED_DTYPES, resolve_group_size
 
 SOURCE = "quick_sm90.cu"
 KERNEL = "quick_sm90_gemm"

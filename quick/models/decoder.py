@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quick.kernels import attention
-from quick.kernels.quick_dec import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
+from quick.kernels.decode import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
 
@@ -278,7 +278,7 @@ class FastDecoder:
         self.cache, self.max_len = cache, max_len
         self.norm_rms, self.attend, self.gated = compiled_parts(backend, dynamic)
         # QuickLinear projections may take the step's small kernels into theirs (CUDA, decode sizes: QuickLinear.fuses
-        # decides per call, from the switches in quick.kernels.quick_dec): the down projection stages act(gate) * up
+        # decides per call, from the switches in quick.kernels.decode): the down projection stages act(gate) * up
         # itself, and the o / down projections end with the residual add + RMSNorm. fusions=False: never.
         self.fusions = fusions
         family = get_family(model.config)

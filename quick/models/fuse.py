@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quick.formats.layouts import get_layout
+from quick.formats.weights import QuantizedWeight
 from quick.models.families import ModelFamily, decoder_layers, get_family
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, w4a8_layouts
-from quick.packing.layouts import get_layout
-from quick.quant.primitives import QuantizedWeight
 
 # Layouts whose packed tensors concatenate along their last (N) axis (see the module docstring; the tests
 # check it against repacking for each). Any other layout is repacked through the unpacked codes.

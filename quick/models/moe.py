@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quick.formats.layouts import LayoutError, get_layout
+from quick.formats.weights import QuantizationError
 from quick.models.families import FamilyError, ModelFamily, MoESpec, decoder_layers, get_family
 from quick.nn.linear import padded_in_features
 from quick.nn.moe import ACTIVATIONS, QuickExpertStack, QuickMoEExperts
-from quick.packing.layouts import LayoutError, get_layout
-from quick.quant.primitives import QuantizationError
 
 # AWQ's per-expert searches (the down projection's scale, clipping) need at least this many calibration tokens routed
 # to the expert: a clipping block is G x G (G = 128), and with fewer tokens than G its statistics leave directions of

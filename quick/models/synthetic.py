@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quick.algorithms.rtn import DEFAULT_SKIP, _parent, quantizable_linears
 from quick.nn.linear import QuickLinear
-from quick.quant.apply import DEFAULT_SKIP, _parent, quantizable_linears
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 

@@ -14,12 +14,10 @@ LoRA needs: the adapters' gradients reach every layer through the inputs of the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from quick.nn.linear import QuickLinear
+from torch import nn
 
 KernelFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
 
@@ -29,7 +27,7 @@ class KernelProduct(torch.autograd.Function):
     already padded and permuted as the packed weight expects)."""
 
     @staticmethod
-    def forward(ctx: Any, x2d: torch.Tensor, fn: KernelFn, module: QuickLinear) -> torch.Tensor:
+    def forward(ctx: Any, x2d: torch.Tensor, fn: KernelFn, module: nn.Module) -> torch.Tensor:
         ctx.module = module
         return fn(x2d, module.packed(), module.group_size)
 
@@ -41,7 +39,7 @@ class KernelProduct(torch.autograd.Function):
         return grad @ w.t(), None, None
 
 
-def kernel_product(fn: KernelFn, x2d: torch.Tensor, module: QuickLinear) -> torch.Tensor:
+def kernel_product(fn: KernelFn, x2d: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``fn(x2d, module.packed(), module.group_size)``, differentiable in ``x2d`` when autograd needs it."""
     if torch.is_grad_enabled() and x2d.requires_grad:
         return KernelProduct.apply(x2d, fn, module)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.packing.layouts import Layout, LayoutError, get_layout
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, quantize
+from quick.formats.layouts import Layout, LayoutError, get_layout
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
+from quick.nn.autograd import kernel_product
 
 BACKENDS = ("auto", "reference", "kernel")
 
@@ -154,7 +155,6 @@ class QuickLinear(nn.Module):
             if x.shape[-1] != self.in_features:
                 x = F.pad(x, (0, self.in_features - x.shape[-1]))
             from quick.kernels import dispatch
-            from quick.nn.autograd import kernel_product
 
             fn = dispatch.kernel_for(self.layout_name, x)
             if fn is not None:
@@ -188,12 +188,12 @@ class QuickLinear(nn.Module):
         """``self(act(gate) * up)`` for a gated MLP's gate/up product ``gu = [gate | up]`` (``[..., 2K]``): one kernel
         that stages ``act(gate) * up`` itself where :meth:`fuses` says so (the decode kernel: up to 8 rows, group
         size 128), else the two steps."""
-        from quick.kernels import quick_dec
+        from quick.kernels import decode
 
         k = gu.shape[-1] // 2
         rows = gu.numel() // max(gu.shape[-1], 1)
         if k != self.in_features or not self.fuses(rows, gu.device, gu.dtype, act=act):
-            return self(quick_dec.gated(gu[..., :k], gu[..., k:], act))
+            return self(decode.gated(gu[..., :k], gu[..., k:], act))
         p = self.packed()
         out = torch.ops.quick.gated_gemm_w4a16_sm90(
             gu.reshape(-1, 2 * k), p["qweight"], p["scales"], p["zeros"], self.bias, self.group_size, act
@@ -213,7 +213,7 @@ class QuickLinear(nn.Module):
         a decoder layer's o / down projection with the residual add and the norm after it. One kernel where
         :meth:`fuses` says so, else the steps one by one. ``residual [..., N]``, ``weight [N]``; ``offset``: Gemma's
         ``1 + weight``."""
-        from quick.kernels import quick_dec
+        from quick.kernels import decode
 
         k = x.shape[-1] // 2 if act else x.shape[-1]
         rows = x.numel() // max(x.shape[-1], 1)
@@ -225,7 +225,7 @@ class QuickLinear(nn.Module):
         if not fused:
             h = self.forward_gated(x, act) if act else self(x)
             r = residual + h
-            return quick_dec.rms_norm(r, weight, eps, offset), r
+            return decode.rms_norm(r, weight, eps, offset), r
         p = self.packed()
         normed, r = torch.ops.quick.gemm_add_norm_sm90(
             x.reshape(-1, x.shape[-1]), p["qweight"], p["scales"], p["zeros"], self.bias, self.group_size,

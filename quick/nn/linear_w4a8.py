@@ -1,7 +1,7 @@
 """``QuickLinearW4A8``: a drop-in ``nn.Linear`` with 4-bit weights and per-token 8-bit activations (QQQ format).
 
-The weights follow :mod:`quick.quant.w4a8_format`. They are held packed in one of the W4A8 layouts of
-:mod:`quick.packing.layouts` (``w4a8`` for the mma.sync kernel, ``w4a8_sm90`` for the Hopper wgmma one), so that
+The weights follow :mod:`quick.formats.w4a8`. They are held packed in one of the W4A8 layouts of
+:mod:`quick.formats.layouts` (``w4a8`` for the mma.sync kernel, ``w4a8_sm90`` for the Hopper wgmma one), so that
 the kernel registered for that layout can run them on a GPU; if a layer's shape does not fit the layout they are
 held unpacked (``q``, ``channel_scale``, ``group_scale``) and every forward runs the reference path. Either way
 the buffers are the checkpoint tensors and ``storage`` (the layout name, or ``"unpacked"``) says which.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.quant.w4a8_format import (
+from quick.formats.w4a8 import (
     SUPPORTED_W4A8_GROUPS,
     W4A8Weight,
     quantize_activations,
@@ -31,7 +31,7 @@ from quick.quant.w4a8_format import (
 
 BACKENDS = ("auto", "reference", "kernel")
 UNPACKED = "unpacked"
-# Output widths the kernel of a layout takes (quick_w4a8.validate: N % 128; the sm90 launcher handles any N
+# Output widths the kernel of a layout takes (w4a8_mma.validate: N % 128; the sm90 launcher handles any N
 # itself). Other layers run the reference path.
 KERNEL_N_MULTIPLE = {"w4a8": 128}
 _ALIASES = {"packed": "w4a8"}
@@ -41,8 +41,8 @@ _EXACT_FP32 = 2**24
 
 
 def w4a8_layouts() -> dict:
-    """The W4A8 packed layouts by name (``quick.packing.layouts.W4A8_LAYOUTS``; empty if there are none)."""
-    from quick.packing import layouts
+    """The W4A8 packed layouts by name (``quick.formats.layouts.W4A8_LAYOUTS``; empty if there are none)."""
+    from quick.formats import layouts
 
     return dict(getattr(layouts, "W4A8_LAYOUTS", {}))
 
@@ -61,7 +61,7 @@ def preferred_w4a8_layout(device: torch.device | str | None = None) -> str:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and "w4a8_sm90" in w4a8_layouts():
         try:
-            from quick.kernels import quick_w4a8_sm90 as sm90
+            from quick.kernels import w4a8_wgmma as sm90
 
             if sm90.is_available(device):
                 return "w4a8_sm90"
@@ -248,7 +248,7 @@ class QuickLinearW4A8(nn.Module):
         layout: str = LAYOUT,
     ) -> QuickLinearW4A8:
         """Round-to-nearest W4A8 of a float weight ``[N, K]`` (K padded to whole groups)."""
-        from quick.quant.qqq import quantize_w4a8_rtn
+        from quick.formats.w4a8 import quantize_w4a8_rtn
 
         dtype = dtype or (weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16)
         qw = quantize_w4a8_rtn(weight, group_size)

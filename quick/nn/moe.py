@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quick.formats.layouts import Layout, get_layout
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
 from quick.nn.linear import BACKENDS, padded_in_features
-from quick.packing.layouts import Layout, get_layout
-from quick.quant.primitives import SUPPORTED_DTYPES, QuantizedWeight, quantize
 
 # The gated MLP activations of the MoE families (transformers' ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -1,6 +1,6 @@
 // quick_actquant.cu: per-token symmetric int8 quantization of the activations for the W4A8 kernels.
 //
-// x [M, K] fp16/bf16 -> x_q int8 [M, K], s_x fp32 [M], bit for bit what quick.quant.w4a8_format.
+// x [M, K] fp16/bf16 -> x_q int8 [M, K], s_x fp32 [M], bit for bit what quick.formats.w4a8.
 // quantize_activations() computes in fp32 on a CUDA tensor: amax = max|x|; inv = 127 / amax (0 if amax == 0),
 // which torch evaluates as reciprocal(amax) * 127 (two IEEE roundings, on CPU and CUDA alike);
 // x_q = clamp(rint(x * inv), -127, 127) (round half to even); s_x = amax / 127, which torch on CUDA evaluates

@@ -26,7 +26,7 @@
 //   store_partial, sum_splits2 / sum_splits4   split-k partials ws[z][M][N], summed in split order
 //   splitk_last_cta / splitk_done            in-kernel split-k: the arrival counter of a tile
 //
-// Layout reminder (quick/packing/layouts.py, layout "quick"): word w of a lane holds the B registers of
+// Layout reminder (quick/formats/layouts.py, layout "quick"): word w of a lane holds the B registers of
 // n8 tiles 2w and 2w+1 of a k16 x n64 block; nibble (pair + 4*half): pair 0 -> b0 of tile 2w,
 // 1 -> b1 of tile 2w, 2 -> b0 of tile 2w+1, 3 -> b1 of tile 2w+1.
 #pragma once

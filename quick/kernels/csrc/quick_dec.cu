@@ -48,7 +48,7 @@
 // splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step),
 // QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product), QD_NORM (0/1: the
 // residual add + RMSNorm tail), QD_PDL (0/1: programmatic dependent launch).
-// Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/quick_dec.py.
+// Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/decode.py.
 #include "quick_common.cuh"
 
 #ifndef QD_WB

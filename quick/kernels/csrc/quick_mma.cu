@@ -15,7 +15,7 @@
 // deterministic. Rows >= M are zero-filled by cp.async and never stored; n64 blocks >= N are skipped.
 //
 // Compile-time configuration (-D): QK_DTYPE (0 fp16, 1 bf16), QK_BM, QK_WM, QK_WN, QK_WK, QK_NB, QK_SW,
-// QK_STAGES, QK_PF, QK_MINB. Shared memory size: quick/kernels/quick_mma.py:GemmConfig.smem_bytes.
+// QK_STAGES, QK_PF, QK_MINB. Shared memory size: quick/kernels/mma.py:GemmConfig.smem_bytes.
 // Decode options: QK_INRED = 1: split-k partials are summed by the last CTA to finish a tile (an atomic arrival
 // counter per tile, reset by that CTA; the sum runs in split order 0..S-1, bitwise the same as
 // quick_splitk_reduce), so no second launch. QK_L2PF = D > 0: while tile t is consumed, the CTA asks L2 to

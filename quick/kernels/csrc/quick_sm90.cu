@@ -3,7 +3,7 @@
 // Transposed product: out^T[N, M] = W^T[N, K] x X^T[K, M]. Output channels sit on wgmma's M = 64 side
 // (one consumer warpgroup = 64 channels), tokens on wgmma's N side (QS_NT = 8..256 per tile).
 //
-//  * Weights (layout 'quick_sm90', quick/packing/layouts.py): for each k64 row-block and n16 block, the 32
+//  * Weights (layout 'quick_sm90', quick/formats/layouts.py): for each k64 row-block and n16 block, the 32
 //    lanes of one warp read 16 contiguous bytes each (LDG.128, 512 B per warp, 2 KB per warpgroup); word w of
 //    a lane is the wgmma A fragment of k16 step w. They go global -> registers, are dequantized in registers
 //    ((q + magic) - (magic + zero)) * scale, and feed wgmma directly: no shared-memory round trip. Raw words

@@ -2,7 +2,7 @@
 //
 //   out[m, n] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] * s_g[k / 128, n]  (+ bias[n])
 //
-// x_q/s_x come from quick_actquant.cu; the weights are packed in layout `w4a8` (quick/packing/layouts.py):
+// x_q/s_x come from quick_actquant.cu; the weights are packed in layout `w4a8` (quick/formats/layouts.py):
 // blocks of k32 x n32, one 16-byte load per lane = the B registers of 4 n8k32 tiles. Each int32 word of
 // 8 nibbles (4-bit two's complement) becomes the two B registers of one tile with shift + mask:
 // b0 = (w << 4) & 0xF0F0F0F0, b1 = w & 0xF0F0F0F0, every byte = 16 * q (exact). The int32 sums are

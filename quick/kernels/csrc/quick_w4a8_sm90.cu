@@ -1,10 +1,10 @@
 // QUICK on Hopper, W4A8: wgmma s8 with the interleaved signed-int4 weight as the REGISTER A operand.
 //
 // y[M, N] = s_x[m] * s_ch[n] * sum_k x_q[m, k] * q[n, k] (* s_g[k / 128, n]) (+ bias[n]), number format in
-// quick/quant/w4a8_format.py. Transposed product out^T[N, M] = Q[N, K] x X_q^T[K, M]: output channels on wgmma's
+// quick/formats/w4a8.py. Transposed product out^T[N, M] = Q[N, K] x X_q^T[K, M]: output channels on wgmma's
 // M = 64 side (one consumer warpgroup = 64 channels), tokens on wgmma's N side (QW_NT = 8..256 per tile).
 //
-//  * Weights (layout 'w4a8_sm90', quick/packing/layouts.py): per k128 row-block and n16 block, lane l of a warp
+//  * Weights (layout 'w4a8_sm90', quick/formats/layouts.py): per k128 row-block and n16 block, lane l of a warp
 //    reads 32 contiguous bytes (two LDG.128; 1 KB per warp); words 2j and 2j+1 are the A fragment of k32 step j
 //    (wgmma m64nNk32 .s8: register r holds row lane/4 + 8(r%2), k 4(lane%4) + 16(r/2) + byte). Nibbles are
 //    two's complement; byte e of a word holds nibbles 2e (low) and 2e+1 (high). In registers:
