@@ -65,9 +65,10 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return ppl(model, ids, seqlen=SEQLEN, progress=False)
 
 
-def dense_model(path: Path, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+def dense_model(path: Path, weights: dict[str, torch.Tensor], act_dtype: torch.dtype) -> torch.nn.Module:
     """fp32 model of ``path``'s config: dense tensors from its files, ``weights`` (``[N, K]``) for the quantized
-    linears; nothing of this project's loader is involved."""
+    linears, whose inputs and outputs are rounded to ``act_dtype`` (the checkpoint's scale dtype: what the GPU kernels
+    and the imported layers see and return); nothing of this project's loader is involved."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,6 +85,10 @@ def dense_model(path: Path, weights: dict[str, torch.Tensor]) -> torch.nn.Module
     model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     assert not missing, missing
+    for name in weights:
+        layer = model.get_submodule(name)
+        layer.register_forward_pre_hook(lambda _m, a: (a[0].to(act_dtype).float(), *a[1:]))
+        layer.register_forward_hook(lambda _m, _a, out: out.to(act_dtype).float())
     return model
 
 
@@ -100,9 +105,8 @@ def prompt_logits(model: torch.nn.Module, path: Path) -> torch.Tensor:
 
 
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, act_dtype: torch.dtype) -> None:
-    """Quantized layers see their input rounded to the scale dtype (what the GPU kernels see), the fp32 oracle does
-    not: the difference is bounded by that rounding (2^-11 fp16, 2^-8 bf16, through 30 layers), far below the logits'
-    spread; the predicted tokens agree."""
+    """Same weights and the same rounding points on both sides: only the fp32 summation order differs, which now and
+    then moves a value across a rounding boundary of ``act_dtype`` (2^-11 fp16, 2^-8 bf16), through 30 layers."""
     bound = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[act_dtype] * float(ref.abs().max())
     assert float((ours - ref).abs().max()) <= bound
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

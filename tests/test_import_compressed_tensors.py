@@ -179,7 +179,7 @@ def real_checkpoint(request) -> Path:
     return cached_checkpoint(request.param, write_llmcompressor(request.param))
 
 
-def ct_dense(path: Path) -> torch.nn.Module:
+def ct_dense(path: Path, scale_dtype: torch.dtype) -> torch.nn.Module:
     """fp32 model whose quantized linears hold compressed-tensors' own decompressed weights."""
     pytest.importorskip("compressed_tensors", reason=CT_SKIP)
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -199,7 +199,7 @@ def ct_dense(path: Path) -> torch.nn.Module:
     for name, state in layers.items():
         state["weight_scale"] = state["weight_scale"].float()
         weights[name] = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
-    return dense_model(path, weights)
+    return dense_model(path, weights, scale_dtype)
 
 
 @pytest.mark.slow
@@ -208,12 +208,12 @@ def test_real_checkpoint_matches_compressed_tensors(real_checkpoint, tmp_path):
     ours = load_quantized(real_checkpoint, dtype=torch.float32)
     n_quant = sum(isinstance(m, QuickLinear) for m in ours.modules())
     assert n_quant == (30 if real_checkpoint.name == "smollm2-ct-w4a16" else 30 * 7)
-    ref = ct_dense(real_checkpoint)
+    act_dtype = next(m for m in ours.modules() if isinstance(m, QuickLinear)).dtype
+    ref = ct_dense(real_checkpoint, act_dtype)
     ids = eval_ids(real_checkpoint)
     p_ours, p_ref = perplexity(ours, ids), perplexity(ref, ids)
     print(f"\n{real_checkpoint.name}: ppl ours {p_ours:.5f}, compressed-tensors decompressed {p_ref:.5f}")
     assert abs(p_ours - p_ref) / p_ref < 1e-3
-    act_dtype = next(m for m in ours.modules() if isinstance(m, QuickLinear)).dtype
     assert_logits_close(prompt_logits(ours, real_checkpoint), prompt_logits(ref, real_checkpoint), act_dtype)
     from quick.cli import main as cli_main
 

@@ -124,7 +124,7 @@ def test_v1_zero_points_borrow_like_gptqmodel():
     words = (zeros[0].to(torch.int64) << (4 * torch.arange(8))).sum()
     mod.qzeros = torch.tensor([[words - (1 << 32) if words >= 1 << 31 else words]], dtype=torch.int32)
     convert_gptq_v2_to_v1_format_module(mod, QuantizeConfig(bits=4, group_size=32))
-    from quick.packing.interleave import unpack_nibbles
+    from quick.formats.interleave import unpack_nibbles
 
     assert unpack_nibbles(v1_to_v2_zeros(mod.qzeros)).tolist() == zeros.tolist()
 
@@ -234,7 +234,7 @@ def real_checkpoint(request) -> Path:
     return cached_checkpoint(request.param, write_gptq(request.param))
 
 
-def gptqmodel_dense(path: Path) -> torch.nn.Module:
+def gptqmodel_dense(path: Path, scale_dtype: torch.dtype) -> torch.nn.Module:
     """fp32 model whose quantized linears hold GPTQModel's own dequantized weights (read by GPTQModel)."""
     pytest.importorskip("gptqmodel", reason=GPTQMODEL_SKIP)
     from gptqmodel import BACKEND, GPTQModel
@@ -246,7 +246,7 @@ def gptqmodel_dense(path: Path) -> torch.nn.Module:
         if isinstance(m, BaseQuantLinear):
             m.scales = m.scales.float()
             weights[name] = m.dequantize_weight().float().t()
-    return dense_model(path, weights)
+    return dense_model(path, weights, scale_dtype)
 
 
 @pytest.mark.slow
@@ -256,12 +256,12 @@ def test_real_gptq_checkpoint_matches_gptqmodel(real_checkpoint, tmp_path):
     qc = json.loads((real_checkpoint / "config.json").read_text())["quantization_config"]
     perms = [m.perm is not None for m in ours.modules() if isinstance(m, QuickLinear)]
     assert len(perms) == 30 * 7 and all(perms) == bool(qc["desc_act"]) and any(perms) == bool(qc["desc_act"])
-    ref = gptqmodel_dense(real_checkpoint)
+    act_dtype = next(m for m in ours.modules() if isinstance(m, QuickLinear)).dtype
+    ref = gptqmodel_dense(real_checkpoint, act_dtype)
     ids = eval_ids(real_checkpoint)
     p_ours, p_ref = perplexity(ours, ids), perplexity(ref, ids)
     print(f"\n{real_checkpoint.name}: ppl ours {p_ours:.5f}, GPTQModel dequantized {p_ref:.5f}")
     assert abs(p_ours - p_ref) / p_ref < 1e-3
-    act_dtype = next(m for m in ours.modules() if isinstance(m, QuickLinear)).dtype
     assert_logits_close(prompt_logits(ours, real_checkpoint), prompt_logits(ref, real_checkpoint), act_dtype)
     # converted to our format (CLI), the same logits
     from quick.cli import main as cli_main

@@ -4,9 +4,7 @@
 The wgmma GEMM (:mod:`quick.kernels.wgmma`) is issue-bound at decode sizes; this kernel reads the same packed
 weights with a fraction of the instructions per weight (mma.sync with the weight as the A operand for
 ``quick_sm90``, the B operand for ``quick``; the scale applied in fp32 after the mma; weights staged by 16-byte
-cp.async). It runs on sm_80 and newer. :func:`quick.kernels.wgmma.gemm_w4a16_sm90` calls it for
-``M <= DEC_MAX_M`` (``quick::gemm_w4a16_sm90`` op), :func:`quick.kernels.mma.quick_matmul` for
-``M <= DEC_QUICK_MAX_M``.
+cp.async). It runs on sm_80 and newer; :mod:`quick.kernels.select` chooses it (``dec``) for either layout.
 
 This module holds the compile variants, the launch plan (channel tiles x k splits), and a cached launcher.
 """

@@ -1,6 +1,6 @@
 """Launcher of the QUICK mma.sync kernels (sm_80 and newer) for the ``quick`` layout.
 
-``quick_matmul(x, qweight, scales, zeros, group_size, bias)`` computes ``x @ dequant(W) (+ bias)`` for
+``gemm`` / ``gemv(x, qweight, scales, zeros, group_size, bias)`` compute ``x @ dequant(W) (+ bias)`` for
 ``x`` [M, K] fp16/bf16 and W packed in the ``quick`` layout (``qweight`` int32 [K/16, 2N], ``scales`` and
 ``zeros`` [K/G, N] in x's dtype). It validates everything the kernels assume and raises ``TypeError`` (dtypes)
 or ``ValueError`` (shapes, devices, layout, alignment) with the reason; M = 0 gives an empty result.
@@ -188,10 +188,6 @@ TUNED_GEMM: list[tuple[int, tuple[str, ...]]] = [
 # Measured split-k policy per tuned config (decode_tune): splits = the largest s with (CTAs x s) <= waves x the
 # resident CTA slots of all SMs (at least 1). Configs not listed use the choose_splits model.
 TUNED_WAVES: dict[str, float] = {}
-# The decode GEMV is used for M <= GEMV_AUTO_MAX_M by quick_matmul. On the H100 the GEMM with m16n2k4 and
-# split-k was as fast or faster at every measured shape (docs/kernel_notes.md), so the automatic choice is
-# the GEMM; gemv() stays available (and tested) for direct use and for other GPUs.
-GEMV_AUTO_MAX_M = 0
 
 
 def gemv_config_for(group: int) -> GemvConfig:
