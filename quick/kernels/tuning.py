@@ -11,7 +11,8 @@ A table is a JSON file in ``quick/kernels/tables/`` named after the GPU (:func:`
 ``M`` is the largest batch an entry covers: a call with M tokens takes the entry of the smallest measured M >= its
 own (the batch sizes are powers of two and timing grows with M), or the largest one up to twice its M (further out
 a measured split count could cost more than it saves, so the heuristics decide). Only what was measured is used:
-another K, N, layout or group size gets ``None`` and the selection layer's next step (the autotune cache, then its model). Entries were
+another K, N, layout or group size gets ``None`` and the selection layer's next step (the autotune cache, then its
+model). Entries were
 timed in fp16 and are used for bf16 as well (same instructions but for the 16-bit type; bf16 is checked for
 correctness with every config, not timed). Tables are searched in the user's folder first (``quick tune`` writes
 there: ``$QUICK_TUNING_DIR`` or ``~/.cache/quick/tables``), then in the package. ``QUICK_TUNING=0`` turns them off.
