@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from quick import settings
 from quick.kernels import jit, mma, wgmma
@@ -184,7 +185,7 @@ ACT_MAX_M = 8  # one n8 token tile
 ACT_GROUP_SIZES = (128,)  # the variants built (and compile-checked); other group sizes take the two steps
 
 
-def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+def gated(gate: Tensor, up: Tensor, act: str = "silu") -> Tensor:
     """``act(gate) * up``: SwiGLU (``silu``) or GeGLU (``gelu_tanh``), the math ``QD_ACT`` does in the kernel."""
     if act not in ACTS:
         raise DecError(f"gate activation must be one of {sorted(ACTS)}, got {act!r}")
@@ -192,7 +193,7 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tens
     return (f.silu(gate) if act == "silu" else f.gelu(gate, approximate="tanh")) * up
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
     """transformers' RMSNorm arithmetic, which ``QD_NORM`` does in the kernel. ``offset == 0`` (Llama and most):
     normalise in fp32, cast back, then multiply by the weight; otherwise (Gemma: ``1 + weight``): multiply by
     ``offset + weight`` in fp32, then cast."""
@@ -265,16 +266,9 @@ PLAN_WAVES = 0.7
 
 
 def plan(
-    m: int,
-    n: int,
-    k: int,
-    group_size: int,
-    num_sms: int,
-    config: DecConfig | None = None,
-    splits: int | None = None,
-    waves: float = PLAN_WAVES,
-    smem_limit: int = SMEM_LIMIT,
-) -> DecPlan:
+    m: int, n: int, k: int, group_size: int, num_sms: int, config: DecConfig | None = None, splits: int | None = None,
+    waves: float = PLAN_WAVES, smem_limit: int = SMEM_LIMIT,
+) -> DecPlan:  # fmt: skip
     """Channel tiles x k splits (pure arithmetic, testable without a GPU).
 
     Splits: the fewest that give ``waves`` x ``num_sms`` CTAs, at least one k64 step per warp, and x of a split
@@ -318,7 +312,7 @@ def timing_candidates(layout: str, m: int, n: int, k: int, num_sms: int) -> list
 
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
 
 
 def _smem(idx: int) -> int:
@@ -329,7 +323,7 @@ def _smem(idx: int) -> int:
     return min(optin, SMEM_LIMIT + 1024) - 1024
 
 
-def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[torch.Tensor, int, int, int, int]:
+def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[Tensor, int, int, int, int]:
     """The layout's own validation (its exception types and messages), then what the launch assumes: CUDA tensors,
     contiguous and 16-byte aligned (x is copied to dense rows if it is not). Returns ``(x, M, N, K, G)``."""
     if layout == "quick_sm90":
@@ -349,17 +343,9 @@ def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[
 
 
 def gemv(
-    layout: str,
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    config: DecConfig | None = None,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    layout: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
+    config: DecConfig | None = None, splits: int | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """``x @ dequant(W) (+ bias)`` for ``x`` [M, K] and ``W`` packed in ``layout`` (``quick_sm90``: M <= 64,
     ``quick``: M <= 16)."""
     if layout not in LAYOUTS:
@@ -369,23 +355,10 @@ def gemv(
 
 
 def run_validated(
-    layout: str,
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-    m: int,
-    n: int,
-    k: int,
-    g: int,
-    config: DecConfig | None = None,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-    act: int = 0,
-    norm: tuple | None = None,
-    pdl: bool | None = None,
-) -> torch.Tensor:
+    layout: str, x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
+    m: int, n: int, k: int, g: int, config: DecConfig | None = None, splits: int | None = None,
+    out: Tensor | None = None, act: int = 0, norm: tuple | None = None, pdl: bool | None = None,
+) -> Tensor:  # fmt: skip
     """The launch, for callers that have validated already (:func:`gemv`, ``gemm_w4a16_sm90``): CUDA tensors,
     contiguous and 16-byte aligned, shapes ``(M, N, K, G)`` checked for ``layout``. ``act`` (``ACTS``' values):
     ``x`` is a dense ``[M, 2K]`` gate/up product and the kernel multiplies in ``act(gate) * up`` (the caller checked
@@ -450,11 +423,11 @@ def run_validated(
     return out
 
 
-def gemv_sm90(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> torch.Tensor:
+def gemv_sm90(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> Tensor:
     """:func:`gemv` for the ``quick_sm90`` layout."""
     return gemv("quick_sm90", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
-def gemv_quick(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> torch.Tensor:
+def gemv_quick(x, qweight, scales, zeros, group_size, bias=None, config=None, splits=None, out=None) -> Tensor:
     """:func:`gemv` for the paper's ``quick`` layout."""
     return gemv("quick", x, qweight, scales, zeros, group_size, bias, config, splits, out)

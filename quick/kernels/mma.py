@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from quick.formats.weights import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
 from quick.kernels import jit
@@ -232,7 +233,7 @@ _ALIGN_HINT = "the kernels use 16-byte loads: pass a fresh tensor or .clone() th
 
 
 def _check_tensor(
-    name: str, t: torch.Tensor, device: torch.device, error: type[ValueError] = ValueError, hint: str = _ALIGN_HINT
+    name: str, t: Tensor, device: torch.device, error: type[ValueError] = ValueError, hint: str = _ALIGN_HINT
 ) -> None:
     """One kernel argument: a tensor on ``device``, contiguous and 16-byte aligned (``error`` is raised with the
     reason, ``hint`` ends the alignment message)."""
@@ -246,7 +247,7 @@ def _check_tensor(
         raise error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); {hint}")
 
 
-def _check_x(x: torch.Tensor, error: type[ValueError] = ValueError) -> None:
+def _check_x(x: Tensor, error: type[ValueError] = ValueError) -> None:
     """The activations: a 2-D fp16/bf16 tensor (``TypeError`` for the type and dtype, ``error`` for the shape)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -256,12 +257,12 @@ def _check_x(x: torch.Tensor, error: type[ValueError] = ValueError) -> None:
         raise error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
 
 
-def _check_bias_dtype(bias: torch.Tensor | None, x: torch.Tensor) -> None:
+def _check_bias_dtype(bias: Tensor | None, x: Tensor) -> None:
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != x.dtype):
         raise TypeError(f"bias must have x's dtype {x.dtype}, got {getattr(bias, 'dtype', type(bias).__name__)}")
 
 
-def _flatten(x: torch.Tensor, error: type[ValueError] = ValueError) -> torch.Tensor:
+def _flatten(x: Tensor, error: type[ValueError] = ValueError) -> Tensor:
     """``x [..., K]`` as 2-D rows ``[M, K]`` (a view; ``x`` must be contiguous unless it is already 2-D)."""
     if x.dim() < 1:
         raise error("x must have at least one dimension (the last one is K)")
@@ -272,7 +273,7 @@ def _flatten(x: torch.Tensor, error: type[ValueError] = ValueError) -> torch.Ten
     return x.reshape(-1, x.shape[-1])
 
 
-def _dense_rows(x2d: torch.Tensor) -> torch.Tensor:
+def _dense_rows(x2d: Tensor) -> Tensor:
     """``x2d`` itself if contiguous and 16-byte aligned, else a dense copy (callers hand in views such as
     ``x[:, :1].reshape(...)``; the kernels need dense rows)."""
     if not x2d.is_contiguous() or x2d.data_ptr() % 16:
@@ -281,14 +282,9 @@ def _dense_rows(x2d: torch.Tensor) -> torch.Tensor:
 
 
 def validate(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
     need_cuda: bool = True,
-) -> tuple[int, int, int, int]:
+) -> tuple[int, int, int, int]:  # fmt: skip
     """Check every assumption of the kernels; returns ``(M, K, N, G)``. Works on meta/fake tensors when
     ``need_cuda`` is False (the op's fake implementation uses that)."""
     _check_x(x)
@@ -613,7 +609,7 @@ def _get_launch(
     return launch
 
 
-def _out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
+def _out(out: Tensor | None, m: int, n: int, x: Tensor) -> Tensor:
     if out is None:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     if (
@@ -627,7 +623,7 @@ def _out(out: torch.Tensor | None, m: int, n: int, x: torch.Tensor) -> torch.Ten
     return out
 
 
-def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out) -> torch.Tensor:
+def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out) -> Tensor:
     m, k, n, g = _prepare(x, qweight, scales, zeros, group_size, bias)
     if kind == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"the GEMV handles M <= {GEMV_MAX_M} rows, got M={m}; use gemm()")
@@ -653,12 +649,10 @@ def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out)
     return out
 
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
 
 
-def _counters(
-    dev: torch.device, n: int, stream: int, cache: dict[tuple[int, int], torch.Tensor] = _COUNTERS
-) -> torch.Tensor:
+def _counters(dev: torch.device, n: int, stream: int, cache: dict[tuple[int, int], Tensor] = _COUNTERS) -> Tensor:
     """Zeroed split-k arrival counters, one buffer per (device, stream) in ``cache``: kernels on one stream run in
     order and the last CTA of each tile resets its counter, so the buffer is zero again between launches."""
     key = (_dev_index(dev), stream)
@@ -670,18 +664,18 @@ def _counters(
     return buf
 
 
-def gemm(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:
+def gemm(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> Tensor:
     """The mma.sync GEMM for any M >= 1 (``config``/``splits`` override the tuned choice; ``out`` may be a
     caller's buffer, e.g. a poisoned one in tests)."""
     return _run("gemm", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
-def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> torch.Tensor:
+def gemv(x, qweight, scales, zeros, group_size, bias=None, *, config=None, splits=None, out=None) -> Tensor:
     """The decode kernel, M <= 8."""
     return _run("gemv", x, qweight, scales, zeros, group_size, bias, config, splits, out)
 
 
-def is_available(x: torch.Tensor) -> bool:
+def is_available(x: Tensor) -> bool:
     """A CUDA tensor on an sm_80+ device, fp16/bf16, K a multiple of 64, and nvcc to build the kernels."""
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES):
         return False

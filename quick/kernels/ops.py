@@ -12,9 +12,8 @@ Which kernel runs inside each op is :mod:`quick.kernels.select`'s choice.
 
 # No `from __future__ import annotations` here: torch.library infers the op schemas from real annotations.
 
-from typing import Optional
-
 import torch
+from torch import Tensor
 
 from quick.formats.layouts import get_layout, unpack_w4a8, unpack_w4a8_sm90
 from quick.formats.w4a8 import quantize_activations, w4a8_reference
@@ -27,13 +26,8 @@ from quick.kernels import wgmma as sm
 
 @torch.library.custom_op("quick::gemm_w4a16", mutates_args=())
 def gemm_w4a16(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
+) -> Tensor:
     """``x @ dequant(W) (+ bias)`` on the ``quick`` layout's kernels (decode kernel, GEMV or mma.sync GEMM)."""
     x2 = mma._flatten(x)
     out = select.matmul("quick", x2, qweight, scales, zeros, group_size, bias)
@@ -49,13 +43,8 @@ def _gemm_w4a16_fake(x, qweight, scales, zeros, group_size, bias=None):
 
 @torch.library.custom_op("quick::gemm_w4a16_sm90", mutates_args=())
 def gemm_w4a16_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None, group_size: int
+) -> Tensor:
     """``x @ dequant(W) (+ bias)`` on the ``quick_sm90`` layout's kernels (decode kernel or wgmma GEMM)."""
     return select.matmul("quick_sm90", x, qweight, scales, zeros, group_size, bias)
 
@@ -86,12 +75,12 @@ def _fused(x, qweight, scales, zeros, m: int, n: int, k: int, g: int, act: bool,
     return c if dense else None
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def _dense(t: Tensor) -> Tensor:
     t = t.contiguous()
     return t.clone() if t.data_ptr() % 16 else t
 
 
-def gated_gemm(gu, qweight, scales, zeros, group_size: int, bias=None, act: str = "silu") -> torch.Tensor:
+def gated_gemm(gu, qweight, scales, zeros, group_size: int, bias=None, act: str = "silu") -> Tensor:
     """``act(gu[:, :K]) * gu[:, K:] @ dequant(W) (+ bias)``: a gated MLP's down projection from its gate/up product
     ``gu`` [M, 2K]. One launch where the choice is the decode kernel and it has a ``QD_ACT`` variant for the config;
     otherwise :func:`decode.gated`, then the usual product."""
@@ -111,14 +100,8 @@ def gated_gemm(gu, qweight, scales, zeros, group_size: int, bias=None, act: str 
 
 @torch.library.custom_op("quick::gated_gemm_w4a16_sm90", mutates_args=())
 def gated_gemm_w4a16_sm90(
-    gu: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bias: torch.Tensor | None,
-    group_size: int,
-    act: str,
-) -> torch.Tensor:
+    gu: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None, group_size: int, act: str
+) -> Tensor:
     """:func:`gated_gemm` as one opaque op."""
     return gated_gemm(gu, qweight, scales, zeros, group_size, bias, act)
 
@@ -130,7 +113,7 @@ def _gated_fake(gu, qweight, scales, zeros, bias, group_size, act):
 
 
 def gemm_add_norm(x, qweight, scales, zeros, group_size: int, bias, residual, weight, eps: float, offset: float = 0.0,
-                  act: str = "") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  act: str = "") -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(RMSNorm(r), r)`` with ``r = residual + h`` and ``h = x @ dequant(W) (+ bias)`` (``act``: ``x`` is a
     ``[M, 2K]`` gate/up product and ``h`` the down projection of ``act(gate) * up``): the o / down projection of a
     decoder layer with the add and norm that follow it. One launch where the choice is the decode kernel and a
@@ -166,18 +149,18 @@ def gemm_add_norm(x, qweight, scales, zeros, group_size: int, bias, residual, we
 
 @torch.library.custom_op("quick::gemm_add_norm_sm90", mutates_args=())
 def gemm_add_norm_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bias: torch.Tensor | None,
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bias: Tensor | None,
     group_size: int,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
+    residual: Tensor,
+    weight: Tensor,
     eps: float,
     offset: float,
     act: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """:func:`gemm_add_norm` as one opaque op."""
     return gemm_add_norm(x, qweight, scales, zeros, group_size, bias, residual, weight, eps, offset, act)
 
@@ -188,14 +171,14 @@ def _add_norm_fake(x, qweight, scales, zeros, bias, group_size, residual, weight
     return residual.new_empty(residual.shape), residual.new_empty(residual.shape)
 
 
-def linear_fn(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
+def linear_fn(x2d: Tensor, packed: dict, group_size: int) -> Tensor:
     """The dispatcher's entry for layout ``quick``: ``fn(x2d, packed_tensors, group_size) -> out2d``.
     Callers hand in views (``x[:, :1].reshape(...)``); the kernels need dense rows, so copy those."""
     x2d = mma._dense_rows(x2d)
     return torch.ops.quick.gemm_w4a16(x2d, packed["qweight"], packed["scales"], packed["zeros"], group_size)
 
 
-def linear_fn_sm90(x2d: torch.Tensor, packed: dict, group_size: int) -> torch.Tensor:
+def linear_fn_sm90(x2d: Tensor, packed: dict, group_size: int) -> Tensor:
     """The dispatcher's entry for layout ``quick_sm90``. The layout admits N multiples of 16, the kernels need
     multiples of 64: such layers take the dequantize + matmul path instead of failing."""
     k, n = x2d.shape[1], packed["scales"].shape[1]
@@ -218,13 +201,9 @@ def _w4a8_reference(x2, qweight, channel_scale, group_scale, group_size, bias):
 
 @torch.library.custom_op("quick::gemm_w4a8", mutates_args=())
 def gemm_w4a8(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: Optional[torch.Tensor],  # noqa: UP045 (torch.library parses the annotation)
-    group_size: int,
-    bias: Optional[torch.Tensor] = None,  # noqa: UP045
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """W4A8 ``x [..., K] -> [..., N]``: activation quantization + int8 GEMM on CUDA, the reference on CPU."""
     x2 = w4._flatten(x)
     if x2.device.type == "cuda":
@@ -243,7 +222,7 @@ def _gemm_w4a8_fake(x, qweight, channel_scale, group_scale, group_size, bias=Non
 
 
 @torch.library.custom_op("quick::quantize_act_w4a8", mutates_args=())
-def quantize_act_w4a8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_w4a8(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token int8 activations ``(x_q [M, K] int8, s_x [M] fp32)``: the CUDA kernel, or the reference on CPU."""
     if x.device.type == "cuda":
         return w4.quantize_activations_cuda(x)
@@ -259,14 +238,9 @@ def _quantize_act_fake(x):
 
 @torch.library.custom_op("quick::gemm_w4a8_sm90", mutates_args=())
 def gemm_w4a8_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    group_size: int,
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, bias: Tensor | None, group_size: int,
     widen: bool = False,
-) -> torch.Tensor:
+) -> Tensor:  # fmt: skip
     """W4A8 ``x [M, K] -> [M, N]`` with weights in layout ``w4a8_sm90``; ``widen``: every group scale <= 16 (the
     layer knows it from its weights, so no call reads them)."""
     return select.matmul("w4a8_sm90", x, qweight, channel_scale, group_scale, group_size, bias, widen=widen)
@@ -278,9 +252,7 @@ def _gemm_w4a8_sm90_fake(x, qweight, channel_scale, group_scale, bias, group_siz
     return x.new_empty((x.shape[0], channel_scale.shape[0]))
 
 
-def linear_w4a8(
-    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear_w4a8(x2d: Tensor, packed: dict[str, Tensor], group_size: int, bias: Tensor | None = None) -> Tensor:
     """The dispatcher's entry for layout ``w4a8``: ``y [M, N]`` through ``quick::gemm_w4a8`` (the kernels for CUDA
     inputs, the float64 reference rounded to x's dtype on CPU). Views are copied to dense rows."""
     if isinstance(x2d, torch.Tensor) and x2d.is_cuda:
@@ -290,9 +262,7 @@ def linear_w4a8(
     )
 
 
-def linear_w4a8_sm90(
-    x2d: torch.Tensor, packed: dict[str, torch.Tensor], group_size: int, *, widen: bool = False
-) -> torch.Tensor:
+def linear_w4a8_sm90(x2d: Tensor, packed: dict[str, Tensor], group_size: int, *, widen: bool = False) -> Tensor:
     """The dispatcher's entry for layout ``w4a8_sm90`` (bias is added by the caller). The layout admits N multiples
     of 16, the kernel needs multiples of 64: such layers take the W4A8 arithmetic emulated in float32 instead."""
     n = packed["channel_scale"].shape[0]

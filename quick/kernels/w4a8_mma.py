@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from quick.formats.weights import SUPPORTED_DTYPES
 from quick.kernels import jit, mma
@@ -163,19 +164,14 @@ VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
+def _check_tensor(name: str, t: Tensor, device: torch.device) -> None:
     mma._check_tensor(name, t, device, W4A8Error, ".clone() the view")
 
 
 def validate(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    need_cuda: bool = True,
-) -> tuple[int, int, int]:
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None = None, need_cuda: bool = True,
+) -> tuple[int, int, int]:  # fmt: skip
     """Check every assumption of the kernels; returns ``(M, K, N)``. Works on meta/fake tensors when
     ``need_cuda`` is False. Raises ``TypeError`` (types, dtypes) or :class:`W4A8Error` (a ValueError)."""
     mma._check_x(x, W4A8Error)
@@ -312,22 +308,22 @@ def _actq_launch(m: int, k: int, dtype: torch.dtype, dev: torch.device) -> _Fast
     return hit  # type: ignore[return-value]
 
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
 
 
-def _counters(dev: torch.device, n: int) -> torch.Tensor:
+def _counters(dev: torch.device, n: int) -> Tensor:
     """Zeroed split-k arrival counters of the current stream (:func:`quick.kernels.mma._counters`)."""
     return mma._counters(dev, n, torch.cuda.current_stream(dev).cuda_stream, _COUNTERS)
 
 
-def quantize_activations_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_cuda(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(x_q int8 [M, K], s_x fp32 [M])`` of a CUDA ``x [M, K]`` fp16/bf16, bit-exact with
     :func:`quick.formats.w4a8.quantize_activations` (K % 8 == 0, contiguous, 16-byte aligned)."""
     xq, sx, _ = _quantize(x, sums=False)
     return xq, sx
 
 
-def _quantize(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _quantize(x: Tensor, sums: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """The activation kernel; ``sums``: also int32 ``[M, K/128]`` sums of x_q per group of 128 (K % 128 == 0)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -350,17 +346,10 @@ def _quantize(x: torch.Tensor, sums: bool) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def gemm_w4a8_cuda(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    *,
-    config: W4A8Config | str | None = None,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None = None, *, config: W4A8Config | str | None = None, splits: int | None = None,
+    out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """Activation quantization + the int8 GEMM on CUDA tensors (``config``/``splits`` override the tuned
     choice; ``out`` may be a caller's buffer, e.g. a poisoned one in tests)."""
     m, k, n = validate(x, qweight, channel_scale, group_scale, group_size, bias)
@@ -393,11 +382,11 @@ def gemm_w4a8_cuda(
 # ------------------------------------------------------------------------------------ ops and dispatch
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
+def _flatten(x: Tensor) -> Tensor:
     return mma._flatten(x, W4A8Error)
 
 
-def is_available(x: torch.Tensor) -> bool:
+def is_available(x: Tensor) -> bool:
     """A CUDA fp16/bf16 tensor on an sm_80+ device, K % 128 == 0, and nvcc to build the kernels (N % 32 == 0 holds
     for every ``w4a8``-packed weight)."""
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES):

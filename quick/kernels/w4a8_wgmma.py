@@ -16,6 +16,7 @@ import ctypes
 from dataclasses import dataclass, replace
 
 import torch
+from torch import Tensor
 
 from quick.formats.w4a8 import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
 from quick.formats.weights import SUPPORTED_DTYPES
@@ -241,15 +242,9 @@ VARIANTS: list[tuple[str, str, dict[str, int]]] = [
 
 
 def plan(
-    m: int,
-    n: int,
-    k: int,
-    sms: int,
-    config: W4A8Sm90Config | None = None,
-    splits: int | None = None,
-    group_size: int = -1,
-    rounds: int | None = None,
-) -> LaunchPlan:
+    m: int, n: int, k: int, sms: int, config: W4A8Sm90Config | None = None, splits: int | None = None,
+    group_size: int = -1, rounds: int | None = None,
+) -> LaunchPlan:  # fmt: skip
     """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU). choose_splits counts
     steps with a fixed cost per unit: a k128 step is about two k64 steps, so the cost is 2 of them."""
     cfg = config or default_config(m, group_size)
@@ -257,13 +252,9 @@ def plan(
 
 
 def validate(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> tuple[int, int, int]:
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None = None,
+) -> tuple[int, int, int]:  # fmt: skip
     """Check everything the kernel assumes; returns ``(M, N, K)``. Raises :class:`W4A8Sm90Error`."""
     if x.dim() != 2:
         raise W4A8Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
@@ -306,7 +297,7 @@ def validate(
 # ------------------------------------------------------------------------------ TMA descriptor (driver, ctypes)
 
 
-def encode_xq_map(xq: torch.Tensor, nt: int):
+def encode_xq_map(xq: Tensor, nt: int):
     """Tensor map of ``x_q`` [M, K] int8 (row-major): boxes of 128 k x ``nt`` tokens, 128-byte swizzle (the
     K-major SW128 operand layout of the wgmma descriptor), rows past M read as zeros."""
     if xq.data_ptr() % 16 or xq.stride(0) % 16 or xq.stride(1) != 1:
@@ -326,7 +317,7 @@ def is_available(device: torch.device | int | None = None) -> bool:
     return jit.nvcc_available()
 
 
-def quantize_activations_sm90(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_sm90(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row int8 of ``x`` [M, K] on the GPU (``csrc/quick_actquant.cu``, shared with the sm_80 W4A8 kernel),
     bit-identical to ``w4a8.quantize_activations`` on the same CUDA tensor."""
     from quick.kernels import w4a8_mma
@@ -347,20 +338,20 @@ def tuned_config(m: int, group_size: int, widen: bool = False) -> tuple[W4A8Sm90
 
 
 def gemm_w4a8_sm90_q(
-    xq: torch.Tensor,
-    sx: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
+    xq: Tensor,
+    sx: Tensor,
+    qweight: Tensor,
+    channel_scale: Tensor,
+    group_scale: Tensor | None,
     group_size: int,
-    bias: torch.Tensor | None,
+    bias: Tensor | None,
     out_dtype: torch.dtype,
     config: W4A8Sm90Config | None = None,
     splits: int | None = None,
-    out: torch.Tensor | None = None,
+    out: Tensor | None = None,
     rounds: int | None = None,
     widen: bool = False,
-) -> torch.Tensor:
+) -> Tensor:
     """The GEMM on already quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]); [M, N] in out_dtype.
 
     ``widen``: the caller vouches that every group scale is <= 16 (``w4a8.widens_to_int8``), which lets
@@ -420,17 +411,10 @@ def gemm_w4a8_sm90_q(
 
 
 def gemm_w4a8_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    channel_scale: torch.Tensor,
-    group_scale: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    config: W4A8Sm90Config | None = None,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-    widen: bool | None = None,
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None = None, config: W4A8Sm90Config | None = None, splits: int | None = None,
+    out: Tensor | None = None, widen: bool | None = None,
+) -> Tensor:  # fmt: skip
     """``y = W4A8(x)`` (activation quantization + GEMM) with weights in layout ``w4a8_sm90``; [M, N] in x's dtype.
 
     ``config``/``splits`` override the tuned choice (benchmarks, tests); ``out`` lets tests hand in a poisoned
@@ -453,6 +437,6 @@ def gemm_w4a8_sm90(
     )
 
 
-def takes_input(x: torch.Tensor) -> bool:
+def takes_input(x: Tensor) -> bool:
     """Whether this layout's kernel can take ``x`` on its device (the dispatcher's availability check)."""
     return isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)

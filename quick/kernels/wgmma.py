@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from quick.formats.weights import SUPPORTED_DTYPES, resolve_group_size
 from quick.kernels import jit
@@ -244,26 +245,15 @@ def build_plan(
 
 
 def plan(
-    m: int,
-    n: int,
-    k: int,
-    num_sms: int,
-    config: Sm90Config | None = None,
-    splits: int | None = None,
-    group_size: int = 128,
-    rounds: int | None = None,
-) -> LaunchPlan:
+    m: int, n: int, k: int, num_sms: int, config: Sm90Config | None = None, splits: int | None = None,
+    group_size: int = 128, rounds: int | None = None,
+) -> LaunchPlan:  # fmt: skip
     """Tiles, split-k and grid for one problem (pure arithmetic, testable without a GPU)."""
     return build_plan(m, n, k // 64, num_sms, config or default_config(m, group_size), splits, rounds)
 
 
 def validate(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
 ) -> tuple[int, int, int, int]:
     """Check everything the kernel assumes; returns ``(M, N, K, G)``. Raises :class:`Sm90Error`."""
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
@@ -331,7 +321,7 @@ def _aligned_desc() -> tuple[ctypes.Array, TmaDesc]:
     return buf, TmaDesc.from_buffer(buf, off)
 
 
-def encode_rowmajor_map(t: torch.Tensor, elem_bytes: int, box_k: int, nt: int) -> tuple[ctypes.Array, TmaDesc]:
+def encode_rowmajor_map(t: Tensor, elem_bytes: int, box_k: int, nt: int) -> tuple[ctypes.Array, TmaDesc]:
     """Tensor map of a row-major ``[M, K]`` activation tensor with ``elem_bytes``-byte elements (2: fp16/bf16 x,
     1: int8 x_q): boxes of ``box_k`` k x ``nt`` tokens (128 bytes of k: the K-major SW128 operand layout the
     wgmma descriptor names), 128-byte swizzle, rows past M read as zeros. The caller checks alignment."""
@@ -362,7 +352,7 @@ def encode_rowmajor_map(t: torch.Tensor, elem_bytes: int, box_k: int, nt: int) -
     return buf, desc
 
 
-def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
+def encode_x_map(x: Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
     """Tensor map of ``x`` [M, K] (16-bit, row-major): boxes of 64 k x ``nt`` tokens."""
     if x.data_ptr() % 16 or (x.stride(0) * 2) % 16 or x.stride(1) != 1:
         raise Sm90Error("x must be 16-byte aligned with unit column stride and a row stride of a multiple of 8")
@@ -371,12 +361,12 @@ def encode_x_map(x: torch.Tensor, nt: int) -> tuple[ctypes.Array, TmaDesc]:
 
 # ------------------------------------------------------------------------------ launch
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
 _COUNTERS_LOCK = threading.Lock()
 _SMS: dict[int, int] = {}
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
+def _counters(device: torch.device, n: int) -> Tensor:
     """Split-k arrival counters, zero between launches (the last CTA of a tile resets its own); one buffer per
     (device, stream) so that launches on different streams never share one."""
     stream = torch.cuda.current_stream(device).cuda_stream
@@ -405,7 +395,7 @@ def is_available(device: torch.device | int | None = None) -> bool:
     return jit.nvcc_available()
 
 
-def takes_input(x: torch.Tensor) -> bool:
+def takes_input(x: Tensor) -> bool:
     """Whether this layout's kernels can take ``x`` on its device (the dispatcher's availability check)."""
     return isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in SUPPORTED_DTYPES and is_available(x.device)
 
@@ -437,16 +427,9 @@ def prepare(x, qweight, scales, zeros, group_size, bias=None):
 
 
 def gemm_w4a16_sm90(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-    config: Sm90Config | None = None,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
+    config: Sm90Config | None = None, splits: int | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """``x @ dequant(W) (+ bias)`` on the wgmma GEMM with ``W`` in the ``quick_sm90`` layout; ``x`` [M, K] -> [M, N] in
     x's dtype. ``config``/``splits``: None = the batch size's tuned config and the split model (which kernel runs a
     layer's call is :mod:`quick.kernels.select`'s choice, not this function's); ``out`` (contiguous [M, N]) lets
@@ -460,8 +443,8 @@ def gemm_w4a16_sm90(
 
 def launch_validated(
     x, qweight, scales, zeros, bias, m: int, n: int, k: int, g: int, config: Sm90Config | None, splits: int | None,
-    rounds: int | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    rounds: int | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """The launch on :func:`prepare`'d inputs; ``config`` None = the batch size's tuned config."""
     if m == 0:
         return x.new_empty((0, n)) if out is None else out
