@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_causal_lm
 from torch import nn
 
-from quick.algorithms import awq
+from quick.algorithms import awq, calibration
 from quick.auto import quantize_model_rtn
 from quick.models.families import FAMILIES, FamilyError, active_groups, decoder_layers, get_family
 from quick.nn.dtypes import set_compute_dtype
@@ -181,7 +181,7 @@ def test_gemma_fold_uses_one_plus_weight():
 # --------------------------------------------------------------------------------------- AWQ vs RTN
 
 
-def _layer_out(layer: nn.Module, inputs: awq.LayerInputs, index: int) -> torch.Tensor:
+def _layer_out(layer: nn.Module, inputs: calibration.LayerInputs, index: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat(
             [awq._layer_output(layer(x, **kw)) for x, kw in zip(inputs.hidden, inputs.kwargs[index], strict=True)]
@@ -200,7 +200,7 @@ def test_awq_loss_not_worse_than_rtn_on_captured_inputs(kind):
     torch.manual_seed(0)
     model = with_outliers(MODELS[kind]())
     family = get_family(model.config)
-    inputs = awq.capture_layer_inputs(model, calib(), family, batch_size=8, device="cpu")
+    inputs = calibration.capture_layer_inputs(model, calib(), family, batch_size=8, device="cpu")
     assert len(inputs.hidden) == 2 and inputs.hidden[0].shape == (8, 64, 64)
     if kind == "gemma3_text":  # sliding and global layers get different masks
         m0, m1 = inputs.kwargs[0][0]["attention_mask"], inputs.kwargs[1][0]["attention_mask"]

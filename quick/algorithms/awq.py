@@ -12,7 +12,8 @@ How this implementation runs:
 * The decoder layers run one at a time (only the current layer on the compute device). The inputs of the
   first layer, and the keyword arguments every layer receives (rotary position embeddings, attention mask;
   Gemma3 passes different ones to sliding-window and global layers), are captured by temporarily
-  replacing every layer with a catcher that records its call and passes the hidden states through.
+  replacing every layer with a catcher that records its call and passes the hidden states through
+  (:mod:`quick.algorithms.calibration`, the pass QQQ runs too).
 * Statistics of every linear's input are gathered in one pass over all calibration tokens: ``mean|x|`` and
   the Gram matrix ``X^T X``. For a scale group whose compared module is a single linear (``o_proj``,
   ``down_proj``) the output MSE of any candidate weight ``W'`` is exactly ``tr((W'-W) X^T X (W'-W)^T)``, so
@@ -34,12 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from quick.algorithms.calibration import calibrate_layers, calibration_setup
 from quick.formats.layouts import get_layout
-from quick.formats.weights import SUPPORTED_DTYPES, QuantizationError, quantize, resolve_group_size
+from quick.formats.weights import QuantizationError, quantize, resolve_group_size
 from quick.models import moe
-from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers
 from quick.nn.dtypes import round_dense_, set_compute_dtype
 from quick.nn.linear import QuickLinear, padded_in_features
 
@@ -53,107 +54,9 @@ MAX_SHRINK = 0.5
 CPU_SEARCH_SAMPLES = 16
 
 
-class _StopForward(Exception):
-    """Raised by the last catcher: the rest of the model (final norm, lm_head) is not needed."""
-
-
-@dataclass
-class LayerInputs:
-    """Calibration inputs of the first decoder layer, in chunks, and the kwargs every layer is called with.
-
-    ``hidden[c]`` is chunk ``c`` ``[B, S, H]``; ``kwargs[i][c]`` the keyword arguments layer ``i`` received
-    for chunk ``c`` (tensors on the compute device).
-    """
-
-    hidden: list[torch.Tensor]
-    kwargs: list[list[dict[str, Any]]]
-
-
-class _Catcher(nn.Module):
-    def __init__(self, index: int, store: LayerInputs, last: bool) -> None:
-        super().__init__()
-        self.index, self.store, self.last = index, store, last
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden_states = args[0] if args else kwargs.pop("hidden_states")
-        if len(args) > 1:
-            raise QuantizationError("decoder layer called with extra positional arguments; expected keywords")
-        if self.index == 0:
-            self.store.hidden.append(hidden_states.detach())
-        self.store.kwargs[self.index].append(dict(kwargs))
-        if self.last:
-            raise _StopForward
-        return hidden_states
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def calibration_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (half-precision matmuls there are ~50x slower and less exact); the model's dtype on GPU."""
-    if device.type == "cpu" or model_dtype not in SUPPORTED_DTYPES:
-        return torch.float32
-    return model_dtype
-
-
 def _layer_output(out: Any) -> torch.Tensor:
     """Decoder layers return a tensor in transformers 5 and a tuple before."""
     return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module,
-    samples: torch.Tensor,
-    family: ModelFamily | None = None,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> LayerInputs:
-    """Run the model's embedding part on ``samples`` [n, seqlen] and record what each decoder layer gets.
-
-    Only the non-layer modules (embeddings, rotary tables) visit the compute device; the layers are swapped
-    for catchers during the pass, so they are neither moved nor run.
-    """
-    family = family or get_family(model.config)
-    device = torch.device(device) if device is not None else default_device()
-    layers = decoder_layers(model, family)
-    originals = list(layers)
-    store = LayerInputs(hidden=[], kwargs=[[] for _ in originals])
-    for i in range(len(originals)):
-        layers[i] = _Catcher(i, store, last=i == len(originals) - 1)
-    home = next(model.parameters()).device
-    try:
-        model.to(device)
-        for start in range(0, samples.shape[0], batch_size):
-            ids = samples[start : start + batch_size].to(device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-        model.to(home)
-    if len(store.hidden) * batch_size < samples.shape[0] or any(len(k) != len(store.hidden) for k in store.kwargs):
-        raise QuantizationError("calibration pass did not reach every decoder layer for every chunk")
-    store.hidden = [h.to(dtype) for h in store.hidden]
-    store.kwargs = [[_cast_floats(kw, dtype) for kw in per_layer] for per_layer in store.kwargs]
-    return store
-
-
-def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
-    """Cast floating tensors (rotary cos/sin, additive masks) inside kwargs to the calibration dtype."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast_floats(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------- stats
@@ -560,43 +463,25 @@ def run_layer_with_probes(
 
 
 def _collect(
-    layer: nn.Module,
-    hidden: list[torch.Tensor],
-    kwargs: list[dict[str, Any]],
-    groups: list[ScaleGroup],
-    linears: dict[str, nn.Linear],
-    site_of: dict[str, str],
-    n_search: int,
-    group_size: int,
-    device: torch.device,
-) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, Probe]]:
+    layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear], site_of: dict[str, str], n_search: int, group_size: int, device: torch.device,
+) -> tuple[list[torch.Tensor], dict[str, InputStats], dict[str, Probe]]:  # fmt: skip
     """One pass of the float layer over all chunks: its outputs, input statistics, compared-module probes."""
     full = {site_of[g.linears[0]] for g in groups if g.inspect is None}
     width = {site_of[n]: lin.in_features for n, lin in linears.items()}
     width.update({g.stats_from: linears[g.linears[0]].in_features for g in groups if g.stats_from})
     stats = {s: InputStats.empty(k, group_size, s in full, device) for s, k in width.items()}
-    outputs, probes = run_layer_with_probes(
-        layer,
-        hidden,
-        kwargs,
-        device,
-        n_search,
-        {layer.get_submodule(s): st.add for s, st in stats.items()},
-        [g.inspect for g in groups if g.inspect is not None],
-    )
+    inputs_of = {layer.get_submodule(s): st.add for s, st in stats.items()}
+    probe_names = [g.inspect for g in groups if g.inspect is not None]
+    outputs, probes = run_layer_with_probes(layer, hidden, kwargs, device, n_search, inputs_of, probe_names)
     return outputs, stats, probes
 
 
 @torch.no_grad()
 def awq_layer(
-    layer: nn.Module,
-    family: ModelFamily,
-    hidden: list[torch.Tensor],
-    kwargs: list[dict[str, Any]],
-    settings: AwqSettings,
-    device: torch.device,
-    index: int = 0,
-) -> tuple[list[torch.Tensor], LayerReport]:
+    layer: nn.Module, family: ModelFamily, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+    settings: AwqSettings, device: torch.device, index: int = 0,
+) -> tuple[list[torch.Tensor], LayerReport]:  # fmt: skip
     """Search and fold the scales of one float decoder layer, then clip its weights (no packing yet).
 
     Returns the layer's float outputs (the next layer's inputs) and the per-group search report.
@@ -698,22 +583,12 @@ def quantize_model_awq(
     Dense parameters outside the packed layers keep the model's dtype, rounded to ``scale_dtype`` (what a
     checkpoint stores); packed layers cast activations at their boundary (see ``set_compute_dtype``).
     """
-    family = family or get_family(model.config)
-    device = torch.device(device) if device is not None else default_device()
+    family, device, scale_dtype, n_search_chunks = calibration_setup(
+        model, samples, family, device, scale_dtype, batch_size, search_samples, CPU_SEARCH_SAMPLES, "scale dtype"
+    )
     model_dtype = next(model.parameters()).dtype
-    scale_dtype = scale_dtype or (model_dtype if model_dtype in SUPPORTED_DTYPES else torch.float16)
-    if scale_dtype not in SUPPORTED_DTYPES:
-        raise QuantizationError(f"scale dtype must be float16 or bfloat16, got {scale_dtype}")
-    if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
-        raise QuantizationError(f"calibration samples must be integer token ids [n, seqlen], got {samples.shape}")
-    if batch_size < 1:
-        raise QuantizationError(f"batch_size must be positive, got {batch_size}")
     check_quantizable(model, family, group_size, layout)
     moe.check_experts(moe.experts_modules(model, family), group_size, layout)
-    work = calibration_dtype(model_dtype, device)
-    home = next(model.parameters()).device
-    if search_samples is None and device.type == "cpu":
-        search_samples = CPU_SEARCH_SAMPLES
     settings = AwqSettings(
         group_size,
         zero_point,
@@ -721,20 +596,14 @@ def quantize_model_awq(
         n_grid,
         clip,
         duo_scaling,
-        None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
+        n_search_chunks,
         layout,
         moe.MIN_EXPERT_TOKENS if min_expert_tokens is None else min_expert_tokens,
     )
 
-    was_training = model.training
-    model.eval()
-    inputs = capture_layer_inputs(model, samples, family, batch_size, device, work)
-    layers = decoder_layers(model, family)
-    hidden = inputs.hidden
-    for idx in tqdm(range(len(layers)), desc="AWQ", unit="layer", disable=not progress):
-        layer = layers[idx].to(device=device, dtype=work)
+    def step(idx: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
         moe.unfuse_experts_(layer, family)
-        hidden, report = awq_layer(layer, family, hidden, inputs.kwargs[idx], settings, device, idx)
+        hidden, report = awq_layer(layer, family, hidden, kwargs, settings, device, idx)
         if reports is not None:
             reports.append(report)
         starved = moe.expert_tokens({n: report.tokens[n] for n in report.rtn_fallback}, family)
@@ -751,15 +620,10 @@ def quantize_model_awq(
                 setattr(parent, child, QuickLinear.from_linear(lin, group_size, layout, zero_point, scale_dtype))
         else:
             moe.refuse_experts_(layer, family)
-        # Dense leftovers (norms) go back to the model's dtype, rounded to what a checkpoint stores.
-        round_dense_(layer, scale_dtype)
-        for p in layer.parameters():
-            p.data = p.data.to(model_dtype)
-        layers[idx] = layer.to(home)
-        if on_layer is not None:
-            on_layer(idx, layers[idx])
+        return hidden
+
+    calibrate_layers(model, samples, family, device, batch_size, scale_dtype, step, "AWQ", progress, on_layer)
     if quantize_weights:
         round_dense_(model, scale_dtype)
         set_compute_dtype(model, model_dtype)
-    model.train(was_training)
     return model

@@ -18,8 +18,8 @@ then absorbs the extra 4-bit rounding error by updating the not-yet-quantized co
   error-updated weights, so ``W = s_ch * s_g * q`` exactly as :mod:`quick.formats.w4a8` stores it.
 * **RTN** (no calibration): the same two-level grid with round-to-nearest, for quick tests.
 
-The calibration capture (first-layer inputs, per-layer kwargs) and the scale folding are AWQ's
-(:mod:`quick.algorithms.awq`). The next layer's inputs are the outputs of the *quantized* layer (GPTQ's
+The calibration pass (:mod:`quick.algorithms.calibration`) and the scale folding (:mod:`quick.algorithms.awq`)
+are AWQ's. The next layer's inputs are the outputs of the *quantized* layer (GPTQ's
 sequential mode), so later layers see and compensate the error of earlier ones.
 """
 
@@ -32,19 +32,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quick.algorithms.awq import (
     Probe,
     _first_tensor,
     _layer_output,
-    calibration_dtype,
-    capture_layer_inputs,
-    default_device,
     fold_scale,
     layer_linears,
     run_layer_with_probes,
 )
+from quick.algorithms.calibration import calibrate_layers, calibration_setup
 from quick.formats.w4a8 import (
     W4A8Weight,
     _finish,
@@ -56,8 +53,8 @@ from quick.formats.w4a8 import (
     group_scale_for,
     quantize_w4a8_rtn,
 )
-from quick.formats.weights import SUPPORTED_DTYPES, QuantizationError
-from quick.models.families import ModelFamily, ScaleGroup, active_groups, decoder_layers, get_family
+from quick.formats.weights import QuantizationError
+from quick.models.families import ModelFamily, ScaleGroup, active_groups
 
 N_GRID = 20
 DAMP = 0.01
@@ -339,15 +336,9 @@ class QqqLayerReport:
 
 
 def _collect(
-    layer: nn.Module,
-    hidden: list[torch.Tensor],
-    kwargs: list[dict[str, Any]],
-    groups: list[ScaleGroup],
-    linears: dict[str, nn.Linear],
-    site_of: dict[str, str],
-    n_search: int,
-    device: torch.device,
-) -> tuple[list[torch.Tensor], dict[str, _Site], dict[str, Probe]]:
+    layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], groups: list[ScaleGroup],
+    linears: dict[str, nn.Linear], site_of: dict[str, str], n_search: int, device: torch.device,
+) -> tuple[list[torch.Tensor], dict[str, _Site], dict[str, Probe]]:  # fmt: skip
     """One pass of the float layer: its outputs, every input site's statistics, and the groups' probes."""
     sites = {
         s: _Site(
@@ -356,15 +347,9 @@ def _collect(
         )
         for s in set(site_of.values())
     }
-    outputs, probes = run_layer_with_probes(
-        layer,
-        hidden,
-        kwargs,
-        device,
-        n_search,
-        {linears[s]: (lambda x, _searching, st=st: st.add(x)) for s, st in sites.items()},  # every chunk counts
-        [probe_module_name(g) for g in groups],
-    )
+    inputs_of = {linears[s]: (lambda x, _searching, st=st: st.add(x)) for s, st in sites.items()}  # every chunk counts
+    probe_names = [probe_module_name(g) for g in groups]
+    outputs, probes = run_layer_with_probes(layer, hidden, kwargs, device, n_search, inputs_of, probe_names)
     return outputs, sites, probes
 
 
@@ -375,15 +360,9 @@ def _replace(layer: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def qqq_layer(
-    layer: nn.Module,
-    family: ModelFamily,
-    hidden: list[torch.Tensor],
-    kwargs: list[dict[str, Any]],
-    settings: QqqSettings,
-    device: torch.device,
-    module_dtype: torch.dtype,
-    index: int = 0,
-) -> tuple[list[torch.Tensor], QqqLayerReport]:
+    layer: nn.Module, family: ModelFamily, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+    settings: QqqSettings, device: torch.device, module_dtype: torch.dtype, index: int = 0,
+) -> tuple[list[torch.Tensor], QqqLayerReport]:  # fmt: skip
     """Smooth, GPTQ-quantize and swap in :class:`QuickLinearW4A8` for every linear of one float decoder layer.
 
     Returns the next layer's inputs (the quantized layer's outputs when ``settings.sequential``) and the report.
@@ -467,46 +446,19 @@ def quantize_model_qqq(
     from quick.nn.dtypes import round_dense_
 
     check_group_size(group_size)
-    family = family or get_family(model.config)
-    device = torch.device(device) if device is not None else default_device()
-    model_dtype = next(model.parameters()).dtype
-    dtype = dtype or (model_dtype if model_dtype in SUPPORTED_DTYPES else torch.float16)
-    if dtype not in SUPPORTED_DTYPES:
-        raise QuantizationError(f"W4A8 layer dtype must be float16 or bfloat16, got {dtype}")
-    if samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
-        raise QuantizationError(f"calibration samples must be integer token ids [n, seqlen], got {samples.shape}")
-    if batch_size < 1:
-        raise QuantizationError(f"batch_size must be positive, got {batch_size}")
-    if search_samples is None and device.type == "cpu":
-        search_samples = CPU_SEARCH_SAMPLES
-    settings = QqqSettings(
-        group_size,
-        smooth,
-        gptq,
-        n_grid,
-        damp,
-        BLOCK_SIZE,
-        act_order,
-        None if search_samples is None else max(1, math.ceil(search_samples / batch_size)),
-        sequential,
-        clip,
+    family, device, dtype, n_search_chunks = calibration_setup(
+        model, samples, family, device, dtype, batch_size, search_samples, CPU_SEARCH_SAMPLES, "W4A8 layer dtype"
     )
-    work = calibration_dtype(model_dtype, device)
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    inputs = capture_layer_inputs(model, samples, family, batch_size, device, work)
-    layers = decoder_layers(model, family)
-    hidden = inputs.hidden
-    for idx in tqdm(range(len(layers)), desc="QQQ", unit="layer", disable=not progress):
-        layer = layers[idx].to(device=device, dtype=work)
-        hidden, report = qqq_layer(layer, family, hidden, inputs.kwargs[idx], settings, device, dtype, idx)
+    settings = QqqSettings(
+        group_size, smooth, gptq, n_grid, damp, BLOCK_SIZE, act_order, n_search_chunks, sequential, clip
+    )
+
+    def step(idx: int, layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+        hidden, report = qqq_layer(layer, family, hidden, kwargs, settings, device, dtype, idx)
         if reports is not None:
             reports.append(report)
-        round_dense_(layer, dtype)
-        for p in layer.parameters():
-            p.data = p.data.to(model_dtype)
-        layers[idx] = layer.to(home)
+        return hidden
+
+    calibrate_layers(model, samples, family, device, batch_size, dtype, step, "QQQ", progress)
     round_dense_(model, dtype)
-    model.train(was_training)
     return model
