@@ -14,6 +14,7 @@ import ctypes
 import math
 
 import torch
+from torch import Tensor
 
 from quick import settings
 from quick.kernels import jit
@@ -62,7 +63,7 @@ def supports(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bo
     )
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half rotary embedding of the first ``cos.shape[-1]`` channels of each head (all of them, or a part:
     Phi-4's partial rotary); the rest pass through. The math the ``QA_ROPE`` kernel does (over all channels)."""
     r = cos.shape[-1]
@@ -107,7 +108,7 @@ def choose_splits(batch: int, kv_heads: int, length: int, head_dim: int, num_sms
 
 
 def validate(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None
+    q: Tensor, keys: Tensor, values: Tensor, pos: Tensor, mask: Tensor | None
 ) -> tuple[int, int, int, int, int]:
     """``(B, H, KV, L, D)`` or :class:`AttnError` (shapes, dtypes, devices, layout; no GPU work)."""
     for name, t in (("q", q), ("keys", keys), ("values", values), ("pos", pos)):
@@ -148,15 +149,9 @@ def validate(
 
 
 def decode_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    q: Tensor, keys: Tensor, values: Tensor, pos: Tensor, mask: Tensor | None, scale: float,
+    splits: int | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """``softmax(q k^T * scale + mask) v`` over cache positions ``0..pos``: q ``[B, H, D]`` -> ``[B, H, D]``.
     ``splits`` overrides the heuristic (tests); ``out`` may be a caller's (poisoned) buffer."""
     b, h, kv, length, d = validate(q, keys, values, pos, mask)
@@ -164,16 +159,9 @@ def decode_attention(
 
 
 def validate_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> tuple[int, int, int, int, int]:
+    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+    mask: Tensor | None,
+) -> tuple[int, int, int, int, int]:  # fmt: skip
     """:func:`validate` for :func:`decode_attention_rope`'s inputs: q ``[B, H*D]``, k / v ``[B, KV*D]``, cos / sin
     ``[B, D]``, each with unit stride along its row (rows may be strided: views of one fused q/k/v product)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin)):
@@ -201,20 +189,9 @@ def validate_rope(
 
 
 def decode_attention_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    splits: int | None = None,
-    out: torch.Tensor | None = None,
-    pdl: bool | None = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+    mask: Tensor | None, scale: float, splits: int | None = None, out: Tensor | None = None, pdl: bool | None = None,
+) -> Tensor:  # fmt: skip
     """One decode step's rotary + cache append + attention in one launch (``QA_ROPE``): rotate q ``[B, H*D]`` and
     the new key k ``[B, KV*D]`` with this step's cos / sin ``[B, D]``, write the key and v into ``keys`` / ``values``
     at ``pos`` (in place; nothing where ``pos >= L``), and return the attention of the rotated q over positions
@@ -235,7 +212,7 @@ def decode_attention_rope(
     return res.view(b, h * d)
 
 
-def _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, dims) -> torch.Tensor:
+def _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, dims) -> Tensor:
     """:func:`decode_attention_rope`'s math with torch ops (CPU): rotate in the model dtype, append, SDPA."""
     b, h, kv, length, d = dims
     qr = rope(q.view(b, h, d), cos[:, None], sin[:, None])
@@ -252,7 +229,7 @@ def _rope_reference(q, k, v, keys, values, pos, cos, sin, mask, scale, dims) -> 
     return o.reshape(b, h * d)
 
 
-def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl=None) -> torch.Tensor:
+def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl=None) -> Tensor:
     """The kernel launch for validated inputs; ``rope_args``: ``(k, v, cos, sin, q_stride, kv_stride, cs_stride)``
     for the ``QA_ROPE`` variant (q then ``[B, H*D]`` rows of stride ``q_stride``), else ``None``; ``pdl`` (``QA_ROPE``
     only): the ``QA_PDL`` variant (None: :func:`quick.kernels.jit.pdl_enabled`)."""
@@ -304,14 +281,7 @@ def _launch(q, keys, values, pos, mask, scale, splits, out, dims, rope_args, pdl
 
 
 @torch.library.custom_op("quick::attn_decode", mutates_args=())
-def attn_decode(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def attn_decode(q: Tensor, keys: Tensor, values: Tensor, pos: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """:func:`decode_attention` as one opaque op (torch.compile, CUDA graphs)."""
     return decode_attention(q, keys, values, pos, mask, scale)
 
@@ -324,17 +294,9 @@ def _(q, keys, values, pos, mask, scale):
 
 @torch.library.custom_op("quick::attn_decode_rope", mutates_args=("keys", "values"))
 def attn_decode_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, keys: Tensor, values: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+    mask: Tensor | None, scale: float,
+) -> Tensor:  # fmt: skip
     """:func:`decode_attention_rope` as one op that declares its cache writes (torch.compile, CUDA graphs)."""
     return decode_attention_rope(q, k, v, keys, values, pos, cos, sin, mask, scale)
 
