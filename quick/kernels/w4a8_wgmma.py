@@ -21,7 +21,16 @@ from torch import Tensor
 from quick.formats.w4a8 import SUPPORTED_W4A8_GROUPS, WIDEN_GROUP_SCALE_MAX, widens_to_int8
 from quick.formats.weights import SUPPORTED_DTYPES
 from quick.kernels import jit
-from quick.kernels.wgmma import LaunchPlan, _counters, build_plan, encode_rowmajor_map, num_sms
+from quick.kernels.wgmma import (
+    LaunchPlan,
+    WarpgroupTile,
+    _counters,
+    build_plan,
+    check_x_qweight,
+    encode_rowmajor_map,
+    is_available,
+    num_sms,
+)
 
 SOURCE = "quick_w4a8_sm90.cu"
 KERNEL = "quick_w4a8_sm90_gemm"
@@ -38,17 +47,14 @@ class W4A8Sm90Error(ValueError):
 
 
 @dataclass(frozen=True)
-class W4A8Sm90Config:
-    """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
-    ``stages`` TMA stages for ``x_q`` (k128 x nt bytes each), ``pref`` k128 steps of weights in flight (ring
-    depth, or steps per load group), ``pipe`` the weight pipeline (0 ring; 1 ping-pong load groups; 2 the same
-    with ld.relaxed.gpu loads, which ptxas keeps at the group boundary: the sm90 W4A16 kernel's decode winner;
-    3 the producer bulk-copies the weights into the shared-memory stages next to x, consumers read them with
-    LDS.128: weight latency hidden by the whole TMA pipeline depth, no ring registers; ``pref`` unused)."""
+class W4A8Sm90Config(WarpgroupTile):
+    """One compiled variant (:class:`~quick.kernels.wgmma.WarpgroupTile`: ``nt``, ``nwg``, ``stages`` of ``x_q``,
+    k128 x nt bytes each): ``pref`` k128 steps of weights in flight (ring depth, or steps per load group), ``pipe``
+    the weight pipeline (0 ring; 1 ping-pong load groups; 2 the same with ld.relaxed.gpu loads, which ptxas keeps
+    at the group boundary: the sm90 W4A16 kernel's decode winner; 3 the producer bulk-copies the weights into the
+    shared-memory stages next to x, consumers read them with LDS.128: weight latency hidden by the whole TMA
+    pipeline depth, no ring registers; ``pref`` unused)."""
 
-    nt: int
-    nwg: int = 2
-    stages: int = 6
     pref: int = 4
     pipe: int = 0
     order: int = 0  # two consumer warpgroups issue their wgmmas in turn (QW_ORDER)
@@ -60,17 +66,11 @@ class W4A8Sm90Config:
     def smem_bytes(self, group_size: int = -1) -> int:
         """Dynamic shared memory: alignment slack, x stages (+ weight stages for pipe 3), epilogue staging,
         mbarriers and flags."""
-        w = self.nwg * (4096 + (64 if group_size > 0 else 0)) if self.pipe == 3 else 0
-        return 1024 + self.stages * (self.nt * 128 + w) + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
-
-    def threads(self) -> int:
-        return 128 * (self.nwg + 1)
+        return self._smem(self.nwg * (4096 + (64 if group_size > 0 else 0)) if self.pipe == 3 else 0)
 
     def defines(self, group_size: int, dtype: torch.dtype) -> dict[str, int]:
         return {
-            "QW_NT": self.nt,
-            "QW_NWG": self.nwg,
-            "QW_STAGES": self.stages,
+            **self._tile_defines("QW_"),
             "QW_PREF": self.pref,
             "QW_GROUP": int(group_size > 0),
             "QW_BF16": int(dtype == torch.bfloat16),
@@ -256,15 +256,7 @@ def validate(
     bias: Tensor | None = None,
 ) -> tuple[int, int, int]:  # fmt: skip
     """Check everything the kernel assumes; returns ``(M, N, K)``. Raises :class:`W4A8Sm90Error`."""
-    if x.dim() != 2:
-        raise W4A8Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise W4A8Sm90Error(f"x must be float16 or bfloat16, got {x.dtype}")
-    m, k = x.shape
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise W4A8Sm90Error(
-            f"qweight must be int32 [K/128, 16N] (layout w4a8_sm90), got {qweight.dtype} {tuple(qweight.shape)}"
-        )
+    m, k = check_x_qweight(x, qweight, W4A8Sm90Error, "[K/128, 16N] (layout w4a8_sm90)")
     if channel_scale.dim() != 1 or channel_scale.dtype != torch.float32:
         raise W4A8Sm90Error(
             f"channel_scale must be float32 [N], got {channel_scale.dtype} {tuple(channel_scale.shape)}"
@@ -306,15 +298,6 @@ def encode_xq_map(xq: Tensor, nt: int):
 
 
 # ------------------------------------------------------------------------------ launch
-
-
-def is_available(device: torch.device | int | None = None) -> bool:
-    """True on sm_90 devices (wgmma, setmaxnreg are sm_90a-only) with nvcc present."""
-    if not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return False
-    return jit.nvcc_available()
 
 
 def quantize_activations_sm90(x: Tensor) -> tuple[Tensor, Tensor]:

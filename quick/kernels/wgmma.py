@@ -37,18 +37,36 @@ PIPES = {0: "ring", 1: "groups", 2: "groups-relaxed"}
 
 
 @dataclass(frozen=True)
-class Sm90Config:
-    """One compiled variant: ``nt`` tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each),
-    ``stages`` TMA stages for x, ``grp`` k64 steps of weights per load group or ring (``grp32`` for group size
-    32, whose two scale rows per step cost registers), ``pipe`` the weight pipeline (:data:`PIPES`: 0 per-step
-    ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that ptxas keeps at the group boundary); ``l2pf``
-    = D > 0: the producer prefetches each unit's weights D k64 steps ahead into L2; ``wtma`` = 1: weights, scales
-    and zeros come with x through the TMA stages (bulk copies; group sizes >= 64, else the ``pipe`` path); ``ef``
-    = 1: weight accesses carry an L2 evict_first policy."""
+class WarpgroupTile:
+    """What the configs of the sm_90 kernels (W4A16 here, W4A8 in :mod:`quick.kernels.w4a8_wgmma`) share: ``nt``
+    tokens per tile (wgmma N), ``nwg`` consumer warpgroups (64 channels each), ``stages`` TMA stages for x."""
 
     nt: int
     nwg: int = 2
     stages: int = 6
+
+    def threads(self) -> int:
+        return 128 * (self.nwg + 1)
+
+    def _smem(self, weight_stage_bytes: int) -> int:
+        """Dynamic shared memory: alignment slack, x stages (+ ``weight_stage_bytes`` of weights each), epilogue
+        staging, mbarriers and flags."""
+        x_stage = self.nt * 128 + weight_stage_bytes
+        return 1024 + self.stages * x_stage + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
+
+    def _tile_defines(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}NT": self.nt, f"{prefix}NWG": self.nwg, f"{prefix}STAGES": self.stages}
+
+
+@dataclass(frozen=True)
+class Sm90Config(WarpgroupTile):
+    """One compiled variant (:class:`WarpgroupTile`: ``nt``, ``nwg``, ``stages``): ``grp`` k64 steps of weights
+    per load group or ring (``grp32`` for group size 32, whose two scale rows per step cost registers), ``pipe`` the
+    weight pipeline (:data:`PIPES`: 0 per-step ring, 1 ping-pong groups, 2 the same with ld.relaxed.gpu loads that
+    ptxas keeps at the group boundary); ``l2pf`` = D > 0: the producer prefetches each unit's weights D k64 steps
+    ahead into L2; ``wtma`` = 1: weights, scales and zeros come with x through the TMA stages (bulk copies; group
+    sizes >= 64, else the ``pipe`` path); ``ef`` = 1: weight accesses carry an L2 evict_first policy."""
+
     grp: int = 4
     grp32: int = 4
     pipe: int = 1
@@ -57,18 +75,12 @@ class Sm90Config:
     ef: int = 0
 
     def smem_bytes(self) -> int:
-        """Dynamic shared memory: alignment slack, x stages, epilogue staging, mbarriers and flags."""
-        wst = self.nwg * (2048 + 256) if self.wtma else 0
-        return 1024 + self.stages * (self.nt * 128 + wst) + self.nwg * self.nt * 144 + self.stages * 16 + self.nwg * 16
-
-    def threads(self) -> int:
-        return 128 * (self.nwg + 1)
+        """Dynamic shared memory (:meth:`WarpgroupTile._smem`; with ``wtma``, weights, scales and zeros per stage)."""
+        return self._smem(self.nwg * (2048 + 256) if self.wtma else 0)
 
     def defines(self, group_size: int, dtype: torch.dtype) -> dict[str, int]:
         return {
-            "QS_NT": self.nt,
-            "QS_NWG": self.nwg,
-            "QS_STAGES": self.stages,
+            **self._tile_defines("QS_"),
             "QS_PREF": self.grp32 if group_size == 32 else self.grp,
             "QS_G32": int(group_size == 32),
             "QS_BF16": int(dtype == torch.bfloat16),
@@ -252,6 +264,18 @@ def plan(
     return build_plan(m, n, k // 64, num_sms, config or default_config(m, group_size), splits, rounds)
 
 
+def check_x_qweight(x: Tensor, qweight: Tensor, error: type[ValueError], packed: str) -> tuple[int, int]:
+    """What the sm_90 kernels assume of ``x`` (2-D fp16/bf16) and ``qweight`` (2-D int32, ``packed`` names its
+    shape and layout); returns ``(M, K)``."""
+    if x.dim() != 2:
+        raise error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise error(f"x must be float16 or bfloat16, got {x.dtype}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise error(f"qweight must be int32 {packed}, got {qweight.dtype} {tuple(qweight.shape)}")
+    return x.shape
+
+
 def validate(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
 ) -> tuple[int, int, int, int]:
@@ -259,15 +283,7 @@ def validate(
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise Sm90Error(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2:
-        raise Sm90Error(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise Sm90Error(f"x must be float16 or bfloat16, got {x.dtype}")
-    m, k = x.shape
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise Sm90Error(
-            f"qweight must be int32 [K/64, 8N] (layout quick_sm90), got {qweight.dtype} {tuple(qweight.shape)}"
-        )
+    m, k = check_x_qweight(x, qweight, Sm90Error, "[K/64, 8N] (layout quick_sm90)")
     if scales.dim() != 2:
         raise Sm90Error(f"scales must be 2-D [K/G, N], got {tuple(scales.shape)}")
     n = scales.shape[1]
@@ -387,7 +403,7 @@ def num_sms(device: torch.device) -> int:
 
 
 def is_available(device: torch.device | int | None = None) -> bool:
-    """True on sm_90 devices (the kernel uses sm_90a-only wgmma and setmaxnreg) with nvcc present."""
+    """True on sm_90 devices (the W4A16 and W4A8 kernels use sm_90a-only wgmma and setmaxnreg) with nvcc present."""
     if not torch.cuda.is_available():
         return False
     if torch.cuda.get_device_capability(device) != (9, 0):
