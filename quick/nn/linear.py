@@ -21,6 +21,29 @@ def padded_in_features(k: int, group_size: int, layout: str) -> int:
     return -(-k // step) * step
 
 
+def positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def check_dims(
+    owner: str, dtype: torch.dtype, dims: dict[str, object], logical_in_features: int | None, prefix: str = ""
+) -> int:
+    """The constructor checks of the packed layers: an fp16/bf16 ``dtype`` (``owner`` names the class), positive int
+    ``dims`` (``prefix`` starts their errors) and the real K ``logical_in_features`` (default: ``dims``'
+    ``in_features``) in ``(0, in_features]``; returns the real K."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{owner} dtype must be float16 or bfloat16, got {dtype}")
+    for name, v in dims.items():
+        positive_int(prefix + name, v)
+    in_features = dims["in_features"]
+    logical = logical_in_features or in_features
+    if not 0 < logical <= in_features:
+        raise ValueError(f"logical in_features {logical} must be in (0, {in_features}]")
+    return logical
+
+
 class QuickLinear(nn.Module):
     """Linear layer ``y = x @ dequant(W) + b`` with W stored in a packed layout.
 
@@ -35,26 +58,14 @@ class QuickLinear(nn.Module):
     """
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = False,
-        group_size: int = 128,
-        layout: str = "quick",
-        dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
+        self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128, layout: str = "quick",
+        dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
         logical_in_features: int | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
-        if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"QuickLinear dtype must be float16 or bfloat16, got {dtype}")
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"QuickLinear {name} must be a positive int, got {v!r}")
+        dims = {"in_features": in_features, "out_features": out_features}
+        self.logical_in_features = check_dims("QuickLinear", dtype, dims, logical_in_features, "QuickLinear ")
         self.in_features, self.out_features = in_features, out_features
-        self.logical_in_features = logical_in_features or in_features
-        if not 0 < self.logical_in_features <= in_features:
-            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {in_features}]")
         self._ref_cache: tuple | None = None
         self.group_size = group_size
         self.layout_name = layout
@@ -94,14 +105,9 @@ class QuickLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        group_size: int = 128,
-        layout: str = "quick",
-        zero_point: bool = True,
-        dtype: torch.dtype | None = None,
-        scales: torch.Tensor | None = None,
-    ) -> QuickLinear:
+        cls, linear: nn.Linear, group_size: int = 128, layout: str = "quick", zero_point: bool = True,
+        dtype: torch.dtype | None = None, scales: torch.Tensor | None = None,
+    ) -> QuickLinear:  # fmt: skip
         """Quantize an ``nn.Linear`` (round-to-nearest on its current weights) and pack it."""
         dtype = dtype or (linear.weight.dtype if linear.weight.dtype in SUPPORTED_DTYPES else torch.float16)
         k = linear.in_features

@@ -239,14 +239,9 @@ class QuickLinearW4A8(nn.Module):
 
     @classmethod
     def from_weight(
-        cls,
-        weight: torch.Tensor,
-        group_size: int = -1,
-        bias: torch.Tensor | None = None,
-        dtype: torch.dtype | None = None,
-        pack: bool | None = None,
-        layout: str = LAYOUT,
-    ) -> QuickLinearW4A8:
+        cls, weight: torch.Tensor, group_size: int = -1, bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None, pack: bool | None = None, layout: str = LAYOUT,
+    ) -> QuickLinearW4A8:  # fmt: skip
         """Round-to-nearest W4A8 of a float weight ``[N, K]`` (K padded to whole groups)."""
         from quick.formats.w4a8 import quantize_w4a8_rtn
 
@@ -256,27 +251,17 @@ class QuickLinearW4A8(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        group_size: int = -1,
-        dtype: torch.dtype | None = None,
-        pack: bool | None = None,
+        cls, linear: nn.Linear, group_size: int = -1, dtype: torch.dtype | None = None, pack: bool | None = None,
         layout: str = LAYOUT,
-    ) -> QuickLinearW4A8:
+    ) -> QuickLinearW4A8:  # fmt: skip
         return cls.from_weight(linear.weight.data, group_size, linear.bias, dtype, pack, layout)
 
     @classmethod
     def from_tensors(
-        cls,
-        tensors: dict[str, torch.Tensor],
-        storage: str,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float16,
-        logical_in_features: int | None = None,
-        pack: bool | None = None,
+        cls, tensors: dict[str, torch.Tensor], storage: str, group_size: int, bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16, logical_in_features: int | None = None, pack: bool | None = None,
         layout: str | None = None,
-    ) -> QuickLinearW4A8:
+    ) -> QuickLinearW4A8:  # fmt: skip
         """Rebuild from checkpoint tensors of any storage, validated against the format, and (re)pack them into
         ``layout`` (default: the stored layout; unpacked tensors stay unpacked unless ``layout`` is given)."""
         storage = check_storage(storage)
@@ -296,14 +281,9 @@ class QuickLinearW4A8(nn.Module):
 
     @classmethod
     def from_stored(
-        cls,
-        tensors: dict[str, torch.Tensor],
-        storage: str,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float16,
-        logical_in_features: int | None = None,
-    ) -> QuickLinearW4A8:
+        cls, tensors: dict[str, torch.Tensor], storage: str, group_size: int, bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16, logical_in_features: int | None = None,
+    ) -> QuickLinearW4A8:  # fmt: skip
         """A layer holding ``tensors`` as they are (no unpacking or repacking): stored tensors of layers that were
         validated already, e.g. their concatenation along N (:mod:`quick.models.fuse`). Shapes and dtypes are
         checked against ``storage``; values are not (use :meth:`from_tensors` for tensors from elsewhere)."""

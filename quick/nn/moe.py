@@ -23,7 +23,7 @@ from torch import nn
 
 from quick.formats.layouts import Layout, get_layout
 from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
-from quick.nn.linear import BACKENDS, padded_in_features
+from quick.nn.linear import BACKENDS, check_dims, padded_in_features, positive_int
 
 # The gated MLP activations of the MoE families (transformers' ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -35,12 +35,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _positive_int(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
-
-
 class QuickExpertStack(nn.Module):
     """``num_experts`` packed 4-bit weights ``[K, N]`` (``y_e = x @ dequant(W_e)``) in one layout.
 
@@ -50,25 +44,14 @@ class QuickExpertStack(nn.Module):
     """
 
     def __init__(
-        self,
-        num_experts: int,
-        in_features: int,
-        out_features: int,
-        group_size: int = 128,
-        layout: str = "quick",
-        dtype: torch.dtype = torch.float16,
-        device: torch.device | str | None = None,
+        self, num_experts: int, in_features: int, out_features: int, group_size: int = 128, layout: str = "quick",
+        dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
         logical_in_features: int | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
-        if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"QuickExpertStack dtype must be float16 or bfloat16, got {dtype}")
-        self.num_experts = _positive_int("num_experts", num_experts)
-        self.in_features = _positive_int("in_features", in_features)
-        self.out_features = _positive_int("out_features", out_features)
-        self.logical_in_features = logical_in_features or in_features
-        if not 0 < self.logical_in_features <= in_features:
-            raise ValueError(f"logical in_features {self.logical_in_features} must be in (0, {in_features}]")
+        dims = {"num_experts": num_experts, "in_features": in_features, "out_features": out_features}
+        self.logical_in_features = check_dims("QuickExpertStack", dtype, dims, logical_in_features)
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.group_size, self.layout_name, self.dtype = group_size, layout, dtype
         lay = self.layout
         lay.check(in_features, out_features, group_size)
@@ -146,13 +129,9 @@ class QuickExpertStack(nn.Module):
 
     @classmethod
     def from_weights(
-        cls,
-        weight: torch.Tensor,
-        group_size: int = 128,
-        layout: str = "quick",
-        zero_point: bool = True,
+        cls, weight: torch.Tensor, group_size: int = 128, layout: str = "quick", zero_point: bool = True,
         dtype: torch.dtype | None = None,
-    ) -> QuickExpertStack:
+    ) -> QuickExpertStack:  # fmt: skip
         """Round-to-nearest each expert of ``weight [E, N, K]`` (``nn.Linear`` orientation per expert) and pack."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
             shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -226,8 +205,8 @@ def build_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int = 16
         raise ValueError(
             f"top_k_index must be an integer tensor [tokens, top_k], got {top_k_index.dtype} {tuple(top_k_index.shape)}"
         )
-    _positive_int("num_experts", num_experts)
-    _positive_int("block_size", block_size)
+    positive_int("num_experts", num_experts)
+    positive_int("block_size", block_size)
     t, k = top_k_index.shape
     dev = top_k_index.device
     flat = top_k_index.reshape(-1).long()
@@ -291,8 +270,8 @@ class QuickMoEExperts(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported expert activation {act!r}; supported: {sorted(ACTIVATIONS)}")
-        _positive_int("hidden_size", hidden_size)
-        _positive_int("intermediate_size", intermediate_size)
+        positive_int("hidden_size", hidden_size)
+        positive_int("intermediate_size", intermediate_size)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.act = act
         self.backend = "auto"
