@@ -138,11 +138,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 def fake_quant(
-    weight: torch.Tensor,
-    group_size: int,
-    zero_point: bool,
-    scale_dtype: torch.dtype,
-    k_padded: int | None = None,
+    weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype, k_padded: int | None = None
 ) -> torch.Tensor:
     """Round-to-nearest then dequantize ``[N, K]`` on exactly the grid :func:`quantize` + ``dequantize`` use.
 
@@ -170,11 +166,7 @@ def fake_quant(
 
 
 def reference_fake_quant(
-    weight: torch.Tensor,
-    group_size: int,
-    zero_point: bool,
-    scale_dtype: torch.dtype,
-    k_padded: int | None = None,
+    weight: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype, k_padded: int | None = None
 ) -> torch.Tensor:
     """:func:`fake_quant` through the primitives (quantize -> dequantize), the definition it must match."""
     n, k = weight.shape
@@ -261,17 +253,9 @@ def _gram_loss(delta: torch.Tensor, gram: torch.Tensor, tokens: int) -> float:
 
 @torch.no_grad()
 def search_scale(
-    layer: nn.Module,
-    group: ScaleGroup,
-    stats: InputStats,
-    probe: Probe | None,
-    group_size: int,
-    zero_point: bool,
-    scale_dtype: torch.dtype,
-    n_grid: int = N_GRID,
-    duo_scaling: bool = False,
-    layout: str = "quick",
-) -> tuple[torch.Tensor, float, float]:
+    layer: nn.Module, group: ScaleGroup, stats: InputStats, probe: Probe | None, group_size: int, zero_point: bool,
+    scale_dtype: torch.dtype, n_grid: int = N_GRID, duo_scaling: bool = False, layout: str = "quick",
+) -> tuple[torch.Tensor, float, float]:  # fmt: skip
     """Best scales for one group; returns ``(scales, best_loss, identity_loss)`` (the latter is RTN's)."""
     linears = [layer.get_submodule(n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
@@ -314,15 +298,9 @@ def search_scale(
 
 @torch.no_grad()
 def search_clip(
-    weight: torch.Tensor,
-    blocks: torch.Tensor,
-    group_size: int,
-    zero_point: bool,
-    scale_dtype: torch.dtype,
-    n_grid: int = N_GRID,
-    max_shrink: float = MAX_SHRINK,
-    layout: str = "quick",
-) -> torch.Tensor:
+    weight: torch.Tensor, blocks: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype,
+    n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK, layout: str = "quick",
+) -> torch.Tensor:  # fmt: skip
     """Per (row, group) clipping bound minimising that group's contribution to the output error.
 
     AutoAWQ's auto_clip: clamp the weight to ``+-max|w| * (1 - i / n_grid)`` for ``i < max_shrink * n_grid``,
