@@ -61,12 +61,7 @@ def check_quantized(qw: QuantizedWeight) -> tuple[int, int, int]:
         raise QuantizationError(f"only 4-bit weights are supported, got bits={qw.bits}")
     if scales.dtype not in SUPPORTED_DTYPES:
         raise QuantizationError(f"scales must be float16 or bfloat16, got {scales.dtype}")
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if tuple(t.shape) != (k // g, n):
-            raise QuantizationError(
-                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} for K={k}, N={n}, "
-                f"group_size={qw.group_size}"
-            )
+    check_group_shapes(scales, zeros, k, n, g, qw.group_size)
     if q.numel():
         lo, hi = (int(v) for v in torch.aminmax(q))
         if lo < 0 or hi > 15:
@@ -77,6 +72,19 @@ def check_quantized(qw: QuantizedWeight) -> tuple[int, int, int]:
         if not (0 <= lo and hi <= 15) or not torch.equal(z, z.round()):
             raise QuantizationError("zero points must be integers in [0, 15]")
     return k, n, g
+
+
+def check_group_shapes(
+    scales: torch.Tensor, zeros: torch.Tensor, k: int, n: int, g: int, group_size: int,
+    error: type[ValueError] = QuantizationError,
+) -> None:  # fmt: skip
+    """``scales`` and ``zeros`` must be ``[K/G, N]`` (``g``: the resolved ``group_size``), else ``error``."""
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (k // g, n):
+            raise error(
+                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} for K={k}, N={n}, "
+                f"group_size={group_size}"
+            )
 
 
 def resolve_group_size(group_size: int, k: int) -> int:
@@ -103,12 +111,7 @@ def dequantize(
         raise QuantizationError(f"codes q must be 2-D [K, N], got shape {tuple(q.shape)}")
     k, n = q.shape
     g = resolve_group_size(group_size, k)
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if tuple(t.shape) != (k // g, n):
-            raise QuantizationError(
-                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} for K={k}, N={n}, "
-                f"group_size={group_size}"
-            )
+    check_group_shapes(scales, zeros, k, n, g, group_size)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     s = scales.to(work).repeat_interleave(g, dim=0)
     z = zeros.to(work).repeat_interleave(g, dim=0)

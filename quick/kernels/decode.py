@@ -330,9 +330,8 @@ def _prepare(layout: str, x, qweight, scales, zeros, group_size, bias) -> tuple[
         m, n, k, g = wgmma.validate(x, qweight, scales, zeros, group_size, bias)
         if x.device.type != "cuda":
             raise DecError("the decode kernel runs on CUDA tensors only")
-        for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-            if t is not None:
-                mma._check_tensor(name, t, x.device, DecError)
+        named = (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias))
+        mma._check_tensors(named, x.device, DecError)
         return mma._dense_rows(x), m, n, k, g
     if isinstance(x, torch.Tensor) and x.device.type != "cuda":
         raise DecError("the decode kernel runs on CUDA tensors only")

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from quick.formats.weights import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES
+from quick.formats.weights import SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, check_group_shapes
 from quick.kernels import jit
 
 GEMM_SOURCE = "quick_mma.cu"
@@ -247,6 +247,34 @@ def _check_tensor(
         raise error(f"{name} must be 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}); {hint}")
 
 
+def _check_tensors(
+    named: tuple[tuple[str, Tensor | None], ...], device: torch.device, error: type[ValueError] = ValueError,
+    hint: str = _ALIGN_HINT,
+) -> None:  # fmt: skip
+    """:func:`_check_tensor` for each ``(name, tensor)`` whose tensor is not None (an absent bias)."""
+    for name, t in named:
+        if t is not None:
+            _check_tensor(name, t, device, error, hint)
+
+
+def _packed_dims(
+    x: Tensor, qweight: Tensor, k_rows: int, n_cols: int, layout: str, align: tuple[int, int], need: str,
+    error: type[ValueError] = ValueError,
+) -> tuple[int, int, int]:  # fmt: skip
+    """``(M, K, N)`` of ``x [M, K]`` and ``qweight [K/k_rows, n_cols*N]`` packed in ``layout``, K and N multiples of
+    ``align`` (``need`` says so in the error)."""
+    m, k = x.shape
+    if qweight.dim() != 2 or qweight.shape[1] % n_cols:
+        packed = f"[K/{k_rows}, {n_cols}N] (layout '{layout}')"
+        raise error(f"qweight must be 2-D {packed}, got shape {tuple(qweight.shape)}")
+    n = qweight.shape[1] // n_cols
+    if k % align[0] or n % align[1]:
+        raise error(f"the {need}, got K={k}, N={n}")
+    if qweight.shape[0] * k_rows != k:
+        raise error(f"qweight has {qweight.shape[0]} k{k_rows} rows, x has K={k} (expected {k // k_rows} rows)")
+    return m, k, n
+
+
 def _check_x(x: Tensor, error: type[ValueError] = ValueError) -> None:
     """The activations: a 2-D fp16/bf16 tensor (``TypeError`` for the type and dtype, ``error`` for the shape)."""
     if not isinstance(x, torch.Tensor):
@@ -299,21 +327,9 @@ def validate(
                 f"{getattr(t, 'dtype', type(t).__name__)}"
             )
     _check_bias_dtype(bias, x)
-    m, k = x.shape
-    if qweight.dim() != 2 or qweight.shape[1] % 2:
-        raise ValueError(f"qweight must be 2-D [K/16, 2N] (layout 'quick'), got shape {tuple(qweight.shape)}")
-    n = qweight.shape[1] // 2
-    if k % 64 or n % 64:
-        raise ValueError(f"the QUICK kernels need K and N multiples of 64, got K={k}, N={n}")
-    if qweight.shape[0] * 16 != k:
-        raise ValueError(f"qweight has {qweight.shape[0]} k16 rows, x has K={k} (expected {k // 16} rows)")
+    m, k, n = _packed_dims(x, qweight, 16, 2, "quick", (64, 64), "QUICK kernels need K and N multiples of 64")
     g = resolve_group(group_size, k)
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if tuple(t.shape) != (k // g, n):
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected [K/G, N] = {(k // g, n)} "
-                f"for K={k}, N={n}, group_size={group_size}"
-            )
+    check_group_shapes(scales, zeros, k, n, g, group_size, ValueError)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
     if need_cuda:
@@ -322,9 +338,7 @@ def validate(
                 f"x is on {x.device}: the QUICK kernels run on CUDA tensors (use QuickLinear's "
                 "reference backend on CPU)"
             )
-        for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
-            if t is not None:
-                _check_tensor(name, t, x.device)
+        _check_tensors((("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)), x.device)
     return m, k, n, g
 
 

@@ -182,14 +182,8 @@ def validate(
     if group_size not in GROUPS:
         raise W4A8Error(f"group_size must be one of {GROUPS} (-1 = per-channel), got {group_size}")
     _check_bias_dtype(bias, x)
-    m, k = x.shape
-    if qweight.dim() != 2 or qweight.shape[1] % 4:
-        raise W4A8Error(f"qweight must be 2-D [K/32, 4N] (layout 'w4a8'), got shape {tuple(qweight.shape)}")
-    n = qweight.shape[1] // 4
-    if k % 128 or n % 32:
-        raise W4A8Error(f"the W4A8 kernels need K % 128 == 0 and N % 32 == 0, got K={k}, N={n}")
-    if qweight.shape[0] * 32 != k:
-        raise W4A8Error(f"qweight has {qweight.shape[0]} k32 rows, x has K={k} (expected {k // 32} rows)")
+    need = "W4A8 kernels need K % 128 == 0 and N % 32 == 0"
+    m, k, n = mma._packed_dims(x, qweight, 32, 4, "w4a8", (128, 32), need, W4A8Error)
     if tuple(channel_scale.shape) != (n,):
         raise W4A8Error(f"channel_scale must have shape [{n}], got {tuple(channel_scale.shape)}")
     if group_size > 0:
@@ -209,15 +203,8 @@ def validate(
             raise W4A8Error(f"x is on {x.device}: the W4A8 kernels run on CUDA tensors (use linear_w4a8 on CPU)")
         if capability(x.device)[0] < 8:
             raise W4A8Error("the W4A8 kernels need an sm_80+ GPU (int8 mma.sync.m16n8k32)")
-        for name, t in (
-            ("x", x),
-            ("qweight", qweight),
-            ("channel_scale", channel_scale),
-            ("group_scale", group_scale),
-            ("bias", bias),
-        ):
-            if t is not None:
-                _check_tensor(name, t, x.device)
+        named = (("x", x), ("qweight", qweight), ("channel_scale", channel_scale), ("group_scale", group_scale))
+        mma._check_tensors((*named, ("bias", bias)), x.device, W4A8Error, ".clone() the view")
     return m, k, n
 
 
