@@ -437,30 +437,24 @@ class AutoQuickForCausalLM:
         if not w4a8:
             check_layout_fits(self.model, qc, skip)  # fail now, not at save time after the whole calibration
         start = time.perf_counter()
+        samples = None
+        if method in ("awq", "qqq"):
+            if tokenizer is None and not isinstance(calib_data, torch.Tensor):
+                raise QuantizationError(
+                    f"{method.upper()} needs a tokenizer (or calibration token ids) for its calibration data"
+                )
+            bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
+            samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos, split, text_column)
+        calib = {"search_samples": search_samples, "batch_size": batch_size, "family": family, "progress": progress}
         if w4a8:
-            self._quantize_w4a8(qc, method, tokenizer, family, skip, calib_data, n_samples, seqlen, seed,
-                                search_samples, batch_size, progress, qqq_options, split, text_column)  # fmt: skip
+            self._quantize_w4a8(qc, method, skip, samples, calib, qqq_options)
         elif method == "awq":
             from quick.algorithms.awq import quantize_model_awq
 
-            if tokenizer is None and not isinstance(calib_data, torch.Tensor):
-                raise QuantizationError("AWQ needs a tokenizer (or calibration token ids) for its calibration data")
-            bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
-            samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos, split, text_column)
             quantize_model_awq(
-                self.model,
-                samples,
-                group_size=qc["q_group_size"],
-                zero_point=qc["zero_point"],
-                layout=qc["version"],
-                scale_dtype=self.weight_dtype,
-                clip=apply_clip,
-                duo_scaling=duo_scaling,
-                search_samples=search_samples,
-                batch_size=batch_size,
-                family=family,
-                progress=progress,
-            )
+                self.model, samples, group_size=qc["q_group_size"], zero_point=qc["zero_point"], layout=qc["version"],
+                scale_dtype=self.weight_dtype, clip=apply_clip, duo_scaling=duo_scaling, **calib,
+            )  # fmt: skip
         else:
             quantize_model_rtn(self.model, qc["q_group_size"], qc["version"], qc["zero_point"], self.weight_dtype, skip)
         self.quantization_time_s = time.perf_counter() - start
@@ -470,24 +464,11 @@ class AutoQuickForCausalLM:
         return self
 
     def _quantize_w4a8(
-        self,
-        qc: dict[str, Any],
-        method: str,
-        tokenizer: Any,
-        family: Any,
-        skip: Sequence[str],
-        calib_data: Any,
-        n_samples: int,
-        seqlen: int,
-        seed: int,
-        search_samples: int | None,
-        batch_size: int,
-        progress: bool,
-        qqq_options: dict[str, Any] | None,
-        split: str = "train",
-        text_column: str = "text",
-    ) -> None:
-        """QQQ (calibrated) or RTN W4A8; dense parameters rounded to the checkpoint dtype either way."""
+        self, qc: dict[str, Any], method: str, skip: Sequence[str], samples: torch.Tensor | None,
+        calib: dict[str, Any], qqq_options: dict[str, Any] | None,
+    ) -> None:  # fmt: skip
+        """QQQ (calibrated on ``samples``, with ``calib``'s keyword arguments) or RTN W4A8; dense parameters rounded
+        to the checkpoint dtype either way."""
         if method == "rtn":
             with torch.no_grad():
                 rtn.quantize_model_rtn_w4a8(self.model, qc["q_group_size"], self.weight_dtype, skip, progress=False)
@@ -495,23 +476,11 @@ class AutoQuickForCausalLM:
             return
         from quick.algorithms.qqq import quantize_model_qqq
 
-        if tokenizer is None and not isinstance(calib_data, torch.Tensor):
-            raise QuantizationError("QQQ needs a tokenizer (or calibration token ids) for its calibration data")
-        bos = tokenizer.bos_token_id if family.requires_bos and tokenizer is not None else None
-        samples = calibration_tokens(tokenizer, calib_data, n_samples, seqlen, seed, bos, split, text_column)
         self.qqq_reports = []  # per layer: the smoothing strength chosen for each scale group and its losses
         quantize_model_qqq(
-            self.model,
-            samples,
-            group_size=qc["q_group_size"],
-            dtype=self.weight_dtype,
-            search_samples=search_samples,
-            batch_size=batch_size,
-            family=family,
-            progress=progress,
-            reports=self.qqq_reports,
-            **(qqq_options or {}),
-        )
+            self.model, samples, group_size=qc["q_group_size"], dtype=self.weight_dtype, reports=self.qqq_reports,
+            **calib, **(qqq_options or {}),
+        )  # fmt: skip
 
     def save_quantized(self, out_dir: str | os.PathLike, max_shard_size: int | None = None) -> Path:
         """Write the quantized model, its config and tokenizer to ``out_dir`` (atomically)."""
