@@ -276,13 +276,9 @@ class W4A8Layout:
         self.perm = il.build_permutation(self.k_multiple, self.n_multiple, self.words_per_lane, self._coords)
         self.scale_cols = il.column_permutation(self.n_multiple, self._scale_cols)
 
-    @staticmethod
-    def _coords(lane, word, pair, half):
-        return _w4a8_b_coords(lane, word, pair, half)
-
-    @staticmethod
-    def _scale_cols(slot):
-        return _w4a8_scale_cols(slot)
+    # the fragment maps of the kernel's operand: (lane, word, pair, half) -> (k, n) codes, scale slot -> column
+    _coords = staticmethod(_w4a8_b_coords)
+    _scale_cols = staticmethod(_w4a8_scale_cols)
 
     def check(self, k: int, n: int, group_size: int) -> None:
         if group_size not in SUPPORTED_W4A8_GROUPS:
@@ -392,13 +388,8 @@ class W4A8Sm90Layout(W4A8Layout):
     n_multiple = W4A8_SM90_BN
     words_per_lane = W4A8_SM90_WORDS
 
-    @staticmethod
-    def _coords(lane, word, pair, half):
-        return _w4a8_sm90_a_coords(lane, word, pair, half)
-
-    @staticmethod
-    def _scale_cols(slot):
-        return _wgmma_a_scale_cols(slot)
+    _coords = staticmethod(_w4a8_sm90_a_coords)
+    _scale_cols = staticmethod(_wgmma_a_scale_cols)
 
 
 W4A8_SM90 = W4A8_LAYOUTS.setdefault("w4a8_sm90", W4A8Sm90Layout())
