@@ -340,3 +340,39 @@ def test_the_kernel_override_reads_the_environment_safely(raw, want, monkeypatch
             assert settings.kernel_override() == want
     else:
         assert settings.kernel_override() == want
+
+
+def test_time_candidates_checks_each_against_the_models_pick(monkeypatch):
+    """Timing at first use on stand-in CUDA events (CPU): a candidate that fails, writes NaN or disagrees with the
+    model's pick (the first) gets None; if the model's pick itself fails, nothing is timed."""
+
+    class Event:
+        clock = [0.0]
+
+        def __init__(self, enable_timing=True):
+            self.t = 0.0
+
+        def record(self):
+            Event.clock[0] += 1.0
+            self.t = Event.clock[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(autotune, "FLUSH_BYTES", 16)
+    ref = torch.randn(4, 8)
+
+    def run(c, out):
+        if c == "fails":
+            raise RuntimeError("no variant")
+        out.copy_({"nan": torch.full_like(ref, float("nan")), "off": ref * 1.5}.get(c, ref + 1e-4 * (c == "close")))
+        return out
+
+    times = autotune.time_candidates(run, ["model", "close", "fails", "nan", "off"], (4, 8), torch.float32, "cpu")
+    assert times[0] is not None and times[1] is not None and times[2:] == [None, None, None]
+    with pytest.warns(RuntimeWarning):
+        autotune.time_candidates(run, ["model", "fails"], (4, 8), torch.float32, "cpu")
+    assert autotune.time_candidates(run, ["fails", "model"], (4, 8), torch.float32, "cpu") == [None, None]
+    assert autotune.time_candidates(run, ["nan", "model"], (4, 8), torch.float32, "cpu") == [None, None]

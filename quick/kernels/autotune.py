@@ -127,11 +127,15 @@ def time_candidates(
             run(cand, out)
             torch.cuda.synchronize(device)
         except Exception as err:  # noqa: BLE001 - a candidate that cannot launch here is skipped, not fatal
+            if i == 0:  # without the reference nothing can be checked: the caller runs the model's pick as is
+                return [None] * len(candidates)
             warnings.warn(f"autotune: candidate {cand} failed: {err}", RuntimeWarning, stacklevel=2)
             times.append(None)
             continue
         o = out.double()
         if not torch.isfinite(o).all():
+            if i == 0:
+                return [None] * len(candidates)
             times.append(None)
             continue
         if i == 0:
