@@ -51,8 +51,7 @@ def candidates(layout: str, m: int, n: int, k: int, nsm: int) -> list[tuple[str,
     base = sm.plan(m, n, k, nsm, tuned, None, 128, rounds).splits
     cfgs = [tuned]
     if m >= 64:  # tile alternatives: the neighbouring token tiles of each pipeline that fits them
-        tiles = {min(256, max(64, t)) for t in (m // 2, m, 2 * m)} | ({128} if m >= 256 else set())
-        for nt in sorted(tiles):  # 128-token tiles at large M: twice the units, a smaller last wave
+        for nt in sm.neighbour_tiles(m):
             for pipe in (0, 2):
                 if pipe and nt == 256:
                     continue

@@ -178,10 +178,7 @@ class WgmmaKernel(Kernel):
         base = sm.plan(p.m, p.n, p.k, num_sms, tuned, None, p.group_size, rounds).splits
         out = [Choice(self.name, tuned, s) for s in sorted({base, 1, 2, 4} - {base})]
         if p.m >= 64:  # the neighbouring token tiles (instantiated ones), ring and weights-through-TMA pipelines
-            tiles = sorted(
-                {next(t for t in sm.TOKEN_TILES if t >= min(256, max(64, s))) for s in (p.m // 2, p.m, 2 * p.m)}
-            )
-            for nt in tiles:
+            for nt in sm.neighbour_tiles(p.m):
                 for cfg in (sm.default_config(nt, 128, 0), sm.wtma_config(nt)):
                     if cfg != tuned:
                         out.append(Choice(self.name, cfg, None))

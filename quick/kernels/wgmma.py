@@ -145,6 +145,13 @@ TUNED: dict[str, list[tuple[int, Sm90Config, int | None]]] = {"fp16": _MEASURED,
 WTMA_STAGES = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8, 256: 4}
 
 
+def neighbour_tiles(m: int) -> list[int]:
+    """The instantiated token tiles around ``m`` rows worth trying at M >= 64: those holding M / 2, M and 2M tokens
+    (64 to 256), and 128 at M >= 256 (twice the units of 256 tiles, a smaller last wave)."""
+    want = {min(256, max(64, t)) for t in (m // 2, m, 2 * m)} | ({128} if m >= 256 else set())
+    return sorted({next(t for t in TOKEN_TILES if t >= w) for w in want})
+
+
 def wtma_config(nt: int) -> Sm90Config:
     """The weights-through-TMA variant for a token tile (2 consumer warpgroups, groups of 4 steps)."""
     return Sm90Config(nt, 2, WTMA_STAGES[nt], 4, 4, 0, 0, 1)
