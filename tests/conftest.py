@@ -33,3 +33,14 @@ def _deterministic_kernel_choice(
         monkeypatch.setenv("QUICK_TUNING_DIR", str(_session_tuning_dir))
     else:  # a cache written by an autotune test must not reach the user's folder nor the next test
         monkeypatch.setenv("QUICK_TUNING_DIR", str(request.getfixturevalue("tmp_path")))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Tests that run on one thread must not leave it set: later tests compare against subprocesses that run with
+    torch's default thread count, and the summation order (hence the last bits) follows the thread count."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
