@@ -100,7 +100,7 @@ def positions_per_step(head_dim: int, groups: int = 1) -> int:
 def choose_splits(batch: int, kv_heads: int, length: int, head_dim: int, num_sms: int, groups: int = 1) -> int:
     """CTAs per (sequence, kv head): up to ``TARGET_CTAS_PER_SM`` CTAs per SM in all, never more splits than loop
     steps of the cache. A CTA walking the cache alone is latency-bound (each loop step a memory round trip), extra
-    splits cost a combine: on the H200 (Llama-2-7B, window 6) batch 16 ran 4 % faster with 4 splits than with 1,
+    splits cost a combine: on the H200 (Llama-2-7B) batch 16 ran 4 % faster with 4 splits than with 1,
     batches 64 and 256 2-9 % slower; this rule gives 8, 4, 1, 1 splits at batch 1, 16, 64, 256 there."""
     steps = max(1, -(-length // positions_per_step(head_dim, groups)))
     by_fill = -(-TARGET_CTAS_PER_SM * num_sms // (batch * kv_heads))

@@ -258,8 +258,8 @@ class DecPlan:
         return (self.n_tiles, self.splits)
 
 
-# CTAs per SM the default split count aims for: 0.7, measured (device window 5, H200, 2026-12-05, dec_check over 8 layer
-# shapes at M <= 16): a full wave (1.0) split more than it paid for (8192^2 M = 1: 2 splits 21.4 us, 1 split 18.5;
+# CTAs per SM the default split count aims for: 0.7, measured (H200, scripts/dec_check.py over 8 layer shapes at
+# M <= 16): a full wave (1.0) split more than it paid for (8192^2 M = 1: 2 splits 21.4 us, 1 split 18.5;
 # 4096^2: 3 splits 12.0, 2 splits 10.8); summed over the shapes the default configs took 652 us at 0.7 against 688
 # at 1.0 (quick_sm90) and 687 against 736 (quick), the best of every timed split being 626 and 665.
 PLAN_WAVES = 0.7

@@ -8,7 +8,7 @@ or ``ValueError`` (shapes, devices, layout, alignment) with the reason; M = 0 gi
 Two kernels (``csrc/``): ``quick_gemv`` for M <= 8 (decode; a register-ring weight stream, no barriers in
 its main loop) and ``quick_gemm`` otherwise (activations through a cp.async pipeline, weights straight from
 global memory into mma registers). Tile shape and split-k come from :data:`TUNED` (measured on the H100,
-see docs/kernel_notes.md); split-k partials go to an fp32 workspace and ``quick_splitk_reduce`` sums them in a
+see docs/kernels.md); split-k partials go to an fp32 workspace and ``quick_splitk_reduce`` sums them in a
 fixed order, so results are bitwise reproducible.
 
 ``VARIANTS`` lists every (source, defines, archs) this module can launch: ``python -m
@@ -179,14 +179,14 @@ GEMV_CONFIGS: dict[str, GemvConfig] = {c.name: c for c in (GemvConfig("v16", 16,
 
 # Tuned choice per M bucket: (largest M of the bucket, configs in order of preference). The first config whose
 # stage divides K is used; the last of each list has a stage of 64 and takes any K. From the H100 sweep
-# (benchmarks/kernel.py --sweep, CUDA-graph timing; docs/kernel_notes.md). Split-k: choose_splits (its model
+# (benchmarks/kernel.py --sweep, CUDA-graph timing; docs/kernels.md). Split-k: choose_splits (its model
 # reproduces the sweep's best split at K = N = 8192 for every bucket).
 TUNED_GEMM: list[tuple[int, tuple[str, ...]]] = [
     (16, ("m16n2k4", "m16k4")),
     (32, ("m32k8", "m16n2k4", "m64n4")),
     (1 << 62, ("m64n4",)),
 ]
-# Measured split-k policy per tuned config (decode_tune): splits = the largest s with (CTAs x s) <= waves x the
+# Measured split-k policy per tuned config: splits = the largest s with (CTAs x s) <= waves x the
 # resident CTA slots of all SMs (at least 1). Configs not listed use the choose_splits model.
 TUNED_WAVES: dict[str, float] = {}
 
@@ -423,8 +423,8 @@ def plan_gemm(
     if splits is None and waves is not None:
         ctas = math.ceil(n / config.bn) * math.ceil(m / config.bm)
         splits = max(1, int(waves * num_sms * ctas_per_sm(config) // ctas))
-    # the model's split is capped at 8, the largest measured (above it the model extrapolates: window 2 measured
-    # s = 8 at 22.9 us against the model's s = 11 at 25.5 us for 4096^2, M = 64)
+    # the model's split is capped at 8, the largest measured (above it the model extrapolates: H100, 4096^2, M = 64,
+    # s = 8 took 22.9 us against the model's s = 11 at 25.5 us)
     s = choose_splits(config, m, n, k, num_sms, max_splits=8) if splits is None else splits
     return GemmPlan(config, *split_grid(config, m, n, k, s))
 

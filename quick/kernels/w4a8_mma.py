@@ -128,8 +128,8 @@ CONFIGS: dict[str, W4A8Config] = {
 }
 
 # (largest M of the bucket, per-channel configs, per-group configs), in order of preference; the first whose
-# stage divides K is used, the last of each list has a stage of 128 (any valid K). M >= 33 from the H100 sweep of
-# window 2 (benchmarks/kernel.py --sweep-w4a8-large, K = N = 8192 and 4096, activation quantization included):
+# stage divides K is used, the last of each list has a stage of 128 (any valid K). M >= 33 from an H100 sweep
+# (benchmarks/kernel.py --sweep-w4a8-large, K = N = 8192 and 4096, activation quantization included):
 # per-channel m64n8g (8 warps of 64 x 32) at M <= 256 (61.2 us vs 88.2 for m64n4 at 8192^2 x 256), m64n4 above
 # (214.5 / 814.5 us at M = 1024 / 4096 vs 236.4 / 905.3 for m128n4); per-group m64n4g everywhere (84.5 / 308.3 /
 # 1237.8 us at M = 256 / 1024 / 4096). The unsigned-weight variants (u8) measured slower (388 vs 308 us at

@@ -88,7 +88,7 @@ RING = {
     for nt, st, pf in ((8, 8, 4), (16, 8, 4), (32, 8, 4), (64, 8, 4), (128, 6, 4), (256, 4, 2))
 }
 # Pipeline 3 (weights bulk-copied into the shared-memory stages next to x): stages that fit 227 KB next to the
-# epilogue staging. Window 1 (H100, K = N = 8192): M = 4096 358 us per-channel (ring 397), 604 us g128 (ring 772);
+# epilogue staging. H100, K = N = 8192: M = 4096 358 us per-channel (ring 397), 604 us g128 (ring 772);
 # M = 1024 97 / 157 us (ring 101 / 204).
 SMEMW = {
     nt: W4A8Sm90Config(nt, 2, st, 1, pipe=3) for nt, st in ((8, 12), (16, 12), (32, 10), (64, 8), (128, 6), (256, 3))
@@ -133,14 +133,14 @@ def candidates(m: int, group_size: int = -1, widen: bool = False) -> list[W4A8Sm
     return list(dict.fromkeys(out))
 
 
-# Measured choices per batch size bucket: (max M, config, rounds) as in wgmma.TUNED, from the window-2
-# sweep of scripts/w4a8_sm90_check.py (H100, K = N = 8192, fp16, GEMM only, us; docs/w4a8_sm90_notes.md). Where
+# Measured choices per batch size bucket: (max M, config, rounds) as in wgmma.TUNED, from a sweep of
+# scripts/w4a8_sm90_check.py (H100, K = N = 8192, fp16, GEMM only, us; docs/w4a8.md). Where
 # candidates differed by less than 1 % (ordered issue / q weights at M = 64) the plain default is kept; split
 # rounds = 2 was slower than choose_splits at every decode size (None).
 TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
     "channel": [
         (8, SMEMW[8], None),  # M = 1: 24.0 (ring 25.5)
-        (16, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0); M >= 17: model_choice (window 4)
+        (16, SMEMW[16], None),  # M = 16: 24.3 (ring 26.0); M >= 17: model_choice
     ],
     "group": [
         (8, SMEMW[8], None),  # M = 1: 24.6 (ring 28.4)
@@ -149,9 +149,9 @@ TUNED: dict[str, list[tuple[int, W4A8Sm90Config, int | None]]] = {
         (2048, SMEMW[128], None),  # M = 256: 43.9 (nt 64: 57.9); M = 1024: 158.9 (ordered 160.8, nt 64: 214.9)
         (1 << 30, ORDERED[128], None),  # M = 4096: 616.5 (plain 643.4, ordered + q 630.6, nt 64: 830.3)
     ],
-    # Widened per-group weights (scales <= 16) run the per-channel pipeline plus one IMAD per register. Window 4
-    # sweep (H200, 2026-12-04, K = N = 8192, GEMM only, us; the fold on the same weights in brackets; larger M in
-    # docs/w4a8_sm90_notes.md): the per-channel choices won.
+    # Widened per-group weights (scales <= 16) run the per-channel pipeline plus one IMAD per register. Swept on
+    # the H200 (K = N = 8192, GEMM only, us; the fold on the same weights in brackets; larger M in docs/w4a8.md):
+    # the per-channel choices won.
     "group_widen": [
         (8, WIDEN_SMEMW[8], None),  # M = 1: 20.6 (ring 25.7) [fold 20.1]
         (16, WIDEN_SMEMW[16], None),  # M = 16: 20.7 (ring 25.9) [20.3]; M >= 17: model_choice below
@@ -164,9 +164,9 @@ def tuned_key(group_size: int, widen: bool) -> str:
 
 
 # Above the decode sizes the token tile and the split-k factor are chosen together by a cost model of one launch,
-# fitted (least squares on relative error, 1,000+ timings) to the window-4 sweep (scripts/w4a8_plan_sweep.py,
-# H200, 2026-12-04: 16 Llama-shape cells, M = 32 .. 4096, per-channel and widened g128, every pipeline-3 tile x
-# splits 1..6; benchmarks/results/w4a8-plan-sweep-h200-2026-12-04.json):
+# fitted (least squares on relative error, 1,000+ timings) to a sweep on the H200 (16 Llama-shape cells,
+# M = 32 .. 4096, per-channel and widened g128, every pipeline-3 tile x splits 1..6;
+# benchmarks/results/w4a8-plan-sweep-h200-2026-12-04.json):
 #   t = rounds * (k128 steps per unit * STEP_US[nt] + ROUND_US) + PARTIAL_US_PER_MB * (MB of int32 partials)
 #       + SPLIT_US * (splits > 1)
 # (median error 6.5 %; its choice was within 1.8 % of the best measured on average, 21 % at worst). The bucket
@@ -180,8 +180,8 @@ STEP_US = {
 ROUND_US, PARTIAL_US_PER_MB, SPLIT_US = 2.63, 0.635, 4.87
 MODEL_MAX_SPLITS = 8
 # Token tiles per M (past the largest tile's count): the sweep's winners never had more than 4 (each tile re-streams
-# the weights), and at M <= 128 the model's 4-tile picks lost on 4096^2 (window 4's final run: g128 M = 64 nt = 16
-# 19.7 us against 16.6 for the bucket table's nt = 64; M = 128 nt = 32 20.2 against 18.9). There one tile holds
+# the weights), and at M <= 128 the model's 4-tile picks lost on 4096^2 (g128 M = 64 nt = 16 19.7 us against 16.6
+# for the bucket table's nt = 64; M = 128 nt = 32 20.2 against 18.9). There one tile holds
 # all tokens, as in every sweep winner at M <= 128.
 MODEL_MAX_M_TILES = 4
 

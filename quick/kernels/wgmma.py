@@ -3,7 +3,7 @@
 ``out[M, N] = x[M, K] @ dequant(W)[K, N] (+ bias)`` for weights packed in the ``quick_sm90`` layout. The kernel
 (``csrc/quick_sm90.cu``) computes the transposed product so that the 4-bit weight is wgmma's A operand taken
 from registers (loaded from global memory with 16-byte loads in fragment order, dequantized in registers), and
-the activations are wgmma's B operand, brought into shared memory by TMA. See ``docs/sm90_notes.md``.
+the activations are wgmma's B operand, brought into shared memory by TMA. See ``docs/kernels.md``.
 
 This module holds the launcher (validation, the TMA descriptor, the tile/split-k choice), the compile variants
 (``VARIANTS``), the ``torch.library`` op ``quick::gemm_w4a16_sm90`` and the registration with the dispatcher.
@@ -121,13 +121,12 @@ def default_config(m: int, group_size: int = 128, pipe: int | None = None) -> Sm
 
 
 # Measured choices per batch size bucket (max M, config, rounds): `rounds` caps the persistent grid's rounds when
-# choosing split-k; None = choose_splits. From scripts/decode_tune.py, device window 2 (H100, 2026-11-23, g128,
-# fp16; docs/sm90_notes.md): the best of 20 candidates per M on 8192^2 and 4096^2, rounds = 1 reproduces the best
-# split on both shapes. M <= 8: 4 consumer warpgroups, ring of 3 k64 steps (27.9 / 14.7 us at M = 1, was 35.4 /
-# 19.4); M <= 16, 32, 64: weights with x through the TMA stages (wtma; M = 16 28.9 / 14.1, was 35.2 / 19.9;
-# M = 32 30.9, was 36.3; M = 64 33.6 / 16.9, was 33.5 / 18.2); M <= 128 and 256: unchanged (run 3's choice was the
-# best measured again: 40.1 and 60.2 us). Group size 32 and larger M use default_config (pipeline 0). bf16: checked
-# against the float64 reference with these configs, not timed.
+# choosing split-k; None = choose_splits. The best of 20 candidates per M on 8192^2 and 4096^2 (H100, g128, fp16;
+# docs/kernels.md), rounds = 1 reproducing the best split on both shapes. M <= 8: 4 consumer warpgroups, ring of
+# 3 k64 steps (27.9 / 14.7 us at M = 1 against 35.4 / 19.4 for the default); M <= 16, 32, 64: weights with x through
+# the TMA stages (wtma; M = 16 28.9 / 14.1 against 35.2 / 19.9; M = 32 30.9 against 36.3; M = 64 33.6 / 16.9
+# against 33.5 / 18.2); M <= 128 and 256: the defaults (40.1 and 60.2 us). Group size 32 and larger M use
+# default_config (pipeline 0). bf16: checked against the float64 reference with these configs, not timed.
 _MEASURED: list[tuple[int, Sm90Config, int | None]] = [
     (8, Sm90Config(8, 4, 8, 3, 3, 0), 1),
     (16, Sm90Config(16, 2, 24, 4, 4, 0, 0, 1), 1),
@@ -139,7 +138,7 @@ _MEASURED: list[tuple[int, Sm90Config, int | None]] = [
 TUNED: dict[str, list[tuple[int, Sm90Config, int | None]]] = {"fp16": _MEASURED, "bf16": _MEASURED}
 
 # Weights through the TMA stages (wtma) per token tile: as many x stages as fit next to the epilogue staging in the
-# 227 KB of shared memory (256 tokens: 4 stages, 219 KB). Window 2 measured nt <= 128; 256 builds without spills
+# 227 KB of shared memory (256 tokens: 4 stages, 219 KB). Timed for nt <= 128; 256 builds without spills
 # (168 registers, ptxas) and is a `quick tune` candidate for M > 128, where the ring (pipe 0) pays one memory latency
 # per k64 step.
 WTMA_STAGES = {8: 24, 16: 24, 32: 16, 64: 12, 128: 8, 256: 4}

@@ -1,7 +1,7 @@
 // quick_attn.cu: one-token (decode) attention of every sequence over a static KV cache, split over the cache.
 //
 // Why: in a batch-1 decode step of a 7B model, cuDNN's SDPA takes ~6.9 us per layer for one query over 256 cached
-// positions (H200, window-5 profile): 32 CTAs (one per head) walking the cache, and every position up to the
+// positions (H200 profile): 32 CTAs (one per head) walking the cache, and every position up to the
 // cache's end read although the causal mask hides those after `pos`. This kernel
 // * reads only positions 0..pos (`pos` is a device scalar, so a captured CUDA graph replays for every step),
 // * splits them over gridDim.x CTAs per (sequence, key/value head) so that a batch of one still fills the GPU,
@@ -16,7 +16,7 @@
 // Positions are walked UNROLL x PPI at a time with all loads issued first.
 //
 // QA_ROPE = 1 also does the two small steps that precede the attention in a decode step, which otherwise cost two
-// kernels per layer (~2.3 us at batch 1 on the H200, window 6): the rotary embedding (rotate-half, all D dimensions)
+// kernels per layer (~2.3 us at batch 1 on the H200): the rotary embedding (rotate-half, all D dimensions)
 // of q and of the new key, and the cache append at `pos`. q, k_new and v_new are the q/k/v projections as they
 // come (rows may be strided: views of one fused q/k/v product). Every CTA rotates its own q heads; the one CTA whose
 // range holds `pos` also rotates the new key, stores the key and value rows at `pos`, and uses them from registers

@@ -124,8 +124,8 @@ constexpr uint32_t MAGIC = BF16 ? 0x43004300u : 0x64006400u;  // bf16 128.0 / fp
 constexpr int PRODUCER_REGS = 40;
 // setmaxnreg.inc waits until the CTA's pool has the registers: launch bounds give (65536 / THREADS) rounded down to 8
 // per thread (168 for 384 threads, 96 for 640), the producer warpgroup returns its surplus, and the consumers may
-// take no more than that: 128 x 40 + 256 x 232 = 384 x 168; 128 x 40 + 512 x 104 <= 640 x 96 (112 deadlocked:
-// window 1's hang of the 4-warpgroup variants).
+// take no more than that: 128 x 40 + 256 x 232 = 384 x 168; 128 x 40 + 512 x 104 <= 640 x 96 (112 deadlocked the
+// 4-warpgroup variants).
 constexpr int ENTRY_REGS = (65536 / THREADS) / 8 * 8;
 constexpr int CONSUMER_REGS = ((ENTRY_REGS * THREADS - PRODUCER_REGS * 128) / (128 * NWG)) / 8 * 8 > 232
                                   ? 232

@@ -3,7 +3,7 @@
 // Reads n16 16-byte words with ld.global.nc.L1::no_allocate.v4 (the weight loads of the QUICK kernels), QP_U
 // independent loads in flight per thread per iteration, a grid-stride loop over contiguous chunks; the words are
 // xor-folded and the fold is stored only if it equals a value the data never produces in practice (so that the
-// loads are not dead code, and the kernel writes nothing). Launched by scripts/decode_tune.py with various grids,
+// loads are not dead code, and the kernel writes nothing). Launched by scripts/ncu_decode.py with various grids,
 // block sizes and QP_U; also used there as the "clean" L2 flush (reading a 256 MB buffer leaves clean lines).
 #include <stdint.h>
 

@@ -71,7 +71,7 @@
 #endif
 #if QW_PIPE == 2
 // ld.relaxed.gpu: ptxas keeps these loads in program order (at the group boundary); with .nc it sinks them
-// towards their first use (docs/sm90_notes.md).
+// towards their first use (docs/kernels.md).
 #define QW_LDW "ld.relaxed.gpu.global.v4.u32"
 #define QW_LD16 "ld.relaxed.gpu.global.u16"
 #else
@@ -405,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 #elif QW_PIPE == 0
     // Ring of PREF k128 steps: the loads for step s + PREF are issued as step s + 1 is converted. ptxas tracks
     // all of them on one scoreboard, so converting a step waits for every load in flight (latency-bound at
-    // decode sizes; see docs/sm90_notes.md).
+    // decode sizes; see docs/kernels.md).
     uint32_t ring[PREF][8], ring_s[PREF];
 #pragma unroll
     for (int p = 0; p < PREF; ++p) {
