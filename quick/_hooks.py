@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import os
 import sys
 import threading
 import warnings
 from types import ModuleType
+
+from quick import settings
 
 TARGET = "transformers.quantizers.auto"
 _LOCK = threading.Lock()
@@ -95,7 +96,7 @@ def _uninstall() -> None:
 
 def install() -> None:
     """Register now if transformers' quantizer registry is loaded, else once it is (see the module docstring)."""
-    if os.environ.get("QUICK_NO_TRANSFORMERS_HOOK", "") not in ("", "0"):
+    if not settings.transformers_hook_enabled():
         return
     if TARGET in sys.modules:
         _register_quietly()

@@ -14,6 +14,8 @@ variable            default                      effect
 ``QUICK_ATTN_KERNEL`` ``1``                      ``0``: PyTorch SDPA instead of the decode attention kernel
 ``QUICK_FUSIONS``   :data:`DEFAULT_FUSIONS`      decode-path fusions to use: ``all``, ``none`` or a comma-separated
                                                  subset of :data:`FUSIONS`
+``QUICK_NO_TRANSFORMERS_HOOK`` unset             ``1``: ``import quick`` leaves transformers alone (then call
+                                                 ``quick.register_with_transformers()`` by hand)
 ==================  ===========================  ================================================================
 
 Values are read at call time (cheap ``os.environ`` lookups), so a test or a script can change them between calls.
@@ -59,6 +61,10 @@ def tables_enabled() -> bool:
 
 def autotune_enabled() -> bool:
     return _flag("QUICK_AUTOTUNE", True)
+
+
+def transformers_hook_enabled() -> bool:
+    return not _flag("QUICK_NO_TRANSFORMERS_HOOK", False)
 
 
 def attention_kernel_enabled() -> bool:
