@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,14 +164,12 @@ def run_worker(
 ) -> Path:
     """Quantize with ``method`` in ``python`` into ``cache/<method>`` (reused when already there)."""
     out = cache / method
-    if (out / "quality-meta.json").is_file():
+    meta = out / "quality-meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("batch_size") == batch:
         print(f"[{method}] cached checkpoint {out}", flush=True)
         return out
     tmp = cache / f".{method}.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     cmd = [python, str(Path(__file__).resolve()), "worker", method, "--src", str(src), "--out", str(tmp),
            "--calib", str(calib), "--group-size", str(group_size), "--batch-size", str(batch)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
@@ -181,6 +180,7 @@ def run_worker(
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{method} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+    shutil.rmtree(out, ignore_errors=True)  # a checkpoint of other settings (batch size) is replaced
     os.replace(tmp, out)
     print(f"[{method}] done in {time.perf_counter() - start:.0f} s (process)", flush=True)
     return out
@@ -197,15 +197,62 @@ def evaluate(path: Path, ids, seqlen: int, bos: int | None, quantized: bool) -> 
     return perplexity(auto.model, ids, seqlen=seqlen, bos_token_id=bos, progress=False)
 
 
+def summarize(result: dict) -> str:
+    """The comparison in one paragraph, from the measured rows only: our AWQ against llm-compressor's, and whether
+    (and by how much) the GPTQ rows beat both."""
+    ppl = {r["method"]: r["ppl"] for r in result["rows"]}
+    out = []
+    if "quick-awq" in ppl and "llmc-awq" in ppl:
+        ours, theirs = ppl["quick-awq"], ppl["llmc-awq"]
+        verb = "beats" if ours < theirs else "does not beat"
+        out.append(
+            f"This project's AWQ {verb} llm-compressor's AWQ: perplexity {ours:.3f} against {theirs:.3f} "
+            f"({ours - theirs:+.3f}, {100 * (ours / theirs - 1):+.1f} %)."
+        )
+        if "baseline" in ppl and "rtn" in ppl and ppl["rtn"] > ppl["baseline"]:
+            gap = ppl["rtn"] - ppl["baseline"]
+            closed = {m: 100 * (ppl["rtn"] - ppl[m]) / gap for m in ppl if m not in ("baseline", "rtn")}
+            out.append(
+                "Share of the RTN-to-baseline gap each method closes: "
+                + ", ".join(f"{m} {v:.0f} %" for m, v in closed.items())
+                + "."
+            )
+    awqs = {m: ppl[m] for m in ("quick-awq", "llmc-awq") if m in ppl}
+    for g in (m for m in ("llmc-gptq", "gptqmodel-gptq") if m in ppl):
+        beaten = [m for m, v in awqs.items() if ppl[g] < v]
+        if not awqs:
+            break
+        if len(beaten) == len(awqs):
+            best = min(awqs.values())
+            out.append(
+                f"{g} beats both AWQs, by {best - ppl[g]:.3f} ({100 * (1 - ppl[g] / best):.1f} %) over the better."
+            )
+        elif beaten:
+            parts = ", ".join(f"{m} by {awqs[m] - ppl[g]:.3f} ({100 * (1 - ppl[g] / awqs[m]):.1f} %)" for m in beaten)
+            rest = ", ".join(f"{m} ({ppl[g] - awqs[m]:+.3f})" for m in awqs if m not in beaten)
+            out.append(f"{g} ({ppl[g]:.3f}) beats {parts} but not {rest}.")
+        else:
+            out.append(f"{g} ({ppl[g]:.3f}) beats neither AWQ.")
+    out.append(
+        "Quantization times are wall times on a shared 2-core CPU: the 1-minute load average at the start and end of "
+        "each step is in the JSON (about 2 is this job alone), so they compare only roughly."
+    )
+    return " ".join(out)
+
+
 def write_markdown(path: Path, result: dict) -> None:
+    g = result["group_size"]
     lines = [
-        f"# 4-bit quality: {result['model']}, W4A16 asymmetric, group {result['group_size']}",
+        f"# 4-bit quality: {result['model']}, W4A16 asymmetric, group {g}",
         "",
         f"Held-out Wikipedia split, {result['eval']['tokens']} tokens in {result['eval']['seqlen']}-token windows "
         f"({result['eval']['windows']} windows); calibration: {result['calibration']['n_samples']} x "
-        f"{result['calibration']['seqlen']} tokens of the calibration split (the same ids for every method). "
-        f"All linears but lm_head quantized. CPU, {THREADS} threads, fp32 math; every checkpoint loaded with "
-        "`AutoQuickForCausalLM.from_quantized` and scored by `quick.eval.perplexity`.",
+        f"{result['calibration']['seqlen']} tokens of the calibration split (the same ids for every method, "
+        f"{result['calibration']['batch_size']} samples per forward). All linears but lm_head quantized, group {g} "
+        "for every method (llm-compressor refuses a group that does not divide K; SmolLM2's q/k/v/o/gate/up inputs "
+        "are 576 wide). CPU, 2 threads, fp32 calibration and evaluation math; every checkpoint loaded with "
+        "`AutoQuickForCausalLM.from_quantized` and scored by `quick.eval.perplexity`. Reproduce: "
+        "`python benchmarks/quality.py`.",
         "",
         "| method | library | version | perplexity | vs baseline | quantization (s) |",
         "|---|---|---|---|---|---|",
@@ -217,9 +264,24 @@ def write_markdown(path: Path, result: dict) -> None:
         lines.append(f"| {r['method']} | {r['library']} | {r['version']} | {r['ppl']:.3f} | {rel} | {q} |")
     lines += ["", "Settings (each library's defaults):", ""]
     lines += [f"- `{r['method']}`: {r['settings']}" for r in result["rows"] if r.get("settings")]
-    if result.get("summary"):
-        lines += ["", result["summary"]]
+    lines += [
+        "",
+        "llm-compressor's checkpoints are cast to fp16 (the model's dtype, like this project's scales) before "
+        "saving; its activation pinning, which needs an accelerator, is skipped on CPU (it changes no value).",
+        "",
+        summarize(result),
+    ]
+    if result.get("notes"):
+        lines += ["", result["notes"]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_results(out: Path, stem: str, result: dict) -> None:
+    result["summary"] = summarize(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out / f"{stem}.md", result)
+    print(f"wrote {out / stem}.json and .md")
 
 
 def main() -> None:
@@ -240,8 +302,14 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help="checkpoint folder (default: <quick cache>/quality)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--name", default=None, help="result file stem (default: quality-<today>)")
-    ap.add_argument("--summary", default="", help="paragraph appended to the markdown")
+    ap.add_argument("--notes", default="", help="a paragraph kept with the results (JSON and markdown)")
+    ap.add_argument("--render", type=Path, help="only rewrite the summary and markdown of this result JSON")
     a = ap.parse_args()
+    if a.render:
+        result = json.loads(a.render.read_text())
+        result["notes"] = a.notes or result.get("notes", "")
+        write_results(a.render.parent, a.render.stem, result)
+        return
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -285,7 +353,7 @@ def main() -> None:
         ppl = evaluate(path, eval_ids, a.seqlen, bos, quantized=True)
         print(f"[{m}] perplexity {ppl:.3f}, quantization {meta['quant_s']:.1f} s", flush=True)
         keep = ("method", "library", "version", "quant_s", "settings", "env", "loadavg_1min")
-        rows.append({**{k: meta[k] for k in keep}, "ppl": ppl})
+        rows.append({**{k: meta.get(k) for k in keep}, "ppl": ppl})
     n_tok = int(eval_ids.shape[1])
     result = {
         "model": src.name,
@@ -313,13 +381,9 @@ def main() -> None:
         },
         "rows": rows,
         "total_s": time.perf_counter() - start,
-        "summary": a.summary,
+        "notes": a.notes,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.name or f"quality-{result['date']}"
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(a.out / f"{stem}.md", result)
-    print(f"wrote {a.out / stem}.json and .md")
+    write_results(a.out, a.name or f"quality-{result['date']}", result)
 
 
 if __name__ == "__main__":
