@@ -69,13 +69,6 @@ def run(layout: str, kernel: str, cfg, splits: int | None, x, p, out, rounds: in
     select.matmul(layout, x, p["qweight"], p["scales"], p["zeros"], 128, choice=choice, out=out)
 
 
-def _fields(config: object) -> dict:
-    """A choice's config as a table stores it (:data:`quick.kernels.tuning.KERNELS`' comment)."""
-    if config is None:
-        return {}
-    return {"name": config} if isinstance(config, str) else dataclasses.asdict(config)
-
-
 def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadline: float) -> None:
     qw = random_quantized(k, n, 128, torch.float16, "cuda", generator=gen)
     p = pack(qw, layout)
@@ -86,7 +79,7 @@ def tune_shape(layout: str, k: int, n: int, ms, nsm: int, gen, rows: list, deadl
         x = (torch.randn(m, k, generator=gen) * 0.5).half().cuda()
         ref = x.float() @ w32
         model = select.candidates(select.prepare(layout, x, p["qweight"], p["scales"], p["zeros"], 128, None)[0])[0]
-        todo = [(model.kernel, _fields(model.config), model.splits, model.config, model.rounds, True)]
+        todo = [(model.kernel, select.config_fields(model.config), model.splits, model.config, model.rounds, True)]
         todo += [(kernel, fields, splits, cfg, None, False) for kernel, fields, splits, cfg in
                  candidates(layout, m, n, k, nsm)]  # fmt: skip
         for kernel, fields, splits, cfg, rounds, is_model in todo:

@@ -391,7 +391,9 @@ def candidates(p: Problem) -> list[Choice]:
     return out
 
 
-def _fields_of(config: object) -> dict:
+def config_fields(config: object) -> dict:
+    """A choice's config as tables and the autotune cache store it: ``{}`` (default), ``{"name": ...}`` or the
+    dataclass fields."""
     if config is None:
         return {}
     if isinstance(config, str):
@@ -448,7 +450,7 @@ def _tune(p: Problem, tensors: tuple) -> Choice:
         return cands[0]
     us, best = min(timed)
     c = cands[best]
-    entry = {"kernel": c.kernel, "config": _fields_of(c.config), "splits": c.splits, "us": round(us, 2),
+    entry = {"kernel": c.kernel, "config": config_fields(c.config), "splits": c.splits, "us": round(us, 2),
              "candidates": len(timed)}  # fmt: skip
     if c.rounds is not None and c.config is not None:
         entry["rounds"] = c.rounds
