@@ -348,7 +348,36 @@ def gemm_w4a8_cuda(
         return out
     launch = _get_launch(m, n, k, group_size, x.dtype, x.device, config, splits)
     xq, sx, xs = _quantize(x, sums=launch.u8)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    return _gemm(launch, xq, sx, xs, qweight, channel_scale, group_scale, bias, out)
+
+
+def gemm_w4a8_q(
+    xq: Tensor, sx: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, group_size: int,
+    bias: Tensor | None, out_dtype: torch.dtype, *, config: W4A8Config | str | None = None,
+    splits: int | None = None, out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The GEMM on already quantized activations (``xq`` int8 [M, K], ``s_x`` fp32 [M], as
+    :func:`quantize_activations_cuda` writes them; inputs validated by the caller, e.g.
+    :func:`quick.kernels.select.matmul_quantized`); [M, N] in ``out_dtype``."""
+    m, k = xq.shape
+    n = channel_scale.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or out.device != xq.device or not out.is_contiguous():
+        raise W4A8Error(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor on {xq.device}")
+    if m == 0:
+        return out
+    launch = _get_launch(m, n, k, group_size, out_dtype, xq.device, config, splits)
+    # the unsigned-weight variants also read the activations' sums per group of 128 (rarely chosen: torch sums them)
+    xs = xq.view(m, k // 128, 128).sum(-1, dtype=torch.int32) if launch.u8 else None
+    return _gemm(launch, xq, sx, xs, qweight, channel_scale, group_scale, bias, out)
+
+
+def _gemm(launch: _Launch, xq: Tensor, sx: Tensor, xs: Tensor | None, qweight: Tensor, channel_scale: Tensor,
+          group_scale: Tensor | None, bias: Tensor | None, out: Tensor) -> Tensor:  # fmt: skip
+    m, n = out.shape
+    dev = xq.device
+    stream = torch.cuda.current_stream(dev).cuda_stream
     bptr = bias.data_ptr() if bias is not None else 0
     gptr = group_scale.data_ptr() if group_scale is not None else 0
     base = [xq.data_ptr(), sx.data_ptr(), qweight.data_ptr(), channel_scale.data_ptr(), gptr, bptr, out.data_ptr()]
@@ -356,9 +385,9 @@ def gemm_w4a8_cuda(
     if launch.splits == 1:
         launch.main([*base, 0, 0, xsp], stream)
         return out
-    ws = torch.empty((launch.splits, m, n), dtype=torch.int32, device=x.device)
+    ws = torch.empty((launch.splits, m, n), dtype=torch.int32, device=dev)
     if launch.counters:
-        launch.main([*base, ws.data_ptr(), _counters(x.device, launch.counters).data_ptr(), xsp], stream)
+        launch.main([*base, ws.data_ptr(), _counters(dev, launch.counters).data_ptr(), xsp], stream)
         return out
     launch.main([*base, ws.data_ptr(), 0, xsp], stream)
     assert launch.reduce is not None
