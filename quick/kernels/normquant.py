@@ -69,7 +69,9 @@ def validate(
         raise NormQuantError(f"offset must be a finite number, got {offset!r}")
     devices = {t.device for t in (x, weight, residual) if t is not None}
     if len(devices) != 1:
-        raise NormQuantError(f"x, the norm weight and the residual must share a device, got {sorted(map(str, devices))}")
+        raise NormQuantError(
+            f"x, the norm weight and the residual must share a device, got {sorted(map(str, devices))}"
+        )
     return m, k
 
 

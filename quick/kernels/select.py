@@ -114,6 +114,11 @@ class Kernel:
         tensors in order (``qweight, scales, zeros`` for W4A16, ``qweight, channel_scale, group_scale`` for W4A8)."""
         raise NotImplementedError
 
+    def run_quantized(self, p: Problem, c: Choice, xq, sx, weights: tuple, bias, out) -> torch.Tensor:
+        """The W4A8 kernels' launch on activations already quantized (``xq`` int8 [M, K], ``sx`` fp32 [M]), e.g. by
+        the fused RMSNorm + quantization kernel; output in ``p.dtype``."""
+        raise NotImplementedError(f"kernel {self.name} takes no quantized activations")
+
 
 class DecodeKernel(Kernel):
     """``csrc/quick_dec.cu``: mma.sync over either layout, weights streamed through a cp.async ring, split over K."""
@@ -266,6 +271,10 @@ class W4A8MmaKernel(Kernel):
     def run(self, p, c, x, weights, bias, out):
         return w4.gemm_w4a8_cuda(x, *weights, p.group_size, bias, config=c.config, splits=c.splits, out=out)
 
+    def run_quantized(self, p, c, xq, sx, weights, bias, out):
+        return w4.gemm_w4a8_q(xq, sx, *weights, p.group_size, bias, p.dtype, config=c.config, splits=c.splits,
+                              out=out)  # fmt: skip
+
 
 class W4A8WgmmaKernel(Kernel):
     """``csrc/quick_w4a8_sm90.cu``: W4A8 on Hopper, int8 wgmma with the weight as the register operand."""
@@ -298,6 +307,9 @@ class W4A8WgmmaKernel(Kernel):
 
     def run(self, p, c, x, weights, bias, out):
         xq, sx = w8.quantize_activations_sm90(x)
+        return self.run_quantized(p, c, xq, sx, weights, bias, out)
+
+    def run_quantized(self, p, c, xq, sx, weights, bias, out):
         return w8.gemm_w4a8_sm90_q(xq, sx, *weights, p.group_size, bias, p.dtype, c.config, c.splits, out, c.rounds,
                                    widen=p.widen)  # fmt: skip
 
@@ -505,6 +517,51 @@ def matmul(layout: str, x, w0, w1, w2, group_size, bias=None, *, out=None, choic
         return x.new_empty((0, p.n)) if out is None else out
     c = choice or choose(p, (x, *weights))
     return KERNELS[c.kernel].run(p, c, x, weights, bias, out)
+
+
+W4A8_LAYOUTS = ("w4a8", "w4a8_sm90")
+
+
+def prepare_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias, out_dtype, widen: bool = False):
+    """:func:`prepare` for a W4A8 product on quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]; the result
+    in ``out_dtype``): the layout's validation on a stand-in of x (meta tensors, nothing allocated), then the
+    activations' own checks. Returns the :class:`Problem` and ``(xq, sx, weights, bias)``."""
+    if layout not in W4A8_LAYOUTS:
+        raise ValueError(f"quantized activations feed the W4A8 layouts {W4A8_LAYOUTS}, not {layout!r}")
+    err = w4.W4A8Error if layout == "w4a8" else w8.W4A8Sm90Error
+    if not isinstance(xq, torch.Tensor) or xq.dtype != torch.int8 or xq.dim() != 2:
+        raise TypeError(f"xq must be a 2-D int8 tensor, got {getattr(xq, 'dtype', type(xq).__name__)}")
+    if not isinstance(sx, torch.Tensor) or sx.dtype != torch.float32 or tuple(sx.shape) != (xq.shape[0],):
+        raise TypeError(f"sx must be a float32 [{xq.shape[0]}] tensor, got {getattr(sx, 'dtype', None)}")
+    if out_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    meta = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in (w0, w1, w2, bias)]
+    probe = torch.empty(xq.shape, dtype=out_dtype, device="meta")
+    if layout == "w4a8":
+        m, k, n = w4.validate(probe, meta[0], meta[1], meta[2], group_size, meta[3], need_cuda=False)
+    else:
+        m, n, k = w8.validate(probe, meta[0], meta[1], meta[2], group_size, meta[3])
+    tensors = [t for t in (xq, sx, w0, w1, w2, bias) if t is not None]
+    if xq.device.type != "cuda" or len({t.device for t in tensors}) != 1:
+        raise err(f"the W4A8 kernels need xq, sx and the weights on one CUDA device, got {xq.device}")
+    xq, sx = qm._dense_rows(xq), sx.contiguous()
+    w0, w1 = w0.contiguous(), w1.contiguous()
+    w2 = w2.contiguous() if w2 is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    widen = bool(widen) and layout == "w4a8_sm90" and group_size > 0
+    return Problem(layout, m, n, k, group_size, out_dtype, xq.device, widen), (xq, sx, (w0, w1, w2), bias)
+
+
+def matmul_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias=None, out_dtype=torch.float16, *, out=None,
+                     choice: Choice | None = None, widen: bool = False):  # fmt: skip
+    """:func:`matmul` of a W4A8 layout on activations already quantized (``xq`` int8 [M, K], ``sx`` fp32 [M]),
+    output in ``out_dtype``. The choice is the one the same product on float activations gets (same
+    :class:`Problem`), without timing candidates here (they time on float inputs)."""
+    p, (xq, sx, weights, bias) = prepare_quantized(layout, xq, sx, w0, w1, w2, group_size, bias, out_dtype, widen)
+    if p.m == 0:
+        return xq.new_empty((0, p.n), dtype=out_dtype) if out is None else out
+    c = choice or choose(p)
+    return KERNELS[c.kernel].run_quantized(p, c, xq, sx, weights, bias, out)
 
 
 def describe(layer, m: int) -> str:
