@@ -1,0 +1,324 @@
+"""Launcher of the grouped W4A16 mixture-of-experts GEMM (``csrc/quick_moe.cu``, mma.sync, sm_80 and newer).
+
+``grouped_gemm(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k, ...)`` computes,
+for every slot ``s`` that a sorted-token plan (:func:`quick.nn.moe.build_plan`) names, ``out[s] = x[s // top_k] @
+dequant(W[e])`` where ``e`` is the expert of the plan block holding ``s``; the experts' weights are a
+:class:`~quick.nn.moe.QuickExpertStack` in the ``quick`` layout (``qweight [E, K/16, 2N]``, ``scales`` / ``zeros``
+``[E, K/G, N]``). ``top_k = 1`` reads one input row per slot (the down projection). ``topk_weights [slots]``
+multiplies each output row in the epilogue; ``act`` (``"silu"``, ...) treats W as a gate|up stack ``[K, 2I]`` and
+writes ``act(gate) * up`` (``I`` columns). Rows that no slot of the plan names are zero.
+
+The plan's block size is the kernel's row tile (:data:`BLOCK_SIZES`): 16 rows for decode-sized batches, where an
+expert gets a few rows, 64 once experts get tens of rows (:func:`block_size_for`). Nothing here reads the plan on the
+host, so a launch can be captured in a CUDA graph; :func:`check_ids` is the optional host check of the ids.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quick.formats.weights import SUPPORTED_DTYPES
+from quick.kernels import jit
+from quick.kernels import mma as qm
+
+SOURCE = "quick_moe.cu"
+KERNEL = "quick_moe_gemm"
+ARCHS = ("sm_80", "sm_90a")  # mma.sync: one kernel serves Ampere and Hopper
+# Activations the gated epilogue computes (transformers' ACT2FN names) -> the kernel's code; "" = no activation.
+ACTS = {"": 0, "silu": 1, "swish": 1, "gelu": 2, "gelu_pytorch_tanh": 3, "relu": 4}
+
+
+class MoEKernelError(ValueError):
+    """Inputs the grouped kernel cannot take; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One compiled variant: a CTA takes ``bm`` sorted rows (the plan's block size) with ``warps_m x warps_n x
+    warps_k`` warps; a warp owns ``bm / warps_m`` rows, ``nb`` n64 weight blocks (gated: half gate, half the matching
+    up blocks) and ``sw`` k16 steps of every stage; ``stages`` cp.async stages of activations, ``pf`` stages of weights
+    prefetched into registers."""
+
+    name: str
+    bm: int
+    warps_m: int
+    warps_n: int
+    warps_k: int
+    nb: int
+    sw: int
+    stages: int
+    pf: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n * self.warps_k
+
+    @property
+    def bn(self) -> int:
+        """Weight columns of a CTA (gated: half of them gate, half up)."""
+        return 64 * self.nb * self.warps_n
+
+    @property
+    def bks(self) -> int:
+        return 16 * self.sw * self.warps_k
+
+    @property
+    def smem_bytes(self) -> int:
+        """Mirror of the kernel: stages x (gathered A tile with 16-byte row padding + scale and zero rows), or the
+        k-slice reduction buffer if larger (static row indices not counted)."""
+        stage = self.bm * (self.bks + 8) * 2 + 2 * max(1, self.bks // 32) * self.bn * 2
+        red = 0
+        if self.warps_k > 1:
+            red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 8 * 32 * 16
+        return max(self.stages * stage, red)
+
+    def defines(self, dtype: torch.dtype, gated: bool) -> dict[str, int]:
+        return {
+            "QM_DTYPE": qm.dtype_code(dtype),
+            "QM_BM": self.bm,
+            "QM_WM": self.warps_m,
+            "QM_WN": self.warps_n,
+            "QM_WK": self.warps_k,
+            "QM_NB": self.nb,
+            "QM_SW": self.sw,
+            "QM_STAGES": self.stages,
+            "QM_PF": self.pf,
+            "QM_GATED": int(gated),
+        }
+
+    def n_tiles(self, n: int, gated: bool) -> int:
+        """CTAs along N: gated, a CTA writes ``bn / 2`` of the ``N / 2`` output columns."""
+        return math.ceil(n / self.bn)
+
+
+CONFIGS: dict[str, MoEConfig] = {
+    c.name: c
+    for c in (
+        # decode: 16 rows, 8 warps splitting K (256 columns a stage), 2 stages of weights in registers per warp
+        MoEConfig("m16k8", 16, 1, 1, 8, 2, 2, 3, 2),
+        # decode, any K that is a multiple of 64: 4 warps of one k16 step, 4 stages of weights in flight
+        MoEConfig("m16k4", 16, 1, 1, 4, 2, 1, 4, 4),
+        # prefill: 64 rows (two m16 tiles per warp) x 256 weight columns, no k split
+        MoEConfig("m64", 64, 2, 2, 1, 2, 4, 4, 1),
+    )
+}
+BLOCK_SIZES = tuple(sorted({c.bm for c in CONFIGS.values()}))
+# Experts average at least this many rows: the 64-row tile (its padding costs less than re-reading weights per 16 rows).
+ROWS_FOR_64 = 48
+
+
+def block_size_for(tokens: int, top_k: int, num_experts: int) -> int:
+    """The plan block size (= row tile) for a batch: 64 once the experts average :data:`ROWS_FOR_64` rows, else 16."""
+    return 64 if tokens * top_k >= ROWS_FOR_64 * num_experts else 16
+
+
+def configs_for(block_size: int, k: int) -> list[MoEConfig]:
+    """The variants with row tile ``block_size`` whose stage divides K, in order of preference."""
+    return [c for c in CONFIGS.values() if c.bm == block_size and k % c.bks == 0]
+
+
+def default_config(block_size: int, k: int) -> MoEConfig:
+    cands = configs_for(block_size, k)
+    if not cands:
+        raise MoEKernelError(f"no grouped-GEMM variant takes block size {block_size} with K={k}")
+    return cands[0]
+
+
+def _all_variants() -> list[tuple[str, dict[str, int], tuple[str, ...]]]:
+    return [
+        (SOURCE, cfg.defines(dt, gated), ARCHS)
+        for dt in SUPPORTED_DTYPES
+        for cfg in CONFIGS.values()
+        for gated in (False, True)
+    ]
+
+
+# Every (source, defines, archs) this module may launch (the compile check builds them all).
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class MoEDims:
+    """The shapes of one grouped product: ``m`` input rows, ``slots = m * top_k`` output rows of ``n_out`` columns,
+    ``e`` experts of ``[k, n]``, group size ``g`` (resolved), plan ``blocks`` of ``block_size`` rows."""
+
+    m: int
+    k: int
+    n: int
+    e: int
+    g: int
+    slots: int
+    n_out: int
+    blocks: int
+    block_size: int
+
+
+def _is_int32_vector(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.dim() == 1
+
+
+def validate(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, act: str = "",
+    need_cuda: bool = True,
+) -> MoEDims:  # fmt: skip
+    """Every assumption of the kernel, checked; ``TypeError`` for types and dtypes, :class:`MoEKernelError` for shapes,
+    devices, layout and alignment. Works on meta / fake tensors with ``need_cuda=False`` (the op's fake)."""
+    qm._check_x(x, MoEKernelError)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
+        got = getattr(qweight, "dtype", type(qweight).__name__)
+        raise TypeError(f"qweight must be an int32 tensor [E, K/16, 2N] (layout 'quick'), got {got}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype:
+            got = getattr(t, "dtype", type(t).__name__)
+            raise TypeError(f"{name} must have x's dtype {x.dtype} (the weights are dequantized in it), got {got}")
+    for name, t in (("sorted_ids", sorted_ids), ("block_experts", block_experts), ("num_padded", num_padded)):
+        if not _is_int32_vector(t):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 1-D int32 tensor (a plan from quick.nn.moe.build_plan), got {got}")
+    if act not in ACTS:
+        raise MoEKernelError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise MoEKernelError(f"top_k must be a positive int (input rows are sorted_ids // top_k), got {top_k!r}")
+    m, k = x.shape
+    if qweight.dim() != 3 or qweight.shape[2] % 2:
+        raise MoEKernelError(f"qweight must be 3-D [E, K/16, 2N] (a QuickExpertStack), got {tuple(qweight.shape)}")
+    e, n = qweight.shape[0], qweight.shape[2] // 2
+    if e < 1:
+        raise MoEKernelError("qweight holds no expert")
+    if k % 64 or n % 64:
+        raise MoEKernelError(f"the grouped kernel needs K and N multiples of 64, got K={k}, N={n}")
+    if qweight.shape[1] * 16 != k:
+        raise MoEKernelError(f"qweight has {qweight.shape[1]} k16 rows, x has K={k} (expected {k // 16})")
+    if act and n % 128:
+        raise MoEKernelError(f"a gate|up stack needs N = 2I with I a multiple of 64, got N={n}")
+    try:
+        g = qm.resolve_group(group_size, k)
+    except ValueError as err:
+        raise MoEKernelError(str(err)) from None
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (e, k // g, n):
+            raise MoEKernelError(f"{name} must have shape [{e}, {k // g}, {n}] (E, K/G, N), got {tuple(t.shape)}")
+    blocks = block_experts.shape[0]
+    if blocks == 0 or sorted_ids.shape[0] % blocks:
+        raise MoEKernelError(
+            f"sorted_ids ({sorted_ids.shape[0]}) must hold a whole number of blocks of block_experts ({blocks})"
+        )
+    bs = sorted_ids.shape[0] // blocks
+    if bs not in BLOCK_SIZES:
+        raise MoEKernelError(f"plan block size {bs} has no kernel; block sizes: {BLOCK_SIZES}")
+    if not configs_for(bs, k):
+        raise MoEKernelError(f"no variant with block size {bs} takes K={k}")
+    if num_padded.shape[0] != 1:
+        raise MoEKernelError(f"num_padded must hold one value, got shape {tuple(num_padded.shape)}")
+    slots = m * top_k
+    if topk_weights is not None:
+        if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
+            raise TypeError(f"topk_weights must be a floating-point tensor, got {getattr(topk_weights, 'dtype', None)}")
+        if topk_weights.numel() != slots:
+            raise MoEKernelError(f"topk_weights must hold one weight per slot ({slots}), got {topk_weights.numel()}")
+    if need_cuda:
+        if x.device.type != "cuda":
+            raise MoEKernelError(f"x is on {x.device}: the grouped kernel runs on CUDA tensors")
+        named = (
+            ("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("sorted_ids", sorted_ids),
+            ("block_experts", block_experts), ("num_padded", num_padded),
+        )  # fmt: skip
+        qm._check_tensors(named, x.device, MoEKernelError)
+        if topk_weights is not None and topk_weights.device != x.device:  # copied to dense fp32 at launch
+            raise MoEKernelError(f"topk_weights is on {topk_weights.device} but x is on {x.device}")
+    return MoEDims(m, k, n, e, g, slots, n // 2 if act else n, blocks, bs)
+
+
+def check_ids(sorted_ids: Tensor, block_experts: Tensor, num_slots: int, num_experts: int) -> None:
+    """Host check (one synchronisation) that the plan's ids lie in range: slots in ``[0, num_slots]`` (``num_slots``
+    is padding) and experts in ``[0, E)`` or -1. The kernel itself treats anything else as padding."""
+    if sorted_ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(sorted_ids))
+        if lo < 0 or hi > num_slots:
+            raise MoEKernelError(f"sorted_ids must lie in [0, {num_slots}] ({num_slots} = padding), got [{lo}, {hi}]")
+    lo, hi = (int(v) for v in torch.aminmax(block_experts))
+    if lo < -1 or hi >= num_experts:
+        raise MoEKernelError(f"block_experts must lie in [0, {num_experts}) or be -1, got [{lo}, {hi}]")
+
+
+# ------------------------------------------------------------------------------------------------ launch
+
+
+@dataclass(frozen=True)
+class MoELaunchPlan:
+    config: MoEConfig
+    grid: tuple[int, int]
+    gshift: int
+
+
+def plan_launch(d: MoEDims, gated: bool, config: MoEConfig | str | None = None) -> MoELaunchPlan:
+    """Config, grid (row blocks, N tiles) and the scale-row shift for one launch (pure arithmetic)."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise MoEKernelError(f"unknown grouped-GEMM config {config!r}; known: {sorted(CONFIGS)}")
+        config = CONFIGS[config]
+    cfg = config or default_config(d.block_size, d.k)
+    if cfg.bm != d.block_size or d.k % cfg.bks:
+        raise MoEKernelError(
+            f"config {cfg.name} takes block size {cfg.bm} and K % {cfg.bks} == 0, got {d.block_size}, K={d.k}"
+        )
+    gshift = int(math.log2(d.g)) if d.g < cfg.bks else 30
+    return MoELaunchPlan(cfg, (d.blocks, cfg.n_tiles(d.n, gated)), gshift)
+
+
+_LAUNCH: dict[tuple, qm._FastLaunch] = {}
+_LOCK = threading.Lock()
+
+
+def _launch(d: MoEDims, act: str, dtype: torch.dtype, dev: torch.device, config) -> qm._FastLaunch:
+    key = (d, act, dtype, dev, config)
+    hit = _LAUNCH.get(key)
+    if hit is not None:
+        return hit
+    with _LOCK:
+        p = plan_launch(d, bool(act), config)
+        idx = qm._dev_index(dev)
+        kern = jit.load_kernel(SOURCE, KERNEL, p.config.defines(dtype, bool(act)), idx)
+        scalars = [d.slots, d.slots // d.m if d.m else 1, d.e, d.n, d.k, d.g, p.gshift, ACTS[act]]
+        launch = qm._FastLaunch(kern, p.grid, (p.config.threads,), p.config.smem_bytes, [None] * 9 + scalars)
+        qm._remember(_LAUNCH, key, launch)
+    return launch
+
+
+def grouped_gemm(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, act: str = "",
+    *, config: MoEConfig | str | None = None, validate_ids: bool = False,
+) -> Tensor:  # fmt: skip
+    """``out [x.shape[0] * top_k, N or N/2]`` (module docstring); ``validate_ids``: :func:`check_ids` first (a host
+    synchronisation; leave it off inside CUDA graphs)."""
+    d = validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k, topk_weights, act)
+    if validate_ids:
+        check_ids(sorted_ids, block_experts, d.slots, d.e)
+    out = torch.zeros((d.slots, d.n_out), dtype=x.dtype, device=x.device)
+    if d.slots == 0:
+        return out
+    w = None
+    if topk_weights is not None:
+        w = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    launch = _launch(d, act, x.dtype, x.device, config)
+    ptrs = [x, qweight, scales, zeros, sorted_ids, block_experts, num_padded]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    launch([t.data_ptr() for t in ptrs] + [0 if w is None else w.data_ptr(), out.data_ptr()], stream)
+    return out
+
+
+def is_available(device: torch.device) -> bool:
+    """A CUDA device of compute capability 8.0 or newer and nvcc to build the kernel."""
+    if device.type != "cuda" or qm.capability(device)[0] < 8:
+        return False
+    return jit.nvcc_available()
