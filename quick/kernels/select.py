@@ -27,6 +27,7 @@ from quick import settings
 from quick.kernels import autotune, tuning
 from quick.kernels import decode as qd
 from quick.kernels import mma as qm
+from quick.kernels import moe as qmoe
 from quick.kernels import w4a8_mma as w4
 from quick.kernels import w4a8_wgmma as w8
 from quick.kernels import wgmma as sm
@@ -522,13 +523,12 @@ def matmul(layout: str, x, w0, w1, w2, group_size, bias=None, *, out=None, choic
 W4A8_LAYOUTS = ("w4a8", "w4a8_sm90")
 
 
-def prepare_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias, out_dtype, widen: bool = False):
-    """:func:`prepare` for a W4A8 product on quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M]; the result
-    in ``out_dtype``): the layout's validation on a stand-in of x (meta tensors, nothing allocated), then the
-    activations' own checks. Returns the :class:`Problem` and ``(xq, sx, weights, bias)``."""
+def validate_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias, out_dtype) -> tuple[int, int, int]:
+    """``(M, N, K)`` of a W4A8 product on quantized activations (``xq`` int8 [M, K], ``sx`` fp32 [M], the result in
+    ``out_dtype``): the layout's validation on a stand-in of x (meta tensors: nothing allocated, any device), then
+    the activations' own checks."""
     if layout not in W4A8_LAYOUTS:
         raise ValueError(f"quantized activations feed the W4A8 layouts {W4A8_LAYOUTS}, not {layout!r}")
-    err = w4.W4A8Error if layout == "w4a8" else w8.W4A8Sm90Error
     if not isinstance(xq, torch.Tensor) or xq.dtype != torch.int8 or xq.dim() != 2:
         raise TypeError(f"xq must be a 2-D int8 tensor, got {getattr(xq, 'dtype', type(xq).__name__)}")
     if not isinstance(sx, torch.Tensor) or sx.dtype != torch.float32 or tuple(sx.shape) != (xq.shape[0],):
@@ -541,8 +541,16 @@ def prepare_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias, out_dty
         m, k, n = w4.validate(probe, meta[0], meta[1], meta[2], group_size, meta[3], need_cuda=False)
     else:
         m, n, k = w8.validate(probe, meta[0], meta[1], meta[2], group_size, meta[3])
+    return m, n, k
+
+
+def prepare_quantized(layout: str, xq, sx, w0, w1, w2, group_size, bias, out_dtype, widen: bool = False):
+    """:func:`prepare` for :func:`matmul_quantized`: :func:`validate_quantized`, every tensor on one CUDA device;
+    returns the :class:`Problem` and ``(xq, sx, weights, bias)`` made dense."""
+    m, n, k = validate_quantized(layout, xq, sx, w0, w1, w2, group_size, bias, out_dtype)
     tensors = [t for t in (xq, sx, w0, w1, w2, bias) if t is not None]
     if xq.device.type != "cuda" or len({t.device for t in tensors}) != 1:
+        err = w4.W4A8Error if layout == "w4a8" else w8.W4A8Sm90Error
         raise err(f"the W4A8 kernels need xq, sx and the weights on one CUDA device, got {xq.device}")
     xq, sx = qm._dense_rows(xq), sx.contiguous()
     w0, w1 = w0.contiguous(), w1.contiguous()
@@ -584,3 +592,116 @@ def fused_choice(p: Problem, act: bool, norm: bool) -> Choice | None:
     cfg = qd.launch_config(p.layout, p.m, c.config)
     ok = (not act or qd.takes_act(cfg, p.m, p.group_size)) and (not norm or qd.takes_norm(cfg, p.m, p.group_size))
     return c if ok else None
+
+
+# ------------------------------------------------------------------------------------- mixture of experts
+
+
+@dataclass(frozen=True)
+class MoEProblem:
+    """One grouped product of a mixture-of-experts block: ``tokens`` input rows each routed to ``top_k`` of
+    ``experts`` weights ``[K, N]`` packed in ``layout`` (``top_k = 1``: one input row per slot, the down projection),
+    the plan's ``block_size`` rows per block, ``act`` the gated epilogue's activation ("" for none)."""
+
+    layout: str
+    tokens: int
+    top_k: int
+    experts: int
+    n: int
+    k: int
+    group_size: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+    act: str = ""
+
+    @property
+    def m(self) -> int:
+        """Output rows: one per slot."""
+        return self.tokens * self.top_k
+
+
+class GroupedMmaKernel(Kernel):
+    """``csrc/quick_moe.cu``: the grouped W4A16 GEMM over a sorted-token plan, mma.sync, any sm_80+ GPU. Its methods
+    take a :class:`MoEProblem`."""
+
+    name = "moe_mma"
+    layouts = ("quick",)
+
+    def why_not(self, p: MoEProblem) -> str | None:
+        if p.device.type != "cuda" or qm.capability(p.device)[0] < 8:
+            return "needs an sm_80+ GPU"
+        if p.k % 64 or p.n % (128 if p.act else 64):
+            return f"needs K and N multiples of 64 (N of 128 with a gated epilogue), got K={p.k}, N={p.n}"
+        if p.act not in qmoe.ACTS:
+            return f"no gated epilogue for activation {p.act!r}"
+        if not qmoe.configs_for(p.block_size, p.k):
+            return f"no variant for block size {p.block_size} with K={p.k}"
+        return None if qmoe.is_available(p.device) else "nvcc is not available to build it"
+
+    def model(self, p: MoEProblem) -> Choice | None:
+        return Choice(self.name, qmoe.default_config(p.block_size, p.k).name)
+
+    def default(self, p: MoEProblem) -> Choice:
+        return self.model(p)
+
+    def candidates(self, p: MoEProblem, num_sms: int) -> list[Choice]:
+        return [Choice(self.name, c.name) for c in qmoe.configs_for(p.block_size, p.k)]
+
+    def config_from(self, p: MoEProblem, fields: dict) -> object | None:
+        name = fields.get("name")
+        ok = name in qmoe.CONFIGS and qmoe.CONFIGS[name] in qmoe.configs_for(p.block_size, p.k)
+        return name if ok else None
+
+    def run(self, p: MoEProblem, c: Choice, x, weights: tuple, plan: tuple, topk_weights=None) -> torch.Tensor:
+        """``plan``: ``(sorted_ids, block_experts, num_padded)``."""
+        return qmoe.grouped_gemm(x, *weights, p.group_size, *plan, p.top_k, topk_weights, p.act, config=c.config)
+
+
+MOE_KERNELS: dict[str, Kernel] = {k.name: k for k in (GroupedMmaKernel(),)}
+MOE_MODEL_ORDER: dict[str, tuple[str, ...]] = {"quick": ("moe_mma",)}
+
+
+def moe_reasons(p: MoEProblem) -> list[tuple[str, str]]:
+    """Per grouped kernel of the layout: ``(name, "ok" or why it cannot run p)``."""
+    names = MOE_MODEL_ORDER.get(p.layout, ())
+    return [(n, MOE_KERNELS[n].why_not(p) or "ok") for n in names]
+
+
+def moe_available(p: MoEProblem) -> bool:
+    """Whether some grouped kernel can run ``p`` (callers fall back to the reference path otherwise)."""
+    return any(why == "ok" for _, why in moe_reasons(p))
+
+
+def choose_moe(p: MoEProblem) -> Choice:
+    """The grouped kernel and config for ``p``: the first kernel of the layout that can run it, its model's config
+    (one variant per block size and K: nothing to time yet)."""
+    key = (p, _settings_key())
+    hit = _CHOSEN.get(key)
+    if hit is not None:
+        return hit
+    for name in MOE_MODEL_ORDER.get(p.layout, ()):
+        kern = MOE_KERNELS[name]
+        if kern.why_not(p) is None:
+            c = kern.model(p)
+            if c is not None:
+                _CHOSEN[key] = c
+                return c
+    raise ValueError(f"no grouped kernel can run {p}: " + "; ".join(f"{n}: {why}" for n, why in moe_reasons(p)))
+
+
+def moe_matmul(layout: str, x, qweight, scales, zeros, group_size: int, sorted_ids, block_experts, num_padded,
+               top_k: int, topk_weights=None, act: str = "", *, choice: Choice | None = None,
+               validate_ids: bool = False):  # fmt: skip
+    """The grouped product of :mod:`quick.kernels.moe` (``out[s] = x[s // top_k] @ dequant(W[expert of s])``) on the
+    kernel :func:`choose_moe` picks (or ``choice``)."""
+    if layout not in MOE_MODEL_ORDER:
+        raise ValueError(f"no grouped kernels for layout {layout!r}; layouts with one: {sorted(MOE_MODEL_ORDER)}")
+    d = qmoe.validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
+                      topk_weights, act)  # fmt: skip
+    if validate_ids:
+        qmoe.check_ids(sorted_ids, block_experts, d.slots, d.e)
+    p = MoEProblem(layout, d.m, top_k, d.e, d.n, d.k, d.g, d.block_size, x.dtype, x.device, act)
+    c = choice or choose_moe(p)
+    return MOE_KERNELS[c.kernel].run(p, c, x, (qweight, scales, zeros), (sorted_ids, block_experts, num_padded),
+                                     topk_weights)  # fmt: skip
