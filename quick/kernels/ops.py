@@ -274,3 +274,29 @@ def linear_w4a8_sm90(x2d: Tensor, packed: dict[str, Tensor], group_size: int, *,
     return torch.ops.quick.gemm_w4a8_sm90(
         x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size, widen
     )
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+
+@torch.library.custom_op("quick::moe_gemm_w4a16", mutates_args=())
+def moe_gemm_w4a16(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, act: str = "",
+    validate_ids: bool = False,
+) -> Tensor:  # fmt: skip
+    """The grouped product of a sorted-token plan (:mod:`quick.kernels.moe`): ``out [x.shape[0] * top_k, N]`` (``act``:
+    ``act(gate) * up``, ``N / 2`` columns), ``out[s] = x[s // top_k] @ dequant(W[expert of s])`` (* ``topk_weights``)
+    for every slot the plan names, zero elsewhere. Stacked weights in the ``quick`` layout."""
+    return select.moe_matmul("quick", x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded,
+                             top_k, topk_weights, act, validate_ids=validate_ids)  # fmt: skip
+
+
+@moe_gemm_w4a16.register_fake
+def _moe_gemm_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
+                   topk_weights=None, act="", validate_ids=False):  # fmt: skip
+    from quick.kernels import moe as qmoe
+
+    d = qmoe.validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
+                      topk_weights, act, need_cuda=False)  # fmt: skip
+    return x.new_empty((d.slots, d.n_out))
