@@ -6,7 +6,9 @@ launchers enqueue on torch's current stream and allocate through torch's caching
 ``quick::gemm_w4a16_sm90(x [M, K], qweight, scales, zeros, bias?, group_size)``: the ``quick_sm90`` layout.
 ``quick::gated_gemm_w4a16_sm90`` / ``quick::gemm_add_norm_sm90``: the fast decode step's fused down / o projections.
 ``quick::gemm_w4a8`` / ``quick::gemm_w4a8_sm90``: W4A8 (int8 activations quantized inside), layouts ``w4a8`` /
-``w4a8_sm90``; ``quick::quantize_act_w4a8``: the per-token int8 activation quantization alone.
+``w4a8_sm90``; ``quick::quantize_act_w4a8``: the per-token int8 activation quantization alone;
+``quick::rms_norm_quant``: (residual add +) RMSNorm + that quantization in one launch, and
+``quick::gemm_w4a8_quantized``: the W4A8 product on activations quantized already.
 Which kernel runs inside each op is :mod:`quick.kernels.select`'s choice.
 """
 
@@ -19,6 +21,7 @@ from quick.formats.layouts import get_layout, unpack_w4a8, unpack_w4a8_sm90
 from quick.formats.w4a8 import quantize_activations, w4a8_reference
 from quick.kernels import decode as qd
 from quick.kernels import mma, select
+from quick.kernels import normquant as nq
 from quick.kernels import w4a8_mma as w4
 from quick.kernels import w4a8_wgmma as w8
 from quick.kernels import wgmma as sm
@@ -274,6 +277,66 @@ def linear_w4a8_sm90(x2d: Tensor, packed: dict[str, Tensor], group_size: int, *,
     return torch.ops.quick.gemm_w4a8_sm90(
         x2d, packed["qweight"], packed["channel_scale"], packed.get("group_scale"), None, group_size, widen
     )
+
+
+# ------------------------------------------------------------------------------- RMSNorm + W4A8 quantization
+
+
+@torch.library.custom_op("quick::rms_norm_quant", mutates_args=())
+def rms_norm_quant(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, offset: float, normed: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_q int8 [M, K], s_x fp32 [M], r, normed)``: the W4A8 activations of ``RMSNorm(r)`` with ``r = residual
+    + x`` (or ``x``), in one launch on CUDA (:mod:`quick.kernels.normquant`), the torch reference elsewhere. ``r``
+    is the new residual where one was given, ``normed`` the norm's output where asked for; an output not produced
+    is an empty tensor (a custom op returns tensors only, and none may alias an input)."""
+    res = nq.rms_norm_quant(x, weight, eps, offset, residual, normed)
+    empty = x.new_empty((0,))
+    r = res.residual if res.residual is not None else empty
+    return res.xq, res.sx, r, res.normed if res.normed is not None else empty
+
+
+@rms_norm_quant.register_fake
+def _rms_norm_quant_fake(x, residual, weight, eps, offset, normed):
+    m, k = nq.validate(x, weight, eps, offset, residual)
+    xq, sx = x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+    r = x.new_empty((m, k)) if residual is not None else x.new_empty((0,))
+    return xq, sx, r, x.new_empty((m, k)) if normed else x.new_empty((0,))
+
+
+def _w4a8_quantized_reference(xq, sx, packed: dict, group_size: int, bias, layout: str, out_dtype) -> Tensor:
+    """CPU path of :func:`gemm_w4a8_quantized`: the format's arithmetic in float64 on the unpacked weights."""
+    w = (unpack_w4a8 if layout == w4.LAYOUT else unpack_w4a8_sm90)(packed, group_size)
+    y = (xq.double() @ w.dequantize(torch.float64).t()) * sx.double()[:, None]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("quick::gemm_w4a8_quantized", mutates_args=())
+def gemm_w4a8_quantized(
+    xq: Tensor, sx: Tensor, qweight: Tensor, channel_scale: Tensor, group_scale: Tensor | None, bias: Tensor | None,
+    group_size: int, layout: str, out_dtype: torch.dtype, widen: bool = False,
+) -> Tensor:  # fmt: skip
+    """W4A8 ``[M, N]`` in ``out_dtype`` from activations already quantized (``xq`` int8 [M, K], ``sx`` fp32 [M],
+    e.g. by ``quick::rms_norm_quant``), weights in ``layout`` (``w4a8`` / ``w4a8_sm90``): the kernel
+    :mod:`quick.kernels.select` picks for the same product on float activations; the float64 reference on CPU."""
+    if xq.device.type == "cuda":
+        return select.matmul_quantized(layout, xq, sx, qweight, channel_scale, group_scale, group_size, bias,
+                                       out_dtype, widen=widen)  # fmt: skip
+    select.validate_quantized(layout, xq, sx, qweight, channel_scale, group_scale, group_size, bias, out_dtype)
+    packed = {"qweight": qweight, "channel_scale": channel_scale}
+    if group_scale is not None:
+        packed["group_scale"] = group_scale
+    return _w4a8_quantized_reference(xq, sx, packed, group_size, bias, layout, out_dtype)
+
+
+@gemm_w4a8_quantized.register_fake
+def _gemm_w4a8_quantized_fake(xq, sx, qweight, channel_scale, group_scale, bias, group_size, layout, out_dtype,
+                              widen=False):  # fmt: skip
+    m, n, _ = select.validate_quantized(layout, xq, sx, qweight, channel_scale, group_scale, group_size, bias,
+                                        out_dtype)  # fmt: skip
+    return xq.new_empty((m, n), dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------------------ mixture of experts
