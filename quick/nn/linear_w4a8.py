@@ -197,6 +197,7 @@ class QuickLinearW4A8(nn.Module):
         self.dtype = dtype
         self.backend = self.default_backend
         self.last_path: str | None = None  # "kernel" or "reference": what the last forward ran
+        self._offered: tuple | None = None  # (x, x_q, s_x) from the norm that made x (offer_quantized)
         self._kernel_error: str | None = None
         self._cache: tuple | None = None
         # Every q * s_g fits int8 (group scales <= 16, what the quantizers write): kernels may widen the weights
@@ -345,6 +346,9 @@ class QuickLinearW4A8(nn.Module):
     # ----------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offered, self._offered = self._offered, None
+        if offered is not None and offered[0] is x:  # quantized already by the norm that made x
+            return self.forward_quantized(offered[1], offered[2], x.dtype).reshape(*x.shape[:-1], self.out_features)
         if x.shape[-1] not in (self.in_features, self.logical_in_features):
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.logical_in_features}")
         if not x.is_floating_point():
@@ -384,6 +388,55 @@ class QuickLinearW4A8(nn.Module):
         kernel (:meth:`quick.nn.linear.QuickLinear.fuses`, asked by the fast decode step): never, those epilogues
         exist only in the W4A16 kernels, so callers run the steps around ``layer(x)``."""
         return False
+
+    def takes_quantized(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_quantized` runs this layer's kernel for inputs like ``x`` (CUDA, the layer's dtype,
+        its stored K, a kernel registered and available): then a norm before it may quantize the activations itself
+        (``quick::rms_norm_quant``) instead of this layer doing it."""
+        if self.backend == "reference" or not x.is_cuda or x.dtype != self.dtype or not self.kernel_eligible():
+            return False
+        if x.shape[-1] != self.in_features or (self.storage == "w4a8_sm90" and self.out_features % 64):
+            return False  # padded K, or an sm90 layer narrower than its kernel's N multiple (dispatcher fallback)
+        return _kernel_for(self.storage, x) is not None
+
+    def offer_quantized(self, x: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor) -> None:
+        """``x``'s activations quantized already (``xq`` int8 [..., K], ``sx`` fp32 [...]): the next ``forward(x)``
+        of this very tensor uses them (:meth:`forward_quantized`); any other input drops them."""
+        self._offered = (x, xq, sx)
+
+    def forward_quantized(
+        self, xq: torch.Tensor, sx: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """``y [..., N]`` from activations quantized already (``xq`` int8 [..., K], ``sx`` fp32 [...], the format of
+        :func:`quick.formats.w4a8.quantize_activations`), in ``out_dtype`` (default: the layer's dtype): the kernel
+        (op ``quick::gemm_w4a8_quantized``) where :meth:`takes_quantized` holds, else the reference arithmetic."""
+        out_dtype = out_dtype or self.dtype
+        if xq.dtype != torch.int8 or xq.shape[-1] != self.in_features or tuple(sx.shape) != tuple(xq.shape[:-1]):
+            raise ValueError(
+                f"quantized activations must be int8 [..., {self.in_features}] with scales [...], got "
+                f"{xq.dtype} {tuple(xq.shape)} and {tuple(sx.shape)}"
+            )
+        lead = xq.shape[:-1]
+        xq2, sx2 = xq.reshape(-1, self.in_features), sx.reshape(-1).float()
+        probe = torch.empty((0, self.in_features), dtype=out_dtype, device=xq.device)
+        if out_dtype == self.dtype and self.takes_quantized(probe):
+            t = self.stored()
+            out = torch.ops.quick.gemm_w4a8_quantized(
+                xq2, sx2, t["qweight"], t["channel_scale"], t.get("group_scale"), self.bias, self.group_size,
+                self.storage, out_dtype, self.widen,
+            )  # fmt: skip
+            self.last_path = "kernel"
+        else:
+            if self.backend == "kernel":
+                raise RuntimeError(f"no W4A8 GPU kernel for this layer ({self.storage}) on {xq.device} in {out_dtype}")
+            w = self.weight()
+            y = integer_matmul(xq2, w, self._cache[2])
+            y.mul_(sx2.double()[:, None]).mul_(w.channel_scale.double()[None, :].to(y.device))
+            if self.bias is not None:
+                y.add_(self.bias.double())
+            out = y.to(out_dtype)
+            self.last_path = "reference"
+        return out.reshape(*lead, self.out_features)
 
     def kernel_eligible(self) -> bool:
         """Packed, in a shape the layout's kernel takes, and not refused by it before."""
