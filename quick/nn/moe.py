@@ -194,11 +194,15 @@ def plan_capacity(num_tokens: int, top_k: int, num_experts: int, block_size: int
     return -(-bound // block_size) * block_size
 
 
-def build_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int = 16, static: bool = False) -> MoEPlan:
+def build_plan(
+    top_k_index: torch.Tensor, num_experts: int, block_size: int = 16, static: bool = False, check: bool = True
+) -> MoEPlan:
     """Sort the slots of ``top_k_index [T, k]`` by expert, padding each expert's run to ``block_size`` rows.
 
     ``static``: size ``sorted_ids`` and ``block_experts`` by :func:`plan_capacity` (shapes independent of the
-    routing, as a CUDA graph needs) instead of the exact padded length."""
+    routing, as a CUDA graph needs) instead of the exact padded length. A static plan is built without reading
+    anything back to the host (CUDA-graph capturable) when ``check`` is False: ids are then not validated, and ids
+    outside ``[0, num_experts]`` count as dropped slots."""
     if not isinstance(top_k_index, torch.Tensor):
         raise TypeError(f"top_k_index must be a torch.Tensor, got {type(top_k_index).__name__}")
     if top_k_index.dim() != 2 or top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
@@ -210,33 +214,36 @@ def build_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int = 16
     t, k = top_k_index.shape
     dev = top_k_index.device
     flat = top_k_index.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > num_experts):
+    if check and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > num_experts):
         raise ValueError(
             f"expert ids must lie in [0, {num_experts}) ({num_experts} marks a dropped slot), got "
             f"[{int(flat.min())}, {int(flat.max())}]"
         )
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    if not check:  # unchecked ids must still index the count buffers safely
+        flat = torch.where((flat < 0) | (flat > num_experts), num_experts, flat)
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts_all[:num_experts]
     padded = (counts + block_size - 1) // block_size * block_size
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=dev)
     offsets[1:] = padded.cumsum(0)
-    total = int(offsets[-1])
-    capacity = plan_capacity(t, k, num_experts, block_size) if static else total
+    total = offsets[-1]
+    capacity = plan_capacity(t, k, num_experts, block_size) if static else int(total)
     order = torch.sort(flat, stable=True).indices
-    order = order[flat[order] < num_experts]  # dropped slots sort last; they take no row
-    expert_of = flat[order]
-    run_start = counts.cumsum(0) - counts  # unpadded start of each expert's run within `order`
+    expert_of = flat[order]  # dropped slots (expert id num_experts) sort last and go to a discarded extra row
+    run_start = counts_all.cumsum(0) - counts_all  # unpadded start of each expert's run within `order`
     rank = torch.arange(order.numel(), device=dev) - run_start[expert_of]
-    sorted_ids = torch.full((capacity,), t * k, dtype=torch.int32, device=dev)
-    sorted_ids[offsets[expert_of] + rank] = order.to(torch.int32)
+    dest = torch.where(expert_of < num_experts, offsets[expert_of] + rank, capacity)
+    sorted_ids = torch.full((capacity + 1,), t * k, dtype=torch.int32, device=dev)
+    sorted_ids = sorted_ids.scatter_(0, dest, order.to(torch.int32))[:capacity]
     block_starts = torch.arange(0, capacity, block_size, device=dev)
     block_experts = torch.searchsorted(offsets[1:], block_starts, right=True).to(torch.int32)
-    block_experts[block_starts >= total] = -1
+    block_experts = torch.where(block_starts >= total, -1, block_experts).to(torch.int32)
     return MoEPlan(
         sorted_ids=sorted_ids,
         block_experts=block_experts,
         offsets=offsets.to(torch.int32),
         counts=counts.to(torch.int32),
-        num_padded=torch.tensor([total], dtype=torch.int32, device=dev),
+        num_padded=total.reshape(1).to(torch.int32),
         num_tokens=t,
         top_k=k,
         block_size=block_size,
@@ -370,12 +377,67 @@ class QuickMoEExperts(nn.Module):
         x, idx, w = self._check(hidden_states, top_k_index, top_k_weights)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {BACKENDS}")
-        if self.backend == "kernel":  # asked for a kernel explicitly: never fall back silently
-            raise RuntimeError(
-                f"no grouped 4-bit MoE kernel is available for layout '{self.layout_name}' on {x.device} "
-                "(the reference path runs with backend 'auto' or 'reference')"
-            )
+        if self.backend != "reference":
+            why = self.kernel_unavailable(x, idx.shape[-1])
+            if why is None:
+                return self.kernel_forward(x, idx, w).reshape(hidden_states.shape)
+            if self.backend == "kernel":  # asked for a kernel explicitly: never fall back silently
+                raise RuntimeError(
+                    f"no grouped 4-bit MoE kernel is available for layout '{self.layout_name}' on {x.device}: {why} "
+                    "(the reference path runs with backend 'auto' or 'reference')"
+                )
         return self.reference_forward(x, idx, w).reshape(hidden_states.shape)
+
+    def _problems(self, x: torch.Tensor, top_k: int) -> tuple:
+        """The two grouped products (gate|up with the activation, down) of ``x [T, H]`` as selection problems."""
+        from quick.kernels import moe as qmoe
+        from quick.kernels.select import MoEProblem
+
+        t, e, gu, dn = x.shape[0], self.num_experts, self.gate_up, self.down
+        bs = qmoe.block_size_for(t, top_k, e)
+        g_gu = gu.in_features if gu.group_size == -1 else gu.group_size
+        g_dn = dn.in_features if dn.group_size == -1 else dn.group_size
+        p_gu = MoEProblem(self.layout_name, t, top_k, e, gu.out_features, gu.in_features, g_gu, bs, self.dtype,
+                          x.device, self.act)  # fmt: skip
+        p_dn = MoEProblem(self.layout_name, t * top_k, 1, e, dn.out_features, dn.in_features, g_dn, bs, self.dtype,
+                          x.device)  # fmt: skip
+        return p_gu, p_dn
+
+    def kernel_unavailable(self, x: torch.Tensor, top_k: int) -> str | None:
+        """None if the grouped kernels can run this block on ``x``'s device, else the reason."""
+        if x.device.type != "cuda":
+            return "the grouped kernel runs on CUDA tensors"
+        from quick.kernels import select
+
+        for p in self._problems(x, top_k):
+            if not select.moe_available(p):
+                return "; ".join(f"{n}: {why}" for n, why in select.moe_reasons(p)) or f"no kernel for {p.layout}"
+        return None
+
+    @torch.no_grad()
+    def kernel_forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The grouped kernels on ``x [T, H]``: a static plan (no host sync), gate|up with ``act(gate) * up`` in its
+        epilogue, down with the slot weights in its epilogue, then the sum over each token's ``top_k`` rows. Nothing
+        reads back to the host while a CUDA graph is captured (ids are validated only outside capture)."""
+        from quick.kernels.mma import _dense_rows
+
+        t, k = idx.shape
+        if not torch.cuda.is_current_stream_capturing():
+            self._check_ids(idx)
+        p_gu = self._problems(x, k)[0]
+        plan = build_plan(idx, self.num_experts, p_gu.block_size, static=True, check=False)
+        ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
+        gu, dn = self.gate_up, self.down
+        xq = x.to(self.dtype)
+        if gu.in_features != xq.shape[1]:  # K zero-padded to whole groups and layout blocks
+            xq = F.pad(xq, (0, gu.in_features - xq.shape[1]))
+        xq = _dense_rows(xq)
+        mm = torch.ops.quick.moe_gemm_w4a16
+        h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)
+        if dn.in_features != h.shape[1]:
+            h = F.pad(h, (0, dn.in_features - h.shape[1]))
+        y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
+        return y.view(t, k, self.hidden_size).float().sum(1).to(x.dtype)
 
     def _work(self, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "cpu" else self.dtype
