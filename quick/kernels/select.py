@@ -655,7 +655,8 @@ class GroupedMmaKernel(Kernel):
 
     def run(self, p: MoEProblem, c: Choice, x, weights: tuple, plan: tuple, topk_weights=None) -> torch.Tensor:
         """``plan``: ``(sorted_ids, block_experts, num_padded)``."""
-        return qmoe.grouped_gemm(x, *weights, p.group_size, *plan, p.top_k, topk_weights, p.act, config=c.config)
+        g = -1 if p.group_size == p.k else p.group_size  # the problem holds the resolved size; -1 = per-channel
+        return qmoe.grouped_gemm(x, *weights, g, *plan, p.top_k, topk_weights, p.act, config=c.config)
 
 
 MOE_KERNELS: dict[str, Kernel] = {k.name: k for k in (GroupedMmaKernel(),)}
