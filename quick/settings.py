@@ -29,9 +29,10 @@ from pathlib import Path
 
 KERNEL_NAMES = ("dec", "wgmma", "gemm", "gemv")
 # The fast decode step's kernel fusions (docs/decode_path.md): rotary + cache append in the attention kernel,
-# act(gate) * up staged by the down projection, residual add + RMSNorm after the o / down projections, and
-# programmatic dependent launches.
-FUSIONS = ("rope", "act", "norm", "pdl")
+# act(gate) * up staged by the down projection, residual add + RMSNorm after the o / down projections,
+# programmatic dependent launches, and the W4A8 q/k/v and gate/up activation quantization done by the RMSNorm
+# before them (quick.models.normquant).
+FUSIONS = ("rope", "act", "norm", "pdl", "normquant")
 DEFAULT_FUSIONS: frozenset[str] = frozenset()
 
 

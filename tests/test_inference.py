@@ -292,7 +292,7 @@ def test_e2e_records_the_fusions_and_the_attention_kernel(tmp_path, monkeypatch)
     assert e2e.fusion_switches() == {"fusions": ["act", "pdl"], "attn_kernel": False}
     monkeypatch.setenv("QUICK_FUSIONS", "all")
     monkeypatch.delenv("QUICK_ATTN_KERNEL")
-    assert e2e.fusion_switches() == {"fusions": ["act", "norm", "pdl", "rope"], "attn_kernel": True}
+    assert e2e.fusion_switches() == {"fusions": ["act", "norm", "normquant", "pdl", "rope"], "attn_kernel": True}
     monkeypatch.setenv("QUICK_FUSIONS", "none")
     env = {"gpu": "NVIDIA H100", "torch": "2.x", "cuda": "13.0", "date": "2026-11-23", **e2e.fusion_switches()}
     row = {"model": "m", "impl": "fp16", "batch": 1, "prefill_tok_s": 1.0, "decode_tok_s": 1.0, "peak_mem_GB": 1.0}

@@ -38,6 +38,7 @@ from quick.kernels import attention
 from quick.kernels.decode import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
 from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
 from quick.models.fuse import FusedProjection, FusedSlice
+from quick.nn.linear_w4a8 import QuickLinearW4A8
 
 
 class UnsupportedModel(ValueError):
@@ -130,6 +131,11 @@ def _projections(parent: nn.Module, names: tuple[str, ...], sizes: tuple[int, ..
     return lambda x: tuple(m(x) for m in mods)
 
 
+def _single(parent: nn.Module, group: ScaleGroup) -> nn.Module | None:
+    """The one linear of a single-linear group (a checkpoint's own fused q|k|v or gate|up), else None."""
+    return getattr(parent, group.linears[0].rpartition(".")[2], None) if len(group.linears) == 1 else None
+
+
 def _has_epilogues(linear: nn.Module) -> bool:
     """Whether ``linear`` is asked, per call, if the step's gate / residual add + norm can run inside its kernel
     (``fuses``; where it says yes, ``forward_gated`` / ``forward_add_norm``). Dense layers are not asked; W4A8 layers
@@ -183,6 +189,11 @@ class _Layer:
     add_norm: bool  # o and down have epilogues and no branch norms: their kernels may end with the add + norm
     keys: torch.Tensor
     values: torch.Tensor
+    # W4A8 layers of q/k/v and gate/up whose input norm may quantize for them (normquant), with their split sizes
+    nq_attn: QuickLinearW4A8 | None = None
+    nq_mlp: QuickLinearW4A8 | None = None
+    qkv_sizes: tuple[int, ...] = ()
+    mlp_sizes: tuple[int, ...] = ()
 
 
 # (backend, dynamic) -> the three compiled functions: module-level so that every decoder (every batch size and
@@ -316,6 +327,7 @@ class FastDecoder:
         qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
         ffn = getattr(cfg, "intermediate_size", None)
         gate_up = _projections(mlp, g_mlp.linears, (ffn, ffn))
+        qkv = _projections(attn, g_attn.linears, qkv_sizes)
         gated_down = self.fusions and isinstance(gate_up, FusedProjection) and _has_epilogues(mlp.down_proj)
         add_norm = (
             self.fusions
@@ -324,13 +336,21 @@ class FastDecoder:
             and post[0] is None
             and post[1] is None
         )
+        nq_attn = nq_mlp = None
+        if self.fusions and post[0] is None and post[1] is None:  # branch norms come before the add: not fused
+            from quick.models import normquant
+
+            nq_attn = normquant.w4a8_layer(qkv if isinstance(qkv, FusedProjection) else _single(attn, g_attn))
+            nq_mlp = normquant.w4a8_layer(gate_up if isinstance(gate_up, FusedProjection) else _single(mlp, g_mlp))
+            if nq_attn is not None or nq_mlp is not None:
+                import quick.kernels.ops  # noqa: F401 - defines torch.ops.quick.rms_norm_quant
         return _Layer(
             norm_attn=norm_attn.weight,
             norm_mlp=norm_mlp.weight,
             post_attn=post[0],
             post_mlp=post[1],
             eps=_norm_eps(norm_attn),
-            qkv=_projections(attn, g_attn.linears, qkv_sizes),
+            qkv=qkv,
             o=attn.o_proj,
             gate_up=gate_up,
             down=mlp.down_proj,
@@ -343,6 +363,10 @@ class FastDecoder:
             add_norm=add_norm,
             keys=keys,
             values=values,
+            nq_attn=nq_attn,
+            nq_mlp=nq_mlp,
+            qkv_sizes=qkv_sizes,
+            mlp_sizes=(ffn, ffn),
         )
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -355,6 +379,8 @@ class FastDecoder:
         return out
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from quick.models import normquant
+
         h = self.model.model.embed_tokens(ids)[:, 0]  # [B, hidden]
         rope = self._rotary(h, pos)
         mask = mask.contiguous()  # once per step (an expanded mask would be copied inside every layer's attend)
@@ -364,9 +390,13 @@ class FastDecoder:
         x = None  # the next block's normed input, where the projection before it already made it (add_norm)
         rows, dt = h.shape[0], h.dtype
         for i, layer in enumerate(self.layers):
-            if x is None:
-                x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
-            q, k, v = layer.qkv(x)
+            if x is None and normquant.applies(layer.nq_attn, h, layer.norm_attn):
+                xq, sx, residual = normquant.norm_quant(h, residual, layer.norm_attn, layer.eps, off)
+                q, k, v = layer.nq_attn.forward_quantized(xq, sx, dt).split(layer.qkv_sizes, dim=-1)
+            else:
+                if x is None:
+                    x, residual = self.norm_rms(h, residual, layer.norm_attn, layer.eps, off, branch)
+                q, k, v = layer.qkv(x)
             cos, sin = rope[layer.rope]
             if self.attn_rope and layer.q_norm is None and cos.shape[-1] == layer.keys.shape[-1]:
                 kv_cache = (layer.keys, layer.values)
@@ -376,12 +406,21 @@ class FastDecoder:
                     q, k, v, layer.keys, layer.values, pos, cos, sin, mask, layer.q_norm, layer.k_norm, layer.qk_eps,
                     layer.scale, off, self.attn_kernel,
                 )  # fmt: skip
+            act = self.act if layer.gated_down and layer.down.fuses(rows, h.device, dt, act=self.act) else ""
+            gu = None  # the gate/up product, where the norm before it quantized its input (normquant)
             if layer.add_norm and layer.o.fuses(rows, h.device, dt, norm=True):
                 x, residual = layer.o.forward_add_norm(a, residual, layer.norm_mlp, layer.eps, off)
             else:
-                x, residual = self.norm_rms(layer.o(a), residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
-            act = self.act if layer.gated_down and layer.down.fuses(rows, h.device, dt, act=self.act) else ""
-            down_in = layer.gate_up.linear(x) if act else self.gated(*layer.gate_up(x), self.act)
+                o = layer.o(a)
+                if normquant.applies(layer.nq_mlp, o, layer.norm_mlp):
+                    xq, sx, residual = normquant.norm_quant(o, residual, layer.norm_mlp, layer.eps, off)
+                    gu = layer.nq_mlp.forward_quantized(xq, sx, dt)
+                else:
+                    x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
+            if gu is not None:
+                down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)
+            else:
+                down_in = layer.gate_up.linear(x) if act else self.gated(*layer.gate_up(x), self.act)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             norm_w, norm_eps = (nxt.norm_attn, nxt.eps) if nxt else (self.final_norm, self.final_eps)
             if layer.add_norm and layer.down.fuses(rows, h.device, dt, act=act, norm=True):

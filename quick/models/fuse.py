@@ -290,6 +290,10 @@ def fuse_model(model: nn.Module, family: ModelFamily | None = None) -> int:
     for reason, where in refused.items():
         more = f" and {len(where) - 1} more" if len(where) > 1 else ""
         warnings.warn(f"kept unfused ({where[0]}{more}): {reason}", RuntimeWarning, stacklevel=2)
+    if done:
+        from quick.models.normquant import attach
+
+        attach(model)  # the norms before W4A8 projections may quantize for them (QUICK_FUSIONS normquant)
     return done
 
 
