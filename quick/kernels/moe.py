@@ -101,10 +101,10 @@ CONFIGS: dict[str, MoEConfig] = {
     for c in (
         # decode: 16 rows, 8 warps splitting K (256 columns a stage), 2 stages of weights in registers per warp
         MoEConfig("m16k8", 16, 1, 1, 8, 2, 2, 3, 2),
-        # decode, any K that is a multiple of 64: 4 warps of one k16 step, 4 stages of weights in flight
-        MoEConfig("m16k4", 16, 1, 1, 4, 2, 1, 4, 4),
-        # prefill: 64 rows (two m16 tiles per warp) x 256 weight columns, no k split
-        MoEConfig("m64", 64, 2, 2, 1, 2, 4, 4, 1),
+        # decode, any K that is a multiple of 64: 4 warps of one k16 step, 3 stages of weights in flight (4 spill)
+        MoEConfig("m16k4", 16, 1, 1, 4, 2, 1, 4, 3),
+        # prefill: 64 rows (one m16 tile per warp: two spill at sm_90a) x 256 weight columns, no k split
+        MoEConfig("m64", 64, 4, 2, 1, 2, 4, 4, 1),
     )
 }
 BLOCK_SIZES = tuple(sorted({c.bm for c in CONFIGS.values()}))
