@@ -28,6 +28,7 @@ MODULES = (
     "quick.kernels.w4a8_wgmma",
     "quick.kernels.decode",
     "quick.kernels.attention",
+    "quick.kernels.moe",
     "quick.kernels.normquant",
 )
 DEFAULT_ARCHS = ("sm_80", "sm_90a")
