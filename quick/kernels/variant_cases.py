@@ -277,6 +277,29 @@ def attn_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
     return {"qw": None, "packed": packed, "x_cpu": q, "x": q.to(device), "bias": None, "bias_cpu": None}
 
 
+# ---------------------------------------------------------------------------------------- norm + quantization
+
+
+def normquant_cases() -> list[Case]:
+    """The fused RMSNorm + W4A8 quantization (``m`` rows of ``k``; ``n = k``: the launcher returns the dequantized
+    activations): the smallest row (K = 8) without a residual; a row one piece longer than the register cache
+    (the re-reading tail) with residual and normed outputs; Gemma's ``1 + w`` form with a residual."""
+    from quick.kernels import normquant as nq
+
+    tail = 8 * nq.THREADS * 4 + 8
+    out: list[Case] = []
+    for dt in (torch.float16, torch.bfloat16):
+        var = _dt_name(dt)
+        for m, k, res, normed, offset in (
+            (1, 8, False, False, 0.0),
+            (3, tail, True, True, 0.0),
+            (5, 640, True, False, 1.0),
+        ):
+            ex = {"residual": res, "normed": normed, "offset": offset}
+            out.append(Case("normquant", var, dt, m, k, k, 0, layout="", extra=ex))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- other kernels
 
 
@@ -337,7 +360,8 @@ def all_cases(sm90: bool = True) -> list[Case]:
     """Every case, ordered so that each variant's first case comes before any variant's second (a time
     budget that runs out still leaves every variant launched at least once)."""
     groups: dict[tuple, list[Case]] = {}
-    for c in mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + attn_cases() + registry_cases():
+    cases = mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + attn_cases() + normquant_cases()
+    for c in cases + registry_cases():
         groups.setdefault((c.kernel, c.variant, c.dtype), []).append(c)
     ordered = []
     depth = max((len(v) for v in groups.values()), default=0)
@@ -386,6 +410,13 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
+    if case.kernel == "normquant":
+        x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
+        t = {"weight": (torch.rand(case.k, generator=gen) + 0.5).to(case.dtype)}
+        if case.extra["residual"]:
+            t["residual"] = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
+        packed = {name: v.to(device) for name, v in t.items()}
+        return {"qw": None, "packed": packed, "x_cpu": x, "x": x.to(device), "bias": None, "bias_cpu": None}
     act = case.kernel == "dec_fused" and case.extra["act"]
     x = torch.randn(case.m, 2 * case.k if act else case.k, generator=gen).to(case.dtype)
     if case.kernel.startswith("registry:"):
@@ -469,6 +500,16 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             return o.reshape(x.shape[0], -1)
 
         return fn
+    if case.kernel == "normquant":
+        from quick.kernels import normquant as nq
+
+        def fn(x, p, bias, out=None):
+            ex = case.extra
+            r = nq.rms_norm_quant_cuda(x, p["weight"], 1e-6, ex["offset"], p.get("residual"), ex["normed"])
+            y = r.xq.float() * r.sx[:, None]  # [M, K]: what the GEMM reads, dequantized
+            return out.copy_(y) if out is not None else y
+
+        return fn
     if case.kernel.startswith("registry:"):
         _, layout, name = case.kernel.split(":", 2)
         from quick.kernels import dispatch
@@ -515,11 +556,13 @@ def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     from quick.kernels import attention as at
     from quick.kernels import decode as qd
     from quick.kernels import mma as qm
+    from quick.kernels import normquant as nq
     from quick.kernels import wgmma as qs
 
     jobs = [(src, arch, d) for src, d, _ in qm.VARIANTS]
     jobs += [(src, arch, d) for src, _k, d in at.VARIANTS]
     jobs += [(src, "sm_90a" if arch.startswith("sm_90") else arch, d) for src, _k, d in qd.VARIANTS]
+    jobs += [(src, arch, d) for src, d, _ in nq.VARIANTS]
     if arch.startswith("sm_90"):
         jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
     return jobs
