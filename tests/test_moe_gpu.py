@@ -1,0 +1,209 @@
+"""Device correctness of the grouped mixture-of-experts GEMM (``csrc/quick_moe.cu``) against the float64 reference of
+dequantize-then-matmul per routed slot: many (experts, top_k, tokens, K, N), experts that receive no token, one token,
+ragged counts, dropped slots, both row tiles, fp16 and bf16, per-channel and group sizes 32 / 64 / 128; outputs of the
+kernel checked for unwritten rows (a row the plan names must be written, every other row must stay zero, no NaN) and
+relative Frobenius error bounds that fail on any indexing error; ``QuickMoEExperts.forward`` against its reference
+path, and captured in a CUDA graph and replayed on new routings. Skipped without an sm_80+ GPU and nvcc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import require_sm80_and_nvcc
+
+from quick.testing import REL_BOUND, random_quantized, rel_error
+
+pytestmark = pytest.mark.gpu
+
+require_sm80_and_nvcc()
+
+import quick.kernels.ops  # noqa: E402, F401  (registers torch.ops.quick.moe_gemm_w4a16)
+from quick.kernels import jit  # noqa: E402
+from quick.kernels import moe as qmoe  # noqa: E402
+from quick.nn.moe import QuickExpertStack, QuickMoEExperts, build_plan  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _precompile():
+    """Build every variant the tests launch in parallel first (nvcc is single-threaded; a few seconds in all)."""
+    arch = jit.arch_for_device()
+    jit.compile_many((src, arch, d) for src, d, _ in qmoe.VARIANTS)
+
+
+def _stack(e: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int):
+    """Random codes, scales and zero points per expert, packed as a stack on the GPU, and the float64 weights."""
+    gen = torch.Generator().manual_seed(seed)
+    qws = [random_quantized(k, n, g, dtype, "cpu", gen) for _ in range(e)]
+    stack = QuickExpertStack.from_quantized(qws, "quick").to(DEV)
+    w = torch.stack([qw.dequantize(torch.float64) for qw in qws]).to(DEV)
+    return stack, w
+
+
+def _routing(t: int, k: int, e: int, seed: int, used: int | None = None, drop: float = 0.0) -> torch.Tensor:
+    """``[t, k]`` distinct experts per token drawn from the first ``used`` experts (the others get no token), with
+    a fraction ``drop`` of slots set to ``e`` (dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    used = used or e
+    idx = torch.rand(t, used, generator=gen).argsort(dim=1)[:, :k]
+    if drop:
+        idx[torch.rand(t, k, generator=gen) < drop] = e
+    return idx.to(DEV)
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gdiv: int, act: str, tw) -> torch.Tensor:
+    """float64 ``out[s] = x[s // gdiv] @ W[idx[s]]`` (gated: act(gate) * up; weighted), zero rows for dropped slots."""
+    flat = idx.reshape(-1)
+    e = w.shape[0]
+    n = w.shape[2] // 2 if act else w.shape[2]
+    out = torch.zeros(flat.numel(), n, dtype=torch.float64, device=DEV)
+    for s in range(flat.numel()):
+        ex = int(flat[s])
+        if ex >= e:
+            continue
+        y = x[s // gdiv].double() @ w[ex]
+        if act:
+            y = F.silu(y[:n]) * y[n:]
+        out[s] = y * (float(tw[s]) if tw is not None else 1.0)
+    return out
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, idx: torch.Tensor, e: int, dtype: torch.dtype) -> None:
+    assert torch.isfinite(out).all(), "NaN/inf in the output"
+    dropped = idx.reshape(-1) >= e
+    assert (out[dropped] == 0).all(), "a row no slot names was written"
+    routed = ~dropped
+    err = rel_error(out[routed], ref[routed])
+    assert err < REL_BOUND[dtype], f"relative error {err:.3e} over bound {REL_BOUND[dtype]}"
+    # per row too: one wrong row in many would hide in the Frobenius norm
+    rows = (out[routed].double() - ref[routed]).norm(dim=1) / ref[routed].norm(dim=1).clamp_min(1e-30)
+    assert rows.max() < 4 * REL_BOUND[dtype], f"worst row error {rows.max():.3e}"
+
+
+# (experts, top_k, tokens, K, N, group, used experts, dropped fraction)
+CASES = [
+    (8, 2, 1, 256, 128, 128, None, 0.0),  # one token
+    (16, 4, 5, 512, 256, 64, 6, 0.0),  # ten experts idle, ragged counts
+    (16, 8, 3, 192, 192, 32, None, 0.25),  # K not a multiple of 256 (the any-K variant), dropped slots
+    (4, 2, 64, 256, 320, -1, None, 0.0),  # per-channel, N not a multiple of the CTA tile
+    (32, 8, 40, 256, 128, 128, 20, 0.1),  # many blocks, twelve experts idle, dropped slots
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"E{c[0]}k{c[1]}T{c[2]}K{c[3]}N{c[4]}g{c[5]}" for c in CASES])
+@pytest.mark.parametrize("block", [16, 64])
+def test_grouped_gemm_against_float64(case, dtype, block):
+    e, k, t, kk, n, g, used, drop = case
+    stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 1000)
+    idx = _routing(t, k, e, seed=t * 7 + e, used=used, drop=drop)
+    x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype).to(DEV)
+    if kk % 256 == 0 and block == 16:
+        assert qmoe.default_config(block, kk).name == "m16k8"
+    plan = build_plan(idx, e, block, static=True)
+    p = stack.packed()
+    # gate|up-like: input rows gathered per token; down-like: one input row per slot, weighted
+    out = qmoe.grouped_gemm(x, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids, plan.block_experts,
+                            plan.num_padded, k, validate_ids=True)  # fmt: skip
+    _check(out, _reference(x, w, idx, k, "", None), idx, e, dtype)
+    xs = x.repeat_interleave(k, dim=0)
+    tw = torch.rand(t * k, generator=torch.Generator().manual_seed(2)).to(DEV)
+    out = torch.ops.quick.moe_gemm_w4a16(xs, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids,
+                                         plan.block_experts, plan.num_padded, 1, tw, "", True)  # fmt: skip
+    _check(out, _reference(xs, w, idx, 1, "", tw), idx, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block", [16, 64])
+def test_gated_epilogue(dtype, block):
+    e, k, t, kk, i = 8, 2, 9, 256, 192
+    stack, w = _stack(e, kk, 2 * i, 128, dtype, seed=3)
+    idx = _routing(t, k, e, seed=4, used=5)
+    x = torch.randn(t, kk, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    plan = build_plan(idx, e, block, static=True)
+    p = stack.packed()
+    out = qmoe.grouped_gemm(x, p["qweight"], p["scales"], p["zeros"], 128, plan.sorted_ids, plan.block_experts,
+                            plan.num_padded, k, None, "silu")  # fmt: skip
+    assert out.shape == (t * k, i)
+    _check(out, _reference(x, w, idx, k, "silu", None), idx, e, dtype)
+
+
+def test_empty_plan_blocks_and_bad_ids_are_safe():
+    """Capacity far beyond the routed rows (blocks past num_padded are skipped), and out-of-range ids in a hand-made
+    plan: the host check names them; without it the kernel treats them as padding (no illegal access)."""
+    e, k, t, kk, n = 8, 2, 2, 128, 64
+    stack, w = _stack(e, kk, n, 128, torch.float16, seed=6)
+    p = stack.packed()
+    x = torch.randn(t, kk).half().to(DEV)
+    idx = _routing(t, k, e, seed=7)
+    plan = build_plan(idx, e, 16, static=True)
+    assert plan.block_experts.numel() * 16 > int(plan.num_padded)
+    args = (p["qweight"], p["scales"], p["zeros"], 128)
+    out = qmoe.grouped_gemm(x, *args, plan.sorted_ids, plan.block_experts, plan.num_padded, k)
+    _check(out, _reference(x, w, idx, k, "", None), idx, e, torch.float16)
+    bad_ids = plan.sorted_ids.clone()
+    bad_ids[0] = 10_000
+    bad_exp = plan.block_experts.clone()
+    bad_exp[0] = 99
+    with pytest.raises(qmoe.MoEKernelError, match="sorted_ids must lie"):
+        qmoe.grouped_gemm(x, *args, bad_ids, plan.block_experts, plan.num_padded, k, validate_ids=True)
+    with pytest.raises(qmoe.MoEKernelError, match="block_experts must lie"):
+        qmoe.grouped_gemm(x, *args, plan.sorted_ids, bad_exp, plan.num_padded, k, validate_ids=True)
+    qmoe.grouped_gemm(x, *args, bad_ids, bad_exp, plan.num_padded, k)
+    torch.cuda.synchronize()  # an illegal access would surface here
+
+
+def _module(e: int, h: int, i: int, dtype: torch.dtype, seed: int) -> QuickMoEExperts:
+    gen = torch.Generator().manual_seed(seed)
+    gu = torch.randn(e, 2 * i, h, generator=gen) * 0.05
+    dn = torch.randn(e, h, i, generator=gen) * 0.05
+    return QuickMoEExperts.from_weights(gu, dn, group_size=128, dtype=dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("t", [1, 7, 300])
+def test_experts_forward_matches_reference_path(dtype, t):
+    e, k, h, i = 16, 4, 256, 128
+    mod = _module(e, h, i, dtype, seed=8)
+    idx = _routing(t, k, e, seed=t, used=11, drop=0.05)
+    wts = torch.rand(t, k, generator=torch.Generator().manual_seed(9)).to(DEV)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(10)).to(dtype).to(DEV)
+    mod.backend = "kernel"
+    got = mod(x, idx, wts)
+    mod.backend = "reference"
+    want = mod(x, idx, wts)
+    assert got.dtype == x.dtype and torch.isfinite(got).all()
+    err = rel_error(got, want.double())
+    assert err < 2 * REL_BOUND[dtype], f"relative error {err:.3e}"
+
+
+def test_experts_forward_in_a_cuda_graph():
+    """The whole block (plan, two grouped launches, the slot sum) captured once, replayed on other routings."""
+    e, k, h, i, t = 16, 4, 256, 128, 6
+    mod = _module(e, h, i, torch.float16, seed=11)
+    mod.backend = "kernel"
+    x = torch.randn(t, h).half().to(DEV)
+    idx = _routing(t, k, e, seed=12)
+    wts = torch.rand(t, k).to(DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up: kernels built and loaded, allocator pools primed
+            mod(x, idx, wts)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod(x, idx, wts)
+    for seed in (13, 14, 15):
+        idx.copy_(_routing(t, k, e, seed=seed, used=5 + seed % 4))
+        x.copy_(torch.randn(t, h).half().to(DEV))
+        wts.copy_(torch.rand(t, k).to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        mod.backend = "reference"
+        want = mod(x, idx, wts)
+        mod.backend = "kernel"
+        err = rel_error(out, want.double())
+        assert err < 2 * REL_BOUND[torch.float16], f"replay with seed {seed}: relative error {err:.3e}"
