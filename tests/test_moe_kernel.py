@@ -1,0 +1,176 @@
+"""The grouped MoE kernel's host side on CPU: validation errors, launch arithmetic, the selection entry, the op's fake
+implementation on meta / fake tensors, the capturable plan, and QuickMoEExperts' choice of path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import quick.kernels.ops  # noqa: F401  (registers torch.ops.quick.moe_gemm_w4a16)
+from quick.kernels import moe as qmoe
+from quick.kernels import select
+from quick.nn.moe import QuickMoEExperts, build_plan, plan_capacity
+
+
+def _inputs(e=4, t=3, k=2, kk=256, n=128, g=128, dtype=torch.float16, device="cpu", block=16, gated=False):
+    nn = 2 * n if gated else n
+    x = torch.zeros(t, kk, dtype=dtype, device=device)
+    qw = torch.zeros(e, kk // 16, 2 * nn, dtype=torch.int32, device=device)
+    gg = kk if g == -1 else g
+    sc = torch.zeros(e, kk // gg, nn, dtype=dtype, device=device)
+    cap = plan_capacity(t, k, e, block)
+    ids = torch.zeros(cap, dtype=torch.int32, device=device)
+    blocks = torch.zeros(cap // block, dtype=torch.int32, device=device)
+    npad = torch.zeros(1, dtype=torch.int32, device=device)
+    return x, qw, sc, sc.clone(), g, ids, blocks, npad, k
+
+
+def test_validation_errors_are_clear():
+    good = _inputs()
+    d = qmoe.validate(*good, need_cuda=False)
+    assert (d.m, d.k, d.n, d.e, d.g, d.slots, d.n_out, d.block_size) == (3, 256, 128, 4, 128, 6, 128, 16)
+    x, qw, sc, z, g, ids, blocks, npad, k = good
+    cases = [
+        ((x.float(), qw, sc, z, g, ids, blocks, npad, k), TypeError, "float16 or bfloat16"),
+        ((x, qw.long(), sc, z, g, ids, blocks, npad, k), TypeError, "int32"),
+        ((x, qw, sc.bfloat16(), z, g, ids, blocks, npad, k), TypeError, "scales must have x's dtype"),
+        ((x, qw, sc, z, g, ids.long(), blocks, npad, k), TypeError, "sorted_ids must be a 1-D int32"),
+        ((x, qw, sc, z, g, ids, blocks[None], npad, k), TypeError, "block_experts must be a 1-D int32"),
+        ((x[:, :128], qw, sc, z, g, ids, blocks, npad, k), qmoe.MoEKernelError, "k16 rows"),
+        ((x, qw[0], sc, z, g, ids, blocks, npad, k), qmoe.MoEKernelError, "3-D"),
+        ((x, qw, sc[:, :1], z, g, ids, blocks, npad, k), qmoe.MoEKernelError, r"scales must have shape \[4, 2, 128\]"),
+        ((x, qw, sc, z, 48, ids, blocks, npad, k), qmoe.MoEKernelError, "unsupported group_size"),
+        ((x, qw, sc, z, g, ids[:-1], blocks, npad, k), qmoe.MoEKernelError, "whole number of blocks"),
+        ((x, qw, sc, z, g, ids[:40], blocks, npad, k), qmoe.MoEKernelError, "block size 8 has no kernel"),
+        ((x, qw, sc, z, g, ids, blocks, npad.repeat(2), k), qmoe.MoEKernelError, "one value"),
+        ((x, qw, sc, z, g, ids, blocks, npad, 0), qmoe.MoEKernelError, "positive int"),
+        ((x[0], qw, sc, z, g, ids, blocks, npad, k), qmoe.MoEKernelError, "2-D"),
+    ]
+    for args, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            qmoe.validate(*args, need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="act must be one of"):
+        qmoe.validate(*good, act="tanh", need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="I a multiple of 64"):
+        qmoe.validate(*_inputs(n=192), act="silu", need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="one weight per slot"):
+        qmoe.validate(*good, topk_weights=torch.ones(5), need_cuda=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        qmoe.validate(*good, topk_weights=torch.ones(6, dtype=torch.int32), need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="multiples of 64"):
+        qmoe.validate(*_inputs(n=96), need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="runs on CUDA tensors"):
+        qmoe.validate(*good)
+    with pytest.raises(qmoe.MoEKernelError, match="runs on CUDA tensors"):
+        qmoe.grouped_gemm(*good)
+    with pytest.raises(ValueError, match="no grouped kernels for layout"):
+        select.moe_matmul("quick_sm90", *good)
+
+
+def test_host_id_check():
+    e, t, k = 4, 3, 2
+    plan = build_plan(torch.tensor([[0, 1], [1, 3], [4, 2]]), e, 16, static=True)
+    qmoe.check_ids(plan.sorted_ids, plan.block_experts, t * k, e)
+    bad = plan.sorted_ids.clone()
+    bad[0] = t * k + 1
+    with pytest.raises(qmoe.MoEKernelError, match="sorted_ids must lie"):
+        qmoe.check_ids(bad, plan.block_experts, t * k, e)
+    bad = plan.block_experts.clone()
+    bad[-1] = e
+    with pytest.raises(qmoe.MoEKernelError, match="block_experts must lie"):
+        qmoe.check_ids(plan.sorted_ids, bad, t * k, e)
+
+
+def test_launch_arithmetic():
+    assert qmoe.block_size_for(1, 8, 128) == 16
+    assert qmoe.block_size_for(64, 8, 128) == 16
+    assert qmoe.block_size_for(1024, 8, 128) == 64
+    assert qmoe.block_size_for(16, 2, 8) == 16 and qmoe.block_size_for(256, 2, 8) == 64
+    assert qmoe.default_config(16, 2048).name == "m16k8"
+    assert qmoe.default_config(16, 768).name == "m16k8"
+    assert qmoe.default_config(16, 192).name == "m16k4"
+    assert qmoe.default_config(64, 14336).name == "m64"
+    with pytest.raises(qmoe.MoEKernelError, match="no grouped-GEMM variant"):
+        qmoe.default_config(32, 256)
+    for cfg in qmoe.CONFIGS.values():
+        assert cfg.smem_bytes <= 48 * 1024  # no opt-in needed on any sm_80+ GPU
+        assert cfg.nb % 2 == 0  # the gated epilogue pairs gate and up blocks
+    # Qwen3-30B-A3B gate|up at one token: 8 blocks of 16 rows x 12 output tiles of 64 columns (gated)
+    d = qmoe.validate(*_inputs(e=128, t=1, k=8, kk=2048, n=768, gated=True), act="silu", need_cuda=False)
+    p = qmoe.plan_launch(d, True)
+    assert (p.config.name, p.grid, p.gshift) == ("m16k8", (8, 12), 7)
+    d = qmoe.validate(*_inputs(e=128, t=8, k=1, kk=768, n=2048), need_cuda=False)  # down: one row per slot
+    p = qmoe.plan_launch(d, False)
+    assert p.grid == (plan_capacity(8, 1, 128, 16) // 16, 16)
+    d = qmoe.validate(*_inputs(kk=256, g=-1), need_cuda=False)
+    assert qmoe.plan_launch(d, False).gshift == 30  # one group spans every stage
+    d = qmoe.validate(*_inputs(kk=256, g=32), need_cuda=False)
+    assert qmoe.plan_launch(d, False, "m16k4").gshift == 5
+    with pytest.raises(qmoe.MoEKernelError, match="takes block size 64"):
+        qmoe.plan_launch(d, False, "m64")
+    with pytest.raises(qmoe.MoEKernelError, match="unknown grouped-GEMM config"):
+        qmoe.plan_launch(d, False, "m8")
+    assert len(qmoe.VARIANTS) == 2 * len(qmoe.CONFIGS) * 2
+    assert {v[1]["QM_GATED"] for v in qmoe.VARIANTS} == {0, 1}
+
+
+def test_fake_implementation_shapes():
+    args = _inputs(e=8, t=5, k=2, n=128, gated=True, device="meta")
+    out = torch.ops.quick.moe_gemm_w4a16(*args, None, "silu")
+    assert out.shape == (10, 128) and out.device.type == "meta"
+    x, qw, sc, z, g, ids, blocks, npad, _ = _inputs(e=8, t=10, k=1, n=256, device="meta")
+    out = torch.ops.quick.moe_gemm_w4a16(x, qw, sc, z, g, ids, blocks, npad, 1, torch.ones(10, device="meta"))
+    assert out.shape == (10, 256)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in _inputs(t=7, k=4)]
+        out = torch.ops.quick.moe_gemm_w4a16(*fake)
+        assert out.shape == (28, 128)
+    with pytest.raises(qmoe.MoEKernelError, match="scales must have shape"):
+        torch.ops.quick.moe_gemm_w4a16(x, qw, sc[:, :1], z, g, ids, blocks, npad, 1)
+
+
+def test_selection_entry():
+    p = select.MoEProblem("quick", 4, 8, 128, 1536, 2048, 128, 16, torch.float16, torch.device("cpu"), "silu")
+    assert p.m == 32
+    kern = select.MOE_KERNELS["moe_mma"]
+    assert kern.why_not(p) == "needs an sm_80+ GPU"
+    assert not select.moe_available(p)
+    assert select.moe_reasons(p) == [("moe_mma", "needs an sm_80+ GPU")]
+    assert [c.config for c in kern.candidates(p, 132)] == ["m16k8", "m16k4"]
+    assert kern.model(p).config == "m16k8"
+    assert kern.config_from(p, {"name": "m16k4"}) == "m16k4"
+    assert kern.config_from(p, {"name": "m64"}) is None  # another row tile than the plan's
+    with pytest.raises(ValueError, match="no grouped kernel can run"):
+        select.choose_moe(p)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unchecked_plan_equals_checked_plan(seed):
+    gen = torch.Generator().manual_seed(seed)
+    e, t, k = 8, 11, 3
+    idx = torch.randint(0, e + 1, (t, k), generator=gen)  # e: dropped slots
+    for block in (1, 16, 64):
+        a = build_plan(idx, e, block, static=True)
+        b = build_plan(idx, e, block, static=True, check=False)
+        for name in ("sorted_ids", "block_experts", "offsets", "counts", "num_padded"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    bad = idx.clone()
+    bad[0, 0], bad[1, 1] = -3, e + 5  # unchecked: out-of-range ids are dropped, never indexed
+    a = build_plan(bad, e, 16, static=True, check=False)
+    fixed = bad.clone()
+    fixed[0, 0], fixed[1, 1] = e, e
+    assert torch.equal(a.sorted_ids, build_plan(fixed, e, 16, static=True).sorted_ids)
+
+
+def test_experts_module_takes_the_reference_path_on_cpu():
+    q = QuickMoEExperts(4, 64, 64, group_size=32)
+    x = torch.randn(3, 64)
+    assert q.kernel_unavailable(x, 2) == "the grouped kernel runs on CUDA tensors"
+    q.backend = "kernel"
+    with pytest.raises(RuntimeError, match="no grouped 4-bit MoE kernel.*runs on CUDA tensors"):
+        q(x, torch.randint(0, 4, (3, 2)), torch.rand(3, 2))
+    p_gu, p_dn = q._problems(x, 2)
+    assert (p_gu.tokens, p_gu.top_k, p_gu.n, p_gu.k, p_gu.act) == (3, 2, 128, 64, "silu")
+    assert (p_dn.tokens, p_dn.top_k, p_dn.n, p_dn.k, p_dn.act) == (6, 1, 64, 64, "")
+    assert p_gu.block_size == p_dn.block_size == 16
