@@ -421,10 +421,14 @@ class QuickLinearW4A8(nn.Module):
         probe = torch.empty((0, self.in_features), dtype=out_dtype, device=xq.device)
         if out_dtype == self.dtype and self.takes_quantized(probe):
             t = self.stored()
+            # the bias where forward's kernel entry adds it (epilogue, or after the product): the same roundings
+            inner = _kernel_signature(_kernel_for(self.storage, probe))[0]
             out = torch.ops.quick.gemm_w4a8_quantized(
-                xq2, sx2, t["qweight"], t["channel_scale"], t.get("group_scale"), self.bias, self.group_size,
-                self.storage, out_dtype, self.widen,
+                xq2, sx2, t["qweight"], t["channel_scale"], t.get("group_scale"), self.bias if inner else None,
+                self.group_size, self.storage, out_dtype, self.widen,
             )  # fmt: skip
+            if self.bias is not None and not inner:
+                out = out + self.bias
             self.last_path = "kernel"
         else:
             if self.backend == "kernel":
