@@ -291,9 +291,8 @@ def rms_norm_quant(
     is the new residual where one was given, ``normed`` the norm's output where asked for; an output not produced
     is an empty tensor (a custom op returns tensors only, and none may alias an input)."""
     res = nq.rms_norm_quant(x, weight, eps, offset, residual, normed)
-    empty = x.new_empty((0,))
-    r = res.residual if res.residual is not None else empty
-    return res.xq, res.sx, r, res.normed if res.normed is not None else empty
+    r = res.residual if res.residual is not None else x.new_empty((0,))
+    return res.xq, res.sx, r, res.normed if res.normed is not None else x.new_empty((0,))
 
 
 @rms_norm_quant.register_fake
