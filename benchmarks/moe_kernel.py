@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""The grouped 4-bit MoE GEMM (``csrc/quick_moe.cu``) against a 16-bit grouped GEMM on real expert shapes.
+
+    python benchmarks/moe_kernel.py [--models qwen3-30b-a3b mixtral-8x7b] [--tokens 1 4 16 64 256 1024 4096]
+        [--dtype bf16|fp16] [--warmup-ms 5] [--rep-ms 25] [--outdir DIR]
+
+Per model, token count and projection (``gate_up``: ``[H, 2I]`` per expert with ``silu(gate) * up`` in the 4-bit
+kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue), uniform random top-k routing:
+
+* ``w4``: ``quick.kernels.moe.grouped_gemm`` on a static sorted-token plan (built outside the timing; the row gather
+  happens inside the kernel), random packed weights in the ``quick`` layout, group size 128 with zero points;
+* ``w16``: ``torch._grouped_mm`` on the rows already sorted by expert (no gather, no activation, no weighting: a
+  lower bound for the 16-bit side) where this torch has it and it runs, else ``torch.bmm`` over the routed experts
+  (their rows zero-padded to the largest count, their weights gathered before the timing); each row says which.
+
+Timing: ``quick.bench.timing.bench_us`` (median of ``triton.testing.do_bench``, L2 flushed before every repetition)
+over CUDA-graph replays. GB/s = the routed experts' weight bytes (4-bit codes + 16-bit scales and zeros for ``w4``;
+16-bit weights for ``w16``) / time: the bandwidth that matters at decode sizes, where the weights dominate. Outputs
+``moe_kernel_<gpu>.json`` and ``.md`` under ``--outdir`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from common import env_info, gpu_slug  # noqa: E402
+
+from quick.bench.timing import bench_us, graphed  # noqa: E402
+from quick.kernels import moe as qmoe  # noqa: E402
+from quick.nn.moe import build_plan  # noqa: E402
+
+# hidden, expert intermediate, experts, top-k
+MODELS = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+GROUP = 128
+
+
+def w4_stack(e: int, k: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed weights (codes, scales around 1e-2, zero points) with the stack's shapes."""
+    qweight = torch.randint(-(2**31), 2**31 - 1, (e, k // 16, 2 * n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(e, k // GROUP, n, device="cuda") * 0.01 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (e, k // GROUP, n), device="cuda").to(dtype)
+    return qweight, scales, zeros
+
+
+def w4_bytes(k: int, n: int) -> int:
+    return k * n // 2 + 2 * (k // GROUP) * n * 2
+
+
+def routing(t: int, k: int, e: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.rand(t, e, device="cuda", generator=gen).topk(k, dim=1).indices
+
+
+def w16_fn(x_sorted: torch.Tensor, w16: torch.Tensor, counts: torch.Tensor):
+    """``(fn, name)``: the 16-bit grouped product of rows sorted by expert (``w16 [E, N, K]``, nn.Linear order)."""
+    offs = counts.cumsum(0).to(torch.int32)
+    wt = w16.transpose(1, 2)
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            fn = lambda: torch._grouped_mm(x_sorted, wt, offs=offs)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            return fn, "torch._grouped_mm"
+        except RuntimeError as err:
+            print(f"  torch._grouped_mm unavailable here ({str(err).splitlines()[0]}); bmm instead")
+    used = torch.nonzero(counts).flatten()
+    c = counts[used]
+    top = int(c.max())
+    starts = (counts.cumsum(0) - counts)[used]
+    rows = starts[:, None] + torch.arange(top, device="cuda")[None]
+    valid = torch.arange(top, device="cuda")[None] < c[:, None]
+    xb = torch.where(valid[..., None], x_sorted[rows.clamp(max=x_sorted.shape[0] - 1)], 0)
+    wb = wt[used].contiguous()
+    return (lambda: torch.bmm(xb, wb)), "torch.bmm (routed experts, padded rows)"
+
+
+def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, args) -> list[dict]:
+    h, i, e, k = MODELS[model]
+    idx = routing(t, k, e, seed=t)
+    weights = torch.rand(t, k, device="cuda")
+    routed = int(torch.unique(idx).numel())
+    bs = qmoe.block_size_for(t, k, e)
+    plan = build_plan(idx, e, bs, static=True)
+    counts = plan.counts.long()
+    order = torch.sort(idx.reshape(-1), stable=True).indices
+    x = torch.randn(t, h, device="cuda").to(dtype)
+    hmid = torch.randn(t * k, i, device="cuda").to(dtype)
+    ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
+    rows = []
+    for proj, (kk, n) in (("gate_up", (h, 2 * i)), ("down", (i, h))):
+        qw, sc, z = stacks[proj]
+        if proj == "gate_up":
+            fn4 = functools.partial(qmoe.grouped_gemm, x, qw, sc, z, GROUP, *ids, k, None, "silu")
+            xs = x[order // k]
+        else:
+            fn4 = functools.partial(qmoe.grouped_gemm, hmid, qw, sc, z, GROUP, *ids, 1, weights)
+            xs = hmid[order]
+        base = {"model": model, "tokens": t, "proj": proj, "K": kk, "N": n, "experts_routed": routed, "block": bs}
+        us4 = bench_us(graphed(fn4), args.warmup_ms, args.rep_ms)
+        b4 = routed * w4_bytes(kk, n)
+        rows.append({**base, "impl": "w4", "config": qmoe.default_config(bs, kk).name, "us": round(us4, 2),
+                     "GBps": round(b4 / us4 / 1e3, 1), "bytes": b4})  # fmt: skip
+        fn16, name = w16_fn(xs, w16[proj], counts)
+        us16 = bench_us(graphed(fn16), args.warmup_ms, args.rep_ms)
+        b16 = routed * kk * n * 2
+        rows.append({**base, "impl": "w16", "config": name, "us": round(us16, 2), "GBps": round(b16 / us16 / 1e3, 1),
+                     "bytes": b16})  # fmt: skip
+        print(f"{model} T={t:<5} {proj:<8} experts={routed:<4} w4 {us4:9.1f} us {b4 / us4 / 1e3:7.0f} GB/s | "
+              f"w16 {us16:9.1f} us {b16 / us16 / 1e3:7.0f} GB/s ({name})", flush=True)  # fmt: skip
+    return rows
+
+
+def markdown(env: dict, rows: list[dict], dtype: str) -> str:
+    lines = [
+        "# Grouped 4-bit MoE GEMM against a 16-bit grouped GEMM",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, CUDA {env.get('cuda')}, {env['date']}, {dtype}, group size {GROUP}, "
+        "uniform random top-k routing. Median of do_bench (L2 flushed) over CUDA-graph replays. GB/s over the routed "
+        "experts' weight bytes. w4: the grouped kernel with its gather and epilogue (gate_up: silu(gate) * up; down: "
+        "routing weights); w16: the baseline named per row, on rows already sorted (no gather, no epilogue).",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"## {model}", "", "| tokens | experts | block | proj | w4 us (GB/s) | w16 us (GB/s) | w16 / w4 |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r4 in (r for r in rows if r["model"] == model and r["impl"] == "w4"):
+            r16 = next(
+                r for r in rows if r["impl"] == "w16" and all(r[c] == r4[c] for c in ("model", "tokens", "proj"))
+            )
+            lines.append(
+                f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {r4['us']:.1f} "
+                f"({r4['GBps']:.0f}) | {r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / r4['us']:.2f} |"
+            )
+        lines.append("")
+    names = sorted({r["config"] for r in rows if r["impl"] == "w16"})
+    lines.append(f"16-bit baseline: {', '.join(names)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--tokens", nargs="*", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--warmup-ms", type=float, default=5)
+    ap.add_argument("--rep-ms", type=float, default=25)
+    ap.add_argument("--outdir", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("moe_kernel: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    env = env_info()
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    t0 = time.time()
+    for model in args.models:
+        h, i, e, _ = MODELS[model]
+        stacks = {"gate_up": w4_stack(e, h, 2 * i, dtype), "down": w4_stack(e, i, h, dtype)}
+        w16 = {
+            "gate_up": (torch.randn(e, 2 * i, h, device="cuda") * 0.02).to(dtype),
+            "down": (torch.randn(e, h, i, device="cuda") * 0.02).to(dtype),
+        }
+        for t in args.tokens:
+            rows += bench_cell(model, t, dtype, stacks, w16, args)
+        del stacks, w16
+        torch.cuda.empty_cache()
+    stem = args.outdir / f"moe_kernel_{gpu_slug()}"
+    doc = {**env, "dtype": args.dtype, "group_size": GROUP, "rows": rows, "seconds": round(time.time() - t0, 1)}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(env, rows, args.dtype))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
