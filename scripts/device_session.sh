@@ -4,7 +4,8 @@
 #   bash scripts/device_session.sh PLAN_FILE
 # PLAN_FILE lines: `name | timeout_seconds | shell command` (blank lines and # comments skipped). Each command
 # runs with OUT=$WORK/<name> (create files there), its output goes to $WORK/<name>.log; a failing or timed-out
-# job does not stop the others. At the end: $OUT/results.tar.gz (everything) and $OUT/summary.txt.
+# job does not stop the others. After each job: $OUT/<name>.tar.gz (its folder and log), so a run cut short keeps
+# what finished; $OUT/summary.txt grows as jobs end.
 set -u
 cd "$(dirname "$0")/.."
 PLAN=${1:?plan file}
@@ -32,7 +33,7 @@ while IFS='|' read -r name limit cmd; do
   rc=$?
   echo "--- $name rc=$rc in $(( $(date +%s) - t0 )) s; last lines:" | tee -a "$SUMMARY"
   tail -n 15 "$WORK/$name.log" | tee -a "$SUMMARY"
+  tar -czf "$FINAL_OUT/$name.tar.gz" -C "$WORK" "$name" "$name.log"
 done < "$PLAN"
 echo "=== all jobs done in $(( $(date +%s) - t_all )) s" | tee -a "$SUMMARY"
-tar -czf "$FINAL_OUT/results.tar.gz" -C "$WORK" .
 ls -la "$FINAL_OUT"

@@ -212,7 +212,10 @@ def test_device_session_runs_every_job_and_packs_the_results(tmp_path):
     summary = (out / "summary.txt").read_text()
     for name, rc in (("ok", 0), ("fail", 3), ("slow", 124), ("last", 0)):
         assert re.search(rf"--- {name} rc={rc} ", summary), summary
-    with tarfile.open(out / "results.tar.gz") as tar:
-        names = set(tar.getnames())
-        assert {"./ok/a.txt", "./last/b.txt", "./fail.log"} <= names, names
-        assert tar.extractfile("./ok/a.txt").read() == b"hello\n"
+    with tarfile.open(out / "ok.tar.gz") as tar:  # one archive per job, written as it ends
+        assert {"ok/a.txt", "ok.log"} <= set(tar.getnames()), tar.getnames()
+        assert tar.extractfile("ok/a.txt").read() == b"hello\n"
+    with tarfile.open(out / "last.tar.gz") as tar:
+        assert tar.extractfile("last/b.txt").read() == b"done\n"
+    with tarfile.open(out / "fail.tar.gz") as tar:
+        assert "fail.log" in tar.getnames()
