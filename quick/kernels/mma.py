@@ -44,10 +44,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
-class TileConfig:
-    """The tile fields shared by the mma.sync GEMMs (W4A16 here, W4A8 in :mod:`quick.kernels.w4a8_mma`): a CTA
-    has ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm / warps_m`` rows, ``nb`` blocks of ``N_BLOCK``
-    columns and ``sw`` steps of ``K_STEP`` of every stage. Subclasses set the two class constants."""
+class TileShape:
+    """The tile fields shared by the mma.sync GEMMs (W4A16 here, W4A8 in :mod:`quick.kernels.w4a8_mma`, the grouped
+    MoE GEMM in :mod:`quick.kernels.moe`): a CTA has ``warps_m x warps_n x warps_k`` warps; a warp owns ``bm /
+    warps_m`` rows, ``nb`` blocks of ``N_BLOCK`` columns and ``sw`` steps of ``K_STEP`` of every stage. Subclasses
+    set the two class constants."""
 
     N_BLOCK: ClassVar[int]
     K_STEP: ClassVar[int]
@@ -61,8 +62,6 @@ class TileConfig:
     sw: int
     stages: int
     pf: int
-    minb: int = 1
-    inred: int = 0
 
     @property
     def threads(self) -> int:
@@ -81,6 +80,15 @@ class TileConfig:
         if self.warps_k <= 1:
             return 0
         return self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * (self.N_BLOCK // 8) * 32 * 16
+
+
+@dataclass(frozen=True)
+class TileConfig(TileShape):
+    """A split-k GEMM's tile (:class:`GemmConfig`, the W4A8 config): ``minb`` = minimum CTAs per SM for
+    ``__launch_bounds__``; ``inred`` = 1: split-k summed in the kernel by the last CTA of each tile."""
+
+    minb: int = 1
+    inred: int = 0
 
 
 @dataclass(frozen=True)
@@ -346,11 +354,19 @@ def validate(
 
 
 @dataclass(frozen=True)
-class GemmPlan:
-    config: GemmConfig
+class SplitKPlan:
+    """A split-k GEMM launch (W4A16 here, W4A8 in :mod:`quick.kernels.w4a8_mma`): K in ``splits`` runs of
+    ``tiles_per_split`` tiles, and the grid (:func:`split_grid`)."""
+
+    config: TileConfig
     splits: int
     tiles_per_split: int
     grid: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class GemmPlan(SplitKPlan):
+    config: GemmConfig
 
 
 @dataclass(frozen=True)

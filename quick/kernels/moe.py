@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -38,44 +39,21 @@ class MoEKernelError(ValueError):
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(qm.TileShape):
     """One compiled variant: a CTA takes ``bm`` sorted rows (the plan's block size) with ``warps_m x warps_n x
     warps_k`` warps; a warp owns ``bm / warps_m`` rows, ``nb`` n64 weight blocks (gated: half gate, half the matching
     up blocks) and ``sw`` k16 steps of every stage; ``stages`` cp.async stages of activations, ``pf`` stages of weights
-    prefetched into registers."""
+    prefetched into registers. ``bn``: weight columns of a CTA (gated: half of them gate, half up)."""
 
-    name: str
-    bm: int
-    warps_m: int
-    warps_n: int
-    warps_k: int
-    nb: int
-    sw: int
-    stages: int
-    pf: int
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n * self.warps_k
-
-    @property
-    def bn(self) -> int:
-        """Weight columns of a CTA (gated: half of them gate, half up)."""
-        return 64 * self.nb * self.warps_n
-
-    @property
-    def bks(self) -> int:
-        return 16 * self.sw * self.warps_k
+    N_BLOCK: ClassVar[int] = 64
+    K_STEP: ClassVar[int] = 16
 
     @property
     def smem_bytes(self) -> int:
         """Mirror of the kernel: stages x (gathered A tile with 16-byte row padding + scale and zero rows), or the
         k-slice reduction buffer if larger (static row indices not counted)."""
         stage = self.bm * (self.bks + 8) * 2 + 2 * max(1, self.bks // 32) * self.bn * 2
-        red = 0
-        if self.warps_k > 1:
-            red = self.warps_m * self.warps_n * (self.bm // self.warps_m // 16) * self.nb * 8 * 32 * 16
-        return max(self.stages * stage, red)
+        return max(self.stages * stage, self._reduction_bytes())
 
     def defines(self, dtype: torch.dtype, gated: bool) -> dict[str, int]:
         return {

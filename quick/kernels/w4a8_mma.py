@@ -212,11 +212,8 @@ def validate(
 
 
 @dataclass(frozen=True)
-class W4A8Plan:
+class W4A8Plan(mma.SplitKPlan):
     config: W4A8Config
-    splits: int
-    tiles_per_split: int
-    grid: tuple[int, int, int]
 
 
 # Rough H100 int8 mma.sync ops/s for the split-k model (ratios matter; the DRAM rate and the reduce launch cost are

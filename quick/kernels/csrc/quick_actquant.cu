@@ -11,37 +11,12 @@
 // Entry points: quick_actquant_f16, quick_actquant_bf16 (x, x_q, s_x, xsum, M, K); K % 8 == 0, 16-byte aligned
 // rows. xsum (may be null; needs K % 128 == 0): int32 [M, K/128], the sum of x_q over each group of 128 columns
 // (the zero-point correction of the W4A8 GEMM's unsigned-weight variant).
-#include "quick_common.cuh"
+#include "quick_rowquant.cuh"
 
 namespace {
 
 constexpr int THREADS = 512;
 constexpr int VPT = 2;
-
-template <int DT>
-__device__ __forceinline__ void to_float8(const uint4& v, float f[8]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = quick::unpack2<DT>(quick::u4_get(v, i));
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-// max that keeps a NaN (like torch's amax): a row with a NaN gets s_x = NaN, so its outputs are NaN, not
-// silently finite.
-__device__ __forceinline__ float nanmax(float a, float b) { return (b > a || b != b) ? b : a; }
-
-__device__ __forceinline__ uint32_t quant4(const float* f, float inv) {
-  uint32_t r = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int q = __float2int_rn(__fmul_rn(f[i], inv));  // rint: round half to even
-    q = max(-127, min(127, q));
-    r |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * i);
-  }
-  return r;
-}
 
 // Quantize one 16-byte piece i of the row (if i < nvec) and, when xsum is given, write the sum of x_q over each
 // group of 128 columns (16 pieces = 16 consecutive lanes: a half-warp reduction). Called by every thread of the
@@ -50,12 +25,9 @@ template <int DT>
 __device__ __forceinline__ void quant_piece(const uint4& v, bool valid, int i, float inv, uint2* qr, int* xs) {
   int sum = 0;
   if (valid) {
-    float f[8];
-    to_float8<DT>(v, f);
-    const uint32_t lo = quant4(f, inv);
-    const uint32_t hi = quant4(f + 4, inv);
-    qr[i] = make_uint2(lo, hi);
-    sum = __dp4a(static_cast<int>(lo), 0x01010101, __dp4a(static_cast<int>(hi), 0x01010101, 0));  // signed bytes
+    const uint2 q = quick::quant8<DT>(v, inv);
+    qr[i] = q;
+    sum = __dp4a(static_cast<int>(q.x), 0x01010101, __dp4a(static_cast<int>(q.y), 0x01010101, 0));  // signed bytes
   }
   if (xs != nullptr) {
 #pragma unroll
@@ -76,32 +48,11 @@ __device__ __forceinline__ void actquant(const void* __restrict__ xp, int8_t* __
 
   uint4 cache[VPT];
   float amax = 0.f;
+  quick::load_row_cache<THREADS>(cache, xr, tid, nvec);
 #pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int i = tid + v * THREADS;
-    cache[v] = make_uint4(0, 0, 0, 0);
-    if (i < nvec) cache[v] = quick::ldg128(xr + i);
-  }
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    float f[8];
-    to_float8<DT>(cache[v], f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) amax = nanmax(amax, fabsf(f[e]));
-  }
-  for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
-    float f[8];
-    to_float8<DT>(quick::ldg128(xr + i), f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) amax = nanmax(amax, fabsf(f[e]));
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = nanmax(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if ((tid & 31) == 0) red[tid >> 5] = amax;
-  __syncthreads();
-  amax = red[0];
-#pragma unroll
-  for (int w = 1; w < THREADS / 32; ++w) amax = nanmax(amax, red[w]);
+  for (int v = 0; v < VPT; ++v) amax = quick::absmax<DT>(cache[v], amax);
+  for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) amax = quick::absmax<DT>(quick::ldg128(xr + i), amax);
+  amax = quick::block_reduce<true, THREADS / 32, false>(amax, red);
 
   const float inv = amax > 0.f ? __fmul_rn(__frcp_rn(amax), 127.f) : 0.f;
   int* xs = xsum != nullptr ? xsum + static_cast<size_t>(row) * (K / 128) : nullptr;

@@ -26,6 +26,7 @@
 // every weight access (loads, cp.async, L2 prefetch) carries an L2::evict_first policy: weights are read once, and
 // the L2 then replaces these clean lines before anything else (other data, or dirty lines waiting for write-back).
 #include "quick_common.cuh"
+#include "quick_mainloop.cuh"
 #include "quick_splitk.cuh"
 
 #ifndef QK_BM
@@ -231,15 +232,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   zero_acc(acc);
 
   // ---- prologue: weights for the first PF stages, activations for the first STAGES - 1
-#pragma unroll
-  for (int p = 0; p < PF; ++p)
-#pragma unroll
-    for (int j = 0; j < SW; ++j)
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        wring[p][j][nb] = make_uint4(0, 0, 0, 0);
-        if (!QK_WSMEM && p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_weight(wptr(p, j, nb), wpol);
-      }
+  if constexpr (!QK_WSMEM) {
+    weight_ring_prologue(wring, ntiles, nvalid, [&](int p, int j, int nb) { return ldg_weight(wptr(p, j, nb), wpol); });
+  }
   pipeline_prologue<STAGES>(ntiles, load_stage);
 #if QK_L2PF > 0
   for (int t = PF; t < QK_L2PF; ++t) prefetch_w(t);  // tiles < PF are already being loaded into registers
@@ -249,50 +244,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, QK_MINB) quick_gemm(
   const int a_row = wm * WM + (lane & 15);
   const int a_col = (lane >> 4) * 8;
   const int s_col = (wn * NB) * 64 + 8 * (lane >> 2);
-  for (int t0 = 0; t0 < ntiles; t0 += PF) {
-#pragma unroll
-    for (int p = 0; p < PF; ++p) {
-      const int tile = t0 + p;
-      if (tile < ntiles) {
-        pipeline_advance<STAGES>(tile, ntiles, load_stage);
+  pipeline_loop<STAGES, PF>(ntiles, load_stage, [&](int p, int tile) {
 #if QK_L2PF > 0
-        prefetch_w(tile + QK_L2PF);
+    prefetch_w(tile + QK_L2PF);
 #endif
-        const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
-        const uint32_t ss = sa + A_STAGE_BYTES;
+    const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
 #pragma unroll
-        for (int j = 0; j < SW; ++j) {
-          const int kl = (wk * SW + j) * 16;
-          uint32_t a[MT][4];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sa + ((a_row + mt * 16) * A_STRIDE + kl + a_col) * 2);
-          const int grow = kl >> gshift;
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb) {
-            const uint32_t soff = ss + (grow * BN + s_col + nb * 64) * 2;
-            const uint4 sv = lds128(soff);
-            const uint4 zv = lds128(soff + S_BYTES);
+    for (int j = 0; j < SW; ++j) {
+      w4a16_kstep<DT, MT, NB, A_STRIDE, BN, S_BYTES>(
+          acc, sa, sa + A_STAGE_BYTES, a_row, a_col, s_col, (wk * SW + j) * 16, gshift,
+          [&](int nb) {
 #if QK_WSMEM
-            const uint4 wv = lds128(sa + W_OFF + (((wk * SW + j) * (BN / 64) + wn * NB + nb) * 32 + lane) * 16);
+            return lds128(sa + W_OFF + (((wk * SW + j) * (BN / 64) + wn * NB + nb) * 32 + lane) * 16);
 #else
-            const uint4 wv = wring[p][j][nb];
+            return wring[p][j][nb];
 #endif
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-              uint32_t b[4];
-              dequant_word<DT>(u4_get(wv, w), u4_get(sv, w), neg_magic_zero<DT>(u4_get(zv, w)), b);
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) {
-                mma_16816<DT>(acc[mt][nb][2 * w], a[mt], b[0], b[1]);
-                mma_16816<DT>(acc[mt][nb][2 * w + 1], a[mt], b[2], b[3]);
-              }
-            }
-            if (!QK_WSMEM && tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_weight(wptr(tile + PF, j, nb), wpol);
-          }
-        }
-      }
+          },
+          [&](int nb) {
+            if (!QK_WSMEM && tile + PF < ntiles && nvalid[nb])
+              wring[p][j][nb] = ldg_weight(wptr(tile + PF, j, nb), wpol);
+          });
     }
-  }
+  });
   cp_async_wait<0>();
 
   // ---- reduce the WARPS_K k-slices in a fixed order: acc(wk=0) += acc(1); += acc(2); ...

@@ -21,6 +21,7 @@
 // Compile-time configuration (-D): QM_DTYPE (0 fp16, 1 bf16), QM_BM (rows per block = the plan's block size),
 // QM_WM, QM_WN, QM_WK, QM_NB, QM_SW, QM_STAGES, QM_PF, QM_GATED. Shared memory: quick/kernels/moe.py.
 #include "quick_common.cuh"
+#include "quick_mainloop.cuh"
 
 #ifndef QM_DTYPE
 #define QM_DTYPE 0
@@ -198,58 +199,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) quick_moe_gemm(
   float acc[MT][NB][8][4];
   zero_acc(acc);
 
-#pragma unroll
-  for (int p = 0; p < PF; ++p)
-#pragma unroll
-    for (int j = 0; j < SW; ++j)
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb) {
-        wring[p][j][nb] = make_uint4(0, 0, 0, 0);
-        if (p < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(p, j, nb));
-      }
+  weight_ring_prologue(wring, ntiles, nvalid, [&](int p, int j, int nb) { return ldg_stream128(wptr(p, j, nb)); });
   pipeline_prologue<STAGES>(ntiles, load_stage);
 
   // ---- main loop, unrolled by PF so that every ring slot has a compile-time index
   const int a_row = wm * WM + (lane & 15);
   const int a_col = (lane >> 4) * 8;
   const int s_col = (wn * NB) * 64 + 8 * (lane >> 2);
-  for (int t0 = 0; t0 < ntiles; t0 += PF) {
+  pipeline_loop<STAGES, PF>(ntiles, load_stage, [&](int p, int tile) {
+    const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
 #pragma unroll
-    for (int p = 0; p < PF; ++p) {
-      const int tile = t0 + p;
-      if (tile < ntiles) {
-        pipeline_advance<STAGES>(tile, ntiles, load_stage);
-        const uint32_t sa = smem_base + (tile % STAGES) * STAGE_BYTES;
-        const uint32_t ss = sa + A_STAGE_BYTES;
-#pragma unroll
-        for (int j = 0; j < SW; ++j) {
-          const int kl = (wk * SW + j) * 16;
-          uint32_t a[MT][4];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sa + ((a_row + mt * 16) * A_STRIDE + kl + a_col) * 2);
-          const int grow = kl >> gshift;
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb) {
-            const uint32_t soff = ss + (grow * BN + s_col + nb * 64) * 2;
-            const uint4 sv = lds128(soff);
-            const uint4 zv = lds128(soff + S_BYTES);
-            const uint4 wv = wring[p][j][nb];
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-              uint32_t b[4];
-              dequant_word<DT>(u4_get(wv, w), u4_get(sv, w), neg_magic_zero<DT>(u4_get(zv, w)), b);
-#pragma unroll
-              for (int mt = 0; mt < MT; ++mt) {
-                mma_16816<DT>(acc[mt][nb][2 * w], a[mt], b[0], b[1]);
-                mma_16816<DT>(acc[mt][nb][2 * w + 1], a[mt], b[2], b[3]);
-              }
-            }
+    for (int j = 0; j < SW; ++j) {
+      w4a16_kstep<DT, MT, NB, A_STRIDE, BN, S_BYTES>(
+          acc, sa, sa + A_STAGE_BYTES, a_row, a_col, s_col, (wk * SW + j) * 16, gshift,
+          [&](int nb) { return wring[p][j][nb]; },
+          [&](int nb) {
             if (tile + PF < ntiles && nvalid[nb]) wring[p][j][nb] = ldg_stream128(wptr(tile + PF, j, nb));
-          }
-        }
-      }
+          });
     }
-  }
+  });
   cp_async_wait<0>();
 
   // ---- reduce the WARPS_K k-slices in a fixed order: acc(wk=0) += acc(1); += acc(2); ...

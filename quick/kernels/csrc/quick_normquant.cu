@@ -18,26 +18,13 @@
 //
 // Entry points: quick_normquant_f16, quick_normquant_bf16 (x, resid, weight, x_q, s_x, r_out, normed, M, K, eps,
 // offset); resid, r_out, normed may be null (r_out is required with resid); K % 8 == 0, 16-byte aligned rows.
-#include "quick_common.cuh"
+#include "quick_rowquant.cuh"
 
 namespace {
 
 constexpr int THREADS = 512;
 constexpr int NWARPS = THREADS / 32;
 constexpr int VPT = 4;
-
-template <int DT>
-__device__ __forceinline__ void to_float8(const uint4& v, float f[8]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = quick::unpack2<DT>(quick::u4_get(v, i));
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-// max that keeps a NaN (torch's amax does): such a row gets s_x = NaN instead of silently finite outputs
-__device__ __forceinline__ float nanmax(float a, float b) { return (b > a || b != b) ? b : a; }
 
 // cast(resid + x) per element pair, rounded like torch's add in the model dtype
 template <int DT>
@@ -53,11 +40,7 @@ __device__ __forceinline__ uint4 add_piece(const uint4& a, const uint4& b) {
 
 template <int DT>
 __device__ __forceinline__ float sumsq(const uint4& v, float ss) {
-  float f[8];
-  to_float8<DT>(v, f);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
-  return ss;
+  return quick::fold8<DT>(v, ss, [](float a, float x) { return fmaf(x, x, a); });
 }
 
 // y = RMSNorm(r) of one piece with the same two cast points as transformers' modules
@@ -76,51 +59,6 @@ __device__ __forceinline__ uint4 norm_piece(const uint4& r, const uint4& w, floa
     }
   }
   return make_uint4(y[0], y[1], y[2], y[3]);
-}
-
-template <int DT>
-__device__ __forceinline__ float absmax(const uint4& v, float m) {
-  float f[8];
-  to_float8<DT>(v, f);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) m = nanmax(m, fabsf(f[e]));
-  return m;
-}
-
-__device__ __forceinline__ uint32_t quant4(const float* f, float inv) {
-  uint32_t r = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int q = __float2int_rn(__fmul_rn(f[i], inv));  // rint: round half to even
-    q = max(-127, min(127, q));
-    r |= (static_cast<uint32_t>(q) & 0xFFu) << (8 * i);
-  }
-  return r;
-}
-
-template <int DT>
-__device__ __forceinline__ uint2 quant_piece(const uint4& v, float inv) {
-  float f[8];
-  to_float8<DT>(v, f);
-  return make_uint2(quant4(f, inv), quant4(f + 4, inv));
-}
-
-// Block-wide sum (MAX = false) or NaN-keeping max in a fixed order: shuffle tree per warp, then warps in order.
-template <bool MAX>
-__device__ __forceinline__ float block_reduce(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = MAX ? nanmax(v, u) : v + u;
-  }
-  const int tid = threadIdx.x;
-  __syncthreads();  // the previous reduction's readers are done with red
-  if ((tid & 31) == 0) red[tid >> 5] = v;
-  __syncthreads();
-  v = red[0];
-#pragma unroll
-  for (int w = 1; w < NWARPS; ++w) v = MAX ? nanmax(v, red[w]) : v + red[w];
-  return v;
 }
 
 template <int DT>
@@ -143,12 +81,7 @@ __device__ __forceinline__ void normquant(const void* __restrict__ xp, const voi
   // pass 1: r = x (+ resid), written out as the new residual; its sum of squares
   uint4 cache[VPT];
   float ss = 0.f;
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int i = tid + v * THREADS;
-    cache[v] = make_uint4(0, 0, 0, 0);
-    if (i < nvec) cache[v] = quick::ldg128(xr + i);
-  }
+  quick::load_row_cache<THREADS>(cache, xr, tid, nvec);
   if (rr != nullptr) {
     uint4 res[VPT];
 #pragma unroll
@@ -175,7 +108,7 @@ __device__ __forceinline__ void normquant(const void* __restrict__ xp, const voi
     }
     ss = sumsq<DT>(r, ss);
   }
-  ss = block_reduce<false>(ss, red);
+  ss = quick::block_reduce<false, NWARPS>(ss, red);
   const float inv = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
 
   // pass 2: y = RMSNorm(r) (kept in the cache), its absmax
@@ -186,27 +119,27 @@ __device__ __forceinline__ void normquant(const void* __restrict__ xp, const voi
     if (i < nvec) {
       cache[v] = norm_piece<DT>(cache[v], quick::ldg128(wr + i), inv, offset);
       if (no != nullptr) no[i] = cache[v];
-      amax = absmax<DT>(cache[v], amax);
+      amax = quick::absmax<DT>(cache[v], amax);
     }
   }
   for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
     const uint4 r = ro != nullptr ? ro[i] : quick::ldg128(xr + i);  // ro[i]: this thread's own store
     const uint4 y = norm_piece<DT>(r, quick::ldg128(wr + i), inv, offset);
     if (no != nullptr) no[i] = y;
-    amax = absmax<DT>(y, amax);
+    amax = quick::absmax<DT>(y, amax);
   }
-  amax = block_reduce<true>(amax, red);
+  amax = quick::block_reduce<true, NWARPS>(amax, red);
 
   // pass 3: x_q = rint(y * 127 / amax), as quick_actquant.cu
   const float qinv = amax > 0.f ? __fmul_rn(__frcp_rn(amax), 127.f) : 0.f;
 #pragma unroll
   for (int v = 0; v < VPT; ++v) {
     const int i = tid + v * THREADS;
-    if (i < nvec) qr[i] = quant_piece<DT>(cache[v], qinv);
+    if (i < nvec) qr[i] = quick::quant8<DT>(cache[v], qinv);
   }
   for (int i = tid + VPT * THREADS; i < nvec; i += THREADS) {
     const uint4 r = ro != nullptr ? ro[i] : quick::ldg128(xr + i);
-    qr[i] = quant_piece<DT>(norm_piece<DT>(r, quick::ldg128(wr + i), inv, offset), qinv);
+    qr[i] = quick::quant8<DT>(norm_piece<DT>(r, quick::ldg128(wr + i), inv, offset), qinv);
   }
   if (tid == 0) sx[row] = __fmul_rn(amax, 1.0f / 127.0f);
 }
