@@ -17,6 +17,13 @@ EPS = 1e-6
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
+def _ulps(dtype: torch.dtype, offset: float) -> float:
+    """Bound on normed / s_x relative to the reference: Gemma's single cast is one ulp off at most; Llama's normalized
+    value can be one ulp off (fp32 inverse rms at a rounding boundary) and times the weight, rounded again, that is
+    under two ulps of the output (tests/test_normquant.py checks both on CPU)."""
+    return ULP[dtype] * (2.0 if offset == 0.0 else 1.0)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _gpu():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
@@ -51,8 +58,8 @@ def _reference64(x, w, eps: float, offset: float, residual):
     return xq, amax / 127.0, r, y
 
 
-def _mismatch(got: nq.NormQuant, want, dtype) -> str | None:
-    """Why ``got`` is not within one int8 step (and one model-dtype ulp of s_x) of ``want``, or None."""
+def _mismatch(got: nq.NormQuant, want, dtype, offset: float) -> str | None:
+    """Why ``got`` is not within one int8 step (and :func:`_ulps` of s_x) of ``want``, or None."""
     xq, sx = want[0], want[1]
     d = (got.xq.int() - xq.int()).abs()
     if int(d.max()) > 1:
@@ -61,7 +68,7 @@ def _mismatch(got: nq.NormQuant, want, dtype) -> str | None:
     if frac > 2e-3:
         return f"{frac:.2e} of x_q differ by a step"
     err = (got.sx.double() - sx).abs()
-    if bool((err > sx * (ULP[dtype] + 1e-6) + 1e-30).any()):
+    if bool((err > sx * (_ulps(dtype, offset) + 1e-6) + 1e-30).any()):
         return f"s_x off by {float((err / sx.clamp_min(1e-30)).max()):.2e} relative"
     return None
 
@@ -83,8 +90,8 @@ MS = (1, 7, 64, 4096)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_kernel_matches_float64_reference(dtype):
     """Every (M, K) of the grid, with and without residual, offset 0 (Llama) and 1 (Gemma), into poisoned
-    outputs: every output written, the residual bit-exact, x_q within one step (rarely off at all), s_x within
-    one ulp of the model dtype."""
+    outputs: every output written, the residual bit-exact, x_q within one step (rarely off at all), s_x and the
+    normed rows within :func:`_ulps` of the model dtype."""
     seed = 0
     for k in KS:
         for m in MS:
@@ -100,25 +107,25 @@ def test_kernel_matches_float64_reference(dtype):
             where = f"M={m} K={k} residual={residual} offset={offset}"
             assert not bool((got.xq == -128).any()), f"unwritten x_q ({where})"
             assert not bool(got.sx.isnan().any()), f"unwritten s_x ({where})"
-            why = _mismatch(got, want, dtype)
+            why = _mismatch(got, want, dtype, offset)
             assert why is None, f"{why} ({where})"
             if residual:
                 assert torch.equal(got.residual, want[2]), f"residual ({where})"
             nd = (got.normed.double() - want[3].double()).abs()
             tiny = 2.0**-24 if dtype == torch.float16 else 1e-38  # one subnormal step
-            assert bool((nd <= want[3].double().abs() * ULP[dtype] + tiny).all()), f"normed ({where})"
+            assert bool((nd <= want[3].double().abs() * _ulps(dtype, offset) + tiny).all()), f"normed ({where})"
 
 
 def test_the_bound_can_fail():
-    """The check above rejects an x_q two steps off and an s_x two ulps off."""
+    """The check above rejects an x_q two steps off and an s_x three ulps off (Llama's bound is two)."""
     x, w, r = _inputs(64, 4096, torch.float16, True)
     got = nq.rms_norm_quant_cuda(x, w, EPS, 0.0, r)
     want = _reference64(x, w, EPS, 0.0, r)
-    assert _mismatch(got, want, torch.float16) is None
+    assert _mismatch(got, want, torch.float16, 0.0) is None
     bad = got.xq.clone()
     bad[3, 7] = torch.where(bad[3, 7] > 0, bad[3, 7] - 2, bad[3, 7] + 2)
-    assert "steps" in _mismatch(got._replace(xq=bad), want, torch.float16)
-    assert "s_x" in _mismatch(got._replace(sx=got.sx * (1 + 2 * ULP[torch.float16])), want, torch.float16)
+    assert "steps" in _mismatch(got._replace(xq=bad), want, torch.float16, 0.0)
+    assert "s_x" in _mismatch(got._replace(sx=got.sx * (1 + 3 * ULP[torch.float16])), want, torch.float16, 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -140,7 +147,7 @@ def test_kernel_matches_unfused_cuda_path(dtype):
         d = (got.xq.int() - xq.int()).abs()
         assert int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3, (m, k)
         assert float((got.normed != normed).float().mean()) < 1e-3
-        assert bool(((got.sx - sx).abs() <= sx * ULP[dtype]).all())
+        assert bool(((got.sx - sx).abs() <= sx * _ulps(dtype, offset)).all())
         assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
 
 
@@ -155,7 +162,7 @@ def test_zero_and_nan_rows():
     assert bool(got.sx[2].isnan())
     keep = torch.tensor([0, 3], device="cuda")
     want = _reference64(x[keep], w, EPS, 0.0, None)
-    assert _mismatch(nq.NormQuant(got.xq[keep], got.sx[keep], None, None), want, torch.float16) is None
+    assert _mismatch(nq.NormQuant(got.xq[keep], got.sx[keep], None, None), want, torch.float16, 0.0) is None
 
 
 def test_op_and_empty_batch():
@@ -257,9 +264,9 @@ def test_graphed_fast_decode_fusion_on_and_off(monkeypatch, calls):
     tokens, _ = off.generate(ids, 12)
     monkeypatch.setenv("QUICK_FUSIONS", "normquant")
     on = StaticGenerator(model, 2, 32, use_graph=True, compile="fast")
-    off.cache.reset()
     worst, agree = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode():  # the generators' cache tensors are inference tensors: reset them in that mode
+        off.cache.reset()
         on.prefill(ids)
         monkeypatch.setenv("QUICK_FUSIONS", "none")
         off.prefill(ids)
