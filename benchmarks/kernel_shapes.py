@@ -1575,6 +1575,7 @@ def main(argv: Sequence[str] | None = None, device: str | None = None, t0: float
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     with contextlib.suppress(ValueError):  # not the main thread
         signal.signal(signal.SIGTERM, _sigterm)

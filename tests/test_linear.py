@@ -97,3 +97,19 @@ def test_reference_cache_follows_buffer_updates():
     out_a = a(x)
     a.load_state_dict(b.state_dict())  # in-place copy: same storage, new version
     assert torch.equal(a(x), b(x)) and not torch.equal(out_a, b(x))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to"])
+def test_model_dtype_casts_move_the_compute_dtype(cast):
+    """A layer computing in fp32 around fp16 scales follows ``model.half()`` / ``.bfloat16()`` / ``.to(dtype)``:
+    its output then has the new dtype (not the old compute dtype), as every other layer of the model does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QuickLinear.from_linear(torch.nn.Linear(256, 128), 128, dtype=torch.float16))
+    model[0].set_compute_dtype(torch.float32)
+    assert model[0](torch.randn(2, 256)).dtype == torch.float32
+    want = torch.bfloat16 if cast == "bfloat16" else torch.float16
+    model = model.to(want) if cast == "to" else getattr(model, cast)()
+    assert model[0].compute_dtype == want
+    assert model[0](torch.randn(2, 256, dtype=want)).dtype == want
+    model.to("cpu")  # a device move keeps the compute dtype
+    assert model[0].compute_dtype == want

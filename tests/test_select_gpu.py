@@ -180,6 +180,7 @@ def test_autotune_nothing_is_timed_during_graph_capture(_autotune_on, monkeypatc
     assert len(select.candidates(prob)) > 1
     select.matmul(layout, x, *_args(packed), choice=select.candidates(prob)[0])  # loads the model's kernel, untimed
     torch.cuda.synchronize()
+    real = autotune.time_candidates
     monkeypatch.setattr(autotune, "time_candidates", lambda *a, **kw: pytest.fail("timed under graph capture"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -191,7 +192,7 @@ def test_autotune_nothing_is_timed_during_graph_capture(_autotune_on, monkeypatc
     assert autotune.lookup(prob.device, layout, k, n, m, G, dtype) is None
     assert not _cache_file(tmp_path).exists()
     # the model's pick made under capture is not kept: the next eager call times
-    real, timed = autotune.time_candidates, []
+    timed = []
     monkeypatch.setattr(autotune, "time_candidates", lambda *a, **kw: timed.append(1) or real(*a, **kw))
     select.matmul(layout, x, *_args(packed))
     assert timed == [1] and select.choose(prob).source == "autotune"

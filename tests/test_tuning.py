@@ -376,3 +376,14 @@ def test_time_candidates_checks_each_against_the_models_pick(monkeypatch):
         autotune.time_candidates(run, ["model", "fails"], (4, 8), torch.float32, "cpu")
     assert autotune.time_candidates(run, ["fails", "model"], (4, 8), torch.float32, "cpu") == [None, None]
     assert autotune.time_candidates(run, ["nan", "model"], (4, 8), torch.float32, "cpu") == [None, None]
+
+
+@pytest.mark.parametrize("kernel", ["gemm", "gemv"])
+@pytest.mark.parametrize(("k", "group", "want"), [(192, 192, -1), (4096, 4096, -1), (4096, 128, 128), (128, 128, -1)])
+def test_quick_layout_launches_get_the_group_size_their_launchers_take(kernel, k, group, want, monkeypatch):
+    """The problem holds the resolved group size (K when per-channel); the ``quick`` launchers take -1 for that."""
+    seen = []
+    monkeypatch.setattr(qm, "_run", lambda kind, x, q, s, z, g, *a: seen.append((kind, g)))
+    p = select.Problem("quick", 4, 256, k, group, torch.float16, DEV)
+    select.KERNELS[kernel].run(p, select.Choice(kernel), None, (None, None, None), None, None)
+    assert seen == [(kernel, want)]

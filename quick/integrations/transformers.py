@@ -114,9 +114,16 @@ class QuickHfQuantizer(HfQuantizer):
         self.dtype = dtype  # the dense parts' dtype; packed layers keep their stored scale dtype
         return dtype
 
+    # the hooks that see the model config before transformers resolves the weight files differ between versions
+    # (update_tp_plan / update_ep_plan up to 5.17, update_attn_implementation later): each one drops the guard
     def update_attn_implementation(self, config: Any) -> Any:
-        # the only hook that sees the model config before transformers resolves the weight files
         return drop_load_guard(config)
+
+    def update_tp_plan(self, config: Any) -> Any:
+        return drop_load_guard(getattr(super(), "update_tp_plan", lambda c: c)(config))
+
+    def update_ep_plan(self, config: Any) -> Any:
+        return drop_load_guard(getattr(super(), "update_ep_plan", lambda c: c)(config))
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         from quick.checkpoint import verify_checksums

@@ -403,8 +403,14 @@ def run_validated(
     launch, p = hit
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or not out.is_contiguous() or out.device != dev:
-        raise DecError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {dev}")
+    elif (
+        tuple(out.shape) != (m, n)
+        or out.dtype != x.dtype
+        or not out.is_contiguous()
+        or out.device != dev
+        or out.data_ptr() % 16
+    ):
+        raise DecError(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {dev}")
     stream = torch.cuda.current_stream(dev).cuda_stream
     ws_ptr = cnt_ptr = 0
     if p.splits > 1:

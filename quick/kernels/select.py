@@ -201,6 +201,11 @@ class WgmmaKernel(Kernel):
         return sm.launch_validated(x, *weights, bias, p.m, p.n, p.k, p.group_size, c.config, c.splits, c.rounds, out)
 
 
+def _launch_group(p) -> int:
+    """The group size as the ``quick`` launchers take it: the problem holds the resolved size, -1 = per-channel."""
+    return -1 if p.group_size == p.k else p.group_size
+
+
 class MmaGemmKernel(Kernel):
     """``csrc/quick_mma.cu``: the paper's mma.sync GEMM over the ``quick`` layout, any sm_80+ GPU."""
 
@@ -222,7 +227,7 @@ class MmaGemmKernel(Kernel):
         return name if name in qm.GEMM_CONFIGS and p.k % qm.GEMM_CONFIGS[name].bks == 0 else None
 
     def run(self, p, c, x, weights, bias, out):
-        return qm._run("gemm", x, *weights, p.group_size, bias, c.config, c.splits, out)
+        return qm._run("gemm", x, *weights, _launch_group(p), bias, c.config, c.splits, out)
 
 
 class MmaGemvKernel(Kernel):
@@ -240,14 +245,14 @@ class MmaGemvKernel(Kernel):
         return None  # the decode kernel and the GEMM were as fast or faster on every shape measured
 
     def candidates(self, p: Problem, num_sms: int) -> list[Choice]:
-        return [Choice(self.name, qm.gemv_config_for(p.group_size).name)]
+        return [Choice(self.name, qm.gemv_config_for(_launch_group(p)).name)]
 
     def config_from(self, p: Problem, fields: dict) -> object | None:
         name = fields.get("name")
         return name if name in qm.GEMV_CONFIGS else None
 
     def run(self, p, c, x, weights, bias, out):
-        return qm._run("gemv", x, *weights, p.group_size, bias, c.config, c.splits, out)
+        return qm._run("gemv", x, *weights, _launch_group(p), bias, c.config, c.splits, out)
 
 
 class W4A8MmaKernel(Kernel):
@@ -655,7 +660,7 @@ class GroupedMmaKernel(Kernel):
 
     def run(self, p: MoEProblem, c: Choice, x, weights: tuple, plan: tuple, topk_weights=None) -> torch.Tensor:
         """``plan``: ``(sorted_ids, block_experts, num_padded)``."""
-        g = -1 if p.group_size == p.k else p.group_size  # the problem holds the resolved size; -1 = per-channel
+        g = _launch_group(p)
         return qmoe.grouped_gemm(x, *weights, g, *plan, p.top_k, topk_weights, p.act, config=c.config)
 
 

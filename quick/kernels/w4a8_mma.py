@@ -339,8 +339,14 @@ def gemm_w4a8_cuda(
     m, k, n = validate(x, qweight, channel_scale, group_scale, group_size, bias)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-        raise W4A8Error(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor on {x.device}")
+    elif (
+        tuple(out.shape) != (m, n)
+        or out.dtype != x.dtype
+        or out.device != x.device
+        or not out.is_contiguous()
+        or out.data_ptr() % 16
+    ):
+        raise W4A8Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {x.device}")
     if m == 0:
         return out
     launch = _get_launch(m, n, k, group_size, x.dtype, x.device, config, splits)
@@ -360,8 +366,14 @@ def gemm_w4a8_q(
     n = channel_scale.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or out.device != xq.device or not out.is_contiguous():
-        raise W4A8Error(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor on {xq.device}")
+    elif (
+        tuple(out.shape) != (m, n)
+        or out.dtype != out_dtype
+        or out.device != xq.device
+        or not out.is_contiguous()
+        or out.data_ptr() % 16
+    ):
+        raise W4A8Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {out_dtype} tensor on {xq.device}")
     if m == 0:
         return out
     launch = _get_launch(m, n, k, group_size, out_dtype, xq.device, config, splits)

@@ -361,8 +361,14 @@ def gemm_w4a8_sm90_q(
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(group_size, out_dtype), dev.index, "sm_90a")
         if out is None:
             out = torch.empty((m, n), dtype=out_dtype, device=dev)
-        elif tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous() or out.device != dev:
-            raise W4A8Sm90Error(f"out must be a contiguous [{m}, {n}] {out_dtype} tensor on {dev}")
+        elif (
+            tuple(out.shape) != (m, n)
+            or out.dtype != out_dtype
+            or not out.is_contiguous()
+            or out.device != dev
+            or out.data_ptr() % 16
+        ):
+            raise W4A8Sm90Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {out_dtype} tensor on {dev}")
         ws = torch.empty(max(p.workspace_elems(), 1), dtype=torch.int32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_xq_map(xq, cfg.nt)

@@ -125,6 +125,18 @@ class QuickLinear(nn.Module):
         """Dense weight in ``nn.Linear`` orientation ``[N, logical K]``."""
         return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
+        super()._apply(fn, recurse)
+        # ``model.half()`` / ``.to(torch.bfloat16)`` move the activations too: the cast hooks follow
+        probe = fn(torch.empty(0))
+        if (
+            getattr(self, "compute_dtype", None) is not None
+            and probe.dtype != torch.float32
+            and probe.dtype.is_floating_point
+        ):
+            self.set_compute_dtype(probe.dtype)
+        return self
+
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
         """Accept inputs of ``dtype`` and return outputs in it (cast hooks) while the packed scales keep
         ``self.dtype``; ``None`` or ``self.dtype`` removes the hooks. Kept on the layer (``compute_dtype``) so that
