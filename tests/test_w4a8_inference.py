@@ -370,7 +370,12 @@ def test_gpu_graphed_decode_matches_eager(mode, group, fused):
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
     torch._dynamo.reset()
     assert (fast._fast is not None) == (mode == "fast")
-    assert worst < 2e-2, worst
+    # the rope kernel rounds q/k once where transformers rounds three times; int8 activation quantization turns
+    # those one-ulp differences into ~2.6 % of the logits (CPU emulation of the kernel's arithmetic: 2.87 % worst)
+    from quick import settings
+
+    bound = 4e-2 if mode == "fast" and settings.fusion_enabled("rope") else 2e-2
+    assert worst < bound, worst
     assert agree >= 0.9 * 4 * (tokens.shape[1] - 1)
 
 
