@@ -361,3 +361,25 @@ def test_raw_launch_plain_and_pdl(monkeypatch):
     pdl = jit.pdl_config((4, 2, 1), (128, 1, 1), 96)
     assert jit.raw_launch("fn", (4, 2, 1), (128, 1, 1), 96, 1234, params, pdl) == 7
     assert calls[-1] == ("ex", ([4, 2, 1], [128, 1, 1], 96, 1234, 6, "fn", params))
+
+
+def test_out_buffer_checks_a_callers_output():
+    """Every launcher takes the caller's ``out`` through one check: shape, dtype, device, contiguity, 16 bytes."""
+    from quick.kernels import jit
+
+    class Err(ValueError):
+        pass
+
+    dev = torch.device("cpu")
+    assert jit.out_buffer(None, 3, 8, torch.float16, dev, Err).shape == (3, 8)
+    good = torch.empty(3, 8, dtype=torch.float16)
+    assert jit.out_buffer(good, 3, 8, torch.float16, dev, Err) is good
+    bad = {
+        "shape": torch.empty(3, 16, dtype=torch.float16),
+        "dtype": torch.empty(3, 8, dtype=torch.bfloat16),
+        "strided": torch.empty(8, 3, dtype=torch.float16).t(),
+        "misaligned": torch.empty(3 * 8 + 1, dtype=torch.float16)[1:].view(3, 8),
+    }
+    for name, t in bad.items():
+        with pytest.raises(Err, match="16-byte aligned"):
+            jit.out_buffer(t, 3, 8, torch.float16, dev, Err)

@@ -401,16 +401,7 @@ def run_validated(
                 _LAUNCH.clear()
             _LAUNCH[key] = hit
     launch, p = hit
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    elif (
-        tuple(out.shape) != (m, n)
-        or out.dtype != x.dtype
-        or not out.is_contiguous()
-        or out.device != dev
-        or out.data_ptr() % 16
-    ):
-        raise DecError(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {dev}")
+    out = jit.out_buffer(out, m, n, x.dtype, dev, DecError)
     stream = torch.cuda.current_stream(dev).cuda_stream
     ws_ptr = cnt_ptr = 0
     if p.splits > 1:

@@ -303,3 +303,20 @@ def load_kernel(
             k = CudaKernel(compile_cubin(source, arch, defines).cubin, name, device)
             _KERNELS[key] = k
     return k
+
+
+def out_buffer(
+    out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device, error: type[Exception]
+) -> torch.Tensor:
+    """A new ``[m, n]`` output, or the caller's ``out`` once it is checked: every kernel stores 16-byte vectors."""
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if (
+        tuple(out.shape) != (m, n)
+        or out.dtype != dtype
+        or out.device != torch.device(device)
+        or not out.is_contiguous()
+        or (out.numel() and out.data_ptr() % 16)
+    ):
+        raise error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {dtype} tensor on {device}")
+    return out

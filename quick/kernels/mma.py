@@ -640,17 +640,7 @@ def _get_launch(
 
 
 def _out(out: Tensor | None, m: int, n: int, x: Tensor) -> Tensor:
-    if out is None:
-        return torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if (
-        tuple(out.shape) != (m, n)
-        or out.dtype != x.dtype
-        or out.device != x.device
-        or not out.is_contiguous()
-        or (out.numel() and out.data_ptr() % 16)
-    ):
-        raise ValueError(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {x.device}")
-    return out
+    return jit.out_buffer(out, m, n, x.dtype, x.device, ValueError)
 
 
 def _run(kind, x, qweight, scales, zeros, group_size, bias, config, splits, out) -> Tensor:

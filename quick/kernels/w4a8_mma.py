@@ -337,16 +337,7 @@ def gemm_w4a8_cuda(
     """Activation quantization + the int8 GEMM on CUDA tensors (``config``/``splits`` override the tuned
     choice; ``out`` may be a caller's buffer, e.g. a poisoned one in tests)."""
     m, k, n = validate(x, qweight, channel_scale, group_scale, group_size, bias)
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif (
-        tuple(out.shape) != (m, n)
-        or out.dtype != x.dtype
-        or out.device != x.device
-        or not out.is_contiguous()
-        or out.data_ptr() % 16
-    ):
-        raise W4A8Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {x.device}")
+    out = jit.out_buffer(out, m, n, x.dtype, x.device, W4A8Error)
     if m == 0:
         return out
     launch = _get_launch(m, n, k, group_size, x.dtype, x.device, config, splits)
@@ -364,16 +355,7 @@ def gemm_w4a8_q(
     :func:`quick.kernels.select.matmul_quantized`); [M, N] in ``out_dtype``."""
     m, k = xq.shape
     n = channel_scale.shape[0]
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    elif (
-        tuple(out.shape) != (m, n)
-        or out.dtype != out_dtype
-        or out.device != xq.device
-        or not out.is_contiguous()
-        or out.data_ptr() % 16
-    ):
-        raise W4A8Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {out_dtype} tensor on {xq.device}")
+    out = jit.out_buffer(out, m, n, out_dtype, xq.device, W4A8Error)
     if m == 0:
         return out
     launch = _get_launch(m, n, k, group_size, out_dtype, xq.device, config, splits)

@@ -359,16 +359,7 @@ def gemm_w4a8_sm90_q(
     p = plan(m, n, k, num_sms(dev), cfg, splits, group_size, rounds)
     with torch.cuda.device(dev):
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(group_size, out_dtype), dev.index, "sm_90a")
-        if out is None:
-            out = torch.empty((m, n), dtype=out_dtype, device=dev)
-        elif (
-            tuple(out.shape) != (m, n)
-            or out.dtype != out_dtype
-            or not out.is_contiguous()
-            or out.device != dev
-            or out.data_ptr() % 16
-        ):
-            raise W4A8Sm90Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {out_dtype} tensor on {dev}")
+        out = jit.out_buffer(out, m, n, out_dtype, dev, W4A8Sm90Error)
         ws = torch.empty(max(p.workspace_elems(), 1), dtype=torch.int32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_xq_map(xq, cfg.nt)

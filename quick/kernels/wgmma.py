@@ -479,16 +479,7 @@ def launch_validated(
     p = plan(m, n, k, num_sms(dev), cfg, splits, g, rounds)
     with torch.cuda.device(dev):
         kern = jit.load_kernel(SOURCE, KERNEL, cfg.defines(g, x.dtype), dev.index, "sm_90a")
-        if out is None:
-            out = torch.empty((m, n), dtype=x.dtype, device=dev)
-        elif (
-            tuple(out.shape) != (m, n)
-            or out.dtype != x.dtype
-            or not out.is_contiguous()
-            or out.device != dev
-            or out.data_ptr() % 16
-        ):
-            raise Sm90Error(f"out must be a contiguous, 16-byte aligned [{m}, {n}] {x.dtype} tensor on {dev}")
+        out = jit.out_buffer(out, m, n, x.dtype, dev, Sm90Error)
         ws = torch.empty(max(p.workspace_elems(), 1), dtype=torch.float32, device=dev)
         cnt = _counters(dev, p.counters())
         _buf, desc = encode_x_map(x, cfg.nt)
