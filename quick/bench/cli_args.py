@@ -66,7 +66,10 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
         "--batches", nargs="+", type=positive_int, default=BATCHES, help="batch sizes (sequences decoded at once)"
     )
     p.add_argument(
-        "--impls", nargs="+", default=IMPLS, help="fp16 or a packed layout (+lm_head: with the output projection)"
+        "--impls",
+        nargs="+",
+        default=IMPLS,
+        help="fp16 (bf16 for MoE shapes) or a packed layout (+lm_head: with the output projection)",
     )
     p.add_argument(
         "--variants",

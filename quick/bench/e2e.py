@@ -17,6 +17,14 @@ captures (its time is ``setup_s`` in ``cases``).
 the whole ``prompt`` per sequence from an empty cache, CUDA-graphed or eager as ``--prefill`` says, after one untimed
 warm-up (which captures); ``prefill_tok_s`` is the median of :data:`PREFILL_REPEATS` timed forwards and
 ``decode_tok_s`` is null.
+
+Mixture-of-experts shapes (``qwen3-30b-a3b``, ``mixtral-8x7b``) are built layer by layer from the meta device
+(:mod:`quick.models.synthetic_moe`): 4-bit impls get random packed expert stacks run by the grouped kernel, the 16-bit
+baseline ``bf16`` transformers' grouped-GEMM experts; both in bfloat16, the published dtype. Before building, the
+weights, KV cache and prefill activations are checked against the GPU's free memory; where one impl does not fit,
+every impl of that model runs with as many layers as it fits (a message says so). Their rows add ``"moe": true`` and
+``"layers"``, the ``fast`` variants run as ``graph`` (the few-kernel step is for dense families), and the files are
+named ``e2e-moe-<gpu>-<date>...``.
 """
 
 from __future__ import annotations
@@ -160,6 +168,8 @@ def run_one_prefill(
     return row
 
 
+# 16-bit impls that the markdown's ratios divide by (MoE shapes run bf16, dense ones fp16)
+BASELINES = ("fp16", "bf16")
 LM_HEAD = "+lm_head"  # impl suffix: the output projection is quantized too (e.g. quick_sm90+lm_head)
 
 
@@ -203,6 +213,104 @@ def _build(name: str, impl: str, layers: int | None):
     return IMPL_BUILDERS.get(impl, _build_layout)(name, impl, layers)
 
 
+# Headroom of a MoE build beyond weights, KV cache and activations: allocator blocks, graph pools, GEMM workspaces.
+MOE_SLACK_BYTES = 2 * 2**30
+MOE_DTYPE = torch.bfloat16  # the published dtype of the MoE shapes; torch's grouped GEMM fast path is bf16 only
+
+
+def _moe_impl(impl: str) -> tuple[torch.dtype, bool, str, bool]:
+    """``(dtype, quantized, layout of the dense linears, quantize lm_head)`` of an impl on a MoE shape."""
+    from quick.models.synthetic_moe import BASELINE_DTYPES
+
+    layout = impl.removesuffix(LM_HEAD)
+    if layout == "fp16":
+        raise ValueError("MoE shapes: the 16-bit baseline is 'bf16' (torch's grouped GEMM has no fp16 fast path)")
+    if impl in IMPL_BUILDERS:
+        raise ValueError(f"impl '{impl}' has no MoE build (experts are W4A16 only)")
+    quantized = layout not in BASELINE_DTYPES
+    return (MOE_DTYPE if quantized else BASELINE_DTYPES[layout]), quantized, layout, quantized and impl != layout
+
+
+def _moe_act_bytes(name: str, tokens: int, dtype: torch.dtype) -> int:
+    """Prefill activations of one MoE block on ``tokens`` tokens (gathered input, gate|up, act, down per slot), twice:
+    the eager warm-up and the captured prefill hold theirs in different pools."""
+    from quick.models import synthetic
+    from quick.models.moe import routing
+    from quick.models.synthetic_moe import moe_family
+
+    cfg = synthetic.load_config(name)
+    _, top_k, _ = routing(cfg, moe_family(cfg).moe)  # type: ignore[union-attr]
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    slots = tokens * top_k
+    return 2 * slots * (3 * inter + 2 * cfg.hidden_size) * torch.empty(0, dtype=dtype).element_size()
+
+
+def moe_layers_to_run(name: str, impl: str, layers: int | None, batch: int, max_len: int, prompt: int) -> int | None:
+    """``layers`` if the MoE model with its largest KV cache fits the GPU's free memory, else the most layers that do
+    (with a message); :class:`MemoryError` where not even one layer fits."""
+    from quick.models.synthetic_moe import kv_bytes_per_layer, layers_that_fit, weight_bytes
+
+    dtype, quantized, layout, lm_head = _moe_impl(impl)
+    fixed, per_layer = weight_bytes(name, dtype, quantized, 128, layout, layers, lm_head)
+    free = torch.cuda.mem_get_info(torch.device(DEVICE))[0]
+    kv = kv_bytes_per_layer(name, batch * max_len, dtype)
+    budget = free - MOE_SLACK_BYTES - _moe_act_bytes(name, batch * prompt, dtype)
+    n = layers_that_fit(fixed, per_layer, kv, budget)
+    if n == len(per_layer):
+        return layers
+    need = (fixed + sum(per_layer) + kv * len(per_layer)) / 1e9
+    msg = (
+        f"{name} {impl}: {need:.1f} GB of weights and KV cache (batch {batch} x {max_len} tokens) exceed the "
+        f"{budget / 1e9:.1f} GB usable of {free / 1e9:.1f} GB free on the GPU"
+    )
+    if n == 0:
+        raise MemoryError(msg + "; not even one layer fits")
+    print(f"{msg}; running {n} of {len(per_layer)} layers (as --layers {n})", flush=True)
+    return n
+
+
+def _build_moe(name: str, impl: str, layers: int | None):
+    """A MoE shape for ``impl`` (see the module docstring) on :data:`DEVICE`."""
+    from quick.models.synthetic_moe import build_random_moe
+
+    dtype, quantized, layout, lm_head = _moe_impl(impl)
+    return build_random_moe(name, dtype, DEVICE, quantized, 128, layout, layers, quantize_lm_head=lm_head)
+
+
+def moe_layers(name: str, impls: list[str], layers: int | None, batch: int, max_len: int, prompt: int) -> int | None:
+    """The layers every impl of a MoE shape runs with: ``layers``, or fewer where some impl would not fit the GPU, so
+    that the rows of one model compare like with like (impls without a MoE build are left to fail at their build)."""
+    if torch.device(DEVICE).type != "cuda":
+        return layers
+    fits = []
+    for impl in impls:
+        try:
+            fits.append(moe_layers_to_run(name, impl, layers, batch, max_len, prompt))
+        except ValueError:
+            continue
+    sized = [n for n in fits if n is not None]
+    return min(sized) if sized else layers
+
+
+def moe_variants(variants: list[str]) -> list[str]:
+    """The variants a MoE model runs: ``fast`` as ``graph`` (the few-kernel step is for dense families)."""
+    out = []
+    for v in variants:
+        v2 = "graph" + v.removeprefix("fast") if v.startswith("fast") else v
+        if v2 not in out:
+            out.append(v2)
+    return out
+
+
+def _is_moe(name: str) -> bool:
+    from quick.models.synthetic_moe import is_moe_shape
+
+    try:
+        return is_moe_shape(name)
+    except ValueError:  # not a bundled shape: the dense builders report it
+        return False
+
+
 def run(
     models: list[str],
     batches: list[int],
@@ -228,16 +336,28 @@ def run(
     variants = sorted(variants, key=lambda v: parse_variant(v)[2])
     rows, cases = [], []
     for name in models:
+        moe = _is_moe(name)
+        model_variants = moe_variants(variants) if moe else variants
+        if model_variants != variants:
+            print(f"{name}: mixture of experts, variants {variants} run as {model_variants}", flush=True)
+        try:
+            model_layers = moe_layers(name, impls, layers, max(batches), prompt + gen, prompt) if moe else layers
+        except MemoryError as err:
+            print(err, flush=True)
+            continue
         for impl in impls:
             t0 = time.perf_counter()
             try:
-                model = _build(name, impl, layers)
+                if moe:
+                    model = _build_moe(name, impl, model_layers)
+                else:
+                    model = _build(name, impl, layers)
             except Exception:  # noqa: BLE001 - e.g. a layout without kernels here: report, go on
                 traceback.print_exc()
                 continue
             build_s = time.perf_counter() - t0
             vocab = model.config.vocab_size
-            for v in variants:
+            for v in model_variants:
                 compile_mode, _, fused = parse_variant(v)
                 if fused:
                     fuse_model(model)
@@ -259,6 +379,8 @@ def run(
                         continue
                     setup_s = r.pop("setup_s")
                     r = {"model": name, "impl": impl, **r}
+                    if moe:
+                        r.update(moe=True, layers=model.config.num_hidden_layers)
                     if len(variants) > 1:
                         r["variant"] = v
                     case = {
@@ -303,7 +425,9 @@ def write_results(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     prefill = mode == "prefill"
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = outdir / f"e2e-{gpu_slug(env['gpu'])}-{env['date']}{'-prefill' if prefill else ''}{'-' + tag if tag else ''}"
+    kind = "e2e-moe" if any(r.get("moe") for r in rows) else "e2e"
+    suffix = ("-prefill" if prefill else "") + ("-" + tag if tag else "")
+    stem = outdir / f"{kind}-{gpu_slug(env['gpu'])}-{env['date']}{suffix}"
     variants = variants or [DEFAULT_VARIANT]
     doc = {**env, "prompt_tokens": prompt, "new_tokens": 0 if prefill else gen, "variants": variants}
     if prefill:
@@ -312,14 +436,18 @@ def write_results(
     doc.update(rows=rows, cases=cases or [])
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     what = "prefill" if prefill else "decode"
+    base_name = "/".join(sorted({r["impl"] for r in rows if r["impl"] in BASELINES})) or "fp16"
     if prefill:
         intro = (
             f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill throughput: one forward "
             f"of {prompt} tokens per sequence from an empty static KV cache, {env.get('prefill', 'eager')} (graph: "
             f"one CUDA-graph replay), median of {PREFILL_REPEATS}. Variant(s): {', '.join(variants)} (+fused: q/k/v "
-            "and gate/up fused). Ratios: prefill tokens/s against fp16 of the same variant."
+            f"and gate/up fused). Ratios: prefill tokens/s against {base_name} of the same variant."
         )
-        header = ["| model | batch | impl | variant | prefill tok/s | prefill vs fp16 | peak GB |", "|" + "---|" * 7]
+        header = [
+            f"| model | batch | impl | variant | prefill tok/s | prefill vs {base_name} | peak GB |",
+            "|" + "---|" * 7,
+        ]
     else:
         intro = (
             f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}. Prefill {prompt} tokens, "
@@ -327,24 +455,30 @@ def write_results(
             f"(graph: one CUDA-graph replay). Variant(s): {', '.join(variants)} "
             "(graph: CUDA graph of the eager decode step; step/regions: torch.compile of the whole step / of norms, "
             "MLP and rotary, then the graph; fast: the few-kernel decode step (compiled add+norm, attention, gate), "
-            "then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against fp16 "
+            f"then the graph; +fused: q/k/v and gate/up fused). Ratios: decode tokens/s against {base_name} "
             "of the same variant."
         )
         header = [
-            "| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs fp16 | peak GB |",
+            f"| model | batch | impl | variant | prefill tok/s | decode tok/s | decode vs {base_name} | peak GB |",
             "|" + "---|" * 8,
         ]
     lines = ["# End-to-end generation (random weights, published shapes)", "", intro + _fusions_note(env), "", *header]
     for r in rows:
         v = r.get("variant", variants[0])
-        key = (r["model"], r["batch"], v)
+        key = (r["model"], r["batch"], v, r.get("layers"))
         base = next(
-            (b for b in rows if (b["model"], b["batch"], b.get("variant", variants[0])) == key and b["impl"] == "fp16"),
+            (
+                b
+                for b in rows
+                if (b["model"], b["batch"], b.get("variant", variants[0]), b.get("layers")) == key
+                and b["impl"] in BASELINES
+            ),
             None,
         )
         ratio = f"{r[f'{what}_tok_s'] / base[f'{what}_tok_s']:.2f}x" if base else ""
         peak = "-" if r["peak_mem_GB"] is None else f"{r['peak_mem_GB']:.1f}"
-        cells = [r["model"], r["batch"], r["impl"], v, f"{r['prefill_tok_s']:.0f}"]
+        model = f"{r['model']} ({r['layers']} layers)" if "layers" in r else r["model"]
+        cells = [model, r["batch"], r["impl"], v, f"{r['prefill_tok_s']:.0f}"]
         cells += [ratio] if prefill else [f"{r['decode_tok_s']:.0f}", ratio]
         lines.append("| " + " | ".join(str(c) for c in [*cells, peak]) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

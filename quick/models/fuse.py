@@ -266,7 +266,10 @@ def fuse_model(model: nn.Module, family: ModelFamily | None = None) -> int:
     refused: dict[str, list[str]] = {}
     for index, layer in enumerate(decoder_layers(model, family)):
         for group in fuse_groups(family):
-            mods = [layer.get_submodule(m) for m in group.members]
+            try:
+                mods = [layer.get_submodule(m) for m in group.members]
+            except AttributeError:  # not in this layer: a MoE block's per-expert names, a dense MLP of a MoE model
+                continue
             if any(isinstance(m, FusedSlice) for m in mods):
                 continue
             kinds = {next((k for k in _KINDS if isinstance(m, k)), type(m)) for m in mods}
