@@ -380,6 +380,6 @@ def test_out_buffer_checks_a_callers_output():
         "strided": torch.empty(8, 3, dtype=torch.float16).t(),
         "misaligned": torch.empty(3 * 8 + 1, dtype=torch.float16)[1:].view(3, 8),
     }
-    for name, t in bad.items():
+    for t in bad.values():
         with pytest.raises(Err, match="16-byte aligned"):
             jit.out_buffer(t, 3, 8, torch.float16, dev, Err)
