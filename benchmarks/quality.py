@@ -12,7 +12,9 @@ math on CPU. ``quant_s`` is the wall time of the library's quantize call alone (
 
 All methods use one weight scheme: 4-bit, asymmetric, ``--group-size`` (default 64: llm-compressor refuses a group
 that does not divide K, and SmolLM2's 576-wide inputs are not a multiple of 128), all linears but ``lm_head``.
-Writes ``quality-<date>.json`` and ``.md`` under ``--out``.
+BOS follows the ``quick eval`` rule (a BOS per window only where the tokenizer adds one itself, e.g. Gemma): the
+held-out windows and the calibration windows alike then start with BOS. Checkpoints keep the dense checkpoint's
+16-bit dtype (fp16 for SmolLM2, bf16 for Gemma). Writes ``quality-<date>.json`` and ``.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def work_quick(method: str, src: Path, out: Path, ids, group_size: int, batch: i
     return float(auto.quantization_time_s)
 
 
+def stored_dtype(src: Path) -> str:
+    """The 16-bit dtype the dense checkpoint at ``src`` was saved in (``dtype``/``torch_dtype`` of config.json);
+    ``float16`` where it names none or a 32-bit one."""
+    raw = json.loads((src / "config.json").read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+    return name if name in ("float16", "bfloat16") else "float16"
+
+
 def work_llmc(method: str, src: Path, out: Path, ids, group_size: int, batch: int) -> float:
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -91,7 +101,8 @@ def work_llmc(method: str, src: Path, out: Path, ids, group_size: int, batch: in
         # llm-compressor 0.14's AWQ pins cached activations for faster host-to-device copies, which raises without
         # an accelerator; pinning does not change any value, so on a CPU-only machine it is skipped
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    # fp32 calibration math, like the other methods on CPU; the checkpoint is cast to the model's fp16 before saving
+    # fp32 calibration math, like the other methods on CPU; the checkpoint is cast to the model's 16-bit dtype before
+    # saving
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src)
     args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=group_size)
@@ -108,7 +119,7 @@ def work_llmc(method: str, src: Path, out: Path, ids, group_size: int, batch: in
         max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=batch,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    model.to(torch.float16)
+    model.to(getattr(torch, stored_dtype(src)))
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     return seconds
@@ -159,6 +170,25 @@ def worker_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- the driver
 
 
+class WorkerError(RuntimeError):
+    """A library's quantization run failed; ``line`` is its error in one line (kept in the results)."""
+
+    def __init__(self, message: str, line: str):
+        super().__init__(message)
+        self.line = line
+
+
+def last_error(log_tail: str) -> str:
+    """The last exception line of a traceback (``SomeError: ...``), else the log's last line."""
+    lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+    errors = [
+        ln
+        for ln in lines
+        if not ln.startswith(("File ", "^", "~")) and ln.split(":")[0].endswith(("Error", "Exception"))
+    ]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
 def run_worker(
     method: str, python: str, src: Path, calib: Path, group_size: int, batch: int, cache: Path, log: Path
 ) -> Path:
@@ -179,7 +209,7 @@ def run_worker(
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parent)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{method} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+        raise WorkerError(f"{method} failed (exit {proc.returncode}); end of {log}:\n{tail}", last_error(tail))
     shutil.rmtree(out, ignore_errors=True)  # a checkpoint of other settings (batch size) is replaced
     os.replace(tmp, out)
     print(f"[{method}] done in {time.perf_counter() - start:.0f} s (process)", flush=True)
@@ -197,10 +227,22 @@ def evaluate(path: Path, ids, seqlen: int, bos: int | None, quantized: bool) -> 
     return perplexity(auto.model, ids, seqlen=seqlen, bos_token_id=bos, progress=False)
 
 
+def input_widths(src: Path) -> list[int]:
+    """The input widths K of the linears that get quantized (all but ``lm_head``), from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    return sorted(
+        {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    )
+
+
 def summarize(result: dict) -> str:
     """The comparison in one paragraph, from the measured rows only: our AWQ against llm-compressor's, and whether
     (and by how much) the GPTQ rows beat both."""
-    ppl = {r["method"]: r["ppl"] for r in result["rows"]}
+    ppl = {r["method"]: r["ppl"] for r in result["rows"] if r["ppl"] is not None}  # rows that did not run: no ppl
     out = []
     if "quick-awq" in ppl and "llmc-awq" in ppl:
         ours, theirs = ppl["quick-awq"], ppl["llmc-awq"]
@@ -242,6 +284,17 @@ def summarize(result: dict) -> str:
 
 def write_markdown(path: Path, result: dict) -> None:
     g = result["group_size"]
+    dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(result.get("dtype", "float16"), result.get("dtype"))
+    if result.get("k_widths"):
+        ks = ", ".join(str(k) for k in result["k_widths"])
+        why = f"llm-compressor refuses a group that does not divide K; the quantized linears' K are {ks}"
+    else:
+        why = "llm-compressor refuses a group that does not divide K"
+    bos = (
+        " Every held-out and calibration window starts with BOS (the tokenizer adds one itself)."
+        if result["eval"].get("bos")
+        else ""
+    )
     lines = [
         f"# 4-bit quality: {result['model']}, W4A16 asymmetric, group {g}",
         "",
@@ -249,24 +302,26 @@ def write_markdown(path: Path, result: dict) -> None:
         f"({result['eval']['windows']} windows); calibration: {result['calibration']['n_samples']} x "
         f"{result['calibration']['seqlen']} tokens of the calibration split (the same ids for every method, "
         f"{result['calibration']['batch_size']} samples per forward). All linears but lm_head quantized, group {g} "
-        "for every method (llm-compressor refuses a group that does not divide K; SmolLM2's q/k/v/o/gate/up inputs "
-        "are 576 wide). CPU, 2 threads, fp32 calibration and evaluation math; every checkpoint loaded with "
-        "`AutoQuickForCausalLM.from_quantized` and scored by `quick.eval.perplexity`. Reproduce: "
-        "`python benchmarks/quality.py`.",
+        f"for every method ({why}).{bos} CPU, 2 threads, fp32 calibration and evaluation math; every checkpoint "
+        "loaded with `AutoQuickForCausalLM.from_quantized` and scored by `quick.eval.perplexity`. Reproduce: "
+        f"`{result.get('command', 'python benchmarks/quality.py')}`.",
         "",
         "| method | library | version | perplexity | vs baseline | quantization (s) |",
         "|---|---|---|---|---|---|",
     ]
     base = result["rows"][0]["ppl"]
     for r in result["rows"]:
+        if r["ppl"] is None:
+            lines.append(f"| {r['method']} | {r['library']} | {r['version']} | not run: {r['error']} |  |  |")
+            continue
         q = "" if r["quant_s"] is None else f"{r['quant_s']:.1f}"
         rel = "" if r["method"] == "baseline" else f"+{100 * (r['ppl'] / base - 1):.1f} %"
         lines.append(f"| {r['method']} | {r['library']} | {r['version']} | {r['ppl']:.3f} | {rel} | {q} |")
     lines += ["", "Settings (each library's defaults):", ""]
-    lines += [f"- `{r['method']}`: {r['settings']}" for r in result["rows"] if r.get("settings")]
+    lines += [f"- `{r['method']}`: {r['settings']}" for r in result["rows"] if r.get("settings") and r["ppl"]]
     lines += [
         "",
-        "llm-compressor's checkpoints are cast to fp16 (the model's dtype, like this project's scales) before "
+        f"llm-compressor's checkpoints are cast to {dtype} (the model's dtype, like this project's scales) before "
         "saving; its activation pinning, which needs an accelerator, is skipped on CPU (it changes no value).",
         "",
         summarize(result),
@@ -319,6 +374,8 @@ def main() -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 2, got {getattr(a, flag)}")
 
     import datetime as dt
+    import math
+    import shlex
 
     import torch
     from transformers import AutoTokenizer
@@ -330,25 +387,43 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     src = (a.model or default_model_dir()).resolve()
+    widths = input_widths(src)
+    if any(k % a.group_size for k in widths):
+        raise ValueError(
+            f"--group-size {a.group_size} does not divide every quantized input width K {widths} (llm-compressor "
+            f"refuses that); the largest group that divides all of them is {math.gcd(*widths)}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(src)
     tag = f"{src.name}-g{a.group_size}-{a.n_samples}x{a.calib_seqlen}"
     cache = (a.cache or cache_root() / "quality") / tag
     cache.mkdir(parents=True, exist_ok=True)
     calib = cache / "calibration_ids.pt"
+    bos = bos_for(tokenizer)  # the `quick eval` rule: a BOS per window only where the tokenizer adds one itself
     ids = calibration_samples(tokenizer, a.n_samples, a.calib_seqlen, seed=0)
+    if bos is not None:  # the same windows, each starting with BOS (as `AutoQuickForCausalLM.quantize` does it)
+        ids = torch.cat([torch.full_like(ids[:, :1], bos), ids[:, :-1]], dim=1)
     torch.save(ids, calib)
     eval_ids = tokenize_eval_text(tokenizer, load_eval_text("wiki"))[:, : a.eval_tokens]
-    bos = bos_for(tokenizer)  # the `quick eval` rule: a BOS per window only where the tokenizer adds one itself
+    dtype = stored_dtype(src)
     pythons = {"self": sys.executable, "llmc": a.llmc_python, "gptq": a.gptq_python}
 
     rows = []
     start = time.perf_counter()
     ppl = evaluate(src, eval_ids, a.seqlen, bos, quantized=False)
     print(f"[baseline] perplexity {ppl:.3f}", flush=True)
-    rows.append({"method": "baseline", "library": "dequantized GGUF (fp16)", "version": "", "ppl": ppl,
+    short = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    rows.append({"method": "baseline", "library": f"dense checkpoint ({short})", "version": "", "ppl": ppl,
                  "quant_s": None})  # fmt: skip
     for m in methods:
-        path = run_worker(m, pythons[LIBRARY[m][2]], src, calib, a.group_size, a.batch_size, cache, cache / f"{m}.log")
+        try:
+            path = run_worker(
+                m, pythons[LIBRARY[m][2]], src, calib, a.group_size, a.batch_size, cache, cache / f"{m}.log"
+            )
+        except WorkerError as e:  # the row is kept as not run, with the library's error
+            print(f"[{m}] {e}", flush=True)
+            label, dist, _ = LIBRARY[m]
+            rows.append({"method": m, "library": label, "version": "", "ppl": None, "quant_s": None, "error": e.line})
+            continue
         meta = json.loads((path / "quality-meta.json").read_text())
         ppl = evaluate(path, eval_ids, a.seqlen, bos, quantized=True)
         print(f"[{m}] perplexity {ppl:.3f}, quantization {meta['quant_s']:.1f} s", flush=True)
@@ -363,6 +438,8 @@ def main() -> None:
         "bits": 4,
         "symmetric": False,
         "group_size": a.group_size,
+        "dtype": dtype,
+        "k_widths": widths,
         "quantized": "all linears but lm_head",
         "eval": {
             "data": "wiki held-out split",
@@ -381,6 +458,7 @@ def main() -> None:
         },
         "rows": rows,
         "total_s": time.perf_counter() - start,
+        "command": shlex.join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
         "notes": a.notes,
     }
     write_results(a.out, a.name or f"quality-{result['date']}", result)
