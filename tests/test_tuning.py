@@ -387,3 +387,18 @@ def test_quick_layout_launches_get_the_group_size_their_launchers_take(kernel, k
     p = select.Problem("quick", 4, 256, k, group, torch.float16, DEV)
     select.KERNELS[kernel].run(p, select.Choice(kernel), None, (None, None, None), None, None)
     assert seen == [(kernel, want)]
+
+
+def test_autotune_cache_of_another_format_is_timed_again(tmp_path):
+    """Entries timed by an older format (eager launches, host cost included) are not trusted: the file is ignored."""
+    entry = {"layout": "quick_sm90", "K": 768, "N": 2048, "M": 64, "group_size": 128, "dtype": "float16",
+             "kernel": "dec", "config": {}, "splits": 4, "us": 28.8}  # fmt: skip
+    old, new = tmp_path / "old.autotune.json", tmp_path / "new.autotune.json"
+    old.write_text(json.dumps({"gpu": GPU, "entries": [entry]}))
+    new.write_text(json.dumps({"format": autotune.FORMAT, "gpu": GPU, "entries": [entry]}))
+    autotune.clear_memory()
+    try:
+        assert autotune._load(old) == {}
+        assert list(autotune._load(new).values()) == [entry]
+    finally:
+        autotune.clear_memory()

@@ -5,10 +5,15 @@ few plausible candidates of :mod:`quick.kernels.select` on its own inputs, keeps
 with the model's choice, and writes it to ``<QUICK_TUNING_DIR>/<gpu>.autotune.json`` (entries in the format of the
 measured tables, :mod:`quick.kernels.tuning`), so later processes on this GPU start with it. Nothing is timed while a
 CUDA graph is being captured: the caller then takes the model's choice for that call.
+
+Each candidate is timed as a CUDA-graph replay: the GPU work alone, as the graphed decode step and the benchmarks see
+it. Timed eagerly, a launcher's Python cost (tens of microseconds, more on a busy host) outlasts the L2 flush and
+decides the race between kernels of different host cost instead of their GPU time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -24,6 +29,7 @@ from quick.kernels import tuning
 
 FLUSH_BYTES = 128 * 1024 * 1024  # more than any L2 here, and ~40 us of GPU work that hides the Python launch cost
 REPS = 10
+FORMAT = 2  # cache files of another format (timed eagerly) are ignored, so their picks are timed again
 AGREE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}  # split-k and tile order change the rounding, not the result
 
 _LOCK = threading.Lock()
@@ -55,8 +61,10 @@ def _load(path: Path) -> dict[tuple, dict]:
     entries: dict[tuple, dict] = {}
     if path.is_file():
         try:
-            for e in json.loads(path.read_text())["entries"]:
-                entries[_entry_key(e)] = e
+            body = json.loads(path.read_text())
+            if body.get("format") == FORMAT:
+                for e in body["entries"]:
+                    entries[_entry_key(e)] = e
         except (OSError, ValueError, KeyError, TypeError) as err:
             warnings.warn(f"ignoring the autotune cache {path}: {err}", RuntimeWarning, stacklevel=3)
             entries = {}
@@ -85,11 +93,13 @@ def record(device: torch.device, layout: str, k: int, n: int, m: int, group_size
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_file():
                 try:
-                    for e in json.loads(path.read_text())["entries"]:
+                    old = json.loads(path.read_text())
+                    for e in old["entries"] if old.get("format") == FORMAT else []:
                         mine.setdefault(_entry_key(e), e)
                 except (OSError, ValueError, KeyError, TypeError):
                     pass  # a corrupt file is replaced by what this process knows
             body = {
+                "format": FORMAT,
                 "gpu": torch.cuda.get_device_name(device),
                 "torch": torch.__version__,
                 "entries": list(mine.values()),
@@ -147,14 +157,39 @@ def time_candidates(
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 times.append(None)
                 continue
+        graph = _captured(run, cand, out, device)
+        launch = graph.replay if graph is not None else functools.partial(run, cand, out)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
         for start, end in events:
             flush.zero_()
             start.record()
-            run(cand, out)
+            launch()
             end.record()
         torch.cuda.synchronize(device)
         ts = sorted(s.elapsed_time(e) * 1000.0 for s, e in events)
         times.append(ts[len(ts) // 2])
+        del graph, launch
     del flush
     return times
+
+
+def _captured(run: Callable[[object, torch.Tensor], torch.Tensor], cand, out: torch.Tensor, device) -> object | None:
+    """``run(cand, out)`` captured into a CUDA graph (warmed up on the capture stream first, so per-stream buffers
+    exist before the capture), or None off CUDA or where the capture fails (that candidate is then timed eagerly)."""
+    if torch.device(device).type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            run(cand, out)
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.graph(graph, stream=side):
+            run(cand, out)
+        torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - timing eagerly is slower to trust, not wrong
+        warnings.warn(f"autotune: {cand} could not be captured, timed eagerly: {err}", RuntimeWarning, stacklevel=3)
+        torch.cuda.synchronize(device)
+        return None
+    return graph
