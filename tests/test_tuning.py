@@ -402,3 +402,17 @@ def test_autotune_cache_of_another_format_is_timed_again(tmp_path):
         assert list(autotune._load(new).values()) == [entry]
     finally:
         autotune.clear_memory()
+
+
+def test_wgmma_candidates_add_64_channel_tiles_only_on_narrow_layers():
+    """Where 128-channel tiles leave most SMs idle (few tiles at this M), one-warpgroup tiles are timed too."""
+    kern = select.KERNELS["wgmma"]
+    dev = torch.device("cuda", 0)
+
+    def nwgs(k, n, m):
+        p = select.Problem("quick_sm90", m, n, k, 128, torch.float16, dev)
+        return {c.config.nwg for c in kern.candidates(p, 132)}
+
+    assert 1 in nwgs(768, 2048, 128) and 1 in nwgs(2048, 1536, 64)
+    assert 1 not in nwgs(4096, 11008, 1024) and 1 not in nwgs(4096, 22016, 256)
+    assert 1 not in nwgs(768, 2048, 16)  # below 64 rows the decode kernel and the split variants cover it

@@ -183,6 +183,8 @@ class WgmmaKernel(Kernel):
         tuned, rounds = sm.tuned_config(p.m, p.dtype, p.group_size)
         base = sm.plan(p.m, p.n, p.k, num_sms, tuned, None, p.group_size, rounds).splits
         out = [Choice(self.name, tuned, s) for s in sorted({base, 1, 2, 4} - {base})]
+        if p.m >= 64 and (p.n // 128) * -(-p.m // tuned.nt) < num_sms // 2:  # narrow: 64-channel tiles first
+            out[1:1] = [Choice(self.name, c, None) for c in sm.NARROW_TILES if c.nt in sm.neighbour_tiles(p.m)][:2]
         if p.m >= 64:  # the neighbouring token tiles (instantiated ones), ring and weights-through-TMA pipelines
             for nt in sm.neighbour_tiles(p.m):
                 for cfg in (sm.default_config(nt, 128, 0), sm.wtma_config(nt)):

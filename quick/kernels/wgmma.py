@@ -151,12 +151,14 @@ def neighbour_tiles(m: int) -> list[int]:
     return sorted({next(t for t in TOKEN_TILES if t >= w) for w in want})
 
 
-def wtma_config(nt: int) -> Sm90Config:
-    """The weights-through-TMA variant for a token tile (2 consumer warpgroups, groups of 4 steps)."""
-    return Sm90Config(nt, 2, WTMA_STAGES[nt], 4, 4, 0, 0, 1)
+def wtma_config(nt: int, nwg: int = 2) -> Sm90Config:
+    """The weights-through-TMA variant for a token tile (``nwg`` consumer warpgroups, groups of 4 steps)."""
+    return Sm90Config(nt, nwg, WTMA_STAGES[nt], 4, 4, 0, 0, 1)
 
 
 WTMA_TILES = [wtma_config(t) for t in (64, 128, 256)]  # the tile alternatives `quick tune` adds at M >= 64
+# 64-channel tiles (one consumer warpgroup): twice the CTAs on narrow layers, where 128-channel tiles leave SMs idle
+NARROW_TILES = [wtma_config(t, 1) for t in (64, 128, 256)]
 
 
 # Every variant default_config can return, for both dtypes and both scale-group code paths (compile check).
@@ -169,8 +171,8 @@ VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     if not (g == 32 and t == 256) and not (pipe and t == 256)  # the same variants as listed elsewhere
 ]
 # ... and every measured choice of TUNED (decode variants: L2 prefetch, weights through TMA, 4 warpgroups) and the
-# wtma tiles that `quick tune` tries.
-for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES:
+# wtma tiles that `quick tune` and the autotune try.
+for _cfg in [c for table in TUNED.values() for _b, c, _r in table] + WTMA_TILES + NARROW_TILES:
     for _dt in (torch.float16, torch.bfloat16):
         _v = (SOURCE, KERNEL, _cfg.defines(128, _dt))
         if _v not in VARIANTS:
