@@ -159,7 +159,8 @@ def sm90_cases() -> list[Case]:
     out: list[Case] = []
     for defines, cfg, gcls, dt in sm90_variant_configs(strict=False):
         var = (
-            f"pipe{cfg.pipe}-nt{cfg.nt}-st{cfg.stages}-pref{defines['QS_PREF']}-g{'32' if gcls == 32 else 'x'}"
+            f"pipe{cfg.pipe}-nt{cfg.nt}-nwg{cfg.nwg}-wtma{cfg.wtma}-st{cfg.stages}-pref{defines['QS_PREF']}"
+            f"-g{'32' if gcls == 32 else 'x'}"
             f"/{_dt_name(dt)}"
         )
         if gcls == 32:
