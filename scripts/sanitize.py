@@ -48,10 +48,11 @@ def find_sanitizer() -> str | None:
 # ------------------------------------------------------------------------------------------ inner process
 
 
-def selected(case, kernels: str) -> bool:
-    """``--kernels mma_gemm,dec``: only cases whose kernel name starts with one of these (empty: all)."""
+def selected(case, kernels: str, match: str = "") -> bool:
+    """``--kernels mma_gemm,dec``: only cases whose kernel name starts with one of these (empty: all);
+    ``--match nwg1``: only variants whose name contains that text."""
     names = [k for k in kernels.split(",") if k]
-    return not names or any(case.kernel.startswith(k) for k in names)
+    return (not names or any(case.kernel.startswith(k) for k in names)) and match in case.variant
 
 
 def inner(args: argparse.Namespace) -> int:
@@ -61,7 +62,7 @@ def inner(args: argparse.Namespace) -> int:
     from quick.kernels import variant_cases as vc
 
     torch.manual_seed(0)
-    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels)]
+    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels, args.match)]
     print(f"SANITIZE-INNER tool={args.tool} cases={len(cases)}", flush=True)
     gen = torch.Generator().manual_seed(1234)
     for i, case in enumerate(cases):
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=200.0, help="seconds for the four tools (compile not included)")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--kernels", default="", help="kernel prefixes: mma_gemm, mma_gemv, sm90, dec, attn, registry")
+    ap.add_argument("--match", default="", help="only variants whose name contains this text (e.g. nwg1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "sanitize_out"))
     ap.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from quick.kernels import variant_cases as vc
 
     if args.list:
-        cases = vc.all_cases()
+        cases = [c for c in vc.all_cases() if selected(c, args.kernels, args.match)]
         for c in cases:
             print(c.label())
         print(f"{len(cases)} cases, {len({(c.kernel, c.variant) for c in cases})} variants")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()  # the budget is the tools' time; compiling is shared with the fuzzer and the tests
     summary["modules_with_variants"] = vc.kernel_modules_with_variants()
     summary["registry_entries_covered"] = [f"{e.layout}:{e.name}" for e in vc.registry_entries()]
-    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels)]
+    cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels, args.match)]
     summary["kernels"] = args.kernels or "all"
     summary["cases_available"] = len(cases)
     summary["variants_available"] = len({(c.kernel, c.variant) for c in cases})
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if tool == "racecheck":
             cmd += ["--racecheck-report", "all"]
         cmd += [sys.executable, str(Path(__file__).resolve()), "--inner", "--tool", tool, "--deadline", str(deadline)]
-        cmd += ["--kernels", args.kernels]
+        cmd += ["--kernels", args.kernels, "--match", args.match]
         log = open(out / f"sanitize-{tool}.log", "w")  # noqa: SIM115  (closed below)
         procs[tool] = (subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True), log, time.time())  # fmt: skip
