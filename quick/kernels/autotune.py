@@ -185,7 +185,7 @@ def _captured(run: Callable[[object, torch.Tensor], torch.Tensor], cand, out: to
         with torch.cuda.stream(side):
             run(cand, out)
         torch.cuda.current_stream(device).wait_stream(side)
-        with torch.cuda.graph(graph, stream=side):
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # other threads may use CUDA
             run(cand, out)
         torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - timing eagerly is slower to trust, not wrong
