@@ -184,7 +184,7 @@ def test_sanitizer_log_parser():
     assert san.parse_log("killed")["summary_found"] is False
 
 
-def test_device_session_runs_every_job_and_packs_the_results(tmp_path):
+def test_gpu_run_runs_every_job_and_packs_the_results(tmp_path):
     """The GPU runner: each plan line runs with its own OUT folder and time limit, a failing or timed-out job does
     not stop the next one, and everything lands in one archive with a summary."""
     import tarfile
@@ -201,7 +201,7 @@ def test_device_session_runs_every_job_and_packs_the_results(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "QUICK_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "device_session.sh"), str(plan)],
+        ["bash", str(ROOT / "scripts" / "gpu_run.sh"), str(plan)],
         env=env,
         capture_output=True,
         text=True,
