@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,21 @@ def test_autotune_nothing_is_timed_during_graph_capture(_autotune_on, monkeypatc
     monkeypatch.setattr(autotune, "time_candidates", lambda *a, **kw: timed.append(1) or real(*a, **kw))
     select.matmul(layout, x, *_args(packed))
     assert timed == [1] and select.choose(prob).source == "autotune"
+
+
+def test_autotune_times_every_candidate_as_a_graph_replay():
+    """Each candidate is captured into a CUDA graph for timing (an eager fallback warns): launch cost is left out."""
+    layout, k, n, m, dtype = _tune_layout(), 4096, 4096, 64, torch.float16
+    qw, packed = _weights(k, n, dtype, layout)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    prob, (xp, weights, _bias) = select.prepare(layout, x, *_args(packed)[:3], G, None)
+    cands = select.candidates(prob)
+    assert len(cands) > 1
+
+    def run(c, out):
+        return select.KERNELS[c.kernel].run(prob, c, xp, tuple(weights), None, out)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "could not be captured" or a failing candidate
+        times = autotune.time_candidates(run, cands, (m, n), dtype, prob.device)
+    assert all(t is not None and 0 < t < 1e4 for t in times), times
