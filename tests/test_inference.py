@@ -381,6 +381,8 @@ def test_random_model_quantizes_the_output_projection_only_when_asked(monkeypatc
     assert type(plain.lm_head) is torch.nn.Linear and isinstance(both.lm_head, QuickLinear)
     assert isinstance(plain.model.layers[0].mlp.down_proj, QuickLinear)
     assert e2e.LM_HEAD == "+lm_head" and "quick_sm90+lm_head".removesuffix(e2e.LM_HEAD) == "quick_sm90"
+    layout = plain.model.layers[0].mlp.down_proj.layout.name
+    assert e2e.packed_layouts(plain) == {layout} and e2e.packed_layouts(torch.nn.Linear(4, 4)) == set()
 
 
 def _e2e_parser():

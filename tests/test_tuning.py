@@ -416,3 +416,23 @@ def test_wgmma_candidates_add_64_channel_tiles_only_on_narrow_layers():
     assert 1 in nwgs(768, 2048, 128) and 1 in nwgs(2048, 1536, 64)
     assert 1 not in nwgs(4096, 11008, 1024) and 1 not in nwgs(4096, 22016, 256)
     assert 1 not in nwgs(768, 2048, 16)  # below 64 rows the decode kernel and the split variants cover it
+
+
+def test_chosen_lists_the_choices_of_one_batch_size():
+    """What benchmarks record per case: the choice made for each layer shape at that M, of the given layouts only."""
+    dev = torch.device("cpu")
+    a = select.Problem("quick_sm90", 64, 4096, 4096, 128, torch.float16, dev)
+    b = select.Problem("w4a8_sm90", 64, 11008, 4096, 128, torch.float16, dev)
+    c = select.Problem("quick_sm90", 1, 4096, 4096, 128, torch.float16, dev)
+    select.clear()
+    try:
+        for p, name in ((a, "wgmma"), (b, "w4a8_wgmma"), (c, "dec")):
+            select._CHOSEN[(p, ())] = select.Choice(name, source="autotune")
+        assert select.chosen(64) == {
+            "quick_sm90 4096x4096 float16": "wgmma[default] splits=auto (autotune)",
+            "w4a8_sm90 4096x11008 float16": "w4a8_wgmma[default] splits=auto (autotune)",
+        }
+        assert list(select.chosen(64, {"quick_sm90"})) == ["quick_sm90 4096x4096 float16"]
+        assert select.chosen(64, set()) == {} and list(select.chosen(1)) == ["quick_sm90 4096x4096 float16"]
+    finally:
+        select.clear()

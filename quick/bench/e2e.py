@@ -51,8 +51,21 @@ from quick.bench.cli_args import (  # noqa: F401  (re-exported for scripts)
     add_e2e_arguments,
 )
 from quick.inference import StaticGenerator, uncompile_regions
+from quick.kernels import select
 from quick.models.fuse import FusedProjection, fuse_model
 from quick.models.synthetic import build_random_model
+
+
+def packed_layouts(model: torch.nn.Module) -> set[str]:
+    """Names of the packed layouts the model's quantized layers hold (empty for a 16-bit model)."""
+    names = set()
+    for mod in model.modules():
+        lay, storage = getattr(mod, "layout", None), getattr(mod, "storage", None)
+        if isinstance(getattr(lay, "name", None), str):
+            names.add(lay.name)
+        if isinstance(storage, str):
+            names.add(storage)
+    return names
 
 
 def parse_variant(v: str) -> tuple[str, bool, bool]:
@@ -391,6 +404,7 @@ def run(
                         "setup_s": setup_s,
                         "build_s": round(build_s, 1),
                         "fused_projections": n_fused,
+                        "kernels": select.chosen(b, packed_layouts(model)),  # which kernel ran each decode linear
                     }
                     print(json.dumps({**r, "variant": v, "setup_s": setup_s}), flush=True)
                     if log is not None:

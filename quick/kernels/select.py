@@ -478,6 +478,16 @@ def _tune(p: Problem, tensors: tuple) -> Choice:
     return dataclasses.replace(c, source="autotune")
 
 
+def chosen(m: int, layouts: set[str] | None = None) -> dict[str, str]:
+    """The choices this process made for problems of ``m`` rows (of ``layouts`` only, if given), by
+    ``"<layout> <K>x<N> <dtype>"``: benchmarks record which kernel ran each layer shape."""
+    out = {}
+    for (p, _settings), c in list(_CHOSEN.items()):
+        if p.m == m and (layouts is None or p.layout in layouts):
+            out[f"{p.layout} {p.k}x{p.n} {str(p.dtype).removeprefix('torch.')}"] = c.describe()
+    return dict(sorted(out.items()))
+
+
 def clear() -> None:
     """Forget the choices made in this process (after a table or the autotune cache changed)."""
     _CHOSEN.clear()
