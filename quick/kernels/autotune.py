@@ -173,12 +173,25 @@ def time_candidates(
     return times
 
 
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device for every timing: launchers keep per-stream buffers (split-k counters), so a new
+    stream per candidate would leave a buffer behind each time."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with _LOCK:
+        if idx not in _STREAMS:
+            _STREAMS[idx] = torch.cuda.Stream(idx)
+        return _STREAMS[idx]
+
+
 def _captured(run: Callable[[object, torch.Tensor], torch.Tensor], cand, out: torch.Tensor, device) -> object | None:
     """``run(cand, out)`` captured into a CUDA graph (warmed up on the capture stream first, so per-stream buffers
     exist before the capture), or None off CUDA or where the capture fails (that candidate is then timed eagerly)."""
     if torch.device(device).type != "cuda":
         return None
-    side = torch.cuda.Stream(device)
+    side = _capture_stream(torch.device(device))
     side.wait_stream(torch.cuda.current_stream(device))
     graph = torch.cuda.CUDAGraph()
     try:
