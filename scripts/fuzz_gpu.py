@@ -278,7 +278,7 @@ def run_other(c: dict, gen, case_seed: int, st: dict, failures: list, skipped: d
     """A dispatcher entry of another layer family (or its layer): kernel vs the layer's reference backend.
     Returns 1 when the case ran, 0 when the layer refused the shape (counted under ``skipped_unsupported``)."""
     from quick.kernels import dispatch
-    from quick.kernels import variant_cases as vc
+    from quick.testing import kernel_cases as vc
 
     key, dt = c["path"], c["dtype"]
     layout = key.split(":")[1]
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from quick.kernels import dispatch, jit
-    from quick.kernels import variant_cases as vc
     from quick.kernels import wgmma as qs
+    from quick.testing import kernel_cases as vc
 
     t0 = time.time()
     if DEV == "cuda":

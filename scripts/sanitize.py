@@ -1,6 +1,6 @@
 """Run every kernel variant under compute-sanitizer's memcheck, racecheck, initcheck and synccheck.
 
-One Python process per tool loops over the cases of ``quick.kernels.variant_cases`` (every compiled variant of
+One Python process per tool loops over the cases of ``quick.testing.kernel_cases`` (every compiled variant of
 the mma.sync GEMM, GEMV and split-k reduce; every quick_sm90 config and pipeline on sm_90; every decode kernel and
 decode attention variant; kernels of other
 modules through their dispatcher entry) on shapes at and around the tile edges. Inputs are drawn on the CPU
@@ -59,7 +59,7 @@ def inner(args: argparse.Namespace) -> int:
     """Under the sanitizer: launch every case until the deadline; one JSON line per case on stdout."""
     import torch
 
-    from quick.kernels import variant_cases as vc
+    from quick.testing import kernel_cases as vc
 
     torch.manual_seed(0)
     cases = [c for c in vc.all_cases() if vc.available(c) and selected(c, args.kernels, args.match)]
@@ -142,7 +142,7 @@ def precompile() -> float:
     import torch
 
     from quick.kernels import jit
-    from quick.kernels import variant_cases as vc
+    from quick.testing import kernel_cases as vc
 
     t0 = time.time()
     jobs = vc.compile_jobs(jit.arch_for_device())
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.inner:
         return inner(args)
 
-    from quick.kernels import variant_cases as vc
+    from quick.testing import kernel_cases as vc
 
     if args.list:
         cases = [c for c in vc.all_cases() if selected(c, args.kernels, args.match)]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quick.kernels import mma, wgmma
-from quick.kernels import variant_cases as vc
+from quick.testing import kernel_cases as vc
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,8 @@ require_sm80_and_nvcc()
 
 from quick.kernels import attention as at  # noqa: E402
 from quick.kernels import autotune, jit, tuning  # noqa: E402
-from quick.kernels import variant_cases as vc  # noqa: E402
 from quick.kernels import wgmma as sm  # noqa: E402
+from quick.testing import kernel_cases as vc  # noqa: E402
 
 LAYOUTS = ["quick_sm90", "quick"]  # the W4A16 layouts
 GRID_M = [1, 3, 8, 16, 24, 64, 100, 256, 1024]

@@ -10,22 +10,8 @@ from tqdm.auto import tqdm
 
 from quick.formats.layouts import get_layout
 from quick.formats.weights import QuantizationError
+from quick.models.linears import DEFAULT_SKIP, parent_of, quantizable_linears
 from quick.nn.linear import QuickLinear, padded_in_features
-
-DEFAULT_SKIP = ("lm_head",)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
-    """All ``nn.Linear`` modules whose name contains none of ``skip``."""
-    skip = tuple(skip)
-    return [
-        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in name for s in skip)
-    ]
 
 
 def quantize_model_rtn(
@@ -54,7 +40,7 @@ def quantize_model_rtn(
     moe.check_experts(experts, group_size, layout)
     for name, lin in tqdm(linears, desc="quantize (RTN)", disable=not progress):
         q = QuickLinear.from_linear(lin, group_size, layout, zero_point, dtype)
-        parent, child = _parent(model, name)
+        parent, child = parent_of(model, name)
         setattr(parent, child, q)
     moe.quantize_experts_rtn_(model, experts, group_size, layout, zero_point, dtype)
     return model
@@ -73,6 +59,6 @@ def quantize_model_rtn_w4a8(
 
     check_group_size(group_size)
     for name, lin in tqdm(quantizable_linears(model, skip), desc="quantize (W4A8 RTN)", disable=not progress):
-        parent, child = _parent(model, name)
+        parent, child = parent_of(model, name)
         setattr(parent, child, QuickLinearW4A8.from_linear(lin, group_size, dtype))
     return model

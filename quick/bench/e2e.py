@@ -207,14 +207,14 @@ def _build_w4a8(name: str, impl: str, layers: int | None):
     """W4A8 (QQQ format, round-to-nearest of the random fp16 weights): ``w4a8`` per-channel, ``w4a8_g128``
     two-level g128, packed in the layout of this GPU's fastest W4A8 kernel (``w4a8_sm90`` on a Hopper GPU with its
     kernel built, else ``w4a8``). ``+fused`` variants fuse them like the W4A16 layers (:mod:`quick.models.fuse`)."""
-    from quick.algorithms.rtn import _parent, quantizable_linears
+    from quick.models.linears import parent_of, quantizable_linears
     from quick.nn.linear_w4a8 import QuickLinearW4A8, preferred_w4a8_layout
 
     group = 128 if impl.endswith("_g128") else -1
     model = build_random_model(name, torch.float16, DEVICE, False, num_layers=layers)
     layout = preferred_w4a8_layout(DEVICE)
     for lin_name, lin in quantizable_linears(model):
-        parent, child = _parent(model, lin_name)
+        parent, child = parent_of(model, lin_name)
         setattr(parent, child, QuickLinearW4A8.from_linear(lin, group, torch.float16, layout=layout))
     return model
 

@@ -36,13 +36,17 @@ from torch import nn
 
 from quick.kernels import attention
 from quick.kernels.decode import gated, rms_norm  # transformers' arithmetic, which the fused kernels reproduce
-from quick.models.families import ModelFamily, ScaleGroup, decoder_layers, get_family
-from quick.models.fuse import FusedProjection, FusedSlice
+from quick.models.families import (
+    ModelFamily,
+    ScaleGroup,
+    UnsupportedModel,
+    decoder_layers,
+    get_family,
+    io_groups,
+    norm_eps,
+)
+from quick.nn.fused import FusedProjection, FusedSlice
 from quick.nn.linear_w4a8 import QuickLinearW4A8
-
-
-class UnsupportedModel(ValueError):
-    """The model's decoder layers are not the llama-like structure this step implements."""
 
 
 def add_rms_norm(
@@ -101,13 +105,6 @@ def attend(
 
 # transformers' activation names -> the gate activation of :func:`gated`
 GATE_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-
-
-def _norm_eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if eps is None:
-        raise UnsupportedModel(f"{type(norm).__name__} has no epsilon attribute")
-    return float(eps)
 
 
 def _projections(parent: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...]) -> Callable[[torch.Tensor], tuple]:
@@ -212,15 +209,6 @@ def compiled_parts(backend: str | None, dynamic: bool | None = None) -> tuple[Ca
     return _COMPILED[key]
 
 
-def _io_groups(family: ModelFamily) -> tuple[ScaleGroup, ScaleGroup]:
-    """The family's scale groups of the attention input and of the MLP input (``inspect`` = ``self_attn`` /
-    ``mlp``): which norm feeds each block and which linears read it (the facts AWQ folds its scales by)."""
-    by_block = {g.inspect: g for g in family.groups if g.inspect in ("self_attn", "mlp")}
-    if set(by_block) != {"self_attn", "mlp"}:
-        raise UnsupportedModel(f"family '{family.name}' has no scale groups inspecting self_attn and mlp")
-    return by_block["self_attn"], by_block["mlp"]
-
-
 def _gate_act(cfg) -> str:
     act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     if act not in GATE_ACTS:
@@ -248,7 +236,7 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
             raise UnsupportedModel(f"model.model has no '{name}'")
     if not hasattr(model, "lm_head"):
         raise UnsupportedModel("the model has no lm_head")
-    names = (*(g.prev for g in _io_groups(family)), *(family.branch_norms or ()))
+    names = (*(g.prev for g in io_groups(family)), *(family.branch_norms or ()))
     for layer in decoder_layers(model, family):
         missing = [n for n in names if not hasattr(layer, n)]
         if missing:
@@ -301,7 +289,7 @@ class FastDecoder:
             self._layer(i, layer, family, types[i] if types else None)
             for i, layer in enumerate(decoder_layers(model, family))
         ]
-        self.final_norm, self.final_eps = inner.norm.weight, _norm_eps(inner.norm)
+        self.final_norm, self.final_eps = inner.norm.weight, norm_eps(inner.norm)
         # the decode attention kernel where it has a variant (attn_kernel None: if the GPU can build it; False: SDPA)
         keys = self.layers[0].keys
         heads = model.config.num_attention_heads
@@ -319,7 +307,7 @@ class FastDecoder:
         attn, mlp = layer.self_attn, layer.mlp
         keys, values = _cache_tensors(self.cache, index, self.max_len)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        g_attn, g_mlp = _io_groups(family)
+        g_attn, g_mlp = io_groups(family)
         norm_attn, norm_mlp = layer.get_submodule(g_attn.prev), layer.get_submodule(g_mlp.prev)
         post = [layer.get_submodule(n).weight for n in family.branch_norms] if family.branch_norms else [None, None]
         cfg = self.model.config
@@ -349,14 +337,14 @@ class FastDecoder:
             norm_mlp=norm_mlp.weight,
             post_attn=post[0],
             post_mlp=post[1],
-            eps=_norm_eps(norm_attn),
+            eps=norm_eps(norm_attn),
             qkv=qkv,
             o=attn.o_proj,
             gate_up=gate_up,
             down=mlp.down_proj,
             q_norm=None if q_norm is None else q_norm.weight,
             k_norm=None if k_norm is None else k_norm.weight,
-            qk_eps=_norm_eps(q_norm) if q_norm is not None else 0.0,
+            qk_eps=norm_eps(q_norm) if q_norm is not None else 0.0,
             scale=float(getattr(attn, "scaling", keys.shape[-1] ** -0.5)),
             rope=rope,
             gated_down=gated_down,

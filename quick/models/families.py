@@ -15,6 +15,10 @@ from typing import Any
 from torch import nn
 
 
+class UnsupportedModel(ValueError):
+    """The model's decoder layers are not the llama-like structure the fast decode step implements."""
+
+
 class FamilyError(ValueError):
     """The model's architecture is unknown to AWQ or does not look like its family says it should."""
 
@@ -344,3 +348,20 @@ def active_groups(layer: nn.Module, family: ModelFamily) -> list[ScaleGroup]:
                     continue
             out.append(g)
     return out
+
+
+def io_groups(family: ModelFamily) -> tuple[ScaleGroup, ScaleGroup]:
+    """The family's scale groups of the attention input and of the MLP input (``inspect`` = ``self_attn`` /
+    ``mlp``): which norm feeds each block and which linears read it (the facts AWQ folds its scales by)."""
+    by_block = {g.inspect: g for g in family.groups if g.inspect in ("self_attn", "mlp")}
+    if set(by_block) != {"self_attn", "mlp"}:
+        raise UnsupportedModel(f"family '{family.name}' has no scale groups inspecting self_attn and mlp")
+    return by_block["self_attn"], by_block["mlp"]
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """An RMSNorm module's epsilon, whatever transformers calls the attribute."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None:
+        raise UnsupportedModel(f"{type(norm).__name__} has no epsilon attribute")
+    return float(eps)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from quick import settings
-from quick.models.fuse import FusedProjection
+from quick.models.families import UnsupportedModel, decoder_layers, get_family, io_groups, norm_eps
+from quick.nn.fused import FusedProjection
 from quick.nn.linear_w4a8 import QuickLinearW4A8
 
 FUSION = "normquant"
@@ -72,12 +73,10 @@ def attach(model: nn.Module) -> int:
     to the module tree or the state dict); returns how many. Models the fast decode step does not describe are left
     alone (0)."""
     import quick.kernels.ops  # noqa: F401 - defines torch.ops.quick.rms_norm_quant
-    from quick.models.decoder import UnsupportedModel, _io_groups, _norm_eps
-    from quick.models.families import decoder_layers, get_family
 
     try:
         family = get_family(model.config)
-        groups = _io_groups(family)
+        groups = io_groups(family)
         layers = list(decoder_layers(model, family))
     except (UnsupportedModel, AttributeError, KeyError, ValueError):
         return 0
@@ -87,7 +86,7 @@ def attach(model: nn.Module) -> int:
             try:
                 norm = layer.get_submodule(g.prev)
                 parent = layer.get_submodule(g.linears[0].rpartition(".")[0])
-                eps = _norm_eps(norm)
+                eps = norm_eps(norm)
             except (AttributeError, UnsupportedModel):
                 continue
             if not isinstance(getattr(norm, "weight", None), torch.Tensor):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quick.algorithms.rtn import DEFAULT_SKIP, _parent, quantizable_linears
+from quick.models.linears import DEFAULT_SKIP, parent_of, quantizable_linears
 from quick.nn.linear import QuickLinear
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -74,7 +74,7 @@ def build_random_model(
     if quantized:
         for lin_name, lin in quantizable_linears(model, () if quantize_lm_head else DEFAULT_SKIP):
             q = random_quick_linear(lin.in_features, lin.out_features, group_size, layout, dtype, device, False)
-            parent, child = _parent(model, lin_name)
+            parent, child = parent_of(model, lin_name)
             setattr(parent, child, q)
             del lin
     return model

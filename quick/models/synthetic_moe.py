@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quick.algorithms.rtn import _parent, quantizable_linears
 from quick.models import synthetic
 from quick.models.families import FamilyError, ModelFamily, decoder_layers, get_family
+from quick.models.linears import parent_of, quantizable_linears
 from quick.models.moe import check_fused, experts_modules
 from quick.nn.linear import QuickLinear, padded_in_features
 from quick.nn.moe import ACTIVATIONS, QuickMoEExperts
@@ -94,7 +94,7 @@ def _random_linear(lin: nn.Linear, group_size: int, layout: str, dtype: torch.dt
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, child = _parent(root, name)
+    parent, child = parent_of(root, name)
     setattr(parent, child, module)
 
 
