@@ -2,7 +2,7 @@
 
 Runs wherever nvcc exists (CI has it; no GPU needed) and skips otherwise. Marked ``compile`` so that a quick
 local run can deselect it with ``-m "not compile"``; it takes about five minutes on two cores with a cold cache
-(~790 builds).
+(~820 builds).
 """
 
 from __future__ import annotations
