@@ -263,7 +263,7 @@ def check_layout_fits(model: nn.Module, qc: dict[str, Any], skip: Sequence[str])
     """Raise before quantizing when the layout of ``qc`` cannot store a layer that will be quantized: AutoAWQ's
     GEMM format (``version 'gemm'``) has no ragged last group, so every K must be a multiple of the group size
     (SmolLM2's K = 576 is not one of 128)."""
-    from quick.algorithms.rtn import quantizable_linears
+    from quick.models.linears import quantizable_linears
 
     layout, g = qc["version"], qc["q_group_size"]
     if layout != "awq_gemm" or g == -1:

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from quick.algorithms.rtn import quantizable_linears, quantize_model_rtn
+from quick.algorithms.rtn import quantize_model_rtn
 from quick.formats.layouts import LAYOUTS, LayoutError
 from quick.formats.weights import quantize
+from quick.models.linears import quantizable_linears
 from quick.nn.linear import QuickLinear
 from quick.testing import REL_BOUND, reference_matmul, rel_error
 

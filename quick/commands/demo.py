@@ -78,13 +78,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from quick.algorithms.rtn import quantizable_linears, quantize_model_rtn
+    from quick.algorithms.rtn import quantize_model_rtn
     from quick.commands._console import make_console
     from quick.data.corpus import MODEL_MODULE, WIKI_MODULE, ensure_data_packages, load_eval_text
     from quick.eval.perplexity import eval_windows, perplexity, tokenize_eval_text
     from quick.formats.layouts import get_layout
     from quick.generation import generate_text
     from quick.kernels import dispatch
+    from quick.models.linears import quantizable_linears
     from quick.models.loading import default_model_dir, load_model
     from quick.nn.dtypes import set_compute_dtype
     from quick.nn.linear import QuickLinear

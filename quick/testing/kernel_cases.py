@@ -440,23 +440,14 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
 def launcher(case: Case) -> Callable[..., torch.Tensor]:
     """``fn(x, packed, bias, out=None) -> out`` for the case's kernel and variant."""
-    if case.kernel in ("mma_gemm", "mma_gemv"):
+    if case.kernel in ("mma_gemm", "mma_gemv", "sm90"):
         from quick.kernels import mma as qm
+        from quick.kernels import wgmma as qs
 
-        run = qm.gemm if case.kernel == "mma_gemm" else qm.gemv
+        run = {"mma_gemm": qm.gemm, "mma_gemv": qm.gemv, "sm90": qs.gemm_w4a16_sm90}[case.kernel]
 
         def fn(x, p, bias, out=None):
             return run(
-                x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
-                splits=case.splits, out=out,
-            )  # fmt: skip
-
-        return fn
-    if case.kernel == "sm90":
-        from quick.kernels import wgmma as qs
-
-        def fn(x, p, bias, out=None):
-            return qs.gemm_w4a16_sm90(
                 x, p["qweight"], p["scales"], p["zeros"], case.group_size, bias, config=case.config,
                 splits=case.splits, out=out,
             )  # fmt: skip
