@@ -219,3 +219,14 @@ def test_gpu_run_runs_every_job_and_packs_the_results(tmp_path):
         assert tar.extractfile("last/b.txt").read() == b"done\n"
     with tarfile.open(out / "fail.tar.gz") as tar:
         assert "fail.log" in tar.getnames()
+
+
+@pytest.mark.parametrize("layout", ["w4a8", "w4a8_sm90", "quick", "quick_sm90"])
+def test_registry_layers_are_built_in_the_case_layout(layout):
+    """A registry case hands its kernel the tensors of its own layout (a W4A8 layer built in the portable layout
+    would feed the Hopper kernel tensors of the wrong shape)."""
+    gen = torch.Generator().manual_seed(0)
+    mod = vc.build_module(layout, 384, 512, 128, torch.float16, True, gen, "cpu")
+    stored = getattr(mod, "storage", None) or mod.layout_name
+    assert stored == layout
+    assert vc.module_tensors(mod)["qweight"].dim() == 2

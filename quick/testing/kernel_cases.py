@@ -389,7 +389,7 @@ def build_module(layout: str, k: int, n: int, group_size: int, dtype: torch.dtyp
     if layout.startswith("w4a8"):
         from quick.nn.linear_w4a8 import QuickLinearW4A8
 
-        mod = QuickLinearW4A8.from_linear(lin, group_size, dtype)
+        mod = QuickLinearW4A8.from_linear(lin, group_size, dtype, pack=True, layout=layout)
     else:
         from quick.nn.linear import QuickLinear
 

@@ -343,7 +343,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
       for (int s = 0; s < nsteps; ++s) {
         mbar_wait(s_full + 8 * stage, phase);
-        if (lane == 0) mbar_arrive(s_empty + 8 * stage);
+        release_stage(s_empty + 8 * stage, lane);
         if (++stage == STAGES) {
           stage = 0;
           phase ^= 1;
@@ -428,7 +428,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           for (int w = 0; w < 4; ++w)
 #pragma unroll
             for (int i = 0; i < 4; ++i) fence_reg(a_frag[uu ^ 1][w][i]);
-          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          if (s > 0) release_stage(s_empty + 8 * prev_stage, lane);
           prev_stage = stage;
           stage = stage + 1 == STAGES ? 0 : stage + 1;
           phase ^= stage == 0 ? 1u : 0u;
@@ -489,7 +489,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       for (int w = 0; w < 4; ++w)
 #pragma unroll
         for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
-      if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+      if (s > 0) release_stage(s_empty + 8 * prev_stage, lane);
       if (has_next) {
         const int nx = uu + 1;
         const int set = (nx / GRP) % 2;
@@ -551,7 +551,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           for (int w = 0; w < 4; ++w)
 #pragma unroll
             for (int i = 0; i < 4; ++i) fence_reg(a_frag[(uu + 1) & 1][w][i]);
-          if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+          if (s > 0) release_stage(s_empty + 8 * prev_stage, lane);
           if (s + 1 < nsteps) {
             const int slot = (uu + 1) % PREF;
             dequant_step(ring[slot], ring_s[slot], ring_z[slot], a_frag[(uu + 1) & 1]);
@@ -566,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     }
 #endif
     wgmma_drain(acc, a_frag);
-    if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+    release_stage(s_empty + 8 * prev_stage, lane);
 
     // ------------------------------------------------------------------ split-k: deterministic reduction
     if (splits > 1 &&

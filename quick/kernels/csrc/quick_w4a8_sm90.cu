@@ -290,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
           named_bar(8 + cw, 256);
           named_bar_arrive(8 + (cw ^ 1), 256);
         }
-        if (lane == 0) mbar_arrive(s_empty + 8 * stage);
+        release_stage(s_empty + 8 * stage, lane);
         if (++stage == STAGES) {
           stage = 0;
           phase ^= 1;
@@ -371,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) fence_reg(a_frag[buf ^ 1][j][i]);
-      if (s > 0 && lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+      if (s > 0) release_stage(s_empty + 8 * prev_stage, lane);
     };
     auto next_stage = [&]() {
       prev_stage = stage;
@@ -495,7 +495,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     }
 #endif
     wgmma_drain(acc, a_frag);
-    if (lane == 0) mbar_arrive(s_empty + 8 * prev_stage);
+    release_stage(s_empty + 8 * prev_stage, lane);
 
     // ------------------------------------------------------------------ split-k: exact int32 reduction
     if (splits > 1 &&
