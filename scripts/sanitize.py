@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["variants_available"] = len({(c.kernel, c.variant) for c in cases})
 
     tools = [t for t in args.tools.split(",") if t]
-    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1")
+    # no first-use timing under the tools: the choice comes from the table or the model, the same in every tool
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONUNBUFFERED="1", QUICK_AUTOTUNE="0")
     # The tools run side by side (one process each, separate CUDA contexts on the one GPU): their cost is
     # mostly instrumenting each kernel module as it loads, which does not contend much.
     deadline = t_start + max(args.budget - 30.0, 10.0)  # ~30 s: the last case and the tool's own summary

@@ -13,7 +13,7 @@ from helpers import DTYPES, M_ALL, require_sm90
 from helpers import check_output as _check
 
 from quick.formats.layouts import get_layout
-from quick.kernels import select
+from quick.kernels import ops, select  # noqa: F401  (ops registers torch.ops.quick.*)
 from quick.testing import poisoned, random_quantized, reference_matmul
 
 pytestmark = pytest.mark.gpu

@@ -436,3 +436,15 @@ def test_chosen_lists_the_choices_of_one_batch_size():
         assert select.chosen(64, set()) == {} and list(select.chosen(1)) == ["quick_sm90 4096x4096 float16"]
     finally:
         select.clear()
+
+
+@pytest.mark.parametrize(("value", "uncached"), [(None, False), ("0", False), ("1", True)])
+def test_autotune_does_not_capture_without_the_caching_allocator(monkeypatch, value, uncached):
+    """With PyTorch's caching allocator off (compute-sanitizer runs) a capture would call cudaMalloc: time eagerly."""
+    from quick.kernels import autotune
+
+    if value is None:
+        monkeypatch.delenv("PYTORCH_NO_CUDA_MEMORY_CACHING", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_NO_CUDA_MEMORY_CACHING", value)
+    assert autotune._uncached_allocator() is uncached

@@ -186,10 +186,15 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
         return _STREAMS[idx]
 
 
+def _uncached_allocator() -> bool:
+    """PyTorch's caching allocator switched off (as under compute-sanitizer): a capture would call cudaMalloc."""
+    return os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "") not in ("", "0")
+
+
 def _captured(run: Callable[[object, torch.Tensor], torch.Tensor], cand, out: torch.Tensor, device) -> object | None:
     """``run(cand, out)`` captured into a CUDA graph (warmed up on the capture stream first, so per-stream buffers
     exist before the capture), or None off CUDA or where the capture fails (that candidate is then timed eagerly)."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or _uncached_allocator():
         return None
     side = _capture_stream(torch.device(device))
     side.wait_stream(torch.cuda.current_stream(device))
