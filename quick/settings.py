@@ -33,9 +33,8 @@ KERNEL_NAMES = ("dec", "wgmma", "gemm", "gemv")
 # programmatic dependent launches, and the W4A8 q/k/v and gate/up activation quantization done by the RMSNorm
 # before them (quick.models.normquant).
 FUSIONS = ("rope", "act", "norm", "pdl", "normquant")
-# On unless switched off: their GPU tests pass and together they sped up Llama-2-7B decoding on an H100 (batch 1:
-# 391 -> 437 tokens/s; batch 64: 9408 -> 9629). normquant stays opt-in until its GPU tests pass.
-DEFAULT_FUSIONS: frozenset[str] = frozenset({"rope", "act", "norm", "pdl"})
+# All on unless switched off: their GPU tests pass and each pays end to end (measurements: docs/decode_path.md).
+DEFAULT_FUSIONS: frozenset[str] = frozenset(FUSIONS)
 
 
 def _flag(name: str, default: bool) -> bool:

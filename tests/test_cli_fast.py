@@ -101,3 +101,27 @@ def test_piped_console_is_wide(capsys):
     console.print(table)
     out = capsys.readouterr().out
     assert "Q4_1 GGUF, dequantized" in out and "202.5 MiB (float16)" in out  # no cell cut or wrapped
+
+
+def test_eval_backend_reaches_every_4bit_layer():
+    """`quick eval --backend reference` runs every 4-bit layer through dequantize-then-matmul (the numerics check of
+    the kernels on the same device); the option parses and reaches W4A16 and W4A8 layers alike."""
+    import torch
+    from torch import nn
+
+    from quick.commands.eval import set_backend
+    from quick.nn.linear import QuickLinear
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+    lin = nn.Linear(256, 128)
+    model = nn.Sequential(
+        QuickLinear.from_linear(lin, 128, "quick", dtype=torch.float16), nn.ReLU(), QuickLinearW4A8.from_linear(lin)
+    )
+    assert set_backend(model, "reference") == 2
+    assert [m.backend for m in (model[0], model[2])] == ["reference", "reference"]
+    p = argparse.ArgumentParser()
+    discover_commands()["eval"].add_arguments(p)
+    assert p.parse_args(["m", "--ppl", "--backend", "reference"]).backend == "reference"
+    assert p.parse_args(["m", "--ppl"]).backend == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args(["m", "--ppl", "--backend", "fast"])

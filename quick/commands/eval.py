@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepend BOS to every window; auto: when the tokenizer itself adds BOS (Gemma yes, SmolLM2 no)",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "kernel", "reference"),
+        help="4-bit layers: the GPU kernels where they run (auto), only the kernels (kernel), or dequantize-then-"
+        "matmul (reference: the kernels' numerics check on the same device and dtype)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -44,6 +51,17 @@ def bos_for(tokenizer, mode: str = "auto") -> int | None:
         return bos
     ids = tokenizer("a")["input_ids"]
     return bos if ids and ids[0] == bos else None
+
+
+def set_backend(model, backend: str) -> int:
+    """Set ``backend`` on every 4-bit module of ``model`` (linears, fused projections, expert stacks); returns how
+    many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "backend", None), str):
+            m.backend = backend
+            n += 1
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"quick eval: error: {exc}")
             return 2
     model = AutoQuickForCausalLM.from_pretrained(args.model, device=args.device)
+    layers = set_backend(model.model, args.backend)
     if model.tokenizer is None:
         print(f"quick eval: error: {args.model} has no tokenizer files")
         return 2
@@ -86,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     ppl = perplexity(model.model, ids, args.seqlen, max_tokens, bos, progress=not args.quiet)
     n = min(ids.shape[-1], max_tokens or ids.shape[-1])
     kind = (
-        f"quantized ({model.quant_config['version']}, g{model.quant_config['q_group_size']})"
+        f"quantized ({model.quant_config['version']}, g{model.quant_config['q_group_size']}, "
+        f"backend {args.backend} on {layers} layers)"
         if model.is_quantized
         else "dense"
     )
