@@ -6,6 +6,7 @@ linears (QUICK kernels, cuBLAS) and how much is everything else, and the number 
 kernels. Writes ``profile-<model>-b<batch>.{txt,json}`` under ``--out`` (default ``$OUT`` or ``.``).
 
     python scripts/profile_decode.py --impls fp16 quick quick_sm90 --variants graph step+fused --batch 1
+    python scripts/profile_decode.py --model qwen3-30b-a3b --impls bf16 quick_sm90 --batch 1   # MoE: bf16 baseline
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quick.bench.e2e import parse_variant  # noqa: E402
+from quick.bench.e2e import build_model, parse_variant  # noqa: E402
 from quick.inference import StaticGenerator, uncompile_regions  # noqa: E402
 from quick.models.fuse import fuse_model  # noqa: E402
-from quick.models.synthetic import build_random_model  # noqa: E402
 
 # Kernel-name fragments of the linears: ours, cuBLAS/cuBLASLt (sm80 ampere_*, sm90 nvjet/sm90_xmma), CUTLASS.
 GEMM_KEYS = ("quick", "gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "ampere_", "sm90_", "splitk")
@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--impls", nargs="+", default=["quick"])
     p.add_argument("--variants", nargs="+", default=["graph"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: all)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = p.parse_args()
@@ -94,8 +95,7 @@ def main() -> int:
     variants = sorted(args.variants, key=lambda v: parse_variant(v)[2])  # unfused first: fusing is one-way
     results, text = [], []
     for impl in args.impls:
-        q = impl != "fp16"
-        model = build_random_model(args.model, torch.float16, "cuda", q, layout=impl if q else "quick")
+        model = build_model(args.model, impl, args.layers)
         for v in variants:
             if parse_variant(v)[2]:
                 fuse_model(model)

@@ -315,6 +315,12 @@ def moe_variants(variants: list[str]) -> list[str]:
     return out
 
 
+def build_model(name: str, impl: str, layers: int | None = None):
+    """The random-weight model of a benchmark row: a published dense or MoE shape (``name``) for ``impl`` (fp16 or
+    bf16, a packed layout, ``w4a8`` / ``w4a8_g128``), ``layers`` decoder layers (None: all), on the GPU."""
+    return _build_moe(name, impl, layers) if _is_moe(name) else _build(name, impl, layers)
+
+
 def _is_moe(name: str) -> bool:
     from quick.models.synthetic_moe import is_moe_shape
 
@@ -361,10 +367,7 @@ def run(
         for impl in impls:
             t0 = time.perf_counter()
             try:
-                if moe:
-                    model = _build_moe(name, impl, model_layers)
-                else:
-                    model = _build(name, impl, layers)
+                model = build_model(name, impl, model_layers)
             except Exception:  # noqa: BLE001 - e.g. a layout without kernels here: report, go on
                 traceback.print_exc()
                 continue
