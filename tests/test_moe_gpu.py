@@ -207,3 +207,85 @@ def test_experts_forward_in_a_cuda_graph():
         mod.backend = "kernel"
         err = rel_error(out, want.double())
         assert err < 2 * REL_BOUND[torch.float16], f"replay with seed {seed}: relative error {err:.3e}"
+
+
+PLAN_CASES = [
+    # (tokens, top_k, experts, block size, id dtype)
+    (1, 8, 128, 16, torch.int64),  # Qwen3-30B-A3B decode, batch 1
+    (64, 8, 128, 16, torch.int64),
+    (512, 8, 128, 16, torch.int64),  # PLAN_MAX_SLOTS
+    (7, 2, 8, 16, torch.int32),  # Mixtral, ragged
+    (33, 2, 8, 64, torch.int64),
+    (200, 4, 60, 64, torch.int32),  # Qwen2-MoE-sized expert count (not a multiple of 32)
+    (3, 1, 1, 16, torch.int64),
+    (40, 6, 1000, 16, torch.int64),  # many experts, most empty
+]
+
+
+def _plan_fields(p):
+    return (p.sorted_ids, p.block_experts, p.offsets, p.counts, p.num_padded)
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=str)
+@pytest.mark.parametrize("ids_kind", ["random", "skewed", "dropped_and_out_of_range"])
+def test_plan_kernel_equals_the_pytorch_plan(case, ids_kind):
+    """The one-launch plan is the PyTorch plan element for element: slot order within each expert, padding, the
+    experts of the blocks (-1 past the total), offsets, counts, total; dropped (E) and out-of-range ids nowhere."""
+    from quick.nn.moe import static_plan
+
+    t, k, e, bs, dt = case
+    gen = torch.Generator().manual_seed(t * 1000 + k * 10 + e)
+    if ids_kind == "skewed":  # most slots on a few experts: long runs, many empty experts
+        ids = torch.randint(0, min(e, 3), (t, k), generator=gen)
+    else:
+        ids = torch.stack([torch.randperm(e, generator=gen)[:k] if k <= e else torch.randint(0, e, (k,), generator=gen)
+                           for _ in range(t)])  # fmt: skip
+    if ids_kind == "dropped_and_out_of_range":
+        drop = torch.rand(t, k, generator=gen) < 0.2
+        ids = torch.where(drop, torch.tensor(e), ids)
+        ids[0, 0] = -3
+        ids[-1, -1] = e + 7
+    ids = ids.to(dt).to(DEV)
+    assert qmoe.plan_kernel_takes(ids, e)
+    want = build_plan(ids, e, bs, static=True, check=False)
+    got = static_plan(ids, e, bs)
+    torch.cuda.synchronize()
+    for name, a, b in zip(("sorted_ids", "block_experts", "offsets", "counts", "num_padded"), _plan_fields(got),
+                          _plan_fields(want), strict=True):  # fmt: skip
+        assert a.dtype == torch.int32 and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: first difference at {int((a != b).nonzero()[0])}"
+
+
+def test_plan_kernel_in_a_cuda_graph_follows_new_routings():
+    """Captured once, replayed on new ids in the same buffer: each replay's plan is that routing's plan."""
+    from quick.nn.moe import static_plan
+
+    t, k, e, bs = 16, 8, 128, 16
+    ids = torch.randint(0, e, (t, k), device=DEV)
+    static_plan(ids, e, bs)  # warm-up: compile and load outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        plan = static_plan(ids, e, bs)
+    for seed in range(3):
+        ids.copy_(torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(seed)).to(DEV))
+        g.replay()
+        torch.cuda.synchronize()
+        want = build_plan(ids, e, bs, static=True, check=False)
+        for a, b in zip(_plan_fields(plan), _plan_fields(want), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_plan_kernel_refuses_what_it_cannot_take():
+    """Beyond its limits the kernel is not used (static_plan falls back) and a direct call says why."""
+    from quick.nn.moe import static_plan
+
+    big = torch.randint(0, 8, (qmoe.PLAN_MAX_SLOTS // 2 + 1, 2), device=DEV)
+    assert not qmoe.plan_kernel_takes(big, 8)
+    want = build_plan(big, 8, 64, static=True, check=False)
+    got = static_plan(big, 8, 64)
+    assert torch.equal(got.sorted_ids, want.sorted_ids)
+    with pytest.raises(qmoe.MoEKernelError, match="plan kernel takes"):
+        qmoe.plan(big, 8, 64, 64 * 8)
+    with pytest.raises(qmoe.MoEKernelError, match="multiple of block_size"):
+        qmoe.plan(big[:4], 8, 16, 17)

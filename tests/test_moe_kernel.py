@@ -111,8 +111,10 @@ def test_launch_arithmetic():
         qmoe.plan_launch(d, False, "m64")
     with pytest.raises(qmoe.MoEKernelError, match="unknown grouped-GEMM config"):
         qmoe.plan_launch(d, False, "m8")
-    assert len(qmoe.VARIANTS) == 2 * len(qmoe.CONFIGS) * 2
-    assert {v[1]["QM_GATED"] for v in qmoe.VARIANTS} == {0, 1}
+    gemm = [v for v in qmoe.VARIANTS if v[0] == qmoe.SOURCE]
+    assert len(gemm) == 2 * len(qmoe.CONFIGS) * 2
+    assert {v[1]["QM_GATED"] for v in gemm} == {0, 1}
+    assert sorted(v[1]["QP_IDX64"] for v in qmoe.VARIANTS if v[0] == qmoe.PLAN_SOURCE) == [0, 1]
 
 
 def test_fake_implementation_shapes():
@@ -174,3 +176,18 @@ def test_experts_module_takes_the_reference_path_on_cpu():
     assert (p_gu.tokens, p_gu.top_k, p_gu.n, p_gu.k, p_gu.act) == (3, 2, 128, 64, "silu")
     assert (p_dn.tokens, p_dn.top_k, p_dn.n, p_dn.k, p_dn.act) == (6, 1, 64, 64, "")
     assert p_gu.block_size == p_dn.block_size == 16
+
+
+def test_static_plan_off_cuda_is_the_pytorch_plan():
+    """On CPU (no plan kernel) the static plan is build_plan's, and the op's fake gives the kernel's shapes."""
+    from quick.nn.moe import static_plan
+
+    ids = torch.randint(0, 16, (5, 4), generator=torch.Generator().manual_seed(0))
+    got, want = static_plan(ids, 16, 16), build_plan(ids, 16, 16, static=True, check=False)
+    for f in ("sorted_ids", "block_experts", "offsets", "counts", "num_padded"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    cap = plan_capacity(5, 4, 16, 16)
+    with FakeTensorMode():
+        out = torch.ops.quick.moe_plan(torch.empty(5, 4, dtype=torch.int64), 16, 16, cap)
+    assert [tuple(o.shape) for o in out] == [(cap,), (cap // 16,), (17,), (16,), (1,)]
+    assert all(o.dtype == torch.int32 for o in out)

@@ -116,8 +116,17 @@ def _all_variants() -> list[tuple[str, dict[str, int], tuple[str, ...]]]:
     ]
 
 
+# The one-launch sorted-token plan (csrc/quick_moe_plan.cu): int32 or int64 expert ids.
+PLAN_SOURCE = "quick_moe_plan.cu"
+PLAN_KERNEL = "quick_moe_plan"
+PLAN_THREADS = 1024
+PLAN_MAX_EXPERTS = 1024  # the kernel's shared arrays
+# One warp places the slots 32 at a time: beyond this many (prefill) the PyTorch plan is faster.
+PLAN_MAX_SLOTS = 4096
+PLAN_VARIANTS = [(PLAN_SOURCE, {"QP_IDX64": v}, ARCHS) for v in (0, 1)]
+
 # Every (source, defines, archs) this module may launch (the compile check builds them all).
-VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants()
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants() + PLAN_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -300,3 +309,52 @@ def is_available(device: torch.device) -> bool:
     if device.type != "cuda" or qm.capability(device)[0] < 8:
         return False
     return jit.nvcc_available()
+
+
+# ------------------------------------------------------------------------------------------ the plan kernel
+
+
+def plan_kernel_takes(ids: Tensor, num_experts: int) -> bool:
+    """Whether :func:`plan` runs the one-launch kernel for these ids (else the caller builds the plan in PyTorch)."""
+    return (
+        ids.device.type == "cuda"
+        and ids.dtype in (torch.int32, torch.int64)
+        and 0 < ids.numel() <= PLAN_MAX_SLOTS
+        and 1 <= num_experts <= PLAN_MAX_EXPERTS
+        and is_available(ids.device)
+    )
+
+
+def plan(
+    ids: Tensor, num_experts: int, block_size: int, capacity: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(sorted_ids [capacity], block_experts [capacity / block_size], offsets [E + 1], counts [E], num_padded [1])``,
+    all int32, of the expert ids ``ids [T, k]`` (or flat), exactly as ``quick.nn.moe.build_plan(..., static=True,
+    check=False)`` computes them, in one launch and without a host synchronisation (capturable in a CUDA graph)."""
+    if not plan_kernel_takes(ids, num_experts):
+        raise MoEKernelError(
+            f"the plan kernel takes 1-{PLAN_MAX_SLOTS} int32/int64 ids on a CUDA device of compute capability 8.0+ "
+            f"and 1-{PLAN_MAX_EXPERTS} experts; got {ids.numel()} {ids.dtype} ids on {ids.device}, "
+            f"{num_experts} experts"
+        )
+    if block_size < 1 or capacity < 0 or capacity % block_size:
+        raise MoEKernelError(f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)")
+    flat = ids.reshape(-1).contiguous()
+    dev = flat.device
+    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=dev)
+    block_experts = torch.empty(capacity // block_size, dtype=torch.int32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    key = ("plan", flat.dtype, dev, flat.numel(), num_experts, block_size, capacity)
+    launch = _LAUNCH.get(key)
+    if launch is None:
+        with _LOCK:
+            defines = {"QP_IDX64": int(flat.dtype == torch.int64)}
+            kern = jit.load_kernel(PLAN_SOURCE, PLAN_KERNEL, defines, qm._dev_index(dev))
+            scalars = [flat.numel(), num_experts, block_size, capacity]
+            launch = qm._FastLaunch(kern, (1,), (PLAN_THREADS,), 0, [None] * 6 + scalars)
+            qm._remember(_LAUNCH, key, launch)
+    ptrs = [flat, sorted_ids, block_experts, offsets, counts, num_padded]
+    launch([t.data_ptr() for t in ptrs], torch.cuda.current_stream(dev).cuda_stream)
+    return sorted_ids, block_experts, offsets, counts, num_padded

@@ -354,6 +354,26 @@ def moe_gemm_w4a16(
                              top_k, topk_weights, act, validate_ids=validate_ids)  # fmt: skip
 
 
+@torch.library.custom_op("quick::moe_plan", mutates_args=())
+def moe_plan(
+    top_k_index: Tensor, num_experts: int, block_size: int, capacity: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The sorted-token plan of ``top_k_index`` in one launch (:func:`quick.kernels.moe.plan`): ``sorted_ids``,
+    ``block_experts``, ``offsets``, ``counts``, ``num_padded`` (int32), as ``quick.nn.moe.build_plan(static=True,
+    check=False)``."""
+    from quick.kernels import moe as qmoe
+
+    return qmoe.plan(top_k_index, num_experts, block_size, capacity)
+
+
+@moe_plan.register_fake
+def _moe_plan_fake(top_k_index, num_experts, block_size, capacity):
+    def i32(n: int) -> Tensor:
+        return top_k_index.new_empty((n,), dtype=torch.int32)
+
+    return i32(capacity), i32(capacity // block_size), i32(num_experts + 1), i32(num_experts), i32(1)
+
+
 @moe_gemm_w4a16.register_fake
 def _moe_gemm_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
                    topk_weights=None, act="", validate_ids=False):  # fmt: skip

@@ -250,6 +250,23 @@ def build_plan(
     )
 
 
+def static_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int) -> MoEPlan:
+    """``build_plan(top_k_index, num_experts, block_size, static=True, check=False)``: one kernel launch where the
+    plan kernel takes the ids (CUDA, decode-sized batches), else the PyTorch ops. Capturable in a CUDA graph."""
+    from quick.kernels import moe as qmoe
+
+    t, k = top_k_index.shape
+    if not qmoe.plan_kernel_takes(top_k_index, num_experts):
+        return build_plan(top_k_index, num_experts, block_size, static=True, check=False)
+    from quick.kernels import ops  # noqa: F401  (registers torch.ops.quick.moe_plan)
+
+    capacity = plan_capacity(t, k, num_experts, block_size)
+    sorted_ids, block_experts, offsets, counts, num_padded = torch.ops.quick.moe_plan(
+        top_k_index, num_experts, block_size, capacity
+    )
+    return MoEPlan(sorted_ids, block_experts, offsets, counts, num_padded, t, k, block_size)
+
+
 # ---------------------------------------------------------------------------------------------- the experts
 
 
@@ -425,7 +442,7 @@ class QuickMoEExperts(nn.Module):
         if not torch.cuda.is_current_stream_capturing():
             self._check_ids(idx)
         p_gu = self._problems(x, k)[0]
-        plan = build_plan(idx, self.num_experts, p_gu.block_size, static=True, check=False)
+        plan = static_plan(idx, self.num_experts, p_gu.block_size)
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)
