@@ -1,7 +1,7 @@
 """Settings every test runs under: kernel choices that do not depend on timing, and no writes to the user's tables.
 
 ``QUICK_AUTOTUNE=0`` (the measured tables, then the model: the same kernel for a shape in every run and inside and
-outside CUDA-graph capture) and ``QUICK_TUNING_DIR`` a folder of this test session (the user's tables and autotune
+outside CUDA-graph capture) and ``QUICK_TUNING_DIR`` a folder of this test run (the user's tables and autotune
 cache are neither read nor written). Tests about autotuning (marked ``autotune`` or with ``autotune`` in their name)
 keep ``QUICK_AUTOTUNE`` as they set it and start from an empty folder of their own.
 """
