@@ -1,7 +1,8 @@
 """Measured kernel choices per (GPU, layout, K, N, M): the tables the automatic routes consult first.
 
 A table is a JSON file in ``quick/kernels/tables/`` named after the GPU (:func:`gpu_key`), written by
-``quick tune`` (:mod:`quick.bench.tune`) on that GPU and committed::
+``quick tune`` (:mod:`quick.bench.tune`) on that GPU, or kept from the first-use autotune's cache (same format; the
+tables' README says which), and committed::
 
     {"gpu": <device name>, "torch": <version>, "date": <YYYY-MM-DD>, "group_size": 128,
      "entries": [{"layout": "quick_sm90", "K": 4096, "N": 14336, "M": 1024,
