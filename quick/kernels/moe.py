@@ -314,15 +314,20 @@ def is_available(device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------ the plan kernel
 
 
-def plan_kernel_takes(ids: Tensor, num_experts: int) -> bool:
-    """Whether :func:`plan` runs the one-launch kernel for these ids (else the caller builds the plan in PyTorch)."""
+def _plan_fits(ids: Tensor, num_experts: int) -> bool:
+    """The kernel's limits: ids, experts and device (no compiler lookup)."""
     return (
         ids.device.type == "cuda"
         and ids.dtype in (torch.int32, torch.int64)
         and 0 < ids.numel() <= PLAN_MAX_SLOTS
         and 1 <= num_experts <= PLAN_MAX_EXPERTS
-        and is_available(ids.device)
+        and qm.capability(ids.device)[0] >= 8
     )
+
+
+def plan_kernel_takes(ids: Tensor, num_experts: int) -> bool:
+    """Whether :func:`plan` runs the one-launch kernel for these ids (else the caller builds the plan in PyTorch)."""
+    return _plan_fits(ids, num_experts) and jit.nvcc_available()
 
 
 def plan(
@@ -331,7 +336,7 @@ def plan(
     """``(sorted_ids [capacity], block_experts [capacity / block_size], offsets [E + 1], counts [E], num_padded [1])``,
     all int32, of the expert ids ``ids [T, k]`` (or flat), exactly as ``quick.nn.moe.build_plan(..., static=True,
     check=False)`` computes them, in one launch and without a host synchronisation (capturable in a CUDA graph)."""
-    if not plan_kernel_takes(ids, num_experts):
+    if not _plan_fits(ids, num_experts):  # a missing nvcc is reported by the build
         raise MoEKernelError(
             f"the plan kernel takes 1-{PLAN_MAX_SLOTS} int32/int64 ids on a CUDA device of compute capability 8.0+ "
             f"and 1-{PLAN_MAX_EXPERTS} experts; got {ids.numel()} {ids.dtype} ids on {ids.device}, "
