@@ -3,7 +3,8 @@
 Each case draws a kernel path (mma.sync GEMM with a random compiled config and forced split-k, the GEMV, the
 automatic choice, the torch.library op on 3-D input, ``QuickLinear`` for each packed layout with contiguous,
 strided or misaligned activations, the sm_90 kernel with a random compiled config / pipeline / split-k, and
-every other dispatcher entry), then (M, K, N, group size, dtype, bias) and a value regime:
+every other dispatcher entry, the grouped expert GEMM with its one-launch plan), then (M, K, N, group size,
+dtype, bias) and a value regime:
 
 * ``normal``      x ~ N(0, 1), typical scales;
 * ``wide``        scales log-uniform over five decades, zero points at the code extremes;
@@ -328,6 +329,90 @@ def run_other(c: dict, gen, case_seed: int, st: dict, failures: list, skipped: d
     return 1
 
 
+def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_err: dict) -> int:
+    """The grouped expert GEMM on a random routing (experts, top-k, tokens, K, N, group, dtype, row tile, compiled
+    config, gated or not, routing weights or not, idle experts, dropped slots) against float64 per slot, rows no
+    slot names must stay zero; and the one-launch plan against the PyTorch plan, element for element."""
+    import torch.nn.functional as F
+
+    from quick.kernels import moe as qmoe
+    from quick.nn.moe import QuickExpertStack, build_plan, static_plan
+    from quick.testing import random_quantized, rel_error
+
+    dt = rng.choice((torch.float16, torch.bfloat16))
+    e = rng.choice((1, 2, 4, 8, 16, 33, 64, 128))
+    top_k = rng.randint(1, min(8, e))
+    t = rng.choice((1, 2, 3, 5, 8, 16, 17, 40, 64))
+    block = rng.choice(qmoe.BLOCK_SIZES)
+    act = rng.choice(("", "silu"))
+    k = 64 * rng.choice((1, 2, 3, 4, 6, 8, 16))
+    n = (128 if act else 64) * rng.randint(1, 6)
+    g = rng.choice([x for x in (32, 64, 128, -1) if x < 0 or k % x == 0])
+    cfgs = qmoe.configs_for(block, k)
+    c = {"path": "moe", "dtype": str(dt), "e": e, "top_k": top_k, "t": t, "k": k, "n": n, "g": g, "block": block,
+         "act": act}  # fmt: skip
+    if not cfgs:
+        return 0
+    cfg = rng.choice(cfgs)
+    c["config"] = cfg.name
+    gen = torch.Generator().manual_seed(case_seed)
+    used = rng.randint(1, e)
+    ids = torch.stack([torch.randperm(used, generator=gen)[:top_k] if top_k <= used
+                       else torch.randint(0, used, (top_k,), generator=gen) for _ in range(t)])  # fmt: skip
+    ids[torch.rand(t, top_k, generator=gen) < rng.choice((0.0, 0.0, 0.2))] = e
+    st["cases"] += 1
+    try:
+        qws = [random_quantized(k, n, g, dt, "cpu", gen) for _ in range(e)]
+        stack = QuickExpertStack.from_quantized(qws, "quick").to(DEV)
+        x = torch.randn(t, k, generator=gen).to(dt)
+        xd, idsd = x.to(DEV), ids.to(DEV)
+        tw = torch.rand(t * top_k, generator=gen) if rng.random() < 0.5 else None
+        twd = None if tw is None else tw.to(DEV)
+        plan = static_plan(idsd, e, block)
+        want = build_plan(idsd, e, block, static=True, check=False)
+        for name in ("sorted_ids", "block_experts", "offsets", "counts", "num_padded"):
+            if not torch.equal(getattr(plan, name), getattr(want, name)):
+                raise AssertionError(f"plan kernel differs from the PyTorch plan in {name}")
+        p = stack.packed()
+        args = (xd, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids, plan.block_experts, plan.num_padded)
+        out1 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
+        out2 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
+        torch.cuda.synchronize()
+    except Exception as err:
+        st["failures"] += 1
+        failures.append({"case": c, "seed": case_seed, "error": f"{type(err).__name__}: {err}"[:600]})
+        return 1
+    flat = ids.reshape(-1)
+    w = [qw.dequantize(torch.float64) for qw in qws]
+    no = n // 2 if act else n
+    ref = torch.zeros(flat.numel(), no, dtype=torch.float64)
+    for s_, ex in enumerate(flat.tolist()):
+        if ex < e:
+            y = x[s_ // top_k].double() @ w[ex]
+            y = F.silu(y[:no]) * y[no:] if act else y
+            ref[s_] = y * (float(tw[s_]) if tw is not None else 1.0)
+    out = out1.cpu()
+    routed = flat < e
+    why = ""
+    if not torch.isfinite(out).all():
+        why = "NaN/inf in the output"
+    elif (out[~routed] != 0).any():
+        why = "a row no slot names was written"
+    elif routed.any():
+        err = rel_error(out[routed], ref[routed])
+        key = f"moe/{dt}".replace("torch.", "")
+        max_err[key] = max(max_err.get(key, 0.0), err)
+        if err > REL_BOUND[dt]:
+            why = f"relative error {err:.3e} over {REL_BOUND[dt]}"
+    if not why and not bitwise_equal(out1, out2):
+        st["nondeterministic"] += 1
+        why = "outputs of two runs differ"
+    if why:
+        st["failures"] += 1
+        failures.append({"case": c, "seed": case_seed, "error": why})
+    return 1
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
@@ -370,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     if DEV == "cuda" and qs.is_available():
         paths += ["sm90", "sm90"]
         sm90_cfgs = [(d, cfg, g, dt) for d, cfg, g, dt in vc.sm90_variant_configs()]
+    if DEV == "cuda":
+        from quick.kernels import moe as qmoe
+
+        if qmoe.is_available(torch.device(DEV)):
+            paths.append("moe")
     others = vc.registry_entries() if DEV == "cuda" else []
     paths += [f"registry:{e.layout}:{e.name}" for e in others]
     for lay in sorted({e.layout for e in others}):
@@ -389,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator(device=DEV).manual_seed(case_seed)
         key = c["path"]
         st = stats.setdefault(key, {"cases": 0, "failures": 0, "nondeterministic": 0})
+        if key == "moe":
+            n_cases += run_moe(rng, case_seed, st, failures, max_err)
+            continue
         if key not in BUILTIN:
             n_cases += run_other(c, gen, case_seed, st, failures, skipped, max_err)
             continue

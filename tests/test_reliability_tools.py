@@ -63,6 +63,32 @@ def test_every_dec_variant_has_a_case():
         decode.plan(c.m, c.n, c.k, g, 132, c.config, c.splits)
 
 
+def test_every_moe_variant_has_a_valid_case():
+    """Each grouped-GEMM variant (config, dtype, gated) and each plan-kernel variant is launched by a case whose
+    inputs the launcher's validation takes (checked on CPU tensors: shapes, dtypes, plan block size, config)."""
+    from quick.kernels import moe as qmoe
+
+    cases = vc.moe_cases()
+    launched = set()
+    gen = torch.Generator().manual_seed(0)
+    for c in cases:
+        inp = vc.make_inputs(c, gen, "cpu")
+        if c.kernel == "moe_plan":
+            launched.add(("QP_IDX64", int(inp["x"].dtype == torch.int64)))
+            continue
+        p = inp["packed"]
+        d = qmoe.validate(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size, p["sorted_ids"],
+                          p["block_experts"], p["num_padded"], c.extra["top_k"], None, c.extra["act"],
+                          need_cuda=False)  # fmt: skip
+        assert (d.slots, d.n_out) == (c.m, c.n)
+        cfg = qmoe.plan_launch(d, bool(c.extra["act"]), c.extra["config"]).config
+        assert d.n % cfg.bn or (c.extra["act"] and cfg.bn == 128), "N should end inside a CTA tile"
+        launched.add(tuple(sorted(cfg.defines(c.dtype, bool(c.extra["act"])).items())))
+    want = {tuple(sorted(d.items())) for _s, d, _a in qmoe.VARIANTS if "QP_IDX64" not in d}
+    want |= {("QP_IDX64", d["QP_IDX64"]) for _s, d, _a in qmoe.PLAN_VARIANTS}
+    assert want <= launched, f"MoE variants without a sanitizer case: {want - launched}"
+
+
 def test_every_attention_variant_has_valid_cases():
     """Each decode-attention variant has sanitizer cases, and their inputs pass the launcher's validation with the
     variant's head dim and group size (built on the CPU here)."""

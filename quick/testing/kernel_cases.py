@@ -47,7 +47,7 @@ class Case:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def label(self) -> str:
-        dt = "fp16" if self.dtype == torch.float16 else "bf16"
+        dt = _dt_name(self.dtype)
         return (
             f"{self.kernel}[{self.variant}] {dt} M={self.m} K={self.k} N={self.n} g={self.group_size} "
             f"splits={self.splits} bias={int(self.bias)}"
@@ -55,7 +55,7 @@ class Case:
 
 
 def _dt_name(dt: torch.dtype) -> str:
-    return "fp16" if dt == torch.float16 else "bf16"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dt, str(dt).removeprefix("torch."))
 
 
 # ---------------------------------------------------------------------------------------- quick_mma
@@ -301,6 +301,62 @@ def normquant_cases() -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- mixture of experts
+
+
+def moe_cases() -> list[Case]:
+    """The grouped GEMM: per compiled variant (config, dtype, gated) 16 experts, top-4 over 7 tokens routed to 6 of
+    them (ten idle experts, ragged runs, dropped slots), K = two of the config's stages, N past a CTA tile, group 64
+    (``m`` = slots, ``n`` = output columns; gated: half the weight columns). The plan kernel: int32 and int64 ids
+    with dropped and out-of-range ids (``m`` = 1, ``n`` = the capacity: the launcher returns the sorted ids as one
+    row)."""
+    from quick.kernels import moe as qmoe
+    from quick.nn.moe import plan_capacity
+
+    out: list[Case] = []
+    tokens, top_k, experts = 7, 4, 16
+    for dt in (torch.float16, torch.bfloat16):
+        for cfg in qmoe.CONFIGS.values():
+            for act in ("", "silu"):
+                n = (cfg.bn + 128) // 2 if act else cfg.bn + 64
+                var = f"{cfg.name}/{_dt_name(dt)}" + ("/gated" if act else "")
+                ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "config": cfg.name, "act": act}
+                ex["block"] = cfg.bm
+                out.append(Case("moe", var, dt, tokens * top_k, 2 * cfg.bks, n, 64, layout="quick", extra=ex))
+    for _src, d, _archs in qmoe.PLAN_VARIANTS:
+        idx64 = bool(d["QP_IDX64"])
+        cap = plan_capacity(tokens, top_k, experts, 16)
+        ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "idx64": idx64, "block": 16}
+        out.append(Case("moe_plan", "int64" if idx64 else "int32", torch.float32, 1, 0, cap, 0, layout="", extra=ex))
+    return out
+
+
+def moe_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
+    """Expert ids ``[tokens, top_k]``: distinct experts among the first six, a quarter of the slots dropped (id E);
+    for the plan kernel also one id below zero and one past E (both count as dropped). Grouped GEMM: a packed expert
+    stack, activations ``[tokens, K]`` (gate/up-like: rows gathered per token) and the routing's static plan, all
+    drawn on the CPU and copied as exact-size allocations."""
+    from quick.nn.moe import QuickExpertStack, build_plan
+    from quick.testing import random_quantized
+
+    t, k, e = case.extra["tokens"], case.extra["top_k"], case.extra["experts"]
+    ids = torch.rand(t, 6, generator=gen).argsort(dim=1)[:, :k]
+    ids[torch.rand(t, k, generator=gen) < 0.25] = e
+    none = {"qw": None, "bias": None, "bias_cpu": None}
+    if case.kernel == "moe_plan":
+        ids[0, 0], ids[-1, -1] = -3, e + 7
+        ids = ids.to(torch.int64 if case.extra["idx64"] else torch.int32)
+        return {**none, "packed": {}, "x_cpu": ids, "x": ids.to(device)}
+    n = 2 * case.n if case.extra["act"] else case.n
+    qws = [random_quantized(case.k, n, case.group_size, case.dtype, "cpu", gen) for _ in range(e)]
+    packed = QuickExpertStack.from_quantized(qws, case.layout).packed()
+    plan = build_plan(ids, e, case.extra["block"], static=True, check=False)
+    packed.update(sorted_ids=plan.sorted_ids, block_experts=plan.block_experts, num_padded=plan.num_padded)
+    packed = {name: v.contiguous().to(device) for name, v in packed.items()}
+    x = torch.randn(t, case.k, generator=gen).to(case.dtype)
+    return {**none, "qw": qws, "packed": packed, "x_cpu": x, "x": x.to(device)}
+
+
 # ---------------------------------------------------------------------------------------- other kernels
 
 
@@ -362,6 +418,7 @@ def all_cases(sm90: bool = True) -> list[Case]:
     budget that runs out still leaves every variant launched at least once)."""
     groups: dict[tuple, list[Case]] = {}
     cases = mma_cases() + (sm90_cases() if sm90 else []) + dec_cases() + attn_cases() + normquant_cases()
+    cases += moe_cases()
     for c in cases + registry_cases():
         groups.setdefault((c.kernel, c.variant, c.dtype), []).append(c)
     ordered = []
@@ -411,6 +468,8 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
+    if case.kernel in ("moe", "moe_plan"):
+        return moe_inputs(case, gen, device)
     if case.kernel == "normquant":
         x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
         t = {"weight": (torch.rand(case.k, generator=gen) + 0.5).to(case.dtype)}
@@ -502,6 +561,26 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             return out.copy_(y) if out is not None else y
 
         return fn
+    if case.kernel == "moe":
+        from quick.kernels import moe as qmoe
+
+        def fn(x, p, bias, out=None):
+            ex = case.extra
+            y = qmoe.grouped_gemm(
+                x, p["qweight"], p["scales"], p["zeros"], case.group_size, p["sorted_ids"], p["block_experts"],
+                p["num_padded"], ex["top_k"], None, ex["act"], config=ex["config"],
+            )  # fmt: skip
+            return out.copy_(y) if out is not None else y
+
+        return fn
+    if case.kernel == "moe_plan":
+        from quick.kernels import moe as qmoe
+
+        def fn(x, p, bias, out=None):
+            y = qmoe.plan(x, case.extra["experts"], case.extra["block"], case.n)[0].float().view(1, -1)
+            return out.copy_(y) if out is not None else y
+
+        return fn
     if case.kernel.startswith("registry:"):
         _, layout, name = case.kernel.split(":", 2)
         from quick.kernels import dispatch
@@ -548,6 +627,7 @@ def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     from quick.kernels import attention as at
     from quick.kernels import decode as qd
     from quick.kernels import mma as qm
+    from quick.kernels import moe as qmoe
     from quick.kernels import normquant as nq
     from quick.kernels import wgmma as qs
 
@@ -555,6 +635,7 @@ def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     jobs += [(src, arch, d) for src, _k, d in at.VARIANTS]
     jobs += [(src, "sm_90a" if arch.startswith("sm_90") else arch, d) for src, _k, d in qd.VARIANTS]
     jobs += [(src, arch, d) for src, d, _ in nq.VARIANTS]
+    jobs += [(src, arch, d) for src, d, _ in qmoe.VARIANTS]
     if arch.startswith("sm_90"):
         jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
     return jobs
