@@ -155,6 +155,70 @@ def test_empty_plan_blocks_and_bad_ids_are_safe():
     torch.cuda.synchronize()  # an illegal access would surface here
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"E{c[0]}k{c[1]}T{c[2]}K{c[3]}N{c[4]}g{c[5]}" for c in CASES])
+def test_decode_kernel_over_experts_against_float64(case, dtype):
+    """The decode kernel's grouped variant (16-row plans): gate|up-like (rows gathered per token), then a down-like
+    launch that stages act(gate) * up from a [slots, 2K] product and weights the slots; outputs poisoned first (rows
+    no slot names must keep the poison), and every output row checked against float64."""
+    e, k, t, kk, n, g, used, drop = case
+    stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 997)
+    idx = _routing(t, k, e, seed=t * 5 + e, used=used, drop=drop)
+    x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype).to(DEV)
+    plan = build_plan(idx, e, 16, static=True)
+    p = stack.packed()
+    ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
+    assert qmoe.dec_unavailable(t, kk, n, g if g > 0 else kk, 16, "", dtype, DEV) is None
+    poison = torch.full((t * k, n), float("nan"), dtype=dtype, device=DEV)
+    out = qmoe.dec_grouped(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", out=poison.clone())
+    dropped = idx.reshape(-1) >= e
+    assert torch.isnan(out[dropped]).all(), "a row no slot names was written"
+    out[dropped] = 0
+    _check(out, _reference(x, w, idx, k, "", None), idx, e, dtype)
+    # down-like: x = a [slots, 2K] gate|up product (gate first), act(gate) * up staged, slot weights
+    gu = (torch.randn(t * k, 2 * kk, generator=torch.Generator().manual_seed(4)) * 0.5).to(dtype).to(DEV)
+    tw = torch.rand(t * k, generator=torch.Generator().manual_seed(5)).to(DEV)
+    y = torch.ops.quick.moe_dec_w4a16(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu")
+    staged = (F.silu(gu[:, :kk].float()) * gu[:, kk:].float()).to(dtype)  # rounded once, as the kernel stages it
+    _check(y, _reference(staged, w, idx, 1, "", tw), idx, e, dtype)
+
+
+def test_decode_kernel_over_experts_refuses_what_it_cannot_take():
+    e, kk, n = 4, 128, 64
+    stack, _ = _stack(e, kk, n, 128, torch.float16, seed=21)
+    p = stack.packed()
+    idx = _routing(3, 2, e, seed=22)
+    x = torch.randn(3, kk).half().to(DEV)
+    args = (p["qweight"], p["scales"], p["zeros"], 128)
+    p64 = build_plan(idx, e, 64, static=True)
+    with pytest.raises(qmoe.MoEKernelError, match="16-row plans"):
+        torch.ops.quick.moe_dec_w4a16(x, *args, p64.sorted_ids, p64.block_experts, p64.num_padded, 2, 3)
+    p16 = build_plan(idx, e, 16, static=True)
+    ids = (p16.sorted_ids, p16.block_experts, p16.num_padded)
+    with pytest.raises(qmoe.MoEKernelError, match="stages act"):
+        torch.ops.quick.moe_dec_w4a16(torch.randn(6, 2 * kk).half().to(DEV), *args, *ids, 1, 3, None, "relu")
+    with pytest.raises(qmoe.MoEKernelError, match="gdiv = 1"):
+        torch.ops.quick.moe_dec_w4a16(torch.randn(3, 2 * kk).half().to(DEV), *args, *ids, 2, 3, None, "silu")
+    with pytest.raises(qmoe.MoEKernelError, match="tokens must be"):
+        torch.ops.quick.moe_dec_w4a16(x, *args, *ids, 2, 0)
+    # a hand-made plan naming more rows than tokens allows: the kernel keeps to the rows it was sized for
+    bad = p16.sorted_ids.clone()
+    bad[:16] = torch.arange(16, device=DEV) % 6
+    qmoe.dec_grouped(x, *args, bad, p16.block_experts, p16.num_padded, 2, 3)
+    torch.cuda.synchronize()
+
+
+def test_experts_choose_the_decode_kernel_at_decode_sizes():
+    from quick.kernels import select
+
+    mod = _module(16, 256, 128, torch.float16, seed=23)
+    x = torch.randn(4, 256).half().to(DEV)
+    p_gu, p_dn = mod._problems(x, 4)
+    assert p_gu.block_size == 16 and select.moe_mlp_kernel(p_gu, p_dn) == "dec"
+    big = torch.randn(300, 256).half().to(DEV)
+    assert select.moe_mlp_kernel(*mod._problems(big, 4)) == "mma"
+
+
 def _module(e: int, h: int, i: int, dtype: torch.dtype, seed: int) -> QuickMoEExperts:
     gen = torch.Generator().manual_seed(seed)
     gu = torch.randn(e, 2 * i, h, generator=gen) * 0.05

@@ -76,6 +76,17 @@ def test_every_moe_variant_has_a_valid_case():
         if c.kernel == "moe_plan":
             launched.add(("QP_IDX64", int(inp["x"].dtype == torch.int64)))
             continue
+        if c.kernel == "moe_dec":
+            p, ex = inp["packed"], c.extra
+            gdiv = 1 if ex["act"] else ex["top_k"]
+            d = qmoe.validate_dec(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size, p["sorted_ids"],
+                                  p["block_experts"], p["num_padded"], gdiv, ex["tokens"], None, ex["act"],
+                                  need_cuda=False)  # fmt: skip
+            assert (d.slots, d.n) == (c.m, c.n)
+            act = qmoe.DEC_ACTS[ex["act"]]
+            launched.add(tuple(sorted({**qmoe.DEC_CONFIG.defines(16, c.group_size, c.dtype, act),
+                                       "QD_GROUPED": 1}.items())))  # fmt: skip
+            continue
         p = inp["packed"]
         d = qmoe.validate(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size, p["sorted_ids"],
                           p["block_experts"], p["num_padded"], c.extra["top_k"], None, c.extra["act"],
@@ -85,6 +96,7 @@ def test_every_moe_variant_has_a_valid_case():
         assert d.n % cfg.bn or (c.extra["act"] and cfg.bn == 128), "N should end inside a CTA tile"
         launched.add(tuple(sorted(cfg.defines(c.dtype, bool(c.extra["act"])).items())))
     want = {tuple(sorted(d.items())) for _s, d, _a in qmoe.VARIANTS if "QP_IDX64" not in d}
+    assert any("QD_GROUPED" in dict(w) for w in want)
     want |= {("QP_IDX64", d["QP_IDX64"]) for _s, d, _a in qmoe.PLAN_VARIANTS}
     assert want <= launched, f"MoE variants without a sanitizer case: {want - launched}"
 

@@ -310,6 +310,10 @@ def timing_candidates(layout: str, m: int, n: int, k: int, num_sms: int) -> list
     return [(c, s) for c in cfgs for s in sorted({plan(m, n, k, 128, num_sms, c, waves=w).splits for w in WAVES})]
 
 
+# The QD_GROUPED arguments (mixture-of-experts plans: quick.kernels.moe) of a launch without them: 4 pointers, 5 ints.
+UNGROUPED = [None] * 4 + [0, 1, 0, 0, 0]
+UNGROUPED_PTRS = [0] * 4
+
 _LAUNCH: dict[tuple, tuple] = {}
 _LOCK = threading.Lock()
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
@@ -393,7 +397,7 @@ def run_validated(
                 p.grid,
                 (p.config.threads,),
                 p.smem,
-                [None] * 8 + [m, n, k, gshift, p.steps_per_split] + [None] * 3 + [eps, offset],
+                [None] * 8 + [m, n, k, gshift, p.steps_per_split] + [None] * 3 + [eps, offset] + UNGROUPED,
                 pdl=use_pdl,
             )
             hit = (launch, p)
@@ -413,7 +417,8 @@ def run_validated(
     nptrs = [norm[0].data_ptr(), norm[1].data_ptr(), norm[4].data_ptr()] if norm is not None else [0, 0, 0]
     launch(
         [x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), bptr, out.data_ptr(), ws_ptr, cnt_ptr]
-        + nptrs,
+        + nptrs
+        + UNGROUPED_PTRS,
         stream,
     )
     return out

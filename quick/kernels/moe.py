@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from quick.formats.weights import SUPPORTED_DTYPES
-from quick.kernels import jit
+from quick.kernels import decode as qd
+from quick.kernels import jit, wgmma
 from quick.kernels import mma as qm
 
 SOURCE = "quick_moe.cu"
@@ -125,8 +126,19 @@ PLAN_MAX_EXPERTS = 1024  # the kernel's shared arrays
 PLAN_MAX_SLOTS = 4096
 PLAN_VARIANTS = [(PLAN_SOURCE, {"QP_IDX64": v}, ARCHS) for v in (0, 1)]
 
+# Decode sizes (16-row plans): the decode kernel over the experts (csrc/quick_dec.cu, QD_GROUPED) in two launches,
+# gate|up plain into [slots, 2I], then down staging act(gate) * up from it (QD_ACT) with the slot weights.
+DEC_CONFIG = qd.DecConfig(1, 8, 4, wb=1)
+DEC_ACTS = {"": 0, "silu": 1, "swish": 1}  # the down launch's QD_ACT; other activations take the grouped GEMM
+DEC_VARIANTS = [
+    (qd.SOURCE, {**DEC_CONFIG.defines(16, g, dt, act), "QD_GROUPED": 1}, qd.ARCHS)
+    for dt in SUPPORTED_DTYPES
+    for g in (128, 32)  # QD_G32 off / on (every other group size is a shift of the former)
+    for act in sorted(set(DEC_ACTS.values()))
+]
+
 # Every (source, defines, archs) this module may launch (the compile check builds them all).
-VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants() + PLAN_VARIANTS
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants() + PLAN_VARIANTS + DEC_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -363,3 +375,116 @@ def plan(
     ptrs = [flat, sorted_ids, block_experts, offsets, counts, num_padded]
     launch([t.data_ptr() for t in ptrs], torch.cuda.current_stream(dev).cuda_stream)
     return sorted_ids, block_experts, offsets, counts, num_padded
+
+
+# ------------------------------------------------------------------------------- decode sizes: the decode kernel
+
+
+def dec_rows(tokens: int) -> int:
+    """Rows of a 16-row plan block that can be valid for ``tokens`` routed tokens (an expert takes a token once)."""
+    return max(1, min(16, tokens))
+
+
+def dec_unavailable(
+    tokens: int, k: int, n: int, group_size: int, block_size: int, act: str, dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """Why the decode kernel cannot run one launch of a 16-row plan (None: it can): ``act`` is the activation the
+    down launch stages (gate|up: ""), ``k`` / ``n`` that launch's weight shape (down: ``k = I``)."""
+    if device.type != "cuda" or qm.capability(device)[0] < 8:
+        return "needs an sm_80+ GPU"
+    if block_size != 16:
+        return f"takes 16-row plans (decode sizes), got block size {block_size}"
+    if act not in DEC_ACTS:
+        return f"stages no activation {act!r}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"no {dtype} variant"
+    if k % 64 or n % DEC_CONFIG.channels:
+        return f"needs K and N multiples of 64, got K={k}, N={n}"
+    try:
+        wgmma.group_shift(group_size, k)
+    except ValueError as err:
+        return str(err)
+    need = DEC_CONFIG.smem_bytes(dec_rows(tokens), k // 64, group_size)
+    if need > qd._smem(qm._dev_index(device)):
+        return f"{need} bytes of shared memory for {dec_rows(tokens)} rows of K={k}"
+    return None if jit.nvcc_available() else "nvcc is not available to build it"
+
+
+def validate_dec(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
+    act: str = "", need_cuda: bool = True,
+) -> MoEDims:  # fmt: skip
+    """:func:`validate` for :func:`dec_grouped` (with ``act``, ``x`` is the ``[slots, 2K]`` gate|up product and
+    ``gdiv`` is 1), then the decode kernel's own limits (:func:`dec_unavailable`) with ``need_cuda``."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise MoEKernelError(f"x must be a 2-D tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise MoEKernelError(f"tokens must be a positive int (the tokens routed), got {tokens!r}")
+    probe = x
+    if act:
+        if act not in DEC_ACTS:
+            raise MoEKernelError(f"the decode kernel stages act in {sorted(a for a in DEC_ACTS if a)}, got {act!r}")
+        if gdiv != 1 or x.shape[1] % 2:
+            raise MoEKernelError(f"with act, x is a [slots, 2K] gate|up product read once per slot (gdiv = 1), got "
+                                 f"x {tuple(x.shape)}, gdiv={gdiv}")  # fmt: skip
+        probe = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device="meta")
+    d = validate(probe, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv,
+                 topk_weights, "", need_cuda=False)  # fmt: skip
+    if need_cuda:
+        why = dec_unavailable(tokens, d.k, d.n, d.g, d.block_size, act, x.dtype, x.device)
+        if why is not None:
+            raise MoEKernelError(f"the decode kernel cannot run this launch: {why}")
+        named = (
+            ("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("sorted_ids", sorted_ids),
+            ("block_experts", block_experts), ("num_padded", num_padded),
+        )  # fmt: skip
+        qm._check_tensors(named, x.device, MoEKernelError)
+        if topk_weights is not None and topk_weights.device != x.device:
+            raise MoEKernelError(f"topk_weights is on {topk_weights.device} but x is on {x.device}")
+    return d
+
+
+def dec_grouped(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
+    act: str = "", out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (times ``topk_weights[s]``) for every slot of a 16-row plan,
+    on the decode kernel; ``act``: ``x`` is a gate|up product ``[slots, 2K]`` and the kernel stages ``act(gate) * up``.
+    ``tokens``: the tokens routed (at most that many rows of a block are valid). Rows no slot names are left as they
+    are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`)."""
+    e, k16, n2 = qweight.shape
+    k, n = 16 * k16, n2 // 2
+    slots = x.shape[0] * gdiv
+    if out is None:
+        out = torch.zeros((slots, n), dtype=x.dtype, device=x.device)
+    blocks = block_experts.shape[0]
+    if slots == 0 or blocks == 0:
+        return out
+    g = k if group_size == -1 else group_size
+    rows = dec_rows(tokens)
+    dev = x.device
+    key = ("dec", e, k, n, g, x.dtype, dev, blocks, slots, gdiv, rows, act)
+    launch = _LAUNCH.get(key)
+    if launch is None:
+        with _LOCK:
+            idx = qm._dev_index(dev)
+            defines = {**DEC_CONFIG.defines(16, g, x.dtype, DEC_ACTS[act]), "QD_GROUPED": 1}
+            kern = jit.load_kernel(qd.SOURCE, qd.KERNEL, defines, idx, jit.arch_for_device(idx, arch_specific=True))
+            smem = DEC_CONFIG.smem_bytes(rows, k // 64, g)
+            scalars = [16, n, k, wgmma.group_shift(g, k), k // 64] + [None] * 3 + [0.0, 0.0]
+            grouped = [None] * 4 + [slots, gdiv, e, k // g, rows]
+            grid = (n // DEC_CONFIG.channels, 1, blocks)
+            launch = qm._FastLaunch(kern, grid, (DEC_CONFIG.threads,), smem, [None] * 8 + scalars + grouped)
+            qm._remember(_LAUNCH, key, launch)
+    w = None
+    if topk_weights is not None:
+        w = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    ptrs = [x, qweight, scales, zeros]
+    launch(
+        [t.data_ptr() for t in ptrs] + [0, out.data_ptr(), 0, 0, 0, 0, 0]
+        + [sorted_ids.data_ptr(), block_experts.data_ptr(), num_padded.data_ptr(), 0 if w is None else w.data_ptr()],
+        torch.cuda.current_stream(dev).cuda_stream,
+    )  # fmt: skip
+    return out

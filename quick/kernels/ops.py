@@ -354,6 +354,32 @@ def moe_gemm_w4a16(
                              top_k, topk_weights, act, validate_ids=validate_ids)  # fmt: skip
 
 
+@torch.library.custom_op("quick::moe_dec_w4a16", mutates_args=())
+def moe_dec_w4a16(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
+    act: str = "",
+) -> Tensor:  # fmt: skip
+    """The decode kernel over a 16-row plan (:func:`quick.kernels.moe.dec_grouped`): ``out [x.shape[0] * gdiv, N]``,
+    ``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (* ``topk_weights``), zero where no slot is named; ``act``:
+    ``x`` is the ``[slots, 2K]`` gate|up product and ``act(gate) * up`` is the input."""
+    from quick.kernels import moe as qmoe
+
+    args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens, topk_weights)
+    qmoe.validate_dec(*args, act)
+    return qmoe.dec_grouped(*args, act)
+
+
+@moe_dec_w4a16.register_fake
+def _moe_dec_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,
+                  topk_weights=None, act=""):  # fmt: skip
+    from quick.kernels import moe as qmoe
+
+    d = qmoe.validate_dec(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,
+                          topk_weights, act, need_cuda=False)  # fmt: skip
+    return x.new_empty((d.slots, d.n))
+
+
 @torch.library.custom_op("quick::moe_plan", mutates_args=())
 def moe_plan(
     top_k_index: Tensor, num_experts: int, block_size: int, capacity: int

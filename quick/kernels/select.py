@@ -708,6 +708,36 @@ def choose_moe(p: MoEProblem) -> Choice:
     raise ValueError(f"no grouped kernel can run {p}: " + "; ".join(f"{n}: {why}" for n, why in moe_reasons(p)))
 
 
+def moe_mlp_kernel(p_gu: MoEProblem, p_dn: MoEProblem) -> str:
+    """Which kernel runs an expert MLP's two grouped products (``p_gu`` with the gated activation, ``p_dn`` with the
+    slot weights): ``"dec"``, the decode kernel over a 16-row plan (gate|up plain into ``[slots, 2I]``, then down
+    staging ``act(gate) * up``: :func:`quick.kernels.moe.dec_grouped`), where it runs both; else ``"mma"``, the grouped
+    GEMM with its gated epilogue (:func:`choose_moe`). ``QUICK_KERNEL`` entries ``dec`` / ``gemm`` (``@M``: up to M
+    tokens) force one where it can run."""
+    dec_ok = moe_dec_unavailable(p_gu, p_dn) is None
+    for name, max_m in settings.kernel_override():
+        if max_m and p_gu.tokens > max_m:
+            continue
+        if name == "dec" and dec_ok:
+            return "dec"
+        if name == "gemm":
+            return "mma"
+    return "dec" if dec_ok else "mma"
+
+
+def moe_dec_unavailable(p_gu: MoEProblem, p_dn: MoEProblem) -> str | None:
+    """Why the decode kernel cannot run this expert MLP (None: it can)."""
+    if p_gu.layout != "quick":
+        return f"layout {p_gu.layout!r}"
+    if 2 * p_dn.k != p_gu.n:
+        return f"down's K ({p_dn.k}) is not half of gate|up's N ({p_gu.n})"
+    for k, n, g, act in ((p_gu.k, p_gu.n, p_gu.group_size, ""), (p_dn.k, p_dn.n, p_dn.group_size, p_gu.act)):
+        why = qmoe.dec_unavailable(p_gu.tokens, k, n, g, p_gu.block_size, act, p_gu.dtype, p_gu.device)
+        if why is not None:
+            return why
+    return None
+
+
 def moe_matmul(layout: str, x, qweight, scales, zeros, group_size: int, sorted_ids, block_experts, num_padded,
                top_k: int, topk_weights=None, act: str = "", *, choice: Choice | None = None,
                validate_ids: bool = False):  # fmt: skip

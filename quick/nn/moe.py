@@ -436,12 +436,13 @@ class QuickMoEExperts(nn.Module):
         """The grouped kernels on ``x [T, H]``: a static plan (no host sync), gate|up with ``act(gate) * up`` in its
         epilogue, down with the slot weights in its epilogue, then the sum over each token's ``top_k`` rows. Nothing
         reads back to the host while a CUDA graph is captured (ids are validated only outside capture)."""
+        from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
         t, k = idx.shape
         if not torch.cuda.is_current_stream_capturing():
             self._check_ids(idx)
-        p_gu = self._problems(x, k)[0]
+        p_gu, p_dn = self._problems(x, k)
         # static_plan (one launch) replaces this once its kernel has passed its GPU tests
         plan = build_plan(idx, self.num_experts, p_gu.block_size, static=True, check=False)
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
@@ -450,11 +451,16 @@ class QuickMoEExperts(nn.Module):
         if gu.in_features != xq.shape[1]:  # K zero-padded to whole groups and layout blocks
             xq = F.pad(xq, (0, gu.in_features - xq.shape[1]))
         xq = _dense_rows(xq)
-        mm = torch.ops.quick.moe_gemm_w4a16
-        h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)
-        if dn.in_features != h.shape[1]:
-            h = F.pad(h, (0, dn.in_features - h.shape[1]))
-        y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
+        if select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
+            dec = torch.ops.quick.moe_dec_w4a16
+            h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "")
+            y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act)
+        else:
+            mm = torch.ops.quick.moe_gemm_w4a16
+            h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)
+            if dn.in_features != h.shape[1]:
+                h = F.pad(h, (0, dn.in_features - h.shape[1]))
+            y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
         return y.view(t, k, self.hidden_size).float().sum(1).to(x.dtype)
 
     def _work(self, device: torch.device) -> torch.dtype:

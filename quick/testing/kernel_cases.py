@@ -307,9 +307,10 @@ def normquant_cases() -> list[Case]:
 def moe_cases() -> list[Case]:
     """The grouped GEMM: per compiled variant (config, dtype, gated) 16 experts, top-4 over 7 tokens routed to 6 of
     them (ten idle experts, ragged runs, dropped slots), K = two of the config's stages, N past a CTA tile, group 64
-    (``m`` = slots, ``n`` = output columns; gated: half the weight columns). The plan kernel: int32 and int64 ids
-    with dropped and out-of-range ids (``m`` = 1, ``n`` = the capacity: the launcher returns the sorted ids as one
-    row)."""
+    (``m`` = slots, ``n`` = output columns; gated: half the weight columns). The decode kernel over experts
+    (``moe_dec``): the same routing per variant (dtype, group path, staged activation). The plan kernel: int32 and
+    int64 ids with dropped and out-of-range ids (``m`` = 1, ``n`` = the capacity: the launcher returns the sorted ids
+    as one row)."""
     from quick.kernels import moe as qmoe
     from quick.nn.moe import plan_capacity
 
@@ -323,6 +324,13 @@ def moe_cases() -> list[Case]:
                 ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "config": cfg.name, "act": act}
                 ex["block"] = cfg.bm
                 out.append(Case("moe", var, dt, tokens * top_k, 2 * cfg.bks, n, 64, layout="quick", extra=ex))
+    for _src, d, _archs in qmoe.DEC_VARIANTS:  # the decode kernel over experts: K = 3 k64 steps, N = 2 CTAs
+        dt = (torch.float16, torch.bfloat16)[d["QD_DTYPE"]]
+        act = {0: "", 1: "silu"}[d.get("QD_ACT", 0)]
+        g = 32 if d["QD_G32"] else 64
+        var = f"dec/{_dt_name(dt)}/g{g}" + ("/act" if act else "")
+        ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "act": act, "block": 16}
+        out.append(Case("moe_dec", var, dt, tokens * top_k, 192, 128, g, layout="quick", extra=ex))
     for _src, d, _archs in qmoe.PLAN_VARIANTS:
         idx64 = bool(d["QP_IDX64"])
         cap = plan_capacity(tokens, top_k, experts, 16)
@@ -347,13 +355,15 @@ def moe_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
         ids[0, 0], ids[-1, -1] = -3, e + 7
         ids = ids.to(torch.int64 if case.extra["idx64"] else torch.int32)
         return {**none, "packed": {}, "x_cpu": ids, "x": ids.to(device)}
-    n = 2 * case.n if case.extra["act"] else case.n
+    n = 2 * case.n if case.extra["act"] and case.kernel == "moe" else case.n
     qws = [random_quantized(case.k, n, case.group_size, case.dtype, "cpu", gen) for _ in range(e)]
     packed = QuickExpertStack.from_quantized(qws, case.layout).packed()
     plan = build_plan(ids, e, case.extra["block"], static=True, check=False)
     packed.update(sorted_ids=plan.sorted_ids, block_experts=plan.block_experts, num_padded=plan.num_padded)
     packed = {name: v.contiguous().to(device) for name, v in packed.items()}
     x = torch.randn(t, case.k, generator=gen).to(case.dtype)
+    if case.kernel == "moe_dec" and case.extra["act"]:  # the down launch: a [slots, 2K] gate|up product
+        x = torch.randn(case.m, 2 * case.k, generator=gen).to(case.dtype)
     return {**none, "qw": qws, "packed": packed, "x_cpu": x, "x": x.to(device)}
 
 
@@ -468,7 +478,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    if case.kernel in ("moe", "moe_plan"):
+    if case.kernel in ("moe", "moe_dec", "moe_plan"):
         return moe_inputs(case, gen, device)
     if case.kernel == "normquant":
         x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
@@ -570,6 +580,18 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
                 x, p["qweight"], p["scales"], p["zeros"], case.group_size, p["sorted_ids"], p["block_experts"],
                 p["num_padded"], ex["top_k"], None, ex["act"], config=ex["config"],
             )  # fmt: skip
+            return out.copy_(y) if out is not None else y
+
+        return fn
+    if case.kernel == "moe_dec":
+        from quick.kernels import moe as qmoe
+
+        def fn(x, p, bias, out=None):
+            ex = case.extra
+            gdiv = 1 if ex["act"] else ex["top_k"]
+            args = (x, p["qweight"], p["scales"], p["zeros"], case.group_size, p["sorted_ids"], p["block_experts"])
+            qmoe.validate_dec(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"])
+            y = qmoe.dec_grouped(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"])
             return out.copy_(y) if out is not None else y
 
         return fn

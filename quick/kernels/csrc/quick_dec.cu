@@ -43,11 +43,19 @@
 //   (launch_dependents), and only then reads x and touches counters and outputs. So its first loads overlap the
 //   previous kernel's tail, and the next kernel's overlap its own. x is staged with L2 loads after the wait.
 //
+// * QD_GROUPED (`quick` layout, M <= 16): the experts of a mixture-of-experts block at decode sizes. The weights are
+//   stacks [E, K/16, 2N] (scales, zeros [E, K/G, N]) and blockIdx.z is a block of 16 rows of a sorted-token plan
+//   (quick/nn/moe.py: build_plan; one expert per block, its valid rows first): the CTA skips blocks past
+//   num_padded[0] or without an expert, takes row r's activations from x[sorted_ids[r] / gdiv] (gathered into shared
+//   memory like x; at most max_rows of them, which the launcher sized it for) and writes output row sorted_ids[r],
+//   times topk_w[slot] when given. No split, bias or norm.
+//   Gate/up then down of an expert MLP are two launches: gate|up plain (out [slots, 2I]), down with QD_ACT.
+//
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
 // M <= 8 * NT; the B-side takes 1), QD_RB (channel blocks per warp), QD_WARPS (warps splitting K), QD_NW (warp groups
 // splitting channels), QD_STAGES (k64 steps in flight per warp), QD_G32 (group size 32: two scale rows per k64 step),
 // QD_ACT (0 none, 1 silu, 2 tanh-gelu: x = act(gate) * up of a [M, 2K] gate/up product), QD_NORM (0/1: the
-// residual add + RMSNorm tail), QD_PDL (0/1: programmatic dependent launch).
+// residual add + RMSNorm tail), QD_PDL (0/1: programmatic dependent launch), QD_GROUPED (0/1: experts, above).
 // Dynamic shared memory: DecConfig.smem_bytes in quick/kernels/decode.py.
 #include "quick_common.cuh"
 
@@ -84,6 +92,9 @@
 #ifndef QD_PDL
 #define QD_PDL 0
 #endif
+#ifndef QD_GROUPED
+#define QD_GROUPED 0
+#endif
 
 namespace {
 constexpr bool WB = QD_WB != 0;
@@ -96,6 +107,8 @@ constexpr int STAGES = QD_STAGES;
 constexpr int ACT = QD_ACT;
 constexpr bool NORM = QD_NORM != 0;
 constexpr bool PDL = QD_PDL != 0;
+constexpr bool GROUPED = QD_GROUPED != 0;
+static_assert(!GROUPED || (WB && !NORM && !PDL && NW == 1), "QD_GROUPED: the quick layout, no norm tail, PDL or NW");
 constexpr bool X_LATE = ACT != 0 || PDL;  // x staged with loads after the first weight stages (not by cp.async)
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
@@ -327,12 +340,39 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     const void* __restrict__ xp, const void* __restrict__ qweight, const void* __restrict__ scales,
     const void* __restrict__ zeros, const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ ws,
     int* __restrict__ counters, int M, int N, int K, int gshift, int steps_per_split, const void* __restrict__ nres,
-    const void* __restrict__ nweight, void* __restrict__ normed, float neps, float noffset) {
+    const void* __restrict__ nweight, void* __restrict__ normed, float neps, float noffset,
+    const int* __restrict__ sorted_ids, const int* __restrict__ block_experts, const int* __restrict__ num_padded,
+    const float* __restrict__ topk_w, int num_slots, int gdiv, int num_experts, int expert_srows, int max_rows) {
   using namespace quick;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
+  // QD_GROUPED: the plan block's expert and rows (x row and output row of each of its 16 rows; valid rows first)
+  __shared__ int s_xrow[GROUPED ? 16 : 1], s_orow[GROUPED ? 16 : 1];
+  if constexpr (GROUPED) {
+    const int blk = blockIdx.z;
+    if (blk * 16 >= __ldg(num_padded)) return;
+    const int ex = __ldg(block_experts + blk);
+    if (ex < 0 || ex >= num_experts) return;
+    if (tid < 16) {
+      const int slot = __ldg(sorted_ids + blk * 16 + tid);
+      const bool real = slot >= 0 && slot < num_slots;
+      s_orow[tid] = real ? slot : -1;
+      s_xrow[tid] = real ? slot / gdiv : -1;
+    }
+    __syncthreads();
+    // the valid prefix (a used expert's block starts with a valid row), at most the rows shared memory was sized for
+    M = 0;
+    while (M < max_rows && s_orow[M] >= 0) ++M;
+    if (M == 0) return;
+    qweight = static_cast<const char*>(qweight) + static_cast<size_t>(ex) * K * N / 2;  // K/16 rows of 8N bytes
+    const size_t soff = static_cast<size_t>(ex) * expert_srows * N * 2;
+    scales = static_cast<const char*>(scales) + soff;
+    zeros = static_cast<const char*>(zeros) + soff;
+  }
+  // activation row of token row r (QD_GROUPED: gathered through the plan)
+  auto xrow_of = [&](int r) { return GROUPED ? s_xrow[r] : r; };
   const int kslice = warp % WARPS, nsl = warp / WARPS;
   const int nb0 = blockIdx.x * (RB * NW);  // first channel block (n16 A-side, n64 B-side) of this CTA
   const int nbw = nb0 + nsl * RB;          // ... of this warp
@@ -359,7 +399,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   if constexpr (!X_LATE) {
     for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
       const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
-      cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(r) * K + s_beg * 64 + c * 8) * 2, true);
+      cp_async16(smem_u32(xs + r * xpitch + c * 16), x + (static_cast<size_t>(xrow_of(r)) * K + s_beg * 64 + c * 8) * 2,
+                 true);
     }
   }
   cp_async_commit();
@@ -404,7 +445,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   if constexpr (X_LATE) {  // x (ACT: act(gate) * up from the [M, 2K] product), 8 columns per 16-byte chunk
     for (int idx = x_t0; idx < M * x_cn; idx += x_step) {
       const int r = idx / x_cn, c = x_c0 + idx - r * x_cn;
-      const char* gp = x + (static_cast<size_t>(r) * (ACT ? 2 : 1) * K + s_beg * 64 + c * 8) * 2;
+      const char* gp = x + (static_cast<size_t>(xrow_of(r)) * (ACT ? 2 : 1) * K + s_beg * 64 + c * 8) * 2;
       uint4 v;
       if constexpr (ACT != 0) {
         const uint4 gv = PDL ? __ldcg(reinterpret_cast<const uint4*>(gp)) : ldg128(gp);
@@ -563,7 +604,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   __syncthreads();
 
   constexpr int ELEMS = NW * RB * NACC * 4 * 32;
-  const bool split = gridDim.y > 1;
+  const bool split = !GROUPED && gridDim.y > 1;
   const size_t mn = static_cast<size_t>(M) * N;
   for (int idx = tid; idx < ELEMS; idx += THREADS) {
     const int l = idx & 31, e = (idx >> 5) & 3, nt = (idx >> 7) % NACC, rb = idx / (128 * NACC);  // rb < NW x RB
@@ -576,6 +617,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
     float v = red[idx];
 #pragma unroll 4
     for (int w = 1; w < WARPS; ++w) v += red[w * ELEMS + idx];
+    if constexpr (GROUPED) {
+      const int slot = s_orow[token];
+      if (topk_w != nullptr) v *= __ldg(topk_w + slot);
+      store16(static_cast<char*>(out) + (static_cast<size_t>(slot) * N + chan) * 2, v);
+      continue;
+    }
     const size_t o = static_cast<size_t>(token) * N + chan;
     if (split) {
       ws[blockIdx.y * mn + o] = v;
