@@ -9,6 +9,8 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 
 * ``w4``: ``quick.kernels.moe.grouped_gemm`` on a static sorted-token plan (built outside the timing; the row gather
   happens inside the kernel), random packed weights in the ``quick`` layout, group size 128 with zero points;
+* ``w4dec``: at 16-row plans, ``quick.kernels.moe.dec_grouped`` (the decode kernel over experts; gate_up without
+  the epilogue, down staging ``silu(gate) * up`` from a ``[slots, 2I]`` product);
 * ``w16``: ``torch._grouped_mm`` on the rows already sorted by expert (no gather, no activation, no weighting: a
   lower bound for the 16-bit side) where this torch has it and it runs, else ``torch.bmm`` over the routed experts
   (their rows zero-padded to the largest count, their weights gathered before the timing); each row says which.
@@ -98,6 +100,7 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
     order = torch.sort(idx.reshape(-1), stable=True).indices
     x = torch.randn(t, h, device="cuda").to(dtype)
     hmid = torch.randn(t * k, i, device="cuda").to(dtype)
+    hgu = torch.randn(t * k, 2 * i, device="cuda").to(dtype)
     ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
     rows = []
     for proj, (kk, n) in (("gate_up", (h, 2 * i)), ("down", (i, h))):
@@ -113,6 +116,17 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
         b4 = routed * w4_bytes(kk, n)
         rows.append({**base, "impl": "w4", "config": qmoe.default_config(bs, kk).name, "us": round(us4, 2),
                      "GBps": round(b4 / us4 / 1e3, 1), "bytes": b4})  # fmt: skip
+        act = "" if proj == "gate_up" else "silu"
+        if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device) is None:
+            # the decode kernel over experts: gate|up plain (no epilogue), down staging silu(gate) * up
+            if proj == "gate_up":
+                fnd = functools.partial(qmoe.dec_grouped, x, qw, sc, z, GROUP, *ids, k, t)
+            else:
+                fnd = functools.partial(qmoe.dec_grouped, hgu, qw, sc, z, GROUP, *ids, 1, t, weights, "silu")
+            usd = bench_us(graphed(fnd), args.warmup_ms, args.rep_ms)
+            rows.append({**base, "impl": "w4dec", "config": "dec", "us": round(usd, 2),
+                         "GBps": round(b4 / usd / 1e3, 1), "bytes": b4})  # fmt: skip
+            print(f"{model} T={t:<5} {proj:<8} w4dec {usd:9.1f} us {b4 / usd / 1e3:7.0f} GB/s", flush=True)
         fn16, name = w16_fn(xs, w16[proj], counts)
         us16 = bench_us(graphed(fn16), args.warmup_ms, args.rep_ms)
         b16 = routed * kk * n * 2
@@ -130,19 +144,23 @@ def markdown(env: dict, rows: list[dict], dtype: str) -> str:
         f"{env['gpu']}, torch {env['torch']}, CUDA {env.get('cuda')}, {env['date']}, {dtype}, group size {GROUP}, "
         "uniform random top-k routing. Median of do_bench (L2 flushed) over CUDA-graph replays. GB/s over the routed "
         "experts' weight bytes. w4: the grouped kernel with its gather and epilogue (gate_up: silu(gate) * up; down: "
-        "routing weights); w16: the baseline named per row, on rows already sorted (no gather, no epilogue).",
+        "routing weights); w4dec: the decode kernel over experts at 16-row plans (gate_up plain into [slots, 2I], "
+        "down staging silu(gate) * up from it); w16: the baseline named per row, on rows already sorted (no gather, "
+        "no epilogue).",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}", "", "| tokens | experts | block | proj | w4 us (GB/s) | w16 us (GB/s) | w16 / w4 |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"## {model}", "", "| tokens | experts | block | proj | w4 us (GB/s) | w4dec us (GB/s) | "
+                  "w16 us (GB/s) | w16 / best w4 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r4 in (r for r in rows if r["model"] == model and r["impl"] == "w4"):
-            r16 = next(
-                r for r in rows if r["impl"] == "w16" and all(r[c] == r4[c] for c in ("model", "tokens", "proj"))
-            )
+            same = [r for r in rows if all(r[c] == r4[c] for c in ("model", "tokens", "proj"))]
+            r16 = next(r for r in same if r["impl"] == "w16")
+            rd = next((r for r in same if r["impl"] == "w4dec"), None)
+            best = min(r4["us"], rd["us"]) if rd else r4["us"]
+            dec = f"{rd['us']:.1f} ({rd['GBps']:.0f})" if rd else "-"
             lines.append(
                 f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {r4['us']:.1f} "
-                f"({r4['GBps']:.0f}) | {r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / r4['us']:.2f} |"
+                f"({r4['GBps']:.0f}) | {dec} | {r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / best:.2f} |"
             )
         lines.append("")
     names = sorted({r["config"] for r in rows if r["impl"] == "w16"})
