@@ -40,6 +40,16 @@ def _model(family: str):
             bos_token_id=1,
             eos_token_id=2,
         )
+    if family == "qwen3_moe":  # q/k norms, 8 experts top-2 (renormalised), every layer sparse
+        return tiny_causal_lm(transformers.Qwen3MoeConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)  # fmt: skip
+    if family == "mixtral":
+        return tiny_causal_lm(transformers.MixtralConfig, num_attention_heads=4, num_key_value_heads=1,
+                              num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    if family == "qwen2_moe":  # q/k/v biases, a gated shared expert beside the routed ones
+        return tiny_causal_lm(transformers.Qwen2MoeConfig, num_attention_heads=4, num_key_value_heads=2,
+                              num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=96)  # fmt: skip
     raise KeyError(family)
 
 
@@ -64,7 +74,7 @@ def _randomise_norms(model) -> None:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "qwen2_moe"]
 
 
 def _teacher_forced(model, steps: int, tol: float) -> tuple[StaticGenerator, StaticGenerator]:
@@ -100,8 +110,9 @@ def test_fast_decode_logits_match_transformers(family, fused):
     flip between the static and the dynamic cache's rounding)."""
     model = _model(family)
     _randomise_norms(model)
-    if fused:  # Phi-3's checkpoint is fused already: nothing to fuse
-        assert fuse_model(model) == (0 if family == "phi3" else 2 * model.config.num_hidden_layers)
+    if fused:  # Phi-3's checkpoint is fused already: nothing to fuse; MoE blocks: q/k/v only
+        per_layer = 0 if family == "phi3" else 1 if "moe" in family or family == "mixtral" else 2
+        assert fuse_model(model) == per_layer * model.config.num_hidden_layers
     ids = torch.randint(0, 256, (3, 6))
     ref = StaticGenerator(model, 3, 24)
     fast = StaticGenerator(model, 3, 24, compile="fast")

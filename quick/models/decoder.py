@@ -183,7 +183,7 @@ class _Layer:
     scale: float
     rope: str | None  # which rotary table (transformers' layer type where the model has several)
     gated_down: bool  # gate/up is one fused linear and down has epilogues: down.forward_gated(gate_up product)
-    add_norm: bool  # o and down have epilogues and no branch norms: their kernels may end with the add + norm
+    add_norm: bool  # o and down (or o, before experts) have epilogues and no branch norms: add + norm in their kernels
     keys: torch.Tensor
     values: torch.Tensor
     # W4A8 layers of q/k/v and gate/up whose input norm may quantize for them (normquant), with their split sizes
@@ -191,6 +191,9 @@ class _Layer:
     nq_mlp: QuickLinearW4A8 | None = None
     qkv_sizes: tuple[int, ...] = ()
     mlp_sizes: tuple[int, ...] = ()
+    # a mixture-of-experts block (transformers' own module: router, then the experts, e.g. QuickMoEExperts), called on
+    # the normed input in place of gate_up / down
+    moe: nn.Module | None = None
 
 
 # (backend, dynamic) -> the three compiled functions: module-level so that every decoder (every batch size and
@@ -314,13 +317,15 @@ class FastDecoder:
         d = keys.shape[-1]
         qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
         ffn = getattr(cfg, "intermediate_size", None)
-        gate_up = _projections(mlp, g_mlp.linears, (ffn, ffn))
         qkv = _projections(attn, g_attn.linears, qkv_sizes)
-        gated_down = self.fusions and isinstance(gate_up, FusedProjection) and _has_epilogues(mlp.down_proj)
+        moe = mlp if family.moe is not None and hasattr(mlp, "experts") else None
+        gate_up = None if moe is not None else _projections(mlp, g_mlp.linears, (ffn, ffn))
+        down = None if moe is not None else mlp.down_proj
+        gated_down = self.fusions and isinstance(gate_up, FusedProjection) and _has_epilogues(down)
         add_norm = (
             self.fusions
             and _has_epilogues(attn.o_proj)
-            and _has_epilogues(mlp.down_proj)
+            and (moe is not None or _has_epilogues(down))
             and post[0] is None
             and post[1] is None
         )
@@ -329,7 +334,8 @@ class FastDecoder:
             from quick.models import normquant
 
             nq_attn = normquant.w4a8_layer(qkv if isinstance(qkv, FusedProjection) else _single(attn, g_attn))
-            nq_mlp = normquant.w4a8_layer(gate_up if isinstance(gate_up, FusedProjection) else _single(mlp, g_mlp))
+            if moe is None:
+                nq_mlp = normquant.w4a8_layer(gate_up if isinstance(gate_up, FusedProjection) else _single(mlp, g_mlp))
             if nq_attn is not None or nq_mlp is not None:
                 import quick.kernels.ops  # noqa: F401 - defines torch.ops.quick.rms_norm_quant
         return _Layer(
@@ -341,7 +347,7 @@ class FastDecoder:
             qkv=qkv,
             o=attn.o_proj,
             gate_up=gate_up,
-            down=mlp.down_proj,
+            down=down,
             q_norm=None if q_norm is None else q_norm.weight,
             k_norm=None if k_norm is None else k_norm.weight,
             qk_eps=norm_eps(q_norm) if q_norm is not None else 0.0,
@@ -355,6 +361,7 @@ class FastDecoder:
             nq_mlp=nq_mlp,
             qkv_sizes=qkv_sizes,
             mlp_sizes=(ffn, ffn),
+            moe=moe,
         )
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -395,6 +402,7 @@ class FastDecoder:
                     layer.scale, off, self.attn_kernel,
                 )  # fmt: skip
             act = self.act if layer.gated_down and layer.down.fuses(rows, h.device, dt, act=self.act) else ""
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             gu = None  # the gate/up product, where the norm before it quantized its input (normquant)
             if layer.add_norm and layer.o.fuses(rows, h.device, dt, norm=True):
                 x, residual = layer.o.forward_add_norm(a, residual, layer.norm_mlp, layer.eps, off)
@@ -405,11 +413,13 @@ class FastDecoder:
                     gu = layer.nq_mlp.forward_quantized(xq, sx, dt)
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
+            if layer.moe is not None:  # router and experts (the block's own forward), then the next layer's add + norm
+                h, x, branch = layer.moe(x[:, None])[:, 0], None, layer.post_mlp
+                continue
             if gu is not None:
                 down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)
             else:
                 down_in = layer.gate_up.linear(x) if act else self.gated(*layer.gate_up(x), self.act)
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             norm_w, norm_eps = (nxt.norm_attn, nxt.eps) if nxt else (self.final_norm, self.final_eps)
             if layer.add_norm and layer.down.fuses(rows, h.device, dt, act=act, norm=True):
                 x, residual = layer.down.forward_add_norm(down_in, residual, norm_w, norm_eps, off, act)

@@ -99,7 +99,8 @@ class ModelFamily:
     ``modules_to_not_convert``: substrings of module names that stay dense.
     ``requires_bos``: every sequence must start with BOS (Gemma degrades badly without it).
     ``fast_decode``: :mod:`quick.models.decoder`'s few-kernel decode step applies (q/k/v/o attention with
-    optional q/k head norms, a gated MLP, RMSNorms placed by ``groups`` and ``branch_norms``).
+    optional q/k head norms, a gated MLP or a mixture-of-experts block, RMSNorms placed by ``groups`` and
+    ``branch_norms``).
     ``branch_norms``: norms applied to the attention and the MLP output before each residual add (Gemma3).
     ``moe``: the family's sparse MoE block (:class:`MoESpec`); ``None`` for dense families.
     """
@@ -233,6 +234,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         ("qwen3_moe",),
         "model.layers",
         _MOE_GROUPS,
+        fast_decode=True,
         moe=MoESpec(),
         notes="q_norm/k_norm per head; 128 experts, top-8, no shared expert (Qwen3-30B-A3B)",
     ),
@@ -241,6 +243,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         ("mixtral",),
         "model.layers",
         _MOE_GROUPS,
+        fast_decode=True,
         moe=MoESpec(num_experts="num_local_experts", renormalize=True, checkpoint_names=("w1", "w3", "w2")),
         notes="8 experts, top-2; checkpoints name the block block_sparse_moe, transformers 5 builds it as mlp",
     ),
@@ -249,6 +252,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         ("qwen2_moe",),
         "model.layers",
         _QWEN2_MOE_GROUPS,
+        fast_decode=True,
         modules_to_not_convert=("lm_head", "shared_expert_gate"),
         moe=MoESpec(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
         notes="q/k/v carry biases; a shared expert gated by sigmoid(shared_expert_gate(x)) beside the routed ones",

@@ -69,8 +69,13 @@ def _fused_name(members: tuple[str, ...]) -> str:
 
 
 def fuse_groups(family: ModelFamily) -> list[FuseGroup]:
-    """The family's scale groups with more than one linear: exactly the linears that share an input."""
-    return [FuseGroup(_fused_name(g.linears), g.linears) for g in family.groups if len(g.linears) > 1]
+    """The family's scale groups with more than one linear: exactly the linears that share an input. Expert linears
+    (``*`` in the name: stacked into the grouped kernels' own layout) and groups across parents are not fused."""
+    return [
+        FuseGroup(_fused_name(g.linears), g.linears)
+        for g in family.groups
+        if len(g.linears) > 1 and not any("*" in n for n in g.linears)
+    ]
 
 
 def _concat_quick(mods: list[QuickLinear]) -> QuickLinear:
