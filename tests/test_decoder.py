@@ -41,8 +41,9 @@ def _model(family: str):
             eos_token_id=2,
         )
     if family == "qwen3_moe":  # q/k norms, 8 experts top-2 (renormalised), every layer sparse
-        return tiny_causal_lm(transformers.Qwen3MoeConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)  # fmt: skip
+        return tiny_causal_lm(transformers.Qwen3MoeConfig, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                              norm_topk_prob=True)  # fmt: skip
     if family == "mixtral":
         return tiny_causal_lm(transformers.MixtralConfig, num_attention_heads=4, num_key_value_heads=1,
                               num_local_experts=4, num_experts_per_tok=2)  # fmt: skip

@@ -173,9 +173,8 @@ def test_e2e_rows_and_files_for_moe_shapes(tiny, monkeypatch, tmp_path):
     for r in rows:
         assert set(r) == keys and r["moe"] is True and r["layers"] == 2
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_mem_GB"] is None
-    assert {c["variant"] for c in cases} == {"graph+fused"}
+    assert {c["variant"] for c in cases} == {"fast+fused"}  # the few-kernel step, the block called in place of the MLP
     assert all(c["fused_projections"] == 2 for c in cases)  # q|k|v of both layers; the experts stay as they are
-    assert e2e.moe_variants(["fast+fused", "graph+fused", "eager"]) == ["graph+fused", "eager"]
 
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x", "cuda": "13.0", "date": "2026-12-08"}
     stem = e2e.write_results(rows, env, tmp_path, 6, 4, ["fast+fused"], cases)

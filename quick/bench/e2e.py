@@ -23,8 +23,7 @@ Mixture-of-experts shapes (``qwen3-30b-a3b``, ``mixtral-8x7b``) are built layer 
 baseline ``bf16`` transformers' grouped-GEMM experts; both in bfloat16, the published dtype. Before building, the
 weights, KV cache and prefill activations are checked against the GPU's free memory; where one impl does not fit,
 every impl of that model runs with as many layers as it fits (a message says so). Their rows add ``"moe": true`` and
-``"layers"``, the ``fast`` variants run as ``graph`` (the few-kernel step is for dense families), and the files are
-named ``e2e-moe-<gpu>-<date>...``.
+``"layers"`` and the files are named ``e2e-moe-<gpu>-<date>...``.
 """
 
 from __future__ import annotations
@@ -305,16 +304,6 @@ def moe_layers(name: str, impls: list[str], layers: int | None, batch: int, max_
     return min(sized) if sized else layers
 
 
-def moe_variants(variants: list[str]) -> list[str]:
-    """The variants a MoE model runs: ``fast`` as ``graph`` (the few-kernel step is for dense families)."""
-    out = []
-    for v in variants:
-        v2 = "graph" + v.removeprefix("fast") if v.startswith("fast") else v
-        if v2 not in out:
-            out.append(v2)
-    return out
-
-
 def build_model(name: str, impl: str, layers: int | None = None):
     """The random-weight model of a benchmark row: a published dense or MoE shape (``name``) for ``impl`` (fp16 or
     bf16, a packed layout, ``w4a8`` / ``w4a8_g128``), ``layers`` decoder layers (None: all), on the GPU."""
@@ -356,9 +345,6 @@ def run(
     rows, cases = [], []
     for name in models:
         moe = _is_moe(name)
-        model_variants = moe_variants(variants) if moe else variants
-        if model_variants != variants:
-            print(f"{name}: mixture of experts, variants {variants} run as {model_variants}", flush=True)
         try:
             model_layers = moe_layers(name, impls, layers, max(batches), prompt + gen, prompt) if moe else layers
         except MemoryError as err:
@@ -373,7 +359,7 @@ def run(
                 continue
             build_s = time.perf_counter() - t0
             vocab = model.config.vocab_size
-            for v in model_variants:
+            for v in variants:
                 compile_mode, _, fused = parse_variant(v)
                 if fused:
                     fuse_model(model)
