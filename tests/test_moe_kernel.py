@@ -191,3 +191,54 @@ def test_static_plan_off_cuda_is_the_pytorch_plan():
         out = torch.ops.quick.moe_plan(torch.empty(5, 4, dtype=torch.int64), 16, 16, cap)
     assert [tuple(o.shape) for o in out] == [(cap,), (cap // 16,), (17,), (16,), (1,)]
     assert all(o.dtype == torch.int32 for o in out)
+
+
+def test_decode_kernel_over_experts_host_side():
+    """The decode kernel's grouped variant: the per-expert strides it adds to its pointers are the stacks' own, its
+    validation names what it cannot take, its fake gives the output shape, and the selection picks it only for
+    16-row plans it can run."""
+    from quick.kernels import decode as qd
+    from quick.nn.moe import QuickExpertStack
+    from quick.testing import random_quantized
+
+    e, kk, n, g = 3, 192, 128, 64
+    gen = torch.Generator().manual_seed(0)
+    stack = QuickExpertStack.from_quantized([random_quantized(kk, n, g, torch.float16, "cpu", gen) for _ in range(e)],
+                                            "quick").packed()  # fmt: skip
+    # csrc/quick_dec.cu (QD_GROUPED): qweight + e * K * N / 2 bytes, scales / zeros + e * (K / G) * N * 2 bytes
+    assert stack["qweight"].stride(0) * 4 == kk * n // 2
+    assert stack["scales"].stride(0) * 2 == (kk // g) * n * 2 == stack["zeros"].stride(0) * 2
+    # the defines of every variant are the dense decode kernel's (B-side, one n64 block per warp) plus QD_GROUPED
+    assert {tuple(sorted(d)) for _s, d, _a in qmoe.DEC_VARIANTS} == {
+        tuple(sorted({**qmoe.DEC_CONFIG.defines(16, 128, torch.float16, a), "QD_GROUPED": 1}))
+        for a in set(qmoe.DEC_ACTS.values())
+    }
+    assert qmoe.DEC_CONFIG.wb == 1 and qd.LAYOUTS[1] == "quick"
+
+    x, qw, sc, z, _, ids, blocks, npad, k = _inputs(e=4, t=3, k=2, kk=256, n=128)
+    d = qmoe.validate_dec(x, qw, sc, z, 128, ids, blocks, npad, k, 3, need_cuda=False)
+    assert (d.slots, d.n) == (6, 128)
+    gu = torch.zeros(6, 512, dtype=torch.float16)  # the down launch: [slots, 2K] gate|up product, K = 256
+    d = qmoe.validate_dec(gu, qw, sc, z, 128, ids, blocks, npad, 1, 3, None, "silu", need_cuda=False)
+    assert (d.slots, d.k, d.n) == (6, 256, 128)
+    for args, match in (
+        ((gu, qw, sc, z, 128, ids, blocks, npad, 2, 3, None, "silu"), "gdiv = 1"),
+        ((gu, qw, sc, z, 128, ids, blocks, npad, 1, 3, None, "gelu"), "stages act"),
+        ((x, qw, sc, z, 128, ids, blocks, npad, k, 0), "tokens must be"),
+        ((x, qw, sc, z, 128, ids, blocks, npad, k, True), "tokens must be"),
+        ((x[:, :128], qw, sc, z, 128, ids, blocks, npad, k, 3), "k16 rows"),
+    ):
+        with pytest.raises(qmoe.MoEKernelError, match=match):
+            qmoe.validate_dec(*args, need_cuda=False)
+    with FakeTensorMode():
+        fx, fqw, fsc, fz, _, fids, fblocks, fnpad, _ = _inputs(e=4, t=3, k=2, kk=256, n=128)
+        out = torch.ops.quick.moe_dec_w4a16(fx, fqw, fsc, fz, 128, fids, fblocks, fnpad, 2, 3)
+        assert tuple(out.shape) == (6, 128) and out.dtype == torch.float16
+
+    cpu = torch.device("cpu")
+    assert "sm_80" in qmoe.dec_unavailable(3, 256, 128, 128, 16, "", torch.float16, cpu)
+    p_gu = select.MoEProblem("quick", 3, 2, 4, 256, 256, 128, 16, torch.float16, cpu, "silu")
+    p_dn = select.MoEProblem("quick", 6, 1, 4, 256, 128, 128, 16, torch.float16, cpu)
+    assert select.moe_dec_unavailable(p_gu, p_dn) is not None and select.moe_mlp_kernel(p_gu, p_dn) == "mma"
+    p_dn_bad = select.MoEProblem("quick", 6, 1, 4, 256, 64, 128, 16, torch.float16, cpu)
+    assert "half of gate|up" in select.moe_dec_unavailable(p_gu, p_dn_bad)
