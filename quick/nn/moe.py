@@ -433,11 +433,11 @@ class QuickMoEExperts(nn.Module):
 
     @torch.no_grad()
     def kernel_forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The grouped kernels on ``x [T, H]``: a static plan (no host sync), then at decode sizes the decode kernel over
-        experts (gate|up plain, down staging ``act(gate) * up``, slot weights in its epilogue), else the grouped GEMM
-        (gate|up with ``act(gate) * up`` in its epilogue, down with the slot weights), as ``select.moe_mlp_kernel``
-        picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to the host while a CUDA graph
-        is captured (ids are validated only outside capture)."""
+        """The grouped kernels on ``x [T, H]``: a static plan (no host sync), then at decode sizes the decode
+        kernel over experts (gate|up plain, down staging ``act(gate) * up``, slot weights in its epilogue), else the
+        grouped GEMM (gate|up with ``act(gate) * up`` in its epilogue, down with the slot weights), as
+        ``select.moe_mlp_kernel`` picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to
+        the host while a CUDA graph is captured (ids are validated only outside capture)."""
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
