@@ -18,7 +18,7 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 Timing: ``quick.bench.timing.bench_us`` (median of ``triton.testing.do_bench``, L2 flushed before every repetition)
 over CUDA-graph replays. GB/s = the routed experts' weight bytes (4-bit codes + 16-bit scales and zeros for ``w4``;
 16-bit weights for ``w16``) / time: the bandwidth that matters at decode sizes, where the weights dominate. Outputs
-``moe_kernel_<gpu>.json`` and ``.md`` under ``--outdir`` (default ``benchmarks/results``).
+``moe_kernel_<gpu>.json``, ``.md`` and ``.png`` under ``--outdir`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -168,6 +168,45 @@ def markdown(env: dict, rows: list[dict], dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """GB/s over the routed experts' weight bytes against tokens, per model and projection, one line per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, proj in enumerate(("gate_up", "down")):
+            ax = axes[i][j]
+            for impl in ("w4", "w4dec", "w16"):
+                pts = sorted((r["tokens"], r["GBps"]) for r in rows
+                             if r["model"] == model and r["proj"] == proj and r["impl"] == impl)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{model} {proj}")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("GB/s (routed experts' weights)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: dict, stem: Path) -> None:
+    """``stem``.json, .md and .png of one result set."""
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = markdown(doc, doc["rows"], doc["dtype"])
+    if doc.get("note"):
+        md = md.replace("\n\n## ", f"\n\n{doc['note']}\n\n## ", 1)
+    stem.with_suffix(".md").write_text(md)
+    plot(doc["rows"], stem.with_suffix(".png"), f"Grouped 4-bit MoE GEMM, {doc['gpu']}, {doc['dtype']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -198,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     stem = args.outdir / f"moe_kernel_{gpu_slug()}"
     doc = {**env, "dtype": args.dtype, "group_size": GROUP, "rows": rows, "seconds": round(time.time() - t0, 1)}
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(env, rows, args.dtype))
-    print(f"wrote {stem}.json and {stem}.md")
+    write(doc, stem)
+    print(f"wrote {stem}.json, .md and .png")
     return 0
 
 

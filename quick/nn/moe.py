@@ -445,8 +445,7 @@ class QuickMoEExperts(nn.Module):
         if not torch.cuda.is_current_stream_capturing():
             self._check_ids(idx)
         p_gu, p_dn = self._problems(x, k)
-        # static_plan (one launch) replaces this once its kernel has passed its GPU tests
-        plan = build_plan(idx, self.num_experts, p_gu.block_size, static=True, check=False)
+        plan = static_plan(idx, self.num_experts, p_gu.block_size)
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)
