@@ -227,14 +227,20 @@ def validate(
     if need_cuda:
         if x.device.type != "cuda":
             raise MoEKernelError(f"x is on {x.device}: the grouped kernel runs on CUDA tensors")
-        named = (
-            ("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("sorted_ids", sorted_ids),
-            ("block_experts", block_experts), ("num_padded", num_padded),
-        )  # fmt: skip
-        qm._check_tensors(named, x.device, MoEKernelError)
-        if topk_weights is not None and topk_weights.device != x.device:  # copied to dense fp32 at launch
-            raise MoEKernelError(f"topk_weights is on {topk_weights.device} but x is on {x.device}")
+        _check_devices(x, qweight, scales, zeros, sorted_ids, block_experts, num_padded, topk_weights)
     return MoEDims(m, k, n, e, g, slots, n // 2 if act else n, blocks, bs)
+
+
+def _check_devices(x, qweight, scales, zeros, sorted_ids, block_experts, num_padded, topk_weights) -> None:
+    """Every tensor on x's CUDA device, contiguous and aligned as the launch assumes; the routing weights need only
+    the device (they are copied to dense fp32 at launch)."""
+    named = (
+        ("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("sorted_ids", sorted_ids),
+        ("block_experts", block_experts), ("num_padded", num_padded),
+    )  # fmt: skip
+    qm._check_tensors(named, x.device, MoEKernelError)
+    if topk_weights is not None and topk_weights.device != x.device:
+        raise MoEKernelError(f"topk_weights is on {topk_weights.device} but x is on {x.device}")
 
 
 def check_ids(sorted_ids: Tensor, block_experts: Tensor, num_slots: int, num_experts: int) -> None:
@@ -435,13 +441,7 @@ def validate_dec(
         why = dec_unavailable(tokens, d.k, d.n, d.g, d.block_size, act, x.dtype, x.device)
         if why is not None:
             raise MoEKernelError(f"the decode kernel cannot run this launch: {why}")
-        named = (
-            ("x", x), ("qweight", qweight), ("scales", scales), ("zeros", zeros), ("sorted_ids", sorted_ids),
-            ("block_experts", block_experts), ("num_padded", num_padded),
-        )  # fmt: skip
-        qm._check_tensors(named, x.device, MoEKernelError)
-        if topk_weights is not None and topk_weights.device != x.device:
-            raise MoEKernelError(f"topk_weights is on {topk_weights.device} but x is on {x.device}")
+        _check_devices(x, qweight, scales, zeros, sorted_ids, block_experts, num_padded, topk_weights)
     return d
 
 
