@@ -2,7 +2,7 @@
 """The grouped 4-bit MoE GEMM (``csrc/quick_moe.cu``) against a 16-bit grouped GEMM on real expert shapes.
 
     python benchmarks/moe_kernel.py [--models qwen3-30b-a3b mixtral-8x7b] [--tokens 1 4 16 64 256 1024 4096]
-        [--dtype bf16|fp16] [--warmup-ms 5] [--rep-ms 25] [--outdir DIR]
+        [--dtype bf16|fp16] [--warmup-ms 5] [--rep-ms 25] [--outdir DIR] [--dec-configs 1,16,4 2,8,3]
 
 Per model, token count and projection (``gate_up``: ``[H, 2I]`` per expert with ``silu(gate) * up`` in the 4-bit
 kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue), uniform random top-k routing:
@@ -117,16 +117,20 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
         rows.append({**base, "impl": "w4", "config": qmoe.default_config(bs, kk).name, "us": round(us4, 2),
                      "GBps": round(b4 / us4 / 1e3, 1), "bytes": b4})  # fmt: skip
         act = "" if proj == "gate_up" else "silu"
-        if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device) is None:
+        for cfg in (qmoe.DEC_CONFIG, *args.dec_configs):  # the default first: the markdown's w4dec column
+            if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, cfg) is not None:
+                continue
             # the decode kernel over experts: gate|up plain (no epilogue), down staging silu(gate) * up
             if proj == "gate_up":
-                fnd = functools.partial(qmoe.dec_grouped, x, qw, sc, z, GROUP, *ids, k, t)
+                fnd = functools.partial(qmoe.dec_grouped, x, qw, sc, z, GROUP, *ids, k, t, config=cfg)
             else:
-                fnd = functools.partial(qmoe.dec_grouped, hgu, qw, sc, z, GROUP, *ids, 1, t, weights, "silu")
+                fnd = functools.partial(qmoe.dec_grouped, hgu, qw, sc, z, GROUP, *ids, 1, t, weights, "silu",
+                                        config=cfg)  # fmt: skip
             usd = bench_us(graphed(fnd), args.warmup_ms, args.rep_ms)
-            rows.append({**base, "impl": "w4dec", "config": "dec", "us": round(usd, 2),
+            name = f"dec rb{cfg.rb} w{cfg.warps} s{cfg.stages}"
+            rows.append({**base, "impl": "w4dec", "config": name, "us": round(usd, 2),
                          "GBps": round(b4 / usd / 1e3, 1), "bytes": b4})  # fmt: skip
-            print(f"{model} T={t:<5} {proj:<8} w4dec {usd:9.1f} us {b4 / usd / 1e3:7.0f} GB/s", flush=True)
+            print(f"{model} T={t:<5} {proj:<8} w4dec {usd:9.1f} us {b4 / usd / 1e3:7.0f} GB/s ({name})", flush=True)
         fn16, name = w16_fn(xs, w16[proj], counts)
         us16 = bench_us(graphed(fn16), args.warmup_ms, args.rep_ms)
         b16 = routed * kk * n * 2
@@ -207,6 +211,13 @@ def write(doc: dict, stem: Path) -> None:
     plot(doc["rows"], stem.with_suffix(".png"), f"Grouped 4-bit MoE GEMM, {doc['gpu']}, {doc['dtype']}")
 
 
+def _dec_config(text: str):
+    from quick.kernels.decode import DecConfig
+
+    rb, warps, stages = (int(v) for v in text.split(","))
+    return DecConfig(rb, warps, stages, wb=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-ms", type=float, default=5)
     ap.add_argument("--rep-ms", type=float, default=25)
     ap.add_argument("--outdir", type=Path, default=HERE / "results")
+    ap.add_argument("--dec-configs", nargs="*", default=[], type=_dec_config, metavar="RB,WARPS,STAGES",
+                    help="more decode-kernel configs to time beside the default (compiled at first use)")  # fmt: skip
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_kernel: needs a CUDA GPU", file=sys.stderr)

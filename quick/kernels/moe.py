@@ -392,10 +392,12 @@ def dec_rows(tokens: int) -> int:
 
 
 def dec_unavailable(
-    tokens: int, k: int, n: int, group_size: int, block_size: int, act: str, dtype: torch.dtype, device: torch.device
-) -> str | None:
+    tokens: int, k: int, n: int, group_size: int, block_size: int, act: str, dtype: torch.dtype, device: torch.device,
+    config: qd.DecConfig = DEC_CONFIG,
+) -> str | None:  # fmt: skip
     """Why the decode kernel cannot run one launch of a 16-row plan (None: it can): ``act`` is the activation the
-    down launch stages (gate|up: ""), ``k`` / ``n`` that launch's weight shape (down: ``k = I``)."""
+    down launch stages (gate|up: ""), ``k`` / ``n`` that launch's weight shape (down: ``k = I``). ``config``: another
+    B-side decode config than :data:`DEC_CONFIG` (compiled at first use; for sweeps, ``benchmarks/moe_kernel.py``)."""
     if device.type != "cuda" or qm.capability(device)[0] < 8:
         return "needs an sm_80+ GPU"
     if block_size != 16:
@@ -404,13 +406,17 @@ def dec_unavailable(
         return f"stages no activation {act!r}"
     if dtype not in SUPPORTED_DTYPES:
         return f"no {dtype} variant"
-    if k % 64 or n % DEC_CONFIG.channels:
-        return f"needs K and N multiples of 64, got K={k}, N={n}"
+    if config.wb != 1 or config.nw != 1:
+        return f"config {config}: the grouped variant is the quick layout's (wb=1) with one warp group"
+    if k % 64 or n % config.channels:
+        return f"needs K a multiple of 64 and N of {config.channels}, got K={k}, N={n}"
+    if group_size == 32 and not config.supports(32):
+        return f"config {config} has no group-32 path"
     try:
         wgmma.group_shift(group_size, k)
     except ValueError as err:
         return str(err)
-    need = DEC_CONFIG.smem_bytes(dec_rows(tokens), k // 64, group_size)
+    need = config.smem_bytes(dec_rows(tokens), k // 64, group_size)
     if need > qd._smem(qm._dev_index(device)):
         return f"{need} bytes of shared memory for {dec_rows(tokens)} rows of K={k}"
     return None if jit.nvcc_available() else "nvcc is not available to build it"
@@ -448,12 +454,13 @@ def validate_dec(
 def dec_grouped(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
-    act: str = "", out: Tensor | None = None,
+    act: str = "", out: Tensor | None = None, config: qd.DecConfig = DEC_CONFIG,
 ) -> Tensor:  # fmt: skip
     """``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (times ``topk_weights[s]``) for every slot of a 16-row plan,
     on the decode kernel; ``act``: ``x`` is a gate|up product ``[slots, 2K]`` and the kernel stages ``act(gate) * up``.
     ``tokens``: the tokens routed (at most that many rows of a block are valid). Rows no slot names are left as they
-    are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`)."""
+    are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`, which checks
+    :data:`DEC_CONFIG`'s limits; another ``config`` is for sweeps and must pass :func:`dec_unavailable` itself)."""
     e, k16, n2 = qweight.shape
     k, n = 16 * k16, n2 // 2
     slots = x.shape[0] * gdiv
@@ -465,18 +472,18 @@ def dec_grouped(
     g = k if group_size == -1 else group_size
     rows = dec_rows(tokens)
     dev = x.device
-    key = ("dec", e, k, n, g, x.dtype, dev, blocks, slots, gdiv, rows, act)
+    key = ("dec", e, k, n, g, x.dtype, dev, blocks, slots, gdiv, rows, act, config)
     launch = _LAUNCH.get(key)
     if launch is None:
         with _LOCK:
             idx = qm._dev_index(dev)
-            defines = {**DEC_CONFIG.defines(16, g, x.dtype, DEC_ACTS[act]), "QD_GROUPED": 1}
+            defines = {**config.defines(16, g, x.dtype, DEC_ACTS[act]), "QD_GROUPED": 1}
             kern = jit.load_kernel(qd.SOURCE, qd.KERNEL, defines, idx, jit.arch_for_device(idx, arch_specific=True))
-            smem = DEC_CONFIG.smem_bytes(rows, k // 64, g)
+            smem = config.smem_bytes(rows, k // 64, g)
             scalars = [16, n, k, wgmma.group_shift(g, k), k // 64] + [None] * 3 + [0.0, 0.0]
             grouped = [None] * 4 + [slots, gdiv, e, k // g, rows]
-            grid = (n // DEC_CONFIG.channels, 1, blocks)
-            launch = qm._FastLaunch(kern, grid, (DEC_CONFIG.threads,), smem, [None] * 8 + scalars + grouped)
+            grid = (n // config.channels, 1, blocks)
+            launch = qm._FastLaunch(kern, grid, (config.threads,), smem, [None] * 8 + scalars + grouped)
             qm._remember(_LAUNCH, key, launch)
     w = None
     if topk_weights is not None:
