@@ -462,7 +462,8 @@ class QuickMoEExperts(nn.Module):
             if dn.in_features != h.shape[1]:
                 h = F.pad(h, (0, dn.in_features - h.shape[1]))
             y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
-        return torch.sum(y.view(t, k, self.hidden_size), dim=1, dtype=torch.float32).to(x.dtype)
+        # a 16-bit sum accumulates in fp32 and rounds once: one kernel
+        return y.view(t, k, self.hidden_size).sum(1).to(x.dtype)
 
     def _work(self, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "cpu" else self.dtype
