@@ -358,21 +358,23 @@ def moe_gemm_w4a16(
 def moe_dec_w4a16(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
-    act: str = "",
+    act: str = "", fill: bool = True,
 ) -> Tensor:  # fmt: skip
     """The decode kernel over a 16-row plan (:func:`quick.kernels.moe.dec_grouped`): ``out [x.shape[0] * gdiv, N]``,
-    ``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (* ``topk_weights``), zero where no slot is named; ``act``:
-    ``x`` is the ``[slots, 2K]`` gate|up product and ``act(gate) * up`` is the input."""
+    ``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (* ``topk_weights``), zero where no slot is named (``fill``;
+    else those rows are left unwritten: an intermediate only the same plan's slots are read from); ``act``: ``x`` is
+    the ``[slots, 2K]`` gate|up product and ``act(gate) * up`` is the input."""
     from quick.kernels import moe as qmoe
 
     args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens, topk_weights)
     qmoe.validate_dec(*args, act)
-    return qmoe.dec_grouped(*args, act)
+    out = None if fill else x.new_empty((x.shape[0] * gdiv, qweight.shape[2] // 2))
+    return qmoe.dec_grouped(*args, act, out)
 
 
 @moe_dec_w4a16.register_fake
 def _moe_dec_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,
-                  topk_weights=None, act=""):  # fmt: skip
+                  topk_weights=None, act="", fill=True):  # fmt: skip
     from quick.kernels import moe as qmoe
 
     d = qmoe.validate_dec(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,

@@ -454,7 +454,7 @@ class QuickMoEExperts(nn.Module):
         xq = _dense_rows(xq)
         if select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
             dec = torch.ops.quick.moe_dec_w4a16
-            h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "")
+            h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False)
             y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act)
         else:
             mm = torch.ops.quick.moe_gemm_w4a16
