@@ -18,9 +18,9 @@ are; a layer that has kernel epilogues (``fuses``: the W4A16 ``QuickLinear``) is
 or the residual add + norm can run inside its kernel, any other layer is called as ``layer(x)``. What differs
 between families is data: which norm feeds the attention and the MLP (the AWQ scale groups' ``prev``), the norms
 applied to each branch's output before the residual add (``ModelFamily.branch_norms``: Gemma3's sandwich), the
-norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). A layer whose MLP is
-a mixture-of-experts block (``ModelFamily.moe``) calls that block (router, experts, shared expert) on the normed
-input in place of gate/up and down. Anything else
+norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). A layer whose
+MLP is a mixture-of-experts block (``ModelFamily.moe``) calls that block (router, experts, shared expert) on the
+normed input in place of gate/up and down. Anything else
 (sliding windows shorter than the cache, soft-capping, other activations) raises :class:`UnsupportedModel`, so
 the caller keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
 weight; Gemma's: times ``1 + weight`` in fp32, then cast; rotary in the model dtype): the logits agree (tests).
