@@ -3,8 +3,8 @@
 Each case draws a kernel path (mma.sync GEMM with a random compiled config and forced split-k, the GEMV, the
 automatic choice, the torch.library op on 3-D input, ``QuickLinear`` for each packed layout with contiguous,
 strided or misaligned activations, the sm_90 kernel with a random compiled config / pipeline / split-k, and
-every other dispatcher entry, the grouped expert GEMM with its one-launch plan), then (M, K, N, group size,
-dtype, bias) and a value regime:
+every other dispatcher entry, the grouped expert GEMM or the decode kernel over experts with the one-launch plan),
+then (M, K, N, group size, dtype, bias) and a value regime:
 
 * ``normal``      x ~ N(0, 1), typical scales;
 * ``wide``        scales log-uniform over five decades, zero points at the code extremes;

@@ -43,7 +43,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     if not any(it.name == COMPILE_TEST for it in session.items) or not have_nvcc():
         return
-    log = Path(tempfile.mkstemp(prefix="quick_compile_check_", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="quick_compile_check_", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     with log.open("w") as f:
         # lowest CPU priority: the compilers take only what the tests leave idle (torch's spinning worker threads
         # slow down badly when they have to share cores)
@@ -57,6 +59,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if proc is not None and proc.poll() is None:  # the run stopped early (-x, Ctrl-C): no orphan compiler
         proc.kill()
         proc.wait()
+    if "log" in COMPILE_RUN:  # read by the test already (which prints it on failure)
+        COMPILE_RUN["log"].unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -367,9 +367,8 @@ def moe_dec_w4a16(
     from quick.kernels import moe as qmoe
 
     args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens, topk_weights)
-    qmoe.validate_dec(*args, act)
-    out = None if fill else x.new_empty((x.shape[0] * gdiv, qweight.shape[2] // 2))
-    return qmoe.dec_grouped(*args, act, out)
+    d = qmoe.validate_dec(*args, act)
+    return qmoe.dec_grouped(*args, act, None if fill else x.new_empty((d.slots, d.n)))
 
 
 @moe_dec_w4a16.register_fake

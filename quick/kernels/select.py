@@ -491,6 +491,7 @@ def chosen(m: int, layouts: set[str] | None = None) -> dict[str, str]:
 def clear() -> None:
     """Forget the choices made in this process (after a table or the autotune cache changed)."""
     _CHOSEN.clear()
+    _MOE_PATH.clear()
     tuning.clear_cache()
     autotune.clear_memory()
 
@@ -713,16 +714,28 @@ def moe_mlp_kernel(p_gu: MoEProblem, p_dn: MoEProblem) -> str:
     slot weights): ``"dec"``, the decode kernel over a 16-row plan (gate|up plain into ``[slots, 2I]``, then down
     staging ``act(gate) * up``: :func:`quick.kernels.moe.dec_grouped`), where it runs both; else ``"mma"``, the grouped
     GEMM with its gated epilogue (:func:`choose_moe`). ``QUICK_KERNEL`` entries ``dec`` / ``gemm`` (``@M``: up to M
-    tokens) force one where it can run."""
+    tokens) force one where it can run. Kept per problem pair and settings (asked by every experts forward)."""
+    key = (p_gu, p_dn, _settings_key())
+    hit = _MOE_PATH.get(key)
+    if hit is not None:
+        return hit
     dec_ok = moe_dec_unavailable(p_gu, p_dn) is None
+    path = "dec" if dec_ok else "mma"
     for name, max_m in settings.kernel_override():
         if max_m and p_gu.tokens > max_m:
             continue
         if name == "dec" and dec_ok:
-            return "dec"
+            break
         if name == "gemm":
-            return "mma"
-    return "dec" if dec_ok else "mma"
+            path = "mma"
+            break
+    if len(_MOE_PATH) > 65536:
+        _MOE_PATH.clear()
+    _MOE_PATH[key] = path
+    return path
+
+
+_MOE_PATH: dict[tuple, str] = {}
 
 
 def moe_dec_unavailable(p_gu: MoEProblem, p_dn: MoEProblem) -> str | None:
