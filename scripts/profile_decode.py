@@ -32,9 +32,13 @@ from quick.models.fuse import fuse_model  # noqa: E402
 GEMM_KEYS = ("quick", "gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "ampere_", "sm90_", "splitk")
 
 
+# Our kernels that are not products: decode attention, the MoE plan, activation quantization (norm + quant included).
+NOT_GEMM_KEYS = ("flash", "attention", "attn", "moe_plan", "quant")
+
+
 def is_gemm(name: str) -> bool:
     low = name.lower()
-    return any(k in low for k in GEMM_KEYS) and "flash" not in low and "attention" not in low
+    return any(k in low for k in GEMM_KEYS) and not any(k in low for k in NOT_GEMM_KEYS)
 
 
 def profile_case(model, batch: int, variant: str, steps: int, prompt: int = 128) -> tuple[dict, str]:
