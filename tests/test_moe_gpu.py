@@ -21,7 +21,7 @@ require_sm80_and_nvcc()
 import quick.kernels.ops  # noqa: E402, F401  (registers torch.ops.quick.moe_gemm_w4a16)
 from quick.kernels import jit  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
-from quick.nn.moe import QuickExpertStack, QuickMoEExperts, build_plan  # noqa: E402
+from quick.nn.moe import QuickExpertStack, QuickMoEExperts, build_plan, plan_capacity  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -356,3 +356,172 @@ def test_plan_kernel_refuses_what_it_cannot_take():
         qmoe.plan(big, 8, 64, 64 * 8)
     with pytest.raises(qmoe.MoEKernelError, match="multiple of block_size"):
         qmoe.plan(big[:4], 8, 16, 17)
+
+
+# ------------------------------------------------------------------------------------------- the route kernel
+
+ROUTE_CASES = [
+    # (tokens, experts, top_k, renormalize)
+    (1, 128, 8, True),  # Qwen3-30B-A3B decode, batch 1
+    (64, 128, 8, False),
+    (512, 128, 8, True),  # PLAN_MAX_SLOTS
+    (7, 8, 2, True),  # Mixtral
+    (33, 60, 4, False),  # Qwen2-MoE (experts not a multiple of 32)
+    (5, 256, 8, True),  # EPL 32 variant
+    (3, 1000, 32, True),
+    (2, 1, 1, False),
+]
+
+
+def _logits(t: int, e: int, dtype: torch.dtype, seed: int, ties: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, e, generator=gen) * 2
+    if ties:  # few distinct values: ties at the top-k boundary in every row
+        x = torch.randint(0, 4, (t, e), generator=gen).float()
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_route_kernel_picks_the_top_k_and_plans_them(case, dtype, ties):
+    """The one-launch router: a true top-k of the fp32 softmax in decreasing order (exact ties to the lower id), the
+    weights the picked probabilities (renormalised or not) in fp32, rounded or in the logits' dtype on request, and
+    the plan of its ids equal to the PyTorch plan element for element."""
+    from quick.models.moe import route
+    from quick.testing import route_errors
+
+    t, e, k, renorm = case
+    x = _logits(t, e, dtype, seed=t + e + k, ties=ties)
+    bs = 16
+    cap = plan_capacity(t, k, e, bs)
+    ids, w, *plan = torch.ops.quick.moe_route(x, k, renorm, "float32", bs, cap)
+    torch.cuda.synchronize()
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+    why = route_errors(x, k, renorm, ids, w)
+    assert not why, why
+    if not ties:  # distinct probabilities: the same picks as the families' PyTorch routing
+        w_ref, ids_ref = route(x, k, renorm)
+        rows = (x.float().sort(dim=1, descending=True).values.diff(dim=1) != 0).all(dim=1)  # no tied logits
+        assert torch.equal(ids[rows], ids_ref[rows])
+        torch.testing.assert_close(w[rows], w_ref[rows], rtol=4e-6, atol=0)
+    want = build_plan(ids, e, bs, static=True, check=False)
+    for name, a, b in zip(("sorted_ids", "block_experts", "offsets", "counts", "num_padded"), plan,
+                          _plan_fields(want), strict=True):  # fmt: skip
+        assert a.dtype == torch.int32 and torch.equal(a, b), name
+    # the other weight forms from the same picks, and no plan when none is asked for
+    ids2, w_r = torch.ops.quick.moe_route(x, k, renorm, "rounded")[:2]
+    ids3, w_l = torch.ops.quick.moe_route(x, k, renorm, "logits")[:2]
+    assert torch.equal(ids2, ids) and torch.equal(ids3, ids)
+    assert w_r.dtype == torch.float32 and torch.equal(w_r, w.to(dtype).float())
+    assert w_l.dtype == dtype and torch.equal(w_l, w.to(dtype))
+
+
+def test_route_kernel_nan_logits_give_nan_weights_and_valid_ids():
+    """A token with a NaN logit: its weights are NaN (the block's output shows it) and its ids stay valid experts,
+    as torch.topk ranks NaN first; the other tokens are unaffected."""
+    from quick.testing import route_errors
+
+    x = _logits(4, 128, torch.bfloat16, seed=3)
+    x[1, 17] = float("nan")
+    cap = plan_capacity(4, 8, 128, 16)
+    ids, w, sorted_ids, *_ = torch.ops.quick.moe_route(x, 8, True, "float32", 16, cap)
+    torch.cuda.synchronize()
+    assert ((ids >= 0) & (ids < 128)).all() and torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2, 3]]).all()
+    assert not route_errors(x, 8, True, ids, w)
+    assert ((sorted_ids >= 0) & (sorted_ids <= 32)).all()
+
+
+def test_route_kernel_in_a_cuda_graph_follows_new_logits():
+    t, e, k, bs = 16, 128, 8, 16
+    x = _logits(t, e, torch.bfloat16, seed=0)
+    cap = plan_capacity(t, k, e, bs)
+    torch.ops.quick.moe_route(x, k, True, "rounded", bs, cap)  # warm-up: build and load outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.quick.moe_route(x, k, True, "rounded", bs, cap)
+    for seed in range(1, 4):
+        x.copy_(_logits(t, e, torch.bfloat16, seed=seed))
+        g.replay()
+        torch.cuda.synchronize()
+        want = qmoe.route(x, k, True, "rounded", bs, cap)
+        for a, b in zip(out, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_route_kernel_refuses_what_it_cannot_take():
+    x = _logits(4, 128, torch.bfloat16, seed=1)
+    assert qmoe.route_unavailable(x, 8) is None
+    assert "fp16 / bf16" in qmoe.route_unavailable(x.float(), 8)
+    assert "top_k" in qmoe.route_unavailable(x, 33)
+    assert "experts" in qmoe.route_unavailable(_logits(1, 1025, torch.bfloat16, seed=2), 2)
+    big = _logits(qmoe.PLAN_MAX_SLOTS // 8 + 1, 128, torch.bfloat16, seed=3)
+    assert "slots" in qmoe.route_unavailable(big, 8)
+    with pytest.raises(qmoe.MoEKernelError, match="slots"):
+        qmoe.route(big, 8, True)
+    with pytest.raises(qmoe.MoEKernelError, match="weights must be"):
+        qmoe.route(x, 8, True, "fp8")
+    with pytest.raises(qmoe.MoEKernelError, match="multiple of block_size"):
+        qmoe.route(x, 8, True, "float32", 16, 40)
+    with pytest.raises(qmoe.MoEKernelError, match="below the"):
+        qmoe.route(x, 8, True, "float32", 16, 16)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("experts", ["quick", "bf16"])
+def test_routed_block_matches_the_block(family, experts):
+    """The decode step's MoE block (router linear, one-launch top-k + plan, experts, shared expert) against the
+    block's own forward on the same weights: 4-bit experts on the kernels, or transformers' 16-bit experts."""
+    from quick.models.families import get_family
+    from quick.models.moe import RoutedBlock, quantize_experts_rtn_
+
+    cfg = _tiny_moe_config(family)
+    model = _tiny_moe_model(cfg)
+    fam = get_family(cfg)
+    block = model.model.layers[0].mlp
+    if experts == "quick":
+        quantize_experts_rtn_(model, {"model.layers.0.mlp.experts": block.experts}, 128, dtype=torch.bfloat16)
+        block.experts.backend = "kernel"
+    routed = RoutedBlock.of(block, fam.moe, cfg)
+    assert routed is not None
+    k = routed.top_k
+    for t in (1, 5, 40):
+        x = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(DEV)
+        got = routed(x)
+        want = block(x[:, None])[:, 0]
+        torch.cuda.synchronize()
+        assert got.dtype == want.dtype and torch.isfinite(got).all()
+        # bf16 logits tie often; a tie at the top-k boundary may pick another (equally valid) expert than torch.topk
+        top = torch.nn.functional.linear(x, routed.router).float().sort(dim=1, descending=True).values
+        clear = top[:, k - 1] != top[:, k] if k < top.shape[1] else torch.ones(t, dtype=torch.bool, device=DEV)
+        assert clear.any()
+        err = rel_error(got[clear], want[clear].double())
+        assert err < 2 * REL_BOUND[torch.bfloat16], f"{family}/{experts} t={t}: relative error {err:.3e}"
+
+
+def _tiny_moe_config(family: str):
+    from transformers import AutoConfig
+
+    kw = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 64}  # fmt: skip
+    if family == "mixtral":
+        kw.update(num_local_experts=8, num_experts_per_tok=2)
+    else:
+        qwen2 = family == "qwen2_moe"
+        kw.update(num_experts=60 if qwen2 else 128, num_experts_per_tok=4 if qwen2 else 8, moe_intermediate_size=128,
+                  norm_topk_prob=family == "qwen3_moe")  # fmt: skip
+        if qwen2:
+            kw.update(shared_expert_intermediate_size=256)
+    return AutoConfig.for_model(family, **kw)
+
+
+def _tiny_moe_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().to(DEV)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model

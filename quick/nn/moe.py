@@ -438,14 +438,31 @@ class QuickMoEExperts(nn.Module):
         grouped GEMM (gate|up with ``act(gate) * up`` in its epilogue, down with the slot weights), as
         ``select.moe_mlp_kernel`` picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to
         the host while a CUDA graph is captured (ids are validated only outside capture)."""
+        if not torch.cuda.is_current_stream_capturing():
+            self._check_ids(idx)
+        plan = static_plan(idx, self.num_experts, self.plan_block_size(x.shape[0], idx.shape[1]))
+        return self.kernel_forward_planned(x, plan, w)
+
+    def plan_block_size(self, tokens: int, top_k: int) -> int:
+        """The row block of the plan the grouped kernels want for ``tokens x top_k`` slots."""
+        from quick.kernels import moe as qmoe
+
+        return qmoe.block_size_for(tokens, top_k, self.num_experts)
+
+    @torch.no_grad()
+    def kernel_forward_planned(self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor) -> torch.Tensor:
+        """:meth:`kernel_forward` on a static plan already built (by the router's kernel, which plans its picks
+        in the same launch); ``plan.block_size`` must be :meth:`plan_block_size`'s."""
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
-        t, k = idx.shape
-        if not torch.cuda.is_current_stream_capturing():
-            self._check_ids(idx)
+        t, k = plan.num_tokens, plan.top_k
         p_gu, p_dn = self._problems(x, k)
-        plan = static_plan(idx, self.num_experts, p_gu.block_size)
+        if plan.block_size != p_gu.block_size or x.shape[0] != t:
+            raise ValueError(
+                f"plan of {plan.num_tokens} tokens in blocks of {plan.block_size} for {x.shape[0]} tokens that the "
+                f"kernels run in blocks of {p_gu.block_size}"
+            )
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)

@@ -58,3 +58,40 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | 
 # the errors average out over K). These bounds are a few times the expected value and fail on any
 # indexing or layout mistake (which gives errors of order 1).
 REL_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def route_errors(
+    logits: torch.Tensor, top_k: int, renormalize: bool, ids: torch.Tensor, weights: torch.Tensor, rel: float = 4e-6
+) -> str:
+    """What is wrong with a router's top-k ``(ids, weights)`` of ``logits [T, E]`` (empty: nothing): against the
+    softmax in float64, the picks must be a top-k (no expert left out with a larger probability), in decreasing
+    order with exact ties broken by the lower id, and the weights the picked probabilities (renormalised: over
+    their sum) within ``rel``. Rows with NaN logits are skipped here (their weights must be NaN: checked by the
+    caller)."""
+    x = logits.detach().to(torch.float64).cpu()
+    ids, w = ids.detach().cpu().long(), weights.detach().to(torch.float64).cpu()
+    e = x.shape[1]
+    if ids.shape != (x.shape[0], top_k) or w.shape != ids.shape:
+        return f"ids {tuple(ids.shape)} / weights {tuple(w.shape)} are not [{x.shape[0]}, {top_k}]"
+    for t in range(x.shape[0]):
+        if torch.isnan(x[t]).any():
+            continue
+        row, pick = x[t], ids[t]
+        if ((pick < 0) | (pick >= e)).any() or pick.unique().numel() != top_k:
+            return f"token {t}: ids {pick.tolist()} are not {top_k} distinct experts of {e}"
+        key = [(-float(row[i]), int(i)) for i in pick]
+        if key != sorted(key):
+            return f"token {t}: picks {pick.tolist()} are not in decreasing order (ties by the lower id)"
+        rest = torch.ones(e, dtype=torch.bool)
+        rest[pick] = False
+        if rest.any():
+            worst = max(key)  # the last pick's (-logit, id)
+            for u in torch.nonzero(rest).flatten().tolist():
+                if (-float(row[u]), u) < worst:
+                    return f"token {t}: expert {u} (logit {float(row[u])}) beats pick {worst[1]}"
+        p = torch.softmax(row, dim=0)[pick]
+        want = p / p.sum() if renormalize else p
+        err = float(((w[t] - want).abs() / want.abs().clamp_min(1e-30)).max())
+        if err > rel:
+            return f"token {t}: weights {w[t].tolist()} differ from {want.tolist()} (relative {err:.2e} > {rel})"
+    return ""
