@@ -498,6 +498,12 @@ def test_routed_block_matches_the_block(family, experts):
         assert clear.any()
         err = rel_error(got[clear], want[clear].double())
         assert err < 2 * REL_BOUND[torch.bfloat16], f"{family}/{experts} t={t}: relative error {err:.3e}"
+        slots = routed(x, sum_slots=False)  # the decode step's form: the slot rows, summed in its next kernel
+        if experts == "quick" and routed.shared is None:
+            assert slots.shape == (t, k, cfg.hidden_size)
+            assert torch.equal(slots.float().sum(1).to(got.dtype), got)
+        else:
+            assert torch.equal(slots, got)
 
 
 def _tiny_moe_config(family: str):

@@ -62,7 +62,10 @@ def add_rms_norm(
     branch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(r), r)`` with ``r = residual + h``, the add in the model dtype as transformers' layers do it;
-    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms)."""
+    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms). A 3-D ``h``
+    ``[T, top_k, H]`` is a MoE block's weighted slot rows: summed in fp32 and rounded once, as the experts do."""
+    if h.dim() == 3:
+        h = h.float().sum(1).to(residual.dtype)
     if branch is not None:
         h = rms_norm(h, branch, eps, offset)
     residual = residual + h
@@ -420,7 +423,11 @@ class FastDecoder:
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
             if layer.moe is not None:  # router and experts, then the next layer's add + norm
-                h = layer.routed(x) if layer.routed is not None else layer.moe(x[:, None])[:, 0]
+                nxt_nq = nxt is not None and nxt.nq_attn is not None  # its norm quantizes: it takes a summed h
+                if layer.routed is not None:
+                    h = layer.routed(x, sum_slots=nxt_nq)
+                else:
+                    h = layer.moe(x[:, None])[:, 0]
                 x, branch = None, layer.post_mlp
                 continue
             if gu is not None:

@@ -131,7 +131,10 @@ class RoutedBlock:
         out = cls(block, spec, config)
         return out if w.shape[0] == out.num_experts else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+        """The block's output ``[T, H]``; ``sum_slots=False`` allows the 4-bit experts' weighted slot rows
+        ``[T, top_k, H]`` instead (3-D), for a caller that sums them in fp32 and rounds once, inside its next kernel
+        (:func:`quick.models.decoder.add_rms_norm`)."""
         from quick.kernels import moe as qmoe
 
         logits = F.linear(x, self.router)
@@ -146,7 +149,8 @@ class RoutedBlock:
                     cap = plan_capacity(t, k, self.num_experts, bs)
                     wmode = "rounded" if self.cast_weights else "float32"
                     ids, w, *plan = torch.ops.quick.moe_route(logits, k, self.renormalize, wmode, bs, cap)
-                    out = experts.kernel_forward_planned(x, MoEPlan(*plan, t, k, bs), w)
+                    keep = not sum_slots and self.shared is None
+                    out = experts.kernel_forward_planned(x, MoEPlan(*plan, t, k, bs), w, True, not keep)
                     return self._add_shared(x, out)
             ids, w = torch.ops.quick.moe_route(
                 logits, k, self.renormalize, "logits" if self.cast_weights else "float32"
