@@ -248,6 +248,24 @@ def test_layer_widen_flag_follows_its_scales():
     assert old._run_kernel(fake_kernel, torch.randn(3, 256)).shape == (3, 64) and seen["widen"] is True
 
 
+@pytest.mark.parametrize("pack", [None, False], ids=["packed", "unpacked"])
+def test_model_dtype_casts_keep_the_layer_working(pack):
+    """``model.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` move a W4A8 layer without casting its tensors (the
+    channel scales must stay fp32, codes and group scales integer): the output is unchanged, in the input's dtype."""
+    gen = torch.Generator().manual_seed(5)
+    lin = nn.Linear(256, 64, bias=True)
+    lin.weight.data = torch.randn(64, 256, generator=gen) * 0.05
+    layer = QuickLinearW4A8.from_linear(lin, 128, pack=pack)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    before = {n: b.dtype for n, b in layer.named_buffers()}
+    want = layer(x)
+    model = nn.Sequential(layer).to(torch.bfloat16)
+    model.half()
+    model.float()
+    assert {n: b.dtype for n, b in layer.named_buffers()} == before
+    assert torch.equal(model(x), want) and want.dtype == torch.bfloat16
+
+
 def test_integer_matmul_is_exact():
     gen = torch.Generator().manual_seed(6)
     for group_size, k in ((-1, 4096), (-1, 20000), (128, 1024)):

@@ -211,6 +211,16 @@ class QuickLinearW4A8(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         self.register_load_state_dict_post_hook(QuickLinearW4A8._refresh_widen)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
+        """``model.half()`` / ``.to(torch.bfloat16)`` move this layer but keep its tensors' dtypes (fp32 channel
+        scales, the kernel's activation dtype for the bias): forward casts its input and output itself."""
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            probe = fn(t.new_empty(0))
+            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+
+        return super()._apply(device_only, recurse)
+
     @staticmethod
     def _refresh_widen(module: QuickLinearW4A8, _incompatible) -> None:
         """``load_state_dict`` may bring other group scales: recompute the widening flag from them (the stored
