@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     from quick.testing import kernel_cases as vc
 
     t0 = time.time()
-    if DEV == "cuda":
+    if DEV == "cuda" and not args.paths:  # a run restricted to some paths builds what it launches, at first use
         jit.compile_many(vc.compile_jobs(jit.arch_for_device()), workers=os.cpu_count())
     compile_s = time.time() - t0
 
