@@ -150,9 +150,7 @@ def precompile(kernels: str = "") -> float:
     jobs = vc.compile_jobs(arch)
     names = [k for k in kernels.split(",") if k]
     if names and all(n.startswith("moe") for n in names):
-        from quick.kernels import moe as qmoe
-
-        jobs = [(src, arch, d) for src, d, _ in qmoe.VARIANTS]
+        jobs = vc.moe_compile_jobs(arch)
     jit.compile_many(jobs, workers=os.cpu_count())
     print(f"precompiled {len(jobs)} variants in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}", flush=True)
     return time.time() - t0

@@ -667,12 +667,20 @@ def available(case: Case) -> bool:
     return torch.cuda.get_device_capability()[0] >= 8
 
 
+def moe_compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
+    """The MoE module's variants as its launchers build them (the decode kernel's grouped variant arch-specific)."""
+    from quick.kernels import decode as qd
+    from quick.kernels import moe as qmoe
+
+    specific = "sm_90a" if arch.startswith("sm_90") else arch
+    return [(src, specific if src == qd.SOURCE else arch, d) for src, d, _ in qmoe.VARIANTS]
+
+
 def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     """Every (source, arch, defines) the explicit cases launch on this device (for a parallel precompile)."""
     from quick.kernels import attention as at
     from quick.kernels import decode as qd
     from quick.kernels import mma as qm
-    from quick.kernels import moe as qmoe
     from quick.kernels import normquant as nq
     from quick.kernels import wgmma as qs
 
@@ -680,7 +688,7 @@ def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     jobs += [(src, arch, d) for src, _k, d in at.VARIANTS]
     jobs += [(src, "sm_90a" if arch.startswith("sm_90") else arch, d) for src, _k, d in qd.VARIANTS]
     jobs += [(src, arch, d) for src, d, _ in nq.VARIANTS]
-    jobs += [(src, arch, d) for src, d, _ in qmoe.VARIANTS]
+    jobs += moe_compile_jobs(arch)
     if arch.startswith("sm_90"):
         jobs += [(qs.SOURCE, "sm_90a", d) for _s, _k, d in qs.VARIANTS]
     return jobs
