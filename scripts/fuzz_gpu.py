@@ -332,13 +332,12 @@ def run_other(c: dict, gen, case_seed: int, st: dict, failures: list, skipped: d
 def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_err: dict) -> int:
     """The grouped expert GEMM on a random routing (experts, top-k, tokens, K, N, group, dtype, row tile, compiled
     config, gated or not, routing weights or not, idle experts, dropped slots) against float64 per slot, rows no
-    slot names must stay zero; the one-launch plan against the PyTorch plan, element for element; the router's top-k
-    kernel on random logits (with ties) checked as a top-k of the softmax and its plan as the plan of its picks."""
+    slot names must stay zero; and the one-launch plan against the PyTorch plan, element for element."""
     import torch.nn.functional as F
 
     from quick.kernels import moe as qmoe
-    from quick.nn.moe import QuickExpertStack, build_plan, plan_capacity, static_plan
-    from quick.testing import random_quantized, rel_error, route_errors
+    from quick.nn.moe import QuickExpertStack, build_plan, static_plan
+    from quick.testing import random_quantized, rel_error
 
     dt = rng.choice((torch.float16, torch.bfloat16))
     e = rng.choice((1, 2, 4, 8, 16, 33, 64, 128))
@@ -374,22 +373,6 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
         for name in ("sorted_ids", "block_experts", "offsets", "counts", "num_padded"):
             if not torch.equal(getattr(plan, name), getattr(want, name)):
                 raise AssertionError(f"plan kernel differs from the PyTorch plan in {name}")
-        # the router's top-k + plan kernel on random logits (ties half of the time) of the same shape
-        logits = torch.randn(t, e, generator=gen) * 3
-        if rng.random() < 0.5:
-            logits = torch.randint(0, 4, (t, e), generator=gen).float()
-        logits = logits.to(dt).to(DEV)
-        if qmoe.route_unavailable(logits, top_k) is None:
-            renorm, cap = rng.random() < 0.5, plan_capacity(t, top_k, e, block)
-            r_ids, r_w, *r_plan = qmoe.route(logits, top_k, renorm, "float32", block, cap)
-            why = route_errors(logits, top_k, renorm, r_ids, r_w)
-            if why:
-                raise AssertionError(f"route kernel: {why}")
-            want = build_plan(r_ids, e, block, static=True, check=False)
-            names = ("sorted_ids", "block_experts", "offsets", "counts", "num_padded")
-            for name, got in zip(names, r_plan, strict=True):
-                if not torch.equal(got, getattr(want, name)):
-                    raise AssertionError(f"route kernel's plan differs from the PyTorch plan in {name}")
         p = stack.packed()
         args = (xd, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids, plan.block_experts, plan.num_padded)
         # plain products at 16-row plans run on the decode kernel's grouped variant half of the time

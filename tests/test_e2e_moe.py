@@ -211,9 +211,9 @@ def test_cuda_graph_decode_gives_the_eager_tokens(name, quantized, tiny):
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "quick"])
 @pytest.mark.parametrize("name", SHAPES)
 def test_fast_decode_step_logits_match_transformers_on_gpu(name, quantized, tiny, monkeypatch):
-    """The benchmark's fast step on the GPU (router kernel with the experts' plan, decode kernels over experts, the
-    slot rows summed in the next add + norm, CUDA graph) teacher-forced beside transformers' forward over the same
-    static cache: every step's logits within the bf16 bound."""
+    """The benchmark's fast step on the GPU (fused attention steps, the MoE block on the one-launch plan and the
+    decode kernels over experts, CUDA graph) teacher-forced beside transformers' forward over the same static cache:
+    every step's logits within the bf16 bound."""
     from quick import inference
     from quick.inference import StaticGenerator
 

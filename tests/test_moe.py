@@ -146,32 +146,6 @@ def test_route_reproduces_the_family_router(kind, norm_topk):
     assert not torch.allclose(w_wrong, weights.float())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("quantized", [False, True], ids=["float", "rtn"])
-def test_routed_block_equals_the_block(kind, quantized):
-    """The decode step's view of a MoE block (router linear, routing, experts, shared expert; on CPU the PyTorch
-    routing) gives the block's own output exactly, in the router's weight dtype (Qwen casts, Mixtral keeps fp32);
-    blocks it does not recognise are left to their own forward."""
-    model = tiny_moe(kind)
-    fam = get_family(model.config)
-    if quantized:
-        moe.quantize_experts_rtn_(model, moe.experts_modules(model, fam))
-    block = model.model.layers[1].get_submodule(fam.moe.block)
-    routed = moe.RoutedBlock.of(block, fam.moe, model.config)
-    assert routed is not None and routed.cast_weights == (kind != "mixtral")
-    assert (routed.shared is not None) == (kind == "qwen2_moe")
-    x = torch.randn(9, 64)
-    with torch.no_grad():
-        assert torch.equal(routed(x), block(x[None])[0])
-    wrong = moe.RoutedBlock(block, fam.moe, model.config)
-    wrong.renormalize = not wrong.renormalize
-    with torch.no_grad():
-        assert not torch.allclose(wrong(x), block(x[None])[0])
-    block.get_submodule(fam.moe.router).bias = torch.nn.Parameter(torch.zeros(routed.num_experts))
-    assert moe.RoutedBlock.of(block, fam.moe, model.config) is None  # a router with a bias: not this routing
-    assert moe.RoutedBlock.of(torch.nn.Linear(4, 4), fam.moe, model.config) is None
-
-
 def test_dense_mlp_layers_of_a_moe_model():
     """mlp_only_layers: that layer keeps a dense MLP; AWQ's dense groups apply there, the MoE groups elsewhere."""
     model = tiny_moe("qwen3_moe", mlp_only_layers=[0])

@@ -193,26 +193,6 @@ def test_static_plan_off_cuda_is_the_pytorch_plan():
     assert all(o.dtype == torch.int32 for o in out)
 
 
-def test_route_kernel_host_side():
-    """The router's top-k kernel says why it cannot run (off CUDA here: the PyTorch routing runs) and its fake gives
-    the kernel's outputs: int64 ids, weights in the asked form, the plan only when asked for."""
-    from quick.kernels import moe as qmoe
-
-    x = torch.randn(5, 128).bfloat16()
-    assert "GPU" in qmoe.route_unavailable(x, 8)
-    assert "2-D" in qmoe.route_unavailable(x[0], 8)
-    with pytest.raises(qmoe.MoEKernelError, match="cannot take"):
-        qmoe.route(x, 8, True)
-    cap = plan_capacity(5, 8, 128, 16)
-    with FakeTensorMode():
-        fx = torch.empty(5, 128, dtype=torch.bfloat16)
-        full = torch.ops.quick.moe_route(fx, 8, True, "rounded", 16, cap)
-        bare = torch.ops.quick.moe_route(fx, 8, False, "logits")
-    assert [tuple(o.shape) for o in full] == [(5, 8), (5, 8), (cap,), (cap // 16,), (129,), (128,), (1,)]
-    assert full[0].dtype == torch.int64 and full[1].dtype == torch.float32
-    assert bare[1].dtype == torch.bfloat16 and all(o.numel() == 0 for o in bare[2:])
-
-
 def test_decode_kernel_over_experts_host_side():
     """The decode kernel's grouped variant: the per-expert strides it adds to its pointers are the stacks' own, its
     validation names what it cannot take, its fake gives the output shape, and the selection picks it only for

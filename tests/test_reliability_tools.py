@@ -76,12 +76,6 @@ def test_every_moe_variant_has_a_valid_case():
         if c.kernel == "moe_plan":
             launched.add(("QP_IDX64", int(inp["x"].dtype == torch.int64)))
             continue
-        if c.kernel == "moe_route":
-            t, e = inp["x"].shape
-            assert (t, e) == (c.extra["tokens"], c.extra["experts"]) and inp["x"].dtype == c.dtype
-            epl = next(v for v in qmoe.ROUTE_EPL if e <= 32 * v)
-            launched.add(tuple(sorted({"QR_DTYPE": qmoe.ROUTE_DTYPES[c.dtype], "QR_EPL": epl}.items())))
-            continue
         if c.kernel == "moe_dec":
             p, ex = inp["packed"], c.extra
             gdiv = 1 if ex["act"] else ex["top_k"]
@@ -102,7 +96,6 @@ def test_every_moe_variant_has_a_valid_case():
         assert d.n % cfg.bn or (c.extra["act"] and cfg.bn == 128), "N should end inside a CTA tile"
         launched.add(tuple(sorted(cfg.defines(c.dtype, bool(c.extra["act"])).items())))
     want = {tuple(sorted(d.items())) for _s, d, _a in qmoe.VARIANTS if "QP_IDX64" not in d}
-    assert any("QR_EPL" in dict(w) for w in want)
     assert any("QD_GROUPED" in dict(w) for w in want)
     want |= {("QP_IDX64", d["QP_IDX64"]) for _s, d, _a in qmoe.PLAN_VARIANTS}
     assert want <= launched, f"MoE variants without a sanitizer case: {want - launched}"

@@ -126,20 +126,6 @@ PLAN_MAX_EXPERTS = 1024  # the kernel's shared arrays
 PLAN_MAX_SLOTS = 4096
 PLAN_VARIANTS = [(PLAN_SOURCE, {"QP_IDX64": v}, ARCHS) for v in (0, 1)]
 
-# The router's top-k and the plan of its picks in one launch (csrc/quick_moe_route.cu): fp16 / bf16 logits, up to
-# 128 (EPL 4) or 1024 (EPL 32) experts, top-k up to one warp's lanes.
-ROUTE_SOURCE = "quick_moe_route.cu"
-ROUTE_KERNEL = "quick_moe_route"
-ROUTE_DTYPES = {torch.float16: 0, torch.bfloat16: 1}
-ROUTE_EPL = (4, 32)
-ROUTE_MAX_TOP_K = 32
-# How the weights are written: fp32; fp32 rounded through the logits' type (a router that casts its weights, feeding
-# a kernel that reads fp32); the logits' type.
-ROUTE_WEIGHTS = {"float32": 0, "rounded": 1, "logits": 2}
-ROUTE_VARIANTS = [
-    (ROUTE_SOURCE, {"QR_DTYPE": d, "QR_EPL": epl}, ARCHS) for d in sorted(ROUTE_DTYPES.values()) for epl in ROUTE_EPL
-]
-
 # Decode sizes (16-row plans): the decode kernel over the experts (csrc/quick_dec.cu, QD_GROUPED) in two launches,
 # gate|up plain into [slots, 2I], then down staging act(gate) * up from it (QD_ACT) with the slot weights.
 DEC_CONFIG = qd.DecConfig(1, 8, 4, wb=1)
@@ -152,9 +138,7 @@ DEC_VARIANTS = [
 ]
 
 # Every (source, defines, archs) this module may launch (the compile check builds them all).
-VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = (
-    _all_variants() + PLAN_VARIANTS + ROUTE_VARIANTS + DEC_VARIANTS
-)
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants() + PLAN_VARIANTS + DEC_VARIANTS
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -397,70 +381,6 @@ def plan(
     ptrs = [flat, sorted_ids, block_experts, offsets, counts, num_padded]
     launch([t.data_ptr() for t in ptrs], torch.cuda.current_stream(dev).cuda_stream)
     return sorted_ids, block_experts, offsets, counts, num_padded
-
-
-# ------------------------------------------------------------------------------------------ the route kernel
-
-
-def route_unavailable(logits: Tensor, top_k: int) -> str | None:
-    """Why :func:`route` cannot take these router logits (None: it can); the caller then routes in PyTorch."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        return "router logits must be a 2-D tensor [tokens, experts]"
-    t, e = logits.shape
-    if logits.device.type != "cuda" or qm.capability(logits.device)[0] < 8:
-        return "needs an sm_80+ GPU"
-    if logits.dtype not in ROUTE_DTYPES:
-        return f"takes fp16 / bf16 logits, got {logits.dtype}"
-    if not 1 <= e <= 32 * ROUTE_EPL[-1]:
-        return f"takes 1-{32 * ROUTE_EPL[-1]} experts, got {e}"
-    if not 1 <= top_k <= min(e, ROUTE_MAX_TOP_K):
-        return f"takes top_k in [1, {min(e, ROUTE_MAX_TOP_K)}], got {top_k}"
-    if not 1 <= t * top_k <= PLAN_MAX_SLOTS:
-        return f"takes 1-{PLAN_MAX_SLOTS} slots (tokens x top_k), got {t * top_k}"
-    return None if jit.nvcc_available() else "nvcc is not available to build it"
-
-
-def route(
-    logits: Tensor, top_k: int, renormalize: bool, weights: str = "float32", block_size: int = 0, capacity: int = 0
-) -> tuple[Tensor, ...]:
-    """The routing of ``quick.models.moe.route`` (softmax in fp32, top-k, optional renormalisation) on router logits
-    ``[T, E]`` in one launch: ``(ids [T, k] int64, weights [T, k])`` (``weights``: a key of :data:`ROUTE_WEIGHTS`),
-    then, with ``block_size > 0``, the five plan tensors of those ids exactly as :func:`plan` returns them (else five
-    empty tensors). No host synchronisation: capturable in a CUDA graph."""
-    why = route_unavailable(logits, top_k)
-    if why is not None:
-        raise MoEKernelError(f"the route kernel cannot take this problem: {why}")
-    if weights not in ROUTE_WEIGHTS:
-        raise MoEKernelError(f"weights must be one of {sorted(ROUTE_WEIGHTS)}, got {weights!r}")
-    if block_size < 0 or capacity < 0 or (block_size and capacity % block_size) or (capacity and not block_size):
-        raise MoEKernelError(f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 0)")
-    t, e = logits.shape
-    if block_size and capacity < t * top_k:
-        raise MoEKernelError(f"capacity ({capacity}) is below the {t * top_k} slots")
-    x = logits.contiguous()
-    dev = x.device
-    ids = torch.empty((t, top_k), dtype=torch.int64, device=dev)
-    w = torch.empty((t, top_k), dtype=x.dtype if weights == "logits" else torch.float32, device=dev)
-    n_exp = e if block_size else 0
-    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=dev)
-    block_experts = torch.empty(capacity // block_size if block_size else 0, dtype=torch.int32, device=dev)
-    offsets = torch.empty(n_exp + 1 if block_size else 0, dtype=torch.int32, device=dev)
-    counts = torch.empty(n_exp, dtype=torch.int32, device=dev)
-    num_padded = torch.empty(1 if block_size else 0, dtype=torch.int32, device=dev)
-    epl = next(v for v in ROUTE_EPL if e <= 32 * v)
-    key = ("route", x.dtype, dev, t, e, top_k, bool(renormalize), weights, block_size, capacity)
-    launch = _LAUNCH.get(key)
-    if launch is None:
-        with _LOCK:
-            kern = jit.load_kernel(ROUTE_SOURCE, ROUTE_KERNEL, {"QR_DTYPE": ROUTE_DTYPES[x.dtype], "QR_EPL": epl},
-                                   qm._dev_index(dev))  # fmt: skip
-            threads = 512 if epl > 8 else 1024  # the kernel's THREADS
-            scalars = [t, e, top_k, int(bool(renormalize)), ROUTE_WEIGHTS[weights], block_size, capacity]
-            launch = qm._FastLaunch(kern, (1,), (threads,), 0, [None] * 8 + scalars)
-            qm._remember(_LAUNCH, key, launch)
-    ptrs = [x, ids, w, sorted_ids, block_experts, offsets, counts, num_padded]
-    launch([p.data_ptr() for p in ptrs], torch.cuda.current_stream(dev).cuda_stream)
-    return ids, w, sorted_ids, block_experts, offsets, counts, num_padded
 
 
 # ------------------------------------------------------------------------------- decode sizes: the decode kernel

@@ -401,31 +401,6 @@ def _moe_plan_fake(top_k_index, num_experts, block_size, capacity):
     return i32(capacity), i32(capacity // block_size), i32(num_experts + 1), i32(num_experts), i32(1)
 
 
-@torch.library.custom_op("quick::moe_route", mutates_args=())
-def moe_route(
-    router_logits: Tensor, top_k: int, renormalize: bool, weights: str = "float32", block_size: int = 0,
-    capacity: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """The router's top-k in one launch (:func:`quick.kernels.moe.route`): expert ids (int64) and weights, then the
-    five plan tensors of :func:`moe_plan` (``block_size > 0``; empty otherwise)."""
-    from quick.kernels import moe as qmoe
-
-    return qmoe.route(router_logits, top_k, renormalize, weights, block_size, capacity)
-
-
-@moe_route.register_fake
-def _moe_route_fake(router_logits, top_k, renormalize, weights="float32", block_size=0, capacity=0):
-    t, e = router_logits.shape
-
-    def i32(n: int) -> Tensor:
-        return router_logits.new_empty((n,), dtype=torch.int32)
-
-    wdt = router_logits.dtype if weights == "logits" else torch.float32
-    plan = (capacity, capacity // block_size, e + 1, e, 1) if block_size else (0, 0, 0, 0, 0)
-    ids = router_logits.new_empty((t, top_k), dtype=torch.int64)
-    return (ids, router_logits.new_empty((t, top_k), dtype=wdt), *(i32(n) for n in plan))
-
-
 @moe_gemm_w4a16.register_fake
 def _moe_gemm_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
                    topk_weights=None, act="", validate_ids=False):  # fmt: skip

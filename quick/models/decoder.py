@@ -19,9 +19,8 @@ or the residual add + norm can run inside its kernel, any other layer is called 
 between families is data: which norm feeds the attention and the MLP (the AWQ scale groups' ``prev``), the norms
 applied to each branch's output before the residual add (``ModelFamily.branch_norms``: Gemma3's sandwich), the
 norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). A layer whose
-MLP is a mixture-of-experts block (``ModelFamily.moe``) runs it on the normed input in place of gate/up and down:
-the router's linear, its top-k and the experts' plan in one kernel, the experts, the shared expert
-(``quick.models.moe.RoutedBlock``; a block it does not recognise is called as it is). Anything else
+MLP is a mixture-of-experts block (``ModelFamily.moe``) calls that block (router, experts, shared expert) on the
+normed input in place of gate/up and down. Anything else
 (sliding windows shorter than the cache, soft-capping, other activations) raises :class:`UnsupportedModel`, so
 the caller keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
 weight; Gemma's: times ``1 + weight`` in fp32, then cast; rotary in the model dtype): the logits agree (tests).
@@ -48,7 +47,6 @@ from quick.models.families import (
     io_groups,
     norm_eps,
 )
-from quick.models.moe import RoutedBlock
 from quick.nn.fused import FusedProjection, FusedSlice
 from quick.nn.linear_w4a8 import QuickLinearW4A8
 
@@ -62,10 +60,7 @@ def add_rms_norm(
     branch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(r), r)`` with ``r = residual + h``, the add in the model dtype as transformers' layers do it;
-    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms). A 3-D ``h``
-    ``[T, top_k, H]`` is a MoE block's weighted slot rows: summed in fp32 and rounded once, as the experts do."""
-    if h.dim() == 3:
-        h = h.float().sum(1).to(residual.dtype)
+    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms)."""
     if branch is not None:
         h = rms_norm(h, branch, eps, offset)
     residual = residual + h
@@ -198,10 +193,9 @@ class _Layer:
     nq_mlp: QuickLinearW4A8 | None = None
     qkv_sizes: tuple[int, ...] = ()
     mlp_sizes: tuple[int, ...] = ()
-    # a mixture-of-experts block (transformers' own module: router, then the experts, e.g. QuickMoEExperts), run on
-    # the normed input in place of gate_up / down: as a RoutedBlock where it is one, else its own forward
+    # a mixture-of-experts block (transformers' own module: router, then the experts, e.g. QuickMoEExperts), called on
+    # the normed input in place of gate_up / down
     moe: nn.Module | None = None
-    routed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 # (backend, dynamic) -> the three compiled functions: module-level so that every decoder (every batch size and
@@ -370,7 +364,6 @@ class FastDecoder:
             qkv_sizes=qkv_sizes,
             mlp_sizes=(ffn, ffn),
             moe=moe,
-            routed=None if moe is None else RoutedBlock.of(moe, family.moe, cfg),
         )
 
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
@@ -422,13 +415,8 @@ class FastDecoder:
                     gu = layer.nq_mlp.forward_quantized(xq, sx, dt)
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
-            if layer.moe is not None:  # router and experts, then the next layer's add + norm
-                nxt_nq = nxt is not None and nxt.nq_attn is not None  # its norm quantizes: it takes a summed h
-                if layer.routed is not None:
-                    h = layer.routed(x, sum_slots=nxt_nq)
-                else:
-                    h = layer.moe(x[:, None])[:, 0]
-                x, branch = None, layer.post_mlp
+            if layer.moe is not None:  # router and experts (the block's own forward), then the next layer's add + norm
+                h, x, branch = layer.moe(x[:, None])[:, 0], None, layer.post_mlp
                 continue
             if gu is not None:
                 down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)

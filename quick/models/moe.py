@@ -19,7 +19,7 @@ from quick.formats.layouts import LayoutError, get_layout
 from quick.formats.weights import QuantizationError
 from quick.models.families import FamilyError, ModelFamily, MoESpec, decoder_layers, get_family
 from quick.nn.linear import padded_in_features
-from quick.nn.moe import ACTIVATIONS, MoEPlan, QuickExpertStack, QuickMoEExperts, plan_capacity
+from quick.nn.moe import ACTIVATIONS, QuickExpertStack, QuickMoEExperts
 
 # AWQ's per-expert searches (the down projection's scale, clipping) need at least this many calibration tokens routed
 # to the expert: a clipping block is G x G (G = 128), and with fewer tokens than G its statistics leave directions of
@@ -104,70 +104,6 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
-
-
-class RoutedBlock:
-    """A MoE block's forward on ``x [T, H]`` as the fast decode step runs it: the router's linear, then the top-k
-    (and, for 4-bit experts, their sorted-token plan) in one kernel launch, the experts, the shared expert. Equal to
-    the block's own forward (:func:`route` is its reference); built by :meth:`of`, which returns None for a block
-    it does not recognise (the step then calls the block)."""
-
-    def __init__(self, block: nn.Module, spec: MoESpec, config: Any) -> None:
-        self.router = block.get_submodule(spec.router).weight
-        self.experts = block.get_submodule(spec.experts)
-        self.num_experts, self.top_k, self.renormalize = routing(config, spec)
-        self.cast_weights = spec.cast_weights
-        self.shared = block.get_submodule(spec.shared_expert) if spec.shared_expert else None
-        self.shared_gate = block.get_submodule(spec.shared_expert_gate) if spec.shared_expert_gate else None
-
-    @classmethod
-    def of(cls, block: nn.Module, spec: MoESpec, config: Any) -> RoutedBlock | None:
-        router = getattr(block, spec.router, None)
-        w = getattr(router, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 2 or getattr(router, "bias", None) is not None:
-            return None
-        if not hasattr(block, spec.experts) or (spec.shared_expert and not hasattr(block, spec.shared_expert)):
-            return None
-        out = cls(block, spec, config)
-        return out if w.shape[0] == out.num_experts else None
-
-    def __call__(self, x: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
-        """The block's output ``[T, H]``; ``sum_slots=False`` allows the 4-bit experts' weighted slot rows
-        ``[T, top_k, H]`` instead (3-D), for a caller that sums them in fp32 and rounds once, inside its next kernel
-        (:func:`quick.models.decoder.add_rms_norm`)."""
-        from quick.kernels import moe as qmoe
-
-        logits = F.linear(x, self.router)
-        t, k = x.shape[0], self.top_k
-        if qmoe.route_unavailable(logits, k) is None:
-            import quick.kernels.ops  # noqa: F401  (registers torch.ops.quick.moe_route)
-
-            experts = self.experts
-            if isinstance(experts, QuickMoEExperts) and experts.backend != "reference":
-                if experts.kernel_unavailable(x, k) is None:  # 4-bit experts on the kernels: the plan comes along
-                    bs = experts.plan_block_size(t, k)
-                    cap = plan_capacity(t, k, self.num_experts, bs)
-                    wmode = "rounded" if self.cast_weights else "float32"
-                    ids, w, *plan = torch.ops.quick.moe_route(logits, k, self.renormalize, wmode, bs, cap)
-                    keep = not sum_slots and self.shared is None
-                    out = experts.kernel_forward_planned(x, MoEPlan(*plan, t, k, bs), w, True, not keep)
-                    return self._add_shared(x, out)
-            ids, w = torch.ops.quick.moe_route(
-                logits, k, self.renormalize, "logits" if self.cast_weights else "float32"
-            )[:2]
-        else:
-            w, ids = route(logits, k, self.renormalize)
-            if self.cast_weights:
-                w = w.to(logits.dtype)
-        return self._add_shared(x, self.experts(x, ids, w))
-
-    def _add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.shared is None:
-            return out
-        s = self.shared(x)
-        if self.shared_gate is not None:
-            s = torch.sigmoid(self.shared_gate(x)) * s
-        return out + s
 
 
 # ------------------------------------------------------------------------------------ round-to-nearest

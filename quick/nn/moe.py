@@ -438,36 +438,14 @@ class QuickMoEExperts(nn.Module):
         grouped GEMM (gate|up with ``act(gate) * up`` in its epilogue, down with the slot weights), as
         ``select.moe_mlp_kernel`` picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to
         the host while a CUDA graph is captured (ids are validated only outside capture)."""
-        if not torch.cuda.is_current_stream_capturing():
-            self._check_ids(idx)
-        plan = static_plan(idx, self.num_experts, self.plan_block_size(x.shape[0], idx.shape[1]))
-        return self.kernel_forward_planned(x, plan, w)
-
-    def plan_block_size(self, tokens: int, top_k: int) -> int:
-        """The row block of the plan the grouped kernels want for ``tokens x top_k`` slots."""
-        from quick.kernels import moe as qmoe
-
-        return qmoe.block_size_for(tokens, top_k, self.num_experts)
-
-    @torch.no_grad()
-    def kernel_forward_planned(
-        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False, sum_slots: bool = True
-    ) -> torch.Tensor:
-        """:meth:`kernel_forward` on a static plan already built (by the router's kernel, which plans its picks
-        in the same launch); ``plan.block_size`` must be :meth:`plan_block_size`'s. ``all_routed``: every slot
-        names an expert (no dropped slot, as the router's kernel guarantees), so no output row needs a zero fill.
-        ``sum_slots=False`` returns the weighted slot rows ``[T, top_k, H]`` unsummed, for a caller that sums them
-        in fp32 inside its next kernel (the fast decode step's add + norm)."""
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
-        t, k = plan.num_tokens, plan.top_k
+        t, k = idx.shape
+        if not torch.cuda.is_current_stream_capturing():
+            self._check_ids(idx)
         p_gu, p_dn = self._problems(x, k)
-        if plan.block_size != p_gu.block_size or x.shape[0] != t:
-            raise ValueError(
-                f"plan of {plan.num_tokens} tokens in blocks of {plan.block_size} for {x.shape[0]} tokens that the "
-                f"kernels run in blocks of {p_gu.block_size}"
-            )
+        plan = static_plan(idx, self.num_experts, p_gu.block_size)
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)
@@ -477,16 +455,13 @@ class QuickMoEExperts(nn.Module):
         if select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
             dec = torch.ops.quick.moe_dec_w4a16
             h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False)
-            y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act,
-                    not all_routed)  # fmt: skip
+            y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act)
         else:
             mm = torch.ops.quick.moe_gemm_w4a16
             h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)
             if dn.in_features != h.shape[1]:
                 h = F.pad(h, (0, dn.in_features - h.shape[1]))
             y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
-        if not sum_slots:
-            return y.view(t, k, self.hidden_size)
         # a 16-bit sum accumulates in fp32 and rounds once: one kernel
         return y.view(t, k, self.hidden_size).sum(1).to(x.dtype)
 

@@ -336,13 +336,6 @@ def moe_cases() -> list[Case]:
         cap = plan_capacity(tokens, top_k, experts, 16)
         ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "idx64": idx64, "block": 16}
         out.append(Case("moe_plan", "int64" if idx64 else "int32", torch.float32, 1, 0, cap, 0, layout="", extra=ex))
-    for _src, d, _archs in qmoe.ROUTE_VARIANTS:  # the router's top-k + plan: experts not a multiple of 32
-        dt = (torch.float16, torch.bfloat16)[d["QR_DTYPE"]]
-        e = 32 * d["QR_EPL"] - 28
-        cap = plan_capacity(tokens, top_k, e, 16)
-        ex = {"tokens": tokens, "top_k": top_k, "experts": e, "block": 16}
-        var = f"{_dt_name(dt)}/epl{d['QR_EPL']}"
-        out.append(Case("moe_route", var, dt, 1, e, 2 * tokens * top_k + cap, 0, layout="", extra=ex))
     return out
 
 
@@ -358,11 +351,6 @@ def moe_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
     ids = torch.rand(t, 6, generator=gen).argsort(dim=1)[:, :k]
     ids[torch.rand(t, k, generator=gen) < 0.25] = e
     none = {"qw": None, "bias": None, "bias_cpu": None}
-    if case.kernel == "moe_route":  # router logits with ties (few distinct values) in the first token
-        logits = torch.randn(t, e, generator=gen)
-        logits[0] = torch.randint(0, 3, (e,), generator=gen).float()
-        logits = logits.to(case.dtype)
-        return {**none, "packed": {}, "x_cpu": logits, "x": logits.to(device)}
     if case.kernel == "moe_plan":
         ids[0, 0], ids[-1, -1] = -3, e + 7
         ids = ids.to(torch.int64 if case.extra["idx64"] else torch.int32)
@@ -490,7 +478,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    if case.kernel in ("moe", "moe_dec", "moe_plan", "moe_route"):
+    if case.kernel in ("moe", "moe_dec", "moe_plan"):
         return moe_inputs(case, gen, device)
     if case.kernel == "normquant":
         x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
@@ -612,17 +600,6 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         def fn(x, p, bias, out=None):
             y = qmoe.plan(x, case.extra["experts"], case.extra["block"], case.n)[0].float().view(1, -1)
-            return out.copy_(y) if out is not None else y
-
-        return fn
-    if case.kernel == "moe_route":
-        from quick.kernels import moe as qmoe
-
-        def fn(x, p, bias, out=None):
-            ex = case.extra
-            cap = case.n - 2 * ex["tokens"] * ex["top_k"]
-            ids, w, sorted_ids, *_ = qmoe.route(x, ex["top_k"], True, "float32", ex["block"], cap)
-            y = torch.cat([w.view(-1), ids.float().view(-1), sorted_ids.float()]).view(1, -1)
             return out.copy_(y) if out is not None else y
 
         return fn
