@@ -100,6 +100,25 @@ def test_reference_cache_follows_buffer_updates():
     assert torch.equal(a(x), b(x)) and not torch.equal(out_a, b(x))
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "float", "half"])
+def test_model_dtype_casts_keep_the_packed_scales(cast):
+    """A fresh fp16 layer under ``model.bfloat16()`` / ``.float()`` / ``.half()``: its packed tensors keep their
+    dtypes (the layer's, which its kernels are built for) and it computes in the model's new dtype through casts,
+    with the output of the fp16 layer up to the rounding of the new activation dtype."""
+    torch.manual_seed(0)
+    layer = QuickLinear.from_linear(torch.nn.Linear(256, 128), 128, dtype=torch.float16)
+    before = {n: b.dtype for n, b in layer.named_buffers()}
+    x = torch.randn(3, 256)
+    want = layer(x.half()).float()
+    model = getattr(torch.nn.Sequential(layer), cast)()
+    new = {"bfloat16": torch.bfloat16, "float": torch.float32, "half": torch.float16}[cast]
+    assert {n: b.dtype for n, b in layer.named_buffers()} == before and layer.dtype == torch.float16
+    got = model(x.to(new))
+    assert got.dtype == new
+    tol = {torch.bfloat16: 2e-2, torch.float32: 1e-6, torch.float16: 0.0}[new]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "to"])
 def test_model_dtype_casts_move_the_compute_dtype(cast):
     """A layer computing in fp32 around fp16 scales follows ``model.half()`` / ``.bfloat16()`` / ``.to(dtype)``:

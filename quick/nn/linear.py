@@ -44,6 +44,25 @@ def check_dims(
     return logical
 
 
+def float_cast_of(fn) -> torch.dtype | None:  # noqa: ANN001 - the function nn.Module._apply passes
+    """The floating dtype ``fn`` casts tensors to (``.half()``, ``.to(torch.bfloat16)``), None for a device move."""
+    for dt in (torch.float16, torch.bfloat16):
+        out = fn(torch.empty(0, dtype=dt))
+        if out.dtype != dt:
+            return out.dtype
+    return None
+
+
+def device_only(fn):  # noqa: ANN001, ANN201 - the function nn.Module._apply passes
+    """``fn`` without its dtype cast: tensors it would cast are only moved to the device it moves them to."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        probe = fn(t.new_empty(0))
+        return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+
+    return move
+
+
 class QuickLinear(nn.Module):
     """Linear layer ``y = x @ dequant(W) + b`` with W stored in a packed layout.
 
@@ -126,15 +145,13 @@ class QuickLinear(nn.Module):
         return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
-        super()._apply(fn, recurse)
-        # ``model.half()`` / ``.to(torch.bfloat16)`` move the activations too: the cast hooks follow
-        probe = fn(torch.empty(0))
-        if (
-            getattr(self, "compute_dtype", None) is not None
-            and probe.dtype != torch.float32
-            and probe.dtype.is_floating_point
-        ):
-            self.set_compute_dtype(probe.dtype)
+        """``model.half()`` / ``.bfloat16()`` / ``.float()`` / ``.to(dtype)`` move the activations, not the packed
+        scales (their dtype is the layer's, which the kernels are built for): the tensors only change device, and
+        the cast hooks take the new activation dtype."""
+        super()._apply(device_only(fn), recurse)
+        new = float_cast_of(fn)
+        if new is not None:
+            self.set_compute_dtype(new)
         return self
 
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:

@@ -28,6 +28,7 @@ from quick.formats.w4a8 import (
     validate_w4a8,
     widens_to_int8,
 )
+from quick.nn.linear import device_only
 
 BACKENDS = ("auto", "reference", "kernel")
 UNPACKED = "unpacked"
@@ -214,12 +215,7 @@ class QuickLinearW4A8(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
         """``model.half()`` / ``.to(torch.bfloat16)`` move this layer but keep its tensors' dtypes (fp32 channel
         scales, the kernel's activation dtype for the bias): forward casts its input and output itself."""
-
-        def device_only(t: torch.Tensor) -> torch.Tensor:
-            probe = fn(t.new_empty(0))
-            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
-
-        return super()._apply(device_only, recurse)
+        return super()._apply(device_only(fn), recurse)
 
     @staticmethod
     def _refresh_widen(module: QuickLinearW4A8, _incompatible) -> None:
