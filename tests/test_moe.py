@@ -146,6 +146,28 @@ def test_route_reproduces_the_family_router(kind, norm_topk):
     assert not torch.allclose(w_wrong, weights.float())
 
 
+@pytest.mark.parametrize("cast", ["bfloat16", "float"])
+def test_model_dtype_casts_keep_the_expert_stacks(cast):
+    """``model.bfloat16()`` / ``.float()`` on a RTN MoE model: the expert stacks keep their packed dtypes (their
+    ``dtype`` stays true) and the block's output follows the model's new dtype, equal up to that dtype's rounding."""
+    model = tiny_moe("qwen3_moe")
+    fam = get_family(model.config)
+    moe.quantize_experts_rtn_(model, moe.experts_modules(model, fam), dtype=torch.float16)
+    experts = model.model.layers[0].get_submodule(fam.moe.experts_path)
+    before = {n: b.dtype for n, b in experts.named_buffers()}
+    x, idx = torch.randn(6, 64), torch.randint(0, 8, (6, 2))
+    w = torch.rand(6, 2)
+    with torch.no_grad():
+        want = experts(x, idx, w).float()
+        getattr(model, cast)()
+        new = torch.bfloat16 if cast == "bfloat16" else torch.float32
+        got = experts(x.to(new), idx, w)
+    assert {n: b.dtype for n, b in experts.named_buffers()} == before and experts.dtype == torch.float16
+    assert got.dtype == new
+    tol = 2e-2 if new == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 def test_dense_mlp_layers_of_a_moe_model():
     """mlp_only_layers: that layer keeps a dense MLP; AWQ's dense groups apply there, the MoE groups elsewhere."""
     model = tiny_moe("qwen3_moe", mlp_only_layers=[0])
