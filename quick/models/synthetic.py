@@ -39,14 +39,20 @@ def random_quick_linear(
 ) -> QuickLinear:
     """A QuickLinear with random codes, zeros and small scales, packed on ``device`` without RTN."""
     mod = QuickLinear(k, n, bias, group_size, layout, dtype, device)
-    for name, buf in mod.packed().items():
-        if buf.dtype == torch.int32:
-            buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, dtype=torch.int32, device=device))
-        elif name == "zeros":
-            buf.copy_(torch.randint(0, 16, buf.shape, device=device).to(dtype))
-        else:  # scales: keep activations O(1) through many layers (std of a weight ~ 0.02)
-            buf.copy_((torch.rand(buf.shape, device=device) * 0.002 + 0.002).to(dtype))
+    fill_random_packed_(mod.packed(), dtype)
     return mod
+
+
+def fill_random_packed_(buffers: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Random codes and zero points, small positive scales (weights of std ~0.02 keep activations O(1) through many
+    layers), in place on the buffers' device."""
+    for name, buf in buffers.items():
+        if buf.dtype == torch.int32:
+            buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, dtype=torch.int32, device=buf.device))
+        elif name == "zeros":
+            buf.copy_(torch.randint(0, 16, buf.shape, device=buf.device).to(dtype))
+        else:
+            buf.copy_((torch.rand(buf.shape, device=buf.device) * 0.002 + 0.002).to(dtype))
 
 
 def build_random_model(

@@ -60,17 +60,6 @@ def _skeleton(cfg, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _fill_random_packed_(buffers: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Random codes and zero points, small positive scales (weights of std ~0.02 keep activations O(1))."""
-    for name, buf in buffers.items():
-        if buf.dtype == torch.int32:
-            buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, dtype=torch.int32, device=buf.device))
-        elif name == "zeros":
-            buf.copy_(torch.randint(0, 16, buf.shape, device=buf.device).to(dtype))
-        else:
-            buf.copy_((torch.rand(buf.shape, device=buf.device) * 0.002 + 0.002).to(dtype))
-
-
 def random_quick_experts(
     fused: nn.Module, name: str, group_size: int, dtype: torch.dtype, device: torch.device | str, fill: bool = True
 ) -> QuickMoEExperts:
@@ -82,7 +71,7 @@ def random_quick_experts(
     q = QuickMoEExperts(e, h, i, act, group_size, EXPERTS_LAYOUT, dtype, device)
     if fill:
         for stack in (q.gate_up, q.down):
-            _fill_random_packed_(stack.packed(), dtype)
+            synthetic.fill_random_packed_(stack.packed(), dtype)
     return q
 
 
