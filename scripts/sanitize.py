@@ -147,10 +147,9 @@ def precompile(kernels: str = "") -> float:
 
     t0 = time.time()
     arch = jit.arch_for_device()
-    jobs = vc.compile_jobs(arch)
     names = [k for k in kernels.split(",") if k]
-    if names and all(n.startswith("moe") for n in names):
-        jobs = vc.moe_compile_jobs(arch)
+    moe_only = bool(names) and all(n.startswith("moe") for n in names)
+    jobs = vc.moe_compile_jobs(arch) if moe_only else vc.compile_jobs(arch)
     jit.compile_many(jobs, workers=os.cpu_count())
     print(f"precompiled {len(jobs)} variants in {time.time() - t0:.1f} s on {torch.cuda.get_device_name()}", flush=True)
     return time.time() - t0

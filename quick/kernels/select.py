@@ -729,9 +729,7 @@ def moe_mlp_kernel(p_gu: MoEProblem, p_dn: MoEProblem) -> str:
         if name == "gemm":
             path = "mma"
             break
-    if len(_MOE_PATH) > 65536:
-        _MOE_PATH.clear()
-    _MOE_PATH[key] = path
+    qm._remember(_MOE_PATH, key, path)
     return path
 
 
