@@ -53,17 +53,20 @@ def float_cast_of(fn) -> torch.dtype | None:  # noqa: ANN001 - the function nn.M
     return None
 
 
-def device_only(fn):  # noqa: ANN001, ANN201 - the function nn.Module._apply passes
-    """``fn`` without its dtype cast: tensors it would cast are only moved to the device it moves them to."""
+class PackedModule(nn.Module):
+    """A module of packed tensors whose dtypes are its own (codes, and the scale dtype its kernels are built for):
+    ``model.half()`` / ``.bfloat16()`` / ``.float()`` / ``.to(dtype)`` only move them to the device asked for; the
+    module casts activations itself."""
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        probe = fn(t.new_empty(0))
-        return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
+        def move(t: torch.Tensor) -> torch.Tensor:
+            probe = fn(t.new_empty(0))
+            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
 
-    return move
+        return super()._apply(move, recurse)
 
 
-class QuickLinear(nn.Module):
+class QuickLinear(PackedModule):
     """Linear layer ``y = x @ dequant(W) + b`` with W stored in a packed layout.
 
     When K is not a multiple of the group size (or of the layout's block), the weight is stored zero-padded
@@ -145,10 +148,9 @@ class QuickLinear(nn.Module):
         return self.unpack().dequantize(dtype or self.dtype).t()[:, : self.logical_in_features]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
-        """``model.half()`` / ``.bfloat16()`` / ``.float()`` / ``.to(dtype)`` move the activations, not the packed
-        scales (their dtype is the layer's, which the kernels are built for): the tensors only change device, and
-        the cast hooks take the new activation dtype."""
-        super()._apply(device_only(fn), recurse)
+        """The packed tensors only change device (:class:`PackedModule`); the cast hooks take the model's new
+        activation dtype."""
+        super()._apply(fn, recurse)
         new = float_cast_of(fn)
         if new is not None:
             self.set_compute_dtype(new)

@@ -28,7 +28,7 @@ from quick.formats.w4a8 import (
     validate_w4a8,
     widens_to_int8,
 )
-from quick.nn.linear import device_only
+from quick.nn.linear import PackedModule
 
 BACKENDS = ("auto", "reference", "kernel")
 UNPACKED = "unpacked"
@@ -147,7 +147,7 @@ def reference_w4a8(
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
-class QuickLinearW4A8(nn.Module):
+class QuickLinearW4A8(PackedModule):
     """Linear layer ``y = dequant(quant_int8(x)) @ W^T + b`` with W4A8 weights (packed when possible).
 
     ``in_features`` is the stored K (whole groups); ``logical_in_features`` the real K, inputs of that width are
@@ -211,11 +211,6 @@ class QuickLinearW4A8(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         self.register_load_state_dict_post_hook(QuickLinearW4A8._refresh_widen)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
-        """``model.half()`` / ``.to(torch.bfloat16)`` move this layer but keep its tensors' dtypes (fp32 channel
-        scales, the kernel's activation dtype for the bias): forward casts its input and output itself."""
-        return super()._apply(device_only(fn), recurse)
 
     @staticmethod
     def _refresh_widen(module: QuickLinearW4A8, _incompatible) -> None:

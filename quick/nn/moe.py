@@ -23,7 +23,7 @@ from torch import nn
 
 from quick.formats.layouts import Layout, get_layout
 from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
-from quick.nn.linear import BACKENDS, check_dims, device_only, padded_in_features, positive_int
+from quick.nn.linear import BACKENDS, PackedModule, check_dims, padded_in_features, positive_int
 
 # The gated MLP activations of the MoE families (transformers' ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -35,7 +35,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class QuickExpertStack(nn.Module):
+class QuickExpertStack(PackedModule):
     """``num_experts`` packed 4-bit weights ``[K, N]`` (``y_e = x @ dequant(W_e)``) in one layout.
 
     Buffers are the layout's tensors with a leading expert dim (``qweight [E, ...]``, ``scales [E, K/G, N]``, ...), so
@@ -63,11 +63,6 @@ class QuickExpertStack(nn.Module):
     @property
     def layout(self) -> Layout:
         return get_layout(self.layout_name)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch.nn.Module's signature
-        """``model.half()`` / ``.to(torch.bfloat16)`` move the stack without casting its scales (their dtype is the
-        stack's, which the kernels are built for); the experts cast their input and output."""
-        return super()._apply(device_only(fn), recurse)
 
     def tensor_names(self) -> list[str]:
         return list(self.layout.tensor_specs(self.in_features, self.out_features, self.group_size))
