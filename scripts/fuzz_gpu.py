@@ -332,12 +332,13 @@ def run_other(c: dict, gen, case_seed: int, st: dict, failures: list, skipped: d
 def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_err: dict) -> int:
     """The grouped expert GEMM on a random routing (experts, top-k, tokens, K, N, group, dtype, row tile, compiled
     config, gated or not, routing weights or not, idle experts, dropped slots) against float64 per slot, rows no
-    slot names must stay zero; and the one-launch plan against the PyTorch plan, element for element."""
+    slot names must stay zero; the one-launch plan against the PyTorch plan, element for element; and the route
+    kernel on random logits (ties included) against the float64 softmax top-k, its plan against the PyTorch plan."""
     import torch.nn.functional as F
 
     from quick.kernels import moe as qmoe
-    from quick.nn.moe import QuickExpertStack, build_plan, static_plan
-    from quick.testing import random_quantized, rel_error
+    from quick.nn.moe import QuickExpertStack, build_plan, plan_capacity, static_plan
+    from quick.testing import random_quantized, rel_error, route_errors
 
     dt = rng.choice((torch.float16, torch.bfloat16))
     e = rng.choice((1, 2, 4, 8, 16, 33, 64, 128))
@@ -373,6 +374,22 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
         for name in ("sorted_ids", "block_experts", "offsets", "counts", "num_padded"):
             if not torch.equal(getattr(plan, name), getattr(want, name)):
                 raise AssertionError(f"plan kernel differs from the PyTorch plan in {name}")
+        # the route kernel on random logits of this shape (integer-valued half the time: many ties)
+        logits = torch.randn(t, e, generator=gen) * rng.choice((0.5, 3.0))
+        logits = (logits.round() if rng.random() < 0.5 else logits).to(dt).to(DEV)
+        cap = plan_capacity(t, top_k, e, block)
+        if qmoe.route_unavailable(logits, top_k, block, cap) is None:
+            renorm, rnd = rng.random() < 0.5, rng.random() < 0.5
+            r_ids, r_w, *r_plan = qmoe.route(logits, top_k, renorm, rnd, block, cap)
+            why = route_errors(logits, top_k, renorm, rnd, r_ids, r_w)
+            if why:
+                raise AssertionError(f"route kernel: {why}")
+            r_want = build_plan(r_ids, e, block, static=True, check=False)
+            names = ("sorted_ids", "block_experts", "offsets", "counts", "num_padded")
+            for name, got in zip(names, r_plan, strict=True):
+                if not torch.equal(got, getattr(r_want, name)):
+                    raise AssertionError(f"route kernel's plan differs from the PyTorch plan in {name}")
+            st["route"] = st.get("route", 0) + 1
         p = stack.packed()
         args = (xd, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids, plan.block_experts, plan.num_padded)
         # plain products at 16-row plans run on the decode kernel's grouped variant half of the time

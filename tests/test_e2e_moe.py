@@ -208,6 +208,34 @@ def test_cuda_graph_decode_gives_the_eager_tokens(name, quantized, tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "quick"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", SHAPES)
+def test_routed_block_runs_the_route_kernel_and_equals_the_block(name, dtype, quantized, tiny):
+    """The decode step's MoE call on the GPU (route kernel, then the grouped kernels on its plan, or the 16-bit experts
+    module) against the block's own forward (PyTorch routing, plan kernel, the same experts) for 1-64 tokens."""
+    from quick.models.families import get_family
+    from quick.models.moe import RoutedBlock
+
+    if torch.cuda.get_device_capability()[0] < 8 or not have_nvcc():
+        pytest.skip("the route and grouped 4-bit kernels need an sm_80+ GPU and nvcc")
+    model = sm.build_random_moe(name, dtype, "cuda", quantized)
+    fam = get_family(model.config)
+    for layer in model.model.layers:
+        routed = RoutedBlock.of(layer.mlp, fam.moe, model.config)
+        assert routed is not None
+        for t in (1, 5, 64):
+            x = torch.randn(t, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(t)).to(dtype)
+            shape = routed.kernel_takes(x, torch.nn.functional.linear(x, routed.router_weight))
+            assert shape is not None and shape[0] == quantized  # 4-bit experts take the route kernel's plan
+            with torch.inference_mode():
+                got, want = routed(x), layer.mlp(x[:, None])[:, 0]
+            assert got.dtype == dtype and torch.isfinite(got).all()
+            assert rel(got, want) < 1e-2, f"{t} tokens: {rel(got, want):.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "quick"])
 @pytest.mark.parametrize("name", SHAPES)
 def test_fast_decode_step_logits_match_transformers_on_gpu(name, quantized, tiny, monkeypatch):

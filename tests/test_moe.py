@@ -249,6 +249,62 @@ def test_rtn_model_equals_transformers_with_dequantized_weights(kind):
             assert rel(halved, want) > 2 * MATCH_BOUND
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "4bit"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_routed_block_is_the_block_forward(kind, quantized):
+    """The decode step's MoE call (router linear, route, experts, shared expert) equals transformers' block, on float
+    and on 4-bit experts; a routing without the family's renormalisation differs; a block without a router weight is
+    declined."""
+    model = round_dense_(tiny_moe(kind), torch.float16)
+    fam = get_family(model.config)
+    if quantized:
+        model = quantize_model_rtn(model, GROUP, skip=fam.modules_to_not_convert)
+    block = model.model.layers[1].mlp
+    routed = moe.RoutedBlock.of(block, fam.moe, model.config)
+    assert routed is not None and routed.cast_weights == (kind != "mixtral")
+    assert (routed.shared is not None) == (kind == "qwen2_moe")
+    assert isinstance(routed.experts, QuickMoEExperts) == quantized
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = block(x[:, None])[:, 0]
+        got = routed(x)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        routed.renormalize = not routed.renormalize
+        assert rel(routed(x), want) > 1e-2
+    with pytest.raises(ValueError, match=r"\[tokens, hidden\]"):
+        routed(x[None])
+    bare = copy.deepcopy(block)
+    del bare.get_submodule(fam.moe.router).weight
+    assert moe.RoutedBlock.of(bare, fam.moe, model.config) is None
+
+
+def test_route_kernel_limits_are_reported():
+    """The route kernel's refusals name the limit (checked before the device, so they hold on any machine)."""
+    from quick.kernels import moe as qmoe
+
+    ok = torch.zeros(4, 128, dtype=torch.bfloat16)
+    assert "CUDA" in qmoe.route_unavailable(ok, 8, 16, 16 * 40)
+    cases = [
+        (torch.zeros(4, 128), 8, "fp16 or bf16"),
+        (torch.zeros(4, 128, dtype=torch.half)[:, ::2], 8, None),  # stride-2 rows: 64 experts, not contiguous
+        (torch.zeros(4, 1025, dtype=torch.half), 8, "experts"),
+        (torch.zeros(4, 128, dtype=torch.half), 0, "top_k"),
+        (torch.zeros(4, 128, dtype=torch.half), 33, "top_k"),
+        (torch.zeros(4, 8, dtype=torch.half), 9, "top_k"),
+        (torch.zeros(600, 128, dtype=torch.half), 8, "slots"),
+        (torch.zeros(0, 128, dtype=torch.half), 8, "slots"),
+        (torch.zeros(4, 128, dtype=torch.half, device="meta").view(-1), 8, "2-D"),
+    ]
+    for logits, k, what in cases:
+        why = qmoe.route_unavailable(logits, k, 16, 16 * 40)
+        assert why is not None and (what is None or what in why), (tuple(logits.shape), k, why)
+    assert "contiguous" in qmoe.route_unavailable(torch.zeros(4, 128, dtype=torch.half)[:, ::2], 8, 16, 640)
+    assert "multiple of block_size" in qmoe.route_unavailable(ok, 8, 16, 17)
+    with pytest.raises(qmoe.MoEKernelError, match="CUDA"):
+        qmoe.route(ok, 8, True, True, 16, 640)
+
+
 def test_experts_module_matches_transformers_experts_module():
     """One block's experts, with dropped slots (id = E) and a skewed routing, against transformers' module."""
     model = tiny_moe("qwen3_moe")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import require_sm80_and_nvcc
 
-from quick.testing import REL_BOUND, random_quantized, rel_error
+from quick.testing import REL_BOUND, random_quantized, rel_error, route_errors
 
 pytestmark = pytest.mark.gpu
 
@@ -356,3 +356,100 @@ def test_plan_kernel_refuses_what_it_cannot_take():
         qmoe.plan(big, 8, 64, 64 * 8)
     with pytest.raises(qmoe.MoEKernelError, match="multiple of block_size"):
         qmoe.plan(big[:4], 8, 16, 17)
+
+
+ROUTE_CASES = [
+    # (tokens, experts, top_k)
+    (1, 128, 8),  # Qwen3-30B-A3B decode, batch 1
+    (64, 128, 8),
+    (512, 128, 8),  # ROUTE_MAX_SLOTS
+    (7, 8, 2),  # Mixtral
+    (33, 60, 4),  # Qwen2-MoE-sized expert count (not a multiple of 32)
+    (5, 256, 8),  # DeepSeek-sized expert count
+    (3, 512, 32),  # the widest variant, one choice per lane
+    (2, 1, 1),
+    (300, 100, 13),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=str)
+def test_route_kernel_against_float64_and_its_plan(case, dtype):
+    from quick.nn.moe import plan_capacity
+
+    t, e, k = case
+    gen = torch.Generator().manual_seed(t * 31 + e + k)
+    logits = (torch.randn(t, e, generator=gen) * 3).to(dtype).to(DEV)
+    bs = 16 if t * k <= 256 else 64
+    cap = plan_capacity(t, k, e, bs)
+    assert qmoe.route_unavailable(logits, k, bs, cap) is None
+    for renorm in (False, True):
+        for rnd in (False, True):
+            ids, w, *plan = qmoe.route(logits, k, renorm, rnd, bs, cap)
+            torch.cuda.synchronize()
+            why = route_errors(logits, k, renorm, rnd, ids, w)
+            assert not why, why
+            want = build_plan(ids, e, bs, static=True, check=False)
+            for name, a, b in zip(("sorted_ids", "block_experts", "offsets", "counts", "num_padded"), plan,
+                                  _plan_fields(want), strict=True):  # fmt: skip
+                assert a.dtype == torch.int32 and torch.equal(a, b), name
+
+
+def test_route_kernel_ties_nan_rows_and_strided_logits():
+    """Equal probabilities go to the lower expert ids; a row with a NaN logit gets NaN weights and in-range ids
+    without disturbing the other rows; logits with a row stride (a slice of a wider tensor) route like a copy."""
+    from quick.nn.moe import plan_capacity
+
+    t, e, k = 4, 64, 6
+    cap = plan_capacity(t, k, e, 16)
+    ids, w, *_ = qmoe.route(torch.zeros(t, e, dtype=torch.bfloat16, device=DEV), k, True, False, 16, cap)
+    assert torch.equal(ids, torch.arange(k, device=DEV).expand(t, k))
+    torch.testing.assert_close(w, torch.full_like(w, 1.0 / k))
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(3)).half().to(DEV)
+    clean_ids, clean_w, *_ = qmoe.route(logits, k, True, True, 16, cap)
+    bad = logits.clone()
+    bad[1, 5] = float("nan")
+    ids, w, *_ = qmoe.route(bad, k, True, True, 16, cap)
+    assert bool(((ids[1] >= 0) & (ids[1] < e)).all()) and bool(torch.isnan(w[1]).all())
+    keep = torch.tensor([0, 2, 3], device=DEV)
+    assert torch.equal(ids[keep], clean_ids[keep]) and torch.equal(w[keep], clean_w[keep])
+    wide = torch.randn(t, 3 * e, generator=torch.Generator().manual_seed(4)).half().to(DEV)
+    got = qmoe.route(wide[:, e : 2 * e], k, True, True, 16, cap)
+    want = qmoe.route(wide[:, e : 2 * e].contiguous(), k, True, True, 16, cap)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_route_kernel_in_a_cuda_graph_follows_new_logits():
+    """``quick::moe_route`` captured once and replayed on new logits in the same buffer: each replay's routing and
+    plan are those of an eager call on the new logits."""
+    from quick.nn.moe import plan_capacity
+
+    t, e, k, bs = 8, 128, 8, 16
+    cap = plan_capacity(t, k, e, bs)
+    logits = torch.randn(t, e, device=DEV, dtype=torch.bfloat16)
+    torch.ops.quick.moe_route(logits, k, True, True, bs, cap)  # warm-up: build and load outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = torch.ops.quick.moe_route(logits, k, True, True, bs, cap)
+    for seed in range(3):
+        logits.copy_(torch.randn(t, e, generator=torch.Generator().manual_seed(seed)).bfloat16().to(DEV))
+        g.replay()
+        torch.cuda.synchronize()
+        want = torch.ops.quick.moe_route(logits, k, True, True, bs, cap)
+        for a, b in zip(outs, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_route_kernel_refuses_what_it_cannot_take():
+    """Beyond its limits the kernel names the limit (no launch, no crash)."""
+    from quick.nn.moe import plan_capacity
+
+    cap = plan_capacity(600, 8, 128, 64)
+    with pytest.raises(qmoe.MoEKernelError, match="slots"):
+        qmoe.route(torch.zeros(600, 128, dtype=torch.half, device=DEV), 8, True, True, 64, cap)
+    with pytest.raises(qmoe.MoEKernelError, match="experts"):
+        qmoe.route(torch.zeros(2, 513, dtype=torch.half, device=DEV), 8, True, True, 16, 16 * 20)
+    with pytest.raises(qmoe.MoEKernelError, match="fp16 or bf16"):
+        qmoe.route(torch.zeros(2, 128, device=DEV), 8, True, True, 16, 16 * 20)

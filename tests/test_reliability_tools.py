@@ -64,7 +64,7 @@ def test_every_dec_variant_has_a_case():
 
 
 def test_every_moe_variant_has_a_valid_case():
-    """Each grouped-GEMM variant (config, dtype, gated) and each plan-kernel variant is launched by a case whose
+    """Each grouped-GEMM variant (config, dtype, gated), plan- and route-kernel variant is launched by a case whose
     inputs the launcher's validation takes (checked on CPU tensors: shapes, dtypes, plan block size, config)."""
     from quick.kernels import moe as qmoe
 
@@ -75,6 +75,14 @@ def test_every_moe_variant_has_a_valid_case():
         inp = vc.make_inputs(c, gen, "cpu")
         if c.kernel == "moe_plan":
             launched.add(("QP_IDX64", int(inp["x"].dtype == torch.int64)))
+            continue
+        if c.kernel == "moe_route":  # the limits the launcher checks before the device, and the variant it picks
+            logits, ex = inp["x"], c.extra
+            why = qmoe.route_unavailable(logits, ex["top_k"], ex["block"], c.n)
+            assert why is not None and "CUDA" in why, why
+            epl = next(p for p in qmoe.ROUTE_EPL if 32 * p >= logits.shape[1])
+            assert logits.shape[1] > 32 * max([p for p in qmoe.ROUTE_EPL if p < epl], default=0)
+            launched.add(tuple(sorted({"QR_BF16": int(c.dtype == torch.bfloat16), "QR_EPL": epl}.items())))
             continue
         if c.kernel == "moe_dec":
             p, ex = inp["packed"], c.extra
@@ -96,6 +104,7 @@ def test_every_moe_variant_has_a_valid_case():
         assert d.n % cfg.bn or (c.extra["act"] and cfg.bn == 128), "N should end inside a CTA tile"
         launched.add(tuple(sorted(cfg.defines(c.dtype, bool(c.extra["act"])).items())))
     want = {tuple(sorted(d.items())) for _s, d, _a in qmoe.VARIANTS if "QP_IDX64" not in d}
+    assert any("QR_EPL" in dict(w) for w in want)
     assert any("QD_GROUPED" in dict(w) for w in want)
     want |= {("QP_IDX64", d["QP_IDX64"]) for _s, d, _a in qmoe.PLAN_VARIANTS}
     assert want <= launched, f"MoE variants without a sanitizer case: {want - launched}"

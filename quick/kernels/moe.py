@@ -126,6 +126,16 @@ PLAN_MAX_EXPERTS = 1024  # the kernel's shared arrays
 PLAN_MAX_SLOTS = 4096
 PLAN_VARIANTS = [(PLAN_SOURCE, {"QP_IDX64": v}, ARCHS) for v in (0, 1)]
 
+# The router's softmax top-k and the plan in one launch (csrc/quick_moe_route.cu): 16-bit logits, E <= 32 * EPL.
+ROUTE_SOURCE = "quick_moe_route.cu"
+ROUTE_KERNEL = "quick_moe_route"
+ROUTE_EPL = (4, 8, 16)  # experts per lane; 32 would spill at 1024 threads
+ROUTE_MAX_EXPERTS = 32 * ROUTE_EPL[-1]
+ROUTE_MAX_TOPK = 32  # one choice per lane
+ROUTE_MAX_SLOTS = 4096  # the kernel's shared array of chosen ids
+ROUTE_DTYPES = (torch.float16, torch.bfloat16)
+ROUTE_VARIANTS = [(ROUTE_SOURCE, {"QR_BF16": b, "QR_EPL": p}, ARCHS) for b in (0, 1) for p in ROUTE_EPL]
+
 # Decode sizes (16-row plans): the decode kernel over the experts (csrc/quick_dec.cu, QD_GROUPED) in two launches,
 # gate|up plain into [slots, 2I], then down staging act(gate) * up from it (QD_ACT) with the slot weights.
 DEC_CONFIG = qd.DecConfig(1, 8, 4, wb=1)
@@ -138,7 +148,9 @@ DEC_VARIANTS = [
 ]
 
 # Every (source, defines, archs) this module may launch (the compile check builds them all).
-VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = _all_variants() + PLAN_VARIANTS + DEC_VARIANTS
+VARIANTS: list[tuple[str, dict[str, int], tuple[str, ...]]] = (
+    _all_variants() + PLAN_VARIANTS + ROUTE_VARIANTS + DEC_VARIANTS
+)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -381,6 +393,65 @@ def plan(
     ptrs = [flat, sorted_ids, block_experts, offsets, counts, num_padded]
     launch([t.data_ptr() for t in ptrs], torch.cuda.current_stream(dev).cuda_stream)
     return sorted_ids, block_experts, offsets, counts, num_padded
+
+
+# ----------------------------------------------------------------------------------------- the route kernel
+
+
+def route_unavailable(logits: Tensor, top_k: int, block_size: int, capacity: int) -> str | None:
+    """Why :func:`route` cannot take these router logits (None: it can; a missing nvcc is reported by the build)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        return f"router logits must be a 2-D tensor [tokens, experts], got {getattr(logits, 'shape', type(logits))}"
+    t, e = logits.shape
+    if logits.dtype not in ROUTE_DTYPES:
+        return f"takes fp16 or bf16 logits, got {logits.dtype}"
+    if logits.stride(1) != 1:
+        return "takes logits with contiguous rows"
+    if not 1 <= e <= ROUTE_MAX_EXPERTS:
+        return f"takes 1-{ROUTE_MAX_EXPERTS} experts, got {e}"
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= min(e, ROUTE_MAX_TOPK):
+        return f"takes top_k in [1, {min(e, ROUTE_MAX_TOPK)}], got {top_k!r}"
+    if not 1 <= t * top_k <= ROUTE_MAX_SLOTS:
+        return f"takes 1-{ROUTE_MAX_SLOTS} slots (tokens x top_k), got {t * top_k}"
+    if block_size < 1 or capacity < 0 or capacity % block_size:
+        return f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)"
+    if logits.device.type != "cuda" or qm.capability(logits.device)[0] < 8:
+        return "runs on a CUDA device of compute capability 8.0+"
+    return None
+
+
+def route(
+    logits: Tensor, top_k: int, renormalize: bool, round_weights: bool, block_size: int, capacity: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The router's choice and the plan of a batch in one launch: ``(ids [T, k] int64, weights [T, k] fp32,
+    sorted_ids, block_experts, offsets, counts, num_padded)``. ``ids`` / ``weights`` equal ``torch.topk`` of the fp32
+    softmax of ``logits [T, E]`` (divided by their sum with ``renormalize``; rounded through the logits' dtype with
+    ``round_weights``); the plan equals :func:`plan` of ``ids``. No host synchronisation (capturable)."""
+    why = route_unavailable(logits, top_k, block_size, capacity)
+    if why is not None:
+        raise MoEKernelError(f"the route kernel cannot take these logits: {why}")
+    t, e = logits.shape
+    dev = logits.device
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=dev)
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)
+    sorted_ids = torch.empty(capacity, dtype=torch.int32, device=dev)
+    block_experts = torch.empty(capacity // block_size, dtype=torch.int32, device=dev)
+    offsets = torch.empty(e + 1, dtype=torch.int32, device=dev)
+    counts = torch.empty(e, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    key = ("route", logits.dtype, dev, t, logits.stride(0), e, top_k, renormalize, round_weights, block_size, capacity)
+    launch = _LAUNCH.get(key)
+    if launch is None:
+        with _LOCK:
+            epl = next(p for p in ROUTE_EPL if 32 * p >= e)
+            defines = {"QR_BF16": int(logits.dtype == torch.bfloat16), "QR_EPL": epl}
+            kern = jit.load_kernel(ROUTE_SOURCE, ROUTE_KERNEL, defines, qm._dev_index(dev))
+            scalars = [t, logits.stride(0), e, top_k, int(renormalize), int(round_weights), block_size, capacity]
+            launch = qm._FastLaunch(kern, (1,), (PLAN_THREADS,), 0, [None] * 8 + scalars)
+            qm._remember(_LAUNCH, key, launch)
+    outs = [ids, weights, sorted_ids, block_experts, offsets, counts, num_padded]
+    launch([logits.data_ptr()] + [o.data_ptr() for o in outs], torch.cuda.current_stream(dev).cuda_stream)
+    return ids, weights, sorted_ids, block_experts, offsets, counts, num_padded
 
 
 # ------------------------------------------------------------------------------- decode sizes: the decode kernel

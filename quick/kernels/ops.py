@@ -401,6 +401,29 @@ def _moe_plan_fake(top_k_index, num_experts, block_size, capacity):
     return i32(capacity), i32(capacity // block_size), i32(num_experts + 1), i32(num_experts), i32(1)
 
 
+@torch.library.custom_op("quick::moe_route", mutates_args=())
+def moe_route(
+    logits: Tensor, top_k: int, renormalize: bool, round_weights: bool, block_size: int, capacity: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A router's softmax top-k and the plan of its batch in one launch (:func:`quick.kernels.moe.route`): ``ids``
+    (int64), ``weights`` (fp32), then the five plan tensors of :func:`moe_plan`."""
+    from quick.kernels import moe as qmoe
+
+    return qmoe.route(logits, top_k, renormalize, round_weights, block_size, capacity)
+
+
+@moe_route.register_fake
+def _moe_route_fake(logits, top_k, renormalize, round_weights, block_size, capacity):
+    t, e = logits.shape
+
+    def i32(n: int) -> Tensor:
+        return logits.new_empty((n,), dtype=torch.int32)
+
+    ids = logits.new_empty((t, top_k), dtype=torch.int64)
+    w = logits.new_empty((t, top_k), dtype=torch.float32)
+    return ids, w, i32(capacity), i32(capacity // block_size), i32(e + 1), i32(e), i32(1)
+
+
 @moe_gemm_w4a16.register_fake
 def _moe_gemm_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
                    topk_weights=None, act="", validate_ids=False):  # fmt: skip

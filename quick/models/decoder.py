@@ -19,8 +19,9 @@ or the residual add + norm can run inside its kernel, any other layer is called 
 between families is data: which norm feeds the attention and the MLP (the AWQ scale groups' ``prev``), the norms
 applied to each branch's output before the residual add (``ModelFamily.branch_norms``: Gemma3's sandwich), the
 norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). A layer whose
-MLP is a mixture-of-experts block (``ModelFamily.moe``) calls that block (router, experts, shared expert) on the
-normed input in place of gate/up and down. Anything else
+MLP is a mixture-of-experts block (``ModelFamily.moe``) runs it on the normed input in place of gate/up and down:
+the router's linear, then its top-k and the experts' plan in one kernel feeding the grouped kernels
+(:class:`quick.models.moe.RoutedBlock`), else the block's own forward. Anything else
 (sliding windows shorter than the cache, soft-capping, other activations) raises :class:`UnsupportedModel`, so
 the caller keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
 weight; Gemma's: times ``1 + weight`` in fp32, then cast; rotary in the model dtype): the logits agree (tests).
@@ -193,9 +194,18 @@ class _Layer:
     nq_mlp: QuickLinearW4A8 | None = None
     qkv_sizes: tuple[int, ...] = ()
     mlp_sizes: tuple[int, ...] = ()
-    # a mixture-of-experts block (transformers' own module: router, then the experts, e.g. QuickMoEExperts), called on
-    # the normed input in place of gate_up / down
-    moe: nn.Module | None = None
+    # a mixture-of-experts block on the normed input [T, H] in place of gate_up / down: RoutedBlock (router top-k and
+    # plan in one kernel, then the grouped kernels), or transformers' own block where RoutedBlock declines it
+    moe: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _block_call(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A transformers block taking ``[B, S, H]`` as a function of ``[T, H]``."""
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return block(x[:, None])[:, 0]
+
+    return call
 
 
 # (backend, dynamic) -> the three compiled functions: module-level so that every decoder (every batch size and
@@ -320,7 +330,11 @@ class FastDecoder:
         qkv_sizes = (cfg.num_attention_heads * d, keys.shape[1] * d, keys.shape[1] * d)
         ffn = getattr(cfg, "intermediate_size", None)
         qkv = _projections(attn, g_attn.linears, qkv_sizes)
-        moe = mlp if family.moe is not None and hasattr(mlp, "experts") else None
+        moe = None
+        if family.moe is not None and hasattr(mlp, "experts"):
+            from quick.models.moe import RoutedBlock
+
+            moe = RoutedBlock.of(mlp, family.moe, cfg) or _block_call(mlp)
         gate_up = None if moe is not None else _projections(mlp, g_mlp.linears, (ffn, ffn))
         down = None if moe is not None else mlp.down_proj
         gated_down = self.fusions and isinstance(gate_up, FusedProjection) and _has_epilogues(down)
@@ -416,7 +430,7 @@ class FastDecoder:
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
             if layer.moe is not None:  # router and experts (the block's own forward), then the next layer's add + norm
-                h, x, branch = layer.moe(x[:, None])[:, 0], None, layer.post_mlp
+                h, x, branch = layer.moe(x), None, layer.post_mlp
                 continue
             if gu is not None:
                 down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)

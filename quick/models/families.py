@@ -69,7 +69,8 @@ class MoESpec:
     probabilities are divided by their sum -- ``True`` always (Mixtral), or the name of the config attribute that
     switches it (Qwen: ``norm_topk_prob``). ``shared_expert``: a dense gated MLP every token goes through, scaled
     by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); it is quantized like a dense MLP, its gate (N = 1) stays
-    16-bit. ``checkpoint_names``: the per-expert gate, up and down linears in the published checkpoint files
+    16-bit. ``cast_weights``: the router rounds the top-k weights to the logits' dtype (Qwen; Mixtral keeps them
+    fp32). ``checkpoint_names``: the per-expert gate, up and down linears in the published checkpoint files
     (transformers fuses them into the 3-D parameters when loading).
     """
 
@@ -81,6 +82,7 @@ class MoESpec:
     renormalize: bool | str = "norm_topk_prob"
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    cast_weights: bool = True
     checkpoint_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @property
@@ -244,7 +246,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "model.layers",
         _MOE_GROUPS,
         fast_decode=True,
-        moe=MoESpec(num_experts="num_local_experts", renormalize=True, checkpoint_names=("w1", "w3", "w2")),
+        moe=MoESpec(
+            num_experts="num_local_experts", renormalize=True, cast_weights=False, checkpoint_names=("w1", "w3", "w2")
+        ),
         notes="8 experts, top-2; checkpoints name the block block_sparse_moe, transformers 5 builds it as mlp",
     ),
     ModelFamily(

@@ -19,7 +19,7 @@ from quick.formats.layouts import LayoutError, get_layout
 from quick.formats.weights import QuantizationError
 from quick.models.families import FamilyError, ModelFamily, MoESpec, decoder_layers, get_family
 from quick.nn.linear import padded_in_features
-from quick.nn.moe import ACTIVATIONS, QuickExpertStack, QuickMoEExperts
+from quick.nn.moe import ACTIVATIONS, MoEPlan, QuickExpertStack, QuickMoEExperts, plan_capacity
 
 # AWQ's per-expert searches (the down projection's scale, clipping) need at least this many calibration tokens routed
 # to the expert: a clipping block is G x G (G = 128), and with fewer tokens than G its statistics leave directions of
@@ -104,6 +104,90 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+class RoutedBlock:
+    """A mixture-of-experts block's forward on ``x [T, H]`` for the few-kernel decode step: the router's linear, then
+    the softmax top-k (and, for 4-bit experts, the experts' plan) in one launch (``quick::moe_route``), the experts
+    (4-bit: the grouped kernels on that plan, :meth:`QuickMoEExperts.kernel_forward_planned`; 16-bit: the experts
+    module itself), then the shared expert if the family has one. Where the route kernel cannot take a batch, the
+    family's routing runs in PyTorch (same result up to rounding). Build with :meth:`of`, which declines blocks it
+    does not recognise."""
+
+    def __init__(self, block: nn.Module, spec: MoESpec, config: Any) -> None:
+        router = block.get_submodule(spec.router)
+        self.block = block
+        self.router_weight: torch.Tensor = router.weight
+        self.router_bias: torch.Tensor | None = getattr(router, "bias", None)
+        self.experts: nn.Module = block.get_submodule(spec.experts)
+        self.num_experts, self.top_k, self.renormalize = routing(config, spec)
+        self.cast_weights = spec.cast_weights
+        self.shared = block.get_submodule(spec.shared_expert) if spec.shared_expert else None
+        self.shared_gate = block.get_submodule(spec.shared_expert_gate) if spec.shared_expert_gate else None
+
+    @classmethod
+    def of(cls, block: nn.Module, spec: MoESpec, config: Any) -> RoutedBlock | None:
+        """A :class:`RoutedBlock` for ``block``, or None where its router is not a plain ``[E, H]`` weight or its
+        experts are not a fused experts module (then the caller runs the block's own forward)."""
+        try:
+            routed = cls(block, spec, config)
+        except (AttributeError, FamilyError):
+            return None
+        w = routed.router_weight
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] != routed.num_experts:
+            return None
+        experts = routed.experts
+        if isinstance(experts, QuickMoEExperts):
+            return routed if experts.num_experts == routed.num_experts else None
+        return routed if _fused_experts(experts, routed.num_experts) else None
+
+    def route_shape(self, x: torch.Tensor) -> tuple[bool, int, int]:
+        """``(planned, block size, plan capacity)`` of this batch: planned where the 4-bit grouped kernels take it
+        (the route kernel then builds their plan), else capacity 0 (no plan is needed)."""
+        t, k, e = x.shape[0], self.top_k, self.experts
+        if not isinstance(e, QuickMoEExperts) or e.backend == "reference" or e.kernel_unavailable(x, k) is not None:
+            return False, 16, 0
+        bs = e.plan_block_size(t, k)
+        return True, bs, plan_capacity(t, k, self.num_experts, bs)
+
+    def kernel_takes(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[bool, int, int] | None:
+        """:meth:`route_shape` where the route kernel runs for ``x`` and its router logits, else None."""
+        from quick.kernels import moe as qmoe
+
+        shape = self.route_shape(x)
+        ok = qmoe.route_unavailable(logits, self.top_k, *shape[1:]) is None and qmoe.jit.nvcc_available()
+        return shape if ok else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"x must be [tokens, hidden], got {tuple(x.shape)}")
+        logits = F.linear(x, self.router_weight, self.router_bias)
+        t, k = x.shape[0], self.top_k
+        shape = self.kernel_takes(x, logits)
+        if shape is not None:
+            import quick.kernels.ops  # noqa: F401  (registers torch.ops.quick.moe_route)
+
+            planned, bs, cap = shape
+            ids, w, *tensors = torch.ops.quick.moe_route(logits, k, self.renormalize, self.cast_weights, bs, cap)
+            if planned:  # every slot names an expert: no row of the down product is left unwritten
+                y = self.experts.kernel_forward_planned(x, MoEPlan(*tensors, t, k, bs), w, all_routed=True)
+            else:
+                y = self.experts(x, ids, w.to(logits.dtype) if self.cast_weights else w)
+        else:
+            w, ids = route(logits, k, self.renormalize)
+            y = self.experts(x, ids, w.to(logits.dtype) if self.cast_weights else w)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+        return y
+
+
+def _fused_experts(module: nn.Module, num_experts: int) -> bool:
+    """transformers' fused experts module of ``num_experts`` experts (3-D ``gate_up_proj`` / ``down_proj``)."""
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return all(isinstance(p, torch.Tensor) and p.dim() == 3 and p.shape[0] == num_experts for p in (gu, dn))
 
 
 # ------------------------------------------------------------------------------------ round-to-nearest

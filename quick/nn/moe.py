@@ -438,14 +438,32 @@ class QuickMoEExperts(nn.Module):
         grouped GEMM (gate|up with ``act(gate) * up`` in its epilogue, down with the slot weights), as
         ``select.moe_mlp_kernel`` picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to
         the host while a CUDA graph is captured (ids are validated only outside capture)."""
-        from quick.kernels import select
-        from quick.kernels.mma import _dense_rows
-
         t, k = idx.shape
         if not torch.cuda.is_current_stream_capturing():
             self._check_ids(idx)
+        plan = static_plan(idx, self.num_experts, self.plan_block_size(t, k))
+        return self.kernel_forward_planned(x, plan, w)
+
+    def plan_block_size(self, tokens: int, top_k: int) -> int:
+        """The plan block size the grouped kernels take for ``tokens`` routed ``top_k`` times."""
+        from quick.kernels import moe as qmoe
+
+        return qmoe.block_size_for(tokens, top_k, self.num_experts)
+
+    @torch.no_grad()
+    def kernel_forward_planned(
+        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False
+    ) -> torch.Tensor:
+        """:meth:`kernel_forward` from a static ``plan`` of block size :meth:`plan_block_size` already built (by the
+        route kernel, say) and the slot weights ``w [T, k]``; the caller has checked :meth:`kernel_unavailable`.
+        ``all_routed``: every slot names an expert (no dropped slot), so the down product needs no zero fill."""
+        from quick.kernels import select
+        from quick.kernels.mma import _dense_rows
+
+        t, k = plan.num_tokens, plan.top_k
         p_gu, p_dn = self._problems(x, k)
-        plan = static_plan(idx, self.num_experts, p_gu.block_size)
+        if plan.block_size != p_gu.block_size:
+            raise ValueError(f"the kernels take plans of block size {p_gu.block_size} here, got {plan.block_size}")
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)
@@ -455,7 +473,8 @@ class QuickMoEExperts(nn.Module):
         if select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
             dec = torch.ops.quick.moe_dec_w4a16
             h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False)
-            y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act)
+            y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act,
+                    not all_routed)  # fmt: skip
         else:
             mm = torch.ops.quick.moe_gemm_w4a16
             h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)

@@ -58,3 +58,34 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | 
 # the errors average out over K). These bounds are a few times the expected value and fail on any
 # indexing or layout mistake (which gives errors of order 1).
 REL_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def route_errors(logits: torch.Tensor, top_k: int, renormalize: bool, rounded: bool, ids, weights) -> str:
+    """What is wrong with a router's choice ``(ids, weights) [T, top_k]`` of ``logits [T, E]`` against the float64
+    softmax ("" if nothing): k distinct in-range experts per row in non-increasing probability, none left out more
+    probable than the last chosen, and weights equal to the chosen probabilities (divided by their sum with
+    ``renormalize``; rounded through the logits' dtype with ``rounded``). Rows with a non-finite logit are skipped."""
+    t, e = logits.shape
+    shapes_ok = tuple(ids.shape) == tuple(weights.shape) == (t, top_k)
+    if ids.dtype != torch.int64 or weights.dtype != torch.float32 or not shapes_ok:
+        return f"ids {ids.dtype} {tuple(ids.shape)} / weights {weights.dtype} {tuple(weights.shape)}"
+    if not bool(((ids >= 0) & (ids < e)).all()):
+        return "an expert id out of range"
+    rows = torch.isfinite(logits.double()).all(1)
+    ids, weights, logits = ids[rows], weights[rows], logits[rows]
+    p = torch.softmax(logits.double(), -1)
+    if top_k > 1 and not bool((ids.sort(1).values.diff(dim=1) > 0).all()):
+        return "an expert chosen twice"
+    chosen = p.gather(1, ids)
+    if not bool((chosen.diff(dim=1) <= 1e-6).all()):
+        return "choices out of order"
+    if top_k < e and not bool((chosen[:, -1] >= p.scatter(1, ids, -1.0).amax(1) - 1e-6).all()):
+        return "a more probable expert left out"
+    want = chosen / chosen.sum(1, keepdim=True) if renormalize else chosen
+    rtol = 2e-6
+    if rounded:
+        if not torch.equal(weights, weights.to(logits.dtype).float()):
+            return "weights not rounded through the logits' dtype"
+        rtol = torch.finfo(logits.dtype).eps
+    err = ((weights.double() - want).abs() - rtol * want.abs()).max() if want.numel() else torch.tensor(0.0)
+    return f"weights off by {float(err):.3e} beyond rtol {rtol:.1e}" if float(err) > 1e-8 else ""

@@ -310,7 +310,8 @@ def moe_cases() -> list[Case]:
     (``m`` = slots, ``n`` = output columns; gated: half the weight columns). The decode kernel over experts
     (``moe_dec``): the same routing per variant (dtype, group path, staged activation). The plan kernel: int32 and
     int64 ids with dropped and out-of-range ids (``m`` = 1, ``n`` = the capacity: the launcher returns the sorted ids
-    as one row)."""
+    as one row). The route kernel: per variant (dtype, experts per lane) integer-valued logits (ties) over more experts
+    than the previous variant takes (its sorted ids as one row)."""
     from quick.kernels import moe as qmoe
     from quick.nn.moe import plan_capacity
 
@@ -336,6 +337,13 @@ def moe_cases() -> list[Case]:
         cap = plan_capacity(tokens, top_k, experts, 16)
         ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "idx64": idx64, "block": 16}
         out.append(Case("moe_plan", "int64" if idx64 else "int32", torch.float32, 1, 0, cap, 0, layout="", extra=ex))
+    for _src, d, _archs in qmoe.ROUTE_VARIANTS:  # the route kernel: E past the previous variant's reach, not 32 * EPL
+        dt = (torch.float16, torch.bfloat16)[d["QR_BF16"]]
+        e = 32 * d["QR_EPL"] - 24
+        cap = plan_capacity(tokens, top_k, e, 16)
+        ex = {"tokens": tokens, "top_k": top_k, "experts": e, "block": 16}
+        var = f"{_dt_name(dt)}/epl{d['QR_EPL']}"
+        out.append(Case("moe_route", var, dt, 1, e, cap, 0, layout="", extra=ex))
     return out
 
 
@@ -351,6 +359,9 @@ def moe_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
     ids = torch.rand(t, 6, generator=gen).argsort(dim=1)[:, :k]
     ids[torch.rand(t, k, generator=gen) < 0.25] = e
     none = {"qw": None, "bias": None, "bias_cpu": None}
+    if case.kernel == "moe_route":  # router logits [tokens, E] with a few exact ties
+        logits = (torch.randn(t, e, generator=gen) * 2).round().to(case.dtype)
+        return {**none, "packed": {}, "x_cpu": logits, "x": logits.to(device)}
     if case.kernel == "moe_plan":
         ids[0, 0], ids[-1, -1] = -3, e + 7
         ids = ids.to(torch.int64 if case.extra["idx64"] else torch.int32)
@@ -478,7 +489,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    if case.kernel in ("moe", "moe_dec", "moe_plan"):
+    if case.kernel in ("moe", "moe_dec", "moe_plan", "moe_route"):
         return moe_inputs(case, gen, device)
     if case.kernel == "normquant":
         x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
@@ -600,6 +611,15 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
 
         def fn(x, p, bias, out=None):
             y = qmoe.plan(x, case.extra["experts"], case.extra["block"], case.n)[0].float().view(1, -1)
+            return out.copy_(y) if out is not None else y
+
+        return fn
+    if case.kernel == "moe_route":
+        from quick.kernels import moe as qmoe
+
+        def fn(x, p, bias, out=None):
+            ex = case.extra
+            y = qmoe.route(x, ex["top_k"], True, True, ex["block"], case.n)[2].float().view(1, -1)
             return out.copy_(y) if out is not None else y
 
         return fn
