@@ -406,3 +406,23 @@ def test_fast_decode_w4a8(family, group, fused, monkeypatch):
     assert len(asked) == 5 * layers * (2 * step.add_norm + step.gated_down)
     ids = torch.randint(0, 256, (2, 6))
     assert torch.equal(fast.generate(ids, 6)[0], ref.generate(ids, 6)[0])
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["plain", "branch_norm"])
+def test_add_rms_norm_sums_slot_rows_in_fp32_first(branch):
+    """A mixture-of-experts block's slot rows [T, k, H] enter the add + norm summed in fp32 and rounded once: the
+    same as passing their sum; a plain 16-bit sum (rounded after every add) is not what is computed."""
+    gen = torch.Generator().manual_seed(0)
+    rows = (torch.randn(3, 8, 64, generator=gen) * 4).bfloat16()
+    residual = torch.randn(3, 64, generator=gen).bfloat16()
+    weight = torch.rand(64, generator=gen).bfloat16() + 0.5
+    bw = torch.rand(64, generator=gen).bfloat16() if branch else None
+    summed = rows.float().sum(1).bfloat16()
+    got = decoder.add_rms_norm(rows, residual, weight, 1e-6, 0.0, bw)
+    want = decoder.add_rms_norm(summed, residual, weight, 1e-6, 0.0, bw)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    naive = rows[:, 0]
+    for j in range(1, 8):
+        naive = naive + rows[:, j]
+    assert not torch.equal(naive, summed)  # the test input tells the two sums apart

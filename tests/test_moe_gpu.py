@@ -453,3 +453,26 @@ def test_route_kernel_refuses_what_it_cannot_take():
         qmoe.route(torch.zeros(2, 513, dtype=torch.half, device=DEV), 8, True, True, 16, 16 * 20)
     with pytest.raises(qmoe.MoEKernelError, match="fp16 or bf16"):
         qmoe.route(torch.zeros(2, 128, device=DEV), 8, True, True, 16, 16 * 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_planned_forward_from_the_route_kernel(dtype):
+    """Experts on the route kernel's plan: equal to ``forward`` on its ids and weights; without the zero fill of the
+    down product (every slot routed) and with the slot rows left unsummed, which summed in fp32 give the same."""
+    from quick.nn.moe import MoEPlan, plan_capacity
+
+    e, k, h, i, t = 16, 4, 256, 128, 5
+    mod = _module(e, h, i, dtype, seed=21)
+    mod.backend = "kernel"
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(22)).to(dtype).to(DEV)
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(23)).to(dtype).to(DEV)
+    bs = mod.plan_block_size(t, k)
+    ids, w, *plan = qmoe.route(logits, k, True, True, bs, plan_capacity(t, k, e, bs))
+    want = mod(x, ids, w)
+    got = mod.kernel_forward_planned(x, MoEPlan(*plan, t, k, bs), w, all_routed=True)
+    rows = mod.kernel_forward_planned(x, MoEPlan(*plan, t, k, bs), w, all_routed=True, sum_slots=False)
+    assert torch.equal(got, want)
+    assert rows.shape == (t, k, h) and torch.isfinite(rows).all()
+    assert torch.equal(rows.float().sum(1).to(dtype), want)
+    ref = mod.reference_forward(x, ids, w)
+    assert rel_error(got, ref.double()) < 2 * REL_BOUND[dtype]

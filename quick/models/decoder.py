@@ -61,7 +61,10 @@ def add_rms_norm(
     branch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(r), r)`` with ``r = residual + h``, the add in the model dtype as transformers' layers do it;
-    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms)."""
+    ``branch``: the weight of a norm applied to ``h`` first (Gemma3's post-attention / post-MLP norms). A 3-D ``h``
+    holds a mixture-of-experts block's weighted slot rows ``[T, top_k, H]``: summed in fp32 and rounded once first."""
+    if h.dim() == 3:
+        h = h.float().sum(1).to(residual.dtype)
     if branch is not None:
         h = rms_norm(h, branch, eps, offset)
     residual = residual + h
@@ -195,14 +198,15 @@ class _Layer:
     qkv_sizes: tuple[int, ...] = ()
     mlp_sizes: tuple[int, ...] = ()
     # a mixture-of-experts block on the normed input [T, H] in place of gate_up / down: RoutedBlock (router top-k and
-    # plan in one kernel, then the grouped kernels), or transformers' own block where RoutedBlock declines it
-    moe: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # plan in one kernel, then the grouped kernels), or transformers' own block where RoutedBlock declines it; called
+    # with sum_slots=False it may return the weighted slot rows [T, top_k, H], which the next add + norm sums
+    moe: Callable[..., torch.Tensor] | None = None
 
 
 def _block_call(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A transformers block taking ``[B, S, H]`` as a function of ``[T, H]``."""
 
-    def call(x: torch.Tensor) -> torch.Tensor:
+    def call(x: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
         return block(x[:, None])[:, 0]
 
     return call
@@ -401,6 +405,8 @@ class FastDecoder:
         x = None  # the next block's normed input, where the projection before it already made it (add_norm)
         rows, dt = h.shape[0], h.dtype
         for i, layer in enumerate(self.layers):
+            if h.dim() == 3 and layer.nq_attn is not None:  # slot rows of the MoE block before: the norm sums them
+                h = h.float().sum(1).to(dt)
             if x is None and normquant.applies(layer.nq_attn, h, layer.norm_attn):
                 xq, sx, residual = normquant.norm_quant(h, residual, layer.norm_attn, layer.eps, off)
                 q, k, v = layer.nq_attn.forward_quantized(xq, sx, dt).split(layer.qkv_sizes, dim=-1)
@@ -430,7 +436,7 @@ class FastDecoder:
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
             if layer.moe is not None:  # router and experts (the block's own forward), then the next layer's add + norm
-                h, x, branch = layer.moe(x), None, layer.post_mlp
+                h, x, branch = layer.moe(x, sum_slots=False), None, layer.post_mlp
                 continue
             if gu is not None:
                 down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)

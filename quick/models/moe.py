@@ -158,7 +158,9 @@ class RoutedBlock:
         ok = qmoe.route_unavailable(logits, self.top_k, *shape[1:]) is None and qmoe.jit.nvcc_available()
         return shape if ok else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
+        """The block's output ``[T, H]``; with ``sum_slots`` False it may instead return the weighted rows of every
+        slot ``[T, top_k, H]`` (4-bit experts on the grouped kernels, no shared expert) for the caller to sum."""
         if x.dim() != 2:
             raise ValueError(f"x must be [tokens, hidden], got {tuple(x.shape)}")
         logits = F.linear(x, self.router_weight, self.router_bias)
@@ -170,7 +172,9 @@ class RoutedBlock:
             planned, bs, cap = shape
             ids, w, *tensors = torch.ops.quick.moe_route(logits, k, self.renormalize, self.cast_weights, bs, cap)
             if planned:  # every slot names an expert: no row of the down product is left unwritten
-                y = self.experts.kernel_forward_planned(x, MoEPlan(*tensors, t, k, bs), w, all_routed=True)
+                plan = MoEPlan(*tensors, t, k, bs)
+                keep = not sum_slots and self.shared is None
+                y = self.experts.kernel_forward_planned(x, plan, w, all_routed=True, sum_slots=not keep)
             else:
                 y = self.experts(x, ids, w.to(logits.dtype) if self.cast_weights else w)
         else:

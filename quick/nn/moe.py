@@ -452,11 +452,12 @@ class QuickMoEExperts(nn.Module):
 
     @torch.no_grad()
     def kernel_forward_planned(
-        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False
+        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False, sum_slots: bool = True
     ) -> torch.Tensor:
         """:meth:`kernel_forward` from a static ``plan`` of block size :meth:`plan_block_size` already built (by the
         route kernel, say) and the slot weights ``w [T, k]``; the caller has checked :meth:`kernel_unavailable`.
-        ``all_routed``: every slot names an expert (no dropped slot), so the down product needs no zero fill."""
+        ``all_routed``: every slot names an expert (no dropped slot), so the down product needs no zero fill.
+        ``sum_slots`` False: return the weighted slot rows ``[T, k, H]`` unsummed (in the packed dtype)."""
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
@@ -481,8 +482,11 @@ class QuickMoEExperts(nn.Module):
             if dn.in_features != h.shape[1]:
                 h = F.pad(h, (0, dn.in_features - h.shape[1]))
             y = mm(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), "")
+        y = y.view(t, k, self.hidden_size)
+        if not sum_slots:
+            return y
         # a 16-bit sum accumulates in fp32 and rounds once: one kernel
-        return y.view(t, k, self.hidden_size).sum(1).to(x.dtype)
+        return y.sum(1).to(x.dtype)
 
     def _work(self, device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "cpu" else self.dtype
