@@ -448,9 +448,7 @@ def choose(p: Problem, tensors: tuple | None = None) -> Choice:
             c = _model(p)
             cacheable = not tunable  # a model pick made without timing must not stop the next eager call from timing
     if cacheable:
-        if len(_CHOSEN) > 65536:
-            _CHOSEN.clear()
-        _CHOSEN[key] = c
+        qm._remember(_CHOSEN, key, c)
     return c
 
 
