@@ -301,6 +301,8 @@ def test_route_kernel_limits_are_reported():
         assert why is not None and (what is None or what in why), (tuple(logits.shape), k, why)
     assert "contiguous" in qmoe.route_unavailable(torch.zeros(4, 128, dtype=torch.half)[:, ::2], 8, 16, 640)
     assert "multiple of block_size" in qmoe.route_unavailable(ok, 8, 16, 17)
+    assert "below" in qmoe.route_unavailable(ok, 8, 16, 16)  # a plan of 32 slots over 128 experts needs 512 rows
+    assert "CUDA" in qmoe.route_unavailable(ok, 8, 16, 0)  # capacity 0: ids and weights only
     with pytest.raises(qmoe.MoEKernelError, match="CUDA"):
         qmoe.route(ok, 8, True, True, 16, 640)
 

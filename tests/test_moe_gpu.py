@@ -356,6 +356,8 @@ def test_plan_kernel_refuses_what_it_cannot_take():
         qmoe.plan(big, 8, 64, 64 * 8)
     with pytest.raises(qmoe.MoEKernelError, match="multiple of block_size"):
         qmoe.plan(big[:4], 8, 16, 17)
+    with pytest.raises(qmoe.MoEKernelError, match="below"):
+        qmoe.plan(big[:4], 8, 16, 16)  # 8 slots over 8 experts may need 64 rows
 
 
 ROUTE_CASES = [
@@ -442,6 +444,24 @@ def test_route_kernel_in_a_cuda_graph_follows_new_logits():
             assert torch.equal(a, b)
 
 
+def test_route_kernel_without_a_plan():
+    """Capacity 0 (16-bit experts need no plan): the same ids and weights, counts and offsets, and nothing written
+    past the empty plan buffers (the poisoned neighbours stay as they were)."""
+    from quick.nn.moe import plan_capacity
+
+    t, e, k = 9, 128, 8
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEV)
+    full = qmoe.route(logits, k, True, True, 16, plan_capacity(t, k, e, 16))
+    guard = torch.full((1 << 16,), -7, dtype=torch.int32, device=DEV)
+    bare = qmoe.route(logits, k, True, True, 16, 0)
+    torch.cuda.synchronize()
+    for name, a, b in zip(("ids", "weights", "offsets", "counts", "num_padded"), (*bare[:2], *bare[4:]),
+                          (*full[:2], *full[4:]), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert bare[2].numel() == 0 and bare[3].numel() == 0
+    assert bool((guard == -7).all())
+
+
 def test_route_kernel_refuses_what_it_cannot_take():
     """Beyond its limits the kernel names the limit (no launch, no crash)."""
     from quick.nn.moe import plan_capacity
@@ -453,6 +473,8 @@ def test_route_kernel_refuses_what_it_cannot_take():
         qmoe.route(torch.zeros(2, 513, dtype=torch.half, device=DEV), 8, True, True, 16, 16 * 20)
     with pytest.raises(qmoe.MoEKernelError, match="fp16 or bf16"):
         qmoe.route(torch.zeros(2, 128, device=DEV), 8, True, True, 16, 16 * 20)
+    with pytest.raises(qmoe.MoEKernelError, match="below"):
+        qmoe.route(torch.zeros(2, 128, dtype=torch.half, device=DEV), 8, True, True, 16, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

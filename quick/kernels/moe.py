@@ -374,6 +374,11 @@ def plan(
         )
     if block_size < 1 or capacity < 0 or capacity % block_size:
         raise MoEKernelError(f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)")
+    if capacity < _min_capacity(ids.numel(), num_experts, block_size):
+        raise MoEKernelError(
+            f"capacity {capacity} is below the {_min_capacity(ids.numel(), num_experts, block_size)} rows a plan of "
+            f"{ids.numel()} slots may need"
+        )
     flat = ids.reshape(-1).contiguous()
     dev = flat.device
     sorted_ids = torch.empty(capacity, dtype=torch.int32, device=dev)
@@ -415,9 +420,17 @@ def route_unavailable(logits: Tensor, top_k: int, block_size: int, capacity: int
         return f"takes 1-{ROUTE_MAX_SLOTS} slots (tokens x top_k), got {t * top_k}"
     if block_size < 1 or capacity < 0 or capacity % block_size:
         return f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)"
+    if capacity and capacity < _min_capacity(t * top_k, e, block_size):
+        return f"capacity {capacity} is below the {_min_capacity(t * top_k, e, block_size)} rows a plan may need"
     if logits.device.type != "cuda" or qm.capability(logits.device)[0] < 8:
         return "runs on a CUDA device of compute capability 8.0+"
     return None
+
+
+def _min_capacity(slots: int, num_experts: int, block_size: int) -> int:
+    from quick.nn.moe import plan_capacity
+
+    return plan_capacity(slots, 1, num_experts, block_size)
 
 
 def route(
@@ -426,7 +439,8 @@ def route(
     """The router's choice and the plan of a batch in one launch: ``(ids [T, k] int64, weights [T, k] fp32,
     sorted_ids, block_experts, offsets, counts, num_padded)``. ``ids`` / ``weights`` equal ``torch.topk`` of the fp32
     softmax of ``logits [T, E]`` (divided by their sum with ``renormalize``; rounded through the logits' dtype with
-    ``round_weights``); the plan equals :func:`plan` of ``ids``. No host synchronisation (capturable)."""
+    ``round_weights``); the plan equals :func:`plan` of ``ids`` (``capacity`` 0: no plan, only counts and offsets).
+    No host synchronisation (capturable)."""
     why = route_unavailable(logits, top_k, block_size, capacity)
     if why is not None:
         raise MoEKernelError(f"the route kernel cannot take these logits: {why}")

@@ -82,10 +82,11 @@ def route_errors(logits: torch.Tensor, top_k: int, renormalize: bool, rounded: b
     if top_k < e and not bool((chosen[:, -1] >= p.scatter(1, ids, -1.0).amax(1) - 1e-6).all()):
         return "a more probable expert left out"
     want = chosen / chosen.sum(1, keepdim=True) if renormalize else chosen
-    rtol = 2e-6
-    if rounded:
+    rtol, atol = 2e-6, 1e-12
+    if rounded:  # half an ulp of the dtype, whose subnormal steps are absolute (fp16: 6e-8)
         if not torch.equal(weights, weights.to(logits.dtype).float()):
             return "weights not rounded through the logits' dtype"
-        rtol = torch.finfo(logits.dtype).eps
+        fi = torch.finfo(logits.dtype)
+        rtol, atol = fi.eps, fi.smallest_normal * fi.eps
     err = ((weights.double() - want).abs() - rtol * want.abs()).max() if want.numel() else torch.tensor(0.0)
-    return f"weights off by {float(err):.3e} beyond rtol {rtol:.1e}" if float(err) > 1e-8 else ""
+    return f"weights off by {float(err):.3e} beyond rtol {rtol:.1e}" if float(err) > atol else ""
