@@ -394,11 +394,14 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
         args = (xd, p["qweight"], p["scales"], p["zeros"], g, plan.sorted_ids, plan.block_experts, plan.num_padded)
         # plain products at 16-row plans run on the decode kernel's grouped variant half of the time
         use_dec = not act and rng.random() < 0.5
-        use_dec = use_dec and qmoe.dec_unavailable(t, k, n, k if g < 0 else g, block, "", dt, xd.device) is None
+        # rows per expert: the tokens, unless a token names an expert twice (then up to every slot)
+        srt = ids.sort(1).values
+        rows = t * top_k if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] < e)).any()) else t
+        use_dec = use_dec and qmoe.dec_unavailable(rows, k, n, k if g < 0 else g, block, "", dt, xd.device) is None
         c["kernel"] = "dec" if use_dec else "mma"
         if use_dec:
-            qmoe.validate_dec(*args, top_k, t, twd)
-            out1, out2 = (qmoe.dec_grouped(*args, top_k, t, twd) for _ in range(2))
+            qmoe.validate_dec(*args, top_k, rows, twd)
+            out1, out2 = (qmoe.dec_grouped(*args, top_k, rows, twd) for _ in range(2))
         else:
             out1 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
             out2 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)

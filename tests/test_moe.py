@@ -279,6 +279,15 @@ def test_routed_block_is_the_block_forward(kind, quantized):
     assert moe.RoutedBlock.of(bare, fam.moe, model.config) is None
 
 
+def test_distinct_experts_check():
+    from quick.nn.moe import _distinct_experts
+
+    assert _distinct_experts(torch.tensor([[0, 1, 2], [2, 1, 0]]), 4)
+    assert _distinct_experts(torch.tensor([[0, 4, 4]]), 4)  # dropped slots may repeat
+    assert not _distinct_experts(torch.tensor([[0, 1, 2], [3, 1, 3]]), 4)
+    assert _distinct_experts(torch.tensor([[3], [3]]), 4)
+
+
 def test_route_kernel_limits_are_reported():
     """The route kernel's refusals name the limit (checked before the device, so they hold on any machine)."""
     from quick.kernels import moe as qmoe

@@ -472,7 +472,8 @@ def route(
 
 
 def dec_rows(tokens: int) -> int:
-    """Rows of a 16-row plan block that can be valid for ``tokens`` routed tokens (an expert takes a token once)."""
+    """Rows of a 16-row plan block that can be valid when no expert receives more than ``tokens`` slots (the tokens
+    routed, when no token names an expert twice, as top-k routing guarantees)."""
     return max(1, min(16, tokens))
 
 
@@ -543,7 +544,8 @@ def dec_grouped(
 ) -> Tensor:  # fmt: skip
     """``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (times ``topk_weights[s]``) for every slot of a 16-row plan,
     on the decode kernel; ``act``: ``x`` is a gate|up product ``[slots, 2K]`` and the kernel stages ``act(gate) * up``.
-    ``tokens``: the tokens routed (at most that many rows of a block are valid). Rows no slot names are left as they
+    ``tokens``: at most that many rows of a block are valid (the tokens routed when no token names an expert twice,
+    else the slots). Rows no slot names are left as they
     are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`, which checks
     :data:`DEC_CONFIG`'s limits; another ``config`` is for sweeps and must pass :func:`dec_unavailable` itself)."""
     e, k16, n2 = qweight.shape

@@ -267,6 +267,14 @@ def static_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int) ->
     return MoEPlan(sorted_ids, block_experts, offsets, counts, num_padded, t, k, block_size)
 
 
+def _distinct_experts(idx: torch.Tensor, num_experts: int) -> bool:
+    """Whether no row of ``idx [T, k]`` names one expert twice (dropped slots, id ``num_experts``, aside); syncs."""
+    if idx.shape[1] < 2:
+        return True
+    s = idx.sort(dim=1).values
+    return not bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] < num_experts)).any())
+
+
 # ---------------------------------------------------------------------------------------------- the experts
 
 
@@ -439,10 +447,12 @@ class QuickMoEExperts(nn.Module):
         ``select.moe_mlp_kernel`` picks; then the sum over each token's ``top_k`` rows in fp32. Nothing reads back to
         the host while a CUDA graph is captured (ids are validated only outside capture)."""
         t, k = idx.shape
+        distinct = True  # inside a graph capture: as every top-k router gives
         if not torch.cuda.is_current_stream_capturing():
             self._check_ids(idx)
+            distinct = _distinct_experts(idx, self.num_experts)
         plan = static_plan(idx, self.num_experts, self.plan_block_size(t, k))
-        return self.kernel_forward_planned(x, plan, w)
+        return self.kernel_forward_planned(x, plan, w, distinct=distinct)
 
     def plan_block_size(self, tokens: int, top_k: int) -> int:
         """The plan block size the grouped kernels take for ``tokens`` routed ``top_k`` times."""
@@ -452,12 +462,15 @@ class QuickMoEExperts(nn.Module):
 
     @torch.no_grad()
     def kernel_forward_planned(
-        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False, sum_slots: bool = True
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, plan: MoEPlan, w: torch.Tensor, all_routed: bool = False, sum_slots: bool = True,
+        distinct: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
         """:meth:`kernel_forward` from a static ``plan`` of block size :meth:`plan_block_size` already built (by the
         route kernel, say) and the slot weights ``w [T, k]``; the caller has checked :meth:`kernel_unavailable`.
         ``all_routed``: every slot names an expert (no dropped slot), so the down product needs no zero fill.
-        ``sum_slots`` False: return the weighted slot rows ``[T, k, H]`` unsummed (in the packed dtype)."""
+        ``sum_slots`` False: return the weighted slot rows ``[T, k, H]`` unsummed (in the packed dtype).
+        ``distinct``: no token names an expert twice (the decode kernel sizes its rows by the token count; otherwise
+        the grouped GEMM runs)."""
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
@@ -471,7 +484,7 @@ class QuickMoEExperts(nn.Module):
         if gu.in_features != xq.shape[1]:  # K zero-padded to whole groups and layout blocks
             xq = F.pad(xq, (0, gu.in_features - xq.shape[1]))
         xq = _dense_rows(xq)
-        if select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
+        if distinct and select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging
             dec = torch.ops.quick.moe_dec_w4a16
             h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False)
             y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act,
