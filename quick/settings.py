@@ -57,6 +57,12 @@ def tuning_dir() -> Path:
     return Path(os.environ.get("QUICK_TUNING_DIR") or Path.home() / ".cache" / "quick" / "tables")
 
 
+def selection_key() -> tuple[str | None, ...]:
+    """The raw values of the settings a kernel choice depends on (a memo of choices keys on them)."""
+    env = os.environ
+    return tuple(env.get(n) for n in ("QUICK_KERNEL", "QUICK_TUNING", "QUICK_TUNING_DIR", "QUICK_AUTOTUNE"))
+
+
 def tables_enabled() -> bool:
     return _flag("QUICK_TUNING", True)
 

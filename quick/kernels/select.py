@@ -17,7 +17,6 @@ Callers that must pick a kernel themselves (tests, ``quick tune``) call :func:`m
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 from dataclasses import dataclass
 
@@ -425,16 +424,11 @@ _CHOSEN: dict[tuple, Choice] = {}
 _TUNE_LOCK = threading.Lock()
 
 
-def _settings_key() -> tuple:
-    env = os.environ
-    return (env.get("QUICK_KERNEL"), env.get("QUICK_TUNING"), env.get("QUICK_TUNING_DIR"), env.get("QUICK_AUTOTUNE"))
-
-
 def choose(p: Problem, tensors: tuple | None = None) -> Choice:
     """The kernel and config for ``p`` (module docstring: override, table, autotune cache, model). With ``tensors``
     (``x, qweight, scales, zeros`` prepared for ``p``) a problem that nothing covers yet is timed now, unless
     autotuning is off or a CUDA graph is being captured."""
-    key = (p, _settings_key())
+    key = (p, settings.selection_key())
     hit = _CHOSEN.get(key)
     if hit is not None:
         return hit
@@ -693,7 +687,7 @@ def moe_available(p: MoEProblem) -> bool:
 def choose_moe(p: MoEProblem) -> Choice:
     """The grouped kernel and config for ``p``: the first kernel of the layout that can run it, its model's config
     (one variant per block size and K: nothing to time yet)."""
-    key = (p, _settings_key())
+    key = (p, settings.selection_key())
     hit = _CHOSEN.get(key)
     if hit is not None:
         return hit
@@ -713,7 +707,7 @@ def moe_mlp_kernel(p_gu: MoEProblem, p_dn: MoEProblem) -> str:
     staging ``act(gate) * up``: :func:`quick.kernels.moe.dec_grouped`), where it runs both; else ``"mma"``, the grouped
     GEMM with its gated epilogue (:func:`choose_moe`). ``QUICK_KERNEL`` entries ``dec`` / ``gemm`` (``@M``: up to M
     tokens) force one where it can run. Kept per problem pair and settings (asked by every experts forward)."""
-    key = (p_gu, p_dn, _settings_key())
+    key = (p_gu, p_dn, settings.selection_key())
     hit = _MOE_PATH.get(key)
     if hit is not None:
         return hit
