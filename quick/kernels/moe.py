@@ -117,6 +117,14 @@ def _all_variants() -> list[tuple[str, dict[str, int], tuple[str, ...]]]:
     ]
 
 
+def plan_capacity(num_tokens: int, top_k: int, num_experts: int, block_size: int) -> int:
+    """Rows of ``sorted_ids`` that every routing of ``num_tokens x top_k`` slots fits, a multiple of ``block_size``:
+    each expert adds at most ``block_size - 1`` padding rows, and no slot makes more than one block."""
+    slots = num_tokens * top_k
+    bound = min(slots + num_experts * (block_size - 1), slots * block_size)
+    return -(-bound // block_size) * block_size
+
+
 # The one-launch sorted-token plan (csrc/quick_moe_plan.cu): int32 or int64 expert ids.
 PLAN_SOURCE = "quick_moe_plan.cu"
 PLAN_KERNEL = "quick_moe_plan"
@@ -374,9 +382,9 @@ def plan(
         )
     if block_size < 1 or capacity < 0 or capacity % block_size:
         raise MoEKernelError(f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)")
-    if capacity < _min_capacity(ids.numel(), num_experts, block_size):
+    if capacity < plan_capacity(ids.numel(), 1, num_experts, block_size):
         raise MoEKernelError(
-            f"capacity {capacity} is below the {_min_capacity(ids.numel(), num_experts, block_size)} rows a plan of "
+            f"capacity {capacity} is below the {plan_capacity(ids.numel(), 1, num_experts, block_size)} rows a plan of "
             f"{ids.numel()} slots may need"
         )
     flat = ids.reshape(-1).contiguous()
@@ -420,17 +428,11 @@ def route_unavailable(logits: Tensor, top_k: int, block_size: int, capacity: int
         return f"takes 1-{ROUTE_MAX_SLOTS} slots (tokens x top_k), got {t * top_k}"
     if block_size < 1 or capacity < 0 or capacity % block_size:
         return f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)"
-    if capacity and capacity < _min_capacity(t * top_k, e, block_size):
-        return f"capacity {capacity} is below the {_min_capacity(t * top_k, e, block_size)} rows a plan may need"
+    if capacity and capacity < plan_capacity(t, top_k, e, block_size):
+        return f"capacity {capacity} is below the {plan_capacity(t, top_k, e, block_size)} rows a plan may need"
     if logits.device.type != "cuda" or qm.capability(logits.device)[0] < 8:
         return "runs on a CUDA device of compute capability 8.0+"
     return None
-
-
-def _min_capacity(slots: int, num_experts: int, block_size: int) -> int:
-    from quick.nn.moe import plan_capacity
-
-    return plan_capacity(slots, 1, num_experts, block_size)
 
 
 def route(

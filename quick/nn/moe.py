@@ -23,6 +23,7 @@ from torch import nn
 
 from quick.formats.layouts import Layout, get_layout
 from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
+from quick.kernels.moe import plan_capacity
 from quick.nn.linear import BACKENDS, PackedModule, check_dims, padded_in_features, positive_int
 
 # The gated MLP activations of the MoE families (transformers' ACT2FN names).
@@ -184,14 +185,6 @@ class MoEPlan:
     @property
     def num_experts(self) -> int:
         return self.counts.numel()
-
-
-def plan_capacity(num_tokens: int, top_k: int, num_experts: int, block_size: int) -> int:
-    """Rows of ``sorted_ids`` that every routing of ``num_tokens x top_k`` slots fits, a multiple of ``block_size``:
-    each expert adds at most ``block_size - 1`` padding rows, and no slot makes more than one block."""
-    slots = num_tokens * top_k
-    bound = min(slots + num_experts * (block_size - 1), slots * block_size)
-    return -(-bound // block_size) * block_size
 
 
 def build_plan(
