@@ -260,12 +260,15 @@ def static_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int) ->
     return MoEPlan(sorted_ids, block_experts, offsets, counts, num_padded, t, k, block_size)
 
 
-def _distinct_experts(idx: torch.Tensor, num_experts: int) -> bool:
-    """Whether no row of ``idx [T, k]`` names one expert twice (dropped slots, id ``num_experts``, aside); syncs."""
-    if idx.shape[1] < 2:
-        return True
-    s = idx.sort(dim=1).values
-    return not bool(((s[:, 1:] == s[:, :-1]) & (s[:, 1:] < num_experts)).any())
+def _routing_facts(idx: torch.Tensor, num_experts: int) -> tuple[int, int, bool]:
+    """``(min id, max id, distinct)`` of ``idx [T, k]`` (non-empty) in one host synchronisation; ``distinct``: no row
+    names one expert twice (dropped slots, id ``num_experts``, aside)."""
+    dup = torch.zeros((), dtype=torch.bool, device=idx.device)
+    if idx.shape[1] > 1:
+        s = idx.sort(dim=1).values
+        dup = ((s[:, 1:] == s[:, :-1]) & (s[:, 1:] < num_experts)).any()
+    lo, hi, d = torch.stack([idx.min().long(), idx.max().long(), dup.long()]).tolist()
+    return lo, hi, not d
 
 
 # ---------------------------------------------------------------------------------------------- the experts
@@ -441,9 +444,9 @@ class QuickMoEExperts(nn.Module):
         the host while a CUDA graph is captured (ids are validated only outside capture)."""
         t, k = idx.shape
         distinct = True  # inside a graph capture: as every top-k router gives
-        if not torch.cuda.is_current_stream_capturing():
-            self._check_ids(idx)
-            distinct = _distinct_experts(idx, self.num_experts)
+        if not torch.cuda.is_current_stream_capturing() and idx.numel():
+            lo, hi, distinct = _routing_facts(idx, self.num_experts)
+            self._check_range(lo, hi)
         plan = static_plan(idx, self.num_experts, self.plan_block_size(t, k))
         return self.kernel_forward_planned(x, plan, w, distinct=distinct)
 
@@ -509,10 +512,14 @@ class QuickMoEExperts(nn.Module):
         return F.linear(h, w_d).to(self.dtype).to(work)
 
     def _check_ids(self, idx: torch.Tensor) -> None:
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) > self.num_experts):
+        if idx.numel():
+            self._check_range(int(idx.min()), int(idx.max()))
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi > self.num_experts:
             raise ValueError(
                 f"expert ids must lie in [0, {self.num_experts}) ({self.num_experts} marks a dropped slot), got "
-                f"[{int(idx.min())}, {int(idx.max())}]"
+                f"[{lo}, {hi}]"
             )
 
     @torch.no_grad()
