@@ -337,7 +337,7 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     import torch.nn.functional as F
 
     from quick.kernels import moe as qmoe
-    from quick.nn.moe import QuickExpertStack, build_plan, plan_capacity, static_plan
+    from quick.nn.moe import QuickExpertStack, build_plan, plan_capacity, routing_facts, static_plan
     from quick.testing import random_quantized, rel_error, route_errors
 
     dt = rng.choice((torch.float16, torch.bfloat16))
@@ -395,8 +395,7 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
         # plain products at 16-row plans run on the decode kernel's grouped variant half of the time
         use_dec = not act and rng.random() < 0.5
         # rows per expert: the tokens, unless a token names an expert twice (then up to every slot)
-        srt = ids.sort(1).values
-        rows = t * top_k if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] < e)).any()) else t
+        rows = t if routing_facts(ids, e)[2] else t * top_k
         use_dec = use_dec and qmoe.dec_unavailable(rows, k, n, k if g < 0 else g, block, "", dt, xd.device) is None
         c["kernel"] = "dec" if use_dec else "mma"
         if use_dec:

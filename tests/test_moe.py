@@ -281,13 +281,13 @@ def test_routed_block_is_the_block_forward(kind, quantized):
 
 def test_routing_facts_in_one_read():
     """Range and repeated experts of a routing, read back together (the kernel path's one host sync)."""
-    from quick.nn.moe import _routing_facts
+    from quick.nn.moe import routing_facts
 
-    assert _routing_facts(torch.tensor([[0, 1, 2], [2, 1, 0]]), 4) == (0, 2, True)
-    assert _routing_facts(torch.tensor([[0, 4, 4]]), 4) == (0, 4, True)  # dropped slots may repeat
-    assert _routing_facts(torch.tensor([[0, 1, 2], [3, 1, 3]]), 4) == (0, 3, False)
-    assert _routing_facts(torch.tensor([[3], [3]]), 4) == (3, 3, True)
-    assert _routing_facts(torch.tensor([[-1, 7]], dtype=torch.int32), 4) == (-1, 7, True)
+    assert routing_facts(torch.tensor([[0, 1, 2], [2, 1, 0]]), 4) == (0, 2, True)
+    assert routing_facts(torch.tensor([[0, 4, 4]]), 4) == (0, 4, True)  # dropped slots may repeat
+    assert routing_facts(torch.tensor([[0, 1, 2], [3, 1, 3]]), 4) == (0, 3, False)
+    assert routing_facts(torch.tensor([[3], [3]]), 4) == (3, 3, True)
+    assert routing_facts(torch.tensor([[-1, 7]], dtype=torch.int32), 4) == (-1, 7, True)
 
 
 def test_route_kernel_limits_are_reported():

@@ -382,11 +382,9 @@ def plan(
         )
     if block_size < 1 or capacity < 0 or capacity % block_size:
         raise MoEKernelError(f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)")
-    if capacity < plan_capacity(ids.numel(), 1, num_experts, block_size):
-        raise MoEKernelError(
-            f"capacity {capacity} is below the {plan_capacity(ids.numel(), 1, num_experts, block_size)} rows a plan of "
-            f"{ids.numel()} slots may need"
-        )
+    need = plan_capacity(ids.numel(), 1, num_experts, block_size)
+    if capacity < need:
+        raise MoEKernelError(f"capacity {capacity} is below the {need} rows a plan of {ids.numel()} slots may need")
     flat = ids.reshape(-1).contiguous()
     dev = flat.device
     sorted_ids = torch.empty(capacity, dtype=torch.int32, device=dev)
@@ -412,7 +410,7 @@ def plan(
 
 
 def route_unavailable(logits: Tensor, top_k: int, block_size: int, capacity: int) -> str | None:
-    """Why :func:`route` cannot take these router logits (None: it can; a missing nvcc is reported by the build)."""
+    """Why :func:`route` cannot take these router logits (None: it can)."""
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         return f"router logits must be a 2-D tensor [tokens, experts], got {getattr(logits, 'shape', type(logits))}"
     t, e = logits.shape
@@ -428,11 +426,12 @@ def route_unavailable(logits: Tensor, top_k: int, block_size: int, capacity: int
         return f"takes 1-{ROUTE_MAX_SLOTS} slots (tokens x top_k), got {t * top_k}"
     if block_size < 1 or capacity < 0 or capacity % block_size:
         return f"capacity ({capacity}) must be a multiple of block_size ({block_size} >= 1)"
-    if capacity and capacity < plan_capacity(t, top_k, e, block_size):
-        return f"capacity {capacity} is below the {plan_capacity(t, top_k, e, block_size)} rows a plan may need"
+    need = plan_capacity(t, top_k, e, block_size)
+    if capacity and capacity < need:
+        return f"capacity {capacity} is below the {need} rows a plan may need"
     if logits.device.type != "cuda" or qm.capability(logits.device)[0] < 8:
         return "runs on a CUDA device of compute capability 8.0+"
-    return None
+    return None if jit.nvcc_available() else "nvcc is not available to build it"
 
 
 def route(

@@ -200,6 +200,7 @@ class _Layer:
     # a mixture-of-experts block on the normed input [T, H] in place of gate_up / down: RoutedBlock (router top-k and
     # plan in one kernel, then the grouped kernels), or transformers' own block where RoutedBlock declines it; called
     # with sum_slots=False it may return the weighted slot rows [T, top_k, H], which the next add + norm sums
+    # (add_rms_norm; a norm that quantizes for W4A8 takes the sum)
     moe: Callable[..., torch.Tensor] | None = None
 
 
@@ -405,8 +406,6 @@ class FastDecoder:
         x = None  # the next block's normed input, where the projection before it already made it (add_norm)
         rows, dt = h.shape[0], h.dtype
         for i, layer in enumerate(self.layers):
-            if h.dim() == 3 and layer.nq_attn is not None:  # slot rows of the MoE block before: the norm sums them
-                h = h.float().sum(1).to(dt)
             if x is None and normquant.applies(layer.nq_attn, h, layer.norm_attn):
                 xq, sx, residual = normquant.norm_quant(h, residual, layer.norm_attn, layer.eps, off)
                 q, k, v = layer.nq_attn.forward_quantized(xq, sx, dt).split(layer.qkv_sizes, dim=-1)
@@ -435,8 +434,9 @@ class FastDecoder:
                     gu = layer.nq_mlp.forward_quantized(xq, sx, dt)
                 else:
                     x, residual = self.norm_rms(o, residual, layer.norm_mlp, layer.eps, off, layer.post_attn)
-            if layer.moe is not None:  # router and experts (the block's own forward), then the next layer's add + norm
-                h, x, branch = layer.moe(x, sum_slots=False), None, layer.post_mlp
+            if layer.moe is not None:  # router and experts, then the next layer's add + norm
+                nxt_nq = nxt is not None and nxt.nq_attn is not None  # its norm quantizes: it takes a summed h
+                h, x, branch = layer.moe(x, sum_slots=nxt_nq), None, layer.post_mlp
                 continue
             if gu is not None:
                 down_in = gu if act else self.gated(*gu.split(layer.mlp_sizes, dim=-1), self.act)

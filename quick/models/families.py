@@ -67,11 +67,11 @@ class MoESpec:
     as ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. ``router``: the module computing the
     top-k (kept 16-bit). ``num_experts`` / ``top_k``: config attribute names. ``renormalize``: the top-k softmax
     probabilities are divided by their sum -- ``True`` always (Mixtral), or the name of the config attribute that
-    switches it (Qwen: ``norm_topk_prob``). ``shared_expert``: a dense gated MLP every token goes through, scaled
-    by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); it is quantized like a dense MLP, its gate (N = 1) stays
-    16-bit. ``cast_weights``: the router rounds the top-k weights to the logits' dtype (Qwen; Mixtral keeps them
-    fp32). ``checkpoint_names``: the per-expert gate, up and down linears in the published checkpoint files
-    (transformers fuses them into the 3-D parameters when loading).
+    switches it (Qwen: ``norm_topk_prob``). ``cast_weights``: the router rounds the top-k weights to the logits'
+    dtype (Qwen) instead of keeping them fp32 (Mixtral). ``shared_expert``: a dense gated MLP every token goes
+    through, scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); it is quantized like a dense MLP, its gate
+    (N = 1) stays 16-bit. ``checkpoint_names``: the per-expert gate, up and down linears in the published
+    checkpoint files (transformers fuses them into the 3-D parameters when loading).
     """
 
     block: str = "mlp"
@@ -80,9 +80,9 @@ class MoESpec:
     num_experts: str = "num_experts"
     top_k: str = "num_experts_per_tok"
     renormalize: bool | str = "norm_topk_prob"
+    cast_weights: bool = True
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
-    cast_weights: bool = True
     checkpoint_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @property

@@ -116,7 +116,6 @@ class RoutedBlock:
 
     def __init__(self, block: nn.Module, spec: MoESpec, config: Any) -> None:
         router = block.get_submodule(spec.router)
-        self.block = block
         self.router_weight: torch.Tensor = router.weight
         self.router_bias: torch.Tensor | None = getattr(router, "bias", None)
         self.experts: nn.Module = block.get_submodule(spec.experts)
@@ -155,8 +154,7 @@ class RoutedBlock:
         from quick.kernels import moe as qmoe
 
         shape = self.route_shape(x)
-        ok = qmoe.route_unavailable(logits, self.top_k, *shape[1:]) is None and qmoe.jit.nvcc_available()
-        return shape if ok else None
+        return shape if qmoe.route_unavailable(logits, self.top_k, *shape[1:]) is None else None
 
     def __call__(self, x: torch.Tensor, sum_slots: bool = True) -> torch.Tensor:
         """The block's output ``[T, H]``; with ``sum_slots`` False it may instead return the weighted rows of every

@@ -260,7 +260,7 @@ def static_plan(top_k_index: torch.Tensor, num_experts: int, block_size: int) ->
     return MoEPlan(sorted_ids, block_experts, offsets, counts, num_padded, t, k, block_size)
 
 
-def _routing_facts(idx: torch.Tensor, num_experts: int) -> tuple[int, int, bool]:
+def routing_facts(idx: torch.Tensor, num_experts: int) -> tuple[int, int, bool]:
     """``(min id, max id, distinct)`` of ``idx [T, k]`` (non-empty) in one host synchronisation; ``distinct``: no row
     names one expert twice (dropped slots, id ``num_experts``, aside)."""
     dup = torch.zeros((), dtype=torch.bool, device=idx.device)
@@ -445,7 +445,7 @@ class QuickMoEExperts(nn.Module):
         t, k = idx.shape
         distinct = True  # inside a graph capture: as every top-k router gives
         if not torch.cuda.is_current_stream_capturing() and idx.numel():
-            lo, hi, distinct = _routing_facts(idx, self.num_experts)
+            lo, hi, distinct = routing_facts(idx, self.num_experts)
             self._check_range(lo, hi)
         plan = static_plan(idx, self.num_experts, self.plan_block_size(t, k))
         return self.kernel_forward_planned(x, plan, w, distinct=distinct)
@@ -472,8 +472,11 @@ class QuickMoEExperts(nn.Module):
 
         t, k = plan.num_tokens, plan.top_k
         p_gu, p_dn = self._problems(x, k)
-        if plan.block_size != p_gu.block_size:
-            raise ValueError(f"the kernels take plans of block size {p_gu.block_size} here, got {plan.block_size}")
+        if plan.block_size != p_gu.block_size or x.shape[0] != t:
+            raise ValueError(
+                f"plan of {plan.num_tokens} tokens in blocks of {plan.block_size} for {x.shape[0]} tokens that the "
+                f"kernels run in blocks of {p_gu.block_size}"
+            )
         ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
         gu, dn = self.gate_up, self.down
         xq = x.to(self.dtype)
@@ -581,4 +584,5 @@ __all__ = [
     "QuickMoEExperts",
     "build_plan",
     "plan_capacity",
+    "routing_facts",
 ]

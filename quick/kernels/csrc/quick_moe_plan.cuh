@@ -30,7 +30,6 @@ template <typename IdT>
 __device__ void build(const IdT* ids, int* __restrict__ sorted_ids, int* __restrict__ block_experts,
                       int* __restrict__ offsets, int* __restrict__ counts, int* __restrict__ num_padded, int slots,
                       int num_experts, int block_size, int capacity) {
-
   __shared__ int cnt[MAX_E + 1];  // per expert (and the dropped slots at E)
   __shared__ int off[MAX_E + 1];  // padded offsets, off[E] = the padded total
   __shared__ int run[MAX_E];      // slots placed so far per expert
@@ -88,7 +87,7 @@ __device__ void build(const IdT* ids, int* __restrict__ sorted_ids, int* __restr
     block_experts[b] = expert;
   }
 
-  if (tid < 32 && capacity > 0) {  // capacity 0: counts and offsets only (the router wants no plan)
+  if (tid < 32) {
     const unsigned below = (1u << tid) - 1u;
     for (int base = 0; base < slots; base += 32) {
       const int i = base + tid;
@@ -98,7 +97,7 @@ __device__ void build(const IdT* ids, int* __restrict__ sorted_ids, int* __restr
       const int before = e < E ? run[e] : 0;
       __syncwarp();  // every lane has read its expert's count before the group's first lane advances it
       const int dst = e < E ? off[e] + before + rank : capacity;
-      if (dst < capacity) {  // always, for a capacity of at least the launcher's bound
+      if (dst < capacity) {  // always for a capacity of at least the launchers' bound; never for capacity 0 (no plan)
         sorted_ids[dst] = i;
         if (rank == 0) run[e] = before + __popc(peers);
       }
