@@ -377,6 +377,7 @@ ROUTE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", ROUTE_CASES, ids=str)
 def test_route_kernel_against_float64_and_its_plan(case, dtype):
+    from quick.models.moe import route
     from quick.nn.moe import plan_capacity
 
     t, e, k = case
@@ -391,6 +392,12 @@ def test_route_kernel_against_float64_and_its_plan(case, dtype):
             torch.cuda.synchronize()
             why = route_errors(logits, k, renorm, rnd, ids, w)
             assert not why, why
+            # rows without tied logits: the same picks and weights as the families' PyTorch routing
+            w_ref, ids_ref = route(logits, k, renorm)
+            rows = (logits.float().sort(dim=1, descending=True).values.diff(dim=1) != 0).all(dim=1)
+            assert torch.equal(ids[rows], ids_ref[rows])
+            if not rnd:
+                torch.testing.assert_close(w[rows], w_ref[rows], rtol=4e-6, atol=0)
             want = build_plan(ids, e, bs, static=True, check=False)
             for name, a, b in zip(("sorted_ids", "block_experts", "offsets", "counts", "num_padded"), plan,
                                   _plan_fields(want), strict=True):  # fmt: skip
@@ -517,3 +524,68 @@ def test_experts_forward_when_a_token_names_an_expert_twice(dtype):
     assert torch.isfinite(got).all()
     err = rel_error(got, want.double())
     assert err < 2 * REL_BOUND[dtype], f"relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("experts", ["quick", "bf16"])
+def test_routed_block_matches_the_block(family, experts):
+    """The decode step's MoE block (router linear, one-launch top-k + plan, experts, shared expert) against the
+    block's own forward on the same weights: 4-bit experts on the kernels, or transformers' 16-bit experts."""
+    from quick.models.families import get_family
+    from quick.models.moe import RoutedBlock, quantize_experts_rtn_
+
+    cfg = _tiny_moe_config(family)
+    model = _tiny_moe_model(cfg)
+    fam = get_family(cfg)
+    block = model.model.layers[0].mlp
+    if experts == "quick":
+        quantize_experts_rtn_(model, {"model.layers.0.mlp.experts": block.experts}, 128, dtype=torch.bfloat16)
+        block.experts.backend = "kernel"
+    routed = RoutedBlock.of(block, fam.moe, cfg)
+    assert routed is not None
+    k = routed.top_k
+    for t in (1, 5, 40):
+        x = torch.randn(t, cfg.hidden_size, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(DEV)
+        got = routed(x)
+        want = block(x[:, None])[:, 0]
+        torch.cuda.synchronize()
+        assert got.dtype == want.dtype and torch.isfinite(got).all()
+        # bf16 logits tie often; a tie at the top-k boundary may pick another (equally valid) expert than torch.topk
+        top = torch.nn.functional.linear(x, routed.router_weight).float().sort(dim=1, descending=True).values
+        clear = top[:, k - 1] != top[:, k] if k < top.shape[1] else torch.ones(t, dtype=torch.bool, device=DEV)
+        assert clear.any()
+        err = rel_error(got[clear], want[clear].double())
+        assert err < 2 * REL_BOUND[torch.bfloat16], f"{family}/{experts} t={t}: relative error {err:.3e}"
+        slots = routed(x, sum_slots=False)  # the decode step's form: the slot rows, summed in its next kernel
+        if experts == "quick" and routed.shared is None:
+            assert slots.shape == (t, k, cfg.hidden_size)
+            assert torch.equal(slots.float().sum(1).to(got.dtype), got)
+        else:
+            assert torch.equal(slots, got)
+
+
+def _tiny_moe_config(family: str):
+    from transformers import AutoConfig
+
+    kw = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 64}  # fmt: skip
+    if family == "mixtral":
+        kw.update(num_local_experts=8, num_experts_per_tok=2)
+    else:
+        qwen2 = family == "qwen2_moe"
+        kw.update(num_experts=60 if qwen2 else 128, num_experts_per_tok=4 if qwen2 else 8, moe_intermediate_size=128,
+                  norm_topk_prob=family == "qwen3_moe")  # fmt: skip
+        if qwen2:
+            kw.update(shared_expert_intermediate_size=256)
+    return AutoConfig.for_model(family, **kw)
+
+
+def _tiny_moe_model(cfg):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().to(DEV)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model

@@ -193,6 +193,25 @@ def test_static_plan_off_cuda_is_the_pytorch_plan():
     assert all(o.dtype == torch.int32 for o in out)
 
 
+def test_route_kernel_host_side():
+    """The router's kernel says why it cannot run (off CUDA here: the PyTorch routing runs) and its fake gives the
+    kernel's outputs: int64 ids, fp32 weights, the plan tensors (empty sorted ids and blocks at capacity 0)."""
+    x = torch.randn(5, 128).bfloat16()
+    assert "CUDA" in qmoe.route_unavailable(x, 8, 16, plan_capacity(5, 8, 128, 16))
+    assert "2-D" in qmoe.route_unavailable(x[0], 8, 16, 0)
+    with pytest.raises(qmoe.MoEKernelError, match="cannot take"):
+        qmoe.route(x, 8, True, True, 16, 0)
+    cap = plan_capacity(5, 8, 128, 16)
+    with FakeTensorMode():
+        fx = torch.empty(5, 128, dtype=torch.bfloat16)
+        full = torch.ops.quick.moe_route(fx, 8, True, True, 16, cap)
+        bare = torch.ops.quick.moe_route(fx, 8, False, False, 16, 0)
+    assert [tuple(o.shape) for o in full] == [(5, 8), (5, 8), (cap,), (cap // 16,), (129,), (128,), (1,)]
+    assert full[0].dtype == torch.int64 and full[1].dtype == torch.float32
+    assert all(o.dtype == torch.int32 for o in full[2:])
+    assert bare[1].dtype == torch.float32 and bare[2].numel() == 0 and bare[3].numel() == 0
+
+
 def test_decode_kernel_over_experts_host_side():
     """The decode kernel's grouped variant: the per-expert strides it adds to its pointers are the stacks' own, its
     validation names what it cannot take, its fake gives the output shape, and the selection picks it only for
