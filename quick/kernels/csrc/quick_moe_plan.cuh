@@ -87,7 +87,7 @@ __device__ void build(const IdT* ids, int* __restrict__ sorted_ids, int* __restr
     block_experts[b] = expert;
   }
 
-  if (tid < 32) {
+  if (tid < 32 && capacity > 0) {  // capacity 0: counts and offsets only (the router wants no plan)
     const unsigned below = (1u << tid) - 1u;
     for (int base = 0; base < slots; base += 32) {
       const int i = base + tid;
@@ -97,7 +97,7 @@ __device__ void build(const IdT* ids, int* __restrict__ sorted_ids, int* __restr
       const int before = e < E ? run[e] : 0;
       __syncwarp();  // every lane has read its expert's count before the group's first lane advances it
       const int dst = e < E ? off[e] + before + rank : capacity;
-      if (dst < capacity) {  // always for a capacity of at least the launchers' bound; never for capacity 0 (no plan)
+      if (dst < capacity) {  // always, for a capacity of at least the launcher's bound
         sorted_ids[dst] = i;
         if (rank == 0) run[e] = before + __popc(peers);
       }
