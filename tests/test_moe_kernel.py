@@ -65,7 +65,7 @@ def test_validation_errors_are_clear():
     with pytest.raises(qmoe.MoEKernelError, match="runs on CUDA tensors"):
         qmoe.grouped_gemm(*good)
     with pytest.raises(ValueError, match="no grouped kernels for layout"):
-        select.moe_matmul("quick_sm90", *good)
+        select.moe_matmul("w4a8", *good)
 
 
 def test_host_id_check():
@@ -261,3 +261,52 @@ def test_decode_kernel_over_experts_host_side():
     assert select.moe_dec_unavailable(p_gu, p_dn) is not None and select.moe_mlp_kernel(p_gu, p_dn) == "mma"
     p_dn_bad = select.MoEProblem("quick", 6, 1, 4, 256, 64, 128, 16, torch.float16, cpu)
     assert "half of gate|up" in select.moe_dec_unavailable(p_gu, p_dn_bad)
+
+
+def test_sm90_stacks_validation_fake_and_choice():
+    """The ``quick_sm90`` stacks ([E, K/64, 8N]): the grouped wgmma GEMM's checks and its op's fake shapes (plan order
+    in and out), the decode kernel over experts with the weight as the A operand, and which path runs where."""
+    from quick.kernels import moe_sm90
+
+    x, qw16, sc, z, g, ids, blocks, npad, k = _inputs(e=4, t=3, k=2, kk=256, n=128)
+    qw = torch.zeros(4, 256 // 64, 8 * 128, dtype=torch.int32)
+    d, slots = moe_sm90.validate(x, qw, sc, z, g, ids, blocks, npad, k, need_cuda=False)
+    assert (d.k, d.n, d.e, slots) == (256, 128, 4, 6)
+    cap = ids.shape[0]
+    xp = torch.zeros(cap, 256, dtype=torch.float16)
+    d, slots = moe_sm90.validate(xp, qw, sc, z, g, ids, blocks, npad, 1, None, 6, True, need_cuda=False)
+    assert slots == 6
+    for args, match in (
+        ((x, qw16, sc, z, g, ids, blocks, npad, k), "quick_sm90"),  # a stack in the quick layout
+        ((x[:, :128], qw, sc, z, g, ids, blocks, npad, k), "k64 rows"),
+        ((x, qw, sc, z, g, ids, blocks, npad, k, None, 6, True), "capacity"),
+        ((xp, qw, sc, z, g, ids, blocks, npad, 1, None, -1, True), "num_slots"),
+        ((xp, qw, sc, z, g, ids, blocks, npad, 2, None, 6, True), "top_k 1"),
+        ((x, qw, sc, z, g, ids, blocks, npad, k, torch.ones(6), -1, False, True), "slot weights apply"),
+    ):
+        with pytest.raises(qmoe.MoEKernelError, match=match):
+            moe_sm90.validate(*args, need_cuda=False)
+    with pytest.raises(qmoe.MoEKernelError, match="CUDA|sm_90"):
+        moe_sm90.validate(x, qw, sc, z, g, ids, blocks, npad, k)
+    with FakeTensorMode():
+        fx, _, fsc, fz, _, fids, fblocks, fnpad, _ = _inputs(e=4, t=3, k=2, kk=256, n=128)
+        fqw = torch.zeros(4, 4, 1024, dtype=torch.int32)
+        out = torch.ops.quick.moe_gemm_w4a16_sm90(fx, fqw, fsc, fz, 128, fids, fblocks, fnpad, 2)
+        assert tuple(out.shape) == (6, 128)
+        out = torch.ops.quick.moe_gemm_w4a16_sm90(fx, fqw, fsc, fz, 128, fids, fblocks, fnpad, 2, None, -1, False,
+                                                  True)  # fmt: skip
+        assert tuple(out.shape) == (cap, 128)
+        out = torch.ops.quick.moe_dec_w4a16(fx, fqw, fsc, fz, 128, fids, fblocks, fnpad, 2, 3, None, "", True,
+                                            "quick_sm90")  # fmt: skip
+        assert tuple(out.shape) == (6, 128)
+    # one variant per plan block size, both dtypes and scale-group paths, all with QS_GROUPED
+    assert len(moe_sm90.VARIANTS) == 2 * 2 * len(qmoe.BLOCK_SIZES)
+    assert all(dd["QS_GROUPED"] == 1 and dd["QS_NT"] in qmoe.BLOCK_SIZES for _s, _k, dd in moe_sm90.VARIANTS)
+    assert {dd["QD_WB"] for _s, dd, _a in qmoe.DEC_VARIANTS} == {0, 1}
+    cpu = torch.device("cpu")
+    assert "no decode kernel" in qmoe.dec_unavailable(3, 256, 128, 128, 16, "", torch.float16, cpu, layout="w4a8")
+    p_gu = select.MoEProblem("quick_sm90", 300, 2, 4, 256, 256, 128, 64, torch.float16, cpu, "silu")
+    p_dn = select.MoEProblem("quick_sm90", 600, 1, 4, 256, 128, 128, 64, torch.float16, cpu)
+    assert select.moe_mlp_kernel(p_gu, p_dn) == "wgmma"
+    assert not select.moe_available(p_gu)  # no sm_90 GPU here: the reference path
+    assert select.MOE_KERNELS["moe_wgmma"].why_not(p_gu) == "needs an sm_90 GPU with nvcc"

@@ -29,6 +29,7 @@ MODULES = (
     "quick.kernels.decode",
     "quick.kernels.attention",
     "quick.kernels.moe",
+    "quick.kernels.moe_sm90",
     "quick.kernels.normquant",
 )
 DEFAULT_ARCHS = ("sm_80", "sm_90a")

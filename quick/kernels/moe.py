@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from quick.formats.weights import SUPPORTED_DTYPES
@@ -33,6 +36,21 @@ KERNEL = "quick_moe_gemm"
 ARCHS = ("sm_80", "sm_90a")  # mma.sync: one kernel serves Ampere and Hopper
 # Activations the gated epilogue computes (transformers' ACT2FN names) -> the kernel's code; "" = no activation.
 ACTS = {"": 0, "silu": 1, "swish": 1, "gelu": 2, "gelu_pytorch_tanh": 3, "relu": 4}
+# The same activations as PyTorch functions (the reference path, and the step between two grouped products).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def gated(h: Tensor, act: str) -> Tensor:
+    """``act(gate) * up`` of a gate|up product ``h [rows, 2I]`` in fp32, rounded once to ``h``'s dtype (as the
+    kernels' gated epilogues and the decode kernel's staging compute it)."""
+    i = h.shape[-1] // 2
+    return (ACTIVATIONS[act](h[..., :i].float()) * h[..., i:].float()).to(h.dtype)
 
 
 class MoEKernelError(ValueError):
@@ -145,11 +163,15 @@ ROUTE_DTYPES = (torch.float16, torch.bfloat16)
 ROUTE_VARIANTS = [(ROUTE_SOURCE, {"QR_BF16": b, "QR_EPL": p}, ARCHS) for b in (0, 1) for p in ROUTE_EPL]
 
 # Decode sizes (16-row plans): the decode kernel over the experts (csrc/quick_dec.cu, QD_GROUPED) in two launches,
-# gate|up plain into [slots, 2I], then down staging act(gate) * up from it (QD_ACT) with the slot weights.
-DEC_CONFIG = qd.DecConfig(1, 8, 4, wb=1)
+# gate|up plain into [slots, 2I], then down staging act(gate) * up from it (QD_ACT) with the slot weights. One config
+# per stack layout: the weight as the mma B operand (`quick`, 64 channels a warp) or the A operand (`quick_sm90`,
+# four blocks of 16 channels a warp), 64 channels per CTA either way.
+DEC_CONFIGS = {"quick": qd.DecConfig(1, 8, 4, wb=1), "quick_sm90": qd.DecConfig(4, 8, 4)}
+DEC_CONFIG = DEC_CONFIGS["quick"]
 DEC_ACTS = {"": 0, "silu": 1, "swish": 1}  # the down launch's QD_ACT; other activations take the grouped GEMM
 DEC_VARIANTS = [
-    (qd.SOURCE, {**DEC_CONFIG.defines(16, g, dt, act), "QD_GROUPED": 1}, qd.ARCHS)
+    (qd.SOURCE, {**cfg.defines(16, g, dt, act), "QD_GROUPED": 1}, qd.ARCHS)
+    for cfg in DEC_CONFIGS.values()
     for dt in SUPPORTED_DTYPES
     for g in (128, 32)  # QD_G32 off / on (every other group size is a shift of the former)
     for act in sorted(set(DEC_ACTS.values()))
@@ -180,6 +202,10 @@ class MoEDims:
     block_size: int
 
 
+# Stacked layouts of the grouped kernels: qweight [E, K / a, b * N] for (a, b) here.
+STACK_SHAPES = {"quick": (16, 2), "quick_sm90": (64, 8)}
+
+
 def _is_int32_vector(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.dim() == 1
 
@@ -187,14 +213,19 @@ def _is_int32_vector(t: object) -> bool:
 def validate(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, act: str = "",
-    need_cuda: bool = True,
+    need_cuda: bool = True, layout: str = "quick",
 ) -> MoEDims:  # fmt: skip
     """Every assumption of the kernel, checked; ``TypeError`` for types and dtypes, :class:`MoEKernelError` for shapes,
-    devices, layout and alignment. Works on meta / fake tensors with ``need_cuda=False`` (the op's fake)."""
+    devices, layout and alignment. Works on meta / fake tensors with ``need_cuda=False`` (the op's fake). ``layout``:
+    the stack's (:data:`STACK_SHAPES`)."""
+    if layout not in STACK_SHAPES:
+        raise MoEKernelError(f"no grouped kernel takes layout {layout!r}; layouts: {sorted(STACK_SHAPES)}")
+    ka, nb = STACK_SHAPES[layout]
+    shape = f"[E, K/{ka}, {nb}N] (layout {layout!r})"
     qm._check_x(x, MoEKernelError)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
         got = getattr(qweight, "dtype", type(qweight).__name__)
-        raise TypeError(f"qweight must be an int32 tensor [E, K/16, 2N] (layout 'quick'), got {got}")
+        raise TypeError(f"qweight must be an int32 tensor {shape}, got {got}")
     for name, t in (("scales", scales), ("zeros", zeros)):
         if not isinstance(t, torch.Tensor) or t.dtype != x.dtype:
             got = getattr(t, "dtype", type(t).__name__)
@@ -208,15 +239,15 @@ def validate(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise MoEKernelError(f"top_k must be a positive int (input rows are sorted_ids // top_k), got {top_k!r}")
     m, k = x.shape
-    if qweight.dim() != 3 or qweight.shape[2] % 2:
-        raise MoEKernelError(f"qweight must be 3-D [E, K/16, 2N] (a QuickExpertStack), got {tuple(qweight.shape)}")
-    e, n = qweight.shape[0], qweight.shape[2] // 2
+    if qweight.dim() != 3 or qweight.shape[2] % nb:
+        raise MoEKernelError(f"qweight must be 3-D {shape} (a QuickExpertStack), got {tuple(qweight.shape)}")
+    e, n = qweight.shape[0], qweight.shape[2] // nb
     if e < 1:
         raise MoEKernelError("qweight holds no expert")
     if k % 64 or n % 64:
-        raise MoEKernelError(f"the grouped kernel needs K and N multiples of 64, got K={k}, N={n}")
-    if qweight.shape[1] * 16 != k:
-        raise MoEKernelError(f"qweight has {qweight.shape[1]} k16 rows, x has K={k} (expected {k // 16})")
+        raise MoEKernelError(f"the grouped kernel needs K and N multiples of 64, got K={k}, N={n} (qweight {shape})")
+    if qweight.shape[1] * ka != k:
+        raise MoEKernelError(f"qweight has {qweight.shape[1]} k{ka} rows, x has K={k} (expected {k // ka})")
     if act and n % 128:
         raise MoEKernelError(f"a gate|up stack needs N = 2I with I a multiple of 64, got N={n}")
     try:
@@ -480,11 +511,15 @@ def dec_rows(tokens: int) -> int:
 
 def dec_unavailable(
     tokens: int, k: int, n: int, group_size: int, block_size: int, act: str, dtype: torch.dtype, device: torch.device,
-    config: qd.DecConfig = DEC_CONFIG,
+    config: qd.DecConfig | None = None, layout: str = "quick",
 ) -> str | None:  # fmt: skip
     """Why the decode kernel cannot run one launch of a 16-row plan (None: it can): ``act`` is the activation the
-    down launch stages (gate|up: ""), ``k`` / ``n`` that launch's weight shape (down: ``k = I``). ``config``: another
-    B-side decode config than :data:`DEC_CONFIG` (compiled at first use; for sweeps, ``benchmarks/moe_kernel.py``)."""
+    down launch stages (gate|up: ""), ``k`` / ``n`` that launch's weight shape (down: ``k = I``), ``layout`` the
+    stack's. ``config``: another decode config of that layout than :data:`DEC_CONFIGS`'s (compiled at first use; for
+    sweeps, ``benchmarks/moe_kernel.py``)."""
+    if layout not in DEC_CONFIGS:
+        return f"no decode kernel over experts in layout {layout!r}"
+    config = config or DEC_CONFIGS[layout]
     if device.type != "cuda" or qm.capability(device)[0] < 8:
         return "needs an sm_80+ GPU"
     if block_size != 16:
@@ -493,8 +528,8 @@ def dec_unavailable(
         return f"stages no activation {act!r}"
     if dtype not in SUPPORTED_DTYPES:
         return f"no {dtype} variant"
-    if config.wb != 1 or config.nw != 1:
-        return f"config {config}: the grouped variant is the quick layout's (wb=1) with one warp group"
+    if qd.LAYOUTS[config.wb] != layout or config.nw != 1:
+        return f"config {config}: the grouped variant of layout {layout!r} has one warp group and its operand side"
     if k % 64 or n % config.channels:
         return f"needs K a multiple of 64 and N of {config.channels}, got K={k}, N={n}"
     if group_size == 32 and not config.supports(32):
@@ -512,7 +547,7 @@ def dec_unavailable(
 def validate_dec(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
-    act: str = "", need_cuda: bool = True,
+    act: str = "", need_cuda: bool = True, layout: str = "quick",
 ) -> MoEDims:  # fmt: skip
     """:func:`validate` for :func:`dec_grouped` (with ``act``, ``x`` is the ``[slots, 2K]`` gate|up product and
     ``gdiv`` is 1), then the decode kernel's own limits (:func:`dec_unavailable`) with ``need_cuda``."""
@@ -529,9 +564,9 @@ def validate_dec(
                                  f"x {tuple(x.shape)}, gdiv={gdiv}")  # fmt: skip
         probe = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device="meta")
     d = validate(probe, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv,
-                 topk_weights, "", need_cuda=False)  # fmt: skip
+                 topk_weights, "", need_cuda=False, layout=layout)  # fmt: skip
     if need_cuda:
-        why = dec_unavailable(tokens, d.k, d.n, d.g, d.block_size, act, x.dtype, x.device)
+        why = dec_unavailable(tokens, d.k, d.n, d.g, d.block_size, act, x.dtype, x.device, layout=layout)
         if why is not None:
             raise MoEKernelError(f"the decode kernel cannot run this launch: {why}")
         _check_devices(x, qweight, scales, zeros, sorted_ids, block_experts, num_padded, topk_weights)
@@ -541,16 +576,18 @@ def validate_dec(
 def dec_grouped(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
-    act: str = "", out: Tensor | None = None, config: qd.DecConfig = DEC_CONFIG,
+    act: str = "", out: Tensor | None = None, config: qd.DecConfig | None = None, layout: str = "quick",
 ) -> Tensor:  # fmt: skip
     """``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (times ``topk_weights[s]``) for every slot of a 16-row plan,
     on the decode kernel; ``act``: ``x`` is a gate|up product ``[slots, 2K]`` and the kernel stages ``act(gate) * up``.
     ``tokens``: at most that many rows of a block are valid (the tokens routed when no token names an expert twice,
     else the slots). Rows no slot names are left as they
-    are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`, which checks
-    :data:`DEC_CONFIG`'s limits; another ``config`` is for sweeps and must pass :func:`dec_unavailable` itself)."""
-    e, k16, n2 = qweight.shape
-    k, n = 16 * k16, n2 // 2
+    are in ``out`` (zeros when it is None). Inputs checked by the caller (:func:`validate_dec`, which checks the
+    layout's :data:`DEC_CONFIGS` limits; another ``config`` is for sweeps and must pass :func:`dec_unavailable`)."""
+    config = config or DEC_CONFIGS[layout]
+    ka, nb = STACK_SHAPES[layout]
+    e, kr, nn = qweight.shape
+    k, n = ka * kr, nn // nb
     slots = x.shape[0] * gdiv
     if out is None:
         out = torch.zeros((slots, n), dtype=x.dtype, device=x.device)

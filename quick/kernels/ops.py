@@ -358,27 +358,57 @@ def moe_gemm_w4a16(
 def moe_dec_w4a16(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
     block_experts: Tensor, num_padded: Tensor, gdiv: int, tokens: int, topk_weights: Tensor | None = None,
-    act: str = "", fill: bool = True,
+    act: str = "", fill: bool = True, layout: str = "quick",
 ) -> Tensor:  # fmt: skip
     """The decode kernel over a 16-row plan (:func:`quick.kernels.moe.dec_grouped`): ``out [x.shape[0] * gdiv, N]``,
     ``out[s] = x[s // gdiv] @ dequant(W[expert of s])`` (* ``topk_weights``), zero where no slot is named (``fill``;
     else those rows are left unwritten: an intermediate only the same plan's slots are read from); ``act``: ``x`` is
-    the ``[slots, 2K]`` gate|up product and ``act(gate) * up`` is the input."""
+    the ``[slots, 2K]`` gate|up product and ``act(gate) * up`` is the input. Stacks in ``layout`` (``quick`` or
+    ``quick_sm90``)."""
     from quick.kernels import moe as qmoe
 
     args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens, topk_weights)
-    d = qmoe.validate_dec(*args, act)
-    return qmoe.dec_grouped(*args, act, None if fill else x.new_empty((d.slots, d.n)))
+    d = qmoe.validate_dec(*args, act, layout=layout)
+    return qmoe.dec_grouped(*args, act, None if fill else x.new_empty((d.slots, d.n)), layout=layout)
 
 
 @moe_dec_w4a16.register_fake
 def _moe_dec_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,
-                  topk_weights=None, act="", fill=True):  # fmt: skip
+                  topk_weights=None, act="", fill=True, layout="quick"):  # fmt: skip
     from quick.kernels import moe as qmoe
 
     d = qmoe.validate_dec(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, gdiv, tokens,
-                          topk_weights, act, need_cuda=False)  # fmt: skip
+                          topk_weights, act, need_cuda=False, layout=layout)  # fmt: skip
     return x.new_empty((d.slots, d.n))
+
+
+@torch.library.custom_op("quick::moe_gemm_w4a16_sm90", mutates_args=())
+def moe_gemm_w4a16_sm90(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, sorted_ids: Tensor,
+    block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, num_slots: int = -1,
+    plan_rows_in: bool = False, plan_rows_out: bool = False, fill: bool = True,
+) -> Tensor:  # fmt: skip
+    """The grouped wgmma GEMM over a plan on stacks in the ``quick_sm90`` layout
+    (:func:`quick.kernels.moe_sm90.grouped_gemm_sm90`): ``out[s] = x[s // top_k] @ dequant(W[expert of s])``
+    (* ``topk_weights``) for every slot, zero elsewhere (``fill``); ``plan_rows_in``: ``x`` is ``[capacity, K]`` in plan
+    order (``num_slots`` slots); ``plan_rows_out``: ``[capacity, N]`` in plan order."""
+    from quick.kernels import moe_sm90
+
+    args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k, topk_weights,
+            num_slots, plan_rows_in, plan_rows_out)  # fmt: skip
+    moe_sm90.validate(*args)
+    return moe_sm90.grouped_gemm_sm90(*args, fill)
+
+
+@moe_gemm_w4a16_sm90.register_fake
+def _moe_gemm_sm90_fake(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
+                        topk_weights=None, num_slots=-1, plan_rows_in=False, plan_rows_out=False,
+                        fill=True):  # fmt: skip
+    from quick.kernels import moe_sm90
+
+    d, slots = moe_sm90.validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
+                                 topk_weights, num_slots, plan_rows_in, plan_rows_out, need_cuda=False)  # fmt: skip
+    return x.new_empty((sorted_ids.shape[0] if plan_rows_out else slots, d.n))
 
 
 @torch.library.custom_op("quick::moe_plan", mutates_args=())

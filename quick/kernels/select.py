@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from quick import settings
-from quick.kernels import autotune, tuning
+from quick.kernels import autotune, moe_sm90, tuning
 from quick.kernels import decode as qd
 from quick.kernels import mma as qm
 from quick.kernels import moe as qmoe
@@ -669,8 +669,40 @@ class GroupedMmaKernel(Kernel):
         return qmoe.grouped_gemm(x, *weights, g, *plan, p.top_k, topk_weights, p.act, config=c.config)
 
 
-MOE_KERNELS: dict[str, Kernel] = {k.name: k for k in (GroupedMmaKernel(),)}
-MOE_MODEL_ORDER: dict[str, tuple[str, ...]] = {"quick": ("moe_mma",)}
+class GroupedWgmmaKernel(Kernel):
+    """``csrc/quick_sm90.cu`` (``QS_GROUPED``): the grouped W4A16 GEMM over a sorted-token plan on wgmma, the weight
+    as the register operand, stacks in the ``quick_sm90`` layout, sm_90. A gated product runs as the plain product
+    and ``act(gate) * up`` after it (the expert MLP keeps the rows in plan order in between:
+    :meth:`quick.nn.moe.QuickMoEExperts.kernel_forward_planned`)."""
+
+    name = "moe_wgmma"
+    layouts = ("quick_sm90",)
+
+    def why_not(self, p: MoEProblem) -> str | None:
+        if p.act and p.act not in qmoe.ACTIVATIONS:
+            return f"no activation {p.act!r}"
+        return moe_sm90.unavailable(p.k, p.n, p.group_size, p.block_size, p.dtype, p.device)
+
+    def model(self, p: MoEProblem) -> Choice | None:
+        return Choice(self.name, f"nt{p.block_size}")
+
+    def default(self, p: MoEProblem) -> Choice:
+        return self.model(p)
+
+    def candidates(self, p: MoEProblem, num_sms: int) -> list[Choice]:
+        return [self.model(p)]
+
+    def config_from(self, p: MoEProblem, fields: dict) -> object | None:
+        return None
+
+    def run(self, p: MoEProblem, c: Choice, x, weights: tuple, plan: tuple, topk_weights=None) -> torch.Tensor:
+        g = _launch_group(p)
+        h = moe_sm90.grouped_gemm_sm90(x, *weights, g, *plan, p.top_k, None if p.act else topk_weights)
+        return qmoe.gated(h, p.act) if p.act else h  # rows no slot names stay zero: act(0) * 0
+
+
+MOE_KERNELS: dict[str, Kernel] = {k.name: k for k in (GroupedMmaKernel(), GroupedWgmmaKernel())}
+MOE_MODEL_ORDER: dict[str, tuple[str, ...]] = {"quick": ("moe_mma",), "quick_sm90": ("moe_wgmma",)}
 
 
 def moe_reasons(p: MoEProblem) -> list[tuple[str, str]]:
@@ -704,22 +736,24 @@ def choose_moe(p: MoEProblem) -> Choice:
 def moe_mlp_kernel(p_gu: MoEProblem, p_dn: MoEProblem) -> str:
     """Which kernel runs an expert MLP's two grouped products (``p_gu`` with the gated activation, ``p_dn`` with the
     slot weights): ``"dec"``, the decode kernel over a 16-row plan (gate|up plain into ``[slots, 2I]``, then down
-    staging ``act(gate) * up``: :func:`quick.kernels.moe.dec_grouped`), where it runs both; else ``"mma"``, the grouped
-    GEMM with its gated epilogue (:func:`choose_moe`). ``QUICK_KERNEL`` entries ``dec`` / ``gemm`` (``@M``: up to M
-    tokens) force one where it can run. Kept per problem pair and settings (asked by every experts forward)."""
+    staging ``act(gate) * up``: :func:`quick.kernels.moe.dec_grouped`), where it runs both; else the layout's grouped
+    GEMM (:func:`choose_moe`): ``"mma"`` for ``quick`` (its gated epilogue), ``"wgmma"`` for ``quick_sm90`` (gate|up
+    and down in plan order, ``act(gate) * up`` between them). ``QUICK_KERNEL`` entries ``dec`` / ``gemm`` (``@M``: up
+    to M tokens) force one where it can run. Kept per problem pair and settings (asked by every experts forward)."""
     key = (p_gu, p_dn, settings.selection_key())
     hit = _MOE_PATH.get(key)
     if hit is not None:
         return hit
     dec_ok = moe_dec_unavailable(p_gu, p_dn) is None
-    path = "dec" if dec_ok else "mma"
+    gemm = "wgmma" if p_gu.layout == "quick_sm90" else "mma"
+    path = "dec" if dec_ok else gemm
     for name, max_m in settings.kernel_override():
         if max_m and p_gu.tokens > max_m:
             continue
         if name == "dec" and dec_ok:
             break
         if name == "gemm":
-            path = "mma"
+            path = gemm
             break
     qm._remember(_MOE_PATH, key, path)
     return path
@@ -730,12 +764,13 @@ _MOE_PATH: dict[tuple, str] = {}
 
 def moe_dec_unavailable(p_gu: MoEProblem, p_dn: MoEProblem) -> str | None:
     """Why the decode kernel cannot run this expert MLP (None: it can)."""
-    if p_gu.layout != "quick":
+    if p_gu.layout not in qmoe.DEC_CONFIGS:
         return f"layout {p_gu.layout!r}"
     if 2 * p_dn.k != p_gu.n:
         return f"down's K ({p_dn.k}) is not half of gate|up's N ({p_gu.n})"
     for k, n, g, act in ((p_gu.k, p_gu.n, p_gu.group_size, ""), (p_dn.k, p_dn.n, p_dn.group_size, p_gu.act)):
-        why = qmoe.dec_unavailable(p_gu.tokens, k, n, g, p_gu.block_size, act, p_gu.dtype, p_gu.device)
+        why = qmoe.dec_unavailable(p_gu.tokens, k, n, g, p_gu.block_size, act, p_gu.dtype, p_gu.device,
+                                   layout=p_gu.layout)  # fmt: skip
         if why is not None:
             return why
     return None
@@ -749,7 +784,7 @@ def moe_matmul(layout: str, x, qweight, scales, zeros, group_size: int, sorted_i
     if layout not in MOE_MODEL_ORDER:
         raise ValueError(f"no grouped kernels for layout {layout!r}; layouts with one: {sorted(MOE_MODEL_ORDER)}")
     d = qmoe.validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
-                      topk_weights, act)  # fmt: skip
+                      topk_weights, act, layout=layout)  # fmt: skip
     if validate_ids:
         qmoe.check_ids(sorted_ids, block_experts, d.slots, d.e)
     p = MoEProblem(layout, d.m, top_k, d.e, d.n, d.k, d.g, d.block_size, x.dtype, x.device, act)

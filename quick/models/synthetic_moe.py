@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quick.kernels.moe import STACK_SHAPES
 from quick.models import synthetic
 from quick.models.families import FamilyError, ModelFamily, decoder_layers, get_family
 from quick.models.linears import parent_of, quantizable_linears
@@ -23,8 +24,15 @@ from quick.nn.moe import ACTIVATIONS, QuickMoEExperts
 
 # 16-bit baselines: impl name -> dtype of the whole model.
 BASELINE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The only experts layout with a grouped 4-bit kernel; other impl layouts still pack the dense linears their way.
+# The experts layout of an impl whose own layout has no grouped 4-bit kernel (its dense linears keep their layout).
 EXPERTS_LAYOUT = "quick"
+
+
+def experts_layout(layout: str) -> str:
+    """The layout the experts of an impl packed in ``layout`` take: its own where a grouped kernel reads it."""
+    return layout if layout in STACK_SHAPES else EXPERTS_LAYOUT
+
+
 # transformers' experts implementation of the 16-bit baseline (sorted tokens, torch's grouped GEMM).
 GROUPED_IMPL = "grouped_mm"
 
@@ -61,14 +69,15 @@ def _skeleton(cfg, dtype: torch.dtype) -> nn.Module:
 
 
 def random_quick_experts(
-    fused: nn.Module, name: str, group_size: int, dtype: torch.dtype, device: torch.device | str, fill: bool = True
-) -> QuickMoEExperts:
+    fused: nn.Module, name: str, group_size: int, dtype: torch.dtype, device: torch.device | str, fill: bool = True,
+    layout: str = EXPERTS_LAYOUT,
+) -> QuickMoEExperts:  # fmt: skip
     """A :class:`QuickMoEExperts` of the shape of transformers' experts module ``fused`` with random packed stacks."""
     e, h, i = check_fused(fused, name)
     act = getattr(getattr(fused, "config", None), "hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise FamilyError(f"'{name}': expert activation {act!r} is not supported")
-    q = QuickMoEExperts(e, h, i, act, group_size, EXPERTS_LAYOUT, dtype, device)
+    q = QuickMoEExperts(e, h, i, act, group_size, layout, dtype, device)
     if fill:
         for stack in (q.gate_up, q.down):
             synthetic.fill_random_packed_(stack.packed(), dtype)
@@ -103,7 +112,8 @@ def _convert_(
     skip = tuple(s for s in family.modules_to_not_convert if not (quantize_lm_head and s == "lm_head"))
     for name, fused in experts_modules(model, family).items():
         if quantized:
-            _replace(model, name, random_quick_experts(fused, name, group_size, dtype, device, fill))
+            _replace(model, name, random_quick_experts(fused, name, group_size, dtype, device, fill,
+                                                       experts_layout(layout)))  # fmt: skip
         else:  # transformers' own module, allocated and initialised here so only one layer is ever pending
             fused.to_empty(device=device)
             if fill:
@@ -136,7 +146,8 @@ def build_random_moe(
 ) -> nn.Module:
     """A causal MoE LM of a bundled shape with random weights on ``device`` (see the module docstring).
 
-    ``quantized``: 4-bit experts in :data:`EXPERTS_LAYOUT` and every other eligible linear packed in ``layout``;
+    ``quantized``: 4-bit experts in :func:`experts_layout` of ``layout`` and every other eligible linear packed in
+    ``layout``;
     otherwise ``dtype`` weights with transformers' :data:`GROUPED_IMPL` experts implementation."""
     torch.manual_seed(seed)
     model = _skeleton(_config(name, num_layers), dtype)

@@ -13,9 +13,8 @@ Design and status: docs/moe.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +22,11 @@ from torch import nn
 
 from quick.formats.layouts import Layout, get_layout
 from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
-from quick.kernels.moe import plan_capacity
+from quick.kernels.moe import ACTIVATIONS, plan_capacity
 from quick.nn.linear import BACKENDS, PackedModule, check_dims, padded_in_features, positive_int
 
+
 # The gated MLP activations of the MoE families (transformers' ACT2FN names).
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
 class QuickExpertStack(PackedModule):
     """``num_experts`` packed 4-bit weights ``[K, N]`` (``y_e = x @ dequant(W_e)``) in one layout.
 
@@ -467,6 +458,7 @@ class QuickMoEExperts(nn.Module):
         ``sum_slots`` False: return the weighted slot rows ``[T, k, H]`` unsummed (in the packed dtype).
         ``distinct``: no token names an expert twice (the decode kernel sizes its rows by the token count; otherwise
         the grouped GEMM runs)."""
+        from quick.kernels import moe as qmoe
         from quick.kernels import select
         from quick.kernels.mma import _dense_rows
 
@@ -483,11 +475,21 @@ class QuickMoEExperts(nn.Module):
         if gu.in_features != xq.shape[1]:  # K zero-padded to whole groups and layout blocks
             xq = F.pad(xq, (0, gu.in_features - xq.shape[1]))
         xq = _dense_rows(xq)
-        if distinct and select.moe_mlp_kernel(p_gu, p_dn) == "dec":  # decode sizes: gate|up plain, down staging
+        path = select.moe_mlp_kernel(p_gu, p_dn)
+        lay = self.layout_name
+        if distinct and path == "dec":  # decode sizes: gate|up plain, down staging act(gate) * up
             dec = torch.ops.quick.moe_dec_w4a16
-            h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False)
+            h = dec(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, t, None, "", False, lay)
             y = dec(h, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, t, w.reshape(-1), self.act,
-                    not all_routed)  # fmt: skip
+                    not all_routed, lay)  # fmt: skip
+        elif lay == "quick_sm90":  # gate|up and down in plan order (no gather between), act(gate) * up between
+            mm = torch.ops.quick.moe_gemm_w4a16_sm90
+            h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, -1, False, True)
+            a = qmoe.gated(h, self.act)
+            if dn.in_features != a.shape[1]:
+                a = F.pad(a, (0, dn.in_features - a.shape[1]))
+            y = mm(a, dn.qweight, dn.scales, dn.zeros, dn.group_size, *ids, 1, w.reshape(-1), t * k, True, False,
+                   not all_routed)  # fmt: skip
         else:
             mm = torch.ops.quick.moe_gemm_w4a16
             h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, self.act)

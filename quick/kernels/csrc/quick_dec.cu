@@ -43,12 +43,13 @@
 //   (launch_dependents), and only then reads x and touches counters and outputs. So its first loads overlap the
 //   previous kernel's tail, and the next kernel's overlap its own. x is staged with L2 loads after the wait.
 //
-// * QD_GROUPED (`quick` layout, M <= 16): the experts of a mixture-of-experts block at decode sizes. The weights are
-//   stacks [E, K/16, 2N] (scales, zeros [E, K/G, N]) and blockIdx.z is a block of 16 rows of a sorted-token plan
-//   (quick/nn/moe.py: build_plan; one expert per block, its valid rows first): the CTA skips blocks past
-//   num_padded[0] or without an expert, takes row r's activations from x[sorted_ids[r] / gdiv] (gathered into shared
-//   memory like x; at most max_rows of them, which the launcher sized it for) and writes output row sorted_ids[r],
-//   times topk_w[slot] when given. No split, bias or norm.
+// * QD_GROUPED (either layout, M <= 16): the experts of a mixture-of-experts block at decode sizes. The weights are
+//   stacks of E layout tensors (K x N / 2 bytes of codes, scales and zeros [E, K/G, N]) and blockIdx.z is a block of
+//   16 rows of a sorted-token plan (quick/nn/moe.py: build_plan; one expert per block, its valid rows first): the CTA
+//   loads the padded total, its block's expert and slots in one round trip, skips blocks past num_padded[0] or
+//   without an expert, takes row r's activations from x[sorted_ids[r] / gdiv] (gathered into shared memory like x;
+//   at most max_rows of them, which the launcher sized it for) and writes output row sorted_ids[r], times
+//   topk_w[slot] when given. No split, bias or norm.
 //   Gate/up then down of an expert MLP are two launches: gate|up plain (out [slots, 2I]), down with QD_ACT.
 //
 // -D: QD_WB (0: quick_sm90 layout, 1: quick layout), QD_DTYPE (0 fp16, 1 bf16), QD_NT (n8 token tiles, 1/2/4/8:
@@ -108,7 +109,7 @@ constexpr int ACT = QD_ACT;
 constexpr bool NORM = QD_NORM != 0;
 constexpr bool PDL = QD_PDL != 0;
 constexpr bool GROUPED = QD_GROUPED != 0;
-static_assert(!GROUPED || (WB && !NORM && !PDL && NW == 1), "QD_GROUPED: the quick layout, no norm tail, PDL or NW");
+static_assert(!GROUPED || (!NORM && !PDL && NW == 1), "QD_GROUPED: no norm tail, PDL or NW");
 constexpr bool X_LATE = ACT != 0 || PDL;  // x staged with loads after the first weight stages (not by cp.async)
 constexpr int GPS = QD_G32 ? 2 : 1;     // scale rows per k64 step
 constexpr int WPG = 4 / GPS;            // words (k16 steps) per scale row
@@ -352,11 +353,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) quick_dec(
   __shared__ int s_xrow[GROUPED ? 16 : 1], s_orow[GROUPED ? 16 : 1];
   if constexpr (GROUPED) {
     const int blk = blockIdx.z;
-    if (blk * 16 >= __ldg(num_padded)) return;
+    // independent loads (the plan holds gridDim.z whole blocks, all written): one round trip, not three
+    const int npad = __ldg(num_padded);
     const int ex = __ldg(block_experts + blk);
-    if (ex < 0 || ex >= num_experts) return;
+    const int slot = tid < 16 ? __ldg(sorted_ids + blk * 16 + tid) : -1;
+    if (blk * 16 >= npad || ex < 0 || ex >= num_experts) return;
     if (tid < 16) {
-      const int slot = __ldg(sorted_ids + blk * 16 + tid);
       const bool real = slot >= 0 && slot < num_slots;
       s_orow[tid] = real ? slot : -1;
       s_xrow[tid] = real ? slot / gdiv : -1;

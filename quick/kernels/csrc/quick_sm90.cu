@@ -31,7 +31,16 @@
 // full barrier, and consumers read their 16 bytes from shared memory; QS_STAGES steps in flight per CTA, waited for
 // by the mbarrier instead of register scoreboards. Group sizes >= 64 only), QS_EF (1: every weight access carries
 // an L2::evict_first policy: weights are read once, and L2 replaces these clean lines before other data or dirty
-// lines waiting for write-back).
+// lines waiting for write-back), QS_GROUPED (1: the experts of a mixture-of-experts block, below).
+//
+// QS_GROUPED: qweight / scales / zeros are stacks of E experts' tensors ([E, K/64, 8N], [E, K/G, N]) and the token
+// tiles are the blocks of a sorted-token plan (quick/nn/moe.py: build_plan; block size = QS_NT, one expert per block).
+// x holds the plan's rows in plan order (row r of block b at b * NT + r, gathered by the launcher or written so by the
+// previous product), so TMA loads it as usual. A unit whose block lies past num_padded[0] or has no expert is skipped
+// by the producer and the consumers alike (same test, same memory); the others read their expert's weights. Output:
+// with sorted_ids null, plan row r goes to out row r (every row of the tile: an intermediate in plan order); else
+// to out row sorted_ids[r], times topk_w[slot] in fp32 when topk_w is given, and padding rows (ids >= num_slots) are
+// dropped. No bias; the weight pipeline is the register one (no QS_WTMA, no QS_L2PF).
 
 #include <cstdint>
 
@@ -73,6 +82,9 @@
 #ifndef QS_EF
 #define QS_EF 0
 #endif
+#ifndef QS_GROUPED
+#define QS_GROUPED 0
+#endif
 #if QS_LDREL
 // ld.relaxed.gpu: ptxas keeps these strong loads in program order with the mbarrier operations, so a group's
 // loads are issued at its boundary (with .nc it sinks them towards their first use, trusting a cache-hit
@@ -112,6 +124,8 @@ constexpr int STAGES = QS_STAGES;
 constexpr int PREF = QS_PREF;
 constexpr bool G32 = QS_G32 != 0;
 constexpr bool BF16 = QS_BF16 != 0;
+constexpr bool GROUPED = QS_GROUPED != 0;
+static_assert(!GROUPED || (!QS_WTMA && QS_L2PF == 0), "QS_GROUPED: the register weight pipeline");
 constexpr int THREADS = 128 * (NWG + 1);
 constexpr int GRP = PREF;  // QS_PIPE 1: k64 steps per weight load group (one scoreboard wait per group)
 constexpr int UNR = (PREF % 2 == 0) ? PREF : 2 * PREF;  // QS_PIPE 0: ring slot and A buffer are constants
@@ -230,6 +244,20 @@ __device__ __forceinline__ void dequant_word(uint32_t w, const GroupConst& g, ui
   }
 }
 
+// QS_GROUPED: the expert of plan block tm, or -1 where the block lies past the padded total or has none.
+__device__ __forceinline__ int tile_expert(const int* block_experts, const int* num_padded, int tm, int num_experts) {
+  const int npad = __ldg(num_padded);
+  const int ex = __ldg(block_experts + tm);
+  return tm * NT < npad && ex >= 0 && ex < num_experts ? ex : -1;
+}
+
+// QS_GROUPED: the output row of plan row r (sorted_ids null: r itself), or -1 for a padding row.
+__device__ __forceinline__ int plan_row(const int* sorted_ids, int r, int num_slots) {
+  if (sorted_ids == nullptr) return r;
+  const int slot = __ldg(sorted_ids + r);
+  return slot >= 0 && slot < num_slots ? slot : -1;
+}
+
 QH_DEFINE_WGMMA_RS(wgmma_rs, float, "+f", "k16.f32." QS_WG_T "." QS_WG_T, ", 1, 1, 0")
 
 }  // namespace
@@ -245,7 +273,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros,
                     const uint16_t* __restrict__ bias, uint16_t* __restrict__ out, float* __restrict__ ws,
                     int* __restrict__ counters, int M, int N, int K, int gshift, int splits, int steps_per_split,
-                    int n_tiles, int m_tiles) {
+                    int n_tiles, int m_tiles
+#if QS_GROUPED
+                    ,
+                    const int* __restrict__ sorted_ids, const int* __restrict__ block_experts,
+                    const int* __restrict__ num_padded, const float* __restrict__ topk_w, int num_slots,
+                    int num_experts, int expert_srows
+#endif
+) {
   extern __shared__ uint8_t smem_raw[];
   const Smem sm(smem_raw);
   const uint32_t s_x = sm.x, s_w = sm.w, s_full = sm.full, s_empty = sm.empty;  // s_w: QS_WTMA weight stages
@@ -271,6 +306,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const int split = u % splits;
         const int tile = u / splits;
         const int tm = tile / n_tiles;
+#if QS_GROUPED
+        if (tile_expert(block_experts, num_padded, tm, num_experts) < 0) continue;  // the consumers skip it too
+#endif
         const int s0 = split * steps_per_split;
         const int nsteps = min(nk - s0, steps_per_split);
 #if QS_L2PF > 0
@@ -339,6 +377,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const WorkUnit wu(u, splits, n_tiles, steps_per_split, nk);
     const int split = wu.split, tile = wu.tile, tm = wu.tm, s0 = wu.s0, nsteps = wu.nsteps;
     const int blk = wu.tn * NWG + cw;
+#if QS_GROUPED
+    const int ex = tile_expert(block_experts, num_padded, tm, num_experts);
+    if (ex < 0) continue;  // the producer issued nothing for it
+    const uint4* const qw = qweight + static_cast<size_t>(ex) * nk * (2 * N);
+    const size_t sz_off = static_cast<size_t>(ex) * expert_srows * N;
+#else
+    const uint4* const qw = qweight;
+    constexpr size_t sz_off = 0;
+#endif
 
     if (blk >= n64) {  // past the last channel block (N not a multiple of 64 * NWG): keep the pipeline going
       for (int s = 0; s < nsteps; ++s) {
@@ -354,12 +401,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int nb = blk * 64;
 
     // Weight stream of this warp: n16 block (nb/16 + warp), lane's 16 bytes; one k64 row = 2N uint4.
-    const uint4* qbase = qweight + static_cast<size_t>(s0) * (2 * N) + (nb / 16 + warp) * 32 + lane;
+    const uint4* qbase = qw + static_cast<size_t>(s0) * (2 * N) + (nb / 16 + warp) * 32 + lane;
     const size_t col = static_cast<size_t>(nb + 16 * warp + 2 * (lane / 4));
     // Scale/zero row of k64 step k: 2k and 2k+1 for G = 32, k >> gshift otherwise (gshift = log2(G/64), or 31
     // for one group over all of K). Computed from the step, so the load path has no branches.
-    const uint16_t* sbase = scales + col;
-    const uint16_t* zbase = zeros + col;
+    const uint16_t* sbase = scales + sz_off + col;
+    const uint16_t* zbase = zeros + sz_off + col;
     uint32_t dep = 0;  // QS_PIPE 1: run-time zero that orders a group's loads after the previous group's wait
 
     // Load k64 step `step` of the unit (weights, scale and zero words); predicated off past the unit or when
@@ -578,12 +625,40 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     const int ch0 = 16 * warp + lane / 4;
     float b0, b1;
     bias_pair<BF16>(bias, nb, ch0, b0, b1);
+#if QS_GROUPED
+    // slot weights of this thread's tokens 8j + 2 (lane % 4) + v0 (1 without weights and for padding rows)
+    float tw[NT / 8][2];
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int v0 = 0; v0 < 2; ++v0) {
+        const int row = plan_row(sorted_ids, tm * NT + 8 * j + 2 * (lane % 4) + v0, num_slots);
+        tw[j][v0] = topk_w != nullptr && row >= 0 ? __ldg(topk_w + row) : 1.f;
+      }
+#endif
 #pragma unroll
     for (int i = 0; i < ACC; ++i) {
       const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
       const int t = 8 * j + 2 * (lane % 4) + v0;
+#if QS_GROUPED
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] * tw[j][v0]);
+#else
       epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] + (v1 ? b1 : b0));
+#endif
     }
+#if QS_GROUPED
+    named_bar(1 + cw, 128);
+    for (int idx = tid; idx < NT * 8; idx += 128) {  // staged rows -> their output rows, 16 bytes at a time
+      const int t = idx / 8, q = idx % 8;
+      const int row = plan_row(sorted_ids, tm * NT + t, num_slots);
+      if (row >= 0) {
+        const uint4 v = *reinterpret_cast<const uint4*>(epi + t * EPI_STRIDE + 8 * q);
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(row) * N + nb + 8 * q) = v;
+      }
+    }
+    named_bar(1 + cw, 128);
+#else
     store_staged<NT, EPI_STRIDE>(out, epi, tm, M, N, nb, tid, 1 + cw);
+#endif
   }
 }
