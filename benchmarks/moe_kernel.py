@@ -11,6 +11,12 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
   happens inside the kernel), random packed weights in the ``quick`` layout, group size 128 with zero points;
 * ``w4dec``: at 16-row plans, ``quick.kernels.moe.dec_grouped`` (the decode kernel over experts; gate_up without
   the epilogue, down staging ``silu(gate) * up`` from a ``[slots, 2I]`` product);
+* ``w4sm90`` (sm_90): the grouped wgmma GEMM on a stack in the ``quick_sm90`` layout
+  (``quick.kernels.moe_sm90.grouped_gemm_sm90``): gate_up gathers the rows into plan order and writes the plain
+  product in plan order (``act(gate) * up`` is a separate step in the expert MLP, not timed here), down reads a
+  ``[capacity, I]`` input in plan order and writes the weighted slot rows;
+* ``w4sm90dec`` (sm_90, 16-row plans): the decode kernel over experts on that stack (the weight as the mma A operand),
+  launched as ``w4dec``;
 * ``w16``: ``torch._grouped_mm`` on the rows already sorted by expert (no gather, no activation, no weighting: a
   lower bound for the 16-bit side) where this torch has it and it runs, else ``torch.bmm`` over the routed experts
   (their rows zero-padded to the largest count, their weights gathered before the timing); each row says which.
@@ -39,6 +45,7 @@ from common import env_info, gpu_slug  # noqa: E402
 
 from quick.bench.timing import bench_us, graphed  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
+from quick.kernels import moe_sm90, wgmma  # noqa: E402
 from quick.nn.moe import build_plan  # noqa: E402
 
 # hidden, expert intermediate, experts, top-k
@@ -55,6 +62,16 @@ def w4_stack(e: int, k: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
     scales = (torch.rand(e, k // GROUP, n, device="cuda") * 0.01 + 0.005).to(dtype)
     zeros = torch.randint(0, 16, (e, k // GROUP, n), device="cuda").to(dtype)
     return qweight, scales, zeros
+
+
+def as_sm90(stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The same random bytes as a ``quick_sm90`` stack (``qweight [E, K/64, 8N]``): timing does not depend on values."""
+    qweight, scales, zeros = stack
+    e, k16, n2 = qweight.shape
+    return qweight.view(e, k16 // 4, 4 * n2), scales, zeros
+
+
+W4_IMPLS = ("w4", "w4dec", "w4sm90", "w4sm90dec")
 
 
 def w4_bytes(k: int, n: int) -> int:
@@ -131,6 +148,25 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
             rows.append({**base, "impl": "w4dec", "config": name, "us": round(usd, 2),
                          "GBps": round(b4 / usd / 1e3, 1), "bytes": b4})  # fmt: skip
             print(f"{model} T={t:<5} {proj:<8} w4dec {usd:9.1f} us {b4 / usd / 1e3:7.0f} GB/s ({name})", flush=True)
+        if wgmma.is_available(x.device):
+            qw9, sc9, z9 = as_sm90(stacks[proj])
+            w9 = (qw9, sc9, z9, GROUP)
+            if proj == "gate_up":
+                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids, k, plan_rows_out=True)
+            else:
+                hplan = torch.randn(plan.sorted_ids.shape[0], kk, device="cuda").to(dtype)
+                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids, 1, weights, t * k,
+                                        plan_rows_in=True, fill=False)  # fmt: skip
+            timed = [("w4sm90", fn9, f"wgmma nt{bs}")]
+            if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, layout="quick_sm90") is None:
+                xin, gd, tw = (x, k, None) if proj == "gate_up" else (hgu, 1, weights)
+                fd9 = functools.partial(qmoe.dec_grouped, xin, *w9, *ids, gd, t, tw, act, layout="quick_sm90")
+                timed.append(("w4sm90dec", fd9, "dec A-side"))
+            for impl, fn, name in timed:
+                us = bench_us(graphed(fn), args.warmup_ms, args.rep_ms)
+                rows.append({**base, "impl": impl, "config": name, "us": round(us, 2),
+                             "GBps": round(b4 / us / 1e3, 1), "bytes": b4})  # fmt: skip
+                print(f"{model} T={t:<5} {proj:<8} {impl} {us:9.1f} us {b4 / us / 1e3:7.0f} GB/s ({name})", flush=True)
         fn16, name = w16_fn(xs, w16[proj], counts)
         us16 = bench_us(graphed(fn16), args.warmup_ms, args.rep_ms)
         b16 = routed * kk * n * 2
@@ -149,22 +185,24 @@ def markdown(env: dict, rows: list[dict], dtype: str) -> str:
         "uniform random top-k routing. Median of do_bench (L2 flushed) over CUDA-graph replays. GB/s over the routed "
         "experts' weight bytes. w4: the grouped kernel with its gather and epilogue (gate_up: silu(gate) * up; down: "
         "routing weights); w4dec: the decode kernel over experts at 16-row plans (gate_up plain into [slots, 2I], "
-        "down staging silu(gate) * up from it); w16: the baseline named per row, on rows already sorted (no gather, "
-        "no epilogue).",
+        "down staging silu(gate) * up from it); w4sm90 / w4sm90dec (sm_90): the grouped wgmma GEMM (gate_up plain in "
+        "plan order, down from plan-order rows) / the decode kernel on the same bytes as a quick_sm90 stack; w16: the "
+        "baseline named per row, on rows already sorted (no gather, no epilogue).",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}", "", "| tokens | experts | block | proj | w4 us (GB/s) | w4dec us (GB/s) | "
-                  "w16 us (GB/s) | w16 / best w4 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        heads = " | ".join(f"{i} us (GB/s)" for i in W4_IMPLS)
+        lines += [f"## {model}", "", f"| tokens | experts | block | proj | {heads} | w16 us (GB/s) | w16 / best w4 |",
+                  "|---|---|---|---|" + "---|" * (len(W4_IMPLS) + 2)]  # fmt: skip
         for r4 in (r for r in rows if r["model"] == model and r["impl"] == "w4"):
             same = [r for r in rows if all(r[c] == r4[c] for c in ("model", "tokens", "proj"))]
             r16 = next(r for r in same if r["impl"] == "w16")
-            rd = next((r for r in same if r["impl"] == "w4dec"), None)
-            best = min(r4["us"], rd["us"]) if rd else r4["us"]
-            dec = f"{rd['us']:.1f} ({rd['GBps']:.0f})" if rd else "-"
+            by = {i: next((r for r in same if r["impl"] == i), None) for i in W4_IMPLS}
+            best = min(r["us"] for r in by.values() if r)
+            cells = " | ".join(f"{r['us']:.1f} ({r['GBps']:.0f})" if r else "-" for r in by.values())
             lines.append(
-                f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {r4['us']:.1f} "
-                f"({r4['GBps']:.0f}) | {dec} | {r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / best:.2f} |"
+                f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {cells} | "
+                f"{r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / best:.2f} |"
             )
         lines.append("")
     names = sorted({r["config"] for r in rows if r["impl"] == "w16"})
@@ -184,7 +222,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for i, model in enumerate(models):
         for j, proj in enumerate(("gate_up", "down")):
             ax = axes[i][j]
-            for impl in ("w4", "w4dec", "w16"):
+            for impl in (*W4_IMPLS, "w16"):
                 pts = sorted((r["tokens"], r["GBps"]) for r in rows
                              if r["model"] == model and r["proj"] == proj and r["impl"] == impl)  # fmt: skip
                 if pts:
