@@ -337,6 +337,7 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     import torch.nn.functional as F
 
     from quick.kernels import moe as qmoe
+    from quick.kernels import moe_sm90, wgmma
     from quick.nn.moe import QuickExpertStack, build_plan, plan_capacity, routing_facts, static_plan
     from quick.testing import random_quantized, rel_error, route_errors
 
@@ -350,8 +351,10 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     n = (128 if act else 64) * rng.randint(1, 6)
     g = rng.choice([x for x in (32, 64, 128, -1) if x < 0 or k % x == 0])
     cfgs = qmoe.configs_for(block, k)
+    # stacks in the quick_sm90 layout half the time where its Hopper kernels run
+    layout = "quick_sm90" if wgmma.is_available(torch.device(DEV)) and rng.random() < 0.5 else "quick"
     c = {"path": "moe", "dtype": str(dt), "e": e, "top_k": top_k, "t": t, "k": k, "n": n, "g": g, "block": block,
-         "act": act}  # fmt: skip
+         "act": act, "layout": layout}  # fmt: skip
     if not cfgs:
         return 0
     cfg = rng.choice(cfgs)
@@ -364,7 +367,7 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     st["cases"] += 1
     try:
         qws = [random_quantized(k, n, g, dt, "cpu", gen) for _ in range(e)]
-        stack = QuickExpertStack.from_quantized(qws, "quick").to(DEV)
+        stack = QuickExpertStack.from_quantized(qws, layout).to(DEV)
         x = torch.randn(t, k, generator=gen).to(dt)
         xd, idsd = x.to(DEV), ids.to(DEV)
         tw = torch.rand(t * top_k, generator=gen) if rng.random() < 0.5 else None
@@ -396,11 +399,24 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
         use_dec = not act and rng.random() < 0.5
         # rows per expert: the tokens, unless a token names an expert twice (then up to every slot)
         rows = t if routing_facts(ids, e)[2] else t * top_k
-        use_dec = use_dec and qmoe.dec_unavailable(rows, k, n, k if g < 0 else g, block, "", dt, xd.device) is None
-        c["kernel"] = "dec" if use_dec else "mma"
+        gg = k if g < 0 else g
+        use_dec = use_dec and qmoe.dec_unavailable(rows, k, n, gg, block, "", dt, xd.device, layout=layout) is None
+        c["kernel"] = "dec" if use_dec else ("wgmma" if layout == "quick_sm90" else "mma")
         if use_dec:
-            qmoe.validate_dec(*args, top_k, rows, twd)
-            out1, out2 = (qmoe.dec_grouped(*args, top_k, rows, twd) for _ in range(2))
+            qmoe.validate_dec(*args, top_k, rows, twd, layout=layout)
+            out1, out2 = (qmoe.dec_grouped(*args, top_k, rows, twd, layout=layout) for _ in range(2))
+        elif layout == "quick_sm90":
+            if act:  # the plain product, then act(gate) * up (times the slot weights) as the expert MLP does
+                out1, out2 = (qmoe.gated(moe_sm90.grouped_gemm_sm90(*args, top_k), act, twd) for _ in range(2))
+            elif rng.random() < 0.5:  # the same rows read in plan order (as the down product reads them)
+                c["plan_rows_in"] = True
+                xp = moe_sm90.gather_rows(xd, plan.sorted_ids, top_k)
+                pargs = (xp, *args[1:])
+                moe_sm90.validate(*pargs, 1, twd, t * top_k, True)
+                out1, out2 = (moe_sm90.grouped_gemm_sm90(*pargs, 1, twd, t * top_k, True) for _ in range(2))
+            else:
+                moe_sm90.validate(*args, top_k, twd)
+                out1, out2 = (moe_sm90.grouped_gemm_sm90(*args, top_k, twd) for _ in range(2))
         else:
             out1 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
             out2 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)

@@ -20,9 +20,8 @@ pytestmark = pytest.mark.gpu
 require_sm90("quick.kernels.wgmma", "the sm_90 kernels")
 
 import quick.kernels.ops  # noqa: E402, F401  (registers the ops)
-from quick.kernels import jit, select  # noqa: E402
+from quick.kernels import jit, moe_sm90, select  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
-from quick.kernels import moe_sm90  # noqa: E402
 from quick.nn.moe import QuickExpertStack, QuickMoEExperts, build_plan  # noqa: E402
 
 DEV = torch.device("cuda")

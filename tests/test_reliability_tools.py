@@ -64,12 +64,15 @@ def test_every_dec_variant_has_a_case():
 
 
 def test_every_moe_variant_has_a_valid_case():
-    """Each grouped-GEMM variant (config, dtype, gated), plan- and route-kernel variant is launched by a case whose
-    inputs the launcher's validation takes (checked on CPU tensors: shapes, dtypes, plan block size, config)."""
+    """Each grouped-GEMM variant (config, dtype, gated; the wgmma one in both input/output orders), decode variant
+    (both layouts), plan- and route-kernel variant is launched by a case whose inputs the launcher's validation
+    takes (checked on CPU tensors: shapes, dtypes, plan block size, config)."""
     from quick.kernels import moe as qmoe
+    from quick.kernels import moe_sm90
 
     cases = vc.moe_cases()
     launched = set()
+    launched_sm90 = set()
     gen = torch.Generator().manual_seed(0)
     for c in cases:
         inp = vc.make_inputs(c, gen, "cpu")
@@ -89,11 +92,23 @@ def test_every_moe_variant_has_a_valid_case():
             gdiv = 1 if ex["act"] else ex["top_k"]
             d = qmoe.validate_dec(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size, p["sorted_ids"],
                                   p["block_experts"], p["num_padded"], gdiv, ex["tokens"], None, ex["act"],
-                                  need_cuda=False)  # fmt: skip
+                                  need_cuda=False, layout=c.layout)  # fmt: skip
             assert (d.slots, d.n) == (c.m, c.n)
             act = qmoe.DEC_ACTS[ex["act"]]
-            launched.add(tuple(sorted({**qmoe.DEC_CONFIG.defines(16, c.group_size, c.dtype, act),
+            launched.add(tuple(sorted({**qmoe.DEC_CONFIGS[c.layout].defines(16, c.group_size, c.dtype, act),
                                        "QD_GROUPED": 1}.items())))  # fmt: skip
+            continue
+        if c.kernel == "moe_wgmma":
+            p, ex = inp["packed"], c.extra
+            plan_in = ex["order"] == "plan"
+            slots = ex["tokens"] * ex["top_k"]
+            d, got = moe_sm90.validate(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size,
+                                       p["sorted_ids"], p["block_experts"], p["num_padded"],
+                                       1 if plan_in else ex["top_k"], None, slots, plan_in, plan_in,
+                                       need_cuda=False)  # fmt: skip
+            assert got == slots and d.n == c.n and d.n % 128, "N should end inside a 128-channel tile"
+            launched_sm90.add((c.extra["order"], tuple(sorted(moe_sm90.CONFIGS[d.block_size].defines(c.group_size,
+                               c.dtype).items()))))  # fmt: skip
             continue
         p = inp["packed"]
         d = qmoe.validate(inp["x"], p["qweight"], p["scales"], p["zeros"], c.group_size, p["sorted_ids"],
@@ -108,6 +123,12 @@ def test_every_moe_variant_has_a_valid_case():
     assert any("QD_GROUPED" in dict(w) for w in want)
     want |= {("QP_IDX64", d["QP_IDX64"]) for _s, d, _a in qmoe.PLAN_VARIANTS}
     assert want <= launched, f"MoE variants without a sanitizer case: {want - launched}"
+    want_sm90 = {
+        (order, tuple(sorted((k, v) for k, v in d.items() if k != "QS_GROUPED")))
+        for _s, _k, d in moe_sm90.VARIANTS
+        for order in ("slots", "plan")
+    }
+    assert want_sm90 == launched_sm90, f"grouped wgmma variants without a case: {want_sm90 - launched_sm90}"
 
 
 def test_every_attention_variant_has_valid_cases():

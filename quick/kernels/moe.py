@@ -46,11 +46,14 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def gated(h: Tensor, act: str) -> Tensor:
-    """``act(gate) * up`` of a gate|up product ``h [rows, 2I]`` in fp32, rounded once to ``h``'s dtype (as the
-    kernels' gated epilogues and the decode kernel's staging compute it)."""
+def gated(h: Tensor, act: str, row_weights: Tensor | None = None) -> Tensor:
+    """``act(gate) * up`` of a gate|up product ``h [rows, 2I]`` (times ``row_weights [rows]``) in fp32, rounded once
+    to ``h``'s dtype (as the kernels' gated epilogues and the decode kernel's staging compute it)."""
     i = h.shape[-1] // 2
-    return (ACTIVATIONS[act](h[..., :i].float()) * h[..., i:].float()).to(h.dtype)
+    y = ACTIVATIONS[act](h[..., :i].float()) * h[..., i:].float()
+    if row_weights is not None:
+        y = y * row_weights.reshape(-1, 1).float()
+    return y.to(h.dtype)
 
 
 class MoEKernelError(ValueError):

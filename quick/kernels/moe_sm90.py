@@ -102,13 +102,13 @@ def grouped_gemm_sm90(
     plan_rows_in: bool = False, plan_rows_out: bool = False, fill: bool = True,
 ) -> Tensor:  # fmt: skip
     """The grouped product (module docstring) on inputs :func:`validate` accepted: ``[capacity, N]`` in plan order
-    with ``plan_rows_out`` (rows of blocks past the padded total left unwritten), else ``[slots, N]`` with rows no
-    slot names zero (``fill``; left unwritten without it)."""
+    with ``plan_rows_out``, else ``[slots, N]``; rows the kernel does not write (blocks past the padded total; slots
+    no plan row names) are zero with ``fill``, left unwritten without it."""
     d, slots = validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
                         topk_weights, num_slots, plan_rows_in, plan_rows_out, need_cuda=False)  # fmt: skip
     capacity, n, k, e, g = sorted_ids.shape[0], d.n, d.k, d.e, d.g
     rows_out = capacity if plan_rows_out else slots
-    out = (torch.zeros if fill and not plan_rows_out else torch.empty)((rows_out, n), dtype=x.dtype, device=x.device)
+    out = (torch.zeros if fill else torch.empty)((rows_out, n), dtype=x.dtype, device=x.device)
     if slots == 0 or capacity == 0:
         return out
     xp = x if plan_rows_in else gather_rows(x, sorted_ids, top_k)

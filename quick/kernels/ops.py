@@ -390,8 +390,8 @@ def moe_gemm_w4a16_sm90(
 ) -> Tensor:  # fmt: skip
     """The grouped wgmma GEMM over a plan on stacks in the ``quick_sm90`` layout
     (:func:`quick.kernels.moe_sm90.grouped_gemm_sm90`): ``out[s] = x[s // top_k] @ dequant(W[expert of s])``
-    (* ``topk_weights``) for every slot, zero elsewhere (``fill``); ``plan_rows_in``: ``x`` is ``[capacity, K]`` in plan
-    order (``num_slots`` slots); ``plan_rows_out``: ``[capacity, N]`` in plan order."""
+    (* ``topk_weights``) for every slot; ``plan_rows_in``: ``x`` is ``[capacity, K]`` in plan order (``num_slots``
+    slots); ``plan_rows_out``: ``[capacity, N]`` in plan order; rows it does not write are zero with ``fill``."""
     from quick.kernels import moe_sm90
 
     args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k, topk_weights,

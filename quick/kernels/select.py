@@ -698,7 +698,7 @@ class GroupedWgmmaKernel(Kernel):
     def run(self, p: MoEProblem, c: Choice, x, weights: tuple, plan: tuple, topk_weights=None) -> torch.Tensor:
         g = _launch_group(p)
         h = moe_sm90.grouped_gemm_sm90(x, *weights, g, *plan, p.top_k, None if p.act else topk_weights)
-        return qmoe.gated(h, p.act) if p.act else h  # rows no slot names stay zero: act(0) * 0
+        return qmoe.gated(h, p.act, topk_weights) if p.act else h  # rows no slot names stay zero: act(0) * 0
 
 
 MOE_KERNELS: dict[str, Kernel] = {k.name: k for k in (GroupedMmaKernel(), GroupedWgmmaKernel())}

@@ -484,7 +484,7 @@ class QuickMoEExperts(nn.Module):
                     not all_routed, lay)  # fmt: skip
         elif lay == "quick_sm90":  # gate|up and down in plan order (no gather between), act(gate) * up between
             mm = torch.ops.quick.moe_gemm_w4a16_sm90
-            h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, -1, False, True)
+            h = mm(xq, gu.qweight, gu.scales, gu.zeros, gu.group_size, *ids, k, None, -1, False, True, False)
             a = qmoe.gated(h, self.act)
             if dn.in_features != a.shape[1]:
                 a = F.pad(a, (0, dn.in_features - a.shape[1]))

@@ -312,7 +312,9 @@ def moe_cases() -> list[Case]:
     int64 ids with dropped and out-of-range ids (``m`` = 1, ``n`` = the capacity: the launcher returns the sorted ids
     as one row). The route kernel: per variant (dtype, experts per lane) integer-valued logits (ties) over more experts
     than the previous variant takes (its sorted ids as one row)."""
+    from quick.kernels import decode as qd
     from quick.kernels import moe as qmoe
+    from quick.kernels import moe_sm90
     from quick.nn.moe import plan_capacity
 
     out: list[Case] = []
@@ -329,9 +331,19 @@ def moe_cases() -> list[Case]:
         dt = (torch.float16, torch.bfloat16)[d["QD_DTYPE"]]
         act = {0: "", 1: "silu"}[d.get("QD_ACT", 0)]
         g = 32 if d["QD_G32"] else 64
-        var = f"dec/{_dt_name(dt)}/g{g}" + ("/act" if act else "")
+        lay = qd.LAYOUTS[d["QD_WB"]]
+        var = f"dec/{lay}/{_dt_name(dt)}/g{g}" + ("/act" if act else "")
         ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "act": act, "block": 16}
-        out.append(Case("moe_dec", var, dt, tokens * top_k, 192, 128, g, layout="quick", extra=ex))
+        out.append(Case("moe_dec", var, dt, tokens * top_k, 192, 128, g, layout=lay, extra=ex))
+    # the grouped wgmma GEMM: K = 3 k64 steps, N = 3 channel blocks (one half-empty 128-channel tile); rows gathered
+    # per token into slot rows, or read in plan order and written in plan order (sorted_ids not read)
+    for _src, _name, d in moe_sm90.VARIANTS:
+        dt = torch.bfloat16 if d["QS_BF16"] else torch.float16
+        g = 32 if d["QS_G32"] else 64
+        for order in ("slots", "plan"):
+            var = f"wgmma/nt{d['QS_NT']}/{_dt_name(dt)}/g{g}/{order}"
+            ex = {"tokens": tokens, "top_k": top_k, "experts": experts, "act": "", "block": d["QS_NT"], "order": order}
+            out.append(Case("moe_wgmma", var, dt, tokens * top_k, 192, 192, g, layout="quick_sm90", extra=ex))
     for _src, d, _archs in qmoe.PLAN_VARIANTS:
         idx64 = bool(d["QP_IDX64"])
         cap = plan_capacity(tokens, top_k, experts, 16)
@@ -375,6 +387,8 @@ def moe_inputs(case: Case, gen: torch.Generator, device: str) -> dict:
     x = torch.randn(t, case.k, generator=gen).to(case.dtype)
     if case.kernel == "moe_dec" and case.extra["act"]:  # the down launch: a [slots, 2K] gate|up product
         x = torch.randn(case.m, 2 * case.k, generator=gen).to(case.dtype)
+    if case.kernel == "moe_wgmma" and case.extra["order"] == "plan":  # one input row per plan row
+        x = torch.randn(plan.sorted_ids.shape[0], case.k, generator=gen).to(case.dtype)
     return {**none, "qw": qws, "packed": packed, "x_cpu": x, "x": x.to(device)}
 
 
@@ -489,7 +503,7 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict:
 
     if case.kernel in ("attn", "attn_rope"):
         return attn_inputs(case, gen, device)
-    if case.kernel in ("moe", "moe_dec", "moe_plan", "moe_route"):
+    if case.kernel in ("moe", "moe_dec", "moe_wgmma", "moe_plan", "moe_route"):
         return moe_inputs(case, gen, device)
     if case.kernel == "normquant":
         x = torch.randn(case.m, case.k, generator=gen).to(case.dtype)
@@ -601,8 +615,25 @@ def launcher(case: Case) -> Callable[..., torch.Tensor]:
             ex = case.extra
             gdiv = 1 if ex["act"] else ex["top_k"]
             args = (x, p["qweight"], p["scales"], p["zeros"], case.group_size, p["sorted_ids"], p["block_experts"])
-            qmoe.validate_dec(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"])
-            y = qmoe.dec_grouped(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"])
+            qmoe.validate_dec(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"], layout=case.layout)
+            y = qmoe.dec_grouped(*args, p["num_padded"], gdiv, ex["tokens"], None, ex["act"], layout=case.layout)
+            return out.copy_(y) if out is not None else y
+
+        return fn
+    if case.kernel == "moe_wgmma":
+        from quick.kernels import moe_sm90
+
+        def fn(x, p, bias, out=None):
+            ex = case.extra
+            args = (x, p["qweight"], p["scales"], p["zeros"], case.group_size, p["sorted_ids"], p["block_experts"],
+                    p["num_padded"])  # fmt: skip
+            if ex["order"] == "plan":
+                slots = ex["tokens"] * ex["top_k"]
+                moe_sm90.validate(*args, 1, None, slots, True, True)
+                y = moe_sm90.grouped_gemm_sm90(*args, 1, None, slots, True, True)
+            else:
+                moe_sm90.validate(*args, ex["top_k"])
+                y = moe_sm90.grouped_gemm_sm90(*args, ex["top_k"])
             return out.copy_(y) if out is not None else y
 
         return fn
@@ -651,7 +682,7 @@ def available(case: Case) -> bool:
     """Whether this GPU can run the case (sm90 cases need compute capability 9.0)."""
     if not torch.cuda.is_available():
         return False
-    if case.kernel == "sm90":
+    if case.kernel in ("sm90", "moe_wgmma"):
         from quick.kernels import wgmma as qs
 
         return qs.is_available()
@@ -668,9 +699,13 @@ def moe_compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
     """The MoE module's variants as its launchers build them (the decode kernel's grouped variant arch-specific)."""
     from quick.kernels import decode as qd
     from quick.kernels import moe as qmoe
+    from quick.kernels import moe_sm90
 
     specific = "sm_90a" if arch.startswith("sm_90") else arch
-    return [(src, specific if src == qd.SOURCE else arch, d) for src, d, _ in qmoe.VARIANTS]
+    jobs = [(src, specific if src == qd.SOURCE else arch, d) for src, d, _ in qmoe.VARIANTS]
+    if arch.startswith("sm_90"):
+        jobs += [(src, "sm_90a", d) for src, _k, d in moe_sm90.VARIANTS]
+    return jobs
 
 
 def compile_jobs(arch: str) -> list[tuple[str, str, dict]]:
