@@ -607,7 +607,8 @@ def dec_grouped(
             idx = qm._dev_index(dev)
             defines = {**config.defines(16, g, x.dtype, DEC_ACTS[act]), "QD_GROUPED": 1}
             kern = jit.load_kernel(qd.SOURCE, qd.KERNEL, defines, idx, jit.arch_for_device(idx, arch_specific=True))
-            smem = config.smem_bytes(rows, k // 64, g)
+            # x for `rows` rows, the reduction for the 16 the variant is compiled for (A-side: two n8 tiles)
+            smem = max(config.smem_bytes(rows, k // 64, g), config.smem_bytes(16, 0, g))
             scalars = [16, n, k, wgmma.group_shift(g, k), k // 64] + [None] * 3 + [0.0, 0.0]
             grouped = [None] * 4 + [slots, gdiv, e, k // g, rows]
             grid = (n // config.channels, 1, blocks)
