@@ -12,9 +12,9 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 * ``w4dec``: at 16-row plans, ``quick.kernels.moe.dec_grouped`` (the decode kernel over experts; gate_up without
   the epilogue, down staging ``silu(gate) * up`` from a ``[slots, 2I]`` product);
 * ``w4sm90`` (sm_90): the grouped wgmma GEMM on a stack in the ``quick_sm90`` layout
-  (``quick.kernels.moe_sm90.grouped_gemm_sm90``): gate_up gathers the rows into plan order and writes the plain
-  product in plan order (``act(gate) * up`` is a separate step in the expert MLP, not timed here), down reads a
-  ``[capacity, I]`` input in plan order and writes the weighted slot rows;
+  (``quick.kernels.moe_sm90.grouped_gemm_sm90``, on this layout's plan blocks of up to 256 rows): gate_up gathers
+  the rows into plan order and writes the plain product in plan order (``act(gate) * up`` is a separate step in the
+  expert MLP, not timed here), down reads a ``[capacity, I]`` input in plan order and writes the weighted slot rows;
 * ``w4sm90dec`` (sm_90, 16-row plans): the decode kernel over experts on that stack (the weight as the mma A operand),
   launched as ``w4dec``;
 * ``w16``: ``torch._grouped_mm`` on the rows already sorted by expert (no gather, no activation, no weighting: a
@@ -151,20 +151,25 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
         if wgmma.is_available(x.device):
             qw9, sc9, z9 = as_sm90(stacks[proj])
             w9 = (qw9, sc9, z9, GROUP)
+            bs9 = qmoe.block_size_for(t, k, e, "quick_sm90", GROUP)  # this layout's plan blocks (up to 256 rows)
+            plan9 = plan if bs9 == bs else build_plan(idx, e, bs9, static=True)
+            ids9 = (plan9.sorted_ids, plan9.block_experts, plan9.num_padded)
             if proj == "gate_up":
-                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids, k, plan_rows_out=True)
+                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids9, k, plan_rows_out=True,
+                                        fill=False)  # fmt: skip
             else:
-                hplan = torch.randn(plan.sorted_ids.shape[0], kk, device="cuda").to(dtype)
-                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids, 1, weights, t * k,
+                hplan = torch.randn(plan9.sorted_ids.shape[0], kk, device="cuda").to(dtype)
+                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids9, 1, weights, t * k,
                                         plan_rows_in=True, fill=False)  # fmt: skip
-            timed = [("w4sm90", fn9, f"wgmma nt{bs}")]
+            timed = [("w4sm90", fn9, f"wgmma nt{bs9}")]
             if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, layout="quick_sm90") is None:
                 xin, gd, tw = (x, k, None) if proj == "gate_up" else (hgu, 1, weights)
                 fd9 = functools.partial(qmoe.dec_grouped, xin, *w9, *ids, gd, t, tw, act, layout="quick_sm90")
                 timed.append(("w4sm90dec", fd9, "dec A-side"))
             for impl, fn, name in timed:
                 us = bench_us(graphed(fn), args.warmup_ms, args.rep_ms)
-                rows.append({**base, "impl": impl, "config": name, "us": round(us, 2),
+                blk = bs9 if impl == "w4sm90" else bs
+                rows.append({**base, "impl": impl, "config": name, "block": blk, "us": round(us, 2),
                              "GBps": round(b4 / us / 1e3, 1), "bytes": b4})  # fmt: skip
                 print(f"{model} T={t:<5} {proj:<8} {impl} {us:9.1f} us {b4 / us / 1e3:7.0f} GB/s ({name})", flush=True)
         fn16, name = w16_fn(xs, w16[proj], counts)

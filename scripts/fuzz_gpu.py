@@ -345,14 +345,18 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     e = rng.choice((1, 2, 4, 8, 16, 33, 64, 128))
     top_k = rng.randint(1, min(8, e))
     t = rng.choice((1, 2, 3, 5, 8, 16, 17, 40, 64))
-    block = rng.choice(qmoe.BLOCK_SIZES)
     act = rng.choice(("", "silu"))
     k = 64 * rng.choice((1, 2, 3, 4, 6, 8, 16))
     n = (128 if act else 64) * rng.randint(1, 6)
     g = rng.choice([x for x in (32, 64, 128, -1) if x < 0 or k % x == 0])
-    cfgs = qmoe.configs_for(block, k)
-    # stacks in the quick_sm90 layout half the time where its Hopper kernels run
+    # stacks in the quick_sm90 layout half the time where its Hopper kernels run (their own plan block sizes)
     layout = "quick_sm90" if wgmma.is_available(torch.device(DEV)) and rng.random() < 0.5 else "quick"
+    if layout == "quick":
+        block = rng.choice(qmoe.BLOCK_SIZES)
+        cfgs = qmoe.configs_for(block, k)
+    else:
+        block = rng.choice([b for b in qmoe.SM90_BLOCK_SIZES if g != 32 or b <= qmoe.SM90_G32_MAX_BLOCK])
+        cfgs = qmoe.configs_for(64, k)  # unused by this layout's kernels: any non-empty list
     c = {"path": "moe", "dtype": str(dt), "e": e, "top_k": top_k, "t": t, "k": k, "n": n, "g": g, "block": block,
          "act": act, "layout": layout}  # fmt: skip
     if not cfgs:

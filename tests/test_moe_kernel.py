@@ -300,8 +300,22 @@ def test_sm90_stacks_validation_fake_and_choice():
                                             "quick_sm90")  # fmt: skip
         assert tuple(out.shape) == (6, 128)
     # one variant per plan block size, both dtypes and scale-group paths, all with QS_GROUPED
-    assert len(moe_sm90.VARIANTS) == 2 * 2 * len(qmoe.BLOCK_SIZES)
-    assert all(dd["QS_GROUPED"] == 1 and dd["QS_NT"] in qmoe.BLOCK_SIZES for _s, _k, dd in moe_sm90.VARIANTS)
+    # one variant per plan block size, dtype and scale-group path (group size 32 up to 128-row blocks)
+    assert len(moe_sm90.VARIANTS) == 2 * (2 * len(qmoe.SM90_BLOCK_SIZES) - 1)
+    assert all(dd["QS_GROUPED"] == 1 and dd["QS_NT"] in qmoe.SM90_BLOCK_SIZES for _s, _k, dd in moe_sm90.VARIANTS)
+    assert not any(dd["QS_G32"] and dd["QS_NT"] > qmoe.SM90_G32_MAX_BLOCK for _s, _k, dd in moe_sm90.VARIANTS)
+    # larger plan blocks for quick_sm90 stacks once the experts average twice the block
+    bsf = qmoe.block_size_for
+    assert [bsf(t, 2, 8, "quick_sm90") for t in (16, 192, 1024, 2048)] == [16, 64, 128, 256]
+    assert bsf(2048, 2, 8, "quick_sm90", 32) == 128 and bsf(2048, 2, 8) == 64
+    assert bsf(4096, 8, 128, "quick_sm90") == 128 and bsf(1024, 8, 128, "quick_sm90") == 64
+    x256 = torch.zeros(3, 256, dtype=torch.float16)
+    ids256 = torch.zeros(plan_capacity(3, 2, 4, 256), dtype=torch.int32)
+    blocks256 = torch.zeros(ids256.shape[0] // 256, dtype=torch.int32)
+    d, _ = moe_sm90.validate(x256, qw, sc, z, g, ids256, blocks256, npad, 2, need_cuda=False)
+    assert d.block_size == 256
+    with pytest.raises(qmoe.MoEKernelError, match="block size 256 has no kernel"):
+        qmoe.validate(x256, qw16, sc, z, g, ids256, blocks256, npad, 2, need_cuda=False)
     assert {dd["QD_WB"] for _s, dd, _a in qmoe.DEC_VARIANTS} == {0, 1}
     cpu = torch.device("cpu")
     assert "no decode kernel" in qmoe.dec_unavailable(3, 256, 128, 128, 16, "", torch.float16, cpu, layout="w4a8")

@@ -87,10 +87,12 @@ IDS = [f"E{c[0]}k{c[1]}T{c[2]}K{c[3]}N{c[4]}g{c[5]}" for c in CASES]
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("block", qmoe.SM90_BLOCK_SIZES)
 def test_grouped_wgmma_against_float64(case, dtype, block):
     """Rows gathered per token into slot rows; slot rows weighted; plan order out, then plan order in."""
     e, k, t, kk, n, g, used, drop = case
+    if g == 32 and block > qmoe.SM90_G32_MAX_BLOCK:
+        pytest.skip("group size 32 takes plan blocks of up to 128 rows")
     stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 1000)
     idx = _routing(t, k, e, seed=t * 7 + e, used=used, drop=drop)
     x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype).to(DEV)
@@ -204,15 +206,17 @@ def _module(e: int, h: int, i: int, dtype: torch.dtype, seed: int, layout: str =
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("t", [1, 7, 64, 300])
-def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype, t):
-    e, k, h, i = 16, 4, 256, 192
+@pytest.mark.parametrize("t", [1, 7, 64, 300, 2100])
+@pytest.mark.parametrize("i", [128, 192])  # 192: the down product's K zero-padded to whole groups (no decode kernel)
+def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype, t, i):
+    e, k, h = 16, 4, 256
     mod = _module(e, h, i, dtype, seed=8)
     idx = _routing(t, k, e, seed=t, used=11, drop=0.05)
     wts = torch.rand(t, k, generator=torch.Generator().manual_seed(9)).to(DEV)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(10)).to(dtype).to(DEV)
     p_gu, p_dn = mod._problems(x, k)
-    assert select.moe_mlp_kernel(p_gu, p_dn) == ("dec" if t <= 16 else "wgmma")
+    assert p_gu.block_size == qmoe.block_size_for(t, k, e, LAYOUT)
+    assert select.moe_mlp_kernel(p_gu, p_dn) == ("dec" if t <= 16 and i == 128 else "wgmma")
     mod.backend = "kernel"
     got = mod(x, idx, wts)
     mod.backend = "reference"
@@ -226,7 +230,7 @@ def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype,
     assert err < 2 * REL_BOUND[dtype], f"quick_sm90 vs quick layout: relative error {err:.3e}"
 
 
-@pytest.mark.parametrize("t", [6, 200])
+@pytest.mark.parametrize("t", [6, 200, 2100])
 def test_sm90_experts_forward_in_a_cuda_graph(t):
     """The whole block captured once (decode sizes and the grouped wgmma GEMM), replayed on other routings."""
     e, k, h, i = 16, 4, 256, 128

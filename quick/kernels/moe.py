@@ -112,9 +112,23 @@ BLOCK_SIZES = tuple(sorted({c.bm for c in CONFIGS.values()}))
 ROWS_FOR_64 = 48
 
 
-def block_size_for(tokens: int, top_k: int, num_experts: int) -> int:
-    """The plan block size (= row tile) for a batch: 64 once the experts average :data:`ROWS_FOR_64` rows, else 16."""
-    return 64 if tokens * top_k >= ROWS_FOR_64 * num_experts else 16
+# The grouped wgmma GEMM (quick_sm90 stacks) takes larger plan blocks (= its token tile, as the dense kernel's tiles
+# grow with M): each weight fragment is dequantized once per block, and prefill is bound by that. A block of B rows
+# once the experts average 2B rows, so that padding (B / 2 rows an expert on average) stays near a quarter.
+SM90_BLOCK_SIZES = (16, 64, 128, 256)
+SM90_G32_MAX_BLOCK = 128  # group size 32 stops at 128 tokens a tile (its scale rows and 128 accumulators: C7515)
+
+
+def block_size_for(tokens: int, top_k: int, num_experts: int, layout: str = "quick", group_size: int = 128) -> int:
+    """The plan block size (= row tile) for a batch: 64 once the experts average :data:`ROWS_FOR_64` rows, else 16;
+    for ``quick_sm90`` stacks also 128 / 256 once they average 256 / 512 rows (128 at most for group size 32)."""
+    rows = tokens * top_k
+    if layout == "quick_sm90":
+        top = SM90_G32_MAX_BLOCK if group_size == 32 else SM90_BLOCK_SIZES[-1]
+        for b in (256, 128):
+            if b <= top and rows >= 2 * b * num_experts:
+                return b
+    return 64 if rows >= ROWS_FOR_64 * num_experts else 16
 
 
 def configs_for(block_size: int, k: int) -> list[MoEConfig]:
@@ -266,9 +280,10 @@ def validate(
             f"sorted_ids ({sorted_ids.shape[0]}) must hold a whole number of blocks of block_experts ({blocks})"
         )
     bs = sorted_ids.shape[0] // blocks
-    if bs not in BLOCK_SIZES:
-        raise MoEKernelError(f"plan block size {bs} has no kernel; block sizes: {BLOCK_SIZES}")
-    if not configs_for(bs, k):
+    sizes = SM90_BLOCK_SIZES if layout == "quick_sm90" else BLOCK_SIZES
+    if bs not in sizes:
+        raise MoEKernelError(f"plan block size {bs} has no kernel; block sizes: {sizes}")
+    if layout == "quick" and not configs_for(bs, k):
         raise MoEKernelError(f"no variant with block size {bs} takes K={k}")
     if num_padded.shape[0] != 1:
         raise MoEKernelError(f"num_padded must hold one value, got shape {tuple(num_padded.shape)}")

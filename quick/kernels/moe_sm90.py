@@ -23,15 +23,17 @@ from quick.kernels import jit, wgmma
 from quick.kernels import moe as qmoe
 
 LAYOUT = "quick_sm90"
-# One variant per plan block size (= token tile): the register weight pipeline with ping-pong load groups.
-CONFIGS: dict[int, wgmma.Sm90Config] = {bs: wgmma._DEFAULTS[1][bs] for bs in qmoe.BLOCK_SIZES}
+# One variant per plan block size (= token tile): the dense kernel's register weight pipeline for that tile (ping-pong
+# load groups; the per-step ring at 256 tokens, where two register sets next to 128 accumulators spill).
+CONFIGS: dict[int, wgmma.Sm90Config] = {bs: wgmma._DEFAULTS[1][bs] for bs in qmoe.SM90_BLOCK_SIZES}
 GROUPED = {"QS_GROUPED": 1}
 
 VARIANTS: list[tuple[str, str, dict[str, int]]] = [
     (wgmma.SOURCE, wgmma.KERNEL, {**cfg.defines(g, dt), **GROUPED})
-    for cfg in CONFIGS.values()
+    for bs, cfg in CONFIGS.items()
     for g in (128, 32)
     for dt in SUPPORTED_DTYPES
+    if g != 32 or bs <= qmoe.SM90_G32_MAX_BLOCK
 ]
 ARCHS = ("sm_90a",)
 
@@ -44,6 +46,8 @@ def unavailable(
         return "needs an sm_90 GPU with nvcc"
     if block_size not in CONFIGS:
         return f"no variant for plan block size {block_size} (block sizes {sorted(CONFIGS)})"
+    if group_size == 32 and block_size > qmoe.SM90_G32_MAX_BLOCK:
+        return f"group size 32 takes plan blocks of up to {qmoe.SM90_G32_MAX_BLOCK} rows, got {block_size}"
     if dtype not in SUPPORTED_DTYPES:
         return f"no {dtype} variant"
     if k % 64 or n % 64:

@@ -406,7 +406,7 @@ class QuickMoEExperts(nn.Module):
         from quick.kernels.select import MoEProblem
 
         t, e, gu, dn = x.shape[0], self.num_experts, self.gate_up, self.down
-        bs = qmoe.block_size_for(t, top_k, e)
+        bs = qmoe.block_size_for(t, top_k, e, self.layout_name, self.group_size)
         g_gu = gu.in_features if gu.group_size == -1 else gu.group_size
         g_dn = dn.in_features if dn.group_size == -1 else dn.group_size
         p_gu = MoEProblem(self.layout_name, t, top_k, e, gu.out_features, gu.in_features, g_gu, bs, self.dtype,
@@ -445,7 +445,7 @@ class QuickMoEExperts(nn.Module):
         """The plan block size the grouped kernels take for ``tokens`` routed ``top_k`` times."""
         from quick.kernels import moe as qmoe
 
-        return qmoe.block_size_for(tokens, top_k, self.num_experts)
+        return qmoe.block_size_for(tokens, top_k, self.num_experts, self.layout_name, self.group_size)
 
     @torch.no_grad()
     def kernel_forward_planned(

@@ -293,6 +293,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
   const int nk = K / 64;
   const uint64_t wpol = weight_policy();  // QS_EF: evict_first for the weights, else unused
+#if QS_GROUPED
+  __shared__ float s_tw[NWG][NT];  // per consumer warpgroup: the slot weights of its unit's tokens
+#endif
   const int units = n_tiles * m_tiles * splits;
 
   if (wg == 0) {
@@ -626,22 +629,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     float b0, b1;
     bias_pair<BF16>(bias, nb, ch0, b0, b1);
 #if QS_GROUPED
-    // slot weights of this thread's tokens 8j + 2 (lane % 4) + v0 (1 without weights and for padding rows)
-    float tw[NT / 8][2];
-#pragma unroll
-    for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-      for (int v0 = 0; v0 < 2; ++v0) {
-        const int row = plan_row(sorted_ids, tm * NT + 8 * j + 2 * (lane % 4) + v0, num_slots);
-        tw[j][v0] = topk_w != nullptr && row >= 0 ? __ldg(topk_w + row) : 1.f;
-      }
+    // the slot weight of each token of the tile (1 without weights and for padding rows), in shared memory: held in
+    // registers beside the accumulators they would spill at 256 tokens
+    float* const tws = s_tw[cw];
+    for (int t = tid; t < NT; t += 128) {
+      const int row = plan_row(sorted_ids, tm * NT + t, num_slots);
+      tws[t] = topk_w != nullptr && row >= 0 ? __ldg(topk_w + row) : 1.f;
+    }
+    named_bar(1 + cw, 128);
 #endif
 #pragma unroll
     for (int i = 0; i < ACC; ++i) {
       const int j = i / 4, v1 = (i / 2) & 1, v0 = i & 1;
       const int t = 8 * j + 2 * (lane % 4) + v0;
 #if QS_GROUPED
-      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] * tw[j][v0]);
+      epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] * tws[t]);
 #else
       epi[t * EPI_STRIDE + ch0 + 8 * v1] = f_to_h16<BF16>(acc[i] + (v1 ? b1 : b0));
 #endif
