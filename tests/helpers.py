@@ -165,3 +165,78 @@ def check_fusion_switch(monkeypatch, name: str, enabled) -> None:
         assert enabled() == want, raw
     monkeypatch.delenv("QUICK_FUSIONS")
     assert enabled() == (name in settings.DEFAULT_FUSIONS)
+
+
+# ------------------------------------------------------------------------------------------- mixture of experts
+
+
+def moe_routing(
+    t: int, k: int, e: int, seed: int, used: int | None = None, drop: float = 0.0, device: str = "cuda"
+) -> torch.Tensor:
+    """``[t, k]`` distinct experts per token drawn from the first ``used`` experts (the others get no token), with
+    a fraction ``drop`` of slots set to ``e`` (dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    used = used or e
+    idx = torch.rand(t, used, generator=gen).argsort(dim=1)[:, :k]
+    if drop:
+        idx[torch.rand(t, k, generator=gen) < drop] = e
+    return idx.to(device)
+
+
+def check_moe_graph_replays(mod: Any, t: int, k: int, seeds: tuple[int, ...]) -> None:
+    """A ``QuickMoEExperts`` (backend ``kernel``) on ``t`` tokens captured in a CUDA graph once, then replayed on a
+    new routing, input and slot weights per seed, each replay against the module's reference path."""
+    from quick.testing import REL_BOUND, rel_error
+
+    e, h, dev = mod.num_experts, mod.hidden_size, mod.gate_up.qweight.device
+    x = torch.randn(t, h).to(mod.dtype).to(dev)
+    idx = moe_routing(t, k, e, seed=seeds[0] - 1, device=str(dev))
+    wts = torch.rand(t, k).to(dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up: kernels built and loaded, allocator pools primed
+            mod(x, idx, wts)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod(x, idx, wts)
+    for seed in seeds:
+        idx.copy_(moe_routing(t, k, e, seed=seed, used=min(e, 5 + seed % 4), device=str(dev)))
+        x.copy_(torch.randn(t, h).to(mod.dtype).to(dev))
+        wts.copy_(torch.rand(t, k).to(dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        mod.backend = "reference"
+        want = mod(x, idx, wts)
+        mod.backend = "kernel"
+        err = rel_error(out, want.double())
+        assert err < 2 * REL_BOUND[mod.dtype], f"replay with seed {seed}: relative error {err:.3e}"
+
+
+def moe_stack(e: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int, layout: str = "quick", device="cuda"):
+    """Random codes, scales and zero points per expert packed as a ``QuickExpertStack`` in ``layout`` on ``device``,
+    and the float64 weights ``[E, K, N]``."""
+    from quick.nn.moe import QuickExpertStack
+    from quick.testing import random_quantized
+
+    gen = torch.Generator().manual_seed(seed)
+    qws = [random_quantized(k, n, g, dtype, "cpu", gen) for _ in range(e)]
+    stack = QuickExpertStack.from_quantized(qws, layout).to(device)
+    return stack, torch.stack([qw.dequantize(torch.float64) for qw in qws]).to(device)
+
+
+def check_moe_kernel_path(mod: Any, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+    """A ``QuickMoEExperts`` forward on its kernels against its reference path (finite, x's dtype, relative error
+    within twice ``REL_BOUND``); returns the kernels' output."""
+    from quick.testing import REL_BOUND, rel_error
+
+    mod.backend = "kernel"
+    got = mod(x, idx, wts)
+    mod.backend = "reference"
+    want = mod(x, idx, wts)
+    mod.backend = "kernel"
+    assert got.dtype == x.dtype and torch.isfinite(got).all()
+    err = rel_error(got, want.double())
+    assert err < 2 * REL_BOUND[x.dtype], f"relative error {err:.3e}"
+    return got

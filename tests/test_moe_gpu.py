@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import require_sm80_and_nvcc
+from helpers import check_moe_graph_replays, check_moe_kernel_path, moe_routing, moe_stack, require_sm80_and_nvcc
 
-from quick.testing import REL_BOUND, random_quantized, rel_error, route_errors
+from quick.testing import REL_BOUND, rel_error, route_errors
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,7 @@ require_sm80_and_nvcc()
 import quick.kernels.ops  # noqa: E402, F401  (registers torch.ops.quick.moe_gemm_w4a16)
 from quick.kernels import jit  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
-from quick.nn.moe import QuickExpertStack, QuickMoEExperts, build_plan  # noqa: E402
+from quick.nn.moe import QuickMoEExperts, build_plan  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -33,24 +33,13 @@ def _precompile():
     jit.compile_many((src, arch, d) for src, d, _ in qmoe.VARIANTS)
 
 
-def _stack(e: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int):
+def _stack(e: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int, layout: str = "quick"):
     """Random codes, scales and zero points per expert, packed as a stack on the GPU, and the float64 weights."""
-    gen = torch.Generator().manual_seed(seed)
-    qws = [random_quantized(k, n, g, dtype, "cpu", gen) for _ in range(e)]
-    stack = QuickExpertStack.from_quantized(qws, "quick").to(DEV)
-    w = torch.stack([qw.dequantize(torch.float64) for qw in qws]).to(DEV)
-    return stack, w
+    return moe_stack(e, k, n, g, dtype, seed, layout)
 
 
 def _routing(t: int, k: int, e: int, seed: int, used: int | None = None, drop: float = 0.0) -> torch.Tensor:
-    """``[t, k]`` distinct experts per token drawn from the first ``used`` experts (the others get no token), with
-    a fraction ``drop`` of slots set to ``e`` (dropped)."""
-    gen = torch.Generator().manual_seed(seed)
-    used = used or e
-    idx = torch.rand(t, used, generator=gen).argsort(dim=1)[:, :k]
-    if drop:
-        idx[torch.rand(t, k, generator=gen) < drop] = e
-    return idx.to(DEV)
+    return moe_routing(t, k, e, seed, used, drop)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gdiv: int, act: str, tw) -> torch.Tensor:
@@ -157,31 +146,35 @@ def test_empty_plan_blocks_and_bad_ids_are_safe():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"E{c[0]}k{c[1]}T{c[2]}K{c[3]}N{c[4]}g{c[5]}" for c in CASES])
-def test_decode_kernel_over_experts_against_float64(case, dtype):
+@pytest.mark.parametrize("layout", ["quick", "quick_sm90"])  # the weight as the mma B / A operand
+def test_decode_kernel_over_experts_against_float64(case, dtype, layout):
     """The decode kernel's grouped variant (16-row plans): gate|up-like (rows gathered per token), then a down-like
     launch that stages act(gate) * up from a [slots, 2K] product and weights the slots; outputs poisoned first (rows
     no slot names must keep the poison), and every output row checked against float64."""
     e, k, t, kk, n, g, used, drop = case
-    stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 997)
+    stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 997, layout=layout)
     idx = _routing(t, k, e, seed=t * 5 + e, used=used, drop=drop)
     x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype).to(DEV)
     plan = build_plan(idx, e, 16, static=True)
     p = stack.packed()
     ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
-    assert qmoe.dec_unavailable(t, kk, n, g if g > 0 else kk, 16, "", dtype, DEV) is None
+    assert qmoe.dec_unavailable(t, kk, n, g if g > 0 else kk, 16, "", dtype, DEV, layout=layout) is None
     poison = torch.full((t * k, n), float("nan"), dtype=dtype, device=DEV)
-    out = qmoe.dec_grouped(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", out=poison.clone())
+    out = qmoe.dec_grouped(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", out=poison.clone(),
+                           layout=layout)  # fmt: skip
     dropped = idx.reshape(-1) >= e
     assert torch.isnan(out[dropped]).all(), "a row no slot names was written"
     out[dropped] = 0
     _check(out, _reference(x, w, idx, k, "", None), idx, e, dtype)
     # the op without the zero fill (an intermediate): the named rows are the same, bit for bit
-    nofill = torch.ops.quick.moe_dec_w4a16(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", False)
+    nofill = torch.ops.quick.moe_dec_w4a16(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", False,
+                                           layout)  # fmt: skip
     assert torch.equal(nofill[~dropped], out[~dropped])
     # down-like: x = a [slots, 2K] gate|up product (gate first), act(gate) * up staged, slot weights
     gu = (torch.randn(t * k, 2 * kk, generator=torch.Generator().manual_seed(4)) * 0.5).to(dtype).to(DEV)
     tw = torch.rand(t * k, generator=torch.Generator().manual_seed(5)).to(DEV)
-    y = torch.ops.quick.moe_dec_w4a16(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu")
+    y = torch.ops.quick.moe_dec_w4a16(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu", True,
+                                      layout)  # fmt: skip
     staged = (F.silu(gu[:, :kk].float()) * gu[:, kk:].float()).to(dtype)  # rounded once, as the kernel stages it
     _check(y, _reference(staged, w, idx, 1, "", tw), idx, e, dtype)
 
@@ -237,43 +230,14 @@ def test_experts_forward_matches_reference_path(dtype, t):
     idx = _routing(t, k, e, seed=t, used=11, drop=0.05)
     wts = torch.rand(t, k, generator=torch.Generator().manual_seed(9)).to(DEV)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(10)).to(dtype).to(DEV)
-    mod.backend = "kernel"
-    got = mod(x, idx, wts)
-    mod.backend = "reference"
-    want = mod(x, idx, wts)
-    assert got.dtype == x.dtype and torch.isfinite(got).all()
-    err = rel_error(got, want.double())
-    assert err < 2 * REL_BOUND[dtype], f"relative error {err:.3e}"
+    check_moe_kernel_path(mod, x, idx, wts)
 
 
 def test_experts_forward_in_a_cuda_graph():
     """The whole block (plan, two grouped launches, the slot sum) captured once, replayed on other routings."""
-    e, k, h, i, t = 16, 4, 256, 128, 6
-    mod = _module(e, h, i, torch.float16, seed=11)
+    mod = _module(16, 256, 128, torch.float16, seed=11)
     mod.backend = "kernel"
-    x = torch.randn(t, h).half().to(DEV)
-    idx = _routing(t, k, e, seed=12)
-    wts = torch.rand(t, k).to(DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up: kernels built and loaded, allocator pools primed
-            mod(x, idx, wts)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = mod(x, idx, wts)
-    for seed in (13, 14, 15):
-        idx.copy_(_routing(t, k, e, seed=seed, used=5 + seed % 4))
-        x.copy_(torch.randn(t, h).half().to(DEV))
-        wts.copy_(torch.rand(t, k).to(DEV))
-        graph.replay()
-        torch.cuda.synchronize()
-        mod.backend = "reference"
-        want = mod(x, idx, wts)
-        mod.backend = "kernel"
-        err = rel_error(out, want.double())
-        assert err < 2 * REL_BOUND[torch.float16], f"replay with seed {seed}: relative error {err:.3e}"
+    check_moe_graph_replays(mod, 6, 4, (13, 14, 15))
 
 
 PLAN_CASES = [

@@ -1,17 +1,16 @@
 """Device correctness of the experts in the ``quick_sm90`` layout on a Hopper GPU: the grouped wgmma GEMM
-(``csrc/quick_sm90.cu`` with ``QS_GROUPED``) and the decode kernel over experts with the weight as the mma A operand,
-against the float64 reference of dequantize-then-matmul per routed slot; many (experts, top_k, tokens, K, N, group
-size), experts that receive no token, dropped slots, both plan block sizes, fp16 and bf16; outputs poisoned first
-(rows no slot names must keep the poison) and per-row error bounds that fail on any indexing error; the three input /
-output orders of the grouped GEMM; ``QuickMoEExperts`` in this layout against its reference path, in a CUDA graph,
-and the same block in the ``quick`` layout. Skipped without an sm_90 GPU and nvcc."""
+(``csrc/quick_sm90.cu`` with ``QS_GROUPED``) against the float64 reference of dequantize-then-matmul per routed slot;
+many (experts, top_k, tokens, K, N, group size), experts that receive no token, dropped slots, every plan block size,
+fp16 and bf16; outputs poisoned first (rows no slot names must keep the poison) and per-row error bounds that fail on
+any indexing error; the three input / output orders of the grouped GEMM; ``QuickMoEExperts`` in this layout against
+its reference path, in a CUDA graph, and the same block in the ``quick`` layout. The decode kernel over these stacks
+is tested beside the other layout's in ``test_moe_gpu.py``. Skipped without an sm_90 GPU and nvcc."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import require_sm90
+from helpers import check_moe_graph_replays, check_moe_kernel_path, moe_routing, moe_stack, require_sm90
 
 from quick.testing import REL_BOUND, random_quantized, rel_error
 
@@ -37,20 +36,11 @@ def _precompile():
 
 
 def _stack(e: int, k: int, n: int, g: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    qws = [random_quantized(k, n, g, dtype, "cpu", gen) for _ in range(e)]
-    stack = QuickExpertStack.from_quantized(qws, LAYOUT).to(DEV)
-    w = torch.stack([qw.dequantize(torch.float64) for qw in qws]).to(DEV)
-    return stack, w
+    return moe_stack(e, k, n, g, dtype, seed, LAYOUT)
 
 
 def _routing(t: int, k: int, e: int, seed: int, used: int | None = None, drop: float = 0.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    used = used or e
-    idx = torch.rand(t, used, generator=gen).argsort(dim=1)[:, :k]
-    if drop:
-        idx[torch.rand(t, k, generator=gen) < drop] = e
-    return idx.to(DEV)
+    return moe_routing(t, k, e, seed, used, drop)
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gdiv: int, tw) -> torch.Tensor:
@@ -169,35 +159,6 @@ def test_grouped_wgmma_refuses_what_it_cannot_take():
         torch.ops.quick.moe_gemm_w4a16_sm90(x, q["qweight"], q["scales"], q["zeros"], 128, *ids, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", CASES[:5], ids=IDS[:5])
-def test_decode_kernel_over_sm90_experts_against_float64(case, dtype):
-    """The decode kernel over experts with the weight as the mma A operand: gate|up-like into poisoned rows, then
-    down-like staging act(gate) * up with the slot weights."""
-    e, k, t, kk, n, g, used, drop = case
-    stack, w = _stack(e, kk, n, g, dtype, seed=hash(case) % 997)
-    idx = _routing(t, k, e, seed=t * 5 + e, used=used, drop=drop)
-    x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype).to(DEV)
-    plan = build_plan(idx, e, 16, static=True)
-    p = stack.packed()
-    ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
-    gg = g if g > 0 else kk
-    assert qmoe.dec_unavailable(t, kk, n, gg, 16, "", dtype, DEV, layout=LAYOUT) is None
-    poison = torch.full((t * k, n), float("nan"), dtype=dtype, device=DEV)
-    out = qmoe.dec_grouped(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", out=poison.clone(),
-                           layout=LAYOUT)  # fmt: skip
-    dropped = idx.reshape(-1) >= e
-    assert torch.isnan(out[dropped]).all(), "a row no slot names was written"
-    _check_rows(out, _reference(x, w, idx, k, None), ~dropped, dtype)
-    gu = (torch.randn(t * k, 2 * kk, generator=torch.Generator().manual_seed(4)) * 0.5).to(dtype).to(DEV)
-    tw = torch.rand(t * k, generator=torch.Generator().manual_seed(5)).to(DEV)
-    y = torch.ops.quick.moe_dec_w4a16(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu", True,
-                                      LAYOUT)  # fmt: skip
-    staged = (F.silu(gu[:, :kk].float()) * gu[:, kk:].float()).to(dtype)
-    assert (y[dropped] == 0).all()
-    _check_rows(y, _reference(staged, w, idx, 1, tw), ~dropped, dtype)
-
-
 def _module(e: int, h: int, i: int, dtype: torch.dtype, seed: int, layout: str = LAYOUT) -> QuickMoEExperts:
     gen = torch.Generator().manual_seed(seed)
     gu = torch.randn(e, 2 * i, h, generator=gen) * 0.05
@@ -217,13 +178,7 @@ def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype,
     p_gu, p_dn = mod._problems(x, k)
     assert p_gu.block_size == qmoe.block_size_for(t, k, e, LAYOUT)
     assert select.moe_mlp_kernel(p_gu, p_dn) == ("dec" if t <= 16 and i == 128 else "wgmma")
-    mod.backend = "kernel"
-    got = mod(x, idx, wts)
-    mod.backend = "reference"
-    want = mod(x, idx, wts)
-    assert got.dtype == x.dtype and torch.isfinite(got).all()
-    err = rel_error(got, want.double())
-    assert err < 2 * REL_BOUND[dtype], f"relative error {err:.3e}"
+    got = check_moe_kernel_path(mod, x, idx, wts)
     other = _module(e, h, i, dtype, seed=8, layout="quick")  # the same quantized weights, the other layout
     other.backend = "kernel"
     err = rel_error(got, other(x, idx, wts).double())
@@ -232,29 +187,8 @@ def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype,
 
 @pytest.mark.parametrize("t", [6, 200, 2100])
 def test_sm90_experts_forward_in_a_cuda_graph(t):
-    """The whole block captured once (decode sizes and the grouped wgmma GEMM), replayed on other routings."""
-    e, k, h, i = 16, 4, 256, 128
-    mod = _module(e, h, i, torch.float16, seed=11)
+    """The whole block captured once (decode sizes, the grouped wgmma GEMM on 64- and 256-row plan blocks), replayed
+    on other routings."""
+    mod = _module(16, 256, 128, torch.float16, seed=11)
     mod.backend = "kernel"
-    x = torch.randn(t, h).half().to(DEV)
-    idx = _routing(t, k, e, seed=12)
-    wts = torch.rand(t, k).to(DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            mod(x, idx, wts)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = mod(x, idx, wts)
-    for seed in (13, 14):
-        idx.copy_(_routing(t, k, e, seed=seed))
-        x.copy_(torch.randn(t, h).half())
-        g.replay()
-        torch.cuda.synchronize()
-        mod.backend = "reference"
-        want = mod(x, idx, wts)
-        mod.backend = "kernel"
-        err = rel_error(out, want.double())
-        assert err < 2 * REL_BOUND[torch.float16], f"replay with routing {seed}: relative error {err:.3e}"
+    check_moe_graph_replays(mod, t, 4, (13, 14))
