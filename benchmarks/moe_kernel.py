@@ -3,6 +3,7 @@
 
     python benchmarks/moe_kernel.py [--models qwen3-30b-a3b mixtral-8x7b] [--tokens 1 4 16 64 256 1024 4096]
         [--dtype bf16|fp16] [--warmup-ms 5] [--rep-ms 25] [--outdir DIR] [--dec-configs 1,16,4 2,8,3]
+        [--sm90-max-block 256]
 
 Per model, token count and projection (``gate_up``: ``[H, 2I]`` per expert with ``silu(gate) * up`` in the 4-bit
 kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue), uniform random top-k routing:
@@ -12,7 +13,7 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 * ``w4dec``: at 16-row plans, ``quick.kernels.moe.dec_grouped`` (the decode kernel over experts; gate_up without
   the epilogue, down staging ``silu(gate) * up`` from a ``[slots, 2I]`` product);
 * ``w4sm90`` (sm_90): the grouped wgmma GEMM on a stack in the ``quick_sm90`` layout
-  (``quick.kernels.moe_sm90.grouped_gemm_sm90``, on this layout's plan blocks of up to 256 rows): gate_up gathers
+  (``quick.kernels.moe_sm90.grouped_gemm_sm90``, on plan blocks of up to ``--sm90-max-block`` rows): gate_up gathers
   the rows into plan order and writes the plain product in plan order (``act(gate) * up`` is a separate step in the
   expert MLP, not timed here), down reads a ``[capacity, I]`` input in plan order and writes the weighted slot rows;
 * ``w4sm90dec`` (sm_90, 16-row plans): the decode kernel over experts on that stack (the weight as the mma A operand),
@@ -151,7 +152,7 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
         if wgmma.is_available(x.device):
             qw9, sc9, z9 = as_sm90(stacks[proj])
             w9 = (qw9, sc9, z9, GROUP)
-            bs9 = qmoe.block_size_for(t, k, e, "quick_sm90", GROUP)  # this layout's plan blocks (up to 256 rows)
+            bs9 = qmoe.block_size_for(t, k, e, "quick_sm90", GROUP, args.sm90_max_block)  # this layout's blocks
             plan9 = plan if bs9 == bs else build_plan(idx, e, bs9, static=True)
             ids9 = (plan9.sorted_ids, plan9.block_experts, plan9.num_padded)
             if proj == "gate_up":
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-ms", type=float, default=5)
     ap.add_argument("--rep-ms", type=float, default=25)
     ap.add_argument("--outdir", type=Path, default=HERE / "results")
+    ap.add_argument("--sm90-max-block", type=int, default=qmoe.SM90_BLOCK_SIZES[-1], choices=qmoe.SM90_BLOCK_SIZES,
+                    help="largest plan block the grouped wgmma GEMM gets (block_size_for's rule below it)")  # fmt: skip
     ap.add_argument("--dec-configs", nargs="*", default=[], type=_dec_config, metavar="RB,WARPS,STAGES",
                     help="more decode-kernel configs to time beside the default (compiled at first use)")  # fmt: skip
     args = ap.parse_args(argv)

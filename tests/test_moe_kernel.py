@@ -304,11 +304,12 @@ def test_sm90_stacks_validation_fake_and_choice():
     assert len(moe_sm90.VARIANTS) == 2 * (2 * len(qmoe.SM90_BLOCK_SIZES) - 1)
     assert all(dd["QS_GROUPED"] == 1 and dd["QS_NT"] in qmoe.SM90_BLOCK_SIZES for _s, _k, dd in moe_sm90.VARIANTS)
     assert not any(dd["QS_G32"] and dd["QS_NT"] > qmoe.SM90_G32_MAX_BLOCK for _s, _k, dd in moe_sm90.VARIANTS)
-    # larger plan blocks for quick_sm90 stacks once the experts average twice the block
+    # larger plan blocks for quick_sm90 stacks once the experts average twice the block (up to max_block)
     bsf = qmoe.block_size_for
-    assert [bsf(t, 2, 8, "quick_sm90") for t in (16, 192, 1024, 2048)] == [16, 64, 128, 256]
-    assert bsf(2048, 2, 8, "quick_sm90", 32) == 128 and bsf(2048, 2, 8) == 64
-    assert bsf(4096, 8, 128, "quick_sm90") == 128 and bsf(1024, 8, 128, "quick_sm90") == 64
+    assert [bsf(t, 2, 8, "quick_sm90", max_block=256) for t in (16, 192, 1024, 2048)] == [16, 64, 128, 256]
+    assert bsf(2048, 2, 8, "quick_sm90", 32, 256) == 128 and bsf(2048, 2, 8, max_block=256) == 64
+    assert bsf(4096, 8, 128, "quick_sm90", max_block=256) == 128 and bsf(1024, 8, 128, "quick_sm90", 128, 256) == 64
+    assert bsf(2048, 2, 8, "quick_sm90") == qmoe.SM90_AUTO_MAX_BLOCK
     x256 = torch.zeros(3, 256, dtype=torch.float16)
     ids256 = torch.zeros(plan_capacity(3, 2, 4, 256), dtype=torch.int32)
     blocks256 = torch.zeros(ids256.shape[0] // 256, dtype=torch.int32)

@@ -187,8 +187,8 @@ def test_sm90_experts_forward_matches_reference_path_and_the_quick_layout(dtype,
 
 @pytest.mark.parametrize("t", [6, 200, 2100])
 def test_sm90_experts_forward_in_a_cuda_graph(t):
-    """The whole block captured once (decode sizes, the grouped wgmma GEMM on 64- and 256-row plan blocks), replayed
-    on other routings."""
+    """The whole block captured once (the decode kernel at 6 tokens, the grouped wgmma GEMM beyond; the plan kernel
+    up to 4096 slots, the PyTorch plan past it), replayed on other routings."""
     mod = _module(16, 256, 128, torch.float16, seed=11)
     mod.backend = "kernel"
     check_moe_graph_replays(mod, t, 4, (13, 14))

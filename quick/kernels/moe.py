@@ -117,14 +117,21 @@ ROWS_FOR_64 = 48
 # once the experts average 2B rows, so that padding (B / 2 rows an expert on average) stays near a quarter.
 SM90_BLOCK_SIZES = (16, 64, 128, 256)
 SM90_G32_MAX_BLOCK = 128  # group size 32 stops at 128 tokens a tile (its scale rows and 128 accumulators: C7515)
+# The largest block the automatic choice takes: the 128- and 256-row variants are built and tested, but no timing
+# stands behind picking them yet (benchmarks/moe_kernel.py --sm90-max-block times them).
+SM90_AUTO_MAX_BLOCK = 64
 
 
-def block_size_for(tokens: int, top_k: int, num_experts: int, layout: str = "quick", group_size: int = 128) -> int:
+def block_size_for(
+    tokens: int, top_k: int, num_experts: int, layout: str = "quick", group_size: int = 128,
+    max_block: int = SM90_AUTO_MAX_BLOCK,
+) -> int:  # fmt: skip
     """The plan block size (= row tile) for a batch: 64 once the experts average :data:`ROWS_FOR_64` rows, else 16;
-    for ``quick_sm90`` stacks also 128 / 256 once they average 256 / 512 rows (128 at most for group size 32)."""
+    for ``quick_sm90`` stacks also 128 / 256 once they average 256 / 512 rows, up to ``max_block`` (128 at most for
+    group size 32)."""
     rows = tokens * top_k
     if layout == "quick_sm90":
-        top = SM90_G32_MAX_BLOCK if group_size == 32 else SM90_BLOCK_SIZES[-1]
+        top = min(max_block, SM90_G32_MAX_BLOCK if group_size == 32 else SM90_BLOCK_SIZES[-1])
         for b in (256, 128):
             if b <= top and rows >= 2 * b * num_experts:
                 return b
