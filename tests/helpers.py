@@ -240,3 +240,37 @@ def check_moe_kernel_path(mod: Any, x: torch.Tensor, idx: torch.Tensor, wts: tor
     err = rel_error(got, want.double())
     assert err < 2 * REL_BOUND[x.dtype], f"relative error {err:.3e}"
     return got
+
+
+def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer random MoE causal LM (hidden 64, 4 heads of 16, vocab 256), top-2 of 8 experts (Mixtral: 4);
+    ``kind``: qwen3_moe, mixtral or qwen2_moe (a shared expert)."""
+    import transformers
+
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        vocab_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+    )
+    if kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            **common, num_experts=8, moe_intermediate_size=64, intermediate_size=128, head_dim=16, norm_topk_prob=True
+        )
+    elif kind == "mixtral":
+        cfg = transformers.MixtralConfig(**common, num_local_experts=4, intermediate_size=64)
+    else:
+        cfg = transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=8,
+            moe_intermediate_size=64,
+            intermediate_size=128,
+            shared_expert_intermediate_size=128,
+        )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()

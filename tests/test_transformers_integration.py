@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import smollm2_llama_config
+from helpers import smollm2_llama_config, tiny_moe
 from safetensors.torch import load_file, save_file
 
 from quick.checkpoint import CheckpointError, load_quantized, make_quant_config, save_quantized
@@ -290,6 +290,66 @@ def test_quick_config_on_a_dense_model_is_refused(tmp_path):
     dense.save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="pre-quantized"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=qt.QuickConfig())
+
+
+# --------------------------------------------------------------------------------------- mixture of experts
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral", "qwen2_moe"])
+def moe_checkpoint(request, tmp_path_factory) -> Path:
+    """A 2-layer random MoE model of each family, RTN g32 (experts and dense linears), saved by quick."""
+    from quick.auto import quantize_model_rtn
+    from quick.models.families import get_family
+
+    model = tiny_moe(request.param)
+    q = quantize_model_rtn(model, 32, skip=get_family(model.config).modules_to_not_convert)
+    out = tmp_path_factory.mktemp(f"moe-{request.param}") / "quick"
+    save_quantized(q, out, make_quant_config("quick", 32))
+    return out
+
+
+def test_from_pretrained_loads_moe_experts(moe_checkpoint, tmp_path):
+    """Stacked experts become QuickMoEExperts with the logits of quick's loader; a repack to the other layout is
+    exact; save_pretrained writes the checkpoint's layout back; dequantize() restores transformers' experts module."""
+    from quick.nn.moe import QuickMoEExperts
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    want = load_quantized(moe_checkpoint, dtype=torch.float32)(ids).logits
+    model = transformers.AutoModelForCausalLM.from_pretrained(moe_checkpoint, dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, QuickMoEExperts) and experts.layout_name == "quick"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+        qt.repack(model, "quick_sm90", keep_unfit=True)
+        assert experts.layout_name == "quick_sm90"
+        assert torch.equal(model(ids).logits, want)
+    model.save_pretrained(tmp_path / "resaved")
+    saved = {k: v for f in (tmp_path / "resaved").glob("*.safetensors") for k, v in load_file(f).items()}
+    orig = {k: v for f in moe_checkpoint.glob("*.safetensors") for k, v in load_file(f).items()}
+    stacked = [k for k in orig if ".experts." in k]
+    assert stacked and all(torch.equal(saved[k], orig[k]) for k in stacked)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+    again.dequantize()
+    fused = again.model.layers[1].mlp.experts
+    assert not isinstance(fused, QuickMoEExperts) and fused.gate_up_proj.dtype == torch.float32
+    with torch.no_grad():  # the packed products round activations to the stored dtype; the dense ones do not
+        torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=2e-2)
+
+
+def test_moe_checkpoint_with_bad_zero_points_names_the_stack(moe_checkpoint, tmp_path):
+    from quick.checkpoint import INDEX_NAME
+
+    out = _copy(moe_checkpoint, tmp_path / "c", checksums=False)
+    index = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    key = "model.layers.0.mlp.experts.down.zeros"
+    shard = out / index[key]
+    tensors = load_file(str(shard))
+    tensors[key] = torch.full_like(tensors[key], 99)  # zero points past 15
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.down"):
+        transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
 def test_register_is_idempotent():

@@ -137,7 +137,8 @@ class QuickHfQuantizer(HfQuantizer):
         from quick.checkpoint import preferred_layout
 
         check_packed(model)
-        device = next((m.qweight.device for m in _packed(model).values()), torch.device("cpu"))
+        packed = [*_packed(model).values(), *_stacks(model).values()]
+        device = next((m.qweight.device for m in packed), torch.device("cpu"))
         if device.type == "cuda":
             repack(model, preferred_layout(device), keep_unfit=True)
         dtype = self.dtype or model.dtype
@@ -158,10 +159,28 @@ class QuickHfQuantizer(HfQuantizer):
                 del state[f"{name}.{t_name}"]
             tensors = convert(mod.packed(), mod.layout_name, layout, mod.in_features, mod.out_features, mod.group_size)
             state.update({f"{name}.{t}": v for t, v in tensors.items()})
+        for name, st in _stacks(model).items():
+            if st.layout_name != layout:
+                for t_name in st.packed():
+                    del state[f"{name}.{t_name}"]
+                state.update({f"{name}.{t}": v for t, v in st.tensors_in(layout).items()})
         return state, {}
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """``model.dequantize()``: every ``QuickLinear`` becomes an ``nn.Linear`` holding its dequantized weight."""
+        """``model.dequantize()``: every ``QuickLinear`` becomes an ``nn.Linear`` holding its dequantized weight, every
+        ``QuickMoEExperts`` transformers' experts module it replaced, holding the dequantized stacks."""
+        from quick.nn.moe import QuickMoEExperts
+
+        for name, ex in [(n, m) for n, m in model.named_modules() if isinstance(m, QuickMoEExperts)]:
+            cls, config = ex.dense_module
+            gate_up, down = ex.dequantized_weights(dtype or model.dtype)
+            with torch.device("meta"):
+                fused = cls(config)
+            fused.to_empty(device=gate_up.device)
+            with torch.no_grad():
+                fused.gate_up_proj.copy_(gate_up)
+                fused.down_proj.copy_(down)
+            _replace(model, name, fused.to(gate_up.dtype))
         for name, mod in _packed(model).items():
             dt = dtype or mod.compute_dtype or mod.dtype
             lin = nn.Linear(mod.logical_in_features, mod.out_features, mod.bias is not None, mod.qweight.device, dt)
@@ -187,6 +206,12 @@ def _packed(model: nn.Module) -> dict[str, Any]:
     from quick.nn.linear import QuickLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QuickLinear)}
+
+
+def _stacks(model: nn.Module) -> dict[str, Any]:
+    from quick.nn.moe import QuickExpertStack
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuickExpertStack)}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -215,12 +240,15 @@ def _headers(files: list[str | os.PathLike]) -> dict[str, dict[str, Any]]:
 
 def replace_with_quick_linear(model: nn.Module, meta: dict[str, dict[str, Any]], qc: QuickConfig) -> list[str]:
     """Swap every ``nn.Linear`` whose ``<name>.qweight`` is in the files (``meta``: header entries) for an empty
-    ``QuickLinear`` on the meta device in the stored layout; returns the names. Shapes come from the model and
+    ``QuickLinear`` on the meta device in the stored layout, and every fused experts module whose
+    ``<name>.gate_up.qweight`` is there for a ``QuickMoEExperts`` of stacks in that layout; returns the names (the
+    stacks' as ``<name>.gate_up`` / ``<name>.down``). Shapes come from the model and
     the headers: a layer whose ``scales`` have ``ceil(K / G)`` rows for ``K % G != 0`` is a ragged one, stored
     zero-padded to whole groups."""
     from quick.checkpoint import _ST_DTYPES, CheckpointError, layout_for_config
     from quick.formats.layouts import LayoutError, get_layout
     from quick.formats.weights import QuantizationError
+    from quick.models.moe import experts_modules, skeleton_experts
     from quick.nn.linear import QuickLinear
 
     layout = layout_for_config(qc.to_dict())
@@ -252,17 +280,41 @@ def replace_with_quick_linear(model: nn.Module, meta: dict[str, dict[str, Any]],
             raise CheckpointError(f"the checkpoint lacks tensor '{name}.{missing[0]}' of a quantized layer")
         _replace(model, name, q)
         names.append(name)
+    dense = {n: (type(m), m.config) for n, m in experts_modules(model).items()}
+    try:  # mixture-of-experts blocks: fused experts modules become QuickMoEExperts where the files hold stacks
+        stacks = skeleton_experts(
+            model, meta, lambda n: qc.module_group_sizes.get(f"{n}.gate_up", qc.group_size), layout, layout,
+            scale_dtype,
+        )  # fmt: skip
+    except (ValueError, QuantizationError) as e:
+        raise CheckpointError(str(e)) from None
+    for n in {s.rpartition(".")[0] for s in stacks}:
+        model.get_submodule(n).dense_module = dense[n]  # transformers' class and config, for dequantize()
+    names += list(stacks)
     orphans = [k for k in meta if k.endswith(".qweight") and k.rpartition(".")[0] not in names]
     if orphans:
-        raise CheckpointError(f"'{orphans[0]}' does not belong to any nn.Linear of the {model.config.model_type} model")
+        raise CheckpointError(
+            f"'{orphans[0]}' does not belong to any nn.Linear or experts module of the {model.config.model_type} model"
+        )
     return names
 
 
 def check_packed(model: nn.Module) -> None:
-    """The loaded packed tensors against their layout (shapes, dtypes, finite scales, zero points in [0, 15])."""
+    """The loaded packed tensors against their layout (shapes, dtypes, finite scales, zero points in [0, 15]), expert
+    stacks expert by expert."""
     from quick.checkpoint import CheckpointError, _check_values
     from quick.formats.layouts import LayoutError
 
+    for name, st in _stacks(model).items():
+        tensors = st.packed()
+        if any(t.is_meta for t in tensors.values()):
+            raise CheckpointError(f"'{name}' was not loaded (its tensors are still on the meta device)")
+        try:
+            for e in range(st.num_experts):
+                st.layout.validate(st.expert(e), st.in_features, st.out_features, st.group_size, where=f"{name}[{e}]")
+        except LayoutError as err:
+            raise CheckpointError(str(err)) from None
+        _check_values(tensors, name)
     for name, mod in _packed(model).items():
         tensors = mod.packed()
         try:
@@ -282,12 +334,16 @@ def check_packed(model: nn.Module) -> None:
 
 
 def repack(model: nn.Module, layout: str, keep_unfit: bool = False) -> None:
-    """Repack every ``QuickLinear`` into ``layout`` (exact); ``keep_unfit``: layers whose shape the layout cannot
-    hold keep theirs (e.g. N % 64 for quick_sm90) instead of raising."""
+    """Repack every ``QuickLinear`` and every ``QuickMoEExperts`` into ``layout`` (exact); ``keep_unfit``: layers whose
+    shape the layout cannot hold keep theirs (e.g. N % 64 for quick_sm90) instead of raising."""
     from quick.formats.layouts import LayoutError, convert, get_layout
     from quick.formats.weights import QuantizationError
     from quick.nn.linear import QuickLinear
+    from quick.nn.moe import QuickMoEExperts
 
+    for name, ex in model.named_modules():
+        if isinstance(ex, QuickMoEExperts) and not ex.repack_(layout) and not keep_unfit:
+            raise LayoutError(f"'{name}': layout '{layout}' cannot hold these experts")
     lay = get_layout(layout)
     for name, mod in _packed(model).items():
         if mod.layout_name == layout:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quick.formats.layouts import Layout, get_layout
-from quick.formats.weights import SUPPORTED_DTYPES, QuantizedWeight, quantize
+from quick.formats.layouts import Layout, LayoutError, get_layout
+from quick.formats.weights import SUPPORTED_DTYPES, QuantizationError, QuantizedWeight, quantize
 from quick.kernels.moe import ACTIVATIONS, plan_capacity
 from quick.nn.linear import BACKENDS, PackedModule, check_dims, padded_in_features, positive_int
 
@@ -95,6 +95,14 @@ class QuickExpertStack(PackedModule):
         dst.check(self.in_features, self.out_features, self.group_size)
         per_expert = [dst.pack(self.unpack(e)) for e in range(self.num_experts)]
         return {n: torch.stack([p[n] for p in per_expert]) for n in per_expert[0]}
+
+    def repacked(self, layout: str) -> QuickExpertStack:
+        """The same experts packed in ``layout`` (a new stack; exact)."""
+        new = QuickExpertStack(self.num_experts, self.in_features, self.out_features, self.group_size, layout,
+                               self.dtype, "meta", self.logical_in_features)  # fmt: skip
+        for name, t in self.tensors_in(layout).items():
+            new.register_buffer(name, t.contiguous())
+        return new
 
     @classmethod
     def from_quantized(
@@ -313,6 +321,19 @@ class QuickMoEExperts(nn.Module):
     @property
     def group_size(self) -> int:
         return self.gate_up.group_size
+
+    def repack_(self, layout: str) -> bool:
+        """Repack both stacks into ``layout`` (exact) where it holds their shapes; False, unchanged, where not."""
+        if layout == self.layout_name:
+            return True
+        lay = get_layout(layout)
+        try:
+            for st in (self.gate_up, self.down):
+                lay.check(st.in_features, st.out_features, st.group_size)
+        except (LayoutError, QuantizationError):
+            return False
+        self.gate_up, self.down = self.gate_up.repacked(layout), self.down.repacked(layout)
+        return True
 
     @classmethod
     def from_stacks(cls, gate_up: QuickExpertStack, down: QuickExpertStack, act: str = "silu") -> QuickMoEExperts:
