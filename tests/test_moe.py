@@ -580,3 +580,21 @@ def test_unsupported_models_and_layouts_fail_early():
         moe.check_fused(q.model.layers[0].mlp.experts, "x")
     with pytest.raises(ValueError, match="top_k"):
         moe.route(torch.randn(3, 4), 5, True)
+
+
+def test_experts_repack_between_layouts_is_exact():
+    """``QuickMoEExperts.repack_``: both stacks into the other layout and back, bit for bit, the same outputs; a layout
+    that cannot hold the shapes leaves the module unchanged and says so."""
+    q = quantize_model_rtn(tiny_moe("qwen3_moe"), GROUP, skip=("lm_head", "mlp.gate"))
+    ex = q.model.layers[0].mlp.experts
+    before = {n: t.clone() for n, t in ex.state_dict().items()}
+    x = torch.randn(5, 64)
+    idx = torch.tensor([[0, 3], [1, 2], [7, 0], [4, 5], [6, 1]])
+    w = torch.rand(5, 2)
+    want = ex(x, idx, w)
+    assert ex.repack_("quick_sm90") and ex.layout_name == "quick_sm90" == ex.down.layout_name
+    assert ex.gate_up.qweight.shape == (8, 64 // 64, 8 * 128)
+    assert torch.equal(ex(x, idx, w), want)
+    assert ex.repack_("quick") and all(torch.equal(t, before[n]) for n, t in ex.state_dict().items())
+    narrow = QuickMoEExperts(2, 64, 32, "silu", GROUP)  # down K = 32: quick_sm90 packs K in blocks of 64
+    assert not narrow.repack_("quick_sm90") and narrow.layout_name == "quick" == narrow.down.layout_name
