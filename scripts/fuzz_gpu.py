@@ -351,18 +351,17 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
     g = rng.choice([x for x in (32, 64, 128, -1) if x < 0 or k % x == 0])
     # stacks in the quick_sm90 layout half the time where its Hopper kernels run (their own plan block sizes)
     layout = "quick_sm90" if wgmma.is_available(torch.device(DEV)) and rng.random() < 0.5 else "quick"
-    if layout == "quick":
+    if layout == "quick":  # the grouped mma GEMM: one of its compiled configs for this row tile
         block = rng.choice(qmoe.BLOCK_SIZES)
         cfgs = qmoe.configs_for(block, k)
-    else:
+        if not cfgs:
+            return 0
+        config = rng.choice(cfgs).name
+    else:  # the grouped wgmma GEMM: one variant per row tile
         block = rng.choice([b for b in qmoe.SM90_BLOCK_SIZES if g != 32 or b <= qmoe.SM90_G32_MAX_BLOCK])
-        cfgs = qmoe.configs_for(64, k)  # unused by this layout's kernels: any non-empty list
+        config = f"wgmma nt{block}"
     c = {"path": "moe", "dtype": str(dt), "e": e, "top_k": top_k, "t": t, "k": k, "n": n, "g": g, "block": block,
-         "act": act, "layout": layout}  # fmt: skip
-    if not cfgs:
-        return 0
-    cfg = rng.choice(cfgs)
-    c["config"] = cfg.name
+         "act": act, "layout": layout, "config": config}  # fmt: skip
     gen = torch.Generator().manual_seed(case_seed)
     used = rng.randint(1, e)
     ids = torch.stack([torch.randperm(used, generator=gen)[:top_k] if top_k <= used
@@ -416,14 +415,12 @@ def run_moe(rng: random.Random, case_seed: int, st: dict, failures: list, max_er
                 c["plan_rows_in"] = True
                 xp = moe_sm90.gather_rows(xd, plan.sorted_ids, top_k)
                 pargs = (xp, *args[1:])
-                moe_sm90.validate(*pargs, 1, twd, t * top_k, True)
                 out1, out2 = (moe_sm90.grouped_gemm_sm90(*pargs, 1, twd, t * top_k, True) for _ in range(2))
             else:
-                moe_sm90.validate(*args, top_k, twd)
                 out1, out2 = (moe_sm90.grouped_gemm_sm90(*args, top_k, twd) for _ in range(2))
         else:
-            out1 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
-            out2 = qmoe.grouped_gemm(*args, top_k, twd, act, config=cfg.name)
+            out1 = qmoe.grouped_gemm(*args, top_k, twd, act, config=config)
+            out2 = qmoe.grouped_gemm(*args, top_k, twd, act, config=config)
         torch.cuda.synchronize()
     except Exception as err:
         st["failures"] += 1

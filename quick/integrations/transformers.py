@@ -304,14 +304,14 @@ def check_packed(model: nn.Module) -> None:
     stacks expert by expert."""
     from quick.checkpoint import CheckpointError, _check_values
     from quick.formats.layouts import LayoutError
+    from quick.models.moe import check_stack
 
     for name, st in _stacks(model).items():
         tensors = st.packed()
         if any(t.is_meta for t in tensors.values()):
             raise CheckpointError(f"'{name}' was not loaded (its tensors are still on the meta device)")
         try:
-            for e in range(st.num_experts):
-                st.layout.validate(st.expert(e), st.in_features, st.out_features, st.group_size, where=f"{name}[{e}]")
+            check_stack(tensors, st.layout_name, st, name)
         except LayoutError as err:
             raise CheckpointError(str(err)) from None
         _check_values(tensors, name)

@@ -3,12 +3,13 @@
 (``qweight [E, K/64, 8N]``, ``scales`` / ``zeros [E, K/G, N]``).
 
 The token tiles are the blocks of a sorted-token plan (:func:`quick.nn.moe.build_plan`; block size = the token
-tile, 16 or 64), one expert each; x arrives by TMA, so the kernel reads its rows in plan order: the launcher gathers
-``x[sorted_ids[r] // top_k]`` into a ``[capacity, K]`` buffer, or takes ``x`` as it is with ``plan_rows_in`` (the
-output of an earlier product written in plan order). Outputs go to ``out[sorted_ids[r]]`` (times the slot weight, in
-fp32), or with ``plan_rows_out`` to row ``r`` of a ``[capacity, N]`` buffer. An expert MLP is then: gate|up with
-``plan_rows_out``, ``act(gate) * up`` on those rows, down with ``plan_rows_in`` and the slot weights
-(:meth:`quick.nn.moe.QuickMoEExperts.kernel_forward_planned`). Nothing reads the plan on the host (CUDA graphs).
+tile, one of :data:`~quick.kernels.moe.SM90_BLOCK_SIZES`), one expert each; x arrives by TMA, so the kernel reads its
+rows in plan order: the launcher gathers ``x[sorted_ids[r] // top_k]`` into a ``[capacity, K]`` buffer, or takes
+``x`` as it is with ``plan_rows_in`` (the output of an earlier product written in plan order). Outputs go to
+``out[sorted_ids[r]]`` (times the slot weight, in fp32), or with ``plan_rows_out`` to row ``r`` of a
+``[capacity, N]`` buffer. An expert MLP is then: gate|up with ``plan_rows_out``, ``act(gate) * up`` on those rows,
+down with ``plan_rows_in`` and the slot weights (:meth:`quick.nn.moe.QuickMoEExperts.kernel_forward_planned`).
+Nothing reads the plan on the host (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def grouped_gemm_sm90(
     block_experts: Tensor, num_padded: Tensor, top_k: int, topk_weights: Tensor | None = None, num_slots: int = -1,
     plan_rows_in: bool = False, plan_rows_out: bool = False, fill: bool = True,
 ) -> Tensor:  # fmt: skip
-    """The grouped product (module docstring) on inputs :func:`validate` accepted: ``[capacity, N]`` in plan order
-    with ``plan_rows_out``, else ``[slots, N]``; rows the kernel does not write (blocks past the padded total; slots
-    no plan row names) are zero with ``fill``, left unwritten without it."""
+    """The grouped product (module docstring), inputs checked first (:func:`validate`): ``[capacity, N]`` in plan
+    order with ``plan_rows_out``, else ``[slots, N]``; rows the kernel does not write (blocks past the padded total;
+    slots no plan row names) are zero with ``fill``, left unwritten without it."""
     d, slots = validate(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k,
-                        topk_weights, num_slots, plan_rows_in, plan_rows_out, need_cuda=False)  # fmt: skip
+                        topk_weights, num_slots, plan_rows_in, plan_rows_out)  # fmt: skip
     capacity, n, k, e, g = sorted_ids.shape[0], d.n, d.k, d.e, d.g
     rows_out = capacity if plan_rows_out else slots
     out = (torch.zeros if fill else torch.empty)((rows_out, n), dtype=x.dtype, device=x.device)

@@ -394,10 +394,8 @@ def moe_gemm_w4a16_sm90(
     slots); ``plan_rows_out``: ``[capacity, N]`` in plan order; rows it does not write are zero with ``fill``."""
     from quick.kernels import moe_sm90
 
-    args = (x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded, top_k, topk_weights,
-            num_slots, plan_rows_in, plan_rows_out)  # fmt: skip
-    moe_sm90.validate(*args)
-    return moe_sm90.grouped_gemm_sm90(*args, fill)
+    return moe_sm90.grouped_gemm_sm90(x, qweight, scales, zeros, group_size, sorted_ids, block_experts, num_padded,
+                                      top_k, topk_weights, num_slots, plan_rows_in, plan_rows_out, fill)  # fmt: skip
 
 
 @moe_gemm_w4a16_sm90.register_fake

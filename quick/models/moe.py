@@ -396,21 +396,32 @@ def _relayout(s: QuickExpertStack, layout: str) -> QuickExpertStack:
     )
 
 
-def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_layout: str, where: str) -> None:
-    """Check the stored stacked tensors against ``src_layout`` (errors name the tensor), repack each expert into the
-    stack's layout when it differs, and set them."""
-    src = get_layout(src_layout)
+def check_stack(
+    tensors: dict[str, torch.Tensor], layout: str, stack: QuickExpertStack, where: str
+) -> list[dict[str, torch.Tensor]]:
+    """Stacked tensors of ``stack``'s shape in ``layout`` checked (present, ``E`` experts first, each expert valid for
+    the layout; a ``LayoutError`` names the tensor and the expert); returns the experts' tensors (views)."""
+    src = get_layout(layout)
     k, n, g, e = stack.in_features, stack.out_features, stack.group_size, stack.num_experts
     for tname in src.tensor_specs(k, n, g):
         t = tensors.get(tname)
         if t is None:
-            raise LayoutError(f"missing tensor '{where}.{tname}' for layout '{src_layout}'")
+            raise LayoutError(f"missing tensor '{where}.{tname}' for layout '{layout}'")
         if t.dim() < 1 or t.shape[0] != e:
             raise LayoutError(f"tensor '{where}.{tname}' has shape {tuple(t.shape)}, expected {e} experts first")
     per_expert = [{tn: t[x] for tn, t in tensors.items()} for x in range(e)]
     for x, p in enumerate(per_expert):
         src.validate(p, k, n, g, where=f"{where}[{x}]")
+    return per_expert
+
+
+def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_layout: str, where: str) -> None:
+    """Check the stored stacked tensors against ``src_layout`` (:func:`check_stack`), repack each expert into the
+    stack's layout when it differs, and set them."""
+    per_expert = check_stack(tensors, src_layout, stack, where)
+    k, n, g = stack.in_features, stack.out_features, stack.group_size
     if src_layout != stack.layout_name:
+        src = get_layout(src_layout)
         dst = stack.layout
         per_expert = [dst.pack(src.unpack(p, k, n, g)) for p in per_expert]
     for tname in stack.tensor_names():

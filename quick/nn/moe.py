@@ -26,7 +26,6 @@ from quick.kernels.moe import ACTIVATIONS, plan_capacity
 from quick.nn.linear import BACKENDS, PackedModule, check_dims, padded_in_features, positive_int
 
 
-# The gated MLP activations of the MoE families (transformers' ACT2FN names).
 class QuickExpertStack(PackedModule):
     """``num_experts`` packed 4-bit weights ``[K, N]`` (``y_e = x @ dequant(W_e)``) in one layout.
 
