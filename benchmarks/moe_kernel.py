@@ -167,9 +167,22 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
                 xin, gd, tw = (x, k, None) if proj == "gate_up" else (hgu, 1, weights)
                 fd9 = functools.partial(qmoe.dec_grouped, xin, *w9, *ids, gd, t, tw, act, layout="quick_sm90")
                 timed.append(("w4sm90dec", fd9, "dec A-side"))
+            for sb in args.sm90_blocks:  # the same product at other plan blocks: picks block_size_for's thresholds
+                if sb == bs9 or (GROUP == 32 and sb > qmoe.SM90_G32_MAX_BLOCK):
+                    continue
+                ps = build_plan(idx, e, sb, static=True)
+                ids_s = (ps.sorted_ids, ps.block_experts, ps.num_padded)
+                if proj == "gate_up":
+                    fs = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids_s, k, plan_rows_out=True,
+                                           fill=False)  # fmt: skip
+                else:
+                    hs = torch.randn(ps.sorted_ids.shape[0], kk, device="cuda").to(dtype)
+                    fs = functools.partial(moe_sm90.grouped_gemm_sm90, hs, *w9, *ids_s, 1, weights, t * k,
+                                           plan_rows_in=True, fill=False)  # fmt: skip
+                timed.append(("w4sm90_block", fs, f"wgmma nt{sb}"))
             for impl, fn, name in timed:
                 us = bench_us(graphed(fn), args.warmup_ms, args.rep_ms)
-                blk = bs9 if impl == "w4sm90" else bs
+                blk = bs if impl == "w4sm90dec" else int(name.rsplit("nt", 1)[1])
                 rows.append({**base, "impl": impl, "config": name, "block": blk, "us": round(us, 2),
                              "GBps": round(b4 / us / 1e3, 1), "bytes": b4})  # fmt: skip
                 print(f"{model} T={t:<5} {proj:<8} {impl} {us:9.1f} us {b4 / us / 1e3:7.0f} GB/s ({name})", flush=True)
@@ -210,6 +223,22 @@ def markdown(env: dict, rows: list[dict], dtype: str) -> str:
                 f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {cells} | "
                 f"{r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / best:.2f} |"
             )
+        lines.append("")
+    sweep = [r for r in rows if r["impl"] == "w4sm90_block"]
+    if sweep:
+        lines += [
+            "## grouped wgmma GEMM by plan block",
+            "",
+            "The same products at other plan blocks than the automatic one (`block_size_for`).",
+            "",
+            "| model | tokens | proj | block | us | auto block | auto us |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sweep:
+            auto = next(a for a in rows if a["impl"] == "w4sm90" and all(a[c] == r[c] for c in ("model", "tokens",
+                                                                                              "proj")))  # fmt: skip
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['proj']} | {r['block']} | {r['us']:.1f} | "
+                         f"{auto['block']} | {auto['us']:.1f} |")  # fmt: skip
         lines.append("")
     names = sorted({r["config"] for r in rows if r["impl"] == "w16"})
     lines.append(f"16-bit baseline: {', '.join(names)}.")
@@ -270,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-ms", type=float, default=5)
     ap.add_argument("--rep-ms", type=float, default=25)
     ap.add_argument("--outdir", type=Path, default=HERE / "results")
-    ap.add_argument("--sm90-max-block", type=int, default=qmoe.SM90_BLOCK_SIZES[-1], choices=qmoe.SM90_BLOCK_SIZES,
+    ap.add_argument("--sm90-max-block", type=int, default=qmoe.SM90_AUTO_MAX_BLOCK, choices=qmoe.SM90_BLOCK_SIZES,
                     help="largest plan block the grouped wgmma GEMM gets (block_size_for's rule below it)")  # fmt: skip
+    ap.add_argument("--sm90-blocks", nargs="*", type=int, default=[], choices=qmoe.SM90_BLOCK_SIZES,
+                    help="also time the grouped wgmma GEMM at these plan blocks (rows 'w4sm90_block')")  # fmt: skip
     ap.add_argument("--dec-configs", nargs="*", default=[], type=_dec_config, metavar="RB,WARPS,STAGES",
                     help="more decode-kernel configs to time beside the default (compiled at first use)")  # fmt: skip
     args = ap.parse_args(argv)
