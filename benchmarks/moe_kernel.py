@@ -25,7 +25,9 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 Timing: ``quick.bench.timing.bench_us`` (median of ``triton.testing.do_bench``, L2 flushed before every repetition)
 over CUDA-graph replays. GB/s = the routed experts' weight bytes (4-bit codes + 16-bit scales and zeros for ``w4``;
 16-bit weights for ``w16``) / time: the bandwidth that matters at decode sizes, where the weights dominate. Outputs
-``moe_kernel_<gpu>.json``, ``.md`` and ``.png`` under ``--outdir`` (default ``benchmarks/results``).
+Up to ``--decode-tokens`` tokens each cell also gets ``kernel_us``, the kernels' own device time
+(``quick.bench.timing.kernel_us``: CUPTI, no launch latency), and its bandwidth share against the device-to-device
+copy rate measured in the same run. Outputs ``moe_kernel_<gpu>.json``, ``.md`` and ``.png`` under ``--outdir`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from common import env_info, gpu_slug  # noqa: E402
+from common import env_info, gpu_slug, measure_ceilings  # noqa: E402
 
-from quick.bench.timing import bench_us, graphed  # noqa: E402
+from quick.bench.timing import bench_us, graphed, kernel_us  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
 from quick.kernels import moe_sm90, wgmma  # noqa: E402
 from quick.nn.moe import build_plan  # noqa: E402
@@ -107,6 +109,23 @@ def w16_fn(x_sorted: torch.Tensor, w16: torch.Tensor, counts: torch.Tensor):
     return (lambda: torch.bmm(xb, wb)), "torch.bmm (routed experts, padded rows)"
 
 
+def measure(fn, args, decode: bool) -> dict:
+    """``us`` (CUDA-graph replays, launch latency included) and, at decode sizes, ``kernel_us``: the kernels' own
+    device time, which the bandwidth share against the copy rate is taken over."""
+    replay = graphed(fn)
+    out = {"us": round(bench_us(replay, args.warmup_ms, args.rep_ms), 2)}
+    if decode and args.kernel_reps:
+        out["kernel_us"] = round(kernel_us(replay, args.kernel_reps), 2)
+    return out
+
+
+def rates(t: dict, nbytes: int) -> dict:
+    r = {"GBps": round(nbytes / t["us"] / 1e3, 1), "bytes": nbytes}
+    if "kernel_us" in t:
+        r["GBps_kernel"] = round(nbytes / t["kernel_us"] / 1e3, 1)
+    return r
+
+
 def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, args) -> list[dict]:
     h, i, e, k = MODELS[model]
     idx = routing(t, k, e, seed=t)
@@ -130,10 +149,11 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
             fn4 = functools.partial(qmoe.grouped_gemm, hmid, qw, sc, z, GROUP, *ids, 1, weights)
             xs = hmid[order]
         base = {"model": model, "tokens": t, "proj": proj, "K": kk, "N": n, "experts_routed": routed, "block": bs}
-        us4 = bench_us(graphed(fn4), args.warmup_ms, args.rep_ms)
+        decode = t <= args.decode_tokens
+        m4 = measure(fn4, args, decode)
+        us4 = m4["us"]
         b4 = routed * w4_bytes(kk, n)
-        rows.append({**base, "impl": "w4", "config": qmoe.default_config(bs, kk).name, "us": round(us4, 2),
-                     "GBps": round(b4 / us4 / 1e3, 1), "bytes": b4})  # fmt: skip
+        rows.append({**base, "impl": "w4", "config": qmoe.default_config(bs, kk).name, **m4, **rates(m4, b4)})
         act = "" if proj == "gate_up" else "silu"
         for cfg in (qmoe.DEC_CONFIG, *args.dec_configs):  # the default first: the markdown's w4dec column
             if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, cfg) is not None:
@@ -144,10 +164,10 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
             else:
                 fnd = functools.partial(qmoe.dec_grouped, hgu, qw, sc, z, GROUP, *ids, 1, t, weights, "silu",
                                         config=cfg)  # fmt: skip
-            usd = bench_us(graphed(fnd), args.warmup_ms, args.rep_ms)
+            md = measure(fnd, args, decode)
+            usd = md["us"]
             name = f"dec rb{cfg.rb} w{cfg.warps} s{cfg.stages}"
-            rows.append({**base, "impl": "w4dec", "config": name, "us": round(usd, 2),
-                         "GBps": round(b4 / usd / 1e3, 1), "bytes": b4})  # fmt: skip
+            rows.append({**base, "impl": "w4dec", "config": name, **md, **rates(md, b4)})
             print(f"{model} T={t:<5} {proj:<8} w4dec {usd:9.1f} us {b4 / usd / 1e3:7.0f} GB/s ({name})", flush=True)
         if wgmma.is_available(x.device):
             qw9, sc9, z9 = as_sm90(stacks[proj])
@@ -181,16 +201,16 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
                                            plan_rows_in=True, fill=False)  # fmt: skip
                 timed.append(("w4sm90_block", fs, f"wgmma nt{sb}"))
             for impl, fn, name in timed:
-                us = bench_us(graphed(fn), args.warmup_ms, args.rep_ms)
+                m = measure(fn, args, decode)
+                us = m["us"]
                 blk = bs if impl == "w4sm90dec" else int(name.rsplit("nt", 1)[1])
-                rows.append({**base, "impl": impl, "config": name, "block": blk, "us": round(us, 2),
-                             "GBps": round(b4 / us / 1e3, 1), "bytes": b4})  # fmt: skip
+                rows.append({**base, "impl": impl, "config": name, "block": blk, **m, **rates(m, b4)})
                 print(f"{model} T={t:<5} {proj:<8} {impl} {us:9.1f} us {b4 / us / 1e3:7.0f} GB/s ({name})", flush=True)
         fn16, name = w16_fn(xs, w16[proj], counts)
-        us16 = bench_us(graphed(fn16), args.warmup_ms, args.rep_ms)
+        m16 = measure(fn16, args, decode)
+        us16 = m16["us"]
         b16 = routed * kk * n * 2
-        rows.append({**base, "impl": "w16", "config": name, "us": round(us16, 2), "GBps": round(b16 / us16 / 1e3, 1),
-                     "bytes": b16})  # fmt: skip
+        rows.append({**base, "impl": "w16", "config": name, **m16, **rates(m16, b16)})
         print(f"{model} T={t:<5} {proj:<8} experts={routed:<4} w4 {us4:9.1f} us {b4 / us4 / 1e3:7.0f} GB/s | "
               f"w16 {us16:9.1f} us {b16 / us16 / 1e3:7.0f} GB/s ({name})", flush=True)  # fmt: skip
     return rows
@@ -223,6 +243,24 @@ def markdown(env: dict, rows: list[dict], dtype: str) -> str:
                 f"| {r4['tokens']} | {r4['experts_routed']} | {r4['block']} | {r4['proj']} | {cells} | "
                 f"{r16['us']:.1f} ({r16['GBps']:.0f}) | {r16['us'] / best:.2f} |"
             )
+        lines.append("")
+    timed = [r for r in rows if "kernel_us" in r and r["impl"] != "w4sm90_block"]
+    if timed:
+        copy = env.get("copy_TBps")
+        lines += [
+            "## kernel time at decode sizes",
+            "",
+            "The kernels' own device time (CUPTI through torch.profiler, mean of the profiled calls, L2 flushed before "
+            "each), without the launch latency of the graph replay above; GB/s over the same bytes"
+            + (f", and its share of the {copy} TB/s device-to-device copy rate measured in this run." if copy else "."),
+            "",
+            "| model | tokens | proj | impl | config | kernel us | GB/s | of copy rate |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in timed:
+            share = f"{r['GBps_kernel'] / (copy * 1e3):.0%}" if copy else "-"
+            lines.append(f"| {r['model']} | {r['tokens']} | {r['proj']} | {r['impl']} | {r['config']} | "
+                         f"{r['kernel_us']:.1f} | {r['GBps_kernel']:.0f} | {share} |")  # fmt: skip
         lines.append("")
     sweep = [r for r in rows if r["impl"] == "w4sm90_block"]
     if sweep:
@@ -303,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="largest plan block the grouped wgmma GEMM gets (block_size_for's rule below it)")  # fmt: skip
     ap.add_argument("--sm90-blocks", nargs="*", type=int, default=[], choices=qmoe.SM90_BLOCK_SIZES,
                     help="also time the grouped wgmma GEMM at these plan blocks (rows 'w4sm90_block')")  # fmt: skip
+    ap.add_argument("--decode-tokens", type=int, default=64,
+                    help="up to this many tokens, also time the kernels' own device time (CUPTI)")  # fmt: skip
+    ap.add_argument("--kernel-reps", type=int, default=20, help="calls profiled per kernel time (0: none)")
     ap.add_argument("--dec-configs", nargs="*", default=[], type=_dec_config, metavar="RB,WARPS,STAGES",
                     help="more decode-kernel configs to time beside the default (compiled at first use)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -310,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moe_kernel: needs a CUDA GPU", file=sys.stderr)
         return 1
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    env = env_info()
+    env = {**env_info(), **measure_ceilings()}
     args.outdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     t0 = time.time()
