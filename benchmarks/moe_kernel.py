@@ -24,10 +24,11 @@ kernel's epilogue; ``down``: ``[I, H]`` with the routing weights in its epilogue
 
 Timing: ``quick.bench.timing.bench_us`` (median of ``triton.testing.do_bench``, L2 flushed before every repetition)
 over CUDA-graph replays. GB/s = the routed experts' weight bytes (4-bit codes + 16-bit scales and zeros for ``w4``;
-16-bit weights for ``w16``) / time: the bandwidth that matters at decode sizes, where the weights dominate. Outputs
+16-bit weights for ``w16``) / time: the bandwidth that matters at decode sizes, where the weights dominate.
 Up to ``--decode-tokens`` tokens each cell also gets ``kernel_us``, the kernels' own device time
 (``quick.bench.timing.kernel_us``: CUPTI, no launch latency), and its bandwidth share against the device-to-device
-copy rate measured in the same run. Outputs ``moe_kernel_<gpu>.json``, ``.md`` and ``.png`` under ``--outdir`` (default ``benchmarks/results``).
+copy rate measured in the same run. Outputs ``moe_kernel_<gpu>.json``, ``.md`` and ``.png`` under ``--outdir``
+(default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -183,10 +184,13 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
                 fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids9, 1, weights, t * k,
                                         plan_rows_in=True, fill=False)  # fmt: skip
             timed = [("w4sm90", fn9, f"wgmma nt{bs9}")]
-            if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, layout="quick_sm90") is None:
+            for cfg in (qmoe.DEC_CONFIGS["quick_sm90"], *args.sm90_dec_configs):  # the default first, as above
+                if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, cfg, "quick_sm90") is not None:
+                    continue
                 xin, gd, tw = (x, k, None) if proj == "gate_up" else (hgu, 1, weights)
-                fd9 = functools.partial(qmoe.dec_grouped, xin, *w9, *ids, gd, t, tw, act, layout="quick_sm90")
-                timed.append(("w4sm90dec", fd9, "dec A-side"))
+                fd9 = functools.partial(qmoe.dec_grouped, xin, *w9, *ids, gd, t, tw, act, config=cfg,
+                                        layout="quick_sm90")  # fmt: skip
+                timed.append(("w4sm90dec", fd9, f"dec A-side rb{cfg.rb} w{cfg.warps} s{cfg.stages}"))
             for sb in args.sm90_blocks:  # the same product at other plan blocks: picks block_size_for's thresholds
                 if sb == bs9 or (GROUP == 32 and sb > qmoe.SM90_G32_MAX_BLOCK):
                     continue
@@ -322,11 +326,23 @@ def write(doc: dict, stem: Path) -> None:
     plot(doc["rows"], stem.with_suffix(".png"), f"Grouped 4-bit MoE GEMM, {doc['gpu']}, {doc['dtype']}")
 
 
-def _dec_config(text: str):
+def _dec_config(text: str, wb: int = 1):
     from quick.kernels.decode import DecConfig
 
     rb, warps, stages = (int(v) for v in text.split(","))
-    return DecConfig(rb, warps, stages, wb=1)
+    return DecConfig(rb, warps, stages, wb=wb)
+
+
+def precompile(args, dtype: torch.dtype) -> None:
+    """The swept decode configs' grouped variants, built in parallel before any timing (nvcc is single-threaded)."""
+    from quick.kernels import decode as qd
+    from quick.kernels import jit
+
+    cfgs = [*args.dec_configs, *args.sm90_dec_configs]
+    arch = jit.arch_for_device(0, arch_specific=True)
+    jobs = [(qd.SOURCE, arch, {**c.defines(16, GROUP, dtype, a), "QD_GROUPED": 1}) for c in cfgs for a in (0, 1)]
+    if jobs:
+        jit.compile_many(jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,11 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-reps", type=int, default=20, help="calls profiled per kernel time (0: none)")
     ap.add_argument("--dec-configs", nargs="*", default=[], type=_dec_config, metavar="RB,WARPS,STAGES",
                     help="more decode-kernel configs to time beside the default (compiled at first use)")  # fmt: skip
+    ap.add_argument("--sm90-dec-configs", nargs="*", default=[], type=functools.partial(_dec_config, wb=0),
+                    metavar="RB,WARPS,STAGES",
+                    help="the same for the decode kernel on quick_sm90 stacks (w4sm90dec)")  # fmt: skip
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("moe_kernel: needs a CUDA GPU", file=sys.stderr)
         return 1
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    precompile(args, dtype)
     env = {**env_info(), **measure_ceilings()}
     args.outdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
