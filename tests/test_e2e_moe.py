@@ -56,6 +56,14 @@ def tiny(monkeypatch):
     torch.set_num_threads(1)  # tiny matrices: thread hand-offs cost more than the math
 
 
+def skip_without_grouped_kernel(layout: str) -> None:
+    """Skip unless this GPU runs the grouped 4-bit kernels of ``layout`` (``quick_sm90``: Hopper's)."""
+    if torch.cuda.get_device_capability()[0] < 8 or not have_nvcc():
+        pytest.skip("the grouped 4-bit kernels need an sm_80+ GPU and nvcc")
+    if layout == "quick_sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the quick_sm90 experts' kernels need an sm_90 GPU")
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -186,17 +194,18 @@ def test_e2e_rows_and_files_for_moe_shapes(tiny, monkeypatch, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "quick"])
+@pytest.mark.parametrize("layout", [None, "quick", "quick_sm90"], ids=["bf16", "quick", "quick_sm90"])
 @pytest.mark.parametrize("name", SHAPES)
-def test_cuda_graph_decode_gives_the_eager_tokens(name, quantized, tiny):
+def test_cuda_graph_decode_gives_the_eager_tokens(name, layout, tiny):
     """A tiny MoE build on the GPU decoded through ``StaticGenerator`` with CUDA graphs (prefill and decode step
     captured) gives the tokens of eager decoding; the 4-bit one runs the grouped kernel, the bf16 one torch's
     grouped GEMM, neither reading back to the host during capture."""
     from quick.inference import StaticGenerator
 
-    if quantized and (torch.cuda.get_device_capability()[0] < 8 or not have_nvcc()):
-        pytest.skip("the grouped 4-bit kernel needs an sm_80+ GPU and nvcc")
-    model = sm.build_random_moe(name, torch.bfloat16, "cuda", quantized)
+    quantized = layout is not None
+    if quantized:
+        skip_without_grouped_kernel(layout)
+    model = sm.build_random_moe(name, torch.bfloat16, "cuda", quantized, layout=layout or "quick")
     if quantized:
         x = torch.randn(3, 128, device="cuda", dtype=torch.bfloat16)
         assert model.model.layers[0].mlp.experts.kernel_unavailable(x, 2) is None
@@ -208,18 +217,18 @@ def test_cuda_graph_decode_gives_the_eager_tokens(name, quantized, tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quantized", [False, True], ids=["16bit", "quick"])
+@pytest.mark.parametrize("layout", [None, "quick", "quick_sm90"], ids=["16bit", "quick", "quick_sm90"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", SHAPES)
-def test_routed_block_runs_the_route_kernel_and_equals_the_block(name, dtype, quantized, tiny):
+def test_routed_block_runs_the_route_kernel_and_equals_the_block(name, dtype, layout, tiny):
     """The decode step's MoE call on the GPU (route kernel, then the grouped kernels on its plan, or the 16-bit experts
     module) against the block's own forward (PyTorch routing, plan kernel, the same experts) for 1-64 tokens."""
     from quick.models.families import get_family
     from quick.models.moe import RoutedBlock
 
-    if torch.cuda.get_device_capability()[0] < 8 or not have_nvcc():
-        pytest.skip("the route and grouped 4-bit kernels need an sm_80+ GPU and nvcc")
-    model = sm.build_random_moe(name, dtype, "cuda", quantized)
+    quantized = layout is not None
+    skip_without_grouped_kernel(layout or "quick")  # the route kernel too
+    model = sm.build_random_moe(name, dtype, "cuda", quantized, layout=layout or "quick")
     fam = get_family(model.config)
     for layer in model.model.layers:
         routed = RoutedBlock.of(layer.mlp, fam.moe, model.config)
@@ -236,20 +245,21 @@ def test_routed_block_runs_the_route_kernel_and_equals_the_block(name, dtype, qu
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "quick"])
+@pytest.mark.parametrize("layout", [None, "quick", "quick_sm90"], ids=["bf16", "quick", "quick_sm90"])
 @pytest.mark.parametrize("name", SHAPES)
-def test_fast_decode_step_logits_match_transformers_on_gpu(name, quantized, tiny, monkeypatch):
+def test_fast_decode_step_logits_match_transformers_on_gpu(name, layout, tiny, monkeypatch):
     """The benchmark's fast step on the GPU (fused attention steps, the MoE block on the one-launch plan and the
     decode kernels over experts, CUDA graph) teacher-forced beside transformers' forward over the same static cache:
     every step's logits within the bf16 bound."""
     from quick import inference
     from quick.inference import StaticGenerator
 
-    if quantized and (torch.cuda.get_device_capability()[0] < 8 or not have_nvcc()):
-        pytest.skip("the grouped 4-bit kernel needs an sm_80+ GPU and nvcc")
+    quantized = layout is not None
+    if quantized:
+        skip_without_grouped_kernel(layout)
     monkeypatch.setattr(inference, "COMPILE_BACKEND", "eager")  # dynamo traces the step's parts; no inductor build
     torch._dynamo.reset()
-    model = sm.build_random_moe(name, torch.bfloat16, "cuda", quantized)
+    model = sm.build_random_moe(name, torch.bfloat16, "cuda", quantized, layout=layout or "quick")
     prompt = torch.randint(0, 256, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     ref = StaticGenerator(model, 2, 24, use_graph=False)
     fast = StaticGenerator(model, 2, 24, use_graph=True, compile="fast")
