@@ -21,6 +21,7 @@ require_sm80_and_nvcc()
 import quick.kernels.ops  # noqa: E402, F401  (registers torch.ops.quick.moe_gemm_w4a16)
 from quick.kernels import jit  # noqa: E402
 from quick.kernels import moe as qmoe  # noqa: E402
+from quick.kernels.decode import DecConfig  # noqa: E402
 from quick.nn.moe import QuickMoEExperts, build_plan  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -176,6 +177,38 @@ def test_decode_kernel_over_experts_against_float64(case, dtype, layout):
     y = torch.ops.quick.moe_dec_w4a16(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu", True,
                                       layout)  # fmt: skip
     staged = (F.silu(gu[:, :kk].float()) * gu[:, kk:].float()).to(dtype)  # rounded once, as the kernel stages it
+    _check(y, _reference(staged, w, idx, 1, "", tw), idx, e, dtype)
+
+
+# other A-side decode configs the MoE benchmark sweeps (--sm90-dec-configs): each must be exact before it is timed
+SWEPT_SM90_DEC = [DecConfig(2, 8, 4), DecConfig(1, 8, 4), DecConfig(4, 8, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("config", SWEPT_SM90_DEC, ids=lambda c: f"rb{c.rb}w{c.warps}s{c.stages}")
+def test_decode_kernel_over_experts_at_swept_configs(config, dtype):
+    """The A-side grouped decode kernel at the configs the benchmark sweeps: gate|up-like and down-like launches
+    against float64, rows no slot names untouched."""
+    e, k, t, kk, n, g = 12, 4, 9, 256, 192, 128
+    stack, w = _stack(e, kk, n, g, dtype, seed=11, layout="quick_sm90")
+    idx = _routing(t, k, e, seed=2, used=7, drop=0.25)
+    x = (torch.randn(t, kk, generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype).to(DEV)
+    plan = build_plan(idx, e, 16, static=True)
+    p = stack.packed()
+    ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
+    assert qmoe.dec_unavailable(t, kk, n, g, 16, "", dtype, DEV, config, "quick_sm90") is None
+    dropped = idx.reshape(-1) >= e
+    poison = torch.full((t * k, n), float("nan"), dtype=dtype, device=DEV)
+    out = qmoe.dec_grouped(x, p["qweight"], p["scales"], p["zeros"], g, *ids, k, t, None, "", out=poison,
+                           config=config, layout="quick_sm90")  # fmt: skip
+    assert torch.isnan(out[dropped]).all(), "a row no slot names was written"
+    out[dropped] = 0
+    _check(out, _reference(x, w, idx, k, "", None), idx, e, dtype)
+    gu = (torch.randn(t * k, 2 * kk, generator=torch.Generator().manual_seed(4)) * 0.5).to(dtype).to(DEV)
+    tw = torch.rand(t * k, generator=torch.Generator().manual_seed(5)).to(DEV)
+    y = qmoe.dec_grouped(gu, p["qweight"], p["scales"], p["zeros"], g, *ids, 1, t, tw, "silu", config=config,
+                         layout="quick_sm90")  # fmt: skip
+    staged = (F.silu(gu[:, :kk].float()) * gu[:, kk:].float()).to(dtype)
     _check(y, _reference(staged, w, idx, 1, "", tw), idx, e, dtype)
 
 
