@@ -31,11 +31,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quick.external import ExternalFormatError, detect_format, importer_for
+from quick.external import ExternalFormatError, build_linear, detect_format, importer_for
 from quick.formats.layouts import LAYOUTS, LayoutError, convert, get_layout
-from quick.formats.weights import QuantizationError
+from quick.formats.weights import QuantizationError, QuantizedWeight
 from quick.integrations.load_guard import add_load_guard
-from quick.models.moe import load_stack_, skeleton_experts
+from quick.models.moe import (
+    PerExpertCheckpoint,
+    checkpoint_rename,
+    experts_from_quantized,
+    load_stack_,
+    per_expert_checkpoints,
+    per_expert_layout,
+    skeleton_experts,
+)
 from quick.nn.dtypes import set_compute_dtype
 from quick.nn.linear import QuickLinear
 from quick.nn.linear_w4a8 import UNPACKED, QuickLinearW4A8, preferred_w4a8_layout, w4a8_layouts
@@ -478,17 +486,51 @@ def _check_values(tensors: dict[str, torch.Tensor], name: str) -> None:
                 raise CheckpointError(f"tensor '{name}.zeros' holds values that are not zero points in [0, 15]")
 
 
+class _RenamedFile:
+    """A safetensors handle whose keys read under the model's names (``rename``: file key -> model key)."""
+
+    def __init__(self, sf: Any, rename: Callable[[str], str]) -> None:
+        self._sf = sf
+        self._orig = {rename(k): k for k in sf.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._orig)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._sf.get_tensor(self._orig[key])
+
+
+def _renamed_meta(
+    headers: dict[Path, Any], rename: Callable[[str], str] | None
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """``(where, meta)``: file and header entry of every tensor, under the model's names; two tensors that map to
+    one name are an error."""
+    where: dict[str, Path] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for f, h in headers.items():
+        for k, v in h.items():
+            name = rename(k) if rename else k
+            if name in meta:
+                raise CheckpointError(f"tensor '{k}' in {f.name} names '{name}', which {where[name].name} holds too")
+            where[name] = f
+            meta[name] = v
+    return where, meta
+
+
 def _read_tensors(
-    headers: dict[Path, Any], model: nn.Module, dense_dtype: torch.dtype, claim: Callable[[Path, str, Any], bool]
-) -> None:
+    headers: dict[Path, Any], model: nn.Module, dense_dtype: torch.dtype, claim: Callable[[Path, str, Any], bool],
+    rename: Callable[[str], str] | None = None,
+) -> None:  # fmt: skip
     """Read every tensor of the checkpoint files ``headers``: ``claim(file, key, safe_open handle)`` takes those of
     the quantized layers (True when it did); the others are set into the dense skeleton ``model`` (checked against
-    it) or, when the model has no such tensor, ignored with a warning. Unreadable files raise CheckpointError."""
+    it) or, when the model has no such tensor, ignored with a warning. ``rename``: file key -> model key (keys and
+    the handle's ``get_tensor`` then use the model's names). Unreadable files raise CheckpointError."""
     expected = dict(model.state_dict(keep_vars=True))
     unexpected = []
     for f in headers:
         try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                sf = _RenamedFile(handle, rename) if rename else handle
                 for key in sf.keys():
                     if claim(f, key, sf):
                         continue
@@ -592,14 +634,9 @@ def load_quantized(
 
     files = _weight_files(path)
     headers = {f: _read_header(f) for f in sorted(set(files.values()))}
-    where: dict[str, Path] = {}
-    meta: dict[str, dict[str, Any]] = {}
-    for f, h in headers.items():
-        for k, v in h.items():
-            where[k] = f
-            meta[k] = v
+    held = {k for h in headers.values() for k in h}
     for k, f in files.items():
-        if k not in meta:
+        if k not in held:
             raise CheckpointError(f"tensor '{k}' is listed in the index for {f.name} but that file does not hold it")
 
     try:
@@ -608,6 +645,8 @@ def load_quantized(
         raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    rename = checkpoint_rename(config)
+    where, meta = _renamed_meta(headers, rename)
     scale_dtypes = {_ST_DTYPES.get(meta[k]["dtype"]) for k in meta if k.endswith(".scales")}
     if not scale_dtypes:
         raise CheckpointError(f"{path}: no '.scales' tensors; not a quantized checkpoint")
@@ -648,16 +687,18 @@ def load_quantized(
         stacks = skeleton_experts(
             model, meta, lambda n: overrides.get(f"{n}.gate_up", group_size), layout, dst_layout, scale_dtype
         )
+        experts = per_expert_checkpoints(model, meta.__contains__, ".qweight")  # AutoAWQ's MoE checkpoints
     except (ValueError, QuantizationError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    _check_orphans(meta, ".qweight", {**quantized, **stacks}, config)
+    expert_linears = {p: ck for ck in experts.values() for p in ck.linears()}
+    _check_orphans(meta, ".qweight", {**quantized, **stacks, **expert_linears}, config)
 
     src_names = set(get_layout(src_layout).tensor_specs(128, 128, 128))
-    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in (*quantized, *stacks)}
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in (*quantized, *stacks, *expert_linears)}
 
     def claim(f: Path, key: str, sf: Any) -> bool:
         prefix, _, tname = key.rpartition(".")
-        if (prefix in quantized or prefix in stacks) and tname in src_names:
+        if (prefix in quantized or prefix in stacks or prefix in expert_linears) and tname in src_names:
             pending[prefix][tname] = sf.get_tensor(key)
             return True
         if prefix in quantized and tname == "perm":
@@ -679,7 +720,7 @@ def load_quantized(
             return True
         return False
 
-    _read_tensors(headers, model, dense_dtype, claim)
+    _read_tensors(headers, model, dense_dtype, claim, rename)
 
     src = get_layout(src_layout)
     for name, q in quantized.items():
@@ -703,6 +744,20 @@ def load_quantized(
             load_stack_(st, pending[name], src_layout, name)
         except (LayoutError, QuantizationError) as e:
             raise CheckpointError(f"{where.get(name + '.qweight', path)}: {e}") from None
+    for name, ck in experts.items():
+        g = int(overrides.get(ck.prefixes[0][0], group_size))
+
+        def unpack(prefix: str, k: int, n: int, lay: str, g: int = g) -> QuantizedWeight:
+            tensors = pending.pop(prefix)
+            src.validate(tensors, k, n, g, where=prefix)
+            _check_values(tensors, prefix)
+            qw = src.unpack(tensors, k, n, g)
+            return build_linear(prefix, qw.q, qw.scales, qw.zeros, g, lay, qw.scales.dtype).qw  # K padded for lay
+
+        try:
+            _replace_module(model, name, _experts_from_files(ck, unpack, dst_layout, g, layout is not None))
+        except (LayoutError, QuantizationError, ExternalFormatError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     _finish(model, path, dense_dtype, device)
     saved = dict(qc)
@@ -711,6 +766,21 @@ def load_quantized(
     )
     model.quick_source_quant_config = saved
     return model
+
+
+def _experts_from_files(
+    ck: PerExpertCheckpoint, unpack: Callable[[str, int, int, str], QuantizedWeight], layout: str, group_size: int,
+    explicit: bool,
+) -> nn.Module:  # fmt: skip
+    """A per-expert checkpoint's experts as one :class:`QuickMoEExperts`: ``unpack(prefix, K, N, layout)`` gives one
+    linear's weight with K padded for ``layout`` (the stacks' layout: ``layout`` where it holds them, else 'quick'
+    unless asked for)."""
+    lay = per_expert_layout(ck, layout, group_size, explicit)
+    h, i = ck.hidden_size, ck.intermediate_size
+    gate = [unpack(trip[0], h, i, lay) for trip in ck.prefixes]
+    up = [unpack(trip[1], h, i, lay) for trip in ck.prefixes]
+    down = [unpack(trip[2], i, h, lay) for trip in ck.prefixes]
+    return experts_from_quantized(ck, gate, up, down, lay)
 
 
 # ------------------------------------------------------------------------- other libraries' checkpoints
@@ -739,14 +809,14 @@ def _load_external(
     get_layout(dst_layout)
     files = _weight_files(path)
     headers = {f: _read_header(f) for f in sorted(set(files.values()))}
-    where = {k: f for f, h in headers.items() for k in h}
-    meta = {k: v for h in headers.values() for k, v in h.items()}
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    rename = checkpoint_rename(config)
+    where, meta = _renamed_meta(headers, rename)
     scale_keys = [k for k in meta if k.endswith("." + imp.scale_name) and k.rpartition(".")[0] + imp.marker in meta]
     if not scale_keys:
         raise CheckpointError(f"{path}: no '{imp.marker}' / '.{imp.scale_name}' tensors; no quantized layer found")
@@ -759,17 +829,22 @@ def _load_external(
     dense_dtype = dtype or _config_dtype(config) or scale_dtype
     model = _skeleton(config, dense_dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}{imp.marker}" in meta}
-    _check_orphans(meta, imp.marker, linears, config)
-    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
+    try:  # mixture-of-experts blocks whose experts the files store one linear at a time
+        experts = per_expert_checkpoints(model, meta.__contains__, imp.marker)
+    except (ValueError, QuantizationError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    expert_linears = {p: ck for ck in experts.values() for p in ck.linears()}
+    _check_orphans(meta, imp.marker, {**linears, **expert_linears}, config)
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in (*linears, *expert_linears)}
 
     def claim(f: Path, key: str, sf: Any) -> bool:
         prefix, _, tname = key.rpartition(".")
-        if prefix in linears and (tname in imp.tensor_names or tname == "bias"):
+        if (prefix in linears or prefix in expert_linears) and (tname in imp.tensor_names or tname == "bias"):
             pending[prefix][tname] = sf.get_tensor(key)
             return True
         return False
 
-    _read_tensors(headers, model, dense_dtype, claim)
+    _read_tensors(headers, model, dense_dtype, claim, rename)
     for name, lin in linears.items():
         tensors = pending[name]
         bias = tensors.pop("bias", None)
@@ -791,6 +866,28 @@ def _load_external(
         if imported.perm is not None:
             mod.perm = imported.perm
         _replace_module(model, name, mod)
+
+    def unpack(prefix: str, k: int, n: int, lay: str) -> QuantizedWeight:
+        tensors = pending.pop(prefix)
+        if "bias" in tensors:
+            raise ExternalFormatError(f"'{prefix}.bias': expert linears with a bias are not supported")
+        imported = imp.convert(prefix, tensors, k, n, lay, scale_dtype)
+        if imported.perm is not None:
+            raise ExternalFormatError(
+                f"'{prefix}': act-order (desc_act) gives each expert its own input order, which the grouped expert "
+                "kernels cannot apply; quantize the experts without act-order"
+            )
+        return imported.qw
+
+    for name, ck in experts.items():
+        try:
+            _replace_module(
+                model, name, _experts_from_files(ck, unpack, dst_layout, imp.group_size, layout is not None)
+            )
+        except (LayoutError, QuantizationError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except ExternalFormatError as e:
+            raise CheckpointError(f"{where[ck.prefixes[0][0] + imp.marker]}: {e}") from None
     _finish(model, path, dense_dtype, device)
     skip = list(qc.get("ignore") or ()) or ["lm_head"]
     model.quick_quant_config = make_quant_config(dst_layout, imp.group_size, not imp.symmetric, skip)

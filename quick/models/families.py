@@ -71,7 +71,9 @@ class MoESpec:
     dtype (Qwen) instead of keeping them fp32 (Mixtral). ``shared_expert``: a dense gated MLP every token goes
     through, scaled by ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE); it is quantized like a dense MLP, its gate
     (N = 1) stays 16-bit. ``checkpoint_names``: the per-expert gate, up and down linears in the published
-    checkpoint files (transformers fuses them into the 3-D parameters when loading).
+    checkpoint files (transformers fuses them into the 3-D parameters when loading; other libraries' 4-bit
+    checkpoints keep them per expert). ``checkpoint_block``: the block's name in those files where it differs from
+    ``block`` (Mixtral's ``block_sparse_moe``).
     """
 
     block: str = "mlp"
@@ -84,6 +86,7 @@ class MoESpec:
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
     checkpoint_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    checkpoint_block: str | None = None
 
     @property
     def experts_path(self) -> str:
@@ -247,7 +250,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
         _MOE_GROUPS,
         fast_decode=True,
         moe=MoESpec(
-            num_experts="num_local_experts", renormalize=True, cast_weights=False, checkpoint_names=("w1", "w3", "w2")
+            num_experts="num_local_experts",
+            renormalize=True,
+            cast_weights=False,
+            checkpoint_names=("w1", "w3", "w2"),
+            checkpoint_block="block_sparse_moe",
         ),
         notes="8 experts, top-2; checkpoints name the block block_sparse_moe, transformers 5 builds it as mlp",
     ),

@@ -9,6 +9,8 @@ them itself, which these helpers reject with a clear error (see docs/moe.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quick.formats.layouts import LayoutError, get_layout
-from quick.formats.weights import QuantizationError
+from quick.formats.weights import QuantizationError, QuantizedWeight
 from quick.models.families import FamilyError, ModelFamily, MoESpec, decoder_layers, get_family
 from quick.nn.linear import padded_in_features
 from quick.nn.moe import ACTIVATIONS, MoEPlan, QuickExpertStack, QuickMoEExperts, plan_capacity
@@ -426,3 +428,112 @@ def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_l
         per_expert = [dst.pack(src.unpack(p, k, n, g)) for p in per_expert]
     for tname in stack.tensor_names():
         stack.register_buffer(tname, torch.stack([p[tname] for p in per_expert]).contiguous())
+
+
+# ------------------------------------------------------------------- other libraries' per-expert checkpoints
+
+
+def checkpoint_rename(config: Any) -> Callable[[str], str] | None:
+    """Checkpoint key -> model key for a family whose published files name its MoE block otherwise than
+    transformers' module does (Mixtral: ``block_sparse_moe`` -> ``mlp``); ``None`` where the names agree."""
+    try:
+        spec = get_family(config).moe
+    except FamilyError:
+        return None
+    if spec is None or not spec.checkpoint_block or spec.checkpoint_block == spec.block:
+        return None
+    old, new = f".{spec.checkpoint_block}.", f".{spec.block}."
+    return lambda key: key.replace(old, new, 1)
+
+
+@dataclass(frozen=True)
+class PerExpertCheckpoint:
+    """An experts module whose checkpoint stores each expert's gate, up and down linear on its own (AutoAWQ, GPTQ,
+    compressed-tensors): ``prefixes[e] = (gate, up, down)`` under the model's names."""
+
+    name: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    act: str
+    prefixes: tuple[tuple[str, str, str], ...]
+
+    def linears(self) -> dict[str, tuple[int, str]]:
+        """``{prefix: (expert, 'gate' | 'up' | 'down')}``."""
+        parts = ("gate", "up", "down")
+        return {p: (e, part) for e, trip in enumerate(self.prefixes) for part, p in zip(parts, trip, strict=True)}
+
+
+def per_expert_checkpoints(
+    model: nn.Module, present: Callable[[str], bool], marker: str
+) -> dict[str, PerExpertCheckpoint]:
+    """The fused experts modules of ``model`` whose checkpoint holds every expert's linears separately
+    (``present(prefix + marker)``, keys under the model's names, e.g. ``...mlp.experts.3.gate_proj.qweight``). A module
+    with some of them but not all, or with more experts than the config, is a ``ValueError`` naming the tensor."""
+    family = family_or_none(model)
+    if family is None or family.moe is None:
+        return {}
+    names = family.moe.checkpoint_names
+    out: dict[str, PerExpertCheckpoint] = {}
+    for name, mod in experts_modules(model, family).items():
+        if isinstance(mod, (QuickMoEExperts, FloatExperts)):
+            continue
+        e, h, i = check_fused(mod, name)
+        prefixes = tuple(tuple(f"{name}.{x}.{n}" for n in names) for x in range(e))
+        flat = [p for trip in prefixes for p in trip]
+        have = [present(p + marker) for p in flat]
+        if not any(have):
+            continue
+        if not all(have):
+            missing = next(p for p, ok in zip(flat, have, strict=True) if not ok)
+            raise ValueError(f"the checkpoint stores the experts of '{name}' per expert but lacks '{missing}{marker}'")
+        if present(f"{name}.{e}.{names[0]}{marker}"):
+            raise ValueError(f"the checkpoint holds more than the config's {e} experts for '{name}'")
+        out[name] = PerExpertCheckpoint(name, e, h, i, _act_name(mod, name), prefixes)  # type: ignore[arg-type]
+    return out
+
+
+def per_expert_layout(ck: PerExpertCheckpoint, layout: str, group_size: int, explicit: bool) -> str:
+    """``layout`` where it holds both products of ``ck``'s experts (K padded as it needs), else 'quick' unless the
+    layout was asked for (``explicit``), where the error stands."""
+    lay = get_layout(layout)
+    try:
+        lay.check(padded_in_features(ck.hidden_size, group_size, layout), 2 * ck.intermediate_size, group_size)
+        lay.check(padded_in_features(ck.intermediate_size, group_size, layout), ck.hidden_size, group_size)
+    except (LayoutError, QuantizationError):
+        if explicit:
+            raise
+        return "quick"
+    return layout
+
+
+def experts_from_quantized(
+    ck: PerExpertCheckpoint,
+    gate: list[QuantizedWeight],
+    up: list[QuantizedWeight],
+    down: list[QuantizedWeight],
+    layout: str,
+) -> QuickMoEExperts:
+    """A :class:`QuickMoEExperts` in ``layout`` from each expert's unpacked gate, up and down weights (``[K, N]``, K
+    padded to what the layout needs): gate and up columns side by side per expert (gate first), as transformers
+    fuses them."""
+    gus = []
+    for e, (g, u) in enumerate(zip(gate, up, strict=True)):
+        if g.shape != u.shape or g.group_size != u.group_size or g.scales.dtype != u.scales.dtype:
+            raise QuantizationError(
+                f"'{ck.prefixes[e][0]}' and '{ck.prefixes[e][1]}' differ in shape, group size or scale dtype "
+                f"({g.shape}, {g.group_size}, {g.scales.dtype} vs {u.shape}, {u.group_size}, {u.scales.dtype})"
+            )
+        if g.shape[1] != ck.intermediate_size:
+            raise QuantizationError(f"'{ck.prefixes[e][0]}' has {g.shape[1]} outputs, the model {ck.intermediate_size}")
+        cat = (torch.cat([g.q, u.q], 1), torch.cat([g.scales, u.scales], 1), torch.cat([g.zeros, u.zeros], 1))
+        gus.append(QuantizedWeight(*cat, group_size=g.group_size))
+    for e, d in enumerate(down):
+        if d.shape[1] != ck.hidden_size:
+            raise QuantizationError(f"'{ck.prefixes[e][2]}' has {d.shape[1]} outputs, the model {ck.hidden_size}")
+    try:
+        gu = QuickExpertStack.from_quantized(gus, layout, ck.hidden_size)
+        dn = QuickExpertStack.from_quantized(down, layout, ck.intermediate_size)
+        return QuickMoEExperts.from_stacks(gu, dn, ck.act)
+    except ValueError as err:
+        raise QuantizationError(f"'{ck.name}': {err}") from None
