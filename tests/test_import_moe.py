@@ -251,3 +251,14 @@ def test_corrupt_expert_scales_are_named(tmp_path):
     _edit(tmp_path, lambda t: t["model.layers.0.mlp.experts.1.down_proj.scales"].view(-1)[3].fill_(float("nan")))
     with pytest.raises(CheckpointError, match=r"experts\.1\.down_proj"):
         load_quantized(tmp_path, layout="quick")
+
+
+def test_quick_convert_cli_on_a_moe_checkpoint(tmp_path, capsys):
+    from quick.cli import main as cli_main
+
+    write_checkpoint("qwen2_moe", "compressed-tensors", tmp_path / "ckpt")
+    assert cli_main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--layout", "quick"]) == 0
+    assert "and 4 expert stacks" in capsys.readouterr().out
+    src, out = load_quantized(tmp_path / "ckpt", layout="quick"), load_quantized(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(src(ids()).logits, out(ids()).logits)

@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
         model.quick_quant_config.get("modules_to_not_convert") or ("lm_head",),
     )
     out = save_quantized(model, args.out, qc, tokenizer=_load_tokenizer(src))
-    n = sum(1 for m in model.modules() if hasattr(m, "qweight"))
+    from quick.nn.moe import QuickExpertStack
+
+    packed = [m for m in model.modules() if hasattr(m, "qweight")]
+    stacks = sum(isinstance(m, QuickExpertStack) for m in packed)
+    extra = f" and {stacks} expert stacks" if stacks else ""
     what = getattr(model, "quick_source_format", None) or f"{src_qc.get('quant_method')}/{src_qc.get('version')}"
-    print(f"repacked {n} layers of {src} ({what}) into '{layout}' at {out}")
+    print(f"repacked {len(packed) - stacks} layers{extra} of {src} ({what}) into '{layout}' at {out}")
     return 0
