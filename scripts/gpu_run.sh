@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU run = many jobs, each with its own time limit and log, all results packed into ONE archive
 # (easy to copy back from a remote GPU machine). Usage (on the GPU machine, from the repo root):
-#   bash scripts/gpu_run.sh PLAN_FILE
+#   bash scripts/gpu_run.sh PLAN_FILE        (e.g. scripts/plans/moe.plan)
 # PLAN_FILE lines: `name | timeout_seconds | shell command` (blank lines and # comments skipped). Each command
 # runs with OUT=$WORK/<name> (create files there), its output goes to $WORK/<name>.log; a failing or timed-out
 # job does not stop the others. After each job: $OUT/<name>.tar.gz (its folder and log), so a run cut short keeps
