@@ -86,11 +86,14 @@ def quant_config(fmt: str) -> dict:
             "config_groups": {"group_0": group}, "ignore": ["lm_head", "re:.*shared_expert_gate"]}  # fmt: skip
 
 
-def write_checkpoint(kind: str, fmt: str, out: Path, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+def write_checkpoint(
+    kind: str, fmt: str, out: Path, seed: int = 0, published: bool = True
+) -> tuple[torch.nn.Module, dict]:
     """A tiny ``kind`` MoE model saved in ``fmt`` the way that library writes MoE models (every expert linear and
-    every attention / shared-expert linear quantized, routers and the shared expert's gate 16-bit, the family's
-    published tensor names). Returns transformers' fp32 model holding the stored weights dequantized, and
-    ``{experts module: (gate_up [E, 2I, H], down [E, H, I])}`` of those weights."""
+    every attention / shared-expert linear quantized, routers and the shared expert's gate 16-bit), under the family's
+    published tensor names, or (``published`` False) under the names of experts split out of transformers' module
+    (``mlp.experts.{e}.gate_proj``, as llm-compressor saves them). Returns transformers' fp32 model holding the stored
+    weights dequantized, and ``{experts module: (gate_up [E, 2I, H], down [E, H, I])}`` of those weights."""
     if fmt == "compressed-tensors":
         pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
     model = tiny_moe(kind, seed=seed)
@@ -117,7 +120,8 @@ def write_checkpoint(kind: str, fmt: str, out: Path, seed: int = 0) -> tuple[tor
         for name, mod in experts.items():
             e, two_i, h = mod.gate_up_proj.shape
             i = two_i // 2
-            gate_n, up_n, down_n = CHECKPOINT_NAMES.get(kind, ("gate_proj", "up_proj", "down_proj"))
+            linearized = ("gate_proj", "up_proj", "down_proj")
+            gate_n, up_n, down_n = CHECKPOINT_NAMES.get(kind, linearized) if published else linearized
             gu, dn = torch.empty(e, two_i, h), torch.empty(e, h, i)
             for x in range(e):
                 gu[x, :i] = store(f"{name}.{x}.{gate_n}", draw(h, i, gen, sym))
@@ -139,7 +143,7 @@ def write_checkpoint(kind: str, fmt: str, out: Path, seed: int = 0) -> tuple[tor
         if f"{prefix}.weight" == key and any(k.startswith(prefix + ".") and k != key for k in tensors):
             continue  # a quantized linear
         tensors[key] = t.half()
-    block = CHECKPOINT_BLOCK.get(kind)
+    block = CHECKPOINT_BLOCK.get(kind) if published else None
     if block:  # the published names of the block (transformers renames them on load)
         tensors = {k.replace(".mlp.", f".{block}.", 1): v for k, v in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +179,16 @@ def test_per_expert_checkpoint_loads_into_stacks(kind, fmt, tmp_path):
         swapped = ref.get_submodule(next(iter(dense))).gate_up_proj
         swapped.copy_(swapped.roll(1, 0))  # a negative control: the same weights on the wrong experts
         assert rel(got, ref(ids()).logits) > 3 * BOUND
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_linearized_expert_names_load_too(fmt, tmp_path):
+    """Mixtral's experts split out of transformers' fused module keep the module's names (``mlp.experts.{e}.gate_proj``,
+    not ``block_sparse_moe.experts.{e}.w1``): llm-compressor saves them so."""
+    _, dense = write_checkpoint("mixtral", fmt, tmp_path / "ckpt", published=False)
+    model = load_quantized(tmp_path / "ckpt", layout="quick")
+    for name, mod in experts_modules(model).items():
+        torch.testing.assert_close(mod.dequantized_weights(torch.float32)[1], dense[name][1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])

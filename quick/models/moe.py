@@ -446,6 +446,11 @@ def checkpoint_rename(config: Any) -> Callable[[str], str] | None:
     return lambda key: key.replace(old, new, 1)
 
 
+# The per-expert names of experts that a tool split out of transformers' fused module (llm-compressor's linearized
+# experts), whatever the family's published names are.
+LINEARIZED_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class PerExpertCheckpoint:
     """An experts module whose checkpoint stores each expert's gate, up and down linear on its own (AutoAWQ, GPTQ,
@@ -473,16 +478,18 @@ def per_expert_checkpoints(
     family = family_or_none(model)
     if family is None or family.moe is None:
         return {}
-    names = family.moe.checkpoint_names
     out: dict[str, PerExpertCheckpoint] = {}
     for name, mod in experts_modules(model, family).items():
         if isinstance(mod, (QuickMoEExperts, FloatExperts)):
             continue
         e, h, i = check_fused(mod, name)
-        prefixes = tuple(tuple(f"{name}.{x}.{n}" for n in names) for x in range(e))
-        flat = [p for trip in prefixes for p in trip]
-        have = [present(p + marker) for p in flat]
-        if not any(have):
+        for names in dict.fromkeys((family.moe.checkpoint_names, LINEARIZED_NAMES)):
+            prefixes = tuple(tuple(f"{name}.{x}.{n}" for n in names) for x in range(e))
+            flat = [p for trip in prefixes for p in trip]
+            have = [present(p + marker) for p in flat]
+            if any(have):
+                break
+        else:
             continue
         if not all(have):
             missing = next(p for p, ok in zip(flat, have, strict=True) if not ok)
