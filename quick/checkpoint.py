@@ -744,7 +744,7 @@ def load_quantized(
             load_stack_(st, pending[name], src_layout, name)
         except (LayoutError, QuantizationError) as e:
             raise CheckpointError(f"{where.get(name + '.qweight', path)}: {e}") from None
-    for name, ck in experts.items():
+    for name, ck in _progress(experts):
         g = int(overrides.get(ck.prefixes[0][0], group_size))
 
         def unpack(prefix: str, k: int, n: int, lay: str, g: int = g) -> QuantizedWeight:
@@ -766,6 +766,13 @@ def load_quantized(
     )
     model.quick_source_quant_config = saved
     return model
+
+
+def _progress(experts: dict[str, PerExpertCheckpoint]) -> Iterable[tuple[str, PerExpertCheckpoint]]:
+    """The per-expert blocks with a bar on a terminal (a large MoE model repacks for a minute or two on the CPU)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(experts.items(), desc="packing experts", unit="block", disable=None, leave=False)
 
 
 def _experts_from_files(
@@ -879,7 +886,7 @@ def _load_external(
             )
         return imported.qw
 
-    for name, ck in experts.items():
+    for name, ck in _progress(experts):
         try:
             _replace_module(
                 model, name, _experts_from_files(ck, unpack, dst_layout, imp.group_size, layout is not None)
