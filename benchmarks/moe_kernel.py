@@ -110,6 +110,17 @@ def w16_fn(x_sorted: torch.Tensor, w16: torch.Tensor, counts: torch.Tensor):
     return (lambda: torch.bmm(xb, wb)), "torch.bmm (routed experts, padded rows)"
 
 
+def sm90_call(plan, w9: tuple, gate_up: bool, x: torch.Tensor, top_k: int, k: int, weights: torch.Tensor):
+    """The grouped wgmma GEMM on ``plan``: gate_up gathers ``x`` and writes plan order; down reads a plan-order
+    input ``[capacity, k]`` and writes the weighted slot rows."""
+    ids = (plan.sorted_ids, plan.block_experts, plan.num_padded)
+    if gate_up:
+        return functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids, top_k, plan_rows_out=True, fill=False)
+    hplan = torch.randn(plan.sorted_ids.shape[0], k, device="cuda").to(x.dtype)
+    return functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids, 1, weights, weights.numel(),
+                             plan_rows_in=True, fill=False)  # fmt: skip
+
+
 def measure(fn, args, decode: bool) -> dict:
     """``us`` (CUDA-graph replays, launch latency included) and, at decode sizes, ``kernel_us``: the kernels' own
     device time, which the bandwidth share against the copy rate is taken over."""
@@ -173,17 +184,9 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
         if wgmma.is_available(x.device):
             qw9, sc9, z9 = as_sm90(stacks[proj])
             w9 = (qw9, sc9, z9, GROUP)
+            call = functools.partial(sm90_call, w9=w9, gate_up=proj == "gate_up", x=x, top_k=k, k=kk, weights=weights)
             bs9 = qmoe.block_size_for(t, k, e, "quick_sm90", GROUP, args.sm90_max_block)  # this layout's blocks
-            plan9 = plan if bs9 == bs else build_plan(idx, e, bs9, static=True)
-            ids9 = (plan9.sorted_ids, plan9.block_experts, plan9.num_padded)
-            if proj == "gate_up":
-                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids9, k, plan_rows_out=True,
-                                        fill=False)  # fmt: skip
-            else:
-                hplan = torch.randn(plan9.sorted_ids.shape[0], kk, device="cuda").to(dtype)
-                fn9 = functools.partial(moe_sm90.grouped_gemm_sm90, hplan, *w9, *ids9, 1, weights, t * k,
-                                        plan_rows_in=True, fill=False)  # fmt: skip
-            timed = [("w4sm90", fn9, f"wgmma nt{bs9}")]
+            timed = [("w4sm90", call(plan if bs9 == bs else build_plan(idx, e, bs9, static=True)), f"wgmma nt{bs9}")]
             for cfg in (qmoe.DEC_CONFIGS["quick_sm90"], *args.sm90_dec_configs):  # the default first, as above
                 if qmoe.dec_unavailable(t, kk, n, GROUP, bs, act, dtype, x.device, cfg, "quick_sm90") is not None:
                     continue
@@ -192,18 +195,8 @@ def bench_cell(model: str, t: int, dtype: torch.dtype, stacks: dict, w16: dict, 
                                         layout="quick_sm90")  # fmt: skip
                 timed.append(("w4sm90dec", fd9, f"dec A-side rb{cfg.rb} w{cfg.warps} s{cfg.stages}"))
             for sb in args.sm90_blocks:  # the same product at other plan blocks: picks block_size_for's thresholds
-                if sb == bs9 or (GROUP == 32 and sb > qmoe.SM90_G32_MAX_BLOCK):
-                    continue
-                ps = build_plan(idx, e, sb, static=True)
-                ids_s = (ps.sorted_ids, ps.block_experts, ps.num_padded)
-                if proj == "gate_up":
-                    fs = functools.partial(moe_sm90.grouped_gemm_sm90, x, *w9, *ids_s, k, plan_rows_out=True,
-                                           fill=False)  # fmt: skip
-                else:
-                    hs = torch.randn(ps.sorted_ids.shape[0], kk, device="cuda").to(dtype)
-                    fs = functools.partial(moe_sm90.grouped_gemm_sm90, hs, *w9, *ids_s, 1, weights, t * k,
-                                           plan_rows_in=True, fill=False)  # fmt: skip
-                timed.append(("w4sm90_block", fs, f"wgmma nt{sb}"))
+                if sb != bs9 and not (GROUP == 32 and sb > qmoe.SM90_G32_MAX_BLOCK):
+                    timed.append(("w4sm90_block", call(build_plan(idx, e, sb, static=True)), f"wgmma nt{sb}"))
             for impl, fn, name in timed:
                 m = measure(fn, args, decode)
                 us = m["us"]
