@@ -701,6 +701,8 @@ def load_quantized(
         if (prefix in quantized or prefix in stacks or prefix in expert_linears) and tname in src_names:
             pending[prefix][tname] = sf.get_tensor(key)
             return True
+        if prefix in expert_linears and tname == "bias":
+            raise CheckpointError(f"tensor '{key}' in {f.name}: expert linears with a bias are not supported")
         if prefix in quantized and tname == "perm":
             p = sf.get_tensor(key)
             q = quantized[prefix]

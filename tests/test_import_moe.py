@@ -276,3 +276,11 @@ def test_quick_convert_cli_on_a_moe_checkpoint(tmp_path, capsys):
     src, out = load_quantized(tmp_path / "ckpt", layout="quick"), load_quantized(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(src(ids()).logits, out(ids()).logits)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_expert_bias_is_refused_not_dropped(fmt, tmp_path):
+    write_checkpoint("qwen3_moe", fmt, tmp_path)
+    _edit(tmp_path, lambda t: t.__setitem__("model.layers.0.mlp.experts.3.down_proj.bias", torch.zeros(64).half()))
+    with pytest.raises(CheckpointError, match=r"experts\.3\.down_proj\.bias.*bias"):
+        load_quantized(tmp_path, layout="quick")
