@@ -42,6 +42,7 @@ from quick.models.moe import (
     load_stack_,
     per_expert_checkpoints,
     per_expert_layout,
+    per_expert_tensors,
     skeleton_experts,
 )
 from quick.nn.dtypes import set_compute_dtype
@@ -144,6 +145,10 @@ def expert_stacks(model: nn.Module) -> dict[str, QuickExpertStack]:
 # ------------------------------------------------------------------------------------------------- save
 
 
+# Layouts of other libraries, whose readers expect mixture-of-experts weights one linear per expert.
+PER_EXPERT_LAYOUTS = ("awq_gemm",)
+
+
 def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors to write: packed layers in ``layout`` (repacked if needed), dense floats in ``dense_dtype``,
     tied duplicates (``lm_head`` sharing the embedding) written once."""
@@ -160,9 +165,17 @@ def _state_for_save(model: nn.Module, layout: str, dense_dtype: torch.dtype) -> 
         if mod.perm is not None:
             out[f"{name}.perm"] = mod.perm
     stacks = expert_stacks(model)
-    for name, st in stacks.items():
-        out.update({f"{name}.{t_name}": t for t_name, t in st.tensors_in(layout).items()})
+    rename = None
+    if layout in PER_EXPERT_LAYOUTS:  # other libraries' format: one linear per expert, the published names
+        for tensors in per_expert_tensors(model, layout).values():
+            out.update(tensors)
+        rename = checkpoint_rename(getattr(model, "config", None), to_published=True)
+    else:
+        for name, st in stacks.items():
+            out.update({f"{name}.{t_name}": t for t_name, t in st.tensors_in(layout).items()})
     _add_dense_state(model, set(packed) | set(stacks), dense_dtype, out)
+    if rename is not None:
+        out = {rename(k): v for k, v in out.items()}
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -288,18 +301,13 @@ def save_quantized(
             )
         qc["module_group_sizes"] = overrides
     if layout == "awq_gemm":
-        if stacks:
-            raise CheckpointError(
-                f"AutoAWQ's format stores no stacked experts ({len(stacks)} stacks, e.g. {next(iter(stacks))}); save "
-                "mixture-of-experts models in a QUICK layout"
-            )
         permuted = [n for n, m in packed.items() if m.perm is not None]
         if permuted:
             raise CheckpointError(
                 f"AutoAWQ's format has no input permutation: {len(permuted)} layers (e.g. {permuted[0]}) come from an "
                 "act-order checkpoint; save them in a QUICK layout instead"
             )
-        ragged = [n for n, m in packed.items() if m.logical_in_features != m.in_features]
+        ragged = [n for n, m in {**packed, **stacks}.items() if m.logical_in_features != m.in_features]
         if ragged:
             raise CheckpointError(
                 f"AutoAWQ's format cannot hold a ragged last group: {len(ragged)} layers (e.g. {ragged[0]}) have K "

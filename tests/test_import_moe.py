@@ -284,3 +284,33 @@ def test_expert_bias_is_refused_not_dropped(fmt, tmp_path):
     _edit(tmp_path, lambda t: t.__setitem__("model.layers.0.mlp.experts.3.down_proj.bias", torch.zeros(64).half()))
     with pytest.raises(CheckpointError, match=r"experts\.3\.down_proj\.bias.*bias"):
         load_quantized(tmp_path, layout="quick")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_moe_model_saves_in_autoawq_format_one_linear_per_expert(kind, tmp_path):
+    """AutoAWQ's GEMM format for a MoE model: each expert's gate, up and down linear under the family's published
+    names (what AutoAWQ, vLLM and transformers read), holding exactly the stacks' weights; it loads back to the same
+    stacks and logits."""
+    from safetensors import safe_open
+
+    from quick.checkpoint import make_quant_config
+
+    write_checkpoint(kind, "gptq", tmp_path / "ckpt")
+    model = load_quantized(tmp_path / "ckpt", layout="quick")
+    save_quantized(model, tmp_path / "awq", make_quant_config("awq_gemm", G))
+    keys = set()
+    for f in (tmp_path / "awq").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys |= set(sf.keys())
+    block, (gate, up, down) = CHECKPOINT_BLOCK.get(kind, "mlp"), CHECKPOINT_NAMES.get(kind, ("gate_proj", "up_proj",
+                                                                                              "down_proj"))  # fmt: skip
+    for lin in (gate, up, down):
+        assert {f"model.layers.1.{block}.experts.3.{lin}.{t}" for t in ("qweight", "qzeros", "scales")} <= keys
+    assert f"model.layers.0.{block}.gate.weight" in keys and not any(".gate_up." in k for k in keys)
+    again = load_quantized(tmp_path / "awq", layout="quick")
+    for name, mod in experts_modules(model).items():
+        other = again.get_submodule(name)
+        for a, b in ((mod.gate_up, other.gate_up), (mod.down, other.down)):
+            assert all(torch.equal(a.packed()[t], b.packed()[t]) for t in a.tensor_names())
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, again(ids()).logits)

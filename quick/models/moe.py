@@ -433,17 +433,51 @@ def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_l
 # ------------------------------------------------------------------- other libraries' per-expert checkpoints
 
 
-def checkpoint_rename(config: Any) -> Callable[[str], str] | None:
-    """Checkpoint key -> model key for a family whose published files name its MoE block otherwise than
-    transformers' module does (Mixtral: ``block_sparse_moe`` -> ``mlp``); ``None`` where the names agree."""
+def _moe_spec(config: Any) -> MoESpec | None:
     try:
-        spec = get_family(config).moe
+        return get_family(config).moe
     except FamilyError:
         return None
+
+
+def checkpoint_rename(config: Any, to_published: bool = False) -> Callable[[str], str] | None:
+    """Checkpoint key -> model key for a family whose published files name its MoE block otherwise than
+    transformers' module does (Mixtral: ``block_sparse_moe`` -> ``mlp``), or model key -> published key with
+    ``to_published``; ``None`` where the names agree."""
+    spec = _moe_spec(config)
     if spec is None or not spec.checkpoint_block or spec.checkpoint_block == spec.block:
         return None
     old, new = f".{spec.checkpoint_block}.", f".{spec.block}."
+    if to_published:
+        old, new = new, old
     return lambda key: key.replace(old, new, 1)
+
+
+def per_expert_tensors(model: nn.Module, layout: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every :class:`QuickMoEExperts` of ``model`` as other libraries store experts, one linear per expert under the
+    family's published names (``{experts}.{e}.{gate_proj|up_proj|down_proj}`` or Mixtral's ``w1 / w3 / w2``), each
+    packed in ``layout``: ``{experts module: {tensor key: tensor}}``. Exact (the codes, scales and zero points are
+    the stacks')."""
+    spec = _moe_spec(getattr(model, "config", None))
+    names = spec.checkpoint_names if spec is not None else LINEARIZED_NAMES
+    lay = get_layout(layout)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuickMoEExperts):
+            continue
+        i = mod.intermediate_size
+        tensors: dict[str, torch.Tensor] = {}
+        for e in range(mod.num_experts):
+            gu, dn = mod.gate_up.unpack(e), mod.down.unpack(e)
+            for lin, qw in zip(names, (_columns(gu, 0, i), _columns(gu, i, 2 * i), dn), strict=True):
+                tensors.update({f"{name}.{e}.{lin}.{t}": v for t, v in lay.pack(qw).items()})
+        out[name] = tensors
+    return out
+
+
+def _columns(qw: QuantizedWeight, lo: int, hi: int) -> QuantizedWeight:
+    cols = (qw.q[:, lo:hi], qw.scales[:, lo:hi], qw.zeros[:, lo:hi])
+    return QuantizedWeight(*(t.contiguous() for t in cols), group_size=qw.group_size)
 
 
 # The per-expert names of experts that a tool split out of transformers' fused module (llm-compressor's linearized
