@@ -36,26 +36,31 @@ def bench_us(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40
 def kernel_us(fn: Callable[[], object], reps: int = 20) -> float:
     """Mean device time in microseconds of the kernels one ``fn()`` launches (CUPTI through ``torch.profiler``),
     L2 flushed by a device copy before each call: the kernels' own time, without the launch latency that
-    :func:`bench_us` includes (a few microseconds, which dominate kernels that last a few microseconds). Copies
-    and memsets are not counted, so ``fn`` must not rely on them."""
-    from torch.profiler import ProfilerActivity, profile
-
+    :func:`bench_us` includes (a few microseconds, which dominate kernels that last a few microseconds). Copies and
+    memsets are not counted, and whatever the flush itself launches is measured alone and taken off."""
     src = torch.empty(128 * 1024 * 1024, dtype=torch.int8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            dst.copy_(src)
-            fn()
-        torch.cuda.synchronize()
-    total = 0.0
-    for evt in prof.events():
-        name = evt.name.lower()
-        if evt.device_type == torch.autograd.DeviceType.CUDA and not name.startswith(("memcpy", "memset")):
-            total += evt.device_time_total
-    return total / reps
+
+    def flush_and(call: Callable[[], object] | None) -> float:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                dst.copy_(src)
+                if call is not None:
+                    call()
+            torch.cuda.synchronize()
+        total = 0.0
+        for evt in prof.events():
+            name = evt.name.lower()
+            if evt.device_type == torch.autograd.DeviceType.CUDA and not name.startswith(("memcpy", "memset")):
+                total += evt.device_time_total
+        return total / reps
+
+    return max(0.0, flush_and(fn) - flush_and(None))
 
 
 def warm_up_for_capture(fn: Callable[[], object], side: torch.cuda.Stream) -> None:
