@@ -433,6 +433,11 @@ def load_stack_(stack: QuickExpertStack, tensors: dict[str, torch.Tensor], src_l
 # ------------------------------------------------------------------- other libraries' per-expert checkpoints
 
 
+# The per-expert names of experts that a tool split out of transformers' fused module (llm-compressor's linearized
+# experts), whatever the family's published names are.
+LINEARIZED_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
 def _moe_spec(config: Any) -> MoESpec | None:
     try:
         return get_family(config).moe
@@ -478,11 +483,6 @@ def per_expert_tensors(model: nn.Module, layout: str) -> dict[str, dict[str, tor
 def _columns(qw: QuantizedWeight, lo: int, hi: int) -> QuantizedWeight:
     cols = (qw.q[:, lo:hi], qw.scales[:, lo:hi], qw.zeros[:, lo:hi])
     return QuantizedWeight(*(t.contiguous() for t in cols), group_size=qw.group_size)
-
-
-# The per-expert names of experts that a tool split out of transformers' fused module (llm-compressor's linearized
-# experts), whatever the family's published names are.
-LINEARIZED_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
