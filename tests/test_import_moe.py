@@ -155,6 +155,16 @@ def write_checkpoint(
     return model.float().eval(), dense_experts
 
 
+def assert_same_experts_and_logits(model: torch.nn.Module, again: torch.nn.Module) -> None:
+    """Two loads of one model: every expert stack bit-identical, the same logits."""
+    for name, mod in experts_modules(model).items():
+        other = again.get_submodule(name)
+        for a, b in ((mod.gate_up, other.gate_up), (mod.down, other.down)):
+            assert all(torch.equal(a.packed()[t], b.packed()[t]) for t in a.tensor_names())
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, again(ids()).logits)
+
+
 def ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
 
@@ -198,12 +208,7 @@ def test_per_expert_checkpoint_converts_to_quick(fmt, tmp_path):
     model = load_quantized(tmp_path / "ckpt", layout="quick")
     save_quantized(model, tmp_path / "quick")
     again = load_quantized(tmp_path / "quick")
-    for name, mod in experts_modules(model).items():
-        other = again.get_submodule(name)
-        for a, b in ((mod.gate_up, other.gate_up), (mod.down, other.down)):
-            assert all(torch.equal(a.packed()[t], b.packed()[t]) for t in a.tensor_names())
-    with torch.no_grad():
-        assert torch.equal(model(ids()).logits, again(ids()).logits)
+    assert_same_experts_and_logits(model, again)
 
 
 def test_per_expert_checkpoint_repacks_for_hopper(tmp_path):
@@ -308,9 +313,4 @@ def test_moe_model_saves_in_autoawq_format_one_linear_per_expert(kind, tmp_path)
         assert {f"model.layers.1.{block}.experts.3.{lin}.{t}" for t in ("qweight", "qzeros", "scales")} <= keys
     assert f"model.layers.0.{block}.gate.weight" in keys and not any(".gate_up." in k for k in keys)
     again = load_quantized(tmp_path / "awq", layout="quick")
-    for name, mod in experts_modules(model).items():
-        other = again.get_submodule(name)
-        for a, b in ((mod.gate_up, other.gate_up), (mod.down, other.down)):
-            assert all(torch.equal(a.packed()[t], b.packed()[t]) for t in a.tensor_names())
-    with torch.no_grad():
-        assert torch.equal(model(ids()).logits, again(ids()).logits)
+    assert_same_experts_and_logits(model, again)
