@@ -578,6 +578,20 @@ def _finish(model: nn.Module, path: Any, dense_dtype: torch.dtype, device: torch
     model.eval()
 
 
+def _model_config(path: Path) -> Any:
+    """The checkpoint's transformers config without its ``quantization_config`` (the loader builds a dense
+    skeleton from it); an unreadable one is a CheckpointError."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, missing fields
+        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return config
+
+
 def _skeleton(config: Any, dense_dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -603,7 +617,6 @@ def load_quantized(
     ``verify``: check each shard against the SHA-256 recorded at save (QUICK checkpoints; about a second per
     GB); ``False`` skips it for trusted files.
     """
-    from transformers import AutoConfig
 
     path = Path(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -647,12 +660,7 @@ def load_quantized(
         if k not in held:
             raise CheckpointError(f"tensor '{k}' is listed in the index for {f.name} but that file does not hold it")
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as e:  # unknown model_type, missing fields
-        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
+    config = _model_config(path)
     rename = checkpoint_rename(config)
     where, meta = _renamed_meta(headers, rename)
     scale_dtypes = {_ST_DTYPES.get(meta[k]["dtype"]) for k in meta if k.endswith(".scales")}
@@ -816,7 +824,6 @@ def _load_external(
     """compressed-tensors / GPTQ: every linear whose files hold the format's marker tensor is unpacked by the
     format's importer (:mod:`quick.external`) and packed into ``layout`` (default: the fastest for ``device``,
     'quick' for a layer that layout cannot hold); the other linears stay dense."""
-    from transformers import AutoConfig
 
     try:
         imp = importer_for(qc)
@@ -826,12 +833,7 @@ def _load_external(
     get_layout(dst_layout)
     files = _weight_files(path)
     headers = {f: _read_header(f) for f in sorted(set(files.values()))}
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path}: config.json does not describe a model transformers can build ({e})") from None
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
+    config = _model_config(path)
     rename = checkpoint_rename(config)
     where, meta = _renamed_meta(headers, rename)
     scale_keys = [k for k in meta if k.endswith("." + imp.scale_name) and k.rpartition(".")[0] + imp.marker in meta]
