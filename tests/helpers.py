@@ -243,8 +243,11 @@ def check_moe_kernel_path(mod: Any, x: torch.Tensor, idx: torch.Tensor, wts: tor
 
 
 def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A 2-layer random MoE causal LM (hidden 64, 4 heads of 16, vocab 256), top-2 of 8 experts (Mixtral: 4);
-    ``kind``: qwen3_moe, mixtral or qwen2_moe (a shared expert)."""
+    """A 2-layer random MoE causal LM (hidden 64, 4 heads of 16, vocab 256), top-2 of 8 experts (Mixtral: 4), every
+    layer sparse; ``kind``: qwen3_moe, mixtral, qwen2_moe (a gated shared expert), olmoe (q/k norms over the whole
+    projections), glm4_moe (sigmoid group-limited routing, a shared expert, partial rotary, q/k/v biases),
+    deepseek_v3 (the same routing with a scaling factor, latent attention with a low-rank query) or deepseek_v2
+    (softmax routing times a scaling factor, latent attention with a full-rank query)."""
     import transformers
 
     common = dict(
@@ -262,7 +265,7 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
         )
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(**common, num_local_experts=4, intermediate_size=64)
-    else:
+    elif kind == "qwen2_moe":
         cfg = transformers.Qwen2MoeConfig(
             **common,
             num_experts=8,
@@ -270,6 +273,25 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
             intermediate_size=128,
             shared_expert_intermediate_size=128,
         )
+    elif kind == "olmoe":
+        cfg = transformers.OlmoeConfig(**common, num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1)
+    else:
+        # group-limited routing (2 groups of 4 experts, 1 chosen), one shared expert, no dense first layer
+        deepseek = dict(n_routed_experts=8, moe_intermediate_size=64, intermediate_size=128, first_k_dense_replace=0,
+                        n_group=2, topk_group=1, n_shared_experts=1)  # fmt: skip
+        # latent attention sized for every layout's blocks: kv_a_proj_with_mqa N = 64 + 64, kv_b_proj K = 64,
+        # q_b_proj N = 4 x (16 + 64)
+        mla = dict(kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=16)
+        if kind == "glm4_moe":
+            cfg = transformers.Glm4MoeConfig(**common, **deepseek, head_dim=16, attention_bias=True,
+                                             routed_scaling_factor=1.5)  # fmt: skip
+        elif kind == "deepseek_v3":
+            cfg = transformers.DeepseekV3Config(**common, **deepseek, **mla, q_lora_rank=64, routed_scaling_factor=2.5)
+        elif kind == "deepseek_v2":
+            v2 = dict(q_lora_rank=None, routed_scaling_factor=2.0, topk_method="group_limited_greedy")
+            cfg = transformers.DeepseekV2Config(**common, **deepseek, **mla, **v2)
+        else:
+            raise KeyError(kind)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)

@@ -51,6 +51,15 @@ def _model(family: str):
         return tiny_causal_lm(transformers.Qwen2MoeConfig, num_attention_heads=4, num_key_value_heads=2,
                               num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
                               shared_expert_intermediate_size=96)  # fmt: skip
+    if family == "olmoe":  # q/k norms over the whole projections, softmax top-2 without renormalisation
+        return tiny_causal_lm(transformers.OlmoeConfig, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
+                              num_experts_per_tok=2, intermediate_size=64, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    if family == "glm4_moe":  # partial rotary, q/k/v biases, per-head q/k norms, sigmoid group-limited routing with a
+        # scaling factor (the block's own forward), a shared expert, layer 0 dense
+        return tiny_causal_lm(transformers.Glm4MoeConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, n_group=2,
+                              topk_group=1, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True,
+                              routed_scaling_factor=1.5)  # fmt: skip
     raise KeyError(family)
 
 
@@ -75,7 +84,8 @@ def _randomise_norms(model) -> None:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral", "qwen2_moe"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+FAMILIES = [*DENSE, "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe"]
 
 
 def _teacher_forced(model, steps: int, tol: float) -> tuple[StaticGenerator, StaticGenerator]:
@@ -111,9 +121,10 @@ def test_fast_decode_logits_match_transformers(family, fused):
     flip between the static and the dynamic cache's rounding)."""
     model = _model(family)
     _randomise_norms(model)
-    if fused:  # Phi-3's checkpoint is fused already: nothing to fuse; MoE blocks: q/k/v only
+    if fused:  # Phi-3's checkpoint is fused already: nothing to fuse; MoE blocks: q/k/v only (GLM: layer 0 dense)
         per_layer = 0 if family == "phi3" else 1 if "moe" in family or family == "mixtral" else 2
-        assert fuse_model(model) == per_layer * model.config.num_hidden_layers
+        want = per_layer * model.config.num_hidden_layers + (family == "glm4_moe")
+        assert fuse_model(model) == want
     ids = torch.randint(0, 256, (3, 6))
     ref = StaticGenerator(model, 3, 24)
     fast = StaticGenerator(model, 3, 24, compile="fast")

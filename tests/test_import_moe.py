@@ -22,7 +22,7 @@ from quick.models.moe import experts_modules
 from quick.nn.linear import QuickLinear
 from quick.nn.moe import QuickMoEExperts
 
-KINDS = ("qwen3_moe", "mixtral", "qwen2_moe")
+KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3")
 FORMATS = ("awq", "gptq", "compressed-tensors")
 G = 32
 # Logits of the loaded fp16 model (CPU reference path: fp16 activations at every product) against transformers' fp32
@@ -130,8 +130,13 @@ def write_checkpoint(
             mod.gate_up_proj.copy_(gu)
             mod.down_proj.copy_(dn)
             dense_experts[name] = (gu, dn)
-            # a decisive router: init-scale logits leave near-ties that fp16 and fp32 break differently
-            model.get_submodule(name.rpartition(".")[0] + ".gate").weight.mul_(40)
+            # a decisive router: init-scale logits leave near-ties that fp16 and fp32 break differently; sigmoid
+            # scores (DeepSeek, GLM) would saturate into ties, so there a spaced correction bias decides
+            router = model.get_submodule(name.rpartition(".")[0] + ".gate")
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.copy_(torch.arange(e, dtype=torch.float32))
+            else:
+                router.weight.mul_(40)
         for name, lin in list(model.named_modules()):
             if isinstance(lin, torch.nn.Linear) and name != "lm_head" and not name.endswith("shared_expert_gate"):
                 lin.weight.copy_(store(name, draw(lin.in_features, lin.out_features, gen, sym)))
@@ -180,7 +185,7 @@ def test_per_expert_checkpoint_loads_into_stacks(kind, fmt, tmp_path):
         gu, dn = mod.dequantized_weights(torch.float32)  # exactly what the files hold, expert by expert
         torch.testing.assert_close(gu, dense[name][0], rtol=0, atol=0)
         torch.testing.assert_close(dn, dense[name][1], rtol=0, atol=0)
-    assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), QuickLinear)
+    assert isinstance(model.get_submodule("model.layers.0.self_attn.o_proj"), QuickLinear)
     router = ref.get_submodule("model.layers.1.mlp.gate").weight
     torch.testing.assert_close(model.get_submodule("model.layers.1.mlp.gate").weight.float(), router.half().float())
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,7 +30,9 @@ GROUP = 32
 # gives errors several times the bound (checked below).
 MATCH_BOUND = 2e-3
 
-KINDS = ("qwen3_moe", "mixtral", "qwen2_moe")
+KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2")
+SOFTMAX_KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")  # the rest route their own way (MoESpec.routing)
+MLA_KINDS = ("deepseek_v3", "deepseek_v2")  # latent attention: transformers' layer, no fast decode step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,7 +87,8 @@ def dequantized_reference(float_model: torch.nn.Module, q: torch.nn.Module) -> t
 def test_family_data_matches_the_model(kind):
     model = tiny_moe(kind)
     fam = get_family(model.config)
-    assert fam.moe is not None and fam.fast_decode  # the fast step calls the block in place of the MLP
+    assert fam.moe is not None and fam.fast_decode == (kind not in MLA_KINDS)  # the block in place of the MLP
+    assert (fam.moe.routing == "softmax") == (kind in SOFTMAX_KINDS)
     experts = moe.experts_modules(model)
     assert list(experts) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
     e, k, _ = moe.routing(model.config, fam.moe)
@@ -93,12 +97,14 @@ def test_family_data_matches_the_model(kind):
     block = model.model.layers[0].get_submodule(fam.moe.block)
     assert not isinstance(block.get_submodule(fam.moe.router), torch.nn.Linear)  # never picked up as a linear
     if fam.moe.shared_expert:
+        assert isinstance(block.get_submodule(f"{fam.moe.shared_expert}.down_proj"), torch.nn.Linear)
+    if fam.moe.shared_expert_gate:
         assert isinstance(block.get_submodule(fam.moe.shared_expert_gate), torch.nn.Linear)
         assert fam.moe.shared_expert_gate in fam.modules_to_not_convert
 
 
 @pytest.mark.parametrize(("kind", "norm_topk"), [("qwen3_moe", True), ("qwen3_moe", False), ("mixtral", None),
-                                                 ("qwen2_moe", False)])  # fmt: skip
+                                                 ("qwen2_moe", False), ("olmoe", False), ("olmoe", True)])  # fmt: skip
 def test_route_reproduces_the_family_router(kind, norm_topk):
     """The family's routing description (softmax, top-k, renormalisation switch) equals transformers' router."""
     model = tiny_moe(kind, **({} if norm_topk is None else {"norm_topk_prob": norm_topk}))
@@ -155,6 +161,24 @@ def test_dense_mlp_layers_of_a_moe_model():
     assert [g.linears for g in downs] == [(f"mlp.experts.{e}.down_proj",) for e in range(8)]
 
 
+@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3"])
+def test_first_dense_layers_quantize_save_and_load(kind, tmp_path):
+    """first_k_dense_replace (GLM-4.5, DeepSeek-V3): AWQ quantizes layer 0's dense MLP and layer 1's experts and shared
+    expert; the checkpoint reloads to the same logits, which match transformers' model holding the weights."""
+    model = round_dense_(with_outliers(tiny_moe(kind, first_k_dense_replace=1)), torch.float16)
+    assert list(moe.experts_modules(model)) == ["model.layers.1.mlp.experts"]
+    q = awq.quantize_model_awq(copy.deepcopy(model), ids(4, 32), GROUP, n_grid=4, progress=False, min_expert_tokens=8)
+    mlp0, mlp1 = q.model.layers[0].mlp, q.model.layers[1].mlp
+    assert all(isinstance(getattr(mlp0, n), QuickLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert isinstance(mlp1.experts, QuickMoEExperts) and isinstance(mlp1.shared_experts.down_proj, QuickLinear)
+    x = ids()
+    with torch.no_grad():
+        want = q(x).logits
+        assert rel(want, dequantized_reference(model, q)(x).logits) < MATCH_BOUND
+        loaded = load_quantized(save_quantized(q, tmp_path / "ckpt"), dtype=torch.float32)
+        assert torch.equal(loaded(x).logits, want)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_fold_into_norm_and_router_is_exact(kind):
     """The MoE input scale folds into the norm and every reader of it (router, experts, shared expert and its gate):
@@ -173,6 +197,35 @@ def test_fold_into_norm_and_router_is_exact(kind):
         assert rel(out, ref) < 1e-6
         layer.get_submodule(fam.moe.block).gate.weight.data /= s  # a router left unscaled routes differently
         assert rel(layer.mlp(layer.post_attention_layernorm(x[None])), ref) > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folding_every_group_keeps_the_model(kind):
+    """Random scales folded into every scale group of every layer (attention, latent attention's low-rank norms,
+    experts, shared expert, dense MLPs) leave the float64 model's logits as they were: each group's ``prev`` is
+    exactly what its linears read. Folding one group's scale into the wrong op changes them."""
+    model = tiny_moe(kind).double()
+    fam = get_family(model.config)
+    x = ids()
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for layer in decoder_layers(model, fam):
+            moe.unfuse_experts_(layer, fam)  # float64 experts (transformers' grouped product takes 16/32-bit only)
+        ref = model(x).logits
+        folded = 0
+        for layer in decoder_layers(model, fam):
+            for g in active_groups(layer, fam):
+                k = layer.get_submodule(g.linears[0]).in_features
+                fold_scale(layer, g, torch.rand(k, generator=gen, dtype=torch.float64) * 3 + 0.25)
+                folded += 1
+        assert rel(model(x).logits, ref) < 1e-5  # the routers compute in fp32
+        experts = moe.routing(model.config, fam.moe)[0]
+        assert folded >= 2 * (experts + 2)  # per layer: the experts' downs, the MoE and attention inputs at least
+        layer = decoder_layers(model, fam)[0]
+        g = active_groups(layer, fam)[0]
+        bad = replace(g, prev=g.prev, linears=g.linears[:1])  # only one of the group's readers scaled
+        fold_scale(layer, bad, torch.full((64,), 2.0, dtype=torch.float64))
+        assert rel(model(x).logits, ref) > 1e-3
 
 
 # ------------------------------------------------------------------------------- the 4-bit model vs transformers
@@ -219,7 +272,7 @@ def test_rtn_model_equals_transformers_with_dequantized_weights(kind):
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "4bit"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SOFTMAX_KINDS)
 def test_routed_block_is_the_block_forward(kind, quantized):
     """The decode step's MoE call (router linear, route, experts, shared expert) equals transformers' block, on float
     and on 4-bit experts; a routing without the family's renormalisation differs; a block without a router weight is
@@ -246,6 +299,26 @@ def test_routed_block_is_the_block_forward(kind, quantized):
     bare = copy.deepcopy(block)
     del bare.get_submodule(fam.moe.router).weight
     assert moe.RoutedBlock.of(bare, fam.moe, model.config) is None
+
+
+@pytest.mark.parametrize("kind", sorted(set(KINDS) - set(SOFTMAX_KINDS)))
+def test_own_routing_keeps_the_block_forward(kind):
+    """Families whose router is not a softmax top-k (sigmoid scores with a correction bias and group-limited top-k,
+    a scaling factor) are never routed by the fused route: the decode step calls their block, whose router picks
+    experts and weights that a softmax top-k of the same logits would get wrong."""
+    model = round_dense_(tiny_moe(kind), torch.float16)
+    fam = get_family(model.config)
+    q = quantize_model_rtn(copy.deepcopy(model), GROUP, skip=fam.modules_to_not_convert)
+    for m in (model, q):
+        assert moe.RoutedBlock.of(m.model.layers[1].mlp, fam.moe, m.config) is None
+    router = q.model.layers[1].get_submodule(f"{fam.moe.block}.{fam.moe.router}")
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_() if hasattr(router, "e_score_correction_bias") else None
+        logits, weights, index = router(torch.randn(64, 64, generator=torch.Generator().manual_seed(5)))
+    _, k, renorm = moe.routing(q.config, fam.moe)
+    w, i = moe.route(logits, k, renorm)
+    same_ids = torch.equal(i.sort(-1).values, index.sort(-1).values)
+    assert not (same_ids and torch.allclose(w.sort(-1).values, weights.float().sort(-1).values))
 
 
 def test_routing_facts_in_one_read():
@@ -393,7 +466,7 @@ def test_awq_and_rtn_both_run(kind):
     assert not any(isinstance(m, moe.FloatExperts) for m in q.modules())
     assert len(reports) == 2
     for r in reports:
-        assert "mlp.experts.0.gate_proj" in r.tokens and r.tokens["self_attn.q_proj"] == 4 * 32
+        assert "mlp.experts.0.gate_proj" in r.tokens and r.tokens["self_attn.o_proj"] == 4 * 32
         assert all(g["loss"] <= g["rtn_loss"] for g in r.groups.values())
         assert any(name.startswith("mlp.experts.") and name.endswith(".down_proj") for name in r.groups)
     with torch.no_grad():

@@ -7,10 +7,10 @@ same modules' weights through three small functions of tensors only, each compil
 layer (the layer's tensors are arguments, so no recompile per layer):
 
 * :func:`add_rms_norm`: (branch norm +) residual add + RMSNorm (one fused kernel: the new residual and the norm),
-* :func:`attend`: q/k head norms (Qwen3, Gemma3), rotary embedding, the two cache writes, and the attention (on CUDA
-  the decode attention kernel of :mod:`quick.kernels.attention`, which reads only the positions up to this step;
-  grouped-query SDPA elsewhere); on CUDA, for layers without head norms and with full rotary, all of it is one
-  kernel (``quick::attn_decode_rope``),
+* :func:`attend`: q/k norms (per head: Qwen3, Gemma3; over the whole projection: OLMoE), rotary embedding, the two
+  cache writes, and the attention (on CUDA the decode attention kernel of :mod:`quick.kernels.attention`, which
+  reads only the positions up to this step; grouped-query SDPA elsewhere); on CUDA, for layers without q/k norms
+  and with full rotary, all of it is one kernel (``quick::attn_decode_rope``),
 * :func:`gated`: ``act(gate) * up`` (silu or tanh-gelu),
 
 with the linears (dense, ``QuickLinear``, ``QuickLinearW4A8``, fused q/k/v and gate/up) called between them as they
@@ -21,9 +21,9 @@ applied to each branch's output before the residual add (``ModelFamily.branch_no
 norm's ``1 + weight`` form (``norm_offset``), and whether the step applies at all (``fast_decode``). A layer whose
 MLP is a mixture-of-experts block (``ModelFamily.moe``) runs it on the normed input in place of gate/up and down:
 the router's linear, then its top-k and the experts' plan in one kernel feeding the grouped kernels
-(:class:`quick.models.moe.RoutedBlock`), else the block's own forward. Anything else
-(sliding windows shorter than the cache, soft-capping, other activations) raises :class:`UnsupportedModel`, so
-the caller keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
+(:class:`quick.models.moe.RoutedBlock`), else the block's own forward. Anything else (sliding windows shorter
+than the cache, soft-capping, clipped q/k/v, other activations) raises :class:`UnsupportedModel`, so the caller
+keeps transformers' path. The arithmetic follows transformers' (llama RMSNorm: fp32, cast, then the
 weight; Gemma's: times ``1 + weight`` in fp32, then cast; rotary in the model dtype): the logits agree (tests).
 """
 
@@ -96,6 +96,9 @@ def attend(
     ``kernel``: the decode attention kernel (:mod:`quick.kernels.attention`: only positions ``<= pos``, split over
     the cache) instead of SDPA. Returns ``[B, H*D]``."""
     b, kv, _, d = keys.shape
+    if q_norm is not None and q_norm.shape[-1] != d:  # one norm over the whole projection (OLMoE), not per head
+        q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
+        q_norm = k_norm = None
     q, k, v = q.view(b, -1, d), k.view(b, kv, d), v.view(b, kv, d)
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps, offset), rms_norm(k, k_norm, eps, offset)
@@ -247,7 +250,7 @@ def check_supported(model: nn.Module, max_len: int | None = None) -> None:
     if not family.fast_decode:
         raise UnsupportedModel(f"family '{family.name}' has no fast decode step (ModelFamily.fast_decode)")
     _gate_act(cfg)
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "clip_qkv"):
         if getattr(cfg, key, None):
             raise UnsupportedModel(f"{key} is not supported by the fast decode step")
     inner = getattr(model, "model", None)

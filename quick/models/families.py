@@ -58,6 +58,9 @@ class ScaleGroup:
     if_present: str | None = None
 
 
+ROUTINGS = ("softmax", "own")
+
+
 @dataclass(frozen=True)
 class MoESpec:
     """A sparse mixture-of-experts block as transformers (>= 5) builds it.
@@ -73,7 +76,10 @@ class MoESpec:
     (N = 1) stays 16-bit. ``checkpoint_names``: the per-expert gate, up and down linears in the published
     checkpoint files (transformers fuses them into the 3-D parameters when loading; other libraries' 4-bit
     checkpoints keep them per expert). ``checkpoint_block``: the block's name in those files where it differs from
-    ``block`` (Mixtral's ``block_sparse_moe``).
+    ``block`` (Mixtral's ``block_sparse_moe``). ``routing``: ``"softmax"`` (the top-k of a softmax over the router's
+    logits, optionally renormalized: what the fused route kernel computes) or ``"own"`` (a routing only the family's
+    router module computes, such as DeepSeek's sigmoid scores with a correction bias, group-limited top-k and a
+    scaling factor: the decode step then calls the block's own forward, with the 4-bit experts inside it).
     """
 
     block: str = "mlp"
@@ -87,6 +93,11 @@ class MoESpec:
     shared_expert_gate: str | None = None
     checkpoint_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     checkpoint_block: str | None = None
+    routing: str = "softmax"
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"MoESpec.routing must be one of {ROUTINGS}, got {self.routing!r}")
 
     @property
     def experts_path(self) -> str:
@@ -169,29 +180,53 @@ _MOE_IN = ScaleGroup(
     if_present="mlp.experts",
 )
 _MOE_DOWN = ScaleGroup(prev="mlp.experts.*.up_proj", linears=("mlp.experts.*.down_proj",), if_present="mlp.experts")
-# Layers listed in mlp_only_layers (or off the decoder_sparse_step) have a dense MLP instead.
+# Layers listed in mlp_only_layers, off the decoder_sparse_step or before first_k_dense_replace have a dense MLP.
 _DENSE_MLP = (
     replace(_mlp_in("post_attention_layernorm"), if_present="mlp.gate_proj"),
     replace(_MLP_DOWN, if_present="mlp.down_proj"),
 )
-_MOE_GROUPS = (_ATTN_IN, _ATTN_OUT, _MOE_IN, _MOE_DOWN, *_DENSE_MLP)
-_QWEN2_MOE_GROUPS = (
-    _ATTN_IN,
-    _ATTN_OUT,
+
+
+def _moe_groups(
+    attention: tuple[ScaleGroup, ...] = (_ATTN_IN, _ATTN_OUT), shared: str | None = None, shared_gate: str | None = None
+) -> tuple[ScaleGroup, ...]:
+    """The scale groups of a MoE family: ``attention``'s, the MoE input (router, every expert's gate/up and a shared
+    expert's ``shared`` MLP, whose 16-bit ``shared_gate`` is scaled too), each expert's down projection, the shared
+    expert's down projection, and the dense-MLP layers' groups."""
+    extra = (f"{shared}.gate_proj", f"{shared}.up_proj") if shared else ()
+    also = (*_MOE_IN.also_scale, shared_gate) if shared_gate else _MOE_IN.also_scale
+    moe_in = replace(_MOE_IN, linears=(*_MOE_IN.linears, *extra), also_scale=also)
+    shared_down = (
+        (ScaleGroup(prev=f"{shared}.up_proj", linears=(f"{shared}.down_proj",), if_present=shared),) if shared else ()
+    )
+    return (*attention, moe_in, _MOE_DOWN, *shared_down, *_DENSE_MLP)
+
+
+_MOE_GROUPS = _moe_groups()
+_QWEN2_MOE_GROUPS = _moe_groups(shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")
+# DeepSeek's multi-head latent attention: the layer's input norm feeds the query (or its low-rank down projection)
+# and the joint key/value down projection; the low-rank up projections read their own RMSNorms. The output
+# projection reads the value rows of kv_b_proj interleaved with the keys' per head: no group, its own clipping only.
+_MLA_GROUPS = (
     ScaleGroup(
-        prev="post_attention_layernorm",
-        linears=(*_MOE_IN.linears, "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
-        inspect="mlp",
-        also_scale=("mlp.gate", "mlp.shared_expert_gate"),
-        stats_from="mlp",
-        if_present="mlp.experts",
+        prev="input_layernorm",
+        linears=("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+        inspect="self_attn",
+        inspect_kwargs=True,
+        if_present="self_attn.q_a_proj",
     ),
-    _MOE_DOWN,
     ScaleGroup(
-        prev="mlp.shared_expert.up_proj", linears=("mlp.shared_expert.down_proj",), if_present="mlp.shared_expert"
+        prev="input_layernorm",
+        linears=("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+        inspect="self_attn",
+        inspect_kwargs=True,
+        if_present="self_attn.q_proj",
     ),
-    *_DENSE_MLP,
+    ScaleGroup(prev="self_attn.q_a_layernorm", linears=("self_attn.q_b_proj",), if_present="self_attn.q_a_layernorm"),
+    ScaleGroup(prev="self_attn.kv_a_layernorm", linears=("self_attn.kv_b_proj",)),
 )
+_MLA_NO_CLIP = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
+_DEEPSEEK_MOE = MoESpec(num_experts="n_routed_experts", routing="own", shared_expert="shared_experts")
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("llama", ("llama",), "model.layers", _LLAMA_GROUPS, fast_decode=True),
@@ -267,6 +302,46 @@ FAMILIES: tuple[ModelFamily, ...] = (
         modules_to_not_convert=("lm_head", "shared_expert_gate"),
         moe=MoESpec(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
         notes="q/k/v carry biases; a shared expert gated by sigmoid(shared_expert_gate(x)) beside the routed ones",
+    ),
+    ModelFamily(
+        "olmoe",
+        ("olmoe",),
+        "model.layers",
+        _MOE_GROUPS,
+        fast_decode=True,
+        moe=MoESpec(),
+        notes="q_norm/k_norm over the whole q/k projections; 64 experts, top-8, no shared expert (OLMoE-1B-7B)",
+    ),
+    ModelFamily(
+        "glm4_moe",
+        ("glm4_moe",),
+        "model.layers",
+        _moe_groups(shared="mlp.shared_experts"),
+        fast_decode=True,
+        moe=_DEEPSEEK_MOE,
+        notes="partial rotary, q/k/v biases; sigmoid routing with group-limited top-k, shared experts, the first "
+        "layers dense (GLM-4.5, GLM-4.5-Air)",
+    ),
+    ModelFamily(
+        "deepseek_v3",
+        ("deepseek_v3",),
+        "model.layers",
+        _moe_groups(_MLA_GROUPS, shared="mlp.shared_experts"),
+        no_clip=_MLA_NO_CLIP,
+        moe=_DEEPSEEK_MOE,
+        notes="multi-head latent attention (transformers' own, no fast decode step); sigmoid routing with a "
+        "correction bias and group-limited top-k, shared experts, the first layers dense (DeepSeek-V3/R1, Kimi K2, "
+        "Moonlight)",
+    ),
+    ModelFamily(
+        "deepseek_v2",
+        ("deepseek_v2",),
+        "model.layers",
+        _moe_groups(_MLA_GROUPS, shared="mlp.shared_experts"),
+        no_clip=_MLA_NO_CLIP,
+        moe=_DEEPSEEK_MOE,
+        notes="multi-head latent attention (no fast decode step); softmax routing times a scaling factor, greedy "
+        "or group-limited, shared experts (DeepSeek-V2, V2-Lite)",
     ),
 )
 

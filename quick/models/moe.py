@@ -128,8 +128,11 @@ class RoutedBlock:
 
     @classmethod
     def of(cls, block: nn.Module, spec: MoESpec, config: Any) -> RoutedBlock | None:
-        """A :class:`RoutedBlock` for ``block``, or None where its router is not a plain ``[E, H]`` weight or its
-        experts are not a fused experts module (then the caller runs the block's own forward)."""
+        """A :class:`RoutedBlock` for ``block``, or None where the family routes its own way (``MoESpec.routing``),
+        its router is not a plain ``[E, H]`` weight or its experts are not a fused experts module (then the caller
+        runs the block's own forward)."""
+        if spec.routing != "softmax":
+            return None
         try:
             routed = cls(block, spec, config)
         except (AttributeError, FamilyError):
