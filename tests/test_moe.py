@@ -658,6 +658,21 @@ def test_unsupported_models_and_layouts_fail_early():
         moe.route(torch.randn(3, 4), 5, True)
 
 
+@pytest.mark.parametrize("method", ["rtn", "qqq"])
+def test_w4a8_refuses_experts_instead_of_leaving_them_16bit(method):
+    """W4A8 has no expert stacks: a MoE model is refused with the way out, before any layer changes."""
+    from quick.algorithms.qqq import quantize_model_qqq
+    from quick.algorithms.rtn import quantize_model_rtn_w4a8
+
+    model = tiny_moe("glm4_moe")
+    with pytest.raises(QuantizationError, match=r"does not quantize mixture-of-experts experts .*W4A16"):
+        if method == "rtn":
+            quantize_model_rtn_w4a8(model, progress=False)
+        else:
+            quantize_model_qqq(model, ids(2, 16), progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # nothing converted
+
+
 def test_experts_repack_between_layouts_is_exact():
     """``QuickMoEExperts.repack_``: both stacks into the other layout and back, bit for bit, the same outputs; a layout
     that cannot hold the shapes leaves the module unchanged and says so."""

@@ -443,9 +443,11 @@ def quantize_model_qqq(
     (benchmarks/results/quality-w4a8-smollm2-cpu-2026-11-23.json). Dense parameters are rounded to ``dtype``
     (what a checkpoint stores).
     """
+    from quick.models.moe import refuse_experts
     from quick.nn.dtypes import round_dense_
 
     check_group_size(group_size)
+    refuse_experts(model, "W4A8 (QQQ)")
     family, device, dtype, n_search_chunks = calibration_setup(
         model, samples, family, device, dtype, batch_size, search_samples, CPU_SEARCH_SAMPLES, "W4A8 layer dtype"
     )

@@ -55,9 +55,11 @@ def quantize_model_rtn_w4a8(
 ) -> nn.Module:
     """Round-to-nearest W4A8 (QQQ format, no calibration) of every eligible linear, in place."""
     from quick.formats.w4a8 import check_group_size
+    from quick.models import moe
     from quick.nn.linear_w4a8 import QuickLinearW4A8
 
     check_group_size(group_size)
+    moe.refuse_experts(model, "W4A8")
     for name, lin in tqdm(quantizable_linears(model, skip), desc="quantize (W4A8 RTN)", disable=not progress):
         parent, child = parent_of(model, name)
         setattr(parent, child, QuickLinearW4A8.from_linear(lin, group_size, dtype))

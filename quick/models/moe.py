@@ -51,6 +51,17 @@ def experts_modules(model: nn.Module, family: ModelFamily | None = None) -> dict
     return out
 
 
+def refuse_experts(model: nn.Module, method: str) -> None:
+    """A clear error where ``method`` (a quantizer without expert support) meets a mixture-of-experts model, instead of
+    leaving its experts 16-bit unnoticed."""
+    names = list(experts_modules(model))
+    if names:
+        raise QuantizationError(
+            f"{method} does not quantize mixture-of-experts experts ({len(names)} experts modules, first "
+            f"'{names[0]}'); quantize this model to W4A16 (AWQ or round-to-nearest, a_bit 16)"
+        )
+
+
 def _act_name(module: nn.Module, name: str) -> str:
     act = getattr(getattr(module, "config", None), "hidden_act", None)
     if act not in ACTIVATIONS:
