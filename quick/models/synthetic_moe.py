@@ -85,10 +85,11 @@ def random_quick_experts(
 
 
 def _random_linear(lin: nn.Linear, group_size: int, layout: str, dtype: torch.dtype, device, fill: bool) -> QuickLinear:
-    k, n = lin.in_features, lin.out_features
+    k, n = lin.in_features, lin.out_features  # a K off the group (a tiny shared expert's down) is zero-padded
+    mod = QuickLinear(padded_in_features(k, group_size, layout), n, False, group_size, layout, dtype, device, k)
     if fill:
-        return synthetic.random_quick_linear(k, n, group_size, layout, dtype, device, False)
-    return QuickLinear(padded_in_features(k, group_size, layout), n, False, group_size, layout, dtype, device, k)
+        synthetic.fill_random_packed_(mod.packed(), dtype)
+    return mod
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
