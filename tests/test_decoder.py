@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from helpers import tiny_causal_lm
+from helpers import tiny_causal_lm, tiny_moe
 
 from quick import inference
 from quick.inference import StaticGenerator
@@ -51,6 +51,9 @@ def _model(family: str):
         return tiny_causal_lm(transformers.Qwen2MoeConfig, num_attention_heads=4, num_key_value_heads=2,
                               num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64,
                               shared_expert_intermediate_size=96)  # fmt: skip
+    if family == "gemma":  # Gemma 1: 1 + weight norms, GeGLU, scaled embedding, no branch norms
+        return tiny_causal_lm(transformers.GemmaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
     if family == "olmoe":  # q/k norms over the whole projections, softmax top-2 without renormalisation
         return tiny_causal_lm(transformers.OlmoeConfig, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
                               num_experts_per_tok=2, intermediate_size=64, eos_token_id=2, pad_token_id=1)  # fmt: skip
@@ -84,7 +87,7 @@ def _randomise_norms(model) -> None:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma"]
 FAMILIES = [*DENSE, "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe"]
 
 
@@ -207,6 +210,18 @@ def test_unsupported_models_are_refused_with_a_reason():
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(decoder.UnsupportedModel, match="final_logit_softcapping"):
         decoder.check_supported(capped)
+    # families whose layers the step does not implement keep transformers' decoding (multipliers, soft-capping,
+    # clipped q/k/v, latent attention)
+    gemma2 = tiny_causal_lm(transformers.Gemma2Config, num_attention_heads=4, head_dim=16, pad_token_id=0,
+                            bos_token_id=2, eos_token_id=1)  # fmt: skip
+    granite = tiny_causal_lm(transformers.GraniteConfig, num_attention_heads=4, residual_multiplier=0.3)
+    for model in (gemma2, granite, tiny_moe("deepseek_v3")):
+        with pytest.raises(decoder.UnsupportedModel, match="has no fast decode step"):
+            decoder.check_supported(model)
+    clipped = _model("olmoe")
+    clipped.config.clip_qkv = 8.0
+    with pytest.raises(decoder.UnsupportedModel, match="clip_qkv"):
+        decoder.check_supported(clipped)
 
 
 def test_decoder_needs_a_prefilled_cache():
