@@ -350,25 +350,15 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "layers dense (GLM-4.5, GLM-4.5-Air)",
     ),
     ModelFamily(
-        "deepseek_v3",
-        ("deepseek_v3",),
+        "deepseek",
+        ("deepseek_v3", "deepseek_v2"),
         "model.layers",
         _moe_groups(_MLA_GROUPS, shared="mlp.shared_experts"),
         no_clip=_MLA_NO_CLIP,
         moe=_DEEPSEEK_MOE,
-        notes="multi-head latent attention (transformers' own, no fast decode step); sigmoid routing with a "
-        "correction bias and group-limited top-k, shared experts, the first layers dense (DeepSeek-V3/R1, Kimi K2, "
-        "Moonlight)",
-    ),
-    ModelFamily(
-        "deepseek_v2",
-        ("deepseek_v2",),
-        "model.layers",
-        _moe_groups(_MLA_GROUPS, shared="mlp.shared_experts"),
-        no_clip=_MLA_NO_CLIP,
-        moe=_DEEPSEEK_MOE,
-        notes="multi-head latent attention (no fast decode step); softmax routing times a scaling factor, greedy "
-        "or group-limited, shared experts (DeepSeek-V2, V2-Lite)",
+        notes="multi-head latent attention (transformers' own, no fast decode step); shared experts, the first layers "
+        "dense; V3 (DeepSeek-V3/R1, Kimi K2, Moonlight): sigmoid routing with a correction bias and group-limited "
+        "top-k; V2 (DeepSeek-V2, V2-Lite): softmax routing, greedy or group-limited; both times a scaling factor",
     ),
 )
 
