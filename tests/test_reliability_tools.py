@@ -298,3 +298,27 @@ def test_registry_layers_are_built_in_the_case_layout(layout):
     stored = getattr(mod, "storage", None) or mod.layout_name
     assert stored == layout
     assert vc.module_tensors(mod)["qweight"].dim() == 2
+
+
+def test_profile_kernel_categories():
+    """The step / prefill profiler sorts kernel names (as the H100 profiles recorded them) into what they compute."""
+    prof = _script("profile_decode")
+    names = {
+        "nvjet_sm90_hsh_256x64_64x5_2x1_v_bz_TNT": "linear",
+        "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel": "linear",
+        "quick_sm90_gemm": "linear",
+        "quick_w4a8_sm90_gemm": "linear",
+        "quick_dec": "linear",
+        "quick_attn_decode": "attention",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>": "attention",
+        "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
+        "quick_actquant": "act_quant",
+        "quick_rms_norm_quant": "act_quant",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "norm",
+        "triton_poi_fused_mul_silu_0": "other",
+        "quick_moe_plan": "other",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    assert {n: prof.category(n) for n in names} == names
+    split = prof.split_by_category([("quick_sm90_gemm", 5.0), ("quick_dec", 2.0), ("triton_poi_fused_mul_silu_0", 1.0)])
+    assert split == {"linear": 7.0, "attention": 0.0, "act_quant": 0.0, "norm": 0.0, "other": 1.0}
