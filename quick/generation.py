@@ -9,20 +9,35 @@ from torch import nn
 from quick.eval.perplexity import model_device
 
 
+def fast_step_unavailable(model: nn.Module, max_len: int) -> str | None:
+    """Why the few-kernel decode step does not implement this model for ``max_len`` positions (None: it does)."""
+    from quick.models.decoder import UnsupportedModel, check_supported
+    from quick.models.families import FamilyError
+
+    try:
+        check_supported(model, max_len)
+    except (UnsupportedModel, FamilyError) as err:
+        return str(err)
+    return None
+
+
 def static_compile_mode(model: nn.Module, max_len: int, device: torch.device) -> str:
     """How :class:`~quick.inference.StaticGenerator` should decode this model: the few-kernel step on a GPU where
     the model is llama-like (``"fast"``), else transformers' layers with compiled regions; on the CPU, where
     graphs and inductor's C++ build cost more than they save, plain eager (``"none"``)."""
     if device.type != "cuda":
         return "none"
-    from quick.models.decoder import UnsupportedModel, check_supported
-    from quick.models.families import FamilyError
+    return "regions" if fast_step_unavailable(model, max_len) else "fast"
 
-    try:
-        check_supported(model, max_len)
-    except (UnsupportedModel, FamilyError):
-        return "regions"
-    return "fast"
+
+def describe_decode(model: nn.Module, max_len: int, device: torch.device) -> str:
+    """One line for the user: which decode path :func:`static_generate` takes here, and why not the fastest."""
+    if device.type != "cuda":
+        return "decode: transformers' layers, eager (CPU)"
+    why = fast_step_unavailable(model, max_len)
+    if why is None:
+        return "decode: the few-kernel step in a CUDA graph"
+    return f"decode: transformers' layers, compiled regions in a CUDA graph (no few-kernel step: {why})"
 
 
 def eos_ids(model: nn.Module, tokenizer=None) -> set[int]:

@@ -248,13 +248,18 @@ def test_fast_decode_inductor_same_tokens(monkeypatch):
 
 def test_static_generation_helpers():
     """Which decode path a GPU gets, EOS ids from tokenizer and config, and the cut after the first stop token."""
-    from quick.generation import eos_ids, static_compile_mode, static_generate
+    from quick.generation import describe_decode, eos_ids, static_compile_mode, static_generate
 
     llama = _model("llama")
     cuda = torch.device("cuda")
     assert static_compile_mode(llama, 64, cuda) == "fast"
     assert static_compile_mode(_gemma(sliding_window=32), 64, cuda) == "regions"  # window < generation
     assert static_compile_mode(llama, 64, torch.device("cpu")) == "none"
+    # what the CLI tells the user, with the reason where the few-kernel step does not apply
+    assert describe_decode(llama, 64, cuda) == "decode: the few-kernel step in a CUDA graph"
+    assert "sliding window 32 < 64" in describe_decode(_gemma(sliding_window=32), 64, cuda)
+    assert "'deepseek' has no fast decode step" in describe_decode(tiny_moe("deepseek_v3"), 64, cuda)
+    assert describe_decode(llama, 64, torch.device("cpu")) == "decode: transformers' layers, eager (CPU)"
 
     class Tok:
         eos_token_id = 5

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quick.auto import AutoQuickForCausalLM
     from quick.eval.perplexity import model_device
-    from quick.generation import encode_prompt, eos_ids, generate_text, static_generate
+    from quick.generation import describe_decode, encode_prompt, eos_ids, generate_text, static_generate
 
     if args.max_new_tokens < 1:
         print(f"quick generate: error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -49,4 +49,6 @@ def run(args: argparse.Namespace) -> int:
         f"{stats.decode_tok_s:.1f} tok/s (greedy, batch 1, after a 2-token warm-up)",
         file=sys.stderr,
     )
+    total = enc["input_ids"].shape[1] + args.max_new_tokens
+    print(describe_decode(model.model, total, model_device(model.model)), file=sys.stderr)
     return 0
