@@ -594,10 +594,11 @@ def _model_config(path: Path) -> Any:
 
 def _skeleton(config: Any, dense_dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from quick.models.loading import generation_class
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dense_dtype)
+        return generation_class(config).from_config(config, dtype=dense_dtype)
 
 
 @torch.no_grad()

@@ -297,6 +297,31 @@ FAMILIES: tuple[ModelFamily, ...] = (
         notes="multimodal wrapper: only the text decoder is quantized",
     ),
     ModelFamily(
+        "qwen2_vl",
+        ("qwen2_vl", "qwen2_5_vl"),
+        "model.language_model.layers",
+        _LLAMA_GROUPS,
+        modules_to_not_convert=("lm_head", "visual"),
+        notes="vision-language wrapper (Qwen2-VL, Qwen2.5-VL): the Qwen2 text decoder is quantized, the vision "
+        "encoder stays 16-bit; multimodal rotary positions (no fast decode step)",
+    ),
+    ModelFamily(
+        "qwen3_vl",
+        ("qwen3_vl",),
+        "model.language_model.layers",
+        _LLAMA_GROUPS,
+        modules_to_not_convert=("lm_head", "visual"),
+        notes="vision-language wrapper (Qwen3-VL): the Qwen3 text decoder (q/k norms) is quantized",
+    ),
+    ModelFamily(
+        "llava",
+        ("llava", "mistral3"),
+        "model.language_model.layers",
+        _LLAMA_GROUPS,
+        modules_to_not_convert=("lm_head", "vision_tower", "multi_modal_projector"),
+        notes="vision-language wrappers around a Llama / Mistral text decoder (LLaVA, Mistral Small 3.1 / 3.2)",
+    ),
+    ModelFamily(
         "qwen3_moe",
         ("qwen3_moe",),
         "model.layers",

@@ -134,9 +134,26 @@ def default_model_dir(convert: bool = True, dtype: torch.dtype = torch.float16) 
     return convert_gguf_to_checkpoint(gguf.parent, gguf.name, out, dtype)
 
 
+def generation_class(config: object):
+    """transformers' auto class that builds a text-generating model of ``config``: the causal-LM one, or, for
+    vision-language models it does not list there (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Mistral 3, LLaVA), the
+    image-text-to-text one (their text decoder is what QUICK quantizes)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` from a Hugging Face causal-LM directory, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a Hugging Face causal-LM (or vision-language) directory, in eval mode on
+    ``device``."""
+    from transformers import AutoConfig, AutoTokenizer
 
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -145,7 +162,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.float32
         raise ModelLoadError(f"{p} is not a Hugging Face checkpoint (config.json and weights needed)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=parse_dtype(dtype))
+        model = generation_class(AutoConfig.from_pretrained(p)).from_pretrained(p, dtype=parse_dtype(dtype))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"cannot load {p}: {e}") from None
     return model.to(device).eval(), tokenizer

@@ -1,0 +1,111 @@
+"""Vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Mistral 3, LLaVA) on CPU: the text decoder is quantized
+(AWQ, RTN), the vision encoder and projector stay 16-bit, checkpoints reload into transformers' image-text class."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from quick.algorithms import awq
+from quick.auto import quantize_model_rtn
+from quick.checkpoint import load_quantized, save_quantized
+from quick.models.families import get_family
+from quick.models.loading import generation_class
+from quick.nn.linear import QuickLinear
+
+transformers = pytest.importorskip("transformers")
+
+GROUP = 32
+TEXT = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=256, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128)  # fmt: skip
+MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "llava")
+VISION = ("visual", "vision_tower", "multi_modal_projector")
+
+
+def tiny_vlm(kind: str) -> nn.Module:
+    """A 2-layer random vision-language model (text hidden 64, vocab 256; a one-block vision encoder)."""
+    if kind == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+        cfg = transformers.Qwen2VLConfig(text_config={**TEXT, "rope_scaling": MROPE}, vision_config=vision)
+    elif kind == "qwen2_5_vl":
+        cfg = transformers.Qwen2_5_VLConfig(text_config={**TEXT, "rope_scaling": MROPE},
+                                            vision_config={**QWEN_VISION, "fullatt_block_indexes": [0]})  # fmt: skip
+    elif kind == "qwen3_vl":
+        rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        cfg = transformers.Qwen3VLConfig(text_config={**TEXT, "head_dim": 16, "rope_scaling": rope},
+                                         vision_config={**QWEN_VISION, "deepstack_visual_indexes": [0]})  # fmt: skip
+    elif kind == "mistral3":
+        cfg = transformers.Mistral3Config(
+            text_config={**TEXT, "model_type": "mistral", "head_dim": 16},
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               head_dim=16),
+        )  # fmt: skip
+    else:
+        cfg = transformers.LlavaConfig(
+            text_config={**TEXT, "model_type": "llama"},
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=32, patch_size=8),
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(cfg).eval()
+    with torch.no_grad():  # outlier channels in the text decoder's norms: what AWQ's scales are for
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.input_layernorm.weight[5 + i] = 8.0
+            layer.post_attention_layernorm.weight[20] = 6.0
+    return model
+
+
+def ids(n: int = 2, seqlen: int = 12, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def vision_linears(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if any(v in n for v in VISION) and isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_decoder_quantized_vision_kept(kind, tmp_path):
+    """AWQ packs every text-decoder linear and no vision one; the 4-bit model stays close to the float one and beats
+    round-to-nearest; the checkpoint reloads into transformers' image-text class with identical logits."""
+    model = tiny_vlm(kind)
+    fam = get_family(model.config)
+    assert generation_class(model.config) is transformers.AutoModelForImageTextToText
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    vision = vision_linears(model)
+    assert vision  # the encoder has linears that a careless quantizer would pack
+    q = awq.quantize_model_awq(copy.deepcopy(model), ids(4, 32, seed=1), GROUP, progress=False)
+    packed = [n for n, m in q.named_modules() if isinstance(m, QuickLinear)]
+    assert len(packed) == 14 and all(n.startswith("model.language_model.layers.") for n in packed)
+    assert all(isinstance(q.get_submodule(n), nn.Linear) for n in vision)
+    rtn = quantize_model_rtn(copy.deepcopy(model), GROUP, skip=fam.modules_to_not_convert)
+    assert all(isinstance(rtn.get_submodule(n), nn.Linear) for n in vision)
+    with torch.no_grad():
+        out, out_rtn = q(input_ids=x).logits, rtn(input_ids=x).logits
+    # measured 0.089-0.146 (AWQ) against 0.103-0.152 (RTN); a wrong fold gives errors of order 1
+    assert rel(out, ref) < 0.2 and rel(out, ref) < rel(out_rtn, ref)
+    loaded = load_quantized(save_quantized(q, tmp_path / "ckpt"), dtype=torch.float32)
+    assert type(loaded) is type(model)
+    # transformers' own loader (after `import quick`) reads the same checkpoint into the same layers
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert sum(isinstance(m, QuickLinear) for m in hf.modules()) == 14
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, out)
+        assert torch.equal(hf(input_ids=x).logits, out)
+
+
+def test_generation_class_keeps_causal_lms():
+    """Causal LMs (and Gemma 3's multimodal class, which transformers lists as a causal LM) keep that class."""
+    assert generation_class(transformers.LlamaConfig()) is transformers.AutoModelForCausalLM
+    assert generation_class(transformers.Gemma3Config()) is transformers.AutoModelForCausalLM
+    assert generation_class(transformers.Qwen2_5_VLConfig()) is transformers.AutoModelForImageTextToText
