@@ -15,6 +15,7 @@ from quick.checkpoint import load_quantized, save_quantized
 from quick.models.families import get_family
 from quick.models.loading import generation_class
 from quick.nn.linear import QuickLinear
+from quick.nn.moe import QuickMoEExperts
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,7 +24,7 @@ TEXT = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_si
             num_key_value_heads=4, max_position_embeddings=128)  # fmt: skip
 MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "llava")
+KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "mistral3", "llava")
 VISION = ("visual", "vision_tower", "multi_modal_projector")
 
 
@@ -35,10 +36,13 @@ def tiny_vlm(kind: str) -> nn.Module:
     elif kind == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(text_config={**TEXT, "rope_scaling": MROPE},
                                             vision_config={**QWEN_VISION, "fullatt_block_indexes": [0]})  # fmt: skip
-    elif kind == "qwen3_vl":
+    elif kind in ("qwen3_vl", "qwen3_vl_moe"):
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
-        cfg = transformers.Qwen3VLConfig(text_config={**TEXT, "head_dim": 16, "rope_scaling": rope},
-                                         vision_config={**QWEN_VISION, "deepstack_visual_indexes": [0]})  # fmt: skip
+        text, cls = {**TEXT, "head_dim": 16, "rope_scaling": rope}, transformers.Qwen3VLConfig
+        if kind == "qwen3_vl_moe":  # top-2 of 8 experts in every layer
+            text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+            cls = transformers.Qwen3VLMoeConfig
+        cfg = cls(text_config=text, vision_config={**QWEN_VISION, "deepstack_visual_indexes": [0]})
     elif kind == "mistral3":
         cfg = transformers.Mistral3Config(
             text_config={**TEXT, "model_type": "mistral", "head_dim": 16},
@@ -84,21 +88,23 @@ def test_text_decoder_quantized_vision_kept(kind, tmp_path):
         ref = model(input_ids=x).logits
     vision = vision_linears(model)
     assert vision  # the encoder has linears that a careless quantizer would pack
-    q = awq.quantize_model_awq(copy.deepcopy(model), ids(4, 32, seed=1), GROUP, progress=False)
-    packed = [n for n, m in q.named_modules() if isinstance(m, QuickLinear)]
-    assert len(packed) == 14 and all(n.startswith("model.language_model.layers.") for n in packed)
+    q = awq.quantize_model_awq(copy.deepcopy(model), ids(4, 32, seed=1), GROUP, progress=False, min_expert_tokens=8)
+    packed = [n for n, m in q.named_modules() if isinstance(m, (QuickLinear, QuickMoEExperts))]
+    linears = 8 if kind == "qwen3_vl_moe" else 14  # per layer q, k, v, o and gate, up, down (or one experts stack)
+    assert len(packed) == linears + (kind == "qwen3_vl_moe") * 2
+    assert all(n.startswith("model.language_model.layers.") for n in packed)
     assert all(isinstance(q.get_submodule(n), nn.Linear) for n in vision)
     rtn = quantize_model_rtn(copy.deepcopy(model), GROUP, skip=fam.modules_to_not_convert)
     assert all(isinstance(rtn.get_submodule(n), nn.Linear) for n in vision)
     with torch.no_grad():
         out, out_rtn = q(input_ids=x).logits, rtn(input_ids=x).logits
-    # measured 0.089-0.146 (AWQ) against 0.103-0.152 (RTN); a wrong fold gives errors of order 1
+    # measured 0.089-0.146 (AWQ) against 0.103-0.153 (RTN); a wrong fold gives errors of order 1
     assert rel(out, ref) < 0.2 and rel(out, ref) < rel(out_rtn, ref)
     loaded = load_quantized(save_quantized(q, tmp_path / "ckpt"), dtype=torch.float32)
     assert type(loaded) is type(model)
     # transformers' own loader (after `import quick`) reads the same checkpoint into the same layers
     hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
-    assert sum(isinstance(m, QuickLinear) for m in hf.modules()) == 14
+    assert sum(isinstance(m, (QuickLinear, QuickMoEExperts)) for m in hf.modules()) == len(packed)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=x).logits, out)
         assert torch.equal(hf(input_ids=x).logits, out)

@@ -314,6 +314,15 @@ FAMILIES: tuple[ModelFamily, ...] = (
         notes="vision-language wrapper (Qwen3-VL): the Qwen3 text decoder (q/k norms) is quantized",
     ),
     ModelFamily(
+        "qwen3_vl_moe",
+        ("qwen3_vl_moe",),
+        "model.language_model.layers",
+        _MOE_GROUPS,
+        modules_to_not_convert=("lm_head", "visual"),
+        moe=MoESpec(),
+        notes="vision-language wrapper (Qwen3-VL-30B-A3B): the Qwen3-MoE text decoder is quantized",
+    ),
+    ModelFamily(
         "llava",
         ("llava", "mistral3"),
         "model.language_model.layers",

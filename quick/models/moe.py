@@ -93,7 +93,10 @@ def check_fused(module: nn.Module, name: str) -> tuple[int, int, int]:
 
 
 def routing(config: Any, spec: MoESpec) -> tuple[int, int, bool]:
-    """``(num_experts, top_k, renormalize)`` of a model config, read through the family's attribute names."""
+    """``(num_experts, top_k, renormalize)`` of a model config, read through the family's attribute names (from
+    the text config of a vision-language model's)."""
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config
     try:
         e, k = int(getattr(config, spec.num_experts)), int(getattr(config, spec.top_k))
     except AttributeError as err:
