@@ -244,7 +244,8 @@ def check_moe_kernel_path(mod: Any, x: torch.Tensor, idx: torch.Tensor, wts: tor
 
 def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A 2-layer random MoE causal LM (hidden 64, 4 heads of 16, vocab 256), top-2 of 8 experts (Mixtral: 4), every
-    layer sparse; ``kind``: qwen3_moe, mixtral, qwen2_moe (a gated shared expert), olmoe (q/k norms over the whole
+    layer sparse; ``kind``: qwen3_moe, mixtral, qwen2_moe (a gated shared expert), qwen3_5_moe (Qwen2-MoE's block
+    behind a linear-attention and a full-attention layer, zero-centred norms), olmoe (q/k norms over the whole
     projections), glm4_moe (sigmoid group-limited routing, a shared expert, partial rotary, q/k/v biases),
     deepseek_v3 (the same routing with a scaling factor, latent attention with a low-rank query) or deepseek_v2
     (softmax routing times a scaling factor, latent attention with a full-rank query)."""
@@ -273,6 +274,12 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
             intermediate_size=128,
             shared_expert_intermediate_size=128,
         )
+    elif kind == "qwen3_5_moe":  # a linear-attention layer, then a full-attention one
+        cfg = transformers.Qwen3_5MoeTextConfig(
+            **common, num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=64, head_dim=16,
+            layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16,
+        )  # fmt: skip
     elif kind == "olmoe":
         cfg = transformers.OlmoeConfig(**common, num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1)
     else:

@@ -86,8 +86,15 @@ def tiny_granite() -> nn.Module:  # llama layers with multipliers: residual bran
                           logits_scaling=4.0)  # fmt: skip
 
 
+def tiny_qwen3_5() -> nn.Module:  # a Gated DeltaNet (linear attention) layer, then a gated full-attention one
+    return tiny_causal_lm(transformers.Qwen3_5TextConfig, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                          layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                          linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)  # fmt: skip
+
+
 MODELS = {
     "llama": tiny_llama,
+    "qwen3_5": tiny_qwen3_5,
     "gemma3_text": tiny_gemma3,
     "phi3": tiny_phi3,
     "gemma": tiny_gemma,
@@ -108,7 +115,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text", "gemma", "gemma2", "granite"]
+    "model_type",
+    ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text", "gemma", "gemma2", "granite", "qwen3_5"],
 )
 def test_families_cover_model_types(model_type):
     fam = get_family(model_type)
@@ -126,7 +134,7 @@ def test_families_cover_model_types(model_type):
         assert mlp.prev == "pre_feedforward_layernorm" and fam.norm_offset == 1.0 and fam.requires_bos
     else:
         assert mlp.prev == "post_attention_layernorm"
-        assert fam.norm_offset == (1.0 if model_type == "gemma" else 0.0)
+        assert fam.norm_offset == (1.0 if model_type in ("gemma", "qwen3_5") else 0.0)  # 1 + weight norms
     assert any(s in "self_attn.q_proj" for s in fam.no_clip) and any(s in "self_attn.k_proj" for s in fam.no_clip)
 
 
@@ -181,12 +189,14 @@ def test_scale_folding_is_exact(kind):
             k = layer.get_submodule(g.linears[0]).in_features
             awq.fold_scale(layer, g, torch.exp(torch.randn(k, generator=gen)), family.norm_offset)
             n_groups += 1
-    assert n_groups == {"llama": 8, "gemma3_text": 6, "phi3": 8, "gemma": 8, "gemma2": 8, "granite": 8}[kind]
+    # Qwen3.5: the linear-attention layer's input, MLP in and down; the attention layer's four
+    want = {"llama": 8, "gemma3_text": 6, "phi3": 8, "gemma": 8, "gemma2": 8, "granite": 8, "qwen3_5": 7}
+    assert n_groups == want[kind]
     with torch.no_grad():
         out = folded(ids).logits
     # the weights did change ...
     l0, f0 = decoder_layers(model, family)[0], decoder_layers(folded, family)[0]
-    first = family.groups[0].linears[0]
+    first = active_groups(l0, family)[0].linears[0]
     assert not torch.allclose(l0.get_submodule(first).weight, f0.get_submodule(first).weight)
     # ... the function did not
     assert rel(out, ref) < 1e-4
@@ -256,11 +266,13 @@ def test_awq_model_close_to_float(kind):
     ids = calib(2, 40, seed=7)
     with torch.no_grad():
         ref = model(ids).logits
-    rtn = quantize_model_rtn(copy.deepcopy(model), GROUP, scale_dtype=torch.float16)
+    skip = get_family(model.config).modules_to_not_convert
+    rtn = quantize_model_rtn(copy.deepcopy(model), GROUP, scale_dtype=torch.float16, skip=skip)
     reports: list[awq.LayerReport] = []
     q = awq.quantize_model_awq(copy.deepcopy(model), calib(), GROUP, progress=False, reports=reports)
     packed = [m for m in q.modules() if isinstance(m, QuickLinear)]
-    assert len(packed) == (8 if kind == "phi3" else 14) and all(m.dtype == torch.float16 for m in packed)
+    # Phi-3: fused q|k|v and gate|up; Qwen3.5's linear attention: q|k|v, z and out packed, its b and a 16-bit
+    assert len(packed) == {"phi3": 8, "qwen3_5": 13}.get(kind, 14) and all(m.dtype == torch.float16 for m in packed)
     assert len(reports) == 2
     with torch.no_grad():
         out_awq, out_rtn = q(ids).logits, rtn(ids).logits
@@ -268,8 +280,10 @@ def test_awq_model_close_to_float(kind):
     err_awq, err_rtn = rel(out_awq, ref), rel(out_rtn, ref)
     # Measured ~0.12 (Llama) and ~0.36 (Gemma3, whose post-branch norms rescale each branch's relative
     # error to full size); a broken fold or a wrong layer input gives errors of order 1.
-    # Gemma 1 0.07, Gemma 2 0.16, Granite 0.03 (its residual multiplier shrinks every branch's error).
+    # Gemma 1 0.07, Gemma 2 0.16, Granite 0.03 (its residual multiplier shrinks every branch's error), Qwen3.5 0.24
+    # (RTN 0.33).
     bound = {"llama": 0.2, "gemma3_text": 0.45, "phi3": 0.2, "gemma": 0.12, "gemma2": 0.25, "granite": 0.06}
+    bound["qwen3_5"] = 0.35
     assert err_awq < bound[kind], err_awq
     assert err_awq < err_rtn, (err_awq, err_rtn)
 

@@ -211,11 +211,11 @@ def test_unsupported_models_are_refused_with_a_reason():
     with pytest.raises(decoder.UnsupportedModel, match="final_logit_softcapping"):
         decoder.check_supported(capped)
     # families whose layers the step does not implement keep transformers' decoding (multipliers, soft-capping,
-    # clipped q/k/v, latent attention)
+    # clipped q/k/v, latent attention, linear attention)
     gemma2 = tiny_causal_lm(transformers.Gemma2Config, num_attention_heads=4, head_dim=16, pad_token_id=0,
                             bos_token_id=2, eos_token_id=1)  # fmt: skip
     granite = tiny_causal_lm(transformers.GraniteConfig, num_attention_heads=4, residual_multiplier=0.3)
-    for model in (gemma2, granite, tiny_moe("deepseek_v3")):
+    for model in (gemma2, granite, tiny_moe("deepseek_v3"), tiny_moe("qwen3_5_moe")):
         with pytest.raises(decoder.UnsupportedModel, match="has no fast decode step"):
             decoder.check_supported(model)
     clipped = _model("olmoe")

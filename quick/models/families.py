@@ -225,6 +225,24 @@ _MLA_GROUPS = (
     ScaleGroup(prev="self_attn.q_a_layernorm", linears=("self_attn.q_b_proj",), if_present="self_attn.q_a_layernorm"),
     ScaleGroup(prev="self_attn.kv_a_layernorm", linears=("self_attn.kv_b_proj",)),
 )
+# Qwen3.5: three Gated DeltaNet (linear attention) layers to each full-attention layer (gated query, q/k norms);
+# zero-centred norms (1 + weight). A linear-attention layer's q|k|v and gate projections read the input norm; its
+# decay and step projections (N = the value heads) stay 16-bit and are scaled with them. Its out_proj reads a gated
+# norm whose weight is shared by every value head: no per-channel fold, its own clipping only.
+_LINEAR_ATTN_IN = ScaleGroup(
+    prev="input_layernorm",
+    linears=("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"),
+    inspect="linear_attn",
+    inspect_kwargs=True,
+    also_scale=("linear_attn.in_proj_b", "linear_attn.in_proj_a"),
+    if_present="linear_attn",
+)
+_HYBRID_ATTENTION = (
+    replace(_ATTN_IN, if_present="self_attn"),
+    replace(_ATTN_OUT, if_present="self_attn"),
+    _LINEAR_ATTN_IN,
+)
+_QWEN3_5_KEEP = ("lm_head", "in_proj_b", "in_proj_a")
 _MLA_NO_CLIP = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
 _DEEPSEEK_MOE = MoESpec(num_experts="n_routed_experts", routing="own", shared_expert="shared_experts")
 
@@ -295,6 +313,25 @@ FAMILIES: tuple[ModelFamily, ...] = (
         modules_to_not_convert=("lm_head", "vision_tower", "multi_modal_projector"),
         requires_bos=True,
         notes="multimodal wrapper: only the text decoder is quantized",
+    ),
+    ModelFamily(
+        "qwen3_5",
+        ("qwen3_5", "qwen3_5_text"),
+        "model.layers",
+        (*_HYBRID_ATTENTION, _mlp_in("post_attention_layernorm"), _MLP_DOWN),
+        norm_offset=1.0,
+        modules_to_not_convert=_QWEN3_5_KEEP,
+        notes="hybrid: Gated DeltaNet linear attention in three of four layers (no fast decode step)",
+    ),
+    ModelFamily(
+        "qwen3_5_moe",
+        ("qwen3_5_moe", "qwen3_5_moe_text"),
+        "model.layers",
+        _moe_groups(_HYBRID_ATTENTION, shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"),
+        norm_offset=1.0,
+        modules_to_not_convert=(*_QWEN3_5_KEEP, "shared_expert_gate"),
+        moe=MoESpec(renormalize=True, shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+        notes="Qwen3.5's hybrid layers with a mixture of experts and a gated shared expert (no fast decode step)",
     ),
     ModelFamily(
         "qwen2_vl",
