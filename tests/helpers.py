@@ -247,8 +247,10 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     layer sparse; ``kind``: qwen3_moe, mixtral, qwen2_moe (a gated shared expert), qwen3_5_moe (Qwen2-MoE's block
     behind a linear-attention and a full-attention layer, zero-centred norms), olmoe (q/k norms over the whole
     projections), glm4_moe (sigmoid group-limited routing, a shared expert, partial rotary, q/k/v biases),
-    deepseek_v3 (the same routing with a scaling factor, latent attention with a low-rank query) or deepseek_v2
-    (softmax routing times a scaling factor, latent attention with a full-rank query)."""
+    deepseek_v3 / glm4_moe_lite (the same routing with a scaling factor, latent attention with a low-rank query),
+    deepseek_v2 (softmax routing times a scaling factor, latent attention with a full-rank query), minimax_m2
+    (sigmoid routing with a correction bias, q/k norms over the projections, partial rotary) or ernie4_5_moe
+    (softmax routing whose choice adds a correction bias, a shared expert)."""
     import transformers
 
     common = dict(
@@ -280,6 +282,12 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
             layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
             linear_key_head_dim=16, linear_value_head_dim=16,
         )  # fmt: skip
+    elif kind == "minimax_m2":  # q/k norms over the whole projections, half-rotary heads
+        cfg = transformers.MiniMaxM2Config(**common, num_local_experts=8, intermediate_size=64, head_dim=16,
+                                           rotary_dim=8, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    elif kind == "ernie4_5_moe":  # every layer sparse, two shared experts
+        cfg = transformers.Ernie4_5_MoeConfig(**common, num_experts=8, moe_intermediate_size=64, intermediate_size=128,
+                                              moe_layer_start_index=0, moe_num_shared_experts=1)  # fmt: skip
     elif kind == "olmoe":
         cfg = transformers.OlmoeConfig(**common, num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1)
     else:
@@ -294,6 +302,9 @@ def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
                                              routed_scaling_factor=1.5)  # fmt: skip
         elif kind == "deepseek_v3":
             cfg = transformers.DeepseekV3Config(**common, **deepseek, **mla, q_lora_rank=64, routed_scaling_factor=2.5)
+        elif kind == "glm4_moe_lite":
+            cfg = transformers.Glm4MoeLiteConfig(**common, **deepseek, **mla, q_lora_rank=64, routed_scaling_factor=1.8,
+                                                 mlp_layer_types=["sparse", "sparse"])  # fmt: skip
         elif kind == "deepseek_v2":
             v2 = dict(q_lora_rank=None, routed_scaling_factor=2.0, topk_method="group_limited_greedy")
             cfg = transformers.DeepseekV2Config(**common, **deepseek, **mla, **v2)

@@ -54,6 +54,10 @@ def _model(family: str):
     if family == "gemma":  # Gemma 1: 1 + weight norms, GeGLU, scaled embedding, no branch norms
         return tiny_causal_lm(transformers.GemmaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                               pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
+    if family == "minimax_m2":  # q/k norms over the whole projections, partial rotary, sigmoid routing (the block's)
+        return tiny_causal_lm(transformers.MiniMaxM2Config, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, rotary_dim=16,
+                              eos_token_id=2, pad_token_id=1)  # fmt: skip
     if family == "olmoe":  # q/k norms over the whole projections, softmax top-2 without renormalisation
         return tiny_causal_lm(transformers.OlmoeConfig, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
                               num_experts_per_tok=2, intermediate_size=64, eos_token_id=2, pad_token_id=1)  # fmt: skip
@@ -88,7 +92,7 @@ def _randomise_norms(model) -> None:
 
 
 DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma"]
-FAMILIES = [*DENSE, "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe"]
+FAMILIES = [*DENSE, "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "minimax_m2"]
 
 
 def _teacher_forced(model, steps: int, tol: float) -> tuple[StaticGenerator, StaticGenerator]:
@@ -125,7 +129,7 @@ def test_fast_decode_logits_match_transformers(family, fused):
     model = _model(family)
     _randomise_norms(model)
     if fused:  # Phi-3's checkpoint is fused already: nothing to fuse; MoE blocks: q/k/v only (GLM: layer 0 dense)
-        per_layer = 0 if family == "phi3" else 1 if "moe" in family or family == "mixtral" else 2
+        per_layer = 0 if family == "phi3" else 2 if family in DENSE else 1
         want = per_layer * model.config.num_hidden_layers + (family == "glm4_moe")
         assert fuse_model(model) == want
     ids = torch.randint(0, 256, (3, 6))

@@ -22,7 +22,8 @@ from quick.models.moe import experts_modules
 from quick.nn.linear import QuickLinear
 from quick.nn.moe import QuickMoEExperts
 
-KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3")
+KINDS = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "minimax_m2",
+         "ernie4_5_moe")  # fmt: skip
 FORMATS = ("awq", "gptq", "compressed-tensors")
 G = 32
 # Logits of the loaded fp16 model (CPU reference path: fp16 activations at every product) against transformers' fp32

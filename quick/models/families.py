@@ -421,15 +421,35 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "layers dense (GLM-4.5, GLM-4.5-Air)",
     ),
     ModelFamily(
+        "minimax_m2",
+        ("minimax_m2",),
+        "model.layers",
+        _MOE_GROUPS,
+        fast_decode=True,
+        moe=MoESpec(num_experts="num_local_experts", renormalize=True, routing="own"),
+        notes="q/k norms over the whole projections, partial rotary; sigmoid routing with a correction bias "
+        "(MiniMax-M2)",
+    ),
+    ModelFamily(
+        "ernie4_5_moe",
+        ("ernie4_5_moe",),
+        "model.layers",
+        _moe_groups(shared="mlp.shared_experts"),
+        moe=MoESpec(renormalize=True, routing="own", shared_expert="shared_experts"),
+        notes="interleaved rotary in fp32 (no fast decode step); softmax routing whose choice adds a correction "
+        "bias, shared experts, the first layer dense (ERNIE 4.5 MoE)",
+    ),
+    ModelFamily(
         "deepseek",
-        ("deepseek_v3", "deepseek_v2"),
+        ("deepseek_v3", "deepseek_v2", "glm4_moe_lite"),
         "model.layers",
         _moe_groups(_MLA_GROUPS, shared="mlp.shared_experts"),
         no_clip=_MLA_NO_CLIP,
         moe=_DEEPSEEK_MOE,
         notes="multi-head latent attention (transformers' own, no fast decode step); shared experts, the first layers "
-        "dense; V3 (DeepSeek-V3/R1, Kimi K2, Moonlight): sigmoid routing with a correction bias and group-limited "
-        "top-k; V2 (DeepSeek-V2, V2-Lite): softmax routing, greedy or group-limited; both times a scaling factor",
+        "dense; V3 (DeepSeek-V3/R1, Kimi K2, Moonlight) and GLM's latent-attention models (glm4_moe_lite): sigmoid "
+        "routing with a correction bias and group-limited top-k; V2 (DeepSeek-V2, V2-Lite): softmax routing, greedy "
+        "or group-limited; both times a scaling factor",
     ),
 )
 
