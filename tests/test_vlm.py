@@ -115,3 +115,27 @@ def test_generation_class_keeps_causal_lms():
     assert generation_class(transformers.LlamaConfig()) is transformers.AutoModelForCausalLM
     assert generation_class(transformers.Gemma3Config()) is transformers.AutoModelForCausalLM
     assert generation_class(transformers.Qwen2_5_VLConfig()) is transformers.AutoModelForImageTextToText
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "mistral3"])
+def test_w4a8_quantizes_the_text_decoder_only(kind):
+    """W4A8 (QQQ) packs the 14 text-decoder linears and leaves the vision encoder 16-bit; closer to the float model
+    than W4A8 round-to-nearest."""
+    from quick.algorithms.qqq import quantize_model_qqq
+    from quick.algorithms.rtn import quantize_model_rtn_w4a8
+    from quick.nn.linear_w4a8 import QuickLinearW4A8
+
+    model = tiny_vlm(kind)
+    fam = get_family(model.config)
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    q = quantize_model_qqq(copy.deepcopy(model), ids(4, 32, seed=1), group_size=-1, progress=False)
+    rtn = quantize_model_rtn_w4a8(copy.deepcopy(model), skip=fam.modules_to_not_convert, progress=False)
+    packed = [n for n, m in q.named_modules() if isinstance(m, QuickLinearW4A8)]
+    assert len(packed) == 14 and all(n.startswith("model.language_model.layers.") for n in packed)
+    assert all(isinstance(q.get_submodule(n), nn.Linear) for n in vision_linears(model))
+    assert all(isinstance(rtn.get_submodule(n), nn.Linear) for n in vision_linears(model))
+    with torch.no_grad():
+        err_q, err_rtn = rel(q(input_ids=x).logits, ref), rel(rtn(input_ids=x).logits, ref)
+    assert err_q < 0.3 and err_q < err_rtn, (err_q, err_rtn)
