@@ -314,9 +314,12 @@ class StaticGenerator:
         return mask[None, None].expand(self.batch, 1, *seen.shape)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # explicit positions: models that derive them from the attention mask and state left by an earlier generate
+        # (Qwen-VL's rope deltas) would otherwise read this 4-D additive mask as a padding mask
         out = self.model(
             input_ids=ids,
             attention_mask=self._mask(pos),
+            position_ids=pos.view(1, -1).expand(ids.shape[0], -1),
             past_key_values=self.cache,
             cache_position=pos,
             use_cache=True,

@@ -54,6 +54,16 @@ def _model(family: str):
     if family == "gemma":  # Gemma 1: 1 + weight norms, GeGLU, scaled embedding, no branch norms
         return tiny_causal_lm(transformers.GemmaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                               pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
+    if family == "gemma2":  # soft-capping: transformers' layers
+        return tiny_causal_lm(transformers.Gemma2Config, num_attention_heads=4, head_dim=16, pad_token_id=0,
+                              bos_token_id=2, eos_token_id=1)  # fmt: skip
+    if family == "granite":  # residual / attention / embedding multipliers: transformers' layers
+        return tiny_causal_lm(transformers.GraniteConfig, num_attention_heads=4, residual_multiplier=0.3,
+                              embedding_multiplier=4.0, logits_scaling=2.0)  # fmt: skip
+    if family == "qwen3_5":  # a Gated DeltaNet layer and a full-attention one: transformers' layers, hybrid cache
+        return tiny_causal_lm(transformers.Qwen3_5TextConfig, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                              layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                              linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)  # fmt: skip
     if family == "minimax_m2":  # q/k norms over the whole projections, partial rotary, sigmoid routing (the block's)
         return tiny_causal_lm(transformers.MiniMaxM2Config, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                               num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, rotary_dim=16,
@@ -147,6 +157,22 @@ def test_fast_decode_logits_match_transformers(family, fused):
     assert torch.equal(fast.generate(ids, 8)[0], ref.generate(ids, 8)[0])
 
 
+@pytest.mark.parametrize("family", ["gemma2", "granite", "qwen3_5"])
+def test_static_generation_without_the_fast_step(family):
+    """Families the few-kernel step does not implement decode through transformers' layers on the static cache
+    (``quick generate --fast``): transformers' greedy tokens."""
+    from quick.generation import static_generate
+
+    model = _model(family)
+    with pytest.raises(decoder.UnsupportedModel):
+        decoder.check_supported(model)
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
+    got, _ = static_generate(model, ids, 6)
+    assert torch.equal(got[0], want)
+
+
 def test_fast_decode_writes_the_cache_like_transformers():
     """After the same steps, both caches hold the same keys and values (the rotary and the slot are right),
     and transformers' token counters agree (a later transformers forward would write at the right slot)."""
@@ -210,22 +236,16 @@ def test_unsupported_models_are_refused_with_a_reason():
     extra.model.layers[1].extra_layernorm = torch.nn.LayerNorm(64)  # a norm the family data does not place
     with pytest.raises(decoder.UnsupportedModel, match="extra_layernorm"):
         decoder.check_supported(extra)
-    capped = _model("gemma3_text")
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(decoder.UnsupportedModel, match="final_logit_softcapping"):
-        decoder.check_supported(capped)
-    # families whose layers the step does not implement keep transformers' decoding (multipliers, soft-capping,
-    # clipped q/k/v, latent attention, linear attention)
-    gemma2 = tiny_causal_lm(transformers.Gemma2Config, num_attention_heads=4, head_dim=16, pad_token_id=0,
-                            bos_token_id=2, eos_token_id=1)  # fmt: skip
-    granite = tiny_causal_lm(transformers.GraniteConfig, num_attention_heads=4, residual_multiplier=0.3)
-    for model in (gemma2, granite, tiny_moe("deepseek_v3"), tiny_moe("qwen3_5_moe")):
+    for family, key, value in (("gemma3_text", "final_logit_softcapping", 30.0), ("olmoe", "clip_qkv", 8.0)):
+        model = _model(family)
+        setattr(model.config, key, value)
+        with pytest.raises(decoder.UnsupportedModel, match=key):
+            decoder.check_supported(model)
+    # families whose layers the step does not implement keep transformers' decoding (soft-capping, multipliers,
+    # latent attention, linear attention)
+    for model in (_model("gemma2"), _model("granite"), tiny_moe("deepseek_v3"), tiny_moe("qwen3_5_moe")):
         with pytest.raises(decoder.UnsupportedModel, match="has no fast decode step"):
             decoder.check_supported(model)
-    clipped = _model("olmoe")
-    clipped.config.clip_qkv = 8.0
-    with pytest.raises(decoder.UnsupportedModel, match="clip_qkv"):
-        decoder.check_supported(clipped)
 
 
 def test_decoder_needs_a_prefilled_cache():

@@ -332,6 +332,21 @@ def test_own_routing_keeps_the_block_forward(kind):
     assert not (same_ids and torch.allclose(w.sort(-1).values, seen["w"].float().sort(-1).values, atol=1e-3))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_generation_matches_generate(kind):
+    """The static-cache generator (``quick generate --fast``; the block's own forward or the routed call) gives
+    transformers' greedy tokens on the 4-bit model."""
+    from quick.generation import static_generate
+
+    model = round_dense_(tiny_moe(kind), torch.float16)
+    q = quantize_model_rtn(model, GROUP, skip=get_family(model.config).modules_to_not_convert)
+    x = ids(1, 7, seed=1)
+    with torch.no_grad():
+        want = q.generate(input_ids=x, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
+    got, _ = static_generate(q, x, 6)
+    assert torch.equal(got[0], want)
+
+
 def test_routing_facts_in_one_read():
     """Range and repeated experts of a routing, read back together (the kernel path's one host sync)."""
     from quick.nn.moe import routing_facts
