@@ -4,7 +4,8 @@ AWQ needs to know, per decoder layer, which linears read the same input and whic
 that input, so that a per-input-channel scale ``s`` can be moved out of the linears (``W * s``) and into
 the preceding op (``prev / s``) without changing the float model. That knowledge is architectural and
 the same for every checkpoint of a family, so it lives here as plain dataclasses rather than as code
-paths in the quantizer. Adding a family means adding one :class:`ModelFamily` entry to ``FAMILIES``.
+paths in the quantizer. Adding a family means adding one :class:`ModelFamily` entry to ``FAMILIES``
+(docs/families.md: what each field is for and the tests that check an entry).
 """
 
 from __future__ import annotations
