@@ -92,8 +92,19 @@ def tiny_qwen3_5() -> nn.Module:  # a Gated DeltaNet (linear attention) layer, t
                           linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)  # fmt: skip
 
 
+def tiny_seed_oss() -> nn.Module:  # llama layers with q/k/v biases
+    return tiny_causal_lm(transformers.SeedOssConfig, num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+
+
+def tiny_smollm3() -> nn.Module:  # llama layers, the second without rotary
+    return tiny_causal_lm(transformers.SmolLM3Config, num_attention_heads=4, num_key_value_heads=4,
+                          no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+
 MODELS = {
     "llama": tiny_llama,
+    "seed_oss": tiny_seed_oss,
+    "smollm3": tiny_smollm3,
     "qwen3_5": tiny_qwen3_5,
     "gemma3_text": tiny_gemma3,
     "phi3": tiny_phi3,
@@ -191,6 +202,7 @@ def test_scale_folding_is_exact(kind):
             n_groups += 1
     # Qwen3.5: the linear-attention layer's input, MLP in and down; the attention layer's four
     want = {"llama": 8, "gemma3_text": 6, "phi3": 8, "gemma": 8, "gemma2": 8, "granite": 8, "qwen3_5": 7}
+    want |= {"seed_oss": 8, "smollm3": 8}
     assert n_groups == want[kind]
     with torch.no_grad():
         out = folded(ids).logits
@@ -281,9 +293,9 @@ def test_awq_model_close_to_float(kind):
     # Measured ~0.12 (Llama) and ~0.36 (Gemma3, whose post-branch norms rescale each branch's relative
     # error to full size); a broken fold or a wrong layer input gives errors of order 1.
     # Gemma 1 0.07, Gemma 2 0.16, Granite 0.03 (its residual multiplier shrinks every branch's error), Qwen3.5 0.24
-    # (RTN 0.33).
+    # (RTN 0.33), Seed-OSS 0.10, SmolLM3 0.14.
     bound = {"llama": 0.2, "gemma3_text": 0.45, "phi3": 0.2, "gemma": 0.12, "gemma2": 0.25, "granite": 0.06}
-    bound["qwen3_5"] = 0.35
+    bound |= {"qwen3_5": 0.35, "seed_oss": 0.2, "smollm3": 0.2}
     assert err_awq < bound[kind], err_awq
     assert err_awq < err_rtn, (err_awq, err_rtn)
 

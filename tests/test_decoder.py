@@ -54,6 +54,11 @@ def _model(family: str):
     if family == "gemma":  # Gemma 1: 1 + weight norms, GeGLU, scaled embedding, no branch norms
         return tiny_causal_lm(transformers.GemmaConfig, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                               pad_token_id=0, bos_token_id=2, eos_token_id=1)  # fmt: skip
+    if family == "seed_oss":  # q/k/v biases
+        return tiny_causal_lm(transformers.SeedOssConfig, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if family == "smollm3":  # no rotary in the second layer (NoPE): transformers' layers
+        return tiny_causal_lm(transformers.SmolLM3Config, num_attention_heads=4, num_key_value_heads=2,
+                              no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if family == "gemma2":  # soft-capping: transformers' layers
         return tiny_causal_lm(transformers.Gemma2Config, num_attention_heads=4, head_dim=16, pad_token_id=0,
                               bos_token_id=2, eos_token_id=1)  # fmt: skip
@@ -101,7 +106,7 @@ def _randomise_norms(model) -> None:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma"]
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma", "seed_oss"]
 FAMILIES = [*DENSE, "qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "glm4_moe", "minimax_m2"]
 
 
@@ -157,7 +162,7 @@ def test_fast_decode_logits_match_transformers(family, fused):
     assert torch.equal(fast.generate(ids, 8)[0], ref.generate(ids, 8)[0])
 
 
-@pytest.mark.parametrize("family", ["gemma2", "granite", "qwen3_5"])
+@pytest.mark.parametrize("family", ["gemma2", "granite", "qwen3_5", "smollm3"])
 def test_static_generation_without_the_fast_step(family):
     """Families the few-kernel step does not implement decode through transformers' layers on the static cache
     (``quick generate --fast``): transformers' greedy tokens."""

@@ -278,6 +278,14 @@ FAMILIES: tuple[ModelFamily, ...] = (
         fast_decode=True,
         branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
     ),
+    ModelFamily("seed_oss", ("seed_oss",), "model.layers", _LLAMA_GROUPS, fast_decode=True, notes="q/k/v biases"),
+    ModelFamily(
+        "smollm3",
+        ("smollm3",),
+        "model.layers",
+        _LLAMA_GROUPS,
+        notes="llama layers, every fourth without rotary (NoPE): no fast decode step",
+    ),
     ModelFamily(
         "gemma",
         ("gemma",),
