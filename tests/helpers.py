@@ -242,74 +242,54 @@ def check_moe_kernel_path(mod: Any, x: torch.Tensor, idx: torch.Tensor, wts: tor
     return got
 
 
+_MOE_COMMON = dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, num_attention_heads=4, num_key_value_heads=4,
+                   max_position_embeddings=128, num_experts_per_tok=2)  # fmt: skip
+# group-limited routing (2 groups of 4 experts, 1 chosen), one shared expert, no dense first layer
+_DEEPSEEK = dict(n_routed_experts=8, moe_intermediate_size=64, intermediate_size=128, first_k_dense_replace=0,
+                 n_group=2, topk_group=1, n_shared_experts=1)  # fmt: skip
+# latent attention sized for every layout's blocks: kv_a_proj_with_mqa N = 64 + 64, kv_b_proj K = 64, q_b_proj N =
+# 4 x (16 + 64)
+_MLA = dict(kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=16)
+# kind -> (transformers config class, its arguments beside _MOE_COMMON)
+TINY_MOE: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, moe_intermediate_size=64, intermediate_size=128, head_dim=16,
+                                         norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, intermediate_size=64)),
+    # a gated shared expert
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, moe_intermediate_size=64, intermediate_size=128,
+                                         shared_expert_intermediate_size=128)),
+    # Qwen2-MoE's block behind a linear-attention and a full-attention layer, zero-centred norms
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(
+        num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=64, head_dim=16,
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16)),
+    # sigmoid routing with a correction bias, q/k norms over the whole projections, half-rotary heads
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=8, intermediate_size=64, head_dim=16, rotary_dim=8,
+                                           eos_token_id=2, pad_token_id=1)),
+    # softmax routing whose choice adds a correction bias, one shared expert, every layer sparse
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_experts=8, moe_intermediate_size=64, intermediate_size=128,
+                                                moe_layer_start_index=0, moe_num_shared_experts=1)),
+    # q/k norms over the whole projections
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1)),
+    # sigmoid group-limited routing with a scaling factor, a shared expert, partial rotary, q/k/v biases
+    "glm4_moe": ("Glm4MoeConfig", dict(**_DEEPSEEK, head_dim=16, attention_bias=True, routed_scaling_factor=1.5)),
+    # the same routing, latent attention with a low-rank query
+    "deepseek_v3": ("DeepseekV3Config", dict(**_DEEPSEEK, **_MLA, q_lora_rank=64, routed_scaling_factor=2.5)),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(**_DEEPSEEK, **_MLA, q_lora_rank=64, routed_scaling_factor=1.8,
+                                                mlp_layer_types=["sparse", "sparse"])),
+    # softmax routing times a scaling factor, latent attention with a full-rank query
+    "deepseek_v2": ("DeepseekV2Config", dict(**_DEEPSEEK, **_MLA, q_lora_rank=None, routed_scaling_factor=2.0,
+                                             topk_method="group_limited_greedy")),
+}  # fmt: skip
+
+
 def tiny_moe(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A 2-layer random MoE causal LM (hidden 64, 4 heads of 16, vocab 256), top-2 of 8 experts (Mixtral: 4), every
-    layer sparse; ``kind``: qwen3_moe, mixtral, qwen2_moe (a gated shared expert), qwen3_5_moe (Qwen2-MoE's block
-    behind a linear-attention and a full-attention layer, zero-centred norms), olmoe (q/k norms over the whole
-    projections), glm4_moe (sigmoid group-limited routing, a shared expert, partial rotary, q/k/v biases),
-    deepseek_v3 / glm4_moe_lite (the same routing with a scaling factor, latent attention with a low-rank query),
-    deepseek_v2 (softmax routing times a scaling factor, latent attention with a full-rank query), minimax_m2
-    (sigmoid routing with a correction bias, q/k norms over the projections, partial rotary) or ernie4_5_moe
-    (softmax routing whose choice adds a correction bias, a shared expert)."""
+    """A 2-layer random MoE causal LM of a :data:`TINY_MOE` kind (hidden 64, 4 heads of 16, vocab 256), top-2 of 8
+    experts (Mixtral: 4), every layer sparse; ``overrides`` set config attributes afterwards."""
     import transformers
 
-    common = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        vocab_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        num_experts_per_tok=2,
-    )
-    if kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(
-            **common, num_experts=8, moe_intermediate_size=64, intermediate_size=128, head_dim=16, norm_topk_prob=True
-        )
-    elif kind == "mixtral":
-        cfg = transformers.MixtralConfig(**common, num_local_experts=4, intermediate_size=64)
-    elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(
-            **common,
-            num_experts=8,
-            moe_intermediate_size=64,
-            intermediate_size=128,
-            shared_expert_intermediate_size=128,
-        )
-    elif kind == "qwen3_5_moe":  # a linear-attention layer, then a full-attention one
-        cfg = transformers.Qwen3_5MoeTextConfig(
-            **common, num_experts=8, moe_intermediate_size=64, shared_expert_intermediate_size=64, head_dim=16,
-            layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
-            linear_key_head_dim=16, linear_value_head_dim=16,
-        )  # fmt: skip
-    elif kind == "minimax_m2":  # q/k norms over the whole projections, half-rotary heads
-        cfg = transformers.MiniMaxM2Config(**common, num_local_experts=8, intermediate_size=64, head_dim=16,
-                                           rotary_dim=8, eos_token_id=2, pad_token_id=1)  # fmt: skip
-    elif kind == "ernie4_5_moe":  # every layer sparse, two shared experts
-        cfg = transformers.Ernie4_5_MoeConfig(**common, num_experts=8, moe_intermediate_size=64, intermediate_size=128,
-                                              moe_layer_start_index=0, moe_num_shared_experts=1)  # fmt: skip
-    elif kind == "olmoe":
-        cfg = transformers.OlmoeConfig(**common, num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1)
-    else:
-        # group-limited routing (2 groups of 4 experts, 1 chosen), one shared expert, no dense first layer
-        deepseek = dict(n_routed_experts=8, moe_intermediate_size=64, intermediate_size=128, first_k_dense_replace=0,
-                        n_group=2, topk_group=1, n_shared_experts=1)  # fmt: skip
-        # latent attention sized for every layout's blocks: kv_a_proj_with_mqa N = 64 + 64, kv_b_proj K = 64,
-        # q_b_proj N = 4 x (16 + 64)
-        mla = dict(kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=64, v_head_dim=16)
-        if kind == "glm4_moe":
-            cfg = transformers.Glm4MoeConfig(**common, **deepseek, head_dim=16, attention_bias=True,
-                                             routed_scaling_factor=1.5)  # fmt: skip
-        elif kind == "deepseek_v3":
-            cfg = transformers.DeepseekV3Config(**common, **deepseek, **mla, q_lora_rank=64, routed_scaling_factor=2.5)
-        elif kind == "glm4_moe_lite":
-            cfg = transformers.Glm4MoeLiteConfig(**common, **deepseek, **mla, q_lora_rank=64, routed_scaling_factor=1.8,
-                                                 mlp_layer_types=["sparse", "sparse"])  # fmt: skip
-        elif kind == "deepseek_v2":
-            v2 = dict(q_lora_rank=None, routed_scaling_factor=2.0, topk_method="group_limited_greedy")
-            cfg = transformers.DeepseekV2Config(**common, **deepseek, **mla, **v2)
-        else:
-            raise KeyError(kind)
+    cls, kwargs = TINY_MOE[kind]
+    cfg = getattr(transformers, cls)(**_MOE_COMMON, **kwargs)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
