@@ -25,6 +25,7 @@ from quick.checkpoint import (
     load_quantized,
     make_quant_config,
     make_w4a8_quant_config,
+    processor_files,
     save_quantized,
 )
 from quick.formats.layouts import LAYOUTS
@@ -483,18 +484,19 @@ class AutoQuickForCausalLM:
         )  # fmt: skip
 
     def save_quantized(self, out_dir: str | os.PathLike, max_shard_size: int | None = None) -> Path:
-        """Write the quantized model, its config and tokenizer to ``out_dir`` (atomically)."""
+        """Write the quantized model, its config, tokenizer and processor files to ``out_dir`` (atomically)."""
         if not self.is_quantized:
             raise QuantizationError("quantize the model (or load a quantized one) before save_quantized")
         qc = self.quant_config
         skip = getattr(self, "_skip", None) or ("lm_head",)
+        kwargs: dict[str, Any] = {"tokenizer": self.tokenizer, "extra_files": processor_files(self.path)}
+        if max_shard_size is not None:
+            kwargs["max_shard_size"] = max_shard_size
         if qc["version"] == W4A8_VERSION:
             config = make_w4a8_quant_config(qc["q_group_size"], getattr(self, "_method", "qqq"), "w4a8", skip)
-            kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-            return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)
+            return save_quantized(self.model, out_dir, config, **kwargs)
         config = make_quant_config(qc["version"], qc["q_group_size"], qc["zero_point"], skip)
-        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        return save_quantized(self.model, out_dir, config, tokenizer=self.tokenizer, **kwargs)
+        return save_quantized(self.model, out_dir, config, **kwargs)
 
     # ---------------------------------------------------------------------------------------- inference
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,18 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+# A processor's own files beside the tokenizer's: image / video preprocessing of vision-language models.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")  # fmt: skip
+
+
+def processor_files(source: str | os.PathLike | None) -> list[Path]:
+    """The :data:`PROCESSOR_FILES` a source checkpoint directory holds (a quantized copy carries them along)."""
+    if source is None or not Path(source).is_dir():
+        return []
+    return [Path(source) / f for f in PROCESSOR_FILES if (Path(source) / f).is_file()]
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -263,12 +275,14 @@ def save_quantized(
     tokenizer: Any = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_BYTES,
     _before_publish: Any = None,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write ``model`` (with ``QuickLinear`` layers) to ``out_dir``; returns the directory.
 
     ``quant_config``: a ``quantization_config`` dict (see :func:`make_quant_config`); its layout decides
     how packed tensors are written (repacked exactly if the modules use another one); default: the
-    modules' own layout. Everything is written into a temporary directory next to ``out_dir`` and renamed
+    modules' own layout. ``extra_files`` are copied in as they are (a vision-language model's processor files,
+    :func:`processor_files`). Everything is written into a temporary directory next to ``out_dir`` and renamed
     into place only when complete, so an interrupted save leaves no checkpoint at ``out_dir`` (an existing
     one is replaced only after the new one is fully written).
     """
@@ -276,11 +290,13 @@ def save_quantized(
 
     if unfuse_needed(model):  # fused q/k/v, gate/up: the checkpoint holds the model's own linears
         with unfused(model):
-            return save_quantized(model, out_dir, quant_config, tokenizer, max_shard_size, _before_publish)
+            return save_quantized(model, out_dir, quant_config, tokenizer, max_shard_size, _before_publish, extra_files)
     out = Path(out_dir).resolve()
     if w4a8_modules(model):
         qc, tensors, dense_dtype = _w4a8_state_for_save(model, quant_config)
-        return _write_checkpoint(model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish)
+        return _write_checkpoint(
+            model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish, extra_files
+        )
     packed = packed_modules(model)
     if not packed:
         raise CheckpointError("model has no QuickLinear layers; quantize it before save_quantized")
@@ -318,7 +334,9 @@ def save_quantized(
         raise CheckpointError(f"packed layers use several dtypes {sorted(map(str, dtypes))}; one is supported")
     dense_dtype = first.dtype
     tensors = _state_for_save(model, layout, dense_dtype)
-    return _write_checkpoint(model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish)
+    return _write_checkpoint(
+        model, out, tensors, qc, dense_dtype, tokenizer, max_shard_size, _before_publish, extra_files
+    )
 
 
 def _write_checkpoint(
@@ -330,8 +348,10 @@ def _write_checkpoint(
     tokenizer: Any,
     max_shard_size: int,
     _before_publish: Any,
+    extra_files: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Write shards, index, config (with ``qc``), generation config and tokenizer to a temp dir, then publish."""
+    """Write shards, index, config (with ``qc``), generation config, tokenizer and ``extra_files`` to a temp dir,
+    then publish."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -361,6 +381,9 @@ def _write_checkpoint(
                 log.warning("generation config not saved: %s", e)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        for f in map(Path, extra_files):
+            if not (tmp / f.name).exists():  # what the model and tokenizer wrote is theirs
+                shutil.copyfile(f, tmp / f.name)
         _make_readable(tmp)
         _fsync_tree(tmp)
         if _before_publish is not None:

@@ -154,3 +154,39 @@ def test_static_generation_matches_generate(kind):
         want = model.generate(input_ids=x, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
     got, _ = static_generate(model, x, 6)
     assert torch.equal(got[0], want)
+
+
+def word_tokenizer(vocab: int = 256):
+    """A word-level fast tokenizer over ``w0 .. w{vocab-2}`` and ``[UNK]``, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("command", ["quantize", "convert"])
+def test_processor_files_travel_with_the_checkpoint(command, tmp_path):
+    """A quantized (or converted) vision-language checkpoint keeps its source's image processor files, so the
+    processor loads from the quantized directory as from the original."""
+    from quick.auto import AutoQuickForCausalLM
+    from quick.checkpoint import PROCESSOR_FILES
+
+    src = tmp_path / "dense"
+    tiny_vlm("qwen2_5_vl").save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    transformers.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(src)
+    assert (src / "preprocessor_config.json").is_file() and "preprocessor_config.json" in PROCESSOR_FILES
+    model = AutoQuickForCausalLM.from_pretrained(src, device="cpu")
+    model.quantize(quant_config={"q_group_size": GROUP}, method="rtn", progress=False)
+    out = model.save_quantized(tmp_path / "w4")
+    if command == "convert":  # the quantized directory as a source of its own: the files go along again
+        from quick.cli import main
+
+        assert main(["convert", str(out), str(tmp_path / "again"), "--layout", "quick"]) == 0
+        out = tmp_path / "again"
+    assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
+    want = transformers.AutoImageProcessor.from_pretrained(src).to_dict()
+    assert transformers.AutoImageProcessor.from_pretrained(out).to_dict() == want
+    assert not (out / "processor_config.json").exists()  # only what the source had

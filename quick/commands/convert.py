@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quick.auto import _load_tokenizer
-    from quick.checkpoint import load_quantized, make_quant_config, preferred_layout, save_quantized
+    from quick.checkpoint import load_quantized, make_quant_config, preferred_layout, processor_files, save_quantized
 
     src = Path(args.src)
     layout = args.layout or preferred_layout(torch.device("cpu"))
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         bool(model.quick_quant_config.get("zero_point", True)),
         model.quick_quant_config.get("modules_to_not_convert") or ("lm_head",),
     )
-    out = save_quantized(model, args.out, qc, tokenizer=_load_tokenizer(src))
+    out = save_quantized(model, args.out, qc, tokenizer=_load_tokenizer(src), extra_files=processor_files(src))
     from quick.nn.moe import QuickExpertStack
 
     packed = [m for m in model.modules() if hasattr(m, "qweight")]
