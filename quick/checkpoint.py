@@ -848,7 +848,6 @@ def _load_external(
     """compressed-tensors / GPTQ: every linear whose files hold the format's marker tensor is unpacked by the
     format's importer (:mod:`quick.external`) and packed into ``layout`` (default: the fastest for ``device``,
     'quick' for a layer that layout cannot hold); the other linears stay dense."""
-
     try:
         imp = importer_for(qc)
     except ExternalFormatError as e:

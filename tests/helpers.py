@@ -95,6 +95,18 @@ def smollm2_llama_config(**overrides: Any):
     return LlamaConfig(**{**kw, **overrides})
 
 
+def check_static_generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 6) -> None:
+    """The static-cache generator (``quick generate --fast``) gives transformers' greedy tokens for ``prompt [1, T]``;
+    ``generate`` runs first, so state it leaves on the model is in place."""
+    from quick.generation import static_generate
+
+    t = prompt.shape[1]
+    with torch.no_grad():
+        want = model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    got, _ = static_generate(model, prompt, new_tokens)
+    assert torch.equal(got[0], want[0, t:])
+
+
 def tiny_causal_lm(config_cls: type, **overrides: Any) -> torch.nn.Module:
     """A 2-layer random causal LM (hidden 64, MLP 128, vocab 256, 128 positions) of ``config_cls`` with
     ``overrides``, in eval mode."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from helpers import tiny_causal_lm, tiny_moe
+from helpers import check_static_generation, tiny_causal_lm, tiny_moe
 
 from quick import inference
 from quick.inference import StaticGenerator
@@ -166,16 +166,10 @@ def test_fast_decode_logits_match_transformers(family, fused):
 def test_static_generation_without_the_fast_step(family):
     """Families the few-kernel step does not implement decode through transformers' layers on the static cache
     (``quick generate --fast``): transformers' greedy tokens."""
-    from quick.generation import static_generate
-
     model = _model(family)
     with pytest.raises(decoder.UnsupportedModel):
         decoder.check_supported(model)
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
-    got, _ = static_generate(model, ids, 6)
-    assert torch.equal(got[0], want)
+    check_static_generation(model, torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1)))
 
 
 def test_fast_decode_writes_the_cache_like_transformers():
@@ -277,7 +271,7 @@ def test_fast_decode_inductor_same_tokens(monkeypatch):
 
 def test_static_generation_helpers():
     """Which decode path a GPU gets, EOS ids from tokenizer and config, and the cut after the first stop token."""
-    from quick.generation import describe_decode, eos_ids, static_compile_mode, static_generate
+    from quick.generation import describe_decode, eos_ids, fast_step_unavailable, static_compile_mode, static_generate
 
     llama = _model("llama")
     cuda = torch.device("cuda")
@@ -286,7 +280,10 @@ def test_static_generation_helpers():
     assert static_compile_mode(llama, 64, torch.device("cpu")) == "none"
     # what the CLI tells the user, with the reason where the few-kernel step does not apply
     assert describe_decode(llama, 64, cuda) == "decode: the few-kernel step in a CUDA graph"
-    assert "sliding window 32 < 64" in describe_decode(_gemma(sliding_window=32), 64, cuda)
+    windowed = _gemma(sliding_window=32)
+    why = fast_step_unavailable(windowed, 64)
+    assert why is not None and "32 < 64" in why
+    assert describe_decode(windowed, 64, cuda).endswith(f"(no few-kernel step: {why})")
     assert "'deepseek' has no fast decode step" in describe_decode(tiny_moe("deepseek_v3"), 64, cuda)
     assert describe_decode(llama, 64, torch.device("cpu")) == "decode: transformers' layers, eager (CPU)"
 

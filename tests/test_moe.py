@@ -4,13 +4,14 @@ plan of a grouped kernel, RTN / AWQ of the experts (with the fallback of starved
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_moe
+from helpers import check_static_generation, tiny_moe
 from safetensors import safe_open
 
 from quick.algorithms import awq
@@ -318,10 +319,8 @@ def test_own_routing_keeps_the_block_forward(kind):
     block.get_submodule(fam.moe.experts).register_forward_pre_hook(lambda _m, args: seen.update(ids=args[1], w=args[2]))
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        for name, t in block.named_parameters():  # a trained model's correction bias, wherever the family keeps it
-            if "e_score_correction_bias" in name:
-                t.normal_()
-        for name, t in block.named_buffers():
+        # a trained model's correction bias, wherever the family keeps it (a parameter or a buffer)
+        for name, t in itertools.chain(block.named_parameters(), block.named_buffers()):
             if "e_score_correction_bias" in name:
                 t.normal_()
         block(x[None])
@@ -336,15 +335,9 @@ def test_own_routing_keeps_the_block_forward(kind):
 def test_static_generation_matches_generate(kind):
     """The static-cache generator (``quick generate --fast``; the block's own forward or the routed call) gives
     transformers' greedy tokens on the 4-bit model."""
-    from quick.generation import static_generate
-
     model = round_dense_(tiny_moe(kind), torch.float16)
-    q = quantize_model_rtn(model, GROUP, skip=get_family(model.config).modules_to_not_convert)
-    x = ids(1, 7, seed=1)
-    with torch.no_grad():
-        want = q.generate(input_ids=x, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
-    got, _ = static_generate(q, x, 6)
-    assert torch.equal(got[0], want)
+    check_static_generation(quantize_model_rtn(model, GROUP, skip=get_family(model.config).modules_to_not_convert),
+                            ids(1, 7, seed=1))  # fmt: skip
 
 
 def test_routing_facts_in_one_read():

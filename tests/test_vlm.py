@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import check_static_generation
 from torch import nn
 
 from quick.algorithms import awq
@@ -146,14 +147,7 @@ def test_static_generation_matches_generate(kind):
     """The static-cache generator (``quick generate --fast``) gives transformers' greedy tokens, also after a
     ``generate`` call left its state on the model (Qwen-VL keeps rope deltas that would read the static generator's
     4-D mask as padding)."""
-    from quick.generation import static_generate
-
-    model = tiny_vlm(kind)
-    x = ids(1, 7, seed=1)
-    with torch.no_grad():
-        want = model.generate(input_ids=x, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, 7:]
-    got, _ = static_generate(model, x, 6)
-    assert torch.equal(got[0], want)
+    check_static_generation(tiny_vlm(kind), ids(1, 7, seed=1))
 
 
 def word_tokenizer(vocab: int = 256):
